@@ -1,0 +1,14 @@
+//! The Lua host of Rustomnic: one VM per cage per worker thread, modules, and requests as
+//! coroutines under deadlines. See ARCHITECTURE.md for the invariants this crate keeps.
+
+pub mod convert;
+pub mod module;
+pub mod request;
+pub mod vm;
+pub mod worker;
+
+pub use module::{compile, CompiledModule, Module, ModuleError};
+pub use request::{new_request_id, RequestCtx, RunError};
+pub use vm::CageVm;
+pub use worker::{CallError, CallRequest, Transport};
+pub use mlua;

@@ -1,0 +1,147 @@
+-- The Lua side of the pmnc API, run once in every VM before any module.
+-- It receives the Rust helpers and the table of current module versions, and returns `pmnc`.
+-- Rust helpers report failure as (false, message) so that errors are raised here with
+-- error(message, 2) and point at the user's line, not at this file.
+
+local rust, modules = ...
+local error, type, select, setmetatable, rawget, tostring = error, type, select, setmetatable, rawget, tostring
+local traceback = debug.traceback
+local cage_name = rust.cage
+local reserved = rust.reserved
+
+local function check(ok, ...)
+  if ok then return ... end
+  error((...), 2)
+end
+
+-- pmnc.<module>.<function>: resolved at every access, so new calls always see the current version.
+local function resolve(module, fn)
+  local m = modules[module]
+  if m == nil then
+    error(("cage %s has no module %s (calling %s.%s)"):format(cage_name, module, module, tostring(fn)), 2)
+  end
+  if type(fn) ~= "string" then
+    error(("cage %s: module %s: function name must be a string, got %s"):format(cage_name, module, type(fn)), 2)
+  end
+  if fn:sub(1, 1) == "_" then
+    error(("cage %s: %s.%s is private (names starting with _ cannot be called through pmnc)"):format(cage_name, module, fn), 2)
+  end
+  local f = m[fn]
+  if type(f) ~= "function" then
+    error(("cage %s: module %s has no function %s"):format(cage_name, module, fn), 2)
+  end
+  return f
+end
+
+local module_proxies = {}
+local function module_proxy(name)
+  local p = module_proxies[name]
+  if p == nil then
+    p = setmetatable({}, {
+      __index = function(_, fn) return resolve(name, fn) end,
+      __newindex = function() error("module proxies are read-only", 2) end,
+      __tostring = function() return "pmnc module " .. name end,
+    })
+    module_proxies[name] = p
+  end
+  return p
+end
+
+-- pmnc("<cage>", opts).<module>.<function>(...): a call through the transport.
+local call_cage = rust.call_cage
+local function cage_proxy(cage, opts)
+  if type(cage) ~= "string" then error("pmnc(cage): cage name must be a string, got " .. type(cage), 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("pmnc(cage, options): options must be a table, got " .. type(opts), 2) end
+  return setmetatable({}, {
+    __index = function(_, module)
+      if type(module) ~= "string" then error("module name must be a string", 2) end
+      return setmetatable({}, {
+        __index = function(_, fn)
+          if type(fn) ~= "string" then error("function name must be a string", 2) end
+          return function(...) return check(call_cage(cage, module, fn, opts, ...)) end
+        end,
+      })
+    end,
+  })
+end
+
+local pmnc = {}
+
+pmnc.log = {}
+for _, level in ipairs({ "debug", "info", "warn", "error" }) do
+  local log = rust["log_" .. level]
+  pmnc.log[level] = function(...)
+    local n = select("#", ...)
+    local parts = {}
+    for i = 1, n do parts[i] = tostring((select(i, ...))) end
+    log(table.concat(parts, " "))
+  end
+end
+
+local sleep = rust.sleep
+function pmnc.sleep(seconds) return check(sleep(seconds)) end
+
+local json_encode, json_decode = rust.json_encode, rust.json_decode
+local array_mt = rust.array_mt
+pmnc.json = {
+  null = rust.null,
+  encode = function(v) return check(json_encode(v)) end,
+  decode = function(s) return check(json_decode(s)) end,
+  array = function(t)
+    if t == nil then t = {} end
+    if type(t) ~= "table" then error("pmnc.json.array: expected a table, got " .. type(t), 2) end
+    return setmetatable(t, array_mt)
+  end,
+}
+
+local request_field = rust.request_field
+pmnc.request = setmetatable({ remain = rust.remain }, {
+  __index = function(_, k) return request_field(k) end,
+  __newindex = function() error("pmnc.request is read-only", 2) end,
+})
+
+pmnc.cage = cage_name
+
+setmetatable(pmnc, {
+  __index = function(_, name)
+    if type(name) ~= "string" then return nil end
+    return module_proxy(name)
+  end,
+  __newindex = function(_, k) error("pmnc is read-only (tried to set " .. tostring(k) .. ")", 2) end,
+  __call = function(_, cage, opts) return cage_proxy(cage, opts) end,
+})
+
+-- Runs a request: the body of every request coroutine. Errors come back as a marked table with
+-- the traceback taken where the error happened.
+local error_mt = { __name = "pmnc.failure" }
+local function on_error(e)
+  return setmetatable({ error = e, traceback = traceback(tostring(e), 2) }, error_mt)
+end
+local xpcall = xpcall
+local function run(f, ...)
+  return xpcall(f, on_error, ...)
+end
+
+-- Coroutines created by module code are plain Lua coroutines; pmnc waits (sleep, calls) must be
+-- made from the request itself, which the error message of mlua explains if violated.
+
+-- Module code may load Lua text, never bytecode: only bytecode we compiled is ever run.
+local load = load
+_G.load = function(chunk, name, mode, env)
+  return load(chunk, name, "t", env)
+end
+_G.debug = nil
+_G.dofile = nil
+_G.loadfile = nil
+_G.collectgarbage = function(opt, ...)
+  if opt == nil or opt == "count" or opt == "step" or opt == "collect" or opt == "isrunning" then
+    return collectgarbage(opt, ...)
+  end
+  error("collectgarbage: option " .. tostring(opt) .. " is not available to modules", 2)
+end
+if os then
+  os.exit, os.execute, os.remove, os.rename, os.tmpname, os.setlocale = nil, nil, nil, nil, nil, nil
+end
+_G.pmnc = pmnc
+
+return pmnc, run, resolve, error_mt

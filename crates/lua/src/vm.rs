@@ -1,0 +1,406 @@
+//! One Lua VM of one cage on one worker thread: the pmnc API, module versions, and requests run
+//! as coroutines that are time-sliced by an instruction hook and stopped at their deadline.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value as LuaValue, Variadic, VmState};
+use rustomnic_core::Value;
+
+use crate::convert::{array_metatable, from_lua, to_lua};
+use crate::module::CompiledModule;
+use crate::request::{error_text, RequestCtx, RequestFuture, RunError, VmShared};
+use crate::worker::{self, CallRequest};
+
+/// Instructions between two hook calls. The hook reads the clock, so this bounds both the
+/// overhead (one clock read per this many instructions) and how late a slice or deadline is seen.
+const HOOK_EVERY: u32 = 4000;
+/// How long one coroutine may run before it yields to the other tasks of its worker.
+const SLICE: Duration = Duration::from_millis(1);
+/// How long a module's top-level code may run when it is loaded.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+const PRELUDE: &str = include_str!("prelude.lua");
+
+/// See the module docs. Not `Send`: it lives and dies on its worker thread.
+pub struct CageVm {
+    lua: Lua,
+    shared: Rc<VmShared>,
+    modules: Table,
+    run: Function,
+    failure_mt: Table,
+}
+
+impl CageVm {
+    /// A VM for `cage` with the pmnc API installed and no modules.
+    pub fn new(cage: &str) -> Result<CageVm, String> {
+        Self::build(cage).map_err(|e| format!("cage {cage}: cannot create its Lua VM: {e}"))
+    }
+
+    fn build(cage: &str) -> mlua::Result<CageVm> {
+        let libs = StdLib::COROUTINE | StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
+        // The debug library is loaded only so the prelude can keep `debug.traceback`; the prelude
+        // removes `debug` before any module runs. No C modules or `package` are ever loaded.
+        let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::default()) };
+        let shared = Rc::new(VmShared {
+            cage: cage.to_string(),
+            current: Default::default(),
+            slice_start: Cell::new(Instant::now()),
+            load_deadline: Cell::new(None),
+            live: Cell::new(0),
+        });
+        lua.set_app_data(shared.clone());
+        install_hook(&lua, shared.clone())?;
+        let modules = lua.create_table()?;
+        let rust = rust_helpers(&lua, cage)?;
+        let (_pmnc, run, _resolve, failure_mt): (Table, Function, Function, Table) =
+            lua.load(PRELUDE).set_name("@pmnc/prelude.lua").call((rust, modules.clone()))?;
+        Ok(CageVm { lua, shared, modules, run, failure_mt })
+    }
+
+    pub fn cage(&self) -> &str {
+        &self.shared.cage
+    }
+
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// Requests whose coroutines are alive in this VM now.
+    pub fn live_requests(&self) -> usize {
+        self.shared.live.get()
+    }
+
+    /// Bytes of memory the VM uses.
+    pub fn memory(&self) -> usize {
+        self.lua.used_memory()
+    }
+
+    /// Runs a module's top-level code and makes its table the current version. On failure the
+    /// previous version stays. Returns the names of its public functions.
+    pub fn install(&self, module: &CompiledModule) -> Result<Vec<String>, String> {
+        let table = self.load(module)?;
+        self.modules.raw_set(module.name.as_str(), &table).map_err(|e| format!("{}: {e}", module.display))?;
+        Ok(public_functions(&table))
+    }
+
+    /// Runs a module's top-level code without installing it: the check a new version passes
+    /// before any worker sees it.
+    pub fn check_module(&self, module: &CompiledModule) -> Result<Vec<String>, String> {
+        self.load(module).map(|t| public_functions(&t))
+    }
+
+    fn load(&self, module: &CompiledModule) -> Result<Table, String> {
+        let env = self.lua.create_table().map_err(|e| e.to_string())?;
+        let meta = self.lua.create_table().map_err(|e| e.to_string())?;
+        meta.raw_set("__index", self.lua.globals()).map_err(|e| e.to_string())?;
+        env.set_metatable(Some(meta)).map_err(|e| e.to_string())?;
+        self.shared.load_deadline.set(Some(Instant::now() + LOAD_TIMEOUT));
+        let result = self
+            .lua
+            .load(&module.bytecode[..])
+            .set_name(format!("@{}", module.display))
+            .set_mode(mlua::chunk::ChunkMode::Binary)
+            .set_environment(env)
+            .call::<LuaValue>(());
+        self.shared.load_deadline.set(None);
+        match result {
+            Ok(LuaValue::Table(t)) => Ok(t),
+            Ok(other) => Err(format!("{}: a module must return a table, this one returned {}", module.display, other.type_name())),
+            Err(e) => Err(error_text(&LuaValue::Error(Box::new(e)))),
+        }
+    }
+
+    /// Forgets a module (its file was deleted and nothing replaces it).
+    pub fn remove(&self, name: &str) {
+        let _ = self.modules.raw_set(name, LuaValue::Nil);
+    }
+
+    pub fn has_module(&self, name: &str) -> bool {
+        matches!(self.modules.raw_get::<LuaValue>(name), Ok(LuaValue::Table(_)))
+    }
+
+    /// The current version of a public module function.
+    pub fn function(&self, module: &str, function: &str) -> Result<Function, RunError> {
+        let cage = self.cage();
+        if function.starts_with('_') {
+            return Err(RunError::NotFound(format!(
+                "cage {cage}: {module}.{function} is private (names starting with _ cannot be called through pmnc)"
+            )));
+        }
+        let m: Table = match self.modules.raw_get::<LuaValue>(module) {
+            Ok(LuaValue::Table(t)) => t,
+            _ => return Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{function})"))),
+        };
+        match m.raw_get::<LuaValue>(function) {
+            Ok(LuaValue::Function(f)) => Ok(f),
+            _ => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {function}"))),
+        }
+    }
+
+    /// Starts a request: `module.function` runs as a new coroutine with the arguments `build`
+    /// makes. The returned future ends when the handler returns, fails or passes its deadline.
+    pub fn start(
+        &self,
+        ctx: RequestCtx,
+        module: &str,
+        function: &str,
+        build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
+    ) -> Result<impl std::future::Future<Output = Result<MultiValue, RunError>>, RunError> {
+        let f = self.function(module, function)?;
+        self.start_function(ctx, f, build)
+    }
+
+    /// Like [`start`](Self::start) with a function value (a test, a callback).
+    pub fn start_function(
+        &self,
+        ctx: RequestCtx,
+        f: Function,
+        build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
+    ) -> Result<impl std::future::Future<Output = Result<MultiValue, RunError>>, RunError> {
+        let internal = |e: mlua::Error| RunError::Internal(e.to_string());
+        let args = build(&self.lua).map_err(internal)?;
+        let thread = self.lua.create_thread(self.run.clone()).map_err(internal)?;
+        ctx.thread.set(thread.to_pointer());
+        let mut all = MultiValue::with_capacity(args.len() + 1);
+        all.push_back(LuaValue::Function(f));
+        all.extend(args);
+        let inner = thread.into_async::<MultiValue>(all).map_err(internal)?;
+        let timer = Box::pin(tokio::time::sleep_until(ctx.deadline.into()));
+        self.shared.live.set(self.shared.live.get() + 1);
+        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone() })
+    }
+
+    /// Calls `module.function` with values from outside this VM (another cage, the wire).
+    pub async fn call(&self, ctx: RequestCtx, module: &str, function: &str, args: Vec<Value>) -> Result<Vec<Value>, RunError> {
+        let id = ctx.id.clone();
+        let fut = self.start(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect())?;
+        let result = fut.await;
+        if let Err(RunError::Failed { message, traceback }) = &result {
+            tracing::warn!(cage = %self.cage(), request = %id, "{module}.{function} failed: {message}\n{traceback}");
+        }
+        let values = result?;
+        values.iter().map(|v| from_lua(v).map_err(|e| RunError::Failed { message: format!("{module}.{function} returned {e}"), traceback: String::new() })).collect()
+    }
+}
+
+fn public_functions(t: &Table) -> Vec<String> {
+    let mut names: Vec<String> = t
+        .pairs::<LuaValue, LuaValue>()
+        .filter_map(|p| p.ok())
+        .filter_map(|(k, v)| match (k, v) {
+            (LuaValue::String(s), LuaValue::Function(_)) => Some(s.to_string_lossy()),
+            _ => None,
+        })
+        .filter(|n| !n.starts_with('_'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The hook behind preemption and deadlines, called every [`HOOK_EVERY`] instructions in every
+/// coroutine of the VM.
+fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), move |lua, _debug| {
+        let now = Instant::now();
+        let current = shared.current.borrow().clone();
+        match current {
+            Some(ctx) => {
+                let late = now >= ctx.deadline;
+                if late || now.duration_since(shared.slice_start.get()) >= SLICE {
+                    // Yield only the request's own coroutine: a yield inside a coroutine that
+                    // module code created would hand control to that code, not to the worker.
+                    if lua.current_thread().to_pointer() == ctx.thread.get() {
+                        return Ok(VmState::Yield);
+                    }
+                    if late {
+                        return Err(mlua::Error::runtime(format!("request {} passed its deadline", ctx.id)));
+                    }
+                }
+                Ok(VmState::Continue)
+            }
+            None => match shared.load_deadline.get() {
+                Some(d) if now >= d => Err(mlua::Error::runtime(format!(
+                    "module top-level code ran longer than {}s (define functions at load time, do the work in them)",
+                    LOAD_TIMEOUT.as_secs()
+                ))),
+                _ => Ok(VmState::Continue),
+            },
+        }
+    })
+}
+
+fn shared_of(lua: &Lua) -> Option<Rc<VmShared>> {
+    lua.app_data_ref::<Rc<VmShared>>().map(|s| s.clone())
+}
+
+fn current_ctx(lua: &Lua) -> Option<Rc<RequestCtx>> {
+    shared_of(lua).and_then(|s| s.current())
+}
+
+/// (false, message): how Rust helpers report failure to the prelude, which raises it.
+fn failure(lua: &Lua, message: impl AsRef<str>) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(message.as_ref())?)]))
+}
+
+fn success(values: impl IntoIterator<Item = LuaValue>) -> MultiValue {
+    let mut mv = MultiValue::new();
+    mv.push_back(LuaValue::Boolean(true));
+    mv.extend(values);
+    mv
+}
+
+fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("cage", cage)?;
+    t.set("null", LuaValue::NULL)?;
+    t.set("array_mt", array_metatable(lua)?)?;
+
+    macro_rules! log_fn {
+        ($name:literal, $level:expr) => {
+            t.set(
+                $name,
+                lua.create_function(|lua, msg: String| {
+                    let cage = shared_of(lua).map(|s| s.cage.clone()).unwrap_or_default();
+                    let (request, interface) = match current_ctx(lua) {
+                        Some(c) => (c.id.clone(), c.interface.clone()),
+                        None => (String::new(), String::new()),
+                    };
+                    match $level {
+                        tracing::Level::DEBUG => tracing::debug!(target: "lua", cage = %cage, interface = %interface, request = %request, "{msg}"),
+                        tracing::Level::INFO => tracing::info!(target: "lua", cage = %cage, interface = %interface, request = %request, "{msg}"),
+                        tracing::Level::WARN => tracing::warn!(target: "lua", cage = %cage, interface = %interface, request = %request, "{msg}"),
+                        _ => tracing::error!(target: "lua", cage = %cage, interface = %interface, request = %request, "{msg}"),
+                    }
+                    Ok(())
+                })?,
+            )?;
+        };
+    }
+    log_fn!("log_debug", tracing::Level::DEBUG);
+    log_fn!("log_info", tracing::Level::INFO);
+    log_fn!("log_warn", tracing::Level::WARN);
+    log_fn!("log_error", tracing::Level::ERROR);
+
+    t.set(
+        "sleep",
+        lua.create_async_function(|lua, seconds: LuaValue| async move {
+            let secs = match seconds {
+                LuaValue::Integer(i) => i as f64,
+                LuaValue::Number(n) => n,
+                other => return failure(&lua, format!("pmnc.sleep: seconds must be a number, got {}", other.type_name())),
+            };
+            if !secs.is_finite() || secs < 0.0 {
+                return failure(&lua, format!("pmnc.sleep: seconds must be zero or more, got {secs}"));
+            }
+            let Some(ctx) = current_ctx(&lua) else {
+                return failure(&lua, "pmnc.sleep may only be called while handling a request");
+            };
+            let wanted = Instant::now() + Duration::from_secs_f64(secs.min(1e9));
+            if wanted > ctx.deadline {
+                tokio::time::sleep_until(ctx.deadline.into()).await;
+                return failure(&lua, format!("pmnc.sleep({secs}): the request's deadline passed while sleeping"));
+            }
+            tokio::time::sleep_until(wanted.into()).await;
+            Ok(success([]))
+        })?,
+    )?;
+
+    t.set(
+        "json_encode",
+        lua.create_function(|lua, v: LuaValue| {
+            let value = match from_lua(&v) {
+                Ok(v) => v,
+                Err(e) => return failure(lua, format!("pmnc.json.encode: {e}")),
+            };
+            match value.to_json() {
+                Ok(j) => Ok(success([LuaValue::String(lua.create_string(j.to_string())?)])),
+                Err(e) => failure(lua, format!("pmnc.json.encode: {e}")),
+            }
+        })?,
+    )?;
+    t.set(
+        "json_decode",
+        lua.create_function(|lua, s: LuaValue| {
+            let LuaValue::String(s) = s else {
+                return failure(lua, format!("pmnc.json.decode: expected a string, got {}", s.type_name()));
+            };
+            match Value::parse_json(&s.as_bytes()) {
+                Ok(v) => Ok(success([to_lua(lua, &v)?])),
+                Err(e) => failure(lua, format!("pmnc.json.decode: {e}")),
+            }
+        })?,
+    )?;
+
+    t.set(
+        "remain",
+        lua.create_function(|lua, ()| Ok(current_ctx(lua).map(|c| c.remain())))?,
+    )?;
+    t.set(
+        "request_field",
+        lua.create_function(|lua, key: LuaValue| {
+            let Some(ctx) = current_ctx(lua) else { return Ok(LuaValue::Nil) };
+            let LuaValue::String(key) = key else { return Ok(LuaValue::Nil) };
+            Ok(match &*key.to_str()? {
+                "id" => LuaValue::String(lua.create_string(&ctx.id)?),
+                "interface" => LuaValue::String(lua.create_string(&ctx.interface)?),
+                "cage" => LuaValue::String(lua.create_string(&ctx.cage)?),
+                "deadline" => LuaValue::Number(ctx.deadline_unix),
+                "caller" => match &ctx.caller {
+                    Some(c) => LuaValue::String(lua.create_string(c)?),
+                    None => LuaValue::Nil,
+                },
+                "parameters" => match &ctx.parameters {
+                    Some(p) => to_lua(lua, p)?,
+                    None => LuaValue::Nil,
+                },
+                _ => LuaValue::Nil,
+            })
+        })?,
+    )?;
+
+    t.set(
+        "call_cage",
+        lua.create_async_function(
+            |lua, (cage, module, function, opts, args): (String, String, String, Option<Table>, Variadic<LuaValue>)| async move {
+                let target = format!("{cage}.{module}.{function}");
+                if let Some(opts) = &opts {
+                    if let Some((k, _)) = opts.pairs::<String, LuaValue>().filter_map(|p| p.ok()).next() {
+                        return failure(&lua, format!("calling {target}: option {k:?} is not supported yet (durable calls arrive with the task queue)"));
+                    }
+                }
+                let Some(ctx) = current_ctx(&lua) else {
+                    return failure(&lua, format!("calling {target}: other cages may only be called while handling a request"));
+                };
+                let mut values = Vec::with_capacity(args.len());
+                for (i, a) in args.iter().enumerate() {
+                    match from_lua(a) {
+                        Ok(v) => values.push(v),
+                        Err(e) => return failure(&lua, format!("calling {target}: argument {}: {e}", i + 1)),
+                    }
+                }
+                let request = CallRequest {
+                    from_cage: ctx.cage.clone(),
+                    request_id: ctx.id.clone(),
+                    deadline: ctx.deadline,
+                    cage,
+                    module,
+                    function,
+                    args: values,
+                };
+                match worker::call(request).await {
+                    Ok(results) => {
+                        let mut out = Vec::with_capacity(results.len());
+                        for r in &results {
+                            out.push(to_lua(&lua, r)?);
+                        }
+                        Ok(success(out))
+                    }
+                    Err(e) => failure(&lua, e.to_string()),
+                }
+            },
+        )?,
+    )?;
+    Ok(t)
+}

@@ -1,0 +1,113 @@
+//! The cages of this worker thread and the transport that carries `pmnc("<cage>")` calls.
+//!
+//! Every worker thread has its own VM of every cage, so a call between cages of one process stays
+//! on the caller's thread: the value is copied from one VM to the other, never shared. Calls to
+//! cages that do not run in this process go to the remote [`Transport`] once one is installed
+//! (NATS, in the cluster engine).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+use futures_util::future::LocalBoxFuture;
+use rustomnic_core::Value;
+
+use crate::request::{RequestCtx, RunError};
+use crate::vm::CageVm;
+
+/// One call from a cage to a function of another cage.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub from_cage: String,
+    pub request_id: String,
+    pub deadline: Instant,
+    pub cage: String,
+    pub module: String,
+    pub function: String,
+    pub args: Vec<Value>,
+}
+
+impl CallRequest {
+    /// "worker.work.handle", for messages.
+    pub fn target(&self) -> String {
+        format!("{}.{}.{}", self.cage, self.module, self.function)
+    }
+}
+
+/// Why a call to another cage failed; the text is what the caller's Lua error says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    NoCage(String),
+    Deadline(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NoCage(m) | CallError::Deadline(m) | CallError::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// Carries calls to cages that are not in this process.
+pub trait Transport {
+    fn call(&self, request: CallRequest) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
+}
+
+thread_local! {
+    static CAGES: RefCell<BTreeMap<String, Rc<CageVm>>> = const { RefCell::new(BTreeMap::new()) };
+    static REMOTE: RefCell<Option<Rc<dyn Transport>>> = const { RefCell::new(None) };
+}
+
+/// Registers the VM of a cage on this worker thread.
+pub fn install(vm: Rc<CageVm>) {
+    CAGES.with(|c| c.borrow_mut().insert(vm.cage().to_string(), vm));
+}
+
+/// The VM of `cage` on this worker thread.
+pub fn cage(name: &str) -> Option<Rc<CageVm>> {
+    CAGES.with(|c| c.borrow().get(name).cloned())
+}
+
+/// Every cage VM of this worker thread.
+pub fn cages() -> Vec<Rc<CageVm>> {
+    CAGES.with(|c| c.borrow().values().cloned().collect())
+}
+
+/// Drops the VMs of this thread (at shutdown).
+pub fn clear() {
+    CAGES.with(|c| c.borrow_mut().clear());
+    REMOTE.with(|r| r.borrow_mut().take());
+}
+
+/// Installs the transport for cages not in this process.
+pub fn set_remote(transport: Rc<dyn Transport>) {
+    REMOTE.with(|r| *r.borrow_mut() = Some(transport));
+}
+
+/// Calls a function of a cage: in this process when the cage runs here, else through the remote
+/// transport.
+pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
+    let target = request.target();
+    let Some(vm) = cage(&request.cage) else {
+        if let Some(remote) = REMOTE.with(|r| r.borrow().clone()) {
+            return remote.call(request).await;
+        }
+        let here: Vec<String> = CAGES.with(|c| c.borrow().keys().cloned().collect());
+        return Err(CallError::NoCage(format!(
+            "calling {target}: no cage named {} runs in this process (cages here: {}) and no cluster is configured",
+            request.cage,
+            here.join(", ")
+        )));
+    };
+    let ctx = RequestCtx::with_deadline(request.request_id, &request.cage, "pmnc", request.deadline, Some(request.from_cage));
+    match vm.call(ctx, &request.module, &request.function, request.args).await {
+        Ok(values) => Ok(values),
+        Err(RunError::Deadline) => Err(CallError::Deadline(format!("calling {target}: deadline exceeded"))),
+        Err(RunError::NotFound(m)) => Err(CallError::Failed(format!("calling {target}: {m}"))),
+        Err(RunError::Failed { message, .. }) => Err(CallError::Failed(format!("calling {target}: {message}"))),
+        Err(RunError::Internal(m)) => Err(CallError::Failed(format!("calling {target}: internal error: {m}"))),
+    }
+}

@@ -1,0 +1,216 @@
+//! Tests of the Lua host on a current-thread runtime: modules, late binding, deadlines, preemption.
+
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rustomnic_core::Value;
+use rustomnic_lua::{compile, worker, CageVm, CompiledModule, RequestCtx, RunError};
+
+fn module(name: &str, source: &str) -> CompiledModule {
+    let display = format!("test/{name}.lua");
+    let bytecode = compile(name, Path::new(&display), &display, source.as_bytes()).unwrap();
+    CompiledModule { name: name.into(), path: display.clone().into(), display, bytecode, functions: vec![], version: 1 }
+}
+
+fn rt() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    (rt, tokio::task::LocalSet::new())
+}
+
+async fn call(vm: &CageVm, module: &str, f: &str, args: Vec<Value>, timeout: Duration) -> Result<Vec<Value>, RunError> {
+    vm.call(RequestCtx::new(vm.cage(), "test", timeout), module, f, args).await
+}
+
+#[test]
+fn modules_call_each_other_and_bind_late() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("util", "local M = {} function M.double(x) return x * 2 end return M")).unwrap();
+        vm.install(&module("main", "local M = {} function M.go(x) return pmnc.util.double(x) end return M")).unwrap();
+        let r = call(&vm, "main", "go", vec![Value::Int(21)], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r, vec![Value::Int(42)]);
+        vm.install(&module("util", "local M = {} function M.double(x) return x * 3 end return M")).unwrap();
+        let r = call(&vm, "main", "go", vec![Value::Int(21)], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r, vec![Value::Int(63)]);
+    });
+}
+
+#[test]
+fn missing_and_private_functions_are_named() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("util", "local M = {} function M._secret() return 1 end return M")).unwrap();
+        vm.install(&module("main", "local M = {} function M.a() return pmnc.util._secret() end function M.b() return pmnc.nope.x() end function M.c() return pmnc.util.missing() end return M")).unwrap();
+        for (f, want) in [("a", "util._secret is private"), ("b", "cage web has no module nope"), ("c", "module util has no function missing")] {
+            match call(&vm, "main", f, vec![], Duration::from_secs(5)).await {
+                Err(RunError::Failed { message, traceback }) => {
+                    assert!(message.contains(want), "{message}");
+                    assert!(message.contains("test/main.lua:1:"), "error should point at the caller's line: {message}");
+                    assert!(traceback.contains("stack traceback"), "{traceback}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(call(&vm, "util", "_secret", vec![], Duration::from_secs(1)).await, Err(RunError::NotFound(m)) if m.contains("private")));
+    });
+}
+
+#[test]
+fn a_module_that_fails_to_load_keeps_the_old_version() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("m", "return {f = function() return 1 end}")).unwrap();
+        let e = vm.install(&module("m", "error('boom at load')")).unwrap_err();
+        assert!(e.contains("test/m.lua:1: boom at load"), "{e}");
+        let e = vm.install(&module("m", "return 42")).unwrap_err();
+        assert!(e.contains("must return a table"), "{e}");
+        let e = compile("m", Path::new("m.lua"), "test/m.lua", b"return {").unwrap_err();
+        assert!(e.message.starts_with("test/m.lua:1:"), "{e}");
+        let r = call(&vm, "m", "f", vec![], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r, vec![Value::Int(1)]);
+    });
+}
+
+#[test]
+fn spinning_module_top_level_is_stopped() {
+    let vm = CageVm::new("web").unwrap();
+    let started = Instant::now();
+    let e = vm.install(&module("m", "while true do end")).unwrap_err();
+    assert!(e.contains("top-level code ran longer"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_spinning_handler_is_preempted_and_stopped_at_its_deadline() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = Rc::new(CageVm::new("web").unwrap());
+        vm.install(&module("m", "local M = {} function M.spin() while true do end end function M.fast() return 'ok' end return M")).unwrap();
+        let spinner = {
+            let vm = vm.clone();
+            tokio::task::spawn_local(async move { call(&vm, "m", "spin", vec![], Duration::from_millis(600)).await })
+        };
+        tokio::task::yield_now().await;
+        // While the spinner runs, fast requests on the same thread still complete.
+        let mut worst = Duration::ZERO;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let r = call(&vm, "m", "fast", vec![], Duration::from_secs(5)).await.unwrap();
+            assert_eq!(r, vec![Value::str("ok")]);
+            worst = worst.max(t.elapsed());
+        }
+        assert!(!spinner.is_finished(), "the spinner should still be running");
+        let started = Instant::now();
+        let result = spinner.await.unwrap();
+        assert_eq!(result, Err(RunError::Deadline));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(worst < Duration::from_millis(200), "fast requests waited {worst:?}");
+        assert_eq!(vm.live_requests(), 0);
+    });
+}
+
+#[test]
+fn pcall_cannot_swallow_the_deadline() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("m", "local M = {} function M.f() while true do pcall(function() while true do end end) end end return M")).unwrap();
+        let r = call(&vm, "m", "f", vec![], Duration::from_millis(200)).await;
+        assert_eq!(r, Err(RunError::Deadline));
+    });
+}
+
+#[test]
+fn sleep_and_remain_respect_the_deadline() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("m", "local M = {} function M.r() return pmnc.request.remain() end function M.s(x) pmnc.sleep(x) return pmnc.request.id end function M.bad() pmnc.sleep('x') end return M")).unwrap();
+        let r = call(&vm, "m", "r", vec![], Duration::from_secs(3)).await.unwrap();
+        match r[0] { Value::Float(f) => assert!(f > 2.5 && f <= 3.0, "{f}"), ref v => panic!("{v:?}") }
+        let t = Instant::now();
+        let r = call(&vm, "m", "s", vec![Value::Float(0.05)], Duration::from_secs(3)).await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!(matches!(&r[0], Value::Str(s) if s.len() == 12));
+        let t = Instant::now();
+        let r = call(&vm, "m", "s", vec![Value::Int(60)], Duration::from_millis(150)).await;
+        assert_eq!(r, Err(RunError::Deadline));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        match call(&vm, "m", "bad", vec![], Duration::from_secs(1)).await {
+            Err(RunError::Failed { message, .. }) => assert!(message.contains("test/m.lua:1: pmnc.sleep: seconds must be a number"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn cages_on_one_thread_call_each_other() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let web = Rc::new(CageVm::new("web").unwrap());
+        let wk = Rc::new(CageVm::new("worker").unwrap());
+        wk.install(&module("work", "local M = {} function M.handle(x) return {got = x, by = pmnc.request.caller} end function M.boom() error('kaput') end function M.slow() pmnc.sleep(10) end return M")).unwrap();
+        web.install(&module("h", "local M = {} function M.a() return pmnc('worker').work.handle({1, 2}) end function M.b() return pmnc('worker').work.boom() end function M.c() return pmnc('nobody').x.y() end function M.d() return pmnc('worker').work.slow() end return M")).unwrap();
+        worker::install(web.clone());
+        worker::install(wk.clone());
+        let r = call(&web, "h", "a", vec![], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r[0].get("by"), Some(&Value::str("web")));
+        assert_eq!(r[0].get("got"), Some(&Value::Array(vec![Value::Int(1), Value::Int(2)])));
+        match call(&web, "h", "b", vec![], Duration::from_secs(5)).await {
+            Err(RunError::Failed { message, .. }) => {
+                assert!(message.contains("calling worker.work.boom"), "{message}");
+                assert!(message.contains("test/work.lua:1: kaput"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match call(&web, "h", "c", vec![], Duration::from_secs(5)).await {
+            Err(RunError::Failed { message, .. }) => assert!(message.contains("no cage named nobody"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let t = Instant::now();
+        assert_eq!(call(&web, "h", "d", vec![], Duration::from_millis(200)).await, Err(RunError::Deadline));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        worker::clear();
+    });
+}
+
+#[test]
+fn json_round_trip_and_errors() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("j", r#"local M = {}
+            function M.rt() local t = pmnc.json.decode('{"a":[1,null,3],"e":[]}') return pmnc.json.encode(t.e), #t.a, t.a[2] == pmnc.json.null end
+            function M.bad() return pmnc.json.decode('{') end
+            function M.fn() return pmnc.json.encode({f = print}) end
+            return M"#)).unwrap();
+        let r = call(&vm, "j", "rt", vec![], Duration::from_secs(1)).await.unwrap();
+        assert_eq!(r, vec![Value::str("[]"), Value::Int(3), Value::Bool(true)]);
+        match call(&vm, "j", "bad", vec![], Duration::from_secs(1)).await {
+            Err(RunError::Failed { message, .. }) => assert!(message.contains("invalid JSON"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        match call(&vm, "j", "fn", vec![], Duration::from_secs(1)).await {
+            Err(RunError::Failed { message, .. }) => assert!(message.contains("value.f: a function cannot be converted"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn module_code_cannot_load_bytecode_or_exit() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        // string.dump exists but load refuses binary chunks.
+        vm.install(&module("s", r#"local M = {}
+            function M.f() local f, e = load("\27Lua") return f == nil, os.exit == nil, debug == nil end
+            return M"#)).unwrap();
+        let r = call(&vm, "s", "f", vec![], Duration::from_secs(1)).await.unwrap();
+        assert_eq!(r, vec![Value::Bool(true), Value::Bool(true), Value::Bool(true)]);
+    });
+}
