@@ -1,1 +1,19 @@
-//! placeholder
+//! The cage runtime of Rustomnic: finding cages, reading their config, loading their modules,
+//! running them on worker threads behind their interfaces, reloading changed modules, and
+//! running module tests.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod interface;
+pub mod modules;
+pub mod runtime;
+pub mod testing;
+mod watcher;
+
+pub use app::{find_cages, CageDir};
+pub use config::{load_cage, CageConfig, InterfaceSpec};
+pub use error::Error;
+pub use interface::{Interface, Protocol, Protocols, Shutdown};
+pub use runtime::{check, run, CheckSummary, RunOptions};
+pub use testing::{run_tests, TestSummary};

@@ -8,7 +8,7 @@ pub mod vm;
 pub mod worker;
 
 pub use module::{compile, CompiledModule, Module, ModuleError};
-pub use request::{new_request_id, RequestCtx, RunError};
+pub use request::{new_request_id, RequestCtx, RequestFuture, RunError};
 pub use vm::CageVm;
 pub use worker::{CallError, CallRequest, Transport};
 pub use mlua;

@@ -23,6 +23,8 @@ pub struct CompiledModule {
     pub functions: Vec<String>,
     /// Counts up with every version of any module, so logs can tell versions apart.
     pub version: u64,
+    /// Hash of the source text, to skip reloading a file whose contents did not change.
+    pub source_hash: u64,
 }
 
 /// A module that cannot be used; the message starts with `file:line:` when Lua knows the line.
@@ -78,3 +80,11 @@ pub fn compile(name: &str, path: &Path, display: &str, source: &[u8]) -> Result<
 }
 
 pub type Module = Arc<CompiledModule>;
+
+/// The hash kept in [`CompiledModule::source_hash`].
+pub fn source_hash(source: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    source.hash(&mut h);
+    h.finish()
+}

@@ -120,12 +120,12 @@ impl std::error::Error for RunError {}
 
 /// Drives one request coroutine: marks its context current while it runs, and ends it at the
 /// deadline whatever it is doing (a Rust wait or Lua code preempted by the hook).
-pub(crate) struct RequestFuture {
-    pub inner: mlua::thread::AsyncThread<MultiValue>,
-    pub ctx: Rc<RequestCtx>,
-    pub shared: Rc<VmShared>,
-    pub timer: Pin<Box<tokio::time::Sleep>>,
-    pub failure_mt: Table,
+pub struct RequestFuture {
+    pub(crate) inner: mlua::thread::AsyncThread<MultiValue>,
+    pub(crate) ctx: Rc<RequestCtx>,
+    pub(crate) shared: Rc<VmShared>,
+    pub(crate) timer: Pin<Box<tokio::time::Sleep>>,
+    pub(crate) failure_mt: Table,
 }
 
 impl Drop for RequestFuture {

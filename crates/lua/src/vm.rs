@@ -147,7 +147,7 @@ impl CageVm {
         module: &str,
         function: &str,
         build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
-    ) -> Result<impl std::future::Future<Output = Result<MultiValue, RunError>>, RunError> {
+    ) -> Result<RequestFuture, RunError> {
         let f = self.function(module, function)?;
         self.start_function(ctx, f, build)
     }
@@ -158,7 +158,7 @@ impl CageVm {
         ctx: RequestCtx,
         f: Function,
         build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
-    ) -> Result<impl std::future::Future<Output = Result<MultiValue, RunError>>, RunError> {
+    ) -> Result<RequestFuture, RunError> {
         let internal = |e: mlua::Error| RunError::Internal(e.to_string());
         let args = build(&self.lua).map_err(internal)?;
         let thread = self.lua.create_thread(self.run.clone()).map_err(internal)?;

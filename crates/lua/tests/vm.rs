@@ -10,7 +10,7 @@ use rustomnic_lua::{compile, worker, CageVm, CompiledModule, RequestCtx, RunErro
 fn module(name: &str, source: &str) -> CompiledModule {
     let display = format!("test/{name}.lua");
     let bytecode = compile(name, Path::new(&display), &display, source.as_bytes()).unwrap();
-    CompiledModule { name: name.into(), path: display.clone().into(), display, bytecode, functions: vec![], version: 1 }
+    CompiledModule { name: name.into(), path: display.clone().into(), display, bytecode, functions: vec![], version: 1, source_hash: 0 }
 }
 
 fn rt() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {

@@ -1,1 +1,157 @@
-fn main(){}
+//! The `pmnc` command: thin glue from the command line to the cage runtime.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use rustomnic_cage::{Error, Protocols, RunOptions};
+
+const EXAMPLES: &str = "\
+Examples:
+  pmnc run examples/hello                 run one cage (a folder holding cage.toml)
+  pmnc run examples/two-cages             run every cage under examples/two-cages/cages
+  pmnc run app --workers 4 --log-level debug
+  pmnc check examples/two-cages           validate config and compile every module
+  pmnc test examples/two-cages            run the test_* functions of every *_test.lua";
+
+#[derive(Parser)]
+#[command(name = "pmnc", version, about = "Rustomnic: run cages of hot-reloaded Lua modules behind interfaces.", after_help = EXAMPLES)]
+struct Cli {
+    /// error, warn, info, debug or trace; overrides log_level in cage.toml (RUST_LOG, when set, wins).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a cage folder, or every cage under an app folder's cages/, until SIGINT/SIGTERM.
+    Run {
+        /// A cage folder (holding cage.toml) or an app folder (holding cages/).
+        path: PathBuf,
+        /// Worker threads, each with its own Lua VM of every cage (default: the number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Do not reload changed modules.
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Validate every cage.toml and compile every module; list every problem found.
+    Check { path: PathBuf },
+    /// Run the test_* functions of every *_test.lua module inside running cages.
+    Test {
+        path: PathBuf,
+        /// Run only tests whose "cage.module.function" name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Serve hello-world from pure hyper with the same worker layout (for benchmarks).
+    #[command(hide = true)]
+    RawHttp {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+}
+
+fn protocols() -> Protocols {
+    let mut p = Protocols::new();
+    p.add(Arc::new(rustomnic_http::HttpProtocol));
+    p
+}
+
+fn init_logs(level: &str) {
+    let filter = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{level},hyper=warn,notify=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).init();
+}
+
+/// The log level: the flag, else the most verbose `log_level` of the cages, else info.
+fn level_for(flag: &Option<String>, path: &std::path::Path) -> Result<String, String> {
+    if let Some(l) = flag {
+        if !rustomnic_cage::config::LOG_LEVELS.contains(&l.as_str()) {
+            return Err(format!("--log-level {l:?} is not one of {}", rustomnic_cage::config::LOG_LEVELS.join(", ")));
+        }
+        return Ok(l.clone());
+    }
+    let levels = rustomnic_cage::config::LOG_LEVELS;
+    let mut best = 2; // info
+    if let Ok(cages) = rustomnic_cage::find_cages(path) {
+        for c in cages {
+            if let Ok(c) = rustomnic_cage::load_cage(&c, &protocols()) {
+                if let Some(i) = c.log_level.and_then(|l| levels.iter().position(|x| *x == l)) {
+                    best = best.max(i);
+                }
+            }
+        }
+    }
+    Ok(levels[best].to_string())
+}
+
+fn report(e: Error) -> ExitCode {
+    match e {
+        Error::Invalid(_) => eprintln!("pmnc: refused to start:\n{e}"),
+        other => eprintln!("pmnc: {other}"),
+    }
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { path, workers, no_watch } => {
+            match level_for(&cli.log_level, &path) {
+                Ok(l) => init_logs(&l),
+                Err(e) => {
+                    eprintln!("pmnc: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            let mut options = RunOptions::default();
+            if let Some(w) = workers {
+                if w == 0 || w > 1024 {
+                    eprintln!("pmnc: --workers must be 1..=1024");
+                    return ExitCode::from(2);
+                }
+                options.workers = w;
+            }
+            options.watch = !no_watch;
+            match rustomnic_cage::run(&path, &protocols(), options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            }
+        }
+        Command::Check { path } => {
+            init_logs(cli.log_level.as_deref().unwrap_or("warn"));
+            match rustomnic_cage::check(&path, &protocols()) {
+                Ok(s) => {
+                    println!("ok: {} cage(s), {} module(s), {} interface(s)", s.cages, s.modules, s.interfaces);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Test { path, filter } => {
+            init_logs(cli.log_level.as_deref().unwrap_or("warn"));
+            let mut out = std::io::stdout();
+            match rustomnic_cage::run_tests(&path, &protocols(), filter.as_deref(), &mut out) {
+                Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(1),
+                Err(e) => report(e),
+            }
+        }
+        Command::RawHttp { listen, workers } => match rustomnic_http::raw::serve(listen, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pmnc: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

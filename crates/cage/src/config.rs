@@ -1,0 +1,135 @@
+//! `cage.toml`: the cage's name, default request timeout, log level and interfaces.
+//!
+//! ```toml
+//! name = "web"                     # default: the folder name
+//! request_timeout = "10s"          # default deadline of every request (default 10s, at most 1h)
+//! log_level = "info"               # error, warn, info, debug or trace (default info)
+//!
+//! [interfaces.http]                # an interface named "http"
+//! protocol = "http"                # default: the interface name
+//! handler = "http.handle"          # module.function, default "<interface>.handle"
+//! request_timeout = "5s"           # default: the cage's request_timeout
+//! # ... keys of the protocol, see docs/interfaces/<protocol>.md
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustomnic_core::{ConfigError, Located, SourceFile};
+
+use crate::app::CageDir;
+use crate::interface::{Interface, Protocols};
+
+/// The longest request timeout accepted anywhere.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+
+/// What every interface has, whatever its protocol.
+#[derive(Debug, Clone)]
+pub struct InterfaceSpec {
+    pub cage: String,
+    pub name: String,
+    pub protocol: String,
+    /// Handler module and function, located at the `handler` key (or the interface's table).
+    pub handler: Located<(String, String)>,
+    pub request_timeout: Duration,
+}
+
+/// A cage's config, read and checked.
+pub struct CageConfig {
+    pub name: String,
+    pub dir: CageDir,
+    pub request_timeout: Duration,
+    pub log_level: Option<String>,
+    pub interfaces: Vec<Arc<dyn Interface>>,
+}
+
+/// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
+pub fn load_cage(dir: &CageDir, protocols: &Protocols) -> Result<CageConfig, Vec<ConfigError>> {
+    let path = dir.config_file();
+    let text = std::fs::read(&path).map_err(|e| {
+        vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: format!("cannot read: {e}") }]
+    })?;
+    if text.len() > 1 << 20 {
+        return Err(vec![ConfigError { file: path, line: 1, key: String::new(), message: "over 1 MiB; this is not a cage.toml".into() }]);
+    }
+    let text = String::from_utf8(text).map_err(|_| {
+        vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: "not UTF-8 text".into() }]
+    })?;
+    let file = SourceFile::parse(&path, text).map_err(|e| vec![e])?;
+    let config = read(&file, dir, protocols);
+    let errors = file.take_errors();
+    match config {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => Err(errors),
+    }
+}
+
+fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageConfig> {
+    let root = file.root();
+    let name = match root.string("name") {
+        Some(n) if rustomnic_core::is_cage_name(&n.value) => n.value,
+        Some(n) => {
+            root.error("name", format!("{:?} is not a valid cage name (letters, digits, _ and -, at most 64)", n.value));
+            dir.folder_name.clone()
+        }
+        None => dir.folder_name.clone(),
+    };
+    if !rustomnic_core::is_cage_name(&name) {
+        root.table_error(format!("folder name {name:?} is not a valid cage name; set name = \"...\""));
+    }
+    let request_timeout =
+        root.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    let log_level = root.string("log_level").and_then(|l| {
+        if LOG_LEVELS.contains(&l.value.as_str()) {
+            Some(l.value)
+        } else {
+            root.error("log_level", format!("{:?} is not one of {}", l.value, LOG_LEVELS.join(", ")));
+            None
+        }
+    });
+    let mut interfaces = Vec::new();
+    if let Some(section) = root.table("interfaces") {
+        for (iname, s) in section.tables() {
+            if !rustomnic_core::is_identifier(&iname) {
+                section.error(&iname, "interface names are identifiers (letters, digits and _)");
+                continue;
+            }
+            let protocol = s.string("protocol").map(|p| p.value).unwrap_or_else(|| iname.clone());
+            let handler_text = s.string("handler").unwrap_or_else(|| Located {
+                value: format!("{iname}.handle"),
+                file: file.path().to_path_buf(),
+                line: s.line_of("handler"),
+                key: s.key_path("handler"),
+            });
+            let handler = match handler_text.value.split_once('.') {
+                Some((m, f)) if rustomnic_core::is_identifier(m) && rustomnic_core::is_identifier(f) => Located {
+                    value: (m.to_string(), f.to_string()),
+                    file: handler_text.file.clone(),
+                    line: handler_text.line,
+                    key: handler_text.key.clone(),
+                },
+                _ => {
+                    s.error("handler", format!("{:?} is not \"module.function\"", handler_text.value));
+                    continue;
+                }
+            };
+            let request_timeout =
+                s.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(request_timeout);
+            let Some(plugin) = protocols.get(&protocol) else {
+                let key = if s.has("protocol") { "protocol" } else { "" };
+                let message = format!("unknown protocol {protocol:?} (this build knows: {})", protocols.names().join(", "));
+                if key.is_empty() { s.table_error(message) } else { s.error(key, message) }
+                continue;
+            };
+            let spec = InterfaceSpec { cage: name.clone(), name: iname.clone(), protocol, handler, request_timeout };
+            if let Some(i) = plugin.configure(spec, &s) {
+                interfaces.push(i);
+            }
+            s.finish();
+        }
+    }
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces })
+}

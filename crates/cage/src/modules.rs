@@ -1,0 +1,169 @@
+//! Finding a cage's module files (its own, then `.shared`) and turning them into checked
+//! versions ready for the worker VMs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustomnic_lua::{compile, CageVm, CompiledModule, Module, ModuleError};
+
+use crate::app::CageDir;
+
+/// A module file and the name Lua shows for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub display: String,
+}
+
+/// Is this file name a module of a running cage (tests excluded unless asked)?
+pub fn module_name(file_name: &str, tests: bool) -> Option<&str> {
+    let stem = file_name.strip_suffix(".lua")?;
+    if stem.is_empty() || stem.starts_with('.') || (!tests && stem.ends_with("_test")) {
+        return None;
+    }
+    Some(stem)
+}
+
+/// The module file that defines `name` for the cage: its own file wins over `.shared`.
+pub fn resolve(dir: &CageDir, name: &str) -> Option<ModuleFile> {
+    let own = dir.dir.join(format!("{name}.lua"));
+    if own.is_file() {
+        return Some(ModuleFile { name: name.into(), path: own, display: format!("{}/{name}.lua", dir.folder_name) });
+    }
+    let shared = dir.shared.as_ref()?.join(format!("{name}.lua"));
+    shared.is_file().then(|| ModuleFile { name: name.into(), path: shared, display: format!(".shared/{name}.lua") })
+}
+
+/// Every module of the cage, by name.
+pub fn module_files(dir: &CageDir, tests: bool) -> Result<BTreeMap<String, ModuleFile>, String> {
+    let mut names = Vec::new();
+    for folder in std::iter::once(&dir.dir).chain(dir.shared.iter()) {
+        let entries = std::fs::read_dir(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().to_string();
+            if let Some(name) = module_name(&file_name, tests) {
+                if entry.path().is_file() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    Ok(names.into_iter().filter_map(|n| resolve(dir, &n).map(|f| (n, f))).collect())
+}
+
+static VERSION: AtomicU64 = AtomicU64::new(1);
+
+/// Reads, compiles and checks module files of one cage. Owns a VM used only for checking
+/// (so it lives on the thread that made it).
+pub struct Checker {
+    vm: CageVm,
+}
+
+impl Checker {
+    pub fn new(cage: &str) -> Result<Checker, String> {
+        Ok(Checker { vm: CageVm::new(cage)? })
+    }
+
+    /// The file's contents as a checked module, unless the file is empty (an editor in the middle
+    /// of saving it) or its contents hash to `current` (nothing changed).
+    pub fn load(&self, file: &ModuleFile, current: Option<u64>) -> Result<Loaded, ModuleError> {
+        let source = read_limited(&file.path)
+            .map_err(|e| ModuleError { path: file.path.clone(), message: format!("{}: {e}", file.display) })?;
+        if source.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(Loaded::Empty);
+        }
+        let source_hash = rustomnic_lua::module::source_hash(&source);
+        if current == Some(source_hash) {
+            return Ok(Loaded::Unchanged);
+        }
+        let bytecode = compile(&file.name, &file.path, &file.display, &source)?;
+        let mut module = CompiledModule {
+            name: file.name.clone(),
+            path: file.path.clone(),
+            display: file.display.clone(),
+            bytecode,
+            functions: Vec::new(),
+            version: VERSION.fetch_add(1, Ordering::Relaxed),
+            source_hash,
+        };
+        module.functions = self.vm.check_module(&module).map_err(|message| ModuleError { path: file.path.clone(), message })?;
+        Ok(Loaded::New(Arc::new(module)))
+    }
+}
+
+/// What [`Checker::load`] found.
+pub enum Loaded {
+    Empty,
+    Unchanged,
+    New(Module),
+}
+
+fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?.take(rustomnic_lua::module::MAX_MODULE_BYTES + 1).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Loads every module of a cage; problems are listed, not stopped at.
+pub fn load_all(dir: &CageDir, cage: &str, tests: bool) -> Result<BTreeMap<String, Module>, Vec<String>> {
+    let files = module_files(dir, tests).map_err(|e| vec![e])?;
+    let checker = Checker::new(cage).map_err(|e| vec![e])?;
+    let mut modules = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (name, file) in files {
+        if let Err(e) = rustomnic_lua::module::check_module_name(&name) {
+            problems.push(format!("{}: {e}", file.display));
+            continue;
+        }
+        match checker.load(&file, None) {
+            Ok(Loaded::New(m)) => {
+                modules.insert(name, m);
+            }
+            Ok(_) => tracing::warn!(cage, "{}: empty file, not a module yet", file.display),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(modules)
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_precedence() {
+        assert_eq!(module_name("util.lua", false), Some("util"));
+        assert_eq!(module_name("util_test.lua", false), None);
+        assert_eq!(module_name("util_test.lua", true), Some("util_test"));
+        assert_eq!(module_name(".util.lua.swp", false), None);
+        assert_eq!(module_name("util.lua~", false), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let web = tmp.path().join("web");
+        let shared = tmp.path().join(".shared");
+        std::fs::create_dir_all(&web).unwrap();
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::write(web.join("a.lua"), "return {}").unwrap();
+        std::fs::write(shared.join("a.lua"), "return {}").unwrap();
+        std::fs::write(shared.join("b.lua"), "return {}").unwrap();
+        let dir = CageDir { folder_name: "web".into(), dir: web, shared: Some(shared) };
+        let files = module_files(&dir, false).unwrap();
+        assert_eq!(files["a"].display, "web/a.lua");
+        assert_eq!(files["b"].display, ".shared/b.lua");
+        let loaded = load_all(&dir, "web", false).unwrap();
+        assert_eq!(loaded.len(), 2);
+        std::fs::write(dir.dir.join("bad.lua"), "return {").unwrap();
+        std::fs::write(dir.dir.join("log.lua"), "return {}").unwrap();
+        let problems = load_all(&dir, "web", false).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.starts_with("web/bad.lua:1:")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("reserved")), "{problems:?}");
+    }
+}

@@ -1,0 +1,407 @@
+//! Running cages: checking everything before anything listens, worker threads with one VM per
+//! cage each, acceptors handing connections to workers, module updates, graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustomnic_core::Located;
+use rustomnic_lua::{worker, CageVm, Module};
+use tokio::sync::{mpsc, watch};
+
+use crate::app::find_cages;
+use crate::config::{load_cage, CageConfig};
+use crate::interface::{Interface, Protocols};
+use crate::modules::load_all;
+use crate::Error;
+
+/// A cage ready to run: config read, every module loaded and checked.
+pub struct PreparedCage {
+    pub config: CageConfig,
+    pub modules: BTreeMap<String, Module>,
+}
+
+/// Reads and checks every cage at `path`: config, modules (with tests when asked), handlers,
+/// listen addresses. Every problem found is returned, not only the first.
+pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Result<Vec<PreparedCage>, Error> {
+    let dirs = find_cages(path)?;
+    let mut problems: Vec<String> = Vec::new();
+    let mut cages = Vec::new();
+    for dir in &dirs {
+        let config = match load_cage(dir, protocols) {
+            Ok(c) => c,
+            Err(errors) => {
+                problems.extend(errors.iter().map(|e| e.to_string()));
+                continue;
+            }
+        };
+        match load_all(dir, &config.name, tests) {
+            Ok(modules) => cages.push(PreparedCage { config, modules }),
+            Err(p) => problems.extend(p),
+        }
+    }
+    let mut names: BTreeMap<&str, &std::path::Path> = BTreeMap::new();
+    let mut listening: Vec<(Located<SocketAddr>, String)> = Vec::new();
+    for cage in &cages {
+        if let Some(first) = names.insert(&cage.config.name, &cage.config.dir.dir) {
+            problems.push(format!(
+                "{}: cage name {:?} is also the name of {}",
+                cage.config.dir.config_file().display(),
+                cage.config.name,
+                first.display()
+            ));
+        }
+        for iface in &cage.config.interfaces {
+            let spec = iface.spec();
+            let (module, function) = &spec.handler.value;
+            match cage.modules.get(module) {
+                None => problems.push(spec.handler.error(format!(
+                    "handler module {module} not found ({0}/{module}.lua or .shared/{module}.lua)",
+                    cage.config.dir.folder_name
+                )).to_string()),
+                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(spec.handler.error(format!(
+                    "module {module} ({}) has no function {function} (it has: {})",
+                    m.display,
+                    if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
+                )).to_string()),
+                Some(_) => {}
+            }
+            if let Some(addr) = iface.listen() {
+                let who = format!("interface {} of cage {}", spec.name, spec.cage);
+                if let Some((other, other_who)) = listening.iter().find(|(o, _)| same_port(&o.value, &addr.value)) {
+                    problems.push(addr.error(format!(
+                        "{} is already used by {other_who} ({}:{})",
+                        addr.value,
+                        other.file.display(),
+                        other.line
+                    )).to_string());
+                } else {
+                    listening.push((addr, who));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(cages)
+    } else {
+        Err(Error::Invalid(problems))
+    }
+}
+
+fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// What `pmnc check` reports when all is well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSummary {
+    pub cages: usize,
+    pub modules: usize,
+    pub interfaces: usize,
+}
+
+/// Validates config and compiles every module (tests included) without running anything.
+pub fn check(path: &std::path::Path, protocols: &Protocols) -> Result<CheckSummary, Error> {
+    let cages = prepare(path, protocols, true)?;
+    Ok(CheckSummary {
+        cages: cages.len(),
+        modules: cages.iter().map(|c| c.modules.len()).sum(),
+        interfaces: cages.iter().map(|c| c.config.interfaces.len()).sum(),
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Worker threads (each with its own VM of every cage).
+    pub workers: usize,
+    /// Reload changed modules.
+    pub watch: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), watch: true }
+    }
+}
+
+/// Messages from the main thread to a worker thread.
+pub(crate) enum WorkerCmd {
+    Accept { interface: usize, stream: std::net::TcpStream, remote: SocketAddr },
+    Module { cage: String, name: String, module: Option<Module> },
+}
+
+/// Handles to every worker, for the acceptors and the watcher.
+#[derive(Clone)]
+pub(crate) struct Workers {
+    senders: Arc<Vec<mpsc::UnboundedSender<WorkerCmd>>>,
+}
+
+impl Workers {
+    /// Sends a module update to every worker.
+    pub fn broadcast_module(&self, cage: &str, name: &str, module: Option<Module>) {
+        for tx in self.senders.iter() {
+            let _ = tx.send(WorkerCmd::Module { cage: cage.to_string(), name: name.to_string(), module: module.clone() });
+        }
+    }
+}
+
+/// Runs the cages at `path` until SIGINT or SIGTERM, then lets in-flight requests finish
+/// (bounded by their deadlines) and returns.
+pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -> Result<(), Error> {
+    let cages = prepare(path, protocols, false)?;
+    let interfaces: Vec<Arc<dyn Interface>> = cages.iter().flat_map(|c| c.config.interfaces.iter().cloned()).collect();
+    let drain_limit = interfaces
+        .iter()
+        .map(|i| i.spec().request_timeout)
+        .chain(cages.iter().map(|c| c.config.request_timeout))
+        .max()
+        .unwrap_or(Duration::ZERO)
+        + Duration::from_secs(1);
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Runtime(format!("cannot start the control runtime: {e}")))?;
+
+    // Bind every listener before starting anything, so a taken port stops the start cleanly.
+    let mut listeners = Vec::new();
+    for (index, iface) in interfaces.iter().enumerate() {
+        if let Some(addr) = iface.listen() {
+            let listener = control.block_on(bind(addr.value)).map_err(|e| {
+                Error::Invalid(vec![addr.error(format!("cannot listen on {}: {e}", addr.value)).to_string()])
+            })?;
+            let local = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+            tracing::info!(cage = %iface.spec().cage, interface = %iface.spec().name, "listening on {local} ({})", iface.spec().protocol);
+            listeners.push((index, listener));
+        }
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let init: Arc<Vec<(String, Vec<Module>)>> =
+        Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.modules.values().cloned().collect())).collect());
+    let interfaces = Arc::new(interfaces);
+    let mut senders = Vec::new();
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for n in 0..options.workers.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        let init = init.clone();
+        let interfaces = interfaces.clone();
+        let shutdown = shutdown_rx.clone();
+        let ready = ready_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("pmnc-worker-{n}"))
+            .spawn(move || worker_main(n, init, interfaces, rx, shutdown, ready, drain_limit))
+            .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = shutdown_tx.send(true);
+                return Err(Error::Runtime(e));
+            }
+            Err(_) => return Err(Error::Runtime("a worker thread died while starting".into())),
+        }
+    }
+    let workers = Workers { senders: Arc::new(senders) };
+
+    let watcher = if options.watch {
+        Some(crate::watcher::start(&cages, workers.clone()).map_err(Error::Runtime)?)
+    } else {
+        None
+    };
+    tracing::info!(
+        "running {} cage{} ({}) on {} worker thread{}",
+        cages.len(),
+        if cages.len() == 1 { "" } else { "s" },
+        cages.iter().map(|c| c.config.name.as_str()).collect::<Vec<_>>().join(", "),
+        options.workers,
+        if options.workers == 1 { "" } else { "s" }
+    );
+
+    control.block_on(async {
+        for (index, listener) in listeners {
+            tokio::spawn(accept_loop(index, listener, workers.clone(), shutdown_rx.clone()));
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
+        let _ = shutdown_tx.send(true);
+        // A second signal means "now".
+        tokio::spawn(async {
+            wait_for_signal().await;
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        });
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = joined.await;
+    });
+    drop(watcher);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: Workers, mut shutdown: watch::Receiver<bool>) {
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                let Ok(stream) = stream.into_std() else { continue };
+                let n = workers.senders.len();
+                // Round robin; a worker that has gone away (shutdown) is skipped.
+                let mut pending = Some(WorkerCmd::Accept { interface: index, stream, remote });
+                for _ in 0..n {
+                    next = (next + 1) % n;
+                    let Some(cmd) = pending.take() else { break };
+                    if let Err(mpsc::error::SendError(back)) = workers.senders[next].send(cmd) {
+                        pending = Some(back);
+                    }
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors or a transient error: do not spin on it.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker_main(
+    n: usize,
+    init: Arc<Vec<(String, Vec<Module>)>>,
+    interfaces: Arc<Vec<Arc<dyn Interface>>>,
+    mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    drain_limit: Duration,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {n}: cannot start its runtime: {e}")));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        for (cage, modules) in init.iter() {
+            let vm = match CageVm::new(cage) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            for m in modules {
+                if let Err(e) = vm.install(m) {
+                    let _ = ready.send(Err(format!("cage {cage}: {e}")));
+                    return;
+                }
+            }
+            worker::install(Rc::new(vm));
+        }
+        let _ = ready.send(Ok(()));
+        drop(ready);
+        let connections = Rc::new(std::cell::Cell::new(0usize));
+        let idle = Rc::new(tokio::sync::Notify::new());
+        loop {
+            let cmd = tokio::select! {
+                cmd = rx.recv() => cmd,
+                _ = shutdown.changed() => None,
+            };
+            match cmd {
+                Some(WorkerCmd::Accept { interface, stream, remote }) => {
+                    let Some(iface) = interfaces.get(interface).cloned() else { continue };
+                    let stream = match stream.set_nonblocking(true).and_then(|_| tokio::net::TcpStream::from_std(stream)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("worker {n}: cannot take a connection from {remote}: {e}");
+                            continue;
+                        }
+                    };
+                    connections.set(connections.get() + 1);
+                    let (connections, idle, shutdown) = (connections.clone(), idle.clone(), shutdown.clone());
+                    tokio::task::spawn_local(async move {
+                        iface.serve(stream, remote, shutdown).await;
+                        connections.set(connections.get() - 1);
+                        if connections.get() == 0 {
+                            idle.notify_waiters();
+                        }
+                    });
+                }
+                Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
+                None => break,
+            }
+        }
+        rx.close();
+        let started = Instant::now();
+        while connections.get() > 0 && started.elapsed() < drain_limit {
+            let wait = idle.notified();
+            if connections.get() == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(drain_limit.saturating_sub(started.elapsed()), wait).await;
+        }
+        if connections.get() > 0 {
+            tracing::warn!("worker {n}: {} connection(s) still open after {:?}; closing them", connections.get(), drain_limit);
+        }
+        worker::clear();
+    });
+}
+
+fn apply_module(cage: &str, name: &str, module: Option<Module>) {
+    let Some(vm) = worker::cage(cage) else { return };
+    match module {
+        Some(m) => {
+            if let Err(e) = vm.install(&m) {
+                tracing::error!(cage, "{e} (keeping the previous version of {name})");
+            }
+        }
+        None => vm.remove(name),
+    }
+}

@@ -1,0 +1,166 @@
+//! Hot reload: watches every cage folder and `.shared`, compiles and checks changed modules off
+//! the worker threads, and sends each new version to every worker.
+//!
+//! Saving in place (truncate + write) and write-then-rename both end in events for the module's
+//! path; events are gathered until the folder is quiet for [`QUIET`] and each path is then read
+//! once. Empty files are skipped (a save in progress), unchanged contents are skipped, a file that
+//! fails to compile or load is reported and the previous version keeps running.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+
+use crate::app::CageDir;
+use crate::modules::{module_name, resolve, Checker, Loaded};
+use crate::runtime::{PreparedCage, Workers};
+
+/// How long the folders must be quiet before changed files are read.
+const QUIET: Duration = Duration::from_millis(2);
+/// Reading waits at most this long for quiet, so a file written non-stop still reloads.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Stops watching when dropped.
+pub(crate) struct WatcherHandle {
+    _watcher: notify::RecommendedWatcher,
+}
+
+struct CageState {
+    name: String,
+    dir: CageDir,
+    checker: Option<Checker>,
+    /// Source hash of the version every worker has, per module.
+    current: BTreeMap<String, u64>,
+}
+
+pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherHandle, String> {
+    let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(tx).map_err(|e| format!("cannot watch module files: {e}"))?;
+    let mut folders = BTreeSet::new();
+    for c in cages {
+        folders.insert(c.config.dir.dir.clone());
+        if let Some(s) = &c.config.dir.shared {
+            folders.insert(s.clone());
+        }
+    }
+    for f in &folders {
+        watcher.watch(f, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", f.display()))?;
+    }
+    let states: Vec<(String, CageDir, BTreeMap<String, u64>)> = cages
+        .iter()
+        .map(|c| {
+            let current = c.modules.iter().map(|(n, m)| (n.clone(), m.source_hash)).collect();
+            (c.config.name.clone(), c.config.dir.clone(), current)
+        })
+        .collect();
+    std::thread::Builder::new()
+        .name("pmnc-watcher".into())
+        .spawn(move || {
+            let mut cages: Vec<CageState> = states
+                .into_iter()
+                .map(|(name, dir, current)| CageState { name, dir, checker: None, current })
+                .collect();
+            // Files changed between the first load and the start of watching are caught here.
+            for cage in &mut cages {
+                let names: Vec<String> = crate::modules::module_files(&cage.dir, false)
+                    .map(|m| m.into_keys().collect())
+                    .unwrap_or_default();
+                let known: Vec<String> = cage.current.keys().cloned().collect();
+                for name in names.into_iter().chain(known) {
+                    reload(cage, &name, &workers);
+                }
+            }
+            watch_loop(rx, &mut cages, &workers);
+        })
+        .map_err(|e| format!("cannot start the watcher thread: {e}"))?;
+    Ok(WatcherHandle { _watcher: watcher })
+}
+
+fn watch_loop(rx: mpsc::Receiver<notify::Result<notify::Event>>, cages: &mut [CageState], workers: &Workers) {
+    while let Ok(first) = rx.recv() {
+        let mut paths = BTreeSet::new();
+        collect(first, &mut paths);
+        let started = Instant::now();
+        while started.elapsed() < MAX_WAIT {
+            match rx.recv_timeout(QUIET) {
+                Ok(e) => collect(e, &mut paths),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        for path in paths {
+            changed(&path, cages, workers);
+        }
+    }
+}
+
+fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
+    match event {
+        Ok(e) => {
+            if matches!(e.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            paths.extend(e.paths);
+        }
+        Err(e) => tracing::warn!("watching module files: {e}"),
+    }
+}
+
+fn changed(path: &Path, cages: &mut [CageState], workers: &Workers) {
+    let Some(file_name) = path.file_name().map(|n| n.to_string_lossy().to_string()) else { return };
+    let Some(folder) = path.parent() else { return };
+    if file_name == "cage.toml" {
+        tracing::warn!("{}: changed; restart the process to apply config changes", path.display());
+        return;
+    }
+    let Some(name) = module_name(&file_name, false) else { return };
+    for cage in cages.iter_mut() {
+        let own = same_dir(folder, &cage.dir.dir);
+        let shared = cage.dir.shared.as_deref().is_some_and(|s| same_dir(folder, s));
+        if own || shared {
+            reload(cage, name, workers);
+        }
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b || a.canonicalize().ok().as_deref() == Some(b)
+}
+
+/// Brings module `name` of `cage` in line with the files on disk.
+fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
+    if let Err(e) = rustomnic_lua::module::check_module_name(name) {
+        tracing::error!(cage = %cage.name, "{}/{name}.lua: {e}", cage.dir.folder_name);
+        return;
+    }
+    let Some(file) = resolve(&cage.dir, name) else {
+        if cage.current.remove(name).is_some() {
+            tracing::warn!(cage = %cage.name, "module {name} removed: its file is gone; calls to it now fail");
+            workers.broadcast_module(&cage.name, name, None);
+        }
+        return;
+    };
+    if cage.checker.is_none() {
+        match Checker::new(&cage.name) {
+            Ok(c) => cage.checker = Some(c),
+            Err(e) => {
+                tracing::error!(cage = %cage.name, "cannot check modules: {e}");
+                return;
+            }
+        }
+    }
+    let Some(checker) = cage.checker.as_ref() else { return };
+    let started = Instant::now();
+    match checker.load(&file, cage.current.get(name).copied()) {
+        Ok(Loaded::New(module)) => {
+            let version = module.version;
+            cage.current.insert(name.to_string(), module.source_hash);
+            workers.broadcast_module(&cage.name, name, Some(module));
+            tracing::info!(cage = %cage.name, "reloaded {} (version {version}, checked in {:.1} ms)", file.display, started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(Loaded::Empty) | Ok(Loaded::Unchanged) => {}
+        Err(e) => tracing::error!(cage = %cage.name, "{e} (keeping the previous version)"),
+    }
+}

@@ -1,0 +1,245 @@
+//! One HTTP request: limits, the Lua request and response tables, the handler's coroutine, and
+//! turning its result (or failure) into a response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use rustomnic_lua::convert::from_lua;
+use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
+use rustomnic_lua::{worker, RequestCtx, RunError};
+use tokio::io::AsyncWriteExt;
+
+use crate::HttpInterface;
+
+type Body = Full<Bytes>;
+
+/// Answers a connection over the limit and closes it.
+pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    let reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 34\r\nconnection: close\r\n\r\ntoo many connections, retry later\n";
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(reply)).await;
+    let _ = stream.shutdown().await;
+}
+
+fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{text} (request id {id})\n"))));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("x-request-id", v);
+    }
+    r
+}
+
+pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, remote: SocketAddr) -> Result<Response<Body>, std::convert::Infallible> {
+    let spec = &iface.spec;
+    let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
+    let id = ctx.id.clone();
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = respond(&iface, req, remote, ctx).await;
+    tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    Ok(response)
+}
+
+async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAddr, ctx: RequestCtx) -> Response<Body> {
+    let spec = &iface.spec;
+    let id = ctx.id.clone();
+    let limit = iface.settings.max_body_size;
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes"));
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout_at(ctx.deadline.into(), Limited::new(body, limit as usize).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes"));
+            }
+            return plain(StatusCode::BAD_REQUEST, &id, "request body could not be read");
+        }
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, &id, "request body not received before the deadline"),
+    };
+    let Some(vm) = worker::cage(&spec.cage) else {
+        tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "cage has no VM on this worker");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running");
+    };
+    let (module, function) = &spec.handler.value;
+    let mut response_table: Option<Table> = None;
+    let started = vm.start(ctx, module, function, |lua| {
+        let request = request_table(lua, &parts, &body, remote)?;
+        let response = lua.create_table()?;
+        response.raw_set("status", 200)?;
+        response.raw_set("headers", lua.create_table()?)?;
+        response_table = Some(response.clone());
+        Ok(MultiValue::from_iter([LuaValue::Table(request), LuaValue::Table(response)]))
+    });
+    let result = match started {
+        Ok(fut) => fut.await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(values) => match build_response(vm.lua(), response_table, values, &id) {
+            Ok(r) => r,
+            Err(message) => {
+                tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
+                plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+            }
+        },
+        Err(RunError::Deadline) => {
+            tracing::warn!(cage = %spec.cage, interface = %spec.name, request = %id, "deadline exceeded ({:?}) in {module}.{function}", spec.request_timeout);
+            plain(StatusCode::GATEWAY_TIMEOUT, &id, "deadline exceeded")
+        }
+        Err(RunError::Failed { message, traceback }) => {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {traceback}");
+            let _ = message;
+            plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+        }
+        Err(e) => {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function}: {e}");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+        }
+    }
+}
+
+fn request_table(lua: &Lua, parts: &hyper::http::request::Parts, body: &Bytes, remote: SocketAddr) -> rustomnic_lua::mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, 9)?;
+    t.raw_set("method", parts.method.as_str())?;
+    t.raw_set("path", lua.create_string(percent_decode(parts.uri.path()))?)?;
+    t.raw_set("uri", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?;
+    let query = lua.create_table()?;
+    if let Some(q) = parts.uri.query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            query.raw_set(k.as_ref(), v.as_ref())?;
+        }
+    }
+    t.raw_set("query", query)?;
+    let headers = lua.create_table_with_capacity(0, parts.headers.len())?;
+    for name in parts.headers.keys() {
+        let mut joined: Vec<u8> = Vec::new();
+        for (i, v) in parts.headers.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(v.as_bytes());
+        }
+        headers.raw_set(name.as_str(), lua.create_string(&joined)?)?;
+    }
+    t.raw_set("headers", headers)?;
+    t.raw_set("body", lua.create_string(body)?)?;
+    t.raw_set("remote_addr", remote.to_string())?;
+    t.raw_set("version", format!("{:?}", parts.version))?;
+    Ok(t)
+}
+
+fn percent_decode(path: &str) -> Vec<u8> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The handler's first return value wins over `response.body`: a string is the body, a table is
+/// sent as JSON.
+fn build_response(_lua: &Lua, response: Option<Table>, values: MultiValue, id: &str) -> Result<Response<Body>, String> {
+    let response = response.ok_or("no response table")?;
+    let status: LuaValue = response.raw_get("status").map_err(|e| e.to_string())?;
+    let status = match status {
+        LuaValue::Integer(n) if (100..=599).contains(&n) => StatusCode::from_u16(n as u16).map_err(|e| e.to_string())?,
+        LuaValue::Nil => StatusCode::OK,
+        other => return Err(format!("response.status must be an integer 100..599, got {}", describe(&other))),
+    };
+    let returned = values.into_iter().next().unwrap_or(LuaValue::Nil);
+    let body_value = match returned {
+        LuaValue::Nil => response.raw_get("body").map_err(|e| e.to_string())?,
+        v => v,
+    };
+    let mut json = false;
+    let body: Bytes = match body_value {
+        LuaValue::Nil => Bytes::new(),
+        LuaValue::String(s) => Bytes::from(s.as_bytes().to_vec()),
+        LuaValue::Integer(_) | LuaValue::Number(_) => Bytes::from(body_value.to_string().map_err(|e| e.to_string())?),
+        v @ LuaValue::Table(_) => {
+            json = true;
+            let value = from_lua(&v).map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
+            let text = value.to_json().map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
+            Bytes::from(text.to_string())
+        }
+        other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
+    };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let LuaValue::Table(headers) = response.raw_get("headers").map_err(|e| e.to_string())? {
+        for pair in headers.pairs::<LuaValue, LuaValue>() {
+            let (k, v) = pair.map_err(|e| e.to_string())?;
+            let LuaValue::String(k) = k else { return Err("response.headers keys must be strings".into()) };
+            let name = HeaderName::from_bytes(&k.as_bytes()).map_err(|_| format!("response header name {:?} is not valid", k.to_string_lossy()))?;
+            let mut add = |v: &LuaValue| -> Result<(), String> {
+                let text = match v {
+                    LuaValue::String(s) => s.as_bytes().to_vec(),
+                    LuaValue::Integer(_) | LuaValue::Number(_) => v.to_string().map_err(|e| e.to_string())?.into_bytes(),
+                    other => return Err(format!("response header {name} must be a string, got {}", other.type_name())),
+                };
+                let value = HeaderValue::from_bytes(&text).map_err(|_| format!("response header {name} has a value that is not allowed in HTTP"))?;
+                h.append(name.clone(), value);
+                Ok(())
+            };
+            match &v {
+                LuaValue::Table(list) => {
+                    for item in list.sequence_values::<LuaValue>() {
+                        add(&item.map_err(|e| e.to_string())?)?;
+                    }
+                }
+                single => add(single)?,
+            }
+        }
+    }
+    if json && !h.contains_key(CONTENT_TYPE) {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    if !h.contains_key(CONTENT_TYPE) {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("x-request-id", v);
+    }
+    Ok(r)
+}
+
+fn describe(v: &LuaValue) -> String {
+    match v {
+        LuaValue::String(s) => format!("the string {:?}", s.to_string_lossy()),
+        LuaValue::Number(n) => format!("{n}"),
+        LuaValue::Integer(n) => format!("{n}"),
+        other => other.type_name().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(super::percent_decode("/a%20b/%zz/%4"), b"/a b/%zz/%4");
+        assert_eq!(super::percent_decode("%41"), b"A");
+    }
+}

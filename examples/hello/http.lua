@@ -1,0 +1,20 @@
+-- The handler of the interface named "http".
+local M = {}
+
+function M.handle(request, response)
+  if request.path == "/" then
+    return "Hello, world!"
+  elseif request.path == "/double" then
+    local n = tonumber(request.query.n) or 21
+    return { n = n, doubled = pmnc.util.double(n) }
+  elseif request.path == "/slow" then
+    pmnc.sleep(tonumber(request.query.s) or 1)
+    return { slept = tonumber(request.query.s) or 1, remain = pmnc.request.remain() }
+  elseif request.path == "/spin" then
+    while true do end -- preempted, then stopped at the deadline: 504
+  end
+  response.status = 404
+  return "not found: " .. request.path
+end
+
+return M
