@@ -18,7 +18,7 @@ Examples:
 #[derive(Parser)]
 #[command(name = "pmnc", version, about = "Rustomnic: run cages of hot-reloaded Lua modules behind interfaces.", after_help = EXAMPLES)]
 struct Cli {
-    /// error, warn, info, debug or trace; overrides log_level in cage.toml (RUST_LOG, when set, wins).
+    /// error, warn, info, debug or trace; wins over RUST_LOG and log_level in cage.toml.
     #[arg(long, global = true)]
     log_level: Option<String>,
     #[command(subcommand)]
@@ -63,10 +63,22 @@ fn protocols() -> Protocols {
     p
 }
 
-fn init_logs(level: &str) {
-    let filter = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{level},hyper=warn,notify=warn"));
+/// `level` from --log-level wins, then RUST_LOG, then `fallback` (from the cages' config).
+fn init_logs(flag: Option<&str>, fallback: &str) {
+    let filter = match flag {
+        Some(level) => format!("{level},hyper=warn,notify=warn"),
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn")),
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
 }
 
 /// The log level: the flag, else the most verbose `log_level` of the cages, else info.
@@ -104,7 +116,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { path, workers, no_watch } => {
             match level_for(&cli.log_level, &path) {
-                Ok(l) => init_logs(&l),
+                Ok(l) => init_logs(cli.log_level.as_deref(), &l),
                 Err(e) => {
                     eprintln!("pmnc: {e}");
                     return ExitCode::from(2);
@@ -125,7 +137,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { path } => {
-            init_logs(cli.log_level.as_deref().unwrap_or("warn"));
+            init_logs(cli.log_level.as_deref(), "warn");
             match rustomnic_cage::check(&path, &protocols()) {
                 Ok(s) => {
                     println!("ok: {} cage(s), {} module(s), {} interface(s)", s.cages, s.modules, s.interfaces);
@@ -138,7 +150,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Test { path, filter } => {
-            init_logs(cli.log_level.as_deref().unwrap_or("warn"));
+            init_logs(cli.log_level.as_deref(), "warn");
             let mut out = std::io::stdout();
             match rustomnic_cage::run_tests(&path, &protocols(), filter.as_deref(), &mut out) {
                 Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
