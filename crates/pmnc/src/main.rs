@@ -13,7 +13,8 @@ Examples:
   pmnc run examples/two-cages             run every cage under examples/two-cages/cages
   pmnc run app --workers 4 --log-level debug
   pmnc check examples/two-cages           validate config and compile every module
-  pmnc test examples/two-cages            run the test_* functions of every *_test.lua";
+  pmnc test examples/two-cages            run the test_* functions of every *_test.lua
+  pmnc new myapp                          make an app with one cage to start from";
 
 #[derive(Parser)]
 #[command(name = "pmnc", version, about = "Rustomnic: run cages of hot-reloaded Lua modules behind interfaces.", after_help = EXAMPLES)]
@@ -47,6 +48,11 @@ enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Make a new app folder with one cage (web) to start from.
+    New {
+        /// The folder to create; it must not exist.
+        path: PathBuf,
+    },
     /// Serve hello-world from pure hyper with the same worker layout (for benchmarks).
     #[command(hide = true)]
     RawHttp {
@@ -55,6 +61,30 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+}
+
+/// The files of `pmnc new`: an app with one cage.
+const SCAFFOLD: &[(&str, &str)] = &[
+    ("cages/web/cage.toml", include_str!("scaffold/cage.toml")),
+    ("cages/web/http.lua", include_str!("scaffold/http.lua")),
+    ("cages/web/greeting.lua", include_str!("scaffold/greeting.lua")),
+    ("cages/web/greeting_test.lua", include_str!("scaffold/greeting_test.lua")),
+];
+
+fn scaffold(path: &std::path::Path) -> Result<(), String> {
+    if path.exists() {
+        return Err(format!("{} already exists; give a new folder name", path.display()));
+    }
+    for (rel, text) in SCAFFOLD {
+        let file = path.join(rel);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    let shared = path.join("cages/.shared");
+    std::fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+    Ok(())
 }
 
 fn protocols() -> Protocols {
@@ -158,6 +188,16 @@ fn main() -> ExitCode {
                 Err(e) => report(e),
             }
         }
+        Command::New { path } => match scaffold(&path) {
+            Ok(()) => {
+                println!("created {0}; run it with: pmnc run {0}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pmnc new: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::RawHttp { listen, workers } => match rustomnic_http::raw::serve(listen, workers) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
