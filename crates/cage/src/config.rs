@@ -103,17 +103,21 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 line: s.line_of("handler"),
                 key: s.key_path("handler"),
             });
-            let handler = match handler_text.value.split_once('.') {
-                Some((m, f)) if rustomnic_core::is_identifier(m) && rustomnic_core::is_identifier(f) => Located {
-                    value: (m.to_string(), f.to_string()),
-                    file: handler_text.file.clone(),
-                    line: handler_text.line,
-                    key: handler_text.key.clone(),
-                },
-                _ => {
-                    s.error("handler", format!("{:?} is not \"module.function\"", handler_text.value));
-                    continue;
-                }
+            // A bad handler is recorded but reading goes on, so that the problems of the other
+            // keys of this interface are listed too; the interface itself is then dropped.
+            let handler_ok = match handler_text.value.split_once('.') {
+                Some((m, f)) => rustomnic_core::is_identifier(m) && rustomnic_core::is_identifier(f),
+                None => false,
+            };
+            if !handler_ok {
+                s.error("handler", format!("{:?} is not \"module.function\"", handler_text.value));
+            }
+            let (m, f) = handler_text.value.split_once('.').unwrap_or((handler_text.value.as_str(), ""));
+            let handler = Located {
+                value: (m.to_string(), f.to_string()),
+                file: handler_text.file.clone(),
+                line: handler_text.line,
+                key: handler_text.key.clone(),
             };
             let request_timeout =
                 s.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(request_timeout);
@@ -124,7 +128,7 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 continue;
             };
             let spec = InterfaceSpec { cage: name.clone(), name: iname.clone(), protocol, handler, request_timeout };
-            if let Some(i) = plugin.configure(spec, &s) {
+            if let Some(i) = plugin.configure(spec, &s).filter(|_| handler_ok) {
                 interfaces.push(i);
             }
             s.finish();

@@ -172,10 +172,15 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             let listener = control.block_on(bind(addr.value)).map_err(|e| {
                 Error::Invalid(vec![addr.error(format!("cannot listen on {}: {e}", addr.value)).to_string()])
             })?;
-            let local = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-            tracing::info!(cage = %iface.spec().cage, interface = %iface.spec().name, "listening on {local} ({})", iface.spec().protocol);
             listeners.push((index, listener));
         }
+    }
+    // Logged only once every bind succeeded, so a start refused for a taken port never claims
+    // to have listened.
+    for (index, listener) in &listeners {
+        let spec = interfaces[*index].spec();
+        let local = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+        tracing::info!(cage = %spec.cage, interface = %spec.name, "listening on {local} ({})", spec.protocol);
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -108,7 +108,15 @@ impl CageVm {
         match result {
             Ok(LuaValue::Table(t)) => Ok(t),
             Ok(other) => Err(format!("{}: a module must return a table, this one returned {}", module.display, other.type_name())),
-            Err(e) => Err(error_text(&LuaValue::Error(Box::new(e)))),
+            // mlua appends a traceback to errors of a plain call; at load time the message
+            // already names file and line, and the traceback would read as extra problems.
+            Err(e) => {
+                let text = error_text(&LuaValue::Error(Box::new(e)));
+                Err(match text.rfind("\nstack traceback:\n") {
+                    Some(at) => text[..at].to_string(),
+                    None => text,
+                })
+            }
         }
     }
 

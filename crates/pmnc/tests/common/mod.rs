@@ -312,3 +312,171 @@ pub fn post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> Re
 pub fn http_cage_toml(extra: &str) -> String {
     format!("[interfaces.http]\nlisten = \"127.0.0.1:0\"\n{extra}")
 }
+
+/// Runs `pmnc ARGS` with extra environment variables; the process is killed when it runs longer
+/// than `timeout` (then `code` is None), so a command that wrongly keeps running fails the test
+/// instead of hanging it.
+pub fn pmnc_env_limited(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut child = Command::new(pmnc_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pmnc");
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { code, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// `pmnc ARGS`, killed after `timeout`.
+pub fn pmnc_limited(args: &[&str], timeout: Duration) -> Output {
+    pmnc_env_limited(args, &[], timeout)
+}
+
+/// A loopback TCP port that was free a moment ago (for configs that need a fixed port).
+pub fn spare_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a spare port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// GETs `path` until the body is `want` (bounded by `timeout`); returns the matching response or
+/// panics with the last answer seen.
+pub fn get_until(addr: SocketAddr, path: &str, want: &str, timeout: Duration) -> Response {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = get(addr, path);
+        if r.text() == want {
+            return r;
+        }
+        if Instant::now() > deadline {
+            panic!("GET {path}: still {} {:?} after {timeout:?}, waiting for {want:?}", r.status, r.text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// Helpers of http.rs, deadlines.rs, cages.rs and shutdown.rs.
+
+impl Server {
+    /// Like `start`, with `--workers N` instead of 2.
+    pub fn start_with_workers(path: &Path, workers: usize, extra: &[&str]) -> Server {
+        let mut args = vec!["run".to_string(), path.display().to_string(), "--workers".into(), workers.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(pmnc_bin())
+            .args(&args)
+            .env("RUST_LOG", "")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pmnc");
+        let (tx, rx) = mpsc::channel();
+        for out in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut s = Server { child, lines: rx, log: Vec::new(), addrs: Vec::new() };
+        if s.wait_for("running ", Duration::from_secs(30)).is_none() {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+            s.drain(Duration::from_millis(300));
+            panic!("pmnc did not start:\n{}", s.log.join("\n"));
+        }
+        s
+    }
+
+    /// Sends `signal` (2 = SIGINT, 15 = SIGTERM) without waiting.
+    pub fn signal(&self, signal: i32) {
+        unsafe_kill(self.child.id() as i32, signal);
+    }
+
+    /// Waits (reading the log meanwhile) for the process to exit; `None` while it still runs
+    /// after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.drain(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            self.drain(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a log line containing every one of `patterns`; returns it.
+    pub fn wait_for_all(&mut self, patterns: &[&str], timeout: Duration) -> Option<String> {
+        let hit = |l: &String| patterns.iter().all(|p| l.contains(p));
+        if let Some(l) = self.log.iter().find(|l| hit(l)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.take(line.clone());
+            if hit(&line) {
+                return Some(line);
+            }
+        }
+    }
+}
+
+/// A connection to `addr` with a read timeout, for several requests or hand-made bytes.
+pub fn connect(addr: SocketAddr, read_timeout: Duration) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    s
+}
+
+/// Writes `request` on an open connection and reads one response.
+pub fn exchange(s: &mut TcpStream, request: &[u8]) -> std::io::Result<Response> {
+    s.write_all(request)?;
+    read_response(s)
+}
+
+/// The response's x-request-id (panics when missing: every response must have one).
+pub fn request_id(r: &Response) -> String {
+    r.header("x-request-id").unwrap_or_else(|| panic!("no x-request-id in {r:?}")).to_string()
+}
+
+/// The response body as JSON (panics with the body when it is not).
+pub fn json_body(r: &Response) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", r.status, r.text()))
+}
+
+/// 1-based number of the first line of `text` containing `needle`.
+pub fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in the text")) + 1
+}
