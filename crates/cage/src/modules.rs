@@ -68,18 +68,22 @@ impl Checker {
     }
 
     /// The file's contents as a checked module, unless the file is empty (an editor in the middle
-    /// of saving it) or its contents hash to `current` (nothing changed).
-    pub fn load(&self, file: &ModuleFile, current: Option<u64>) -> Result<Loaded, ModuleError> {
+    /// of saving it) or its contents hash to one of `known` (the version running, or contents
+    /// already reported as broken). `Err` only when the file cannot be read.
+    pub fn load(&self, file: &ModuleFile, known: &[u64]) -> Result<Loaded, ModuleError> {
         let source = read_limited(&file.path)
             .map_err(|e| ModuleError { path: file.path.clone(), message: format!("{}: {e}", file.display) })?;
         if source.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(Loaded::Empty);
         }
         let source_hash = rustomnic_lua::module::source_hash(&source);
-        if current == Some(source_hash) {
-            return Ok(Loaded::Unchanged);
+        if known.contains(&source_hash) {
+            return Ok(Loaded::Unchanged(source_hash));
         }
-        let bytecode = compile(&file.name, &file.path, &file.display, &source)?;
+        let bytecode = match compile(&file.name, &file.path, &file.display, &source) {
+            Ok(b) => b,
+            Err(error) => return Ok(Loaded::Broken { error, source_hash }),
+        };
         let mut module = CompiledModule {
             name: file.name.clone(),
             path: file.path.clone(),
@@ -89,7 +93,10 @@ impl Checker {
             version: VERSION.fetch_add(1, Ordering::Relaxed),
             source_hash,
         };
-        module.functions = self.vm.check_module(&module).map_err(|message| ModuleError { path: file.path.clone(), message })?;
+        match self.vm.check_module(&module) {
+            Ok(functions) => module.functions = functions,
+            Err(message) => return Ok(Loaded::Broken { error: ModuleError { path: file.path.clone(), message }, source_hash }),
+        }
         Ok(Loaded::New(Arc::new(module)))
     }
 }
@@ -97,8 +104,11 @@ impl Checker {
 /// What [`Checker::load`] found.
 pub enum Loaded {
     Empty,
-    Unchanged,
+    /// The contents hash to one of the known hashes (given back).
+    Unchanged(u64),
     New(Module),
+    /// Fails to compile or to load; the hash lets the watcher report these contents once.
+    Broken { error: ModuleError, source_hash: u64 },
 }
 
 fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -119,10 +129,11 @@ pub fn load_all(dir: &CageDir, cage: &str, tests: bool) -> Result<BTreeMap<Strin
             problems.push(format!("{}: {e}", file.display));
             continue;
         }
-        match checker.load(&file, None) {
+        match checker.load(&file, &[]) {
             Ok(Loaded::New(m)) => {
                 modules.insert(name, m);
             }
+            Ok(Loaded::Broken { error, .. }) => problems.push(error.to_string()),
             Ok(_) => tracing::warn!(cage, "{}: empty file, not a module yet", file.display),
             Err(e) => problems.push(e.to_string()),
         }

@@ -1,5 +1,6 @@
 //! `pmnc test`: runs every `test_*` function of every `*_test.lua` module of each cage inside a
-//! running cage (all cages loaded, interfaces not started), each test isolated from the others.
+//! running cage (all cages loaded, interfaces not started). Each test runs in fresh VMs, so
+//! neither its failure nor its module-level state reaches the next test.
 
 use std::io::Write;
 use std::rc::Rc;
@@ -8,7 +9,7 @@ use std::time::Instant;
 use rustomnic_lua::{mlua::MultiValue, worker, CageVm, RequestCtx, RunError};
 
 use crate::interface::Protocols;
-use crate::runtime::prepare;
+use crate::runtime::{prepare, PreparedCage};
 use crate::Error;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,12 +30,6 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
     local.block_on(&rt, async {
         let mut plan = Vec::new();
         for cage in &cages {
-            let vm = CageVm::new(&cage.config.name).map_err(Error::Runtime)?;
-            for m in cage.modules.values() {
-                vm.install(m).map_err(Error::Runtime)?;
-            }
-            let vm = Rc::new(vm);
-            worker::install(vm.clone());
             for (name, m) in &cage.modules {
                 if !name.ends_with("_test") {
                     continue;
@@ -42,13 +37,16 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
                 for f in m.functions.iter().filter(|f| f.starts_with("test_")) {
                     let full = format!("{}.{name}.{f}", cage.config.name);
                     if filter.is_none_or(|flt| full.contains(flt)) {
-                        plan.push((vm.clone(), cage.config.request_timeout, name.clone(), f.clone(), full));
+                        plan.push((cage.config.name.clone(), cage.config.request_timeout, name.clone(), f.clone(), full));
                     }
                 }
             }
         }
         let mut summary = TestSummary::default();
-        for (vm, timeout, module, function, full) in plan {
+        for (cage, timeout, module, function, full) in plan {
+            // Every test gets fresh VMs of every cage: module-level state set by one test
+            // cannot leak into the next.
+            let vm = fresh_vms(&cages, &cage)?;
             let started = Instant::now();
             let ctx = RequestCtx::new(vm.cage(), "test", timeout);
             let result = match vm.start(ctx, &module, &function, |_| Ok(MultiValue::new())) {
@@ -81,4 +79,22 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
         worker::clear();
         Ok(summary)
     })
+}
+
+/// Replaces this thread's VMs with new ones holding every module; returns the VM of `cage`.
+fn fresh_vms(cages: &[PreparedCage], cage: &str) -> Result<Rc<CageVm>, Error> {
+    worker::clear();
+    let mut wanted = None;
+    for c in cages {
+        let vm = CageVm::new(&c.config.name).map_err(Error::Runtime)?;
+        for m in c.modules.values() {
+            vm.install(m).map_err(Error::Runtime)?;
+        }
+        let vm = Rc::new(vm);
+        if c.config.name == cage {
+            wanted = Some(vm.clone());
+        }
+        worker::install(vm);
+    }
+    wanted.ok_or_else(|| Error::Runtime(format!("cage {cage} vanished")))
 }

@@ -33,6 +33,9 @@ struct CageState {
     checker: Option<Checker>,
     /// Source hash of the version every worker has, per module.
     current: BTreeMap<String, u64>,
+    /// Source hash of the last contents reported as broken, per module, so one broken save is
+    /// reported once even when several events arrive for it.
+    broken: BTreeMap<String, u64>,
 }
 
 pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherHandle, String> {
@@ -60,7 +63,7 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherH
         .spawn(move || {
             let mut cages: Vec<CageState> = states
                 .into_iter()
-                .map(|(name, dir, current)| CageState { name, dir, checker: None, current })
+                .map(|(name, dir, current)| CageState { name, dir, checker: None, current, broken: BTreeMap::new() })
                 .collect();
             // Files changed between the first load and the start of watching are caught here.
             for cage in &mut cages {
@@ -153,14 +156,26 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
     }
     let Some(checker) = cage.checker.as_ref() else { return };
     let started = Instant::now();
-    match checker.load(&file, cage.current.get(name).copied()) {
+    let known: Vec<u64> = cage.current.get(name).into_iter().chain(cage.broken.get(name)).copied().collect();
+    match checker.load(&file, &known) {
         Ok(Loaded::New(module)) => {
+            cage.broken.remove(name);
             let version = module.version;
             cage.current.insert(name.to_string(), module.source_hash);
             workers.broadcast_module(&cage.name, name, Some(module));
             tracing::info!(cage = %cage.name, "reloaded {} (version {version}, checked in {:.1} ms)", file.display, started.elapsed().as_secs_f64() * 1e3);
         }
-        Ok(Loaded::Empty) | Ok(Loaded::Unchanged) => {}
+        Ok(Loaded::Broken { error, source_hash }) => {
+            cage.broken.insert(name.to_string(), source_hash);
+            tracing::error!(cage = %cage.name, "{error} (keeping the previous version)");
+        }
+        Ok(Loaded::Unchanged(hash)) => {
+            // Back to the running contents: a later broken save must be reported again.
+            if cage.current.get(name) == Some(&hash) {
+                cage.broken.remove(name);
+            }
+        }
+        Ok(Loaded::Empty) => {}
         Err(e) => tracing::error!(cage = %cage.name, "{e} (keeping the previous version)"),
     }
 }

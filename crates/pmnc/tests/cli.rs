@@ -306,3 +306,18 @@ return M
     assert_eq!(s.terminate(Duration::from_secs(10)), Some(0), "{}", s.log.join("\n"));
     assert!(s.log.iter().any(|l| l.contains("stopped")), "{}", s.log.join("\n"));
 }
+
+#[test]
+fn test_command_gives_every_test_fresh_module_state() {
+    let t = Tree::new();
+    t.write("web/cage.toml", "");
+    t.write("web/counter.lua", "local M = {}\nlocal n = 0\nfunction M.bump() n = n + 1 return n end\nreturn M\n");
+    t.write(
+        "web/counter_test.lua",
+        "local M = {}\nfunction M.test_a() assert(pmnc.counter.bump() == 1, 'state leaked into test_a') end\nfunction M.test_b() assert(pmnc.counter.bump() == 1, 'state leaked into test_b') end\nreturn M\n",
+    );
+    let path = t.path().join("web").display().to_string();
+    let out = pmnc(&["test", &path]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.lines().any(|l| l == "2 passed, 0 failed"), "{}", out.stdout);
+}

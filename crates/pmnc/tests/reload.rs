@@ -78,11 +78,19 @@ fn broken_save_keeps_the_old_version_until_fixed() {
     all_answer(addr, "/", "one");
 
     // A syntax error: logged with file and line, the old version goes on serving.
-    t.write("cages/web/util.lua", "local M = {}\nfunction M.v( return \"broken\" end\nreturn M\n");
-    // (Waits name the message: the watcher may report one broken save more than once.)
+    let broken = "local M = {}\nfunction M.v( return \"broken\" end\nreturn M\n";
+    t.write("cages/web/util.lua", broken);
     let line = s.wait_for_new("web/util.lua:2:", RELOAD).unwrap_or_else(|| panic!("{}", s.log.join("\n")));
     assert!(line.contains("keeping the previous version"), "{line}");
     all_answer(addr, "/", "one");
+
+    // The same broken contents saved again (more events for one save) are reported once;
+    // a marker module proves the watcher has handled the later events.
+    t.write("cages/web/util.lua", broken);
+    t.write("cages/web/marker.lua", "return { m = function() return 1 end }\n");
+    s.wait_for_new("reloaded web/marker.lua", RELOAD).unwrap_or_else(|| panic!("{}", s.log.join("\n")));
+    let reports = s.log.iter().filter(|l| l.contains("web/util.lua:2:")).count();
+    assert_eq!(reports, 1, "{}", s.log.join("\n"));
 
     // An error at load time is refused the same way.
     t.write("cages/web/util.lua", "local M = {}\nfunction M.v() return 'x' end\nerror('not today')\nreturn M\n");
