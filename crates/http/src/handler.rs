@@ -97,9 +97,10 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAd
             tracing::warn!(cage = %spec.cage, interface = %spec.name, request = %id, "deadline exceeded ({:?}) in {module}.{function}", spec.request_timeout);
             plain(StatusCode::GATEWAY_TIMEOUT, &id, "deadline exceeded")
         }
-        Err(RunError::Failed { message, traceback }) => {
-            tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {traceback}");
-            let _ = message;
+        Err(e @ RunError::Failed { .. }) => {
+            // One line per record: the request id is printed at its end, and a traceback split
+            // over lines would leave the error text on lines that do not carry the id.
+            tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {}", e.log_text());
             plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
         }
         Err(e) => {
@@ -144,7 +145,7 @@ fn percent_decode(path: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
             let hex = |b: u8| (b as char).to_digit(16);
             if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 out.push((h * 16 + l) as u8);

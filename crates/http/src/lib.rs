@@ -9,7 +9,7 @@
 //! | `listen` | required | address and port, e.g. "127.0.0.1:8080" (port 0: any free port, logged at start) |
 //! | `max_body_size` | "1MiB" | larger request bodies get 413 |
 //! | `max_header_size` | "16KiB" | larger request heads get 431 (at least 8KiB) |
-//! | `header_read_timeout` | "10s" | a client that has not sent its request head by then is disconnected |
+//! | `header_read_timeout` | "10s" | a client that has not sent its request head by then is disconnected (also one that sends nothing) |
 //! | `max_connections` | 10000 | connections beyond this get 503 and are closed |
 //! | `http2` | true | accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1 |
 
@@ -17,14 +17,18 @@ mod handler;
 pub mod raw;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustomnic_cage::{Interface, InterfaceSpec, Protocol, Shutdown};
 use rustomnic_core::{Located, Section};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The `http` protocol plugin.
@@ -62,6 +66,8 @@ impl Protocol for HttpProtocol {
                     None
                 }
             },
+            // Present but unreadable (wrong type, unset ${ENV}): that problem is already recorded.
+            None if section.has("listen") => None,
             None => {
                 section.table_error("listen is required, e.g. listen = \"127.0.0.1:8080\"");
                 None
@@ -108,7 +114,7 @@ impl Interface for HttpInterface {
         Some(self.settings.listen.clone())
     }
 
-    fn serve(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, mut shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
+    fn serve(self: Arc<Self>, mut stream: TcpStream, remote: SocketAddr, mut shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
             let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
             let _guard = OpenGuard(&self.open);
@@ -117,7 +123,14 @@ impl Interface for HttpInterface {
                 handler::refuse_overloaded(stream).await;
                 return;
             }
-            let io = TokioIo::new(stream);
+            // hyper-util's version sniffing waits for the first bytes without any timeout, so a
+            // client that connects and stays silent (or stalls inside the HTTP/2 preface) would
+            // hold a connection slot forever; header_read_timeout only starts after it.
+            let Some(head) = first_bytes(&mut stream, self.settings.header_read_timeout, &mut shutdown).await else {
+                tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: no request within header_read_timeout ({:?})", self.settings.header_read_timeout);
+                return;
+            };
+            let io = TokioIo::new(Prefixed { head, stream });
             let me = self.clone();
             let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, remote));
             let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
@@ -146,6 +159,74 @@ impl Interface for HttpInterface {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "connection from {remote} ended: {e}");
             }
         })
+    }
+}
+
+/// The HTTP/2 connection preface; HTTP/1 requests differ from it in their first byte.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the first bytes of a connection, as many as it takes to tell HTTP/1 from the HTTP/2
+/// preface, within `timeout`. `None` when the client sends nothing in time, closes, or the
+/// process shuts down meanwhile. For HTTP/1 this returns at the first byte, so hyper's own
+/// header_read_timeout then bounds the rest of the request head.
+async fn first_bytes(stream: &mut TcpStream, timeout: Duration, shutdown: &mut Shutdown) -> Option<Bytes> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut head = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; 24];
+    loop {
+        let want = H2_PREFACE.len() - head.len();
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])) => r,
+            _ = shutdown.changed() => return None,
+        };
+        match read {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+        if head.len() == H2_PREFACE.len() || !H2_PREFACE.starts_with(&head) {
+            return Some(Bytes::from(head));
+        }
+    }
+}
+
+/// A connection whose first bytes [`first_bytes`] already read: they are replayed to hyper
+/// before the rest of the stream.
+struct Prefixed {
+    head: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            let part = self.head.split_to(n);
+            buf.put_slice(&part);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

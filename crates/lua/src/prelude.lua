@@ -122,8 +122,40 @@ local function run(f, ...)
   return xpcall(f, on_error, ...)
 end
 
--- Coroutines created by module code are plain Lua coroutines; pmnc waits (sleep, calls) must be
--- made from the request itself, which the error message of mlua explains if violated.
+-- Coroutines created by module code are time-sliced too: the hook suspends them like the
+-- request's own coroutine and marks them; coroutine.resume then passes that suspension on up to
+-- the worker (when it can yield) and resumes the coroutine where it stopped, so module code never
+-- sees these yields. pmnc waits (sleep, calls) must be made from the request itself.
+local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (weak keys)
+local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
+local co_yield, co_running, isyieldable = coroutine.yield, coroutine.running, coroutine.isyieldable
+local pack, unpack = table.pack, table.unpack
+local function resume_through(co, ...)
+  hook_yields[co] = nil
+  local r = pack(co_resume(co, ...))
+  while r[1] and r.n == 1 and hook_yields[co] do
+    hook_yields[co] = nil
+    if isyieldable() then
+      hook_yields[co_running()] = true
+      co_yield()
+    end
+    r = pack(co_resume(co))
+  end
+  return r
+end
+coroutine.resume = function(co, ...)
+  local r = resume_through(co, ...)
+  return unpack(r, 1, r.n)
+end
+coroutine.wrap = function(f)
+  local co = co_create(f)
+  return function(...)
+    local r = resume_through(co, ...)
+    if r[1] then return unpack(r, 2, r.n) end
+    co_close(co)
+    error(r[2], 0)
+  end
+end
 
 -- Module code may load Lua text, never bytecode: only bytecode we compiled is ever run.
 local load = load

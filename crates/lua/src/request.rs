@@ -5,8 +5,9 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mlua::{MultiValue, Table, Value as LuaValue};
@@ -27,9 +28,6 @@ pub struct RequestCtx {
     pub caller: Option<String>,
     /// Interface-specific parameters (`pmnc.request.parameters`).
     pub parameters: Option<Value>,
-    /// Pointer of the coroutine that runs this request, for the hook's "is this the request
-    /// itself, not a coroutine it created" check.
-    pub(crate) thread: Cell<*const std::ffi::c_void>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -62,7 +60,6 @@ impl RequestCtx {
             deadline_unix: now_unix + remain.as_secs_f64(),
             caller,
             parameters: None,
-            thread: Cell::new(std::ptr::null()),
         }
     }
 
@@ -82,6 +79,9 @@ pub(crate) struct VmShared {
     pub slice_start: Cell<Instant>,
     /// While a module's top-level code runs: when it must have finished.
     pub load_deadline: Cell<Option<Instant>>,
+    /// Hook calls past the deadline during the current poll: the first asks for a yield, a
+    /// second means the yield could not happen (a C-call boundary) and raises an error.
+    pub late_hooks: Cell<u32>,
     /// Requests running in this VM now (coroutines alive).
     pub live: Cell<usize>,
 }
@@ -118,14 +118,39 @@ impl std::fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
+impl RunError {
+    /// The text for a log line: the traceback when there is one, on one line (" | " between its
+    /// lines) so the record that carries the request id carries all of it.
+    pub fn log_text(&self) -> String {
+        match self {
+            RunError::Failed { traceback, .. } if !traceback.is_empty() => one_line(traceback),
+            other => one_line(&other.to_string()),
+        }
+    }
+}
+
+/// `text` with its line breaks (and the tab that indents traceback frames) as " | ".
+pub fn one_line(text: &str) -> String {
+    text.trim_end().replace("\r\n", "\n").replace("\n\t", " | ").replace('\n', " | ")
+}
+
 /// Drives one request coroutine: marks its context current while it runs, and ends it at the
 /// deadline whatever it is doing (a Rust wait or Lua code preempted by the hook).
+///
+/// At the end of a time slice the coroutine yields by waking its own task, which would put it
+/// straight back in the run queue: with a spinning handler the runtime would then poll sockets
+/// only once per 61 task polls (tokio's event interval), about 60 ms of slices that every other
+/// request of the worker waits. A wake during our own poll is therefore held back and replaced
+/// by `tokio::task::yield_now`, which the scheduler wakes only after it has polled its drivers.
 pub struct RequestFuture {
-    pub(crate) inner: mlua::thread::AsyncThread<MultiValue>,
+    /// The coroutine, taken from (and given back to) mlua's pool of recycled threads.
+    pub(crate) inner: mlua::function::AsyncCallFuture<MultiValue>,
     pub(crate) ctx: Rc<RequestCtx>,
     pub(crate) shared: Rc<VmShared>,
     pub(crate) timer: Pin<Box<tokio::time::Sleep>>,
     pub(crate) failure_mt: Table,
+    /// Set while the coroutine waits for its next turn after a time slice.
+    pub(crate) turn: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
 
 impl Drop for RequestFuture {
@@ -142,18 +167,34 @@ impl Future for RequestFuture {
         if now >= self.ctx.deadline {
             return Poll::Ready(Err(RunError::Deadline));
         }
+        if let Some(turn) = self.turn.as_mut() {
+            if turn.as_mut().poll(cx).is_pending() {
+                return self.wait_for_deadline(cx);
+            }
+            self.turn = None;
+        }
         let previous = self.shared.current.replace(Some(self.ctx.clone()));
         let previous_slice = self.shared.slice_start.replace(now);
-        let result = Pin::new(&mut self.inner).poll(cx);
+        let previous_late = self.shared.late_hooks.replace(0);
+        let gate = Arc::new(WakeGate { state: AtomicU8::new(POLLING), waker: cx.waker().clone() });
+        let waker = Waker::from(gate.clone());
+        let result = Pin::new(&mut self.inner).poll(&mut Context::from_waker(&waker));
+        let woken = gate.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
         *self.shared.current.borrow_mut() = previous;
         self.shared.slice_start.set(previous_slice);
+        self.shared.late_hooks.set(previous_late);
         match result {
-            Poll::Pending => {
-                if self.timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(RunError::Deadline));
+            Poll::Pending if woken => {
+                let mut turn: Pin<Box<dyn Future<Output = ()>>> = Box::pin(tokio::task::yield_now());
+                // The first poll hands our waker to the scheduler's deferred list.
+                if turn.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                } else {
+                    self.turn = Some(turn);
                 }
-                Poll::Pending
+                self.wait_for_deadline(cx)
             }
+            Poll::Pending => self.wait_for_deadline(cx),
             Poll::Ready(Err(e)) => {
                 if Instant::now() >= self.ctx.deadline {
                     Poll::Ready(Err(RunError::Deadline))
@@ -166,10 +207,49 @@ impl Future for RequestFuture {
     }
 }
 
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+/// The waker [`RequestFuture`] gives the coroutine: wakes during the poll are only noted, later
+/// ones (timers, sockets, other cages) go straight to the task.
+struct WakeGate {
+    state: AtomicU8,
+    waker: Waker,
+}
+
+impl Wake for WakeGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire).is_err()
+            && self.state.load(Ordering::Acquire) == IDLE
+        {
+            self.waker.wake_by_ref();
+        }
+    }
+}
+
 impl RequestFuture {
+    /// Pending, with the deadline timer registered so the request ends on time whatever it
+    /// waits for.
+    fn wait_for_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(RunError::Deadline));
+        }
+        Poll::Pending
+    }
+
     /// The coroutine body is `xpcall(handler, on_error, ...)`: (true, results...) or
     /// (false, failure table).
     fn unpack(&self, values: MultiValue) -> Result<MultiValue, RunError> {
+        // Module code can catch the error that stops a coroutine it created past the deadline
+        // and return normally; the caller was promised an answer by then, so it is a timeout.
+        if Instant::now() >= self.ctx.deadline {
+            return Err(RunError::Deadline);
+        }
         let mut values = values.into_iter();
         match values.next() {
             Some(LuaValue::Boolean(true)) => Ok(values.collect()),
@@ -213,5 +293,16 @@ fn root_cause(e: &mlua::Error) -> String {
         mlua::Error::SyntaxError { message, .. } => message.clone(),
         mlua::Error::WithContext { context, cause } => format!("{context}: {}", root_cause(cause)),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_tracebacks() {
+        let tb = "c/http.lua:3: boom\nstack traceback:\n\t[C]: in function 'error'\n\tc/http.lua:3: in function <c/http.lua:2>\n";
+        assert_eq!(super::one_line(tb), "c/http.lua:3: boom | stack traceback: | [C]: in function 'error' | c/http.lua:3: in function <c/http.lua:2>");
+        let e = super::RunError::Failed { message: "m".into(), traceback: String::new() };
+        assert_eq!(e.log_text(), "m");
     }
 }

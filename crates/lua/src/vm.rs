@@ -48,6 +48,7 @@ impl CageVm {
             current: Default::default(),
             slice_start: Cell::new(Instant::now()),
             load_deadline: Cell::new(None),
+            late_hooks: Cell::new(0),
             live: Cell::new(0),
         });
         lua.set_app_data(shared.clone());
@@ -169,15 +170,13 @@ impl CageVm {
     ) -> Result<RequestFuture, RunError> {
         let internal = |e: mlua::Error| RunError::Internal(e.to_string());
         let args = build(&self.lua).map_err(internal)?;
-        let thread = self.lua.create_thread(self.run.clone()).map_err(internal)?;
-        ctx.thread.set(thread.to_pointer());
         let mut all = MultiValue::with_capacity(args.len() + 1);
         all.push_back(LuaValue::Function(f));
         all.extend(args);
-        let inner = thread.into_async::<MultiValue>(all).map_err(internal)?;
+        let inner = self.run.call_async::<MultiValue>(all);
         let timer = Box::pin(tokio::time::sleep_until(ctx.deadline.into()));
         self.shared.live.set(self.shared.live.get() + 1);
-        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone() })
+        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone(), turn: None })
     }
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).
@@ -185,8 +184,8 @@ impl CageVm {
         let id = ctx.id.clone();
         let fut = self.start(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect())?;
         let result = fut.await;
-        if let Err(RunError::Failed { message, traceback }) = &result {
-            tracing::warn!(cage = %self.cage(), request = %id, "{module}.{function} failed: {message}\n{traceback}");
+        if let Err(e @ RunError::Failed { .. }) = &result {
+            tracing::warn!(cage = %self.cage(), request = %id, "{module}.{function} failed: {}", e.log_text());
         }
         let values = result?;
         values.iter().map(|v| from_lua(v).map_err(|e| RunError::Failed { message: format!("{module}.{function} returned {e}"), traceback: String::new() })).collect()
@@ -216,15 +215,23 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
         match current {
             Some(ctx) => {
                 let late = now >= ctx.deadline;
-                if late || now.duration_since(shared.slice_start.get()) >= SLICE {
-                    // Yield only the request's own coroutine: a yield inside a coroutine that
-                    // module code created would hand control to that code, not to the worker.
-                    if lua.current_thread().to_pointer() == ctx.thread.get() {
-                        return Ok(VmState::Yield);
-                    }
-                    if late {
+                if late {
+                    // The first late call yields (the request future then ends the request);
+                    // another in the same poll means the yield could not happen (a C-call
+                    // boundary in between), so stop the Lua code with an error instead.
+                    let n = shared.late_hooks.get() + 1;
+                    shared.late_hooks.set(n);
+                    if n > 1 {
                         return Err(mlua::Error::runtime(format!("request {} passed its deadline", ctx.id)));
                     }
+                }
+                if late || now.duration_since(shared.slice_start.get()) >= SLICE {
+                    // In a coroutine that module code created, the yield reaches the prelude's
+                    // coroutine.resume, which sees this mark and passes the yield on upwards.
+                    if let Ok(marks) = lua.named_registry_value::<Table>(HOOK_YIELDS) {
+                        let _ = marks.raw_set(lua.current_thread(), true);
+                    }
+                    return Ok(VmState::Yield);
                 }
                 Ok(VmState::Continue)
             }
@@ -238,6 +245,10 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
         }
     })
 }
+
+/// Registry key of the weak-keyed set of coroutines the hook suspended at the end of a time
+/// slice (see the prelude's `coroutine.resume`).
+const HOOK_YIELDS: &str = "rustomnic.hook_yields";
 
 fn shared_of(lua: &Lua) -> Option<Rc<VmShared>> {
     lua.app_data_ref::<Rc<VmShared>>().map(|s| s.clone())
@@ -264,6 +275,12 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     t.set("cage", cage)?;
     t.set("null", LuaValue::NULL)?;
     t.set("array_mt", array_metatable(lua)?)?;
+    let marks = lua.create_table()?;
+    let weak = lua.create_table()?;
+    weak.raw_set("__mode", "k")?;
+    marks.set_metatable(Some(weak))?;
+    lua.set_named_registry_value(HOOK_YIELDS, &marks)?;
+    t.set("hook_yields", marks)?;
 
     macro_rules! log_fn {
         ($name:literal, $level:expr) => {

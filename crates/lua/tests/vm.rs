@@ -214,3 +214,73 @@ fn module_code_cannot_load_bytecode_or_exit() {
         assert_eq!(r, vec![Value::Bool(true), Value::Bool(true), Value::Bool(true)]);
     });
 }
+
+#[test]
+fn coroutines_of_module_code_are_not_disturbed_by_time_slicing() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        // A generator that computes for several time slices between its yields: if the hook
+        // yielded it, the consumer would receive nothing (nil) instead of the sums.
+        vm.install(&module("g", r#"local M = {}
+            function M.f()
+              local gen = coroutine.wrap(function()
+                for i = 1, 3 do
+                  local s = 0
+                  for j = 1, 3000000 do s = s + j % 7 end
+                  coroutine.yield(s)
+                end
+              end)
+              local co = coroutine.create(function(a) local s = 0 for j = 1, 2000000 do s = s + j % 3 end return a + s end)
+              local ok, v = coroutine.resume(co, 1)
+              return gen(), gen(), gen(), ok, v
+            end
+            return M"#)).unwrap();
+        let r = call(&vm, "g", "f", vec![], Duration::from_secs(30)).await.unwrap();
+        let s: i64 = (1..=3_000_000i64).map(|j| j % 7).sum();
+        let s2: i64 = (1..=2_000_000i64).map(|j| j % 3).sum();
+        assert_eq!(r, vec![Value::Int(s), Value::Int(s), Value::Int(s), Value::Bool(true), Value::Int(1 + s2)]);
+    });
+}
+
+#[test]
+fn a_coroutine_of_module_code_that_spins_is_stopped_at_the_deadline() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module("g", "local M = {} function M.f() local co = coroutine.create(function() while true do end end) while true do coroutine.resume(co) end end return M")).unwrap();
+        let t = Instant::now();
+        assert_eq!(call(&vm, "g", "f", vec![], Duration::from_millis(200)).await, Err(RunError::Deadline));
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    });
+}
+
+#[test]
+fn a_spinning_coroutine_of_module_code_does_not_starve_the_worker() {
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = Rc::new(CageVm::new("web").unwrap());
+        vm.install(&module("m", r#"local M = {}
+            function M.spin() local gen = coroutine.wrap(function() while true do end end) gen() end
+            function M.nested() local co = coroutine.create(function() local inner = coroutine.wrap(function() while true do end end) inner() end) coroutine.resume(co) end
+            function M.fast() return 'ok' end
+            return M"#)).unwrap();
+        for f in ["spin", "nested"] {
+            let spinner = {
+                let vm = vm.clone();
+                tokio::task::spawn_local(async move { call(&vm, "m", f, vec![], Duration::from_millis(600)).await })
+            };
+            tokio::task::yield_now().await;
+            let mut worst = Duration::ZERO;
+            for _ in 0..20 {
+                let t = Instant::now();
+                assert_eq!(call(&vm, "m", "fast", vec![], Duration::from_secs(5)).await.unwrap(), vec![Value::str("ok")]);
+                worst = worst.max(t.elapsed());
+            }
+            assert!(!spinner.is_finished(), "{f}: the spinner should still be running");
+            assert_eq!(spinner.await.unwrap(), Err(RunError::Deadline), "{f}");
+            assert!(worst < Duration::from_millis(200), "{f}: fast requests waited {worst:?}");
+        }
+        assert_eq!(vm.live_requests(), 0);
+    });
+}

@@ -235,6 +235,10 @@ fn missing_environment_variable() {
     let var = "RUSTOMNIC_TEST_CONFIG_SURELY_UNSET";
     let web = web_cage(&t, &format!("[interfaces.http]\nlisten = \"${{{var}}}\"\n"));
     refused_with(&web, &[format!("{}:2: interfaces.http.listen: environment variable {var} is not set", toml_of(&t, "web"))]);
+    // That is the only problem: the key is there, so "listen is required" would be wrong.
+    let out = pmnc(&["check", &web.display().to_string()]);
+    assert!(!out.stderr.contains("listen is required"), "{}", out.stderr);
+    assert!(out.stderr.contains("1 problem found"), "{}", out.stderr);
 
     // With the variable set, the same config is fine.
     let out = pmnc_env_limited(&["check", &web.display().to_string()], &[(var, "127.0.0.1:0")], LIMIT);
