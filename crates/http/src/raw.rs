@@ -19,7 +19,13 @@ pub fn serve(addr: SocketAddr, workers: usize) -> std::io::Result<()> {
         let (tx, rx) = std::sync::mpsc::channel::<std::net::TcpStream>();
         senders.push(tx);
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("raw-http: cannot start a worker runtime: {e}");
+                    return;
+                }
+            };
             let local = tokio::task::LocalSet::new();
             let (atx, mut arx) = tokio::sync::mpsc::unbounded_channel();
             std::thread::spawn(move || {
