@@ -4,11 +4,13 @@
 pub mod convert;
 pub mod module;
 pub mod request;
+pub mod transaction;
 pub mod vm;
 pub mod worker;
 
 pub use module::{compile, CompiledModule, Module, ModuleError};
 pub use request::{new_request_id, RequestCtx, RequestFuture, RunError};
 pub use vm::CageVm;
+pub use transaction::{Participant, ParticipantError, Prepared, Resources};
 pub use worker::{CallError, CallRequest, Transport};
 pub use mlua;

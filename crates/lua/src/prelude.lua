@@ -5,6 +5,8 @@
 
 local rust, modules = ...
 local error, type, select, setmetatable, rawget, tostring = error, type, select, setmetatable, rawget, tostring
+local pairs, ipairs, pcall = pairs, ipairs, pcall
+local pack, unpack = table.pack, table.unpack
 local traceback = debug.traceback
 local cage_name = rust.cage
 local reserved = rust.reserved
@@ -102,6 +104,104 @@ pmnc.request = setmetatable({ remain = rust.remain }, {
 
 pmnc.cage = cage_name
 
+-- Transactions: participant calls are recorded, then xa.execute() runs them all in parallel
+-- through the cage's resources and commits or rolls back all of them.
+local tx_run, tx_finish = rust.tx_run, rust.tx_finish
+local tx_error_mt = {
+  __name = "pmnc.transaction.error",
+  __tostring = function(e)
+    local text = ("resource %s (participant %s): %s"):format(tostring(e.resource), tostring(e.participant), tostring(e.message))
+    if e.code ~= nil then text = text .. " [" .. tostring(e.code) .. "]" end
+    return text
+  end,
+}
+local function tx_error(fields) return setmetatable(fields, tx_error_mt) end
+
+local function run_transaction(list, accept, sync_commit)
+  if #list == 0 then return end
+  local ok, tx, outcomes = tx_run(list)
+  if not ok then error(tx_error(tx), 2) end
+  local commit, failure = true, nil
+  for _, o in ipairs(outcomes) do
+    if not o.ok then
+      o.error = tx_error(o.error)
+      failure = failure or o.error
+    end
+  end
+  if accept ~= nil then
+    local aok, decision = pcall(accept, outcomes)
+    if not aok then
+      tx_finish(tx, false, true)
+      error(decision, 0)
+    end
+    commit = decision and true or false
+  else
+    commit = failure == nil
+  end
+  local fok, ferr = tx_finish(tx, commit, sync_commit)
+  if not fok then error(tx_error(ferr), 2) end
+  if not commit then
+    error(failure or tx_error({ resource = nil, participant = nil, recoverable = true, message = "rejected by accept" }), 2)
+  end
+  local values = {}
+  for i, o in ipairs(outcomes) do values[i] = o.value end
+  return unpack(values, 1, #outcomes)
+end
+
+local function new_transaction(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("pmnc.transaction.create(options): options must be a table, got " .. type(opts), 2)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "accept" and k ~= "sync_commit" then
+      error("pmnc.transaction.create: unknown option " .. tostring(k) .. " (known: accept, sync_commit)", 2)
+    end
+  end
+  local accept = opts.accept
+  if accept ~= nil and type(accept) ~= "function" then
+    error("pmnc.transaction.create: accept must be a function, got " .. type(accept), 2)
+  end
+  local sync_commit = opts.sync_commit ~= false
+  local list, executed = {}, false
+  local xa = {}
+  function xa.execute()
+    if executed then error("this transaction was executed already; create a new one", 2) end
+    executed = true
+    return run_transaction(list, accept, sync_commit)
+  end
+  return setmetatable(xa, {
+    __index = function(_, resource)
+      if type(resource) ~= "string" then error("resource name must be a string", 2) end
+      return setmetatable({}, {
+        __index = function(_, method)
+          if type(method) ~= "string" then error("method name must be a string", 2) end
+          return function(...)
+            if executed then error("this transaction was executed already; create a new one", 2) end
+            list[#list + 1] = { resource = resource, method = method, args = pack(...) }
+          end
+        end,
+      })
+    end,
+    __newindex = function() error("transactions are read-only", 2) end,
+  })
+end
+
+pmnc.transaction = setmetatable({ create = function(opts) return new_transaction(opts) end }, {
+  __index = function(_, resource)
+    if type(resource) ~= "string" then return nil end
+    return setmetatable({}, {
+      __index = function(_, method)
+        return function(...)
+          local xa = new_transaction()
+          xa[resource][method](...)
+          return xa.execute()
+        end
+      end,
+    })
+  end,
+})
+
 setmetatable(pmnc, {
   __index = function(_, name)
     if type(name) ~= "string" then return nil end
@@ -129,7 +229,6 @@ end
 local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (weak keys)
 local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
 local co_yield, co_running, isyieldable = coroutine.yield, coroutine.running, coroutine.isyieldable
-local pack, unpack = table.pack, table.unpack
 local function resume_through(co, ...)
   hook_yields[co] = nil
   local r = pack(co_resume(co, ...))

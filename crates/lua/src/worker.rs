@@ -80,6 +80,7 @@ pub fn cages() -> Vec<Rc<CageVm>> {
 pub fn clear() {
     CAGES.with(|c| c.borrow_mut().clear());
     REMOTE.with(|r| r.borrow_mut().take());
+    crate::transaction::clear();
 }
 
 /// Installs the transport for cages not in this process.
