@@ -10,6 +10,17 @@
 //! handler = "http.handle"          # module.function, default "<interface>.handle"
 //! request_timeout = "5s"           # default: the cage's request_timeout
 //! # ... keys of the protocol, see docs/interfaces/<protocol>.md
+//!
+//! [resources.db]                   # a resource named "db": xa.db.execute(...)
+//! protocol = "postgresql"          # default: the resource name
+//! pool_size = 8                    # connections per process, split over the workers
+//! min_idle = 0                     # standby connections per worker
+//! idle_timeout = "60s"             # idle connections older than this are closed
+//! max_age = "30m"                  # connections older than this are closed when returned
+//! connect_timeout = "5s"
+//! breaker_failures = 5             # failed connects in a row that open the circuit breaker
+//! breaker_cooldown = "5s"          # how long calls then fail at once before a probe
+//! # ... keys of the protocol, see docs/resources/<protocol>.md
 //! ```
 
 use std::sync::Arc;
@@ -43,6 +54,7 @@ pub struct CageConfig {
     pub request_timeout: Duration,
     pub log_level: Option<String>,
     pub interfaces: Vec<Arc<dyn Interface>>,
+    pub resources: Vec<rustomnic_resource::ResourceConfig>,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -134,6 +146,30 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             s.finish();
         }
     }
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces })
+    let mut resources = Vec::new();
+    if let Some(section) = root.table("resources") {
+        for (rname, s) in section.tables() {
+            if !rustomnic_core::is_identifier(&rname) || rname == "execute" {
+                section.error(&rname, "resource names are identifiers (letters, digits and _), and not \"execute\"");
+                continue;
+            }
+            let protocol = s.string("protocol").map(|p| p.value).unwrap_or_else(|| rname.clone());
+            let Some(plugin) = protocols.resource(&protocol) else {
+                let message = format!("unknown resource protocol {protocol:?} (this build knows: {})", protocols.resource_names().join(", "));
+                if s.has("protocol") { s.error("protocol", message) } else { s.table_error(message) }
+                continue;
+            };
+            // Pool keys first, so they are known keys even when the protocol's own keys fail.
+            let mut pool = rustomnic_resource::read_pool_settings(&s, 0);
+            if let Some(resource) = plugin.configure(&rname, &s) {
+                if pool.size == 0 {
+                    pool.size = resource.default_pool_size();
+                }
+                resources.push(rustomnic_resource::ResourceConfig { name: rname.clone(), protocol, pool, resource });
+            }
+            s.finish();
+        }
+    }
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources })
 }

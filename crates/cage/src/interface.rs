@@ -39,10 +39,11 @@ pub trait Interface: Send + Sync {
     fn serve(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, shutdown: Shutdown) -> LocalBoxFuture<'static, ()>;
 }
 
-/// The protocols this build knows, by name.
+/// The protocols this build knows, by name: interfaces (inbound) and resources (outbound).
 #[derive(Clone, Default)]
 pub struct Protocols {
     by_name: BTreeMap<&'static str, Arc<dyn Protocol>>,
+    resources: BTreeMap<&'static str, Arc<dyn rustomnic_resource::Protocol>>,
 }
 
 impl Protocols {
@@ -60,5 +61,17 @@ impl Protocols {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.by_name.keys().copied().collect()
+    }
+
+    pub fn add_resource(&mut self, protocol: Arc<dyn rustomnic_resource::Protocol>) {
+        self.resources.insert(protocol.name(), protocol);
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&Arc<dyn rustomnic_resource::Protocol>> {
+        self.resources.get(name)
+    }
+
+    pub fn resource_names(&self) -> Vec<&'static str> {
+        self.resources.keys().copied().collect()
     }
 }

@@ -186,6 +186,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let init: Arc<Vec<(String, Vec<Module>)>> =
         Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.modules.values().cloned().collect())).collect());
+    let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
     let interfaces = Arc::new(interfaces);
     let mut senders = Vec::new();
     let mut threads = Vec::new();
@@ -194,12 +195,13 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
         let init = init.clone();
+        let resources = resources.clone();
         let interfaces = interfaces.clone();
         let shutdown = shutdown_rx.clone();
         let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("pmnc-worker-{n}"))
-            .spawn(move || worker_main(n, init, interfaces, rx, shutdown, ready, drain_limit))
+            .spawn(move || worker_main(n, init, resources, interfaces, rx, shutdown, ready, drain_limit))
             .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
         threads.push(handle);
     }
@@ -319,6 +321,7 @@ async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: W
 fn worker_main(
     n: usize,
     init: Arc<Vec<(String, Vec<Module>)>>,
+    resources: Arc<ResourceInit>,
     interfaces: Arc<Vec<Arc<dyn Interface>>>,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     mut shutdown: watch::Receiver<bool>,
@@ -350,6 +353,7 @@ fn worker_main(
             }
             worker::install(Rc::new(vm));
         }
+        let _pools = resources.install();
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));
@@ -397,6 +401,30 @@ fn worker_main(
         }
         worker::clear();
     });
+}
+
+/// What every worker needs to build its pools: the resources of each cage, and one set of
+/// counters per resource shared by all workers.
+pub(crate) struct ResourceInit {
+    cages: Vec<(String, Vec<rustomnic_resource::ResourceConfig>)>,
+    workers: usize,
+    stats: BTreeMap<(String, String), Arc<rustomnic_resource::PoolStats>>,
+}
+
+impl ResourceInit {
+    pub(crate) fn new(cages: &[PreparedCage], workers: usize) -> ResourceInit {
+        let cages: Vec<_> = cages.iter().map(|c| (c.config.name.clone(), c.config.resources.clone())).collect();
+        let stats = cages
+            .iter()
+            .flat_map(|(cage, rs)| rs.iter().map(move |r| ((cage.clone(), r.name.clone()), Arc::default())))
+            .collect();
+        ResourceInit { cages, workers, stats }
+    }
+
+    /// Builds this worker thread's pools and makes them the resources of Lua transactions.
+    pub(crate) fn install(&self) -> Rc<rustomnic_resource::CageResources> {
+        rustomnic_resource::install(&self.cages, self.workers, &self.stats)
+    }
 }
 
 fn apply_module(cage: &str, name: &str, module: Option<Module>) {

@@ -84,6 +84,7 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
 /// Replaces this thread's VMs with new ones holding every module; returns the VM of `cage`.
 fn fresh_vms(cages: &[PreparedCage], cage: &str) -> Result<Rc<CageVm>, Error> {
     worker::clear();
+    crate::runtime::ResourceInit::new(cages, 1).install();
     let mut wanted = None;
     for c in cages {
         let vm = CageVm::new(&c.config.name).map_err(Error::Runtime)?;

@@ -1,0 +1,199 @@
+//! Transactions over pooled connections: every participant checks out its own connection,
+//! begins and makes its call, all in parallel under the request's deadline; then every
+//! participant commits, or every one rolls back.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{join_all, LocalBoxFuture};
+use rustomnic_core::Value;
+use rustomnic_lua::{Participant, ParticipantError, Prepared, Resources};
+
+use crate::pool::{Pool, PoolStats, Pooled};
+use crate::{Error, ResourceConfig};
+
+/// How long a commit or rollback may run past the request's deadline: ending a transaction
+/// cleanly matters more than the last few milliseconds.
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+
+/// The pools of every cage on one worker thread.
+pub struct CageResources {
+    pools: BTreeMap<String, BTreeMap<String, Rc<Pool>>>,
+}
+
+/// Builds this worker's pools for `cages` and installs them for Lua transactions. `stats` holds
+/// one shared counter set per (cage, resource), made once for all workers.
+pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &BTreeMap<(String, String), Arc<PoolStats>>) -> Rc<CageResources> {
+    let mut pools = BTreeMap::new();
+    for (cage, resources) in cages {
+        let mut by_name = BTreeMap::new();
+        for r in resources {
+            let s = stats.get(&(cage.clone(), r.name.clone())).cloned().unwrap_or_default();
+            by_name.insert(r.name.clone(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), workers, s));
+        }
+        pools.insert(cage.clone(), by_name);
+    }
+    let resources = Rc::new(CageResources { pools });
+    rustomnic_lua::transaction::set_resources(resources.clone());
+    // Standby connections and idle expiry, once a second.
+    let weak = Rc::downgrade(&resources);
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(r) = weak.upgrade() else { return };
+            for pool in r.pools.values().flat_map(|m| m.values()) {
+                pool.maintain().await;
+            }
+        }
+    });
+    resources
+}
+
+impl CageResources {
+    pub fn pool(&self, cage: &str, resource: &str) -> Option<&Rc<Pool>> {
+        self.pools.get(cage).and_then(|m| m.get(resource))
+    }
+
+    fn missing(&self, cage: &str, resource: &str, participant: usize) -> ParticipantError {
+        let known: Vec<&str> = self.pools.get(cage).map(|m| m.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
+        ParticipantError {
+            resource: resource.to_string(),
+            participant,
+            code: None,
+            message: format!(
+                "cage {cage} has no resource {resource} (resources: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ),
+            recoverable: true,
+        }
+    }
+}
+
+/// One participant after its call: its connection (unless it never got one) and its result.
+struct Slot {
+    resource: String,
+    conn: Option<Pooled>,
+    outcome: Result<Value, ParticipantError>,
+}
+
+struct PreparedTx {
+    slots: Vec<Slot>,
+    outcomes: Vec<Result<Value, ParticipantError>>,
+}
+
+fn participant_error(resource: &str, n: usize, e: Error) -> ParticipantError {
+    ParticipantError { resource: resource.to_string(), participant: n, code: e.code, message: e.message, recoverable: true }
+}
+
+async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) -> Slot {
+    let resource = p.resource.clone();
+    let fail = |e: Error| participant_error(&resource, n, e);
+    let mut conn = match pool.checkout(deadline).await {
+        Ok(c) => c,
+        Err(e) => return Slot { resource: resource.clone(), conn: None, outcome: Err(fail(e)) },
+    };
+    let started = Instant::now();
+    let work = async {
+        conn.conn().begin().await?;
+        conn.conn().call(&p.method, p.args).await
+    };
+    let result = match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(r) => r,
+        // The call was cut mid-flight: the connection's state is unknown, so it is dropped
+        // (the server rolls back what it had begun when the connection closes).
+        Err(_) => Err(Error::broken(format!("resource {resource}: deadline passed during {}", p.method))),
+    };
+    pool.stats.calls.fetch_add(1, Ordering::Relaxed);
+    pool.stats.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if result.is_err() {
+        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Err(e) = &result {
+        if e.broken {
+            conn.mark_broken();
+        }
+    }
+    Slot { resource: resource.clone(), conn: Some(conn), outcome: result.map_err(fail) }
+}
+
+impl Resources for CageResources {
+    fn run(&self, cage: &str, participants: Vec<Participant>, deadline: Instant) -> LocalBoxFuture<'static, Result<Box<dyn Prepared>, ParticipantError>> {
+        let mut work = Vec::with_capacity(participants.len());
+        for (i, p) in participants.into_iter().enumerate() {
+            let Some(pool) = self.pool(cage, &p.resource).cloned() else {
+                let e = self.missing(cage, &p.resource, i + 1);
+                return Box::pin(async move { Err(e) });
+            };
+            work.push(run_one(pool, i + 1, p, deadline));
+        }
+        Box::pin(async move {
+            let slots = join_all(work).await;
+            let outcomes = slots.iter().map(|s| s.outcome.clone()).collect();
+            Ok(Box::new(PreparedTx { slots, outcomes }) as Box<dyn Prepared>)
+        })
+    }
+}
+
+impl Prepared for PreparedTx {
+    fn outcomes(&self) -> &[Result<Value, ParticipantError>] {
+        &self.outcomes
+    }
+
+    fn finish(self: Box<Self>, commit: bool, wait: bool, deadline: Instant) -> LocalBoxFuture<'static, Result<(), ParticipantError>> {
+        let limit = deadline.max(Instant::now()) + FINISH_GRACE;
+        let work = finish_all(self.slots, commit, limit);
+        if wait {
+            Box::pin(work)
+        } else {
+            tokio::task::spawn_local(async move {
+                if let Err(e) = work.await {
+                    tracing::error!("transaction commit not waited for failed: {e}");
+                }
+            });
+            Box::pin(async { Ok(()) })
+        }
+    }
+}
+
+/// Commits the participants that succeeded (when `commit`) and rolls back all others, in
+/// parallel. A failed commit after another participant has committed is not recoverable.
+async fn finish_all(slots: Vec<Slot>, commit: bool, limit: Instant) -> Result<(), ParticipantError> {
+    let ends = slots.into_iter().enumerate().filter_map(|(i, slot)| {
+        let Slot { resource, conn, outcome } = slot;
+        let mut conn = conn?;
+        let do_commit = commit && outcome.is_ok();
+        Some(async move {
+            let r = match tokio::time::timeout_at(limit.into(), async {
+                if do_commit {
+                    conn.conn().commit().await
+                } else {
+                    conn.conn().rollback().await
+                }
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Error::broken(format!("resource {resource}: {} did not finish in time", if do_commit { "commit" } else { "rollback" }))),
+            };
+            if r.is_err() {
+                conn.mark_broken();
+            }
+            (i + 1, resource, do_commit, r)
+        })
+    });
+    let results = join_all(ends).await;
+    let committed = results.iter().filter(|(_, _, c, r)| *c && r.is_ok()).count();
+    for (n, resource, did_commit, r) in results {
+        if let Err(e) = r {
+            let mut pe = participant_error(&resource, n, e);
+            pe.message = format!("{} failed: {}", if did_commit { "commit" } else { "rollback" }, pe.message);
+            // Once any participant has committed, the others cannot be undone.
+            pe.recoverable = committed == 0;
+            return Err(pe);
+        }
+    }
+    Ok(())
+}
