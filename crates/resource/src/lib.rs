@@ -8,6 +8,7 @@
 //! at every checkout of an idle connection → drop (disconnect).
 
 mod pool;
+pub mod testing;
 mod transaction;
 
 use std::fmt;
