@@ -187,20 +187,29 @@ local function new_transaction(opts)
   })
 end
 
+-- pmnc.transaction.RESOURCE.METHOD(...): a transaction of one participant.
+local function shortcut(resource)
+  return setmetatable({}, {
+    __index = function(_, method)
+      if type(method) ~= "string" then return nil end
+      return function(...)
+        local xa = new_transaction()
+        xa[resource][method](...)
+        return xa.execute()
+      end
+    end,
+  })
+end
+
 pmnc.transaction = setmetatable({ create = function(opts) return new_transaction(opts) end }, {
   __index = function(_, resource)
     if type(resource) ~= "string" then return nil end
-    return setmetatable({}, {
-      __index = function(_, method)
-        return function(...)
-          local xa = new_transaction()
-          xa[resource][method](...)
-          return xa.execute()
-        end
-      end,
-    })
+    return shortcut(resource)
   end,
 })
+
+-- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
+pmnc.state = shortcut("state")
 
 setmetatable(pmnc, {
   __index = function(_, name)

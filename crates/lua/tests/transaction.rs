@@ -118,6 +118,7 @@ function M.nowait()
   return xa.execute()
 end
 function M.uncaught() pmnc.transaction.db.fail() end
+function M.state() return pmnc.state.get("k") end
 return M"#;
 
 #[test]
@@ -184,4 +185,11 @@ fn misuse_is_reported_at_the_callers_line() {
 fn sync_commit_false_does_not_wait() {
     let (_, seen) = run(SOURCE, "nowait");
     assert_eq!(seen, ["run db.x", "commit 1 nowait"]);
+}
+
+#[test]
+fn pmnc_state_is_a_shortcut_to_the_state_resource() {
+    let (r, seen) = run(SOURCE, "state");
+    assert_eq!(r.unwrap(), vec![Value::Array(vec![Value::str("k")])]);
+    assert_eq!(seen, ["run state.get", "commit 1"]);
 }
