@@ -170,6 +170,31 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             s.finish();
         }
     }
+    if !resources.iter().any(|r| r.name == "state") {
+        if let Some(state) = implicit_state(dir, protocols, file) {
+            resources.push(state);
+        }
+    }
     root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources"]);
     Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources })
+}
+
+/// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it
+/// keeps its SQLite file at `<cage folder>/.data/state.sqlite`.
+fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Option<rustomnic_resource::ResourceConfig> {
+    let plugin = protocols.resource("state")?;
+    let path = dir.dir.join(".data").join("state.sqlite");
+    let quoted = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let text = format!("[resources.state]\npath = \"{quoted}\"\n");
+    let implicit = SourceFile::parse(file.path(), text).ok()?;
+    let root = implicit.root();
+    let section = root.table("resources")?.table("state")?;
+    let resource = plugin.configure("state", &section);
+    for e in implicit.take_errors() {
+        file.push(ConfigError { message: format!("the implicit state resource: {}", e.message), ..e });
+    }
+    let resource = resource?;
+    let mut pool = rustomnic_resource::PoolSettings::default();
+    pool.size = resource.default_pool_size();
+    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource })
 }
