@@ -91,7 +91,12 @@ impl Server {
 
     /// Like `start`, but returns the log when the process exits before it is running.
     pub fn try_start(path: &Path, extra: &[&str]) -> Result<Server, String> {
-        let mut args = vec!["run".to_string(), path.display().to_string(), "--workers".into(), "2".into()];
+        Self::try_start_with_workers(path, 2, extra)
+    }
+
+    /// Starts `pmnc run PATH --workers N EXTRA...`; the log when it exits before it is running.
+    pub fn try_start_with_workers(path: &Path, workers: usize, extra: &[&str]) -> Result<Server, String> {
+        let mut args = vec!["run".to_string(), path.display().to_string(), "--workers".into(), workers.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(pmnc_bin())
             .args(&args)
@@ -101,23 +106,16 @@ impl Server {
             .spawn()
             .expect("start pmnc");
         let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+        for out in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx2.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            });
+        }
         let mut s = Server { child, lines: rx, log: Vec::new(), addrs: Vec::new() };
         match s.wait_for("running ", Duration::from_secs(30)) {
             Some(_) => Ok(s),
@@ -384,34 +382,7 @@ pub fn get_until(addr: SocketAddr, path: &str, want: &str, timeout: Duration) ->
 impl Server {
     /// Like `start`, with `--workers N` instead of 2.
     pub fn start_with_workers(path: &Path, workers: usize, extra: &[&str]) -> Server {
-        let mut args = vec!["run".to_string(), path.display().to_string(), "--workers".into(), workers.to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(pmnc_bin())
-            .args(&args)
-            .env("RUST_LOG", "")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start pmnc");
-        let (tx, rx) = mpsc::channel();
-        for out in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        let mut s = Server { child, lines: rx, log: Vec::new(), addrs: Vec::new() };
-        if s.wait_for("running ", Duration::from_secs(30)).is_none() {
-            let _ = s.child.kill();
-            let _ = s.child.wait();
-            s.drain(Duration::from_millis(300));
-            panic!("pmnc did not start:\n{}", s.log.join("\n"));
-        }
-        s
+        Self::try_start_with_workers(path, workers, extra).unwrap_or_else(|log| panic!("pmnc did not start:\n{log}"))
     }
 
     /// Sends `signal` (2 = SIGINT, 15 = SIGTERM) without waiting.
