@@ -299,12 +299,12 @@ async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: W
                 let Ok(stream) = stream.into_std() else { continue };
                 let n = workers.senders.len();
                 // Round robin; a worker that has gone away (shutdown) is skipped.
-                let mut pending = Some(WorkerCmd::Accept { interface: index, stream, remote });
+                let mut cmd = WorkerCmd::Accept { interface: index, stream, remote };
                 for _ in 0..n {
                     next = (next + 1) % n;
-                    let Some(cmd) = pending.take() else { break };
-                    if let Err(mpsc::error::SendError(back)) = workers.senders[next].send(cmd) {
-                        pending = Some(back);
+                    match workers.senders[next].send(cmd) {
+                        Ok(()) => break,
+                        Err(mpsc::error::SendError(back)) => cmd = back,
                     }
                 }
             }
