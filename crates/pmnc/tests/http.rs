@@ -472,3 +472,15 @@ fn two_http_interfaces_with_their_own_handlers() {
     assert_eq!(r.status, 202);
     assert_eq!(r.text(), "admin admin /a");
 }
+
+#[test]
+fn connections_are_shared_by_every_worker() {
+    // Module-level variables are per worker VM, so a counter tells the workers apart: with two
+    // workers taking connections in turn, four connections count 1, 1, 2, 2.
+    let t = Tree::new();
+    t.write("web/cage.toml", &http_cage_toml(""));
+    t.write("web/http.lua", "local M = {}\nlocal n = 0\nfunction M.handle() n = n + 1 return tostring(n) end\nreturn M\n");
+    let s = Server::start(&t.path().join("web"), &[]);
+    let counts: Vec<String> = (0..4).map(|_| get(s.addr("http"), "/").text()).collect();
+    assert_eq!(counts, ["1", "1", "2", "2"]);
+}
