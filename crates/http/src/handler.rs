@@ -72,21 +72,29 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAd
         return plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running");
     };
     let (module, function) = &spec.handler.value;
-    let mut response_table: Option<Table> = None;
-    let started = vm.start(ctx, module, function, |lua| {
-        let request = request_table(lua, &parts, &body, remote)?;
-        let response = lua.create_table()?;
-        response.raw_set("status", 200)?;
-        response.raw_set("headers", lua.create_table()?)?;
-        response_table = Some(response.clone());
-        Ok(MultiValue::from_iter([LuaValue::Table(request), LuaValue::Table(response)]))
+    let started = vm.function(module, function).and_then(|handler| {
+        let adapter = vm.helper("http_request", ADAPTER)?;
+        vm.start_function(ctx, adapter, |lua| {
+            let (headers, query) = (header_table(lua, &parts)?, query_table(lua, &parts)?);
+            Ok(MultiValue::from_iter([
+                LuaValue::Function(handler),
+                LuaValue::String(lua.create_string(parts.method.as_str())?),
+                LuaValue::String(lua.create_string(percent_decode(parts.uri.path()))?),
+                LuaValue::String(lua.create_string(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?),
+                query,
+                LuaValue::Table(headers),
+                LuaValue::String(lua.create_string(&body)?),
+                LuaValue::String(lua.create_string(remote.to_string())?),
+                LuaValue::String(lua.create_string(version_name(parts.version))?),
+            ]))
+        })
     });
     let result = match started {
         Ok(fut) => fut.await,
         Err(e) => Err(e),
     };
     match result {
-        Ok(values) => match build_response(vm.lua(), response_table, values, &id) {
+        Ok(values) => match build_response(values, &id) {
             Ok(r) => r,
             Err(message) => {
                 tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
@@ -110,34 +118,60 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAd
     }
 }
 
-fn request_table(lua: &Lua, parts: &hyper::http::request::Parts, body: &Bytes, remote: SocketAddr) -> rustomnic_lua::mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 9)?;
-    t.raw_set("method", parts.method.as_str())?;
-    t.raw_set("path", lua.create_string(percent_decode(parts.uri.path()))?)?;
-    t.raw_set("uri", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?;
-    let query = lua.create_table()?;
-    if let Some(q) = parts.uri.query() {
-        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-            query.raw_set(k.as_ref(), v.as_ref())?;
-        }
+/// Builds the request and response tables and calls the handler; returns the response table
+/// first, then what the handler returned.
+const ADAPTER: &str = r#"
+return function(handler, method, path, uri, query, headers, body, remote_addr, version)
+  local response = { status = 200, headers = {} }
+  local request = {
+    method = method, path = path, uri = uri, query = query or {}, headers = headers,
+    body = body, remote_addr = remote_addr, version = version,
+  }
+  return response, handler(request, response)
+end
+"#;
+
+fn version_name(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_09 => "HTTP/0.9",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_11 => "HTTP/1.1",
+        hyper::Version::HTTP_2 => "HTTP/2.0",
+        hyper::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP",
     }
-    t.raw_set("query", query)?;
+}
+
+/// Lower-case names; repeated headers joined with ", ".
+fn header_table(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua::mlua::Result<Table> {
     let headers = lua.create_table_with_capacity(0, parts.headers.len())?;
     for name in parts.headers.keys() {
-        let mut joined: Vec<u8> = Vec::new();
-        for (i, v) in parts.headers.get_all(name).iter().enumerate() {
-            if i > 0 {
-                joined.extend_from_slice(b", ");
+        let mut values = parts.headers.get_all(name).iter();
+        let first = values.next().map(|v| v.as_bytes()).unwrap_or_default();
+        let value = match values.next() {
+            None => lua.create_string(first)?,
+            Some(second) => {
+                let mut joined = first.to_vec();
+                for v in std::iter::once(second).chain(values) {
+                    joined.extend_from_slice(b", ");
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                lua.create_string(&joined)?
             }
-            joined.extend_from_slice(v.as_bytes());
-        }
-        headers.raw_set(name.as_str(), lua.create_string(&joined)?)?;
+        };
+        headers.raw_set(name.as_str(), value)?;
     }
-    t.raw_set("headers", headers)?;
-    t.raw_set("body", lua.create_string(body)?)?;
-    t.raw_set("remote_addr", remote.to_string())?;
-    t.raw_set("version", format!("{:?}", parts.version))?;
-    Ok(t)
+    Ok(headers)
+}
+
+/// The decoded query parameters, or nil when there are none (the adapter makes an empty table).
+fn query_table(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua::mlua::Result<LuaValue> {
+    let Some(q) = parts.uri.query() else { return Ok(LuaValue::Nil) };
+    let query = lua.create_table()?;
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        query.raw_set(k.as_ref(), v.as_ref())?;
+    }
+    Ok(LuaValue::Table(query))
 }
 
 fn percent_decode(path: &str) -> Vec<u8> {
@@ -160,16 +194,17 @@ fn percent_decode(path: &str) -> Vec<u8> {
 }
 
 /// The handler's first return value wins over `response.body`: a string is the body, a table is
-/// sent as JSON.
-fn build_response(_lua: &Lua, response: Option<Table>, values: MultiValue, id: &str) -> Result<Response<Body>, String> {
-    let response = response.ok_or("no response table")?;
+/// sent as JSON. `values` are what the adapter returned: the response table, then the handler's.
+fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String> {
+    let mut values = values.into_iter();
+    let Some(LuaValue::Table(response)) = values.next() else { return Err("no response table".into()) };
     let status: LuaValue = response.raw_get("status").map_err(|e| e.to_string())?;
     let status = match status {
         LuaValue::Integer(n) if (100..=599).contains(&n) => StatusCode::from_u16(n as u16).map_err(|e| e.to_string())?,
         LuaValue::Nil => StatusCode::OK,
         other => return Err(format!("response.status must be an integer 100..599, got {}", describe(&other))),
     };
-    let returned = values.into_iter().next().unwrap_or(LuaValue::Nil);
+    let returned = values.next().unwrap_or(LuaValue::Nil);
     let body_value = match returned {
         LuaValue::Nil => response.raw_get("body").map_err(|e| e.to_string())?,
         v => v,
