@@ -184,7 +184,8 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
 fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Option<rustomnic_resource::ResourceConfig> {
     let plugin = protocols.resource("state")?;
     let path = dir.dir.join(".data").join("state.sqlite");
-    let quoted = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    // Escaped for a TOML basic string, and "${" kept literal (it would be expanded).
+    let quoted = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace("${", "$${");
     let text = format!("[resources.state]\npath = \"{quoted}\"\n");
     let implicit = SourceFile::parse(file.path(), text).ok()?;
     let root = implicit.root();

@@ -90,6 +90,14 @@ fn scaffold(path: &std::path::Path) -> Result<(), String> {
 fn protocols() -> Protocols {
     let mut p = Protocols::new();
     p.add(Arc::new(rustomnic_http::HttpProtocol));
+    p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
+    p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
+    p.add_resource(Arc::new(rustomnic_resource_redis::Redis));
+    p.add_resource(Arc::new(rustomnic_resource_http::Http));
+    p.add_resource(Arc::new(rustomnic_resource_smtp::Smtp));
+    p.add_resource(Arc::new(rustomnic_resource_cmdexec::CmdexecProtocol));
+    p.add_resource(Arc::new(rustomnic_resource_file::FileProtocol));
+    p.add_resource(Arc::new(rustomnic_resource_state::StateProtocol));
     p
 }
 

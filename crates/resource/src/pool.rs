@@ -94,6 +94,10 @@ impl Pooled {
     pub fn mark_broken(&mut self) {
         self.broken = true;
     }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
 }
 
 impl Drop for Pooled {
@@ -167,8 +171,8 @@ impl Pool {
                         self.probing.set(false);
                         Ok(self.hand_out(conn, Instant::now()))
                     }
-                    Ok(Err(e)) => Err(self.connect_failed(e.message)),
-                    Err(_) => Err(self.connect_failed(format!("no answer within {:?}", limit.saturating_duration_since(started)))),
+                    Ok(Err(e)) => Err(self.connect_failed(e)),
+                    Err(_) => Err(self.connect_failed(Error::new(format!("no answer within {:?}", limit.saturating_duration_since(started))))),
                 };
             }
             self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -176,8 +180,8 @@ impl Pool {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if waited.is_err() {
                 return Err(Error::new(format!(
-                    "resource {}: no connection became free before the deadline (pool of {} per worker, all in use)",
-                    self.name, self.size
+                    "no connection became free before the deadline (pool of {} per worker, all in use)",
+                    self.size
                 )));
             }
         }
@@ -222,8 +226,7 @@ impl Pool {
         if let Some(until) = self.open_until.get() {
             if Instant::now() < until || self.probing.get() {
                 return Err(Error::new(format!(
-                    "resource {}: unavailable after {} failed connects in a row (last: {}); retrying in {:.1}s",
-                    self.name,
+                    "unavailable after {} failed connects in a row (last: {}); retrying in {:.1}s",
                     self.failures.get(),
                     self.last_failure.borrow(),
                     until.saturating_duration_since(Instant::now()).as_secs_f64()
@@ -235,7 +238,8 @@ impl Pool {
         Ok(())
     }
 
-    fn connect_failed(&self, message: String) -> Error {
+    fn connect_failed(&self, error: Error) -> Error {
+        let message = error.message;
         self.open.set(self.open.get().saturating_sub(1));
         self.probing.set(false);
         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +250,7 @@ impl Pool {
             self.open_until.set(Some(Instant::now() + self.settings.breaker_cooldown));
         }
         self.freed.notify_one();
-        Error::new(format!("resource {}: cannot connect: {message}", self.name))
+        Error { message: format!("cannot connect: {message}"), code: error.code, broken: false }
     }
 
     /// Closes idle connections past their time and opens standby ones up to `min_idle`.
@@ -267,6 +271,11 @@ impl Pool {
                 Err(_) => break,
             }
         }
+    }
+
+    /// This worker's share of the pool.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// Connections open on this worker (in use and idle).

@@ -22,11 +22,12 @@ pub fn configure(protocol: &dyn Protocol, name: &str, toml: &str) -> Result<Reso
         let section = resources.table(name)?;
         let _ = section.string("protocol");
         let mut pool = read_pool_settings(&section, 0);
-        let resource = protocol.configure(name, &section)?;
+        let resource = protocol.configure(name, &section);
+        section.finish();
+        let resource = resource?;
         if pool.size == 0 {
             pool.size = resource.default_pool_size();
         }
-        section.finish();
         Some(ResourceConfig { name: name.to_string(), protocol: protocol.name().to_string(), pool, resource })
     })();
     let errors = file.take_errors();

@@ -121,6 +121,30 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
 
 impl Resources for CageResources {
     fn run(&self, cage: &str, participants: Vec<Participant>, deadline: Instant) -> LocalBoxFuture<'static, Result<Box<dyn Prepared>, ParticipantError>> {
+        // Every participant holds its own connection until the end, so more participants on one
+        // resource than this worker's share of its pool could never all run: say so at once
+        // instead of waiting for the deadline.
+        let mut per_resource: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, p) in participants.iter().enumerate() {
+            let n = per_resource.entry(p.resource.as_str()).or_default();
+            *n += 1;
+            if let Some(pool) = self.pool(cage, &p.resource) {
+                if *n > pool.size() {
+                    let e = ParticipantError {
+                        resource: p.resource.clone(),
+                        participant: i + 1,
+                        code: None,
+                        message: format!(
+                            "this transaction has more participants on {} than its pool gives one worker ({}); raise pool_size or split the transaction",
+                            p.resource,
+                            pool.size()
+                        ),
+                        recoverable: true,
+                    };
+                    return Box::pin(async move { Err(e) });
+                }
+            }
+        }
         let mut work = Vec::with_capacity(participants.len());
         for (i, p) in participants.into_iter().enumerate() {
             let Some(pool) = self.pool(cage, &p.resource).cloned() else {
@@ -164,6 +188,11 @@ async fn finish_all(slots: Vec<Slot>, commit: bool, limit: Instant) -> Result<()
     let ends = slots.into_iter().enumerate().filter_map(|(i, slot)| {
         let Slot { resource, conn, outcome } = slot;
         let mut conn = conn?;
+        // A connection whose call broke it (lost, or cut by the deadline) is closed, not rolled
+        // back: the server rolls back on close, and a ROLLBACK would only hide the real error.
+        if conn.is_broken() {
+            return None;
+        }
         let do_commit = commit && outcome.is_ok();
         Some(async move {
             let r = match tokio::time::timeout_at(limit.into(), async {

@@ -1,0 +1,197 @@
+//! The SQLite side of the state resource: opening (WAL, synchronous=FULL, busy timeout), the
+//! versioned schema and its migrations, and the few statements the methods need. Everything here
+//! blocks; the resource runs it on tokio's blocking pool.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use rustomnic_resource::Error;
+
+/// Written to `PRAGMA application_id` ("RmSt") so that a state file can be told apart from any
+/// other SQLite database; `file state.sqlite` shows it too.
+pub const APPLICATION_ID: i32 = 0x526d_5374;
+
+/// The schema, one step per version: `MIGRATIONS[n]` takes a file from version n to n + 1.
+/// Steps are only ever appended; a released step never changes, since files in the field have
+/// already run it. `PRAGMA user_version` holds the version a file is at.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: one row per key; `value` is the codec's encoding (format byte first).
+    "CREATE TABLE state (
+        key TEXT PRIMARY KEY NOT NULL,
+        value BLOB NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );",
+];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// One staged change, applied at commit.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Set(String, Vec<u8>),
+    Delete(String),
+}
+
+/// Explains an SQLite failure on `path`. Lock waits and full disks leave the connection usable;
+/// anything else (I/O errors, damage) drops it, so the next call opens the file afresh.
+pub fn sql_error(path: &Path, action: &str, e: rusqlite::Error) -> Error {
+    let p = path.display();
+    let code = e.sqlite_error_code();
+    match code {
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => Error::new(format!(
+            "{action}: the state file {p} stayed locked by another writer past the busy timeout ({e})"
+        ))
+        .with_code("SQLITE_BUSY"),
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
+            Error::broken(format!("{action}: {p} is damaged or not an SQLite database ({e})")).with_code("SQLITE_CORRUPT")
+        }
+        Some(ErrorCode::ReadOnly) | Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) => {
+            Error::broken(format!("{action}: cannot write the state file {p} ({e})")).with_code("SQLITE_CANTOPEN")
+        }
+        Some(ErrorCode::DiskFull) => Error::new(format!("{action}: the disk holding {p} is full ({e})")).with_code("SQLITE_FULL"),
+        _ => Error::broken(format!("{action}: state file {p}: {e}")),
+    }
+}
+
+/// Opens (creating it and its folders when missing) and migrates the state file at `path`.
+pub fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, Error> {
+    let p = path.display();
+    if let Some(parent) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::new(format!("cannot create the folder {} for the state file: {e}", parent.display())))?;
+    }
+    if path.is_dir() {
+        return Err(Error::new(format!("the state file {p} is a folder")));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(path, "cannot open", e))?;
+    conn.busy_timeout(busy_timeout).map_err(|e| sql_error(path, "cannot open", e))?;
+    let mode = wal_mode(&conn, path, busy_timeout)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!("state file {p}: journal mode is {mode}, not wal (the file system may not support WAL); writers will block readers");
+    }
+    // FULL syncs the WAL at every commit: a committed set survives a power cut, not only a crash.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, "cannot open", e))?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Switches the file to WAL, which lets readers go on while one connection writes (the mode is
+/// stored in the file, so this is a no-op after the first time); returns the mode now in force.
+/// Switching needs the file to itself, and SQLite reports "locked" at once instead of calling
+/// the busy handler when another connection holds it (several connections opening a new file
+/// together do), so here the waiting is done by hand, within the same busy timeout.
+fn wal_mode(conn: &Connection, path: &Path, busy_timeout: Duration) -> Result<String, Error> {
+    let until = Instant::now() + busy_timeout;
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(mode) => return Ok(mode),
+            Err(e) if is_busy(&e) && Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(sql_error(path, "cannot open", e)),
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked))
+}
+
+fn user_version(conn: &Connection, path: &Path) -> Result<usize, Error> {
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| sql_error(path, "cannot read the schema version", e))?;
+    Ok(v.max(0) as usize)
+}
+
+/// Brings the schema of `conn` up to [`SCHEMA_VERSION`]. Several connections may open the file at
+/// once: the version is read again under the write lock, so each step runs exactly once.
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
+    let p = path.display();
+    let newer = |v: usize| Error::broken(format!("the state file {p} has schema version {v}, newer than this build knows ({SCHEMA_VERSION}); it was written by a newer Rustomnic"));
+    let found = user_version(conn, path)?;
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if found > SCHEMA_VERSION {
+        return Err(newer(found));
+    }
+    let fail = |e| sql_error(path, "cannot set up the schema", e);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
+    let found = user_version(&tx, path)?;
+    if found > SCHEMA_VERSION {
+        return Err(newer(found));
+    }
+    if found == 0 {
+        // Version 0 is a new, empty file; an SQLite database that already holds tables of its own
+        // is somebody else's and is left alone.
+        let app: i32 = tx.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(fail)?;
+        let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(fail)?;
+        if app != APPLICATION_ID && tables > 0 {
+            return Err(Error::broken(format!("{p} is an SQLite database with other tables, not a Rustomnic state file")));
+        }
+    }
+    for step in MIGRATIONS.iter().skip(found) {
+        tx.execute_batch(step).map_err(fail)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(fail)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION as i64).map_err(fail)?;
+    tx.commit().map_err(fail)?;
+    if found > 0 {
+        tracing::info!("state file {p}: schema migrated from version {found} to {SCHEMA_VERSION}");
+    }
+    Ok(())
+}
+
+/// The stored encoding of `key`, if set.
+pub fn get(conn: &Connection, path: &Path, key: &str) -> Result<Option<Vec<u8>>, Error> {
+    conn.prepare_cached("SELECT value FROM state WHERE key = ?1")
+        .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+        .map_err(|e| sql_error(path, "get", e))
+}
+
+pub fn exists(conn: &Connection, path: &Path, key: &str) -> Result<bool, Error> {
+    conn.prepare_cached("SELECT 1 FROM state WHERE key = ?1")
+        .and_then(|mut s| s.exists([key]))
+        .map_err(|e| sql_error(path, "delete", e))
+}
+
+/// Keys starting with `prefix`, in byte order; more than `limit` of them is an error.
+pub fn keys(conn: &Connection, path: &Path, prefix: &str, limit: usize) -> Result<Vec<String>, Error> {
+    let fail = |e| sql_error(path, "keys", e);
+    // The primary key index is seeked to the prefix and walked while keys still match, which
+    // needs no LIKE escaping and reads no more rows than it returns (plus one).
+    let mut stmt = conn.prepare_cached("SELECT key FROM state WHERE key >= ?1 ORDER BY key").map_err(fail)?;
+    let mut rows = stmt.query([prefix]).map_err(fail)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(fail)? {
+        let key: String = row.get(0).map_err(fail)?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if out.len() == limit {
+            return Err(Error::new(format!("keys: more than {limit} keys start with {prefix:?}; ask with a longer prefix")));
+        }
+        out.push(key);
+    }
+    Ok(out)
+}
+
+/// Applies `writes` in one transaction that takes the write lock at once (BEGIN IMMEDIATE), so a
+/// busy file is waited for (up to the busy timeout) before anything is changed.
+pub fn apply(conn: &mut Connection, path: &Path, writes: &[Write]) -> Result<(), Error> {
+    let fail = |e| sql_error(path, "commit", e);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
+    for w in writes {
+        match w {
+            Write::Set(key, value) => {
+                tx.prepare_cached("INSERT INTO state (key, value, updated_ms) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms")
+                    .and_then(|mut s| s.execute(params![key, value, now]))
+                    .map_err(fail)?;
+            }
+            Write::Delete(key) => {
+                tx.prepare_cached("DELETE FROM state WHERE key = ?1").and_then(|mut s| s.execute([key])).map_err(fail)?;
+            }
+        }
+    }
+    tx.commit().map_err(fail)
+}
