@@ -79,6 +79,8 @@ pub fn value(ty: &Type, raw: &[u8]) -> Result<Value, Decode> {
         _ => {}
     }
     let v = match *ty {
+        // Functions returning void (pg_sleep, pg_notify): there is no value to give.
+        Type::VOID => Value::Nil,
         Type::BOOL => Value::Bool(fixed::<1>(raw)?[0] != 0),
         Type::INT2 => Value::Int(i16::from_be_bytes(fixed(raw)?).into()),
         Type::INT4 => Value::Int(i32::from_be_bytes(fixed(raw)?).into()),

@@ -161,7 +161,8 @@ fn select_maps_every_type() {
                   '2024-02-29'::date as d, '13:14:15.5'::time as tm, '13:14:15+05:30'::timetz as ttz,
                   '1 year 2 mons 3 days 04:05:06.5'::interval as iv, '{"a":[1,2.5,"x"]}'::json as js,
                   '[1,{"b":true}]'::jsonb as jb, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid as u,
-                  array[1,2,null]::int4[] as arr, array['a','b c']::text[] as tarr, 5::oid as o"#,
+                  array[1,2,null]::int4[] as arr, array['a','b c']::text[] as tarr, 5::oid as o,
+                  pg_sleep(0) as v"#,
         vec![],
     );
     assert_eq!(r.get("affected"), Some(&Value::Int(1)), "{r:?}");
@@ -205,6 +206,7 @@ fn select_maps_every_type() {
     }
     // NULL is left out of the row.
     assert_eq!(row.get("n"), None, "{row:?}");
+    assert_eq!(row.get("v"), None, "a void result has no value: {row:?}");
 }
 
 #[test]
