@@ -165,7 +165,7 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 if pool.size == 0 {
                     pool.size = resource.default_pool_size();
                 }
-                resources.push(rustomnic_resource::ResourceConfig { name: rname.clone(), protocol, pool, resource });
+                resources.push(rustomnic_resource::ResourceConfig { name: rname.clone(), protocol, pool, resource, fingerprint: s.fingerprint() });
             }
             s.finish();
         }
@@ -197,5 +197,5 @@ fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Op
     let resource = resource?;
     let mut pool = rustomnic_resource::PoolSettings::default();
     pool.size = resource.default_pool_size();
-    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource })
+    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
 }

@@ -130,6 +130,8 @@ impl Default for RunOptions {
 pub(crate) enum WorkerCmd {
     Accept { interface: usize, stream: std::net::TcpStream, remote: SocketAddr },
     Module { cage: String, name: String, module: Option<Module> },
+    /// A resource's config changed (or it was added, or removed with `None`).
+    Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
 }
 
 /// Handles to every worker, for the acceptors and the watcher.
@@ -139,6 +141,13 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
+    /// Sends a resource's new config to every worker.
+    pub fn broadcast_resource(&self, cage: &str, name: &str, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats>) {
+        for tx in self.senders.iter() {
+            let _ = tx.send(WorkerCmd::Resource { cage: cage.to_string(), name: name.to_string(), config: config.clone(), stats: stats.clone() });
+        }
+    }
+
     /// Sends a module update to every worker.
     pub fn broadcast_module(&self, cage: &str, name: &str, module: Option<Module>) {
         for tx in self.senders.iter() {
@@ -219,7 +228,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     let workers = Workers { senders: Arc::new(senders) };
 
     let watcher = if options.watch {
-        Some(crate::watcher::start(&cages, workers.clone()).map_err(Error::Runtime)?)
+        Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
     } else {
         None
     };
@@ -353,7 +362,7 @@ fn worker_main(
             }
             worker::install(Rc::new(vm));
         }
-        let _pools = resources.install();
+        let pools = resources.install();
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));
@@ -384,6 +393,7 @@ fn worker_main(
                     });
                 }
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
+                Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
                 None => break,
             }
         }
@@ -424,6 +434,20 @@ impl ResourceInit {
     /// Builds this worker thread's pools and makes them the resources of Lua transactions.
     pub(crate) fn install(&self) -> Rc<rustomnic_resource::CageResources> {
         rustomnic_resource::install(&self.cages, self.workers, &self.stats)
+    }
+
+    /// The counters of a resource: the shared ones when it existed at start, else new ones.
+    pub(crate) fn stats(&self, cage: &str, resource: &str) -> Arc<rustomnic_resource::PoolStats> {
+        self.stats.get(&(cage.to_string(), resource.to_string())).cloned().unwrap_or_default()
+    }
+
+    /// Fingerprints of the resources of `cage` at start.
+    pub(crate) fn fingerprints(&self, cage: &str) -> BTreeMap<String, String> {
+        self.cages
+            .iter()
+            .filter(|(c, _)| c == cage)
+            .flat_map(|(_, rs)| rs.iter().map(|r| (r.name.clone(), r.fingerprint.clone())))
+            .collect()
     }
 }
 

@@ -8,14 +8,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 
 use crate::app::CageDir;
 use crate::modules::{module_name, resolve, Checker, Loaded};
-use crate::runtime::{PreparedCage, Workers};
+use crate::config::load_cage;
+use crate::interface::Protocols;
+use crate::runtime::{PreparedCage, ResourceInit, Workers};
 
 /// How long the folders must be quiet before changed files are read.
 const QUIET: Duration = Duration::from_millis(2);
@@ -30,6 +32,8 @@ pub(crate) struct WatcherHandle {
 struct CageState {
     name: String,
     dir: CageDir,
+    /// Fingerprint of every resource's table, as running.
+    resources: BTreeMap<String, String>,
     checker: Option<Checker>,
     /// Source hash of the version every worker has, per module.
     current: BTreeMap<String, u64>,
@@ -38,7 +42,7 @@ struct CageState {
     broken: BTreeMap<String, u64>,
 }
 
-pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherHandle, String> {
+pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protocols, init: Arc<ResourceInit>) -> Result<WatcherHandle, String> {
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(tx).map_err(|e| format!("cannot watch module files: {e}"))?;
     let mut folders = BTreeSet::new();
@@ -63,7 +67,14 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherH
         .spawn(move || {
             let mut cages: Vec<CageState> = states
                 .into_iter()
-                .map(|(name, dir, current)| CageState { name, dir, checker: None, current, broken: BTreeMap::new() })
+                .map(|(name, dir, current)| CageState {
+                    resources: init.fingerprints(&name),
+                    name,
+                    dir,
+                    checker: None,
+                    current,
+                    broken: BTreeMap::new(),
+                })
                 .collect();
             // Files changed between the first load and the start of watching are caught here.
             for cage in &mut cages {
@@ -75,13 +86,20 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers) -> Result<WatcherH
                     reload(cage, &name, &workers);
                 }
             }
-            watch_loop(rx, &mut cages, &workers);
+            let config = ConfigReload { protocols, init };
+            watch_loop(rx, &mut cages, &workers, &config);
         })
         .map_err(|e| format!("cannot start the watcher thread: {e}"))?;
     Ok(WatcherHandle { _watcher: watcher })
 }
 
-fn watch_loop(rx: mpsc::Receiver<notify::Result<notify::Event>>, cages: &mut [CageState], workers: &Workers) {
+/// What re-reading a changed cage.toml needs.
+struct ConfigReload {
+    protocols: Protocols,
+    init: Arc<ResourceInit>,
+}
+
+fn watch_loop(rx: mpsc::Receiver<notify::Result<notify::Event>>, cages: &mut [CageState], workers: &Workers, config: &ConfigReload) {
     while let Ok(first) = rx.recv() {
         let mut paths = BTreeSet::new();
         collect(first, &mut paths);
@@ -94,7 +112,7 @@ fn watch_loop(rx: mpsc::Receiver<notify::Result<notify::Event>>, cages: &mut [Ca
             }
         }
         for path in paths {
-            changed(&path, cages, workers);
+            changed(&path, cages, workers, config);
         }
     }
 }
@@ -111,11 +129,13 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) 
     }
 }
 
-fn changed(path: &Path, cages: &mut [CageState], workers: &Workers) {
+fn changed(path: &Path, cages: &mut [CageState], workers: &Workers, config: &ConfigReload) {
     let Some(file_name) = path.file_name().map(|n| n.to_string_lossy().to_string()) else { return };
     let Some(folder) = path.parent() else { return };
     if file_name == "cage.toml" {
-        tracing::warn!("{}: changed; restart the process to apply config changes", path.display());
+        if let Some(cage) = cages.iter_mut().find(|c| same_dir(folder, &c.dir.dir)) {
+            reload_config(cage, workers, config);
+        }
         return;
     }
     let Some(name) = module_name(&file_name, false) else { return };
@@ -177,5 +197,45 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
         }
         Ok(Loaded::Empty) => {}
         Err(e) => tracing::error!(cage = %cage.name, "{e} (keeping the previous version)"),
+    }
+}
+
+/// Applies a changed cage.toml: every resource whose table changed gets a new pool (the others
+/// keep theirs); anything else in the file takes effect at the next restart. A file with
+/// problems changes nothing.
+fn reload_config(cage: &mut CageState, workers: &Workers, config: &ConfigReload) {
+    let file = cage.dir.config_file();
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    if text.trim().is_empty() {
+        return;
+    }
+    let new = match load_cage(&cage.dir, &config.protocols) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                tracing::error!(cage = %cage.name, "{e} (keeping the running config)");
+            }
+            return;
+        }
+    };
+    let mut changed = 0;
+    for r in &new.resources {
+        if cage.resources.get(&r.name) != Some(&r.fingerprint) {
+            let stats = config.init.stats(&cage.name, &r.name);
+            workers.broadcast_resource(&cage.name, &r.name, Some(r.clone()), stats);
+            tracing::info!(cage = %cage.name, "resource {}: config changed, its pool is rebuilt", r.name);
+            cage.resources.insert(r.name.clone(), r.fingerprint.clone());
+            changed += 1;
+        }
+    }
+    let gone: Vec<String> = cage.resources.keys().filter(|n| !new.resources.iter().any(|r| &r.name == *n)).cloned().collect();
+    for name in gone {
+        workers.broadcast_resource(&cage.name, &name, None, Arc::default());
+        tracing::info!(cage = %cage.name, "resource {name}: removed from cage.toml");
+        cage.resources.remove(&name);
+        changed += 1;
+    }
+    if changed == 0 {
+        tracing::info!(cage = %cage.name, "{}: changed; resources unchanged; other changes take effect at the next restart", file.display());
     }
 }

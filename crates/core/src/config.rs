@@ -291,6 +291,14 @@ impl<'a> Section<'a> {
         keys.into_iter().filter_map(|k| self.table(&k).map(|s| (k, s))).collect()
     }
 
+    /// The table's keys and values as written (nested tables included), in key order: equal
+    /// fingerprints mean an unchanged table, so a reload can leave it alone.
+    pub fn fingerprint(&self) -> String {
+        let mut entries: Vec<String> = self.table.iter().map(|(k, item)| format!("{k}={}", item.to_string().trim())).collect();
+        entries.sort();
+        entries.join("\n")
+    }
+
     /// Reports every key of this table that no reader asked for.
     pub fn finish(&self) {
         let used = self.used.borrow();
@@ -386,6 +394,16 @@ mod tests {
         assert!(errors[1].message.contains("does not start with a number"), "{}", errors[1]);
         assert_eq!(errors[1].line, 2);
         assert!(errors[3].message.contains("greater than zero"));
+    }
+
+    #[test]
+    fn fingerprints_ignore_order_and_comments_but_not_values() {
+        let a = file("[r]\nurl = \"x\"   # a comment\npool_size = 2\n");
+        let b = file("[r]\npool_size = 2\nurl = \"x\"\n");
+        let c = file("[r]\npool_size = 3\nurl = \"x\"\n");
+        let fp = |f: &SourceFile| f.root().table("r").unwrap().fingerprint();
+        assert_eq!(fp(&a), fp(&b));
+        assert_ne!(fp(&b), fp(&c));
     }
 
     #[test]

@@ -285,3 +285,37 @@ fn module_state_resets_on_reload() {
     // Nobody else calls it: the first answer of the new version is its first call on its worker.
     assert_eq!(first_b, 1, "the new version started with the old state");
 }
+
+#[test]
+fn a_changed_resource_config_rebuilds_only_that_pool() {
+    let t = Tree::new();
+    t.write("a/x.txt", "from A");
+    t.write("b/x.txt", "from B");
+    let toml = |root: &str| {
+        format!(
+            "{}\n[resources.files]\nprotocol = \"file\"\nroot = \"{}\"\n",
+            http_cage_toml(""),
+            t.path().join(root).display()
+        )
+    };
+    t.write("cages/web/cage.toml", &toml("a"));
+    t.write(
+        "cages/web/http.lua",
+        "return { handle = function() pmnc.state.set('n', 1) return pmnc.transaction.files.read('x.txt') end }\n",
+    );
+    let mut s = Server::start(t.path(), &[]);
+    let addr = s.addr("http");
+    assert_eq!(get(addr, "/").text(), "from A");
+
+    t.write("cages/web/cage.toml", &toml("b"));
+    s.wait_for_new("resource files: config changed", RELOAD).unwrap_or_else(|| panic!("{}", s.log.join("\n")));
+    get_until(addr, "/", "from B", RELOAD);
+    all_answer(addr, "/", "from B");
+    assert!(!s.log.iter().any(|l| l.contains("resource state: config changed")), "the state pool must be left alone");
+
+    // A broken cage.toml changes nothing and says why.
+    t.write("cages/web/cage.toml", &format!("{}bogus = 1\n", toml("a")));
+    let line = s.wait_for_new("keeping the running config", RELOAD).unwrap_or_else(|| panic!("{}", s.log.join("\n")));
+    assert!(line.contains("bogus: unknown key"), "{line}");
+    all_answer(addr, "/", "from B");
+}

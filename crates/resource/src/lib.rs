@@ -92,6 +92,9 @@ pub struct ResourceConfig {
     pub protocol: String,
     pub pool: PoolSettings,
     pub resource: Arc<dyn Resource>,
+    /// The table as written (see `Section::fingerprint`): a reload rebuilds the pool only when
+    /// this changes.
+    pub fingerprint: String,
 }
 
 impl fmt::Debug for ResourceConfig {

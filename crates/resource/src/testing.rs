@@ -28,7 +28,7 @@ pub fn configure(protocol: &dyn Protocol, name: &str, toml: &str) -> Result<Reso
         if pool.size == 0 {
             pool.size = resource.default_pool_size();
         }
-        Some(ResourceConfig { name: name.to_string(), protocol: protocol.name().to_string(), pool, resource })
+        Some(ResourceConfig { name: name.to_string(), protocol: protocol.name().to_string(), pool, resource, fingerprint: section.fingerprint() })
     })();
     let errors = file.take_errors();
     match config {

@@ -21,7 +21,8 @@ const FINISH_GRACE: Duration = Duration::from_secs(2);
 
 /// The pools of every cage on one worker thread.
 pub struct CageResources {
-    pools: BTreeMap<String, BTreeMap<String, Rc<Pool>>>,
+    pools: std::cell::RefCell<BTreeMap<String, BTreeMap<String, Rc<Pool>>>>,
+    workers: usize,
 }
 
 /// Builds this worker's pools for `cages` and installs them for Lua transactions. `stats` holds
@@ -36,7 +37,7 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
         }
         pools.insert(cage.clone(), by_name);
     }
-    let resources = Rc::new(CageResources { pools });
+    let resources = Rc::new(CageResources { pools: std::cell::RefCell::new(pools), workers });
     rustomnic_lua::transaction::set_resources(resources.clone());
     // Standby connections and idle expiry, once a second.
     let weak = Rc::downgrade(&resources);
@@ -44,7 +45,8 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(r) = weak.upgrade() else { return };
-            for pool in r.pools.values().flat_map(|m| m.values()) {
+            let pools: Vec<Rc<Pool>> = r.pools.borrow().values().flat_map(|m| m.values().cloned()).collect();
+            for pool in pools {
                 pool.maintain().await;
             }
         }
@@ -53,12 +55,28 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
 }
 
 impl CageResources {
-    pub fn pool(&self, cage: &str, resource: &str) -> Option<&Rc<Pool>> {
-        self.pools.get(cage).and_then(|m| m.get(resource))
+    pub fn pool(&self, cage: &str, resource: &str) -> Option<Rc<Pool>> {
+        self.pools.borrow().get(cage).and_then(|m| m.get(resource)).cloned()
+    }
+
+    /// Replaces (or adds, or with `None` removes) the pool of one resource after its config
+    /// changed. Transactions running on the old pool finish on it; its connections close when
+    /// the last of them is done.
+    pub fn replace(&self, cage: &str, name: &str, config: Option<&ResourceConfig>, stats: Arc<PoolStats>) {
+        let mut pools = self.pools.borrow_mut();
+        let by_name = pools.entry(cage.to_string()).or_default();
+        match config {
+            Some(r) => {
+                by_name.insert(name.to_string(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), self.workers, stats));
+            }
+            None => {
+                by_name.remove(name);
+            }
+        }
     }
 
     fn missing(&self, cage: &str, resource: &str, participant: usize) -> ParticipantError {
-        let known: Vec<&str> = self.pools.get(cage).map(|m| m.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
+        let known: Vec<String> = self.pools.borrow().get(cage).map(|m| m.keys().cloned().collect()).unwrap_or_default();
         ParticipantError {
             resource: resource.to_string(),
             participant,
@@ -147,7 +165,7 @@ impl Resources for CageResources {
         }
         let mut work = Vec::with_capacity(participants.len());
         for (i, p) in participants.into_iter().enumerate() {
-            let Some(pool) = self.pool(cage, &p.resource).cloned() else {
+            let Some(pool) = self.pool(cage, &p.resource) else {
                 let e = self.missing(cage, &p.resource, i + 1);
                 return Box::pin(async move { Err(e) });
             };
