@@ -1,7 +1,7 @@
 //! One HTTP request: limits, the Lua request and response tables, the handler's coroutine, and
 //! turning its result (or failure) into a response.
 
-use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -36,19 +36,20 @@ fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
     r
 }
 
-pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, remote: SocketAddr) -> Result<Response<Body>, std::convert::Infallible> {
+/// `peer` is the client's address, formatted once per connection rather than for every request.
+pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, peer: Rc<str>) -> Result<Response<Body>, std::convert::Infallible> {
     let spec = &iface.spec;
     let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
-    let id = ctx.id.clone();
-    let started = std::time::Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let response = respond(&iface, req, remote, ctx).await;
-    tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    // Only what the debug line needs, and only when it will be written.
+    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (ctx.id.clone(), std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
+    let response = respond(&iface, req, &peer, ctx).await;
+    if let Some((id, started, method, path)) = debug {
+        tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    }
     Ok(response)
 }
 
-async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAddr, ctx: RequestCtx) -> Response<Body> {
+async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx: RequestCtx) -> Response<Body> {
     let spec = &iface.spec;
     let id = ctx.id.clone();
     let limit = iface.settings.max_body_size;
@@ -84,7 +85,7 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, remote: SocketAd
                 query,
                 LuaValue::Table(headers),
                 LuaValue::String(lua.create_string(&body)?),
-                LuaValue::String(lua.create_string(remote.to_string())?),
+                LuaValue::String(lua.create_string(peer)?),
                 LuaValue::String(lua.create_string(version_name(parts.version))?),
             ]))
         })
@@ -142,24 +143,27 @@ fn version_name(v: hyper::Version) -> &'static str {
     }
 }
 
-/// Lower-case names; repeated headers joined with ", ".
+/// Lower-case names; repeated headers joined with ", ". One pass over the headers: the values of
+/// a repeated name come one after another.
 fn header_table(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua::mlua::Result<Table> {
-    let headers = lua.create_table_with_capacity(0, parts.headers.len())?;
-    for name in parts.headers.keys() {
-        let mut values = parts.headers.get_all(name).iter();
-        let first = values.next().map(|v| v.as_bytes()).unwrap_or_default();
-        let value = match values.next() {
-            None => lua.create_string(first)?,
-            Some(second) => {
-                let mut joined = first.to_vec();
-                for v in std::iter::once(second).chain(values) {
-                    joined.extend_from_slice(b", ");
-                    joined.extend_from_slice(v.as_bytes());
-                }
-                lua.create_string(&joined)?
+    let headers = lua.create_table_with_capacity(0, parts.headers.keys_len())?;
+    let mut pending: Option<(&HeaderName, Vec<u8>)> = None;
+    for (name, value) in parts.headers.iter() {
+        match &mut pending {
+            Some((n, joined)) if *n == name => {
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(value.as_bytes());
             }
-        };
-        headers.raw_set(name.as_str(), value)?;
+            _ => {
+                if let Some((n, joined)) = pending.take() {
+                    headers.raw_set(lua.create_string(n.as_str())?, lua.create_string(&joined)?)?;
+                }
+                pending = Some((name, value.as_bytes().to_vec()));
+            }
+        }
+    }
+    if let Some((n, joined)) = pending {
+        headers.raw_set(lua.create_string(n.as_str())?, lua.create_string(&joined)?)?;
     }
     Ok(headers)
 }

@@ -132,7 +132,8 @@ impl Interface for HttpInterface {
             };
             let io = TokioIo::new(Prefixed { head, stream });
             let me = self.clone();
-            let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, remote));
+            let peer: std::rc::Rc<str> = remote.to_string().into();
+            let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone()));
             let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
             builder
                 .http1()

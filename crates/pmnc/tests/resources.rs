@@ -87,7 +87,7 @@ fn an_exhausted_pool_waits_no_longer_than_the_deadline() {
     t.write(
         "web/http.lua",
         r#"return { handle = function(request)
-             if request.path == "/slow" then pmnc.transaction.db.execute("select pg_sleep(0.6)") return "slow done" end
+             if request.path == "/slow" then pmnc.transaction.db.execute("select pg_sleep(0.6) -- " .. request.query.tag) return "slow done" end
              local ok, e = pcall(pmnc.transaction.db.execute, "select 1")
              return ok and "fast done" or tostring(e)
            end }
@@ -95,8 +95,11 @@ fn an_exhausted_pool_waits_no_longer_than_the_deadline() {
     );
     let s = Server::start_with_workers(&t.path().join("web"), 1, &[]);
     let addr = s.addr("http");
-    let slow = std::thread::spawn(move || get(addr, "/slow"));
-    wait_for_slow_query();
+    // The tag finds this test's query among those of other runs on the same server.
+    let tag = format!("pmnc-test-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let path = format!("/slow?tag={tag}");
+    let slow = std::thread::spawn(move || get(addr, &path));
+    wait_for_slow_query(&tag);
     let started = Instant::now();
     let r = get(s.addr("fast"), "/fast");
     let took = started.elapsed();
@@ -106,13 +109,14 @@ fn an_exhausted_pool_waits_no_longer_than_the_deadline() {
     assert!(r.status == 504 || r.text().contains("no connection became free"), "{} {}", r.status, r.text());
 }
 
-/// Waits until the slow request holds the pool's connection (it shows in pg_stat_activity).
-fn wait_for_slow_query() {
+/// Waits until the slow request holds the pool's connection (its query, found by `tag`, shows
+/// in pg_stat_activity).
+fn wait_for_slow_query(tag: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
+    // The pattern anchors the tag at the end of the query, so this query does not match itself.
+    let sql = format!("select count(*) from pg_stat_activity where query like '%{tag}' and state = 'active'");
     while Instant::now() < deadline {
-        let out = std::process::Command::new("psql")
-            .args([&postgres_url(), "-Atc", "select count(*) from pg_stat_activity where query like 'select pg_sleep(0.6)%' and state = 'active'"])
-            .output();
+        let out = std::process::Command::new("psql").args([&postgres_url(), "-Atc", &sql]).output();
         match out {
             Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == "1" => return,
             Ok(_) => std::thread::sleep(Duration::from_millis(20)),
