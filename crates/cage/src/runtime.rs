@@ -426,7 +426,7 @@ impl ResourceInit {
         let cages: Vec<_> = cages.iter().map(|c| (c.config.name.clone(), c.config.resources.clone())).collect();
         let stats = cages
             .iter()
-            .flat_map(|(cage, rs)| rs.iter().map(move |r| ((cage.clone(), r.name.clone()), Arc::default())))
+            .flat_map(|(cage, rs)| rs.iter().map(move |r| ((cage.clone(), r.name.clone()), rustomnic_resource::stats_for(cage, &r.name))))
             .collect();
         ResourceInit { cages, workers, stats }
     }
@@ -438,7 +438,7 @@ impl ResourceInit {
 
     /// The counters of a resource: the shared ones when it existed at start, else new ones.
     pub(crate) fn stats(&self, cage: &str, resource: &str) -> Arc<rustomnic_resource::PoolStats> {
-        self.stats.get(&(cage.to_string(), resource.to_string())).cloned().unwrap_or_default()
+        self.stats.get(&(cage.to_string(), resource.to_string())).cloned().unwrap_or_else(|| rustomnic_resource::stats_for(cage, resource))
     }
 
     /// Fingerprints of the resources of `cage` at start.

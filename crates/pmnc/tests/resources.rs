@@ -145,3 +145,33 @@ fn bad_resource_config_is_refused_with_file_line_and_key() {
         assert!(out.stderr.contains(&want), "missing {want:?} in:\n{}", out.stderr);
     }
 }
+
+#[test]
+fn a_cage_starts_and_serves_while_a_resource_server_is_down() {
+    let t = Tree::new();
+    // Nothing listens on port 1: the database is "down" for the whole test.
+    t.write(
+        "web/cage.toml",
+        &format!("{}\n[resources.db]\nprotocol = \"postgresql\"\nurl = \"postgresql://postgres@127.0.0.1:1/test\"\nmin_idle = 1\n", http_cage_toml("")),
+    );
+    t.write(
+        "web/http.lua",
+        r#"return { handle = function(request)
+             if request.path == "/db" then
+               local ok, e = pcall(pmnc.transaction.db.execute, "select 1")
+               return { ok = ok, error = tostring(e) }
+             end
+             return "still serving"
+           end }
+"#,
+    );
+    let s = Server::start(&t.path().join("web"), &[]);
+    assert_eq!(get(s.addr("http"), "/").text(), "still serving");
+    let started = Instant::now();
+    let r = json_body(&get(s.addr("http"), "/db"));
+    assert_eq!(r["ok"], serde_json::json!(false));
+    let e = r["error"].as_str().unwrap_or_default().to_string();
+    assert!(e.starts_with("resource db (participant 1): cannot connect: ") || e.contains("unavailable after"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(3), "the failure took {:?}", started.elapsed());
+    assert_eq!(get(s.addr("http"), "/").text(), "still serving");
+}

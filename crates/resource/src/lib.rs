@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
 
-pub use pool::{Pool, PoolSettings, PoolStats};
+pub use pool::{all_stats, stats_for, Pool, PoolSettings, PoolStats};
 pub use transaction::{install, CageResources};
 
 /// What went wrong in a resource; `code` is the protocol's own (SQLSTATE, ...).

@@ -54,6 +54,21 @@ pub struct PoolStats {
     pub connect_failures: AtomicU64,
 }
 
+/// Every resource's counters in this process, by (cage, resource), for monitoring.
+static STATS: std::sync::Mutex<std::collections::BTreeMap<(String, String), Arc<PoolStats>>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The counters of a cage's resource, shared by every worker (made on first use).
+pub fn stats_for(cage: &str, resource: &str) -> Arc<PoolStats> {
+    let mut all = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    all.entry((cage.to_string(), resource.to_string())).or_default().clone()
+}
+
+/// A snapshot of every resource's counters: (cage, resource, counters).
+pub fn all_stats() -> Vec<(String, String, Arc<PoolStats>)> {
+    let all = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter().map(|((c, r), s)| (c.clone(), r.clone(), s.clone())).collect()
+}
+
 struct Idle {
     conn: Box<dyn Connection>,
     opened: Instant,

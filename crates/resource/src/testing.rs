@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustomnic_core::{Section, SourceFile, Value};
@@ -43,7 +42,7 @@ pub fn run_lua(resources: Vec<ResourceConfig>, source: &str, function: &str, arg
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| RunError::Internal(e.to_string()))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let stats = resources.iter().map(|r| (("test".to_string(), r.name.clone()), Arc::default())).collect::<BTreeMap<_, _>>();
+        let stats = resources.iter().map(|r| (("test".to_string(), r.name.clone()), crate::stats_for("test", &r.name))).collect::<BTreeMap<_, _>>();
         let _pools = crate::install(&[("test".to_string(), resources)], 1, &stats);
         let vm = CageVm::new("test").map_err(RunError::Internal)?;
         let display = "test/m.lua".to_string();

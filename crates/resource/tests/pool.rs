@@ -232,3 +232,24 @@ fn config_problems_name_the_key() {
     assert!(errors[1].starts_with("cage.toml:3: resources.db.idle_timeout:"), "{errors:?}");
     assert!(errors[2].starts_with("cage.toml:4: resources.db.bogus: unknown key"), "{errors:?}");
 }
+
+#[test]
+fn counters_count_calls_errors_and_connections() {
+    let shared = Arc::new(Shared::default());
+    // A resource name of its own: the counters are per process, by cage and resource.
+    let db = configure(&Memory(shared.clone()), "counted", "").unwrap();
+    run_lua(
+        vec![db],
+        "return { f = function() pmnc.transaction.counted.echo(1) pcall(pmnc.transaction.counted.bogus) local xa = pmnc.transaction.create() xa.counted.echo(2) xa.counted.echo(3) xa.execute() end }",
+        "f",
+        vec![],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let stats = rustomnic_resource::stats_for("test", "counted");
+    assert_eq!(stats.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(stats.errors.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.in_use.load(Ordering::SeqCst), 0, "every connection went back");
+    assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
+    assert!(rustomnic_resource::all_stats().iter().any(|(c, r, _)| c == "test" && r == "counted"));
+}

@@ -331,7 +331,7 @@ fn a_relative_root_is_taken_from_the_folder_of_cage_toml() {
     let resource = rustomnic_resource::Protocol::configure(&FileProtocol, "files", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
-    let config = ResourceConfig { name: "files".into(), protocol: "file".into(), pool: Default::default(), resource };
+    let config = ResourceConfig { name: "files".into(), protocol: "file".into(), pool: Default::default(), resource, fingerprint: String::new() };
     run_with(config, r#"F.write("x.txt", "here")"#).unwrap();
     assert_eq!(std::fs::read_to_string(dir.path().join("files/x.txt")).unwrap(), "here");
 }

@@ -154,6 +154,19 @@ fn thread_cpu_ns() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// Context switches of this thread so far (voluntary + involuntary): a voluntary one is the
+/// runtime parking in epoll with nothing to do, i.e. waiting for the server.
+fn thread_switches() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let mut total = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:").or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:")) {
+            total = Some(total.unwrap_or(0) + v.trim().parse::<u64>().ok()?);
+        }
+    }
+    total
+}
+
 /// Where the server is, without the password.
 fn describe(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
@@ -393,10 +406,21 @@ async fn raw_call(conn: &RawConn, variant: Variant) -> i64 {
     }
 }
 
-/// Calls made, wall time and this thread's CPU time of `concurrency` tasks calling until `length`
-/// has passed (each task finishes the call, or Lua batch, it is in).
-async fn timed_run(variant: Variant, lua: &Rc<LuaSide>, raw: &Rc<Vec<RawConn>>, concurrency: usize, length: Duration) -> (u64, Duration, Option<u64>) {
+/// What one timed run of part 2 measured.
+struct Run {
+    calls: u64,
+    elapsed: Duration,
+    /// This thread's CPU time, ns.
+    cpu: Option<u64>,
+    /// This thread's context switches.
+    switches: Option<u64>,
+}
+
+/// Calls made, wall time, this thread's CPU time and context switches of `concurrency` tasks
+/// calling until `length` has passed (each task finishes the call, or Lua batch, it is in).
+async fn timed_run(variant: Variant, lua: &Rc<LuaSide>, raw: &Rc<Vec<RawConn>>, concurrency: usize, length: Duration) -> Run {
     let calls = Rc::new(Cell::new(0u64));
+    let switches0 = thread_switches();
     let cpu0 = thread_cpu_ns();
     let start = Instant::now();
     let end = start + length;
@@ -426,11 +450,9 @@ async fn timed_run(variant: Variant, lua: &Rc<LuaSide>, raw: &Rc<Vec<RawConn>>, 
         }
     }
     let elapsed = start.elapsed();
-    let cpu = match (cpu0, thread_cpu_ns()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
-    (calls.get(), elapsed, cpu)
+    let cpu = cpu0.zip(thread_cpu_ns()).map(|(a, b)| b.saturating_sub(a));
+    let switches = switches0.zip(thread_switches()).map(|(a, b)| b.saturating_sub(a));
+    Run { calls: calls.get(), elapsed, cpu, switches }
 }
 
 fn throughput(s: &Settings, connections: usize) {
@@ -455,34 +477,37 @@ fn throughput(s: &Settings, connections: usize) {
         for v in VARIANTS {
             timed_run(v, &lua, &raw, concurrency, WARMUP).await;
         }
-        // Per variant: calls, seconds, CPU ns (None when unknown), per-round calls/s.
-        let mut totals: Vec<(u64, f64, Option<u64>, Vec<f64>)> = VARIANTS.iter().map(|_| (0, 0.0, Some(0), Vec::new())).collect();
+        // Per variant: the sum of its rounds, and each round's calls/s.
+        let mut totals: Vec<(Run, Vec<f64>)> =
+            VARIANTS.iter().map(|_| (Run { calls: 0, elapsed: Duration::ZERO, cpu: Some(0), switches: Some(0) }, Vec::new())).collect();
         for _ in 0..s.rounds {
             for (k, v) in VARIANTS.into_iter().enumerate() {
-                let (calls, elapsed, cpu) = timed_run(v, &lua, &raw, concurrency, s.run).await;
-                let t = &mut totals[k];
-                t.0 += calls;
-                t.1 += elapsed.as_secs_f64();
-                t.2 = t.2.zip(cpu).map(|(a, b)| a + b);
-                t.3.push(calls as f64 / elapsed.as_secs_f64());
+                let run = timed_run(v, &lua, &raw, concurrency, s.run).await;
+                let (t, rounds) = &mut totals[k];
+                t.calls += run.calls;
+                t.elapsed += run.elapsed;
+                t.cpu = t.cpu.zip(run.cpu).map(|(a, b)| a + b);
+                t.switches = t.switches.zip(run.switches).map(|(a, b)| a + b);
+                rounds.push(run.calls as f64 / run.elapsed.as_secs_f64());
             }
         }
         totals
     });
     println!();
-    println!("   {:<38} {:>10} {:>22} {:>14} {:>10}", "variant", "calls/s", "rounds (calls/s)", "CPU µs/call", "calls");
+    println!("   {:<38} {:>10} {:>22} {:>12} {:>13} {:>10}", "variant", "calls/s", "rounds (calls/s)", "CPU µs/call", "switches/call", "calls");
     let mut rates = Vec::new();
-    for (v, (calls, secs, cpu, rounds)) in VARIANTS.iter().zip(&totals) {
-        let rate = *calls as f64 / secs;
-        let cpu_text = cpu.map(|ns| format!("{:.1}", ns as f64 / *calls as f64 / 1000.0)).unwrap_or_else(|| "?".to_string());
+    for (v, (t, rounds)) in VARIANTS.iter().zip(&totals) {
+        let rate = t.calls as f64 / t.elapsed.as_secs_f64();
+        let per_call = |x: Option<u64>, scale: f64| x.map(|x| format!("{:.1}", x as f64 / t.calls as f64 / scale)).unwrap_or_else(|| "?".to_string());
         let rounds_text = rounds.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" ");
-        println!("   {:<38} {rate:>10.0} {rounds_text:>22} {cpu_text:>14} {calls:>10}", v.name());
+        println!("   {:<38} {rate:>10.0} {rounds_text:>22} {:>12} {:>13} {:>10}", v.name(), per_call(t.cpu, 1000.0), per_call(t.switches, 1.0), t.calls);
         rates.push(rate);
     }
     println!();
     println!("   Lua / raw (same statements: BEGIN, prepare, execute, COMMIT) = {:.3}", rates[0] / rates[1]);
     println!("   Lua / raw query (prepare, execute; no transaction)           = {:.3}", rates[0] / rates[2]);
     println!("   Lua / raw prepared statement (execute only)                  = {:.3}", rates[0] / rates[3]);
+    println!("   (CPU µs/call and switches/call are of this thread, kernel time included: Lua, the pool, tokio-postgres and the loopback TCP; not the server's)");
 }
 
 fn main() {

@@ -291,7 +291,7 @@ fn a_relative_path_is_taken_from_the_folder_of_cage_toml() {
     let resource = rustomnic_resource::Protocol::configure(&StateProtocol, "state", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
-    let config = ResourceConfig { name: "state".into(), protocol: "state".into(), pool: Default::default(), resource };
+    let config = ResourceConfig { name: "state".into(), protocol: "state".into(), pool: Default::default(), resource, fingerprint: String::new() };
     run_with(config, "pmnc.transaction.state.set('a', 1)").unwrap();
     assert!(dir.path().join("data/s.sqlite").is_file());
 }
