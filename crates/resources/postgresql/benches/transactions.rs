@@ -180,8 +180,7 @@ fn describe(config: &tokio_postgres::Config) -> String {
 }
 
 /// Connects and runs `select 1`; the server's version on success.
-async fn probe(url: &str) -> Result<String, String> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("PMNC_TEST_POSTGRES_URL is not a PostgreSQL URL: {e}"))?;
+async fn probe(config: &tokio_postgres::Config) -> Result<String, String> {
     let connected = tokio::time::timeout(Duration::from_secs(3), config.connect(NoTls)).await;
     let (client, connection) = match connected {
         Ok(Ok(c)) => c,
@@ -513,19 +512,20 @@ fn throughput(s: &Settings, connections: usize) {
 fn main() {
     let s = Settings::from_env();
     let started = Instant::now();
-    let probed = on_worker(|| probe(&s.url));
-    let version = match probed {
+    let config: tokio_postgres::Config =
+        s.url.parse().unwrap_or_else(|e| cannot_measure(format!("PMNC_TEST_POSTGRES_URL (or its default) is not a PostgreSQL URL: {e}")));
+    let version = match on_worker(|| probe(&config)) {
         Ok(v) => v,
         Err(why) => {
-            let message = format!(
-                "\n!!!!!!!!\n!!! PostgreSQL is not reachable at the URL of PMNC_TEST_POSTGRES_URL or its default ({why}).\n!!! The PostgreSQL benchmarks are SKIPPED: nothing was measured. Start the server with:\n!!!   pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n!!!!!!!!\n"
+            // The loud part on stderr (seen even when the figures go to a file), one line on stdout.
+            eprintln!(
+                "\n!!!!!!!!\n!!! PostgreSQL is not reachable at {} (PMNC_TEST_POSTGRES_URL or its default): {why}\n!!! The PostgreSQL benchmarks are SKIPPED: nothing was measured. Start the server with:\n!!!   pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n!!!!!!!!\n",
+                describe(&config)
             );
-            eprintln!("{message}");
-            println!("{message}");
+            println!("SKIPPED: PostgreSQL not reachable ({why}); start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start");
             exit(0);
         }
     };
-    let config: tokio_postgres::Config = s.url.parse().unwrap_or_else(|e| cannot_measure(format!("PMNC_TEST_POSTGRES_URL: {e}")));
     println!("PostgreSQL benchmarks (figures only: nothing here passes or fails on timing)");
     println!("server: {} — {}", describe(&config), version.split(',').next().unwrap_or(&version));
     let cores = std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_else(|_| "?".to_string());
