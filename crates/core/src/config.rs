@@ -100,6 +100,11 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
 }
 
+/// The most elements of a [`Section::strings`] list or entries of a [`Section::string_map`]
+/// table. Such lists are written by hand, so a longer one is a mistake (a generated file, a
+/// runaway include) better refused at `pmnc check` than carried into every request.
+const MAX_ENTRIES: usize = 1000;
+
 /// A table of a config file being read; see the module docs.
 pub struct Section<'a> {
     file: &'a SourceFile,
@@ -267,22 +272,103 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// The TOML type of `key`'s value ("string", "array", "inline table", "table", ...), or None
+    /// when it is absent. It does not count as reading the key: it is for keys that accept more
+    /// than one form, which look first and then read with the getter of that form.
+    pub fn kind_of(&self, key: &str) -> Option<&'static str> {
+        self.table.get(key).map(Self::kind)
+    }
+
+    /// An array of strings, each with `${NAME}` expanded as in [`string`](Self::string).
+    ///
+    /// A bad element is reported as `key[i]` (counted from 0, as in TOML tools) on its own line,
+    /// every one of them, and the whole key then reads as None: a list with a hole in it would
+    /// shift the elements after it.
+    pub fn strings(&self, key: &str) -> Option<Located<Vec<String>>> {
+        let item = self.item(key)?;
+        let Some(array) = item.as_array() else {
+            self.error(key, format!("expected an array of strings, found {}", Self::kind(item)));
+            return None;
+        };
+        if array.len() > MAX_ENTRIES {
+            self.error(key, format!("has {} elements, more than the limit of {MAX_ENTRIES}", array.len()));
+            return None;
+        }
+        let mut out = Vec::with_capacity(array.len());
+        let mut failed = false;
+        for (i, value) in array.iter().enumerate() {
+            let found = match value.as_str() {
+                Some(s) => expand_env(s),
+                None => Err(format!("expected a string, found {}", value.type_name())),
+            };
+            match found {
+                Ok(v) => out.push(v),
+                Err(message) => {
+                    failed = true;
+                    // The element's own line: a long list is often written one element a line.
+                    let line = match value.span() {
+                        Some(span) => self.file.line(Some(span)),
+                        None => self.line_of(key),
+                    };
+                    self.file.push(ConfigError { file: self.file.path.clone(), line, key: format!("{}[{i}]", self.key_path(key)), message });
+                }
+            }
+        }
+        if failed {
+            None
+        } else {
+            Some(self.located(key, out))
+        }
+    }
+
+    /// A table whose keys are names chosen by the user (headers, environment variables) and whose
+    /// values are all strings, `${NAME}` expanded; in file order. Header (`[a.b]`) and inline
+    /// (`{...}`) tables both work.
+    ///
+    /// Every key of the table is taken, so none of them is an "unknown key". A value that is not
+    /// a string is reported under its own key (`headers.X-Trace`), every one of them, and the
+    /// whole key then reads as None.
+    pub fn string_map(&self, key: &str) -> Option<Located<Vec<(String, String)>>> {
+        let item = self.item(key)?;
+        let Some(table) = item.as_table_like() else {
+            self.error(key, format!("expected a table of strings, found {}", Self::kind(item)));
+            return None;
+        };
+        if table.len() > MAX_ENTRIES {
+            self.error(key, format!("has {} entries, more than the limit of {MAX_ENTRIES}", table.len()));
+            return None;
+        }
+        // As a section of its own, each problem gets the sub-key's path and line.
+        let sub = self.child(key, table);
+        let mut out = Vec::with_capacity(table.len());
+        let mut failed = false;
+        for (name, _) in table.iter() {
+            match sub.string(name) {
+                Some(value) => out.push((name.to_string(), value.value)),
+                None => failed = true,
+            }
+        }
+        if failed {
+            None
+        } else {
+            Some(self.located(key, out))
+        }
+    }
+
     /// A sub-table (header `[a.b]` or inline `{...}`).
     pub fn table(&self, key: &str) -> Option<Section<'a>> {
         let item = self.item(key)?;
         match item.as_table_like() {
-            Some(t) => Some(Section {
-                file: self.file,
-                table: t,
-                path: self.key_path(key),
-                used: RefCell::new(BTreeSet::new()),
-                line: self.line_of(key),
-            }),
+            Some(t) => Some(self.child(key, t)),
             None => {
                 self.error(key, format!("expected a table, found {}", Self::kind(item)));
                 None
             }
         }
+    }
+
+    fn child(&self, key: &str, table: &'a dyn TableLike) -> Section<'a> {
+        Section { file: self.file, table, path: self.key_path(key), used: RefCell::new(BTreeSet::new()), line: self.line_of(key) }
     }
 
     /// Every key of this table whose value is a table, in file order, as sections.
@@ -421,6 +507,134 @@ mod tests {
         assert!(expand_env("${RUSTOMNIC_SURELY_UNSET_VAR}").unwrap_err().contains("is not set"));
         assert!(expand_env("${OPEN").unwrap_err().contains("unclosed"));
         assert!(expand_env("${a b}").unwrap_err().contains("bad environment"));
+    }
+
+    /// The recorded problems as `pmnc check` prints them.
+    fn messages(f: &SourceFile) -> Vec<String> {
+        f.take_errors().iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn string_lists_are_read_with_env_expansion() {
+        std::env::set_var("RUSTOMNIC_TEST_LIST_VAR", "hi");
+        let f = file("args = [\"-c\", \"echo ${RUSTOMNIC_TEST_LIST_VAR}\"]\nnone = []\n\n[r]\nlong = [\n  \"a\",\n  \"b\",  # a comment\n]\n");
+        let root = f.root();
+        let args = root.strings("args").unwrap();
+        assert_eq!((args.value, args.line, args.key.as_str()), (vec!["-c".to_string(), "echo hi".to_string()], 1, "args"));
+        assert_eq!(root.strings("none").unwrap().value, Vec::<String>::new());
+        assert!(root.strings("absent").is_none());
+        let r = root.table("r").unwrap();
+        let long = r.strings("long").unwrap();
+        assert_eq!((long.value, long.line, long.key.as_str()), (vec!["a".to_string(), "b".to_string()], 5, "r.long"));
+        r.finish();
+        root.finish();
+        assert_eq!(messages(&f), Vec::<String>::new());
+    }
+
+    #[test]
+    fn bad_string_lists_name_the_element_and_its_line() {
+        let f = file("[r]\nargs = [\n  \"a\",\n  1,\n  \"b\",\n  true,\n]\nword = \"-l\"\ntable = { a = \"x\" }\nenv = [\"${RUSTOMNIC_SURELY_UNSET_VAR}\"]\nnested = [[\"x\"]]\n");
+        let r = f.root().table("r").unwrap();
+        assert!(r.strings("args").is_none(), "one bad element spoils the list");
+        assert!(r.strings("word").is_none());
+        assert!(r.strings("table").is_none());
+        assert!(r.strings("env").is_none());
+        assert!(r.strings("nested").is_none());
+        r.finish();
+        assert_eq!(
+            messages(&f),
+            [
+                "cage.toml:4: r.args[1]: expected a string, found integer",
+                "cage.toml:6: r.args[3]: expected a string, found boolean",
+                "cage.toml:8: r.word: expected an array of strings, found string",
+                "cage.toml:9: r.table: expected an array of strings, found inline table",
+                "cage.toml:10: r.env[0]: environment variable RUSTOMNIC_SURELY_UNSET_VAR is not set",
+                "cage.toml:11: r.nested[0]: expected a string, found array",
+            ]
+        );
+    }
+
+    #[test]
+    fn string_lists_have_a_limit() {
+        let list = |n: usize| format!("[{}]", vec!["\"x\""; n].join(", "));
+        let f = file(&format!("most = {}\ntoo_many = {}\n", list(1000), list(1001)));
+        let root = f.root();
+        assert_eq!(root.strings("most").unwrap().value.len(), 1000);
+        assert!(root.strings("too_many").is_none());
+        assert_eq!(messages(&f), ["cage.toml:2: too_many: has 1001 elements, more than the limit of 1000"]);
+    }
+
+    #[test]
+    fn string_maps_are_read_in_file_order_from_inline_and_header_tables() {
+        std::env::set_var("RUSTOMNIC_TEST_MAP_VAR", "t0k");
+        let f = file(
+            "[r]\nheaders = { Authorization = \"Bearer ${RUSTOMNIC_TEST_MAP_VAR}\", X-Trace = \"1\", \"a b\" = \"\" }\nempty = {}\n\n[r.env]\nZED = \"z\"\nALPHA = \"a\"\n",
+        );
+        let root = f.root();
+        let r = root.table("r").unwrap();
+        let headers = r.string_map("headers").unwrap();
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        assert_eq!(headers.value, pairs(&[("Authorization", "Bearer t0k"), ("X-Trace", "1"), ("a b", "")]));
+        assert_eq!((headers.line, headers.key.as_str()), (2, "r.headers"));
+        assert_eq!(r.string_map("empty").unwrap().value, pairs(&[]));
+        let env = r.string_map("env").unwrap();
+        assert_eq!(env.value, pairs(&[("ZED", "z"), ("ALPHA", "a")]), "file order, not sorted");
+        assert_eq!(env.line, 5);
+        assert!(r.string_map("absent").is_none());
+        // The user's names are not unknown keys of r, nor of anything else.
+        r.finish();
+        root.finish();
+        assert_eq!(messages(&f), Vec::<String>::new());
+    }
+
+    #[test]
+    fn bad_string_maps_name_the_sub_key_and_its_line() {
+        let f = file(
+            "[r]\ninline = { a = 1, b = \"x\", c = [\"y\"], d = { e = \"f\" } }\nword = \"X: 1\"\nlist = [\"a\"]\nenv = { T = \"${RUSTOMNIC_SURELY_UNSET_VAR}\" }\n\n[r.h]\nok = \"fine\"\nnum = 2.5\n\n[r.h.sub]\ny = \"z\"\n",
+        );
+        let r = f.root().table("r").unwrap();
+        assert!(r.string_map("inline").is_none(), "one bad value spoils the table");
+        assert!(r.string_map("word").is_none());
+        assert!(r.string_map("list").is_none());
+        assert!(r.string_map("env").is_none());
+        assert!(r.string_map("h").is_none());
+        r.finish();
+        assert_eq!(
+            messages(&f),
+            [
+                "cage.toml:2: r.inline.a: expected a string, found integer",
+                "cage.toml:2: r.inline.c: expected a string, found array",
+                "cage.toml:2: r.inline.d: expected a string, found inline table",
+                "cage.toml:3: r.word: expected a table of strings, found string",
+                "cage.toml:4: r.list: expected a table of strings, found array",
+                "cage.toml:5: r.env.T: environment variable RUSTOMNIC_SURELY_UNSET_VAR is not set",
+                "cage.toml:9: r.h.num: expected a string, found float",
+                "cage.toml:11: r.h.sub: expected a string, found table",
+            ]
+        );
+    }
+
+    #[test]
+    fn string_maps_have_a_limit() {
+        let table = |n: usize| format!("{{ {} }}", (0..n).map(|i| format!("k{i} = \"v\"")).collect::<Vec<_>>().join(", "));
+        let f = file(&format!("most = {}\ntoo_many = {}\n", table(1000), table(1001)));
+        let root = f.root();
+        assert_eq!(root.string_map("most").unwrap().value.len(), 1000);
+        assert!(root.string_map("too_many").is_none());
+        root.finish();
+        assert_eq!(messages(&f), ["cage.toml:2: too_many: has 1001 entries, more than the limit of 1000"]);
+    }
+
+    #[test]
+    fn kind_of_looks_without_reading() {
+        let f = file("a = \"x\"\nb = [1]\nc = { d = 1 }\n[t]\n");
+        let root = f.root();
+        let kinds: Vec<_> = ["a", "b", "c", "t", "absent"].iter().map(|k| root.kind_of(k)).collect();
+        assert_eq!(kinds, [Some("string"), Some("array"), Some("inline table"), Some("table"), None]);
+        assert!(root.table("t").is_some());
+        root.finish();
+        let errors = messages(&f);
+        assert_eq!(errors, ["cage.toml:1: a: unknown key", "cage.toml:2: b: unknown key", "cage.toml:3: c: unknown key"]);
     }
 
     #[test]

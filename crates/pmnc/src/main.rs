@@ -7,6 +7,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use rustomnic_cage::{Error, Protocols, RunOptions};
 
+/// glibc's malloc fragments under bursts of connections and costs more per call; Lua and hyper
+/// allocate on every request (docs/decisions/010-allocator.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLES: &str = "\
 Examples:
   pmnc run examples/hello                 run one cage (a folder holding cage.toml)

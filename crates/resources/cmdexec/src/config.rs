@@ -1,5 +1,5 @@
-//! Reading `[resources.NAME]` of protocol cmdexec: finding the executable, splitting the fixed
-//! arguments, the `env` table.
+//! Reading `[resources.NAME]` of protocol cmdexec: finding the executable, the fixed arguments
+//! (an array, or one string split into words), the `env` table.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -113,75 +113,64 @@ pub fn split_words(text: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-/// Reads `args`: one string split into words (see [`split_words`]).
-///
-/// `Section` cannot read TOML arrays yet; the type error it records for an array is replaced by
-/// one that says what to write instead. The replacement works on the recorded errors: the ones
-/// recorded before are taken out and put back unchanged.
+/// Reads `args`: an array of strings, each one argument as written (the preferred form), or one
+/// string split into words (see [`split_words`]), the form of older configs.
 pub fn fixed_args(section: &Section) -> Vec<String> {
-    if !section.has("args") {
-        return Vec::new();
-    }
-    let file = section.file();
-    let earlier = file.take_errors();
-    let read = section.string("args");
-    let problems = file.take_errors();
-    for e in earlier {
-        file.push(e);
-    }
-    let Some(text) = read else {
-        for e in problems {
-            if e.message.ends_with("found array") {
-                file.push(ConfigError {
-                    message: "an array cannot be read here yet: write the fixed arguments as one string, split into words like a shell would (no shell runs), such as args = \"-c 'echo hi'\"".into(),
-                    ..e
-                });
+    match section.kind_of("args") {
+        None => Vec::new(),
+        Some("string") => {
+            let Some(text) = section.string("args") else { return Vec::new() };
+            match split_words(&text.value) {
+                Ok(words) => {
+                    if words.iter().any(|w| w.contains('\0')) {
+                        section.error("args", "an argument contains a NUL byte");
+                        return Vec::new();
+                    }
+                    words
+                }
+                Err(e) => {
+                    section.error("args", e);
+                    Vec::new()
+                }
+            }
+        }
+        // Anything else is read as the array; its error names the preferred form.
+        Some(_) => {
+            let Some(list) = section.strings("args") else { return Vec::new() };
+            // A TOML string can hold \u0000, which no argument of exec(2) can.
+            let mut clean = true;
+            for (i, arg) in list.value.iter().enumerate() {
+                if arg.contains('\0') {
+                    section.file().push(ConfigError { key: format!("{}[{i}]", list.key), ..list.error("contains a NUL byte") });
+                    clean = false;
+                }
+            }
+            if clean {
+                list.value
             } else {
-                file.push(e);
+                Vec::new()
             }
-        }
-        return Vec::new();
-    };
-    match split_words(&text.value) {
-        Ok(words) => {
-            if words.iter().any(|w| w.contains('\0')) {
-                section.error("args", "an argument contains a NUL byte");
-            }
-            words
-        }
-        Err(e) => {
-            section.error("args", e);
-            Vec::new()
         }
     }
 }
 
 /// Reads `env`, a table of NAME = "value" strings (`${VAR}` expanded as everywhere).
-///
-/// `Section` has no way to list the keys of a table, but its `finish` reports every key nobody
-/// asked for. So the table is finished first, and those reports are taken back out of the file
-/// as the list of names; problems recorded before are put back unchanged.
 pub fn env_table(section: &Section) -> Vec<(String, String)> {
+    let Some(vars) = section.string_map("env") else {
+        return Vec::new();
+    };
+    // string_map has found a table; as a section it gives each name its own line in the errors.
     let Some(table) = section.table("env") else {
         return Vec::new();
     };
-    let file = section.file();
-    let earlier = file.take_errors();
-    table.finish();
-    let listed = file.take_errors();
-    for e in earlier {
-        file.push(e);
-    }
-    let prefix = format!("{}.", table.path());
-    let mut out = Vec::new();
-    for name in listed.iter().filter_map(|e| e.key.strip_prefix(&prefix)) {
-        let Some(value) = table.string(name) else { continue };
+    let mut out = Vec::with_capacity(vars.value.len());
+    for (name, value) in vars.value {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
-            table.error(name, "is not a valid environment variable name");
-        } else if value.value.contains('\0') {
-            table.error(name, "the value contains a NUL byte");
+            table.error(&name, "is not a valid environment variable name");
+        } else if value.contains('\0') {
+            table.error(&name, "the value contains a NUL byte");
         } else {
-            out.push((name.to_string(), value.value));
+            out.push((name, value));
         }
     }
     out

@@ -33,11 +33,14 @@ fn text(v: &Value, key: &str) -> String {
 
 #[test]
 fn echo_with_fixed_and_given_arguments() {
-    let r = result(cmd("executable = \"/bin/echo\"\nargs = \"-n 'fixed one'\"\n"), r#"return C.run({ "a b", 42 })"#);
+    let r = result(cmd("executable = \"/bin/echo\"\nargs = [\"-n\", \"fixed one\"]\n"), r#"return C.run({ "a b", 42 })"#);
     assert_eq!(r.get("exit"), Some(&Value::Int(0)));
     assert_eq!(text(&r, "stdout"), "fixed one a b 42");
     assert_eq!(text(&r, "stderr"), "");
     assert_eq!(r.get("signal"), None);
+    // The older form, one string split into words, gives the same arguments.
+    let r = result(cmd("executable = \"/bin/echo\"\nargs = \"-n 'fixed one'\"\n"), r#"return C.run({ "a b", 42 })"#);
+    assert_eq!(text(&r, "stdout"), "fixed one a b 42");
     // No shell: metacharacters are plain text.
     let r = result(cmd("executable = \"echo\"\n"), r#"return C.run({ "$HOME", "*", "; rm -rf /", "`id`" })"#);
     assert_eq!(text(&r, "stdout"), "$HOME * ; rm -rf / `id`\n");
@@ -59,7 +62,7 @@ fn stdin_goes_in_and_comes_back_through_cat() {
 
 #[test]
 fn exit_codes_stderr_and_signals() {
-    let sh = || cmd("executable = \"/bin/sh\"\nargs = \"-c\"\n");
+    let sh = || cmd("executable = \"/bin/sh\"\nargs = [\"-c\"]\n");
     let r = result(sh(), r#"return C.run{ args = { "echo out; echo oops >&2; exit 3" } }"#);
     assert_eq!((r.get("exit"), text(&r, "stdout"), text(&r, "stderr")), (Some(&Value::Int(3)), "out\n".into(), "oops\n".into()));
     let r = result(sh(), r#"return C.run({ "kill -TERM $$" })"#);
@@ -74,12 +77,17 @@ fn exit_codes_stderr_and_signals() {
 fn env_and_cwd_are_applied() {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "executable = \"/bin/sh\"\nargs = \"-c 'echo \\\"$GREETING|$OTHER\\\"; pwd'\"\ncwd = {:?}\nenv = {{ GREETING = \"hi there\", OTHER = \"2\" }}\n",
+        "executable = \"/bin/sh\"\nargs = [\"-c\", 'echo \"$GREETING|$OTHER\"; pwd']\ncwd = {:?}\nenv = {{ GREETING = \"hi there\", OTHER = \"2\" }}\n",
         dir.path().display().to_string()
     );
     let r = result(cmd(&toml), "return C.run()");
     let canonical = dir.path().canonicalize().unwrap();
     assert_eq!(text(&r, "stdout"), format!("hi there|2\n{}\n", canonical.display()));
+    // env as a table of its own, its values expanded like every config string.
+    std::env::set_var("RUSTOMNIC_CMDEXEC_TEST_VAR", "from the runtime");
+    let toml = "executable = \"/bin/sh\"\nargs = [\n  \"-c\",\n  \"echo \\\"$B|$A\\\"\",\n]\n\n[resources.cmd.env]\nB = \"${RUSTOMNIC_CMDEXEC_TEST_VAR}\"\nA = \"$${NOT_EXPANDED}\"\n";
+    let r = result(cmd(toml), "return C.run()");
+    assert_eq!(text(&r, "stdout"), "from the runtime|${NOT_EXPANDED}\n");
 }
 
 /// Whether process `pid` still runs (a zombie has ended, it only waits to be reaped).
@@ -126,7 +134,7 @@ fn the_deadline_kills_the_command_and_what_it_started() {
 fn sleep_as_the_executable_is_cut_quickly() {
     let started = Instant::now();
     let r = run_lua(
-        vec![cmd("executable = \"sleep\"\nargs = \"10\"\n")],
+        vec![cmd("executable = \"sleep\"\nargs = [\"10\"]\n")],
         "return { f = function() return pmnc.transaction.cmd.run() end }",
         "f",
         vec![],
@@ -147,12 +155,12 @@ fn output_over_max_output_fails_clearly_and_at_once() {
     assert_eq!(r, vec![Value::str("resource cmd (participant 1): run: the command wrote more than max_output (1000 bytes) to stdout; it was killed [OUTPUT_LIMIT]"), Value::str("OUTPUT_LIMIT")]);
     assert!(started.elapsed() < Duration::from_secs(3), "endless output must not wait for the deadline");
     let r = run(
-        cmd("executable = \"/bin/sh\"\nargs = \"-c 'head -c 1001 /dev/zero >&2'\"\nmax_output = 1000\n"),
+        cmd("executable = \"/bin/sh\"\nargs = [\"-c\", \"head -c 1001 /dev/zero >&2\"]\nmax_output = 1000\n"),
         "local ok, e = pcall(C.run) return e.message",
     )
     .unwrap();
     assert_eq!(r[0], Value::str("run: the command wrote more than max_output (1000 bytes) to stderr; it was killed"));
-    let r = result(cmd("executable = \"/bin/sh\"\nargs = \"-c 'head -c 1000 /dev/zero'\"\nmax_output = 1000\n"), "return C.run()");
+    let r = result(cmd("executable = \"/bin/sh\"\nargs = [\"-c\", \"head -c 1000 /dev/zero\"]\nmax_output = 1000\n"), "return C.run()");
     assert_eq!(r.get("stdout"), Some(&Value::Str(vec![0; 1000])));
 }
 
@@ -214,15 +222,22 @@ fn config_problems_are_clear() {
     assert_eq!(one("executable = \"/etc/passwd\"\n"), "cage.toml:2: resources.cmd.executable: /etc/passwd is not executable");
     assert_eq!(one("executable = \"true\"\ncwd = \"/nonexistent\"\n"), "cage.toml:3: resources.cmd.cwd: /nonexistent: No such file or directory");
     assert_eq!(one("executable = \"true\"\nargs = \"'open\"\n"), "cage.toml:3: resources.cmd.args: a ' quote is not closed");
-    assert!(one("executable = \"true\"\nargs = [\"-l\"]\n").starts_with("cage.toml:3: resources.cmd.args: an array cannot be read here yet: write the fixed arguments as one string"));
+    assert_eq!(one("executable = \"true\"\nargs = \"a\\u0000b\"\n"), "cage.toml:3: resources.cmd.args: an argument contains a NUL byte");
+    assert_eq!(one("executable = \"true\"\nargs = 5\n"), "cage.toml:3: resources.cmd.args: expected an array of strings, found integer");
+    assert_eq!(one("executable = \"true\"\nargs = [\n  \"-l\",\n  2,\n]\n"), "cage.toml:5: resources.cmd.args[1]: expected a string, found integer");
+    assert_eq!(one("executable = \"true\"\nargs = [\"ok\", \"a\\u0000b\"]\n"), "cage.toml:3: resources.cmd.args[1]: contains a NUL byte");
     assert_eq!(one("executable = \"true\"\nenv = { A = 1 }\n"), "cage.toml:3: resources.cmd.env.A: expected a string, found integer");
+    assert_eq!(one("executable = \"true\"\nenv = \"A=1\"\n"), "cage.toml:3: resources.cmd.env: expected a table of strings, found string");
+    assert_eq!(one("executable = \"true\"\n[resources.cmd.env]\nOK = \"1\"\n\"A=B\" = \"x\"\n"), "cage.toml:5: resources.cmd.env.A=B: is not a valid environment variable name");
+    assert_eq!(one("executable = \"true\"\nenv = { A = \"x\\u0000y\" }\n"), "cage.toml:3: resources.cmd.env.A: the value contains a NUL byte");
     assert_eq!(one("executable = \"true\"\nmax_output = 0\n"), "cage.toml:3: resources.cmd.max_output: must be greater than zero");
     assert_eq!(one("executable = \"true\"\nshell = true\n"), "cage.toml:3: resources.cmd.shell: unknown key");
     // Problems of other keys survive the reading of args and env.
-    let errors = configure(&CmdexecProtocol, "cmd", "max_output = \"lots\"\nexecutable = \"true\"\nenv = { B = \"x\", C = 2 }\nargs = \"-a\"\n").unwrap_err();
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    let errors = configure(&CmdexecProtocol, "cmd", "max_output = \"lots\"\nexecutable = \"true\"\nenv = { B = \"x\", C = 2 }\nargs = [\"-a\", true]\n").unwrap_err();
+    assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[0].starts_with("cage.toml:2: resources.cmd.max_output:"), "{errors:?}");
     assert_eq!(errors[1], "cage.toml:4: resources.cmd.env.C: expected a string, found integer");
+    assert_eq!(errors[2], "cage.toml:5: resources.cmd.args[1]: expected a string, found boolean");
     let ok = cmd("executable = \"true\"\nenv = { B = \"x\" }\n");
     assert_eq!(ok.pool.size, 4);
 }

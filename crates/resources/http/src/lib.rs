@@ -62,16 +62,7 @@ impl Protocol for Http {
         let url = section.string("url");
         let timeout = section.duration("timeout", Duration::from_secs(3600)).map(|t| t.value);
         let max_body_size = section.size("max_body_size", MAX_BODY_SIZE_LIMIT).map(|s| s.value).unwrap_or(DEFAULT_MAX_BODY_SIZE);
-        let headers = match section.string("headers") {
-            Some(text) => match parse_header_lines(&text.value) {
-                Ok(h) => h,
-                Err(e) => {
-                    section.error("headers", e);
-                    HeaderMap::new()
-                }
-            },
-            None => HeaderMap::new(),
-        };
+        let headers = default_headers(section);
         let extra_roots = match section.string("tls_ca_file") {
             Some(path) => match read_ca_file(&path.value) {
                 Ok(certs) => Some(certs),
@@ -154,6 +145,47 @@ fn parse_base(url: &str) -> Result<(String, String), String> {
     }
     let path = uri.path().trim_end_matches('/').to_string();
     Ok((format!("{scheme}://{authority}"), path))
+}
+
+/// The `headers` key: a table of name = "value" (the preferred form), or the older multi-line
+/// string of `Name: value` lines. Problems are recorded under the key they concern.
+fn default_headers(section: &Section) -> HeaderMap {
+    match section.kind_of("headers") {
+        None => HeaderMap::new(),
+        Some("string") => match section.string("headers").map(|text| parse_header_lines(&text.value)) {
+            Some(Ok(headers)) => headers,
+            Some(Err(e)) => {
+                section.error("headers", e);
+                HeaderMap::new()
+            }
+            None => HeaderMap::new(),
+        },
+        // Anything else is read as the table; its error names the preferred form.
+        Some(_) => {
+            let Some(pairs) = section.string_map("headers") else {
+                return HeaderMap::new();
+            };
+            // string_map has found a table; as a section it gives each name its own line in the
+            // errors.
+            let Some(table) = section.table("headers") else {
+                return HeaderMap::new();
+            };
+            let mut headers = HeaderMap::new();
+            for (name_text, value_text) in &pairs.value {
+                let Ok(name) = HeaderName::from_bytes(name_text.as_bytes()) else {
+                    table.error(name_text, "is not a valid header name");
+                    continue;
+                };
+                match HeaderValue::from_str(value_text) {
+                    Ok(value) => {
+                        headers.append(name, value);
+                    }
+                    Err(_) => table.error(name_text, "is not a valid header value (no line breaks or other control characters)"),
+                }
+            }
+            headers
+        }
+    }
 }
 
 /// Default headers from lines of `Name: value` (a TOML multi-line string).

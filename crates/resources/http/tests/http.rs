@@ -128,7 +128,7 @@ fn echo(response: &Value) -> serde_json::Value {
 #[test]
 fn get_with_query_and_headers() {
     let (addr, _) = server();
-    let api = api(addr, "headers = \"\"\"\nX-Default: d\nX-Override: base\n\"\"\"\n");
+    let api = api(addr, "headers = { X-Default = \"d\", X-Override = \"base\" }\n");
     let r = run(
         api,
         r#"return pmnc.transaction.api.get("/echo/x", {
@@ -146,6 +146,27 @@ fn get_with_query_and_headers() {
     assert_eq!(e["headers"]["x-num"], "5");
     assert!(e["headers"]["user-agent"].as_str().unwrap().starts_with("rustomnic/"));
     assert_eq!(r[0].get("headers").and_then(|h| h.get("content-type")), Some(&Value::str("application/json")));
+}
+
+#[test]
+fn default_headers_as_a_table_or_as_lines() {
+    let (addr, _) = server();
+    std::env::set_var("RUSTOMNIC_HTTP_TEST_HEADER_TOKEN", "t0k");
+    let forms = [
+        // A table of its own, with ${NAME} expanded in its values.
+        "\n[resources.api.headers]\nAuthorization = \"Bearer ${RUSTOMNIC_HTTP_TEST_HEADER_TOKEN}\"\nX-Trace = \"1\"\n\"user-agent\" = \"mine/2\"\n",
+        // The same inline.
+        "headers = { Authorization = \"Bearer ${RUSTOMNIC_HTTP_TEST_HEADER_TOKEN}\", X-Trace = \"1\", user-agent = \"mine/2\" }\n",
+        // The older multi-line string of lines.
+        "headers = \"\"\"\nAuthorization: Bearer ${RUSTOMNIC_HTTP_TEST_HEADER_TOKEN}\nX-Trace: 1\nuser-agent: mine/2\n\"\"\"\n",
+    ];
+    for extra in forms {
+        let r = run(api(addr, extra), r#"return pmnc.transaction.api.get("/echo")"#);
+        let e = echo(&r[0]);
+        assert_eq!(e["headers"]["authorization"], "Bearer t0k", "{extra}");
+        assert_eq!(e["headers"]["x-trace"], "1", "{extra}");
+        assert_eq!(e["headers"]["user-agent"], "mine/2", "a default user-agent replaces rustomnic's: {extra}");
+    }
 }
 
 #[test]
@@ -351,14 +372,27 @@ fn config_problems_name_the_key() {
     assert_eq!(headers, ["cage.toml:3: resources.api.headers: line 2 is not \"Name: value\": \"nonsense\""]);
     let ca = configure(&Http, "api", "url = \"http://h\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
     assert!(ca[0].starts_with("cage.toml:3: resources.api.tls_ca_file: cannot read /nonexistent/ca.pem: "), "{ca:?}");
-    let table = configure(&Http, "api", "url = \"http://h\"\nheaders = { a = \"1\" }\n").unwrap_err();
-    assert!(table[0].contains("resources.api.headers: expected a string, found"), "{table:?}");
+    let table = configure(&Http, "api", "url = \"http://h\"\nheaders = { a = \"1\", b = 2 }\n").unwrap_err();
+    assert_eq!(table, ["cage.toml:3: resources.api.headers.b: expected a string, found integer"]);
+    let table = configure(&Http, "api", "url = \"http://h\"\n[resources.api.headers]\nok = \"1\"\n\"bad name\" = \"x\"\nX-Value = \"a\\nb\"\n").unwrap_err();
+    assert_eq!(
+        table,
+        [
+            "cage.toml:5: resources.api.headers.bad name: is not a valid header name",
+            "cage.toml:6: resources.api.headers.X-Value: is not a valid header value (no line breaks or other control characters)",
+        ]
+    );
+    let other = configure(&Http, "api", "url = \"http://h\"\nheaders = [\"X-A: 1\"]\n").unwrap_err();
+    assert_eq!(other, ["cage.toml:3: resources.api.headers: expected a table of strings, found array"]);
     let size = configure(&Http, "api", "url = \"http://h\"\nmax_body_size = \"2GiB\"\nbogus = 1\n").unwrap_err();
     assert_eq!(size.len(), 2, "{size:?}");
     assert!(size[0].starts_with("cage.toml:3: resources.api.max_body_size:"), "{size:?}");
     assert!(size[1].starts_with("cage.toml:4: resources.api.bogus: unknown key"), "{size:?}");
     std::env::set_var("RUSTOMNIC_HTTP_TEST_TOKEN", "t0k");
     assert!(configure(&Http, "api", "url = \"https://h/v1\"\nheaders = \"Authorization: Bearer ${RUSTOMNIC_HTTP_TEST_TOKEN}\"\n").is_ok());
+    assert!(configure(&Http, "api", "url = \"https://h/v1\"\nheaders = { Authorization = \"Bearer ${RUSTOMNIC_HTTP_TEST_TOKEN}\" }\n").is_ok());
+    let unset = configure(&Http, "api", "url = \"https://h/v1\"\nheaders = { Authorization = \"Bearer ${RUSTOMNIC_SURELY_UNSET_VAR}\" }\n").unwrap_err();
+    assert_eq!(unset, ["cage.toml:3: resources.api.headers.Authorization: environment variable RUSTOMNIC_SURELY_UNSET_VAR is not set"]);
 }
 
 /// Says loudly that a test did not run: written to the process's stderr directly, which the test
