@@ -195,7 +195,6 @@ fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Op
         file.push(ConfigError { message: format!("the implicit state resource: {}", e.message), ..e });
     }
     let resource = resource?;
-    let mut pool = rustomnic_resource::PoolSettings::default();
-    pool.size = resource.default_pool_size();
+    let pool = rustomnic_resource::PoolSettings { size: resource.default_pool_size(), ..Default::default() };
     Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
 }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_lua::RunError;
 use rustomnic_resource::testing::{configure, run_lua};
 use rustomnic_resource::{Connection, Error, Protocol, Resource};
 
