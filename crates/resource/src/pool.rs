@@ -95,6 +95,8 @@ pub struct Pool {
 /// A connection checked out of its pool; it goes back when dropped.
 pub struct Pooled {
     conn: Box<dyn Connection>,
+    /// It sat idle in the pool before this checkout (so the server may have closed it meanwhile).
+    reused: bool,
     opened: Instant,
     pool: Rc<Pool>,
     broken: bool,
@@ -112,6 +114,10 @@ impl Pooled {
 
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    pub fn is_reused(&self) -> bool {
+        self.reused
     }
 }
 
@@ -168,7 +174,7 @@ impl Pool {
             if let Some(mut idle) = self.take_idle() {
                 let healthy = tokio::time::timeout_at(deadline.into(), idle.conn.is_healthy()).await.unwrap_or(false);
                 if healthy {
-                    return Ok(self.hand_out(idle.conn, idle.opened));
+                    return Ok(self.hand_out(idle.conn, idle.opened, true));
                 }
                 self.forget_one();
                 continue;
@@ -184,7 +190,7 @@ impl Pool {
                         self.failures.set(0);
                         self.open_until.set(None);
                         self.probing.set(false);
-                        Ok(self.hand_out(conn, Instant::now()))
+                        Ok(self.hand_out(conn, Instant::now(), false))
                     }
                     Ok(Err(e)) => Err(self.connect_failed(e)),
                     Err(_) => Err(self.connect_failed(Error::new(format!("no answer within {:?}", limit.saturating_duration_since(started))))),
@@ -202,9 +208,9 @@ impl Pool {
         }
     }
 
-    fn hand_out(self: &Rc<Self>, conn: Box<dyn Connection>, opened: Instant) -> Pooled {
+    fn hand_out(self: &Rc<Self>, conn: Box<dyn Connection>, opened: Instant, reused: bool) -> Pooled {
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Pooled { conn, opened, pool: self.clone(), broken: false }
+        Pooled { conn, reused, opened, pool: self.clone(), broken: false }
     }
 
     fn take_idle(&self) -> Option<Idle> {

@@ -109,13 +109,26 @@ fn participant_error(resource: &str, n: usize, e: Error) -> ParticipantError {
 async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) -> Slot {
     let resource = p.resource.clone();
     let fail = |e: Error| participant_error(&resource, n, e);
-    let mut conn = match pool.checkout(deadline).await {
-        Ok(c) => c,
+    let mut held = match pool.checkout(deadline).await {
+        Ok(c) => Some(c),
         Err(e) => return Slot { resource: resource.clone(), conn: None, outcome: Err(fail(e)) },
     };
     let started = Instant::now();
     let work = async {
-        conn.conn().begin().await?;
+        let Some(conn) = held.as_mut() else { return Err(Error::broken("no connection")) };
+        if let Err(e) = conn.conn().begin().await {
+            // A connection the server closed while it sat idle (a database restart) fails its
+            // begin before anything ran: the participant takes a fresh connection, once,
+            // instead of failing the request. The dead one goes first, freeing its pool slot.
+            if !(e.broken && conn.is_reused()) {
+                return Err(e);
+            }
+            conn.mark_broken();
+            held = None;
+            let conn = held.insert(pool.checkout(deadline).await?);
+            conn.conn().begin().await?;
+        }
+        let Some(conn) = held.as_mut() else { return Err(Error::broken("no connection")) };
         conn.conn().call(&p.method, p.args).await
     };
     let result = match tokio::time::timeout_at(deadline.into(), work).await {
@@ -126,15 +139,13 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
     };
     pool.stats.calls.fetch_add(1, Ordering::Relaxed);
     pool.stats.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    if result.is_err() {
-        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
-    }
     if let Err(e) = &result {
-        if e.broken {
+        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let (true, Some(conn)) = (e.broken, held.as_mut()) {
             conn.mark_broken();
         }
     }
-    Slot { resource: resource.clone(), conn: Some(conn), outcome: result.map_err(fail) }
+    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(fail) }
 }
 
 impl Resources for CageResources {

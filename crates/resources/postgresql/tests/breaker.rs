@@ -268,6 +268,14 @@ impl Forwarder {
         }
     }
 
+    /// Asks every forwarded connection to be cut and returns at once: the client's driver has
+    /// not seen the end yet when the next call starts.
+    fn cut_now(&self) {
+        for link in self.shared.links.borrow_mut().drain(..) {
+            let _ = link.cut.send(());
+        }
+    }
+
     /// Resolves once a client has sent `bytes` (and they were forwarded to the server).
     fn when_sent(&self, bytes: &[u8]) -> oneshot::Receiver<()> {
         let (tell, told) = oneshot::channel();
@@ -537,6 +545,25 @@ fn an_idle_pooled_connection_cut_by_the_network_is_replaced_by_the_next_call() {
         // once the client closed its side). The docs promise a cheap "not closed" check before
         // reuse and a replacement: the next call gets a new connection and succeeds.
         fwd.cut().await;
+        let second = cage.value("select pg_backend_pid() as pid", "pid").await;
+        assert_ne!(first, second, "a new server session");
+        assert_eq!((fwd.accepted(), pool.open_connections(), cage.connect_failures()), (2, 1, 0));
+    });
+}
+
+#[test]
+fn a_call_right_after_the_server_dropped_an_idle_connection_gets_a_fresh_one() {
+    let Some(real) = real_server() else { return };
+    on_worker(async {
+        let fwd = Forwarder::start(real.address);
+        let cage = Cage::new("breaker_restart", db_with(&real.via(fwd.port), BREAKER));
+        let pool = cage.pool();
+
+        let first = cage.value("select pg_backend_pid() as pid", "pid").await;
+        // As after a database restart: the idle connection is gone, but its driver has not
+        // noticed yet, so it passes the cheap health check and its BEGIN fails. Nothing ran, so
+        // the participant takes a fresh connection instead of failing the request.
+        fwd.cut_now();
         let second = cage.value("select pg_backend_pid() as pid", "pid").await;
         assert_ne!(first, second, "a new server session");
         assert_eq!((fwd.accepted(), pool.open_connections(), cage.connect_failures()), (2, 1, 0));
