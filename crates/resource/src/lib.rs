@@ -54,6 +54,21 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// An error and its causes on one line ("outer: inner"), each said once: drivers often keep the
+/// reason ("Connection refused") in a source of a general error ("error connecting to server").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// One protocol of outbound calls (postgresql, redis, ...).
 pub trait Protocol: Send + Sync {
     fn name(&self) -> &'static str;

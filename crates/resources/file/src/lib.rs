@@ -189,18 +189,9 @@ fn discard(staged: Vec<ops::Staged>, traces: Vec<ops::SharedTrace>) {
 
 impl Connection for FileConn {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        // Left over only if a transaction ended without commit or rollback.
-        let (staged, traces) = self.discard_all();
-        Box::pin(async move {
-            if !staged.is_empty() || !traces.is_empty() {
-                blocking(move || {
-                    discard(staged, traces);
-                    Ok(())
-                })
-                .await?;
-            }
-            Ok(())
-        })
+        // Anything staged here is left over from a transaction that ended without commit or
+        // rollback: dropped the same way a rollback drops it.
+        self.rollback()
     }
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {

@@ -17,7 +17,7 @@ use futures_util::future::LocalBoxFuture;
 use mysql_async::prelude::{Protocol as WireProtocol, Queryable};
 use mysql_async::{Conn, Opts, Params, QueryResult};
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
 pub const KEYS: &[&str] = &["url"];
@@ -102,22 +102,8 @@ fn connect_message(e: &mysql_async::Error) -> String {
 fn describe(e: &mysql_async::Error) -> String {
     match e {
         mysql_async::Error::Io(mysql_async::IoError::Io(io)) => io.to_string(),
-        other => with_sources(other),
+        other => error_chain(other),
     }
-}
-
-/// An error and its causes on one line, each said once.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
 }
 
 struct MysqlConnection {

@@ -30,7 +30,7 @@ use futures_util::future::join_all;
 use rustomnic_core::Value;
 use rustomnic_lua::{compile, worker, CageVm, CompiledModule, RequestCtx};
 use rustomnic_resource::testing::configure;
-use rustomnic_resource::CageResources;
+use rustomnic_resource::{error_chain, CageResources};
 use rustomnic_resource_postgresql::Postgresql;
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -192,19 +192,6 @@ async fn probe(config: &tokio_postgres::Config) -> Result<String, String> {
     });
     let row = client.query_one("select version()", &[]).await.map_err(|e| error_chain(&e))?;
     Ok(row.get::<_, String>(0))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
 }
 
 fn toml_string(s: &str) -> String {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::LocalBoxFuture;
 use futures_util::{pin_mut, TryStreamExt};
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
 use tokio_postgres::{CancelToken, Client, NoTls};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
@@ -116,23 +116,8 @@ impl Resource for PgResource {
 fn connect_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} [{}]", db.message(), db.code().code()),
-        None => with_sources(e),
+        None => error_chain(e),
     }
-}
-
-/// An error and its causes on one line: tokio-postgres says "error connecting to server" and
-/// keeps the reason ("Connection refused") in its source.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
 }
 
 struct PgConnection {
@@ -247,9 +232,9 @@ fn server_error(e: &tokio_postgres::Error, client: &Client) -> Error {
         return error.with_code(db.code().code());
     }
     if e.is_closed() || client.is_closed() {
-        return Error::broken(format!("the connection to the server was lost ({})", with_sources(e)));
+        return Error::broken(format!("the connection to the server was lost ({})", error_chain(e)));
     }
-    Error::broken(with_sources(e))
+    Error::broken(error_chain(e))
 }
 
 impl Connection for PgConnection {
