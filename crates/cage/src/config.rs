@@ -21,6 +21,9 @@
 //! breaker_failures = 5             # failed connects in a row that open the circuit breaker
 //! breaker_cooldown = "5s"          # how long calls then fail at once before a probe
 //! # ... keys of the protocol, see docs/resources/<protocol>.md
+//!
+//! [cluster]                        # join other processes over NATS, see docs/cluster.md
+//! url = "nats://127.0.0.1:4222"
 //! ```
 
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub struct CageConfig {
     pub log_level: Option<String>,
     pub interfaces: Vec<Arc<dyn Interface>>,
     pub resources: Vec<rustomnic_resource::ResourceConfig>,
+    /// `[cluster]`, with the line of its table (every cage of a process must agree on it).
+    pub cluster: Option<Located<rustomnic_cluster::ClusterConfig>>,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -175,8 +180,12 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             resources.push(state);
         }
     }
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources })
+    let cluster = root.table("cluster").and_then(|s| {
+        let line = root.line_of("cluster");
+        rustomnic_cluster::config::read(&s).map(|c| Located { value: c, file: file.path().to_path_buf(), line, key: "cluster".into() })
+    });
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster })
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it

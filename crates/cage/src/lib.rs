@@ -15,5 +15,5 @@ pub use app::{find_cages, CageDir};
 pub use config::{load_cage, CageConfig, InterfaceSpec};
 pub use error::Error;
 pub use interface::{Interface, Protocol, Protocols, Shutdown};
-pub use runtime::{check, run, CheckSummary, RunOptions};
+pub use runtime::{check, prepare, run, CheckSummary, RunOptions};
 pub use testing::{run_tests, TestSummary};

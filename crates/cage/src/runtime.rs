@@ -118,12 +118,86 @@ pub struct RunOptions {
     pub workers: usize,
     /// Reload changed modules.
     pub watch: bool,
+    /// `--cluster`: NATS servers to join, overriding `[cluster] url`.
+    pub cluster: Vec<String>,
+    /// `--flock`: overrides `[cluster] flock`.
+    pub flock: Option<String>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), watch: true }
+        RunOptions {
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            watch: true,
+            cluster: Vec::new(),
+            flock: None,
+        }
     }
+}
+
+/// The cluster settings of the process: the cages' `[cluster]` tables (which must agree) with
+/// `--cluster` and `--flock` on top. None when the process runs alone.
+pub fn cluster_config(cages: &[PreparedCage], options: &RunOptions) -> Result<Option<rustomnic_cluster::ClusterConfig>, Error> {
+    let mut found: Option<&Located<rustomnic_cluster::ClusterConfig>> = None;
+    let mut problems = Vec::new();
+    for cage in cages {
+        let Some(c) = &cage.config.cluster else { continue };
+        match found {
+            None => found = Some(c),
+            Some(first) if first.value != c.value => problems.push(c.error(format!(
+                "differs from [cluster] in {}:{}; the cages of one process join one cluster, so their [cluster] tables must be the same",
+                first.file.display(),
+                first.line
+            )).to_string()),
+            Some(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Invalid(problems));
+    }
+    let mut config = match (found, options.cluster.is_empty()) {
+        (None, true) => return Ok(None),
+        (None, false) => rustomnic_cluster::ClusterConfig::from_urls(options.cluster.clone()),
+        (Some(c), _) => c.value.clone(),
+    };
+    if !options.cluster.is_empty() {
+        for url in &options.cluster {
+            rustomnic_cluster::config::check_url(url).map_err(|e| Error::Invalid(vec![format!("--cluster: {e}")]))?;
+        }
+        config.urls = options.cluster.clone();
+    }
+    if let Some(flock) = &options.flock {
+        if !rustomnic_cluster::config::is_flock_name(flock) {
+            return Err(Error::Invalid(vec![format!("--flock: {flock:?} is not a valid flock name (letters, digits, _ and -, at most 64)")]));
+        }
+        config.flock = flock.clone();
+    }
+    Ok(Some(config))
+}
+
+/// What this process's heartbeat says about its cages and interfaces.
+fn describe(cages: &[PreparedCage]) -> rustomnic_cluster::Describe {
+    let cages: Vec<serde_json::Value> = cages
+        .iter()
+        .map(|c| {
+            let interfaces: Vec<serde_json::Value> = c
+                .config
+                .interfaces
+                .iter()
+                .map(|i| {
+                    let spec = i.spec();
+                    serde_json::json!({
+                        "name": spec.name,
+                        "protocol": spec.protocol,
+                        "listen": i.listen().map(|a| a.value.to_string()),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": c.config.name, "interfaces": interfaces })
+        })
+        .collect();
+    let described = serde_json::json!({ "cages": cages });
+    Arc::new(move || described.clone())
 }
 
 /// Messages from the main thread to a worker thread.
@@ -193,6 +267,14 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cluster = match cluster_config(&cages, &options)? {
+        Some(config) => {
+            let cluster = Arc::new(rustomnic_cluster::Cluster::new(config, env!("CARGO_PKG_VERSION")));
+            control.block_on(cluster.join(describe(&cages), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
+            Some(cluster)
+        }
+        None => None,
+    };
     let init: Arc<Vec<(String, Vec<Module>)>> =
         Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.modules.values().cloned().collect())).collect());
     let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
@@ -208,9 +290,10 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         let interfaces = interfaces.clone();
         let shutdown = shutdown_rx.clone();
         let ready = ready_tx.clone();
+        let cluster = cluster.clone();
         let handle = std::thread::Builder::new()
             .name(format!("pmnc-worker-{n}"))
-            .spawn(move || worker_main(n, init, resources, interfaces, rx, shutdown, ready, drain_limit))
+            .spawn(move || worker_main(n, init, resources, interfaces, cluster, rx, shutdown, ready, drain_limit))
             .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
         threads.push(handle);
     }
@@ -332,6 +415,7 @@ fn worker_main(
     init: Arc<Vec<(String, Vec<Module>)>>,
     resources: Arc<ResourceInit>,
     interfaces: Arc<Vec<Arc<dyn Interface>>>,
+    cluster: Option<Arc<rustomnic_cluster::Cluster>>,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     mut shutdown: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -363,6 +447,13 @@ fn worker_main(
             worker::install(Rc::new(vm));
         }
         let pools = resources.install();
+        if let Some(cluster) = &cluster {
+            let names = init.iter().map(|(cage, _)| cage.clone()).collect();
+            if let Err(e) = cluster.join_worker(n, names, shutdown.clone()).await {
+                let _ = ready.send(Err(format!("worker {n}: {e}")));
+                return;
+            }
+        }
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));
@@ -408,6 +499,9 @@ fn worker_main(
         }
         if connections.get() > 0 {
             tracing::warn!("worker {n}: {} connection(s) still open after {:?}; closing them", connections.get(), drain_limit);
+        }
+        if cluster.is_some() {
+            rustomnic_cluster::link::drain(drain_limit.saturating_sub(started.elapsed())).await;
         }
         worker::clear();
     });

@@ -82,6 +82,7 @@ end
 
 local sleep = rust.sleep
 function pmnc.sleep(seconds) return check(sleep(seconds)) end
+pmnc.clock = rust.clock
 
 local json_encode, json_decode = rust.json_encode, rust.json_decode
 local array_mt = rust.array_mt

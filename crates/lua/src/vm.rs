@@ -399,6 +399,15 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
         })?,
     )?;
 
+    // Monotonic seconds from a fixed point of the process, for measuring durations.
+    t.set(
+        "clock",
+        lua.create_function(|_, ()| {
+            static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+            Ok(START.get_or_init(Instant::now).elapsed().as_secs_f64())
+        })?,
+    )?;
+
     t.set(
         "json_encode",
         lua.create_function(|lua, v: LuaValue| {

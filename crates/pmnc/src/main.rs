@@ -20,7 +20,11 @@ Examples:
   pmnc run app --workers 4 --log-level debug
   pmnc check examples/two-cages           validate config and compile every module
   pmnc test examples/two-cages            run the test_* functions of every *_test.lua
-  pmnc new myapp                          make an app with one cage to start from";
+  pmnc new myapp                          make an app with one cage to start from
+  pmnc run app/cages/worker --cluster nats://127.0.0.1:4222
+                                          join other processes over NATS (docs/cluster.md)
+  pmnc cluster status --cluster nats://127.0.0.1:4222
+                                          list the cages and instances of the flock";
 
 #[derive(Parser)]
 #[command(name = "pmnc", version, about = "Rustomnic: run cages of hot-reloaded Lua modules behind interfaces.", after_help = EXAMPLES)]
@@ -44,6 +48,17 @@ enum Command {
         /// Do not reload changed modules.
         #[arg(long)]
         no_watch: bool,
+        /// NATS server(s) to join (comma-separated or repeated); overrides [cluster] url.
+        #[arg(long, value_delimiter = ',')]
+        cluster: Vec<String>,
+        /// The flock (cluster namespace) to join; overrides [cluster] flock (default "default").
+        #[arg(long)]
+        flock: Option<String>,
+    },
+    /// Look at the cluster: `pmnc cluster status`.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Validate every cage.toml and compile every module; list every problem found.
     Check { path: PathBuf },
@@ -59,6 +74,22 @@ enum Command {
         /// The folder to create; it must not exist.
         path: PathBuf,
     },
+    /// Bare NATS request/reply, the yardstick of bench/cluster.sh.
+    #[command(hide = true)]
+    RawNats {
+        url: String,
+        /// Answer requests instead of sending them.
+        #[arg(long)]
+        respond: bool,
+        #[arg(long, default_value = "bench.echo")]
+        subject: String,
+        #[arg(long, default_value_t = 1)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        payload_bytes: usize,
+    },
     /// Serve hello-world from pure hyper with the same worker layout (for benchmarks).
     #[command(hide = true)]
     RawHttp {
@@ -67,6 +98,49 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List every cage and instance of the flock, up or down, from their heartbeats.
+    Status {
+        /// A cage or app folder whose [cluster] table to use (servers, flock, credentials).
+        path: Option<PathBuf>,
+        /// NATS server(s) to ask (comma-separated); overrides the folder's [cluster] url.
+        #[arg(long, value_delimiter = ',')]
+        cluster: Vec<String>,
+        /// The flock to list (default: the folder's, else "default").
+        #[arg(long)]
+        flock: Option<String>,
+        /// How long to collect answers.
+        #[arg(long, default_value = "1s")]
+        wait: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `pmnc cluster status`.
+fn cluster_status(path: Option<PathBuf>, cluster: Vec<String>, flock: Option<String>, wait: &str, json: bool) -> Result<(), String> {
+    let wait = rustomnic_core::parse_duration(wait).map_err(|e| format!("--wait: {e}"))?;
+    let options = RunOptions { cluster, flock, ..RunOptions::default() };
+    let cages = match &path {
+        Some(p) => rustomnic_cage::prepare(p, &protocols(), false).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let config = rustomnic_cage::runtime::cluster_config(&cages, &options)
+        .map_err(|e| e.to_string())?
+        .ok_or("give --cluster nats://HOST:PORT, or a cage folder with a [cluster] table")?;
+    let instances = rustomnic_cluster::presence::ask_blocking(&config, wait).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&instances).unwrap_or_default());
+    } else if instances.is_empty() {
+        println!("no instance answered in flock {} at {} within {wait:?}", config.flock, config.servers());
+    } else {
+        print!("{}", rustomnic_cluster::presence::table(&instances));
+    }
+    Ok(())
 }
 
 /// The files of `pmnc new`: an app with one cage.
@@ -110,11 +184,11 @@ fn protocols() -> Protocols {
 /// `level` from --log-level wins, then RUST_LOG, then `fallback` (from the cages' config).
 fn init_logs(flag: Option<&str>, fallback: &str) {
     let filter = match flag {
-        Some(level) => format!("{level},hyper=warn,notify=warn"),
+        Some(level) => format!("{level},hyper=warn,notify=warn,async_nats=warn"),
         None => std::env::var("RUST_LOG")
             .ok()
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn")),
+            .unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn,async_nats=warn")),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -158,7 +232,17 @@ fn report(e: Error) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { path, workers, no_watch } => {
+        Command::Cluster { command: ClusterCommand::Status { path, cluster, flock, wait, json } } => {
+            init_logs(cli.log_level.as_deref(), "warn");
+            match cluster_status(path, cluster, flock, &wait, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pmnc cluster status: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run { path, workers, no_watch, cluster, flock } => {
             match level_for(&cli.log_level, &path) {
                 Ok(l) => init_logs(cli.log_level.as_deref(), &l),
                 Err(e) => {
@@ -175,6 +259,8 @@ fn main() -> ExitCode {
                 options.workers = w;
             }
             options.watch = !no_watch;
+            options.cluster = cluster;
+            options.flock = flock;
             match rustomnic_cage::run(&path, &protocols(), options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(e),
@@ -212,6 +298,25 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::RawNats { url, respond, subject, in_flight, count, payload_bytes } => {
+            let result = if respond {
+                rustomnic_cluster::bench::respond(&url, &subject)
+            } else {
+                rustomnic_cluster::bench::request(&url, &subject, in_flight, count, &vec![b'x'; payload_bytes]).map(|f| {
+                    println!(
+                        "{}",
+                        serde_json::json!({"calls": f.calls, "seconds": f.seconds, "p50_us": f.p50_us, "p99_us": f.p99_us, "calls_per_s": f.calls as f64 / f.seconds})
+                    );
+                })
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pmnc raw-nats: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::RawHttp { listen, workers } => match rustomnic_http::raw::serve(listen, workers) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod nats;
+
 pub fn pmnc_bin() -> &'static str {
     env!("CARGO_BIN_EXE_pmnc")
 }
@@ -96,10 +98,16 @@ impl Server {
 
     /// Starts `pmnc run PATH --workers N EXTRA...`; the log when it exits before it is running.
     pub fn try_start_with_workers(path: &Path, workers: usize, extra: &[&str]) -> Result<Server, String> {
+        Self::try_start_env(path, workers, extra, &[])
+    }
+
+    /// Like `try_start_with_workers`, with extra environment variables.
+    pub fn try_start_env(path: &Path, workers: usize, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
         let mut args = vec!["run".to_string(), path.display().to_string(), "--workers".into(), workers.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(pmnc_bin())
             .args(&args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,171 @@
+//! The cluster engine: cages of different processes and hosts calling each other over NATS.
+//!
+//! Subjects, all under the flock (`pmnc.<flock>.…`), so flocks sharing one NATS never meet:
+//! - `call.<cage>`: calls to a cage, request/reply; every worker thread of every process running
+//!   the cage is in the queue group `pmnc.<flock>.<cage>`, so copies share the calls.
+//! - `heartbeat`: every process says who it is and what it runs, every `heartbeat` interval.
+//! - `status`: asks every process for its roster (`pmnc cluster status`).
+
+pub mod bench;
+pub mod config;
+pub mod connect;
+pub mod link;
+pub mod presence;
+pub mod wire;
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use config::ClusterConfig;
+pub use connect::Connection;
+pub use presence::{Describe, Roster};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad settings (a credentials file that cannot be read, a server name that does not resolve).
+    #[error("{0}")]
+    Config(String),
+    /// NATS answered and said no: credentials or TLS.
+    #[error("{0}")]
+    Refused(String),
+    /// NATS could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+pub fn call_subject(flock: &str, cage: &str) -> String {
+    format!("pmnc.{flock}.call.{cage}")
+}
+
+pub fn queue_group(flock: &str, cage: &str) -> String {
+    format!("pmnc.{flock}.{cage}")
+}
+
+pub fn heartbeat_subject(flock: &str) -> String {
+    format!("pmnc.{flock}.heartbeat")
+}
+
+pub fn status_subject(flock: &str) -> String {
+    format!("pmnc.{flock}.status")
+}
+
+/// Counters of the calls this process serves for others.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub in_flight: AtomicUsize,
+    pub served: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Who this process is in the flock.
+#[derive(Debug)]
+pub struct Identity {
+    /// Random per process start: copies of one cage are told apart by it.
+    pub instance: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_unix: f64,
+    pub flock: String,
+    pub stats: Stats,
+}
+
+impl Identity {
+    pub fn new(flock: &str, version: &str) -> Identity {
+        let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Identity {
+            instance: instance_id(),
+            host: hostname(),
+            pid: std::process::id(),
+            version: version.to_string(),
+            started_unix: started.as_secs_f64(),
+            flock: flock.to_string(),
+            stats: Stats::default(),
+        }
+    }
+}
+
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mixing in time and pid keeps two processes started
+    // in the same instant apart even so.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+fn hostname() -> String {
+    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            let s = s.trim();
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into())
+}
+
+/// A process's membership of the flock.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub identity: Arc<Identity>,
+    pub roster: Arc<Roster>,
+    /// NATS answered when the process joined: workers then wait for their own connections
+    /// before the process says it is running, so its first calls do not fail.
+    reachable: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    pub fn new(config: ClusterConfig, version: &str) -> Cluster {
+        let identity = Arc::new(Identity::new(&config.flock, version));
+        Cluster { config, identity, roster: Arc::new(Roster::default()), reachable: Default::default() }
+    }
+
+    fn name(&self, role: &str) -> String {
+        format!("pmnc {} {} {role}", self.identity.flock, self.identity.instance)
+    }
+
+    /// On the control thread at start: connects once so that refused credentials stop the start
+    /// with a clear error; a NATS that cannot be reached yet is only a warning (the process
+    /// serves its own interfaces and keeps trying). Then publishes heartbeats until `shutdown`.
+    pub async fn join(&self, describe: Describe, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let conn = match connect::connect(&self.config, &self.name("presence"), false).await {
+            Ok(c) => {
+                self.reachable.store(true, std::sync::atomic::Ordering::Relaxed);
+                c
+            }
+            Err(Error::Unreachable(m)) => {
+                tracing::warn!("{m}; starting anyway and retrying in the background (calls to other processes fail until then)");
+                connect::connect(&self.config, &self.name("presence"), true).await?
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(
+            "cluster: joined flock {} at {} as instance {} ({} pid {})",
+            self.identity.flock,
+            conn.servers,
+            self.identity.instance,
+            self.identity.host,
+            self.identity.pid
+        );
+        tokio::spawn(presence::run(conn, self.identity.clone(), self.roster.clone(), describe, self.config.heartbeat, shutdown));
+        Ok(())
+    }
+
+    /// On each worker thread: its own connection, the transport for calls to cages not in this
+    /// process, and serving `cages` to other processes until `shutdown`.
+    pub async fn join_worker(&self, worker: usize, cages: Vec<String>, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let conn = connect::connect(&self.config, &self.name(&format!("worker-{worker}")), true).await?;
+        if self.reachable.load(std::sync::atomic::Ordering::Relaxed) && !conn.wait_connected(self.config.connect_timeout).await {
+            tracing::warn!("cluster: worker {worker} could not connect to NATS within {:?}; it keeps trying", self.config.connect_timeout);
+        }
+        rustomnic_lua::worker::set_remote(Rc::new(link::Link::new(conn.clone(), self.identity.clone())));
+        link::serve(conn, self.identity.clone(), cages, self.config.max_calls, shutdown);
+        Ok(())
+    }
+}

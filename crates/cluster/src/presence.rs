@@ -1,0 +1,301 @@
+//! Who is in the flock: every process publishes a heartbeat; every process keeps the roster of
+//! the instances it hears, marking down those that fall silent; `pmnc cluster status` asks every
+//! process for its roster and merges the answers.
+//!
+//! Heartbeats are JSON (a few per second per process), so `nats sub 'pmnc.*.heartbeat'` shows
+//! them readably.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value as Json};
+use tokio::sync::watch;
+
+use crate::connect::Connection;
+use crate::{heartbeat_subject, status_subject, Identity};
+
+/// Instances silent for this many heartbeat intervals are marked down.
+pub const MISSED_BEATS: u32 = 3;
+/// Down instances are forgotten after this long.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// What this process says about itself in each heartbeat besides its identity: its cages and
+/// interfaces. Filled by the runtime.
+pub type Describe = Arc<dyn Fn() -> Json + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    beat: Json,
+    last_seen: Instant,
+    interval: Duration,
+    down: Option<&'static str>,
+}
+
+/// The instances of the flock this process has heard of.
+#[derive(Default)]
+pub struct Roster {
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Roster {
+    fn heard(&self, beat: Json) {
+        let Some(instance) = beat.get("instance").and_then(Json::as_str).map(str::to_string) else { return };
+        let interval = Duration::from_millis(beat.get("heartbeat_ms").and_then(Json::as_u64).unwrap_or(1000).clamp(100, 60_000));
+        let leaving = beat.get("state").and_then(Json::as_str) == Some("leaving");
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.insert(instance, Entry { beat, last_seen: Instant::now(), interval, down: leaving.then_some("left") });
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, e| now.duration_since(e.last_seen) < FORGET_AFTER);
+        for e in entries.values_mut() {
+            if e.down.is_none() && now.duration_since(e.last_seen) > e.interval * MISSED_BEATS {
+                e.down = Some("silent");
+            }
+        }
+    }
+
+    /// Every known instance: its last heartbeat plus `state` ("up", "down"), `down_reason` and
+    /// `last_seen_ms` (milliseconds since its last heartbeat).
+    pub fn snapshot(&self) -> Vec<Json> {
+        self.sweep();
+        let now = Instant::now();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .values()
+            .map(|e| {
+                let mut v = e.beat.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("state".into(), json!(if e.down.is_some() { "down" } else { "up" }));
+                    o.insert("down_reason".into(), json!(e.down));
+                    o.insert("last_seen_ms".into(), json!(now.duration_since(e.last_seen).as_millis() as u64));
+                }
+                v
+            })
+            .collect()
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// This process's heartbeat.
+pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, leaving: bool) -> Json {
+    let mut beat = json!({
+        "instance": identity.instance,
+        "host": identity.host,
+        "pid": identity.pid,
+        "version": identity.version,
+        "started": identity.started_unix,
+        "uptime_s": (unix_now() - identity.started_unix).max(0.0).round() as u64,
+        "heartbeat_ms": interval.as_millis() as u64,
+        "state": if leaving { "leaving" } else { "up" },
+        "load": {
+            "calls_in_flight": identity.stats.in_flight.load(Ordering::Relaxed),
+            "calls_served": identity.stats.served.load(Ordering::Relaxed),
+            "calls_failed": identity.stats.failed.load(Ordering::Relaxed),
+        },
+    });
+    if let (Some(o), Json::Object(more)) = (beat.as_object_mut(), describe()) {
+        o.extend(more);
+    }
+    beat
+}
+
+/// Publishes heartbeats, keeps the roster and answers status requests until `shutdown`; then
+/// says goodbye so that others mark this instance down at once.
+pub async fn run(
+    conn: Connection,
+    identity: Arc<Identity>,
+    roster: Arc<Roster>,
+    describe: Describe,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let flock = identity.flock.clone();
+    let mut beats = match conn.client.subscribe(heartbeat_subject(&flock)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("cluster: cannot subscribe to heartbeats: {e}");
+            None
+        }
+    };
+    let mut asks = match conn.client.subscribe(status_subject(&flock)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("cluster: cannot answer status requests: {e}");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let beat = heartbeat(&identity, &describe, interval, false);
+                roster.heard(beat.clone());
+                if conn.is_up() {
+                    let _ = conn.client.publish(heartbeat_subject(&flock), beat.to_string().into()).await;
+                }
+            }
+            Some(m) = next(&mut beats) => {
+                if let Ok(beat) = serde_json::from_slice::<Json>(&m.payload) {
+                    roster.heard(beat);
+                }
+            }
+            Some(m) = next(&mut asks) => {
+                if let Some(reply) = m.reply {
+                    let answer = json!({ "from": identity.instance, "instances": roster.snapshot() });
+                    let _ = conn.client.publish(reply, answer.to_string().into()).await;
+                }
+            }
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+        }
+    }
+    let bye = heartbeat(&identity, &describe, interval, true);
+    let _ = conn.client.publish(heartbeat_subject(&flock), bye.to_string().into()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.client.flush()).await;
+}
+
+async fn next(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Asks every process of the flock for its roster, for `wait`, and merges the answers: an
+/// instance's own answer wins, otherwise the freshest word about it.
+pub async fn ask(conn: &Connection, flock: &str, wait: Duration) -> Result<Vec<Json>, String> {
+    let inbox = conn.client.new_inbox();
+    let mut sub = conn.client.subscribe(inbox.clone()).await.map_err(|e| format!("cannot subscribe to {inbox}: {e}"))?;
+    conn.client
+        .publish_with_reply(status_subject(flock), inbox, "".into())
+        .await
+        .map_err(|e| format!("cannot ask the flock: {e}"))?;
+    let until = tokio::time::Instant::now() + wait;
+    let mut merged: BTreeMap<String, (bool, Json)> = BTreeMap::new();
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+        let Ok(answer) = serde_json::from_slice::<Json>(&m.payload) else { continue };
+        let from = answer.get("from").and_then(Json::as_str).unwrap_or_default().to_string();
+        for inst in answer.get("instances").and_then(Json::as_array).cloned().unwrap_or_default() {
+            let Some(id) = inst.get("instance").and_then(Json::as_str).map(str::to_string) else { continue };
+            let own = id == from;
+            let seen = |j: &Json| j.get("last_seen_ms").and_then(Json::as_u64).unwrap_or(u64::MAX);
+            let better = match merged.get(&id) {
+                None => true,
+                Some((was_own, old)) => own || (!*was_own && seen(&inst) < seen(old)),
+            };
+            if better {
+                merged.insert(id, (own, inst));
+            }
+        }
+    }
+    Ok(merged.into_values().map(|(_, j)| j).collect())
+}
+
+/// `pmnc cluster status`: connects, asks, and returns the merged roster.
+pub fn ask_blocking(config: &crate::ClusterConfig, wait: Duration) -> Result<Vec<Json>, crate::Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::Config(format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        let conn = crate::connect::connect(config, "pmnc cluster status", false).await?;
+        let instances = ask(&conn, &config.flock, wait).await.map_err(crate::Error::Unreachable)?;
+        let _ = conn.client.drain().await;
+        Ok(instances)
+    })
+}
+
+/// The roster as a table: one row per cage of each instance.
+pub fn table(instances: &[Json]) -> String {
+    let mut rows: Vec<[String; 8]> = Vec::new();
+    for i in instances {
+        let s = |k: &str| i.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+        let uptime = i.get("uptime_s").and_then(Json::as_u64).map(human).unwrap_or_default();
+        let state = match i.get("down_reason").and_then(Json::as_str) {
+            Some(reason) if s("state") == "down" => format!("down ({reason})"),
+            _ => s("state"),
+        };
+        let load = i.get("load").and_then(|l| l.get("calls_in_flight")).map(|v| v.to_string()).unwrap_or_default();
+        let cages: Vec<String> = i
+            .get("cages")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().filter_map(|c| c.get("name").and_then(Json::as_str).map(str::to_string)).collect())
+            .unwrap_or_default();
+        let cages = if cages.is_empty() { vec!["-".to_string()] } else { cages };
+        for cage in cages {
+            rows.push([cage, s("instance"), s("host"), s("pid"), s("version"), uptime.clone(), state.clone(), load.clone()]);
+        }
+    }
+    rows.sort();
+    let header = ["CAGE", "INSTANCE", "HOST", "PID", "VERSION", "UPTIME", "STATE", "IN FLIGHT"].map(str::to_string);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = r.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn human(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silent_instances_go_down_and_leavers_at_once() {
+        let roster = Roster::default();
+        roster.heard(json!({"instance": "a", "heartbeat_ms": 100, "state": "up"}));
+        roster.heard(json!({"instance": "b", "heartbeat_ms": 100, "state": "leaving"}));
+        let snap = roster.snapshot();
+        let state = |id: &str, snap: &[Json]| {
+            snap.iter().find(|j| j["instance"] == id).map(|j| j["state"].as_str().unwrap_or("").to_string())
+        };
+        assert_eq!(state("a", &snap).as_deref(), Some("up"));
+        assert_eq!(state("b", &snap).as_deref(), Some("down"));
+        // Pretend a's last beat is old.
+        {
+            let mut e = roster.entries.lock().unwrap();
+            e.get_mut("a").unwrap().last_seen -= Duration::from_millis(400);
+        }
+        let snap = roster.snapshot();
+        assert_eq!(state("a", &snap).as_deref(), Some("down"));
+        assert_eq!(snap.iter().find(|j| j["instance"] == "a").unwrap()["down_reason"], "silent");
+    }
+
+    #[test]
+    fn table_has_a_row_per_cage() {
+        let t = table(&[json!({
+            "instance": "i1", "host": "h", "pid": 7, "version": "0.1.0", "uptime_s": 3700, "state": "up",
+            "load": {"calls_in_flight": 2}, "cages": [{"name": "web"}, {"name": "worker"}]
+        })]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("CAGE"));
+        assert!(lines[1].starts_with("web") && lines[1].contains("1h1m") && lines[1].contains("i1"), "{t}");
+        assert!(lines[2].starts_with("worker"), "{t}");
+    }
+}

@@ -1,0 +1,347 @@
+//! Cages in different processes calling each other over a private nats-server: calls, request
+//! ids, deadlines, errors, copies sharing calls, kill -9 of a copy, a NATS restart, payload
+//! limits, authentication, flocks and `pmnc cluster status`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nats::Nats;
+use common::*;
+
+const WEB: &str = r#"
+local M = {}
+
+-- Runs a call and reports its outcome as data, so the test sees the error text.
+local function try(f, ...)
+  local ok, r = pcall(f, ...)
+  if ok then return { ok = true, result = r } end
+  return { ok = false, err = tostring(r) }
+end
+
+function M.handle(request, response)
+  local p, q = request.path, request.query
+  if p == "/square" then return try(pmnc("worker").work.square, tonumber(q.n))
+  elseif p == "/boom" then return try(pmnc("worker").work.boom)
+  elseif p == "/slow" then return pmnc("worker").work.slow(tonumber(q.s))
+  elseif p == "/big" then return try(pmnc("worker").work.size, string.rep("x", tonumber(q.kb) * 1024))
+  elseif p == "/bigresult" then return try(pmnc("worker").work.blob, tonumber(q.kb))
+  elseif p == "/ghost" then return try(pmnc("ghost").m.f)
+  elseif p == "/remain" then return try(pmnc("worker").work.remain)
+  end
+  response.status = 404
+  return "no route"
+end
+
+return M
+"#;
+
+fn work(who: &str) -> String {
+    format!(
+        r#"local M = {{}}
+
+function M.square(n)
+  pmnc.log.info("square of", n)
+  return {{ who = "{who}", n = n * n, id = pmnc.request.id }}
+end
+
+function M.boom()
+  error("the worker failed on purpose")
+end
+
+function M.slow(s)
+  pmnc.sleep(s)
+  return "slept"
+end
+
+function M.size(s) return #s end
+function M.blob(kb) return string.rep("y", kb * 1024) end
+function M.remain() return pmnc.request.remain() end
+
+return M
+"#
+    )
+}
+
+fn cluster_table(url: &str) -> String {
+    format!("[cluster]\nurl = \"{url}\"\nheartbeat = \"200ms\"\n")
+}
+
+/// A web cage and worker copies (named "worker", told apart by the letter they answer with),
+/// each in its own folder, all joining `url`.
+fn lay_out(tree: &Tree, url: &str, copies: &[&str]) {
+    tree.write("web/cage.toml", &format!("request_timeout = \"2s\"\n{}\n{}", http_cage_toml(""), cluster_table(url)));
+    tree.write("web/http.lua", WEB);
+    for who in copies {
+        tree.write(&format!("worker_{who}/cage.toml"), &format!("name = \"worker\"\n{}", cluster_table(url)));
+        tree.write(&format!("worker_{who}/work.lua"), &work(who));
+    }
+}
+
+fn start(tree: &Tree, folder: &str) -> Server {
+    Server::start(&tree.path().join(folder), &[])
+}
+
+fn timed_get(addr: std::net::SocketAddr, path: &str) -> (Response, Duration) {
+    let t = Instant::now();
+    let r = get(addr, path);
+    (r, t.elapsed())
+}
+
+fn status_table(url: &str) -> String {
+    let out = pmnc_limited(&["cluster", "status", "--cluster", url, "--wait", "500ms"], Duration::from_secs(20));
+    assert_eq!(out.code, Some(0), "pmnc cluster status failed: {}", out.stderr);
+    out.stdout
+}
+
+#[test]
+fn cages_in_two_processes_call_each_other() {
+    let Some(nats) = Nats::start("cages_in_two_processes_call_each_other", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let _worker = start(&tree, "worker_a");
+    let web = start(&tree, "web");
+    let addr = web.addr("http");
+
+    let r = get(addr, "/square?n=7");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = json_body(&r);
+    assert_eq!(body["ok"], true, "{body}");
+    assert_eq!(body["result"]["n"], 49);
+    assert_eq!(body["result"]["who"], "a");
+    assert_eq!(body["result"]["id"], request_id(&r).as_str(), "the request id travels with the call");
+
+    // The callee's error names the target and the callee's file:line.
+    let body = json_body(&get(addr, "/boom"));
+    assert_eq!(body["ok"], false);
+    let err = body["err"].as_str().unwrap();
+    assert!(err.contains("calling worker.work.boom"), "{err}");
+    let line = line_of(&work("a"), "failed on purpose");
+    assert!(err.contains(&format!("work.lua:{line}:")) && err.contains("the worker failed on purpose"), "{err}");
+
+    // The callee runs under the caller's deadline (request_timeout 2s), not a fresh one of its own.
+    let body = json_body(&get(addr, "/remain"));
+    let remain = body["result"].as_f64().unwrap_or_else(|| panic!("{body}"));
+    assert!(remain > 0.5 && remain <= 2.0, "remain {remain}");
+
+    // A cage nobody runs: answered at once, not at the deadline.
+    let (r, took) = timed_get(addr, "/ghost");
+    let body = json_body(&r);
+    let err = body["err"].as_str().unwrap();
+    assert!(err.contains("no cage named ghost") && err.contains("flock default"), "{err}");
+    assert!(took < Duration::from_secs(1), "no responders took {took:?}");
+
+    let table = status_table(&nats.url());
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("CAGE"), "{table}");
+    assert!(rows.iter().any(|l| l.starts_with("web ") && l.contains(" up")), "{table}");
+    assert!(rows.iter().any(|l| l.starts_with("worker ") && l.contains(" up")), "{table}");
+}
+
+#[test]
+fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
+    let Some(nats) = Nats::start("copies_share_calls_and_a_killed_copy_is_stood_in_for", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a", "b"]);
+    let mut a = start(&tree, "worker_a");
+    let _b = start(&tree, "worker_b");
+    let web = start(&tree, "web");
+    let addr = web.addr("http");
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let body = json_body(&get(addr, "/square?n=3"));
+        assert_eq!(body["ok"], true, "{body}");
+        seen.insert(body["result"]["who"].as_str().unwrap().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both copies should get calls, saw only {seen:?}");
+
+    // kill -9 one copy; once NATS has dropped its connections (a presence connection and one
+    // per worker thread), no call fails and the survivor answers every one.
+    let before = nats.connections();
+    a.child.kill().expect("kill -9 worker a");
+    let _ = a.child.wait();
+    nats.wait_connections(before - 3, Duration::from_secs(10));
+    for i in 0..40 {
+        let body = json_body(&get(addr, "/square?n=2"));
+        assert_eq!(body["ok"], true, "call {i} after the kill failed: {body}");
+        assert_eq!(body["result"]["who"], "b");
+    }
+
+    // The killed copy stops heartbeating and is listed as down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = status_table(&nats.url());
+        let worker_rows: Vec<&str> = table.lines().filter(|l| l.starts_with("worker ")).collect();
+        if worker_rows.len() == 2 && worker_rows.iter().any(|l| l.contains("down (silent)")) && worker_rows.iter().any(|l| l.contains(" up")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the killed copy is not listed as down:\n{table}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_slow_callee_ends_at_the_callers_deadline() {
+    let Some(nats) = Nats::start("a_slow_callee_ends_at_the_callers_deadline", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let mut worker = start(&tree, "worker_a");
+    let web = start(&tree, "web");
+    let (r, took) = timed_get(web.addr("http"), "/slow?s=10");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
+    // The callee stopped too, at the same deadline.
+    let id = request_id(&r);
+    assert!(worker.wait_for_all(&[&id, "deadline"], Duration::from_secs(5)).is_some(), "{}", worker.log.join("\n"));
+}
+
+#[test]
+fn calls_fail_fast_while_nats_is_down_and_recover_after() {
+    let Some(mut nats) = Nats::start("calls_fail_fast_while_nats_is_down_and_recover_after", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let _worker = start(&tree, "worker_a");
+    let mut web = start(&tree, "web");
+    let addr = web.addr("http");
+    assert_eq!(json_body(&get(addr, "/square?n=1"))["ok"], true);
+
+    nats.kill();
+    web.wait_for("lost the connection to NATS", Duration::from_secs(10)).expect("the web cage notices NATS is gone");
+    for _ in 0..3 {
+        let (r, took) = timed_get(addr, "/square?n=1");
+        let body = json_body(&r);
+        assert_eq!(body["ok"], false, "{body}");
+        let err = body["err"].as_str().unwrap();
+        assert!(err.contains("the cluster is unreachable"), "{err}");
+        assert!(took < Duration::from_millis(500), "a call with NATS down took {took:?}");
+    }
+
+    nats.up();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = json_body(&get(addr, "/square?n=5"));
+        if body["ok"] == true {
+            assert_eq!(body["result"]["n"], 25);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery after NATS came back: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn payloads_over_max_payload_are_refused_clearly() {
+    let Some(nats) = Nats::start("payloads_over_max_payload_are_refused_clearly", "max_payload: 4096\n") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let _worker = start(&tree, "worker_a");
+    let web = start(&tree, "web");
+    let addr = web.addr("http");
+    let body = json_body(&get(addr, "/big?kb=1"));
+    assert_eq!(body["result"], 1024, "{body}");
+    let body = json_body(&get(addr, "/big?kb=8"));
+    let err = body["err"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(err.contains("max_payload of 4096 bytes"), "{err}");
+    let body = json_body(&get(addr, "/bigresult?kb=8"));
+    let err = body["err"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(err.contains("the result takes") && err.contains("max_payload of 4096 bytes"), "{err}");
+}
+
+#[test]
+fn credentials_are_required_and_bad_ones_refused() {
+    let Some(nats) = Nats::start(
+        "credentials_are_required_and_bad_ones_refused",
+        "authorization {\n  user: pmnc\n  password: s3cret\n}\n",
+    ) else {
+        return;
+    };
+    let tree = Tree::new();
+    let cluster = format!("[cluster]\nurl = \"{}\"\nuser = \"pmnc\"\npassword = \"${{TEST_NATS_PASSWORD}}\"\n", nats.url());
+    tree.write("worker/cage.toml", &cluster);
+    tree.write("worker/work.lua", &work("a"));
+    let path = tree.path().join("worker");
+
+    let refused = Server::try_start_env(&path, 1, &[], &[("TEST_NATS_PASSWORD", "wrong")]);
+    let log = refused.err().expect("a wrong password must stop the start");
+    assert!(log.contains("refused this process's credentials (user pmnc)"), "{log}");
+    assert!(!log.contains("wrong"), "the password must not be logged: {log}");
+
+    let _worker = Server::try_start_env(&path, 1, &[], &[("TEST_NATS_PASSWORD", "s3cret")]).expect("the right password");
+    let out = pmnc_limited(&["cluster", "status", "--cluster", &nats.url()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("refused"), "{}", out.stderr);
+    let out = pmnc_env_limited(
+        &["cluster", "status", path.to_str().unwrap(), "--wait", "500ms"],
+        &[("TEST_NATS_PASSWORD", "s3cret")],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.lines().any(|l| l.starts_with("worker ")), "{}", out.stdout);
+}
+
+#[test]
+fn flocks_on_one_nats_do_not_meet() {
+    let Some(nats) = Nats::start("flocks_on_one_nats_do_not_meet", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let _worker = start(&tree, "worker_a");
+    let web = Server::start(&tree.path().join("web"), &["--flock", "other"]);
+    let body = json_body(&get(web.addr("http"), "/square?n=2"));
+    let err = body["err"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(err.contains("no cage named worker") && err.contains("flock other"), "{err}");
+}
+
+#[test]
+fn a_copy_stopped_with_sigterm_loses_no_call() {
+    let Some(nats) = Nats::start("a_copy_stopped_with_sigterm_loses_no_call", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a", "b"]);
+    let mut a = start(&tree, "worker_a");
+    let _b = start(&tree, "worker_b");
+    let web = start(&tree, "web");
+    let addr = web.addr("http");
+    // Calls run without pause from another thread while copy a stops.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let done = std::sync::Arc::new(AtomicUsize::new(0));
+    let caller = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut calls, mut failures, mut who) = (0, Vec::new(), std::collections::BTreeMap::new());
+            while !stop.load(Ordering::Relaxed) {
+                let body = json_body(&get(addr, "/square?n=4"));
+                calls += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+                if body["ok"] != true {
+                    failures.push(body.to_string());
+                } else {
+                    *who.entry(body["result"]["who"].as_str().unwrap_or("?").to_string()).or_insert(0) += 1;
+                }
+            }
+            (calls, failures, who)
+        })
+    };
+    // Let both copies take calls, then stop a gracefully.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.wait_for("square of", Duration::from_millis(10)).is_none() {
+        assert!(Instant::now() < deadline, "copy a got no call");
+    }
+    a.signal(15);
+    let status = a.wait_exit(Duration::from_secs(10)).expect("copy a exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // Keep calling for 50 more calls after it left.
+    let at_exit = done.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.load(Ordering::Relaxed) < at_exit + 50 {
+        assert!(Instant::now() < deadline, "calls stalled after copy a left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (calls, failures, who) = caller.join().unwrap();
+    assert!(failures.is_empty(), "{} of {calls} calls failed: {failures:?}", failures.len());
+    assert!(who.get("b").copied().unwrap_or(0) > 0, "{who:?}");
+}

@@ -1,0 +1,119 @@
+//! A private `nats-server` per test, on free ports, that a test can stop and start again.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The nats-server binary: $NATS_SERVER, else on PATH, else Debian's /usr/sbin.
+pub fn binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    /// The HTTP monitoring port (/connz, /varz).
+    pub monitor: u16,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts nats-server with `config` (nats-server.conf text, may be empty). None, with a loud
+    /// message, when the binary is not installed.
+    pub fn start(test: &str, config: &str) -> Option<Nats> {
+        let Some(bin) = binary() else {
+            eprintln!(
+                "\n*** SKIPPED {test}: nats-server not found (set NATS_SERVER or install it: apt-get install nats-server) ***\n"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(&conf, config).expect("write nats.conf");
+        let port = super::spare_port();
+        let monitor = super::spare_port();
+        let args = vec![
+            bin.display().to_string(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-m".into(),
+            monitor.to_string(),
+            "-c".into(),
+            conf.display().to_string(),
+        ];
+        let mut n = Nats { child: None, port, monitor, args, _dir: dir };
+        n.up();
+        Some(n)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on the same ports and waits until it accepts connections.
+    pub fn up(&mut self) {
+        let child = Command::new(&self.args[0])
+            .args(&self.args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {} within 10 s", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server at once (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The number of client connections the server has now (from its monitoring port).
+    pub fn connections(&self) -> usize {
+        let mut s = TcpStream::connect(("127.0.0.1", self.monitor)).expect("connect to the nats monitoring port");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        use std::io::{Read, Write};
+        s.write_all(b"GET /varz HTTP/1.0\r\nhost: x\r\n\r\n").expect("ask /varz");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("/varz is not JSON ({e}): {out}"));
+        v["connections"].as_u64().unwrap_or_else(|| panic!("no connections in /varz: {body}")) as usize
+    }
+
+    /// Waits until the server counts exactly `n` connections.
+    pub fn wait_connections(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.connections();
+            if now == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nats-server still has {now} connections, waiting for {n}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
