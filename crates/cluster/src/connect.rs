@@ -53,6 +53,8 @@ pub async fn connect(config: &ClusterConfig, name: &str, retry: bool) -> Result<
     let who = servers.clone();
     let role = name.to_string();
     let ever = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // While NATS is away the client fails every retry the same way: one line per new reason.
+    let last_error = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(config.connect_timeout)
@@ -71,10 +73,12 @@ pub async fn connect(config: &ClusterConfig, name: &str, retry: bool) -> Result<
             let who = who.clone();
             let role = role.clone();
             let ever = ever.clone();
+            let last_error = last_error.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         connects_tx.send_modify(|n| *n += 1);
+                        last_error.lock().unwrap_or_else(|p| p.into_inner()).clear();
                         // Every worker has a connection: only reconnects are worth a line each.
                         if ever.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::info!("cluster: reconnected to NATS ({who}) [{role}]");
@@ -88,7 +92,16 @@ pub async fn connect(config: &ClusterConfig, name: &str, retry: bool) -> Result<
                     }
                     async_nats::Event::Closed => state_tx.send_modify(|n| *n += 1),
                     async_nats::Event::ServerError(e) => tracing::warn!("cluster: NATS ({who}) reports: {e}"),
-                    async_nats::Event::ClientError(e) => tracing::warn!("cluster: NATS client error ({who}): {e}"),
+                    async_nats::Event::ClientError(e) => {
+                        let text = e.to_string();
+                        let mut last = last_error.lock().unwrap_or_else(|p| p.into_inner());
+                        if *last != text {
+                            tracing::warn!("cluster: NATS client error ({who}) [{role}]: {text} (retrying)");
+                            *last = text;
+                        } else {
+                            tracing::debug!("cluster: NATS client error ({who}) [{role}]: {text}");
+                        }
+                    }
                     async_nats::Event::SlowConsumer(_) => {
                         tracing::warn!("cluster: this process reads calls slower than they arrive; NATS dropped some")
                     }
@@ -136,6 +149,10 @@ fn connect_error(servers: &str, auth: &Auth, e: async_nats::ConnectError) -> Err
         )),
         K::Tls => Error::Refused(format!("cluster: TLS with NATS ({servers}) failed: {e}")),
         K::ServerParse | K::Dns => Error::Config(format!("cluster: cannot resolve the NATS servers ({servers}): {e}")),
+        // rustls reports a certificate it does not trust as an I/O error.
+        K::Io if e.to_string().contains("certificate") || e.to_string().contains("TLS") => {
+            Error::Refused(format!("cluster: TLS with NATS ({servers}) failed: {e}; check [cluster] tls_ca (the CA that signed the server's certificate)"))
+        }
         K::TimedOut | K::Io | K::MaxReconnects => {
             Error::Unreachable(format!("cluster: cannot reach NATS ({servers}): {e}"))
         }

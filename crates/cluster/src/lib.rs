@@ -146,7 +146,8 @@ impl Cluster {
             Err(e) => return Err(e),
         };
         tracing::info!(
-            "cluster: joined flock {} at {} as instance {} ({} pid {})",
+            "cluster: {} flock {} at {} as instance {} ({} pid {})",
+            if conn.is_up() { "joined" } else { "joining" },
             self.identity.flock,
             conn.servers,
             self.identity.instance,

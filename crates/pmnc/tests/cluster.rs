@@ -345,3 +345,59 @@ fn a_copy_stopped_with_sigterm_loses_no_call() {
     assert!(failures.is_empty(), "{} of {calls} calls failed: {failures:?}", failures.len());
     assert!(who.get("b").copied().unwrap_or(0) > 0, "{who:?}");
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with the openssl command; None (with
+/// a loud message) when openssl is not installed.
+fn make_certs(dir: &std::path::Path) -> Option<()> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !run(&["version"]) {
+        eprintln!("\n*** SKIPPED cluster TLS test: the openssl command is not installed (apt-get install openssl) ***\n");
+        return None;
+    }
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=pmnc test ca"][..],
+        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"][..],
+        &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"][..],
+    ] {
+        assert!(run(args), "openssl {args:?} failed");
+    }
+    Some(())
+}
+
+#[test]
+fn tls_to_nats_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    if make_certs(certs.path()).is_none() {
+        return;
+    }
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    let conf = format!("tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n", c("server.pem"), c("server.key"));
+    let Some(nats) = Nats::start("tls_to_nats_with_a_private_ca", &conf) else { return };
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let tree = Tree::new();
+    let cluster = |extra: &str| format!("[cluster]\nurl = \"{url}\"\n{extra}");
+    tree.write("web/cage.toml", &format!("{}\n{}", http_cage_toml(""), cluster(&format!("tls_ca = \"{}\"\n", c("ca.pem")))));
+    tree.write("web/http.lua", WEB);
+    tree.write("worker/cage.toml", &cluster(&format!("tls_ca = \"{}\"\n", c("ca.pem"))));
+    tree.write("worker/work.lua", &work("t"));
+    tree.write("untrusting/cage.toml", &format!("name = \"worker\"\n{}", cluster("")));
+    tree.write("untrusting/work.lua", &work("u"));
+
+    let log = Server::try_start(&tree.path().join("untrusting"), &[]).err().expect("an unknown CA must stop the start");
+    assert!(log.contains("TLS with NATS") || log.contains("certificate"), "{log}");
+
+    let _worker = start(&tree, "worker");
+    let web = start(&tree, "web");
+    let body = json_body(&get(web.addr("http"), "/square?n=9"));
+    assert_eq!(body["result"]["n"], 81, "{body}");
+}

@@ -124,6 +124,8 @@ impl Server {
                 }
             });
         }
+        // Only the readers hold senders now, so a process that exits ends the waits at once.
+        drop(tx);
         let mut s = Server { child, lines: rx, log: Vec::new(), addrs: Vec::new() };
         match s.wait_for("running ", Duration::from_secs(30)) {
             Some(_) => Ok(s),
