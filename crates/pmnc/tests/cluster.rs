@@ -401,3 +401,22 @@ fn tls_to_nats_with_a_private_ca() {
     let body = json_body(&get(web.addr("http"), "/square?n=9"));
     assert_eq!(body["result"]["n"], 81, "{body}");
 }
+
+#[test]
+fn an_nkey_seed_authenticates() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("a new key pair has a seed");
+    let conf = format!("authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n", user.public_key());
+    let Some(nats) = Nats::start("an_nkey_seed_authenticates", &conf) else { return };
+    let tree = Tree::new();
+    let cluster = format!("[cluster]\nurl = \"{}\"\nnkey_seed = \"${{TEST_NKEY_SEED}}\"\n", nats.url());
+    tree.write("worker/cage.toml", &cluster);
+    tree.write("worker/work.lua", &work("n"));
+    let path = tree.path().join("worker");
+    let other = nkeys::KeyPair::new_user().seed().unwrap();
+    let log = Server::try_start_env(&path, 1, &[], &[("TEST_NKEY_SEED", &other)]).err().expect("an unknown nkey is refused");
+    assert!(log.contains("refused this process's credentials (nkey)"), "{log}");
+    assert!(!log.contains(&other), "the seed must not be logged");
+    let mut worker = Server::try_start_env(&path, 1, &[], &[("TEST_NKEY_SEED", &seed)]).expect("the right nkey");
+    assert!(worker.wait_for("joined flock default", Duration::from_secs(5)).is_some());
+}
