@@ -420,3 +420,26 @@ fn an_nkey_seed_authenticates() {
     let mut worker = Server::try_start_env(&path, 1, &[], &[("TEST_NKEY_SEED", &seed)]).expect("the right nkey");
     assert!(worker.wait_for("joined flock default", Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn cages_of_one_process_must_agree_on_the_cluster() {
+    let tree = Tree::new();
+    tree.write("cages/a/cage.toml", "[cluster]\nurl = \"nats://127.0.0.1:4222\"\n");
+    tree.write("cages/a/m.lua", "return {}\n");
+    tree.write("cages/b/cage.toml", "\n[cluster]\nurl = \"nats://127.0.0.1:4222\"\nflock = \"other\"\n");
+    tree.write("cages/b/m.lua", "return {}\n");
+    let out = pmnc_limited(&["run", tree.path().to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("b/cage.toml:2: cluster: differs from [cluster] in"), "{}", out.stderr);
+    assert!(out.stderr.contains("a/cage.toml:1"), "{}", out.stderr);
+
+    let out = pmnc_limited(&["run", tree.path().join("cages/a").to_str().unwrap(), "--cluster", "nats://a:b:c"], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("--cluster: \"nats://a:b:c\" is not a NATS server address"), "{}", out.stderr);
+    let out = pmnc_limited(&["check", tree.path().join("cages/a").to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    tree.write("cages/a/cage.toml", "[cluster]\nurl = \"nats://127.0.0.1:4222\"\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n");
+    let out = pmnc_limited(&["check", tree.path().join("cages/a").to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("one way of authenticating"), "{}", out.stderr);
+}
