@@ -23,13 +23,16 @@ def wait_port(port, timeout=10):
             time.sleep(0.02)
     sys.exit(f"nothing listens on {port}")
 
-def wait_line(proc, needle, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        line = proc.stderr.readline() or proc.stdout.readline()
+def wait_line(stream, needle):
+    """Reads lines until one holds `needle`; returns every line read."""
+    seen = []
+    for line in stream:
+        seen.append(line)
         if needle in line:
-            return line
-    sys.exit(f"no {needle!r} from {proc.args}")
+            # Keep reading in the background so a chatty process never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+            return seen
+    sys.exit(f"the stream ended before {needle!r}")
 
 def pct(xs, p):
     xs = sorted(xs); return xs[min(len(xs) - 1, int(len(xs) * p))]
@@ -53,7 +56,7 @@ def main():
         # 1. bare
         responder = subprocess.Popen([a.pmnc, "raw-nats", url, "--respond"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(responder)
-        wait_line(responder, "ready")
+        wait_line(responder.stdout, "ready")
         for inflight in (1, 32):
             out = subprocess.run([a.pmnc, "raw-nats", url, "--in-flight", str(inflight), "--count", str(a.calls)], capture_output=True, text=True, check=True)
             results[("bare", inflight)] = json.loads(out.stdout)
@@ -78,12 +81,11 @@ def main():
         env = dict(os.environ, RUST_LOG="warn")
         worker = subprocess.Popen([a.pmnc, "run", f"{tmp}/worker", "--workers", str(a.workers), "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         procs.append(worker)
-        wait_line(worker, "running ")
+        wait_line(worker.stderr, "running ")
         caller = subprocess.Popen([a.pmnc, "run", f"{tmp}/caller", "--workers", str(a.workers), "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         procs.append(caller)
-        line = wait_line(caller, "listening on ")
+        line = next(l for l in wait_line(caller.stderr, "running ") if "listening on " in l)
         http_port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-        wait_line(caller, "running ")
         for inflight in (1, 32):
             per = a.calls // inflight
             lat, lock = [], threading.Lock()
