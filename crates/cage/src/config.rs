@@ -55,6 +55,8 @@ pub struct CageConfig {
     pub log_level: Option<String>,
     pub interfaces: Vec<Arc<dyn Interface>>,
     pub resources: Vec<rustomnic_resource::ResourceConfig>,
+    /// `[monitor]`, when the file has the table (docs/monitoring.md).
+    pub monitor: Option<rustomnic_monitor::MonitorConfig>,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -175,8 +177,9 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             resources.push(state);
         }
     }
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources })
+    let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "monitor"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, monitor })
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it

@@ -132,6 +132,8 @@ pub(crate) enum WorkerCmd {
     Module { cage: String, name: String, module: Option<Module> },
     /// A resource's config changed (or it was added, or removed with `None`).
     Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
+    /// Runs a job inside the worker's LocalSet (the monitor delivers alerts this way).
+    Run(rustomnic_monitor::WorkerJob),
 }
 
 /// Handles to every worker, for the acceptors and the watcher.
@@ -141,6 +143,21 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
+    /// Runs `job` on one worker thread, the next in turn that is still running.
+    pub fn run_job(&self, job: rustomnic_monitor::WorkerJob) -> Result<(), String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = self.senders.len();
+        let mut cmd = WorkerCmd::Run(job);
+        for _ in 0..n {
+            let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+            match self.senders[i].send(cmd) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => cmd = back,
+            }
+        }
+        Err("no worker thread is running (shutting down)".into())
+    }
+
     /// Sends a resource's new config to every worker.
     pub fn broadcast_resource(&self, cage: &str, name: &str, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats>) {
         for tx in self.senders.iter() {
@@ -184,6 +201,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             listeners.push((index, listener));
         }
     }
+    let (monitor_config, monitor_listener) = crate::monitor::bind(&cages)?;
     // Logged only once every bind succeeded, so a start refused for a taken port never claims
     // to have listened.
     for (index, listener) in &listeners {
@@ -226,6 +244,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
     }
     let workers = Workers { senders: Arc::new(senders) };
+    let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
 
     let watcher = if options.watch {
         Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
@@ -262,6 +281,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         let _ = joined.await;
     });
     drop(watcher);
+    drop(monitor);
     tracing::info!("stopped");
     Ok(())
 }
@@ -363,6 +383,7 @@ fn worker_main(
             worker::install(Rc::new(vm));
         }
         let pools = resources.install();
+        tokio::task::spawn_local(rustomnic_lua::metrics::sample_memory(n));
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));
@@ -394,6 +415,7 @@ fn worker_main(
                 }
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
                 Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
+                Some(WorkerCmd::Run(job)) => job(),
                 None => break,
             }
         }

@@ -132,6 +132,9 @@ fn run(
         let _ = ready.send(Ok(()));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the first sample comes a second after the start so
+        // its rates are over a whole second.
+        tick.tick().await;
         let mut last = Instant::now();
         loop {
             tokio::select! {

@@ -91,11 +91,12 @@ impl Default for Store {
 }
 
 /// The rate per second of a counter that went from `before` to `now` in `secs`.
+/// A counter seen for the first time counted from zero: its series is made at its first event.
 fn rate(before: Option<u64>, now: u64, secs: f64) -> f64 {
-    match before {
-        Some(b) if secs > 0.0 => now.saturating_sub(b) as f64 / secs,
-        _ => 0.0,
+    if secs <= 0.0 {
+        return 0.0;
     }
+    now.saturating_sub(before.unwrap_or(0)) as f64 / secs
 }
 
 /// The fine buckets of an interval: `now` minus `before` (all of `now` the first time).
@@ -316,7 +317,9 @@ mod tests {
     fn sampling_turns_counters_into_rates() {
         let m = metrics::interface("series-test", "http");
         let mut s = Store::new();
+        m.requests.fetch_add(3, Ordering::Relaxed);
         s.sample(1.0, 1.0);
+        assert_eq!(s.latest("interface/series-test/http/requests_per_s"), Some(3.0), "first seen: counted from zero");
         m.requests.fetch_add(10, Ordering::Relaxed);
         m.errors.fetch_add(4, Ordering::Relaxed);
         m.latency.observe_us(2_000);
