@@ -52,6 +52,9 @@ function chartSpecs(names) {
       add(`g/${p[1]}`, null, p[1], name, p.slice(2).join("/") || p[1]);
     }
   }
+  const order = ["requests_per_s", "calls_per_s", "errors_per_s", "in_flight", "in_use", "idle", "waiting", "p50", "p90", "p99"];
+  const rank = (label) => { const i = order.indexOf(label); return i < 0 ? order.length : i; };
+  for (const spec of specs.values()) spec.series.sort((a, b) => rank(a[1]) - rank(b[1]) || a[1].localeCompare(b[1]));
   return specs;
 }
 
