@@ -30,20 +30,20 @@ fn figures(cage: &str, interface: &str) -> Arc<InterfaceMetrics> {
 }
 
 /// One request being counted: in flight from [`Recording::start`] until it ends or is dropped.
-pub(crate) struct Recording {
+pub struct Recording {
     figures: Arc<InterfaceMetrics>,
     started: Instant,
     done: bool,
 }
 
 impl Recording {
-    pub(crate) fn start(ctx: &RequestCtx) -> Recording {
+    pub fn start(ctx: &RequestCtx) -> Recording {
         let figures = figures(&ctx.cage, &ctx.interface);
         figures.in_flight.fetch_add(1, Ordering::Relaxed);
         Recording { figures, started: Instant::now(), done: false }
     }
 
-    pub(crate) fn finish<T>(&mut self, ctx: &RequestCtx, result: &Result<T, RunError>) {
+    pub fn finish<T>(&mut self, ctx: &RequestCtx, result: &Result<T, RunError>) {
         if self.done {
             return;
         }

@@ -56,11 +56,14 @@ pub fn number(v: f64) -> String {
     }
 }
 
+/// A counter family: name, help, and how to read it from the figures of one series.
+type Counter<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 /// The whole `/metrics` page.
 pub fn render() -> String {
     let mut t = Text { out: String::new() };
     let interfaces = metrics::interfaces();
-    let counters: [(&str, &str, fn(&metrics::InterfaceMetrics) -> u64); 4] = [
+    let counters: [Counter<metrics::InterfaceMetrics>; 4] = [
         ("pmnc_requests_total", "Requests that ended, however they ended.", |m| m.requests.load(Ordering::Relaxed)),
         ("pmnc_request_errors_total", "Requests that failed (an error, a missing handler or a passed deadline).", |m| m.errors.load(Ordering::Relaxed)),
         ("pmnc_request_timeouts_total", "Requests stopped at their deadline.", |m| m.timeouts.load(Ordering::Relaxed)),
@@ -82,7 +85,7 @@ pub fn render() -> String {
     }
 
     let resources = rustomnic_resource::all_stats();
-    let counters: [(&str, &str, fn(&rustomnic_resource::PoolStats) -> u64); 3] = [
+    let counters: [Counter<rustomnic_resource::PoolStats>; 3] = [
         ("pmnc_resource_calls_total", "Calls to a resource (participants of transactions).", |s| s.calls.load(Ordering::Relaxed)),
         ("pmnc_resource_errors_total", "Calls to a resource that failed.", |s| s.errors.load(Ordering::Relaxed)),
         ("pmnc_resource_connect_failures_total", "Connects to a resource that failed.", |s| s.connect_failures.load(Ordering::Relaxed)),

@@ -108,3 +108,41 @@ pub(crate) fn status(shared: &Shared) -> Value {
         "cluster": cluster,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    #[test]
+    fn status_lists_cages_and_the_cluster_when_a_source_is_set() {
+        let shared = Shared {
+            store: Mutex::new(Store::new()),
+            alerts: Mutex::new(crate::alerts::Alerts::new(Vec::new())),
+            auth: crate::Auth::None,
+            cages: vec!["status-test".into()],
+            started: Instant::now(),
+            started_unix: 0.0,
+            addr: None,
+        };
+        metrics::interface("status-test", "http").requests.fetch_add(5, Ordering::Relaxed);
+        let st = status(&shared);
+        let cage = st["cages"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "status-test").cloned()).unwrap_or_default();
+        assert_eq!(cage["interfaces"][0]["requests"], 5, "{st}");
+        assert!(st["cluster"].is_null(), "{st}");
+        let source: Arc<dyn cluster::ClusterSource> =
+            Arc::new(|| vec![cluster::sample_instance("web", "b", false), cluster::sample_instance("api", "a", true)]);
+        cluster::set_cluster_source(Some(source));
+        let st = status(&shared);
+        cluster::set_cluster_source(None);
+        let instances = st["cluster"].as_array().cloned().unwrap_or_default();
+        assert_eq!(instances.len(), 2, "{st}");
+        // Sorted by cage: api first.
+        assert_eq!(instances[0]["cage"], "api");
+        assert_eq!(instances[0]["up"], true);
+        assert_eq!(instances[1]["up"], false);
+        assert_eq!(instances[1]["monitor_url"], "http://host-a:9100/?cage=web");
+        assert_eq!(instances[1]["pid"], 4242);
+    }
+}
