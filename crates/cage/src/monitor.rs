@@ -24,16 +24,35 @@ pub(crate) fn bind(cages: &[PreparedCage]) -> Result<(MonitorConfig, Option<std:
     Ok((config, listener))
 }
 
+/// Alert targets in cages of this process that have no such public function: config problems,
+/// reported with the rule's file and line before anything listens.
+pub(crate) fn check_targets(cages: &[PreparedCage]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for c in cages {
+        for rule in c.config.monitor.iter().flat_map(|m| &m.alerts) {
+            let (cage, module, function) = &rule.target;
+            let Some(target) = cages.iter().find(|t| &t.config.name == cage) else { continue };
+            match target.modules.get(module) {
+                None => problems.push(format!("{}: cage {cage} has no module {module} ({cage}/{module}.lua)", rule.target_at)),
+                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(format!(
+                    "{}: module {module} ({}) has no function {function} (it has: {})",
+                    rule.target_at,
+                    m.display,
+                    if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    problems
+}
+
 /// Starts the sampler, the alert rules and (with a listener) the page.
 pub(crate) fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cages: &[PreparedCage], workers: &Workers) -> Result<MonitorHandle, Error> {
     for rule in &config.alerts {
-        let (cage, module, function) = &rule.target;
-        match cages.iter().find(|c| &c.config.name == cage) {
-            None => tracing::warn!(cage = %rule.owner, "alert {}: cage {cage} does not run in this process; its alerts go to the cluster", rule.name),
-            Some(c) if !c.modules.get(module).is_some_and(|m| m.functions.iter().any(|f| f == function)) => {
-                tracing::warn!(cage = %rule.owner, "alert {}: {cage} has no function {module}.{function} (yet); its alerts fail until it has", rule.name)
-            }
-            Some(_) => {}
+        let cage = &rule.target.0;
+        if !cages.iter().any(|c| &c.config.name == cage) {
+            tracing::warn!(cage = %rule.owner, "alert {}: cage {cage} does not run in this process; its alerts go to the cluster ({})", rule.name, rule.target_at);
         }
     }
     let w = workers.clone();

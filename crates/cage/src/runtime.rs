@@ -83,6 +83,7 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
             }
         }
     }
+    problems.extend(crate::monitor::check_targets(&cages));
     if problems.is_empty() {
         Ok(cages)
     } else {

@@ -276,6 +276,7 @@ mod tests {
             hold: Duration::from_secs(hold),
             repeat: Duration::from_secs(repeat),
             target: ("ops".into(), "alerts".into(), "receive".into()),
+            target_at: String::new(),
         }
     }
 

@@ -80,6 +80,8 @@ pub struct AlertRule {
     pub repeat: Duration,
     /// (cage, module, function) that receives the alert.
     pub target: (String, String, String),
+    /// "file:line: monitor.alerts.NAME.target", for problems found after reading.
+    pub target_at: String,
 }
 
 /// `[monitor]` of one cage.
@@ -189,8 +191,12 @@ fn read_rule(name: &str, s: &Section<'_>, owner: &str) -> Option<AlertRule> {
     let cage = s.string("cage").map(|c| c.value);
     let interface = s.string("interface").map(|c| c.value);
     let queue = s.string("queue").map(|c| c.value);
+    let mut target_at = String::new();
     let target = match s.string("target") {
-        Some(t) => parse_target(&t),
+        Some(t) => {
+            target_at = format!("{}:{}: {}", t.file.display(), t.line, t.key);
+            parse_target(&t)
+        }
         None => {
             s.table_error(format!("alert {name}: target is missing (\"cage.module.function\" that receives the alert)"));
             None
@@ -221,7 +227,7 @@ fn read_rule(name: &str, s: &Section<'_>, owner: &str) -> Option<AlertRule> {
         AlertKind::CageDown => cage,
         _ => Some(cage.unwrap_or_else(|| owner.to_string())),
     };
-    Some(AlertRule { name: name.to_string(), owner: owner.to_string(), kind, cage, subject, threshold, hold, repeat, target: target? })
+    Some(AlertRule { name: name.to_string(), owner: owner.to_string(), kind, cage, subject, threshold, hold, repeat, target: target?, target_at })
 }
 
 fn parse_target(t: &Located<String>) -> Option<Result<(String, String, String), String>> {
@@ -314,6 +320,7 @@ mod tests {
         let e = &c.alerts[0];
         assert_eq!((e.kind, e.threshold, e.hold, e.cage.as_deref()), (AlertKind::ErrorRate, 0.5, Duration::from_secs(10), Some("c")));
         assert_eq!(e.target, ("ops".into(), "alerts".into(), "receive".into()));
+        assert_eq!(e.target_at, "c/cage.toml:5: monitor.alerts.errors.target");
         assert_eq!(c.alerts[1].repeat, Duration::from_secs(1));
         let (c, errors) = parse("[monitor.alerts.x]\nkind = \"fire\"\ntarget = \"a.b\"\nwhen = 1\n");
         assert!(c.alerts.is_empty());

@@ -93,7 +93,7 @@ pub fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cag
         Err(_) => return Err("the monitor thread did not start".into()),
     }
     if let Some(a) = addr {
-        tracing::info!("monitor page at http://{a}/ (also /metrics and /status)");
+        tracing::info!("monitor page at http://{a}/ (also /metrics and /status; a failed request: http://{a}/#request-<id>)");
     }
     Ok(MonitorHandle { addr, stop: Some(stop_tx), thread: Some(thread) })
 }

@@ -302,3 +302,51 @@ fn listen_false_turns_the_page_off() {
     s.drain(Duration::from_millis(300));
     assert!(!s.log.iter().any(|l| l.contains("monitor page at")), "{:?}", s.log);
 }
+
+#[test]
+fn alert_targets_in_this_process_must_exist() {
+    let t = Tree::new();
+    t.write(
+        "app/cages/web/cage.toml",
+        &http_cage_toml("\n[monitor.alerts.a]\nkind = \"module_error\"\ntarget = \"ops.alerts.recieve\"\n[monitor.alerts.b]\nkind = \"module_error\"\ntarget = \"ops.nothing.receive\"\n[monitor.alerts.c]\nkind = \"module_error\"\ntarget = \"elsewhere.alerts.receive\"\n"),
+    );
+    t.write("app/cages/web/http.lua", HANDLER);
+    t.write("app/cages/ops/cage.toml", "");
+    t.write("app/cages/ops/alerts.lua", ALERTS);
+    let out = pmnc_limited(&["check", &t.path().join("app").display().to_string()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("web/cage.toml:6: monitor.alerts.a.target: module alerts (ops/alerts.lua) has no function recieve (it has: receive)"), "{}", out.stderr);
+    assert!(out.stderr.contains("web/cage.toml:9: monitor.alerts.b.target: cage ops has no module nothing"), "{}", out.stderr);
+    assert!(!out.stderr.contains("elsewhere"), "a cage elsewhere is not a problem: {}", out.stderr);
+}
+
+#[test]
+fn error_rate_alert_fires_from_live_figures() {
+    let t = Tree::new();
+    t.write(
+        "web/cage.toml",
+        &http_cage_toml("[monitor.alerts.errors]\nkind = \"error_rate\"\nthreshold = 0.1\ninterface = \"http\"\ntarget = \"web.alerts.receive\"\n"),
+    );
+    t.write("web/http.lua", HANDLER);
+    t.write("web/alerts.lua", ALERTS);
+    let mut s = Server::start(&t.path().join("web"), &[]);
+    let http = s.addr("http");
+    // Mixed with successes: the rule looks at errors per second, not at their share.
+    for _ in 0..5 {
+        assert_eq!(get(http, "/").status, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(get(http, "/fail").status, 500);
+    }
+    let line = s.wait_for("alert errors fired", Duration::from_secs(10)).expect("the alert fires");
+    assert!(line.contains("errors/s over the last 10 s (threshold 0.1), most on interface http"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get(http, "/alerts").text();
+        if text.starts_with("1 errors|error_rate|http|cage web: ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alert not received: {text:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
