@@ -133,10 +133,39 @@ function showStatus(st) {
     el("td", {}, e.request_id ? el("a", { href: "#request-" + e.request_id }, e.request_id) : ""), el("td", { class: "message" }, e.message))));
 }
 
+// The window's columns, kept here: the whole window is fetched once, then only newer samples.
+let cache = null;
+
+async function fetchSeries() {
+  const fresh = !cache || cache.window !== windowName || cache.time.length === 0;
+  const since = fresh ? "" : "&since=" + cache.time[cache.time.length - 1];
+  const r = await fetch(withToken("api/series?window=" + windowName + since));
+  if (!r.ok) throw new Error("series: HTTP " + r.status);
+  const d = await r.json();
+  if (fresh) {
+    cache = { window: windowName, time: d.time, series: d.series };
+    return cache;
+  }
+  const before = cache.time.length;
+  for (const key of Object.keys(d.series)) {
+    if (!cache.series[key]) cache.series[key] = new Array(before).fill(null);
+  }
+  for (const [key, column] of Object.entries(cache.series)) {
+    column.push(...(d.series[key] || new Array(d.time.length).fill(null)));
+  }
+  cache.time.push(...d.time);
+  const extra = cache.time.length - d.size;
+  if (extra > 0) {
+    cache.time.splice(0, extra);
+    for (const column of Object.values(cache.series)) column.splice(0, extra);
+  }
+  return cache;
+}
+
 async function tick() {
   try {
     const [series, status] = await Promise.all([
-      fetch(withToken("api/series?window=" + windowName)).then((r) => r.ok ? r.json() : Promise.reject(new Error("series: HTTP " + r.status))),
+      fetchSeries(),
       fetch(withToken("status")).then((r) => r.ok ? r.json() : Promise.reject(new Error("status: HTTP " + r.status))),
     ]);
     draw(series);

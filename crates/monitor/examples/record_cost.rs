@@ -49,8 +49,11 @@ fn main() {
     }
     println!("one sample (50 interfaces, 20 resources):  {:6.1} us", started.elapsed().as_secs_f64() * 1e6 / rounds as f64);
     let started = Instant::now();
-    let json = store.to_json(false).to_string();
+    let json = store.to_json(false, None).to_string();
     println!("/api/series, 5 min window:                 {:6.1} ms, {} KiB", started.elapsed().as_secs_f64() * 1e3, json.len() / 1024);
+    let started = Instant::now();
+    let json = store.to_json(false, Some((rounds - 2) as f64)).to_string();
+    println!("/api/series, the newest sample (since=):   {:6.1} us, {} KiB", started.elapsed().as_secs_f64() * 1e6, json.len() / 1024);
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..100 {

@@ -193,14 +193,18 @@ impl Store {
         self.push(time, values);
     }
 
-    /// The series of one window as JSON columns: {"time": [...], "series": {name: [...]}}.
-    pub fn to_json(&self, coarse: bool) -> serde_json::Value {
+    /// The series of one window as JSON columns: {"size": ring capacity, "time": [...],
+    /// "series": {name: [...]}}; with `since`, only the samples taken after that time (the page
+    /// fetches the whole window once, then what is new each second).
+    pub fn to_json(&self, coarse: bool, since: Option<f64>) -> serde_json::Value {
         let ring = if coarse { &self.coarse } else { &self.fine };
-        let times: Vec<f64> = ring.iter().map(|s| s.time).collect();
+        let newer = |s: &&Sample| since.is_none_or(|t| s.time > t);
+        let times: Vec<f64> = ring.iter().filter(newer).map(|s| s.time).collect();
         let mut series = serde_json::Map::new();
         for (id, name) in self.names.iter().enumerate() {
             let column: Vec<serde_json::Value> = ring
                 .iter()
+                .filter(newer)
                 .map(|s| {
                     let v = s.get(id);
                     if v.is_finite() { serde_json::json!((v * 1e4).round() / 1e4) } else { serde_json::Value::Null }
@@ -208,7 +212,7 @@ impl Store {
                 .collect();
             series.insert(name.clone(), serde_json::Value::Array(column));
         }
-        serde_json::json!({ "time": times, "series": series })
+        serde_json::json!({ "size": ring.capacity, "time": times, "series": series })
     }
 
     /// The mean of series `name` over the newest `n` fine samples (missing values skipped).
@@ -305,8 +309,13 @@ mod tests {
         let mut s = Store::new();
         s.push(1.0, vec![("a".into(), 1.0)]);
         s.push(2.0, vec![("a".into(), 2.0), ("b".into(), 5.0)]);
-        let j = s.to_json(false);
+        let j = s.to_json(false, None);
+        assert_eq!(j["size"], FINE);
         assert_eq!(j["time"], serde_json::json!([1.0, 2.0]));
+        let newer = s.to_json(false, Some(1.0));
+        assert_eq!(newer["time"], serde_json::json!([2.0]));
+        assert_eq!(newer["series"]["a"], serde_json::json!([2.0]));
+        assert_eq!(s.to_json(false, Some(2.0))["time"], serde_json::json!([]));
         assert_eq!(j["series"]["a"], serde_json::json!([1.0, 2.0]));
         assert_eq!(j["series"]["b"], serde_json::json!([null, 5.0]));
         assert_eq!(s.recent_mean("a", 10), Some(1.5));

@@ -53,7 +53,12 @@ async fn series(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<Strin
         Some("1h") => true,
         Some(other) => return (StatusCode::BAD_REQUEST, format!("window {other:?} is not 5m or 1h\n")).into_response(),
     };
-    let body = lock(&shared.store).to_json(coarse);
+    let since = match q.get("since").map(|s| s.parse::<f64>()) {
+        None => None,
+        Some(Ok(t)) if t.is_finite() => Some(t),
+        Some(_) => return (StatusCode::BAD_REQUEST, "since must be a time in Unix seconds\n").into_response(),
+    };
+    let body = lock(&shared.store).to_json(coarse, since);
     json(body)
 }
 

@@ -170,6 +170,13 @@ fn metrics_and_status_count_requests_errors_and_latency_exactly() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(get(monitor, "/api/series?window=2d").status, 400);
+    assert_eq!(get(monitor, "/api/series?since=yesterday").status, 400);
+    let all = json(&get(monitor, "/api/series"));
+    let times = all["time"].as_array().cloned().unwrap_or_default();
+    assert_eq!(all["size"], 300);
+    let last = times.last().and_then(|t| t.as_f64()).unwrap_or_default();
+    let newer = json(&get(monitor, &format!("/api/series?since={last}")));
+    assert!(newer["time"].as_array().is_some_and(|t| t.len() < times.len() && t.iter().all(|x| x.as_f64().unwrap_or(0.0) > last)), "{newer}");
     assert!(json(&get(monitor, "/api/series?window=1h"))["series"].is_object());
 
     // The page and its vendored scripts.

@@ -96,6 +96,9 @@ fn the_page_draws_graphs_from_live_figures() {
     let url = format!("http://{monitor}/?token=page-token#request-{request_id}");
     let dom = headless(&browser, profile.path(), &url, &["--dump-dom"]);
     assert!(dom.contains("<h2>cage web</h2>"), "{dom}");
+    // No fetch or script failed (the page shows such errors in the header).
+    assert!(dom.contains("<span id=\"error\"></span>"), "{dom}");
+    assert!(dom.contains("<span id=\"updated\">updated "), "{dom}");
     assert!(dom.contains("<tr data-interface=\"web/http\"><td>http</td><td class=\"requests\">24</td><td class=\"errors\">1</td>"), "{dom}");
     let charts: usize = dom.split("data-charts=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(charts >= 3, "interface traffic, latency and Lua memory at least: {charts}");
