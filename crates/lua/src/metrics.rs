@@ -62,6 +62,11 @@ impl Recording {
     }
 }
 
+/// A request that could not start (its handler is missing) still counts, as an error.
+pub(crate) fn not_started(ctx: &RequestCtx, error: &RunError) {
+    Recording::start(ctx).finish::<()>(ctx, &Err(error.clone()));
+}
+
 impl Drop for Recording {
     fn drop(&mut self) {
         if !self.done {
@@ -114,5 +119,9 @@ mod tests {
         assert_eq!(figures.cancelled.load(Ordering::Relaxed), 1);
         assert_eq!(*figures.latency.cumulative().last().unwrap_or(&0), 2);
         assert!(metrics::events().iter().any(|e| e.request_id == ctx.id && e.message == "deadline exceeded"));
+        not_started(&ctx, &RunError::NotFound("cage rec-test has no module m".into()));
+        assert_eq!(figures.requests.load(Ordering::Relaxed), 4);
+        assert_eq!(figures.errors.load(Ordering::Relaxed), 2);
+        assert_eq!(figures.in_flight.load(Ordering::Relaxed), 0);
     }
 }

@@ -180,7 +180,7 @@ impl CageVm {
         function: &str,
         build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
     ) -> Result<RequestFuture, RunError> {
-        let f = self.function(module, function)?;
+        let f = self.function(module, function).inspect_err(|e| crate::metrics::not_started(&ctx, e))?;
         self.start_function(ctx, f, build)
     }
 
