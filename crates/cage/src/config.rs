@@ -60,6 +60,8 @@ pub struct CageConfig {
     pub resources: Vec<rustomnic_resource::ResourceConfig>,
     /// `[cluster]`, with the line of its table (every cage of a process must agree on it).
     pub cluster: Option<Located<rustomnic_cluster::ClusterConfig>>,
+    /// `[monitor]`, when the file has the table (docs/monitoring.md).
+    pub monitor: Option<rustomnic_monitor::MonitorConfig>,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -184,8 +186,9 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
         let line = root.line_of("cluster");
         rustomnic_cluster::config::read(&s).map(|c| Located { value: c, file: file.path().to_path_buf(), line, key: "cluster".into() })
     });
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster })
+    let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor })
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it

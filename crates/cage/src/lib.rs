@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod interface;
 pub mod modules;
+mod monitor;
 pub mod runtime;
 pub mod testing;
 mod watcher;

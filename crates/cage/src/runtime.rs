@@ -83,6 +83,7 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
             }
         }
     }
+    problems.extend(crate::monitor::check_targets(&cages));
     if problems.is_empty() {
         Ok(cages)
     } else {
@@ -175,8 +176,41 @@ pub fn cluster_config(cages: &[PreparedCage], options: &RunOptions) -> Result<Op
     Ok(Some(config))
 }
 
-/// What this process's heartbeat says about its cages and interfaces.
-fn describe(cages: &[PreparedCage]) -> rustomnic_cluster::Describe {
+/// The address others use for this process's monitor page: the host name when it listens on
+/// every address.
+fn monitor_url(addr: SocketAddr, host: &str) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://{host}:{}/", addr.port())
+    } else {
+        format!("http://{addr}/")
+    }
+}
+
+/// The roster as the monitor's cluster view: one row per cage of each instance.
+fn cluster_view(roster: &[serde_json::Value]) -> Vec<rustomnic_monitor::cluster::Instance> {
+    let mut rows = Vec::new();
+    for i in roster {
+        let s = |k: &str| i.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let cages = i.get("cages").and_then(|c| c.as_array()).cloned().unwrap_or_default();
+        for cage in cages {
+            rows.push(rustomnic_monitor::cluster::Instance {
+                cage: cage.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string(),
+                instance: s("instance"),
+                host: s("host"),
+                pid: i.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32,
+                version: s("version"),
+                uptime_seconds: i.get("uptime_s").and_then(|u| u.as_f64()).unwrap_or(0.0),
+                up: s("state") == "up",
+                load: i.pointer("/load/calls_in_flight").and_then(|l| l.as_f64()).unwrap_or(0.0),
+                monitor_url: i.get("monitor").and_then(|m| m.as_str()).map(str::to_string),
+            });
+        }
+    }
+    rows
+}
+
+/// What this process's heartbeat says about its cages, interfaces and monitor page.
+fn describe(cages: &[PreparedCage], monitor: Option<String>) -> rustomnic_cluster::Describe {
     let cages: Vec<serde_json::Value> = cages
         .iter()
         .map(|c| {
@@ -196,7 +230,7 @@ fn describe(cages: &[PreparedCage]) -> rustomnic_cluster::Describe {
             serde_json::json!({ "name": c.config.name, "interfaces": interfaces })
         })
         .collect();
-    let described = serde_json::json!({ "cages": cages });
+    let described = serde_json::json!({ "cages": cages, "monitor": monitor });
     Arc::new(move || described.clone())
 }
 
@@ -206,6 +240,8 @@ pub(crate) enum WorkerCmd {
     Module { cage: String, name: String, module: Option<Module> },
     /// A resource's config changed (or it was added, or removed with `None`).
     Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
+    /// Runs a job inside the worker's LocalSet (the monitor delivers alerts this way).
+    Run(rustomnic_monitor::WorkerJob),
 }
 
 /// Handles to every worker, for the acceptors and the watcher.
@@ -215,6 +251,21 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
+    /// Runs `job` on one worker thread, the next in turn that is still running.
+    pub fn run_job(&self, job: rustomnic_monitor::WorkerJob) -> Result<(), String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = self.senders.len();
+        let mut cmd = WorkerCmd::Run(job);
+        for _ in 0..n {
+            let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+            match self.senders[i].send(cmd) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => cmd = back,
+            }
+        }
+        Err("no worker thread is running (shutting down)".into())
+    }
+
     /// Sends a resource's new config to every worker.
     pub fn broadcast_resource(&self, cage: &str, name: &str, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats>) {
         for tx in self.senders.iter() {
@@ -258,6 +309,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             listeners.push((index, listener));
         }
     }
+    let (monitor_config, monitor_listener) = crate::monitor::bind(&cages)?;
     // Logged only once every bind succeeded, so a start refused for a taken port never claims
     // to have listened.
     for (index, listener) in &listeners {
@@ -270,7 +322,10 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     let cluster = match cluster_config(&cages, &options)? {
         Some(config) => {
             let cluster = Arc::new(rustomnic_cluster::Cluster::new(config, env!("CARGO_PKG_VERSION")));
-            control.block_on(cluster.join(describe(&cages), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
+            let page = monitor_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| monitor_url(a, &cluster.identity.host));
+            control.block_on(cluster.join(describe(&cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
+            let roster = cluster.roster.clone();
+            rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
             Some(cluster)
         }
         None => None,
@@ -309,6 +364,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
     }
     let workers = Workers { senders: Arc::new(senders) };
+    let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
 
     let watcher = if options.watch {
         Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
@@ -345,6 +401,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         let _ = joined.await;
     });
     drop(watcher);
+    drop(monitor);
     tracing::info!("stopped");
     Ok(())
 }
@@ -454,6 +511,7 @@ fn worker_main(
                 return;
             }
         }
+        tokio::task::spawn_local(rustomnic_lua::metrics::sample_memory(n));
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));
@@ -485,6 +543,7 @@ fn worker_main(
                 }
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
                 Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
+                Some(WorkerCmd::Run(job)) => job(),
                 None => break,
             }
         }

@@ -161,6 +161,7 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
     let Some(file) = resolve(&cage.dir, name) else {
         if cage.current.remove(name).is_some() {
             tracing::warn!(cage = %cage.name, "module {name} removed: its file is gone; calls to it now fail");
+            rustomnic_core::metrics::clear_module_error(&cage.name, name);
             workers.broadcast_module(&cage.name, name, None);
         }
         return;
@@ -184,19 +185,25 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
             cage.current.insert(name.to_string(), module.source_hash);
             workers.broadcast_module(&cage.name, name, Some(module));
             tracing::info!(cage = %cage.name, "reloaded {} (version {version}, checked in {:.1} ms)", file.display, started.elapsed().as_secs_f64() * 1e3);
+            rustomnic_core::metrics::record_reload(&cage.name, name, &format!("reloaded {} (version {version})", file.display));
         }
         Ok(Loaded::Broken { error, source_hash }) => {
             cage.broken.insert(name.to_string(), source_hash);
             tracing::error!(cage = %cage.name, "{error} (keeping the previous version)");
+            rustomnic_core::metrics::record_module_error(&cage.name, name, &error.to_string());
         }
         Ok(Loaded::Unchanged(hash)) => {
             // Back to the running contents: a later broken save must be reported again.
             if cage.current.get(name) == Some(&hash) {
                 cage.broken.remove(name);
+                rustomnic_core::metrics::clear_module_error(&cage.name, name);
             }
         }
         Ok(Loaded::Empty) => {}
-        Err(e) => tracing::error!(cage = %cage.name, "{e} (keeping the previous version)"),
+        Err(e) => {
+            tracing::error!(cage = %cage.name, "{e} (keeping the previous version)");
+            rustomnic_core::metrics::record_module_error(&cage.name, name, &e.to_string());
+        }
     }
 }
 

@@ -29,37 +29,60 @@ thread_local! {
 
 /// The transport of one worker thread.
 pub struct Link {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
     conn: Connection,
     identity: Arc<Identity>,
+    /// Call subjects by cage, made once: a call then allocates no subject.
+    subjects: std::cell::RefCell<std::collections::HashMap<String, async_nats::Subject>>,
 }
 
 impl Link {
     pub fn new(conn: Connection, identity: Arc<Identity>) -> Link {
-        Link { conn, identity }
+        Link { inner: Rc::new(Inner { conn, identity, subjects: Default::default() }) }
     }
 }
 
 impl Transport for Link {
     fn call(&self, request: CallRequest) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>> {
-        let conn = self.conn.clone();
-        let identity = self.identity.clone();
-        Box::pin(async move { remote_call(conn, identity, request).await })
+        let inner = self.inner.clone();
+        Box::pin(async move { remote_call(&inner, request).await })
     }
 }
 
-async fn remote_call(conn: Connection, identity: Arc<Identity>, request: CallRequest) -> Result<Vec<Value>, CallError> {
-    let target = request.target();
-    let flock = &identity.flock;
+fn subject_of(inner: &Inner, cage: &str) -> async_nats::Subject {
+    let mut subjects = inner.subjects.borrow_mut();
+    if let Some(s) = subjects.get(cage) {
+        return s.clone();
+    }
+    let subject = async_nats::Subject::from(call_subject(&inner.identity.flock, cage));
+    // Cage names come from module code; keep the cache bounded.
+    if subjects.len() < 1024 {
+        subjects.insert(cage.to_string(), subject.clone());
+    }
+    subject
+}
+
+async fn remote_call(inner: &Inner, request: CallRequest) -> Result<Vec<Value>, CallError> {
+    let conn = &inner.conn;
+    let flock = &inner.identity.flock;
+    // Only errors need the name of the target; it is not built for calls that succeed.
+    let target = |cage: &str, module: &str, function: &str| format!("{cage}.{module}.{function}");
     if !conn.is_up() {
         return Err(CallError::Failed(format!(
-            "calling {target}: cage {} is not in this process and the cluster is unreachable (no connection to NATS at {}); calls to other processes fail until it is back",
-            request.cage, conn.servers
+            "calling {}: cage {} is not in this process and the cluster is unreachable (no connection to NATS at {}); calls to other processes fail until it is back",
+            request.target(),
+            request.cage,
+            conn.servers
         )));
     }
     let remain = request.deadline.saturating_duration_since(Instant::now());
     if remain.is_zero() {
-        return Err(CallError::Deadline(format!("calling {target}: deadline exceeded")));
+        return Err(CallError::Deadline(format!("calling {}: deadline exceeded", request.target())));
     }
+    let subject = subject_of(inner, &request.cage);
     let call = Call {
         from_cage: request.from_cage,
         request_id: request.request_id,
@@ -69,40 +92,39 @@ async fn remote_call(conn: Connection, identity: Arc<Identity>, request: CallReq
         function: request.function,
         args: request.args,
     };
-    let payload = call.encode().map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
+    let target = || target(&call.cage, &call.module, &call.function);
+    let payload = call.encode().map_err(|e| CallError::Failed(format!("calling {}: {e}", target())))?;
     let max = conn.client.max_payload();
     if max > 0 && payload.len() > max {
         return Err(CallError::Failed(format!(
-            "calling {target}: the call's arguments take {} bytes, over the NATS server's max_payload of {max} bytes; pass large data another way (a file, a database) or raise max_payload on the server",
+            "calling {}: the call's arguments take {} bytes, over the NATS server's max_payload of {max} bytes; pass large data another way (a file, a database) or raise max_payload on the server",
+            target(),
             payload.len()
         )));
     }
     let losses = conn.losses();
-    let sent = conn.client.send_request(
-        call_subject(flock, &call.cage),
-        async_nats::Request::new().payload(payload.into()).timeout(None),
-    );
+    let sent = conn.client.send_request(subject, async_nats::Request::new().payload(payload.into()).timeout(None));
     let deadline = tokio::time::Instant::from_std(request.deadline);
     let message = tokio::select! {
         reply = tokio::time::timeout_at(deadline, sent) => match reply {
-            Err(_) => return Err(CallError::Deadline(format!("calling {target}: deadline exceeded (no reply from cage {} in time)", call.cage))),
-            Ok(Err(e)) => return Err(request_error(&target, &call.cage, flock, e)),
+            Err(_) => return Err(CallError::Deadline(format!("calling {}: deadline exceeded (no reply from cage {} in time)", target(), call.cage))),
+            Ok(Err(e)) => return Err(request_error(&target(), &call.cage, flock, e)),
             Ok(Ok(message)) => message,
         },
         _ = conn.lost_since(losses) => return Err(CallError::Failed(format!(
-            "calling {target}: lost the connection to NATS while waiting for the reply; the call may or may not have run"
+            "calling {}: lost the connection to NATS while waiting for the reply; the call may or may not have run", target()
         ))),
     };
     match Reply::decode(&message.payload) {
         Ok(Reply::Ok(values)) => Ok(values),
         Ok(Reply::Err { failure, message, instance }) => {
-            let text = format!("calling {target} (instance {instance}): {message}");
+            let text = format!("calling {} (instance {instance}): {message}", target());
             Err(match failure {
                 Failure::Deadline => CallError::Deadline(text),
                 _ => CallError::Failed(text),
             })
         }
-        Err(e) => Err(CallError::Failed(format!("calling {target}: unreadable reply: {e}"))),
+        Err(e) => Err(CallError::Failed(format!("calling {}: unreadable reply: {e}", target()))),
     }
 }
 
@@ -123,13 +145,14 @@ fn request_error(target: &str, cage: &str, flock: &str, e: async_nats::RequestEr
 /// Joins the queue group of each cage and serves calls from other processes on this thread
 /// until `shutdown`; then leaves the groups so that new calls go to other copies.
 pub fn serve(conn: Connection, identity: Arc<Identity>, cages: Vec<String>, max_calls: usize, shutdown: watch::Receiver<bool>) {
+    let server = Rc::new(Server { conn, identity, max_calls });
     for cage in cages {
-        let (conn, identity, mut shutdown) = (conn.clone(), identity.clone(), shutdown.clone());
+        let (server, mut shutdown) = (server.clone(), shutdown.clone());
         let busy = Busy::enter();
         tokio::task::spawn_local(async move {
             let _busy = busy;
-            let subject = call_subject(&identity.flock, &cage);
-            let mut sub = match conn.client.queue_subscribe(subject.clone(), queue_group(&identity.flock, &cage)).await {
+            let subject = call_subject(&server.identity.flock, &cage);
+            let mut sub = match server.conn.client.queue_subscribe(subject.clone(), queue_group(&server.identity.flock, &cage)).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(cage = %cage, "cluster: cannot subscribe to {subject}: {e}; this copy gets no calls from other processes");
@@ -142,16 +165,14 @@ pub fn serve(conn: Connection, identity: Arc<Identity>, cages: Vec<String>, max_
                     _ = shutdown.wait_for(|s| *s) => None,
                 };
                 let Some(message) = message else { break };
-                let (conn, identity) = (conn.clone(), identity.clone());
-                tokio::task::spawn_local(answer(conn, identity, message, max_calls));
+                tokio::task::spawn_local(answer(server.clone(), message));
             }
             // Leave the queue group and answer every call NATS had already routed here (drain:
             // UNSUB, then a ping round trip so nothing is still on its way), so that a copy that
             // stops does not strand calls.
             let _ = sub.drain().await;
             while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-                let (conn, identity) = (conn.clone(), identity.clone());
-                tokio::task::spawn_local(answer(conn, identity, message, max_calls));
+                tokio::task::spawn_local(answer(server.clone(), message));
             }
         });
     }
@@ -195,13 +216,21 @@ impl Drop for Serving {
     }
 }
 
-async fn answer(conn: Connection, identity: Arc<Identity>, message: async_nats::Message, max_calls: usize) {
+/// What the serving side of a worker needs, shared by every call it answers.
+struct Server {
+    conn: Connection,
+    identity: Arc<Identity>,
+    max_calls: usize,
+}
+
+async fn answer(server: Rc<Server>, message: async_nats::Message) {
+    let (conn, identity, max_calls) = (&server.conn, &server.identity, server.max_calls);
     let Some(reply_to) = message.reply.clone() else {
         tracing::debug!("cluster: ignoring a call without a reply subject on {}", message.subject);
         return;
     };
     let busy = identity.stats.in_flight.load(Ordering::Relaxed) >= max_calls;
-    let _serving = Serving::enter(&identity);
+    let _serving = Serving::enter(identity);
     identity.stats.served.fetch_add(1, Ordering::Relaxed);
     let reply = if busy {
         Reply::Err {
@@ -210,18 +239,18 @@ async fn answer(conn: Connection, identity: Arc<Identity>, message: async_nats::
             instance: identity.instance.clone(),
         }
     } else {
-        run(&identity, &message.payload).await
+        run(identity, &message.payload).await
     };
     if let Reply::Err { .. } = reply {
         identity.stats.failed.fetch_add(1, Ordering::Relaxed);
     }
     let mut bytes = reply.encode().unwrap_or_else(|e| {
-        encode_err(&identity, Failure::Failed, format!("cannot encode the result: {e}"))
+        encode_err(identity, Failure::Failed, format!("cannot encode the result: {e}"))
     });
     let max = conn.client.max_payload();
     if max > 0 && bytes.len() > max {
         bytes = encode_err(
-            &identity,
+            identity,
             Failure::Failed,
             format!("the result takes {} bytes, over the NATS server's max_payload of {max} bytes", bytes.len()),
         );

@@ -225,6 +225,23 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// A number (whole or not) in `min..=max`.
+    pub fn number(&self, key: &str, min: f64, max: f64) -> Option<Located<f64>> {
+        let item = self.item(key)?;
+        let n = item.as_float().or_else(|| item.as_integer().map(|i| i as f64));
+        match n {
+            Some(n) if n >= min && n <= max => Some(self.located(key, n)),
+            Some(n) => {
+                self.error(key, format!("{n} is out of range {min}..={max}"));
+                None
+            }
+            None => {
+                self.error(key, format!("expected a number, found {}", Self::kind(item)));
+                None
+            }
+        }
+    }
+
     /// A duration string such as "250ms" or "10s", at most `max`.
     pub fn duration(&self, key: &str, max: Duration) -> Option<Located<Duration>> {
         let s = self.string(key)?;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod metrics;
 pub mod value;
 
 pub use config::{ConfigError, Located, Section, SourceFile};

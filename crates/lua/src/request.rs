@@ -151,6 +151,8 @@ pub struct RequestFuture {
     pub(crate) failure_mt: Table,
     /// Set while the coroutine waits for its next turn after a time slice.
     pub(crate) turn: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// Counts the request for the monitor (in flight, outcome, latency).
+    pub(crate) recording: crate::metrics::Recording,
 }
 
 impl Drop for RequestFuture {
@@ -163,6 +165,17 @@ impl Future for RequestFuture {
     type Output = Result<MultiValue, RunError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = self.as_mut().poll_run(cx);
+        if let Poll::Ready(r) = &result {
+            let ctx = self.ctx.clone();
+            self.recording.finish(&ctx, r);
+        }
+        result
+    }
+}
+
+impl RequestFuture {
+    fn poll_run(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
         let now = Instant::now();
         if now >= self.ctx.deadline {
             return Poll::Ready(Err(RunError::Deadline));

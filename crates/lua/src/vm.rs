@@ -180,7 +180,7 @@ impl CageVm {
         function: &str,
         build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
     ) -> Result<RequestFuture, RunError> {
-        let f = self.function(module, function)?;
+        let f = self.function(module, function).inspect_err(|e| crate::metrics::not_started(&ctx, e))?;
         self.start_function(ctx, f, build)
     }
 
@@ -199,7 +199,8 @@ impl CageVm {
         let inner = self.run.call_async::<MultiValue>(all);
         let timer = Box::pin(tokio::time::sleep_until(ctx.deadline.into()));
         self.shared.live.set(self.shared.live.get() + 1);
-        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone(), turn: None })
+        let recording = crate::metrics::Recording::start(&ctx);
+        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone(), turn: None, recording })
     }
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).

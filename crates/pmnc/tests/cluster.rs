@@ -134,6 +134,25 @@ fn cages_in_two_processes_call_each_other() {
     let table = status_table(&nats.url());
     let rows: Vec<&str> = table.lines().collect();
     assert!(rows[0].starts_with("CAGE"), "{table}");
+
+    // The web process's monitor page shows the flock from the heartbeats, with the worker's page.
+    let mut web = web;
+    let line = web.wait_for("monitor page at http://", Duration::from_secs(5)).expect("the monitor page address is logged");
+    let page: std::net::SocketAddr = line.split("monitor page at http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = json_body(&get(page, "/status"));
+        let cluster = status["cluster"].as_array().cloned().unwrap_or_default();
+        let worker = cluster.iter().find(|i| i["cage"] == "worker");
+        if let Some(w) = worker {
+            assert_eq!(w["up"], true, "{w}");
+            assert!(w["monitor_url"].as_str().unwrap_or("").starts_with("http://127.0.0.1:"), "{w}");
+            assert!(cluster.iter().any(|i| i["cage"] == "web"), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no worker in the cluster view: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(rows.iter().any(|l| l.starts_with("web ") && l.contains(" up")), "{table}");
     assert!(rows.iter().any(|l| l.starts_with("worker ") && l.contains(" up")), "{table}");
 }

@@ -52,6 +52,8 @@ pub struct PoolStats {
     pub idle: AtomicUsize,
     pub waiting: AtomicUsize,
     pub connect_failures: AtomicU64,
+    /// Call latencies, for the monitor's percentiles and Prometheus buckets.
+    pub latency: rustomnic_core::metrics::Histogram,
 }
 
 /// Every resource's counters in this process, by (cage, resource), for monitoring.

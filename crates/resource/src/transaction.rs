@@ -139,6 +139,7 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
     };
     pool.stats.calls.fetch_add(1, Ordering::Relaxed);
     pool.stats.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    pool.stats.latency.observe_us(started.elapsed().as_micros() as u64);
     if let Err(e) = &result {
         pool.stats.errors.fetch_add(1, Ordering::Relaxed);
         if let (true, Some(conn)) = (e.broken, held.as_mut()) {

@@ -1,0 +1,62 @@
+//! Starting the monitor of this process: one page for all its cages (docs/decisions/040), with
+//! alerts delivered by calling their target function on a worker thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustomnic_monitor::{InProcessSink, MonitorConfig, MonitorHandle};
+
+use crate::runtime::{PreparedCage, Workers};
+use crate::Error;
+
+/// How long an alert's call to its target function may take.
+const ALERT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The page's settings from the cages' `[monitor]` tables, and its bound listener (None when
+/// `listen = false`).
+pub(crate) fn bind(cages: &[PreparedCage]) -> Result<(MonitorConfig, Option<std::net::TcpListener>), Error> {
+    let tables: Vec<(String, Option<MonitorConfig>)> = cages.iter().map(|c| (c.config.name.clone(), c.config.monitor.clone())).collect();
+    let (config, warnings) = rustomnic_monitor::choose(&tables);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let listener = rustomnic_monitor::bind(&config).map_err(|e| Error::Invalid(vec![e]))?;
+    Ok((config, listener))
+}
+
+/// Alert targets in cages of this process that have no such public function: config problems,
+/// reported with the rule's file and line before anything listens.
+pub(crate) fn check_targets(cages: &[PreparedCage]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for c in cages {
+        for rule in c.config.monitor.iter().flat_map(|m| &m.alerts) {
+            let (cage, module, function) = &rule.target;
+            let Some(target) = cages.iter().find(|t| &t.config.name == cage) else { continue };
+            match target.modules.get(module) {
+                None => problems.push(format!("{}: cage {cage} has no module {module} ({cage}/{module}.lua)", rule.target_at)),
+                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(format!(
+                    "{}: module {module} ({}) has no function {function} (it has: {})",
+                    rule.target_at,
+                    m.display,
+                    if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    problems
+}
+
+/// Starts the sampler, the alert rules and (with a listener) the page.
+pub(crate) fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cages: &[PreparedCage], workers: &Workers) -> Result<MonitorHandle, Error> {
+    for rule in &config.alerts {
+        let cage = &rule.target.0;
+        if !cages.iter().any(|c| &c.config.name == cage) {
+            tracing::warn!(cage = %rule.owner, "alert {}: cage {cage} does not run in this process; its alerts go to the cluster ({})", rule.name, rule.target_at);
+        }
+    }
+    let w = workers.clone();
+    let sink = Arc::new(InProcessSink::new(move |job| w.run_job(job), ALERT_CALL_TIMEOUT));
+    let names = cages.iter().map(|c| c.config.name.clone()).collect();
+    rustomnic_monitor::start(listener, config, names, sink).map_err(Error::Runtime)
+}
