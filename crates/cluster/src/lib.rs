@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod config;
 pub mod connect;
+pub mod events;
 pub mod link;
 pub mod presence;
 pub mod wire;
@@ -118,12 +119,14 @@ pub struct Cluster {
     /// NATS answered when the process joined: workers then wait for their own connections
     /// before the process says it is running, so its first calls do not fail.
     reachable: std::sync::atomic::AtomicBool,
+    /// The process's own connection (heartbeats, status, events), once joined.
+    presence: std::sync::OnceLock<Connection>,
 }
 
 impl Cluster {
     pub fn new(config: ClusterConfig, version: &str) -> Cluster {
         let identity = Arc::new(Identity::new(&config.flock, version));
-        Cluster { config, identity, roster: Arc::new(Roster::default()), reachable: Default::default() }
+        Cluster { config, identity, roster: Arc::new(Roster::default()), reachable: Default::default(), presence: Default::default() }
     }
 
     fn name(&self, role: &str) -> String {
@@ -154,8 +157,19 @@ impl Cluster {
             self.identity.host,
             self.identity.pid
         );
+        let _ = self.presence.set(conn.clone());
         tokio::spawn(presence::run(conn, self.identity.clone(), self.roster.clone(), describe, self.config.heartbeat, shutdown));
         Ok(())
+    }
+
+    /// Joins the events of `cages` to the flock's (after [`join`](Self::join), on the same
+    /// runtime): returns the outbox for this process's publishes; events of other processes go
+    /// to `deliver`.
+    pub fn join_events(&self, cages: Vec<String>, deliver: events::Deliver, shutdown: watch::Receiver<bool>) -> Option<events::Outbox> {
+        let conn = self.presence.get()?.clone();
+        let (outbox, rx) = events::outbox();
+        tokio::spawn(events::run(conn, self.identity.clone(), cages, deliver, rx, shutdown));
+        Some(outbox)
     }
 
     /// On each worker thread: its own connection, the transport for calls to cages not in this

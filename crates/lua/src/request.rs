@@ -167,8 +167,9 @@ impl Future for RequestFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = self.as_mut().poll_run(cx);
         if let Poll::Ready(r) = &result {
-            let ctx = self.ctx.clone();
-            self.recording.finish(&ctx, r);
+            // Split borrows of the fields; the future is Unpin, so this moves nothing.
+            let this = &mut *self;
+            this.recording.finish(&this.ctx, r);
         }
         result
     }
