@@ -40,7 +40,7 @@ impl Outbox {
         match self.tx.try_send((cage.to_string(), topic.to_string(), value.clone())) {
             Ok(()) => true,
             Err(_) => {
-                if self.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                if self.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
                     tracing::warn!("cluster: events to other processes are being dropped (NATS slow or away; {OUTBOX} waiting)");
                 }
                 false
