@@ -82,6 +82,30 @@ fn start(tree: &Tree, folder: &str) -> Server {
     Server::start(&tree.path().join(folder), &[])
 }
 
+/// A private NATS (with `conf`), worker copies named by `copies` and the web cage, each in its
+/// own process; None when nats-server is not installed.
+struct Flock {
+    nats: Nats,
+    _tree: Tree,
+    copies: Vec<Server>,
+    web: Server,
+}
+
+impl Flock {
+    fn start(test: &str, conf: &str, copies: &[&str]) -> Option<Flock> {
+        let nats = Nats::start(test, conf)?;
+        let tree = Tree::new();
+        lay_out(&tree, &nats.url(), copies);
+        let copies = copies.iter().map(|c| start(&tree, &format!("worker_{c}"))).collect();
+        let web = start(&tree, "web");
+        Some(Flock { nats, _tree: tree, copies, web })
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.web.addr("http")
+    }
+}
+
 fn timed_get(addr: std::net::SocketAddr, path: &str) -> (Response, Duration) {
     let t = Instant::now();
     let r = get(addr, path);
@@ -96,12 +120,8 @@ fn status_table(url: &str) -> String {
 
 #[test]
 fn cages_in_two_processes_call_each_other() {
-    let Some(nats) = Nats::start("cages_in_two_processes_call_each_other", "") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a"]);
-    let _worker = start(&tree, "worker_a");
-    let web = start(&tree, "web");
-    let addr = web.addr("http");
+    let Some(mut f) = Flock::start("cages_in_two_processes_call_each_other", "", &["a"]) else { return };
+    let addr = f.addr();
 
     let r = get(addr, "/square?n=7");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -131,13 +151,12 @@ fn cages_in_two_processes_call_each_other() {
     assert!(err.contains("no cage named ghost") && err.contains("flock default"), "{err}");
     assert!(took < Duration::from_secs(1), "no responders took {took:?}");
 
-    let table = status_table(&nats.url());
+    let table = status_table(&f.nats.url());
     let rows: Vec<&str> = table.lines().collect();
     assert!(rows[0].starts_with("CAGE"), "{table}");
 
     // The web process's monitor page shows the flock from the heartbeats, with the worker's page.
-    let mut web = web;
-    let line = web.wait_for("monitor page at http://", Duration::from_secs(5)).expect("the monitor page address is logged");
+    let line = f.web.wait_for("monitor page at http://", Duration::from_secs(5)).expect("the monitor page address is logged");
     let page: std::net::SocketAddr = line.split("monitor page at http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -159,13 +178,9 @@ fn cages_in_two_processes_call_each_other() {
 
 #[test]
 fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
-    let Some(nats) = Nats::start("copies_share_calls_and_a_killed_copy_is_stood_in_for", "") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a", "b"]);
-    let mut a = start(&tree, "worker_a");
-    let _b = start(&tree, "worker_b");
-    let web = start(&tree, "web");
-    let addr = web.addr("http");
+    let Some(mut f) = Flock::start("copies_share_calls_and_a_killed_copy_is_stood_in_for", "", &["a", "b"]) else { return };
+    let addr = f.addr();
+    let a = &mut f.copies[0];
 
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..200 {
@@ -180,10 +195,10 @@ fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
 
     // kill -9 one copy; once NATS has dropped its connections (a presence connection and one
     // per worker thread), no call fails and the survivor answers every one.
-    let before = nats.connections();
+    let before = f.nats.connections();
     a.child.kill().expect("kill -9 worker a");
     let _ = a.child.wait();
-    nats.wait_connections(before - 3, Duration::from_secs(10));
+    f.nats.wait_connections(before - 3, Duration::from_secs(10));
     for i in 0..40 {
         let body = json_body(&get(addr, "/square?n=2"));
         assert_eq!(body["ok"], true, "call {i} after the kill failed: {body}");
@@ -193,7 +208,7 @@ fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
     // The killed copy stops heartbeating and is listed as down.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let table = status_table(&nats.url());
+        let table = status_table(&f.nats.url());
         let worker_rows: Vec<&str> = table.lines().filter(|l| l.starts_with("worker ")).collect();
         if worker_rows.len() == 2 && worker_rows.iter().any(|l| l.contains("down (silent)")) && worker_rows.iter().any(|l| l.contains(" up")) {
             break;
@@ -205,12 +220,9 @@ fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
 
 #[test]
 fn a_slow_callee_ends_at_the_callers_deadline() {
-    let Some(nats) = Nats::start("a_slow_callee_ends_at_the_callers_deadline", "") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a"]);
-    let mut worker = start(&tree, "worker_a");
-    let web = start(&tree, "web");
-    let (r, took) = timed_get(web.addr("http"), "/slow?s=10");
+    let Some(mut f) = Flock::start("a_slow_callee_ends_at_the_callers_deadline", "", &["a"]) else { return };
+    let (r, took) = timed_get(f.addr(), "/slow?s=10");
+    let worker = &mut f.copies[0];
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
     // The callee stopped too, at the same deadline.
@@ -220,16 +232,12 @@ fn a_slow_callee_ends_at_the_callers_deadline() {
 
 #[test]
 fn calls_fail_fast_while_nats_is_down_and_recover_after() {
-    let Some(mut nats) = Nats::start("calls_fail_fast_while_nats_is_down_and_recover_after", "") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a"]);
-    let _worker = start(&tree, "worker_a");
-    let mut web = start(&tree, "web");
-    let addr = web.addr("http");
+    let Some(mut f) = Flock::start("calls_fail_fast_while_nats_is_down_and_recover_after", "", &["a"]) else { return };
+    let addr = f.addr();
     assert_eq!(json_body(&get(addr, "/square?n=1"))["ok"], true);
 
-    nats.kill();
-    web.wait_for("lost the connection to NATS", Duration::from_secs(10)).expect("the web cage notices NATS is gone");
+    f.nats.kill();
+    f.web.wait_for("lost the connection to NATS", Duration::from_secs(10)).expect("the web cage notices NATS is gone");
     for _ in 0..3 {
         let (r, took) = timed_get(addr, "/square?n=1");
         let body = json_body(&r);
@@ -239,7 +247,7 @@ fn calls_fail_fast_while_nats_is_down_and_recover_after() {
         assert!(took < Duration::from_millis(500), "a call with NATS down took {took:?}");
     }
 
-    nats.up();
+    f.nats.up();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let body = json_body(&get(addr, "/square?n=5"));
@@ -254,12 +262,8 @@ fn calls_fail_fast_while_nats_is_down_and_recover_after() {
 
 #[test]
 fn payloads_over_max_payload_are_refused_clearly() {
-    let Some(nats) = Nats::start("payloads_over_max_payload_are_refused_clearly", "max_payload: 4096\n") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a"]);
-    let _worker = start(&tree, "worker_a");
-    let web = start(&tree, "web");
-    let addr = web.addr("http");
+    let Some(f) = Flock::start("payloads_over_max_payload_are_refused_clearly", "max_payload: 4096\n", &["a"]) else { return };
+    let addr = f.addr();
     let body = json_body(&get(addr, "/big?kb=1"));
     assert_eq!(body["result"], 1024, "{body}");
     let body = json_body(&get(addr, "/big?kb=8"));
@@ -316,13 +320,9 @@ fn flocks_on_one_nats_do_not_meet() {
 
 #[test]
 fn a_copy_stopped_with_sigterm_loses_no_call() {
-    let Some(nats) = Nats::start("a_copy_stopped_with_sigterm_loses_no_call", "") else { return };
-    let tree = Tree::new();
-    lay_out(&tree, &nats.url(), &["a", "b"]);
-    let mut a = start(&tree, "worker_a");
-    let _b = start(&tree, "worker_b");
-    let web = start(&tree, "web");
-    let addr = web.addr("http");
+    let Some(mut f) = Flock::start("a_copy_stopped_with_sigterm_loses_no_call", "", &["a", "b"]) else { return };
+    let addr = f.addr();
+    let a = &mut f.copies[0];
     // Calls run without pause from another thread while copy a stops.
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
