@@ -462,3 +462,29 @@ fn cages_of_one_process_must_agree_on_the_cluster() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("one way of authenticating"), "{}", out.stderr);
 }
+
+#[test]
+fn a_cage_down_alert_fires_when_the_last_copy_dies() {
+    let Some(nats) = Nats::start("a_cage_down_alert_fires_when_the_last_copy_dies", "") else { return };
+    let tree = Tree::new();
+    lay_out(&tree, &nats.url(), &["a"]);
+    let web_toml = std::fs::read_to_string(tree.path().join("web/cage.toml")).unwrap();
+    tree.write(
+        "web/cage.toml",
+        &format!("{web_toml}\n[monitor.alerts.worker_gone]\nkind = \"cage_down\"\ncage = \"worker\"\ntarget = \"web.alerts.receive\"\n"),
+    );
+    tree.write(
+        "web/alerts.lua",
+        "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, alert.cage, alert.message) end\nreturn M\n",
+    );
+    let mut worker = start(&tree, "worker_a");
+    let mut web = start(&tree, "web");
+    // Up first: the web process has heard the worker, and no alert has fired.
+    assert_eq!(json_body(&get(web.addr("http"), "/square?n=2"))["ok"], true);
+    web.drain(Duration::from_millis(800));
+    assert!(!web.log.iter().any(|l| l.contains("ALERT")), "{}", web.log.join("\n"));
+    worker.child.kill().unwrap();
+    let _ = worker.child.wait();
+    let line = web.wait_for("ALERT worker_gone worker", Duration::from_secs(15));
+    assert!(line.is_some(), "no cage_down alert:\n{}", web.log.join("\n"));
+}
