@@ -147,7 +147,10 @@ pub struct RequestFuture {
     pub(crate) inner: mlua::function::AsyncCallFuture<MultiValue>,
     pub(crate) ctx: Rc<RequestCtx>,
     pub(crate) shared: Rc<VmShared>,
-    pub(crate) timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed at the first wait: most calls finish in their first poll and never need it.
+    pub(crate) timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The waker wrapper of the last poll, reused while the task's waker stays the same.
+    pub(crate) gate: Option<Arc<WakeGate>>,
     pub(crate) failure_mt: Table,
     /// Set while the coroutine waits for its next turn after a time slice.
     pub(crate) turn: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -190,7 +193,17 @@ impl RequestFuture {
         let previous = self.shared.current.replace(Some(self.ctx.clone()));
         let previous_slice = self.shared.slice_start.replace(now);
         let previous_late = self.shared.late_hooks.replace(0);
-        let gate = Arc::new(WakeGate { state: AtomicU8::new(POLLING), waker: cx.waker().clone() });
+        let gate = match &self.gate {
+            Some(g) if g.waker.will_wake(cx.waker()) => {
+                g.state.store(POLLING, Ordering::Release);
+                g.clone()
+            }
+            _ => {
+                let g = Arc::new(WakeGate { state: AtomicU8::new(POLLING), waker: cx.waker().clone() });
+                self.gate = Some(g.clone());
+                g
+            }
+        };
         let waker = Waker::from(gate.clone());
         let result = Pin::new(&mut self.inner).poll(&mut Context::from_waker(&waker));
         let woken = gate.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
@@ -227,7 +240,7 @@ const WOKEN: u8 = 2;
 
 /// The waker [`RequestFuture`] gives the coroutine: wakes during the poll are only noted, later
 /// ones (timers, sockets, other cages) go straight to the task.
-struct WakeGate {
+pub(crate) struct WakeGate {
     state: AtomicU8,
     waker: Waker,
 }
@@ -250,7 +263,9 @@ impl RequestFuture {
     /// Pending, with the deadline timer registered so the request ends on time whatever it
     /// waits for.
     fn wait_for_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
-        if self.timer.as_mut().poll(cx).is_ready() {
+        let deadline = self.ctx.deadline;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(RunError::Deadline));
         }
         Poll::Pending

@@ -197,19 +197,18 @@ impl CageVm {
         all.push_back(LuaValue::Function(f));
         all.extend(args);
         let inner = self.run.call_async::<MultiValue>(all);
-        let timer = Box::pin(tokio::time::sleep_until(ctx.deadline.into()));
         self.shared.live.set(self.shared.live.get() + 1);
         let recording = crate::metrics::Recording::start(&ctx);
-        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer, failure_mt: self.failure_mt.clone(), turn: None, recording })
+        Ok(RequestFuture { inner, ctx: Rc::new(ctx), shared: self.shared.clone(), timer: None, gate: None, failure_mt: self.failure_mt.clone(), turn: None, recording })
     }
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).
     pub async fn call(&self, ctx: RequestCtx, module: &str, function: &str, args: Vec<Value>) -> Result<Vec<Value>, RunError> {
-        let id = ctx.id.clone();
         let fut = self.start(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect())?;
+        let ctx = fut.ctx.clone();
         let result = fut.await;
         if let Err(e @ RunError::Failed { .. }) = &result {
-            tracing::warn!(cage = %self.cage(), request = %id, "{module}.{function} failed: {}", e.log_text());
+            tracing::warn!(cage = %self.cage(), request = %ctx.id, "{module}.{function} failed: {}", e.log_text());
         }
         let values = result?;
         values.iter().map(|v| from_lua(v).map_err(|e| RunError::Failed { message: format!("{module}.{function} returned {e}"), traceback: String::new() })).collect()
