@@ -201,7 +201,7 @@ fn cluster_view(roster: &[serde_json::Value]) -> Vec<rustomnic_monitor::cluster:
                 version: s("version"),
                 uptime_seconds: i.get("uptime_s").and_then(|u| u.as_f64()).unwrap_or(0.0),
                 up: s("state") == "up",
-                load: i.pointer("/load/calls_in_flight").and_then(|l| l.as_f64()).unwrap_or(0.0),
+                load: i.pointer("/load/requests_in_flight").and_then(|l| l.as_f64()).unwrap_or(0.0),
                 monitor_url: i.get("monitor").and_then(|m| m.as_str()).map(str::to_string),
             });
         }

@@ -85,6 +85,12 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
+/// Requests of every interface of this process running now (calls from other processes
+/// included: they count under the interface "cluster").
+fn requests_in_flight() -> i64 {
+    rustomnic_core::metrics::interfaces().iter().map(|(_, _, m)| m.in_flight.load(Ordering::Relaxed).max(0)).sum()
+}
+
 /// This process's heartbeat.
 pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, leaving: bool) -> Json {
     let mut beat = json!({
@@ -97,6 +103,7 @@ pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, l
         "heartbeat_ms": interval.as_millis() as u64,
         "state": if leaving { "leaving" } else { "up" },
         "load": {
+            "requests_in_flight": requests_in_flight(),
             "calls_in_flight": identity.stats.in_flight.load(Ordering::Relaxed),
             "calls_served": identity.stats.served.load(Ordering::Relaxed),
             "calls_failed": identity.stats.failed.load(Ordering::Relaxed),
@@ -224,7 +231,7 @@ pub fn table(instances: &[Json]) -> String {
             Some(reason) if s("state") == "down" => format!("down ({reason})"),
             _ => s("state"),
         };
-        let load = i.get("load").and_then(|l| l.get("calls_in_flight")).map(|v| v.to_string()).unwrap_or_default();
+        let load = i.pointer("/load/requests_in_flight").map(|v| v.to_string()).unwrap_or_default();
         let cages: Vec<String> = i
             .get("cages")
             .and_then(Json::as_array)
@@ -290,7 +297,7 @@ mod tests {
     fn table_has_a_row_per_cage() {
         let t = table(&[json!({
             "instance": "i1", "host": "h", "pid": 7, "version": "0.1.0", "uptime_s": 3700, "state": "up",
-            "load": {"calls_in_flight": 2}, "cages": [{"name": "web"}, {"name": "worker"}]
+            "load": {"requests_in_flight": 2}, "cages": [{"name": "web"}, {"name": "worker"}]
         })]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");

@@ -221,7 +221,20 @@ fn copies_share_calls_and_a_killed_copy_is_stood_in_for() {
 #[test]
 fn a_slow_callee_ends_at_the_callers_deadline() {
     let Some(mut f) = Flock::start("a_slow_callee_ends_at_the_callers_deadline", "", &["a"]) else { return };
-    let (r, took) = timed_get(f.addr(), "/slow?s=10");
+    let addr = f.addr();
+    let slow = std::thread::spawn(move || timed_get(addr, "/slow?s=10"));
+    // While it runs, the heartbeats count it: the web process has a request in flight and the
+    // worker process a call (IN FLIGHT is the last column of the status table).
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    loop {
+        let table = status_table(&f.nats.url());
+        let busy = |cage: &str| table.lines().any(|l| l.starts_with(&format!("{cage} ")) && l.trim_end().ends_with(" 1"));
+        if busy("web") && busy("worker") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow request is not in the heartbeats' load:\n{table}");
+    }
+    let (r, took) = slow.join().unwrap();
     let worker = &mut f.copies[0];
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
