@@ -2,6 +2,8 @@
 //! coroutines under deadlines. See ARCHITECTURE.md for the invariants this crate keeps.
 
 pub mod convert;
+pub mod events;
+mod events_lua;
 pub mod module;
 pub mod request;
 pub mod transaction;
@@ -14,3 +16,4 @@ pub use vm::CageVm;
 pub use transaction::{Participant, ParticipantError, Prepared, Resources};
 pub use worker::{CallError, CallRequest, Transport};
 pub use mlua;
+pub use events_lua::{current_request, seconds as events_seconds};
