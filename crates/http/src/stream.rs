@@ -72,6 +72,8 @@ pub(crate) struct Slot {
     /// For upgrade requests: hyper's handle on the connection after the 101, and the client's key.
     pub(crate) upgrade: RefCell<Option<(hyper::upgrade::OnUpgrade, Bytes)>>,
     pub(crate) ws: RefCell<WsState>,
+    /// The topic a WebSocket session receives events of (see `ws.receive`).
+    pub(crate) subscription: RefCell<Option<rustomnic_lua::events::Subscription>>,
     pub(crate) sse: Cell<bool>,
     pub(crate) write_timeout: Duration,
     pub(crate) max_message_size: usize,
@@ -90,6 +92,7 @@ impl Slot {
             sender: RefCell::new(None),
             upgrade: RefCell::new(upgrade),
             ws: RefCell::new(WsState::None),
+            subscription: RefCell::new(None),
             sse: Cell::new(false),
             write_timeout,
             max_message_size,
@@ -133,6 +136,7 @@ impl Drop for SlotGuard {
     fn drop(&mut self) {
         SLOTS.with(|s| s.borrow_mut().remove(&self.0.id));
         self.0.sender.borrow_mut().take();
+        self.0.subscription.borrow_mut().take();
         let ws = std::mem::replace(&mut *self.0.ws.borrow_mut(), WsState::Closed);
         if let WsState::Open(ws) = ws {
             crate::upgrade::close_in_background(ws);

@@ -121,21 +121,41 @@ pub(crate) async fn receive(lua: &Lua, timeout: LuaValue, topic: Option<String>)
         Ok(x) => x,
         Err(r) => return r,
     };
-    let mut waiter = match (&topic, rustomnic_lua::current_request(lua)) {
-        (Some(t), Some(ctx)) => match events::wait(&ctx.cage, t) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                put_back(&slot, ws);
-                return fail(lua, e.to_string());
-            }
-        },
-        _ => None,
+    // The session stays subscribed to its topic between calls, so nothing published while it
+    // handles a message (its own publish included) is missed.
+    let mut sub = slot.subscription.borrow_mut().take();
+    if let (Some(t), Some(ctx)) = (&topic, rustomnic_lua::current_request(lua)) {
+        if sub.as_ref().map(|s| s.topic()) != Some(t.as_str()) {
+            sub = match events::subscribe(&ctx.cage, t) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    put_back(&slot, ws);
+                    return fail(lua, e.to_string());
+                }
+            };
+        }
+    }
+    let mut waiter = if topic.is_some() {
+        sub
+    } else {
+        // Not listening this time, but still subscribed for the next call that names it.
+        *slot.subscription.borrow_mut() = sub;
+        None
     };
+    struct Restore<'a>(&'a Slot, &'a mut Option<events::Subscription>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            if let Some(s) = self.1.take() {
+                *self.0.subscription.borrow_mut() = Some(s);
+            }
+        }
+    }
+    let restore = Restore(&slot, &mut waiter);
     let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
     loop {
         let event = async {
-            match &mut waiter {
-                Some(w) => w.await,
+            match restore.1.as_mut() {
+                Some(s) => s.recv().await,
                 None => std::future::pending().await,
             }
         };

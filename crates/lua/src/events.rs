@@ -2,7 +2,8 @@
 //! requests waiting on them, whatever worker thread they run on.
 //!
 //! A publish wakes the waiters that are waiting at that moment and nobody else: there is no
-//! queue for absent waiters (docs/decisions/020-events.md). Values cross threads as one shared
+//! queue for absent waiters (docs/decisions/020-events.md). A subscription (a WebSocket session
+//! that names a topic) is a waiter that stays until dropped, with a short queue of its own. Values cross threads as one shared
 //! `Arc<Value>`; every waiter copies it into its own VM. The cluster engine plugs in with
 //! [`set_remote`] (told of every local publish) and [`deliver`] (a publish from elsewhere, given
 //! to local waiters only).
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use rustomnic_core::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
@@ -27,9 +28,17 @@ pub const MAX_WAITERS: usize = 1_000_000;
 /// What the cluster engine is told of every local publish: (cage, topic, value).
 pub type RemoteHook = Arc<dyn Fn(&str, &str, &Value) + Send + Sync>;
 
+/// Events a subscription may have queued; further ones are dropped for it (and counted).
+pub const SUBSCRIPTION_QUEUE: usize = 64;
+
+enum Sink {
+    Once(oneshot::Sender<Arc<Value>>),
+    Stream(mpsc::Sender<Arc<Value>>),
+}
+
 #[derive(Default)]
 struct Cage {
-    topics: HashMap<Box<str>, HashMap<u64, oneshot::Sender<Arc<Value>>>>,
+    topics: HashMap<Box<str>, HashMap<u64, Sink>>,
     waiters: usize,
 }
 
@@ -135,16 +144,36 @@ pub fn clear_remote() {
 fn wake(cage: &str, topic: &str, value: Value) -> usize {
     // Take the whole set under the lock and send outside it, so a fan-out to many waiters does
     // not hold up publishes and waits of other topics.
+    let value = Arc::new(value);
+    let mut woken = 0;
     let waiters = {
         let mut cages = lock(bus());
         let Some(c) = cages.get_mut(cage) else { return 0 };
-        let Some(set) = c.topics.remove(topic) else { return 0 };
-        c.waiters -= set.len();
-        set
+        let Some(set) = c.topics.get_mut(topic) else { return 0 };
+        let mut once = Vec::with_capacity(set.len());
+        for (id, sink) in std::mem::take(set) {
+            match sink {
+                Sink::Once(tx) => once.push(tx),
+                Sink::Stream(tx) => {
+                    // Never blocks: a subscriber that is this far behind loses the event.
+                    match tx.try_send(value.clone()) {
+                        Ok(()) => woken += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::warn!(cage, topic, "a subscriber is {SUBSCRIPTION_QUEUE} events behind; this event is dropped for it")
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                    set.insert(id, Sink::Stream(tx));
+                }
+            }
+        }
+        c.waiters -= once.len();
+        if set.is_empty() {
+            c.topics.remove(topic);
+        }
+        once
     };
-    let value = Arc::new(value);
-    let mut woken = 0;
-    for (_, tx) in waiters {
+    for tx in waiters {
         if tx.send(value.clone()).is_ok() {
             woken += 1;
         }
@@ -164,9 +193,68 @@ pub fn wait(cage: &str, topic: &str) -> Result<Waiter, EventError> {
     if c.waiters >= MAX_WAITERS {
         return Err(EventError(format!("pmnc.events.wait: cage {cage} has {MAX_WAITERS} waiters already, the limit")));
     }
-    c.topics.entry(topic.into()).or_default().insert(id, tx);
+    c.topics.entry(topic.into()).or_default().insert(id, Sink::Once(tx));
     c.waiters += 1;
     Ok(Waiter { cage: cage.into(), topic: topic.into(), id, rx })
+}
+
+/// Subscribes to `topic` of `cage` until the subscription is dropped: every publish meanwhile is
+/// queued for it (up to [`SUBSCRIPTION_QUEUE`]).
+pub fn subscribe(cage: &str, topic: &str) -> Result<Subscription, EventError> {
+    check_topic("subscribing", topic)?;
+    let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+    let b = bus();
+    let id = b.next.fetch_add(1, Ordering::Relaxed);
+    let mut cages = lock(b);
+    let c = cages.entry(cage.into()).or_default();
+    if c.waiters >= MAX_WAITERS {
+        return Err(EventError(format!("subscribing to {topic:?}: cage {cage} has {MAX_WAITERS} waiters already, the limit")));
+    }
+    c.topics.entry(topic.into()).or_default().insert(id, Sink::Stream(tx));
+    c.waiters += 1;
+    Ok(Subscription { key: Key { cage: cage.into(), topic: topic.into(), id }, rx })
+}
+
+/// See [`subscribe`].
+pub struct Subscription {
+    key: Key,
+    rx: mpsc::Receiver<Arc<Value>>,
+}
+
+impl Subscription {
+    pub fn topic(&self) -> &str {
+        &self.key.topic
+    }
+
+    /// The next event published on the topic.
+    pub async fn recv(&mut self) -> Option<Arc<Value>> {
+        self.rx.recv().await
+    }
+}
+
+/// Where a waiter or subscription is registered; unregisters it when dropped.
+struct Key {
+    cage: Box<str>,
+    topic: Box<str>,
+    id: u64,
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        unregister(&self.cage, &self.topic, self.id);
+    }
+}
+
+fn unregister(cage: &str, topic: &str, id: u64) {
+    let mut cages = lock(bus());
+    let Some(c) = cages.get_mut(cage) else { return };
+    let Some(set) = c.topics.get_mut(topic) else { return };
+    if set.remove(&id).is_some() {
+        c.waiters -= 1;
+        if set.is_empty() {
+            c.topics.remove(topic);
+        }
+    }
 }
 
 /// Waiters on `topic` of `cage` now (in this process).
@@ -198,15 +286,7 @@ impl Future for Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let mut cages = lock(bus());
-        let Some(c) = cages.get_mut(&*self.cage) else { return };
-        let Some(set) = c.topics.get_mut(&*self.topic) else { return };
-        if set.remove(&self.id).is_some() {
-            c.waiters -= 1;
-            if set.is_empty() {
-                c.topics.remove(&*self.topic);
-            }
-        }
+        unregister(&self.cage, &self.topic, self.id);
     }
 }
 
@@ -268,5 +348,20 @@ mod tests {
         publish("events-test-r", "u", Value::Int(6)).unwrap();
         assert_eq!(seen.lock().unwrap().as_slice(), &[("u".to_string(), Value::Int(6))]);
         clear_remote();
+    }
+
+    #[test]
+    fn subscriptions_stay_and_queue() {
+        let cage = "events-test-sub";
+        let mut sub = subscribe(cage, "t").unwrap();
+        let w = wait(cage, "t").unwrap();
+        assert_eq!(publish(cage, "t", Value::Int(1)).unwrap(), 2);
+        assert_eq!(publish(cage, "t", Value::Int(2)).unwrap(), 1, "the waiter was woken once and left");
+        assert_eq!(rt().block_on(w).as_deref(), Some(&Value::Int(1)));
+        let got = rt().block_on(async { (sub.recv().await, sub.recv().await) });
+        assert_eq!((got.0.as_deref(), got.1.as_deref()), (Some(&Value::Int(1)), Some(&Value::Int(2))));
+        assert_eq!(waiting(cage, "t"), 1);
+        drop(sub);
+        assert_eq!(cage_stats(cage), (0, 0));
     }
 }
