@@ -326,6 +326,20 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             control.block_on(cluster.join(describe(&cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
             let roster = cluster.roster.clone();
             rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
+            // pmnc.events reach the same cages in every process of the flock.
+            let names = cages.iter().map(|c| c.config.name.clone()).collect();
+            let deliver: rustomnic_cluster::events::Deliver = Arc::new(|cage: &str, topic: &str, value| {
+                rustomnic_lua::events::deliver(cage, topic, value);
+            });
+            let outbox = {
+                let _runtime = control.enter();
+                cluster.join_events(names, deliver, shutdown_rx.clone())
+            };
+            if let Some(outbox) = outbox {
+                rustomnic_lua::events::set_remote(Arc::new(move |cage: &str, topic: &str, value: &rustomnic_core::Value| {
+                    outbox.send(cage, topic, value);
+                }));
+            }
             Some(cluster)
         }
         None => None,

@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -14,9 +14,8 @@ use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
 use rustomnic_lua::{worker, RequestCtx, RunError};
 use tokio::io::AsyncWriteExt;
 
+use crate::stream::{Body, Slot};
 use crate::HttpInterface;
-
-type Body = Full<Bytes>;
 
 /// Answers a connection over the limit and closes it.
 pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
@@ -26,7 +25,7 @@ pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
 }
 
 fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{text} (request id {id})\n"))));
+    let mut r = Response::new(Body::full(format!("{text} (request id {id})\n")));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -37,21 +36,43 @@ fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
 }
 
 /// `peer` is the client's address, formatted once per connection rather than for every request.
-pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, peer: Rc<str>) -> Result<Response<Body>, std::convert::Infallible> {
+pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, peer: Rc<str>, busy: crate::Busy) -> Result<Response<Body>, std::convert::Infallible> {
     let spec = &iface.spec;
-    let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
+    // A WebSocket session lives as long as its connection, so it gets its own deadline.
+    let timeout = if is_websocket(&req) { iface.settings.websocket_timeout } else { spec.request_timeout };
+    let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
     // Only what the debug line needs, and only when it will be written.
     let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (ctx.id.clone(), std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
-    let response = respond(&iface, req, &peer, ctx).await;
+    let response = respond(&iface, req, &peer, ctx, busy).await;
     if let Some((id, started, method, path)) = debug {
         tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
     }
     Ok(response)
 }
 
-async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx: RequestCtx) -> Response<Body> {
+/// An HTTP/1.1 GET asking for a WebSocket (RFC 6455 4.2.1).
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    let has = |name: hyper::header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    req.method() == hyper::Method::GET
+        && req.version() == hyper::Version::HTTP_11
+        && has(hyper::header::UPGRADE, "websocket")
+        && has(hyper::header::CONNECTION, "upgrade")
+        && h.contains_key("sec-websocket-key")
+}
+
+async fn respond(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, ctx: RequestCtx, busy: crate::Busy) -> Response<Body> {
     let spec = &iface.spec;
     let id = ctx.id.clone();
+    let upgrade = if is_websocket(&req) {
+        let key = req.headers().get("sec-websocket-key").map(|k| Bytes::copy_from_slice(k.as_bytes())).unwrap_or_default();
+        Some((hyper::upgrade::on(&mut req), key))
+    } else {
+        None
+    };
+    let websocket = upgrade.is_some();
     let limit = iface.settings.max_body_size;
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
@@ -73,8 +94,10 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx:
         return plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running");
     };
     let (module, function) = &spec.handler.value;
+    let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
     let started = vm.function(module, function).and_then(|handler| {
         let adapter = vm.helper("http_request", ADAPTER)?;
+        let api = crate::lua_api::api(&vm)?;
         vm.start_function(ctx, adapter, |lua| {
             let (headers, query) = (header_table(lua, &parts)?, query_table(lua, &parts)?);
             Ok(MultiValue::from_iter([
@@ -87,11 +110,43 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx:
                 LuaValue::String(lua.create_string(&body)?),
                 LuaValue::String(lua.create_string(peer)?),
                 LuaValue::String(lua.create_string(version_name(parts.version))?),
+                LuaValue::Table(api),
+                LuaValue::Boolean(websocket),
             ]))
         })
     });
     let result = match started {
-        Ok(fut) => fut.await,
+        Ok(mut fut) => {
+            // The handler either ends (the usual case) or sends its response head early
+            // (response.stream, request.upgrade) and goes on in a task of its own.
+            let replied = tokio::select! {
+                biased;
+                r = &mut fut => Err(r),
+                head = slot.replied() => Ok(head),
+            };
+            match replied {
+                Err(r) if !slot.0.replied() => r,
+                Err(r) => {
+                    // It started a stream and ended within one poll: the head is sent, its
+                    // body ends as the slot goes.
+                    log_outcome(iface, &id, r);
+                    let head = slot.replied().await;
+                    drop(slot);
+                    return head;
+                }
+                Ok(head) => {
+                    let spec = iface.spec.clone();
+                    let id = id.clone();
+                    tokio::task::spawn_local(async move {
+                        let r = fut.await;
+                        log_outcome_spec(&spec, &id, r);
+                        drop(slot);
+                        drop(busy);
+                    });
+                    return head;
+                }
+            }
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -120,17 +175,35 @@ async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx:
 }
 
 /// Builds the request and response tables and calls the handler; returns the response table
-/// first, then what the handler returned.
+/// first, then what the handler returned. `response.stream` comes from a shared metatable and
+/// `request.upgrade` exists only on upgrade requests, so plain requests pay for neither.
 const ADAPTER: &str = r#"
-return function(handler, method, path, uri, query, headers, body, remote_addr, version)
-  local response = { status = 200, headers = {} }
+return function(handler, method, path, uri, query, headers, body, remote_addr, version, api, websocket)
+  local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
   local request = {
     method = method, path = path, uri = uri, query = query or {}, headers = headers,
-    body = body, remote_addr = remote_addr, version = version,
+    body = body, remote_addr = remote_addr, version = version, websocket = websocket,
   }
+  if websocket then request.upgrade = api.upgrader(response) end
   return response, handler(request, response)
 end
 "#;
+
+/// Logs how a handler that answered early (a stream, a WebSocket) ended.
+fn log_outcome(iface: &HttpInterface, id: &str, r: Result<MultiValue, RunError>) {
+    log_outcome_spec(&iface.spec, id, r)
+}
+
+fn log_outcome_spec(spec: &rustomnic_cage::InterfaceSpec, id: &str, r: Result<MultiValue, RunError>) {
+    let (module, function) = &spec.handler.value;
+    match r {
+        Ok(_) => {}
+        Err(RunError::Deadline) => {
+            tracing::info!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function}: a streaming or WebSocket handler reached its deadline")
+        }
+        Err(e) => tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {}", e.log_text()),
+    }
+}
 
 fn version_name(v: hyper::Version) -> &'static str {
     match v {
@@ -202,12 +275,6 @@ fn percent_decode(path: &str) -> Vec<u8> {
 fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String> {
     let mut values = values.into_iter();
     let Some(LuaValue::Table(response)) = values.next() else { return Err("no response table".into()) };
-    let status: LuaValue = response.raw_get("status").map_err(|e| e.to_string())?;
-    let status = match status {
-        LuaValue::Integer(n) if (100..=599).contains(&n) => StatusCode::from_u16(n as u16).map_err(|e| e.to_string())?,
-        LuaValue::Nil => StatusCode::OK,
-        other => return Err(format!("response.status must be an integer 100..599, got {}", describe(&other))),
-    };
     let returned = values.next().unwrap_or(LuaValue::Nil);
     let body_value = match returned {
         LuaValue::Nil => response.raw_get("body").map_err(|e| e.to_string())?,
@@ -226,7 +293,26 @@ fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String
         }
         other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
     };
-    let mut r = Response::new(Full::new(body));
+    let mut r = response_head(&response, Body::full(body), id)?;
+    let h = r.headers_mut();
+    if json && !h.contains_key(CONTENT_TYPE) {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    if !h.contains_key(CONTENT_TYPE) {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    Ok(r)
+}
+
+/// A response with the status and headers the handler set on its `response` table.
+pub(crate) fn response_head(response: &Table, body: Body, id: &str) -> Result<Response<Body>, String> {
+    let status: LuaValue = response.raw_get("status").map_err(|e| e.to_string())?;
+    let status = match status {
+        LuaValue::Integer(n) if (100..=599).contains(&n) => StatusCode::from_u16(n as u16).map_err(|e| e.to_string())?,
+        LuaValue::Nil => StatusCode::OK,
+        other => return Err(format!("response.status must be an integer 100..599, got {}", describe(&other))),
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
     if let LuaValue::Table(headers) = response.raw_get("headers").map_err(|e| e.to_string())? {
@@ -253,12 +339,6 @@ fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String
                 single => add(single)?,
             }
         }
-    }
-    if json && !h.contains_key(CONTENT_TYPE) {
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    }
-    if !h.contains_key(CONTENT_TYPE) {
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     }
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert("x-request-id", v);

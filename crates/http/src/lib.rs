@@ -12,16 +12,26 @@
 //! | `header_read_timeout` | "10s" | a client that has not sent its request head by then is disconnected (also one that sends nothing) |
 //! | `max_connections` | 10000 | connections beyond this get 503 and are closed |
 //! | `http2` | true | accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1 |
+//! | `idle_timeout` | "60s" | a connection with no request in flight and no traffic for this long is closed |
+//! | `write_timeout` | "30s" | a client that reads nothing of a response (or stream, or WebSocket) for this long is dropped |
+//! | `websocket_timeout` | "1h" | the deadline of a request that upgrades to a WebSocket, instead of request_timeout |
+//! | `max_message_size` | "1MiB" | larger WebSocket messages close the WebSocket with 1009 |
 
 mod handler;
+mod limits;
+mod lua_api;
 pub mod raw;
+mod stream;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+pub use limits::raise_open_file_limit;
 
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
@@ -43,6 +53,10 @@ pub struct HttpSettings {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub http2: bool,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub websocket_timeout: Duration,
+    pub max_message_size: usize,
 }
 
 /// A configured HTTP interface, shared by every worker.
@@ -50,6 +64,9 @@ pub struct HttpInterface {
     spec: InterfaceSpec,
     settings: HttpSettings,
     open: AtomicUsize,
+    /// Connections refused since the last warning, and when that was (ms, [`now_ms`]).
+    refused: AtomicUsize,
+    refused_logged: AtomicU64,
 }
 
 impl Protocol for HttpProtocol {
@@ -82,6 +99,19 @@ impl Protocol for HttpProtocol {
             section.duration("header_read_timeout", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(Duration::from_secs(10));
         let max_connections = section.integer("max_connections", 1, 10_000_000).map(|v| v.value as usize).unwrap_or(10_000);
         let http2 = section.bool("http2").map(|v| v.value).unwrap_or(true);
+        let day = Duration::from_secs(86_400);
+        let idle_timeout = section.duration("idle_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(60));
+        let write_timeout = section.duration("write_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(30));
+        let websocket_timeout = section.duration("websocket_timeout", 365 * day).map(|v| v.value).unwrap_or(Duration::from_secs(3600));
+        let max_message_size = section.size("max_message_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
+        for (key, d) in [("idle_timeout", idle_timeout), ("write_timeout", write_timeout), ("websocket_timeout", websocket_timeout)] {
+            if d.is_zero() {
+                section.error(key, "must be more than zero");
+            }
+        }
+        if max_message_size < 125 {
+            section.error("max_message_size", "must be at least 125 bytes (the largest control frame)");
+        }
         let settings = HttpSettings {
             listen: listen?,
             max_body_size,
@@ -89,8 +119,12 @@ impl Protocol for HttpProtocol {
             header_read_timeout,
             max_connections,
             http2,
+            idle_timeout,
+            write_timeout,
+            websocket_timeout,
+            max_message_size: max_message_size.max(125) as usize,
         };
-        Some(Arc::new(HttpInterface { spec, settings, open: AtomicUsize::new(0) }))
+        Some(Arc::new(HttpInterface { spec, settings, open: AtomicUsize::new(0), refused: AtomicUsize::new(0), refused_logged: AtomicU64::new(0) }))
     }
 }
 
@@ -117,9 +151,10 @@ impl Interface for HttpInterface {
     fn serve(self: Arc<Self>, mut stream: TcpStream, remote: SocketAddr, mut shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
             let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-            let _guard = OpenGuard(&self.open);
+            // Counted until the socket closes, which for a WebSocket is long after serve() ends.
+            let conn = Arc::new(ConnState { iface: self.clone(), last: AtomicU64::new(now_ms()), in_flight: AtomicUsize::new(0) });
             if open > self.settings.max_connections {
-                tracing::warn!(cage = %self.spec.cage, interface = %self.spec.name, "refusing {remote}: {} connections open, the limit is max_connections = {}", open - 1, self.settings.max_connections);
+                self.note_refusal(remote, open - 1);
                 handler::refuse_overloaded(stream).await;
                 return;
             }
@@ -130,16 +165,23 @@ impl Interface for HttpInterface {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: no request within header_read_timeout ({:?})", self.settings.header_read_timeout);
                 return;
             };
-            let io = TokioIo::new(Prefixed { head, stream });
+            // hyper-util's upgradeable connections ignore http1_only, so refuse the preface here.
+            if !self.settings.http2 && head[..] == *H2_PREFACE {
+                tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: HTTP/2 is off (http2 = false)");
+                return;
+            }
+            let io = TokioIo::new(Prefixed { head, stream, conn: conn.clone(), write_timer: None });
             let me = self.clone();
             let peer: std::rc::Rc<str> = remote.to_string().into();
-            let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone()));
+            let busy = conn.clone();
+            let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy)));
             let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.settings.header_read_timeout)
                 .max_buf_size(self.settings.max_header_size)
+                .writev(true)
                 .keep_alive(true);
             builder
                 .http2()
@@ -147,11 +189,27 @@ impl Interface for HttpInterface {
                 .max_header_list_size(self.settings.max_header_size as u32)
                 .max_concurrent_streams(256);
             let builder = if self.settings.http2 { builder } else { builder.http1_only() };
-            let conn = builder.serve_connection(io, service);
+            let state = conn;
+            let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
+            let idle = self.settings.idle_timeout;
+            let idle_out = async {
+                loop {
+                    let at = state.last.load(Ordering::Relaxed) + idle.as_millis() as u64;
+                    tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+                    if state.in_flight.load(Ordering::Relaxed) == 0 && state.last.load(Ordering::Relaxed) + idle.as_millis() as u64 <= now_ms() {
+                        return;
+                    }
+                }
+            };
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = idle_out => {
+                    tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -190,11 +248,94 @@ async fn first_bytes(stream: &mut TcpStream, timeout: Duration, shutdown: &mut S
     }
 }
 
+/// Milliseconds on a process-wide monotonic clock.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+impl HttpInterface {
+    /// Logs refused connections once per second at most, with how many there were.
+    fn note_refusal(&self, remote: SocketAddr, open: usize) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_ms();
+        let last = self.refused_logged.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self.refused_logged.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.refused.fetch_sub(n, Ordering::Relaxed);
+            tracing::warn!(cage = %self.spec.cage, interface = %self.spec.name, "refused {n} connection(s) (the latest from {remote}): {open} open, the limit is max_connections = {}", self.settings.max_connections);
+        }
+    }
+}
+
+/// What a connection shares between its socket and its requests: the idle clock, the requests
+/// in flight, and its place in the interface's count of open connections.
+pub(crate) struct ConnState {
+    iface: Arc<HttpInterface>,
+    last: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.iface.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight on its connection (which is therefore not idle); held until the handler
+/// ends, also when it answered early and streams.
+pub(crate) struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn new(conn: &Arc<ConnState>) -> Busy {
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(conn.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.last.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// A connection whose first bytes [`first_bytes`] already read: they are replayed to hyper
-/// before the rest of the stream.
+/// before the rest of the stream. It also keeps the idle clock and drops clients that do not
+/// read (write_timeout).
 struct Prefixed {
     head: Bytes,
     stream: TcpStream,
+    conn: Arc<ConnState>,
+    /// Running while a write waits for the client to read; made only when one does.
+    write_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Prefixed {
+    fn written(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        match r {
+            Poll::Pending => {
+                let timeout = self.conn.iface.settings.write_timeout;
+                let timer = self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                    self.write_timer = None;
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {timeout:?} (write_timeout)"),
+                    )));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                self.write_timer = None;
+                if matches!(r, Ok(n) if n > 0) {
+                    self.conn.last.store(now_ms(), Ordering::Relaxed);
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
 }
 
 impl AsyncRead for Prefixed {
@@ -205,17 +346,24 @@ impl AsyncRead for Prefixed {
             buf.put_slice(&part);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn.last.store(now_ms(), Ordering::Relaxed);
+        }
+        r
     }
 }
 
 impl AsyncWrite for Prefixed {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(cx, r)
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -228,13 +376,5 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-struct OpenGuard<'a>(&'a AtomicUsize);
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod convert;
 pub mod metrics;
+pub mod events;
+mod events_lua;
 pub mod module;
 pub mod request;
 pub mod transaction;
@@ -15,3 +17,4 @@ pub use vm::CageVm;
 pub use transaction::{Participant, ParticipantError, Prepared, Resources};
 pub use worker::{CallError, CallRequest, Transport};
 pub use mlua;
+pub use events_lua::{current_request, seconds as events_seconds};

@@ -212,6 +212,14 @@ pmnc.transaction = setmetatable({ create = function(opts) return new_transaction
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
 pmnc.state = shortcut("state")
 
+-- pmnc.events: publish to the requests waiting on a topic, on every worker of the cage.
+local events_publish, events_wait, events_stats = rust.events_publish, rust.events_wait, rust.events_stats
+pmnc.events = {
+  publish = function(topic, value) return check(events_publish(topic, value)) end,
+  wait = function(topic, timeout) return check(events_wait(topic, timeout)) end,
+  stats = function(topic) return events_stats(topic) end,
+}
+
 setmetatable(pmnc, {
   __index = function(_, name)
     if type(name) ~= "string" then return nil end

@@ -348,6 +348,7 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     marks.set_metatable(Some(weak))?;
     lua.set_named_registry_value(HOOK_YIELDS, &marks)?;
     t.set("hook_yields", marks)?;
+    crate::events_lua::register(lua, &t)?;
 
     macro_rules! log_fn {
         ($name:literal, $level:expr) => {

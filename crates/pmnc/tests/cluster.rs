@@ -501,3 +501,50 @@ fn a_cage_down_alert_fires_when_the_last_copy_dies() {
     let line = web.wait_for("ALERT worker_gone worker", Duration::from_secs(15));
     assert!(line.is_some(), "no cage_down alert:\n{}", web.log.join("\n"));
 }
+
+#[test]
+fn events_reach_the_same_cage_in_other_processes() {
+    let Some(nats) = Nats::start("events_reach_the_same_cage_in_other_processes", "") else { return };
+    let tree = Tree::new();
+    let handler = r#"local M = {}
+function M.handle(request)
+  local q = request.query
+  if request.path == "/wait" then
+    local v = pmnc.events.wait(q.topic, tonumber(q.t or 5))
+    return { value = v }
+  elseif request.path == "/publish" then
+    pmnc.events.publish(q.topic, { text = q.text })
+    return "sent"
+  end
+end
+return M
+"#;
+    for copy in ["one", "two"] {
+        tree.write(&format!("{copy}/cage.toml"), &format!("name = \"chat\"\n{}\n{}", http_cage_toml(""), cluster_table(&nats.url())));
+        tree.write(&format!("{copy}/http.lua"), handler);
+    }
+    let one = start(&tree, "one");
+    let two = start(&tree, "two");
+    let (a, b) = (one.addr("http"), two.addr("http"));
+    let waiter = std::thread::spawn(move || get(a, "/wait?topic=room1"));
+    // Publish in the other process until the waiter has its event (it may not be parked yet).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while !waiter.is_finished() {
+        assert_eq!(get(b, "/publish?topic=room1&text=hello").text(), "sent");
+        assert!(Instant::now() < deadline, "the event never reached the other process");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = waiter.join().unwrap();
+    assert_eq!(json_body(&r)["value"]["text"], "hello", "{}", r.text());
+    // Another topic is not delivered to this waiter.
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        (get(a, "/wait?topic=room2&t=1"), t.elapsed())
+    });
+    for _ in 0..5 {
+        get(b, "/publish?topic=room3&text=other");
+    }
+    let (r, took) = waiter.join().unwrap();
+    assert!(json_body(&r)["value"].is_null(), "{}", r.text());
+    assert!(took >= Duration::from_millis(950), "the wait ended early ({took:?})");
+}

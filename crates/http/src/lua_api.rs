@@ -1,0 +1,123 @@
+//! The Lua functions of HTTP handlers beyond the request and response tables:
+//! `response.stream` (and the stream it returns) and `request.upgrade` (and the WebSocket it
+//! returns). Made once per VM and kept in its registry.
+
+use bytes::Bytes;
+use rustomnic_lua::mlua::{Lua, Table, Value as LuaValue};
+use rustomnic_lua::{CageVm, RunError};
+
+const KEY: &str = "rustomnic.http.api";
+
+/// Lua side: raises the errors the Rust functions report as (false, message), at the line of the
+/// handler (`check` is tail-called, so level 2 is the handler's frame).
+const SOURCE: &str = r#"
+return function(rust)
+  local error, setmetatable = error, setmetatable
+  local function check(ok, ...)
+    if ok then return ... end
+    error((...), 2)
+  end
+  local stream_start, stream_send, stream_event = rust.stream_start, rust.stream_send, rust.stream_event
+  local upgrade, ws_receive, ws_send, ws_close = rust.upgrade, rust.ws_receive, rust.ws_send, rust.ws_close
+  local stream = {
+    send = function(data) return check(stream_send(data)) end,
+    event = function(e) return check(stream_event(e)) end,
+  }
+  local ws = {
+    receive = function(timeout, topic) return check(ws_receive(timeout, topic)) end,
+    send = function(data, kind) return check(ws_send(data, kind)) end,
+    close = function(code, reason) return check(ws_close(code, reason)) end,
+  }
+  local api = {}
+  api.response_mt = {
+    __index = function(response, k)
+      if k == "stream" then
+        return function(content_type)
+          check(stream_start(response, content_type))
+          return stream
+        end
+      end
+    end,
+  }
+  function api.upgrader(response)
+    return function()
+      check(upgrade(response))
+      return ws
+    end
+  end
+  return api
+end
+"#;
+
+/// The API table of this VM, made on first use.
+pub(crate) fn api(vm: &CageVm) -> Result<Table, RunError> {
+    let lua = vm.lua();
+    if let Ok(LuaValue::Table(t)) = lua.named_registry_value::<LuaValue>(KEY) {
+        return Ok(t);
+    }
+    let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("http api: {e}"));
+    let make = vm.helper("http_api", SOURCE)?;
+    let rust = functions(lua).map_err(internal)?;
+    let t: Table = make.call(rust).map_err(internal)?;
+    lua.set_named_registry_value(KEY, &t).map_err(internal)?;
+    Ok(t)
+}
+
+fn functions(lua: &Lua) -> rustomnic_lua::mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("stream_start", lua.create_function(|lua, (response, ct): (Table, Option<String>)| crate::stream::start(lua, response, ct))?)?;
+    t.set(
+        "stream_send",
+        lua.create_async_function(|lua, data: LuaValue| async move {
+            let bytes = match &data {
+                LuaValue::String(s) => Bytes::from(s.as_bytes().to_vec()),
+                LuaValue::Integer(_) | LuaValue::Number(_) => Bytes::from(data.to_string()?),
+                other => {
+                    let m = format!("stream.send: data must be a string, got {}", other.type_name());
+                    return Ok((false, Some(m)).into_lua_multi_ok(&lua)?);
+                }
+            };
+            crate::stream::send(&lua, "stream.send", bytes).await
+        })?,
+    )?;
+    t.set(
+        "stream_event",
+        lua.create_async_function(|lua, event: LuaValue| async move {
+            let LuaValue::Table(event) = event else {
+                let m = format!("stream.event: expected a table such as {{event = \"message\", data = \"...\"}}, got {}", event.type_name());
+                return Ok((false, Some(m)).into_lua_multi_ok(&lua)?);
+            };
+            let frame = match crate::stream::sse_frame(&event) {
+                Ok(f) => f,
+                Err(e) => return Ok((false, Some(format!("stream.event: {e}"))).into_lua_multi_ok(&lua)?),
+            };
+            crate::stream::send(&lua, "stream.event", frame).await
+        })?,
+    )?;
+    t.set("upgrade", lua.create_async_function(|lua, response: Table| async move { crate::upgrade::upgrade(&lua, response).await })?)?;
+    t.set(
+        "ws_receive",
+        lua.create_async_function(|lua, (timeout, topic): (LuaValue, Option<String>)| async move { crate::upgrade::receive(&lua, timeout, topic).await })?,
+    )?;
+    t.set(
+        "ws_send",
+        lua.create_async_function(|lua, (data, kind): (LuaValue, Option<String>)| async move { crate::upgrade::send(&lua, data, kind).await })?,
+    )?;
+    t.set(
+        "ws_close",
+        lua.create_async_function(|lua, (code, reason): (Option<u16>, Option<String>)| async move { crate::upgrade::close(&lua, code, reason).await })?,
+    )?;
+    Ok(t)
+}
+
+/// (false, message) as the multi-value the Lua side checks.
+trait FailureExt {
+    fn into_lua_multi_ok(self, lua: &Lua) -> rustomnic_lua::mlua::Result<rustomnic_lua::mlua::MultiValue>;
+}
+
+impl FailureExt for (bool, Option<String>) {
+    fn into_lua_multi_ok(self, lua: &Lua) -> rustomnic_lua::mlua::Result<rustomnic_lua::mlua::MultiValue> {
+        use rustomnic_lua::mlua::IntoLuaMulti;
+        self.into_lua_multi(lua)
+    }
+}

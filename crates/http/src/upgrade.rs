@@ -1,0 +1,299 @@
+//! WebSocket sessions: `request.upgrade()` answers 101 and turns the request's coroutine into the
+//! connection's session, with `ws.receive`, `ws.send` and `ws.close` (tokio-tungstenite over
+//! hyper's upgraded connection; docs/decisions/022-websocket.md).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use rustomnic_lua::events;
+use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::stream::{ok, Body, Slot};
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// tungstenite allocates its read buffer up front for every connection (128 KiB by default);
+/// messages larger than this are read in several steps, which idle clients never need.
+const READ_BUFFER: usize = 2048;
+/// How long closing waits for the client's half of the close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The WebSocket of a request, if it has one.
+pub(crate) enum WsState {
+    None,
+    Open(Box<Ws>),
+    /// Taken by a `ws.*` call that is waiting (only one runs at a time: one coroutine).
+    Busy,
+    Closed,
+}
+
+fn fail(lua: &Lua, message: impl AsRef<str>) -> rustomnic_lua::mlua::Result<MultiValue> {
+    Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(message.as_ref())?)]))
+}
+
+fn closed(lua: &Lua, code: Option<u16>) -> rustomnic_lua::mlua::Result<MultiValue> {
+    Ok(ok([LuaValue::Nil, LuaValue::String(lua.create_string("closed")?), code.map(|c| LuaValue::Integer(c as i64)).unwrap_or(LuaValue::Nil)]))
+}
+
+/// The request's WebSocket, taken out of its slot for one call; `Err` with the Lua result when
+/// there is none to use.
+fn take(lua: &Lua, what: &str) -> Result<(std::rc::Rc<Slot>, Box<Ws>), rustomnic_lua::mlua::Result<MultiValue>> {
+    let Some(slot) = Slot::current(lua) else { return Err(fail(lua, format!("{what} may only be called by the handler that upgraded the request"))) };
+    let state = std::mem::replace(&mut *slot.ws.borrow_mut(), WsState::Busy);
+    match state {
+        WsState::Open(ws) => Ok((slot, ws)),
+        WsState::Closed => {
+            *slot.ws.borrow_mut() = WsState::Closed;
+            Err(closed(lua, None))
+        }
+        WsState::None => {
+            *slot.ws.borrow_mut() = WsState::None;
+            Err(fail(lua, format!("{what}: this request was not upgraded (call request.upgrade() first)")))
+        }
+        WsState::Busy => Err(fail(lua, format!("{what}: another ws call of this request is still waiting"))),
+    }
+}
+
+fn put_back(slot: &Slot, ws: Box<Ws>) {
+    *slot.ws.borrow_mut() = WsState::Open(ws);
+}
+
+/// `request.upgrade()`: sends 101 (with the headers the handler set on `response`) and waits for
+/// hyper to hand over the connection.
+pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::Result<MultiValue> {
+    let what = "request.upgrade";
+    let Some(slot) = Slot::current(lua) else { return fail(lua, format!("{what} may only be called by the HTTP handler of the request")) };
+    if slot.replied() || slot.sender.borrow().is_some() {
+        return fail(lua, format!("{what}: the response was already started"));
+    }
+    let Some((on_upgrade, key)) = slot.upgrade.borrow_mut().take() else {
+        return fail(lua, format!("{what}: this request is not a WebSocket upgrade (check request.websocket first)"));
+    };
+    let mut r = match crate::handler::response_head(&response, Body::Full(None), &slot.id) {
+        Ok(r) => r,
+        Err(e) => return fail(lua, format!("{what}: {e}")),
+    };
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let h = r.headers_mut();
+    h.remove(CONTENT_TYPE);
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    match HeaderValue::from_str(&accept) {
+        Ok(v) => h.insert("sec-websocket-accept", v),
+        Err(_) => return fail(lua, format!("{what}: cannot make the accept key")),
+    };
+    slot.reply(r);
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            *slot.ws.borrow_mut() = WsState::Closed;
+            return fail(lua, format!("{what}: the connection could not be upgraded: {e}"));
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(slot.max_message_size))
+        .max_frame_size(Some(slot.max_message_size));
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
+    Ok(ok([]))
+}
+
+/// `ws.receive(timeout, topic)`: the next message (data, "text"|"binary"), an event of `topic`
+/// (value, "event"), nil, "timeout", or nil, "closed", code once the connection is over.
+pub(crate) async fn receive(lua: &Lua, timeout: LuaValue, topic: Option<String>) -> rustomnic_lua::mlua::Result<MultiValue> {
+    let what = "ws.receive";
+    let timeout = match rustomnic_lua::events_seconds(what, &timeout) {
+        Ok(t) => t,
+        Err(e) => return fail(lua, e),
+    };
+    let (slot, mut ws) = match take(lua, what) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    // The session stays subscribed to its topic between calls, so nothing published while it
+    // handles a message (its own publish included) is missed.
+    let mut sub = slot.subscription.borrow_mut().take();
+    if let (Some(t), Some(ctx)) = (&topic, rustomnic_lua::current_request(lua)) {
+        if sub.as_ref().map(|s| s.topic()) != Some(t.as_str()) {
+            sub = match events::subscribe(&ctx.cage, t) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    put_back(&slot, ws);
+                    return fail(lua, e.to_string());
+                }
+            };
+        }
+    }
+    let mut waiter = if topic.is_some() {
+        sub
+    } else {
+        // Not listening this time, but still subscribed for the next call that names it.
+        *slot.subscription.borrow_mut() = sub;
+        None
+    };
+    struct Restore<'a>(&'a Slot, &'a mut Option<events::Subscription>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            if let Some(s) = self.1.take() {
+                *self.0.subscription.borrow_mut() = Some(s);
+            }
+        }
+    }
+    let restore = Restore(&slot, &mut waiter);
+    let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    loop {
+        let event = async {
+            match restore.1.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let timer = async {
+            match until {
+                Some(u) => tokio::time::sleep_until(u.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    put_back(&slot, ws);
+                    return Ok(ok([LuaValue::String(lua.create_string(t.as_bytes())?), LuaValue::String(lua.create_string("text")?)]));
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    put_back(&slot, ws);
+                    return Ok(ok([LuaValue::String(lua.create_string(&b)?), LuaValue::String(lua.create_string("binary")?)]));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    // tungstenite queued the reply to the client's close; send it.
+                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    return closed(lua, Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(WsError::Capacity(e))) => {
+                    tracing::info!(request = %slot.id, "closing a WebSocket: {e} (max_message_size = {})", slot.max_message_size);
+                    let frame = CloseFrame { code: CloseCode::Size, reason: "message too big".into() };
+                    finish(&mut ws, Some(frame)).await;
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    return closed(lua, Some(1009));
+                }
+                Some(Err(WsError::Protocol(e))) => {
+                    tracing::info!(request = %slot.id, "closing a WebSocket: protocol error: {e}");
+                    finish(&mut ws, Some(CloseFrame { code: CloseCode::Protocol, reason: "protocol error".into() })).await;
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    return closed(lua, Some(1002));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(request = %slot.id, "WebSocket ended: {e}");
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    return closed(lua, Some(1006));
+                }
+                None => {
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    return closed(lua, Some(1006));
+                }
+            },
+            v = event => {
+                put_back(&slot, ws);
+                let v = match v {
+                    Some(v) => rustomnic_lua::convert::to_lua(lua, &v)?,
+                    None => LuaValue::Nil,
+                };
+                return Ok(ok([v, LuaValue::String(lua.create_string("event")?)]));
+            }
+            _ = timer => {
+                put_back(&slot, ws);
+                return Ok(ok([LuaValue::Nil, LuaValue::String(lua.create_string("timeout")?)]));
+            }
+        }
+    }
+}
+
+/// `ws.send(data, kind)`: text when `data` is UTF-8 (or kind is "text"), else binary.
+pub(crate) async fn send(lua: &Lua, data: LuaValue, kind: Option<String>) -> rustomnic_lua::mlua::Result<MultiValue> {
+    let what = "ws.send";
+    let bytes = match &data {
+        LuaValue::String(s) => s.as_bytes().to_vec(),
+        LuaValue::Integer(_) | LuaValue::Number(_) => data.to_string()?.into_bytes(),
+        other => return fail(lua, format!("{what}: data must be a string, got {} (use pmnc.json.encode for tables)", other.type_name())),
+    };
+    let message = match (kind.as_deref(), String::from_utf8(bytes)) {
+        (Some("binary"), Ok(s)) => Message::Binary(Bytes::from(s.into_bytes())),
+        (Some("binary"), Err(e)) | (None, Err(e)) => Message::Binary(Bytes::from(e.into_bytes())),
+        (Some("text") | None, Ok(s)) => Message::Text(s.into()),
+        (Some("text"), Err(_)) => return fail(lua, format!("{what}: a text message must be UTF-8")),
+        (Some(k), _) => return fail(lua, format!("{what}: kind must be \"text\" or \"binary\", got {k:?}")),
+    };
+    let (slot, mut ws) = match take(lua, what) {
+        Ok(x) => x,
+        Err(r) => {
+            // Sending on a closed WebSocket is an error: the handler should stop.
+            return match Slot::current(lua).map(|s| matches!(*s.ws.borrow(), WsState::Closed)) {
+                Some(true) => fail(lua, format!("{what}: the WebSocket is closed")),
+                _ => r,
+            };
+        }
+    };
+    match tokio::time::timeout(slot.write_timeout, ws.send(message)).await {
+        Ok(Ok(())) => {
+            put_back(&slot, ws);
+            Ok(ok([]))
+        }
+        Ok(Err(e)) => {
+            *slot.ws.borrow_mut() = WsState::Closed;
+            fail(lua, format!("{what}: the WebSocket is closed ({e})"))
+        }
+        Err(_) => {
+            *slot.ws.borrow_mut() = WsState::Closed;
+            fail(lua, format!("{what}: the client did not read for {:?} (write_timeout); the connection is dropped", slot.write_timeout))
+        }
+    }
+}
+
+/// `ws.close(code, reason)`: the close handshake, waiting briefly for the client's reply.
+pub(crate) async fn close(lua: &Lua, code: Option<u16>, reason: Option<String>) -> rustomnic_lua::mlua::Result<MultiValue> {
+    let what = "ws.close";
+    let code = code.unwrap_or(1000);
+    if !(code == 1000 || (1002..=1003).contains(&code) || (1007..=1014).contains(&code) || (3000..=4999).contains(&code)) {
+        return fail(lua, format!("{what}: {code} is not a close code a server may send (1000, 1002-1003, 1007-1014, 3000-4999)"));
+    }
+    let reason = reason.unwrap_or_default();
+    if reason.len() > 123 {
+        return fail(lua, format!("{what}: the reason is {} bytes, the limit is 123", reason.len()));
+    }
+    let (slot, mut ws) = match take(lua, what) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    finish(&mut ws, Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() })).await;
+    *slot.ws.borrow_mut() = WsState::Closed;
+    Ok(ok([]))
+}
+
+/// Sends a close frame and waits (briefly) for the client to answer it.
+async fn finish(ws: &mut Ws, frame: Option<CloseFrame>) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if ws.close(frame).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// A WebSocket its handler returned without closing: closed normally, off the request's path.
+pub(crate) fn close_in_background(mut ws: Box<Ws>) {
+    tokio::task::spawn_local(async move { finish(&mut ws, None).await });
+}

@@ -1,0 +1,123 @@
+//! The Lua side of the event bus: the Rust helpers behind `pmnc.events.publish`, `.wait` and
+//! `.stats`, and [`current_request`] for interfaces whose Lua functions act on the request that
+//! calls them.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{Lua, MultiValue, Table, Value as LuaValue};
+
+use crate::convert::{from_lua, to_lua};
+use crate::events;
+use crate::request::{RequestCtx, VmShared};
+
+/// The request whose coroutine is running in `lua` now (`None` outside requests).
+pub fn current_request(lua: &Lua) -> Option<Rc<RequestCtx>> {
+    lua.app_data_ref::<Rc<VmShared>>().and_then(|s| s.current())
+}
+
+fn fail(lua: &Lua, message: impl AsRef<str>) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(message.as_ref())?)]))
+}
+
+fn ok(values: impl IntoIterator<Item = LuaValue>) -> MultiValue {
+    let mut mv = MultiValue::new();
+    mv.push_back(LuaValue::Boolean(true));
+    mv.extend(values);
+    mv
+}
+
+fn topic_of(lua: &Lua, what: &str, topic: &LuaValue) -> Result<String, mlua::Result<MultiValue>> {
+    match topic {
+        LuaValue::String(s) => Ok(s.to_string_lossy()),
+        other => Err(fail(lua, format!("{what}: the topic must be a string, got {}", other.type_name()))),
+    }
+}
+
+/// Seconds from a Lua number: `None` for nil (no timeout of its own), an error text otherwise.
+pub fn seconds(what: &str, v: &LuaValue) -> Result<Option<f64>, String> {
+    let secs = match v {
+        LuaValue::Nil => return Ok(None),
+        LuaValue::Integer(i) => *i as f64,
+        LuaValue::Number(n) => *n,
+        other => return Err(format!("{what}: timeout must be a number of seconds, got {}", other.type_name())),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{what}: timeout must be zero or more seconds, got {secs}"));
+    }
+    Ok(Some(secs.min(1e9)))
+}
+
+/// Adds `events_publish`, `events_wait` and `events_stats` to the prelude's table of helpers.
+pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    t.set(
+        "events_publish",
+        lua.create_function(|lua, (topic, value): (LuaValue, LuaValue)| {
+            let what = "pmnc.events.publish";
+            let topic = match topic_of(lua, what, &topic) {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            let Some(shared) = lua.app_data_ref::<Rc<VmShared>>().map(|s| s.clone()) else { return fail(lua, format!("{what}: no cage")) };
+            let value = match from_lua(&value) {
+                Ok(v) => v,
+                Err(e) => return fail(lua, format!("{what}({topic:?}): the value {e}")),
+            };
+            match events::publish(&shared.cage, &topic, value) {
+                Ok(n) => Ok(ok([LuaValue::Integer(n as i64)])),
+                Err(e) => fail(lua, e.to_string()),
+            }
+        })?,
+    )?;
+    t.set(
+        "events_wait",
+        lua.create_async_function(|lua, (topic, timeout): (LuaValue, LuaValue)| async move {
+            let what = "pmnc.events.wait";
+            let topic = match topic_of(&lua, what, &topic) {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            let timeout = match seconds(what, &timeout) {
+                Ok(t) => t,
+                Err(e) => return fail(&lua, e),
+            };
+            let Some(ctx) = current_request(&lua) else {
+                return fail(&lua, format!("{what} may only be called while handling a request"));
+            };
+            let waiter = match events::wait(&ctx.cage, &topic) {
+                Ok(w) => w,
+                Err(e) => return fail(&lua, e.to_string()),
+            };
+            let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
+            let got = match until {
+                // Ending at the deadline is the request future's job (the request gets its
+                // timeout answer); a timeout within it gives nil to the handler.
+                Some(u) if u < ctx.deadline => match tokio::time::timeout_at(u.into(), waiter).await {
+                    Ok(v) => v,
+                    Err(_) => return Ok(ok([LuaValue::Nil])),
+                },
+                _ => waiter.await,
+            };
+            match got {
+                Some(v) => Ok(ok([to_lua(&lua, &v)?])),
+                None => Ok(ok([LuaValue::Nil])),
+            }
+        })?,
+    )?;
+    t.set(
+        "events_stats",
+        lua.create_function(|lua, topic: Option<String>| {
+            let Some(shared) = lua.app_data_ref::<Rc<VmShared>>().map(|s| s.clone()) else { return Ok(LuaValue::Nil) };
+            let s = lua.create_table()?;
+            let (waiters, topics) = events::cage_stats(&shared.cage);
+            s.raw_set("waiters", waiters)?;
+            s.raw_set("topics", topics)?;
+            s.raw_set("live_requests", shared.live.get())?;
+            if let Some(topic) = topic {
+                s.raw_set("topic_waiters", events::waiting(&shared.cage, &topic))?;
+            }
+            Ok(LuaValue::Table(s))
+        })?,
+    )?;
+    Ok(())
+}
