@@ -55,6 +55,10 @@ pub struct CageConfig {
     pub log_level: Option<String>,
     pub interfaces: Vec<Arc<dyn Interface>>,
     pub resources: Vec<rustomnic_resource::ResourceConfig>,
+    /// `[queues.NAME]`: the queues this cage accepts durable calls on (docs/queues.md).
+    pub queues: Vec<rustomnic_queue::QueueConfig>,
+    /// The SQLite file of the cage's state, which holds its queue too.
+    pub state_file: std::path::PathBuf,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -175,8 +179,25 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             resources.push(state);
         }
     }
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources })
+    let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
+    let state_file = state_file(dir, file);
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "queues"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, queues, state_file })
+}
+
+/// The state file: `path` of `[resources.state]` (relative to the cage folder) or the implicit
+/// `<cage folder>/.data/state.sqlite`. The queue lives in it (exactly once needs one file).
+fn state_file(dir: &CageDir, file: &SourceFile) -> std::path::PathBuf {
+    let implicit = dir.dir.join(".data").join("state.sqlite");
+    let root = file.root();
+    let Some(state) = root.table("resources").and_then(|r| r.table("state")) else { return implicit };
+    if state.string("protocol").is_some_and(|p| p.value != "state") || !state.has("path") {
+        return implicit;
+    }
+    match state.string("path") {
+        Some(p) => file.path().parent().unwrap_or(std::path::Path::new("")).join(p.value),
+        None => implicit,
+    }
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it

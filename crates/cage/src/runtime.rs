@@ -132,6 +132,8 @@ pub(crate) enum WorkerCmd {
     Module { cage: String, name: String, module: Option<Module> },
     /// A resource's config changed (or it was added, or removed with `None`).
     Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
+    /// Work made elsewhere to run on this worker (a queued call, a schedule firing).
+    Run(rustomnic_queue::Job),
 }
 
 /// Handles to every worker, for the acceptors and the watcher.
@@ -226,6 +228,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
     }
     let workers = Workers { senders: Arc::new(senders) };
+    let queues = start_queues(&cages, &workers)?;
 
     let watcher = if options.watch {
         Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
@@ -262,6 +265,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         let _ = joined.await;
     });
     drop(watcher);
+    drop(queues);
     tracing::info!("stopped");
     Ok(())
 }
@@ -394,6 +398,9 @@ fn worker_main(
                 }
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
                 Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
+                Some(WorkerCmd::Run(job)) => {
+                    tokio::task::spawn_local(job());
+                }
                 None => break,
             }
         }
@@ -461,4 +468,34 @@ fn apply_module(cage: &str, name: &str, module: Option<Module>) {
         }
         None => vm.remove(name),
     }
+}
+
+impl Workers {
+    /// Runs jobs on the workers, round robin.
+    pub(crate) fn spawner(&self) -> rustomnic_queue::Spawner {
+        let senders = self.senders.clone();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Arc::new(move |job| {
+            let n = senders.len();
+            let mut cmd = WorkerCmd::Run(job);
+            for _ in 0..n {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+                match senders[i].send(cmd) {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(back)) => cmd = back,
+                }
+            }
+        })
+    }
+}
+
+/// Starts the queue of every cage with `[queues]` (docs/queues.md).
+fn start_queues(cages: &[PreparedCage], workers: &Workers) -> Result<Vec<rustomnic_queue::Running>, Error> {
+    let mut running = Vec::new();
+    for c in cages.iter().filter(|c| !c.config.queues.is_empty()) {
+        let r = rustomnic_queue::start(&c.config.name, &c.config.state_file, c.config.queues.clone(), c.config.request_timeout, workers.spawner())
+            .map_err(Error::Runtime)?;
+        running.push(r);
+    }
+    Ok(running)
 }

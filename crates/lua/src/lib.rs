@@ -2,6 +2,7 @@
 //! coroutines under deadlines. See ARCHITECTURE.md for the invariants this crate keeps.
 
 pub mod convert;
+pub mod durable;
 pub mod module;
 pub mod request;
 pub mod transaction;

@@ -208,6 +208,12 @@ pmnc.transaction = setmetatable({ create = function(opts) return new_transaction
   end,
 })
 
+-- pmnc.calls.result(id [, cage]): the status of a durable call.
+local call_result = rust.call_result
+pmnc.calls = {
+  result = function(id, cage) return check(call_result(id, cage)) end,
+}
+
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
 pmnc.state = shortcut("state")
 

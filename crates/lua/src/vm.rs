@@ -439,6 +439,10 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
                 "interface" => LuaValue::String(lua.create_string(&ctx.interface)?),
                 "cage" => LuaValue::String(lua.create_string(&ctx.cage)?),
                 "deadline" => LuaValue::Number(ctx.deadline_unix),
+                "call_id" => match &ctx.call_id {
+                    Some(c) => LuaValue::String(lua.create_string(c)?),
+                    None => LuaValue::Nil,
+                },
                 "caller" => match &ctx.caller {
                     Some(c) => LuaValue::String(lua.create_string(c)?),
                     None => LuaValue::Nil,
@@ -519,16 +523,19 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
             }
         })?,
     )?;
+    crate::durable::register(lua, &t)?;
     t.set(
         "call_cage",
         lua.create_async_function(
             |lua, (cage, module, function, opts, args): (String, String, String, Option<Table>, Variadic<LuaValue>)| async move {
                 let target = format!("{cage}.{module}.{function}");
-                if let Some(opts) = &opts {
-                    if let Some((k, _)) = opts.pairs::<String, LuaValue>().filter_map(|p| p.ok()).next() {
-                        return failure(&lua, format!("calling {target}: option {k:?} is not supported yet (durable calls arrive with the task queue)"));
-                    }
-                }
+                let durable = match &opts {
+                    Some(opts) if opts.pairs::<LuaValue, LuaValue>().next().is_some() => match crate::durable::options_from(&target, opts) {
+                        Ok(o) => Some(o),
+                        Err(e) => return failure(&lua, e),
+                    },
+                    _ => None,
+                };
                 let Some(ctx) = current_ctx(&lua) else {
                     return failure(&lua, format!("calling {target}: other cages may only be called while handling a request"));
                 };
@@ -538,6 +545,13 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
                         Ok(v) => values.push(v),
                         Err(e) => return failure(&lua, format!("calling {target}: argument {}: {e}", i + 1)),
                     }
+                }
+                if let Some(options) = durable {
+                    let call = crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options };
+                    return match crate::durable::enqueue(call).await {
+                        Ok(id) => Ok(success([LuaValue::String(lua.create_string(&id)?)])),
+                        Err(e) => failure(&lua, e),
+                    };
                 }
                 let request = CallRequest {
                     from_cage: ctx.cage.clone(),

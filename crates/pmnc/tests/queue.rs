@@ -1,0 +1,232 @@
+//! Durable calls through the real binary: results and de-duplication, retries with backoff
+//! into dead letters, `pmnc queue` on the file, delayed calls after a restart, and kill -9 in
+//! the middle of thousands of calls with every call taking effect exactly once on the state.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HTTP: &str = r#"
+local M = {}
+-- /enqueue?from=A&to=B[&fn=F][&delay=S]: stores durable calls with ids k<A>..k<B>.
+-- /result?id=ID: the call's status as "status value attempts error".
+function M.handle(request)
+  local q = request.query
+  if request.path == "/enqueue" then
+    local ids = {}
+    for i = tonumber(q.from), tonumber(q.to) do
+      local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil }
+      ids[#ids + 1] = pmnc("worker", opts).work[q.fn or "count"](i)
+    end
+    return table.concat(ids, ",")
+  elseif request.path == "/anonymous" then
+    local a = pmnc("worker", { queue = "retry" }).work.count(-1)
+    local b = pmnc("worker", { queue = "retry" }).work.count(-1)
+    return a ~= b and "distinct" or "same"
+  elseif request.path == "/result" then
+    local r = pmnc.calls.result(q.id)
+    if r == nil then return "none" end
+    return ("%s %s %s %s"):format(r.status, tostring(r.value), tostring(r.attempts), tostring(r.error))
+  elseif request.path == "/state" then
+    return tostring(pmnc.state.get(q.key))
+  elseif request.path == "/bad" then
+    local ok, e = pcall(function() return pmnc("worker", { queue = "nope" }).work.count(1) end)
+    local ok2, e2 = pcall(function() return pmnc("worker", { queue = "retry", color = 1 }).work.count(1) end)
+    return tostring(e) .. "\n" .. tostring(e2)
+  end
+end
+return M
+"#;
+
+const WORK: &str = r#"
+local M = {}
+-- Counts how often call i took effect on the state; returns i * 2 and its call id.
+function M.count(i)
+  local k = "n:" .. i
+  pmnc.state.set(k, (pmnc.state.get(k) or 0) + 1)
+  pmnc.state.set("id:" .. i, pmnc.request.call_id)
+  return i * 2
+end
+-- Writes to the state, then fails: the write must never show.
+function M.fail(i)
+  pmnc.state.set("failed:" .. i, true)
+  error("always fails " .. i)
+end
+function M.slow(i)
+  pmnc.sleep(0.002)
+  return M.count(i)
+end
+return M
+"#;
+
+fn worker_cage(t: &Tree, queue_extra: &str) -> PathBuf {
+    t.write("worker/cage.toml", &http_cage_toml(&format!("\n[queues.retry]\n{queue_extra}\n")));
+    t.write("worker/http.lua", HTTP);
+    t.write("worker/work.lua", WORK);
+    t.path().join("worker")
+}
+
+fn db(cage: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(cage.join(".data/state.sqlite")).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c
+}
+
+fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// GETs `path` until the body starts with `prefix`; returns the body.
+fn get_prefix(addr: std::net::SocketAddr, path: &str, prefix: &str, timeout: Duration) -> String {
+    let mut last = String::new();
+    let found = until(timeout, || {
+        last = get(addr, path).text();
+        last.starts_with(prefix)
+    });
+    assert!(found, "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}");
+    last
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+#[test]
+fn a_durable_call_runs_once_keeps_its_result_and_refuses_duplicate_ids() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    assert_eq!(get(addr, "/enqueue?from=7&to=7").text(), "k7");
+    let r = get_prefix(addr, "/result?id=k7", "done", Duration::from_secs(10));
+    assert_eq!(r, "done 14 1 nil");
+    assert_eq!(get(addr, "/state?key=id:7").text(), "k7", "pmnc.request.call_id is the call's id");
+    // The same id again, twice: accepted, and run no more.
+    assert_eq!(get(addr, "/enqueue?from=7&to=7").text(), "k7");
+    assert_eq!(get(addr, "/enqueue?from=7&to=8").text(), "k7,k8");
+    get_prefix(addr, "/result?id=k8", "done", Duration::from_secs(10));
+    assert_eq!(get(addr, "/state?key=n:7").text(), "1");
+    assert_eq!(get(addr, "/result?id=unknown").text(), "none");
+    assert_eq!(get(addr, "/anonymous").text(), "distinct", "calls without an id get distinct ids");
+    let bad = get(addr, "/bad").text();
+    assert!(bad.contains("cage worker has no queue \"nope\" (its queues: retry; add [queues.nope] to its cage.toml)"), "{bad}");
+    assert!(bad.contains("unknown option \"color\""), "{bad}");
+}
+
+#[test]
+fn a_failing_call_is_retried_with_backoff_then_dead_and_can_be_retried_by_hand() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "expires_in = \"1500ms\"\n[queues.retry.backoff]\ninitial = \"100ms\"\nmultiplier = 2\njitter = 0\n");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    let started = Instant::now();
+    get(addr, "/enqueue?from=1&to=1&fn=fail");
+    let r = get_prefix(addr, "/result?id=k1", "dead", Duration::from_secs(10));
+    let took = started.elapsed();
+    // Waits of 100, 200, 400, 800 ms: the fifth would pass the expiry at 1.5 s.
+    assert!(r.starts_with("dead nil 4 "), "{r}");
+    assert!(r.contains("worker.work.fail: worker/work.lua:13: always fails 1"), "{r}");
+    assert!(took >= Duration::from_millis(700), "backoff waits add up to 700 ms before the 4th attempt, took {took:?}");
+    assert_eq!(get(addr, "/state?key=failed:1").text(), "nil", "a failed attempt leaves no state behind");
+    let c = db(&cage);
+    assert_eq!(count(&c, "SELECT count(*) FROM queue_dead_letters WHERE id = 'k1'"), 1);
+
+    let ls = pmnc_limited(&["queue", "ls", cage.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(ls.code, Some(0), "{}", ls.stderr);
+    assert!(ls.stdout.contains("queue retry: 0 waiting") && ls.stdout.contains("1 dead"), "{}", ls.stdout);
+    assert!(ls.stdout.contains("dead") && ls.stdout.contains("k1"), "{}", ls.stdout);
+    let show = pmnc_limited(&["queue", "show", cage.to_str().unwrap(), "k1"], Duration::from_secs(30));
+    assert!(show.stdout.contains("status:    dead") && show.stdout.contains("arguments: [1]"), "{}", show.stdout);
+    let retry = pmnc_limited(&["queue", "retry", cage.to_str().unwrap(), "k1"], Duration::from_secs(30));
+    assert_eq!(retry.code, Some(0), "{}", retry.stderr);
+    // It runs again (and fails again: 4 more attempts within its extended time are not awaited).
+    assert!(until(Duration::from_secs(10), || count(&c, "SELECT attempts FROM queue_calls WHERE id = 'k1'") > 4));
+    let purge = pmnc_limited(&["queue", "purge", cage.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(purge.code, Some(0), "{}", purge.stderr);
+    assert!(purge.stdout.contains("deleted 1 calls"), "{}", purge.stdout);
+    let missing = pmnc_limited(&["queue", "show", cage.to_str().unwrap(), "k1"], Duration::from_secs(30));
+    assert_eq!(missing.code, Some(1));
+    assert!(missing.stderr.contains("no call \"k1\""), "{}", missing.stderr);
+}
+
+#[test]
+fn delayed_calls_fire_on_time_after_a_restart() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    {
+        let mut s = Server::start(&cage, &[]);
+        assert_eq!(get(s.addr("http"), "/enqueue?from=1&to=3&delay=2").text(), "k1,k2,k3");
+        s.signal(9);
+        s.wait_exit(Duration::from_secs(10));
+    }
+    let c = db(&cage);
+    assert_eq!(count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'pending'"), 3, "the delayed calls are in the file");
+    let _s = Server::start(&cage, &[]);
+    assert!(until(Duration::from_secs(10), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") == 3));
+    let late: i64 = count(&c, "SELECT max(finished_ms - due_ms) FROM queue_calls");
+    let early: i64 = count(&c, "SELECT min(finished_ms - due_ms) FROM queue_calls");
+    assert!(early >= 0 && late < 100, "calls ran between {early} and {late} ms after they were due");
+}
+
+#[test]
+fn kill_9_in_the_middle_of_thousands_of_calls_loses_none_and_runs_none_twice() {
+    const N: usize = 3000;
+    const CLIENTS: usize = 20;
+    let t = Tree::new();
+    let cage = worker_cage(&t, "concurrency = 32\n");
+    let mut s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    // 20 clients enqueue 150 calls each, one request per 50 calls.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let per = N / CLIENTS;
+                let mut from = c * per + 1;
+                let end = (c + 1) * per;
+                while from <= end {
+                    let to = (from + 49).min(end);
+                    let r = raw_request(addr, format!("GET /enqueue?fn=slow&from={from}&to={to} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes(), Duration::from_secs(30));
+                    if !matches!(r, Ok(ref r) if r.status == 200) {
+                        return from - 1;
+                    }
+                    from = to + 1;
+                }
+                end
+            })
+        })
+        .collect();
+    let acked: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let c = db(&cage);
+    assert!(until(Duration::from_secs(30), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") >= 300));
+    s.signal(9);
+    s.wait_exit(Duration::from_secs(10));
+    let done_at_kill = count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'");
+    assert!(done_at_kill < N as i64, "the kill came before the end ({done_at_kill} done)");
+
+    let _s = Server::start(&cage, &[]);
+    assert!(
+        until(Duration::from_secs(60), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") == N as i64),
+        "every call ends done; {} are",
+        count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'")
+    );
+    for (client, last) in acked.iter().enumerate() {
+        assert_eq!(*last, (client + 1) * (N / CLIENTS), "client {client}: every enqueue was acknowledged");
+    }
+    let mut stmt = c.prepare("SELECT value FROM state WHERE key = ?1").unwrap();
+    for i in 1..=N {
+        let v: Vec<u8> = stmt.query_row([format!("n:{i}")], |r| r.get(0)).unwrap_or_else(|e| panic!("call {i} took no effect: {e}"));
+        // The state codec: format 1, integer tag 3, zigzag varint of 1 = 2.
+        assert_eq!(v, vec![1, 3, 2], "call {i} took effect once");
+    }
+}

@@ -1,0 +1,287 @@
+//! Durable calls and the task queue: `pmnc("<cage>", {queue = ...}).m.f(x)` stores the call in
+//! the target cage's SQLite file (the state file, so that a call's state writes commit with its
+//! completion), one writer thread per cage commits enqueues and completions in groups, and a
+//! dispatcher thread hands due calls to the worker threads under each queue's limits.
+//! See docs/queues.md for the guarantees and docs/decisions/030-*.md for the design.
+
+pub mod admin;
+pub mod config;
+mod dispatch;
+pub mod store;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::LocalBoxFuture;
+use rustomnic_core::Value;
+use rustomnic_lua::durable::{CallStatus, Calls, DurableCall};
+use rustomnic_resource_state::{decode, encode, MAX_VALUE};
+
+pub use config::{read_queues, Backoff, QueueConfig};
+pub use store::QueueFigures;
+
+/// Work for a worker thread: made on another thread, run there on the worker's `LocalSet`.
+pub type Job = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
+/// Hands a job to some worker thread (the runtime's round robin).
+pub type Spawner = Arc<dyn Fn(Job) + Send + Sync>;
+
+/// The queue of one cage in this process: its file, writer, dispatcher and the calls in flight.
+pub struct Store {
+    pub(crate) cage: String,
+    pub(crate) path: PathBuf,
+    pub(crate) queues: BTreeMap<String, QueueConfig>,
+    pub(crate) cage_timeout: Duration,
+    pub(crate) writer: Mutex<std::sync::mpsc::Sender<writer::Op>>,
+    /// Calls running now: seq -> queue. They stay pending in the file, so a crash reruns them.
+    pub(crate) inflight: Mutex<HashMap<i64, String>>,
+    /// Calls that ended since the dispatcher's current pass began: its read may predate their
+    /// completion, so it must not start them again in that pass.
+    pub(crate) ended: Mutex<std::collections::HashSet<i64>>,
+    /// Why new calls are refused (the last commit failed: full disk, damaged file).
+    pub(crate) refusing: Mutex<Option<String>>,
+    pub(crate) wake: (Mutex<bool>, Condvar),
+    pub(crate) stop: AtomicBool,
+    /// Reads for pmnc.calls.result.
+    pub(crate) reader: Mutex<rusqlite::Connection>,
+}
+
+impl Store {
+    pub(crate) fn wake(&self) {
+        let (lock, cv) = &self.wake;
+        if let Ok(mut w) = lock.lock() {
+            *w = true;
+            cv.notify_one();
+        }
+    }
+
+    fn refusing(&self) -> Option<String> {
+        self.refusing.lock().ok().and_then(|r| r.clone())
+    }
+
+    pub fn cage(&self) -> &str {
+        &self.cage
+    }
+
+    /// Per-queue figures (depth, age of the oldest waiting call, retries, dead letters).
+    pub fn figures(&self) -> Result<Vec<QueueFigures>, String> {
+        let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+        let mut f = store::figures(&conn, &self.path)?;
+        for q in self.queues.keys() {
+            if !f.iter().any(|x| &x.queue == q) {
+                f.push(QueueFigures { queue: q.clone(), ..Default::default() });
+            }
+        }
+        f.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(f)
+    }
+
+    async fn enqueue(self: Arc<Self>, call: DurableCall) -> Result<String, String> {
+        let target = format!("{}.{}.{}", call.cage, call.module, call.function);
+        let Some(q) = self.queues.get(&call.options.queue) else {
+            let known: Vec<&str> = self.queues.keys().map(|k| k.as_str()).collect();
+            return Err(format!(
+                "calling {target}: cage {} has no queue {:?} (its queues: {}; add [queues.{}] to its cage.toml)",
+                self.cage,
+                call.options.queue,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                call.options.queue
+            ));
+        };
+        if let Some(why) = self.refusing() {
+            return Err(format!("calling {target}: queue {} of cage {} accepts no new calls: {why}", q.name, self.cage));
+        }
+        let now = store::now_ms();
+        let o = &call.options;
+        let due = match (o.delay, o.at) {
+            (Some(d), _) => now + (d * 1000.0) as i64,
+            (_, Some(at)) => (at * 1000.0) as i64,
+            _ => now,
+        };
+        let expires = due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(q.expires_in.as_millis() as i64);
+        let args = encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?;
+        let id = o.id.clone().unwrap_or_else(new_call_id);
+        let row = store::NewCall {
+            id: id.clone(),
+            queue: q.name.clone(),
+            module: call.module,
+            function: call.function,
+            args,
+            from_cage: call.from_cage,
+            created_ms: now,
+            due_ms: due,
+            expires_ms: expires,
+            keep_until_ms: now + q.dedup_window.as_millis() as i64,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Enqueue(row, tx)).map_err(|e| format!("calling {target}: {e}"))?;
+        match rx.await {
+            Ok(Ok(_inserted)) => Ok(id),
+            Ok(Err(e)) => Err(format!("calling {target}: {e}")),
+            Err(_) => Err(format!("calling {target}: the queue writer of cage {} stopped", self.cage)),
+        }
+    }
+
+    pub(crate) fn send(&self, op: writer::Op) -> Result<(), String> {
+        let w = self.writer.lock().map_err(|_| "queue writer lock poisoned".to_string())?;
+        w.send(op).map_err(|_| format!("the queue writer of cage {} stopped", self.cage))
+    }
+
+    fn status(&self, id: &str) -> Result<Option<CallStatus>, String> {
+        let rec = {
+            let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+            store::find(&conn, &self.path, id)?
+        };
+        let Some(rec) = rec else { return Ok(None) };
+        let running = self.inflight.lock().map(|f| f.contains_key(&rec.seq)).unwrap_or(false);
+        let status = if running && (rec.status == "pending" || rec.status == "failed") { "running".to_string() } else { rec.status.clone() };
+        let value = match &rec.result {
+            Some(bytes) => match decode(bytes) {
+                Ok(Value::Array(items)) => Some(items),
+                Ok(other) => Some(vec![other]),
+                Err(e) => return Err(format!("call {id}: its stored result cannot be read: {e}")),
+            },
+            None => None,
+        };
+        Ok(Some(CallStatus { status, cage: self.cage.clone(), attempts: rec.attempts, value, error: rec.error }))
+    }
+}
+
+/// A call id that is unique across restarts and processes: time in nanoseconds, process and
+/// a counter.
+pub fn new_call_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("c{t:x}-{:x}-{:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+static STORES: RwLock<BTreeMap<String, Arc<Store>>> = RwLock::new(BTreeMap::new());
+
+/// The queue store of `cage` in this process.
+pub fn store_of(cage: &str) -> Option<Arc<Store>> {
+    STORES.read().ok().and_then(|s| s.get(cage).cloned())
+}
+
+/// Figures of every queue of every cage in this process, for the monitoring page:
+/// (cage, figures).
+pub fn metrics() -> Vec<(String, Vec<QueueFigures>)> {
+    let stores: Vec<Arc<Store>> = STORES.read().map(|s| s.values().cloned().collect()).unwrap_or_default();
+    stores
+        .into_iter()
+        .map(|s| {
+            let f = s.figures().unwrap_or_else(|e| {
+                tracing::warn!(cage = %s.cage, "{e}");
+                Vec::new()
+            });
+            (s.cage.clone(), f)
+        })
+        .collect()
+}
+
+struct Service;
+
+impl Calls for Service {
+    fn enqueue(&self, call: DurableCall) -> LocalBoxFuture<'static, Result<String, String>> {
+        let Some(store) = store_of(&call.cage) else {
+            let here: Vec<String> = STORES.read().map(|s| s.keys().cloned().collect()).unwrap_or_default();
+            let msg = format!(
+                "calling {}.{}.{}: durable calls go to a cage with queues in this process (cages with [queues]: {}); cage {} is not one of them",
+                call.cage,
+                call.module,
+                call.function,
+                if here.is_empty() { "none".to_string() } else { here.join(", ") },
+                call.cage
+            );
+            return Box::pin(async move { Err(msg) });
+        };
+        Box::pin(store.enqueue(call))
+    }
+
+    fn result(&self, cage: Option<&str>, id: &str) -> Result<Option<CallStatus>, String> {
+        let stores: Vec<Arc<Store>> = match cage {
+            Some(c) => store_of(c).into_iter().collect(),
+            None => STORES.read().map(|s| s.values().cloned().collect()).unwrap_or_default(),
+        };
+        for s in stores {
+            if let Some(st) = s.status(id)? {
+                return Ok(Some(st));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The queue of a running cage; stops its threads when dropped.
+pub struct Running {
+    store: Arc<Store>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.store.stop.store(true, Ordering::SeqCst);
+        self.store.wake();
+        if let Ok(mut s) = STORES.write() {
+            if s.get(&self.store.cage).is_some_and(|x| Arc::ptr_eq(x, &self.store)) {
+                s.remove(&self.store.cage);
+            }
+        }
+        // The writer ends when every sender is gone; the dispatcher on the stop flag.
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens the queue of `cage` in the state file at `path` and starts its writer and dispatcher.
+pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Duration, spawn: Spawner) -> Result<Running, String> {
+    let open = |what: &str| {
+        rustomnic_resource_state::store::open(path, Duration::from_secs(10)).map_err(|e| format!("cage {cage}: queue {what}: {}", e.message))
+    };
+    let writer_conn = open("writer")?;
+    let dispatch_conn = open("dispatcher")?;
+    let reader = open("reader")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = Arc::new(Store {
+        cage: cage.to_string(),
+        path: path.to_path_buf(),
+        queues: queues.into_iter().map(|q| (q.name.clone(), q)).collect(),
+        cage_timeout,
+        writer: Mutex::new(tx),
+        inflight: Mutex::new(HashMap::new()),
+        ended: Mutex::new(Default::default()),
+        refusing: Mutex::new(None),
+        wake: (Mutex::new(false), Condvar::new()),
+        stop: AtomicBool::new(false),
+        reader: Mutex::new(reader),
+    });
+    let mut threads = Vec::new();
+    let w = store.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("pmnc-queue-writer-{cage}"))
+            .spawn(move || writer::run(w, writer_conn, rx))
+            .map_err(|e| format!("cage {cage}: cannot start the queue writer: {e}"))?,
+    );
+    let d = store.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("pmnc-queue-{cage}"))
+            .spawn(move || dispatch::run(d, dispatch_conn, spawn))
+            .map_err(|e| format!("cage {cage}: cannot start the queue dispatcher: {e}"))?,
+    );
+    if let Ok(mut s) = STORES.write() {
+        s.insert(cage.to_string(), store.clone());
+    }
+    rustomnic_lua::durable::set_calls(Arc::new(Service));
+    Ok(Running { store, threads })
+}
