@@ -164,14 +164,39 @@ local function new_transaction(opts)
   end
   local sync_commit = opts.sync_commit ~= false
   local list, executed = {}, false
+  local calls = {}  -- xa.pmnc(cage, options).m.f(...): durable calls stored once the rest commits
   local xa = {}
   function xa.execute()
     if executed then error("this transaction was executed already; create a new one", 2) end
     executed = true
-    return run_transaction(list, accept, sync_commit)
+    local results = pack(run_transaction(list, accept, sync_commit))
+    for _, c in ipairs(calls) do
+      results[results.n + 1] = check(call_cage(c.cage, c.module, c.fn, c.opts, unpack(c.args, 1, c.args.n)))
+      results.n = results.n + 1
+    end
+    return unpack(results, 1, results.n)
+  end
+  local function xa_pmnc(cage, copts)
+    if type(cage) ~= "string" then error("xa.pmnc(cage, options): cage name must be a string, got " .. type(cage), 2) end
+    if type(copts) ~= "table" or copts.queue == nil then
+      error("xa.pmnc(cage, options): a transaction takes durable calls only; options need a queue", 2)
+    end
+    return setmetatable({}, {
+      __index = function(_, module)
+        return setmetatable({}, {
+          __index = function(_, fn)
+            return function(...)
+              if executed then error("this transaction was executed already; create a new one", 2) end
+              calls[#calls + 1] = { cage = cage, opts = copts, module = module, fn = fn, args = pack(...) }
+            end
+          end,
+        })
+      end,
+    })
   end
   return setmetatable(xa, {
     __index = function(_, resource)
+      if resource == "pmnc" then return xa_pmnc end
       if type(resource) ~= "string" then error("resource name must be a string", 2) end
       return setmetatable({}, {
         __index = function(_, method)

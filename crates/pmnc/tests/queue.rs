@@ -30,6 +30,14 @@ function M.handle(request)
     local r = pmnc.calls.result(q.id)
     if r == nil then return "none" end
     return ("%s %s %s %s"):format(r.status, tostring(r.value), tostring(r.attempts), tostring(r.error))
+  elseif request.path == "/tx" then
+    -- A transaction with a state write and a durable call; fail=1 makes a participant fail.
+    local xa = pmnc.transaction.create()
+    xa.state.set("tx:" .. q.id, "written")
+    if q.fail then xa.state.set("needs a value") end
+    xa.pmnc("worker", { queue = "retry", id = q.id }).work.count(100)
+    local ok, a, b = pcall(xa.execute)
+    return tostring(ok) .. " " .. tostring(b)
   elseif request.path == "/state" then
     return tostring(pmnc.state.get(q.key))
   elseif request.path == "/bad" then
@@ -229,4 +237,20 @@ fn kill_9_in_the_middle_of_thousands_of_calls_loses_none_and_runs_none_twice() {
         // The state codec: format 1, integer tag 3, zigzag varint of 1 = 2.
         assert_eq!(v, vec![1, 3, 2], "call {i} took effect once");
     }
+}
+
+#[test]
+fn a_durable_call_in_a_transaction_exists_only_if_the_transaction_commits() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    assert_eq!(get(addr, "/tx?id=rolled&fail=1").text(), "false nil");
+    assert_eq!(get(addr, "/tx?id=kept").text(), "true kept", "xa.execute() returns the call id after the participants' values");
+    assert_eq!(get_prefix(addr, "/result?id=kept", "done", Duration::from_secs(10)), "done 200 1 nil");
+    assert_eq!(get(addr, "/result?id=rolled").text(), "none", "a rolled back transaction leaves no call");
+    assert_eq!(get(addr, "/state?key=tx:rolled").text(), "nil");
+    assert_eq!(get(addr, "/state?key=tx:kept").text(), "written");
+    let c = db(&cage);
+    assert_eq!(count(&c, "SELECT count(*) FROM queue_calls WHERE id = 'rolled'"), 0);
 }

@@ -168,9 +168,9 @@ mod tests {
         let root = file.root();
         let qs = read_queues(&root.table("queues").unwrap());
         assert_eq!(qs.len(), 2);
-        assert_eq!(qs[0].name, "bad");
-        assert_eq!((qs[1].concurrency, qs[1].keep_order, qs[1].expires_in), (4, true, Duration::from_secs(2)));
-        assert_eq!((qs[1].backoff.multiplier, qs[1].backoff.jitter), (1.5, 0.1));
+        assert_eq!((qs[0].name.as_str(), qs[1].name.as_str()), ("retry", "bad"));
+        assert_eq!((qs[0].concurrency, qs[0].keep_order, qs[0].expires_in), (4, true, Duration::from_secs(2)));
+        assert_eq!((qs[0].backoff.multiplier, qs[0].backoff.jitter), (1.5, 0.1));
         let errors: Vec<String> = file.take_errors().iter().map(|e| e.to_string()).collect();
         assert!(errors.iter().any(|e| e.contains("queues.bad.concurrency")), "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("queues.bad.what")), "{errors:?}");
