@@ -229,6 +229,9 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     }
     let workers = Workers { senders: Arc::new(senders) };
     let queues = start_queues(&cages, &workers)?;
+    for iface in interfaces.iter() {
+        iface.clone().start(workers.spawner(), shutdown_rx.clone());
+    }
 
     let watcher = if options.watch {
         Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)

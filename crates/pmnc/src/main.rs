@@ -178,6 +178,7 @@ fn scaffold(path: &std::path::Path) -> Result<(), String> {
 fn protocols() -> Protocols {
     let mut p = Protocols::new();
     p.add(Arc::new(rustomnic_http::HttpProtocol));
+    p.add(Arc::new(rustomnic_schedule::ScheduleProtocol));
     p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
     p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
     p.add_resource(Arc::new(rustomnic_resource_redis::Redis));

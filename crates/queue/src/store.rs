@@ -233,3 +233,61 @@ pub fn retry(tx: &Connection, path: &Path, id: &str, extend_ms: i64) -> Result<b
         .map(|n| n == 1)
         .map_err(|e| fail(path, "queue: cannot retry", e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustomnic_resource_state::store::{apply_in, open, Write};
+
+    fn call(id: &str, due: i64) -> NewCall {
+        NewCall {
+            id: id.into(),
+            queue: "q".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![1, 6, 0],
+            from_cage: "web".into(),
+            created_ms: 1,
+            due_ms: due,
+            expires_ms: 1_000_000,
+            keep_until_ms: 10,
+        }
+    }
+
+    #[test]
+    fn ids_deduplicate_and_completion_commits_with_state_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let mut c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        assert!(insert(&c, &path, &call("a", 5)).unwrap());
+        assert!(!insert(&c, &path, &call("a", 1)).unwrap(), "a known id is not stored again");
+        assert!(insert(&c, &path, &call("b", 3)).unwrap());
+        let due = waiting(&c, &path, "q", false, 10).unwrap();
+        assert_eq!(due.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["b", "a"], "earliest due first");
+        let ordered = waiting(&c, &path, "q", true, 10).unwrap();
+        assert_eq!(ordered.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a", "b"], "keep_order: enqueue order");
+
+        // A completion whose transaction is rolled back leaves neither the writes nor "done".
+        let tx = c.transaction().unwrap();
+        apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        drop(tx);
+        assert_eq!(find(&c, &path, "b").unwrap().unwrap().status, "pending");
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+
+        let tx = c.transaction().unwrap();
+        apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        tx.commit().unwrap();
+        let b = find(&c, &path, "b").unwrap().unwrap();
+        assert_eq!((b.status.as_str(), b.attempts, b.result), ("done", 1, Some(vec![1, 0])));
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+
+        // Results go first, then the row after its de-duplication window.
+        prune(&c, &path, 6).unwrap();
+        assert_eq!(find(&c, &path, "b").unwrap().unwrap().result, None);
+        prune(&c, &path, 21).unwrap();
+        assert_eq!(find(&c, &path, "b").unwrap(), None);
+        assert!(find(&c, &path, "a").unwrap().is_some(), "waiting calls are never pruned");
+    }
+}
