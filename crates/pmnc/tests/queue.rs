@@ -19,7 +19,7 @@ function M.handle(request)
     local ids = {}
     for i = tonumber(q.from), tonumber(q.to) do
       local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil }
-      ids[#ids + 1] = pmnc("worker", opts).work[q.fn or "count"](i)
+      ids[#ids + 1] = pmnc("worker", opts)[q.mod or "work"][q.fn or "count"](i)
     end
     return table.concat(ids, ",")
   elseif request.path == "/anonymous" then
@@ -38,6 +38,8 @@ function M.handle(request)
     xa.pmnc("worker", { queue = "retry", id = q.id }).work.count(100)
     local ok, a, b = pcall(xa.execute)
     return tostring(ok) .. " " .. tostring(b)
+  elseif request.path == "/order" then
+    return table.concat(pmnc.state.get("order") or {}, ",")
   elseif request.path == "/state" then
     return tostring(pmnc.state.get(q.key))
   elseif request.path == "/bad" then
@@ -253,4 +255,52 @@ fn a_durable_call_in_a_transaction_exists_only_if_the_transaction_commits() {
     assert_eq!(get(addr, "/state?key=tx:kept").text(), "written");
     let c = db(&cage);
     assert_eq!(count(&c, "SELECT count(*) FROM queue_calls WHERE id = 'rolled'"), 0);
+}
+
+const ORDERED: &str = r#"
+local M = {}
+-- Appends i to the list "order"; call 1 fails in its first attempt.
+function M.append(i)
+  if i == 1 and pmnc.request.parameters.attempt == 1 then error("first attempt of 1 fails") end
+  local order = pmnc.state.get("order") or {}
+  order[#order + 1] = i
+  pmnc.state.set("order", order)
+end
+return M
+"#;
+
+#[test]
+fn keep_order_runs_one_at_a_time_in_enqueue_order_and_rate_limit_spaces_calls() {
+    let t = Tree::new();
+    t.write(
+        "worker/cage.toml",
+        &http_cage_toml("\n[queues.retry]\nkeep_order = true\n[queues.retry.backoff]\ninitial = \"50ms\"\njitter = 0\n\n[queues.slow]\nrate_limit = 5\nconcurrency = 100\n"),
+    );
+    t.write("worker/http.lua", HTTP);
+    t.write("worker/work.lua", WORK);
+    t.write("worker/ordered.lua", ORDERED);
+    let cage = t.path().join("worker");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    get(addr, "/enqueue?from=1&to=5&fn=append&mod=ordered");
+    assert_eq!(get_prefix(addr, "/result?id=k5", "done", Duration::from_secs(10)), "done nil 1 nil");
+    assert_eq!(get(addr, "/order").text(), "1,2,3,4,5", "call 1 failed once and held the others until it succeeded");
+    assert!(get(addr, "/result?id=k1").text().starts_with("done nil 2 "));
+
+    get(addr, "/enqueue?from=10&to=19&queue=slow");
+    let c = db(&cage);
+    assert!(until(Duration::from_secs(10), || count(&c, "SELECT count(*) FROM queue_calls WHERE queue = 'slow' AND status = 'done'") == 10));
+    let spread = count(&c, "SELECT max(finished_ms) - min(finished_ms) FROM queue_calls WHERE queue = 'slow'");
+    // A bucket of 5 starts full: the other 5 calls need a second of tokens.
+    assert!(spread >= 800, "10 calls at 5/s finished within {spread} ms");
+}
+
+#[test]
+fn a_damaged_state_file_stops_the_start_with_its_path() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    t.write("worker/.data/state.sqlite", &"this is not a database ".repeat(300));
+    let out = pmnc_limited(&["run", cage.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("state.sqlite is damaged or not an SQLite database"), "{}", out.stderr);
 }

@@ -80,21 +80,22 @@ fn dispatch_queue(
     }
     let rows = store::waiting(conn, &store.path, &q.name, q.keep_order, limit)?;
     let mut started = running;
-    for row in rows {
+    for (seq, due_ms) in rows {
         if started >= limit {
             break;
         }
-        if store.inflight.lock().map(|f| f.contains_key(&row.seq)).unwrap_or(true) {
+        if store.inflight.lock().map(|f| f.contains_key(&seq)).unwrap_or(true) {
             continue;
         }
-        if store.ended.lock().map(|e| e.contains(&row.seq)).unwrap_or(true) {
+        if store.ended.lock().map(|e| e.contains(&seq)).unwrap_or(true) {
             // Ended while this pass read: the row may be stale; the next pass sees it as it is.
             return Ok(Some(now + 1));
         }
-        if row.due_ms > now {
+        if due_ms > now {
             // Rows come earliest first (or in enqueue order, which must be kept).
-            return Ok(Some(row.due_ms));
+            return Ok(Some(due_ms));
         }
+        let Some(row) = store::due(conn, &store.path, seq)? else { continue };
         if row.expires_ms <= now {
             let (tx, rx) = tokio::sync::oneshot::channel();
             store.send(Op::Expire(row.seq, tx))?;

@@ -244,10 +244,23 @@ impl Drop for Running {
 
 /// Opens the queue of `cage` in the state file at `path` and starts its writer and dispatcher.
 pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Duration, spawn: Spawner) -> Result<Running, String> {
+    start_with(cage, path, queues, cage_timeout, spawn, |_| Ok(()))
+}
+
+/// [`start`] with a set-up step for the writer's connection (tests limit its size).
+fn start_with(
+    cage: &str,
+    path: &Path,
+    queues: Vec<QueueConfig>,
+    cage_timeout: Duration,
+    spawn: Spawner,
+    setup: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+) -> Result<Running, String> {
     let open = |what: &str| {
         rustomnic_resource_state::store::open(path, Duration::from_secs(10)).map_err(|e| format!("cage {cage}: queue {what}: {}", e.message))
     };
     let writer_conn = open("writer")?;
+    setup(&writer_conn).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
     let dispatch_conn = open("dispatcher")?;
     let reader = open("reader")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -284,4 +297,57 @@ pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Du
     }
     rustomnic_lua::durable::set_calls(Arc::new(Service));
     Ok(Running { store, threads })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustomnic_lua::durable::CallOptions;
+
+    fn call(id: &str) -> DurableCall {
+        DurableCall {
+            from_cage: "web".into(),
+            cage: "fulltest".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![Value::str("x".repeat(2000))],
+            options: CallOptions { queue: "q".into(), id: Some(id.into()), delay: Some(3600.0), ..Default::default() },
+        }
+    }
+
+    /// A full disk (here: the file at its page limit) fails the enqueue, then refuses new calls,
+    /// and keeps every call stored before.
+    #[test]
+    fn a_full_file_refuses_new_calls_and_keeps_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let spawn: Spawner = Arc::new(|_job| {});
+        let running = start_with("fulltest", &path, vec![QueueConfig::new("q")], Duration::from_secs(5), spawn, |c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {}", pages + 30), [], |_| Ok(()))
+        })
+        .unwrap();
+        let store = running.store().clone();
+        let mut stored = 0;
+        let error = rt.block_on(async {
+            for i in 0..1000 {
+                match store.clone().enqueue(call(&format!("c{i}"))).await {
+                    Ok(_) => stored += 1,
+                    Err(e) => return e,
+                }
+            }
+            String::new()
+        });
+        assert!(stored > 0 && error.contains("is full"), "after {stored} calls: {error}");
+        let refused = rt.block_on(store.clone().enqueue(call("late"))).unwrap_err();
+        assert!(refused.contains("queue q of cage fulltest accepts no new calls"), "{refused}");
+        let figures = store.figures().unwrap();
+        assert_eq!((figures[0].queue.as_str(), figures[0].depth), ("q", stored as u64));
+        assert_eq!(metrics().iter().find(|(c, _)| c == "fulltest").map(|(_, f)| f[0].depth), Some(stored as u64));
+        drop(running);
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let kept: i64 = c.query_row("SELECT count(*) FROM queue_calls", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, stored as i64);
+    }
 }

@@ -106,21 +106,30 @@ pub struct Due {
     pub expires_ms: i64,
 }
 
-/// Up to `limit` calls of `queue` waiting to run, earliest first (by enqueue order with
-/// `in_order`, due or not: the first one then holds the rest).
-pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limit: usize) -> Result<Vec<Due>, String> {
+/// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
+/// order with `in_order`, due or not: the first one then holds the rest). Read from the partial
+/// index alone, since most of them are usually running already and are skipped.
+pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limit: usize) -> Result<Vec<(i64, i64)>, String> {
     let sql = if in_order {
-        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY seq LIMIT ?2"
+        "SELECT seq, due_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY seq LIMIT ?2"
     } else {
-        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY due_ms, seq LIMIT ?2"
+        "SELECT seq, due_ms FROM queue_calls INDEXED BY queue_calls_due WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY due_ms, seq LIMIT ?2"
     };
     let mut stmt = conn.prepare_cached(sql).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
-    let rows = stmt
-        .query_map(params![queue, limit as i64], |r| {
-            Ok(Due { seq: r.get(0)?, id: r.get(1)?, module: r.get(2)?, function: r.get(3)?, args: r.get(4)?, attempts: r.get(5)?, due_ms: r.get(6)?, expires_ms: r.get(7)? })
-        })
-        .map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    let rows = stmt.query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
     rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read due calls", e))
+}
+
+/// The call `seq` if it still waits.
+pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
+    conn.prepare_cached("SELECT seq, id, module, function, args, attempts, due_ms, expires_ms FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')")
+        .and_then(|mut s| {
+            s.query_row([seq], |r| {
+                Ok(Due { seq: r.get(0)?, id: r.get(1)?, module: r.get(2)?, function: r.get(3)?, args: r.get(4)?, attempts: r.get(5)?, due_ms: r.get(6)?, expires_ms: r.get(7)? })
+            })
+            .optional()
+        })
+        .map_err(|e| fail(path, "queue: cannot read a due call", e))
 }
 
 /// One call's stored record, for results and `pmnc queue show`.
@@ -262,10 +271,11 @@ mod tests {
         assert!(insert(&c, &path, &call("a", 5)).unwrap());
         assert!(!insert(&c, &path, &call("a", 1)).unwrap(), "a known id is not stored again");
         assert!(insert(&c, &path, &call("b", 3)).unwrap());
-        let due = waiting(&c, &path, "q", false, 10).unwrap();
-        assert_eq!(due.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["b", "a"], "earliest due first");
-        let ordered = waiting(&c, &path, "q", true, 10).unwrap();
-        assert_eq!(ordered.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a", "b"], "keep_order: enqueue order");
+        let ids = |rows: Vec<(i64, i64)>| rows.iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id).collect::<Vec<_>>();
+        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10).unwrap().iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap()).collect();
+        assert_eq!(ids(waiting(&c, &path, "q", false, 10).unwrap()), ["b", "a"], "earliest due first");
+        assert_eq!(ids(waiting(&c, &path, "q", true, 10).unwrap()), ["a", "b"], "keep_order: enqueue order");
+        let due = due_rows;
 
         // A completion whose transaction is rolled back leaves neither the writes nor "done".
         let tx = c.transaction().unwrap();

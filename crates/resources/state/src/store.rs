@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
         error TEXT
     );
     CREATE INDEX queue_calls_due ON queue_calls (queue, due_ms, seq) WHERE status IN ('pending', 'failed');
+    CREATE INDEX queue_calls_order ON queue_calls (queue, seq) WHERE status IN ('pending', 'failed');
     CREATE INDEX queue_calls_kept ON queue_calls (keep_until_ms) WHERE status = 'done';
     CREATE VIEW queue_dead_letters AS SELECT * FROM queue_calls WHERE status = 'dead';
     CREATE TABLE queue_leases (
