@@ -6,6 +6,7 @@
 #
 #   bench/queue.sh                 DURATION=s (default 10) CONNECTIONS=n (default 128)
 #                                  BATCH=n calls per request (default 20) WORKERS=n (default 2)
+#                                  CELERY=0 skips the Celery run
 set -u
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DURATION="${DURATION:-10}"
@@ -89,7 +90,10 @@ echo "  end to end: $CALLS calls done in ${SECS}s = $RATE calls/s  (dead: $DEAD,
 stop_pid "$PMNC_PID"
 
 CELERY_RATE=""
-if command -v redis-server >/dev/null && python3 -c "import celery, redis" 2>/dev/null; then
+if [ "${CELERY:-1}" = 0 ]; then
+    echo
+    echo "Celery comparison skipped (CELERY=0)"
+elif command -v redis-server >/dev/null && python3 -c "import celery, redis" 2>/dev/null; then
     echo
     echo "== Celery 5 with a Redis broker on the same no-op work (bench/queue_celery.py)"
     python3 "$ROOT/bench/queue_celery.py" --work "$WORK/celery" --calls "${CELERY_CALLS:-20000}" --concurrency "$WORKERS" | tee "$WORK/celery.txt"
