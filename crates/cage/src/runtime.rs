@@ -253,6 +253,13 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
+        // Queued calls first: they need the workers (and their connections) to finish.
+        for q in &queues {
+            let left = q.drain(drain_limit).await;
+            if left > 0 {
+                tracing::warn!(cage = %q.store().cage(), "{left} queued call(s) still running at shutdown; they run again at the next start");
+            }
+        }
         let _ = shutdown_tx.send(true);
         // A second signal means "now".
         tokio::spawn(async {

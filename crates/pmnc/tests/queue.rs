@@ -304,3 +304,17 @@ fn a_damaged_state_file_stops_the_start_with_its_path() {
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("state.sqlite is damaged or not an SQLite database"), "{}", out.stderr);
 }
+
+#[test]
+fn a_graceful_shutdown_lets_running_calls_finish() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    t.write("worker/nap.lua", "return { nap = function(i) pmnc.state.set('napping', true) pmnc.sleep(0.5) return i end }\n");
+    let mut s = Server::start(&cage, &[]);
+    get(s.addr("http"), "/enqueue?from=1&to=1&mod=nap&fn=nap");
+    // The call runs (it shows as running) when the signal comes.
+    get_prefix(s.addr("http"), "/result?id=k1", "running", Duration::from_secs(10));
+    assert_eq!(s.terminate(Duration::from_secs(20)), Some(0));
+    let c = db(&cage);
+    assert_eq!(count(&c, "SELECT count(*) FROM queue_calls WHERE id = 'k1' AND status = 'done'"), 1);
+}

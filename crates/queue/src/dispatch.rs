@@ -38,7 +38,7 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
         }
         let now = store::now_ms();
         let mut next = now + POLL.as_millis() as i64;
-        for q in store.queues.values() {
+        for q in store.queues.values().filter(|_| !store.paused.load(Ordering::SeqCst)) {
             match dispatch_queue(&store, &conn, q, now, &mut rates, &spawn, &mut seed) {
                 Ok(Some(at)) => next = next.min(at),
                 Ok(None) => {}

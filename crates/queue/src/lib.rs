@@ -45,6 +45,8 @@ pub struct Store {
     pub(crate) refusing: Mutex<Option<String>>,
     pub(crate) wake: (Mutex<bool>, Condvar),
     pub(crate) stop: AtomicBool,
+    /// Set at shutdown: no new call starts; the running ones finish.
+    pub(crate) paused: AtomicBool,
     /// Reads for pmnc.calls.result.
     pub(crate) reader: Mutex<rusqlite::Connection>,
 }
@@ -224,6 +226,23 @@ impl Running {
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
+
+    /// At shutdown: starts no more calls and waits, at most `limit`, for the running ones to
+    /// record their end (those still running then run again at the next start). Returns how
+    /// many were still running.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        self.store.paused.store(true, Ordering::SeqCst);
+        let end = std::time::Instant::now() + limit;
+        loop {
+            let running = self.store.inflight.lock().map(|f| f.len()).unwrap_or(0);
+            if running == 0 || std::time::Instant::now() >= end {
+                return running;
+            }
+            // Completions arrive on other threads with no notification to this runtime; a
+            // short bounded poll is enough for a shutdown.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for Running {
@@ -275,6 +294,7 @@ fn start_with(
         refusing: Mutex::new(None),
         wake: (Mutex::new(false), Condvar::new()),
         stop: AtomicBool::new(false),
+        paused: AtomicBool::new(false),
         reader: Mutex::new(reader),
     });
     let mut threads = Vec::new();
