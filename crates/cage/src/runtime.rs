@@ -499,10 +499,11 @@ impl Workers {
     }
 }
 
-/// Starts the queue of every cage with `[queues]` (docs/queues.md).
+/// Starts the queue of every cage (docs/queues.md): the queues of its `[queues]`, and its
+/// outbox of durable calls to other cages.
 fn start_queues(cages: &[PreparedCage], workers: &Workers) -> Result<Vec<rustomnic_queue::Running>, Error> {
     let mut running = Vec::new();
-    for c in cages.iter().filter(|c| !c.config.queues.is_empty()) {
+    for c in cages {
         let r = rustomnic_queue::start(&c.config.name, &c.config.state_file, c.config.queues.clone(), c.config.request_timeout, workers.spawner())
             .map_err(Error::Runtime)?;
         running.push(r);

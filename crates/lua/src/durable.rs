@@ -9,6 +9,7 @@ use mlua::{Lua, MultiValue, Table, Value as LuaValue};
 use rustomnic_core::Value;
 
 use crate::convert::to_lua;
+use crate::transaction::ParticipantError;
 
 /// A call to be stored and delivered later.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,8 @@ pub struct CallOptions {
     pub delay: Option<f64>,
     /// Unix time (seconds) of the first attempt.
     pub at: Option<f64>,
+    /// Unix time (seconds) after which the call is no longer tried (wins over expires_in).
+    pub expires_at: Option<f64>,
 }
 
 /// What `pmnc.calls.result(id)` reports.
@@ -47,10 +50,27 @@ pub struct CallStatus {
     pub error: Option<String>,
 }
 
+/// Commits (true) or rolls back (false) the other participants of a transaction.
+pub type Finish = Box<dyn FnOnce(bool) -> LocalBoxFuture<'static, Result<(), ParticipantError>>>;
+
+/// Why a transaction with durable calls failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitFailure {
+    /// A participant failed to commit; the calls were not stored.
+    Participant(ParticipantError),
+    /// The calls were refused (unknown queue, full disk); the participants were rolled back
+    /// when the refusal came before their commit.
+    Calls(String),
+}
+
 /// The service that stores and delivers durable calls.
 pub trait Calls: Send + Sync {
     /// Stores the call durably; resolves to its id once it is on disk.
     fn enqueue(&self, call: DurableCall) -> LocalBoxFuture<'static, Result<String, String>>;
+    /// Commits a transaction's participants through `finish` together with its durable calls:
+    /// the calls are stored in the same SQLite commit as the cage's state writes of the
+    /// transaction. Resolves to the calls' ids.
+    fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>>;
     /// The status of call `id` (stored in `cage`, or in any cage of this process when None).
     fn result(&self, cage: Option<&str>, id: &str) -> Result<Option<CallStatus>, String>;
 }
@@ -68,7 +88,7 @@ fn calls() -> Option<Arc<dyn Calls>> {
     CALLS.read().ok().and_then(|c| c.clone())
 }
 
-const KNOWN: &str = "queue, id, expires_in, delay, at";
+const KNOWN: &str = "queue, id, expires_in, expires_at, delay, at";
 
 fn seconds(target: &str, key: &str, v: LuaValue) -> Result<Option<f64>, String> {
     let n = match v {
@@ -107,6 +127,7 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
             "expires_in" => o.expires_in = seconds(target, "expires_in", v)?,
             "delay" => o.delay = seconds(target, "delay", v)?,
             "at" => o.at = seconds(target, "at", v)?,
+            "expires_at" => o.expires_at = seconds(target, "expires_at", v)?,
             other => return Err(format!("calling {target}: unknown option {other:?} (known: {KNOWN})")),
         }
     }
@@ -123,6 +144,15 @@ pub async fn enqueue(call: DurableCall) -> Result<String, String> {
         return Err(format!("calling {}.{}.{}: durable calls are not available in this process", call.cage, call.module, call.function));
     };
     calls.enqueue(call).await
+}
+
+/// Commits a transaction with durable calls through the installed service.
+pub async fn commit_with_calls(from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> Result<Vec<String>, CommitFailure> {
+    let Some(service) = self::calls() else {
+        let _ = finish(false).await;
+        return Err(CommitFailure::Calls("durable calls are not available in this process".into()));
+    };
+    service.commit_with_calls(from_cage, calls, finish).await
 }
 
 /// `rust.call_result(id, cage)` for the prelude's pmnc.calls.result: (true, status table or

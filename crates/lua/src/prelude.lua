@@ -117,8 +117,13 @@ local tx_error_mt = {
 }
 local function tx_error(fields) return setmetatable(fields, tx_error_mt) end
 
-local function run_transaction(list, accept, sync_commit)
-  if #list == 0 then return end
+local tx_finish_calls = rust.tx_finish_calls
+local function run_transaction(list, accept, sync_commit, calls)
+  local with_calls = calls ~= nil and #calls > 0
+  if #list == 0 then
+    if with_calls then return unpack(check(tx_finish_calls(nil, calls))) end
+    return
+  end
   local ok, tx, outcomes = tx_run(list)
   if not ok then error(tx_error(tx), 2) end
   local commit, failure = true, nil
@@ -138,14 +143,26 @@ local function run_transaction(list, accept, sync_commit)
   else
     commit = failure == nil
   end
-  local fok, ferr = tx_finish(tx, commit, sync_commit)
-  if not fok then error(tx_error(ferr), 2) end
+  local ids = {}
+  if commit and with_calls then
+    -- The durable calls are stored in the same SQLite commit as this cage's state writes.
+    local fok, r = tx_finish_calls(tx, calls)
+    if not fok then
+      if type(r) == "table" then error(tx_error(r), 2) end
+      error(r, 2)
+    end
+    ids = r
+  else
+    local fok, ferr = tx_finish(tx, commit, sync_commit)
+    if not fok then error(tx_error(ferr), 2) end
+  end
   if not commit then
     error(failure or tx_error({ resource = nil, participant = nil, recoverable = true, message = "rejected by accept" }), 2)
   end
   local values = {}
   for i, o in ipairs(outcomes) do values[i] = o.value end
-  return unpack(values, 1, #outcomes)
+  for i, id in ipairs(ids) do values[#outcomes + i] = id end
+  return unpack(values, 1, #outcomes + #ids)
 end
 
 local function new_transaction(opts)
@@ -169,12 +186,7 @@ local function new_transaction(opts)
   function xa.execute()
     if executed then error("this transaction was executed already; create a new one", 2) end
     executed = true
-    local results = pack(run_transaction(list, accept, sync_commit))
-    for _, c in ipairs(calls) do
-      results[results.n + 1] = check(call_cage(c.cage, c.module, c.fn, c.opts, unpack(c.args, 1, c.args.n)))
-      results.n = results.n + 1
-    end
-    return unpack(results, 1, results.n)
+    return run_transaction(list, accept, sync_commit, calls)
   end
   local function xa_pmnc(cage, copts)
     if type(cage) ~= "string" then error("xa.pmnc(cage, options): cage name must be a string, got " .. type(cage), 2) end
@@ -232,6 +244,16 @@ pmnc.transaction = setmetatable({ create = function(opts) return new_transaction
     return shortcut(resource)
   end,
 })
+
+-- The reserved function through which another cage's outbox hands this cage a durable call
+-- (over worker::call, in this process or through the cluster); the call is stored in this
+-- cage's queue, de-duplicated by its id.
+modules._queue = {
+  accept = function(queue, id, module, fn, at, expires_at, args)
+    local opts = { queue = queue, id = id, at = at, expires_at = expires_at }
+    return check(call_cage(cage_name, module, fn, opts, unpack(args, 1, args.n or #args)))
+  end,
+}
 
 -- pmnc.calls.result(id [, cage]): the status of a durable call.
 local call_result = rust.call_result

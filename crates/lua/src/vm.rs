@@ -525,6 +525,54 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     )?;
     crate::durable::register(lua, &t)?;
     t.set(
+        "tx_finish_calls",
+        lua.create_async_function(|lua, (handle, list): (Option<mlua::AnyUserData>, Table)| async move {
+            let Some(ctx) = current_ctx(&lua) else {
+                return failure(&lua, "transactions may only be executed while handling a request");
+            };
+            let mut calls = Vec::new();
+            for entry in list.sequence_values::<Table>() {
+                let entry = entry?;
+                let cage: String = entry.raw_get("cage")?;
+                let module: String = entry.raw_get("module")?;
+                let function: String = entry.raw_get("fn")?;
+                let target = format!("{cage}.{module}.{function}");
+                let opts: Table = entry.raw_get("opts")?;
+                let options = match crate::durable::options_from(&target, &opts) {
+                    Ok(o) => o,
+                    Err(e) => return failure(&lua, e),
+                };
+                let args: Table = entry.raw_get("args")?;
+                let n: i64 = args.raw_get("n").unwrap_or(0);
+                let mut values = Vec::new();
+                for a in 1..=n {
+                    match from_lua(&args.raw_get::<LuaValue>(a)?) {
+                        Ok(v) => values.push(v),
+                        Err(e) => return failure(&lua, format!("calling {target}: argument {a}: {e}")),
+                    }
+                }
+                calls.push(crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options });
+            }
+            let prepared = handle.and_then(|h| h.borrow::<TxHandle>().ok().and_then(|h| h.0.borrow_mut().take()));
+            let deadline = ctx.deadline;
+            let finish: crate::durable::Finish = Box::new(move |commit| match prepared {
+                Some(p) => p.finish(commit, true, deadline),
+                None => Box::pin(async { Ok(()) }),
+            });
+            match crate::durable::commit_with_calls(&ctx.cage, calls, finish).await {
+                Ok(ids) => {
+                    let t = lua.create_table()?;
+                    for (i, id) in ids.iter().enumerate() {
+                        t.raw_set(i + 1, id.as_str())?;
+                    }
+                    Ok(success([LuaValue::Table(t)]))
+                }
+                Err(crate::durable::CommitFailure::Participant(e)) => tx_failure(&lua, &e),
+                Err(crate::durable::CommitFailure::Calls(m)) => failure(&lua, m),
+            }
+        })?,
+    )?;
+    t.set(
         "call_cage",
         lua.create_async_function(
             |lua, (cage, module, function, opts, args): (String, String, String, Option<Table>, Variadic<LuaValue>)| async move {

@@ -318,3 +318,39 @@ fn a_graceful_shutdown_lets_running_calls_finish() {
     let c = db(&cage);
     assert_eq!(count(&c, "SELECT count(*) FROM queue_calls WHERE id = 'k1' AND status = 'done'"), 1);
 }
+
+#[test]
+fn a_transaction_in_another_cage_stores_its_call_through_its_outbox() {
+    let t = Tree::new();
+    t.write("app/cages/web/cage.toml", &http_cage_toml(""));
+    t.write(
+        "app/cages/web/http.lua",
+        r#"return { handle = function(request)
+  local q = request.query
+  if request.path == "/result" then
+    local r = pmnc.calls.result(q.id)
+    return r and (r.status .. " " .. tostring(r.value)) or "none"
+  end
+  local xa = pmnc.transaction.create()
+  xa.state.set("sent:" .. q.id, true)
+  if q.fail then xa.state.set("needs a value") end
+  xa.pmnc("worker", { queue = "retry", id = q.id }).work.count(21)
+  local ok, _, id = pcall(xa.execute)
+  return tostring(ok) .. " " .. tostring(id)
+end }"#,
+    );
+    t.write("app/cages/worker/cage.toml", "[queues.retry]\n");
+    t.write("app/cages/worker/work.lua", WORK);
+    let s = Server::start(&t.path().join("app"), &[]);
+    let addr = s.addr("http");
+    assert_eq!(get(addr, "/?id=x1").text(), "true x1");
+    assert_eq!(get_prefix(addr, "/result?id=x1", "done", Duration::from_secs(10)), "done 42");
+    assert_eq!(get(addr, "/?id=x2&fail=1").text(), "false nil");
+    let web = db(&t.path().join("app/cages/web"));
+    let worker = db(&t.path().join("app/cages/worker"));
+    assert!(until(Duration::from_secs(5), || count(&web, "SELECT count(*) FROM queue_outbox") == 0), "the outbox empties once the target accepted");
+    assert_eq!(count(&web, "SELECT count(*) FROM state WHERE key = 'sent:x1'"), 1);
+    assert_eq!(count(&web, "SELECT count(*) FROM state WHERE key = 'sent:x2'"), 0);
+    assert_eq!(count(&worker, "SELECT count(*) FROM queue_calls WHERE id = 'x2'"), 0, "a rolled back transaction leaves no call");
+    assert_eq!(count(&worker, "SELECT count(*) FROM queue_calls WHERE id = 'x1' AND from_cage = 'worker'"), 1, "stored by the worker's accept");
+}

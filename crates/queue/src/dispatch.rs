@@ -50,6 +50,13 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
                 }
             }
         }
+        if !store.paused.load(Ordering::SeqCst) {
+            match forward_outbox(&store, &conn, now, &spawn) {
+                Ok(Some(at)) => next = next.min(at),
+                Ok(None) => {}
+                Err(e) => tracing::error!(cage = %store.cage, "{e}"),
+            }
+        }
         let wait = Duration::from_millis((next - store::now_ms()).clamp(1, POLL.as_millis() as i64) as u64);
         let (lock, cv) = &store.wake;
         let Ok(mut woken) = lock.lock() else { return };
@@ -210,4 +217,77 @@ async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Valu
         Err(RunError::Deadline) => Err(format!("{target}: deadline exceeded ({}s)", timeout.as_secs_f64())),
         Err(e) => Err(format!("{target}: {e}")),
     }
+}
+
+/// Outbox calls forwarded at once.
+const FORWARD_BATCH: usize = 64;
+/// Longest wait between two forwarding attempts of one call.
+const FORWARD_MAX_WAIT_MS: i64 = 60_000;
+
+/// Hands the outbox calls that are due to workers, which forward them to their target's
+/// `_queue.accept` over `worker::call` (in this process or through the cluster); returns when
+/// the next one waits for, if known.
+fn forward_outbox(store: &Arc<Store>, conn: &Connection, now: i64, spawn: &Spawner) -> Result<Option<i64>, String> {
+    for (seq, call, attempts) in store::outbox_due(conn, &store.path, now, FORWARD_BATCH)? {
+        let claimed = store.forwarding.lock().map(|mut f| f.insert(seq)).unwrap_or(false);
+        if !claimed {
+            continue;
+        }
+        let store = store.clone();
+        spawn(Box::new(move || Box::pin(forward(store, seq, call, attempts))));
+    }
+    store::outbox_next(conn, &store.path).map(|n| n.filter(|n| *n > now))
+}
+
+async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts: i64) {
+    let target = format!("{}.{}.{}", call.cage, call.module, call.function);
+    let args = match decode(&call.args) {
+        Ok(v @ Value::Array(_)) => v,
+        _ => Value::Array(Vec::new()),
+    };
+    let request = worker::CallRequest {
+        from_cage: store.cage.clone(),
+        request_id: rustomnic_lua::new_request_id(),
+        deadline: Instant::now() + Duration::from_secs(10),
+        cage: call.cage.clone(),
+        module: "_queue".into(),
+        function: "accept".into(),
+        args: vec![
+            Value::str(call.queue.clone()),
+            Value::str(call.id.clone()),
+            Value::str(call.module.clone()),
+            Value::str(call.function.clone()),
+            Value::Float(call.due_ms as f64 / 1000.0),
+            Value::Float(call.expires_ms as f64 / 1000.0),
+            args,
+        ],
+    };
+    let end = match worker::call(request).await {
+        Ok(_) => store::OutboxEnd::Accepted,
+        Err(e) => {
+            let wait = (1000i64 << attempts.clamp(0, 16)).min(FORWARD_MAX_WAIT_MS);
+            let next = store::now_ms() + wait;
+            let error = e.to_string();
+            if next >= call.expires_ms {
+                tracing::error!(cage = %store.cage, call = %call.id, "durable call to {target} expired before its cage accepted it: {error}");
+                store::OutboxEnd::Dead { error }
+            } else {
+                tracing::warn!(cage = %store.cage, call = %call.id, "durable call to {target} not accepted yet (retrying in {wait} ms): {error}");
+                store::OutboxEnd::Retry { next_ms: next, error }
+            }
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let recorded = match store.send(Op::OutboxEnd(seq, end, tx)) {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recorded {
+        // Forwarded again later; the target de-duplicates by id.
+        tracing::error!(cage = %store.cage, call = %call.id, "queue: cannot update the outbox: {e}");
+    }
+    if let Ok(mut f) = store.forwarding.lock() {
+        f.remove(&seq);
+    }
+    store.wake();
 }

@@ -18,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::Value;
-use rustomnic_lua::durable::{CallStatus, Calls, DurableCall};
-use rustomnic_resource_state::{decode, encode, MAX_VALUE};
+use rustomnic_lua::durable::{CallStatus, Calls, CommitFailure, DurableCall, Finish};
+use rustomnic_resource_state::store::Write;
+use rustomnic_resource_state::{decode, encode, held, MAX_VALUE};
 
 pub use config::{read_queues, Backoff, QueueConfig};
 pub use store::QueueFigures;
@@ -47,6 +48,8 @@ pub struct Store {
     pub(crate) stop: AtomicBool,
     /// Set at shutdown: no new call starts; the running ones finish.
     pub(crate) paused: AtomicBool,
+    /// Outbox calls being forwarded now.
+    pub(crate) forwarding: Mutex<std::collections::HashSet<i64>>,
     /// Reads for pmnc.calls.result.
     pub(crate) reader: Mutex<rusqlite::Connection>,
 }
@@ -83,6 +86,20 @@ impl Store {
 
     async fn enqueue(self: Arc<Self>, call: DurableCall) -> Result<String, String> {
         let target = format!("{}.{}.{}", call.cage, call.module, call.function);
+        let row = self.new_call(call)?;
+        let id = row.id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Enqueue(row, tx)).map_err(|e| format!("calling {target}: {e}"))?;
+        match rx.await {
+            Ok(Ok(_inserted)) => Ok(id),
+            Ok(Err(e)) => Err(format!("calling {target}: {e}")),
+            Err(_) => Err(format!("calling {target}: the queue writer of cage {} stopped", self.cage)),
+        }
+    }
+
+    /// Checks a call to this cage and makes its row.
+    fn new_call(&self, call: DurableCall) -> Result<store::NewCall, String> {
+        let target = format!("{}.{}.{}", call.cage, call.module, call.function);
         let Some(q) = self.queues.get(&call.options.queue) else {
             let known: Vec<&str> = self.queues.keys().map(|k| k.as_str()).collect();
             return Err(format!(
@@ -103,11 +120,14 @@ impl Store {
             (_, Some(at)) => (at * 1000.0) as i64,
             _ => now,
         };
-        let expires = due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(q.expires_in.as_millis() as i64);
+        let expires = match o.expires_at {
+            Some(at) => (at * 1000.0) as i64,
+            None => due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(q.expires_in.as_millis() as i64),
+        };
         let args = encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?;
         let id = o.id.clone().unwrap_or_else(new_call_id);
-        let row = store::NewCall {
-            id: id.clone(),
+        Ok(store::NewCall {
+            id,
             queue: q.name.clone(),
             module: call.module,
             function: call.function,
@@ -117,14 +137,15 @@ impl Store {
             due_ms: due,
             expires_ms: expires,
             keep_until_ms: now + q.dedup_window.as_millis() as i64,
-        };
+        })
+    }
+
+    /// Stores calls to other cages in this cage's outbox, with `writes` (held state writes of
+    /// a transaction) and `direct` (calls to this cage) in the same commit.
+    async fn store_outgoing(&self, writes: Vec<Write>, direct: Vec<store::NewCall>, outgoing: Vec<store::OutboxCall>) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(writer::Op::Enqueue(row, tx)).map_err(|e| format!("calling {target}: {e}"))?;
-        match rx.await {
-            Ok(Ok(_inserted)) => Ok(id),
-            Ok(Err(e)) => Err(format!("calling {target}: {e}")),
-            Err(_) => Err(format!("calling {target}: the queue writer of cage {} stopped", self.cage)),
-        }
+        self.send(writer::Op::Outbox { writes, direct, outgoing, reply: tx })?;
+        rx.await.unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))
     }
 
     pub(crate) fn send(&self, op: writer::Op) -> Result<(), String> {
@@ -183,10 +204,114 @@ pub fn metrics() -> Vec<(String, Vec<QueueFigures>)> {
         .collect()
 }
 
+/// An outbox row for a call to another cage (the target's queue is checked there).
+fn outgoing_call(call: DurableCall) -> Result<store::OutboxCall, String> {
+    let target = format!("{}.{}.{}", call.cage, call.module, call.function);
+    let now = store::now_ms();
+    let o = &call.options;
+    let due = match (o.delay, o.at) {
+        (Some(d), _) => now + (d * 1000.0) as i64,
+        (_, Some(at)) => (at * 1000.0) as i64,
+        _ => now,
+    };
+    // Without a sender-side default, a call the target never accepts is given up after a day.
+    let expires = match o.expires_at {
+        Some(at) => (at * 1000.0) as i64,
+        None => due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(86_400_000),
+    };
+    Ok(store::OutboxCall {
+        id: o.id.clone().unwrap_or_else(new_call_id),
+        cage: call.cage,
+        queue: o.queue.clone(),
+        module: call.module,
+        function: call.function,
+        args: encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?,
+        created_ms: now,
+        due_ms: due,
+        expires_ms: expires,
+    })
+}
+
 struct Service;
 
 impl Calls for Service {
+    fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>> {
+        let sender = store_of(from_cage);
+        Box::pin(async move {
+            let Some(sender) = sender else {
+                let _ = finish(false).await;
+                return Err(CommitFailure::Calls("durable calls in transactions need the cage's queue store, which is not running".into()));
+            };
+            let mut ids = Vec::new();
+            let mut direct = Vec::new();
+            let mut outgoing = Vec::new();
+            // Checked before anything commits, so a refused call rolls the transaction back.
+            let checked: Result<(), String> = (|| {
+                if let Some(why) = sender.refusing() {
+                    return Err(format!("cage {} accepts no new durable calls: {why}", sender.cage));
+                }
+                for call in calls {
+                    if call.cage == sender.cage {
+                        let row = sender.new_call(call)?;
+                        ids.push(row.id.clone());
+                        direct.push(row);
+                    } else {
+                        if let Some(target) = store_of(&call.cage) {
+                            if !target.queues.contains_key(&call.options.queue) {
+                                let known: Vec<&str> = target.queues.keys().map(|k| k.as_str()).collect();
+                                return Err(format!(
+                                    "calling {}.{}.{}: cage {} has no queue {:?} (its queues: {})",
+                                    call.cage,
+                                    call.module,
+                                    call.function,
+                                    call.cage,
+                                    call.options.queue,
+                                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                                ));
+                            }
+                        }
+                        let row = outgoing_call(call)?;
+                        ids.push(row.id.clone());
+                        outgoing.push(row);
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = checked {
+                let _ = finish(false).await;
+                return Err(CommitFailure::Calls(e));
+            }
+            let (committed, writes) = held::scope(&sender.path, finish(true)).await;
+            if let Err(e) = committed {
+                // The other participants' outcome stands; the state writes go in as they would
+                // have, the calls do not.
+                if let Err(w) = sender.store_outgoing(writes, Vec::new(), Vec::new()).await {
+                    tracing::error!(cage = %sender.cage, "transaction state writes after a failed commit: {w}");
+                }
+                return Err(CommitFailure::Participant(e));
+            }
+            let forwarding = !outgoing.is_empty();
+            sender.store_outgoing(writes, direct, outgoing).await.map_err(CommitFailure::Calls)?;
+            if forwarding {
+                sender.wake();
+            }
+            Ok(ids)
+        })
+    }
+
     fn enqueue(&self, call: DurableCall) -> LocalBoxFuture<'static, Result<String, String>> {
+        if store_of(&call.cage).is_none() {
+            // A cage elsewhere: through this cage's outbox, forwarded to the target's accept.
+            if let Some(sender) = store_of(&call.from_cage).filter(|_| rustomnic_lua::worker::has_remote()) {
+                return Box::pin(async move {
+                    let row = outgoing_call(call)?;
+                    let id = row.id.clone();
+                    sender.store_outgoing(Vec::new(), Vec::new(), vec![row]).await?;
+                    sender.wake();
+                    Ok(id)
+                });
+            }
+        }
         let Some(store) = store_of(&call.cage) else {
             let here: Vec<String> = STORES.read().map(|s| s.keys().cloned().collect()).unwrap_or_default();
             let msg = format!(
@@ -295,6 +420,7 @@ fn start_with(
         wake: (Mutex::new(false), Condvar::new()),
         stop: AtomicBool::new(false),
         paused: AtomicBool::new(false),
+        forwarding: Mutex::new(Default::default()),
         reader: Mutex::new(reader),
     });
     let mut threads = Vec::new();

@@ -45,6 +45,77 @@ pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String>
     .map_err(|e| fail(path, "queue: cannot store call", e))
 }
 
+/// A call to another cage, kept in the sender's outbox until the target accepted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxCall {
+    pub id: String,
+    pub cage: String,
+    pub queue: String,
+    pub module: String,
+    pub function: String,
+    pub args: Vec<u8>,
+    pub created_ms: i64,
+    /// When the first attempt may start at the target (absolute, from delay or at).
+    pub due_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Stores an outbox call unless its id is known; true when stored.
+pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
+    tx.prepare_cached(
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+    )
+    .and_then(|mut s| s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms]))
+    .map(|n| n == 1)
+    .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
+}
+
+/// Outbox calls to forward now (oldest first), as (seq, call, attempts).
+pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, attempts FROM queue_outbox WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2")
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
+    let rows = stmt
+        .query_map(params![now, limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                OutboxCall { id: r.get(1)?, cage: r.get(2)?, queue: r.get(3)?, module: r.get(4)?, function: r.get(5)?, args: r.get(6)?, created_ms: r.get(7)?, due_ms: r.get(8)?, expires_ms: r.get(9)? },
+                r.get(10)?,
+            ))
+        })
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// The earliest time an outbox call waits for, if any.
+pub fn outbox_next(conn: &Connection, path: &Path) -> Result<Option<i64>, String> {
+    conn.prepare_cached("SELECT min(next_ms) FROM queue_outbox WHERE status = 'pending'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// The end of a forwarding attempt: accepted (the row goes), retry at `next_ms`, or dead.
+pub fn outbox_end(tx: &Connection, path: &Path, seq: i64, end: &OutboxEnd) -> Result<(), String> {
+    let r = match end {
+        OutboxEnd::Accepted => tx.prepare_cached("DELETE FROM queue_outbox WHERE seq = ?1").and_then(|mut s| s.execute([seq])),
+        OutboxEnd::Retry { next_ms, error } => tx
+            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, next_ms = ?2, error = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, next_ms, error])),
+        OutboxEnd::Dead { error } => tx
+            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, status = 'dead', error = ?2 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, error])),
+    };
+    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot update the outbox", e))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxEnd {
+    Accepted,
+    Retry { next_ms: i64, error: String },
+    Dead { error: String },
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use rustomnic_resource_state::store::{apply_in, sql_error, Write};
 use tokio::sync::oneshot;
 
-use crate::store::{self, NewCall, Outcome};
+use crate::store::{self, NewCall, OutboxCall, OutboxEnd, Outcome};
 use crate::Store;
 
 /// The most operations committed together.
@@ -24,6 +24,10 @@ pub(crate) enum Op {
     /// The end of an attempt, with the state writes the call made (held until now).
     Complete { seq: i64, outcome: Outcome, writes: Vec<Write>, reply: oneshot::Sender<Result<(), String>> },
     Expire(i64, oneshot::Sender<Result<(), String>>),
+    /// A transaction's state writes with the durable calls it made: calls to this cage go
+    /// straight into its queue, calls to other cages into its outbox, all in one commit.
+    Outbox { writes: Vec<Write>, direct: Vec<NewCall>, outgoing: Vec<OutboxCall>, reply: oneshot::Sender<Result<(), String>> },
+    OutboxEnd(i64, OutboxEnd, oneshot::Sender<Result<(), String>>),
 }
 
 pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
@@ -71,7 +75,7 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                 Op::Enqueue(_, reply) => {
                     let _ = reply.send(result.as_ref().map(|inserted| inserted[i]).map_err(|e| e.clone()));
                 }
-                Op::Complete { reply, .. } | Op::Expire(_, reply) => {
+                Op::Complete { reply, .. } | Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
                 }
             }
@@ -98,6 +102,20 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
             }
             Op::Expire(seq, _) => {
                 store::expire(&tx, path, *seq)?;
+                inserted.push(false);
+            }
+            Op::Outbox { writes, direct, outgoing, .. } => {
+                apply_in(&tx, path, writes).map_err(|e| e.message)?;
+                for call in direct {
+                    store::insert(&tx, path, call)?;
+                }
+                for call in outgoing {
+                    store::outbox_insert(&tx, path, call)?;
+                }
+                inserted.push(false);
+            }
+            Op::OutboxEnd(seq, end, _) => {
+                store::outbox_end(&tx, path, *seq, end)?;
                 inserted.push(false);
             }
         }

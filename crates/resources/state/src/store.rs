@@ -23,7 +23,8 @@ const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL
     );",
     // 1 -> 2: the durable call queue of the cage (crates/queue), in the same file as the state
-    // so that a call's state writes and the record that it is done commit together.
+    // so that a call's state writes and the record that it is done commit together; the outbox
+    // of calls this cage sends to other cages (stored with its state writes, then forwarded).
     // status: pending (never ran), failed (ran, raised, waits for its retry), done, dead.
     // A done row stays for the de-duplication window (keep_until_ms); `result` is cleared after
     // the result time to live (result_until_ms).
@@ -50,6 +51,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX queue_calls_order ON queue_calls (queue, seq) WHERE status IN ('pending', 'failed');
     CREATE INDEX queue_calls_kept ON queue_calls (keep_until_ms) WHERE status = 'done';
     CREATE VIEW queue_dead_letters AS SELECT * FROM queue_calls WHERE status = 'dead';
+    CREATE TABLE queue_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        cage TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        module TEXT NOT NULL,
+        function TEXT NOT NULL,
+        args BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        next_ms INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        error TEXT
+    );
     CREATE TABLE queue_leases (
         name TEXT PRIMARY KEY NOT NULL,
         holder TEXT NOT NULL,
