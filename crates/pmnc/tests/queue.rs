@@ -354,3 +354,75 @@ end }"#,
     assert_eq!(count(&worker, "SELECT count(*) FROM queue_calls WHERE id = 'x2'"), 0, "a rolled back transaction leaves no call");
     assert_eq!(count(&worker, "SELECT count(*) FROM queue_calls WHERE id = 'x1' AND from_cage = 'worker'"), 1, "stored by the worker's accept");
 }
+
+#[test]
+fn kill_9_during_transactions_keeps_state_writes_and_calls_together() {
+    const N: usize = 1200;
+    const CLIENTS: usize = 12;
+    let t = Tree::new();
+    t.write("app/cages/web/cage.toml", &http_cage_toml(""));
+    t.write(
+        "app/cages/web/http.lua",
+        r#"return { handle = function(request)
+  for i = tonumber(request.query.from), tonumber(request.query.to) do
+    local xa = pmnc.transaction.create()
+    xa.state.set("sent:" .. i, true)
+    xa.pmnc("worker", { queue = "retry", id = "t" .. i }).work.count(i)
+    xa.execute()
+  end
+  return "ok"
+end }"#,
+    );
+    t.write("app/cages/worker/cage.toml", "[queues.retry]\nconcurrency = 32\n");
+    t.write("app/cages/worker/work.lua", WORK);
+    let app = t.path().join("app");
+    let mut s = Server::start(&app, &[]);
+    let addr = s.addr("http");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let per = N / CLIENTS;
+                let mut acked = Vec::new();
+                for from in (c * per + 1..=(c + 1) * per).step_by(10) {
+                    let r = raw_request(addr, format!("GET /?from={from}&to={} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", from + 9).as_bytes(), Duration::from_secs(30));
+                    match r {
+                        Ok(r) if r.status == 200 => acked.extend(from..from + 10),
+                        _ => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let worker = db(&t.path().join("app/cages/worker"));
+    let web = db(&t.path().join("app/cages/web"));
+    let done = |c: &rusqlite::Connection| c.query_row("SELECT count(*) FROM queue_calls WHERE status = 'done'", [], |r| r.get::<_, i64>(0)).unwrap_or(0);
+    assert!(until(Duration::from_secs(30), || done(&worker) >= 150));
+    s.signal(9);
+    s.wait_exit(Duration::from_secs(10));
+    let acked: Vec<usize> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let sent_at_kill = count(&web, "SELECT count(*) FROM state WHERE key LIKE 'sent:%'");
+    assert!(sent_at_kill < N as i64, "the kill came in the middle ({sent_at_kill} sent)");
+
+    let _s = Server::start(&app, &[]);
+    assert!(until(Duration::from_secs(30), || {
+        count(&web, "SELECT count(*) FROM queue_outbox") == 0 && count(&worker, "SELECT count(*) FROM queue_calls WHERE status != 'done'") == 0
+    }));
+    let sent: Vec<String> = {
+        let mut st = web.prepare("SELECT substr(key, 6) FROM state WHERE key LIKE 'sent:%' ORDER BY 1").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().map(|k| k.unwrap()).collect()
+    };
+    let called: Vec<String> = {
+        let mut st = worker.prepare("SELECT substr(id, 2) FROM queue_calls ORDER BY 1").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().map(|k| k.unwrap()).collect()
+    };
+    assert_eq!(sent, called, "a transaction's state write and its durable call exist together or not at all");
+    for i in &acked {
+        assert!(sent.contains(&i.to_string()), "acknowledged transaction {i} is there");
+    }
+    let mut stmt = worker.prepare("SELECT value FROM state WHERE key = ?1").unwrap();
+    for i in &sent {
+        let v: Vec<u8> = stmt.query_row([format!("n:{i}")], |r| r.get(0)).unwrap_or_else(|e| panic!("call t{i} took no effect: {e}"));
+        assert_eq!(v, vec![1, 3, 2], "call t{i} took effect once");
+    }
+}

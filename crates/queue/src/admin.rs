@@ -44,6 +44,10 @@ pub fn ls(cage: &str, path: &Path, limit: usize, out: &mut dyn std::io::Write) -
     for f in &figures {
         writeln!(out, "queue {}: {} waiting (oldest {:.1}s, {} retrying), {} dead, {} done kept", f.queue, f.depth, f.oldest_age, f.retrying, f.dead, f.done_kept).map_err(w)?;
     }
+    let (outgoing, outgoing_dead) = store::outbox_counts(&conn, path)?;
+    if outgoing + outgoing_dead > 0 {
+        writeln!(out, "outbox: {outgoing} waiting for their cage to accept them, {outgoing_dead} dead").map_err(w)?;
+    }
     let mut shown = 0;
     for status in ["pending", "failed", "dead"] {
         for r in store::list(&conn, path, Some(status), limit.saturating_sub(shown))? {

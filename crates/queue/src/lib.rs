@@ -153,6 +153,18 @@ impl Store {
         w.send(op).map_err(|_| format!("the queue writer of cage {} stopped", self.cage))
     }
 
+    /// A call not accepted by its target yet: pending (or dead) in this cage's outbox.
+    fn outbox_status(&self, id: &str) -> Result<Option<CallStatus>, String> {
+        let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+        Ok(store::outbox_find(&conn, &self.path, id)?.map(|(status, attempts, error)| CallStatus {
+            status: if status == "dead" { "dead".into() } else { "pending".into() },
+            cage: self.cage.clone(),
+            attempts,
+            value: None,
+            error,
+        }))
+    }
+
     fn status(&self, id: &str) -> Result<Option<CallStatus>, String> {
         let rec = {
             let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
@@ -332,8 +344,15 @@ impl Calls for Service {
             Some(c) => store_of(c).into_iter().collect(),
             None => STORES.read().map(|s| s.values().cloned().collect()).unwrap_or_default(),
         };
-        for s in stores {
+        let all: Vec<Arc<Store>> = STORES.read().map(|s| s.values().cloned().collect()).unwrap_or_default();
+        for s in &stores {
             if let Some(st) = s.status(id)? {
+                return Ok(Some(st));
+            }
+        }
+        // Then the outboxes: an accepted call is in its target's queue before it leaves them.
+        for s in &all {
+            if let Some(st) = s.outbox_status(id)? {
                 return Ok(Some(st));
             }
         }

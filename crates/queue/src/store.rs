@@ -109,6 +109,21 @@ pub fn outbox_end(tx: &Connection, path: &Path, seq: i64, end: &OutboxEnd) -> Re
     r.map(|_| ()).map_err(|e| fail(path, "queue: cannot update the outbox", e))
 }
 
+/// (status, attempts, error) of an outbox call, if this file's outbox holds it.
+pub fn outbox_find(conn: &Connection, path: &Path, id: &str) -> Result<Option<(String, i64, Option<String>)>, String> {
+    conn.prepare_cached("SELECT status, attempts, error FROM queue_outbox WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// (waiting, dead) calls in the outbox.
+pub fn outbox_counts(conn: &Connection, path: &Path) -> Result<(u64, u64), String> {
+    conn.query_row("SELECT coalesce(sum(status = 'pending'), 0), coalesce(sum(status = 'dead'), 0) FROM queue_outbox", [], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+    })
+    .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutboxEnd {
     Accepted,
