@@ -160,7 +160,8 @@ pub async fn commit_with_calls(from_cage: &str, calls: Vec<DurableCall>, finish:
 pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
     helpers.set(
         "call_result",
-        lua.create_function(|lua, (id, cage): (LuaValue, Option<String>)| {
+        lua.create_async_function(|lua, (id, cage): (LuaValue, Option<String>)| async move {
+            let lua = &lua;
             let fail = |m: String| -> mlua::Result<MultiValue> { Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(m)?)])) };
             let id = match id {
                 LuaValue::String(s) => s.to_string_lossy(),
@@ -168,9 +169,13 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
                 other => return fail(format!("pmnc.calls.result(id): id must be a string, got {}", other.type_name())),
             };
             let Some(calls) = calls() else { return fail("pmnc.calls.result: durable calls are not available in this process".into()) };
-            let status = match calls.result(cage.as_deref(), &id) {
-                Ok(s) => s,
-                Err(e) => return fail(format!("pmnc.calls.result({id:?}): {e}")),
+            // A read of the SQLite file: off the worker thread, which must never block.
+            let key = id.clone();
+            let read = tokio::task::spawn_blocking(move || calls.result(cage.as_deref(), &key)).await;
+            let status = match read {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return fail(format!("pmnc.calls.result({id:?}): {e}")),
+                Err(e) => return fail(format!("pmnc.calls.result({id:?}): the read failed: {e}")),
             };
             let Some(status) = status else {
                 return Ok(MultiValue::from_iter([LuaValue::Boolean(true), LuaValue::Nil]));

@@ -38,41 +38,38 @@ impl Protocol for ScheduleProtocol {
     }
 
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
-        let cron_text = match section.string("cron") {
-            Some(c) => c,
-            None => {
-                if !section.has("cron") {
-                    section.table_error("cron is required (such as \"0 0 3 * * *\": seconds, minutes, hours, day of month, month, day of week)");
-                }
-                return None;
-            }
-        };
-        let cron = match parse_cron(&cron_text.value) {
-            Ok(c) => c,
+        // Every key is read before giving up, so that all problems are listed at once.
+        let cron_text = section.string("cron");
+        if cron_text.is_none() && !section.has("cron") {
+            section.table_error("cron is required (such as \"0 0 3 * * *\": seconds, minutes, hours, day of month, month, day of week)");
+        }
+        let cron = cron_text.as_ref().and_then(|c| match parse_cron(&c.value) {
+            Ok(c) => Some(c),
             Err(e) => {
-                section.error("cron", format!("{:?} is not a cron expression: {e}", cron_text.value));
-                return None;
+                section.error("cron", format!("{:?} is not a cron expression: {e}", c.value));
+                None
             }
-        };
+        });
         let tz = match section.string("timezone") {
             Some(t) => match t.value.parse::<Tz>() {
-                Ok(tz) => tz,
+                Ok(tz) => Some(tz),
                 Err(_) => {
                     section.error("timezone", format!("{:?} is not a time zone name (such as \"Europe/Berlin\" or \"UTC\")", t.value));
-                    return None;
+                    None
                 }
             },
-            None => Tz::UTC,
+            None => Some(Tz::UTC),
         };
         let missed = match section.string("missed") {
-            Some(m) if m.value == "skip" => Missed::Skip,
-            Some(m) if m.value == "catch_up" => Missed::CatchUp,
+            Some(m) if m.value == "skip" => Some(Missed::Skip),
+            Some(m) if m.value == "catch_up" => Some(Missed::CatchUp),
             Some(m) => {
                 section.error("missed", format!("{:?} is not \"skip\" or \"catch_up\"", m.value));
-                return None;
+                None
             }
-            None => Missed::Skip,
+            None => Some(Missed::Skip),
         };
+        let (Some(cron_text), Some(cron), Some(tz), Some(missed)) = (cron_text, cron, tz, missed) else { return None };
         let base = section.file().path().parent().map(|p| p.to_path_buf()).unwrap_or_default();
         let state_file = base.join(".data").join("state.sqlite");
         Some(Arc::new(Schedule { spec, cron, cron_text: cron_text.value, tz, missed, state_file }))
