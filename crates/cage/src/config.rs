@@ -62,6 +62,10 @@ pub struct CageConfig {
     pub cluster: Option<Located<rustomnic_cluster::ClusterConfig>>,
     /// `[monitor]`, when the file has the table (docs/monitoring.md).
     pub monitor: Option<rustomnic_monitor::MonitorConfig>,
+    /// `[queues.NAME]`: the queues this cage accepts durable calls on (docs/queues.md).
+    pub queues: Vec<rustomnic_queue::QueueConfig>,
+    /// The SQLite file of the cage's state, which holds its queue too.
+    pub state_file: std::path::PathBuf,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -187,8 +191,25 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
         rustomnic_cluster::config::read(&s).map(|c| Located { value: c, file: file.path().to_path_buf(), line, key: "cluster".into() })
     });
     let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor })
+    let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
+    let state_file = state_file(dir, file);
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor, queues, state_file })
+}
+
+/// The state file: `path` of `[resources.state]` (relative to the cage folder) or the implicit
+/// `<cage folder>/.data/state.sqlite`. The queue lives in it (exactly once needs one file).
+fn state_file(dir: &CageDir, file: &SourceFile) -> std::path::PathBuf {
+    let implicit = dir.dir.join(".data").join("state.sqlite");
+    let root = file.root();
+    let Some(state) = root.table("resources").and_then(|r| r.table("state")) else { return implicit };
+    if state.string("protocol").is_some_and(|p| p.value != "state") || !state.has("path") {
+        return implicit;
+    }
+    match state.string("path") {
+        Some(p) => file.path().parent().unwrap_or(std::path::Path::new("")).join(p.value),
+        None => implicit,
+    }
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it

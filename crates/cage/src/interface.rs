@@ -37,6 +37,10 @@ pub trait Interface: Send + Sync {
 
     /// Serves one accepted connection on the current worker thread.
     fn serve(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, shutdown: Shutdown) -> LocalBoxFuture<'static, ()>;
+
+    /// Starts an interface that makes requests itself (a schedule): called once per process
+    /// when the workers are ready; `spawn` runs a job on a worker thread.
+    fn start(self: Arc<Self>, _spawn: rustomnic_queue::Spawner, _shutdown: Shutdown) {}
 }
 
 /// The protocols this build knows, by name: interfaces (inbound) and resources (outbound).

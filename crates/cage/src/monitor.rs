@@ -60,3 +60,50 @@ pub(crate) fn start(listener: Option<std::net::TcpListener>, config: MonitorConf
     let names = cages.iter().map(|c| c.config.name.clone()).collect();
     rustomnic_monitor::start(listener, config, names, sink).map_err(Error::Runtime)
 }
+
+/// Every cage's queue figures, and when they were read.
+type QueueReading = (std::time::Instant, Vec<(String, Vec<rustomnic_queue::QueueFigures>)>);
+
+/// The queue figures read at most twice a second, however many gauges ask for them.
+#[derive(Default)]
+struct QueueFigures {
+    read: std::sync::Mutex<Option<QueueReading>>,
+}
+
+impl QueueFigures {
+    fn get(&self, cage: &str, queue: &str, pick: fn(&rustomnic_queue::QueueFigures) -> f64) -> f64 {
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = read.as_ref().is_some_and(|(at, _)| at.elapsed() < std::time::Duration::from_millis(500));
+        if !fresh {
+            *read = Some((std::time::Instant::now(), rustomnic_queue::metrics()));
+        }
+        read.as_ref()
+            .and_then(|(_, all)| all.iter().find(|(c, _)| c == cage))
+            .and_then(|(_, qs)| qs.iter().find(|q| q.queue == queue))
+            .map(pick)
+            .unwrap_or(0.0)
+    }
+}
+
+/// Gauges of every durable call queue of the cages (depth, age of the oldest waiting call,
+/// retrying calls, dead letters) for /metrics, the page and `queue_age` alerts.
+pub(crate) fn register_queue_gauges(cages: &[PreparedCage]) {
+    let figures = Arc::new(QueueFigures::default());
+    type Pick = fn(&rustomnic_queue::QueueFigures) -> f64;
+    let gauges: [(&str, &str, Pick); 4] = [
+        ("pmnc_queue_depth", "durable calls waiting to run", |f| f.depth as f64),
+        ("pmnc_queue_oldest_age_seconds", "age of the oldest waiting durable call", |f| f.oldest_age),
+        ("pmnc_queue_retrying", "waiting durable calls that failed at least once", |f| f.retrying as f64),
+        ("pmnc_queue_dead_letters", "durable calls that expired (dead letters)", |f| f.dead as f64),
+    ];
+    for c in cages {
+        for q in &c.config.queues {
+            for (name, help, pick) in gauges {
+                let (figures, cage, queue) = (figures.clone(), c.config.name.clone(), q.name.clone());
+                rustomnic_core::metrics::register_gauge(name, help, &[("cage", &c.config.name), ("queue", &q.name)], move || {
+                    figures.get(&cage, &queue, pick)
+                });
+            }
+        }
+    }
+}

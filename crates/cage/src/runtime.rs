@@ -240,8 +240,8 @@ pub(crate) enum WorkerCmd {
     Module { cage: String, name: String, module: Option<Module> },
     /// A resource's config changed (or it was added, or removed with `None`).
     Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
-    /// Runs a job inside the worker's LocalSet (the monitor delivers alerts this way).
-    Run(rustomnic_monitor::WorkerJob),
+    /// Work made elsewhere to run on this worker (a queued call, a schedule firing, an alert).
+    Run(rustomnic_queue::Job),
 }
 
 /// Handles to every worker, for the acceptors and the watcher.
@@ -251,19 +251,16 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Runs `job` on one worker thread, the next in turn that is still running.
+    /// Runs `job` on one worker thread, the next in turn that is still running (the monitor
+    /// delivers alerts this way).
     pub fn run_job(&self, job: rustomnic_monitor::WorkerJob) -> Result<(), String> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = self.senders.len();
-        let mut cmd = WorkerCmd::Run(job);
-        for _ in 0..n {
-            let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
-            match self.senders[i].send(cmd) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(back)) => cmd = back,
-            }
+        let job: rustomnic_queue::Job = Box::new(move || Box::pin(async move { job() }));
+        if send_job(&self.senders, &NEXT, job) {
+            Ok(())
+        } else {
+            Err("no worker thread is running (shutting down)".into())
         }
-        Err("no worker thread is running (shutting down)".into())
     }
 
     /// Sends a resource's new config to every worker.
@@ -379,6 +376,11 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     }
     let workers = Workers { senders: Arc::new(senders) };
     let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
+    let queues = start_queues(&cages, &workers)?;
+    crate::monitor::register_queue_gauges(&cages);
+    for iface in interfaces.iter() {
+        iface.clone().start(workers.spawner(), shutdown_rx.clone());
+    }
 
     let watcher = if options.watch {
         Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
@@ -400,6 +402,13 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
+        // Queued calls first: they need the workers (and their connections) to finish.
+        for q in &queues {
+            let left = q.drain(drain_limit).await;
+            if left > 0 {
+                tracing::warn!(cage = %q.store().cage(), "{left} queued call(s) still running at shutdown; they run again at the next start");
+            }
+        }
         let _ = shutdown_tx.send(true);
         // A second signal means "now".
         tokio::spawn(async {
@@ -416,6 +425,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     });
     drop(watcher);
     drop(monitor);
+    drop(queues);
     tracing::info!("stopped");
     Ok(())
 }
@@ -557,7 +567,9 @@ fn worker_main(
                 }
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
                 Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
-                Some(WorkerCmd::Run(job)) => job(),
+                Some(WorkerCmd::Run(job)) => {
+                    tokio::task::spawn_local(job());
+                }
                 None => break,
             }
         }
@@ -628,4 +640,41 @@ fn apply_module(cage: &str, name: &str, module: Option<Module>) {
         }
         None => vm.remove(name),
     }
+}
+
+impl Workers {
+    /// Runs jobs on the workers, round robin.
+    pub(crate) fn spawner(&self) -> rustomnic_queue::Spawner {
+        let senders = self.senders.clone();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Arc::new(move |job| {
+            send_job(&senders, &next, job);
+        })
+    }
+}
+
+/// Hands `job` to the next worker in turn that is still running; false when none is.
+fn send_job(senders: &[mpsc::UnboundedSender<WorkerCmd>], next: &std::sync::atomic::AtomicUsize, job: rustomnic_queue::Job) -> bool {
+    let n = senders.len();
+    let mut cmd = WorkerCmd::Run(job);
+    for _ in 0..n {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        match senders[i].send(cmd) {
+            Ok(()) => return true,
+            Err(mpsc::error::SendError(back)) => cmd = back,
+        }
+    }
+    false
+}
+
+/// Starts the queue of every cage (docs/queues.md): the queues of its `[queues]`, and its
+/// outbox of durable calls to other cages.
+fn start_queues(cages: &[PreparedCage], workers: &Workers) -> Result<Vec<rustomnic_queue::Running>, Error> {
+    let mut running = Vec::new();
+    for c in cages {
+        let r = rustomnic_queue::start(&c.config.name, &c.config.state_file, c.config.queues.clone(), c.config.request_timeout, workers.spawner())
+            .map_err(Error::Runtime)?;
+        running.push(r);
+    }
+    Ok(running)
 }

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod metrics;
 pub mod events;
 mod events_lua;
+pub mod durable;
 pub mod module;
 pub mod request;
 pub mod transaction;

@@ -118,8 +118,13 @@ local tx_error_mt = {
 }
 local function tx_error(fields) return setmetatable(fields, tx_error_mt) end
 
-local function run_transaction(list, accept, sync_commit)
-  if #list == 0 then return end
+local tx_finish_calls = rust.tx_finish_calls
+local function run_transaction(list, accept, sync_commit, calls)
+  local with_calls = calls ~= nil and #calls > 0
+  if #list == 0 then
+    if with_calls then return unpack(check(tx_finish_calls(nil, calls))) end
+    return
+  end
   local ok, tx, outcomes = tx_run(list)
   if not ok then error(tx_error(tx), 2) end
   local commit, failure = true, nil
@@ -139,14 +144,26 @@ local function run_transaction(list, accept, sync_commit)
   else
     commit = failure == nil
   end
-  local fok, ferr = tx_finish(tx, commit, sync_commit)
-  if not fok then error(tx_error(ferr), 2) end
+  local ids = {}
+  if commit and with_calls then
+    -- The durable calls are stored in the same SQLite commit as this cage's state writes.
+    local fok, r = tx_finish_calls(tx, calls)
+    if not fok then
+      if type(r) == "table" then error(tx_error(r), 2) end
+      error(r, 2)
+    end
+    ids = r
+  else
+    local fok, ferr = tx_finish(tx, commit, sync_commit)
+    if not fok then error(tx_error(ferr), 2) end
+  end
   if not commit then
     error(failure or tx_error({ resource = nil, participant = nil, recoverable = true, message = "rejected by accept" }), 2)
   end
   local values = {}
   for i, o in ipairs(outcomes) do values[i] = o.value end
-  return unpack(values, 1, #outcomes)
+  for i, id in ipairs(ids) do values[#outcomes + i] = id end
+  return unpack(values, 1, #outcomes + #ids)
 end
 
 local function new_transaction(opts)
@@ -165,14 +182,34 @@ local function new_transaction(opts)
   end
   local sync_commit = opts.sync_commit ~= false
   local list, executed = {}, false
+  local calls = {}  -- xa.pmnc(cage, options).m.f(...): durable calls stored once the rest commits
   local xa = {}
   function xa.execute()
     if executed then error("this transaction was executed already; create a new one", 2) end
     executed = true
-    return run_transaction(list, accept, sync_commit)
+    return run_transaction(list, accept, sync_commit, calls)
+  end
+  local function xa_pmnc(cage, copts)
+    if type(cage) ~= "string" then error("xa.pmnc(cage, options): cage name must be a string, got " .. type(cage), 2) end
+    if type(copts) ~= "table" or copts.queue == nil then
+      error("xa.pmnc(cage, options): a transaction takes durable calls only; options need a queue", 2)
+    end
+    return setmetatable({}, {
+      __index = function(_, module)
+        return setmetatable({}, {
+          __index = function(_, fn)
+            return function(...)
+              if executed then error("this transaction was executed already; create a new one", 2) end
+              calls[#calls + 1] = { cage = cage, opts = copts, module = module, fn = fn, args = pack(...) }
+            end
+          end,
+        })
+      end,
+    })
   end
   return setmetatable(xa, {
     __index = function(_, resource)
+      if resource == "pmnc" then return xa_pmnc end
       if type(resource) ~= "string" then error("resource name must be a string", 2) end
       return setmetatable({}, {
         __index = function(_, method)
@@ -208,6 +245,22 @@ pmnc.transaction = setmetatable({ create = function(opts) return new_transaction
     return shortcut(resource)
   end,
 })
+
+-- The reserved function through which another cage's outbox hands this cage a durable call
+-- (over worker::call, in this process or through the cluster); the call is stored in this
+-- cage's queue, de-duplicated by its id.
+modules._queue = {
+  accept = function(queue, id, module, fn, at, expires_at, args)
+    local opts = { queue = queue, id = id, at = at, expires_at = expires_at }
+    return check(call_cage(cage_name, module, fn, opts, unpack(args, 1, args.n or #args)))
+  end,
+}
+
+-- pmnc.calls.result(id [, cage]): the status of a durable call.
+local call_result = rust.call_result
+pmnc.calls = {
+  result = function(id, cage) return check(call_result(id, cage)) end,
+}
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
 pmnc.state = shortcut("state")

@@ -28,6 +28,8 @@ pub struct RequestCtx {
     pub caller: Option<String>,
     /// Interface-specific parameters (`pmnc.request.parameters`).
     pub parameters: Option<Value>,
+    /// The id of the durable call this request delivers (`pmnc.request.call_id`).
+    pub call_id: Option<String>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -60,6 +62,7 @@ impl RequestCtx {
             deadline_unix: now_unix + remain.as_secs_f64(),
             caller,
             parameters: None,
+            call_id: None,
         }
     }
 

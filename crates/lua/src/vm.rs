@@ -449,6 +449,10 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
                 "interface" => LuaValue::String(lua.create_string(&ctx.interface)?),
                 "cage" => LuaValue::String(lua.create_string(&ctx.cage)?),
                 "deadline" => LuaValue::Number(ctx.deadline_unix),
+                "call_id" => match &ctx.call_id {
+                    Some(c) => LuaValue::String(lua.create_string(c)?),
+                    None => LuaValue::Nil,
+                },
                 "caller" => match &ctx.caller {
                     Some(c) => LuaValue::String(lua.create_string(c)?),
                     None => LuaValue::Nil,
@@ -529,16 +533,67 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
             }
         })?,
     )?;
+    crate::durable::register(lua, &t)?;
+    t.set(
+        "tx_finish_calls",
+        lua.create_async_function(|lua, (handle, list): (Option<mlua::AnyUserData>, Table)| async move {
+            let Some(ctx) = current_ctx(&lua) else {
+                return failure(&lua, "transactions may only be executed while handling a request");
+            };
+            let mut calls = Vec::new();
+            for entry in list.sequence_values::<Table>() {
+                let entry = entry?;
+                let cage: String = entry.raw_get("cage")?;
+                let module: String = entry.raw_get("module")?;
+                let function: String = entry.raw_get("fn")?;
+                let target = format!("{cage}.{module}.{function}");
+                let opts: Table = entry.raw_get("opts")?;
+                let options = match crate::durable::options_from(&target, &opts) {
+                    Ok(o) => o,
+                    Err(e) => return failure(&lua, e),
+                };
+                let args: Table = entry.raw_get("args")?;
+                let n: i64 = args.raw_get("n").unwrap_or(0);
+                let mut values = Vec::new();
+                for a in 1..=n {
+                    match from_lua(&args.raw_get::<LuaValue>(a)?) {
+                        Ok(v) => values.push(v),
+                        Err(e) => return failure(&lua, format!("calling {target}: argument {a}: {e}")),
+                    }
+                }
+                calls.push(crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options });
+            }
+            let prepared = handle.and_then(|h| h.borrow::<TxHandle>().ok().and_then(|h| h.0.borrow_mut().take()));
+            let deadline = ctx.deadline;
+            let finish: crate::durable::Finish = Box::new(move |commit| match prepared {
+                Some(p) => p.finish(commit, true, deadline),
+                None => Box::pin(async { Ok(()) }),
+            });
+            match crate::durable::commit_with_calls(&ctx.cage, calls, finish).await {
+                Ok(ids) => {
+                    let t = lua.create_table()?;
+                    for (i, id) in ids.iter().enumerate() {
+                        t.raw_set(i + 1, id.as_str())?;
+                    }
+                    Ok(success([LuaValue::Table(t)]))
+                }
+                Err(crate::durable::CommitFailure::Participant(e)) => tx_failure(&lua, &e),
+                Err(crate::durable::CommitFailure::Calls(m)) => failure(&lua, m),
+            }
+        })?,
+    )?;
     t.set(
         "call_cage",
         lua.create_async_function(
             |lua, (cage, module, function, opts, args): (String, String, String, Option<Table>, Variadic<LuaValue>)| async move {
                 let target = format!("{cage}.{module}.{function}");
-                if let Some(opts) = &opts {
-                    if let Some((k, _)) = opts.pairs::<String, LuaValue>().filter_map(|p| p.ok()).next() {
-                        return failure(&lua, format!("calling {target}: option {k:?} is not supported yet (durable calls arrive with the task queue)"));
-                    }
-                }
+                let durable = match &opts {
+                    Some(opts) if opts.pairs::<LuaValue, LuaValue>().next().is_some() => match crate::durable::options_from(&target, opts) {
+                        Ok(o) => Some(o),
+                        Err(e) => return failure(&lua, e),
+                    },
+                    _ => None,
+                };
                 let Some(ctx) = current_ctx(&lua) else {
                     return failure(&lua, format!("calling {target}: other cages may only be called while handling a request"));
                 };
@@ -548,6 +603,13 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
                         Ok(v) => values.push(v),
                         Err(e) => return failure(&lua, format!("calling {target}: argument {}: {e}", i + 1)),
                     }
+                }
+                if let Some(options) = durable {
+                    let call = crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options };
+                    return match crate::durable::enqueue(call).await {
+                        Ok(id) => Ok(success([LuaValue::String(lua.create_string(&id)?)])),
+                        Err(e) => failure(&lua, e),
+                    };
                 }
                 let request = CallRequest {
                     from_cage: ctx.cage.clone(),

@@ -83,6 +83,11 @@ pub fn clear() {
     crate::transaction::clear();
 }
 
+/// Whether a transport for cages not in this process is installed on this thread.
+pub fn has_remote() -> bool {
+    REMOTE.with(|r| r.borrow().is_some())
+}
+
 /// Installs the transport for cages not in this process.
 pub fn set_remote(transport: Rc<dyn Transport>) {
     REMOTE.with(|r| *r.borrow_mut() = Some(transport));

@@ -90,6 +90,11 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         payload_bytes: usize,
     },
+    /// Inspect and repair the durable call queues of cages (their .data files).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Serve hello-world from pure hyper with the same worker layout (for benchmarks).
     #[command(hide = true)]
     RawHttp {
@@ -143,6 +148,83 @@ fn cluster_status(path: Option<PathBuf>, cluster: Vec<String>, flock: Option<Str
     Ok(())
 }
 
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Figures per queue and the calls waiting or dead.
+    Ls {
+        path: PathBuf,
+        /// Show at most this many calls per cage.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Everything stored about one call.
+    Show { path: PathBuf, id: String },
+    /// Run a failed or dead call again now.
+    Retry { path: PathBuf, id: String },
+    /// Delete every call not done (or, with --dead, only dead letters).
+    Purge {
+        path: PathBuf,
+        #[arg(long)]
+        dead: bool,
+    },
+}
+
+/// `pmnc queue ...` on every cage at PATH.
+fn queue_command(command: QueueCommand) -> Result<(), String> {
+    let path = match &command {
+        QueueCommand::Ls { path, .. } | QueueCommand::Show { path, .. } | QueueCommand::Retry { path, .. } | QueueCommand::Purge { path, .. } => path.clone(),
+    };
+    let mut cages = Vec::new();
+    for dir in rustomnic_cage::find_cages(&path).map_err(|e| e.to_string())? {
+        let config = rustomnic_cage::load_cage(&dir, &protocols())
+            .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+        cages.push((config.name, config.state_file));
+    }
+    let mut out = std::io::stdout();
+    match command {
+        QueueCommand::Ls { limit, .. } => {
+            for (cage, file) in &cages {
+                if file.exists() {
+                    rustomnic_queue::admin::ls(cage, file, limit, &mut out)?;
+                } else {
+                    println!("cage {cage}: no calls ({} does not exist yet)", file.display());
+                }
+            }
+            Ok(())
+        }
+        QueueCommand::Show { id, .. } => {
+            let mut last = format!("no call {id:?}");
+            for (_, file) in cages.iter().filter(|(_, f)| f.exists()) {
+                match rustomnic_queue::admin::show(file, &id, &mut out) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        QueueCommand::Retry { id, .. } => {
+            let mut last = format!("no call {id:?}");
+            for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+                match rustomnic_queue::admin::retry(file, &id, std::time::Duration::from_secs(86_400)) {
+                    Ok(()) => {
+                        println!("call {id} of cage {cage} will run again now");
+                        return Ok(());
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        QueueCommand::Purge { dead, .. } => {
+            for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+                let n = rustomnic_queue::admin::purge(file, dead, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+                println!("cage {cage}: deleted {n} {}", if dead { "dead letters" } else { "calls" });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The files of `pmnc new`: an app with one cage.
 const SCAFFOLD: &[(&str, &str)] = &[
     ("cages/web/cage.toml", include_str!("scaffold/cage.toml")),
@@ -170,6 +252,7 @@ fn scaffold(path: &std::path::Path) -> Result<(), String> {
 fn protocols() -> Protocols {
     let mut p = Protocols::new();
     p.add(Arc::new(rustomnic_http::HttpProtocol));
+    p.add(Arc::new(rustomnic_schedule::ScheduleProtocol));
     p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
     p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
     p.add_resource(Arc::new(rustomnic_resource_redis::Redis));
@@ -314,6 +397,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pmnc raw-nats: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Queue { command } => {
+            init_logs(cli.log_level.as_deref(), "warn");
+            match queue_command(command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pmnc queue: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -548,3 +548,49 @@ return M
     assert!(json_body(&r)["value"].is_null(), "{}", r.text());
     assert!(took >= Duration::from_millis(950), "the wait ended early ({took:?})");
 }
+
+#[test]
+fn durable_calls_reach_a_cage_in_another_process_even_one_started_later() {
+    let Some(nats) = Nats::start("durable_calls_reach_a_cage_in_another_process_even_one_started_later", "") else { return };
+    let tree = Tree::new();
+    tree.write("web/cage.toml", &format!("{}\n{}", http_cage_toml(""), cluster_table(&nats.url())));
+    tree.write(
+        "web/http.lua",
+        r#"local M = {}
+function M.handle(request)
+  local q = request.query
+  if request.path == "/enqueue" then
+    return pmnc("worker", { queue = "retry", id = "rec-" .. q.k }).work.record(q.k, q.v)
+  elseif request.path == "/get" then
+    return { value = pmnc("worker").work.get(q.k) }
+  end
+end
+return M
+"#,
+    );
+    tree.write("worker/cage.toml", &format!("{}\n[queues.retry]\n", cluster_table(&nats.url())));
+    tree.write(
+        "worker/work.lua",
+        "local M = {}\nfunction M.record(k, v) pmnc.state.set(k, v) end\nfunction M.get(k) return pmnc.state.get(k) end\nreturn M\n",
+    );
+    // The worker is not running yet: the calls wait in the web cage's outbox.
+    let web = start(&tree, "web");
+    let addr = web.addr("http");
+    for i in 0..10 {
+        let r = get(addr, &format!("/enqueue?k=k{i}&v=v{i}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("rec-k{i}"));
+    }
+    let _worker = start(&tree, "worker");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..10 {
+        loop {
+            let r = get(addr, &format!("/get?k=k{i}"));
+            if r.status == 200 && json_body(&r)["value"] == format!("v{i}").as_str() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "call {i} never reached the worker: {} {}", r.status, r.text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

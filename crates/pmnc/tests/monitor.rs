@@ -357,3 +357,34 @@ fn error_rate_alert_fires_from_live_figures() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn queue_depth_and_dead_letters_are_metrics() {
+    let t = Tree::new();
+    t.write("web/cage.toml", &http_cage_toml("\n[queues.later]\n[queues.doomed]\nexpires_in = \"1s\"\n[queues.doomed.backoff]\ninitial = \"100ms\"\n"));
+    t.write(
+        "web/http.lua",
+        r#"local M = {}
+function M.handle(request)
+  if request.path == "/later" then
+    return pmnc("web", { queue = "later", delay = 3600 }).work.run()
+  elseif request.path == "/doomed" then
+    return pmnc("web", { queue = "doomed" }).work.fail()
+  end
+end
+return M
+"#,
+    );
+    t.write("web/work.lua", "local M = {}\nfunction M.run() end\nfunction M.fail() error('always') end\nreturn M\n");
+    let mut s = Server::start(&t.path().join("web"), &[]);
+    let addr = s.addr("http");
+    let page = monitor_addr(&mut s);
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/later").status, 200);
+    }
+    get(addr, "/doomed");
+    metric_until(page, "pmnc_queue_depth{cage=\"web\",queue=\"later\"}", 3.0);
+    let text = metric_until(page, "pmnc_queue_dead_letters{cage=\"web\",queue=\"doomed\"}", 1.0);
+    let age = sample(&text, "pmnc_queue_oldest_age_seconds{cage=\"web\",queue=\"later\"}").expect("oldest age of the later queue");
+    assert!((0.0..60.0).contains(&age), "{age}");
+}

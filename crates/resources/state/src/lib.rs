@@ -8,7 +8,8 @@
 //! its own connection) would wait on each other until the busy timeout failed them both.
 
 mod codec;
-mod store;
+pub mod held;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -124,7 +125,11 @@ impl StateConn {
                 arity(method, "get(key)", &args, 1, 1)?;
                 let key = key_arg(method, args.first())?;
                 let k = key.clone();
-                let stored = self.blocking(move |c, p| store::get(c, p, &k)).await?;
+                // A queued call reads its own held writes (see held.rs).
+                let stored = match held::lookup(&self.path, &key) {
+                    Some(seen) => seen,
+                    None => self.blocking(move |c, p| store::get(c, p, &k)).await?,
+                };
                 match stored {
                     None => Ok(Value::Nil),
                     Some(bytes) => decode(&bytes).map_err(|e| Error::new(format!("get: key {key:?} cannot be read: {e}"))),
@@ -208,6 +213,11 @@ impl Connection for StateConn {
             if writes.is_empty() {
                 return Ok(());
             }
+            // While a queued call of this cage runs, its writes wait for the call's completion
+            // record and commit in the same SQLite transaction (exactly once on the state).
+            let Some(writes) = held::hold(&self.path, writes) else {
+                return Ok(());
+            };
             self.blocking(move |c, p| store::apply(c, p, &writes)).await
         })
     }

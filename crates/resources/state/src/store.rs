@@ -22,6 +22,57 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL,
         updated_ms INTEGER NOT NULL
     );",
+    // 1 -> 2: the durable call queue of the cage (crates/queue), in the same file as the state
+    // so that a call's state writes and the record that it is done commit together; the outbox
+    // of calls this cage sends to other cages (stored with its state writes, then forwarded).
+    // status: pending (never ran), failed (ran, raised, waits for its retry), done, dead.
+    // A done row stays for the de-duplication window (keep_until_ms); `result` is cleared after
+    // the result time to live (result_until_ms).
+    "CREATE TABLE queue_calls (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        queue TEXT NOT NULL,
+        module TEXT NOT NULL,
+        function TEXT NOT NULL,
+        args BLOB NOT NULL,
+        from_cage TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        keep_until_ms INTEGER NOT NULL,
+        result_until_ms INTEGER,
+        result BLOB,
+        error TEXT
+    );
+    CREATE INDEX queue_calls_due ON queue_calls (queue, due_ms, seq) WHERE status IN ('pending', 'failed');
+    CREATE INDEX queue_calls_order ON queue_calls (queue, seq) WHERE status IN ('pending', 'failed');
+    CREATE INDEX queue_calls_kept ON queue_calls (keep_until_ms) WHERE status = 'done';
+    CREATE VIEW queue_dead_letters AS SELECT * FROM queue_calls WHERE status = 'dead';
+    CREATE TABLE queue_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        cage TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        module TEXT NOT NULL,
+        function TEXT NOT NULL,
+        args BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        next_ms INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        error TEXT
+    );
+    CREATE TABLE queue_leases (
+        name TEXT PRIMARY KEY NOT NULL,
+        holder TEXT NOT NULL,
+        until_ms INTEGER NOT NULL,
+        last_fired_ms INTEGER NOT NULL DEFAULT 0
+    );",
 ];
 
 /// The schema version this build writes and reads.
@@ -173,6 +224,26 @@ pub fn keys(conn: &Connection, path: &Path, prefix: &str, limit: usize) -> Resul
         out.push(key);
     }
     Ok(out)
+}
+
+/// Applies `writes` inside a transaction the caller holds (the queue's writer, which commits
+/// them together with the record that a call is done).
+pub fn apply_in(tx: &Connection, path: &Path, writes: &[Write]) -> Result<(), Error> {
+    let fail = |e| sql_error(path, "commit", e);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    for w in writes {
+        match w {
+            Write::Set(key, value) => {
+                tx.prepare_cached("INSERT INTO state (key, value, updated_ms) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms")
+                    .and_then(|mut s| s.execute(params![key, value, now]))
+                    .map_err(fail)?;
+            }
+            Write::Delete(key) => {
+                tx.prepare_cached("DELETE FROM state WHERE key = ?1").and_then(|mut s| s.execute([key])).map_err(fail)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies `writes` in one transaction that takes the write lock at once (BEGIN IMMEDIATE), so a

@@ -1,0 +1,389 @@
+//! The queue's SQL: enqueue, the due calls, completion, results, and the operations of
+//! `pmnc queue`. Every function blocks; the writer and dispatcher threads call them.
+//! The tables are made by the state file's migrations (crates/resources/state/src/store.rs),
+//! since the queue lives in the cage's state file.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use rustomnic_resource_state::store::sql_error;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn fail(path: &Path, action: &str, e: rusqlite::Error) -> String {
+    sql_error(path, action, e).message
+}
+
+/// A call as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCall {
+    pub id: String,
+    pub queue: String,
+    pub module: String,
+    pub function: String,
+    /// The arguments as one encoded array (the state codec).
+    pub args: Vec<u8>,
+    pub from_cage: String,
+    pub created_ms: i64,
+    pub due_ms: i64,
+    pub expires_ms: i64,
+    pub keep_until_ms: i64,
+}
+
+/// Inserts a call unless its id is known; true when inserted.
+pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String> {
+    tx.prepare_cached(
+        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+    )
+    .and_then(|mut s| s.execute(params![c.id, c.queue, c.module, c.function, c.args, c.from_cage, c.created_ms, c.due_ms, c.expires_ms, c.keep_until_ms]))
+    .map(|n| n == 1)
+    .map_err(|e| fail(path, "queue: cannot store call", e))
+}
+
+/// A call to another cage, kept in the sender's outbox until the target accepted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxCall {
+    pub id: String,
+    pub cage: String,
+    pub queue: String,
+    pub module: String,
+    pub function: String,
+    pub args: Vec<u8>,
+    pub created_ms: i64,
+    /// When the first attempt may start at the target (absolute, from delay or at).
+    pub due_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Stores an outbox call unless its id is known; true when stored.
+pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
+    tx.prepare_cached(
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+    )
+    .and_then(|mut s| s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms]))
+    .map(|n| n == 1)
+    .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
+}
+
+/// Outbox calls to forward now (oldest first), as (seq, call, attempts).
+pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, attempts FROM queue_outbox WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2")
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
+    let rows = stmt
+        .query_map(params![now, limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                OutboxCall { id: r.get(1)?, cage: r.get(2)?, queue: r.get(3)?, module: r.get(4)?, function: r.get(5)?, args: r.get(6)?, created_ms: r.get(7)?, due_ms: r.get(8)?, expires_ms: r.get(9)? },
+                r.get(10)?,
+            ))
+        })
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// The earliest time an outbox call waits for, if any.
+pub fn outbox_next(conn: &Connection, path: &Path) -> Result<Option<i64>, String> {
+    conn.prepare_cached("SELECT min(next_ms) FROM queue_outbox WHERE status = 'pending'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// The end of a forwarding attempt: accepted (the row goes), retry at `next_ms`, or dead.
+pub fn outbox_end(tx: &Connection, path: &Path, seq: i64, end: &OutboxEnd) -> Result<(), String> {
+    let r = match end {
+        OutboxEnd::Accepted => tx.prepare_cached("DELETE FROM queue_outbox WHERE seq = ?1").and_then(|mut s| s.execute([seq])),
+        OutboxEnd::Retry { next_ms, error } => tx
+            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, next_ms = ?2, error = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, next_ms, error])),
+        OutboxEnd::Dead { error } => tx
+            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, status = 'dead', error = ?2 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, error])),
+    };
+    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot update the outbox", e))
+}
+
+/// (status, attempts, error) of an outbox call, if this file's outbox holds it.
+pub fn outbox_find(conn: &Connection, path: &Path, id: &str) -> Result<Option<(String, i64, Option<String>)>, String> {
+    conn.prepare_cached("SELECT status, attempts, error FROM queue_outbox WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// (waiting, dead) calls in the outbox.
+pub fn outbox_counts(conn: &Connection, path: &Path) -> Result<(u64, u64), String> {
+    conn.query_row("SELECT coalesce(sum(status = 'pending'), 0), coalesce(sum(status = 'dead'), 0) FROM queue_outbox", [], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+    })
+    .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxEnd {
+    Accepted,
+    Retry { next_ms: i64, error: String },
+    Dead { error: String },
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Returned: the encoded values, kept until `result_until_ms`.
+    Done { result: Vec<u8>, result_until_ms: i64, keep_until_ms: i64 },
+    /// Raised; try again at `due_ms`.
+    Retry { error: String, due_ms: i64 },
+    /// Raised (or was found expired) and will not be tried again.
+    Dead { error: String },
+}
+
+/// Records the end of an attempt of call `seq`.
+pub fn complete(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Result<(), String> {
+    let now = now_ms();
+    let r = match outcome {
+        Outcome::Done { result, result_until_ms, keep_until_ms } => tx
+            .prepare_cached("UPDATE queue_calls SET status = 'done', attempts = attempts + 1, finished_ms = ?2, result = ?3, result_until_ms = ?4, keep_until_ms = max(keep_until_ms, ?5), error = NULL WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, now, result, result_until_ms, keep_until_ms])),
+        Outcome::Retry { error, due_ms } => tx
+            .prepare_cached("UPDATE queue_calls SET status = 'failed', attempts = attempts + 1, due_ms = ?2, error = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, due_ms, error])),
+        Outcome::Dead { error } => tx
+            .prepare_cached("UPDATE queue_calls SET status = 'dead', attempts = attempts + 1, finished_ms = ?2, error = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, now, error])),
+    };
+    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot record the end of a call", e))
+}
+
+/// Marks an expired call dead without running it.
+pub fn expire(tx: &Connection, path: &Path, seq: i64) -> Result<(), String> {
+    tx.prepare_cached("UPDATE queue_calls SET status = 'dead', finished_ms = ?2, error = coalesce(error || ' (then expired)', 'expired before it could run') WHERE seq = ?1")
+        .and_then(|mut s| s.execute(params![seq, now_ms()]))
+        .map(|_| ())
+        .map_err(|e| fail(path, "queue: cannot move an expired call to dead letters", e))
+}
+
+/// Forgets done calls past their de-duplication window and clears results past their time.
+pub fn prune(tx: &Connection, path: &Path, now: i64) -> Result<usize, String> {
+    let gone = tx
+        .prepare_cached("DELETE FROM queue_calls WHERE status = 'done' AND keep_until_ms < ?1")
+        .and_then(|mut s| s.execute([now]))
+        .map_err(|e| fail(path, "queue: cannot prune", e))?;
+    tx.prepare_cached("UPDATE queue_calls SET result = NULL, result_until_ms = NULL WHERE status = 'done' AND result_until_ms < ?1")
+        .and_then(|mut s| s.execute([now]))
+        .map_err(|e| fail(path, "queue: cannot prune", e))?;
+    Ok(gone)
+}
+
+/// A call ready to run.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub seq: i64,
+    pub id: String,
+    pub module: String,
+    pub function: String,
+    pub args: Vec<u8>,
+    pub attempts: i64,
+    pub due_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
+/// order with `in_order`, due or not: the first one then holds the rest). Read from the partial
+/// index alone, since most of them are usually running already and are skipped.
+pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limit: usize) -> Result<Vec<(i64, i64)>, String> {
+    let sql = if in_order {
+        "SELECT seq, due_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY seq LIMIT ?2"
+    } else {
+        "SELECT seq, due_ms FROM queue_calls INDEXED BY queue_calls_due WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY due_ms, seq LIMIT ?2"
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    let rows = stmt.query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read due calls", e))
+}
+
+/// The call `seq` if it still waits.
+pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
+    conn.prepare_cached("SELECT seq, id, module, function, args, attempts, due_ms, expires_ms FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')")
+        .and_then(|mut s| {
+            s.query_row([seq], |r| {
+                Ok(Due { seq: r.get(0)?, id: r.get(1)?, module: r.get(2)?, function: r.get(3)?, args: r.get(4)?, attempts: r.get(5)?, due_ms: r.get(6)?, expires_ms: r.get(7)? })
+            })
+            .optional()
+        })
+        .map_err(|e| fail(path, "queue: cannot read a due call", e))
+}
+
+/// One call's stored record, for results and `pmnc queue show`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub seq: i64,
+    pub id: String,
+    pub queue: String,
+    pub target: String,
+    pub from_cage: String,
+    pub status: String,
+    pub attempts: i64,
+    pub created_ms: i64,
+    pub due_ms: i64,
+    pub expires_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub args: Vec<u8>,
+}
+
+const RECORD: &str = "SELECT seq, id, queue, module || '.' || function, from_cage, status, attempts, created_ms, due_ms, expires_ms, finished_ms, result, error, args FROM queue_calls";
+
+fn record(r: &rusqlite::Row) -> rusqlite::Result<Record> {
+    Ok(Record {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        queue: r.get(2)?,
+        target: r.get(3)?,
+        from_cage: r.get(4)?,
+        status: r.get(5)?,
+        attempts: r.get(6)?,
+        created_ms: r.get(7)?,
+        due_ms: r.get(8)?,
+        expires_ms: r.get(9)?,
+        finished_ms: r.get(10)?,
+        result: r.get(11)?,
+        error: r.get(12)?,
+        args: r.get(13)?,
+    })
+}
+
+pub fn find(conn: &Connection, path: &Path, id: &str) -> Result<Option<Record>, String> {
+    conn.prepare_cached(&format!("{RECORD} WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([id], record).optional())
+        .map_err(|e| fail(path, "queue: cannot read a call", e))
+}
+
+/// Calls in `status` (every status when None), oldest first, at most `limit`.
+pub fn list(conn: &Connection, path: &Path, status: Option<&str>, limit: usize) -> Result<Vec<Record>, String> {
+    let mut stmt = conn
+        .prepare(&format!("{RECORD} WHERE (?1 IS NULL OR status = ?1) ORDER BY seq LIMIT ?2"))
+        .map_err(|e| fail(path, "queue: cannot list calls", e))?;
+    let rows = stmt.query_map(params![status, limit as i64], record).map_err(|e| fail(path, "queue: cannot list calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot list calls", e))
+}
+
+/// Figures of one queue, for monitoring.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueFigures {
+    pub queue: String,
+    /// Calls waiting (pending or failed and waiting for a retry).
+    pub depth: u64,
+    /// Age in seconds of the oldest waiting call.
+    pub oldest_age: f64,
+    /// Waiting calls that have failed at least once.
+    pub retrying: u64,
+    /// Attempts made so far by waiting calls beyond their first.
+    pub retries: u64,
+    pub dead: u64,
+    pub done_kept: u64,
+}
+
+pub fn figures(conn: &Connection, path: &Path) -> Result<Vec<QueueFigures>, String> {
+    let now = now_ms();
+    let mut stmt = conn
+        .prepare(
+            "SELECT queue,
+                sum(status IN ('pending', 'failed')),
+                min(CASE WHEN status IN ('pending', 'failed') THEN created_ms END),
+                sum(status = 'failed'),
+                sum(CASE WHEN status IN ('pending', 'failed') AND attempts > 0 THEN attempts ELSE 0 END),
+                sum(status = 'dead'),
+                sum(status = 'done')
+             FROM queue_calls GROUP BY queue ORDER BY queue",
+        )
+        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let oldest: Option<i64> = r.get(2)?;
+            Ok(QueueFigures {
+                queue: r.get(0)?,
+                depth: r.get::<_, i64>(1)? as u64,
+                oldest_age: oldest.map(|o| (now - o).max(0) as f64 / 1000.0).unwrap_or(0.0),
+                retrying: r.get::<_, i64>(3)? as u64,
+                retries: r.get::<_, i64>(4)? as u64,
+                dead: r.get::<_, i64>(5)? as u64,
+                done_kept: r.get::<_, i64>(6)? as u64,
+            })
+        })
+        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read figures", e))
+}
+
+/// Puts a failed or dead call back to run now; false when there is no such call to retry.
+pub fn retry(tx: &Connection, path: &Path, id: &str, extend_ms: i64) -> Result<bool, String> {
+    let now = now_ms();
+    tx.prepare_cached("UPDATE queue_calls SET status = 'pending', due_ms = ?2, expires_ms = max(expires_ms, ?3), finished_ms = NULL WHERE id = ?1 AND status IN ('failed', 'dead', 'pending')")
+        .and_then(|mut s| s.execute(params![id, now, now + extend_ms]))
+        .map(|n| n == 1)
+        .map_err(|e| fail(path, "queue: cannot retry", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustomnic_resource_state::store::{apply_in, open, Write};
+
+    fn call(id: &str, due: i64) -> NewCall {
+        NewCall {
+            id: id.into(),
+            queue: "q".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![1, 6, 0],
+            from_cage: "web".into(),
+            created_ms: 1,
+            due_ms: due,
+            expires_ms: 1_000_000,
+            keep_until_ms: 10,
+        }
+    }
+
+    #[test]
+    fn ids_deduplicate_and_completion_commits_with_state_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let mut c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        assert!(insert(&c, &path, &call("a", 5)).unwrap());
+        assert!(!insert(&c, &path, &call("a", 1)).unwrap(), "a known id is not stored again");
+        assert!(insert(&c, &path, &call("b", 3)).unwrap());
+        let ids = |rows: Vec<(i64, i64)>| rows.iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id).collect::<Vec<_>>();
+        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10).unwrap().iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap()).collect();
+        assert_eq!(ids(waiting(&c, &path, "q", false, 10).unwrap()), ["b", "a"], "earliest due first");
+        assert_eq!(ids(waiting(&c, &path, "q", true, 10).unwrap()), ["a", "b"], "keep_order: enqueue order");
+        let due = due_rows;
+
+        // A completion whose transaction is rolled back leaves neither the writes nor "done".
+        let tx = c.transaction().unwrap();
+        apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        drop(tx);
+        assert_eq!(find(&c, &path, "b").unwrap().unwrap().status, "pending");
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+
+        let tx = c.transaction().unwrap();
+        apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        tx.commit().unwrap();
+        let b = find(&c, &path, "b").unwrap().unwrap();
+        assert_eq!((b.status.as_str(), b.attempts, b.result), ("done", 1, Some(vec![1, 0])));
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+
+        // Results go first, then the row after its de-duplication window.
+        prune(&c, &path, 6).unwrap();
+        assert_eq!(find(&c, &path, "b").unwrap().unwrap().result, None);
+        prune(&c, &path, 21).unwrap();
+        assert_eq!(find(&c, &path, "b").unwrap(), None);
+        assert!(find(&c, &path, "a").unwrap().is_some(), "waiting calls are never pruned");
+    }
+}

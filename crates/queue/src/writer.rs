@@ -1,0 +1,128 @@
+//! The one writer of a cage's queue: it takes every enqueue and completion waiting in its
+//! channel and commits them in one SQLite transaction (group commit), so that one fsync covers
+//! a whole batch. Replies go out only after the commit: a call id returned to Lua is on disk.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior};
+use rustomnic_resource_state::store::{apply_in, sql_error, Write};
+use tokio::sync::oneshot;
+
+use crate::store::{self, NewCall, OutboxCall, OutboxEnd, Outcome};
+use crate::Store;
+
+/// The most operations committed together.
+const MAX_BATCH: usize = 8192;
+/// How often done calls past their windows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+pub(crate) enum Op {
+    Enqueue(NewCall, oneshot::Sender<Result<bool, String>>),
+    /// The end of an attempt, with the state writes the call made (held until now).
+    Complete { seq: i64, outcome: Outcome, writes: Vec<Write>, reply: oneshot::Sender<Result<(), String>> },
+    Expire(i64, oneshot::Sender<Result<(), String>>),
+    /// A transaction's state writes with the durable calls it made: calls to this cage go
+    /// straight into its queue, calls to other cages into its outbox, all in one commit.
+    Outbox { writes: Vec<Write>, direct: Vec<NewCall>, outgoing: Vec<OutboxCall>, reply: oneshot::Sender<Result<(), String>> },
+    OutboxEnd(i64, OutboxEnd, oneshot::Sender<Result<(), String>>),
+}
+
+pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
+    let mut last_prune = Instant::now() - PRUNE_EVERY;
+    loop {
+        let first = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => {
+                if store.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let prune = last_prune.elapsed() >= PRUNE_EVERY;
+        let result = commit(&store, &mut conn, &batch, prune);
+        if prune && result.is_ok() {
+            last_prune = Instant::now();
+        }
+        match &result {
+            Ok(_) => {
+                if let Ok(mut r) = store.refusing.lock() {
+                    if r.take().is_some() {
+                        tracing::info!(cage = %store.cage, "queue: the file is writable again; accepting new calls");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(cage = %store.cage, "{e}; new durable calls are refused until a write succeeds");
+                if let Ok(mut r) = store.refusing.lock() {
+                    *r = Some(e.clone());
+                }
+            }
+        }
+        for (i, op) in batch.into_iter().enumerate() {
+            match op {
+                Op::Enqueue(_, reply) => {
+                    let _ = reply.send(result.as_ref().map(|inserted| inserted[i]).map_err(|e| e.clone()));
+                }
+                Op::Complete { reply, .. } | Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
+                    let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                }
+            }
+        }
+        store.wake();
+    }
+}
+
+/// Commits `batch`; for each operation whether it inserted a row (enqueues of a known id do
+/// not).
+fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<Vec<bool>, String> {
+    let path = &store.path;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| sql_error(path, "queue: cannot start a write", e).message)?;
+    let mut inserted = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            Op::Enqueue(call, _) => inserted.push(store::insert(&tx, path, call)?),
+            Op::Complete { seq, outcome, writes, .. } => {
+                apply_in(&tx, path, writes).map_err(|e| e.message)?;
+                store::complete(&tx, path, *seq, outcome)?;
+                inserted.push(false);
+            }
+            Op::Expire(seq, _) => {
+                store::expire(&tx, path, *seq)?;
+                inserted.push(false);
+            }
+            Op::Outbox { writes, direct, outgoing, .. } => {
+                apply_in(&tx, path, writes).map_err(|e| e.message)?;
+                for call in direct {
+                    store::insert(&tx, path, call)?;
+                }
+                for call in outgoing {
+                    store::outbox_insert(&tx, path, call)?;
+                }
+                inserted.push(false);
+            }
+            Op::OutboxEnd(seq, end, _) => {
+                store::outbox_end(&tx, path, *seq, end)?;
+                inserted.push(false);
+            }
+        }
+    }
+    if prune {
+        store::prune(&tx, path, store::now_ms())?;
+    }
+    tx.commit().map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
+    Ok(inserted)
+}
