@@ -32,6 +32,14 @@ pub(crate) fn check_targets(cages: &[PreparedCage]) -> Vec<String> {
         for rule in c.config.monitor.iter().flat_map(|m| &m.alerts) {
             let (cage, module, function) = &rule.target;
             let Some(target) = cages.iter().find(|t| &t.config.name == cage) else { continue };
+            if let Some(queue) = &rule.durable_queue {
+                if !target.config.queues.iter().any(|q| &q.name == queue) {
+                    problems.push(format!(
+                        "{}: alert {}: cage {cage} has no queue {queue:?} for durable_queue (add [queues.{queue}] to its cage.toml)",
+                        rule.target_at, rule.name
+                    ));
+                }
+            }
             match target.modules.get(module) {
                 None => problems.push(format!("{}: cage {cage} has no module {module} ({cage}/{module}.lua)", rule.target_at)),
                 Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(format!(

@@ -55,7 +55,9 @@ impl Alert {
 
 /// Delivers alerts to `target` (cage, module, function).
 pub trait AlertSink: Send + Sync {
-    fn deliver(&self, target: (String, String, String), alert: Alert) -> BoxFuture<'static, Result<(), String>>;
+    /// Delivers `alert` of `rule` to the rule's target: a direct call, or a durable call on the
+    /// rule's `durable_queue`.
+    fn deliver(&self, rule: &AlertRule, alert: Alert) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// A job run on a worker thread, inside its `LocalSet` (so it may `spawn_local`).
@@ -76,23 +78,50 @@ impl InProcessSink {
 }
 
 impl AlertSink for InProcessSink {
-    fn deliver(&self, (cage, module, function): (String, String, String), alert: Alert) -> BoxFuture<'static, Result<(), String>> {
+    fn deliver(&self, rule: &AlertRule, alert: Alert) -> BoxFuture<'static, Result<(), String>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let request = rustomnic_lua::CallRequest {
-            from_cage: "pmnc-monitor".into(),
-            request_id: rustomnic_lua::new_request_id(),
-            deadline: Instant::now() + self.timeout,
-            cage,
-            module,
-            function,
-            args: vec![alert.to_value()],
+        let (cage, module, function) = rule.target.clone();
+        let target = format!("{cage}.{module}.{function}");
+        let job: WorkerJob = match &rule.durable_queue {
+            // Stored in the target cage's queue (or, for a cage elsewhere, in the owner cage's
+            // outbox) and retried there: an alert survives a target that is down.
+            Some(queue) => {
+                let call = rustomnic_lua::durable::DurableCall {
+                    from_cage: rule.owner.clone(),
+                    cage,
+                    module,
+                    function,
+                    args: vec![alert.to_value()],
+                    options: rustomnic_lua::durable::CallOptions {
+                        queue: queue.clone(),
+                        // One call per firing, however often delivery is tried.
+                        id: Some(format!("alert-{}-{}-{}", rule.owner, rule.name, (alert.fired_at * 1000.0) as i64)),
+                        ..Default::default()
+                    },
+                };
+                Box::new(move || {
+                    tokio::task::spawn_local(async move {
+                        let _ = tx.send(rustomnic_lua::durable::enqueue(call).await.map(|_| ()));
+                    });
+                })
+            }
+            None => {
+                let request = rustomnic_lua::CallRequest {
+                    from_cage: "pmnc-monitor".into(),
+                    request_id: rustomnic_lua::new_request_id(),
+                    deadline: Instant::now() + self.timeout,
+                    cage,
+                    module,
+                    function,
+                    args: vec![alert.to_value()],
+                };
+                Box::new(move || {
+                    tokio::task::spawn_local(async move {
+                        let _ = tx.send(rustomnic_lua::worker::call(request).await.map(|_| ()).map_err(|e| e.to_string()));
+                    });
+                })
+            }
         };
-        let target = request.target();
-        let job: WorkerJob = Box::new(move || {
-            tokio::task::spawn_local(async move {
-                let _ = tx.send(rustomnic_lua::worker::call(request).await.map(|_| ()).map_err(|e| e.to_string()));
-            });
-        });
         let submitted = (self.submit)(job);
         Box::pin(async move {
             submitted.map_err(|e| format!("alert to {target}: {e}"))?;
@@ -277,6 +306,7 @@ mod tests {
             repeat: Duration::from_secs(repeat),
             target: ("ops".into(), "alerts".into(), "receive".into()),
             target_at: String::new(),
+            durable_queue: None,
         }
     }
 
@@ -422,12 +452,15 @@ mod tests {
             fired_at: 0.0,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let target = || ("ops".to_string(), "alerts".to_string(), "receive".to_string());
-        let ok = rt.block_on(sink.deliver(target(), alert(AlertKind::ModuleError)));
+        let to = |cage: &str, module: &str, function: &str| AlertRule {
+            target: (cage.into(), module.into(), function.into()),
+            ..rule(AlertKind::ModuleError, None, 0.0, 0, 0)
+        };
+        let ok = rt.block_on(sink.deliver(&to("ops", "alerts", "receive"), alert(AlertKind::ModuleError)));
         assert_eq!(ok, Ok(()));
-        let failed = rt.block_on(sink.deliver(target(), alert(AlertKind::CageDown)));
+        let failed = rt.block_on(sink.deliver(&to("ops", "alerts", "receive"), alert(AlertKind::CageDown)));
         assert!(failed.as_ref().is_err_and(|e| e.contains("wrong kind cage_down")), "{failed:?}");
-        let missing = rt.block_on(sink.deliver(("nowhere".into(), "a".into(), "b".into()), alert(AlertKind::ModuleError)));
+        let missing = rt.block_on(sink.deliver(&to("nowhere", "a", "b"), alert(AlertKind::ModuleError)));
         assert!(missing.as_ref().is_err_and(|e| e.contains("no cage named nowhere")), "{missing:?}");
         drop(sink);
         let _ = worker.join();

@@ -12,6 +12,8 @@
 //! for = "30s"                      # how long the condition must hold before it fires
 //! repeat = "5m"                    # the least time between two firings of this rule
 //! target = "ops.alerts.receive"    # cage.module.function that receives the alert
+//! durable_queue = "alerts"          # deliver as a durable call on this queue of the target cage
+//!                                   # (retried until it is taken; default: a direct call)
 //! ```
 
 use std::net::SocketAddr;
@@ -82,6 +84,8 @@ pub struct AlertRule {
     pub target: (String, String, String),
     /// "file:line: monitor.alerts.NAME.target", for problems found after reading.
     pub target_at: String,
+    /// Deliver as a durable call on this queue of the target cage instead of a direct call.
+    pub durable_queue: Option<String>,
 }
 
 /// `[monitor]` of one cage.
@@ -164,7 +168,7 @@ pub fn read(section: &Section<'_>, cage: &str) -> MonitorConfig {
             if let Some(rule) = read_rule(&name, &s, cage) {
                 config.alerts.push(rule);
             }
-            s.finish_with(&["kind", "threshold", "for", "repeat", "target", "cage", "interface", "queue"]);
+            s.finish_with(&["kind", "threshold", "for", "repeat", "target", "cage", "interface", "queue", "durable_queue"]);
         }
     }
     section.finish_with(&["listen", "token", "user", "password", "alerts"]);
@@ -227,7 +231,8 @@ fn read_rule(name: &str, s: &Section<'_>, owner: &str) -> Option<AlertRule> {
         AlertKind::CageDown => cage,
         _ => Some(cage.unwrap_or_else(|| owner.to_string())),
     };
-    Some(AlertRule { name: name.to_string(), owner: owner.to_string(), kind, cage, subject, threshold, hold, repeat, target: target?, target_at })
+    let durable_queue = s.string("durable_queue").map(|q| q.value);
+    Some(AlertRule { name: name.to_string(), owner: owner.to_string(), kind, cage, subject, threshold, hold, repeat, target: target?, target_at, durable_queue })
 }
 
 fn parse_target(t: &Located<String>) -> Option<Result<(String, String, String), String>> {

@@ -155,7 +155,7 @@ fn run(
             for (rule, alert) in fired {
                 let target = format!("{}.{}.{}", rule.target.0, rule.target.1, rule.target.2);
                 tracing::warn!(cage = %rule.owner, "alert {} fired: {} (sending it to {target})", rule.name, alert.message);
-                let delivery = sink.deliver(rule.target.clone(), alert);
+                let delivery = sink.deliver(&rule, alert);
                 let name = rule.name.clone();
                 tokio::spawn(async move {
                     match delivery.await {

@@ -12,7 +12,7 @@ use rustomnic_monitor::{cluster, Alert, AlertSink, MonitorConfig};
 struct NoSink;
 
 impl AlertSink for NoSink {
-    fn deliver(&self, _: (String, String, String), _: Alert) -> BoxFuture<'static, Result<(), String>> {
+    fn deliver(&self, _: &rustomnic_monitor::config::AlertRule, _: Alert) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Err("no alerts in this test".to_string()) })
     }
 }

@@ -388,3 +388,35 @@ return M
     let age = sample(&text, "pmnc_queue_oldest_age_seconds{cage=\"web\",queue=\"later\"}").expect("oldest age of the later queue");
     assert!((0.0..60.0).contains(&age), "{age}");
 }
+
+#[test]
+fn alerts_can_be_delivered_as_durable_calls() {
+    let t = Tree::new();
+    t.write(
+        "web/cage.toml",
+        &http_cage_toml(
+            "[queues.alerts]\n[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\ndurable_queue = \"alerts\"\n",
+        ),
+    );
+    t.write("web/http.lua", "local M = {}\nfunction M.handle() return 'ok' end\nreturn M\n");
+    // The receiver records which durable call brought the alert.
+    t.write(
+        "web/alerts.lua",
+        "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, 'call', pmnc.request.call_id) end\nreturn M\n",
+    );
+    t.write("web/util.lua", "return { x = 1 }\n");
+    let mut s = Server::start(&t.path().join("web"), &[]);
+    t.write("web/util.lua", "local M = {}\nM.x = = 2\nreturn M\n");
+    let line = s.wait_for("ALERT broken call alert-web-broken-", Duration::from_secs(15)).expect("the alert arrives as a durable call");
+    assert!(!line.contains("call nil"), "{line}");
+    let out = pmnc_limited(&["queue", "ls", t.path().join("web").to_str().unwrap()], Duration::from_secs(20));
+    assert!(out.stdout.contains("alerts"), "{}", out.stdout);
+
+    // A durable_queue the target cage does not have is refused before anything starts.
+    t.write("other/cage.toml", &http_cage_toml("[monitor.alerts.b]\nkind = \"module_error\"\ntarget = \"other.alerts.receive\"\ndurable_queue = \"nope\"\n"));
+    t.write("other/alerts.lua", "local M = {}\nfunction M.receive() end\nreturn M\n");
+    t.write("other/http.lua", "local M = {}\nfunction M.handle() end\nreturn M\n");
+    let out = pmnc_limited(&["check", t.path().join("other").to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("monitor.alerts.b.target: alert b: cage other has no queue \"nope\""), "{}", out.stderr);
+}
