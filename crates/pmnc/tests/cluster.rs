@@ -594,3 +594,53 @@ return M
         }
     }
 }
+
+#[test]
+fn a_nats_cluster_of_three_routes_calls_and_survives_the_loss_of_a_server() {
+    let ports: Vec<u16> = (0..3).map(|_| spare_port()).collect();
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let routes: Vec<String> = (0..3).filter(|j| *j != i).map(|j| format!("nats-route://127.0.0.1:{}", ports[j])).collect();
+        let conf = format!("cluster {{\n  name: pmnc_test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n", ports[i], routes.join(", "));
+        let Some(n) = Nats::start("a_nats_cluster_of_three_routes_calls_and_survives_the_loss_of_a_server", &conf) else { return };
+        servers.push(n);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !servers.iter().all(|s| s.monitoring("/routez")["num_routes"].as_u64().unwrap_or(0) >= 2) {
+        assert!(Instant::now() < deadline, "the three NATS servers did not form a cluster");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The web process knows only the first server (it learns the others from it), the worker
+    // only the third: every call crosses a route between servers.
+    let tree = Tree::new();
+    lay_out(&tree, &servers[0].url(), &[]);
+    tree.write("worker/cage.toml", &cluster_table(&servers[2].url()));
+    tree.write("worker/work.lua", &work("w"));
+    let _worker = start(&tree, "worker");
+    let mut web = start(&tree, "web");
+    let addr = web.addr("http");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Subscriptions take a moment to travel the routes.
+        let body = json_body(&get(addr, "/square?n=6"));
+        if body["ok"] == true {
+            assert_eq!(body["result"]["n"], 36);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no call crossed the NATS cluster: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The web process's server dies: it moves to another server of the cluster by itself.
+    servers[0].kill();
+    web.wait_for("lost the connection to NATS", Duration::from_secs(10)).expect("the loss is noticed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = json_body(&get(addr, "/square?n=7"));
+        if body["ok"] == true {
+            assert_eq!(body["result"]["n"], 49);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery on the other servers: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

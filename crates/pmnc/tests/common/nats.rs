@@ -85,17 +85,22 @@ impl Nats {
         }
     }
 
-    /// The number of client connections the server has now (from its monitoring port).
-    pub fn connections(&self) -> usize {
+    /// A page of the server's monitoring port (/varz, /connz, /routez) as JSON.
+    pub fn monitoring(&self, page: &str) -> serde_json::Value {
         let mut s = TcpStream::connect(("127.0.0.1", self.monitor)).expect("connect to the nats monitoring port");
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
         use std::io::{Read, Write};
-        s.write_all(b"GET /varz HTTP/1.0\r\nhost: x\r\n\r\n").expect("ask /varz");
+        s.write_all(format!("GET {page} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes()).expect("ask the monitoring port");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("/varz is not JSON ({e}): {out}"));
-        v["connections"].as_u64().unwrap_or_else(|| panic!("no connections in /varz: {body}")) as usize
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{page} is not JSON ({e}): {out}"))
+    }
+
+    /// The number of client connections the server has now.
+    pub fn connections(&self) -> usize {
+        let v = self.monitoring("/varz");
+        v["connections"].as_u64().unwrap_or_else(|| panic!("no connections in /varz: {v}")) as usize
     }
 
     /// Waits until the server counts exactly `n` connections.
