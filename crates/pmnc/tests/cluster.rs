@@ -644,3 +644,16 @@ fn a_nats_cluster_of_three_routes_calls_and_survives_the_loss_of_a_server() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_token_authenticates() {
+    let Some(nats) = Nats::start("a_token_authenticates", "authorization {\n  token: \"t0ken-for-tests\"\n}\n") else { return };
+    let tree = Tree::new();
+    tree.write("worker/cage.toml", &format!("[cluster]\nurl = \"{}\"\ntoken = \"${{TEST_NATS_TOKEN}}\"\n", nats.url()));
+    tree.write("worker/work.lua", &work("t"));
+    let path = tree.path().join("worker");
+    let log = Server::try_start_env(&path, 1, &[], &[("TEST_NATS_TOKEN", "guess")]).err().expect("a wrong token is refused");
+    assert!(log.contains("refused this process's credentials (token)") && !log.contains("guess"), "{log}");
+    let mut worker = Server::try_start_env(&path, 1, &[], &[("TEST_NATS_TOKEN", "t0ken-for-tests")]).expect("the right token");
+    assert!(worker.wait_for("joined flock default", Duration::from_secs(5)).is_some());
+}
