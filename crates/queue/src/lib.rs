@@ -48,6 +48,9 @@ pub struct Store {
     pub(crate) stop: AtomicBool,
     /// Set at shutdown: no new call starts; the running ones finish.
     pub(crate) paused: AtomicBool,
+    /// Set when the outbox may hold calls to forward (written, or a retry set), so that the
+    /// dispatcher reads the outbox only then or when its next retry is due.
+    pub(crate) outbox_hint: AtomicBool,
     /// Outbox calls being forwarded now.
     pub(crate) forwarding: Mutex<std::collections::HashSet<i64>>,
     /// Reads for pmnc.calls.result.
@@ -144,6 +147,9 @@ impl Store {
     /// a transaction) and `direct` (calls to this cage) in the same commit.
     async fn store_outgoing(&self, writes: Vec<Write>, direct: Vec<store::NewCall>, outgoing: Vec<store::OutboxCall>) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        if !outgoing.is_empty() {
+            self.outbox_hint.store(true, Ordering::SeqCst);
+        }
         self.send(writer::Op::Outbox { writes, direct, outgoing, reply: tx })?;
         rx.await.unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))
     }
@@ -439,6 +445,8 @@ fn start_with(
         wake: (Mutex::new(false), Condvar::new()),
         stop: AtomicBool::new(false),
         paused: AtomicBool::new(false),
+        // True at start: calls left in the outbox by the last run are forwarded.
+        outbox_hint: AtomicBool::new(true),
         forwarding: Mutex::new(Default::default()),
         reader: Mutex::new(reader),
     });
