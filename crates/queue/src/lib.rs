@@ -411,6 +411,18 @@ impl Drop for Running {
     }
 }
 
+/// How often the WAL is copied into the file (PASSIVE: never waits for readers or writers).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+fn checkpoints(store: Arc<Store>, conn: rusqlite::Connection) {
+    while !store.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(cage = %store.cage, "queue: checkpoint of {} failed: {e}", store.path.display());
+        }
+    }
+}
+
 /// Opens the queue of `cage` in the state file at `path` and starts its writer and dispatcher.
 pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Duration, spawn: Spawner) -> Result<Running, String> {
     start_with(cage, path, queues, cage_timeout, spawn, |_| Ok(()))
@@ -430,6 +442,10 @@ fn start_with(
     };
     let writer_conn = open("writer")?;
     setup(&writer_conn).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
+    // Checkpoints (copying the WAL into the file, with an fsync of the file) run on a thread of
+    // their own instead of inside the writer's commits, where they stalled every waiting call.
+    writer_conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
+    let checkpoint_conn = open("checkpointer")?;
     let dispatch_conn = open("dispatcher")?;
     let reader = open("reader")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -464,6 +480,13 @@ fn start_with(
             .name(format!("pmnc-queue-{cage}"))
             .spawn(move || dispatch::run(d, dispatch_conn, spawn))
             .map_err(|e| format!("cage {cage}: cannot start the queue dispatcher: {e}"))?,
+    );
+    let c = store.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("pmnc-queue-checkpoint-{cage}"))
+            .spawn(move || checkpoints(c, checkpoint_conn))
+            .map_err(|e| format!("cage {cage}: cannot start the queue checkpointer: {e}"))?,
     );
     if let Ok(mut s) = STORES.write() {
         s.insert(cage.to_string(), store.clone());
