@@ -426,3 +426,20 @@ end }"#,
         assert_eq!(v, vec![1, 3, 2], "call t{i} took effect once");
     }
 }
+
+#[test]
+fn concurrency_bounds_the_calls_of_a_queue_running_at_once() {
+    let t = Tree::new();
+    t.write("worker/cage.toml", &http_cage_toml("\n[queues.retry]\nconcurrency = 2\n"));
+    t.write("worker/http.lua", HTTP);
+    t.write("worker/work.lua", WORK);
+    t.write("worker/nap.lua", "return { nap = function(i) pmnc.sleep(0.2) return i end }\n");
+    let cage = t.path().join("worker");
+    let s = Server::start(&cage, &[]);
+    get(s.addr("http"), "/enqueue?from=1&to=6&mod=nap&fn=nap");
+    let c = db(&cage);
+    assert!(until(Duration::from_secs(10), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") == 6));
+    // Six calls of 200 ms, two at a time: three rounds.
+    let took = count(&c, "SELECT max(finished_ms) - min(created_ms) FROM queue_calls");
+    assert!(took >= 590, "6 calls of 200 ms with concurrency 2 took {took} ms");
+}
