@@ -443,3 +443,16 @@ fn concurrency_bounds_the_calls_of_a_queue_running_at_once() {
     let took = count(&c, "SELECT max(finished_ms) - min(created_ms) FROM queue_calls");
     assert!(took >= 590, "6 calls of 200 ms with concurrency 2 took {took} ms");
 }
+
+#[test]
+fn a_durable_call_to_a_cage_not_in_the_process_fails_at_once() {
+    let t = Tree::new();
+    t.write("web/cage.toml", &http_cage_toml(""));
+    t.write(
+        "web/http.lua",
+        "return { handle = function() local ok, e = pcall(function() return pmnc('nowhere', { queue = 'retry' }).m.f(1) end) return tostring(e) end }\n",
+    );
+    let s = Server::start(&t.path().join("web"), &[]);
+    let text = get(s.addr("http"), "/").text();
+    assert!(text.contains("calling nowhere.m.f: no cage named nowhere runs in this process (cages here: web) and no cluster is configured"), "{text}");
+}

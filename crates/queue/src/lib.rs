@@ -333,12 +333,12 @@ impl Calls for Service {
         let Some(store) = store_of(&call.cage) else {
             let here: Vec<String> = STORES.read().map(|s| s.keys().cloned().collect()).unwrap_or_default();
             let msg = format!(
-                "calling {}.{}.{}: durable calls go to a cage with queues in this process (cages with [queues]: {}); cage {} is not one of them",
+                "calling {}.{}.{}: no cage named {} runs in this process (cages here: {}) and no cluster is configured",
                 call.cage,
                 call.module,
                 call.function,
-                if here.is_empty() { "none".to_string() } else { here.join(", ") },
-                call.cage
+                call.cage,
+                if here.is_empty() { "none".to_string() } else { here.join(", ") }
             );
             return Box::pin(async move { Err(msg) });
         };
