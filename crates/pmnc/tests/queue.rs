@@ -18,7 +18,8 @@ function M.handle(request)
   if request.path == "/enqueue" then
     local ids = {}
     for i = tonumber(q.from), tonumber(q.to) do
-      local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil }
+      local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil,
+                     expires_in = q.expires_in and tonumber(q.expires_in) or nil }
       ids[#ids + 1] = pmnc("worker", opts)[q.mod or "work"][q.fn or "count"](i)
     end
     return table.concat(ids, ",")
@@ -455,4 +456,16 @@ fn a_durable_call_to_a_cage_not_in_the_process_fails_at_once() {
     let s = Server::start(&t.path().join("web"), &[]);
     let text = get(s.addr("http"), "/").text();
     assert!(text.contains("calling nowhere.m.f: no cage named nowhere runs in this process (cages here: web) and no cluster is configured"), "{text}");
+}
+
+#[test]
+fn a_call_that_expires_before_it_runs_goes_to_dead_letters_unrun() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    get(addr, "/enqueue?from=3&to=3&expires_in=0");
+    let r = get_prefix(addr, "/result?id=k3", "dead", Duration::from_secs(10));
+    assert_eq!(r, "dead nil 0 expired before it could run");
+    assert_eq!(get(addr, "/state?key=n:3").text(), "nil", "it never ran");
 }
