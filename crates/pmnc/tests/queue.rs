@@ -18,7 +18,8 @@ function M.handle(request)
   if request.path == "/enqueue" then
     local ids = {}
     for i = tonumber(q.from), tonumber(q.to) do
-      local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil }
+      local opts = { queue = q.queue or "retry", id = "k" .. i, delay = q.delay and tonumber(q.delay) or nil,
+                     expires_in = q.expires_in and tonumber(q.expires_in) or nil }
       ids[#ids + 1] = pmnc("worker", opts)[q.mod or "work"][q.fn or "count"](i)
     end
     return table.concat(ids, ",")
@@ -425,4 +426,46 @@ end }"#,
         let v: Vec<u8> = stmt.query_row([format!("n:{i}")], |r| r.get(0)).unwrap_or_else(|e| panic!("call t{i} took no effect: {e}"));
         assert_eq!(v, vec![1, 3, 2], "call t{i} took effect once");
     }
+}
+
+#[test]
+fn concurrency_bounds_the_calls_of_a_queue_running_at_once() {
+    let t = Tree::new();
+    t.write("worker/cage.toml", &http_cage_toml("\n[queues.retry]\nconcurrency = 2\n"));
+    t.write("worker/http.lua", HTTP);
+    t.write("worker/work.lua", WORK);
+    t.write("worker/nap.lua", "return { nap = function(i) pmnc.sleep(0.2) return i end }\n");
+    let cage = t.path().join("worker");
+    let s = Server::start(&cage, &[]);
+    get(s.addr("http"), "/enqueue?from=1&to=6&mod=nap&fn=nap");
+    let c = db(&cage);
+    assert!(until(Duration::from_secs(10), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") == 6));
+    // Six calls of 200 ms, two at a time: three rounds.
+    let took = count(&c, "SELECT max(finished_ms) - min(created_ms) FROM queue_calls");
+    assert!(took >= 590, "6 calls of 200 ms with concurrency 2 took {took} ms");
+}
+
+#[test]
+fn a_durable_call_to_a_cage_not_in_the_process_fails_at_once() {
+    let t = Tree::new();
+    t.write("web/cage.toml", &http_cage_toml(""));
+    t.write(
+        "web/http.lua",
+        "return { handle = function() local ok, e = pcall(function() return pmnc('nowhere', { queue = 'retry' }).m.f(1) end) return tostring(e) end }\n",
+    );
+    let s = Server::start(&t.path().join("web"), &[]);
+    let text = get(s.addr("http"), "/").text();
+    assert!(text.contains("calling nowhere.m.f: no cage named nowhere runs in this process (cages here: web) and no cluster is configured"), "{text}");
+}
+
+#[test]
+fn a_call_that_expires_before_it_runs_goes_to_dead_letters_unrun() {
+    let t = Tree::new();
+    let cage = worker_cage(&t, "");
+    let s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    get(addr, "/enqueue?from=3&to=3&expires_in=0");
+    let r = get_prefix(addr, "/result?id=k3", "dead", Duration::from_secs(10));
+    assert_eq!(r, "dead nil 0 expired before it could run");
+    assert_eq!(get(addr, "/state?key=n:3").text(), "nil", "it never ran");
 }

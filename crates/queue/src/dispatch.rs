@@ -31,6 +31,8 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
     let mut rates: BTreeMap<String, Rate> = BTreeMap::new();
     let mut seed = (std::process::id() as u64) << 32 ^ store::now_ms() as u64;
     let mut complained = false;
+    // When the outbox must be read again even without a hint (its earliest retry).
+    let mut outbox_at = i64::MAX;
     while !store.stop.load(Ordering::SeqCst) {
         // Calls that ended before this point are seen as ended by the reads below.
         if let Ok(mut e) = store.ended.lock() {
@@ -50,13 +52,16 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
                 }
             }
         }
-        if !store.paused.load(Ordering::SeqCst) {
+        if !store.paused.load(Ordering::SeqCst) && (store.outbox_hint.swap(false, Ordering::SeqCst) || now >= outbox_at) {
             match forward_outbox(&store, &conn, now, &spawn) {
-                Ok(Some(at)) => next = next.min(at),
-                Ok(None) => {}
-                Err(e) => tracing::error!(cage = %store.cage, "{e}"),
+                Ok(at) => outbox_at = at.unwrap_or(i64::MAX),
+                Err(e) => {
+                    tracing::error!(cage = %store.cage, "{e}");
+                    outbox_at = now + POLL.as_millis() as i64;
+                }
             }
         }
+        next = next.min(outbox_at);
         let wait = Duration::from_millis((next - store::now_ms()).clamp(1, POLL.as_millis() as i64) as u64);
         let (lock, cv) = &store.wake;
         let Ok(mut woken) = lock.lock() else { return };
@@ -289,5 +294,7 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
     if let Ok(mut f) = store.forwarding.lock() {
         f.remove(&seq);
     }
+    // Its retry time (or its removal) changes when the outbox must be read next.
+    store.outbox_hint.store(true, Ordering::SeqCst);
     store.wake();
 }

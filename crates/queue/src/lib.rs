@@ -48,6 +48,9 @@ pub struct Store {
     pub(crate) stop: AtomicBool,
     /// Set at shutdown: no new call starts; the running ones finish.
     pub(crate) paused: AtomicBool,
+    /// Set when the outbox may hold calls to forward (written, or a retry set), so that the
+    /// dispatcher reads the outbox only then or when its next retry is due.
+    pub(crate) outbox_hint: AtomicBool,
     /// Outbox calls being forwarded now.
     pub(crate) forwarding: Mutex<std::collections::HashSet<i64>>,
     /// Reads for pmnc.calls.result.
@@ -144,6 +147,9 @@ impl Store {
     /// a transaction) and `direct` (calls to this cage) in the same commit.
     async fn store_outgoing(&self, writes: Vec<Write>, direct: Vec<store::NewCall>, outgoing: Vec<store::OutboxCall>) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        if !outgoing.is_empty() {
+            self.outbox_hint.store(true, Ordering::SeqCst);
+        }
         self.send(writer::Op::Outbox { writes, direct, outgoing, reply: tx })?;
         rx.await.unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))
     }
@@ -327,12 +333,12 @@ impl Calls for Service {
         let Some(store) = store_of(&call.cage) else {
             let here: Vec<String> = STORES.read().map(|s| s.keys().cloned().collect()).unwrap_or_default();
             let msg = format!(
-                "calling {}.{}.{}: durable calls go to a cage with queues in this process (cages with [queues]: {}); cage {} is not one of them",
+                "calling {}.{}.{}: no cage named {} runs in this process (cages here: {}) and no cluster is configured",
                 call.cage,
                 call.module,
                 call.function,
-                if here.is_empty() { "none".to_string() } else { here.join(", ") },
-                call.cage
+                call.cage,
+                if here.is_empty() { "none".to_string() } else { here.join(", ") }
             );
             return Box::pin(async move { Err(msg) });
         };
@@ -405,6 +411,18 @@ impl Drop for Running {
     }
 }
 
+/// How often the WAL is copied into the file (PASSIVE: never waits for readers or writers).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+fn checkpoints(store: Arc<Store>, conn: rusqlite::Connection) {
+    while !store.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(cage = %store.cage, "queue: checkpoint of {} failed: {e}", store.path.display());
+        }
+    }
+}
+
 /// Opens the queue of `cage` in the state file at `path` and starts its writer and dispatcher.
 pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Duration, spawn: Spawner) -> Result<Running, String> {
     start_with(cage, path, queues, cage_timeout, spawn, |_| Ok(()))
@@ -424,6 +442,10 @@ fn start_with(
     };
     let writer_conn = open("writer")?;
     setup(&writer_conn).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
+    // Checkpoints (copying the WAL into the file, with an fsync of the file) run on a thread of
+    // their own instead of inside the writer's commits, where they stalled every waiting call.
+    writer_conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
+    let checkpoint_conn = open("checkpointer")?;
     let dispatch_conn = open("dispatcher")?;
     let reader = open("reader")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -439,6 +461,8 @@ fn start_with(
         wake: (Mutex::new(false), Condvar::new()),
         stop: AtomicBool::new(false),
         paused: AtomicBool::new(false),
+        // True at start: calls left in the outbox by the last run are forwarded.
+        outbox_hint: AtomicBool::new(true),
         forwarding: Mutex::new(Default::default()),
         reader: Mutex::new(reader),
     });
@@ -456,6 +480,13 @@ fn start_with(
             .name(format!("pmnc-queue-{cage}"))
             .spawn(move || dispatch::run(d, dispatch_conn, spawn))
             .map_err(|e| format!("cage {cage}: cannot start the queue dispatcher: {e}"))?,
+    );
+    let c = store.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name(format!("pmnc-queue-checkpoint-{cage}"))
+            .spawn(move || checkpoints(c, checkpoint_conn))
+            .map_err(|e| format!("cage {cage}: cannot start the queue checkpointer: {e}"))?,
     );
     if let Ok(mut s) = STORES.write() {
         s.insert(cage.to_string(), store.clone());
