@@ -79,3 +79,20 @@ impl Protocols {
         self.resources.keys().copied().collect()
     }
 }
+
+/// Decides claims that only one process of the whole flock may win (a schedule's firing when
+/// copies of a cage run on several hosts): true when this process won. Blocking; called from
+/// an interface's own thread, never from a worker.
+pub type FlockClaim = Arc<dyn Fn(&str) -> Result<bool, String> + Send + Sync>;
+
+static FLOCK_CLAIM: std::sync::RwLock<Option<FlockClaim>> = std::sync::RwLock::new(None);
+
+/// Installed by the runtime when the process is in a cluster.
+pub fn set_flock_claim(claim: Option<FlockClaim>) {
+    *FLOCK_CLAIM.write().unwrap_or_else(|p| p.into_inner()) = claim;
+}
+
+/// The flock's claims, when the process is in a cluster.
+pub fn flock_claim() -> Option<FlockClaim> {
+    FLOCK_CLAIM.read().unwrap_or_else(|p| p.into_inner()).clone()
+}

@@ -332,6 +332,10 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
                 let _runtime = control.enter();
                 cluster.join_events(names, deliver, shutdown_rx.clone())
             };
+            if let Some(claims) = cluster.claims() {
+                let (handle, claims) = (control.handle().clone(), Arc::new(claims));
+                crate::interface::set_flock_claim(Some(Arc::new(move |key: &str| handle.block_on(claims.claim(key)))));
+            }
             if let Some(outbox) = outbox {
                 rustomnic_lua::events::set_remote(Arc::new(move |cage: &str, topic: &str, value: &rustomnic_core::Value| {
                     outbox.send(cage, topic, value);

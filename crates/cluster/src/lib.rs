@@ -7,6 +7,7 @@
 //! - `status`: asks every process for its roster (`pmnc cluster status`).
 
 pub mod bench;
+pub mod claims;
 pub mod config;
 pub mod connect;
 pub mod events;
@@ -160,6 +161,12 @@ impl Cluster {
         let _ = self.presence.set(conn.clone());
         tokio::spawn(presence::run(conn, self.identity.clone(), self.roster.clone(), describe, self.config.heartbeat, shutdown));
         Ok(())
+    }
+
+    /// Flock-wide claims over the presence connection (after [`join`](Self::join)).
+    pub fn claims(&self) -> Option<claims::Claims> {
+        let conn = self.presence.get()?.clone();
+        Some(claims::Claims::new(conn, &self.identity.flock, &self.identity.instance))
     }
 
     /// Joins the events of `cages` to the flock's (after [`join`](Self::join), on the same

@@ -657,3 +657,44 @@ fn a_token_authenticates() {
     let mut worker = Server::try_start_env(&path, 1, &[], &[("TEST_NATS_TOKEN", "t0ken-for-tests")]).expect("the right token");
     assert!(worker.wait_for("joined flock default", Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn a_schedule_fires_once_across_hosts() {
+    let store = tempfile::tempdir().unwrap();
+    let conf = format!("jetstream {{\n  store_dir: \"{}\"\n}}\n", store.path().display());
+    let Some(nats) = Nats::start("a_schedule_fires_once_across_hosts", &conf) else { return };
+    // Two copies in two folders: two state files, as on two hosts; only the flock can choose.
+    let tree = Tree::new();
+    let jobs = "return {\n  tick = function(firing)\n    pmnc.state.set(('f:%.3f'):format(firing.scheduled_at), pmnc.cage)\n  end,\n}\n";
+    for host in ["host_a", "host_b"] {
+        tree.write(
+            &format!("{host}/cage.toml"),
+            &format!(
+                "name = \"jobs\"\n[interfaces.every_second]\nprotocol = \"schedule\"\ncron = \"* * * * * *\"\nhandler = \"jobs.tick\"\n{}",
+                cluster_table(&nats.url())
+            ),
+        );
+        tree.write(&format!("{host}/jobs.lua"), jobs);
+    }
+    let a = start(&tree, "host_a");
+    let b = start(&tree, "host_b");
+    let firings = |host: &str| -> Vec<String> {
+        let Ok(db) = rusqlite::Connection::open(tree.path().join(host).join(".data/state.sqlite")) else { return Vec::new() };
+        let _ = db.busy_timeout(Duration::from_secs(10));
+        let Ok(mut s) = db.prepare("SELECT key FROM state WHERE key LIKE 'f:%'") else { return Vec::new() };
+        s.query_map([], |r| r.get(0)).map(|rows| rows.filter_map(Result::ok).collect()).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while firings("host_a").len() + firings("host_b").len() < 5 {
+        assert!(Instant::now() < deadline, "too few firings: {:?} {:?}", firings("host_a"), firings("host_b"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut a, mut b) = (a, b);
+    a.drain(Duration::from_millis(100));
+    b.drain(Duration::from_millis(100));
+    let logs = format!("{}\n{}", a.log.join("\n"), b.log.join("\n"));
+    drop((a, b));
+    let (fa, fb) = (firings("host_a"), firings("host_b"));
+    let twice: Vec<&String> = fa.iter().filter(|f| fb.contains(f)).collect();
+    assert!(twice.is_empty(), "firings run on both hosts: {twice:?} (a: {fa:?}, b: {fb:?})\n{logs}");
+}

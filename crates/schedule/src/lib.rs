@@ -127,6 +127,28 @@ impl Schedule {
         }));
     }
 
+    /// Copies of the cage in other processes (other hosts, other state files) see the same
+    /// firing: when clustered, the first process of the flock to claim it runs it. When the
+    /// claim cannot be made (no JetStream), the firing runs here: at least once rather than
+    /// not at all, said once in the log.
+    fn won_in_flock(&self, at: DateTime<Utc>, failed_before: &mut bool) -> bool {
+        let Some(claim) = rustomnic_cage::interface::flock_claim() else { return true };
+        let key = format!("{}.{}.{}", self.spec.cage, self.spec.name, at.timestamp_millis());
+        match claim(&key) {
+            Ok(won) => {
+                *failed_before = false;
+                won
+            }
+            Err(e) => {
+                if !*failed_before {
+                    tracing::warn!(cage = %self.spec.cage, interface = %self.spec.name, "cannot claim firings across the flock ({e}); running them here, so copies on other hosts may run them too");
+                }
+                *failed_before = true;
+                true
+            }
+        }
+    }
+
     /// The timing loop of this schedule (its own thread): claims and fires every firing until
     /// shutdown.
     fn run(self: Arc<Self>, spawn: rustomnic_queue::Spawner, shutdown: Shutdown) {
@@ -149,6 +171,7 @@ impl Schedule {
             }
         }
         let mut caught_up = 0usize;
+        let mut claim_failed = false;
         let Some(mut next) = self.next_after(from) else {
             tracing::warn!(cage = %self.spec.cage, interface = %self.spec.name, "cron {:?} never fires", self.cron_text);
             return;
@@ -173,6 +196,9 @@ impl Schedule {
             }
             if !skip && caught_up <= MAX_CATCH_UP {
                 match lease::claim(&mut conn, &self.state_file, &lease, &who, next) {
+                    Ok(true) if !self.won_in_flock(next, &mut claim_failed) => {
+                        tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} ran in another process of the flock")
+                    }
                     Ok(true) => self.fire(&spawn, next),
                     Ok(false) => tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} ran in another copy"),
                     Err(e) => tracing::error!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} skipped: {e}"),
