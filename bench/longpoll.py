@@ -92,7 +92,8 @@ def start_server(port, tmp):
     else:
         if not os.path.exists(PMNC) or os.environ.get("BUILD", "1") == "1":
             subprocess.run(["cargo", "build", "--release", "-p", "pmnc"], cwd=ROOT, check=True)
-        cage = os.path.join(tmp, "chat")
+        cage = tempfile.mkdtemp(prefix="chat-", dir=tmp)
+        shutil.rmtree(cage)
         shutil.copytree(os.path.join(ROOT, "examples", "chat"), cage)
         toml = os.path.join(cage, "cage.toml")
         with open(toml) as f:
@@ -100,7 +101,7 @@ def start_server(port, tmp):
         with open(toml, "w") as f:
             f.write(re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text))
         argv = [PMNC, "run", cage, "--workers", WORKERS, "--no-watch"]
-    log = open(os.path.join(tmp, "server.log"), "w")
+    log = open(os.path.join(tmp, f"server-{port}.log"), "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while time.time() < deadline:
