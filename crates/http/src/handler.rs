@@ -11,10 +11,10 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use rustomnic_lua::convert::from_lua;
 use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
-use rustomnic_lua::{worker, RequestCtx, RunError};
+use rustomnic_lua::{worker, RequestCtx, RequestFuture, RunError};
 use tokio::io::AsyncWriteExt;
 
-use crate::stream::{Body, Slot};
+use crate::stream::{Body, Slot, SlotGuard};
 use crate::HttpInterface;
 
 /// Answers a connection over the limit and closes it.
@@ -63,7 +63,9 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
         && h.contains_key("sec-websocket-key")
 }
 
-async fn respond(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, ctx: RequestCtx, busy: crate::Busy) -> Response<Body> {
+/// Reads the body and starts the handler's coroutine. Boxed by the caller: its state (the body
+/// being collected, the request head) is large, and a parked request must not keep it.
+async fn prepare(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, ctx: RequestCtx) -> Result<(Result<RequestFuture, RunError>, SlotGuard), Response<Body>> {
     let spec = &iface.spec;
     let id = ctx.id.clone();
     let upgrade = if is_websocket(&req) {
@@ -76,22 +78,22 @@ async fn respond(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, 
     let limit = iface.settings.max_body_size;
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes"));
+        return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes")));
     }
     let (parts, body) = req.into_parts();
     let body = match tokio::time::timeout_at(ctx.deadline.into(), Limited::new(body, limit as usize).collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes"));
+                return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes")));
             }
-            return plain(StatusCode::BAD_REQUEST, &id, "request body could not be read");
+            return Err(plain(StatusCode::BAD_REQUEST, &id, "request body could not be read"));
         }
-        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, &id, "request body not received before the deadline"),
+        Err(_) => return Err(plain(StatusCode::REQUEST_TIMEOUT, &id, "request body not received before the deadline")),
     };
     let Some(vm) = worker::cage(&spec.cage) else {
         tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "cage has no VM on this worker");
-        return plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running");
+        return Err(plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running"));
     };
     let (module, function) = &spec.handler.value;
     let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
@@ -115,6 +117,20 @@ async fn respond(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, 
             ]))
         })
     });
+    // The handler has its own copies now; a parked request should not keep the head and body.
+    drop(parts);
+    drop(body);
+    Ok((started, slot))
+}
+
+async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx: RequestCtx, busy: crate::Busy) -> Response<Body> {
+    let spec = &iface.spec;
+    let id = ctx.id.clone();
+    let (module, function) = &spec.handler.value;
+    let (started, slot) = match Box::pin(prepare(iface, req, peer, ctx)).await {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
     let result = match started {
         Ok(mut fut) => {
             // The handler either ends (the usual case) or sends its response head early

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub use limits::raise_open_file_limit;
+pub use limits::{disable_transparent_huge_pages, raise_open_file_limit, tune_process};
 
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
@@ -165,33 +165,17 @@ impl Interface for HttpInterface {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: no request within header_read_timeout ({:?})", self.settings.header_read_timeout);
                 return;
             };
-            // hyper-util's upgradeable connections ignore http1_only, so refuse the preface here.
             if !self.settings.http2 && head[..] == *H2_PREFACE {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: HTTP/2 is off (http2 = false)");
                 return;
             }
-            let io = TokioIo::new(Prefixed { head, stream, conn: conn.clone(), write_timer: None });
+            let h2 = head[..] == *H2_PREFACE;
+            let state = conn;
+            let io = TokioIo::new(Prefixed { head, stream, conn: state.clone(), write_timer: None });
             let me = self.clone();
             let peer: std::rc::Rc<str> = remote.to_string().into();
-            let busy = conn.clone();
+            let busy = state.clone();
             let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy)));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.settings.header_read_timeout)
-                .max_buf_size(self.settings.max_header_size)
-                .writev(true)
-                .keep_alive(true);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(self.settings.max_header_size as u32)
-                .max_concurrent_streams(256);
-            let builder = if self.settings.http2 { builder } else { builder.http1_only() };
-            let state = conn;
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
             let idle = self.settings.idle_timeout;
             let idle_out = async {
                 loop {
@@ -202,17 +186,44 @@ impl Interface for HttpInterface {
                     }
                 }
             };
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                _ = idle_out => {
-                    tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            // Runs a hyper connection until it ends, shutting it down gracefully at shutdown or
+            // when idle for idle_timeout.
+            macro_rules! drive {
+                ($conn:expr) => {{
+                    let conn = $conn;
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = shutdown.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                        _ = idle_out => {
+                            tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
+                }};
+            }
+            // The version is known from the first bytes, so a connection carries only the state
+            // of its own protocol; HTTP/2 (rarer, and larger) is boxed so that the task of every
+            // HTTP/1 connection stays small.
+            let result = if h2 {
+                Box::pin(async {
+                    let mut b = hyper::server::conn::http2::Builder::new(LocalExec);
+                    b.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_size as u32).max_concurrent_streams(256);
+                    drive!(b.serve_connection(io, service))
+                })
+                .await
+            } else {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(self.settings.header_read_timeout)
+                    .max_buf_size(self.settings.max_header_size)
+                    .writev(true)
+                    .keep_alive(true);
+                drive!(b.serve_connection(io, service).with_upgrades())
             };
             if let Err(e) = result {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "connection from {remote} ended: {e}");
@@ -344,6 +355,14 @@ impl AsyncRead for Prefixed {
             let n = self.head.len().min(buf.remaining());
             let part = self.head.split_to(n);
             buf.put_slice(&part);
+            // Hand over what else has arrived in the same read: hyper sizes its read buffer by
+            // its reads, and a first read of one byte makes it grow the buffer to 16 KiB for the
+            // rest of the connection instead of reading the whole head into the first 8 KiB.
+            if self.head.is_empty() && buf.remaining() > 0 {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut self.stream).poll_read(cx, buf) {
+                    return Poll::Ready(Err(e));
+                }
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -74,7 +74,7 @@ fn functions(lua: &Lua) -> rustomnic_lua::mlua::Result<Table> {
                 LuaValue::Integer(_) | LuaValue::Number(_) => Bytes::from(data.to_string()?),
                 other => {
                     let m = format!("stream.send: data must be a string, got {}", other.type_name());
-                    return Ok((false, Some(m)).into_lua_multi_ok(&lua)?);
+                    return (false, Some(m)).into_lua_multi_ok(&lua);
                 }
             };
             crate::stream::send(&lua, "stream.send", bytes).await
@@ -85,11 +85,11 @@ fn functions(lua: &Lua) -> rustomnic_lua::mlua::Result<Table> {
         lua.create_async_function(|lua, event: LuaValue| async move {
             let LuaValue::Table(event) = event else {
                 let m = format!("stream.event: expected a table such as {{event = \"message\", data = \"...\"}}, got {}", event.type_name());
-                return Ok((false, Some(m)).into_lua_multi_ok(&lua)?);
+                return (false, Some(m)).into_lua_multi_ok(&lua);
             };
             let frame = match crate::stream::sse_frame(&event) {
                 Ok(f) => f,
-                Err(e) => return Ok((false, Some(format!("stream.event: {e}"))).into_lua_multi_ok(&lua)?),
+                Err(e) => return (false, Some(format!("stream.event: {e}"))).into_lua_multi_ok(&lua),
             };
             crate::stream::send(&lua, "stream.event", frame).await
         })?,

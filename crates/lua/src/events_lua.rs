@@ -113,6 +113,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             s.raw_set("waiters", waiters)?;
             s.raw_set("topics", topics)?;
             s.raw_set("live_requests", shared.live.get())?;
+            s.raw_set("lua_memory", lua.used_memory())?;
             if let Some(topic) = topic {
                 s.raw_set("topic_waiters", events::waiting(&shared.cage, &topic))?;
             }

@@ -335,6 +335,8 @@ end
 _G.debug = nil
 _G.dofile = nil
 _G.loadfile = nil
+-- The original, captured before the global is replaced (else the wrapper would call itself).
+local collectgarbage = collectgarbage
 _G.collectgarbage = function(opt, ...)
   if opt == nil or opt == "count" or opt == "step" or opt == "collect" or opt == "isrunning" then
     return collectgarbage(opt, ...)

@@ -333,7 +333,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            rustomnic_http::raise_open_file_limit();
+            rustomnic_http::tune_process();
             let mut options = RunOptions::default();
             if let Some(w) = workers {
                 if w == 0 || w > 1024 {

@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Parked clients: process RSS per parked long-poll (or idle WebSocket) and the time one publish
+takes to reach all of them.
+
+For each count N (default: 10000, then the most the open-file hard limit allows):
+  1. starts the server command (default: our examples/chat, copied to a temp folder, on a free
+     port) and warms it up with a few requests;
+  2. reads the server's RSS, opens N connections that each park on GET /wait?room=bench
+     (MODE=longpoll) or open a WebSocket to /ws?room=bench (MODE=websocket), and waits until
+     the server holds all of them (GET /stats?room=bench says "waiting": N; a server without
+     /stats is given until its RSS stops growing);
+  3. reads the RSS again: (after - before) / N is the cost of one parked client;
+  4. POSTs one message to /send?room=bench and times until the last client has it.
+
+Any server that offers /wait, /send and /ws with the chat's meaning can be measured with the
+same run (SERVER="CMD ... {port} ..."; {port} is replaced by the port to listen on).
+
+Python standard library only. Never fails because of a figure.
+
+    bench/longpoll.py                        # MODE=longpoll, N = 10000 and the limit
+    MODE=websocket bench/longpoll.py
+    COUNTS=2000 WORKERS=1 bench/longpoll.py
+    SERVER="node peer.js {port}" bench/longpoll.py
+"""
+
+import base64
+import json
+import os
+import re
+import resource
+import selectors
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+PMNC = os.path.join(TARGET, "release", "pmnc")
+MODE = os.environ.get("MODE", "longpoll")
+WORKERS = os.environ.get("WORKERS", "2")
+FANOUT_TARGET_MS, FANOUT_GOAL_MS = 250, 100
+RSS_TARGET_KB, RSS_GOAL_KB = 6.0, 4.0
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def request(port, method, path, body=b"", timeout=10):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    head = f"{method} {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\ncontent-length: {len(body)}\r\ncontent-type: application/json\r\n\r\n"
+    s.sendall(head.encode() + body)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    return status, body
+
+
+def start_server(port, tmp):
+    command = os.environ.get("SERVER")
+    if command:
+        argv = shlex.split(command.replace("{port}", str(port)))
+    else:
+        if not os.path.exists(PMNC) or os.environ.get("BUILD", "1") == "1":
+            subprocess.run(["cargo", "build", "--release", "-p", "pmnc"], cwd=ROOT, check=True)
+        cage = tempfile.mkdtemp(prefix="chat-", dir=tmp)
+        shutil.rmtree(cage)
+        shutil.copytree(os.path.join(ROOT, "examples", "chat"), cage)
+        toml = os.path.join(cage, "cage.toml")
+        with open(toml) as f:
+            text = f.read()
+        with open(toml, "w") as f:
+            f.write(re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text))
+        argv = [PMNC, "run", cage, "--workers", WORKERS, "--no-watch"]
+    log = open(os.path.join(tmp, f"server-{port}.log"), "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited at start; see {log.name}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("the server did not listen within 30 s")
+
+
+def waiting(port):
+    try:
+        status, body = request(port, "GET", "/stats?room=bench")
+        if status == 200:
+            return json.loads(body).get("waiting")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def open_longpolls(port, n):
+    socks = []
+    req = b"GET /wait?room=bench&timeout=55 HTTP/1.1\r\nhost: bench\r\n\r\n"
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(req)
+        socks.append(s)
+    return socks
+
+
+def open_websockets(port, n):
+    socks = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(
+            (
+                "GET /ws?room=bench HTTP/1.1\r\nhost: bench\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                sys.exit(f"websocket {i}: closed during the handshake")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            sys.exit(f"websocket {i}: no 101: {head[:200]!r}")
+        socks.append(s)
+    return socks
+
+
+def wait_parked(port, proc, n):
+    """Until the server holds all n clients: /stats, or else RSS stable for 2 s (bounded 120 s)."""
+    deadline = time.time() + 120
+    last, stable_since = None, time.time()
+    while time.time() < deadline:
+        w = waiting(port)
+        if w is not None:
+            if w >= n:
+                return True
+        else:
+            r = rss_kb(proc.pid)
+            if r != last:
+                last, stable_since = r, time.time()
+            elif time.time() - stable_since > 2:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def settled_rss(pid):
+    """RSS once it has stopped changing: the allocator returns the garbage of the burst of
+    connections to the system with a delay (mimalloc purges freed pages after a while). Polls
+    until two readings 1 s apart differ by less than 0.5% (bounded: 20 s)."""
+    last = rss_kb(pid)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        time.sleep(1)
+        now = rss_kb(pid)
+        if abs(now - last) <= last * 0.005:
+            return now
+        last = now
+    return last
+
+
+def cpu_ms(pid):
+    """User + system CPU time of a process so far, in ms."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def fan_out(port, socks, marker):
+    """POSTs one message; returns (ms to the last client that got it, how many got it)."""
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, bytearray())
+    body = json.dumps({"name": "bench", "text": marker}).encode()
+    started = time.perf_counter()
+    status, answer = request(port, "POST", "/send?room=bench", body)
+    if status != 200:
+        sys.exit(f"/send answered {status}: {answer[:200]!r}")
+    got, last = 0, started
+    deadline = time.time() + 30
+    pending = len(socks)
+    while pending and time.time() < deadline:
+        for key, _ in sel.select(timeout=1):
+            buf = key.data
+            try:
+                chunk = key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            if chunk:
+                buf += chunk
+            if marker.encode() in buf or not chunk:
+                if marker.encode() in buf:
+                    got += 1
+                    last = time.perf_counter()
+                sel.unregister(key.fileobj)
+                pending -= 1
+    sel.close()
+    return (last - started) * 1000, got
+
+
+def verdict(value, target, goal):
+    return "goal met" if value <= goal else ("target met" if value <= target else "MISSED")
+
+
+def measure(n, tmp):
+    port = free_port()
+    proc = start_server(port, tmp)
+    try:
+        for _ in range(20):
+            request(port, "GET", "/stats?room=warmup")
+        before = settled_rss(proc.pid)
+        started = time.time()
+        socks = open_longpolls(port, n) if MODE == "longpoll" else open_websockets(port, n)
+        parked = wait_parked(port, proc, n)
+        opened_s = time.time() - started
+        after = settled_rss(proc.pid)
+        per = (after - before) / n
+        print(f"\n{MODE}, N = {n}: {'all parked' if parked else 'NOT all parked'} after {opened_s:.1f} s")
+        print(f"  server RSS: {before} kB before, {after} kB with the clients parked")
+        print(f"  per parked client: {per:.2f} kB   (target {RSS_TARGET_KB} kB, goal {RSS_GOAL_KB} kB: {verdict(per, RSS_TARGET_KB, RSS_GOAL_KB)})")
+        cpu_before = cpu_ms(proc.pid)
+        ms, got = fan_out(port, socks, f"fan-out-{n}")
+        cpu = cpu_ms(proc.pid) - cpu_before
+        print(f"  one publish to {n}: the last of {got} clients had it after {ms:.1f} ms   (target {FANOUT_TARGET_MS} ms, goal {FANOUT_GOAL_MS} ms: {verdict(ms, FANOUT_TARGET_MS, FANOUT_GOAL_MS)})")
+        print(f"  server CPU for that publish and its {n} answers: {cpu:.0f} ms (this client shares the cores and reads the answers one by one in Python)")
+        if got != n:
+            print(f"  WARNING: {n - got} clients did not get the message")
+        for s in socks:
+            s.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main():
+    if MODE not in ("longpoll", "websocket"):
+        sys.exit("MODE must be longpoll or websocket")
+    hard = raise_nofile()
+    # This process and the server each need one descriptor per client, plus some spare.
+    most = hard - 200
+    counts = [int(c) for c in os.environ.get("COUNTS", f"10000 {most}").split()]
+    print(f"open-file hard limit {hard}; counts {counts}; server: {os.environ.get('SERVER') or 'examples/chat, --workers ' + WORKERS}")
+    with tempfile.TemporaryDirectory(prefix="pmnc-longpoll.") as tmp:
+        for n in counts:
+            if n > most:
+                print(f"skipping N = {n}: over what the open-file limit allows ({most})")
+                continue
+            measure(n, tmp)
+
+
+if __name__ == "__main__":
+    main()
