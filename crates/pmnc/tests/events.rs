@@ -37,10 +37,7 @@ return M
 "#;
 
 fn start(workers: usize) -> (Tree, Server) {
-    let tree = Tree::new();
-    tree.write("c/cage.toml", "[interfaces.http]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1500ms\"\n");
-    tree.write("c/http.lua", HTTP_LUA);
-    let server = Server::start_with_workers(&tree.path().join("c"), workers, &[]);
+    let (tree, server, _) = start_http_cage("[interfaces.http]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1500ms\"\n", HTTP_LUA, workers);
     (tree, server)
 }
 

@@ -53,12 +53,7 @@ return M
 "#;
 
 fn start() -> (Tree, Server, SocketAddr) {
-    let tree = Tree::new();
-    tree.write("c/cage.toml", "[interfaces.http]\nlisten = \"127.0.0.1:0\"\n");
-    tree.write("c/http.lua", HTTP_LUA);
-    let server = Server::start_with_workers(&tree.path().join("c"), 1, &[]);
-    let addr = server.addr("http");
-    (tree, server, addr)
+    start_http_cage("[interfaces.http]\nlisten = \"127.0.0.1:0\"\n", HTTP_LUA, 1)
 }
 
 /// The body of a chunked response, decoded.

@@ -56,13 +56,8 @@ return M
 "#;
 
 fn start() -> (Tree, Server, SocketAddr) {
-    let tree = Tree::new();
-    tree.write("c/cage.toml", "[interfaces.http]\nlisten = \"127.0.0.1:0\"\nmax_message_size = \"1KiB\"\n");
-    tree.write("c/http.lua", HTTP_LUA);
     // One worker: the count of live requests is per worker VM.
-    let server = Server::start_with_workers(&tree.path().join("c"), 1, &[]);
-    let addr = server.addr("http");
-    (tree, server, addr)
+    start_http_cage("[interfaces.http]\nlisten = \"127.0.0.1:0\"\nmax_message_size = \"1KiB\"\n", HTTP_LUA, 1)
 }
 
 fn connect(addr: SocketAddr) -> WebSocket<TcpStream> {

@@ -461,3 +461,14 @@ pub fn json_body(r: &Response) -> serde_json::Value {
 pub fn line_of(text: &str, needle: &str) -> usize {
     text.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in the text")) + 1
 }
+
+/// A cage folder `c` holding `cage_toml` and `http.lua`, run with `workers` worker threads:
+/// (the tree, which must live as long as the server; the server; its interface `http`).
+pub fn start_http_cage(cage_toml: &str, http_lua: &str, workers: usize) -> (Tree, Server, SocketAddr) {
+    let tree = Tree::new();
+    tree.write("c/cage.toml", cage_toml);
+    tree.write("c/http.lua", http_lua);
+    let server = Server::start_with_workers(&tree.path().join("c"), workers, &[]);
+    let addr = server.addr("http");
+    (tree, server, addr)
+}
