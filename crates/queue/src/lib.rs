@@ -466,28 +466,15 @@ fn start_with(
         forwarding: Mutex::new(Default::default()),
         reader: Mutex::new(reader),
     });
-    let mut threads = Vec::new();
-    let w = store.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("pmnc-queue-writer-{cage}"))
-            .spawn(move || writer::run(w, writer_conn, rx))
-            .map_err(|e| format!("cage {cage}: cannot start the queue writer: {e}"))?,
-    );
-    let d = store.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("pmnc-queue-{cage}"))
-            .spawn(move || dispatch::run(d, dispatch_conn, spawn))
-            .map_err(|e| format!("cage {cage}: cannot start the queue dispatcher: {e}"))?,
-    );
-    let c = store.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("pmnc-queue-checkpoint-{cage}"))
-            .spawn(move || checkpoints(c, checkpoint_conn))
-            .map_err(|e| format!("cage {cage}: cannot start the queue checkpointer: {e}"))?,
-    );
+    let thread = |name: String, what: &str, run: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new().name(name).spawn(run).map_err(|e| format!("cage {cage}: cannot start the queue {what}: {e}"))
+    };
+    let (w, d, c) = (store.clone(), store.clone(), store.clone());
+    let threads = vec![
+        thread(format!("pmnc-queue-writer-{cage}"), "writer", Box::new(move || writer::run(w, writer_conn, rx)))?,
+        thread(format!("pmnc-queue-{cage}"), "dispatcher", Box::new(move || dispatch::run(d, dispatch_conn, spawn)))?,
+        thread(format!("pmnc-queue-checkpoint-{cage}"), "checkpointer", Box::new(move || checkpoints(c, checkpoint_conn)))?,
+    ];
     if let Ok(mut s) = STORES.write() {
         s.insert(cage.to_string(), store.clone());
     }
