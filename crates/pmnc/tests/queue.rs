@@ -195,7 +195,9 @@ fn kill_9_in_the_middle_of_thousands_of_calls_loses_none_and_runs_none_twice() {
     const N: usize = 3000;
     const CLIENTS: usize = 20;
     let t = Tree::new();
-    let cage = worker_cage(&t, "concurrency = 32\n");
+    // Quick retries: an attempt that fails on a loaded machine (a busy file) is tried again soon,
+    // so the wait below measures the queue, not the default backoff.
+    let cage = worker_cage(&t, "concurrency = 32\n[queues.retry.backoff]\ninitial = \"50ms\"\nmax = \"1s\"\n");
     let mut s = Server::start(&cage, &[]);
     let addr = s.addr("http");
     // 20 clients enqueue 150 calls each, one request per 50 calls.
@@ -228,8 +230,14 @@ fn kill_9_in_the_middle_of_thousands_of_calls_loses_none_and_runs_none_twice() {
     let _s = Server::start(&cage, &[]);
     assert!(
         until(Duration::from_secs(60), || count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'") == N as i64),
-        "every call ends done; {} are",
-        count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'")
+        "every call ends done; {} are; the others: {:?}",
+        count(&c, "SELECT count(*) FROM queue_calls WHERE status = 'done'"),
+        c.prepare("SELECT status, count(*), max(attempts), max(error) FROM queue_calls WHERE status != 'done' GROUP BY status")
+            .and_then(|mut q| {
+                q.query_map([], |r| Ok(format!("{}: {} (attempts up to {}, {:?})", r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<String>>(3)?)))
+                    .map(|rows| rows.filter_map(Result::ok).collect::<Vec<_>>())
+            })
+            .unwrap_or_default()
     );
     for (client, last) in acked.iter().enumerate() {
         assert_eq!(*last, (client + 1) * (N / CLIENTS), "client {client}: every enqueue was acknowledged");
