@@ -9,7 +9,7 @@ pub const MAX_MODULE_BYTES: u64 = 8 << 20;
 
 /// Names that cannot be module names because `pmnc.<name>` is taken by the API.
 pub const RESERVED_NAMES: &[&str] =
-    &["log", "sleep", "json", "request", "cage", "events", "state", "transaction", "calls", "test"];
+    &["log", "sleep", "clock", "json", "request", "cage", "events", "state", "transaction", "calls", "test"];
 
 /// A module compiled and checked once, ready to be handed to every VM of its cage.
 #[derive(Debug)]

@@ -424,7 +424,7 @@ fn module_not_returning_a_table_is_refused() {
 
 #[test]
 fn reserved_module_name_is_refused() {
-    for name in ["log", "json", "sleep", "request"] {
+    for name in ["log", "json", "sleep", "clock", "request", "events", "calls"] {
         let t = Tree::new();
         let web = web_cage(&t, &http_cage_toml(""));
         t.write(&format!("web/{name}.lua"), "return {}\n");
