@@ -118,15 +118,7 @@ impl Store {
         }
         let now = store::now_ms();
         let o = &call.options;
-        let due = match (o.delay, o.at) {
-            (Some(d), _) => now + (d * 1000.0) as i64,
-            (_, Some(at)) => (at * 1000.0) as i64,
-            _ => now,
-        };
-        let expires = match o.expires_at {
-            Some(at) => (at * 1000.0) as i64,
-            None => due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(q.expires_in.as_millis() as i64),
-        };
+        let (due, expires) = due_and_expiry(o, now, q.expires_in.as_millis() as i64);
         let args = encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?;
         let id = o.id.clone().unwrap_or_else(new_call_id);
         Ok(store::NewCall {
@@ -222,21 +214,28 @@ pub fn metrics() -> Vec<(String, Vec<QueueFigures>)> {
         .collect()
 }
 
-/// An outbox row for a call to another cage (the target's queue is checked there).
-fn outgoing_call(call: DurableCall) -> Result<store::OutboxCall, String> {
-    let target = format!("{}.{}.{}", call.cage, call.module, call.function);
-    let now = store::now_ms();
-    let o = &call.options;
+/// When a call may first run (`delay` or `at`, else now) and when it expires (`expires_at`, else
+/// `expires_in` or `default_ms` after it is due), in Unix milliseconds.
+fn due_and_expiry(o: &rustomnic_lua::durable::CallOptions, now: i64, default_ms: i64) -> (i64, i64) {
     let due = match (o.delay, o.at) {
         (Some(d), _) => now + (d * 1000.0) as i64,
         (_, Some(at)) => (at * 1000.0) as i64,
         _ => now,
     };
-    // Without a sender-side default, a call the target never accepts is given up after a day.
     let expires = match o.expires_at {
         Some(at) => (at * 1000.0) as i64,
-        None => due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(86_400_000),
+        None => due.max(now) + o.expires_in.map(|s| (s * 1000.0) as i64).unwrap_or(default_ms),
     };
+    (due, expires)
+}
+
+/// An outbox row for a call to another cage (the target's queue is checked there).
+fn outgoing_call(call: DurableCall) -> Result<store::OutboxCall, String> {
+    let target = format!("{}.{}.{}", call.cage, call.module, call.function);
+    let now = store::now_ms();
+    let o = &call.options;
+    // Without a sender-side default, a call the target never accepts is given up after a day.
+    let (due, expires) = due_and_expiry(o, now, 86_400_000);
     Ok(store::OutboxCall {
         id: o.id.clone().unwrap_or_else(new_call_id),
         cage: call.cage,
