@@ -249,20 +249,7 @@ pub fn apply_in(tx: &Connection, path: &Path, writes: &[Write]) -> Result<(), Er
 /// Applies `writes` in one transaction that takes the write lock at once (BEGIN IMMEDIATE), so a
 /// busy file is waited for (up to the busy timeout) before anything is changed.
 pub fn apply(conn: &mut Connection, path: &Path, writes: &[Write]) -> Result<(), Error> {
-    let fail = |e| sql_error(path, "commit", e);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
-    for w in writes {
-        match w {
-            Write::Set(key, value) => {
-                tx.prepare_cached("INSERT INTO state (key, value, updated_ms) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms")
-                    .and_then(|mut s| s.execute(params![key, value, now]))
-                    .map_err(fail)?;
-            }
-            Write::Delete(key) => {
-                tx.prepare_cached("DELETE FROM state WHERE key = ?1").and_then(|mut s| s.execute([key])).map_err(fail)?;
-            }
-        }
-    }
-    tx.commit().map_err(fail)
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(path, "commit", e))?;
+    apply_in(&tx, path, writes)?;
+    tx.commit().map_err(|e| sql_error(path, "commit", e))
 }
