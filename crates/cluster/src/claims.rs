@@ -78,7 +78,15 @@ impl Claims {
                 match error_of(&reply) {
                     None => Ok(()),
                     Some((STREAM_NAME_IN_USE, _)) => Ok(()),
-                    Some((code, text)) => Err(format!("cannot make the JetStream stream {name}: {text} ({code})")),
+                    Some((code, text)) => {
+                        // Copies starting together race to make the stream, and the loser may be
+                        // told the subjects overlap: the stream it wanted exists, which is enough.
+                        let info = self.ask(format!("$JS.API.STREAM.INFO.{name}"), None, Vec::new()).await?;
+                        match error_of(&info) {
+                            None => Ok(()),
+                            Some(_) => Err(format!("cannot make the JetStream stream {name}: {text} ({code})")),
+                        }
+                    }
                 }
             })
             .await
