@@ -35,65 +35,78 @@ fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
     r
 }
 
-/// `peer` is the client's address, formatted once per connection rather than for every request.
+/// The hyper side (HTTP/2): reads the body, runs the handler, and lets a handler that answered
+/// early (a stream) go on in a task of its own. `peer` is the client's address, formatted once
+/// per connection rather than for every request.
 pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, peer: Rc<str>, busy: crate::Busy) -> Result<Response<Body>, std::convert::Infallible> {
     let spec = &iface.spec;
-    // A WebSocket session lives as long as its connection, so it gets its own deadline.
-    let timeout = if is_websocket(&req) { iface.settings.websocket_timeout } else { spec.request_timeout };
-    let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
+    let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
+    let id = ctx.id.clone();
     // Only what the debug line needs, and only when it will be written.
-    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (ctx.id.clone(), std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
-    let response = respond(&iface, req, &peer, ctx, busy).await;
-    if let Some((id, started, method, path)) = debug {
+    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
+    let response = match Box::pin(collect(&iface, req, &ctx)).await {
+        Err(response) => response,
+        Ok((parts, body)) => match run(&iface, parts, body, &peer, ctx, None).await {
+            Outcome::Done(response) => response,
+            Outcome::Early(head, rest) => {
+                tokio::task::spawn_local(async move {
+                    rest.finish().await;
+                    drop(busy);
+                });
+                head
+            }
+        },
+    };
+    if let Some((started, method, path)) = debug {
         tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
     }
     Ok(response)
 }
 
 /// An HTTP/1.1 GET asking for a WebSocket (RFC 6455 4.2.1).
-fn is_websocket(req: &Request<Incoming>) -> bool {
-    let h = req.headers();
+pub(crate) fn is_websocket(method: &hyper::Method, version: hyper::Version, h: &hyper::HeaderMap) -> bool {
     let has = |name: hyper::header::HeaderName, token: &str| {
         h.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
     };
-    req.method() == hyper::Method::GET
-        && req.version() == hyper::Version::HTTP_11
+    method == hyper::Method::GET
+        && version == hyper::Version::HTTP_11
         && has(hyper::header::UPGRADE, "websocket")
         && has(hyper::header::CONNECTION, "upgrade")
         && h.contains_key("sec-websocket-key")
 }
 
-/// Reads the body and starts the handler's coroutine. Boxed by the caller: its state (the body
-/// being collected, the request head) is large, and a parked request must not keep it.
-async fn prepare(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, ctx: RequestCtx) -> Result<(Result<RequestFuture, RunError>, SlotGuard), Response<Body>> {
-    let spec = &iface.spec;
-    let id = ctx.id.clone();
-    let upgrade = if is_websocket(&req) {
-        let key = req.headers().get("sec-websocket-key").map(|k| Bytes::copy_from_slice(k.as_bytes())).unwrap_or_default();
-        Some((hyper::upgrade::on(&mut req), key))
-    } else {
-        None
-    };
-    let websocket = upgrade.is_some();
+/// Reads a hyper request's body within the deadline and max_body_size.
+async fn collect(iface: &HttpInterface, req: Request<Incoming>, ctx: &RequestCtx) -> Result<(hyper::http::request::Parts, Bytes), Response<Body>> {
+    let id = &ctx.id;
     let limit = iface.settings.max_body_size;
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes")));
+        return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, id, &format!("request body over the limit of {limit} bytes")));
     }
     let (parts, body) = req.into_parts();
-    let body = match tokio::time::timeout_at(ctx.deadline.into(), Limited::new(body, limit as usize).collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
+    match tokio::time::timeout_at(ctx.deadline.into(), Limited::new(body, limit as usize).collect()).await {
+        Ok(Ok(b)) => Ok((parts, b.to_bytes())),
         Ok(Err(e)) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, &id, &format!("request body over the limit of {limit} bytes")));
+                return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, id, &format!("request body over the limit of {limit} bytes")));
             }
-            return Err(plain(StatusCode::BAD_REQUEST, &id, "request body could not be read"));
+            Err(plain(StatusCode::BAD_REQUEST, id, "request body could not be read"))
         }
-        Err(_) => return Err(plain(StatusCode::REQUEST_TIMEOUT, &id, "request body not received before the deadline")),
-    };
+        Err(_) => Err(plain(StatusCode::REQUEST_TIMEOUT, id, "request body not received before the deadline")),
+    }
+}
+
+/// A WebSocket request's way to its connection once the 101 is sent, and the client's key.
+pub(crate) type Upgrade = (tokio::sync::oneshot::Receiver<crate::Prefixed>, Bytes);
+
+/// Starts the handler's coroutine with the request and response tables.
+pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, body: Bytes, peer: &str, ctx: RequestCtx, upgrade: Option<Upgrade>) -> Started {
+    let spec = &iface.spec;
+    let id = ctx.id.clone();
+    let websocket = upgrade.is_some();
     let Some(vm) = worker::cage(&spec.cage) else {
         tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "cage has no VM on this worker");
-        return Err(plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running"));
+        return Err(Box::new(plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running")));
     };
     let (module, function) = &spec.handler.value;
     let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
@@ -117,75 +130,145 @@ async fn prepare(iface: &HttpInterface, mut req: Request<Incoming>, peer: &str, 
             ]))
         })
     });
-    // The handler has its own copies now; a parked request should not keep the head and body.
-    drop(parts);
-    drop(body);
     Ok((started, slot))
 }
 
-async fn respond(iface: &HttpInterface, req: Request<Incoming>, peer: &str, ctx: RequestCtx, busy: crate::Busy) -> Response<Body> {
-    let spec = &iface.spec;
+/// How a handler answered: with its whole response, or with a response head it sent early
+/// (`response.stream`, `request.upgrade`) while it goes on. Made once per request and consumed
+/// at once, so the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Outcome {
+    Done(Response<Body>),
+    Early(Response<Body>, Rest),
+}
+
+/// The rest of a handler that answered early; its slot (the stream's sender, the WebSocket)
+/// goes when it ends.
+pub(crate) struct Rest {
+    fut: RequestFuture,
+    slot: SlotGuard,
+    iface: Arc<HttpInterface>,
+    id: String,
+}
+
+impl Rest {
+    pub(crate) async fn finish(self) {
+        let r = self.fut.await;
+        log_outcome(&self.iface, &self.id, r);
+        drop(self.slot);
+    }
+}
+
+/// A started handler, or the response that says why it could not start.
+pub(crate) type Started = Result<(Result<RequestFuture, RunError>, SlotGuard), Box<Response<Body>>>;
+
+/// Runs a request's handler until it answers. The request head and body are dropped once the
+/// handler has its own copies: a parked request should not keep them.
+pub(crate) async fn run(iface: &Arc<HttpInterface>, parts: hyper::http::request::Parts, body: Bytes, peer: &str, ctx: RequestCtx, upgrade: Option<Upgrade>) -> Outcome {
     let id = ctx.id.clone();
-    let (module, function) = &spec.handler.value;
-    let (started, slot) = match Box::pin(prepare(iface, req, peer, ctx)).await {
-        Ok(x) => x,
-        Err(response) => return response,
-    };
-    let result = match started {
-        Ok(mut fut) => {
-            // The handler either ends (the usual case) or sends its response head early
-            // (response.stream, request.upgrade) and goes on in a task of its own.
-            let replied = tokio::select! {
-                biased;
-                r = &mut fut => Err(r),
-                head = slot.replied() => Ok(head),
-            };
-            match replied {
-                Err(r) if !slot.0.replied() => r,
-                Err(r) => {
+    let started = start(iface, parts, body, peer, ctx, upgrade);
+    *Answer::new(iface, started, id).await
+}
+
+/// Waits for a started handler's answer. Written by hand rather than as an `async fn`: this is
+/// what a parked request's task holds, and it should hold nothing else.
+pub(crate) struct Answer {
+    iface: Arc<HttpInterface>,
+    pub(crate) id: String,
+    state: AnswerState,
+}
+
+enum AnswerState {
+    Running(RequestFuture, SlotGuard),
+    NotStarted(RunError, SlotGuard),
+    Refused(Box<Response<Body>>),
+    Done,
+}
+
+impl Answer {
+    pub(crate) fn new(iface: &Arc<HttpInterface>, started: Started, id: String) -> Answer {
+        let state = match started {
+            Ok((Ok(fut), slot)) => AnswerState::Running(fut, slot),
+            Ok((Err(e), slot)) => AnswerState::NotStarted(e, slot),
+            Err(response) => AnswerState::Refused(response),
+        };
+        Answer { iface: iface.clone(), id, state }
+    }
+}
+
+/// Boxed: a value awaited in a task takes room in it for the task's life.
+impl std::future::Future for Answer {
+    type Output = Box<Outcome>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Box<Outcome>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let AnswerState::Running(fut, slot) = &mut this.state {
+            // The handler first: it either ends (the usual case) or sends its response head
+            // early (response.stream, request.upgrade) and goes on.
+            match std::pin::Pin::new(&mut *fut).poll(cx) {
+                Poll::Ready(r) if slot.0.replied() => {
                     // It started a stream and ended within one poll: the head is sent, its
                     // body ends as the slot goes.
-                    log_outcome(iface, &id, r);
-                    let head = slot.replied().await;
-                    drop(slot);
-                    return head;
+                    log_outcome(&this.iface, &this.id, r);
+                    let head = slot.0.take_reply();
+                    this.state = AnswerState::Done;
+                    if let Some(head) = head {
+                        return Poll::Ready(Box::new(Outcome::Done(head)));
+                    }
+                    return Poll::Ready(Box::new(Outcome::Done(plain(StatusCode::INTERNAL_SERVER_ERROR, &this.id, "internal error"))));
                 }
-                Ok(head) => {
-                    let spec = iface.spec.clone();
-                    let id = id.clone();
-                    tokio::task::spawn_local(async move {
-                        let r = fut.await;
-                        log_outcome_spec(&spec, &id, r);
-                        drop(slot);
-                        drop(busy);
-                    });
-                    return head;
+                Poll::Ready(r) => {
+                    this.state = AnswerState::Done;
+                    return Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, r, &this.id))));
                 }
+                Poll::Pending => {}
             }
+            return match slot.0.poll_reply(cx) {
+                Poll::Ready(head) => match std::mem::replace(&mut this.state, AnswerState::Done) {
+                    AnswerState::Running(fut, slot) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot, iface: this.iface.clone(), id: this.id.clone() }))),
+                    _ => Poll::Pending,
+                },
+                Poll::Pending => Poll::Pending,
+            };
         }
-        Err(e) => Err(e),
-    };
+        match std::mem::replace(&mut this.state, AnswerState::Done) {
+            AnswerState::NotStarted(e, slot) => {
+                drop(slot);
+                Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, Err(e), &this.id))))
+            }
+            AnswerState::Refused(response) => Poll::Ready(Box::new(Outcome::Done(*response))),
+            // Polled again after it answered: it never answers twice.
+            AnswerState::Running(..) | AnswerState::Done => Poll::Pending,
+        }
+    }
+}
+
+/// The response for a handler that ended: what it returned, or the error it ended with.
+fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, id: &str) -> Response<Body> {
+    let spec = &iface.spec;
+    let (module, function) = &spec.handler.value;
     match result {
-        Ok(values) => match build_response(values, &id) {
+        Ok(values) => match build_response(values, id) {
             Ok(r) => r,
             Err(message) => {
                 tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
-                plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+                plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
             }
         },
         Err(RunError::Deadline) => {
             tracing::warn!(cage = %spec.cage, interface = %spec.name, request = %id, "deadline exceeded ({:?}) in {module}.{function}", spec.request_timeout);
-            plain(StatusCode::GATEWAY_TIMEOUT, &id, "deadline exceeded")
+            plain(StatusCode::GATEWAY_TIMEOUT, id, "deadline exceeded")
         }
         Err(e @ RunError::Failed { .. }) => {
             // One line per record: the request id is printed at its end, and a traceback split
             // over lines would leave the error text on lines that do not carry the id.
             tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {}", e.log_text());
-            plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+            plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
         }
         Err(e) => {
             tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function}: {e}");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, &id, "internal error")
+            plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
         }
     }
 }
@@ -207,10 +290,7 @@ end
 
 /// Logs how a handler that answered early (a stream, a WebSocket) ended.
 fn log_outcome(iface: &HttpInterface, id: &str, r: Result<MultiValue, RunError>) {
-    log_outcome_spec(&iface.spec, id, r)
-}
-
-fn log_outcome_spec(spec: &rustomnic_cage::InterfaceSpec, id: &str, r: Result<MultiValue, RunError>) {
+    let spec = &iface.spec;
     let (module, function) = &spec.handler.value;
     match r {
         Ok(_) => {}

@@ -17,6 +17,7 @@
 //! | `websocket_timeout` | "1h" | the deadline of a request that upgrades to a WebSocket, instead of request_timeout |
 //! | `max_message_size` | "1MiB" | larger WebSocket messages close the WebSocket with 1009 |
 
+mod h1;
 mod handler;
 mod limits;
 mod lua_api;
@@ -171,9 +172,15 @@ impl Interface for HttpInterface {
             }
             let h2 = head[..] == *H2_PREFACE;
             let state = conn;
-            let io = TokioIo::new(Prefixed { head, stream, conn: state.clone(), write_timer: None });
-            let me = self.clone();
             let peer: std::rc::Rc<str> = remote.to_string().into();
+            let io = Prefixed { head, stream, conn: state.clone(), write_timer: None };
+            if !h2 {
+                return h1::serve(self, io, peer, shutdown).await;
+            }
+            // HTTP/2 (rarer, and larger) is served by hyper, boxed so that the task of every
+            // HTTP/1 connection stays small.
+            let io = TokioIo::new(io);
+            let me = self.clone();
             let busy = state.clone();
             let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy)));
             let idle = self.settings.idle_timeout;
@@ -186,45 +193,26 @@ impl Interface for HttpInterface {
                     }
                 }
             };
-            // Runs a hyper connection until it ends, shutting it down gracefully at shutdown or
-            // when idle for idle_timeout.
-            macro_rules! drive {
-                ($conn:expr) => {{
-                    let conn = $conn;
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = shutdown.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                        _ = idle_out => {
-                            tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
+            let result = Box::pin(async {
+                let mut b = hyper::server::conn::http2::Builder::new(LocalExec);
+                b.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_size as u32).max_concurrent_streams(256);
+                let conn = b.serve_connection(io, service);
+                tokio::pin!(conn);
+                // Shut down gracefully at shutdown or when idle for idle_timeout.
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = shutdown.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
                     }
-                }};
-            }
-            // The version is known from the first bytes, so a connection carries only the state
-            // of its own protocol; HTTP/2 (rarer, and larger) is boxed so that the task of every
-            // HTTP/1 connection stays small.
-            let result = if h2 {
-                Box::pin(async {
-                    let mut b = hyper::server::conn::http2::Builder::new(LocalExec);
-                    b.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_size as u32).max_concurrent_streams(256);
-                    drive!(b.serve_connection(io, service))
-                })
-                .await
-            } else {
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(self.settings.header_read_timeout)
-                    .max_buf_size(self.settings.max_header_size)
-                    .writev(true)
-                    .keep_alive(true);
-                drive!(b.serve_connection(io, service).with_upgrades())
-            };
+                    _ = idle_out => {
+                        tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            })
+            .await;
             if let Err(e) = result {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "connection from {remote} ended: {e}");
             }
@@ -312,13 +300,13 @@ impl Drop for Busy {
     }
 }
 
-/// A connection whose first bytes [`first_bytes`] already read: they are replayed to hyper
-/// before the rest of the stream. It also keeps the idle clock and drops clients that do not
-/// read (write_timeout).
-struct Prefixed {
-    head: Bytes,
-    stream: TcpStream,
-    conn: Arc<ConnState>,
+/// A connection with bytes already read from it (by [`first_bytes`], or after a WebSocket's
+/// request): they are read again before the rest of the stream. It also keeps the idle clock and
+/// drops clients that do not read (write_timeout).
+pub(crate) struct Prefixed {
+    pub(crate) head: Bytes,
+    pub(crate) stream: TcpStream,
+    pub(crate) conn: Arc<ConnState>,
     /// Running while a write waits for the client to read; made only when one does.
     write_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }

@@ -5,7 +5,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -69,8 +68,8 @@ pub(crate) struct Slot {
     waker: RefCell<Option<Waker>>,
     /// The sending side of a streamed body; dropped when the handler ends, which ends the body.
     pub(crate) sender: RefCell<Option<mpsc::Sender<Bytes>>>,
-    /// For upgrade requests: hyper's handle on the connection after the 101, and the client's key.
-    pub(crate) upgrade: RefCell<Option<(hyper::upgrade::OnUpgrade, Bytes)>>,
+    /// For upgrade requests: the connection, handed over once the 101 is sent, and the client's key.
+    pub(crate) upgrade: RefCell<Option<crate::handler::Upgrade>>,
     pub(crate) ws: RefCell<WsState>,
     /// The topic a WebSocket session receives events of (see `ws.receive`).
     pub(crate) subscription: RefCell<Option<rustomnic_lua::events::Subscription>>,
@@ -85,7 +84,7 @@ thread_local! {
 }
 
 impl Slot {
-    pub(crate) fn register(id: &str, upgrade: Option<(hyper::upgrade::OnUpgrade, Bytes)>, write_timeout: Duration, max_message_size: usize) -> SlotGuard {
+    pub(crate) fn register(id: &str, upgrade: Option<crate::handler::Upgrade>, write_timeout: Duration, max_message_size: usize) -> SlotGuard {
         let slot = Rc::new(Slot {
             reply: RefCell::new(None),
             waker: RefCell::new(None),
@@ -108,7 +107,7 @@ impl Slot {
         SLOTS.with(|s| s.borrow().get(&ctx.id).cloned())
     }
 
-    /// Hands the response head to hyper; the handler goes on.
+    /// Hands the response head to the connection; the handler goes on.
     pub(crate) fn reply(&self, response: Response<Body>) {
         *self.reply.borrow_mut() = Some(response);
         if let Some(w) = self.waker.borrow_mut().take() {
@@ -119,18 +118,28 @@ impl Slot {
     pub(crate) fn replied(&self) -> bool {
         self.reply.borrow().is_some()
     }
+
+    pub(crate) fn take_reply(&self) -> Option<Response<Body>> {
+        self.reply.borrow_mut().take()
+    }
+
+    /// The response head once the handler sent one early; until then the task is woken when
+    /// it does.
+    pub(crate) fn poll_reply(&self, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        if let Some(r) = self.take_reply() {
+            return Poll::Ready(r);
+        }
+        let mut w = self.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 /// Unregisters the slot when the request is over, ends a streamed body and closes a WebSocket
 /// the handler left open.
 pub(crate) struct SlotGuard(pub(crate) Rc<Slot>);
-
-impl SlotGuard {
-    /// Resolves when the handler sent its response head early.
-    pub(crate) fn replied(&self) -> Replied<'_> {
-        Replied(&self.0)
-    }
-}
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
@@ -141,20 +150,6 @@ impl Drop for SlotGuard {
         if let WsState::Open(ws) = ws {
             crate::upgrade::close_in_background(ws);
         }
-    }
-}
-
-pub(crate) struct Replied<'a>(&'a Slot);
-
-impl Future for Replied<'_> {
-    type Output = Response<Body>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
-        if let Some(r) = self.0.reply.borrow_mut().take() {
-            return Poll::Ready(r);
-        }
-        *self.0.waker.borrow_mut() = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
 use hyper::StatusCode;
-use hyper_util::rt::TokioIo;
 use rustomnic_lua::events;
 use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -18,7 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::stream::{ok, Body, Slot};
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Ws = WebSocketStream<crate::Prefixed>;
 
 /// tungstenite allocates its read buffer up front for every connection (128 KiB by default);
 /// messages larger than this are read in several steps, which idle clients never need.
@@ -67,7 +66,7 @@ fn put_back(slot: &Slot, ws: Box<Ws>) {
 }
 
 /// `request.upgrade()`: sends 101 (with the headers the handler set on `response`) and waits for
-/// hyper to hand over the connection.
+/// the connection to be handed over.
 pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::Result<MultiValue> {
     let what = "request.upgrade";
     let Some(slot) = Slot::current(lua) else { return fail(lua, format!("{what} may only be called by the HTTP handler of the request")) };
@@ -104,7 +103,7 @@ pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::
         .write_buffer_size(0)
         .max_message_size(Some(slot.max_message_size))
         .max_frame_size(Some(slot.max_message_size));
-    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
     *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
     Ok(ok([]))
 }

@@ -1,0 +1,830 @@
+//! Our own HTTP/1.1 server connection for the Lua handlers (hyper serves HTTP/2): between
+//! requests and while a handler is parked, a connection holds no read or write buffer, only its
+//! socket and the handler's coroutine (docs/decisions/050-own-http1.md).
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use rustomnic_cage::Shutdown;
+use rustomnic_lua::RequestCtx;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::handler::{self, Outcome};
+use crate::stream::Body;
+use crate::{now_ms, Busy, HttpInterface, Prefixed};
+
+/// More request headers than this get 431 (the limit hyper had).
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line, extensions included, longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Response bodies up to this size are copied behind the head and sent in one write.
+const COALESCE: usize = 16 * 1024;
+/// The first read of a request head reserves this much; a larger head grows the buffer.
+const FIRST_READ: usize = 2048;
+/// After refusing a request, how long (and how much) the client's unread bytes are drained so
+/// that closing does not reset the connection before the client has read the refusal.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
+/// How the body of a request is framed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head and what it says about the connection.
+struct Head {
+    parts: hyper::http::request::Parts,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+    websocket: bool,
+}
+
+/// A request answered without running the handler (malformed, too large, too slow).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: StatusCode,
+    reason: String,
+}
+
+fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
+    Refusal { status, reason: reason.into() }
+}
+
+/// Serves requests on `io` until the client closes, a request says `connection: close`, the
+/// connection idles for idle_timeout, it is upgraded, or the process shuts down.
+pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Prefixed, peer: Rc<str>, mut shutdown: Shutdown) {
+    let mut buf = std::mem::take(&mut io.head).to_vec();
+    let mut first = true;
+    loop {
+        let head = match read_head(&iface, &mut io, &mut buf, first, &mut shutdown).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(r) => {
+                tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
+                Box::pin(refuse(&mut io, r, &rustomnic_lua::new_request_id())).await;
+                return;
+            }
+        };
+        first = false;
+        match exchange(&iface, io, &mut buf, head, &peer, &shutdown).await {
+            Some(back) => io = back,
+            None => return,
+        }
+        if buf.is_empty() {
+            // An idle connection keeps no read buffer.
+            buf = Vec::new();
+        }
+    }
+}
+
+/// Waits for and parses the next request head. `None` when the connection should just close:
+/// the client closed or sent nothing in time, or the process is shutting down.
+async fn read_head(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, first: bool, shutdown: &mut Shutdown) -> Result<Option<Box<Head>>, Refusal> {
+    let s = &iface.settings;
+    let mut started = !buf.is_empty();
+    // The first request of a connection must arrive within header_read_timeout; later ones may
+    // take idle_timeout to start, and then header_read_timeout to arrive whole.
+    let mut deadline = Instant::now() + if first || started { s.header_read_timeout } else { s.idle_timeout };
+    loop {
+        if started {
+            if let Some((head, used)) = parse(buf, s.max_header_size)? {
+                buf.drain(..used);
+                return Ok(Some(head));
+            }
+            if buf.len() > s.max_header_size {
+                return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("the request head is over max_header_size ({} bytes)", s.max_header_size)));
+            }
+        }
+        if *shutdown.borrow() && !started {
+            return Ok(None);
+        }
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, io.stream.readable()) => match r {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(None),
+                Err(_) if started => return Err(refusal(StatusCode::REQUEST_TIMEOUT, format!("the request head did not arrive within header_read_timeout ({:?})", s.header_read_timeout))),
+                Err(_) => return Ok(None),
+            },
+            r = shutdown.changed(), if !started => {
+                if r.is_err() {
+                    return Ok(None);
+                }
+                continue;
+            }
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(if buf.is_empty() { FIRST_READ } else { buf.len().min(s.max_header_size) });
+        }
+        match io.stream.try_read_buf(buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {
+                io.conn.last.store(now_ms(), Ordering::Relaxed);
+                if !started {
+                    started = true;
+                    deadline = Instant::now() + s.header_read_timeout;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Parses a complete request head at the start of `buf`: the head and its length, `None` when
+/// more bytes are needed.
+fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("more than {MAX_HEADERS} request headers")))
+        }
+        Err(httparse::Error::Version) => return Err(refusal(StatusCode::BAD_REQUEST, "the request line does not end in HTTP/1.0 or HTTP/1.1")),
+        Err(e) => return Err(refusal(StatusCode::BAD_REQUEST, format!("malformed request head: {e}"))),
+    };
+    if used > max_header_size {
+        return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("the request head is over max_header_size ({max_header_size} bytes)")));
+    }
+    let bad = |what: String| refusal(StatusCode::BAD_REQUEST, what);
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| bad("malformed method".into()))?;
+    let target = req.path.unwrap_or_default();
+    let uri = target.parse::<Uri>().map_err(|_| bad(format!("malformed request target {:?}", truncate(target))))?;
+    let version = if req.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
+    let mut map = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad(format!("malformed header name {:?}", truncate(h.name))))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad(format!("header {name} has a value that is not allowed in HTTP")))?;
+        map.append(name, value);
+    }
+    let framing = framing(&map, version)?;
+    let tokens = |name: HeaderName, token: &str| {
+        map.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    let keep_alive = if version == Version::HTTP_11 { !tokens(CONNECTION, "close") } else { tokens(CONNECTION, "keep-alive") };
+    let expect_continue = version == Version::HTTP_11 && tokens(EXPECT, "100-continue");
+    let websocket = handler::is_websocket(&method, version, &map);
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = map;
+    let (parts, ()) = request.into_parts();
+    // A body framed in a way we cannot trust makes the rest of the connection unreadable.
+    Ok(Some((Box::new(Head { parts, framing, keep_alive, expect_continue, websocket }), used)))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// The body framing of a request (RFC 9112 6.3), refusing the ambiguous ones that let a
+/// request hide inside another (request smuggling).
+fn framing(map: &HeaderMap, version: Version) -> Result<Framing, Refusal> {
+    let bad = |what: &str| refusal(StatusCode::BAD_REQUEST, what);
+    let te: Vec<&HeaderValue> = map.get_all(TRANSFER_ENCODING).iter().collect();
+    let cl: Vec<&HeaderValue> = map.get_all(CONTENT_LENGTH).iter().collect();
+    if !te.is_empty() {
+        if !cl.is_empty() {
+            return Err(bad("both content-length and transfer-encoding are set"));
+        }
+        if version != Version::HTTP_11 {
+            return Err(bad("transfer-encoding in an HTTP/1.0 request"));
+        }
+        let mut codings = Vec::new();
+        for v in te {
+            let v = v.to_str().map_err(|_| bad("malformed transfer-encoding"))?;
+            codings.extend(v.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+        }
+        return match codings.as_slice() {
+            [only] if only == "chunked" => Ok(Framing::Chunked),
+            _ => Err(refusal(StatusCode::NOT_IMPLEMENTED, format!("transfer-encoding {:?} is not supported (only chunked)", codings.join(", ")))),
+        };
+    }
+    let mut length: Option<u64> = None;
+    for v in cl {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(bad("malformed content-length"));
+            }
+            let n = std::str::from_utf8(part).ok().and_then(|p| p.parse::<u64>().ok()).ok_or_else(|| bad("malformed content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad("content-length values that differ"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) | None => Framing::None,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// Why a request body could not be read.
+enum BodyError {
+    Refused(Refusal),
+    /// The client closed or the socket failed: nothing to answer.
+    Gone,
+}
+
+/// What a request keeps while its handler runs, besides the handler itself.
+struct Req {
+    busy: Busy,
+    version: Version,
+    head_only: bool,
+    keep_alive: bool,
+    handover: Option<tokio::sync::oneshot::Sender<Prefixed>>,
+    debug: Option<Box<(std::time::Instant, Method, String)>>,
+}
+
+/// One request on the connection: its body, the handler, the response. Gives the connection
+/// back when it may serve another request.
+async fn exchange(iface: &Arc<HttpInterface>, mut io: Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>, shutdown: &Shutdown) -> Option<Prefixed> {
+    let spec = &iface.spec;
+    // Up to the handler's start, boxed: its state (the head, the body being read) is large,
+    // and a parked request's task must not be sized for it.
+    let (mut answer, mut req) = Box::pin(begin(iface, &mut io, buf, head, peer)).await?;
+    // The answer becomes what to write before anything is awaited again, so that the task does
+    // not keep room for both.
+    let next = {
+        let outcome = tokio::select! {
+            o = &mut answer => o,
+            () = gone(&io.stream) => {
+                // Dropping the handler's future ends its coroutine: nobody waits for the answer.
+                tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %answer.id, "{peer} closed the connection before the answer; the handler is stopped");
+                return None;
+            }
+        };
+        if *shutdown.borrow() {
+            req.keep_alive = false;
+        }
+        match *outcome {
+            Outcome::Done(response) => Ok((response.status(), serialize(response, req.version, req.head_only, &mut req.keep_alive))),
+            Outcome::Early(response, rest) => {
+                Err(Box::new(Early { response, rest, version: req.version, head_only: req.head_only, handover: req.handover.take(), leftover: buf }))
+            }
+        }
+    };
+    let written = match next {
+        Ok((status, serialized)) => {
+            let written = write_serialized(&mut io, serialized).await;
+            log_done(iface, &answer.id, status, req.debug.take());
+            written
+        }
+        Err(early) => {
+            let status = early.response.status();
+            let (back, written) = Box::pin(early.run(io, &mut req.keep_alive)).await;
+            log_done(iface, &answer.id, status, req.debug.take());
+            return match back {
+                Some(back) => finish(iface, back, written, req.keep_alive, peer, &answer.id).await,
+                None => None,
+            };
+        }
+    };
+    drop(req.busy);
+    finish(iface, io, written, req.keep_alive, peer, &answer.id).await
+}
+
+/// Reads the request's body and starts its handler; `None` when the connection is over (the
+/// request was refused, or the client went away).
+async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>) -> Option<(handler::Answer, Req)> {
+    let spec = &iface.spec;
+    let s = &iface.settings;
+    let Head { parts, framing, keep_alive, expect_continue, websocket } = *head;
+    let timeout = if websocket { s.websocket_timeout } else { spec.request_timeout };
+    let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
+    let id = ctx.id.clone();
+    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| Box::new((std::time::Instant::now(), parts.method.clone(), parts.uri.path().to_string())));
+    let req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, debug };
+    let body = if framing == Framing::None {
+        Bytes::new()
+    } else {
+        match read_body(iface, io, buf, framing, expect_continue, ctx.deadline).await {
+            Ok(b) => b,
+            Err(BodyError::Gone) => return None,
+            Err(BodyError::Refused(r)) => {
+                tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
+                refuse(io, r, &id).await;
+                return None;
+            }
+        }
+    };
+    if buf.is_empty() {
+        // A parked handler keeps no read buffer.
+        *buf = Vec::new();
+    }
+    let mut req = req;
+    let upgrade = if websocket {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        req.handover = Some(tx);
+        let key = parts.headers.get("sec-websocket-key").map(|k| Bytes::copy_from_slice(k.as_bytes())).unwrap_or_default();
+        Some((rx, key))
+    } else {
+        None
+    };
+    let started = handler::start(iface, parts, body, peer, ctx, upgrade);
+    Some((handler::Answer::new(iface, started, id), req))
+}
+
+/// After a response: the connection back for the next request, or closed.
+async fn finish(iface: &HttpInterface, mut io: Prefixed, written: std::io::Result<()>, keep_alive: bool, peer: &str, id: &str) -> Option<Prefixed> {
+    match written {
+        Ok(()) if keep_alive => Some(io),
+        Ok(()) => {
+            // A TCP shutdown does not wait for the client.
+            let _ = io.shutdown().await;
+            None
+        }
+        Err(e) => {
+            tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "response to {peer} not delivered: {e}");
+            None
+        }
+    }
+}
+
+/// A handler that sent its response head early and goes on: a stream, written while it runs,
+/// or a WebSocket, to which the connection is handed after the 101.
+struct Early<'a> {
+    response: Response<Body>,
+    rest: handler::Rest,
+    version: Version,
+    head_only: bool,
+    handover: Option<tokio::sync::oneshot::Sender<Prefixed>>,
+    leftover: &'a mut Vec<u8>,
+}
+
+impl Early<'_> {
+    /// Gives the connection back unless it was handed over.
+    async fn run(self, mut io: Prefixed, keep_alive: &mut bool) -> (Option<Prefixed>, std::io::Result<()>) {
+        let Early { response, rest, version, head_only, handover, leftover } = self;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The 101 goes out, then the socket (with anything the client sent after the
+            // request) belongs to the WebSocket session running in the handler.
+            let leftover = std::mem::take(leftover);
+            let send = async move {
+                let mut keep = true;
+                if write_response(&mut io, response, version, false, &mut keep).await.is_ok() {
+                    io.head = Bytes::from(leftover);
+                    if let Some(tx) = handover {
+                        let _ = tx.send(io);
+                    }
+                }
+            };
+            futures_util::future::join(send, rest.finish()).await;
+            return (None, Ok(()));
+        }
+        let send = write_response(&mut io, response, version, head_only, keep_alive);
+        let written = futures_util::future::join(send, rest.finish()).await.0;
+        (Some(io), written)
+    }
+}
+
+fn log_done(iface: &HttpInterface, id: &str, status: StatusCode, debug: Option<Box<(std::time::Instant, Method, String)>>) {
+    if let Some((started, method, path)) = debug.map(|d| *d) {
+        tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "{method} {path} {} {:.1}ms", status.as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+/// Reads a request body (after `100 Continue` when the client waits for it) within the
+/// request's deadline and max_body_size.
+async fn read_body(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, framing: Framing, expect_continue: bool, deadline: std::time::Instant) -> Result<Bytes, BodyError> {
+    let limit = iface.settings.max_body_size;
+    let too_large = || BodyError::Refused(refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the limit of {limit} bytes (max_body_size)")));
+    if let Framing::Length(n) = framing {
+        if n > limit {
+            return Err(too_large());
+        }
+    }
+    if expect_continue && buf.is_empty() && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        return Err(BodyError::Gone);
+    }
+    let read = async {
+        match framing {
+            Framing::None => Ok(Bytes::new()),
+            Framing::Length(n) => read_exact_body(io, buf, n as usize).await,
+            Framing::Chunked => read_chunked(io, buf, limit).await,
+        }
+    };
+    match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(ChunkError::TooLarge)) => Err(too_large()),
+        Ok(Err(ChunkError::Malformed(what))) => Err(BodyError::Refused(refusal(StatusCode::BAD_REQUEST, format!("malformed chunked body: {what}")))),
+        Ok(Err(ChunkError::Gone)) => Err(BodyError::Gone),
+        Err(_) => Err(BodyError::Refused(refusal(StatusCode::REQUEST_TIMEOUT, "request body not received before the deadline"))),
+    }
+}
+
+enum ChunkError {
+    TooLarge,
+    Malformed(&'static str),
+    Gone,
+}
+
+/// Reads more bytes of the connection into `into` (which has spare capacity); `Gone` at EOF.
+async fn fill(io: &mut Prefixed, into: &mut Vec<u8>) -> Result<(), ChunkError> {
+    loop {
+        io.stream.readable().await.map_err(|_| ChunkError::Gone)?;
+        match io.stream.try_read_buf(into) {
+            Ok(0) => return Err(ChunkError::Gone),
+            Ok(_) => {
+                io.conn.last.store(now_ms(), Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(ChunkError::Gone),
+        }
+    }
+}
+
+async fn read_exact_body(io: &mut Prefixed, buf: &mut Vec<u8>, n: usize) -> Result<Bytes, ChunkError> {
+    let have = buf.len().min(n);
+    let mut body = Vec::with_capacity(n);
+    body.extend(buf.drain(..have));
+    while body.len() < n {
+        fill(io, &mut body).await?;
+    }
+    Ok(Bytes::from(body))
+}
+
+/// Decodes a chunked body from `buf` (reading more as needed), leaving what follows it in
+/// `buf`. Extensions are ignored; trailers are read and dropped.
+async fn read_chunked(io: &mut Prefixed, buf: &mut Vec<u8>, limit: u64) -> Result<Bytes, ChunkError> {
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        // The chunk-size line.
+        let line_end = loop {
+            if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
+                break pos + i;
+            }
+            if buf.len() - pos > MAX_CHUNK_LINE {
+                return Err(ChunkError::Malformed("a chunk-size line is too long"));
+            }
+            more(io, buf).await?;
+        };
+        let line = &buf[pos..line_end];
+        let size_part = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii_end();
+        if size_part.is_empty() || size_part.len() > 15 || !size_part.iter().all(u8::is_ascii_hexdigit) {
+            return Err(ChunkError::Malformed("a chunk size is not a hexadecimal number"));
+        }
+        let size = std::str::from_utf8(size_part).ok().and_then(|t| u64::from_str_radix(t, 16).ok()).ok_or(ChunkError::Malformed("a chunk size is not a hexadecimal number"))?;
+        pos = line_end + 2;
+        if size == 0 {
+            // Trailers up to an empty line.
+            loop {
+                if buf.len() >= pos + 2 && &buf[pos..pos + 2] == b"\r\n" {
+                    buf.drain(..pos + 2);
+                    return Ok(Bytes::from(body));
+                }
+                if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
+                    pos += i + 2;
+                    continue;
+                }
+                if buf.len() - pos > MAX_CHUNK_LINE {
+                    return Err(ChunkError::Malformed("a trailer line is too long"));
+                }
+                more(io, buf).await?;
+            }
+        }
+        if body.len() as u64 + size > limit {
+            return Err(ChunkError::TooLarge);
+        }
+        // The chunk's data, then its CRLF.
+        let mut left = size as usize;
+        while left > 0 {
+            if buf.len() == pos {
+                buf.clear();
+                pos = 0;
+                more(io, buf).await?;
+            }
+            let have = (buf.len() - pos).min(left);
+            body.extend_from_slice(&buf[pos..pos + have]);
+            pos += have;
+            left -= have;
+        }
+        while buf.len() - pos < 2 {
+            more(io, buf).await?;
+        }
+        if &buf[pos..pos + 2] != b"\r\n" {
+            return Err(ChunkError::Malformed("a chunk does not end with CRLF"));
+        }
+        buf.drain(..pos + 2);
+        pos = 0;
+    }
+}
+
+async fn more(io: &mut Prefixed, buf: &mut Vec<u8>) -> Result<(), ChunkError> {
+    buf.reserve(4096);
+    fill(io, buf).await
+}
+
+/// The reason phrase of a status line.
+fn reason(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("")
+}
+
+/// The `date` header's value, formatted once a second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static CACHE: std::cell::RefCell<(u64, Option<HeaderValue>)> = const { std::cell::RefCell::new((0, None)) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_none() {
+            let text = httpdate::fmt_http_date(now);
+            *c = (secs, HeaderValue::from_str(&text).ok());
+        }
+        c.1.clone().unwrap_or_else(|| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+    })
+}
+
+/// A response ready for the socket.
+enum Serialized {
+    /// The head, with the body when it is small.
+    Whole(Vec<u8>),
+    /// The head, then a large body.
+    Large(Vec<u8>, Bytes),
+    /// The head, then chunks until the handler ends (chunked unless the client speaks HTTP/1.0).
+    Stream(Vec<u8>, tokio::sync::mpsc::Receiver<Bytes>, Version),
+}
+
+/// Writes a response: its head, then its body (all at once, or a stream in chunks). Sets
+/// `keep_alive` to false when the connection must close after it (a handler's
+/// `connection: close`, a streamed body to an HTTP/1.0 client).
+async fn write_response(io: &mut Prefixed, response: Response<Body>, version: Version, head_only: bool, keep_alive: &mut bool) -> std::io::Result<()> {
+    let serialized = serialize(response, version, head_only, keep_alive);
+    write_serialized(io, serialized).await
+}
+
+async fn write_serialized(io: &mut Prefixed, serialized: Serialized) -> std::io::Result<()> {
+    match serialized {
+        Serialized::Whole(out) => io.write_all(&out).await,
+        Serialized::Large(out, body) => {
+            io.write_all(&out).await?;
+            drop(out);
+            io.write_all(&body).await
+        }
+        Serialized::Stream(out, rx, version) => Box::pin(write_stream(io, out, rx, version)).await,
+    }
+}
+
+fn serialize(response: Response<Body>, version: Version, head_only: bool, keep_alive: &mut bool) -> Serialized {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // 1xx, 204 and 304 never have a body (RFC 9112 6.3).
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        if name == CONNECTION && !upgrade {
+            if value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))) {
+                *keep_alive = false;
+            }
+            continue;
+        }
+        header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(DATE) {
+        header(&mut out, b"date", date().as_bytes());
+    }
+    let streamed = matches!(body, Body::Stream(_)) && !bodiless && !head_only;
+    if streamed && version == Version::HTTP_10 {
+        // No chunked encoding in HTTP/1.0: the body ends when the connection does.
+        *keep_alive = false;
+    }
+    if !upgrade {
+        if !*keep_alive {
+            header(&mut out, b"connection", b"close");
+        } else if version == Version::HTTP_10 {
+            header(&mut out, b"connection", b"keep-alive");
+        }
+    }
+    match body {
+        Body::Full(b) => {
+            let b = b.unwrap_or_default();
+            if !bodiless {
+                let mut n = itoa_buf();
+                header(&mut out, b"content-length", fmt_usize(&mut n, b.len()));
+            }
+            out.extend_from_slice(b"\r\n");
+            if bodiless || head_only || b.is_empty() {
+                Serialized::Whole(out)
+            } else if b.len() <= COALESCE {
+                out.extend_from_slice(&b);
+                Serialized::Whole(out)
+            } else {
+                Serialized::Large(out, b)
+            }
+        }
+        Body::Stream(rx) => {
+            if streamed && version == Version::HTTP_11 {
+                header(&mut out, b"transfer-encoding", b"chunked");
+            }
+            out.extend_from_slice(b"\r\n");
+            if streamed {
+                Serialized::Stream(out, rx, version)
+            } else {
+                Serialized::Whole(out)
+            }
+        }
+    }
+}
+
+/// Writes a streamed body as its chunks come, until the handler ends or the client goes.
+async fn write_stream(io: &mut Prefixed, out: Vec<u8>, mut rx: tokio::sync::mpsc::Receiver<Bytes>, version: Version) -> std::io::Result<()> {
+    io.write_all(&out).await?;
+    drop(out);
+    loop {
+        let chunk = tokio::select! {
+            c = rx.recv() => c,
+            () = gone(&io.stream) => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the client closed the connection")),
+        };
+        let Some(chunk) = chunk else { break };
+        if chunk.is_empty() {
+            continue;
+        }
+        if version == Version::HTTP_10 {
+            io.write_all(&chunk).await?;
+            continue;
+        }
+        let mut framed = Vec::with_capacity(chunk.len() + 16);
+        framed.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        framed.extend_from_slice(&chunk);
+        framed.extend_from_slice(b"\r\n");
+        io.write_all(&framed).await?;
+    }
+    if version == Version::HTTP_11 {
+        io.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// Resolves when the client has closed the connection (or it failed). Bytes the client sent
+/// ahead (a pipelined request) are left for later, and then nothing more can be told. A plain
+/// struct rather than an `async fn`: a parked request's task holds it.
+fn gone(stream: &tokio::net::TcpStream) -> Gone<'_> {
+    Gone { stream, data: false }
+}
+
+struct Gone<'a> {
+    stream: &'a tokio::net::TcpStream,
+    data: bool,
+}
+
+impl std::future::Future for Gone<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        if self.data {
+            return Poll::Pending;
+        }
+        let mut byte = [0u8; 1];
+        let mut peek = tokio::io::ReadBuf::new(&mut byte);
+        match self.stream.poll_peek(cx, &mut peek) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                self.data = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+fn fmt_usize(buf: &mut [u8; 20], mut n: usize) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Answers a request the handler never saw, then closes the connection without resetting it
+/// under the client (unread request bytes are drained for a moment first).
+async fn refuse(io: &mut Prefixed, r: Refusal, id: &str) {
+    let text = format!("{} {}: {} (request id {id})\n", r.status.as_u16(), reason(r.status), r.reason);
+    let mut out = Vec::with_capacity(text.len() + 160);
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", r.status.as_u16(), reason(r.status)).as_bytes());
+    header(&mut out, b"content-type", b"text/plain; charset=utf-8");
+    header(&mut out, b"x-request-id", id.as_bytes());
+    header(&mut out, b"date", date().as_bytes());
+    header(&mut out, b"connection", b"close");
+    header(&mut out, b"content-length", text.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(text.as_bytes());
+    let _ = tokio::time::timeout(LINGER, async {
+        if io.write_all(&out).await.is_err() {
+            return;
+        }
+        let _ = io.stream.shutdown().await;
+        let mut sink = vec![0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match tokio::io::AsyncReadExt::read(&mut io.stream, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(Box<Head>, usize)>, Refusal> {
+        parse(text.as_bytes(), 16 << 10)
+    }
+
+    #[test]
+    fn parses_a_request_head() {
+        let (h, used) = head("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\nrest").unwrap().unwrap();
+        assert_eq!(used, "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\n".len());
+        assert_eq!(h.parts.uri.path(), "/a");
+        assert_eq!(h.parts.headers.get_all("x-a").iter().count(), 2);
+        assert!(h.keep_alive);
+        assert_eq!(h.framing, Framing::None);
+        assert!(head("GET /a HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade, close\r\n\r\n").unwrap().unwrap().0.keep_alive);
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let status = |t: &str| head(t).err().map(|r| r.status.as_u16());
+        assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(400));
+        assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), Some(400));
+        assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"), Some(400));
+        assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: 5x\r\n\r\n"), Some(400));
+        assert_eq!(status("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), Some(501));
+        assert_eq!(status("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), Some(501));
+        assert_eq!(status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(400));
+        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap().0.framing, Framing::Length(5));
+        assert_eq!(head("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap().unwrap().0.framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_with_their_status() {
+        let status = |t: &str| head(t).err().map(|r| r.status.as_u16());
+        assert_eq!(status("GET / HTTP/2.0\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"), Some(400));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
+        assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Some(431));
+    }
+
+    #[test]
+    fn numbers_format_in_decimal() {
+        let mut b = itoa_buf();
+        assert_eq!(fmt_usize(&mut b, 0), b"0");
+        let mut b = itoa_buf();
+        assert_eq!(fmt_usize(&mut b, 1234567), b"1234567");
+        let mut b = itoa_buf();
+        assert_eq!(fmt_usize(&mut b, usize::MAX), usize::MAX.to_string().as_bytes());
+    }
+}
