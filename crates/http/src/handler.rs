@@ -111,24 +111,28 @@ pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, b
     let (module, function) = &spec.handler.value;
     let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
     let started = vm.function(module, function).and_then(|handler| {
-        let adapter = vm.helper("http_request", ADAPTER)?;
+        let tables = vm.helper("http_request", TABLES)?;
         let api = crate::lua_api::api(&vm)?;
-        vm.start_function(ctx, adapter, |lua| {
-            let (headers, query) = (header_table(lua, &parts)?, query_table(lua, &parts)?);
-            Ok(MultiValue::from_iter([
-                LuaValue::Function(handler),
+        let lua = vm.lua();
+        let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("request tables: {e}"));
+        let args = (|| {
+            Ok::<_, rustomnic_lua::mlua::Error>(MultiValue::from_iter([
                 LuaValue::String(lua.create_string(parts.method.as_str())?),
                 LuaValue::String(lua.create_string(percent_decode(parts.uri.path()))?),
                 LuaValue::String(lua.create_string(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?),
-                query,
-                LuaValue::Table(headers),
-                LuaValue::String(lua.create_string(&body)?),
+                query_table(lua, &parts)?,
+                LuaValue::Table(header_table(lua, &parts)?),
+                if body.is_empty() { LuaValue::Nil } else { LuaValue::String(lua.create_string(&body)?) },
                 LuaValue::String(lua.create_string(peer)?),
                 LuaValue::String(lua.create_string(version_name(parts.version))?),
                 LuaValue::Table(api),
                 LuaValue::Boolean(websocket),
             ]))
-        })
+        })()
+        .map_err(internal)?;
+        let (request, response): (Table, Table) = tables.call(args).map_err(internal)?;
+        let fut = vm.start_function(ctx, handler, |_| Ok(MultiValue::from_iter([LuaValue::Table(request), LuaValue::Table(response.clone())])))?;
+        Ok((fut, response))
     });
     Ok((started, slot))
 }
@@ -160,7 +164,7 @@ impl Rest {
 }
 
 /// A started handler, or the response that says why it could not start.
-pub(crate) type Started = Result<(Result<RequestFuture, RunError>, SlotGuard), Box<Response<Body>>>;
+pub(crate) type Started = Result<(Result<(RequestFuture, Table), RunError>, SlotGuard), Box<Response<Body>>>;
 
 /// Runs a request's handler until it answers. The request head and body are dropped once the
 /// handler has its own copies: a parked request should not keep them.
@@ -179,7 +183,8 @@ pub(crate) struct Answer {
 }
 
 enum AnswerState {
-    Running(RequestFuture, SlotGuard),
+    /// The handler's coroutine, its slot and its response table.
+    Running(RequestFuture, SlotGuard, Table),
     NotStarted(RunError, SlotGuard),
     Refused(Box<Response<Body>>),
     Done,
@@ -188,7 +193,7 @@ enum AnswerState {
 impl Answer {
     pub(crate) fn new(iface: &Arc<HttpInterface>, started: Started, id: String) -> Answer {
         let state = match started {
-            Ok((Ok(fut), slot)) => AnswerState::Running(fut, slot),
+            Ok((Ok((fut, response)), slot)) => AnswerState::Running(fut, slot, response),
             Ok((Err(e), slot)) => AnswerState::NotStarted(e, slot),
             Err(response) => AnswerState::Refused(response),
         };
@@ -203,7 +208,7 @@ impl std::future::Future for Answer {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Box<Outcome>> {
         use std::task::Poll;
         let this = self.get_mut();
-        if let AnswerState::Running(fut, slot) = &mut this.state {
+        if let AnswerState::Running(fut, slot, response) = &mut this.state {
             // The handler first: it either ends (the usual case) or sends its response head
             // early (response.stream, request.upgrade) and goes on.
             match std::pin::Pin::new(&mut *fut).poll(cx) {
@@ -219,14 +224,15 @@ impl std::future::Future for Answer {
                     return Poll::Ready(Box::new(Outcome::Done(plain(StatusCode::INTERNAL_SERVER_ERROR, &this.id, "internal error"))));
                 }
                 Poll::Ready(r) => {
+                    let answer = finished(&this.iface, r, Some(response), &this.id);
                     this.state = AnswerState::Done;
-                    return Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, r, &this.id))));
+                    return Poll::Ready(Box::new(Outcome::Done(answer)));
                 }
                 Poll::Pending => {}
             }
             return match slot.0.poll_reply(cx) {
                 Poll::Ready(head) => match std::mem::replace(&mut this.state, AnswerState::Done) {
-                    AnswerState::Running(fut, slot) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot, iface: this.iface.clone(), id: this.id.clone() }))),
+                    AnswerState::Running(fut, slot, _) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot, iface: this.iface.clone(), id: this.id.clone() }))),
                     _ => Poll::Pending,
                 },
                 Poll::Pending => Poll::Pending,
@@ -235,7 +241,7 @@ impl std::future::Future for Answer {
         match std::mem::replace(&mut this.state, AnswerState::Done) {
             AnswerState::NotStarted(e, slot) => {
                 drop(slot);
-                Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, Err(e), &this.id))))
+                Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, Err(e), None, &this.id))))
             }
             AnswerState::Refused(response) => Poll::Ready(Box::new(Outcome::Done(*response))),
             // Polled again after it answered: it never answers twice.
@@ -245,11 +251,11 @@ impl std::future::Future for Answer {
 }
 
 /// The response for a handler that ended: what it returned, or the error it ended with.
-fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, id: &str) -> Response<Body> {
+fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, response: Option<&Table>, id: &str) -> Response<Body> {
     let spec = &iface.spec;
     let (module, function) = &spec.handler.value;
     match result {
-        Ok(values) => match build_response(values, id) {
+        Ok(values) => match response.ok_or_else(|| "no response table".to_string()).and_then(|response| build_response(response, values, id)) {
             Ok(r) => r,
             Err(message) => {
                 tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
@@ -273,18 +279,27 @@ fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, id: &st
     }
 }
 
-/// Builds the request and response tables and calls the handler; returns the response table
-/// first, then what the handler returned. `response.stream` comes from a shared metatable and
-/// `request.upgrade` exists only on upgrade requests, so plain requests pay for neither.
-const ADAPTER: &str = r#"
-return function(handler, method, path, uri, query, headers, body, remote_addr, version, api, websocket)
+/// Builds the request and response tables; the coroutine then runs the handler itself, so no
+/// frame of this function stays on its stack while the handler waits (a parked request's stack
+/// then fits in Lua's second size step, 80 slots). `response.stream` comes from a shared
+/// metatable and `request.upgrade` exists only on upgrade requests, so plain requests pay for
+/// neither; `body` and `websocket` default through the request's metatable, which keeps a plain
+/// request's table within 8 hash slots.
+const TABLES: &str = r#"
+local setmetatable = setmetatable
+local request_mt = { __index = { body = "", websocket = false } }
+return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket)
   local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
-  local request = {
+  local request = setmetatable({
     method = method, path = path, uri = uri, query = query or {}, headers = headers,
-    body = body, remote_addr = remote_addr, version = version, websocket = websocket,
-  }
-  if websocket then request.upgrade = api.upgrader(response) end
-  return response, handler(request, response)
+    remote_addr = remote_addr, version = version,
+  }, request_mt)
+  if body then request.body = body end
+  if websocket then
+    request.websocket = true
+    request.upgrade = api.upgrader(response)
+  end
+  return request, response
 end
 "#;
 
@@ -367,11 +382,9 @@ fn percent_decode(path: &str) -> Vec<u8> {
 }
 
 /// The handler's first return value wins over `response.body`: a string is the body, a table is
-/// sent as JSON. `values` are what the adapter returned: the response table, then the handler's.
-fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String> {
-    let mut values = values.into_iter();
-    let Some(LuaValue::Table(response)) = values.next() else { return Err("no response table".into()) };
-    let returned = values.next().unwrap_or(LuaValue::Nil);
+/// sent as JSON.
+fn build_response(response: &Table, values: MultiValue, id: &str) -> Result<Response<Body>, String> {
+    let returned = values.into_iter().next().unwrap_or(LuaValue::Nil);
     let body_value = match returned {
         LuaValue::Nil => response.raw_get("body").map_err(|e| e.to_string())?,
         v => v,
@@ -389,7 +402,7 @@ fn build_response(values: MultiValue, id: &str) -> Result<Response<Body>, String
         }
         other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
     };
-    let mut r = response_head(&response, Body::full(body), id)?;
+    let mut r = response_head(response, Body::full(body), id)?;
     let h = r.headers_mut();
     if json && !h.contains_key(CONTENT_TYPE) {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
