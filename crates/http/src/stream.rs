@@ -64,23 +64,23 @@ impl hyper::body::Body for Body {
 /// Lua functions through the request id (the current request of the VM).
 pub(crate) struct Slot {
     /// The response head, once the handler sent one early; taken by [`Replied`].
-    reply: RefCell<Option<Response<Body>>>,
+    reply: RefCell<Option<Box<Response<Body>>>>,
     waker: RefCell<Option<Waker>>,
     /// The sending side of a streamed body; dropped when the handler ends, which ends the body.
     pub(crate) sender: RefCell<Option<mpsc::Sender<Bytes>>>,
     /// For upgrade requests: the connection, handed over once the 101 is sent, and the client's key.
-    pub(crate) upgrade: RefCell<Option<crate::handler::Upgrade>>,
+    pub(crate) upgrade: RefCell<Option<Box<crate::handler::Upgrade>>>,
     pub(crate) ws: RefCell<WsState>,
     /// The topic a WebSocket session receives events of (see `ws.receive`).
-    pub(crate) subscription: RefCell<Option<rustomnic_lua::events::Subscription>>,
+    pub(crate) subscription: RefCell<Option<Box<rustomnic_lua::events::Subscription>>>,
     pub(crate) sse: Cell<bool>,
     pub(crate) write_timeout: Duration,
     pub(crate) max_message_size: usize,
-    pub(crate) id: String,
+    pub(crate) id: Rc<str>,
 }
 
 thread_local! {
-    static SLOTS: RefCell<HashMap<String, Rc<Slot>>> = RefCell::new(HashMap::new());
+    static SLOTS: RefCell<HashMap<Rc<str>, Rc<Slot>>> = RefCell::new(HashMap::new());
 }
 
 impl Slot {
@@ -89,27 +89,27 @@ impl Slot {
             reply: RefCell::new(None),
             waker: RefCell::new(None),
             sender: RefCell::new(None),
-            upgrade: RefCell::new(upgrade),
+            upgrade: RefCell::new(upgrade.map(Box::new)),
             ws: RefCell::new(WsState::None),
             subscription: RefCell::new(None),
             sse: Cell::new(false),
             write_timeout,
             max_message_size,
-            id: id.to_string(),
+            id: id.into(),
         });
-        SLOTS.with(|s| s.borrow_mut().insert(id.to_string(), slot.clone()));
+        SLOTS.with(|s| s.borrow_mut().insert(slot.id.clone(), slot.clone()));
         SlotGuard(slot)
     }
 
     /// The slot of the request running in `lua` now.
     pub(crate) fn current(lua: &Lua) -> Option<Rc<Slot>> {
         let ctx = rustomnic_lua::current_request(lua)?;
-        SLOTS.with(|s| s.borrow().get(&ctx.id).cloned())
+        SLOTS.with(|s| s.borrow().get(ctx.id.as_str()).cloned())
     }
 
     /// Hands the response head to the connection; the handler goes on.
     pub(crate) fn reply(&self, response: Response<Body>) {
-        *self.reply.borrow_mut() = Some(response);
+        *self.reply.borrow_mut() = Some(Box::new(response));
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
@@ -120,7 +120,7 @@ impl Slot {
     }
 
     pub(crate) fn take_reply(&self) -> Option<Response<Body>> {
-        self.reply.borrow_mut().take()
+        self.reply.borrow_mut().take().map(|r| *r)
     }
 
     /// The response head once the handler sent one early; until then the task is woken when

@@ -73,7 +73,7 @@ pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::
     if slot.replied() || slot.sender.borrow().is_some() {
         return fail(lua, format!("{what}: the response was already started"));
     }
-    let Some((on_upgrade, key)) = slot.upgrade.borrow_mut().take() else {
+    let Some((on_upgrade, key)) = slot.upgrade.borrow_mut().take().map(|u| *u) else {
         return fail(lua, format!("{what}: this request is not a WebSocket upgrade (check request.websocket first)"));
     };
     let mut r = match crate::handler::response_head(&response, Body::Full(None), &slot.id) {
@@ -122,7 +122,7 @@ pub(crate) async fn receive(lua: &Lua, timeout: LuaValue, topic: Option<String>)
     };
     // The session stays subscribed to its topic between calls, so nothing published while it
     // handles a message (its own publish included) is missed.
-    let mut sub = slot.subscription.borrow_mut().take();
+    let mut sub = slot.subscription.borrow_mut().take().map(|s| *s);
     if let (Some(t), Some(ctx)) = (&topic, rustomnic_lua::current_request(lua)) {
         if sub.as_ref().map(|s| s.topic()) != Some(t.as_str()) {
             sub = match events::subscribe(&ctx.cage, t) {
@@ -138,14 +138,14 @@ pub(crate) async fn receive(lua: &Lua, timeout: LuaValue, topic: Option<String>)
         sub
     } else {
         // Not listening this time, but still subscribed for the next call that names it.
-        *slot.subscription.borrow_mut() = sub;
+        *slot.subscription.borrow_mut() = sub.map(Box::new);
         None
     };
     struct Restore<'a>(&'a Slot, &'a mut Option<events::Subscription>);
     impl Drop for Restore<'_> {
         fn drop(&mut self) {
             if let Some(s) = self.1.take() {
-                *self.0.subscription.borrow_mut() = Some(s);
+                *self.0.subscription.borrow_mut() = Some(Box::new(s));
             }
         }
     }

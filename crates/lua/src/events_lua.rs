@@ -27,6 +27,48 @@ fn ok(values: impl IntoIterator<Item = LuaValue>) -> MultiValue {
     mv
 }
 
+/// `pmnc.events.wait` while it waits. A plain struct rather than an `async` block: a parked
+/// request holds it for as long as it waits, and an `async` block would be several times larger.
+struct WaitEvent {
+    lua: Lua,
+    state: WaitState,
+}
+
+enum WaitState {
+    Waiting(events::Waiter, Option<std::pin::Pin<Box<tokio::time::Sleep>>>),
+    /// Answered without waiting (a bad argument).
+    Ready(mlua::Result<MultiValue>),
+    Done,
+}
+
+impl std::future::Future for WaitEvent {
+    type Output = mlua::Result<MultiValue>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let got = match &mut this.state {
+            WaitState::Waiting(waiter, timer) => match std::pin::Pin::new(waiter).poll(cx) {
+                Poll::Ready(v) => v,
+                Poll::Pending => match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => None,
+                    _ => return Poll::Pending,
+                },
+            },
+            WaitState::Ready(_) => None,
+            WaitState::Done => return Poll::Pending,
+        };
+        let lua = &this.lua;
+        Poll::Ready(match std::mem::replace(&mut this.state, WaitState::Done) {
+            WaitState::Ready(r) => r,
+            _ => match got {
+                Some(v) => to_lua(lua, &v).map(|v| ok([v])),
+                None => Ok(ok([LuaValue::Nil])),
+            },
+        })
+    }
+}
+
 fn topic_of(lua: &Lua, what: &str, topic: &LuaValue) -> Result<String, mlua::Result<MultiValue>> {
     match topic {
         LuaValue::String(s) => Ok(s.to_string_lossy()),
@@ -71,36 +113,22 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     )?;
     t.set(
         "events_wait",
-        lua.create_async_function(|lua, (topic, timeout): (LuaValue, LuaValue)| async move {
+        lua.create_async_function(|lua, (topic, timeout): (LuaValue, LuaValue)| {
             let what = "pmnc.events.wait";
-            let topic = match topic_of(&lua, what, &topic) {
-                Ok(t) => t,
-                Err(e) => return e,
-            };
-            let timeout = match seconds(what, &timeout) {
-                Ok(t) => t,
-                Err(e) => return fail(&lua, e),
-            };
-            let Some(ctx) = current_request(&lua) else {
-                return fail(&lua, format!("{what} may only be called while handling a request"));
-            };
-            let waiter = match events::wait(&ctx.cage, &topic) {
-                Ok(w) => w,
-                Err(e) => return fail(&lua, e.to_string()),
-            };
-            let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
-            let got = match until {
+            let started = (|| {
+                let topic = topic_of(&lua, what, &topic)?;
+                let timeout = seconds(what, &timeout).map_err(|e| fail(&lua, e))?;
+                let ctx = current_request(&lua).ok_or_else(|| fail(&lua, format!("{what} may only be called while handling a request")))?;
+                let waiter = events::wait(&ctx.cage, &topic).map_err(|e| fail(&lua, e.to_string()))?;
+                let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
                 // Ending at the deadline is the request future's job (the request gets its
                 // timeout answer); a timeout within it gives nil to the handler.
-                Some(u) if u < ctx.deadline => match tokio::time::timeout_at(u.into(), waiter).await {
-                    Ok(v) => v,
-                    Err(_) => return Ok(ok([LuaValue::Nil])),
-                },
-                _ => waiter.await,
-            };
-            match got {
-                Some(v) => Ok(ok([to_lua(&lua, &v)?])),
-                None => Ok(ok([LuaValue::Nil])),
+                let timer = until.filter(|u| *u < ctx.deadline).map(|u| Box::pin(tokio::time::sleep_until(u.into())));
+                Ok::<_, mlua::Result<MultiValue>>((waiter, timer))
+            })();
+            match started {
+                Ok((waiter, timer)) => WaitEvent { lua, state: WaitState::Waiting(waiter, timer) },
+                Err(r) => WaitEvent { lua, state: WaitState::Ready(r) },
             }
         })?,
     )?;
