@@ -62,7 +62,10 @@ fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
 
 /// Serves requests on `io` until the client closes, a request says `connection: close`, the
 /// connection idles for idle_timeout, it is upgraded, or the process shuts down.
-pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Prefixed, peer: Rc<str>, mut shutdown: Shutdown) {
+///
+/// The connection is boxed so that handing it from one step to the next moves a pointer: a
+/// moved value keeps its room in the task that moved it.
+pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Box<Prefixed>, peer: Rc<str>, mut shutdown: Shutdown) {
     let mut buf = std::mem::take(&mut io.head).to_vec();
     let mut first = true;
     loop {
@@ -251,7 +254,7 @@ struct Req {
 
 /// One request on the connection: its body, the handler, the response. Gives the connection
 /// back when it may serve another request.
-async fn exchange(iface: &Arc<HttpInterface>, mut io: Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>, shutdown: &Shutdown) -> Option<Prefixed> {
+async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>, shutdown: &Shutdown) -> Option<Box<Prefixed>> {
     let spec = &iface.spec;
     // Up to the handler's start, boxed: its state (the head, the body being read) is large,
     // and a parked request's task must not be sized for it.
@@ -279,7 +282,10 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Prefixed, buf: &mut Vec<u8
     };
     let written = match next {
         Ok((status, serialized)) => {
-            let written = write_serialized(&mut io, serialized).await;
+            let written = match serialized {
+                Serialized::Whole(out) => io.write_all(&out).await,
+                other => Box::pin(write_serialized(&mut io, other)).await,
+            };
             log_done(iface, &answer.id, status, req.debug.take());
             written
         }
@@ -288,13 +294,24 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Prefixed, buf: &mut Vec<u8
             let (back, written) = Box::pin(early.run(io, &mut req.keep_alive)).await;
             log_done(iface, &answer.id, status, req.debug.take());
             return match back {
-                Some(back) => finish(iface, back, written, req.keep_alive, peer, &answer.id).await,
+                Some(back) => Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await,
                 None => None,
             };
         }
     };
     drop(req.busy);
-    finish(iface, io, written, req.keep_alive, peer, &answer.id).await
+    match written {
+        Ok(()) if req.keep_alive => Some(io),
+        // A TCP shutdown does not wait for the client.
+        Ok(()) => {
+            let _ = io.shutdown().await;
+            None
+        }
+        Err(e) => {
+            tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %answer.id, "response to {peer} not delivered: {e}");
+            None
+        }
+    }
 }
 
 /// Reads the request's body and starts its handler; `None` when the connection is over (the
@@ -339,7 +356,7 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
 }
 
 /// After a response: the connection back for the next request, or closed.
-async fn finish(iface: &HttpInterface, mut io: Prefixed, written: std::io::Result<()>, keep_alive: bool, peer: &str, id: &str) -> Option<Prefixed> {
+async fn finish(iface: &HttpInterface, mut io: Box<Prefixed>, written: std::io::Result<()>, keep_alive: bool, peer: &str, id: &str) -> Option<Box<Prefixed>> {
     match written {
         Ok(()) if keep_alive => Some(io),
         Ok(()) => {
@@ -367,7 +384,7 @@ struct Early<'a> {
 
 impl Early<'_> {
     /// Gives the connection back unless it was handed over.
-    async fn run(self, mut io: Prefixed, keep_alive: &mut bool) -> (Option<Prefixed>, std::io::Result<()>) {
+    async fn run(self, mut io: Box<Prefixed>, keep_alive: &mut bool) -> (Option<Box<Prefixed>>, std::io::Result<()>) {
         let Early { response, rest, version, head_only, handover, leftover } = self;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The 101 goes out, then the socket (with anything the client sent after the
@@ -378,7 +395,7 @@ impl Early<'_> {
                 if write_response(&mut io, response, version, false, &mut keep).await.is_ok() {
                     io.head = Bytes::from(leftover);
                     if let Some(tx) = handover {
-                        let _ = tx.send(io);
+                        let _ = tx.send(*io);
                     }
                 }
             };

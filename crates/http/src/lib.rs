@@ -173,10 +173,11 @@ impl Interface for HttpInterface {
             let h2 = head[..] == *H2_PREFACE;
             let state = conn;
             let peer: std::rc::Rc<str> = remote.to_string().into();
-            let io = Prefixed { head, stream, conn: state.clone(), write_timer: None };
             if !h2 {
+                let io = Box::new(Prefixed { head, stream, conn: state.clone(), write_timer: None });
                 return h1::serve(self, io, peer, shutdown).await;
             }
+            let io = Prefixed { head, stream, conn: state.clone(), write_timer: None };
             // HTTP/2 (rarer, and larger) is served by hyper, boxed so that the task of every
             // HTTP/1 connection stays small.
             let io = TokioIo::new(io);

@@ -35,7 +35,8 @@ struct WaitEvent {
 }
 
 enum WaitState {
-    Waiting(events::Waiter, Option<std::pin::Pin<Box<tokio::time::Sleep>>>),
+    /// The wait, and when it ends without an event (the request's timer wakes it then).
+    Waiting(events::Waiter, Option<Instant>),
     /// Answered without waiting (a bad argument).
     Ready(mlua::Result<MultiValue>),
     Done,
@@ -50,9 +51,16 @@ impl std::future::Future for WaitEvent {
         let got = match &mut this.state {
             WaitState::Waiting(waiter, timer) => match std::pin::Pin::new(waiter).poll(cx) {
                 Poll::Ready(v) => v,
-                Poll::Pending => match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => None,
-                    _ => return Poll::Pending,
+                Poll::Pending => match timer {
+                    Some(until) if Instant::now() >= *until => None,
+                    Some(until) => {
+                        if let Some(shared) = this.lua.app_data_ref::<Rc<VmShared>>() {
+                            let at = shared.wake_at.get().map_or(*until, |w| w.min(*until));
+                            shared.wake_at.set(Some(at));
+                        }
+                        return Poll::Pending;
+                    }
+                    None => return Poll::Pending,
                 },
             },
             WaitState::Ready(_) => None,
@@ -123,7 +131,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
                 // Ending at the deadline is the request future's job (the request gets its
                 // timeout answer); a timeout within it gives nil to the handler.
-                let timer = until.filter(|u| *u < ctx.deadline).map(|u| Box::pin(tokio::time::sleep_until(u.into())));
+                let timer = until.filter(|u| *u < ctx.deadline);
                 Ok::<_, mlua::Result<MultiValue>>((waiter, timer))
             })();
             match started {

@@ -87,6 +87,10 @@ pub(crate) struct VmShared {
     pub late_hooks: Cell<u32>,
     /// Requests running in this VM now (coroutines alive).
     pub live: Cell<usize>,
+    /// Set during a poll by a wait that ends on its own at that time (`pmnc.events.wait` with a
+    /// timeout): the request's deadline timer wakes the request then, so a parked request holds
+    /// one timer, not two.
+    pub wake_at: Cell<Option<Instant>>,
 }
 
 impl VmShared {
@@ -189,13 +193,14 @@ impl RequestFuture {
         }
         if let Some(turn) = self.turn.as_mut() {
             if turn.as_mut().poll(cx).is_pending() {
-                return self.wait_for_deadline(cx);
+                return self.wait_for_deadline(cx, None);
             }
             self.turn = None;
         }
         let previous = self.shared.current.replace(Some(self.ctx.clone()));
         let previous_slice = self.shared.slice_start.replace(now);
         let previous_late = self.shared.late_hooks.replace(0);
+        let previous_wake = self.shared.wake_at.replace(None);
         let gate = match &self.gate {
             Some(g) if g.waker.will_wake(cx.waker()) => {
                 g.state.store(POLLING, Ordering::Release);
@@ -210,6 +215,7 @@ impl RequestFuture {
         let waker = Waker::from(gate.clone());
         let result = Pin::new(&mut self.inner).poll(&mut Context::from_waker(&waker));
         let woken = gate.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
+        let wake_at = self.shared.wake_at.replace(previous_wake);
         *self.shared.current.borrow_mut() = previous;
         self.shared.slice_start.set(previous_slice);
         self.shared.late_hooks.set(previous_late);
@@ -222,9 +228,9 @@ impl RequestFuture {
                 } else {
                     self.turn = Some(turn);
                 }
-                self.wait_for_deadline(cx)
+                self.wait_for_deadline(cx, wake_at)
             }
-            Poll::Pending => self.wait_for_deadline(cx),
+            Poll::Pending => self.wait_for_deadline(cx, wake_at),
             Poll::Ready(Err(e)) => {
                 if Instant::now() >= self.ctx.deadline {
                     Poll::Ready(Err(RunError::Deadline))
@@ -264,12 +270,20 @@ impl Wake for WakeGate {
 
 impl RequestFuture {
     /// Pending, with the deadline timer registered so the request ends on time whatever it
-    /// waits for.
-    fn wait_for_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
+    /// waits for; or earlier, at `wake_at`, when what it waits for ends on its own then.
+    fn wait_for_deadline(&mut self, cx: &mut Context<'_>, wake_at: Option<Instant>) -> Poll<Result<MultiValue, RunError>> {
         let deadline = self.ctx.deadline;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        let at = wake_at.filter(|w| *w < deadline).unwrap_or(deadline);
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+        if timer.deadline() != at.into() {
+            timer.as_mut().reset(at.into());
+        }
         if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(RunError::Deadline));
+            if at >= deadline {
+                return Poll::Ready(Err(RunError::Deadline));
+            }
+            // The wait's own time is up: poll the coroutine again, it finds out.
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }

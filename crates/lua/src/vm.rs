@@ -53,6 +53,7 @@ impl CageVm {
             load_deadline: Cell::new(None),
             late_hooks: Cell::new(0),
             live: Cell::new(0),
+            wake_at: Cell::new(None),
         });
         // Requests make many short-lived tables and strings; the generational collector
         // reclaims them young instead of re-marking the whole heap in every cycle.
