@@ -18,6 +18,11 @@
 //! | `max_message_size` | "1MiB" | larger WebSocket messages close the WebSocket with 1009 |
 
 mod h1;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h1::fuzz_request;
+}
 mod handler;
 mod limits;
 mod lua_api;
