@@ -291,11 +291,16 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
         }
         Err(early) => {
             let status = early.response.status();
-            let (back, written) = Box::pin(early.run(io, &mut req.keep_alive)).await;
-            log_done(iface, &answer.id, status, req.debug.take());
-            return match back {
-                Some(back) => Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await,
-                None => None,
+            return match Box::pin(early.run(io, &mut req.keep_alive)).await {
+                EarlyEnd::Upgraded(mut rest) => {
+                    log_done(iface, &answer.id, status, req.debug.take());
+                    (&mut rest).await;
+                    None
+                }
+                EarlyEnd::Streamed(back, written) => {
+                    log_done(iface, &answer.id, status, req.debug.take());
+                    Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await
+                }
             };
         }
     };
@@ -382,29 +387,33 @@ struct Early<'a> {
     leftover: &'a mut Vec<u8>,
 }
 
+/// How an [`Early`] answer went on.
+enum EarlyEnd {
+    /// The stream ended: the connection back (unless it failed), and how the writing went.
+    Streamed(Box<Prefixed>, std::io::Result<()>),
+    /// The connection is the WebSocket session's now; the handler goes on.
+    Upgraded(handler::Rest),
+}
+
 impl Early<'_> {
-    /// Gives the connection back unless it was handed over.
-    async fn run(self, mut io: Box<Prefixed>, keep_alive: &mut bool) -> (Option<Box<Prefixed>>, std::io::Result<()>) {
+    async fn run(self, mut io: Box<Prefixed>, keep_alive: &mut bool) -> EarlyEnd {
         let Early { response, rest, version, head_only, handover, leftover } = self;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The 101 goes out, then the socket (with anything the client sent after the
-            // request) belongs to the WebSocket session running in the handler.
+            // The handler waits for the connection meanwhile, so the 101 is written first; the
+            // session then runs without this (larger) future around it.
             let leftover = std::mem::take(leftover);
-            let send = async move {
-                let mut keep = true;
-                if write_response(&mut io, response, version, false, &mut keep).await.is_ok() {
-                    io.head = Bytes::from(leftover);
-                    if let Some(tx) = handover {
-                        let _ = tx.send(*io);
-                    }
+            let mut keep = true;
+            if write_response(&mut io, response, version, false, &mut keep).await.is_ok() {
+                io.head = Bytes::from(leftover);
+                if let Some(tx) = handover {
+                    let _ = tx.send(*io);
                 }
-            };
-            futures_util::future::join(send, rest.finish()).await;
-            return (None, Ok(()));
+            }
+            return EarlyEnd::Upgraded(rest);
         }
         let send = write_response(&mut io, response, version, head_only, keep_alive);
-        let written = futures_util::future::join(send, rest.finish()).await.0;
-        (Some(io), written)
+        let written = futures_util::future::join(send, rest).await.0;
+        EarlyEnd::Streamed(io, written)
     }
 }
 

@@ -50,7 +50,7 @@ pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, pe
             Outcome::Done(response) => response,
             Outcome::Early(head, rest) => {
                 tokio::task::spawn_local(async move {
-                    rest.finish().await;
+                    rest.await;
                     drop(busy);
                 });
                 head
@@ -150,16 +150,27 @@ pub(crate) enum Outcome {
 /// goes when it ends.
 pub(crate) struct Rest {
     fut: RequestFuture,
-    slot: SlotGuard,
+    slot: Option<SlotGuard>,
     iface: Arc<HttpInterface>,
     id: String,
 }
 
-impl Rest {
-    pub(crate) async fn finish(self) {
-        let r = self.fut.await;
-        log_outcome(&self.iface, &self.id, r);
-        drop(self.slot);
+/// Resolves when the handler has ended (and then logs how). A plain struct rather than an
+/// `async fn`: a WebSocket session's task holds it for the session's life.
+impl std::future::Future for Rest {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        if this.slot.is_none() {
+            return std::task::Poll::Ready(());
+        }
+        let r = std::task::ready!(std::pin::Pin::new(&mut this.fut).poll(cx));
+        log_outcome(&this.iface, &this.id, r);
+        // The slot goes after the handler's end: that ends a stream's body and closes a
+        // WebSocket the handler left open.
+        this.slot = None;
+        std::task::Poll::Ready(())
     }
 }
 
@@ -232,7 +243,7 @@ impl std::future::Future for Answer {
             }
             return match slot.0.poll_reply(cx) {
                 Poll::Ready(head) => match std::mem::replace(&mut this.state, AnswerState::Done) {
-                    AnswerState::Running(fut, slot, _) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot, iface: this.iface.clone(), id: this.id.clone() }))),
+                    AnswerState::Running(fut, slot, _) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot: Some(slot), iface: this.iface.clone(), id: this.id.clone() }))),
                     _ => Poll::Pending,
                 },
                 Poll::Pending => Poll::Pending,

@@ -94,10 +94,10 @@ fn functions(lua: &Lua) -> rustomnic_lua::mlua::Result<Table> {
             crate::stream::send(&lua, "stream.event", frame).await
         })?,
     )?;
-    t.set("upgrade", lua.create_async_function(|lua, response: Table| async move { crate::upgrade::upgrade(&lua, response).await })?)?;
+    t.set("upgrade", lua.create_async_function(|lua, response: Table| crate::upgrade::upgrade(lua, response))?)?;
     t.set(
         "ws_receive",
-        lua.create_async_function(|lua, (timeout, topic): (LuaValue, Option<String>)| async move { crate::upgrade::receive(&lua, timeout, topic).await })?,
+        lua.create_async_function(|lua, (timeout, topic): (LuaValue, Option<String>)| crate::upgrade::receive(lua, timeout, topic))?,
     )?;
     t.set(
         "ws_send",

@@ -19,9 +19,9 @@ use crate::stream::{ok, Body, Slot};
 
 type Ws = WebSocketStream<crate::Prefixed>;
 
-/// tungstenite allocates its read buffer up front for every connection (128 KiB by default);
-/// messages larger than this are read in several steps, which idle clients never need.
-const READ_BUFFER: usize = 2048;
+/// tungstenite allocates its read buffer up front for every connection (128 KiB by default),
+/// and an idle session pays for all of it; larger messages are read in several steps.
+const READ_BUFFER: usize = 512;
 /// How long closing waits for the client's half of the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -66,19 +66,29 @@ fn put_back(slot: &Slot, ws: Box<Ws>) {
 }
 
 /// `request.upgrade()`: sends 101 (with the headers the handler set on `response`) and waits for
-/// the connection to be handed over.
-pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::Result<MultiValue> {
+/// the connection to be handed over. A plain struct rather than an `async fn`: Lua keeps a
+/// finished call's future until its garbage collector runs, so it should be small.
+pub(crate) fn upgrade(lua: Lua, response: Table) -> Upgrading {
+    match start_upgrade(&lua, response) {
+        Ok((slot, rx)) => Upgrading { lua, state: Some(Ok((slot, rx))) },
+        Err(r) => Upgrading { lua, state: Some(Err(r)) },
+    }
+}
+
+type Handover = tokio::sync::oneshot::Receiver<crate::Prefixed>;
+
+fn start_upgrade(lua: &Lua, response: Table) -> UpgradeStart {
     let what = "request.upgrade";
-    let Some(slot) = Slot::current(lua) else { return fail(lua, format!("{what} may only be called by the HTTP handler of the request")) };
+    let Some(slot) = Slot::current(lua) else { return Err(fail(lua, format!("{what} may only be called by the HTTP handler of the request"))) };
     if slot.replied() || slot.sender.borrow().is_some() {
-        return fail(lua, format!("{what}: the response was already started"));
+        return Err(fail(lua, format!("{what}: the response was already started")));
     }
     let Some((on_upgrade, key)) = slot.upgrade.borrow_mut().take().map(|u| *u) else {
-        return fail(lua, format!("{what}: this request is not a WebSocket upgrade (check request.websocket first)"));
+        return Err(fail(lua, format!("{what}: this request is not a WebSocket upgrade (check request.websocket first)")));
     };
     let mut r = match crate::handler::response_head(&response, Body::Full(None), &slot.id) {
         Ok(r) => r,
-        Err(e) => return fail(lua, format!("{what}: {e}")),
+        Err(e) => return Err(fail(lua, format!("{what}: {e}"))),
     };
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
@@ -88,135 +98,228 @@ pub(crate) async fn upgrade(lua: &Lua, response: Table) -> rustomnic_lua::mlua::
     h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     match HeaderValue::from_str(&accept) {
         Ok(v) => h.insert("sec-websocket-accept", v),
-        Err(_) => return fail(lua, format!("{what}: cannot make the accept key")),
+        Err(_) => return Err(fail(lua, format!("{what}: cannot make the accept key"))),
     };
     slot.reply(r);
-    let upgraded = match on_upgrade.await {
-        Ok(u) => u,
-        Err(e) => {
+    Ok((slot, on_upgrade))
+}
+
+/// The slot and the connection to come, or the answer when the upgrade was refused.
+type UpgradeStart = Result<(std::rc::Rc<Slot>, Handover), rustomnic_lua::mlua::Result<MultiValue>>;
+
+pub(crate) struct Upgrading {
+    lua: Lua,
+    state: Option<UpgradeStart>,
+}
+
+impl std::future::Future for Upgrading {
+    type Output = rustomnic_lua::mlua::Result<MultiValue>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let upgraded = match &mut this.state {
+            Some(Ok((_, rx))) => Some(std::task::ready!(std::pin::Pin::new(rx).poll(cx))),
+            Some(Err(_)) => None,
+            None => return Poll::Pending,
+        };
+        let lua = &this.lua;
+        let (slot, upgraded) = match (this.state.take(), upgraded) {
+            (Some(Err(r)), _) => return Poll::Ready(r),
+            (Some(Ok((slot, _))), Some(Ok(u))) => (slot, u),
+            (Some(Ok((slot, _))), _) => {
+                *slot.ws.borrow_mut() = WsState::Closed;
+                return Poll::Ready(fail(lua, "request.upgrade: the connection could not be upgraded: the client went away before the 101"));
+            }
+            (None, _) => return Poll::Pending,
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(slot.max_message_size))
+            .max_frame_size(Some(slot.max_message_size));
+        // Without a handshake this completes in its first poll.
+        let Some(ws) = futures_util::FutureExt::now_or_never(WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config))) else {
             *slot.ws.borrow_mut() = WsState::Closed;
-            return fail(lua, format!("{what}: the connection could not be upgraded: {e}"));
-        }
-    };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_message_size(Some(slot.max_message_size))
-        .max_frame_size(Some(slot.max_message_size));
-    let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
-    *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
-    Ok(ok([]))
+            return Poll::Ready(fail(lua, "request.upgrade: the WebSocket could not be set up"));
+        };
+        *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
+        Poll::Ready(Ok(ok([])))
+    }
 }
 
 /// `ws.receive(timeout, topic)`: the next message (data, "text"|"binary"), an event of `topic`
 /// (value, "event"), nil, "timeout", or nil, "closed", code once the connection is over.
-pub(crate) async fn receive(lua: &Lua, timeout: LuaValue, topic: Option<String>) -> rustomnic_lua::mlua::Result<MultiValue> {
+/// Answered by [`Receive`], a plain struct: an idle session holds it as long as it waits.
+pub(crate) fn receive(lua: Lua, timeout: LuaValue, topic: Option<String>) -> Receive {
     let what = "ws.receive";
+    let ready = |r| Receive { lua: lua.clone(), state: ReceiveState::Ready(r) };
     let timeout = match rustomnic_lua::events_seconds(what, &timeout) {
         Ok(t) => t,
-        Err(e) => return fail(lua, e),
+        Err(e) => return ready(fail(&lua, e)),
     };
-    let (slot, mut ws) = match take(lua, what) {
+    let (slot, ws) = match take(&lua, what) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return ready(r),
     };
     // The session stays subscribed to its topic between calls, so nothing published while it
     // handles a message (its own publish included) is missed.
-    let mut sub = slot.subscription.borrow_mut().take().map(|s| *s);
-    if let (Some(t), Some(ctx)) = (&topic, rustomnic_lua::current_request(lua)) {
+    let mut sub = slot.subscription.borrow_mut().take();
+    if let (Some(t), Some(ctx)) = (&topic, rustomnic_lua::current_request(&lua)) {
         if sub.as_ref().map(|s| s.topic()) != Some(t.as_str()) {
             sub = match events::subscribe(&ctx.cage, t) {
-                Ok(s) => Some(s),
+                Ok(s) => Some(Box::new(s)),
                 Err(e) => {
                     put_back(&slot, ws);
-                    return fail(lua, e.to_string());
+                    return ready(fail(&lua, e.to_string()));
                 }
             };
         }
     }
-    let mut waiter = if topic.is_some() {
-        sub
-    } else {
+    let listen = topic.is_some();
+    if !listen {
         // Not listening this time, but still subscribed for the next call that names it.
-        *slot.subscription.borrow_mut() = sub.map(Box::new);
-        None
-    };
-    struct Restore<'a>(&'a Slot, &'a mut Option<events::Subscription>);
-    impl Drop for Restore<'_> {
-        fn drop(&mut self) {
-            if let Some(s) = self.1.take() {
-                *self.0.subscription.borrow_mut() = Some(Box::new(s));
-            }
-        }
+        *slot.subscription.borrow_mut() = sub.take();
     }
-    let restore = Restore(&slot, &mut waiter);
-    let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    loop {
-        let event = async {
-            match restore.1.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        let timer = async {
-            match until {
-                Some(u) => tokio::time::sleep_until(u.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            m = ws.next() => match m {
-                Some(Ok(Message::Text(t))) => {
-                    put_back(&slot, ws);
-                    return Ok(ok([LuaValue::String(lua.create_string(t.as_bytes())?), LuaValue::String(lua.create_string("text")?)]));
+    let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s.min(1e9)));
+    Receive { lua, state: ReceiveState::Waiting { slot, ws, sub, until } }
+}
+
+pub(crate) struct Receive {
+    lua: Lua,
+    state: ReceiveState,
+}
+
+enum ReceiveState {
+    Waiting { slot: std::rc::Rc<Slot>, ws: Box<Ws>, sub: Option<Box<events::Subscription>>, until: Option<Instant> },
+    /// Closing after a message that ends the session (rare, so boxed).
+    Closing(std::pin::Pin<Box<dyn std::future::Future<Output = rustomnic_lua::mlua::Result<MultiValue>>>>),
+    Ready(rustomnic_lua::mlua::Result<MultiValue>),
+    Done,
+}
+
+/// What ended a wait of `ws.receive`.
+enum Received {
+    Message(Message),
+    Failed(WsError),
+    Gone,
+    Event(Option<std::sync::Arc<rustomnic_core::Value>>),
+    Timeout,
+}
+
+impl std::future::Future for Receive {
+    type Output = rustomnic_lua::mlua::Result<MultiValue>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let received = match &mut this.state {
+            ReceiveState::Waiting { ws, sub, until, .. } => loop {
+                match ws.poll_next_unpin(cx) {
+                    // Pings, pongs and frames: tungstenite answers them; go on waiting.
+                    Poll::Ready(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
+                    Poll::Ready(Some(Ok(m))) => break Received::Message(m),
+                    Poll::Ready(Some(Err(e))) => break Received::Failed(e),
+                    Poll::Ready(None) => break Received::Gone,
+                    Poll::Pending => {}
                 }
-                Some(Ok(Message::Binary(b))) => {
-                    put_back(&slot, ws);
-                    return Ok(ok([LuaValue::String(lua.create_string(&b)?), LuaValue::String(lua.create_string("binary")?)]));
+                if let Some(s) = sub.as_mut() {
+                    if let Poll::Ready(v) = s.poll_recv(cx) {
+                        break Received::Event(v);
+                    }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    // tungstenite queued the reply to the client's close; send it.
-                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
-                    *slot.ws.borrow_mut() = WsState::Closed;
-                    return closed(lua, Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                match until {
+                    Some(u) if Instant::now() >= *u => break Received::Timeout,
+                    Some(u) => rustomnic_lua::wake_request_at(&this.lua, *u),
+                    None => {}
                 }
-                Some(Ok(_)) => continue,
-                Some(Err(WsError::Capacity(e))) => {
-                    tracing::info!(request = %slot.id, "closing a WebSocket: {e} (max_message_size = {})", slot.max_message_size);
-                    let frame = CloseFrame { code: CloseCode::Size, reason: "message too big".into() };
-                    finish(&mut ws, Some(frame)).await;
-                    *slot.ws.borrow_mut() = WsState::Closed;
-                    return closed(lua, Some(1009));
-                }
-                Some(Err(WsError::Protocol(e))) => {
-                    tracing::info!(request = %slot.id, "closing a WebSocket: protocol error: {e}");
-                    finish(&mut ws, Some(CloseFrame { code: CloseCode::Protocol, reason: "protocol error".into() })).await;
-                    *slot.ws.borrow_mut() = WsState::Closed;
-                    return closed(lua, Some(1002));
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(request = %slot.id, "WebSocket ended: {e}");
-                    *slot.ws.borrow_mut() = WsState::Closed;
-                    return closed(lua, Some(1006));
-                }
-                None => {
-                    *slot.ws.borrow_mut() = WsState::Closed;
-                    return closed(lua, Some(1006));
-                }
+                return Poll::Pending;
             },
-            v = event => {
+            ReceiveState::Closing(f) => {
+                let r = std::task::ready!(f.as_mut().poll(cx));
+                this.state = ReceiveState::Done;
+                return Poll::Ready(r);
+            }
+            ReceiveState::Ready(_) => Received::Gone,
+            ReceiveState::Done => return Poll::Pending,
+        };
+        let (slot, ws, sub) = match std::mem::replace(&mut this.state, ReceiveState::Done) {
+            ReceiveState::Waiting { slot, ws, sub, .. } => (slot, ws, sub),
+            ReceiveState::Ready(r) => return Poll::Ready(r),
+            _ => return Poll::Pending,
+        };
+        if let Some(s) = sub {
+            *slot.subscription.borrow_mut() = Some(s);
+        }
+        let lua = &this.lua;
+        let string = |b: &[u8]| lua.create_string(b).map(LuaValue::String);
+        let closing = |ws: Box<Ws>, frame: Option<CloseFrame>, code: u16| -> ReceiveState {
+            let lua = lua.clone();
+            ReceiveState::Closing(Box::pin(async move {
+                let mut ws = ws;
+                match frame {
+                    Some(frame) => finish(&mut ws, Some(frame)).await,
+                    // tungstenite queued the reply to the client's close; send it.
+                    None => {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+                    }
+                }
+                closed(&lua, Some(code))
+            }))
+        };
+        let result = match received {
+            Received::Message(Message::Text(t)) => {
+                put_back(&slot, ws);
+                string(t.as_bytes()).and_then(|d| Ok(ok([d, string(b"text")?])))
+            }
+            Received::Message(Message::Binary(b)) => {
+                put_back(&slot, ws);
+                string(&b).and_then(|d| Ok(ok([d, string(b"binary")?])))
+            }
+            Received::Message(Message::Close(frame)) => {
+                *slot.ws.borrow_mut() = WsState::Closed;
+                this.state = closing(ws, None, frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                return std::pin::Pin::new(this).poll(cx);
+            }
+            Received::Message(_) => {
+                put_back(&slot, ws);
+                fail(lua, "ws.receive: an unexpected frame")
+            }
+            Received::Failed(WsError::Capacity(e)) => {
+                tracing::info!(request = %slot.id, "closing a WebSocket: {e} (max_message_size = {})", slot.max_message_size);
+                *slot.ws.borrow_mut() = WsState::Closed;
+                this.state = closing(ws, Some(CloseFrame { code: CloseCode::Size, reason: "message too big".into() }), 1009);
+                return std::pin::Pin::new(this).poll(cx);
+            }
+            Received::Failed(WsError::Protocol(e)) => {
+                tracing::info!(request = %slot.id, "closing a WebSocket: protocol error: {e}");
+                *slot.ws.borrow_mut() = WsState::Closed;
+                this.state = closing(ws, Some(CloseFrame { code: CloseCode::Protocol, reason: "protocol error".into() }), 1002);
+                return std::pin::Pin::new(this).poll(cx);
+            }
+            Received::Failed(e) => {
+                tracing::debug!(request = %slot.id, "WebSocket ended: {e}");
+                *slot.ws.borrow_mut() = WsState::Closed;
+                closed(lua, Some(1006))
+            }
+            Received::Gone => {
+                *slot.ws.borrow_mut() = WsState::Closed;
+                closed(lua, Some(1006))
+            }
+            Received::Event(v) => {
                 put_back(&slot, ws);
                 let v = match v {
-                    Some(v) => rustomnic_lua::convert::to_lua(lua, &v)?,
-                    None => LuaValue::Nil,
+                    Some(v) => rustomnic_lua::convert::to_lua(lua, &v),
+                    None => Ok(LuaValue::Nil),
                 };
-                return Ok(ok([v, LuaValue::String(lua.create_string("event")?)]));
+                v.and_then(|v| Ok(ok([v, string(b"event")?])))
             }
-            _ = timer => {
+            Received::Timeout => {
                 put_back(&slot, ws);
-                return Ok(ok([LuaValue::Nil, LuaValue::String(lua.create_string("timeout")?)]));
+                string(b"timeout").map(|t| ok([LuaValue::Nil, t]))
             }
-        }
+        };
+        Poll::Ready(result)
     }
 }
 

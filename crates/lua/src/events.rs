@@ -13,10 +13,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::task::{Context, Poll};
+use std::collections::VecDeque;
+use std::task::{Context, Poll, Waker};
 
 use rustomnic_core::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
@@ -33,7 +34,15 @@ pub const SUBSCRIPTION_QUEUE: usize = 64;
 
 enum Sink {
     Once(oneshot::Sender<Arc<Value>>),
-    Stream(mpsc::Sender<Arc<Value>>),
+    Stream(Arc<Mutex<Queue>>),
+}
+
+/// A subscription's events not yet received, and the task to wake for the next. Smaller than a
+/// channel (an idle WebSocket session holds one) and allocated as events arrive.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Arc<Value>>,
+    waker: Option<Waker>,
 }
 
 #[derive(Default)]
@@ -154,16 +163,23 @@ fn wake(cage: &str, topic: &str, value: Value) -> usize {
         for (id, sink) in std::mem::take(set) {
             match sink {
                 Sink::Once(tx) => once.push(tx),
-                Sink::Stream(tx) => {
+                Sink::Stream(queue) => {
                     // Never blocks: a subscriber that is this far behind loses the event.
-                    match tx.try_send(value.clone()) {
-                        Ok(()) => woken += 1,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            tracing::warn!(cage, topic, "a subscriber is {SUBSCRIPTION_QUEUE} events behind; this event is dropped for it")
+                    let waker = {
+                        let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                        if q.items.len() >= SUBSCRIPTION_QUEUE {
+                            tracing::warn!(cage, topic, "a subscriber is {SUBSCRIPTION_QUEUE} events behind; this event is dropped for it");
+                            None
+                        } else {
+                            q.items.push_back(value.clone());
+                            woken += 1;
+                            q.waker.take()
                         }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    };
+                    if let Some(w) = waker {
+                        w.wake();
                     }
-                    set.insert(id, Sink::Stream(tx));
+                    set.insert(id, Sink::Stream(queue));
                 }
             }
         }
@@ -202,7 +218,7 @@ pub fn wait(cage: &str, topic: &str) -> Result<Waiter, EventError> {
 /// queued for it (up to [`SUBSCRIPTION_QUEUE`]).
 pub fn subscribe(cage: &str, topic: &str) -> Result<Subscription, EventError> {
     check_topic("subscribing", topic)?;
-    let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+    let queue = Arc::new(Mutex::new(Queue::default()));
     let b = bus();
     let id = b.next.fetch_add(1, Ordering::Relaxed);
     let mut cages = lock(b);
@@ -210,15 +226,15 @@ pub fn subscribe(cage: &str, topic: &str) -> Result<Subscription, EventError> {
     if c.waiters >= MAX_WAITERS {
         return Err(EventError(format!("subscribing to {topic:?}: cage {cage} has {MAX_WAITERS} waiters already, the limit")));
     }
-    c.topics.entry(topic.into()).or_default().insert(id, Sink::Stream(tx));
+    c.topics.entry(topic.into()).or_default().insert(id, Sink::Stream(queue.clone()));
     c.waiters += 1;
-    Ok(Subscription { key: Key { cage: cage.into(), topic: topic.into(), id }, rx })
+    Ok(Subscription { key: Key { cage: cage.into(), topic: topic.into(), id }, queue })
 }
 
 /// See [`subscribe`].
 pub struct Subscription {
     key: Key,
-    rx: mpsc::Receiver<Arc<Value>>,
+    queue: Arc<Mutex<Queue>>,
 }
 
 impl Subscription {
@@ -228,7 +244,23 @@ impl Subscription {
 
     /// The next event published on the topic.
     pub async fn recv(&mut self) -> Option<Arc<Value>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next event if one is queued; otherwise the task is woken when one is.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Value>>> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = q.items.pop_front() {
+            if q.items.is_empty() {
+                // A burst's room goes back once it is read.
+                q.items = VecDeque::new();
+            }
+            return Poll::Ready(Some(v));
+        }
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 

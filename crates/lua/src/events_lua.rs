@@ -27,6 +27,16 @@ fn ok(values: impl IntoIterator<Item = LuaValue>) -> MultiValue {
     mv
 }
 
+/// Asks the request running in `lua` now to be polled again at `at` at the latest: a wait with
+/// a time limit of its own uses the request's deadline timer rather than a timer of its own
+/// (call it from the wait's `poll` when it returns pending).
+pub fn wake_request_at(lua: &Lua, at: Instant) {
+    if let Some(shared) = lua.app_data_ref::<Rc<VmShared>>() {
+        let at = shared.wake_at.get().map_or(at, |w| w.min(at));
+        shared.wake_at.set(Some(at));
+    }
+}
+
 /// `pmnc.events.wait` while it waits. A plain struct rather than an `async` block: a parked
 /// request holds it for as long as it waits, and an `async` block would be several times larger.
 struct WaitEvent {
@@ -54,10 +64,7 @@ impl std::future::Future for WaitEvent {
                 Poll::Pending => match timer {
                     Some(until) if Instant::now() >= *until => None,
                     Some(until) => {
-                        if let Some(shared) = this.lua.app_data_ref::<Rc<VmShared>>() {
-                            let at = shared.wake_at.get().map_or(*until, |w| w.min(*until));
-                            shared.wake_at.set(Some(at));
-                        }
+                        wake_request_at(&this.lua, *until);
                         return Poll::Pending;
                     }
                     None => return Poll::Pending,

@@ -18,4 +18,4 @@ pub use vm::CageVm;
 pub use transaction::{Participant, ParticipantError, Prepared, Resources};
 pub use worker::{CallError, CallRequest, Transport};
 pub use mlua;
-pub use events_lua::{current_request, seconds as events_seconds};
+pub use events_lua::{current_request, seconds as events_seconds, wake_request_at};
