@@ -258,7 +258,13 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
     let spec = &iface.spec;
     // Up to the handler's start, boxed: its state (the head, the body being read) is large,
     // and a parked request's task must not be sized for it.
-    let (mut answer, mut req) = Box::pin(begin(iface, &mut io, buf, head, peer)).await?;
+    // Boxed results: what an await returns takes room in the task besides the bindings it goes to.
+    let begun = Box::pin(begin(iface, &mut io, buf, head, peer)).await?;
+    // Moved out in a block of its own, so that the box is freed here and not at the end.
+    let (mut answer, mut req) = {
+        let begun = begun;
+        *begun
+    };
     // The answer becomes what to write before anything is awaited again, so that the task does
     // not keep room for both.
     let next = {
@@ -294,7 +300,7 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
             return match Box::pin(early.run(io, &mut req.keep_alive)).await {
                 EarlyEnd::Upgraded(mut rest) => {
                     log_done(iface, &answer.id, status, req.debug.take());
-                    (&mut rest).await;
+                    (&mut *rest).await;
                     None
                 }
                 EarlyEnd::Streamed(back, written) => {
@@ -321,7 +327,7 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
 
 /// Reads the request's body and starts its handler; `None` when the connection is over (the
 /// request was refused, or the client went away).
-async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>) -> Option<(handler::Answer, Req)> {
+async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>) -> Option<Box<(handler::Answer, Req)>> {
     let spec = &iface.spec;
     let s = &iface.settings;
     let Head { parts, framing, keep_alive, expect_continue, websocket } = *head;
@@ -357,7 +363,7 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
         None
     };
     let started = handler::start(iface, parts, body, peer, ctx, upgrade);
-    Some((handler::Answer::new(iface, started, id), req))
+    Some(Box::new((handler::Answer::new(iface, started, id), req)))
 }
 
 /// After a response: the connection back for the next request, or closed.
@@ -392,7 +398,7 @@ enum EarlyEnd {
     /// The stream ended: the connection back (unless it failed), and how the writing went.
     Streamed(Box<Prefixed>, std::io::Result<()>),
     /// The connection is the WebSocket session's now; the handler goes on.
-    Upgraded(handler::Rest),
+    Upgraded(Box<handler::Rest>),
 }
 
 impl Early<'_> {
@@ -409,7 +415,7 @@ impl Early<'_> {
                     let _ = tx.send(*io);
                 }
             }
-            return EarlyEnd::Upgraded(rest);
+            return EarlyEnd::Upgraded(Box::new(rest));
         }
         let send = write_response(&mut io, response, version, head_only, keep_alive);
         let written = futures_util::future::join(send, rest).await.0;

@@ -294,22 +294,20 @@ fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, respons
 /// frame of this function stays on its stack while the handler waits (a parked request's stack
 /// then fits in Lua's second size step, 80 slots). `response.stream` comes from a shared
 /// metatable and `request.upgrade` exists only on upgrade requests, so plain requests pay for
-/// neither; `body` and `websocket` default through the request's metatable, which keeps a plain
-/// request's table within 8 hash slots.
+/// neither; `body` and `websocket` come through the request's metatable, which keeps a request's
+/// table within 8 hash slots.
 const TABLES: &str = r#"
 local setmetatable = setmetatable
 local request_mt = { __index = { body = "", websocket = false } }
+local websocket_mt = { __index = { body = "", websocket = true } }
 return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket)
   local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
   local request = setmetatable({
     method = method, path = path, uri = uri, query = query or {}, headers = headers,
     remote_addr = remote_addr, version = version,
-  }, request_mt)
+  }, websocket and websocket_mt or request_mt)
   if body then request.body = body end
-  if websocket then
-    request.websocket = true
-    request.upgrade = api.upgrader(response)
-  end
+  if websocket then request.upgrade = api.upgrader(response) end
   return request, response
 end
 "#;

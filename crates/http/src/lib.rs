@@ -1,5 +1,6 @@
-//! The HTTP interface: HTTP/1.1 with keep-alive and HTTP/2 (prior-knowledge h2c) served from Lua
-//! handlers on the worker threads, with limits on headers, bodies, slow clients and connections.
+//! The HTTP interface: HTTP/1.1 with keep-alive (our own connection code, h1.rs) and HTTP/2
+//! (prior-knowledge h2c, hyper) served from Lua handlers on the worker threads, with limits on
+//! headers, bodies, slow clients and connections.
 //!
 //! Config keys of `[interfaces.NAME]` with `protocol = "http"` (besides protocol, handler and
 //! request_timeout, which every interface has):

@@ -71,13 +71,13 @@ fn put_back(slot: &Slot, ws: Box<Ws>) {
 pub(crate) fn upgrade(lua: Lua, response: Table) -> Upgrading {
     match start_upgrade(&lua, response) {
         Ok((slot, rx)) => Upgrading { lua, state: Some(Ok((slot, rx))) },
-        Err(r) => Upgrading { lua, state: Some(Err(r)) },
+        Err(r) => Upgrading { lua, state: Some(Err(Box::new(r))) },
     }
 }
 
 type Handover = tokio::sync::oneshot::Receiver<crate::Prefixed>;
 
-fn start_upgrade(lua: &Lua, response: Table) -> UpgradeStart {
+fn start_upgrade(lua: &Lua, response: Table) -> Result<(std::rc::Rc<Slot>, Handover), rustomnic_lua::mlua::Result<MultiValue>> {
     let what = "request.upgrade";
     let Some(slot) = Slot::current(lua) else { return Err(fail(lua, format!("{what} may only be called by the HTTP handler of the request"))) };
     if slot.replied() || slot.sender.borrow().is_some() {
@@ -105,7 +105,7 @@ fn start_upgrade(lua: &Lua, response: Table) -> UpgradeStart {
 }
 
 /// The slot and the connection to come, or the answer when the upgrade was refused.
-type UpgradeStart = Result<(std::rc::Rc<Slot>, Handover), rustomnic_lua::mlua::Result<MultiValue>>;
+type UpgradeStart = Result<(std::rc::Rc<Slot>, Handover), Box<rustomnic_lua::mlua::Result<MultiValue>>>;
 
 pub(crate) struct Upgrading {
     lua: Lua,
@@ -125,7 +125,7 @@ impl std::future::Future for Upgrading {
         };
         let lua = &this.lua;
         let (slot, upgraded) = match (this.state.take(), upgraded) {
-            (Some(Err(r)), _) => return Poll::Ready(r),
+            (Some(Err(r)), _) => return Poll::Ready(*r),
             (Some(Ok((slot, _))), Some(Ok(u))) => (slot, u),
             (Some(Ok((slot, _))), _) => {
                 *slot.ws.borrow_mut() = WsState::Closed;
@@ -153,7 +153,7 @@ impl std::future::Future for Upgrading {
 /// Answered by [`Receive`], a plain struct: an idle session holds it as long as it waits.
 pub(crate) fn receive(lua: Lua, timeout: LuaValue, topic: Option<String>) -> Receive {
     let what = "ws.receive";
-    let ready = |r| Receive { lua: lua.clone(), state: ReceiveState::Ready(r) };
+    let ready = |r| Receive { lua: lua.clone(), state: ReceiveState::Ready(Box::new(r)) };
     let timeout = match rustomnic_lua::events_seconds(what, &timeout) {
         Ok(t) => t,
         Err(e) => return ready(fail(&lua, e)),
@@ -194,7 +194,8 @@ enum ReceiveState {
     Waiting { slot: std::rc::Rc<Slot>, ws: Box<Ws>, sub: Option<Box<events::Subscription>>, until: Option<Instant> },
     /// Closing after a message that ends the session (rare, so boxed).
     Closing(std::pin::Pin<Box<dyn std::future::Future<Output = rustomnic_lua::mlua::Result<MultiValue>>>>),
-    Ready(rustomnic_lua::mlua::Result<MultiValue>),
+    /// Answered without waiting; boxed, as it is rare and large.
+    Ready(Box<rustomnic_lua::mlua::Result<MultiValue>>),
     Done,
 }
 
@@ -245,7 +246,7 @@ impl std::future::Future for Receive {
         };
         let (slot, ws, sub) = match std::mem::replace(&mut this.state, ReceiveState::Done) {
             ReceiveState::Waiting { slot, ws, sub, .. } => (slot, ws, sub),
-            ReceiveState::Ready(r) => return Poll::Ready(r),
+            ReceiveState::Ready(r) => return Poll::Ready(*r),
             _ => return Poll::Pending,
         };
         if let Some(s) = sub {

@@ -47,8 +47,8 @@ struct WaitEvent {
 enum WaitState {
     /// The wait, and when it ends without an event (the request's timer wakes it then).
     Waiting(events::Waiter, Option<Instant>),
-    /// Answered without waiting (a bad argument).
-    Ready(mlua::Result<MultiValue>),
+    /// Answered without waiting (a bad argument); boxed, as it is rare and large.
+    Ready(Box<mlua::Result<MultiValue>>),
     Done,
 }
 
@@ -75,7 +75,7 @@ impl std::future::Future for WaitEvent {
         };
         let lua = &this.lua;
         Poll::Ready(match std::mem::replace(&mut this.state, WaitState::Done) {
-            WaitState::Ready(r) => r,
+            WaitState::Ready(r) => *r,
             _ => match got {
                 Some(v) => to_lua(lua, &v).map(|v| ok([v])),
                 None => Ok(ok([LuaValue::Nil])),
@@ -143,7 +143,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             })();
             match started {
                 Ok((waiter, timer)) => WaitEvent { lua, state: WaitState::Waiting(waiter, timer) },
-                Err(r) => WaitEvent { lua, state: WaitState::Ready(r) },
+                Err(r) => WaitEvent { lua, state: WaitState::Ready(Box::new(r)) },
             }
         })?,
     )?;
