@@ -281,9 +281,7 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
         }
         match *outcome {
             Outcome::Done(response) => Ok((response.status(), serialize(response, req.version, req.head_only, &mut req.keep_alive))),
-            Outcome::Early(response, rest) => {
-                Err(Box::new(Early { response, rest, version: req.version, head_only: req.head_only, handover: req.handover.take(), leftover: buf }))
-            }
+            Outcome::Early(response) => Err(Box::new(Early { response, version: req.version, head_only: req.head_only, handover: req.handover.take(), leftover: buf })),
         }
     };
     let written = match next {
@@ -297,16 +295,15 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
         }
         Err(early) => {
             let status = early.response.status();
-            return match Box::pin(early.run(io, &mut req.keep_alive)).await {
-                EarlyEnd::Upgraded(mut rest) => {
-                    log_done(iface, &answer.id, status, req.debug.take());
-                    (&mut *rest).await;
+            let end = Box::pin(early.run(io, &mut req.keep_alive, &mut answer)).await;
+            log_done(iface, &answer.id, status, req.debug.take());
+            return match end {
+                // The session runs in the handler; this task waits for its end.
+                EarlyEnd::Upgraded => {
+                    answer.rest().await;
                     None
                 }
-                EarlyEnd::Streamed(back, written) => {
-                    log_done(iface, &answer.id, status, req.debug.take());
-                    Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await
-                }
+                EarlyEnd::Streamed(back, written) => Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await,
             };
         }
     };
@@ -386,7 +383,6 @@ async fn finish(iface: &HttpInterface, mut io: Box<Prefixed>, written: std::io::
 /// or a WebSocket, to which the connection is handed after the 101.
 struct Early<'a> {
     response: Response<Body>,
-    rest: handler::Rest,
     version: Version,
     head_only: bool,
     handover: Option<tokio::sync::oneshot::Sender<Prefixed>>,
@@ -398,12 +394,12 @@ enum EarlyEnd {
     /// The stream ended: the connection back (unless it failed), and how the writing went.
     Streamed(Box<Prefixed>, std::io::Result<()>),
     /// The connection is the WebSocket session's now; the handler goes on.
-    Upgraded(Box<handler::Rest>),
+    Upgraded,
 }
 
 impl Early<'_> {
-    async fn run(self, mut io: Box<Prefixed>, keep_alive: &mut bool) -> EarlyEnd {
-        let Early { response, rest, version, head_only, handover, leftover } = self;
+    async fn run(self, mut io: Box<Prefixed>, keep_alive: &mut bool, answer: &mut handler::Answer) -> EarlyEnd {
+        let Early { response, version, head_only, handover, leftover } = self;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The handler waits for the connection meanwhile, so the 101 is written first; the
             // session then runs without this (larger) future around it.
@@ -415,10 +411,10 @@ impl Early<'_> {
                     let _ = tx.send(*io);
                 }
             }
-            return EarlyEnd::Upgraded(Box::new(rest));
+            return EarlyEnd::Upgraded;
         }
         let send = write_response(&mut io, response, version, head_only, keep_alive);
-        let written = futures_util::future::join(send, rest).await.0;
+        let written = futures_util::future::join(send, answer.rest()).await.0;
         EarlyEnd::Streamed(io, written)
     }
 }

@@ -46,16 +46,20 @@ pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, pe
     let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
     let response = match Box::pin(collect(&iface, req, &ctx)).await {
         Err(response) => response,
-        Ok((parts, body)) => match run(&iface, parts, body, &peer, ctx, None).await {
-            Outcome::Done(response) => response,
-            Outcome::Early(head, rest) => {
-                tokio::task::spawn_local(async move {
-                    rest.await;
-                    drop(busy);
-                });
-                head
+        Ok((parts, body)) => {
+            let started = start(&iface, parts, body, &peer, ctx, None);
+            let mut answer = Answer::new(&iface, started, id.clone());
+            match *(&mut answer).await {
+                Outcome::Done(response) => response,
+                Outcome::Early(head) => {
+                    tokio::task::spawn_local(async move {
+                        answer.rest().await;
+                        drop(busy);
+                    });
+                    head
+                }
             }
-        },
+        }
     };
     if let Some((started, method, path)) = debug {
         tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
@@ -143,47 +147,12 @@ pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, b
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     Done(Response<Body>),
-    Early(Response<Body>, Rest),
-}
-
-/// The rest of a handler that answered early; its slot (the stream's sender, the WebSocket)
-/// goes when it ends.
-pub(crate) struct Rest {
-    fut: RequestFuture,
-    slot: Option<SlotGuard>,
-    iface: Arc<HttpInterface>,
-    id: String,
-}
-
-/// Resolves when the handler has ended (and then logs how). A plain struct rather than an
-/// `async fn`: a WebSocket session's task holds it for the session's life.
-impl std::future::Future for Rest {
-    type Output = ();
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let this = self.get_mut();
-        if this.slot.is_none() {
-            return std::task::Poll::Ready(());
-        }
-        let r = std::task::ready!(std::pin::Pin::new(&mut this.fut).poll(cx));
-        log_outcome(&this.iface, &this.id, r);
-        // The slot goes after the handler's end: that ends a stream's body and closes a
-        // WebSocket the handler left open.
-        this.slot = None;
-        std::task::Poll::Ready(())
-    }
+    /// The head the handler sent early; [`Answer::rest`] then drives the handler to its end.
+    Early(Response<Body>),
 }
 
 /// A started handler, or the response that says why it could not start.
 pub(crate) type Started = Result<(Result<(RequestFuture, Table), RunError>, SlotGuard), Box<Response<Body>>>;
-
-/// Runs a request's handler until it answers. The request head and body are dropped once the
-/// handler has its own copies: a parked request should not keep them.
-pub(crate) async fn run(iface: &Arc<HttpInterface>, parts: hyper::http::request::Parts, body: Bytes, peer: &str, ctx: RequestCtx, upgrade: Option<Upgrade>) -> Outcome {
-    let id = ctx.id.clone();
-    let started = start(iface, parts, body, peer, ctx, upgrade);
-    *Answer::new(iface, started, id).await
-}
 
 /// Waits for a started handler's answer. Written by hand rather than as an `async fn`: this is
 /// what a parked request's task holds, and it should hold nothing else.
@@ -196,6 +165,9 @@ pub(crate) struct Answer {
 enum AnswerState {
     /// The handler's coroutine, its slot and its response table.
     Running(RequestFuture, SlotGuard, Table),
+    /// Answered early: the handler goes on, and its slot (a stream's sender, the WebSocket)
+    /// stays until it ends.
+    Continuing { fut: RequestFuture, _slot: SlotGuard },
     NotStarted(RunError, SlotGuard),
     Refused(Box<Response<Body>>),
     Done,
@@ -209,6 +181,19 @@ impl Answer {
             Err(response) => AnswerState::Refused(response),
         };
         Answer { iface: iface.clone(), id, state }
+    }
+
+    /// After an early answer: resolves when the handler has ended, and logs how. The slot goes
+    /// after the handler's end: that ends a stream's body and closes a WebSocket the handler
+    /// left open.
+    pub(crate) fn rest(&mut self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            let AnswerState::Continuing { fut, .. } = &mut self.state else { return std::task::Poll::Ready(()) };
+            let r = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(fut), cx));
+            log_outcome(&self.iface, &self.id, r);
+            self.state = AnswerState::Done;
+            std::task::Poll::Ready(())
+        })
     }
 }
 
@@ -243,7 +228,10 @@ impl std::future::Future for Answer {
             }
             return match slot.0.poll_reply(cx) {
                 Poll::Ready(head) => match std::mem::replace(&mut this.state, AnswerState::Done) {
-                    AnswerState::Running(fut, slot, _) => Poll::Ready(Box::new(Outcome::Early(head, Rest { fut, slot: Some(slot), iface: this.iface.clone(), id: this.id.clone() }))),
+                    AnswerState::Running(fut, slot, _) => {
+                        this.state = AnswerState::Continuing { fut, _slot: slot };
+                        Poll::Ready(Box::new(Outcome::Early(head)))
+                    }
                     _ => Poll::Pending,
                 },
                 Poll::Pending => Poll::Pending,
@@ -256,7 +244,10 @@ impl std::future::Future for Answer {
             }
             AnswerState::Refused(response) => Poll::Ready(Box::new(Outcome::Done(*response))),
             // Polled again after it answered: it never answers twice.
-            AnswerState::Running(..) | AnswerState::Done => Poll::Pending,
+            state @ (AnswerState::Running(..) | AnswerState::Continuing { .. } | AnswerState::Done) => {
+                this.state = state;
+                Poll::Pending
+            }
         }
     }
 }
