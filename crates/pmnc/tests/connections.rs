@@ -1,7 +1,8 @@
 //! Connection limits of the HTTP interface through the real `pmnc` binary: max_connections
 //! refuses clearly and recovers, idle connections are closed after idle_timeout (but not while
 //! a request is parked on them), and a client that does not read is dropped after write_timeout
-//! without stalling the other requests of its worker.
+//! without stalling the other requests of its worker; a long-poll client that goes away ends
+//! its handler at once.
 
 mod common;
 
@@ -16,6 +17,9 @@ const HTTP_LUA: &str = r#"local M = {}
 function M.handle(request, response)
   if request.path == "/wait" then
     return pmnc.events.wait("never", tonumber(request.query.timeout) or 30) or "timeout"
+  elseif request.path == "/stats" then
+    local s = pmnc.events.stats("never")
+    return { waiting = s.topic_waiters, live = s.live_requests }
   elseif request.path == "/flood" then
     local stream = response.stream("application/octet-stream")
     local chunk = string.rep("x", 65536)
@@ -104,4 +108,28 @@ fn a_client_that_does_not_read_is_dropped_without_stalling_others() {
     let line = server.wait_for("flood ended after", Duration::from_secs(15)).expect("the flood ended");
     assert!(line.contains("write_timeout") || line.contains("the client disconnected"), "{line}");
     drop(s);
+}
+
+#[test]
+fn a_long_poll_client_that_goes_away_ends_its_handler() {
+    let (_tree, _server, addr) = start("");
+    let parked: Vec<TcpStream> = (0..20).map(|_| park(addr)).collect();
+    let stats = || json_body(&get(addr, "/stats"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats()["waiting"] != 20 {
+        assert!(Instant::now() < deadline, "never all parked: {}", stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(parked);
+    // Their waits were for 30 s; the handlers end as the connections close, so only the /stats
+    // request itself is left running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = stats();
+        if s["waiting"] == 0 && s["live"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "handlers still running after their clients left: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
