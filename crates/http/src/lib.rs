@@ -23,6 +23,7 @@ mod h1;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::h1::fuzz_request;
+    pub use crate::ws::fuzz_frames;
 }
 mod handler;
 mod limits;
@@ -30,6 +31,7 @@ mod lua_api;
 pub mod raw;
 mod stream;
 mod upgrade;
+mod ws;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -319,6 +321,11 @@ pub(crate) struct Prefixed {
 }
 
 impl Prefixed {
+    /// Notes traffic on the connection (for idle_timeout).
+    pub(crate) fn touch(&self) {
+        self.conn.last.store(now_ms(), Ordering::Relaxed);
+    }
+
     fn written(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
         match r {
             Poll::Pending => {

@@ -1,27 +1,19 @@
 //! WebSocket sessions: `request.upgrade()` answers 101 and turns the request's coroutine into the
-//! connection's session, with `ws.receive`, `ws.send` and `ws.close` (tokio-tungstenite over
-//! hyper's upgraded connection; docs/decisions/022-websocket.md).
+//! connection's session, with `ws.receive`, `ws.send` and `ws.close` (our framing, ws.rs, over
+//! the connection our HTTP/1 side hands over; docs/decisions/022-websocket.md).
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
 use hyper::StatusCode;
 use rustomnic_lua::events;
 use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use crate::ws::{Message, WsConn, WsError};
 
 use crate::stream::{ok, Body, Slot};
 
-type Ws = WebSocketStream<crate::Prefixed>;
+type Ws = WsConn;
 
-/// tungstenite allocates its read buffer up front for every connection (128 KiB by default),
-/// and an idle session pays for all of it; larger messages are read in several steps.
-const READ_BUFFER: usize = 512;
 /// How long closing waits for the client's half of the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -91,7 +83,7 @@ fn start_upgrade(lua: &Lua, response: Table) -> Result<(std::rc::Rc<Slot>, Hando
         Err(e) => return Err(fail(lua, format!("{what}: {e}"))),
     };
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let accept = tungstenite::handshake::derive_accept_key(&key);
     let h = r.headers_mut();
     h.remove(CONTENT_TYPE);
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
@@ -133,16 +125,7 @@ impl std::future::Future for Upgrading {
             }
             (None, _) => return Poll::Pending,
         };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(0)
-            .max_message_size(Some(slot.max_message_size))
-            .max_frame_size(Some(slot.max_message_size));
-        // Without a handshake this completes in its first poll.
-        let Some(ws) = futures_util::FutureExt::now_or_never(WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config))) else {
-            *slot.ws.borrow_mut() = WsState::Closed;
-            return Poll::Ready(fail(lua, "request.upgrade: the WebSocket could not be set up"));
-        };
+        let ws = WsConn::new(upgraded, slot.max_message_size);
         *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
         Poll::Ready(Ok(ok([])))
     }
@@ -215,26 +198,22 @@ impl std::future::Future for Receive {
         use std::task::Poll;
         let this = self.get_mut();
         let received = match &mut this.state {
-            ReceiveState::Waiting { ws, sub, until, .. } => loop {
-                match ws.poll_next_unpin(cx) {
-                    // Pings, pongs and frames: tungstenite answers them; go on waiting.
-                    Poll::Ready(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
-                    Poll::Ready(Some(Ok(m))) => break Received::Message(m),
-                    Poll::Ready(Some(Err(e))) => break Received::Failed(e),
-                    Poll::Ready(None) => break Received::Gone,
-                    Poll::Pending => {}
-                }
-                if let Some(s) = sub.as_mut() {
-                    if let Poll::Ready(v) = s.poll_recv(cx) {
-                        break Received::Event(v);
-                    }
-                }
-                match until {
-                    Some(u) if Instant::now() >= *u => break Received::Timeout,
-                    Some(u) => rustomnic_lua::wake_request_at(&this.lua, *u),
-                    None => {}
-                }
-                return Poll::Pending;
+            ReceiveState::Waiting { ws, sub, until, .. } => match ws.poll_next(cx) {
+                // Pings and pongs are answered inside ws.rs; only messages come out.
+                Poll::Ready(Some(Ok(m))) => Received::Message(m),
+                Poll::Ready(Some(Err(e))) => Received::Failed(e),
+                Poll::Ready(None) => Received::Gone,
+                Poll::Pending => match sub.as_mut().map(|s| s.poll_recv(cx)) {
+                    Some(Poll::Ready(v)) => Received::Event(v),
+                    _ => match until {
+                        Some(u) if Instant::now() >= *u => Received::Timeout,
+                        Some(u) => {
+                            rustomnic_lua::wake_request_at(&this.lua, *u);
+                            return Poll::Pending;
+                        }
+                        None => return Poll::Pending,
+                    },
+                },
             },
             ReceiveState::Closing(f) => {
                 let r = std::task::ready!(f.as_mut().poll(cx));
@@ -254,16 +233,14 @@ impl std::future::Future for Receive {
         }
         let lua = &this.lua;
         let string = |b: &[u8]| lua.create_string(b).map(LuaValue::String);
-        let closing = |ws: Box<Ws>, frame: Option<CloseFrame>, code: u16| -> ReceiveState {
+        let closing = |ws: Box<Ws>, frame: Option<(u16, &'static str)>, code: u16| -> ReceiveState {
             let lua = lua.clone();
             ReceiveState::Closing(Box::pin(async move {
                 let mut ws = ws;
                 match frame {
-                    Some(frame) => finish(&mut ws, Some(frame)).await,
-                    // tungstenite queued the reply to the client's close; send it.
-                    None => {
-                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
-                    }
+                    Some((code, reason)) => ws.close(code, reason, CLOSE_WAIT).await,
+                    // The echo of the client's close is queued; send it.
+                    None => ws.flush(CLOSE_WAIT).await,
                 }
                 closed(&lua, Some(code))
             }))
@@ -271,7 +248,7 @@ impl std::future::Future for Receive {
         let result = match received {
             Received::Message(Message::Text(t)) => {
                 put_back(&slot, ws);
-                string(t.as_bytes()).and_then(|d| Ok(ok([d, string(b"text")?])))
+                string(&t).and_then(|d| Ok(ok([d, string(b"text")?])))
             }
             Received::Message(Message::Binary(b)) => {
                 put_back(&slot, ws);
@@ -279,27 +256,29 @@ impl std::future::Future for Receive {
             }
             Received::Message(Message::Close(frame)) => {
                 *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, None, frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                this.state = closing(ws, None, frame.unwrap_or(1005));
                 return std::pin::Pin::new(this).poll(cx);
             }
-            Received::Message(_) => {
-                put_back(&slot, ws);
-                fail(lua, "ws.receive: an unexpected frame")
-            }
-            Received::Failed(WsError::Capacity(e)) => {
-                tracing::info!(request = %slot.id, "closing a WebSocket: {e} (max_message_size = {})", slot.max_message_size);
+            Received::Failed(WsError::TooBig) => {
+                tracing::info!(request = %slot.id, "closing a WebSocket: a message over max_message_size ({})", slot.max_message_size);
                 *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, Some(CloseFrame { code: CloseCode::Size, reason: "message too big".into() }), 1009);
+                this.state = closing(ws, Some((1009, "message too big")), 1009);
                 return std::pin::Pin::new(this).poll(cx);
             }
             Received::Failed(WsError::Protocol(e)) => {
                 tracing::info!(request = %slot.id, "closing a WebSocket: protocol error: {e}");
                 *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, Some(CloseFrame { code: CloseCode::Protocol, reason: "protocol error".into() }), 1002);
+                this.state = closing(ws, Some((1002, "protocol error")), 1002);
+                return std::pin::Pin::new(this).poll(cx);
+            }
+            Received::Failed(WsError::BadText) => {
+                tracing::info!(request = %slot.id, "closing a WebSocket: a text message that is not UTF-8");
+                *slot.ws.borrow_mut() = WsState::Closed;
+                this.state = closing(ws, Some((1007, "text is not UTF-8")), 1007);
                 return std::pin::Pin::new(this).poll(cx);
             }
             Received::Failed(e) => {
-                tracing::debug!(request = %slot.id, "WebSocket ended: {e}");
+                tracing::debug!(request = %slot.id, "WebSocket ended: {e:?}");
                 *slot.ws.borrow_mut() = WsState::Closed;
                 closed(lua, Some(1006))
             }
@@ -332,12 +311,13 @@ pub(crate) async fn send(lua: &Lua, data: LuaValue, kind: Option<String>) -> rus
         LuaValue::Integer(_) | LuaValue::Number(_) => data.to_string()?.into_bytes(),
         other => return fail(lua, format!("{what}: data must be a string, got {} (use pmnc.json.encode for tables)", other.type_name())),
     };
-    let message = match (kind.as_deref(), String::from_utf8(bytes)) {
-        (Some("binary"), Ok(s)) => Message::Binary(Bytes::from(s.into_bytes())),
-        (Some("binary"), Err(e)) | (None, Err(e)) => Message::Binary(Bytes::from(e.into_bytes())),
-        (Some("text") | None, Ok(s)) => Message::Text(s.into()),
-        (Some("text"), Err(_)) => return fail(lua, format!("{what}: a text message must be UTF-8")),
-        (Some(k), _) => return fail(lua, format!("{what}: kind must be \"text\" or \"binary\", got {k:?}")),
+    let utf8 = std::str::from_utf8(&bytes).is_ok();
+    let text = match kind.as_deref() {
+        Some("binary") => false,
+        None => utf8,
+        Some("text") if utf8 => true,
+        Some("text") => return fail(lua, format!("{what}: a text message must be UTF-8")),
+        Some(k) => return fail(lua, format!("{what}: kind must be \"text\" or \"binary\", got {k:?}")),
     };
     let (slot, mut ws) = match take(lua, what) {
         Ok(x) => x,
@@ -349,7 +329,7 @@ pub(crate) async fn send(lua: &Lua, data: LuaValue, kind: Option<String>) -> rus
             };
         }
     };
-    match tokio::time::timeout(slot.write_timeout, ws.send(message)).await {
+    match tokio::time::timeout(slot.write_timeout, ws.send(text, &bytes)).await {
         Ok(Ok(())) => {
             put_back(&slot, ws);
             Ok(ok([]))
@@ -380,23 +360,12 @@ pub(crate) async fn close(lua: &Lua, code: Option<u16>, reason: Option<String>) 
         Ok(x) => x,
         Err(r) => return r,
     };
-    finish(&mut ws, Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() })).await;
+    ws.close(code, &reason, CLOSE_WAIT).await;
     *slot.ws.borrow_mut() = WsState::Closed;
     Ok(ok([]))
 }
 
-/// Sends a close frame and waits (briefly) for the client to answer it.
-async fn finish(ws: &mut Ws, frame: Option<CloseFrame>) {
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        if ws.close(frame).await.is_err() {
-            return;
-        }
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
-}
-
 /// A WebSocket its handler returned without closing: closed normally, off the request's path.
 pub(crate) fn close_in_background(mut ws: Box<Ws>) {
-    tokio::task::spawn_local(async move { finish(&mut ws, None).await });
+    tokio::task::spawn_local(async move { ws.close(1000, "", CLOSE_WAIT).await });
 }

@@ -1,7 +1,7 @@
 //! WebSocket sessions through the real `pmnc` binary: echo of text and binary messages, events
-//! pushed into a session, the close handshake from either side, oversized messages (1009), and
-//! a client that vanishes without closing (its coroutine ends: the count of live requests goes
-//! back down).
+//! pushed into a session, the close handshake from either side, oversized messages (1009),
+//! fragments and broken frames (1002, 1007) on raw frames, and a client that vanishes without
+//! closing (its coroutine ends: the count of live requests goes back down).
 
 mod common;
 
@@ -165,4 +165,88 @@ fn upgrade_of_a_plain_request_is_an_error() {
     assert!(r.text().contains("false") && r.text().contains("attempt to call a nil value"), "{}", r.text());
     let r = get(addr, "/ws");
     assert_eq!(r.status, 400);
+}
+
+/// A client frame, masked as clients must (unless `masked` is false, to test the refusal).
+fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = [0xa1, 0xb2, 0xc3, 0xd4];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode, (if masked { 0x80 } else { 0 }) | payload.len() as u8];
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A raw WebSocket connection, after the 101.
+fn raw_session(addr: SocketAddr) -> TcpStream {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The accept key of RFC 6455's own example.
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    s
+}
+
+/// The next frame from the server: (opcode, payload).
+fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut n = [0u8; 2];
+            s.read_exact(&mut n).unwrap();
+            u16::from_be_bytes(n) as usize
+        }
+        127 => panic!("unexpectedly long frame"),
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+#[test]
+fn fragments_join_and_broken_frames_close_with_their_code() {
+    use std::io::Write;
+    let (_tree, _server, addr) = start();
+    // A text message in three fragments with a ping between them: the pong comes first, then
+    // the echo of the whole message.
+    let mut s = raw_session(addr);
+    let mut wire = raw_frame(false, 1, b"frag", true);
+    wire.extend(raw_frame(false, 0, b"men", true));
+    wire.extend(raw_frame(true, 9, b"p!", true));
+    wire.extend(raw_frame(true, 0, b"ted", true));
+    s.write_all(&wire).unwrap();
+    assert_eq!(read_frame(&mut s), (10, b"p!".to_vec()));
+    assert_eq!(read_frame(&mut s), (1, b"echo: fragmented".to_vec()));
+    // Text that is not UTF-8: closed with 1007.
+    s.write_all(&raw_frame(true, 1, &[0xff, 0xfe], true)).unwrap();
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!((op, &payload[..2]), (8, &1007u16.to_be_bytes()[..]));
+
+    // An unmasked frame from a client: closed with 1002.
+    let mut s = raw_session(addr);
+    s.write_all(&raw_frame(true, 1, b"hi", false)).unwrap();
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!((op, &payload[..2]), (8, &1002u16.to_be_bytes()[..]));
+
+    // A continuation with no message before it: closed with 1002.
+    let mut s = raw_session(addr);
+    s.write_all(&raw_frame(true, 0, b"x", true)).unwrap();
+    let (op, payload) = read_frame(&mut s);
+    assert_eq!((op, &payload[..2]), (8, &1002u16.to_be_bytes()[..]));
 }
