@@ -3,7 +3,6 @@
 //! socket and the handler's coroutine (docs/decisions/050-own-http1.md).
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +11,14 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENG
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use rustomnic_cage::Shutdown;
 use rustomnic_lua::RequestCtx;
+use std::io::Write as _;
+
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::handler::{self, Outcome};
 use crate::stream::Body;
-use crate::{now_ms, Busy, HttpInterface, Prefixed};
+use crate::{Busy, HttpInterface, Prefixed};
 
 /// More request headers than this get 431 (the limit hyper had).
 const MAX_HEADERS: usize = 100;
@@ -73,8 +74,7 @@ pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Box<Prefixed>, peer
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(r) => {
-                tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
-                Box::pin(refuse(&mut io, r, &rustomnic_lua::new_request_id())).await;
+                Box::pin(refuse(&iface, &mut io, r, &peer, &rustomnic_lua::new_request_id())).await;
                 return;
             }
         };
@@ -111,8 +111,11 @@ async fn read_head(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, 
         if *shutdown.borrow() && !started {
             return Ok(None);
         }
+        if buf.capacity() == buf.len() {
+            buf.reserve(if buf.is_empty() { FIRST_READ } else { buf.len().min(s.max_header_size) });
+        }
         tokio::select! {
-            r = tokio::time::timeout_at(deadline, io.stream.readable()) => match r {
+            r = tokio::time::timeout_at(deadline, fill(io, buf)) => match r {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Ok(None),
                 Err(_) if started => return Err(refusal(StatusCode::REQUEST_TIMEOUT, format!("the request head did not arrive within header_read_timeout ({:?})", s.header_read_timeout))),
@@ -125,20 +128,9 @@ async fn read_head(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, 
                 continue;
             }
         }
-        if buf.capacity() == buf.len() {
-            buf.reserve(if buf.is_empty() { FIRST_READ } else { buf.len().min(s.max_header_size) });
-        }
-        match io.stream.try_read_buf(buf) {
-            Ok(0) => return Ok(None),
-            Ok(_) => {
-                io.conn.last.store(now_ms(), Ordering::Relaxed);
-                if !started {
-                    started = true;
-                    deadline = Instant::now() + s.header_read_timeout;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Ok(None),
+        if !started {
+            started = true;
+            deadline = Instant::now() + s.header_read_timeout;
         }
     }
 }
@@ -257,8 +249,8 @@ struct Req {
 async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>, shutdown: &Shutdown) -> Option<Box<Prefixed>> {
     let spec = &iface.spec;
     // Up to the handler's start, boxed: its state (the head, the body being read) is large,
-    // and a parked request's task must not be sized for it.
-    // Boxed results: what an await returns takes room in the task besides the bindings it goes to.
+    // and a parked request's task must not be sized for it. Its result is boxed too: what an
+    // await returns takes room in the task besides the bindings it goes to.
     let begun = Box::pin(begin(iface, &mut io, buf, head, peer)).await?;
     // Moved out in a block of its own, so that the box is freed here and not at the end.
     let (mut answer, mut req) = {
@@ -297,14 +289,17 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
             let status = early.response.status();
             let end = Box::pin(early.run(io, &mut req.keep_alive, &mut answer)).await;
             log_done(iface, &answer.id, status, req.debug.take());
-            return match end {
+            match end {
                 // The session runs in the handler; this task waits for its end.
                 EarlyEnd::Upgraded => {
                     answer.rest().await;
-                    None
+                    return None;
                 }
-                EarlyEnd::Streamed(back, written) => Box::pin(finish(iface, back, written, req.keep_alive, peer, &answer.id)).await,
-            };
+                EarlyEnd::Streamed(back, written) => {
+                    io = back;
+                    written
+                }
+            }
         }
     };
     drop(req.busy);
@@ -332,7 +327,7 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
     let id = ctx.id.clone();
     let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| Box::new((std::time::Instant::now(), parts.method.clone(), parts.uri.path().to_string())));
-    let req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, debug };
+    let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, debug };
     let body = if framing == Framing::None {
         Bytes::new()
     } else {
@@ -340,8 +335,7 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
             Ok(b) => b,
             Err(BodyError::Gone) => return None,
             Err(BodyError::Refused(r)) => {
-                tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
-                refuse(io, r, &id).await;
+                refuse(iface, io, r, peer, &id).await;
                 return None;
             }
         }
@@ -350,7 +344,6 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
         // A parked handler keeps no read buffer.
         *buf = Vec::new();
     }
-    let mut req = req;
     let upgrade = if websocket {
         let (tx, rx) = tokio::sync::oneshot::channel();
         req.handover = Some(tx);
@@ -361,22 +354,6 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     };
     let started = handler::start(iface, parts, body, peer, ctx, upgrade);
     Some(Box::new((handler::Answer::new(iface, started, id), req)))
-}
-
-/// After a response: the connection back for the next request, or closed.
-async fn finish(iface: &HttpInterface, mut io: Box<Prefixed>, written: std::io::Result<()>, keep_alive: bool, peer: &str, id: &str) -> Option<Box<Prefixed>> {
-    match written {
-        Ok(()) if keep_alive => Some(io),
-        Ok(()) => {
-            // A TCP shutdown does not wait for the client.
-            let _ = io.shutdown().await;
-            None
-        }
-        Err(e) => {
-            tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "response to {peer} not delivered: {e}");
-            None
-        }
-    }
 }
 
 /// A handler that sent its response head early and goes on: a stream, written while it runs,
@@ -462,13 +439,15 @@ pub(crate) enum ChunkError {
 }
 
 /// Reads more bytes of the connection into `into` (which has spare capacity); `Gone` at EOF.
+/// Bytes are taken only once the socket is readable, so a read dropped while it waits loses
+/// nothing.
 async fn fill(io: &mut Prefixed, into: &mut Vec<u8>) -> Result<(), ChunkError> {
     loop {
         io.stream.readable().await.map_err(|_| ChunkError::Gone)?;
         match io.stream.try_read_buf(into) {
             Ok(0) => return Err(ChunkError::Gone),
             Ok(_) => {
-                io.conn.last.store(now_ms(), Ordering::Relaxed);
+                io.touch();
                 return Ok(());
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -707,8 +686,7 @@ fn serialize(response: Response<Body>, version: Version, head_only: bool, keep_a
         Body::Full(b) => {
             let b = b.unwrap_or_default();
             if !bodiless {
-                let mut n = itoa_buf();
-                header(&mut out, b"content-length", fmt_usize(&mut n, b.len()));
+                let _ = write!(out, "content-length: {}\r\n", b.len());
             }
             out.extend_from_slice(b"\r\n");
             if bodiless || head_only || b.is_empty() {
@@ -752,7 +730,7 @@ async fn write_stream(io: &mut Prefixed, out: Vec<u8>, mut rx: tokio::sync::mpsc
             continue;
         }
         let mut framed = Vec::with_capacity(chunk.len() + 16);
-        framed.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        let _ = write!(framed, "{:x}\r\n", chunk.len());
         framed.extend_from_slice(&chunk);
         framed.extend_from_slice(b"\r\n");
         io.write_all(&framed).await?;
@@ -803,26 +781,10 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn itoa_buf() -> [u8; 20] {
-    [0; 20]
-}
-
-fn fmt_usize(buf: &mut [u8; 20], mut n: usize) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
 /// Answers a request the handler never saw, then closes the connection without resetting it
 /// under the client (unread request bytes are drained for a moment first).
-async fn refuse(io: &mut Prefixed, r: Refusal, id: &str) {
+async fn refuse(iface: &HttpInterface, io: &mut Prefixed, r: Refusal, peer: &str, id: &str) {
+    tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
     let text = format!("{} {}: {} (request id {id})\n", r.status.as_u16(), reason(r.status), r.reason);
     let mut out = Vec::with_capacity(text.len() + 160);
     out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", r.status.as_u16(), reason(r.status)).as_bytes());
@@ -830,7 +792,7 @@ async fn refuse(io: &mut Prefixed, r: Refusal, id: &str) {
     header(&mut out, b"x-request-id", id.as_bytes());
     header(&mut out, b"date", date().as_bytes());
     header(&mut out, b"connection", b"close");
-    header(&mut out, b"content-length", text.len().to_string().as_bytes());
+    let _ = write!(out, "content-length: {}\r\n", text.len());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(text.as_bytes());
     let _ = tokio::time::timeout(LINGER, async {
@@ -985,13 +947,4 @@ mod tests {
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Some(431));
     }
 
-    #[test]
-    fn numbers_format_in_decimal() {
-        let mut b = itoa_buf();
-        assert_eq!(fmt_usize(&mut b, 0), b"0");
-        let mut b = itoa_buf();
-        assert_eq!(fmt_usize(&mut b, 1234567), b"1234567");
-        let mut b = itoa_buf();
-        assert_eq!(fmt_usize(&mut b, usize::MAX), usize::MAX.to_string().as_bytes());
-    }
 }

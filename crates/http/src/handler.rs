@@ -142,9 +142,7 @@ pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, b
 }
 
 /// How a handler answered: with its whole response, or with a response head it sent early
-/// (`response.stream`, `request.upgrade`) while it goes on. Made once per request and consumed
-/// at once, so the size of its variants does not matter.
-#[allow(clippy::large_enum_variant)]
+/// (`response.stream`, `request.upgrade`) while it goes on.
 pub(crate) enum Outcome {
     Done(Response<Body>),
     /// The head the handler sent early; [`Answer::rest`] then drives the handler to its end.
@@ -168,7 +166,7 @@ enum AnswerState {
     /// Answered early: the handler goes on, and its slot (a stream's sender, the WebSocket)
     /// stays until it ends.
     Continuing { fut: RequestFuture, _slot: SlotGuard },
-    NotStarted(RunError, SlotGuard),
+    NotStarted(RunError),
     Refused(Box<Response<Body>>),
     Done,
 }
@@ -177,7 +175,7 @@ impl Answer {
     pub(crate) fn new(iface: &Arc<HttpInterface>, started: Started, id: String) -> Answer {
         let state = match started {
             Ok((Ok((fut, response)), slot)) => AnswerState::Running(fut, slot, response),
-            Ok((Err(e), slot)) => AnswerState::NotStarted(e, slot),
+            Ok((Err(e), _slot)) => AnswerState::NotStarted(e),
             Err(response) => AnswerState::Refused(response),
         };
         Answer { iface: iface.clone(), id, state }
@@ -220,7 +218,10 @@ impl std::future::Future for Answer {
                     return Poll::Ready(Box::new(Outcome::Done(plain(StatusCode::INTERNAL_SERVER_ERROR, &this.id, "internal error"))));
                 }
                 Poll::Ready(r) => {
-                    let answer = finished(&this.iface, r, Some(response), &this.id);
+                    let answer = match r {
+                        Ok(values) => returned(&this.iface, response, values, &this.id),
+                        Err(e) => failed(&this.iface, e, &this.id),
+                    };
                     this.state = AnswerState::Done;
                     return Poll::Ready(Box::new(Outcome::Done(answer)));
                 }
@@ -238,10 +239,7 @@ impl std::future::Future for Answer {
             };
         }
         match std::mem::replace(&mut this.state, AnswerState::Done) {
-            AnswerState::NotStarted(e, slot) => {
-                drop(slot);
-                Poll::Ready(Box::new(Outcome::Done(finished(&this.iface, Err(e), None, &this.id))))
-            }
+            AnswerState::NotStarted(e) => Poll::Ready(Box::new(Outcome::Done(failed(&this.iface, e, &this.id)))),
             AnswerState::Refused(response) => Poll::Ready(Box::new(Outcome::Done(*response))),
             // Polled again after it answered: it never answers twice.
             state @ (AnswerState::Running(..) | AnswerState::Continuing { .. } | AnswerState::Done) => {
@@ -252,29 +250,32 @@ impl std::future::Future for Answer {
     }
 }
 
-/// The response for a handler that ended: what it returned, or the error it ended with.
-fn finished(iface: &HttpInterface, result: Result<MultiValue, RunError>, response: Option<&Table>, id: &str) -> Response<Body> {
+/// The response of a handler that returned: its response table and what it returned.
+fn returned(iface: &HttpInterface, response: &Table, values: MultiValue, id: &str) -> Response<Body> {
+    build_response(response, values, id).unwrap_or_else(|message| {
+        let spec = &iface.spec;
+        let (module, function) = &spec.handler.value;
+        tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
+        plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
+    })
+}
+
+/// The response for a handler that failed, or could not start.
+fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
     let spec = &iface.spec;
     let (module, function) = &spec.handler.value;
-    match result {
-        Ok(values) => match response.ok_or_else(|| "no response table".to_string()).and_then(|response| build_response(response, values, id)) {
-            Ok(r) => r,
-            Err(message) => {
-                tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "handler {module}.{function} returned a bad response: {message}");
-                plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
-            }
-        },
-        Err(RunError::Deadline) => {
+    match e {
+        RunError::Deadline => {
             tracing::warn!(cage = %spec.cage, interface = %spec.name, request = %id, "deadline exceeded ({:?}) in {module}.{function}", spec.request_timeout);
             plain(StatusCode::GATEWAY_TIMEOUT, id, "deadline exceeded")
         }
-        Err(e @ RunError::Failed { .. }) => {
+        e @ RunError::Failed { .. } => {
             // One line per record: the request id is printed at its end, and a traceback split
             // over lines would leave the error text on lines that do not carry the id.
             tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function} failed: {}", e.log_text());
             plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
         }
-        Err(e) => {
+        e => {
             tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function}: {e}");
             plain(StatusCode::INTERNAL_SERVER_ERROR, id, "internal error")
         }

@@ -167,9 +167,8 @@ impl Interface for HttpInterface {
                 handler::refuse_overloaded(stream).await;
                 return;
             }
-            // hyper-util's version sniffing waits for the first bytes without any timeout, so a
-            // client that connects and stays silent (or stalls inside the HTTP/2 preface) would
-            // hold a connection slot forever; header_read_timeout only starts after it.
+            // A client that connects and stays silent (or stalls inside the HTTP/2 preface)
+            // would hold a connection slot: the first bytes, too, come within header_read_timeout.
             let Some(head) = first_bytes(&mut stream, self.settings.header_read_timeout, &mut shutdown).await else {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: no request within header_read_timeout ({:?})", self.settings.header_read_timeout);
                 return;
@@ -179,25 +178,23 @@ impl Interface for HttpInterface {
                 return;
             }
             let h2 = head[..] == *H2_PREFACE;
-            let state = conn;
             let peer: std::rc::Rc<str> = remote.to_string().into();
+            let io = Box::new(Prefixed { head, stream, conn: conn.clone(), write_timer: None });
             if !h2 {
-                let io = Box::new(Prefixed { head, stream, conn: state.clone(), write_timer: None });
                 return h1::serve(self, io, peer, shutdown).await;
             }
-            let io = Prefixed { head, stream, conn: state.clone(), write_timer: None };
             // HTTP/2 (rarer, and larger) is served by hyper, boxed so that the task of every
             // HTTP/1 connection stays small.
             let io = TokioIo::new(io);
             let me = self.clone();
-            let busy = state.clone();
+            let busy = conn.clone();
             let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy)));
             let idle = self.settings.idle_timeout;
             let idle_out = async {
                 loop {
-                    let at = state.last.load(Ordering::Relaxed) + idle.as_millis() as u64;
+                    let at = conn.last.load(Ordering::Relaxed) + idle.as_millis() as u64;
                     tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
-                    if state.in_flight.load(Ordering::Relaxed) == 0 && state.last.load(Ordering::Relaxed) + idle.as_millis() as u64 <= now_ms() {
+                    if conn.in_flight.load(Ordering::Relaxed) == 0 && conn.last.load(Ordering::Relaxed) + idle.as_millis() as u64 <= now_ms() {
                         return;
                     }
                 }
@@ -205,19 +202,19 @@ impl Interface for HttpInterface {
             let result = Box::pin(async {
                 let mut b = hyper::server::conn::http2::Builder::new(LocalExec);
                 b.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_size as u32).max_concurrent_streams(256);
-                let conn = b.serve_connection(io, service);
-                tokio::pin!(conn);
+                let h2conn = b.serve_connection(io, service);
+                tokio::pin!(h2conn);
                 // Shut down gracefully at shutdown or when idle for idle_timeout.
                 tokio::select! {
-                    r = conn.as_mut() => r,
+                    r = h2conn.as_mut() => r,
                     _ = shutdown.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                        h2conn.as_mut().graceful_shutdown();
+                        h2conn.await
                     }
                     _ = idle_out => {
                         tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: idle for idle_timeout ({idle:?})");
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                        h2conn.as_mut().graceful_shutdown();
+                        h2conn.await
                     }
                 }
             })
@@ -343,7 +340,7 @@ impl Prefixed {
             Poll::Ready(r) => {
                 self.write_timer = None;
                 if matches!(r, Ok(n) if n > 0) {
-                    self.conn.last.store(now_ms(), Ordering::Relaxed);
+                    self.touch();
                 }
                 Poll::Ready(r)
             }
@@ -370,7 +367,7 @@ impl AsyncRead for Prefixed {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.conn.last.store(now_ms(), Ordering::Relaxed);
+            self.touch();
         }
         r
     }

@@ -233,12 +233,14 @@ impl std::future::Future for Receive {
         }
         let lua = &this.lua;
         let string = |b: &[u8]| lua.create_string(b).map(LuaValue::String);
-        let closing = |ws: Box<Ws>, frame: Option<(u16, &'static str)>, code: u16| -> ReceiveState {
+        // Closes with `code`: our close frame with `reason`, or (none) the queued echo of the
+        // client's close; then the session reports `code`.
+        let closing = |ws: Box<Ws>, reason: Option<&'static str>, code: u16| -> ReceiveState {
             let lua = lua.clone();
             ReceiveState::Closing(Box::pin(async move {
                 let mut ws = ws;
-                match frame {
-                    Some((code, reason)) => ws.close(code, reason, CLOSE_WAIT).await,
+                match reason {
+                    Some(reason) => ws.close(code, reason, CLOSE_WAIT).await,
                     // The echo of the client's close is queued; send it.
                     None => ws.flush(CLOSE_WAIT).await,
                 }
@@ -254,34 +256,24 @@ impl std::future::Future for Receive {
                 put_back(&slot, ws);
                 string(&b).and_then(|d| Ok(ok([d, string(b"binary")?])))
             }
-            Received::Message(Message::Close(frame)) => {
+            Received::Message(Message::Close(code)) => {
                 *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, None, frame.unwrap_or(1005));
+                this.state = closing(ws, None, code.unwrap_or(1005));
                 return std::pin::Pin::new(this).poll(cx);
             }
-            Received::Failed(WsError::TooBig) => {
-                tracing::info!(request = %slot.id, "closing a WebSocket: a message over max_message_size ({})", slot.max_message_size);
-                *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, Some((1009, "message too big")), 1009);
-                return std::pin::Pin::new(this).poll(cx);
-            }
-            Received::Failed(WsError::Protocol(e)) => {
-                tracing::info!(request = %slot.id, "closing a WebSocket: protocol error: {e}");
-                *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, Some((1002, "protocol error")), 1002);
-                return std::pin::Pin::new(this).poll(cx);
-            }
-            Received::Failed(WsError::BadText) => {
-                tracing::info!(request = %slot.id, "closing a WebSocket: a text message that is not UTF-8");
-                *slot.ws.borrow_mut() = WsState::Closed;
-                this.state = closing(ws, Some((1007, "text is not UTF-8")), 1007);
-                return std::pin::Pin::new(this).poll(cx);
-            }
-            Received::Failed(e) => {
-                tracing::debug!(request = %slot.id, "WebSocket ended: {e:?}");
-                *slot.ws.borrow_mut() = WsState::Closed;
-                closed(lua, Some(1006))
-            }
+            Received::Failed(e) => match e.close() {
+                Some((code, reason)) => {
+                    tracing::info!(request = %slot.id, "closing a WebSocket with {code}: {e}");
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    this.state = closing(ws, Some(reason), code);
+                    return std::pin::Pin::new(this).poll(cx);
+                }
+                None => {
+                    tracing::debug!(request = %slot.id, "WebSocket ended: {e}");
+                    *slot.ws.borrow_mut() = WsState::Closed;
+                    closed(lua, Some(1006))
+                }
+            },
             Received::Gone => {
                 *slot.ws.borrow_mut() = WsState::Closed;
                 closed(lua, Some(1006))

@@ -28,17 +28,40 @@ pub(crate) enum Message {
     Close(Option<u16>),
 }
 
-/// Why a session cannot go on: each maps to the close code sent for it.
+/// Why a session cannot go on: each but `Broken` has the close code sent for it.
 #[derive(Debug, PartialEq)]
 pub(crate) enum WsError {
-    /// A message or frame over max_message_size (1009).
-    TooBig,
+    /// A message or frame over max_message_size, which it carries (1009).
+    TooBig(usize),
     /// A frame that breaks the protocol (1002).
     Protocol(&'static str),
     /// A text message that is not UTF-8 (1007).
     BadText,
     /// The connection failed.
     Broken,
+}
+
+impl WsError {
+    /// The close code and reason to send for it; none when the connection is gone.
+    pub(crate) fn close(&self) -> Option<(u16, &'static str)> {
+        match self {
+            WsError::TooBig(_) => Some((1009, "message too big")),
+            WsError::Protocol(_) => Some((1002, "protocol error")),
+            WsError::BadText => Some((1007, "text is not UTF-8")),
+            WsError::Broken => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WsError::TooBig(max) => write!(f, "a message over max_message_size ({max} bytes)"),
+            WsError::Protocol(what) => write!(f, "protocol error: {what}"),
+            WsError::BadText => f.write_str("a text message that is not UTF-8"),
+            WsError::Broken => f.write_str("the connection failed"),
+        }
+    }
 }
 
 /// A WebSocket session's connection.
@@ -104,7 +127,7 @@ fn parse(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, WsError> {
         n => (n, 2),
     };
     if len > max as u64 {
-        return Err(WsError::TooBig);
+        return Err(WsError::TooBig(max));
     }
     if buf.len() < at + 4 {
         return Ok(None);
@@ -228,7 +251,7 @@ impl WsConn {
                         return Poll::Ready(Some(Err(WsError::Protocol("a continuation frame without a message"))));
                     };
                     if data.len() + f.payload.len() > self.max {
-                        return Poll::Ready(Some(Err(WsError::TooBig)));
+                        return Poll::Ready(Some(Err(WsError::TooBig(self.max))));
                     }
                     data.extend_from_slice(&f.payload);
                     if f.fin {
@@ -363,9 +386,9 @@ mod tests {
         assert!(matches!(parse(&client(true, 3, b""), 100), Err(WsError::Protocol(_))));
         assert!(matches!(parse(&client(false, PING, b""), 100), Err(WsError::Protocol(_))));
         assert!(matches!(parse(&client(true, PING, &[0; 126]), 1000), Err(WsError::Protocol(_))));
-        assert_eq!(parse(&client(true, BINARY, &[0; 101]), 100).err(), Some(WsError::TooBig));
+        assert_eq!(parse(&client(true, BINARY, &[0; 101]), 100).err(), Some(WsError::TooBig(100)));
         // Too big is known from the length alone, before the payload arrives.
-        assert_eq!(parse(&client(true, BINARY, &[0; 70000])[..10], 1000).err(), Some(WsError::TooBig));
+        assert_eq!(parse(&client(true, BINARY, &[0; 70000])[..10], 1000).err(), Some(WsError::TooBig(1000)));
     }
 
     #[test]
