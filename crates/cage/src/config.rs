@@ -24,6 +24,14 @@
 //!
 //! [cluster]                        # join other processes over NATS, see docs/cluster.md
 //! url = "nats://127.0.0.1:4222"
+//!
+//! [lua]                            # what module code may use (docs/decisions/004-lua-sandbox.md)
+//! memory_limit = "1GiB"            # per VM: one cage on one worker thread (default 1 GiB)
+//! request_memory_limit = "256MiB"  # what one request may add to its VM (default 256 MiB)
+//! unyielding_limit = "20ms"        # Lua code run by C code (a metamethod, a message handler),
+//!                                  # where it cannot yield, is stopped after this (default 20ms)
+//! getenv = ["HOME", "APP_*"]       # what os.getenv may read: names, or prefixes ending with *;
+//!                                  # default none (os.getenv returns nil)
 //! ```
 
 use std::sync::Arc;
@@ -66,6 +74,8 @@ pub struct CageConfig {
     pub queues: Vec<rustomnic_queue::QueueConfig>,
     /// The SQLite file of the cage's state, which holds its queue too.
     pub state_file: std::path::PathBuf,
+    /// `[lua]`: the limits of the cage's Lua VMs.
+    pub lua: rustomnic_lua::LuaLimits,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -193,8 +203,52 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
     let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
     let state_file = state_file(dir, file);
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor, queues, state_file })
+    let lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
+    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues", "lua"]);
+    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor, queues, state_file, lua })
+}
+
+/// Smallest VM and request memory limits: the prelude and a few modules need a few MiB.
+const MIN_LUA_MEMORY: u64 = 16 << 20;
+const MAX_LUA_MEMORY: u64 = 1 << 40;
+const MAX_UNYIELDING: Duration = Duration::from_secs(10);
+
+/// `[lua]` (keys in the module docs above).
+fn read_lua(s: &rustomnic_core::Section) -> rustomnic_lua::LuaLimits {
+    let mut limits = rustomnic_lua::LuaLimits::default();
+    let size = |key: &str, into: &mut usize| {
+        if let Some(v) = s.size(key, MAX_LUA_MEMORY) {
+            if v.value < MIN_LUA_MEMORY {
+                s.error(key, format!("{} bytes is under the minimum of 16 MiB", v.value));
+            } else {
+                *into = v.value as usize;
+            }
+        }
+    };
+    size("memory_limit", &mut limits.memory);
+    size("request_memory_limit", &mut limits.request_memory);
+    if limits.request_memory > limits.memory {
+        s.error("request_memory_limit", format!("is over memory_limit ({} MiB)", limits.memory >> 20));
+        limits.request_memory = limits.memory;
+    }
+    if let Some(d) = s.duration("unyielding_limit", MAX_UNYIELDING) {
+        if d.value < Duration::from_millis(1) {
+            s.error("unyielding_limit", "must be at least 1ms");
+        } else {
+            limits.unyielding = d.value;
+        }
+    }
+    if let Some(names) = s.strings("getenv") {
+        for n in &names.value {
+            let name = n.strip_suffix('*').unwrap_or(n);
+            if n.is_empty() || name.contains('*') || name.contains('=') {
+                s.error("getenv", format!("{n:?} is not a variable name or a prefix ending with *"));
+            }
+        }
+        limits.getenv = names.value;
+    }
+    s.finish_with(&["memory_limit", "request_memory_limit", "unyielding_limit", "getenv"]);
+    limits
 }
 
 /// The state file: `path` of `[resources.state]` (relative to the cage folder) or the implicit

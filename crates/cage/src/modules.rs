@@ -63,8 +63,8 @@ pub struct Checker {
 }
 
 impl Checker {
-    pub fn new(cage: &str) -> Result<Checker, String> {
-        Ok(Checker { vm: CageVm::new(cage)? })
+    pub fn new(cage: &str, limits: &rustomnic_lua::LuaLimits) -> Result<Checker, String> {
+        Ok(Checker { vm: CageVm::with_limits(cage, limits.clone())? })
     }
 
     /// The file's contents as a checked module, unless the file is empty (an editor in the middle
@@ -119,9 +119,9 @@ fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Loads every module of a cage; problems are listed, not stopped at.
-pub fn load_all(dir: &CageDir, cage: &str, tests: bool) -> Result<BTreeMap<String, Module>, Vec<String>> {
+pub fn load_all(dir: &CageDir, cage: &str, limits: &rustomnic_lua::LuaLimits, tests: bool) -> Result<BTreeMap<String, Module>, Vec<String>> {
     let files = module_files(dir, tests).map_err(|e| vec![e])?;
-    let checker = Checker::new(cage).map_err(|e| vec![e])?;
+    let checker = Checker::new(cage, limits).map_err(|e| vec![e])?;
     let mut modules = BTreeMap::new();
     let mut problems = Vec::new();
     for (name, file) in files {
@@ -168,11 +168,11 @@ mod tests {
         let files = module_files(&dir, false).unwrap();
         assert_eq!(files["a"].display, "web/a.lua");
         assert_eq!(files["b"].display, ".shared/b.lua");
-        let loaded = load_all(&dir, "web", false).unwrap();
+        let loaded = load_all(&dir, "web", &Default::default(), false).unwrap();
         assert_eq!(loaded.len(), 2);
         std::fs::write(dir.dir.join("bad.lua"), "return {").unwrap();
         std::fs::write(dir.dir.join("log.lua"), "return {}").unwrap();
-        let problems = load_all(&dir, "web", false).unwrap_err();
+        let problems = load_all(&dir, "web", &Default::default(), false).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.starts_with("web/bad.lua:1:")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("reserved")), "{problems:?}");

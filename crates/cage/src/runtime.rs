@@ -37,7 +37,7 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
                 continue;
             }
         };
-        match load_all(dir, &config.name, tests) {
+        match load_all(dir, &config.name, &config.lua, tests) {
             Ok(modules) => cages.push(PreparedCage { config, modules }),
             Err(p) => problems.extend(p),
         }
@@ -345,8 +345,8 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         }
         None => None,
     };
-    let init: Arc<Vec<(String, Vec<Module>)>> =
-        Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.modules.values().cloned().collect())).collect());
+    let init: Arc<Vec<(String, rustomnic_lua::LuaLimits, Vec<Module>)>> =
+        Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.config.lua.clone(), c.modules.values().cloned().collect())).collect());
     let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
     let interfaces = Arc::new(interfaces);
     let mut senders = Vec::new();
@@ -400,6 +400,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         if options.workers == 1 { "" } else { "s" }
     );
 
+    let stuck = std::sync::atomic::AtomicBool::new(false);
     control.block_on(async {
         for (index, listener) in listeners {
             tokio::spawn(accept_loop(index, listener, workers.clone(), shutdown_rx.clone()));
@@ -425,14 +426,28 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
                 let _ = t.join();
             }
         });
-        let _ = joined.await;
+        // Workers end within the drain limit; one that does not is stuck in a call that no hook
+        // can interrupt (the watchdog has named it in the log). Exit without it rather than hang.
+        let grace = drain_limit + WORKER_EXIT_GRACE;
+        if tokio::time::timeout(grace, joined).await.is_err() {
+            tracing::error!("a worker thread did not stop within {grace:?} of the shutdown (stuck in a long C or Rust call); exiting without waiting for it");
+            stuck.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     });
     drop(watcher);
     drop(monitor);
     drop(queues);
+    if stuck.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("stopped (without a stuck worker)");
+        std::process::exit(1);
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long after the drain limit a worker thread may take to end before the process exits
+/// without it.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
@@ -497,7 +512,7 @@ async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: W
 #[allow(clippy::too_many_arguments)]
 fn worker_main(
     n: usize,
-    init: Arc<Vec<(String, Vec<Module>)>>,
+    init: Arc<Vec<(String, rustomnic_lua::LuaLimits, Vec<Module>)>>,
     resources: Arc<ResourceInit>,
     interfaces: Arc<Vec<Arc<dyn Interface>>>,
     cluster: Option<Arc<rustomnic_cluster::Cluster>>,
@@ -515,8 +530,8 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        for (cage, modules) in init.iter() {
-            let vm = match CageVm::new(cage) {
+        for (cage, limits, modules) in init.iter() {
+            let vm = match CageVm::with_limits(cage, limits.clone()) {
                 Ok(vm) => vm,
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -533,7 +548,7 @@ fn worker_main(
         }
         let pools = resources.install();
         if let Some(cluster) = &cluster {
-            let names = init.iter().map(|(cage, _)| cage.clone()).collect();
+            let names = init.iter().map(|(cage, _, _)| cage.clone()).collect();
             if let Err(e) = cluster.join_worker(n, names, shutdown.clone()).await {
                 let _ = ready.send(Err(format!("worker {n}: {e}")));
                 return;

@@ -87,7 +87,7 @@ fn fresh_vms(cages: &[PreparedCage], cage: &str) -> Result<Rc<CageVm>, Error> {
     crate::runtime::ResourceInit::new(cages, 1).install();
     let mut wanted = None;
     for c in cages {
-        let vm = CageVm::new(&c.config.name).map_err(Error::Runtime)?;
+        let vm = CageVm::with_limits(&c.config.name, c.config.lua.clone()).map_err(Error::Runtime)?;
         for m in c.modules.values() {
             vm.install(m).map_err(Error::Runtime)?;
         }

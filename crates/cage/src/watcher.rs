@@ -35,6 +35,7 @@ struct CageState {
     /// Fingerprint of every resource's table, as running.
     resources: BTreeMap<String, String>,
     checker: Option<Checker>,
+    limits: rustomnic_lua::LuaLimits,
     /// Source hash of the version every worker has, per module.
     current: BTreeMap<String, u64>,
     /// Source hash of the last contents reported as broken, per module, so one broken save is
@@ -55,11 +56,11 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
     for f in &folders {
         watcher.watch(f, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", f.display()))?;
     }
-    let states: Vec<(String, CageDir, BTreeMap<String, u64>)> = cages
+    let states: Vec<(String, CageDir, BTreeMap<String, u64>, rustomnic_lua::LuaLimits)> = cages
         .iter()
         .map(|c| {
             let current = c.modules.iter().map(|(n, m)| (n.clone(), m.source_hash)).collect();
-            (c.config.name.clone(), c.config.dir.clone(), current)
+            (c.config.name.clone(), c.config.dir.clone(), current, c.config.lua.clone())
         })
         .collect();
     std::thread::Builder::new()
@@ -67,11 +68,12 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
         .spawn(move || {
             let mut cages: Vec<CageState> = states
                 .into_iter()
-                .map(|(name, dir, current)| CageState {
+                .map(|(name, dir, current, limits)| CageState {
                     resources: init.fingerprints(&name),
                     name,
                     dir,
                     checker: None,
+                    limits,
                     current,
                     broken: BTreeMap::new(),
                 })
@@ -167,7 +169,7 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
         return;
     };
     if cage.checker.is_none() {
-        match Checker::new(&cage.name) {
+        match Checker::new(&cage.name, &cage.limits) {
             Ok(c) => cage.checker = Some(c),
             Err(e) => {
                 tracing::error!(cage = %cage.name, "cannot check modules: {e}");

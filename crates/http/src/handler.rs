@@ -289,9 +289,10 @@ fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
 /// neither; `body` and `websocket` come through the request's metatable, which keeps a request's
 /// table within 8 hash slots.
 const TABLES: &str = r#"
-local setmetatable = setmetatable
-local request_mt = { __index = { body = "", websocket = false } }
-local websocket_mt = { __index = { body = "", websocket = true } }
+local setmetatable, readonly, locked = setmetatable, __pmnc_readonly, __pmnc_locked
+-- Shared by every request of the VM, so no module may change them (see the prelude).
+local request_mt = locked({ __index = readonly({ body = "", websocket = false }, "request") })
+local websocket_mt = locked({ __index = readonly({ body = "", websocket = true }, "request") })
 return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket)
   local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
   local request = setmetatable({

@@ -19,17 +19,18 @@ return function(rust)
   end
   local stream_start, stream_send, stream_event = rust.stream_start, rust.stream_send, rust.stream_event
   local upgrade, ws_receive, ws_send, ws_close = rust.upgrade, rust.ws_receive, rust.ws_send, rust.ws_close
-  local stream = {
+  -- Shared by every handler of the VM, so read-only (see the prelude).
+  local stream = __pmnc_readonly({
     send = function(data) return check(stream_send(data)) end,
     event = function(e) return check(stream_event(e)) end,
-  }
-  local ws = {
+  }, "stream")
+  local ws = __pmnc_readonly({
     receive = function(timeout, topic) return check(ws_receive(timeout, topic)) end,
     send = function(data, kind) return check(ws_send(data, kind)) end,
     close = function(code, reason) return check(ws_close(code, reason)) end,
-  }
+  }, "websocket")
   local api = {}
-  api.response_mt = {
+  api.response_mt = __pmnc_locked {
     __index = function(response, k)
       if k == "stream" then
         return function(content_type)

@@ -1,31 +1,412 @@
--- The Lua side of the pmnc API, run once in every VM before any module.
--- It receives the Rust helpers and the table of current module versions, and returns `pmnc`.
+-- The Lua side of the pmnc API and of the sandbox module code runs in, run once in every VM
+-- before any module. It receives the Rust helpers and the table of current module versions, and
+-- returns pmnc, the body of every request coroutine, the module resolver, the failure metatable
+-- and the function that makes a module's environment.
 -- Rust helpers report failure as (false, message) so that errors are raised here with
 -- error(message, 2) and point at the user's line, not at this file.
+-- Why each rule of the sandbox exists: docs/decisions/004-lua-sandbox.md.
 
 local rust, modules = ...
-local error, type, select, setmetatable, rawget, tostring = error, type, select, setmetatable, rawget, tostring
-local pairs, ipairs, pcall = pairs, ipairs, pcall
-local pack, unpack = table.pack, table.unpack
-local traceback = debug.traceback
+
+-- The library functions as Lua made them, captured before anything below replaces them.
+local error, type, select, rawget, rawequal, rawlen, next = error, type, select, rawget, rawequal, rawlen, next
+local c_setmetatable, c_getmetatable, c_rawset = setmetatable, getmetatable, rawset
+local c_tostring, c_pcall, c_xpcall, c_load, c_collectgarbage = tostring, pcall, xpcall, load, collectgarbage
+local pairs, ipairs, tonumber, assert = pairs, ipairs, tonumber, assert
+local pack, unpack, concat = table.pack, table.unpack, table.concat
+local c_sort = table.sort
+local sub, byte = string.sub, string.byte
+local math_type = math.type
+local traceback, raw_getmetatable = debug.traceback, debug.getmetatable
+local co_create, co_resume, co_close, co_status = coroutine.create, coroutine.resume, coroutine.close, coroutine.status
+local co_yield, co_running, isyieldable = coroutine.yield, coroutine.running, coroutine.isyieldable
 local cage_name = rust.cage
-local reserved = rust.reserved
+
+local setmetatable = c_setmetatable
+
+-- ---------------------------------------------------------------------------------------------
+-- Stopping: past its deadline, past the time it may run without yielding, or being closed, a
+-- request's Lua code gets an error at every hook call. The functions that catch errors pass such
+-- an error on instead of returning it, so no pcall can swallow the stop.
+local stopping = rust.stopping
+
+local function after_catch(ok, ...)
+  if not ok and stopping() then error((...), 0) end
+  return ok, ...
+end
+
+local function pcall(f, ...) return after_catch(c_pcall(f, ...)) end
+local function xpcall(f, handler, ...) return after_catch(c_xpcall(f, handler, ...)) end
+
+-- ---------------------------------------------------------------------------------------------
+-- Tables that many modules share (the pmnc API, module proxies, shared metatables) are read-only
+-- proxies; rawset would bypass __newindex, so it refuses them too.
+local protected = c_setmetatable({}, { __mode = "k" })
+
+local function rawset(t, k, v)
+  local name = protected[t]
+  if name ~= nil then error(name .. " is read-only (tried to set " .. c_tostring(k) .. ")", 2) end
+  return c_rawset(t, k, v)
+end
+
+-- A read-only view of `t` (reads through __index, writes refused); `index` replaces t as the
+-- source of reads when given (a function or another table).
+local function readonly(t, name, index)
+  local p = c_setmetatable({}, {
+    __index = index or t,
+    __newindex = function(_, k) error(name .. " is read-only (tried to set " .. c_tostring(k) .. ")", 2) end,
+    __pairs = function() return next, t, nil end,
+    __len = function() return #t end,
+    __metatable = false,
+  })
+  protected[p] = name
+  return p
+end
+
+-- A metatable shared by tables of many modules: getmetatable on such a table answers false, so
+-- no module can change what the others see.
+local function locked(mt)
+  mt.__metatable = false
+  return mt
+end
+
+-- Finalizers (__gc) run inside the garbage collector, where Lua runs no hooks: a loop there
+-- would hold the worker forever. Module code has no need of them; Rust-owned objects keep their
+-- own.
+local function setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc metamethods are not available to module code (a finalizer runs inside the garbage collector, where no deadline can stop it)", 2)
+  end
+  return c_setmetatable(t, mt)
+end
+
+-- tostring calls __tostring itself, from Lua: a slow or looping __tostring is then time-sliced
+-- and stopped at the deadline like any code (the C tostring would run it where it cannot yield).
+local function tostring(v)
+  local mt = raw_getmetatable(v)
+  if mt ~= nil then
+    local f = rawget(mt, "__tostring")
+    if f ~= nil then
+      local s = f(v)
+      if type(s) ~= "string" then error("'__tostring' must return a string", 2) end
+      return s
+    end
+  end
+  return c_tostring(v)
+end
 
 local function check(ok, ...)
   if ok then return ... end
   error((...), 2)
 end
 
+-- ---------------------------------------------------------------------------------------------
+-- Coroutines created by module code are time-sliced too: the hook suspends them like the
+-- request's own coroutine and marks them; coroutine.resume then passes that suspension on up to
+-- the worker (when it can yield) and resumes the coroutine where it stopped, so module code never
+-- sees these yields. pmnc waits (sleep, calls) must be made from the request itself. The Rust
+-- side is told which coroutine runs, so the watchdog's signal reaches the right one.
+local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (weak keys)
+local co_enter, co_leave = rust.co_enter, rust.co_leave
+local user_coroutines = c_setmetatable({}, { __mode = "k" })
+
+local function resume_through(co, ...)
+  hook_yields[co] = nil
+  local depth = co_enter(co)
+  local r = pack(co_resume(co, ...))
+  co_leave(depth)
+  while r[1] and r.n == 1 and hook_yields[co] do
+    hook_yields[co] = nil
+    if isyieldable() then
+      hook_yields[co_running()] = true
+      co_yield()
+    end
+    depth = co_enter(co)
+    r = pack(co_resume(co))
+    co_leave(depth)
+  end
+  if not r[1] and stopping() then error(r[2], 0) end
+  return r
+end
+
+local coroutine_lib = {}
+for k, v in next, coroutine do coroutine_lib[k] = v end
+coroutine_lib.create = function(f)
+  local co = co_create(f)
+  user_coroutines[co] = true
+  return co
+end
+coroutine_lib.resume = function(co, ...)
+  if type(co) ~= "thread" then error("bad argument #1 to 'resume' (coroutine expected)", 2) end
+  local r = resume_through(co, ...)
+  return unpack(r, 1, r.n)
+end
+coroutine_lib.wrap = function(f)
+  local co = co_create(f)
+  user_coroutines[co] = true
+  return function(...)
+    local r = resume_through(co, ...)
+    if r[1] then return unpack(r, 2, r.n) end
+    co_close(co)
+    error(r[2], 0)
+  end
+end
+coroutine_lib.close = function(co)
+  if type(co) ~= "thread" then error("bad argument #1 to 'close' (coroutine expected)", 2) end
+  local depth = co_enter(co)
+  local r = pack(co_close(co))
+  co_leave(depth)
+  if not r[1] and stopping() then error(r[2], 0) end
+  return unpack(r, 1, r.n)
+end
+
+-- Gives the worker a turn when a long library call asks for it (the end of a time slice): from
+-- the request's coroutine through an async Rust function, from a coroutine of module code by
+-- passing the suspension up as the hook does. Where nothing can yield, the call goes on and the
+-- Rust side bounds it.
+local yield_slice = rust.yield_slice
+local function pause()
+  if not isyieldable() then return end
+  local co = co_running()
+  if user_coroutines[co] then
+    hook_yields[co] = true
+    co_yield()
+  else
+    yield_slice()
+  end
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Pattern functions on a matcher that can stop at the end of a time slice (strings.rs): a long
+-- search yields and goes on, and a search still running at the deadline ends there.
+local S_SUSPEND, S_FAIL, S_DELEGATE = rust.str_suspend, rust.str_fail, rust.str_delegate
+local s_find, s_match, s_gmatch, s_gmatch_step = rust.str_find, rust.str_match, rust.str_gmatch, rust.str_gmatch_step
+local s_gsub, s_gsub_next, s_resume = rust.str_gsub, rust.str_gsub_next, rust.str_resume
+
+local function settle(s, p, r1, ...)
+  if r1 == S_SUSPEND then
+    pause()
+    return settle(s, p, s_resume((...), s, p))
+  end
+  return r1, ...
+end
+
+-- Tail-called by the library functions, so level 2 is the line of module code that called them.
+local function checked(r1, ...)
+  if r1 == S_FAIL then error((...), 2) end
+  return r1, ...
+end
+
+local function find(s, p, init, plain) return checked(settle(s, p, s_find(s, p, init, plain))) end
+local function match(s, p, init) return checked(settle(s, p, s_match(s, p, init))) end
+
+local function gmatch(s, p, init)
+  local s1, p1, it = s_gmatch(s, p, init)
+  if s1 == S_FAIL then error(p1, 2) end
+  return function() return checked(settle(s1, p1, s_gmatch_step(s1, p1, it))) end
+end
+
+-- gsub with a function or table: the loop runs here, so the replacement function is ordinary
+-- (time-sliced) Lua code rather than a callback from C.
+local function gsub_apply(repl, is_table, st, e, ...)
+  if st == S_FAIL then return S_FAIL, e end
+  if st == nil then return nil end
+  local v
+  if is_table then v = repl[(...)] else v = repl(...) end
+  return st, e, v
+end
+
+local function gsub_loop(s, p, repl, max)
+  local is_table = type(repl) == "table"
+  local anchor = byte(p, 1) == 94
+  local parts, np, pos, last, count = {}, 0, 1, -1, 0
+  while count < max do
+    local st, e, v = gsub_apply(repl, is_table, settle(s, p, s_gsub_next(s, p, pos, last, is_table)))
+    if st == nil then break end
+    if st == S_FAIL then error(e, 2) end
+    count = count + 1
+    if st > pos then
+      np = np + 1
+      parts[np] = sub(s, pos, st - 1)
+    end
+    if v == nil or v == false then
+      v = sub(s, st, e)
+    elseif type(v) ~= "string" and math_type(v) == nil then
+      error("invalid replacement value (a " .. type(v) .. ")", 2)
+    end
+    np = np + 1
+    parts[np] = v
+    pos, last = e + 1, e
+    if anchor then break end
+  end
+  np = np + 1
+  parts[np] = sub(s, pos)
+  return concat(parts, "", 1, np), count
+end
+
+local function gsub_start(s, p, repl, r1, ...)
+  if r1 == S_DELEGATE then
+    local s1, p1, max = ...
+    return gsub_loop(s1, p1, repl, max)
+  end
+  return checked(settle(s, p, r1, ...))
+end
+
+local function gsub(s, p, repl, n) return gsub_start(s, p, repl, s_gsub(s, p, repl, n)) end
+
+string.find, string.match, string.gmatch, string.gsub = find, match, gmatch, gsub
+
+-- Library calls whose cost grows with a big input (a string.rep of 100 MB makes 10^8 copies)
+-- run in pieces of about a megabyte with a turn for the worker between pieces.
+local c_rep, c_upper, c_lower, c_reverse, c_concat = string.rep, string.upper, string.lower, string.reverse, table.concat
+local tointeger = math.tointeger
+local PIECE = 1 << 20
+local PIECE_ITEMS = 1 << 16
+
+local function rep(s, n, sep)
+  local count = tointeger(n)
+  if type(s) ~= "string" or count == nil or (sep ~= nil and type(sep) ~= "string") then
+    return c_rep(s, n, sep)   -- converts or refuses its arguments as Lua does
+  end
+  local unit = #s + (sep and #sep or 0)
+  if count <= 1 or unit == 0 or count > (1 << 62) // unit or unit * count <= PIECE then
+    return c_rep(s, count, sep)   -- small, or too large (refused there)
+  end
+  sep = sep or ""
+  local result, have = s, 1
+  while have * 2 <= count do
+    result = result .. sep .. result
+    have = have * 2
+    pause()
+  end
+  if have < count then result = result .. sep .. rep(s, count - have, sep) end
+  return result
+end
+
+local function piecewise(f, backwards)
+  return function(s, ...)
+    if type(s) ~= "string" or #s <= PIECE or select("#", ...) > 0 then return f(s, ...) end
+    local parts, np = {}, 0
+    for i = 1, #s, PIECE do
+      np = np + 1
+      parts[np] = f(sub(s, i, i + PIECE - 1))
+      pause()
+    end
+    if backwards then
+      for i = 1, np // 2 do parts[i], parts[np + 1 - i] = parts[np + 1 - i], parts[i] end
+    end
+    return concat(parts, "", 1, np)
+  end
+end
+
+string.rep, string.upper, string.lower = rep, piecewise(c_upper), piecewise(c_lower)
+string.reverse = piecewise(c_reverse, true)
+
+table.concat = function(t, sep, i, j)
+  if type(t) ~= "table" then return c_concat(t, sep, i, j) end
+  local first, last = tointeger(i or 1), tointeger(j or #t)
+  if first == nil or last == nil or last - first < PIECE_ITEMS then return c_concat(t, sep, i, j) end
+  local parts, np = {}, 0
+  for a = first, last, PIECE_ITEMS do
+    local b = a + PIECE_ITEMS - 1
+    if b > last then b = last end
+    np = np + 1
+    parts[np] = c_concat(t, sep, a, b)
+    pause()
+  end
+  return c_concat(parts, sep, 1, np)
+end
+
+-- table.sort: arrays of plain numbers or strings of moderate size go to the C sort (no Lua code
+-- runs inside it); everything else is sorted here, where a comparator or __lt is ordinary,
+-- time-sliced Lua code. Pivots are chosen at random so no input makes the sort quadratic.
+local sortable = rust.sortable
+local function less(a, b) return a < b end
+local seed = 0x2545F491
+
+local function insertion(t, lo, hi, lt)
+  for i = lo + 1, hi do
+    local v = t[i]
+    local j = i - 1
+    while j >= lo and lt(v, t[j]) do
+      t[j + 1] = t[j]
+      j = j - 1
+    end
+    t[j + 1] = v
+  end
+end
+
+local function quicksort(t, lo, hi, lt)
+  while hi - lo > 12 do
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff
+    local r = lo + 1 + seed % (hi - lo - 1)
+    local mid = (lo + hi) // 2
+    t[r], t[mid] = t[mid], t[r]
+    if lt(t[mid], t[lo]) then t[mid], t[lo] = t[lo], t[mid] end
+    if lt(t[hi], t[mid]) then
+      t[hi], t[mid] = t[mid], t[hi]
+      if lt(t[mid], t[lo]) then t[mid], t[lo] = t[lo], t[mid] end
+    end
+    local pivot = t[mid]
+    local i, j = lo, hi
+    while i <= j do
+      while lt(t[i], pivot) do
+        i = i + 1
+        if i > hi then error("invalid order function for sorting", 0) end
+      end
+      while lt(pivot, t[j]) do
+        j = j - 1
+        if j < lo then error("invalid order function for sorting", 0) end
+      end
+      if i <= j then
+        t[i], t[j] = t[j], t[i]
+        i, j = i + 1, j - 1
+      end
+    end
+    -- The smaller part recursively, the larger by looping: the stack stays logarithmic.
+    if j - lo < hi - i then
+      quicksort(t, lo, j, lt)
+      lo = i
+    else
+      quicksort(t, i, hi, lt)
+      hi = j
+    end
+  end
+  insertion(t, lo, hi, lt)
+end
+
+local prelude_position = "^pmnc/prelude%.lua:%d+: "
+table.sort = function(t, lt)
+  if type(t) ~= "table" then error("bad argument #1 to 'sort' (table expected, got " .. type(t) .. ")", 2) end
+  if lt == nil and sortable(t) then return c_sort(t) end
+  if lt ~= nil and type(lt) ~= "function" then
+    error("bad argument #2 to 'sort' (function expected, got " .. type(lt) .. ")", 2)
+  end
+  local n = #t
+  if n < 2 then return end
+  local ok, e = c_pcall(quicksort, t, 1, n, lt or less)
+  if not ok then
+    if stopping() then error(e, 0) end
+    -- "attempt to compare" raised in `less` belongs to the caller's line, not to this file;
+    -- errors of a comparator keep their own position.
+    if type(e) == "string" and find(e, prelude_position) then error(gsub(e, prelude_position, ""), 2) end
+    error(e, 0)
+  end
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- The pmnc API.
+
 -- pmnc.<module>.<function>: resolved at every access, so new calls always see the current version.
 local function resolve(module, fn)
   local m = modules[module]
   if m == nil then
-    error(("cage %s has no module %s (calling %s.%s)"):format(cage_name, module, module, tostring(fn)), 2)
+    error(("cage %s has no module %s (calling %s.%s)"):format(cage_name, module, module, c_tostring(fn)), 2)
   end
   if type(fn) ~= "string" then
     error(("cage %s: module %s: function name must be a string, got %s"):format(cage_name, module, type(fn)), 2)
   end
-  if fn:sub(1, 1) == "_" then
+  if sub(fn, 1, 1) == "_" then
     error(("cage %s: %s.%s is private (names starting with _ cannot be called through pmnc)"):format(cage_name, module, fn), 2)
   end
   local f = m[fn]
@@ -39,11 +420,12 @@ local module_proxies = {}
 local function module_proxy(name)
   local p = module_proxies[name]
   if p == nil then
-    p = setmetatable({}, {
+    p = c_setmetatable({}, locked({
       __index = function(_, fn) return resolve(name, fn) end,
       __newindex = function() error("module proxies are read-only", 2) end,
       __tostring = function() return "pmnc module " .. name end,
-    })
+    }))
+    protected[p] = "pmnc." .. name
     module_proxies[name] = p
   end
   return p
@@ -54,69 +436,72 @@ local call_cage = rust.call_cage
 local function cage_proxy(cage, opts)
   if type(cage) ~= "string" then error("pmnc(cage): cage name must be a string, got " .. type(cage), 2) end
   if opts ~= nil and type(opts) ~= "table" then error("pmnc(cage, options): options must be a table, got " .. type(opts), 2) end
-  return setmetatable({}, {
+  return c_setmetatable({}, locked({
     __index = function(_, module)
       if type(module) ~= "string" then error("module name must be a string", 2) end
-      return setmetatable({}, {
+      return c_setmetatable({}, locked({
         __index = function(_, fn)
           if type(fn) ~= "string" then error("function name must be a string", 2) end
           return function(...) return check(call_cage(cage, module, fn, opts, ...)) end
         end,
-      })
+      }))
     end,
-  })
+  }))
 end
 
-local pmnc = {}
+local api = {}
 
-pmnc.log = {}
+local log = {}
 for _, level in ipairs({ "debug", "info", "warn", "error" }) do
-  local log = rust["log_" .. level]
-  pmnc.log[level] = function(...)
+  local write = rust["log_" .. level]
+  log[level] = function(...)
     local n = select("#", ...)
     local parts = {}
     for i = 1, n do parts[i] = tostring((select(i, ...))) end
-    log(table.concat(parts, " "))
+    write(concat(parts, " "))
   end
 end
+api.log = readonly(log, "pmnc.log")
 
 local sleep = rust.sleep
-function pmnc.sleep(seconds) return check(sleep(seconds)) end
-pmnc.clock = rust.clock
+api.sleep = function(seconds) return check(sleep(seconds)) end
+api.clock = rust.clock
 
 local json_encode, json_decode = rust.json_encode, rust.json_decode
-local array_mt = rust.array_mt
-pmnc.json = {
+local array_mt = locked(rust.array_mt)
+api.json = readonly({
   null = rust.null,
   encode = function(v) return check(json_encode(v)) end,
   decode = function(s) return check(json_decode(s)) end,
   array = function(t)
     if t == nil then t = {} end
     if type(t) ~= "table" then error("pmnc.json.array: expected a table, got " .. type(t), 2) end
-    return setmetatable(t, array_mt)
+    return c_setmetatable(t, array_mt)
   end,
-}
+}, "pmnc.json")
 
 local request_field = rust.request_field
-pmnc.request = setmetatable({ remain = rust.remain }, {
-  __index = function(_, k) return request_field(k) end,
-  __newindex = function() error("pmnc.request is read-only", 2) end,
-})
+local request_fields = { remain = rust.remain }
+api.request = readonly(request_fields, "pmnc.request", function(_, k)
+  local v = request_fields[k]
+  if v ~= nil then return v end
+  return request_field(k)
+end)
 
-pmnc.cage = cage_name
+api.cage = cage_name
 
 -- Transactions: participant calls are recorded, then xa.execute() runs them all in parallel
 -- through the cage's resources and commits or rolls back all of them.
 local tx_run, tx_finish = rust.tx_run, rust.tx_finish
-local tx_error_mt = {
+local tx_error_mt = locked({
   __name = "pmnc.transaction.error",
   __tostring = function(e)
-    local text = ("resource %s (participant %s): %s"):format(tostring(e.resource), tostring(e.participant), tostring(e.message))
-    if e.code ~= nil then text = text .. " [" .. tostring(e.code) .. "]" end
+    local text = ("resource %s (participant %s): %s"):format(c_tostring(e.resource), c_tostring(e.participant), c_tostring(e.message))
+    if e.code ~= nil then text = text .. " [" .. c_tostring(e.code) .. "]" end
     return text
   end,
-}
-local function tx_error(fields) return setmetatable(fields, tx_error_mt) end
+})
+local function tx_error(fields) return c_setmetatable(fields, tx_error_mt) end
 
 local tx_finish_calls = rust.tx_finish_calls
 local function run_transaction(list, accept, sync_commit, calls)
@@ -173,7 +558,7 @@ local function new_transaction(opts)
   opts = opts or {}
   for k in pairs(opts) do
     if k ~= "accept" and k ~= "sync_commit" then
-      error("pmnc.transaction.create: unknown option " .. tostring(k) .. " (known: accept, sync_commit)", 2)
+      error("pmnc.transaction.create: unknown option " .. c_tostring(k) .. " (known: accept, sync_commit)", 2)
     end
   end
   local accept = opts.accept
@@ -194,9 +579,9 @@ local function new_transaction(opts)
     if type(copts) ~= "table" or copts.queue == nil then
       error("xa.pmnc(cage, options): a transaction takes durable calls only; options need a queue", 2)
     end
-    return setmetatable({}, {
+    return c_setmetatable({}, {
       __index = function(_, module)
-        return setmetatable({}, {
+        return c_setmetatable({}, {
           __index = function(_, fn)
             return function(...)
               if executed then error("this transaction was executed already; create a new one", 2) end
@@ -207,11 +592,11 @@ local function new_transaction(opts)
       end,
     })
   end
-  return setmetatable(xa, {
+  return c_setmetatable(xa, locked({
     __index = function(_, resource)
       if resource == "pmnc" then return xa_pmnc end
       if type(resource) ~= "string" then error("resource name must be a string", 2) end
-      return setmetatable({}, {
+      return c_setmetatable({}, {
         __index = function(_, method)
           if type(method) ~= "string" then error("method name must be a string", 2) end
           return function(...)
@@ -222,29 +607,29 @@ local function new_transaction(opts)
       })
     end,
     __newindex = function() error("transactions are read-only", 2) end,
-  })
+  }))
 end
 
 -- pmnc.transaction.RESOURCE.METHOD(...): a transaction of one participant.
+-- Nothing is cached per name: names come from module code and could be endless.
 local function shortcut(resource)
-  return setmetatable({}, {
-    __index = function(_, method)
-      if type(method) ~= "string" then return nil end
-      return function(...)
-        local xa = new_transaction()
-        xa[resource][method](...)
-        return xa.execute()
-      end
-    end,
-  })
+  return readonly({}, "pmnc.transaction." .. resource, function(_, method)
+    if type(method) ~= "string" then return nil end
+    return function(...)
+      local xa = new_transaction()
+      xa[resource][method](...)
+      return xa.execute()
+    end
+  end)
 end
 
-pmnc.transaction = setmetatable({ create = function(opts) return new_transaction(opts) end }, {
-  __index = function(_, resource)
-    if type(resource) ~= "string" then return nil end
-    return shortcut(resource)
-  end,
-})
+local transaction_fields = { create = function(opts) return new_transaction(opts) end }
+api.transaction = readonly(transaction_fields, "pmnc.transaction", function(_, resource)
+  local v = transaction_fields[resource]
+  if v ~= nil then return v end
+  if type(resource) ~= "string" then return nil end
+  return shortcut(resource)
+end)
 
 -- The reserved function through which another cage's outbox hands this cage a durable call
 -- (over worker::call, in this process or through the cluster); the call is stored in this
@@ -258,94 +643,170 @@ modules._queue = {
 
 -- pmnc.calls.result(id [, cage]): the status of a durable call.
 local call_result = rust.call_result
-pmnc.calls = {
+api.calls = readonly({
   result = function(id, cage) return check(call_result(id, cage)) end,
-}
+}, "pmnc.calls")
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
-pmnc.state = shortcut("state")
+api.state = shortcut("state")
 
 -- pmnc.events: publish to the requests waiting on a topic, on every worker of the cage.
 local events_publish, events_wait, events_stats = rust.events_publish, rust.events_wait, rust.events_stats
-pmnc.events = {
+api.events = readonly({
   publish = function(topic, value) return check(events_publish(topic, value)) end,
   wait = function(topic, timeout) return check(events_wait(topic, timeout)) end,
   stats = function(topic) return events_stats(topic) end,
-}
+}, "pmnc.events")
 
-setmetatable(pmnc, {
+-- pmnc itself: its fields, then the modules of the cage; pmnc("<cage>") calls another cage.
+c_setmetatable(api, {
   __index = function(_, name)
     if type(name) ~= "string" then return nil end
     return module_proxy(name)
   end,
-  __newindex = function(_, k) error("pmnc is read-only (tried to set " .. tostring(k) .. ")", 2) end,
-  __call = function(_, cage, opts) return cage_proxy(cage, opts) end,
 })
+local pmnc = c_setmetatable({}, {
+  __index = api,
+  __newindex = function(_, k) error("pmnc is read-only (tried to set " .. c_tostring(k) .. ")", 2) end,
+  __call = function(_, cage, opts) return cage_proxy(cage, opts) end,
+  __pairs = function() return next, api, nil end,
+  __metatable = false,
+})
+protected[pmnc] = "pmnc"
 
--- Runs a request: the body of every request coroutine. Errors come back as a marked table with
--- the traceback taken where the error happened.
+-- ---------------------------------------------------------------------------------------------
+-- Running a request: the body of every request coroutine. Errors come back as a marked table
+-- with the traceback taken where the error happened.
 local error_mt = { __name = "pmnc.failure" }
+
+-- A message handler cannot yield, so no module code runs here: the text of an error object with
+-- __tostring is taken afterwards, in `finish`, where it can be time-sliced.
 local function on_error(e)
-  return setmetatable({ error = e, traceback = traceback(tostring(e), 2) }, error_mt)
-end
-local xpcall = xpcall
-local function run(f, ...)
-  return xpcall(f, on_error, ...)
+  local text = e
+  local t = type(e)
+  if t == "number" then text = c_tostring(e) elseif t ~= "string" then text = nil end
+  return c_setmetatable({ error = e, traceback = traceback(text, 2) }, error_mt)
 end
 
--- Coroutines created by module code are time-sliced too: the hook suspends them like the
--- request's own coroutine and marks them; coroutine.resume then passes that suspension on up to
--- the worker (when it can yield) and resumes the coroutine where it stopped, so module code never
--- sees these yields. pmnc waits (sleep, calls) must be made from the request itself.
-local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (weak keys)
-local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
-local co_yield, co_running, isyieldable = coroutine.yield, coroutine.running, coroutine.isyieldable
-local function resume_through(co, ...)
-  hook_yields[co] = nil
-  local r = pack(co_resume(co, ...))
-  while r[1] and r.n == 1 and hook_yields[co] do
-    hook_yields[co] = nil
-    if isyieldable() then
-      hook_yields[co_running()] = true
-      co_yield()
+-- The text of an error value, for the log and the failure.
+local function describe(v)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" or t == "boolean" or t == "nil" then return c_tostring(v) end
+  if t == "table" then
+    local mt = raw_getmetatable(v)
+    local f = mt and rawget(mt, "__tostring")
+    if f ~= nil then
+      local ok, s = pcall(f, v)
+      if ok and type(s) == "string" then return s end
     end
-    r = pack(co_resume(co))
   end
-  return r
+  return nil
 end
-coroutine.resume = function(co, ...)
-  local r = resume_through(co, ...)
-  return unpack(r, 1, r.n)
+
+local started = rust.started
+local function finish(ok, ...)
+  if ok then return true, ... end
+  local failure = ...
+  if rawequal(raw_getmetatable(failure), error_mt) then
+    local text = describe(failure.error)
+    if text ~= nil then
+      failure.message = text
+      if type(failure.error) == "table" then failure.traceback = text .. "\n" .. failure.traceback end
+    end
+  end
+  return false, failure
 end
-coroutine.wrap = function(f)
-  local co = co_create(f)
-  return function(...)
-    local r = resume_through(co, ...)
-    if r[1] then return unpack(r, 2, r.n) end
-    co_close(co)
-    error(r[2], 0)
+
+local function run(f, ...)
+  started()
+  return finish(c_xpcall(f, on_error, ...))
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- The globals every module starts with. Each module gets its own copy of this table and of the
+-- library tables in it, so what one module sets (a global, string.trim, _G.pmnc) stays in that
+-- module; the strings' own metatable, which every module shares, is locked.
+local MAX_LOAD = 1 << 20
+local function module_load(env)
+  -- Module code may load Lua text, never bytecode; without an env, a chunk sees the globals of
+  -- the module that loaded it.
+  return function(chunk, name, mode, chunk_env)
+    if type(chunk) ~= "string" then
+      error("load: only a string chunk is accepted (a reader function would run where it cannot be time-limited)", 2)
+    end
+    if #chunk > MAX_LOAD then
+      error(("load: the chunk has %d bytes, over the limit of %d"):format(#chunk, MAX_LOAD), 2)
+    end
+    if chunk_env == nil then chunk_env = env end
+    return c_load(chunk, name, "t", chunk_env)
   end
 end
 
--- Module code may load Lua text, never bytecode: only bytecode we compiled is ever run.
-local load = load
-_G.load = function(chunk, name, mode, env)
-  return load(chunk, name, "t", env)
-end
-_G.debug = nil
-_G.dofile = nil
-_G.loadfile = nil
--- The original, captured before the global is replaced (else the wrapper would call itself).
-local collectgarbage = collectgarbage
-_G.collectgarbage = function(opt, ...)
+local function collectgarbage(opt, ...)
   if opt == nil or opt == "count" or opt == "step" or opt == "collect" or opt == "isrunning" then
-    return collectgarbage(opt, ...)
+    return c_collectgarbage(opt, ...)
   end
-  error("collectgarbage: option " .. tostring(opt) .. " is not available to modules", 2)
+  error("collectgarbage: option " .. c_tostring(opt) .. " is not available to modules", 2)
 end
-if os then
-  os.exit, os.execute, os.remove, os.rename, os.tmpname, os.setlocale = nil, nil, nil, nil, nil, nil
-end
-_G.pmnc = pmnc
 
-return pmnc, run, resolve, error_mt
+local function print(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  rust.log_info(concat(parts, "\t"))
+end
+
+local function warn(first, ...)
+  if type(first) == "string" and sub(first, 1, 1) == "@" and select("#", ...) == 0 then return end
+  rust.log_warn(concat({ first, ... }))
+end
+
+local getenv = rust.getenv
+local os_lib = {
+  clock = os.clock, date = os.date, difftime = os.difftime, time = os.time,
+  getenv = function(name)
+    if type(name) ~= "string" then error("bad argument #1 to 'getenv' (string expected, got " .. type(name) .. ")", 2) end
+    return getenv(name)
+  end,
+}
+
+local template = {
+  assert = assert, error = error, getmetatable = c_getmetatable, ipairs = ipairs, next = next, pairs = pairs,
+  pcall = pcall, print = print, rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset,
+  select = select, setmetatable = setmetatable, tonumber = tonumber, tostring = tostring, type = type,
+  xpcall = xpcall, collectgarbage = collectgarbage, warn = warn, _VERSION = _VERSION, pmnc = pmnc,
+}
+local libraries = { string = string, table = table, math = math, utf8 = utf8, os = os_lib, coroutine = coroutine_lib }
+
+local function new_env()
+  local env = {}
+  for k, v in next, template do env[k] = v end
+  for name, lib in next, libraries do
+    local copy = {}
+    for k, v in next, lib do copy[k] = v end
+    env[name] = copy
+  end
+  env._G = env
+  env.load = module_load(env)
+  return env
+end
+
+-- The strings' metatable is shared by every module; its __index is the string library as this
+-- prelude left it (with the pattern functions above), and no module can change it.
+c_getmetatable("").__metatable = false
+
+-- The VM's own globals are never seen by module code (each module has its own), but helpers of
+-- interfaces are loaded with them: give those the same rules.
+_G.setmetatable, _G.tostring, _G.pcall, _G.xpcall, _G.rawset = setmetatable, tostring, pcall, xpcall, rawset
+_G.coroutine = coroutine_lib
+_G.load = module_load(_G)
+_G.debug, _G.dofile, _G.loadfile, _G.print, _G.warn = nil, nil, nil, print, warn
+_G.collectgarbage = collectgarbage
+_G.os = os_lib
+_G.pmnc = pmnc
+-- For interface helpers: a read-only view of a table shared by many modules, and a locked
+-- metatable (see readonly and locked above).
+_G.__pmnc_readonly, _G.__pmnc_locked = readonly, locked
+
+return pmnc, run, resolve, error_mt, new_env

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mlua::{MultiValue, Table, Value as LuaValue};
 use rustomnic_core::Value;
 
+use crate::limits::LuaLimits;
+use crate::strings::Running;
+
 /// What every request carries; shared by the coroutine, the hook and the pmnc functions.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -38,7 +41,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub fn new_request_id() -> String {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let prefix = *PREFIX.get_or_init(|| {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         ((t.as_secs() as u32) ^ (t.subsec_nanos() << 8) ^ std::process::id()) & 0xff_ffff
     });
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -48,12 +53,27 @@ pub fn new_request_id() -> String {
 impl RequestCtx {
     /// A new request received by `interface` of `cage` with `timeout` to live.
     pub fn new(cage: &str, interface: &str, timeout: Duration) -> RequestCtx {
-        Self::with_deadline(new_request_id(), cage, interface, Instant::now() + timeout, None)
+        Self::with_deadline(
+            new_request_id(),
+            cage,
+            interface,
+            Instant::now() + timeout,
+            None,
+        )
     }
 
-    pub fn with_deadline(id: String, cage: &str, interface: &str, deadline: Instant, caller: Option<String>) -> RequestCtx {
+    pub fn with_deadline(
+        id: String,
+        cage: &str,
+        interface: &str,
+        deadline: Instant,
+        caller: Option<String>,
+    ) -> RequestCtx {
         let remain = deadline.saturating_duration_since(Instant::now());
-        let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
         RequestCtx {
             id,
             cage: cage.to_string(),
@@ -68,23 +88,39 @@ impl RequestCtx {
 
     /// Seconds left before the deadline, never negative.
     pub fn remain(&self) -> f64 {
-        self.deadline.saturating_duration_since(Instant::now()).as_secs_f64()
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
     }
 }
 
 /// Per-VM state shared by the hook, the pmnc functions and the request futures.
-#[derive(Debug)]
 pub(crate) struct VmShared {
     pub cage: String,
+    pub limits: LuaLimits,
+    /// The VM itself (weak: the VM owns this struct through its app data).
+    pub lua: mlua::WeakLua,
     /// The request whose coroutine is running right now (set while its future is polled).
     pub current: RefCell<Option<Rc<RequestCtx>>>,
     /// When the running coroutine was last resumed, for time slicing.
     pub slice_start: Cell<Instant>,
     /// While a module's top-level code runs: when it must have finished.
     pub load_deadline: Cell<Option<Instant>>,
-    /// Hook calls past the deadline during the current poll: the first asks for a yield, a
-    /// second means the yield could not happen (a C-call boundary) and raises an error.
-    pub late_hooks: Cell<u32>,
+    /// A stop (deadline, too long without yielding, closing) was raised in the running request:
+    /// `pcall` and the other catching functions pass errors on instead of returning them.
+    pub stopping: Cell<bool>,
+    /// A request's coroutine is being closed (it passed its deadline or its client left): any
+    /// Lua code it still runs (to-be-closed handlers) is stopped at its next hook call.
+    pub closing: Cell<bool>,
+    /// The coroutine of the request that has just started, set by the prelude's `run` so the
+    /// request's future learns it (the watchdog's signal needs it).
+    pub started: Cell<*mut mlua::ffi::lua_State>,
+    /// Coroutines of module code resumed inside the running request, innermost last, each with
+    /// the Lua thread that ran before it; holding them keeps them alive for the watchdog.
+    pub nested: RefCell<Vec<(mlua::Thread, *mut mlua::ffi::lua_State)>>,
+    /// Bytes in use after the last full collection; a request that leaves far more behind
+    /// triggers another.
+    pub collected_at: Cell<usize>,
     /// Requests running in this VM now (coroutines alive).
     pub live: Cell<usize>,
     /// Set during a poll by a wait that ends on its own at that time (`pmnc.events.wait` with a
@@ -93,9 +129,69 @@ pub(crate) struct VmShared {
     pub wake_at: Cell<Option<Instant>>,
 }
 
+impl std::fmt::Debug for VmShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShared")
+            .field("cage", &self.cage)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a request's coroutine may run before it yields to the other tasks of its worker.
+pub(crate) const SLICE: Duration = Duration::from_millis(1);
+
 impl VmShared {
     pub fn current(&self) -> Option<Rc<RequestCtx>> {
         self.current.borrow().clone()
+    }
+
+    /// What the Lua code running now must do: go on, stop for a yield, or stop with an error.
+    pub(crate) fn check_running(&self, now: Instant) -> Running {
+        if self.closing.get() {
+            return Running::Stop(
+                self.stop(
+                    "the request is being stopped (it passed its deadline or its client went away)"
+                        .into(),
+                ),
+            );
+        }
+        if let Some(d) = self.load_deadline.get() {
+            if now >= d {
+                return Running::Stop(format!(
+                    "module top-level code ran longer than {} ms (define functions at load time, do the work in them)",
+                    crate::vm::LOAD_TIMEOUT.as_millis()
+                ));
+            }
+            return Running::Go;
+        }
+        let current = self.current.borrow();
+        let Some(ctx) = current.as_ref() else {
+            return Running::Go;
+        };
+        let slice_start = self.slice_start.get();
+        let past_deadline = now >= ctx.deadline;
+        if past_deadline || now.duration_since(slice_start) >= SLICE {
+            return Running::SliceOver {
+                slice_start,
+                past_deadline,
+            };
+        }
+        Running::Go
+    }
+
+    /// Marks the running request as stopping and returns `message`, the error to raise.
+    pub(crate) fn stop(&self, message: String) -> String {
+        self.stopping.set(true);
+        message
+    }
+
+    /// The request running now, for messages.
+    pub(crate) fn request_id(&self) -> String {
+        self.current
+            .borrow()
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -138,7 +234,10 @@ impl RunError {
 
 /// `text` with its line breaks (and the tab that indents traceback frames) as " | ".
 pub fn one_line(text: &str) -> String {
-    text.trim_end().replace("\r\n", "\n").replace("\n\t", " | ").replace('\n', " | ")
+    text.trim_end()
+        .replace("\r\n", "\n")
+        .replace("\n\t", " | ")
+        .replace('\n', " | ")
 }
 
 /// Drives one request coroutine: marks its context current while it runs, and ends it at the
@@ -150,8 +249,15 @@ pub fn one_line(text: &str) -> String {
 /// request of the worker waits. A wake during our own poll is therefore held back and replaced
 /// by `tokio::task::yield_now`, which the scheduler wakes only after it has polled its drivers.
 pub struct RequestFuture {
-    /// The coroutine, taken from (and given back to) mlua's pool of recycled threads.
-    pub(crate) inner: mlua::function::AsyncCallFuture<MultiValue>,
+    /// The coroutine, taken from (and given back to) mlua's pool of recycled threads; taken out
+    /// when the future is dropped, so that closing it happens under our rules (see Drop).
+    pub(crate) inner: Option<mlua::function::AsyncCallFuture<MultiValue>>,
+    /// The coroutine's Lua thread, once its first poll has told us (for the watchdog).
+    pub(crate) state: *mut mlua::ffi::lua_State,
+    /// Bytes the VM grew by during this request's polls (what it holds, roughly).
+    pub(crate) grown: isize,
+    /// The coroutine returned: nothing of it is left to close.
+    pub(crate) done: bool,
     pub(crate) ctx: Rc<RequestCtx>,
     pub(crate) shared: Rc<VmShared>,
     /// Armed at the first wait: most calls finish in their first poll and never need it.
@@ -167,7 +273,83 @@ pub struct RequestFuture {
 
 impl Drop for RequestFuture {
     fn drop(&mut self) {
-        self.shared.live.set(self.shared.live.get().saturating_sub(1));
+        self.shared
+            .live
+            .set(self.shared.live.get().saturating_sub(1));
+        if let Some(inner) = self.inner.take() {
+            if self.done {
+                drop(inner);
+            } else {
+                // Closing an unfinished coroutine runs its to-be-closed handlers (and mlua resumes
+                // one that waits in a Rust call so it can unwind): whatever Lua code that runs is
+                // stopped at its first hook call, so a handler that loops cannot hold the worker.
+                let shared = self.shared.clone();
+                let previous = shared.current.replace(Some(self.ctx.clone()));
+                let previous_closing = shared.closing.replace(true);
+                let previous_stopping = shared.stopping.replace(true);
+                let section = crate::watchdog::enter(self.state, Instant::now());
+                drop(inner);
+                drop(section);
+                shared.nested.borrow_mut().clear();
+                shared.stopping.set(previous_stopping);
+                shared.closing.set(previous_closing);
+                *shared.current.borrow_mut() = previous;
+            }
+        }
+        self.collect_if_grown();
+    }
+}
+
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function that hands memory the allocator caches back to the system (the allocator
+/// is the binary's choice); it runs after the full collection that follows a request which left
+/// its VM much bigger.
+pub fn set_release_memory(f: fn()) {
+    let _ = RELEASE_MEMORY.set(f);
+}
+
+/// Growth of a VM past its size after the last full collection that triggers another one when a
+/// request ends (at least this much, and at least the size it had then).
+const COLLECT_AFTER_GROWTH: usize = 64 << 20;
+
+impl RequestFuture {
+    /// A request that left its VM much bigger (a memory bomb, a request stopped while holding
+    /// much) is followed by a full collection, so its garbage does not stay for many requests.
+    fn collect_if_grown(&self) {
+        let Some(lua) = self.shared.lua.try_upgrade() else {
+            return;
+        };
+        let used = lua.used_memory();
+        let base = self.shared.collected_at.get();
+        if used > base + base.max(COLLECT_AFTER_GROWTH) {
+            let _ = lua.gc_collect();
+            let _ = lua.gc_collect();
+            self.shared.collected_at.set(lua.used_memory());
+            if let Some(release) = RELEASE_MEMORY.get() {
+                release();
+            }
+        }
+    }
+
+    /// The error of a request that ran out of memory, saying which limit it met.
+    fn out_of_memory(&self) -> RunError {
+        let limits = &self.shared.limits;
+        let which = if self.grown >= limits.request_memory as isize - (1 << 20) {
+            format!(
+                "the request holds more than its limit of {} MiB ([lua] request_memory_limit)",
+                limits.request_memory >> 20
+            )
+        } else {
+            format!(
+                "the cage's Lua VM on this worker reached its limit of {} MiB ([lua] memory_limit)",
+                limits.memory >> 20
+            )
+        };
+        RunError::Failed {
+            message: format!("not enough memory: {which}"),
+            traceback: String::new(),
+        }
     }
 }
 
@@ -186,7 +368,10 @@ impl Future for RequestFuture {
 }
 
 impl RequestFuture {
-    fn poll_run(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
+    fn poll_run(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<MultiValue, RunError>> {
         let now = Instant::now();
         if now >= self.ctx.deadline {
             return Poll::Ready(Err(RunError::Deadline));
@@ -199,29 +384,63 @@ impl RequestFuture {
         }
         let previous = self.shared.current.replace(Some(self.ctx.clone()));
         let previous_slice = self.shared.slice_start.replace(now);
-        let previous_late = self.shared.late_hooks.replace(0);
+        let previous_stopping = self.shared.stopping.replace(false);
         let previous_wake = self.shared.wake_at.replace(None);
+        // This poll may make the VM grow by what is left of the request's share.
+        let lua = self.shared.lua.try_upgrade();
+        let used_before = lua.as_ref().map(|l| l.used_memory()).unwrap_or(0);
+        let allowance = (self.shared.limits.request_memory as isize - self.grown).max(0) as usize;
+        let previous_limit = lua.as_ref().and_then(|l| {
+            l.set_memory_limit(
+                self.shared
+                    .limits
+                    .memory
+                    .min(used_before.saturating_add(allowance)),
+            )
+            .ok()
+        });
         let gate = match &self.gate {
             Some(g) if g.waker.will_wake(cx.waker()) => {
                 g.state.store(POLLING, Ordering::Release);
                 g.clone()
             }
             _ => {
-                let g = Arc::new(WakeGate { state: AtomicU8::new(POLLING), waker: cx.waker().clone() });
+                let g = Arc::new(WakeGate {
+                    state: AtomicU8::new(POLLING),
+                    waker: cx.waker().clone(),
+                });
                 self.gate = Some(g.clone());
                 g
             }
         };
         let waker = Waker::from(gate.clone());
-        let result = Pin::new(&mut self.inner).poll(&mut Context::from_waker(&waker));
+        let section = crate::watchdog::enter(self.state, now);
+        let result = match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll(&mut Context::from_waker(&waker)),
+            None => Poll::Ready(Err(mlua::Error::runtime("the request's coroutine is gone"))),
+        };
+        drop(section);
+        if self.state.is_null() {
+            self.state = self.shared.started.replace(std::ptr::null_mut());
+        }
+        if let Some(lua) = &lua {
+            self.grown += lua.used_memory() as isize - used_before as isize;
+            if let Some(limit) = previous_limit {
+                let _ = lua.set_memory_limit(limit);
+            }
+        }
+        if !self.shared.nested.borrow().is_empty() {
+            self.shared.nested.borrow_mut().clear();
+        }
         let woken = gate.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
         let wake_at = self.shared.wake_at.replace(previous_wake);
         *self.shared.current.borrow_mut() = previous;
         self.shared.slice_start.set(previous_slice);
-        self.shared.late_hooks.set(previous_late);
+        self.shared.stopping.set(previous_stopping);
         match result {
             Poll::Pending if woken => {
-                let mut turn: Pin<Box<dyn Future<Output = ()>>> = Box::pin(tokio::task::yield_now());
+                let mut turn: Pin<Box<dyn Future<Output = ()>>> =
+                    Box::pin(tokio::task::yield_now());
                 // The first poll hands our waker to the scheduler's deferred list.
                 if turn.as_mut().poll(cx).is_ready() {
                     cx.waker().wake_by_ref();
@@ -232,13 +451,21 @@ impl RequestFuture {
             }
             Poll::Pending => self.wait_for_deadline(cx, wake_at),
             Poll::Ready(Err(e)) => {
+                self.done = true;
                 if Instant::now() >= self.ctx.deadline {
                     Poll::Ready(Err(RunError::Deadline))
+                } else if matches!(e, mlua::Error::MemoryError(_)) {
+                    Poll::Ready(Err(self.out_of_memory()))
                 } else {
-                    Poll::Ready(Err(RunError::Internal(e.to_string())))
+                    Poll::Ready(Err(RunError::Internal(error_text(&LuaValue::Error(
+                        Box::new(e),
+                    )))))
                 }
             }
-            Poll::Ready(Ok(values)) => Poll::Ready(self.unpack(values)),
+            Poll::Ready(Ok(values)) => {
+                self.done = true;
+                Poll::Ready(self.unpack(values))
+            }
         }
     }
 }
@@ -260,7 +487,10 @@ impl Wake for WakeGate {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire).is_err()
+        if self
+            .state
+            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
             && self.state.load(Ordering::Acquire) == IDLE
         {
             self.waker.wake_by_ref();
@@ -271,10 +501,16 @@ impl Wake for WakeGate {
 impl RequestFuture {
     /// Pending, with the deadline timer registered so the request ends on time whatever it
     /// waits for; or earlier, at `wake_at`, when what it waits for ends on its own then.
-    fn wait_for_deadline(&mut self, cx: &mut Context<'_>, wake_at: Option<Instant>) -> Poll<Result<MultiValue, RunError>> {
+    fn wait_for_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+        wake_at: Option<Instant>,
+    ) -> Poll<Result<MultiValue, RunError>> {
         let deadline = self.ctx.deadline;
         let at = wake_at.filter(|w| *w < deadline).unwrap_or(deadline);
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
         if timer.deadline() != at.into() {
             timer.as_mut().reset(at.into());
         }
@@ -304,9 +540,15 @@ impl RequestFuture {
                     return Err(RunError::Deadline);
                 }
                 let failure = values.next().unwrap_or(LuaValue::Nil);
+                if matches!(&failure, LuaValue::String(s) if s.as_bytes().starts_with(b"not enough memory"))
+                {
+                    return Err(self.out_of_memory());
+                }
                 Err(describe_failure(&failure, &self.failure_mt))
             }
-            _ => Err(RunError::Internal("request coroutine returned no status".into())),
+            _ => Err(RunError::Internal(
+                "request coroutine returned no status".into(),
+            )),
         }
     }
 }
@@ -316,19 +558,39 @@ fn describe_failure(failure: &LuaValue, failure_mt: &Table) -> RunError {
         if t.metatable().as_ref() == Some(failure_mt) {
             let error: LuaValue = t.raw_get("error").unwrap_or(LuaValue::Nil);
             let traceback: String = t.raw_get("traceback").unwrap_or_default();
-            return RunError::Failed { message: error_text(&error), traceback };
+            // The prelude puts the text of a table error there (its __tostring, run in Lua).
+            let message = match t.raw_get::<LuaValue>("message") {
+                Ok(LuaValue::String(m)) => m.to_string_lossy(),
+                _ => error_text(&error),
+            };
+            // An error value Lua could not print (the runtime's own, a table) has a traceback
+            // without the message: put it first, as Lua does for strings.
+            let traceback = if traceback.is_empty() || traceback.starts_with(&message) {
+                traceback
+            } else {
+                format!("{message}\n{traceback}")
+            };
+            return RunError::Failed { message, traceback };
         }
     }
-    RunError::Failed { message: error_text(failure), traceback: String::new() }
+    RunError::Failed {
+        message: error_text(failure),
+        traceback: String::new(),
+    }
 }
 
-/// Text of a Lua error value: strings as they are, tables through `__tostring`, mlua errors by
-/// their message without mlua's own traceback.
+/// Text of a Lua error value: strings as they are, mlua errors by their message without mlua's
+/// own traceback. No `__tostring` of module code runs here (this is Rust, where Lua code could
+/// not be time-sliced): the prelude takes the text of table errors beforehand.
 pub fn error_text(error: &LuaValue) -> String {
     match error {
         LuaValue::String(s) => s.to_string_lossy(),
         LuaValue::Error(e) => root_cause(e),
-        other => other.to_string().unwrap_or_else(|_| format!("({} error value)", other.type_name())),
+        LuaValue::Integer(i) => i.to_string(),
+        LuaValue::Number(n) => n.to_string(),
+        LuaValue::Boolean(b) => b.to_string(),
+        LuaValue::Nil => "nil".into(),
+        other => format!("(error object is a {} value)", other.type_name()),
     }
 }
 
@@ -338,6 +600,7 @@ fn root_cause(e: &mlua::Error) -> String {
         mlua::Error::RuntimeError(m) => m.clone(),
         mlua::Error::SyntaxError { message, .. } => message.clone(),
         mlua::Error::WithContext { context, cause } => format!("{context}: {}", root_cause(cause)),
+        mlua::Error::MemoryError(_) => "not enough memory".into(),
         other => other.to_string(),
     }
 }
@@ -348,7 +611,10 @@ mod tests {
     fn one_line_tracebacks() {
         let tb = "c/http.lua:3: boom\nstack traceback:\n\t[C]: in function 'error'\n\tc/http.lua:3: in function <c/http.lua:2>\n";
         assert_eq!(super::one_line(tb), "c/http.lua:3: boom | stack traceback: | [C]: in function 'error' | c/http.lua:3: in function <c/http.lua:2>");
-        let e = super::RunError::Failed { message: "m".into(), traceback: String::new() };
+        let e = super::RunError::Failed {
+            message: "m".into(),
+            traceback: String::new(),
+        };
         assert_eq!(e.log_text(), "m");
     }
 }

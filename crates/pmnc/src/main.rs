@@ -312,7 +312,23 @@ fn report(e: Error) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Hands memory the allocator keeps cached back to the system; the Lua host calls it after the
+/// full collection that follows a request which left its VM much bigger (a memory bomb).
+fn release_memory() {
+    #[cfg(feature = "mimalloc")]
+    // SAFETY: mi_collect may be called from any thread at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    };
+    #[cfg(all(not(feature = "mimalloc"), target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim may be called at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn main() -> ExitCode {
+    rustomnic_lua::set_release_memory(release_memory);
     let cli = Cli::parse();
     match cli.command {
         Command::Cluster { command: ClusterCommand::Status { path, cluster, flock, wait, json } } => {

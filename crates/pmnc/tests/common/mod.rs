@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 pub mod nats;
 
-pub fn pmnc_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pmnc")
+/// The binary under test; PMNC_TEST_BIN runs the tests against another build (to show that a
+/// test fails on the code before a fix).
+pub fn pmnc_bin() -> String {
+    std::env::var("PMNC_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pmnc").to_string())
 }
 
 /// A temporary folder to lay cages out in.
