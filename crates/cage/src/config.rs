@@ -27,7 +27,7 @@
 //!
 //! [lua]                            # what module code may use (docs/decisions/004-lua-sandbox.md)
 //! memory_limit = "1GiB"            # per VM: one cage on one worker thread (default 1 GiB)
-//! request_memory_limit = "256MiB"  # what one request may add to its VM (default 256 MiB)
+//! request_memory_limit = "64MiB"   # what one request may add to its VM (default 64 MiB)
 //! unyielding_limit = "20ms"        # Lua code run by C code (a metamethod, a message handler),
 //!                                  # where it cannot yield, is stopped after this (default 20ms)
 //! getenv = ["HOME", "APP_*"]       # what os.getenv may read: names, or prefixes ending with *;

@@ -73,6 +73,16 @@ impl Checker {
     pub fn load(&self, file: &ModuleFile, known: &[u64]) -> Result<Loaded, ModuleError> {
         let source = read_limited(&file.path)
             .map_err(|e| ModuleError { path: file.path.clone(), message: format!("{}: {e}", file.display) })?;
+        if source.len() as u64 > rustomnic_lua::module::MAX_MODULE_BYTES {
+            let size = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(source.len() as u64);
+            let message = format!(
+                "{}: {size} bytes ({:.1} MiB) is over the module size limit of {} MiB",
+                file.display,
+                size as f64 / (1 << 20) as f64,
+                rustomnic_lua::module::MAX_MODULE_BYTES >> 20
+            );
+            return Ok(Loaded::Broken { error: ModuleError { path: file.path.clone(), message }, source_hash: rustomnic_lua::module::source_hash(&source) });
+        }
         if source.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(Loaded::Empty);
         }
@@ -176,5 +186,11 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.starts_with("web/bad.lua:1:")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("reserved")), "{problems:?}");
+        // A file far over the size limit is named with its real size, not the bytes read.
+        std::fs::remove_file(dir.dir.join("bad.lua")).unwrap();
+        std::fs::remove_file(dir.dir.join("log.lua")).unwrap();
+        std::fs::write(dir.dir.join("huge.lua"), vec![b'-'; 50 << 20]).unwrap();
+        let problems = load_all(&dir, "web", &Default::default(), false).unwrap_err();
+        assert_eq!(problems, vec!["web/huge.lua: 52428800 bytes (50.0 MiB) is over the module size limit of 8 MiB".to_string()]);
     }
 }

@@ -289,7 +289,7 @@ fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
 /// neither; `body` and `websocket` come through the request's metatable, which keeps a request's
 /// table within 8 hash slots.
 const TABLES: &str = r#"
-local setmetatable, readonly, locked = setmetatable, __pmnc_readonly, __pmnc_locked
+local setmetatable, readonly, locked = __pmnc_setmetatable, __pmnc_readonly, __pmnc_locked
 -- Shared by every request of the VM, so no module may change them (see the prelude).
 local request_mt = locked({ __index = readonly({ body = "", websocket = false }, "request") })
 local websocket_mt = locked({ __index = readonly({ body = "", websocket = true }, "request") })

@@ -11,13 +11,32 @@ pub(crate) const ARRAY_MT: &str = "rustomnic.array";
 /// Converts a Lua value into the value model. Functions, threads and userdata are refused with a
 /// message naming the path inside the value (`args[2].items[3]`).
 pub fn from_lua(value: &LuaValue) -> Result<Value, String> {
-    from_lua_at(value, 0, &mut String::from("value"))
+    let mut left = MAX_VALUE_BYTES;
+    from_lua_at(value, 0, &mut String::from("value"), &mut left)
 }
 
-fn from_lua_at(value: &LuaValue, depth: usize, path: &mut String) -> Result<Value, String> {
+/// Most bytes a converted value may take. A table can hold the same big string, or the same
+/// table, many times: the copy would be far larger than what Lua holds (a table of 60 levels of
+/// `{a, a}` is 2^60 values), so the conversion stops at this size.
+pub const MAX_VALUE_BYTES: usize = 64 << 20;
+/// What one value costs on top of its bytes.
+const NODE_COST: usize = 32;
+
+fn charge(left: &mut usize, bytes: usize, path: &str) -> Result<(), String> {
+    match left.checked_sub(bytes + NODE_COST) {
+        Some(l) => {
+            *left = l;
+            Ok(())
+        }
+        None => Err(format!("{path}: the value would take more than {} MiB (a string or table repeated many times?)", MAX_VALUE_BYTES >> 20)),
+    }
+}
+
+fn from_lua_at(value: &LuaValue, depth: usize, path: &mut String, left: &mut usize) -> Result<Value, String> {
     if depth > MAX_DEPTH {
         return Err(format!("{path}: nested deeper than {MAX_DEPTH} levels (a table that contains itself?)"));
     }
+    charge(left, if let LuaValue::String(s) = value { s.as_bytes().len() } else { 0 }, path)?;
     Ok(match value {
         LuaValue::Nil => Value::Nil,
         LuaValue::Boolean(b) => Value::Bool(*b),
@@ -25,7 +44,7 @@ fn from_lua_at(value: &LuaValue, depth: usize, path: &mut String) -> Result<Valu
         LuaValue::Number(n) => Value::Float(*n),
         LuaValue::String(s) => Value::Str(s.as_bytes().to_vec()),
         LuaValue::LightUserData(p) if p.0.is_null() => Value::Nil,
-        LuaValue::Table(t) => table_to_value(t, depth, path)?,
+        LuaValue::Table(t) => table_to_value(t, depth, path, left)?,
         other => return Err(format!("{path}: a {} cannot be converted to a value", other.type_name())),
     })
 }
@@ -37,7 +56,7 @@ fn is_marked_array(t: &Table) -> bool {
     }
 }
 
-fn table_to_value(t: &Table, depth: usize, path: &mut String) -> Result<Value, String> {
+fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) -> Result<Value, String> {
     let len = t.raw_len();
     let marked = is_marked_array(t);
     let mut count = 0usize;
@@ -56,7 +75,7 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String) -> Result<Value, S
         for i in 1..=len {
             let v: LuaValue = t.raw_get(i).map_err(|e| format!("{path}: {e}"))?;
             path.push_str(&format!("[{i}]"));
-            items.push(from_lua_at(&v, depth + 1, path)?);
+            items.push(from_lua_at(&v, depth + 1, path, left)?);
             path.truncate(base_len);
         }
         return Ok(Value::Array(items));
@@ -84,7 +103,10 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String) -> Result<Value, S
             }
             other => return Err(format!("{path}: a table key of type {} cannot be converted", other.type_name())),
         };
-        entries.push((key, from_lua_at(&v, depth + 1, path)?));
+        if let Value::Str(k) = &key {
+            charge(left, k.len(), path)?;
+        }
+        entries.push((key, from_lua_at(&v, depth + 1, path, left)?));
         path.truncate(base_len);
     }
     Ok(Value::Map(entries))
@@ -146,6 +168,18 @@ pub fn array_metatable(lua: &Lua) -> mlua::Result<Table> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn repeated_strings_and_tables_cannot_blow_up_a_copy() {
+        let lua = mlua::Lua::new();
+        let t: mlua::Value = lua.load("local a = {('x'):rep(1e5)} for i = 1, 60 do a = {a, a} end return a").eval().unwrap();
+        let e = super::from_lua(&t).unwrap_err();
+        assert!(e.contains("more than 64 MiB"), "{e}");
+        let t: mlua::Value = lua.load("local s = ('x'):rep(1e7) local t = {} for i = 1, 100 do t[i] = s end return t").eval().unwrap();
+        assert!(super::from_lua(&t).unwrap_err().contains("more than 64 MiB"));
+        let ok: mlua::Value = lua.load("return { a = ('x'):rep(1e6), b = {1, 2, 3} }").eval().unwrap();
+        assert!(super::from_lua(&ok).is_ok());
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,7 @@ pub struct LuaLimits {
 }
 
 pub const DEFAULT_MEMORY: usize = 1 << 30;
-pub const DEFAULT_REQUEST_MEMORY: usize = 256 << 20;
+pub const DEFAULT_REQUEST_MEMORY: usize = 64 << 20;
 pub const DEFAULT_UNYIELDING: Duration = Duration::from_millis(20);
 
 impl Default for LuaLimits {

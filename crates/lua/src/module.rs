@@ -59,7 +59,8 @@ pub fn compile(name: &str, path: &Path, display: &str, source: &[u8]) -> Result<
     let err = |message: String| ModuleError { path: path.to_path_buf(), message };
     check_module_name(name).map_err(|m| err(format!("{display}: {m}")))?;
     if source.len() as u64 > MAX_MODULE_BYTES {
-        return Err(err(format!("{display}: {} bytes is over the module size limit of {MAX_MODULE_BYTES}", source.len())));
+        // The reader stops one byte past the limit, so the length says only "too big".
+        return Err(err(format!("{display}: over the module size limit of {} MiB", MAX_MODULE_BYTES >> 20)));
     }
     if source.starts_with(b"\x1bLua") {
         return Err(err(format!("{display}: precompiled bytecode is not accepted; ship the source")));

@@ -302,6 +302,41 @@ end
 string.rep, string.upper, string.lower = rep, piecewise(c_upper), piecewise(c_lower)
 string.reverse = piecewise(c_reverse, true)
 
+-- table.move copies index by index in C whether or not the indices hold anything, so a range of
+-- 2^62 empty slots would never end: long ranges move in pieces (from the end when the pieces
+-- overlap forwards, as the C function does).
+local c_move = table.move
+local MAXINTEGER = math.maxinteger
+table.move = function(a1, f, e, t, a2)
+  local first, last, to = tointeger(f), tointeger(e), tointeger(t)
+  if first == nil or last == nil or to == nil or last - first < PIECE_ITEMS or type(a1) ~= "table"
+     or (a2 ~= nil and type(a2) ~= "table") then
+    return c_move(a1, f, e, t, a2)
+  end
+  if not (first > 0 or last < MAXINTEGER + first) then error("bad argument #3 to 'move' (too many elements to move)", 2) end
+  local n = last - first + 1
+  if to > MAXINTEGER - n + 1 then error("bad argument #4 to 'move' (destination wrap around)", 2) end
+  local dest = a2 or a1
+  if to > last or to <= first or not rawequal(a1, dest) then
+    for i = 0, n - 1, PIECE_ITEMS do
+      local k = i + PIECE_ITEMS - 1
+      if k > n - 1 then k = n - 1 end
+      c_move(a1, first + i, first + k, to + i, dest)
+      pause()
+    end
+  else
+    local i = n - PIECE_ITEMS
+    while true do
+      local lo = i < 0 and 0 or i
+      c_move(a1, first + lo, first + i + PIECE_ITEMS - 1, to + lo, dest)
+      pause()
+      if lo == 0 then break end
+      i = i - PIECE_ITEMS
+    end
+  end
+  return dest
+end
+
 table.concat = function(t, sep, i, j)
   if type(t) ~= "table" then return c_concat(t, sep, i, j) end
   local first, last = tointeger(i or 1), tointeger(j or #t)
@@ -808,5 +843,8 @@ _G.pmnc = pmnc
 -- For interface helpers: a read-only view of a table shared by many modules, and a locked
 -- metatable (see readonly and locked above).
 _G.__pmnc_readonly, _G.__pmnc_locked = readonly, locked
+-- The plain setmetatable, for helpers of interfaces that make tables per request (their
+-- metatables are ours, never __gc): the checked one costs a call per table.
+_G.__pmnc_setmetatable = c_setmetatable
 
 return pmnc, run, resolve, error_mt, new_env

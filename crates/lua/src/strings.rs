@@ -239,6 +239,11 @@ fn drive(
 ) -> mlua::Result<MultiValue> {
     let src = s.as_bytes();
     let pat = p.as_bytes();
+    let gsub_cap = if matches!(op, Op::Gsub { .. }) {
+        lua.app_data_ref::<Rc<VmShared>>().map(|s| s.limits.request_memory).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    };
     loop {
         let found = {
             let mut control = || watch.check(lua);
@@ -312,6 +317,10 @@ fn drive(
                         buf.extend_from_slice(&src[*pos..a]);
                         if let Err(m) = pattern::expand(repl, &src, &search.matcher, a, e, buf) {
                             return fail(lua, &m.0);
+                        }
+                        // The result is built outside Lua's memory accounting: bound it the same.
+                        if buf.len() > gsub_cap {
+                            return fail(lua, &format!("not enough memory: the result of string.gsub would be over the request's limit of {} MiB", gsub_cap >> 20));
                         }
                         *count += 1;
                         *pos = e;

@@ -65,7 +65,6 @@ impl CageVm {
         // The debug library is loaded only so the prelude can keep `debug.traceback`; the prelude
         // removes `debug` before any module runs. No C modules or `package` are ever loaded.
         let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::default()) };
-        let memory = limits.memory;
         let shared = Rc::new(VmShared {
             cage: cage.to_string(),
             limits,
@@ -78,6 +77,7 @@ impl CageVm {
             started: Cell::new(std::ptr::null_mut()),
             nested: Default::default(),
             collected_at: Cell::new(0),
+            budget: Cell::new(Default::default()),
             live: Cell::new(0),
             wake_at: Cell::new(None),
         });
@@ -103,7 +103,6 @@ impl CageVm {
             .call((rust, modules.clone()))?;
         lua.gc_collect()?;
         shared.collected_at.set(lua.used_memory());
-        lua.set_memory_limit(memory)?;
         Ok(CageVm {
             lua,
             shared,
@@ -158,6 +157,7 @@ impl CageVm {
         let previous = self.shared.load_deadline.replace(Some(now + LOAD_TIMEOUT));
         let main = self.lua.exec_raw_lua(|raw| raw.state());
         let section = crate::watchdog::enter(main, now);
+        let previous_budget = self.shared.begin_budget(&self.lua, self.shared.limits.request_memory);
         let result = self
             .lua
             .load(&module.bytecode[..])
@@ -166,6 +166,7 @@ impl CageVm {
             .set_environment(env)
             .call::<LuaValue>(());
         drop(section);
+        self.shared.end_budget(&self.lua, previous_budget);
         self.shared.load_deadline.set(previous);
         match result {
             Ok(LuaValue::Table(t)) => Ok(t),
@@ -341,6 +342,7 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
         HookTriggers::new().every_nth_instruction(HOOK_EVERY as u32),
         move |lua, debug| {
             let state = lua.exec_raw_lua(|raw| raw.state());
+            shared.check_budget(lua);
             let now = Instant::now();
             match shared.check_running(now) {
                 Running::Go => Ok(VmState::Continue),
@@ -880,20 +882,20 @@ impl std::future::Future for YieldOnce {
 
 /// The Rust side of the sandbox rules of the prelude.
 fn register_sandbox(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    // Weak: the VM owns these functions, and they must not keep its shared state alive.
+    let weak = shared_of(lua).map(|s| Rc::downgrade(&s)).unwrap_or_default();
     // Whether an error on its way up is a stop that pcall and friends must pass on.
+    let w = weak.clone();
     t.set(
         "stopping",
-        lua.create_function(|lua, ()| {
-            Ok(shared_of(lua)
-                .map(|s| s.stopping.get() || s.closing.get())
-                .unwrap_or(false))
-        })?,
+        lua.create_function(move |_, ()| Ok(w.upgrade().is_some_and(|s| s.stopping.get() || s.closing.get())))?,
     )?;
-    // The request coroutine that has just started (the watchdog's signal must reach it).
+    // The request coroutine that has just started (the watchdog's signal must reach it); called
+    // by every request, so it looks nothing up.
     t.set(
         "started",
-        lua.create_function(|lua, ()| {
-            if let Some(shared) = shared_of(lua) {
+        lua.create_function(move |lua, ()| {
+            if let Some(shared) = weak.upgrade() {
                 let state = lua.exec_raw_lua(|raw| raw.state());
                 shared.started.set(state);
                 crate::watchdog::switch(state);

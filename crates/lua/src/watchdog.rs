@@ -74,9 +74,9 @@ impl Drop for Registration {
     }
 }
 
-fn slot() -> Arc<Slot> {
+fn with_slot<R>(f: impl FnOnce(&Slot) -> R) -> R {
     SLOT.with(|s| {
-        s.get_or_init(|| {
+        let registration = s.get_or_init(|| {
             start();
             let slot = Arc::new(Slot {
                 // SAFETY: pthread_self has no preconditions.
@@ -93,9 +93,8 @@ fn slot() -> Arc<Slot> {
                 slots.push(slot.clone());
             }
             Registration(slot)
-        })
-        .0
-        .clone()
+        });
+        f(&registration.0)
     })
 }
 
@@ -103,27 +102,23 @@ fn slot() -> Arc<Slot> {
 pub struct Section {
     previous: *mut ffi::lua_State,
     outermost: bool,
-    slot: Arc<Slot>,
 }
 
 /// Marks this thread as running Lua code of `state` from `now`.
 pub fn enter(state: *mut ffi::lua_State, now: Instant) -> Section {
-    let slot = slot();
     let depth = DEPTH.with(|d| {
         let v = d.get();
         d.set(v + 1);
         v
     });
     if depth == 0 {
-        slot.since.store(nanos(now), Ordering::Relaxed);
-        slot.reported.store(false, Ordering::Relaxed);
+        with_slot(|slot| {
+            slot.since.store(nanos(now), Ordering::Relaxed);
+            slot.reported.store(false, Ordering::Relaxed);
+        });
     }
     let previous = RUNNING.with(|r| r.replace(state));
-    Section {
-        previous,
-        outermost: depth == 0,
-        slot,
-    }
+    Section { previous, outermost: depth == 0 }
 }
 
 impl Drop for Section {
@@ -131,7 +126,7 @@ impl Drop for Section {
         RUNNING.with(|r| r.set(self.previous));
         DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
         if self.outermost {
-            self.slot.since.store(0, Ordering::Relaxed);
+            with_slot(|slot| slot.since.store(0, Ordering::Relaxed));
         }
     }
 }

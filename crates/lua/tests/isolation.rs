@@ -98,14 +98,22 @@ function M.pcall_format_loop()
 end
 function M.pattern_redos() return tostring(("x"):rep(1e7):find(".-y")) end
 function M.pattern_backtracking() return tostring(string.find(("a"):rep(29), ("a?"):rep(29) .. ("a"):rep(29))) end
+function M.huge_move() table.move({}, 1, math.maxinteger - 1, 2) return "moved" end
+function M.gsub_growth() return (("x"):rep(1e6):gsub("x", ("y"):rep(1e6))) end
+function M.repeated_value()
+  local s = ("x"):rep(1e7)
+  local t = {}
+  for i = 1, 1000 do t[i] = s end
+  return pmnc.json.encode(t)
+end
 function M.c_heavy_loop() for i = 1, 100 do local s = string.rep("ab", 5e6):gsub("a", "b") end return "done" end
 function M.slow_instructions()
-  local a, b = ("x"):rep(4e7), ("x"):rep(4e7)
+  local a, b = ("x"):rep(2e7), ("x"):rep(2e7)
   local n = 0
   while true do if a == b then n = n + 1 end end
 end
 function M.slow_instructions_in_a_coroutine()
-  local a, b = ("x"):rep(4e7), ("x"):rep(4e7)
+  local a, b = ("x"):rep(2e7), ("x"):rep(2e7)
   coroutine.wrap(function() while true do local _ = a == b end end)()
 end
 function M.memory_bomb()
@@ -195,7 +203,7 @@ fn finalizers_are_refused() {
 fn patterns_and_c_heavy_loops_yield_and_end_at_the_deadline() {
     on_one_thread(async {
         let vm = hostile_vm(LuaLimits::default());
-        for hostile in ["pattern_redos", "pattern_backtracking", "c_heavy_loop"] {
+        for hostile in ["pattern_redos", "pattern_backtracking", "c_heavy_loop", "huge_move"] {
             let (order, r) = race(vm.clone(), hostile, Duration::from_millis(500)).await;
             assert_eq!(
                 order,
@@ -204,6 +212,17 @@ fn patterns_and_c_heavy_loops_yield_and_end_at_the_deadline() {
             );
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
         }
+    });
+}
+
+#[test]
+fn results_built_outside_lua_are_bounded_like_lua_memory() {
+    on_one_thread(async {
+        let vm = hostile_vm(LuaLimits { request_memory: 64 << 20, ..Default::default() });
+        let r = call(&vm, "gsub_growth", Duration::from_secs(30)).await;
+        assert!(failed_with(&r, "not enough memory: the result of string.gsub would be over the request's limit of 64 MiB"), "{r:?}");
+        let r = call(&vm, "repeated_value", Duration::from_secs(30)).await;
+        assert!(failed_with(&r, "would take more than 64 MiB"), "{r:?}");
     });
 }
 
@@ -219,7 +238,7 @@ fn slow_single_instructions_are_preempted_by_the_watchdog() {
     );
     on_one_thread(async {
         let vm = hostile_vm(LuaLimits::default());
-        // Each comparison of two 40 MB strings takes milliseconds: 4000 of them between two
+        // Each comparison of two 20 MB strings takes milliseconds: 4000 of them between two
         // count-hook calls would hold the thread far past the deadline.
         for hostile in ["slow_instructions", "slow_instructions_in_a_coroutine"] {
             let (order, r) = race(vm.clone(), hostile, Duration::from_secs(3)).await;
@@ -437,7 +456,7 @@ fn top_level_code_is_bounded_even_inside_library_calls() {
     for (name, source) in [
         ("redos", "local x = (\"x\"):rep(6e4):find(\".-y\") return {}"),
         ("spin", "while true do end return {}"),
-        ("slow_compare", "local a, b = (\"x\"):rep(4e7), (\"x\"):rep(4e7) while true do local _ = a == b end return {}"),
+        ("slow_compare", "local a, b = (\"x\"):rep(2e7), (\"x\"):rep(2e7) while true do local _ = a == b end return {}"),
     ] {
         let m = module(name, source);
         let e = vm.check_module(&m).unwrap_err();

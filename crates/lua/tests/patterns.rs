@@ -250,3 +250,38 @@ return M
         }
     });
 }
+
+/// table.move over long ranges (done in pieces) moves what the C function moves, overlapping
+/// ranges included.
+#[test]
+fn long_table_moves_agree_with_the_c_implementation() {
+    const MOVES: &str = r#"
+local M = {}
+local function fill(n) local t = {} for i = 1, n do t[i] = i end return t end
+function M.run()
+  local out = {}
+  local cases = { {1, 200000, 3}, {3, 200000, 1}, {1, 150000, 100000}, {100000, 250000, 1}, {5, 70000, 70001} }
+  for _, c in ipairs(cases) do
+    local t = fill(250000)
+    table.move(t, c[1], c[2], c[3])
+    local sum, n = 0, #t
+    for i = 1, n do sum = (sum * 31 + (t[i] or 0)) % 1000000007 end
+    out[#out + 1] = n .. ":" .. sum
+  end
+  local t2 = table.move(fill(200000), 1, 200000, 5, {})
+  out[#out + 1] = #t2 .. ":" .. tostring(t2[5]) .. ":" .. tostring(t2[200004])
+  return table.concat(out, " ")
+end
+return M
+"#;
+    let reference = mlua::Lua::new();
+    let m: mlua::Table = reference.load(MOVES).eval().unwrap();
+    let theirs: String = m.get::<mlua::Function>("run").unwrap().call(()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let vm = CageVm::new("moves").unwrap();
+        vm.install(&module("moves", MOVES)).unwrap();
+        let ours = vm.call(RequestCtx::new("moves", "test", Duration::from_secs(60)), "moves", "run", vec![]).await.unwrap();
+        assert_eq!(ours, vec![Value::Str(theirs.into_bytes())]);
+    });
+}

@@ -38,12 +38,14 @@ local snippets = {
   -- 2. a to-be-closed handler that loops
   close = function() local x <close> = setmetatable({}, { __close = loop }) while true do end end,
   -- 3. one long pattern call over a big subject (ReDoS)
-  redos = function() return tostring(("x"):rep(1e8):find(".-y")) end,
-  redos_logged = function() pmnc.log.info("searching") return tostring(("x"):rep(1e8):find(".-y")) end,
+  redos = function() return tostring(("x"):rep(1e7):find(".-y")) end,
+  -- the issue's form: 100 MB is over the default request memory limit of 64 MiB
+  redos100 = function() return tostring(("x"):rep(1e8):find(".-y")) end,
+  redos_logged = function() pmnc.log.info("searching") return tostring(("x"):rep(1e7):find(".-y")) end,
   -- 4. a memory bomb
   bomb = function() local t = {} for i = 1, 1e9 do t[i] = string.rep("x", 100000) .. i end end,
   -- 6. C-heavy loops
-  cheavy = function() for i = 1, 100 do local s = string.rep("ab", 5e7):gsub("a", "b") end end,
+  cheavy = function() for i = 1, 100 do local s = string.rep("ab", 5e6):gsub("a", "b") end end,
   backtrack = function() return tostring(string.find(("a"):rep(29), ("a?"):rep(29) .. ("a"):rep(29))) end,
   -- 7. Lua called from C
   sort = function() table.sort({ 3, 2, 1 }, function(a, b) while true do end end) end,
@@ -167,6 +169,7 @@ fn hostile_handlers_end_with_clear_errors_while_the_other_cage_keeps_answering()
         ),
         ("close", 504, "deadline exceeded"),
         ("redos", 504, "deadline exceeded"),
+        ("redos100", 500, "not enough memory: the request holds more than its limit of 64 MiB"),
         ("cheavy", 504, "deadline exceeded"),
         ("backtrack", 504, "deadline exceeded"),
         ("sort", 504, "deadline exceeded"),
@@ -176,7 +179,7 @@ fn hostile_handlers_end_with_clear_errors_while_the_other_cage_keeps_answering()
         (
             "bomb",
             500,
-            "not enough memory: the request holds more than its limit of 256 MiB",
+            "not enough memory: the request holds more than its limit of 64 MiB",
         ),
     ];
     let baseline = rss_kib(s.child.id());
