@@ -47,7 +47,7 @@ pub fn check_module_name(name: &str) -> Result<(), String> {
     if !rustomnic_core::is_identifier(name) {
         return Err(format!("module name {name:?} is not an identifier (letters, digits and _; not starting with a digit)"));
     }
-    if RESERVED_NAMES.contains(&name) {
+    if RESERVED_NAMES.contains(&name) || rustomnic_stdlib::FAMILIES.contains(&name) {
         return Err(format!("module name {name:?} is reserved by the pmnc API (pmnc.{name})"));
     }
     Ok(())

@@ -107,6 +107,11 @@ end
 -- sees these yields. pmnc waits (sleep, calls) must be made from the request itself. The Rust
 -- side is told which coroutine runs, so the watchdog's signal reaches the right one.
 local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (weak keys)
+-- What a coroutine of module code yields to pass a suspension on to its parent. A value, not a
+-- mark: the hook may suspend the coroutine again right before it yields (the watchdog arms the
+-- hook at any instruction), and a mark would be consumed by that first suspension, leaving the
+-- second yield looking like the module's own.
+local PASS_UP = setmetatable({}, { __name = "pmnc.pass_up" })
 local co_enter, co_leave = rust.co_enter, rust.co_leave
 local user_coroutines = c_setmetatable({}, { __mode = "k" })
 
@@ -115,12 +120,9 @@ local function resume_through(co, ...)
   local depth = co_enter(co)
   local r = pack(co_resume(co, ...))
   co_leave(depth)
-  while r[1] and r.n == 1 and hook_yields[co] do
+  while r[1] and ((r.n == 1 and hook_yields[co]) or (r.n == 2 and r[2] == PASS_UP)) do
     hook_yields[co] = nil
-    if isyieldable() then
-      hook_yields[co_running()] = true
-      co_yield()
-    end
+    if isyieldable() then co_yield(PASS_UP) end
     depth = co_enter(co)
     r = pack(co_resume(co))
     co_leave(depth)
@@ -169,8 +171,7 @@ local function pause()
   if not isyieldable() then return end
   local co = co_running()
   if user_coroutines[co] then
-    hook_yields[co] = true
-    co_yield()
+    co_yield(PASS_UP)
   else
     yield_slice()
   end
@@ -692,6 +693,11 @@ api.events = readonly({
   wait = function(topic, timeout) return check(events_wait(topic, timeout)) end,
   stats = function(topic) return events_stats(topic) end,
 }, "pmnc.events")
+
+-- The helper families of crates/stdlib (pmnc.base64, pmnc.crypto, ...), read-only like the rest.
+for name, family in next, rust.stdlib do
+  api[name] = readonly(family, "pmnc." .. name)
+end
 
 -- pmnc itself: its fields, then the modules of the cage; pmnc("<cage>") calls another cage.
 c_setmetatable(api, {

@@ -511,6 +511,7 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     t.set("hook_yields", marks)?;
     crate::events_lua::register(lua, &t)?;
     crate::strings::register(lua, &t)?;
+    t.set("stdlib", rustomnic_stdlib::install(lua)?)?;
     register_sandbox(lua, &t)?;
 
     macro_rules! log_fn {

@@ -464,3 +464,22 @@ fn top_level_code_is_bounded_even_inside_library_calls() {
         assert!(e.contains(&format!("test/{name}.lua")), "{name}: the error names the file: {e}");
     }
 }
+
+#[test]
+fn nested_coroutines_pass_every_suspension_up_to_the_deadline() {
+    // The watchdog can make the hook suspend a coroutine right before the prelude yields it to
+    // pass an earlier suspension on; that second yield was once taken for a yield of module
+    // code, and `coroutine.resume` returned `true` in the middle of an endless loop.
+    on_one_thread(async {
+        let vm = CageVm::new("web").unwrap();
+        vm.install(&module(
+            "m",
+            "local M = {} function M.nested() local co = coroutine.create(function() local inner = coroutine.wrap(function() while true do end end) inner() end) return coroutine.resume(co) end return M",
+        ))
+        .unwrap();
+        for _ in 0..40 {
+            let r = vm.call(RequestCtx::new("web", "test", Duration::from_millis(100)), "m", "nested", vec![]).await;
+            assert_eq!(r, Err(RunError::Deadline));
+        }
+    });
+}
