@@ -19,6 +19,20 @@ impl CageDir {
     pub fn config_file(&self) -> PathBuf {
         self.dir.join("cage.toml")
     }
+
+    /// Where `require` looks for libraries: the cage's `lua_modules`, then the app's (next to
+    /// `cages/`), whether or not they exist yet.
+    pub fn library_roots(&self) -> Vec<rustomnic_lua::libraries::LibraryRoot> {
+        let mut roots = vec![rustomnic_lua::libraries::LibraryRoot {
+            dir: self.dir.join("lua_modules"),
+            display: format!("{}/lua_modules", self.folder_name),
+        }];
+        let cages = self.dir.parent();
+        if let Some(app) = cages.filter(|c| c.file_name().is_some_and(|n| n == "cages")).and_then(|c| c.parent()) {
+            roots.push(rustomnic_lua::libraries::LibraryRoot { dir: app.join("lua_modules"), display: "lua_modules".into() });
+        }
+        roots
+    }
 }
 
 /// The cages at `path`, sorted by folder name.

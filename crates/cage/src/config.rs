@@ -203,7 +203,8 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
     let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
     let state_file = state_file(dir, file);
-    let lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
+    let mut lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
+    lua.libraries = dir.library_roots();
     root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues", "lua"]);
     Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor, queues, state_file, lua })
 }

@@ -56,6 +56,19 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
     for f in &folders {
         watcher.watch(f, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", f.display()))?;
     }
+    // Libraries under lua_modules/ (those folders that exist at start): a changed library file
+    // reloads the modules that required it.
+    let mut library_dirs = BTreeSet::new();
+    for c in cages {
+        for root in &c.config.lua.libraries {
+            if root.dir.is_dir() && !folders.contains(&root.dir) {
+                library_dirs.insert(root.dir.clone());
+            }
+        }
+    }
+    for d in &library_dirs {
+        watcher.watch(d, RecursiveMode::Recursive).map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+    }
     let states: Vec<(String, CageDir, BTreeMap<String, u64>, rustomnic_lua::LuaLimits)> = cages
         .iter()
         .map(|c| {
@@ -85,7 +98,7 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
                     .unwrap_or_default();
                 let known: Vec<String> = cage.current.keys().cloned().collect();
                 for name in names.into_iter().chain(known) {
-                    reload(cage, &name, &workers);
+                    reload(cage, &name, &workers, false);
                 }
             }
             let config = ConfigReload { protocols, init };
@@ -134,6 +147,15 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) 
 fn changed(path: &Path, cages: &mut [CageState], workers: &Workers, config: &ConfigReload) {
     let Some(file_name) = path.file_name().map(|n| n.to_string_lossy().to_string()) else { return };
     let Some(folder) = path.parent() else { return };
+    if path.components().any(|c| c.as_os_str() == "lua_modules") {
+        for cage in cages.iter_mut() {
+            for module in rustomnic_lua::libraries::dependents(&cage.name, path) {
+                tracing::info!(cage = %cage.name, "library {} changed: checking module {module} again", path.display());
+                reload(cage, &module, workers, true);
+            }
+        }
+        return;
+    }
     if file_name == "cage.toml" {
         if let Some(cage) = cages.iter_mut().find(|c| same_dir(folder, &c.dir.dir)) {
             reload_config(cage, workers, config);
@@ -145,7 +167,7 @@ fn changed(path: &Path, cages: &mut [CageState], workers: &Workers, config: &Con
         let own = same_dir(folder, &cage.dir.dir);
         let shared = cage.dir.shared.as_deref().is_some_and(|s| same_dir(folder, s));
         if own || shared {
-            reload(cage, name, workers);
+            reload(cage, name, workers, false);
         }
     }
 }
@@ -155,7 +177,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 /// Brings module `name` of `cage` in line with the files on disk.
-fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
+/// `force`: check it even when its file did not change (a library it requires did).
+fn reload(cage: &mut CageState, name: &str, workers: &Workers, force: bool) {
     if let Err(e) = rustomnic_lua::module::check_module_name(name) {
         tracing::error!(cage = %cage.name, "{}/{name}.lua: {e}", cage.dir.folder_name);
         return;
@@ -179,7 +202,8 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers) {
     }
     let Some(checker) = cage.checker.as_ref() else { return };
     let started = Instant::now();
-    let known: Vec<u64> = cage.current.get(name).into_iter().chain(cage.broken.get(name)).copied().collect();
+    let known: Vec<u64> =
+        if force { Vec::new() } else { cage.current.get(name).into_iter().chain(cage.broken.get(name)).copied().collect() };
     match checker.load(&file, &known) {
         Ok(Loaded::New(module)) => {
             cage.broken.remove(name);

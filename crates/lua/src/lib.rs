@@ -5,6 +5,7 @@ pub mod convert;
 pub mod durable;
 pub mod events;
 mod events_lua;
+pub mod libraries;
 pub mod limits;
 pub mod metrics;
 pub mod module;

@@ -16,6 +16,8 @@ pub struct LuaLimits {
     pub unyielding: Duration,
     /// Names `os.getenv` may read: exact names, or prefixes ending with `*`.
     pub getenv: Vec<String>,
+    /// Where `require` looks for libraries, in order (the cage's `lua_modules`, then the app's).
+    pub libraries: Vec<crate::libraries::LibraryRoot>,
 }
 
 pub const DEFAULT_MEMORY: usize = 1 << 30;
@@ -29,6 +31,7 @@ impl Default for LuaLimits {
             request_memory: DEFAULT_REQUEST_MEMORY,
             unyielding: DEFAULT_UNYIELDING,
             getenv: Vec::new(),
+            libraries: Vec::new(),
         }
     }
 }

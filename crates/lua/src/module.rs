@@ -65,6 +65,12 @@ pub fn compile(name: &str, path: &Path, display: &str, source: &[u8]) -> Result<
     if source.starts_with(b"\x1bLua") {
         return Err(err(format!("{display}: precompiled bytecode is not accepted; ship the source")));
     }
+    compile_text(source, display).map_err(err)
+}
+
+/// Compiles Lua text to bytecode named `display` in messages; the message of a syntax error
+/// starts with `display:line:`.
+pub fn compile_text(source: &[u8], display: &str) -> Result<Vec<u8>, String> {
     thread_local! {
         static COMPILER: mlua::Lua = mlua::Lua::new_with(mlua::StdLib::NONE, mlua::LuaOptions::default())
             .unwrap_or_else(|_| mlua::Lua::new());
@@ -75,7 +81,7 @@ pub fn compile(name: &str, path: &Path, display: &str, source: &[u8]) -> Result<
             .set_name(format!("@{display}"))
             .set_mode(mlua::chunk::ChunkMode::Text)
             .into_function()
-            .map_err(|e| err(crate::request::error_text(&mlua::Value::Error(Box::new(e)))))?;
+            .map_err(|e| crate::request::error_text(&mlua::Value::Error(Box::new(e))))?;
         Ok(f.dump(false))
     })
 }

@@ -88,6 +88,7 @@ local function tostring(v)
     local f = rawget(mt, "__tostring")
     if f ~= nil then
       local s = f(v)
+      if type(s) == "number" then return c_tostring(s) end
       if type(s) ~= "string" then error("'__tostring' must return a string", 2) end
       return s
     end
@@ -143,14 +144,21 @@ coroutine_lib.resume = function(co, ...)
   local r = resume_through(co, ...)
   return unpack(r, 1, r.n)
 end
+-- As Lua's own wrap: an error closes the coroutine (an error of a __close handler then wins)
+-- and a string error gets the position of the call to the wrapped function in front of it.
 coroutine_lib.wrap = function(f)
   local co = co_create(f)
   user_coroutines[co] = true
   return function(...)
     local r = resume_through(co, ...)
     if r[1] then return unpack(r, 2, r.n) end
-    co_close(co)
-    error(r[2], 0)
+    local e = r[2]
+    if co_status(co) == "dead" then
+      local closed, close_error = co_close(co)
+      if not closed then e = close_error end
+    end
+    if type(e) == "string" and e ~= "not enough memory" then error(e, 2) end
+    error(e, 0)
   end
 end
 coroutine_lib.close = function(co)
@@ -411,7 +419,6 @@ local function quicksort(t, lo, hi, lt)
   insertion(t, lo, hi, lt)
 end
 
-local prelude_position = "^pmnc/prelude%.lua:%d+: "
 table.sort = function(t, lt)
   if type(t) ~= "table" then error("bad argument #1 to 'sort' (table expected, got " .. type(t) .. ")", 2) end
   if lt == nil and sortable(t) then return c_sort(t) end
@@ -423,9 +430,9 @@ table.sort = function(t, lt)
   local ok, e = c_pcall(quicksort, t, 1, n, lt or less)
   if not ok then
     if stopping() then error(e, 0) end
-    -- "attempt to compare" raised in `less` belongs to the caller's line, not to this file;
-    -- errors of a comparator keep their own position.
-    if type(e) == "string" and find(e, prelude_position) then error(gsub(e, prelude_position, ""), 2) end
+    -- "attempt to compare" raised by `less` here has no line (this chunk has none): as Lua's
+    -- C sort, no position; errors of a comparator keep their own.
+    if type(e) == "string" and sub(e, 1, 6) == "?:-1: " then e = sub(e, 7) end
     error(e, 0)
   end
 end
@@ -779,8 +786,13 @@ local function module_load(env)
     if #chunk > MAX_LOAD then
       error(("load: the chunk has %d bytes, over the limit of %d"):format(#chunk, MAX_LOAD), 2)
     end
+    if mode ~= nil and type(mode) ~= "string" then
+      error("bad argument #3 to 'load' (string expected, got " .. type(mode) .. ")", 2)
+    end
+    if byte(chunk, 1) == 27 then return nil, "load: binary chunks are not accepted (only Lua text)" end
     if chunk_env == nil then chunk_env = env end
-    return c_load(chunk, name, "t", chunk_env)
+    -- Text only, whatever the mode: a mode without "t" refuses it as Lua's load would.
+    return c_load(chunk, name, mode ~= nil and (find(mode, "t", 1, true) and "t" or mode) or "t", chunk_env)
   end
 end
 
@@ -820,6 +832,39 @@ local template = {
 }
 local libraries = { string = string, table = table, math = math, utf8 = utf8, os = os_lib, coroutine = coroutine_lib }
 
+-- require(name): a pure-Lua library from lua_modules/ (libraries.rs), run in the requiring
+-- module's environment and kept in that module's own package.loaded, so no library table is
+-- shared between modules. The library files a module's top level requires are recorded, and a
+-- change to one reloads that module.
+local find_library = rust.find_library
+local function make_require(env)
+  local loaded = {
+    _G = env, string = env.string, table = env.table, math = env.math, utf8 = env.utf8, os = env.os,
+    coroutine = env.coroutine,
+  }
+  local loading = {}
+  local package = { loaded = loaded, path = "lua_modules/share/lua/5.4/?.lua;lua_modules/share/lua/5.4/?/init.lua", cpath = "" }
+  local function require(name)
+    if type(name) ~= "string" then
+      error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
+    end
+    local have = loaded[name]
+    if have ~= nil then return have end
+    if loading[name] then error("require: '" .. name .. "' requires itself (through the libraries it requires)", 2) end
+    local ok, chunk, file = find_library(name, env)
+    if not ok then error(chunk, 2) end
+    loading[name] = true
+    local done, result = pcall(chunk, name, file)
+    loading[name] = nil
+    if not done then error(result, 0) end
+    if result == nil then result = loaded[name] end
+    if result == nil then result = true end
+    loaded[name] = result
+    return result, file
+  end
+  return require, package
+end
+
 local function new_env()
   local env = {}
   for k, v in next, template do env[k] = v end
@@ -830,6 +875,7 @@ local function new_env()
   end
   env._G = env
   env.load = module_load(env)
+  env.require, env.package = make_require(env)
   return env
 end
 

@@ -123,6 +123,9 @@ pub(crate) struct VmShared {
     pub collected_at: Cell<usize>,
     /// How much the Lua code running now may make the VM grow (see [`Budget`]).
     pub budget: Cell<Budget>,
+    /// The module whose top-level code runs now (what it requires is recorded, so a changed
+    /// library reloads it).
+    pub loading: RefCell<Option<String>>,
     /// Requests running in this VM now (coroutines alive).
     pub live: Cell<usize>,
     /// Set during a poll by a wait that ends on its own at that time (`pmnc.events.wait` with a

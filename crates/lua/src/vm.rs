@@ -31,6 +31,21 @@ const C_SORT_MAX: usize = 20_000;
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
+/// The prelude compiled once per process, without line information: an error that a library
+/// function raises while a prelude wrapper calls it would otherwise carry the prelude's line
+/// ("pmnc/prelude.lua:80: cannot change a protected metatable") where plain Lua names the
+/// caller's; without it, such errors carry no position, and the prelude's own errors name the
+/// module's line (they are raised at level 2).
+fn prelude_bytecode() -> std::sync::Arc<Vec<u8>> {
+    static CODE: std::sync::OnceLock<std::sync::Arc<Vec<u8>>> = std::sync::OnceLock::new();
+    CODE.get_or_init(|| {
+        let lua = Lua::new_with(StdLib::NONE, LuaOptions::default()).unwrap_or_else(|_| Lua::new());
+        let code = lua.load(PRELUDE).set_name("=pmnc").into_function().map(|f| f.dump(true)).unwrap_or_default();
+        std::sync::Arc::new(code)
+    })
+    .clone()
+}
+
 /// See the module docs. Not `Send`: it lives and dies on its worker thread.
 pub struct CageVm {
     lua: Lua,
@@ -78,6 +93,7 @@ impl CageVm {
             nested: Default::default(),
             collected_at: Cell::new(0),
             budget: Cell::new(Default::default()),
+            loading: Default::default(),
             live: Cell::new(0),
             wake_at: Cell::new(None),
         });
@@ -98,8 +114,9 @@ impl CageVm {
             Table,
             Function,
         ) = lua
-            .load(PRELUDE)
-            .set_name("@pmnc/prelude.lua")
+            .load(&prelude_bytecode()[..])
+            .set_name("=pmnc")
+            .set_mode(mlua::chunk::ChunkMode::Binary)
             .call((rust, modules.clone()))?;
         lua.gc_collect()?;
         shared.collected_at.set(lua.used_memory());
@@ -156,6 +173,8 @@ impl CageVm {
         let now = Instant::now();
         let previous = self.shared.load_deadline.replace(Some(now + LOAD_TIMEOUT));
         let main = self.lua.exec_raw_lua(|raw| raw.state());
+        let previous_loading = self.shared.loading.replace(Some(module.name.clone()));
+        crate::libraries::forget(&self.shared.cage, &module.name);
         let section = crate::watchdog::enter(main, now);
         let previous_budget = self.shared.begin_budget(&self.lua, self.shared.limits.request_memory);
         let result = self
@@ -166,6 +185,7 @@ impl CageVm {
             .set_environment(env)
             .call::<LuaValue>(());
         drop(section);
+        *self.shared.loading.borrow_mut() = previous_loading;
         self.shared.end_budget(&self.lua, previous_budget);
         self.shared.load_deadline.set(previous);
         match result {
@@ -933,6 +953,18 @@ fn register_sandbox(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 }
             }
             Ok(())
+        })?,
+    )?;
+    // find_library(name, env) -> true, chunk, file | false, message: `require` (libraries.rs).
+    t.set(
+        "find_library",
+        lua.create_function(|lua, (name, env): (String, Table)| {
+            let Some(shared) = shared_of(lua) else { return failure(lua, "require is not available here") };
+            let loading = shared.loading.borrow().clone();
+            match crate::libraries::load(lua, &shared.limits.libraries, &name, env, loading.as_deref().map(|m| (shared.cage.as_str(), m))) {
+                Ok((f, _, display)) => Ok(success([LuaValue::Function(f), LuaValue::String(lua.create_string(&display)?)])),
+                Err(m) => failure(lua, m),
+            }
         })?,
     )?;
     t.set(
