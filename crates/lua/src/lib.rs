@@ -5,6 +5,7 @@ pub mod convert;
 pub mod durable;
 pub mod events;
 mod events_lua;
+mod json;
 pub mod libraries;
 pub mod limits;
 pub mod metrics;

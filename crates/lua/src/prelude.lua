@@ -510,12 +510,25 @@ local sleep = rust.sleep
 api.sleep = function(seconds) return check(sleep(seconds)) end
 api.clock = rust.clock
 
+-- Big inputs are parsed and printed off the worker while the request waits (json.rs), where the
+-- request can wait: not in module top-level code, not in a coroutine of module code.
 local json_encode, json_decode = rust.json_encode, rust.json_decode
+local json_decode_big, json_encode_finish = rust.json_decode_big, rust.json_encode_finish
+local JSON_INLINE = 64 * 1024
+local function can_wait() return isyieldable() and not user_coroutines[co_running()] end
 local array_mt = locked(rust.array_mt)
 api.json = readonly({
   null = rust.null,
-  encode = function(v) return check(json_encode(v)) end,
-  decode = function(s) return check(json_decode(s)) end,
+  encode = function(v)
+    local ok, r = json_encode(v, can_wait())
+    if ok == "pending" then return check(json_encode_finish(r)) end
+    if ok then return r end
+    error(r, 2)
+  end,
+  decode = function(s)
+    if type(s) == "string" and #s > JSON_INLINE and can_wait() then return check(json_decode_big(s)) end
+    return check(json_decode(s))
+  end,
   array = function(t)
     if t == nil then t = {} end
     if type(t) ~= "table" then error("pmnc.json.array: expected a table, got " .. type(t), 2) end

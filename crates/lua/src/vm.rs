@@ -610,21 +610,12 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
         })?,
     )?;
 
+    // json_encode(v, can_wait): big values come back as ("pending", value) for json_encode_finish.
     t.set(
         "json_encode",
-        lua.create_function(|lua, v: LuaValue| {
-            let value = match from_lua(&v) {
-                Ok(v) => v,
-                Err(e) => return failure(lua, format!("pmnc.json.encode: {e}")),
-            };
-            match value.to_json() {
-                Ok(j) => Ok(success([LuaValue::String(
-                    lua.create_string(j.to_string())?,
-                )])),
-                Err(e) => failure(lua, format!("pmnc.json.encode: {e}")),
-            }
-        })?,
+        lua.create_function(|lua, (v, can_wait): (LuaValue, bool)| crate::json::encode(lua, &v, can_wait))?,
     )?;
+    crate::json::register(lua, &t)?;
     t.set(
         "json_decode",
         lua.create_function(|lua, s: LuaValue| {
@@ -884,7 +875,8 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
 
 /// A future that is pending once (having woken its task), then ready: one turn for the other
 /// tasks of the worker, which the request future counts as the end of a time slice.
-struct YieldOnce(bool);
+#[derive(Default)]
+pub(crate) struct YieldOnce(bool);
 
 impl std::future::Future for YieldOnce {
     type Output = ();

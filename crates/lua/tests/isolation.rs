@@ -121,6 +121,14 @@ function M.memory_bomb()
   for i = 1, 1e9 do t[i] = string.rep("x", 1000) .. i end
 end
 function M.size() return collectgarbage("count") end
+function M.json_big()
+  local s = "[" .. string.rep('{"a":1,"b":"xyz","c":[true,null]},', 150000) .. "0]"
+  local n = 0
+  for i = 1, 3 do n = n + #pmnc.json.decode(s) end
+  local again = pmnc.json.decode(pmnc.json.encode(pmnc.json.decode(s)))
+  local last = again[150000]
+  return n .. " " .. last.b .. " " .. tostring(last.c[2] == pmnc.json.null) .. " " .. tostring(again[150001])
+end
 return M
 "#;
 
@@ -212,6 +220,27 @@ fn patterns_and_c_heavy_loops_yield_and_end_at_the_deadline() {
             );
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
         }
+    });
+}
+
+#[test]
+fn big_json_is_parsed_and_printed_off_the_worker() {
+    on_one_thread(async {
+        let vm = hostile_vm(LuaLimits { request_memory: 512 << 20, memory: 1 << 30, ..Default::default() });
+        // Quick requests one after another while the big one runs: decoded inline, each of the
+        // four parses would hold the thread for its whole length (a handful of quick requests
+        // would get through, between parses); off the worker, they keep getting through.
+        let v = vm.clone();
+        let big = tokio::task::spawn_local(async move { call(&v, "json_big", Duration::from_secs(120)).await });
+        let mut quick = 0;
+        while !big.is_finished() {
+            assert_eq!(call(&vm, "quick", Duration::from_secs(30)).await.unwrap(), vec![Value::Str(b"quick".to_vec())]);
+            quick += 1;
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(big.await.unwrap(), Ok(vec![Value::Str(b"450003 xyz true 0".to_vec())]));
+        eprintln!("{quick} quick requests answered meanwhile");
+        assert!(quick >= 100, "only {quick} quick requests were answered while the big JSON was handled");
     });
 }
 
