@@ -56,6 +56,9 @@ pub struct InterfaceSpec {
     /// Handler module and function, located at the `handler` key (or the interface's table).
     pub handler: Located<(String, String)>,
     pub request_timeout: Duration,
+    /// The cage's state file (`[resources.state] path`, or `.data/state.sqlite`), which also
+    /// holds what interfaces keep (a schedule's claims).
+    pub state_file: std::path::PathBuf,
 }
 
 /// A cage's config, read and checked.
@@ -122,6 +125,7 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             None
         }
     });
+    let state_file = state_file(dir, file);
     let mut interfaces = Vec::new();
     if let Some(section) = root.table("interfaces") {
         for (iname, s) in section.tables() {
@@ -160,7 +164,7 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 if key.is_empty() { s.table_error(message) } else { s.error(key, message) }
                 continue;
             };
-            let spec = InterfaceSpec { cage: name.clone(), name: iname.clone(), protocol, handler, request_timeout };
+            let spec = InterfaceSpec { cage: name.clone(), name: iname.clone(), protocol, handler, request_timeout, state_file: state_file.clone() };
             if let Some(i) = plugin.configure(spec, &s).filter(|_| handler_ok) {
                 interfaces.push(i);
             }
@@ -202,7 +206,6 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     });
     let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
     let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
-    let state_file = state_file(dir, file);
     let mut lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
     lua.libraries = dir.library_roots();
     root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues", "lua"]);

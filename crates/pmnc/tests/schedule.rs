@@ -104,3 +104,26 @@ fn catch_up_runs_the_firings_missed_while_no_copy_ran() {
     }
     assert!(after.len() >= before.len() + 4, "{after:?}");
 }
+
+#[test]
+fn a_schedule_keeps_its_claims_in_the_cages_configured_state_file() {
+    let t = Tree::new();
+    t.write(
+        "jobs/cage.toml",
+        "[interfaces.every_second]\nprotocol = \"schedule\"\ncron = \"* * * * * *\"\nhandler = \"jobs.tick\"\n\n[resources.state]\npath = \"db/custom.sqlite\"\n",
+    );
+    t.write("jobs/jobs.lua", JOBS);
+    let cage = t.path().join("jobs");
+    let s = Server::start(&cage, &[]);
+    let db = rusqlite::Connection::open(cage.join("db/custom.sqlite")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap_or(0) };
+    let end = Instant::now() + Duration::from_secs(15);
+    while count("SELECT count(*) FROM state WHERE key LIKE 'f:%'") < 2 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(s);
+    assert!(count("SELECT count(*) FROM state WHERE key LIKE 'f:%'") >= 2, "the firings wrote to the configured file");
+    assert!(count("SELECT count(*) FROM queue_leases") >= 1, "the schedule's claims are in the configured file too");
+    assert!(!cage.join(".data/state.sqlite").exists(), "nothing was written to the default state file");
+}

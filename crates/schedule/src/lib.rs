@@ -70,8 +70,7 @@ impl Protocol for ScheduleProtocol {
             None => Some(Missed::Skip),
         };
         let (Some(cron_text), Some(cron), Some(tz), Some(missed)) = (cron_text, cron, tz, missed) else { return None };
-        let base = section.file().path().parent().map(|p| p.to_path_buf()).unwrap_or_default();
-        let state_file = base.join(".data").join("state.sqlite");
+        let state_file = spec.state_file.clone();
         Some(Arc::new(Schedule { spec, cron, cron_text: cron_text.value, tz, missed, state_file }))
     }
 }
