@@ -125,7 +125,8 @@ local function run_transaction(list, accept, sync_commit, calls)
     if with_calls then return unpack(check(tx_finish_calls(nil, calls))) end
     return
   end
-  local ok, tx, outcomes = tx_run(list)
+  -- queue: `lasting` is true when a participant's effects outlive a rollback (issue 22 #9).
+  local ok, tx, outcomes, lasting = tx_run(list)
   if not ok then error(tx_error(tx), 2) end
   local commit, failure = true, nil
   for _, o in ipairs(outcomes) do
@@ -158,7 +159,7 @@ local function run_transaction(list, accept, sync_commit, calls)
     if not fok then error(tx_error(ferr), 2) end
   end
   if not commit then
-    error(failure or tx_error({ resource = nil, participant = nil, recoverable = true, message = "rejected by accept" }), 2)
+    error(failure or tx_error({ resource = nil, participant = nil, recoverable = not lasting, message = "rejected by accept" }), 2)
   end
   local values = {}
   for i, o in ipairs(outcomes) do values[i] = o.value end
