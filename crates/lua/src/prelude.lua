@@ -247,20 +247,13 @@ pmnc.transaction = setmetatable({ create = function(opts) return new_transaction
   end,
 })
 
--- The reserved function through which another cage's outbox hands this cage a durable call
--- (over worker::call, in this process or through the cluster); the call is stored in this
--- cage's queue, de-duplicated by its id.
-modules._queue = {
-  accept = function(queue, id, module, fn, at, expires_at, args)
-    local opts = { queue = queue, id = id, at = at, expires_at = expires_at }
-    return check(call_cage(cage_name, module, fn, opts, unpack(args, 1, args.n or #args)))
-  end,
-}
-
--- pmnc.calls.result(id [, cage]): the status of a durable call.
-local call_result = rust.call_result
+-- pmnc.calls (queue, crates/lua/src/durable.rs): result(id [, cage]) reads the status of a
+-- durable call; wait(id [, timeout]) parks the request until it is done or dead. Calls
+-- forwarded from other cages' outboxes (`_queue.accept`) are answered in Rust, not here.
+local call_result, call_wait = rust.call_result, rust.call_wait
 pmnc.calls = {
   result = function(id, cage) return check(call_result(id, cage)) end,
+  wait = function(id, timeout) return check(call_wait(id, timeout)) end,
 }
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
@@ -269,7 +262,8 @@ pmnc.state = shortcut("state")
 -- pmnc.events: publish to the requests waiting on a topic, on every worker of the cage.
 local events_publish, events_wait, events_stats = rust.events_publish, rust.events_wait, rust.events_stats
 pmnc.events = {
-  publish = function(topic, value) return check(events_publish(topic, value)) end,
+  -- queue: an optional third argument publishes to the topic of another cage (issue 22 #10).
+  publish = function(topic, value, cage) return check(events_publish(topic, value, cage)) end,
   wait = function(topic, timeout) return check(events_wait(topic, timeout)) end,
   stats = function(topic) return events_stats(topic) end,
 }
