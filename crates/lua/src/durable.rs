@@ -80,7 +80,11 @@ impl CallStatus {
     /// the call's id and its status; None when it is not such a value.
     pub fn from_value(v: &Value) -> Option<(String, CallStatus)> {
         let Value::Map(m) = v else { return None };
-        let get = |name: &str| m.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
+        let get = |name: &str| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .map(|(_, v)| v)
+        };
         let text = |name: &str| get(name).and_then(|v| v.as_str()).map(str::to_string);
         let status = CallStatus {
             status: text("status")?,

@@ -95,7 +95,7 @@ pub fn ls(
     out: &mut dyn std::io::Write,
 ) -> Result<(), String> {
     let conn = open_to_read(path)?;
-    let figures = store::figures(&conn, path)?;
+    let figures = store::figures(&conn, path, true)?;
     let w = |e: std::io::Error| e.to_string();
     writeln!(out, "cage {cage} ({})", path.display()).map_err(w)?;
     let (outgoing, outgoing_dead, forwarded) = store::outbox_counts(&conn, path)?;

@@ -444,41 +444,79 @@ pub struct QueueFigures {
     /// Attempts made so far by waiting calls beyond their first.
     pub retries: u64,
     pub dead: u64,
+    /// Done calls kept for de-duplication; counted only for `pmnc queue ls` (0 otherwise).
     pub done_kept: u64,
 }
 
-pub fn figures(conn: &Connection, path: &Path) -> Result<Vec<QueueFigures>, String> {
+/// Figures of every queue with calls. Read from the partial indexes of waiting and dead calls,
+/// so that the monitor, which asks every second, never scans the done calls (a scan holds a read
+/// snapshot long enough to keep the WAL from being emptied); `done_kept` is counted only when
+/// `count_done` (`pmnc queue ls`), else 0.
+pub fn figures(
+    conn: &Connection,
+    path: &Path,
+    count_done: bool,
+) -> Result<Vec<QueueFigures>, String> {
     let now = now_ms();
-    let mut stmt = conn
-        .prepare(
-            "SELECT queue,
-                sum(status IN ('pending', 'failed')),
-                min(CASE WHEN status IN ('pending', 'failed') THEN created_ms END),
-                sum(status = 'failed'),
-                sum(CASE WHEN status IN ('pending', 'failed') AND attempts > 0 THEN attempts ELSE 0 END),
-                sum(status = 'dead'),
-                sum(status = 'done')
-             FROM queue_calls GROUP BY queue ORDER BY queue",
-        )
-        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
+    let fail = |e| fail(path, "queue: cannot read figures", e);
+    let mut by_queue: std::collections::BTreeMap<String, QueueFigures> = Default::default();
+    let waiting = "SELECT queue, count(*), min(created_ms), sum(status = 'failed'), sum(CASE WHEN attempts > 0 THEN attempts ELSE 0 END)
+         FROM queue_calls INDEXED BY queue_calls_due WHERE status IN ('pending', 'failed') GROUP BY queue";
+    let mut stmt = conn.prepare_cached(waiting).map_err(fail)?;
     let rows = stmt
         .query_map([], |r| {
-            let oldest: Option<i64> = r.get(2)?;
-            Ok(QueueFigures {
-                queue: r.get(0)?,
-                depth: r.get::<_, i64>(1)? as u64,
-                oldest_age: oldest
-                    .map(|o| (now - o).max(0) as f64 / 1000.0)
-                    .unwrap_or(0.0),
-                retrying: r.get::<_, i64>(3)? as u64,
-                retries: r.get::<_, i64>(4)? as u64,
-                dead: r.get::<_, i64>(5)? as u64,
-                done_kept: r.get::<_, i64>(6)? as u64,
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         })
-        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(path, "queue: cannot read figures", e))
+        .map_err(fail)?;
+    for row in rows {
+        let (queue, depth, oldest, retrying, retries) = row.map_err(fail)?;
+        let f = by_queue
+            .entry(queue.clone())
+            .or_insert_with(|| QueueFigures {
+                queue,
+                ..Default::default()
+            });
+        f.depth = depth as u64;
+        f.oldest_age = oldest
+            .map(|o| (now - o).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        f.retrying = retrying as u64;
+        f.retries = retries as u64;
+    }
+    let mut counts = vec![("SELECT queue, count(*) FROM queue_calls INDEXED BY queue_calls_dead WHERE status = 'dead' GROUP BY queue", false)];
+    if count_done {
+        counts.push((
+            "SELECT queue, count(*) FROM queue_calls WHERE status = 'done' GROUP BY queue",
+            true,
+        ));
+    }
+    for (sql, done) in counts {
+        let mut stmt = conn.prepare_cached(sql).map_err(fail)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(fail)?;
+        for row in rows {
+            let (queue, n) = row.map_err(fail)?;
+            let f = by_queue
+                .entry(queue.clone())
+                .or_insert_with(|| QueueFigures {
+                    queue,
+                    ..Default::default()
+                });
+            if done {
+                f.done_kept = n as u64;
+            } else {
+                f.dead = n as u64;
+            }
+        }
+    }
+    Ok(by_queue.into_values().collect())
 }
 
 /// Puts a failed or dead call back to run now; false when there is no such call to retry.

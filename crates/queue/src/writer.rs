@@ -57,6 +57,7 @@ impl Op {
 pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
     let mut last_prune = Instant::now() - PRUNE_EVERY;
     let mut backlog = false;
+    let mut trim = crate::WalTrim::new();
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(op) => op,
@@ -96,7 +97,7 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                     tracing::error!(cage = %store.cage, "{e}; new durable calls are refused until a write succeeds{note}");
                 }
                 if let Ok(mut r) = store.refusing.lock() {
-                    *r = Some(e.clone());
+                    *r = Some((e.clone(), Instant::now()));
                 }
             }
         }
@@ -119,6 +120,7 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                 }
             }
         }
+        trim.after_commit(&store, &conn);
         // After the commit, never before: a dispatcher pass that read the outbox before this
         // commit sees the count move and reads it again (docs/decisions/034).
         if outbox {
