@@ -1251,9 +1251,20 @@ fn an_event_published_to_another_cage_reaches_its_waiting_call() {
     let addr = s.addr("http");
     assert_eq!(get(addr, "/plain?id=e1&fn=await&arg=go").text(), "e1");
     // The call runs once it waits: the publish reaches it (1 waiter woken) or nobody yet (0).
-    let woken = get_prefix(addr, "/publish?topic=go&value=hello&cage=worker", "1", Duration::from_secs(10));
+    let woken = get_prefix(
+        addr,
+        "/publish?topic=go&value=hello&cage=worker",
+        "1",
+        Duration::from_secs(10),
+    );
     assert_eq!(woken, "1");
-    assert_eq!(get(addr, "/wait?id=e1&timeout=10").text(), "done hello 1 worker nil");
+    assert_eq!(
+        get(addr, "/wait?id=e1&timeout=10").text(),
+        "done hello 1 worker nil"
+    );
     let bad = get(addr, "/publish?topic=go&value=x&cage=../x").text();
-    assert!(bad.starts_with("ERR ") && bad.contains("\"../x\" is not a valid cage name"), "{bad}");
+    assert!(
+        bad.starts_with("ERR ") && bad.contains("\"../x\" is not a valid cage name"),
+        "{bad}"
+    );
 }

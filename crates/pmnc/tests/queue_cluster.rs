@@ -175,29 +175,153 @@ fn a_queue_the_other_process_lacks_fails_at_once_or_dies_at_its_first_forward() 
     assert_eq!(get(addr, "/result?id=n3").text(), "none");
 }
 
-/// Issue 22 #5, #7, #8 and #10 across processes: a call to a cage of another process gets that
-/// queue's expiry (even when sent before the target was known), names its sender, reads as
-/// "forwarded" (not nil) from the sending process, and can be waited for there.
+/// A web process and a worker process on a private NATS, the worker's queue with
+/// `worker_queue`; the worker starts after `before_worker` ran against web. (NATS, tree, web,
+/// worker, web's address, worker's folder)
+struct Pair {
+    _nats: Nats,
+    _tree: Tree,
+    _web: Server,
+    _worker: Server,
+    addr: std::net::SocketAddr,
+    worker_dir: PathBuf,
+}
+
+fn pair(
+    test: &str,
+    worker_queue: &str,
+    before_worker: impl FnOnce(std::net::SocketAddr),
+) -> Option<Pair> {
+    let nats = Nats::start(test, "")?;
+    let t = Tree::new();
+    let (web_dir, worker_dir) = lay_out(&t, &nats.url(), worker_queue);
+    let web = Server::start(&web_dir, &[]);
+    let addr = web.addr("http");
+    before_worker(addr);
+    let worker = Server::start(&worker_dir, &[]);
+    Some(Pair {
+        _nats: nats,
+        _tree: t,
+        _web: web,
+        _worker: worker,
+        addr,
+        worker_dir,
+    })
+}
+
+/// Issue 22 #5 and #7 across processes: a call to a cage of another process gets that queue's
+/// expiry (also when sent before the target was known, and through xa.pmnc), not a day, and
+/// names its true sender.
 #[test]
-fn a_call_to_another_process_keeps_its_expiry_and_sender_and_can_be_seen_and_waited_for() {
-    let Some(nats) = Nats::start(
-        "a_call_to_another_process_keeps_its_expiry_and_sender_and_can_be_seen_and_waited_for",
-        "",
+fn a_call_to_another_process_keeps_its_queues_expiry_and_its_sender() {
+    let Some(p) = pair(
+        "a_call_to_another_process_keeps_its_queues_expiry_and_its_sender",
+        "expires_in = \"2m\"",
+        |addr| {
+            assert_eq!(
+                get(addr, "/plain?id=early").text(),
+                "early",
+                "sent before the worker is known"
+            );
+        },
     ) else {
         return;
     };
-    let t = Tree::new();
-    let (web_dir, worker_dir) = lay_out(&t, &nats.url(), "expires_in = \"2m\"");
-    let web = Server::start(&web_dir, &[]);
-    let addr = web.addr("http");
-    assert_eq!(
-        get(addr, "/plain?id=early").text(),
-        "early",
-        "sent before the worker is known"
+    assert_eq!(get(p.addr, "/plain?id=c1").text(), "c1");
+    assert_eq!(get(p.addr, "/xa?id=c2").text(), "ok c2");
+    let w = db(&p.worker_dir);
+    assert!(until(Duration::from_secs(15), || count(
+        &w,
+        "SELECT count(*) FROM queue_calls WHERE status = 'done'"
+    ) == 3));
+    for id in ["early", "c1", "c2"] {
+        assert_eq!(
+            count(&w, &format!("SELECT expires_ms - max(due_ms, created_ms) FROM queue_calls WHERE id = '{id}'")),
+            120_000,
+            "call {id}: the queue's expires_in"
+        );
+        let from: String = w
+            .query_row(
+                "SELECT from_cage FROM queue_calls WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(from, "web", "call {id} names its sender");
+        assert_eq!(
+            count(
+                &w,
+                &format!("SELECT due_ms >= created_ms FROM queue_calls WHERE id = '{id}'")
+            ),
+            1,
+            "call {id} is not due before it was made"
+        );
+    }
+    let show = pmnc_limited(
+        &["queue", "show", p.worker_dir.to_str().unwrap(), "c1"],
+        Duration::from_secs(30),
     );
-    let _worker = Server::start(&worker_dir, &[]);
+    assert!(
+        show.stdout.contains("from cage: web") && show.stdout.contains("status:    done"),
+        "{}",
+        show.stdout
+    );
+}
+
+/// Issue 22 #8: from the sending process a call that went to another process never reads as
+/// "never stored": `forwarded` once accepted, `done` once its completion event came back, and
+/// asking a cage this process does not run about an unknown id is an error, not nil.
+#[test]
+fn the_sending_process_tells_the_truth_about_a_forwarded_call() {
+    let Some(p) = pair(
+        "the_sending_process_tells_the_truth_about_a_forwarded_call",
+        "",
+        |_| {},
+    ) else {
+        return;
+    };
+    let addr = p.addr;
+    assert_eq!(get(addr, "/plain?id=later&delay=3600").text(), "later");
+    assert_eq!(
+        get_prefix(
+            addr,
+            "/result?id=later",
+            "forwarded",
+            Duration::from_secs(15)
+        ),
+        "forwarded nil nil worker nil"
+    );
+    assert_eq!(
+        get(addr, "/result?id=later&cage=worker").text(),
+        "forwarded nil nil worker nil"
+    );
     assert_eq!(get(addr, "/plain?id=c1").text(), "c1");
-    assert_eq!(get(addr, "/xa?id=c2").text(), "ok c2");
+    assert_eq!(
+        get_prefix(addr, "/result?id=c1", "done", Duration::from_secs(15)),
+        "done 42 1 worker nil"
+    );
+    let elsewhere = get(addr, "/result?id=sent-by-someone-else&cage=worker").text();
+    assert!(
+        elsewhere.starts_with("ERR ")
+            && elsewhere.contains("cage worker does not run in this process"),
+        "{elsewhere}"
+    );
+    assert_eq!(get(addr, "/result?id=sent-by-someone-else").text(), "none");
+}
+
+/// Issue 22 #10 across processes: the sending process waits for a call that runs in another one
+/// (pmnc.calls.wait, and the completion event on "call:<id>"), and an event published by web to
+/// a topic of cage worker reaches a call waiting there.
+#[test]
+fn a_call_in_another_process_can_be_waited_for_and_sent_events() {
+    let Some(p) = pair(
+        "a_call_in_another_process_can_be_waited_for_and_sent_events",
+        "",
+        |_| {},
+    ) else {
+        return;
+    };
+    let addr = p.addr;
     assert_eq!(
         get(addr, "/submit_wait?id=c3").text(),
         "done 42 1 worker nil",
@@ -208,55 +332,26 @@ fn a_call_to_another_process_keeps_its_expiry_and_sender_and_can_be_seen_and_wai
         "done 42 1 worker nil",
         "the completion event reaches the sender"
     );
-    let w = db(&worker_dir);
-    assert!(until(Duration::from_secs(15), || count(
-        &w,
-        "SELECT count(*) FROM queue_calls WHERE status = 'done'"
-    ) == 5));
-    for id in ["early", "c1", "c2", "c3"] {
-        assert_eq!(count(&w, &format!("SELECT expires_ms - max(due_ms, created_ms) FROM queue_calls WHERE id = '{id}'")), 120_000, "call {id}: the queue's expires_in");
-        let from: String = w
-            .query_row(
-                "SELECT from_cage FROM queue_calls WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(from, "web", "call {id} names its sender");
-    }
-    // From the sending process: done, once the completion event came back; a call accepted
-    // there and not run yet reads as forwarded.
-    assert_eq!(get_prefix(addr, "/result?id=c1", "done", Duration::from_secs(10)), "done 42 1 worker nil");
-    assert_eq!(get(addr, "/plain?id=later&delay=3600").text(), "later");
     assert_eq!(
-        get_prefix(addr, "/result?id=later", "forwarded", Duration::from_secs(10)),
-        "forwarded nil nil worker nil"
+        get(addr, "/wait?id=c3&timeout=10").text(),
+        "done 42 1 worker nil",
+        "a wait after the end returns at once"
     );
-    assert_eq!(get(addr, "/result?id=later&cage=worker").text(), "forwarded nil nil worker nil");
-    let elsewhere = get(addr, "/result?id=sent-by-someone-else&cage=worker").text();
-    assert!(
-        elsewhere.starts_with("ERR ")
-            && elsewhere.contains("cage worker does not run in this process"),
-        "{elsewhere}"
-    );
-    let show = pmnc_limited(
-        &["queue", "show", worker_dir.to_str().unwrap(), "c1"],
-        Duration::from_secs(30),
-    );
-    assert!(
-        show.stdout.contains("from cage: web") && show.stdout.contains("status:    done"),
-        "{}",
-        show.stdout
-    );
-    // An event published by web to a topic of cage worker reaches a call waiting there, in the
-    // other process (issue 22 #10); it is published until the call has taken it.
+    // Published until the call has taken it: it waits only once it runs.
     assert_eq!(get(addr, "/plain?id=e1&fn=await&arg=go").text(), "e1");
+    let w = db(&p.worker_dir);
     let taken = until(Duration::from_secs(15), || {
         get(addr, "/publish?topic=go&value=hello&cage=worker");
-        count(&w, "SELECT count(*) FROM queue_calls WHERE id = 'e1' AND status = 'done'") == 1
+        count(
+            &w,
+            "SELECT count(*) FROM queue_calls WHERE id = 'e1' AND status = 'done'",
+        ) == 1
     });
     assert!(taken, "the event never reached the worker's call");
-    assert_eq!(get(addr, "/wait?id=e1&timeout=10").text(), "done hello 1 worker nil");
+    assert_eq!(
+        get(addr, "/wait?id=e1&timeout=10").text(),
+        "done hello 1 worker nil"
+    );
 }
 
 /// Issue 22 #6: calls waiting in the outbox (their target's process is not running) can be
