@@ -3,11 +3,14 @@
 //! the middle of thousands of calls with every call taking effect exactly once on the state.
 
 mod common;
+#[path = "queue_app/support.rs"]
+mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::*;
 
 const HTTP: &str = r#"
 local M = {}
@@ -64,42 +67,6 @@ fn worker_cage(t: &Tree, queue_extra: &str) -> PathBuf {
     t.write("worker/http.lua", HTTP);
     t.write("worker/work.lua", WORK);
     t.path().join("worker")
-}
-
-fn db(cage: &Path) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(cage.join(".data/state.sqlite")).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c
-}
-
-fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
-    c.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
-/// GETs `path` until the body starts with `prefix`; returns the body.
-fn get_prefix(addr: std::net::SocketAddr, path: &str, prefix: &str, timeout: Duration) -> String {
-    let mut last = String::new();
-    let found = until(timeout, || {
-        last = get(addr, path).text();
-        last.starts_with(prefix)
-    });
-    assert!(
-        found,
-        "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}"
-    );
-    last
-}
-
-/// Polls `f` until it returns true or `timeout` passes.
-fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 #[test]

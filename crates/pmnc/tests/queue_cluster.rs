@@ -5,12 +5,15 @@
 //! loses nothing.
 
 mod common;
+#[path = "queue_app/support.rs"]
+mod support;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use common::nats::Nats;
 use common::*;
+use support::*;
 
 const WEB: &str = include_str!("queue_app/web.lua");
 const WORK: &str = include_str!("queue_app/work.lua");
@@ -39,42 +42,6 @@ fn lay_out(t: &Tree, url: &str, worker_queue: &str) -> (PathBuf, PathBuf) {
     );
     t.write("worker/work.lua", WORK);
     (t.path().join("web"), t.path().join("worker"))
-}
-
-fn db(cage: &Path) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(cage.join(".data/state.sqlite")).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c
-}
-
-fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
-    c.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
-/// Polls `f` until it returns true or `timeout` passes.
-fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
-/// GETs `path` until the body starts with `prefix`; returns the body.
-fn get_prefix(addr: std::net::SocketAddr, path: &str, prefix: &str, timeout: Duration) -> String {
-    let mut last = String::new();
-    let found = until(timeout, || {
-        last = get(addr, path).text();
-        last.starts_with(prefix)
-    });
-    assert!(
-        found,
-        "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}"
-    );
-    last
 }
 
 /// Issue 22 #1 across processes: a durable call on the sender's own queue together with one to

@@ -4,13 +4,16 @@
 //! own, which needs root (mount); without it each test is skipped with a loud message.
 
 mod common;
+#[path = "queue_app/support.rs"]
+mod support;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
+use support::*;
 
 /// A tmpfs mounted on a temporary folder; unmounted when dropped.
 struct Tmpfs {
@@ -115,22 +118,6 @@ fn cage(root: &Path) -> PathBuf {
 
 fn runs(log: &[String], what: &str) -> usize {
     log.iter().filter(|l| l.contains(what)).count()
-}
-
-/// GETs `path` until the body starts with `prefix`; returns the body.
-fn get_prefix(addr: std::net::SocketAddr, path: &str, prefix: &str, timeout: Duration) -> String {
-    let end = Instant::now() + timeout;
-    loop {
-        let last = get(addr, path).text();
-        if last.starts_with(prefix) {
-            return last;
-        }
-        assert!(
-            Instant::now() < end,
-            "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Issue 12 #5: with the disk full, a call whose completion cannot be recorded is tried again

@@ -1120,6 +1120,25 @@ mod tests {
         }
     }
 
+    /// A queue of `cage` with `queues` in a new file, its jobs handed to `spawn` and its writer's
+    /// connection set up by `setup`: (folder, file, runtime for its calls, queue).
+    fn new_queue(
+        cage: &str,
+        queues: Vec<QueueConfig>,
+        spawn: Spawner,
+        setup: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+    ) -> (tempfile::TempDir, PathBuf, tokio::runtime::Runtime, Running) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let running =
+            start_with(cage, &path, queues, Duration::from_secs(5), spawn, setup).unwrap();
+        (dir, path, rt, running)
+    }
+
     fn outgoing(id: &str) -> store::OutboxCall {
         let now = store::now_ms();
         store::OutboxCall {
@@ -1141,23 +1160,13 @@ mod tests {
     #[test]
     fn an_outbox_call_committed_after_a_dispatcher_pass_read_the_outbox_is_forwarded() {
         use std::sync::mpsc::channel;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
         let (jobs_tx, jobs_rx) = channel::<()>();
         let jobs_tx = Mutex::new(jobs_tx);
         // No queues: every job the dispatcher hands out is a forward of an outbox call.
         let spawn: Spawner = Arc::new(move |_job| {
             let _ = jobs_tx.lock().unwrap().send(());
         });
-        let running = start_with(
-            "racetest",
-            &path,
-            Vec::new(),
-            Duration::from_secs(5),
-            spawn,
-            |_| Ok(()),
-        )
-        .unwrap();
+        let (_dir, _path, _rt, running) = new_queue("racetest", Vec::new(), spawn, |_| Ok(()));
         let store = running.store().clone();
         let (read_tx, read_rx) = channel::<()>();
         let read_tx = Mutex::new(read_tx);
@@ -1217,22 +1226,12 @@ mod tests {
     /// to start over, and PASSIVE checkpoints alone let it grow without bound.
     #[test]
     fn the_wal_stays_bounded_under_writes_while_reads_never_stop() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let spawn: Spawner = Arc::new(|_job| {});
-        let running = start_with(
+        let (_dir, path, rt, running) = new_queue(
             "busytest",
-            &path,
             vec![QueueConfig::new("q")],
-            Duration::from_secs(5),
-            spawn,
+            Arc::new(|_job| {}),
             |_| Ok(()),
-        )
-        .unwrap();
+        );
         let store = running.store().clone();
         let stop = Arc::new(AtomicBool::new(false));
         // Two readers taking turns, so that one of them always holds a snapshot.
@@ -1271,22 +1270,12 @@ mod tests {
     /// WAL must shrink back under its limit while the cage runs, not stay at its peak until exit.
     #[test]
     fn the_wal_shrinks_back_once_a_long_reader_is_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let spawn: Spawner = Arc::new(|_job| {});
-        let running = start_with(
+        let (_dir, path, rt, running) = new_queue(
             "waltest",
-            &path,
             vec![QueueConfig::new("q")],
-            Duration::from_secs(5),
-            spawn,
+            Arc::new(|_job| {}),
             |_| Ok(()),
-        )
-        .unwrap();
+        );
         let store = running.store().clone();
         let reader = rusqlite::Connection::open(&path).unwrap();
         reader
@@ -1364,19 +1353,10 @@ mod tests {
     /// fails, the next is refused, and the calls stored before stay. (folder, runtime, queue,
     /// calls stored)
     fn full_file(cage: &str) -> (tempfile::TempDir, tokio::runtime::Runtime, Running, usize) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let spawn: Spawner = Arc::new(|_job| {});
-        let running = start_with(
+        let (dir, _path, rt, running) = new_queue(
             cage,
-            &path,
             vec![QueueConfig::new("q")],
-            Duration::from_secs(5),
-            spawn,
+            Arc::new(|_job| {}),
             |c| {
                 let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
                 c.query_row(
@@ -1385,8 +1365,7 @@ mod tests {
                     |_| Ok(()),
                 )
             },
-        )
-        .unwrap();
+        );
         let store = running.store().clone();
         let mut stored = 0;
         let error = rt.block_on(async {
