@@ -1235,3 +1235,43 @@ fn an_event_published_to_another_cage_reaches_its_waiting_call() {
         "{bad}"
     );
 }
+
+/// Issue 12 (smaller item): a failed attempt used to log a WARN with its traceback every time,
+/// twice (the VM's and the queue's), with no limit. A hundred calls failing at once now log a
+/// few lines, the traceback on one line, and the error stays with each call in the file.
+#[test]
+fn many_failing_attempts_log_a_few_lines_not_one_each() {
+    let t = Tree::new();
+    let cage = worker_cage(
+        &t,
+        "[queues.retry.backoff]\ninitial = \"1h\"\nmax = \"2h\"\n",
+    );
+    let mut s = Server::start(&cage, &[]);
+    let addr = s.addr("http");
+    get(addr, "/enqueue?from=1&to=100&fn=fail");
+    let c = db(&cage);
+    assert!(until(Duration::from_secs(20), || count(
+        &c,
+        "SELECT count(*) FROM queue_calls WHERE attempts = 1"
+    ) == 100));
+    s.drain(Duration::from_millis(500));
+    let lines = s.log.iter().filter(|l| l.contains("always fails")).count();
+    assert!(
+        (1..=6).contains(&lines),
+        "{lines} log lines for 100 failed attempts:\n{}",
+        s.log.join("\n")
+    );
+    let first = s.log.iter().find(|l| l.contains("always fails")).unwrap();
+    assert!(
+        first.contains("attempt 1 failed, retrying in") && first.contains("worker/work.lua:12:"),
+        "{first}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM queue_calls WHERE error LIKE '%always fails%'"
+        ),
+        100,
+        "each call keeps its error"
+    );
+}
