@@ -41,6 +41,9 @@ pub fn encode(f: &Forwarded) -> Value {
 
 /// Reads the arguments of a call to `_queue.accept`: exactly one such map.
 pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
+    if args.len() == 7 {
+        return decode_positional(args);
+    }
     let mut args = args.into_iter();
     let (Some(Value::Map(fields)), None) = (args.next(), args.next()) else {
         return Err("a forwarded call is one map of its fields".into());
@@ -100,6 +103,49 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
     })
 }
 
+/// The form an outbox of an earlier version sends (queue, id, module, function, due and
+/// expiry in Unix seconds, arguments), accepted so that a flock can be upgraded one process at
+/// a time. It has no creation time: the call counts as made when it arrives.
+fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
+    let text = |v: &Value, name: &str| match v {
+        Value::Str(b) => {
+            String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8"))
+        }
+        other => Err(format!(
+            "field {name} must be a string, got {}",
+            other.type_name()
+        )),
+    };
+    let millis = |v: &Value, name: &str| match v {
+        Value::Int(i) => Ok(Some(i.saturating_mul(1000))),
+        Value::Float(f) if f.is_finite() => Ok(Some((f * 1000.0) as i64)),
+        Value::Nil => Ok(None),
+        other => Err(format!(
+            "field {name} must be a number of seconds, got {}",
+            other.type_name()
+        )),
+    };
+    let now = crate::store::now_ms();
+    Ok(Forwarded {
+        queue: text(&args[0], "queue")?,
+        id: text(&args[1], "id")?,
+        module: text(&args[2], "module")?,
+        function: text(&args[3], "function")?,
+        due_ms: millis(&args[4], "at")?.unwrap_or(now),
+        expires_ms: millis(&args[5], "expires_at")?,
+        args: match &args[6] {
+            Value::Array(a) => a.clone(),
+            other => {
+                return Err(format!(
+                    "field args must be an array, got {}",
+                    other.type_name()
+                ))
+            }
+        },
+        created_ms: now,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +188,40 @@ mod tests {
         assert_eq!(
             decode(vec![Value::Map(m)]).unwrap_err(),
             "field id must be a string, got integer"
+        );
+    }
+
+    /// An outbox of the version before sends seven positional arguments; they still arrive.
+    #[test]
+    fn the_earlier_positional_form_is_read() {
+        let old = vec![
+            Value::str("retry"),
+            Value::str("x1"),
+            Value::str("work"),
+            Value::str("count"),
+            Value::Float(12.5),
+            Value::Nil,
+            Value::Array(vec![Value::Int(21)]),
+        ];
+        let f = decode(old.clone()).unwrap();
+        assert_eq!(
+            (
+                f.queue.as_str(),
+                f.id.as_str(),
+                f.module.as_str(),
+                f.function.as_str()
+            ),
+            ("retry", "x1", "work", "count")
+        );
+        assert_eq!(
+            (f.due_ms, f.expires_ms, f.args),
+            (12_500, None, vec![Value::Int(21)])
+        );
+        let mut bad = old;
+        bad[6] = Value::Int(1);
+        assert_eq!(
+            decode(bad).unwrap_err(),
+            "field args must be an array, got integer"
         );
     }
 }
