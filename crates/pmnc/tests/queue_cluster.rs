@@ -446,3 +446,39 @@ fn a_worker_killed_in_the_middle_of_forwarded_calls_loses_none() {
         assert_eq!(v, vec![1, 3, 2], "call {i} took effect once");
     }
 }
+
+/// Issue 22 #4 (a call too large): a durable call to a cage of another process that could never
+/// be carried (over the NATS server's max_payload) fails at once, in the plain and the xa path
+/// (the transaction rolls back), instead of waiting in the outbox until it expires.
+#[test]
+fn a_call_too_large_for_the_cluster_fails_at_once() {
+    let Some(nats) = Nats::start(
+        "a_call_too_large_for_the_cluster_fails_at_once",
+        "max_payload: 65536\n",
+    ) else {
+        return;
+    };
+    let t = Tree::new();
+    let (web_dir, _) = lay_out(&t, &nats.url(), "");
+    let web = Server::start(&web_dir, &[]);
+    let addr = web.addr("http");
+    for path in ["/big?kb=100&id=b1", "/big?kb=100&xa=1&id=b2"] {
+        let text = get(addr, path).text();
+        assert!(
+            text.starts_with("ERR ")
+                && text.contains("over the NATS server's max_payload of 65536 bytes"),
+            "{path}: {text}"
+        );
+    }
+    assert_eq!(
+        get(addr, "/state?key=sent:b2").text(),
+        "nil",
+        "the transaction rolled back"
+    );
+    assert_eq!(
+        get(addr, "/big?kb=10&id=b3").text(),
+        "b3",
+        "a call that fits waits in the outbox"
+    );
+    assert_eq!(count(&db(&web_dir), "SELECT count(*) FROM queue_outbox"), 1);
+}

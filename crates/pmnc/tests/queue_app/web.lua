@@ -49,6 +49,16 @@ function M.handle(request)
     return status(r)
   elseif p == "/hostile" then
     return pmnc.hostile[q.set]()
+  elseif p == "/big" then
+    -- A durable call (or with xa=1 an xa.pmnc) whose argument is q.kb KiB.
+    local big = ("x"):rep(tonumber(q.kb) * 1024)
+    if q.xa then
+      local xa = pmnc.transaction.create()
+      xa.state.set("sent:" .. tostring(q.id), true)
+      xa.pmnc(q.cage or "worker", opts(q)).work.count(big)
+      return try(function() return select(2, xa.execute()) end)
+    end
+    return try(function() return pmnc(q.cage or "worker", opts(q)).work.count(big) end)
   elseif p == "/publish" then
     -- Publishes on a topic of another cage (q.cage) until one of its requests was woken.
     local ok, r = pcall(pmnc.events.publish, q.topic, q.value, q.cage)
