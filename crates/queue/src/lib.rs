@@ -790,14 +790,19 @@ impl Calls for Service {
         }
         // Then the outboxes: an accepted call is in its target's queue before it is marked
         // forwarded in them.
+        // A call that ran in another process: its end, once its event came here, is the news;
+        // it can come before this outbox has recorded that the call was accepted.
+        let seen = seen_end(id).filter(|st| cage.is_none_or(|c| c == st.cage));
         for s in &all {
             if let Some(st) = s.outbox_status(id)? {
                 if cage.is_none_or(|c| c == st.cage) {
-                    // Forwarded to another process: its end, when its event came here.
-                    let end = (st.status == "forwarded").then(|| seen_end(id)).flatten();
+                    let end = seen.filter(|_| st.status != "dead");
                     return Ok(Some(end.unwrap_or(st)));
                 }
             }
+        }
+        if let Some(end) = seen {
+            return Ok(Some(end));
         }
         match cage {
             Some(c) if store_of(c).is_none() => Err(format!(
@@ -1219,6 +1224,41 @@ mod tests {
 
     fn wal_bytes(path: &Path) -> u64 {
         file_len(&wal_path(path))
+    }
+
+    /// A call that ran in another process can end (its completion event arrives) before this
+    /// outbox has recorded that it was accepted: the end is what pmnc.calls.result answers, so
+    /// that a wait started then returns at once instead of waiting for an event that came already.
+    #[test]
+    fn a_completion_event_wins_over_an_outbox_row_not_yet_marked_forwarded() {
+        let (_dir, _path, rt, running) =
+            new_queue("seentest", Vec::new(), Arc::new(|_job| {}), |_| Ok(()));
+        let store = running.store().clone();
+        let mut row = outgoing("seen-1");
+        row.cage = "elsewhere".into();
+        rt.block_on(store.store_outgoing(Vec::new(), Vec::new(), vec![row]))
+            .unwrap();
+        let pending = Service.result(None, "seen-1").unwrap().unwrap();
+        assert_eq!(
+            (pending.status.as_str(), pending.cage.as_str()),
+            ("pending", "elsewhere")
+        );
+        let end = CallStatus {
+            status: "done".into(),
+            cage: "elsewhere".into(),
+            attempts: Some(1),
+            value: Some(vec![Value::Int(42)]),
+            error: None,
+        };
+        observe_completion(
+            &durable::completion_topic("seen-1"),
+            &end.to_value("seen-1", true),
+        );
+        assert_eq!(Service.result(None, "seen-1").unwrap(), Some(end.clone()));
+        assert_eq!(
+            Service.result(Some("elsewhere"), "seen-1").unwrap(),
+            Some(end)
+        );
     }
 
     /// Issue 22 #12, as measured: under steady writes while reads never stop (the dispatcher reads
