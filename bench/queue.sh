@@ -4,15 +4,21 @@
 # durable enqueue. Then, when redis-server and Celery 5 are installed, the same no-op work on
 # Celery with a Redis broker (bench/queue_celery.py), and the ratio.
 #
+# Meanwhile it samples the size of the state file's WAL (five times a second) and prints the
+# largest it saw beside the file's size: with DEDUP shorter than DURATION, pruning of done calls
+# runs during the measurement too (issue 22 #12).
+#
 #   bench/queue.sh                 DURATION=s (default 10) CONNECTIONS=n (default 128)
 #                                  BATCH=n calls per request (default 20) WORKERS=n (default 2)
-#                                  CELERY=0 skips the Celery run
+#                                  DEDUP=duration the queue's dedup_window and result_ttl
+#                                  (default 20s) CELERY=0 skips the Celery run
 set -u
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DURATION="${DURATION:-10}"
 CONNECTIONS="${CONNECTIONS:-128}"
 BATCH="${BATCH:-20}"
 WORKERS="${WORKERS:-2}"
+DEDUP="${DEDUP:-20s}"
 
 build
 ensure_wrk
@@ -27,6 +33,8 @@ listen = "127.0.0.1:0"
 [queues.bench]
 concurrency = 512
 expires_in = "1h"
+dedup_window = "$DEDUP"
+result_ttl = "$DEDUP"
 TOML
 cat >"$CAGE/http.lua" <<LUA
 local M = {}
@@ -52,6 +60,19 @@ PMNC_PID=$BG_PID
 expect_body "http://127.0.0.1:$PORT/" "ok"
 
 q() { sqlite3 -cmd ".timeout 10000" "$DB" "$1"; }
+# The largest WAL seen, sampled in the background until the script ends.
+WAL_PEAK_FILE="$WORK/wal-peak"
+echo 0 >"$WAL_PEAK_FILE"
+(
+    peak=0
+    while kill -0 "$PMNC_PID" 2>/dev/null; do
+        size="$(stat -c %s "$DB-wal" 2>/dev/null || echo 0)"
+        if [ "$size" -gt "$peak" ]; then peak="$size"; echo "$peak" >"$WAL_PEAK_FILE"; fi
+        sleep 0.2
+    done
+) &
+SAMPLER_PID=$!
+STARTED_PIDS+=("$SAMPLER_PID")
 # drain: waits (at most 120 s) until no call waits; prints the time it ended (ns).
 drain() {
     for _ in $(seq 1200); do
@@ -69,24 +90,30 @@ LAT_P99="$(to_ms "$(wrk_field "$WORK/lat.txt" p99)")"
 LAT_RPS="$(wrk_field "$WORK/lat.txt" rps)"
 
 echo "== throughput: wrk -t2 -c$CONNECTIONS -d${DURATION}s, $BATCH durable calls per request, then until all are done"
-BEFORE="$(q "SELECT count(*) FROM queue_calls WHERE status = 'done'")"
 T0="$(date +%s%N)"
 CPU0="$(process_cpu "$PMNC_PID")"
 WRK_LIMIT="$DURATION" run_wrk "$WORK/tp.txt" -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$PORT/"
 T1="$(drain)"
 CPU1="$(process_cpu "$PMNC_PID")"
-AFTER="$(q "SELECT count(*) FROM queue_calls WHERE status = 'done'")"
 DEAD="$(q "SELECT count(*) FROM queue_calls WHERE status = 'dead'")"
-CALLS=$((AFTER - BEFORE))
+# Calls made, from wrk's count of answered requests: done calls past their dedup_window are
+# pruned during a long run, so counting done rows would miss them. The drain above waited until
+# none of them waited any more.
+REQS="$(awk '/requests in/ {print $1}' "$WORK/tp.txt")"
+BAD="$(awk '/Non-2xx/ {print $NF}' "$WORK/tp.txt")"
+CALLS=$(( (${REQS:-0} - ${BAD:-0}) * BATCH ))
 SECS="$(awk -v a="$T0" -v b="$T1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')"
 RATE="$(awk -v n="$CALLS" -v s="$SECS" 'BEGIN {printf "%.0f", n / s}')"
 HZ="$(getconf CLK_TCK 2>/dev/null || echo 100)"
 CPU_US="$(awk -v a="$CPU0" -v b="$CPU1" -v hz="$HZ" -v n="$CALLS" 'BEGIN {if (n > 0) printf "%.1f", (b - a) / hz * 1e6 / n; else print "?"}')"
 SYNC="$(q "PRAGMA synchronous")"
+WAL_PEAK_MB="$(awk -v b="$(cat "$WAL_PEAK_FILE")" 'BEGIN {printf "%.1f", b / 1048576}')"
+DB_MB="$(awk -v b="$(stat -c %s "$DB")" 'BEGIN {printf "%.1f", b / 1048576}')"
 echo
 echo "Rustomnic durable calls (one cage, $WORKERS workers, synchronous=$SYNC (2 = FULL), WAL)"
 echo "  enqueue request latency: p50 ${LAT_P50} ms  p99 ${LAT_P99} ms  ($LAT_RPS req/s, one enqueue each)"
 echo "  end to end: $CALLS calls done in ${SECS}s = $RATE calls/s  (dead: $DEAD, CPU ${CPU_US} us/call)"
+echo "  state file: largest WAL seen ${WAL_PEAK_MB} MB beside a ${DB_MB} MB database (dedup_window $DEDUP)"
 stop_pid "$PMNC_PID"
 
 CELERY_RATE=""

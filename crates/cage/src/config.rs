@@ -270,6 +270,22 @@ fn state_file(dir: &CageDir, file: &SourceFile) -> std::path::PathBuf {
     }
 }
 
+/// A `state` resource with its file at `path` and default settings (`pmnc test` points every
+/// cage's state and queue at a temporary folder); None when the state protocol refuses it.
+pub(crate) fn state_resource_at(path: &std::path::Path, protocols: &Protocols) -> Option<rustomnic_resource::ResourceConfig> {
+    let plugin = protocols.resource("state")?;
+    let quoted = path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace("${", "$${");
+    let file = SourceFile::parse(path, format!("[resources.state]\npath = \"{quoted}\"\n")).ok()?;
+    let root = file.root();
+    let section = root.table("resources")?.table("state")?;
+    let resource = plugin.configure("state", &section)?;
+    if !file.take_errors().is_empty() {
+        return None;
+    }
+    let pool = rustomnic_resource::PoolSettings { size: resource.default_pool_size(), ..Default::default() };
+    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
+}
+
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it
 /// keeps its SQLite file at `<cage folder>/.data/state.sqlite`.
 fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Option<rustomnic_resource::ResourceConfig> {

@@ -94,7 +94,8 @@ impl QueueFigures {
 }
 
 /// Gauges of every durable call queue of the cages (depth, age of the oldest waiting call,
-/// retrying calls, dead letters) for /metrics, the page and `queue_age` alerts.
+/// retrying calls, dead letters) for /metrics, the page and `queue_age` alerts, and the sizes of
+/// every cage's state file and WAL.
 pub(crate) fn register_queue_gauges(cages: &[PreparedCage]) {
     let figures = Arc::new(QueueFigures::default());
     type Pick = fn(&rustomnic_queue::QueueFigures) -> f64;
@@ -104,6 +105,20 @@ pub(crate) fn register_queue_gauges(cages: &[PreparedCage]) {
         ("pmnc_queue_retrying", "waiting durable calls that failed at least once", |f| f.retrying as f64),
         ("pmnc_queue_dead_letters", "durable calls that expired (dead letters)", |f| f.dead as f64),
     ];
+    // The state file and its WAL, which the queue keeps bounded (docs/decisions/038).
+    type Size = fn((u64, u64)) -> u64;
+    let sizes: [(&str, &str, Size); 2] = [
+        ("pmnc_state_wal_bytes", "bytes of the WAL of the cage's state file (queue and state)", |(wal, _)| wal),
+        ("pmnc_state_file_bytes", "bytes of the cage's state file (queue and state), without its WAL", |(_, file)| file),
+    ];
+    for c in cages {
+        for (name, help, pick) in sizes {
+            let cage = c.config.name.clone();
+            rustomnic_core::metrics::register_gauge(name, help, &[("cage", &c.config.name)], move || {
+                rustomnic_queue::file_sizes(&cage).map(pick).unwrap_or(0) as f64
+            });
+        }
+    }
     for c in cages {
         for q in &c.config.queues {
             for (name, help, pick) in gauges {

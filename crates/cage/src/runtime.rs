@@ -227,7 +227,11 @@ fn describe(cages: &[PreparedCage], monitor: Option<String>) -> rustomnic_cluste
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": c.config.name, "interfaces": interfaces })
+            // The queues let other processes refuse a durable call to a queue this cage does
+            // not have at once, and give their calls this queue's expiry (issue 22 #4, #5).
+            let queues: Vec<serde_json::Value> =
+                c.config.queues.iter().map(|q| serde_json::json!({ "name": q.name, "expires_in_ms": q.expires_in.as_millis() as u64 })).collect();
+            serde_json::json!({ "name": c.config.name, "interfaces": interfaces, "queues": queues })
         })
         .collect();
     let described = serde_json::json!({ "cages": cages, "monitor": monitor });
@@ -323,9 +327,17 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             control.block_on(cluster.join(describe(&cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
             let roster = cluster.roster.clone();
             rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
+            let roster = cluster.roster.clone();
+            rustomnic_lua::durable::set_directory(Arc::new(move |cage: &str| {
+                roster.cage_queues(cage).map(|queues| {
+                    queues.into_iter().map(|(name, ms)| rustomnic_lua::durable::QueueInfo { name, expires_in: Duration::from_millis(ms) }).collect()
+                })
+            }));
             // pmnc.events reach the same cages in every process of the flock.
             let names = cages.iter().map(|c| c.config.name.clone()).collect();
             let deliver: rustomnic_cluster::events::Deliver = Arc::new(|cage: &str, topic: &str, value| {
+                // The end of a durable call that ran in another process (docs/queues.md).
+                rustomnic_queue::observe_completion(topic, &value);
                 rustomnic_lua::events::deliver(cage, topic, value);
             });
             let outbox = {

@@ -1,6 +1,8 @@
 //! `pmnc test`: runs every `test_*` function of every `*_test.lua` module of each cage inside a
-//! running cage (all cages loaded, interfaces not started). Each test runs in fresh VMs, so
-//! neither its failure nor its module-level state reaches the next test.
+//! running cage (all cages loaded, interfaces not started, queues running). Each test runs in
+//! fresh VMs, so neither its failure nor its module-level state reaches the next test. Every
+//! cage's state and queue live in a temporary folder for the run, so tests neither read nor
+//! change the cage's real file, and a cage running meanwhile never runs a test's calls.
 
 use std::io::Write;
 use std::rc::Rc;
@@ -21,13 +23,34 @@ pub struct TestSummary {
 /// Runs the tests at `path`, printing one line per test to `out`. `filter` keeps tests whose
 /// "cage.module.function" name contains it.
 pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&str>, out: &mut dyn Write) -> Result<TestSummary, Error> {
-    let cages = prepare(path, protocols, true)?;
+    let mut cages = prepare(path, protocols, true)?;
+    let state = TempState::new()?;
+    for cage in &mut cages {
+        state.take(cage, protocols)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start a runtime: {e}")))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
+        // Queued calls run on this thread, like every test: the queues' dispatchers hand their
+        // jobs over a channel to a task of this LocalSet.
+        let (jobs, mut incoming) = tokio::sync::mpsc::unbounded_channel::<rustomnic_queue::Job>();
+        tokio::task::spawn_local(async move {
+            while let Some(job) = incoming.recv().await {
+                tokio::task::spawn_local(job());
+            }
+        });
+        let spawn: rustomnic_queue::Spawner = std::sync::Arc::new(move |job| {
+            let _ = jobs.send(job);
+        });
+        let mut queues = Vec::new();
+        for c in &cages {
+            let q = rustomnic_queue::start(&c.config.name, &c.config.state_file, c.config.queues.clone(), c.config.request_timeout, spawn.clone())
+                .map_err(Error::Runtime)?;
+            queues.push(q);
+        }
         let mut plan = Vec::new();
         for cage in &cages {
             for (name, m) in &cage.modules {
@@ -76,9 +99,43 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
             }
         }
         let _ = writeln!(out, "{} passed, {} failed", summary.passed, summary.failed);
+        drop(queues);
         worker::clear();
         Ok(summary)
     })
+}
+
+/// The temporary folder holding every cage's state file during `pmnc test`; removed when
+/// dropped.
+struct TempState {
+    dir: std::path::PathBuf,
+}
+
+impl TempState {
+    fn new() -> Result<TempState, Error> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("pmnc-test-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Runtime(format!("cannot create the temporary state folder {}: {e}", dir.display())))?;
+        Ok(TempState { dir })
+    }
+
+    /// Points the cage's state file (its state resource, when that is the state protocol, and
+    /// its queue) at a file of its own in this folder.
+    fn take(&self, cage: &mut PreparedCage, protocols: &Protocols) -> Result<(), Error> {
+        let file = self.dir.join(&cage.config.name).join("state.sqlite");
+        cage.config.state_file = file.clone();
+        if let Some(r) = cage.config.resources.iter_mut().find(|r| r.name == "state" && r.protocol == "state") {
+            *r = crate::config::state_resource_at(&file, protocols)
+                .ok_or_else(|| Error::Runtime(format!("cage {}: cannot point its state at {}", cage.config.name, file.display())))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Replaces this thread's VMs with new ones holding every module; returns the VM of `cage`.

@@ -50,6 +50,10 @@ impl Transport for Link {
         let inner = self.inner.clone();
         Box::pin(async move { remote_call(&inner, request).await })
     }
+
+    fn max_payload(&self) -> Option<usize> {
+        Some(self.inner.conn.client.max_payload()).filter(|m| *m > 0)
+    }
 }
 
 fn subject_of(inner: &Inner, cage: &str) -> async_nats::Subject {
@@ -96,7 +100,8 @@ async fn remote_call(inner: &Inner, request: CallRequest) -> Result<Vec<Value>, 
     let payload = call.encode().map_err(|e| CallError::Failed(format!("calling {}: {e}", target())))?;
     let max = conn.client.max_payload();
     if max > 0 && payload.len() > max {
-        return Err(CallError::Failed(format!(
+        // The same call would be too large every time: a durable call gives up at once.
+        return Err(CallError::Refused(format!(
             "calling {}: the call's arguments take {} bytes, over the NATS server's max_payload of {max} bytes; pass large data another way (a file, a database) or raise max_payload on the server",
             target(),
             payload.len()
@@ -121,6 +126,7 @@ async fn remote_call(inner: &Inner, request: CallRequest) -> Result<Vec<Value>, 
             let text = format!("calling {} (instance {instance}): {message}", target());
             Err(match failure {
                 Failure::Deadline => CallError::Deadline(text),
+                Failure::Refused => CallError::Refused(text),
                 _ => CallError::Failed(text),
             })
         }
@@ -273,6 +279,18 @@ async fn run(identity: &Identity, payload: &[u8]) -> Reply {
     let Some(vm) = worker::cage(&call.cage) else {
         return err(Failure::NotFound, format!("cage {} does not run in this process", call.cage));
     };
+    // A durable call forwarded from another cage's outbox: stored by the queue itself, not run
+    // as Lua (and not counted as a request of the cage).
+    if call.module == rustomnic_lua::durable::ACCEPT_MODULE {
+        if call.function != rustomnic_lua::durable::ACCEPT_FUNCTION {
+            return err(Failure::NotFound, format!("module {} has no function {}", call.module, call.function));
+        }
+        return match rustomnic_lua::durable::accept(&call.from_cage, &call.cage, call.args).await {
+            Ok(values) => Reply::Ok(values),
+            Err(CallError::Refused(m)) => err(Failure::Refused, m),
+            Err(e) => err(Failure::Failed, e.to_string()),
+        };
+    }
     let deadline = Instant::now() + Duration::from_micros(call.timeout_us.min(3_600_000_000));
     let (id, from) = (call.request_id.clone(), call.from_cage.clone());
     let ctx = RequestCtx::with_deadline(call.request_id, &call.cage, "cluster", deadline, Some(call.from_cage));

@@ -60,6 +60,29 @@ impl Roster {
         }
     }
 
+    /// The queues of `cage` as the instances of the flock announce them (name, `expires_in` in
+    /// ms), merged over its copies; None when no instance runs it, or one runs it without
+    /// announcing its queues (an older version): then nothing can be told about them.
+    pub fn cage_queues(&self, cage: &str) -> Option<Vec<(String, u64)>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found: Option<Vec<(String, u64)>> = None;
+        for e in entries.values() {
+            let Some(cages) = e.beat.get("cages").and_then(Json::as_array) else { continue };
+            for c in cages.iter().filter(|c| c.get("name").and_then(Json::as_str) == Some(cage)) {
+                let queues = c.get("queues").and_then(Json::as_array)?;
+                let list = found.get_or_insert_with(Vec::new);
+                for q in queues {
+                    if let (Some(name), Some(ms)) = (q.get("name").and_then(Json::as_str), q.get("expires_in_ms").and_then(Json::as_u64)) {
+                        if !list.iter().any(|(n, _)| n == name) {
+                            list.push((name.to_string(), ms));
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+
     /// Every known instance: its last heartbeat plus `state` ("up", "down"), `down_reason` and
     /// `last_seen_ms` (milliseconds since its last heartbeat).
     pub fn snapshot(&self) -> Vec<Json> {

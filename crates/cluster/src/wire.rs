@@ -297,6 +297,9 @@ pub enum Failure {
     Busy = 4,
     /// The callee could not read the call.
     BadCall = 5,
+    /// The call can never succeed as made (a durable call to a queue the cage does not have):
+    /// the caller must not try it again. Older peers read it as Failed.
+    Refused = 6,
 }
 
 impl Failure {
@@ -306,6 +309,7 @@ impl Failure {
             3 => Failure::NotFound,
             4 => Failure::Busy,
             5 => Failure::BadCall,
+            6 => Failure::Refused,
             _ => Failure::Failed,
         }
     }

@@ -1,8 +1,11 @@
-//! Durable calls as Lua sees them: `pmnc("<cage>", {queue = ...}).m.f(...)` and
-//! `pmnc.calls.result(id)`. The Lua host only parses options and hands the call to the
-//! installed [`Calls`] service (the task queue, crates/queue), which it cannot depend on.
+//! Durable calls as Lua sees them: `pmnc("<cage>", {queue = ...}).m.f(...)`,
+//! `pmnc.calls.result(id)` and `pmnc.calls.wait(id, timeout)`. The Lua host only parses options
+//! and hands the call to the installed [`Calls`] service (the task queue, crates/queue), which it
+//! cannot depend on; the cluster engine reaches the same service through [`accept`] and tells it
+//! which queues the cages of other processes have through [`set_directory`].
 
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use mlua::{Lua, MultiValue, Table, Value as LuaValue};
@@ -10,6 +13,13 @@ use rustomnic_core::Value;
 
 use crate::convert::to_lua;
 use crate::transaction::ParticipantError;
+use crate::worker::CallError;
+
+/// The module through which one cage's outbox hands a durable call to another cage. Calls to it
+/// are answered by the queue itself, never by Lua, and module code cannot call it.
+pub const ACCEPT_MODULE: &str = "_queue";
+/// The function of [`ACCEPT_MODULE`] that stores a forwarded call.
+pub const ACCEPT_FUNCTION: &str = "accept";
 
 /// A call to be stored and delivered later.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +30,13 @@ pub struct DurableCall {
     pub function: String,
     pub args: Vec<Value>,
     pub options: CallOptions,
+}
+
+impl DurableCall {
+    /// "worker.work.handle", for messages.
+    pub fn target(&self) -> String {
+        format!("{}.{}.{}", self.cage, self.module, self.function)
+    }
 }
 
 /// The options table of `pmnc("<cage>", options)`.
@@ -41,13 +58,88 @@ pub struct CallOptions {
 /// What `pmnc.calls.result(id)` reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallStatus {
-    /// pending, running, failed (waiting for a retry), done or dead.
+    /// pending, running, failed (waiting for a retry), done, dead, or forwarded (accepted by a
+    /// cage of another process, where its progress is kept).
     pub status: String,
+    /// The cage that stores the call (its target).
     pub cage: String,
-    pub attempts: i64,
+    /// Attempts made so far; None when they are not known here (forwarded).
+    pub attempts: Option<i64>,
     /// The values returned, while kept (done calls, for the queue's result_ttl).
     pub value: Option<Vec<Value>>,
     pub error: Option<String>,
+}
+
+impl CallStatus {
+    /// Done or dead: nothing about the call changes any more.
+    pub fn is_final(&self) -> bool {
+        self.status == "done" || self.status == "dead"
+    }
+
+    /// Reads back what [`CallStatus::to_value`] made (a completion event from another process):
+    /// the call's id and its status; None when it is not such a value.
+    pub fn from_value(v: &Value) -> Option<(String, CallStatus)> {
+        let Value::Map(m) = v else { return None };
+        let get = |name: &str| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .map(|(_, v)| v)
+        };
+        let text = |name: &str| get(name).and_then(|v| v.as_str()).map(str::to_string);
+        let status = CallStatus {
+            status: text("status")?,
+            cage: text("cage")?,
+            attempts: match get("attempts") {
+                Some(Value::Int(a)) => Some(*a),
+                _ => None,
+            },
+            value: match get("values") {
+                Some(Value::Array(values)) => Some(values.clone()),
+                _ => None,
+            },
+            error: text("error"),
+        };
+        Some((text("id")?, status))
+    }
+
+    /// The status as one value: the table Lua sees, and the payload of a completion event.
+    pub fn to_value(&self, id: &str, with_values: bool) -> Value {
+        let mut m = vec![
+            (Value::str("id"), Value::str(id)),
+            (Value::str("status"), Value::str(self.status.as_str())),
+            (Value::str("cage"), Value::str(self.cage.as_str())),
+        ];
+        if let Some(a) = self.attempts {
+            m.push((Value::str("attempts"), Value::Int(a)));
+        }
+        if let (true, Some(values)) = (with_values, &self.value) {
+            if let Some(first) = values.first() {
+                m.push((Value::str("value"), first.clone()));
+            }
+            m.push((Value::str("values"), Value::Array(values.clone())));
+        }
+        if let Some(e) = &self.error {
+            m.push((Value::str("error"), Value::str(e.as_str())));
+        }
+        Value::Map(m)
+    }
+}
+
+/// The topic of `cage`'s events on which the completion of call `id` is published (to the cage
+/// that sent the call and the cage that ran it). Ids longer than fit a topic get a hash of
+/// themselves instead, the same in every process.
+pub fn completion_topic(id: &str) -> String {
+    const PREFIX: &str = "call:";
+    if PREFIX.len() + id.len() <= crate::events::MAX_TOPIC_LEN {
+        return format!("{PREFIX}{id}");
+    }
+    // FNV-1a: stable across processes and builds, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("call#{h:016x}:{}", id.len())
 }
 
 /// Commits (true) or rolls back (false) the other participants of a transaction.
@@ -70,9 +162,23 @@ pub trait Calls: Send + Sync {
     /// Commits a transaction's participants through `finish` together with its durable calls:
     /// the calls are stored in the same SQLite commit as the cage's state writes of the
     /// transaction. Resolves to the calls' ids.
-    fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>>;
+    fn commit_with_calls(
+        &self,
+        from_cage: &str,
+        calls: Vec<DurableCall>,
+        finish: Finish,
+    ) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>>;
     /// The status of call `id` (stored in `cage`, or in any cage of this process when None).
     fn result(&self, cage: Option<&str>, id: &str) -> Result<Option<CallStatus>, String>;
+    /// Stores a call another cage's outbox forwards to `cage` of this process (`args` as the
+    /// sender put them in its call to `_queue.accept`). A refusal that can never change is
+    /// [`CallError::Refused`]; anything else is worth trying again.
+    fn accept(
+        &self,
+        from_cage: &str,
+        cage: &str,
+        args: Vec<Value>,
+    ) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
 }
 
 static CALLS: RwLock<Option<Arc<dyn Calls>>> = RwLock::new(None);
@@ -88,6 +194,32 @@ fn calls() -> Option<Arc<dyn Calls>> {
     CALLS.read().ok().and_then(|c| c.clone())
 }
 
+/// A queue of a cage of another process, as that process announces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub expires_in: Duration,
+}
+
+/// What the cluster knows of the cages of other processes: the queues of `cage`, or None when no
+/// process of the flock has announced it.
+pub type Directory = Arc<dyn Fn(&str) -> Option<Vec<QueueInfo>> + Send + Sync>;
+
+static DIRECTORY: RwLock<Option<Directory>> = RwLock::new(None);
+
+/// Installs the cluster's directory of cages (when the process joins a cluster).
+pub fn set_directory(directory: Directory) {
+    if let Ok(mut d) = DIRECTORY.write() {
+        *d = Some(directory);
+    }
+}
+
+/// The queues of `cage` as another process of the flock announced them, if any did.
+pub fn directory_of(cage: &str) -> Option<Vec<QueueInfo>> {
+    let d = DIRECTORY.read().ok().and_then(|d| d.clone())?;
+    d(cage)
+}
+
 const KNOWN: &str = "queue, id, expires_in, expires_at, delay, at";
 
 fn seconds(target: &str, key: &str, v: LuaValue) -> Result<Option<f64>, String> {
@@ -95,10 +227,17 @@ fn seconds(target: &str, key: &str, v: LuaValue) -> Result<Option<f64>, String> 
         LuaValue::Nil => return Ok(None),
         LuaValue::Integer(i) => i as f64,
         LuaValue::Number(n) => n,
-        other => return Err(format!("calling {target}: option {key} must be a number of seconds, got {}", other.type_name())),
+        other => {
+            return Err(format!(
+                "calling {target}: option {key} must be a number of seconds, got {}",
+                other.type_name()
+            ))
+        }
     };
     if !n.is_finite() || n < 0.0 {
-        return Err(format!("calling {target}: option {key} must be zero or more, got {n}"));
+        return Err(format!(
+            "calling {target}: option {key} must be zero or more, got {n}"
+        ));
     }
     Ok(Some(n))
 }
@@ -110,25 +249,47 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
     for pair in opts.pairs::<LuaValue, LuaValue>() {
         let (k, v) = pair.map_err(|e| format!("calling {target}: options: {e}"))?;
         let LuaValue::String(k) = k else {
-            return Err(format!("calling {target}: option names are strings (known: {KNOWN})"));
+            return Err(format!(
+                "calling {target}: option names are strings (known: {KNOWN})"
+            ));
         };
         let key = k.to_string_lossy();
         match key.as_str() {
             "queue" => match v {
                 LuaValue::String(s) => queue = Some(s.to_string_lossy()),
-                other => return Err(format!("calling {target}: option queue must be a string, got {}", other.type_name())),
+                other => {
+                    return Err(format!(
+                        "calling {target}: option queue must be a string, got {}",
+                        other.type_name()
+                    ))
+                }
             },
             "id" => match v {
-                LuaValue::String(s) if !s.as_bytes().is_empty() && s.as_bytes().len() <= 256 => o.id = Some(s.to_string_lossy()),
+                LuaValue::String(s) if !s.as_bytes().is_empty() && s.as_bytes().len() <= 256 => {
+                    o.id = Some(s.to_string_lossy())
+                }
                 LuaValue::Integer(i) => o.id = Some(i.to_string()),
-                LuaValue::String(_) => return Err(format!("calling {target}: option id must be 1 to 256 bytes")),
-                other => return Err(format!("calling {target}: option id must be a string, got {}", other.type_name())),
+                LuaValue::String(_) => {
+                    return Err(format!(
+                        "calling {target}: option id must be 1 to 256 bytes"
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "calling {target}: option id must be a string, got {}",
+                        other.type_name()
+                    ))
+                }
             },
             "expires_in" => o.expires_in = seconds(target, "expires_in", v)?,
             "delay" => o.delay = seconds(target, "delay", v)?,
             "at" => o.at = seconds(target, "at", v)?,
             "expires_at" => o.expires_at = seconds(target, "expires_at", v)?,
-            other => return Err(format!("calling {target}: unknown option {other:?} (known: {KNOWN})")),
+            other => {
+                return Err(format!(
+                    "calling {target}: unknown option {other:?} (known: {KNOWN})"
+                ))
+            }
         }
     }
     o.queue = queue.ok_or_else(|| format!("calling {target}: durable calls need option queue (the name of a [queues.NAME] of the target cage)"))?;
@@ -141,63 +302,212 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
 /// Stores a durable call through the installed service.
 pub async fn enqueue(call: DurableCall) -> Result<String, String> {
     let Some(calls) = calls() else {
-        return Err(format!("calling {}.{}.{}: durable calls are not available in this process", call.cage, call.module, call.function));
+        return Err(format!(
+            "calling {}: durable calls are not available in this process",
+            call.target()
+        ));
     };
     calls.enqueue(call).await
 }
 
 /// Commits a transaction with durable calls through the installed service.
-pub async fn commit_with_calls(from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> Result<Vec<String>, CommitFailure> {
+pub async fn commit_with_calls(
+    from_cage: &str,
+    calls: Vec<DurableCall>,
+    finish: Finish,
+) -> Result<Vec<String>, CommitFailure> {
     let Some(service) = self::calls() else {
         let _ = finish(false).await;
-        return Err(CommitFailure::Calls("durable calls are not available in this process".into()));
+        return Err(CommitFailure::Calls(
+            "durable calls are not available in this process".into(),
+        ));
     };
     service.commit_with_calls(from_cage, calls, finish).await
 }
 
-/// `rust.call_result(id, cage)` for the prelude's pmnc.calls.result: (true, status table or
-/// nil) or (false, message).
+/// Answers a call to `_queue.accept` of `cage` (from the cluster link): stores the forwarded
+/// call in that cage's queue.
+pub async fn accept(
+    from_cage: &str,
+    cage: &str,
+    args: Vec<Value>,
+) -> Result<Vec<Value>, CallError> {
+    let Some(service) = calls() else {
+        return Err(CallError::Failed(format!(
+            "cage {cage}: durable calls are not available in this process"
+        )));
+    };
+    service.accept(from_cage, cage, args).await
+}
+
+fn id_of(what: &str, id: &LuaValue) -> Result<String, String> {
+    match id {
+        LuaValue::String(s) => Ok(s.to_string_lossy()),
+        LuaValue::Integer(i) => Ok(i.to_string()),
+        other => Err(format!(
+            "{what}(id): id must be a string, got {}",
+            other.type_name()
+        )),
+    }
+}
+
+/// Reads the status of call `id` off the worker thread (a read of SQLite files).
+async fn read_status(
+    calls: Arc<dyn Calls>,
+    cage: Option<String>,
+    id: String,
+) -> Result<Option<CallStatus>, String> {
+    let read = tokio::task::spawn_blocking(move || calls.result(cage.as_deref(), &id)).await;
+    read.unwrap_or_else(|e| Err(format!("the read failed: {e}")))
+}
+
+fn status_table(lua: &Lua, id: &str, status: Option<&CallStatus>) -> mlua::Result<LuaValue> {
+    match status {
+        Some(s) => to_lua(lua, &s.to_value(id, true)),
+        None => Ok(LuaValue::Nil),
+    }
+}
+
+/// `rust.call_result(id, cage)` and `rust.call_wait(id, timeout)` for the prelude's
+/// pmnc.calls: (true, status table or nil) or (false, message).
 pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
     helpers.set(
         "call_result",
-        lua.create_async_function(|lua, (id, cage): (LuaValue, Option<String>)| async move {
+        lua.create_async_function(|lua, (id, cage): (LuaValue, LuaValue)| async move {
             let lua = &lua;
-            let fail = |m: String| -> mlua::Result<MultiValue> { Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(m)?)])) };
-            let id = match id {
-                LuaValue::String(s) => s.to_string_lossy(),
-                LuaValue::Integer(i) => i.to_string(),
-                other => return fail(format!("pmnc.calls.result(id): id must be a string, got {}", other.type_name())),
+            let fail = |m: String| -> mlua::Result<MultiValue> {
+                Ok(MultiValue::from_iter([
+                    LuaValue::Boolean(false),
+                    LuaValue::String(lua.create_string(m)?),
+                ]))
             };
-            let Some(calls) = calls() else { return fail("pmnc.calls.result: durable calls are not available in this process".into()) };
-            // A read of the SQLite file: off the worker thread, which must never block.
-            let key = id.clone();
-            let read = tokio::task::spawn_blocking(move || calls.result(cage.as_deref(), &key)).await;
-            let status = match read {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return fail(format!("pmnc.calls.result({id:?}): {e}")),
-                Err(e) => return fail(format!("pmnc.calls.result({id:?}): the read failed: {e}")),
+            let id = match id_of("pmnc.calls.result", &id) {
+                Ok(id) => id,
+                Err(e) => return fail(e),
             };
-            let Some(status) = status else {
-                return Ok(MultiValue::from_iter([LuaValue::Boolean(true), LuaValue::Nil]));
-            };
-            let t = lua.create_table()?;
-            t.raw_set("status", status.status.as_str())?;
-            t.raw_set("cage", status.cage.as_str())?;
-            t.raw_set("attempts", status.attempts)?;
-            if let Some(values) = &status.value {
-                if let Some(first) = values.first() {
-                    t.raw_set("value", to_lua(lua, first)?)?;
+            let cage = match cage {
+                LuaValue::Nil => None,
+                LuaValue::String(s) => {
+                    let c = s.to_string_lossy();
+                    if !rustomnic_core::is_cage_name(&c) {
+                        return fail(format!(
+                            "pmnc.calls.result({id:?}, cage): {c:?} is not a valid cage name"
+                        ));
+                    }
+                    Some(c)
                 }
-                let all = lua.create_table()?;
-                for (i, v) in values.iter().enumerate() {
-                    all.raw_set(i + 1, to_lua(lua, v)?)?;
+                other => {
+                    return fail(format!(
+                        "pmnc.calls.result({id:?}, cage): cage must be a string, got {}",
+                        other.type_name()
+                    ))
                 }
-                t.raw_set("values", all)?;
+            };
+            let Some(calls) = calls() else {
+                return fail(
+                    "pmnc.calls.result: durable calls are not available in this process".into(),
+                );
+            };
+            match read_status(calls, cage, id.clone()).await {
+                Ok(s) => Ok(MultiValue::from_iter([
+                    LuaValue::Boolean(true),
+                    status_table(lua, &id, s.as_ref())?,
+                ])),
+                Err(e) => fail(format!("pmnc.calls.result({id:?}): {e}")),
             }
-            if let Some(e) = &status.error {
-                t.raw_set("error", e.as_str())?;
+        })?,
+    )?;
+    helpers.set(
+        "call_wait",
+        lua.create_async_function(|lua, (id, timeout): (LuaValue, LuaValue)| async move {
+            let lua = &lua;
+            let what = "pmnc.calls.wait";
+            let fail = |m: String| -> mlua::Result<MultiValue> {
+                Ok(MultiValue::from_iter([
+                    LuaValue::Boolean(false),
+                    LuaValue::String(lua.create_string(m)?),
+                ]))
+            };
+            let id = match id_of(what, &id) {
+                Ok(id) => id,
+                Err(e) => return fail(e),
+            };
+            let timeout = match crate::events_lua::seconds(what, &timeout) {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let Some(ctx) = crate::events_lua::current_request(lua) else {
+                return fail(format!(
+                    "{what} may only be called while handling a request"
+                ));
+            };
+            let Some(calls) = calls() else {
+                return fail(format!(
+                    "{what}: durable calls are not available in this process"
+                ));
+            };
+            // Registered before the status is read, so a completion between the two is not
+            // missed; completions are published to the sending and the running cage.
+            let waiter = match crate::events::wait(&ctx.cage, &completion_topic(&id)) {
+                Ok(w) => w,
+                Err(e) => return fail(format!("{what}({id:?}): {e}")),
+            };
+            let now = match read_status(calls.clone(), None, id.clone()).await {
+                Ok(s) => s,
+                Err(e) => return fail(format!("{what}({id:?}): {e}")),
+            };
+            if now.as_ref().is_some_and(|s| s.is_final()) {
+                return Ok(MultiValue::from_iter([
+                    LuaValue::Boolean(true),
+                    status_table(lua, &id, now.as_ref())?,
+                ]));
             }
-            Ok(MultiValue::from_iter([LuaValue::Boolean(true), LuaValue::Table(t)]))
+            // Without a timeout of its own the wait ends with the request, at its deadline.
+            let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
+            let event = match until {
+                Some(u) => tokio::time::timeout_at(u.into(), waiter)
+                    .await
+                    .ok()
+                    .flatten(),
+                None => waiter.await,
+            };
+            let status = match event {
+                Some(v) => {
+                    // A done call's values travel with its event unless they were too large for
+                    // one; then they are read here when this process has them.
+                    let field = |name: &str| match &*v {
+                        Value::Map(m) => m
+                            .iter()
+                            .find(|(k, _)| k.as_str() == Some(name))
+                            .map(|(_, v)| v.clone()),
+                        _ => None,
+                    };
+                    if field("status").as_ref().and_then(|s| s.as_str()) == Some("done")
+                        && field("values").is_none()
+                    {
+                        if let Ok(Some(s)) = read_status(calls, None, id.clone()).await {
+                            if s.is_final() {
+                                return Ok(MultiValue::from_iter([
+                                    LuaValue::Boolean(true),
+                                    status_table(lua, &id, Some(&s))?,
+                                ]));
+                            }
+                        }
+                    }
+                    return Ok(MultiValue::from_iter([
+                        LuaValue::Boolean(true),
+                        to_lua(lua, &v)?,
+                    ]));
+                }
+                None => match read_status(calls, None, id.clone()).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(format!("{what}({id:?}): {e}")),
+                },
+            };
+            Ok(MultiValue::from_iter([
+                LuaValue::Boolean(true),
+                status_table(lua, &id, status.as_ref())?,
+            ]))
         })?,
     )
 }

@@ -109,7 +109,7 @@ pub fn seconds(what: &str, v: &LuaValue) -> Result<Option<f64>, String> {
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "events_publish",
-        lua.create_function(|lua, (topic, value): (LuaValue, LuaValue)| {
+        lua.create_function(|lua, (topic, value, cage): (LuaValue, LuaValue, LuaValue)| {
             let what = "pmnc.events.publish";
             let topic = match topic_of(lua, what, &topic) {
                 Ok(t) => t,
@@ -120,7 +120,19 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 Ok(v) => v,
                 Err(e) => return fail(lua, format!("{what}({topic:?}): the value {e}")),
             };
-            match events::publish(&shared.cage, &topic, value) {
+            // A third argument names another cage: its waiters, in every process that runs it.
+            let cage = match cage {
+                LuaValue::Nil => shared.cage.clone(),
+                LuaValue::String(c) => {
+                    let c = c.to_string_lossy();
+                    if !rustomnic_core::is_cage_name(&c) {
+                        return fail(lua, format!("{what}({topic:?}): {c:?} is not a valid cage name"));
+                    }
+                    c
+                }
+                other => return fail(lua, format!("{what}({topic:?}): the cage must be a string, got {}", other.type_name())),
+            };
+            match events::publish(&cage, &topic, value) {
                 Ok(n) => Ok(ok([LuaValue::Integer(n as i64)])),
                 Err(e) => fail(lua, e.to_string()),
             }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 /// Largest module file accepted; anything bigger is almost certainly not a module.
 pub const MAX_MODULE_BYTES: u64 = 8 << 20;
 
-/// Names that cannot be module names because `pmnc.<name>` is taken by the API.
+/// Names that cannot be module names because `pmnc.<name>` is taken by the API, and `_queue`,
+/// the entry point of durable calls forwarded from other cages (crate::durable::ACCEPT_MODULE).
 pub const RESERVED_NAMES: &[&str] =
-    &["log", "sleep", "clock", "json", "request", "cage", "events", "state", "transaction", "calls", "test"];
+    &["log", "sleep", "clock", "json", "request", "cage", "events", "state", "transaction", "calls", "test", "_queue"];
 
 /// A module compiled and checked once, ready to be handed to every VM of its cage.
 #[derive(Debug)]
@@ -46,6 +47,9 @@ impl std::error::Error for ModuleError {}
 pub fn check_module_name(name: &str) -> Result<(), String> {
     if !rustomnic_core::is_identifier(name) {
         return Err(format!("module name {name:?} is not an identifier (letters, digits and _; not starting with a digit)"));
+    }
+    if name == crate::durable::ACCEPT_MODULE {
+        return Err(format!("module name {name:?} is reserved (durable calls from other cages arrive through it)"));
     }
     if RESERVED_NAMES.contains(&name) || rustomnic_stdlib::FAMILIES.contains(&name) {
         return Err(format!("module name {name:?} is reserved by the pmnc API (pmnc.{name})"));

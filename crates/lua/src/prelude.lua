@@ -566,7 +566,8 @@ local function run_transaction(list, accept, sync_commit, calls)
     if with_calls then return unpack(check(tx_finish_calls(nil, calls))) end
     return
   end
-  local ok, tx, outcomes = tx_run(list)
+  -- queue: `lasting` is true when a participant's effects outlive a rollback (issue 22 #9).
+  local ok, tx, outcomes, lasting = tx_run(list)
   if not ok then error(tx_error(tx), 2) end
   local commit, failure = true, nil
   for _, o in ipairs(outcomes) do
@@ -599,7 +600,7 @@ local function run_transaction(list, accept, sync_commit, calls)
     if not fok then error(tx_error(ferr), 2) end
   end
   if not commit then
-    error(failure or tx_error({ resource = nil, participant = nil, recoverable = true, message = "rejected by accept" }), 2)
+    error(failure or tx_error({ resource = nil, participant = nil, recoverable = not lasting, message = "rejected by accept" }), 2)
   end
   local values = {}
   for i, o in ipairs(outcomes) do values[i] = o.value end
@@ -687,20 +688,13 @@ api.transaction = readonly(transaction_fields, "pmnc.transaction", function(_, r
   return shortcut(resource)
 end)
 
--- The reserved function through which another cage's outbox hands this cage a durable call
--- (over worker::call, in this process or through the cluster); the call is stored in this
--- cage's queue, de-duplicated by its id.
-modules._queue = {
-  accept = function(queue, id, module, fn, at, expires_at, args)
-    local opts = { queue = queue, id = id, at = at, expires_at = expires_at }
-    return check(call_cage(cage_name, module, fn, opts, unpack(args, 1, args.n or #args)))
-  end,
-}
-
--- pmnc.calls.result(id [, cage]): the status of a durable call.
-local call_result = rust.call_result
+-- pmnc.calls (crates/lua/src/durable.rs): result(id [, cage]) reads the status of a durable
+-- call; wait(id [, timeout]) parks the request until it is done or dead. Calls forwarded from
+-- other cages' outboxes (`_queue.accept`) are answered in Rust, not here.
+local call_result, call_wait = rust.call_result, rust.call_wait
 api.calls = readonly({
   result = function(id, cage) return check(call_result(id, cage)) end,
+  wait = function(id, timeout) return check(call_wait(id, timeout)) end,
 }, "pmnc.calls")
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
@@ -709,7 +703,8 @@ api.state = shortcut("state")
 -- pmnc.events: publish to the requests waiting on a topic, on every worker of the cage.
 local events_publish, events_wait, events_stats = rust.events_publish, rust.events_wait, rust.events_stats
 api.events = readonly({
-  publish = function(topic, value) return check(events_publish(topic, value)) end,
+  -- An optional third argument publishes to the topic of another cage.
+  publish = function(topic, value, cage) return check(events_publish(topic, value, cage)) end,
   wait = function(topic, timeout) return check(events_wait(topic, timeout)) end,
   stats = function(topic) return events_stats(topic) end,
 }, "pmnc.events")

@@ -51,6 +51,11 @@ pub trait Prepared {
     /// Commits (when `commit`) or rolls back every participant; a participant that failed is
     /// always rolled back. With `wait` false a commit is started and not waited for.
     fn finish(self: Box<Self>, commit: bool, wait: bool, deadline: Instant) -> LocalBoxFuture<'static, Result<(), ParticipantError>>;
+    /// True when a participant's call had effects that a rollback does not undo (a Redis write,
+    /// an HTTP request): then a transaction that does not commit is not recoverable.
+    fn effects_stay(&self) -> bool {
+        false
+    }
 }
 
 /// The resources of the cages on this worker thread.

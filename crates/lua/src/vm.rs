@@ -717,12 +717,10 @@ fn rust_helpers(lua: &Lua, cage: &str) -> mlua::Result<Table> {
                         }
                         outcomes.raw_set(i + 1, t)?;
                     }
-                    let handle =
-                        lua.create_any_userdata(TxHandle(std::cell::RefCell::new(Some(prepared))))?;
-                    Ok(success([
-                        LuaValue::UserData(handle),
-                        LuaValue::Table(outcomes),
-                    ]))
+                    // queue (issue 22 #9): whether a participant's effects outlive a rollback.
+                    let lasting = LuaValue::Boolean(prepared.effects_stay());
+                    let handle = lua.create_any_userdata(TxHandle(std::cell::RefCell::new(Some(prepared))))?;
+                    Ok(success([LuaValue::UserData(handle), LuaValue::Table(outcomes), lasting]))
                 }
                 Err(e) => tx_failure(&lua, &e),
             }

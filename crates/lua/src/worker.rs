@@ -41,12 +41,15 @@ pub enum CallError {
     NoCage(String),
     Deadline(String),
     Failed(String),
+    /// The call can never succeed as it was made (no such queue, arguments too large): trying
+    /// it again is pointless. The outbox of durable calls gives such a call up at once.
+    Refused(String),
 }
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::NoCage(m) | CallError::Deadline(m) | CallError::Failed(m) => write!(f, "{m}"),
+            CallError::NoCage(m) | CallError::Deadline(m) | CallError::Failed(m) | CallError::Refused(m) => write!(f, "{m}"),
         }
     }
 }
@@ -54,6 +57,10 @@ impl std::fmt::Display for CallError {
 /// Carries calls to cages that are not in this process.
 pub trait Transport {
     fn call(&self, request: CallRequest) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
+    /// The largest call it carries, in bytes, when it has a limit.
+    fn max_payload(&self) -> Option<usize> {
+        None
+    }
 }
 
 thread_local! {
@@ -93,10 +100,33 @@ pub fn set_remote(transport: Rc<dyn Transport>) {
     REMOTE.with(|r| *r.borrow_mut() = Some(transport));
 }
 
+/// The largest call the remote transport of this thread carries, when it has a limit.
+pub fn remote_max_payload() -> Option<usize> {
+    REMOTE.with(|r| r.borrow().as_ref().and_then(|t| t.max_payload()))
+}
+
+/// Sends a call through the remote transport only (the outbox of durable calls forwarding to a
+/// cage of another process).
+pub async fn call_remote(request: CallRequest) -> Result<Vec<Value>, CallError> {
+    match REMOTE.with(|r| r.borrow().clone()) {
+        Some(remote) => remote.call(request).await,
+        None => Err(CallError::NoCage(format!(
+            "calling {}: no cage named {} runs in this process and no cluster is configured",
+            request.target(),
+            request.cage
+        ))),
+    }
+}
+
 /// Calls a function of a cage: in this process when the cage runs here, else through the remote
 /// transport.
 pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
     let target = request.target();
+    // The queue's own entry point: only an outbox forwards to it (crates/queue), never module
+    // code, which could otherwise store calls in another cage's name.
+    if request.module == crate::durable::ACCEPT_MODULE {
+        return Err(CallError::Refused(format!("calling {target}: module {} is reserved", crate::durable::ACCEPT_MODULE)));
+    }
     let Some(vm) = cage(&request.cage) else {
         if let Some(remote) = REMOTE.with(|r| r.borrow().clone()) {
             return remote.call(request).await;

@@ -194,8 +194,8 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
         }
         QueueCommand::Show { id, .. } => {
             let mut last = format!("no call {id:?}");
-            for (_, file) in cages.iter().filter(|(_, f)| f.exists()) {
-                match rustomnic_queue::admin::show(file, &id, &mut out) {
+            for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+                match rustomnic_queue::admin::show(cage, file, &id, &mut out) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = e,
                 }

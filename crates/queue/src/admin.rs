@@ -1,19 +1,70 @@
-//! `pmnc queue ls|show|retry|purge`: the operations on a cage's queue, on its file, whether the
-//! cage runs or not (SQLite's locking lets both work on it at once).
+//! `pmnc queue ls|show|retry|purge`: the operations on a cage's queue and outbox, on its file,
+//! whether the cage runs or not (SQLite's locking lets both work on it at once).
 
 use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use rustomnic_resource_state::{decode, store::sql_error};
+use rusqlite::OpenFlags;
+use rustomnic_resource_state::{decode, store::sql_error, SCHEMA_VERSION};
 
-use crate::store::{self, Record};
+use crate::store::{self, OutboxRecord, Record};
 
 fn open(path: &Path) -> Result<rusqlite::Connection, String> {
     if !path.exists() {
-        return Err(format!("{} does not exist (the cage has not stored anything yet)", path.display()));
+        return Err(format!(
+            "{} does not exist (the cage has not stored anything yet)",
+            path.display()
+        ));
     }
     rustomnic_resource_state::store::open(path, Duration::from_secs(10)).map_err(|e| e.message)
+}
+
+/// Opens the file to read it, read-only when it cannot be written (a read-only volume): `ls`
+/// and `show` still work there, as long as the file needs no migration.
+fn open_to_read(path: &Path) -> Result<rusqlite::Connection, String> {
+    let first = match open(path) {
+        Ok(c) => return Ok(c),
+        Err(e) if !path.exists() => return Err(e),
+        Err(e) => e,
+    };
+    let read_only = || -> rusqlite::Result<rusqlite::Connection> {
+        let c = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        Ok(c)
+    };
+    // On a read-only volume a WAL file cannot get its shared memory; a file that nothing can
+    // write is read as it is.
+    let immutable = || -> rusqlite::Result<rusqlite::Connection> {
+        let uri = format!(
+            "file:{}?immutable=1",
+            path.display()
+                .to_string()
+                .replace('?', "%3f")
+                .replace('#', "%23")
+        );
+        let c = rusqlite::Connection::open_with_flags(
+            uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        Ok(c)
+    };
+    let conn = read_only()
+        .or_else(|_| immutable())
+        .map_err(|_| first.clone())?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| sql_error(path, "cannot read the schema version", e).message)?;
+    if version != SCHEMA_VERSION as i64 {
+        return Err(format!("{first} (and read-only, its schema version {version} cannot be brought to {SCHEMA_VERSION})"));
+    }
+    Ok(conn)
 }
 
 fn time(ms: i64) -> String {
@@ -27,45 +78,87 @@ fn time(ms: i64) -> String {
 
 fn value_text(bytes: &[u8]) -> String {
     match decode(bytes) {
-        Ok(v) => v.to_json().map(|j| j.to_string()).unwrap_or_else(|e| format!("<{e}>")),
+        Ok(v) => v
+            .to_json()
+            .map(|j| j.to_string())
+            .unwrap_or_else(|e| format!("<{e}>")),
         Err(e) => format!("<cannot read: {e}>"),
     }
 }
 
-/// `pmnc queue ls`: figures per queue, then the calls waiting or dead (at most `limit`).
-pub fn ls(cage: &str, path: &Path, limit: usize, out: &mut dyn std::io::Write) -> Result<(), String> {
-    let conn = open(path)?;
-    let figures = store::figures(&conn, path)?;
+/// `pmnc queue ls`: figures per queue and of the outbox, then the calls waiting or dead, in the
+/// queue and in the outbox (at most `limit`).
+pub fn ls(
+    cage: &str,
+    path: &Path,
+    limit: usize,
+    out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    let conn = open_to_read(path)?;
+    let figures = store::figures(&conn, path, true)?;
     let w = |e: std::io::Error| e.to_string();
     writeln!(out, "cage {cage} ({})", path.display()).map_err(w)?;
-    if figures.is_empty() {
+    let (outgoing, outgoing_dead, forwarded) = store::outbox_counts(&conn, path)?;
+    if figures.is_empty() && outgoing + outgoing_dead == 0 {
         writeln!(out, "no calls").map_err(w)?;
     }
     for f in &figures {
-        writeln!(out, "queue {}: {} waiting (oldest {:.1}s, {} retrying), {} dead, {} done kept", f.queue, f.depth, f.oldest_age, f.retrying, f.dead, f.done_kept).map_err(w)?;
+        writeln!(
+            out,
+            "queue {}: {} waiting (oldest {:.1}s, {} retrying), {} dead, {} done kept",
+            f.queue, f.depth, f.oldest_age, f.retrying, f.dead, f.done_kept
+        )
+        .map_err(w)?;
     }
-    let (outgoing, outgoing_dead) = store::outbox_counts(&conn, path)?;
-    if outgoing + outgoing_dead > 0 {
-        writeln!(out, "outbox: {outgoing} waiting for their cage to accept them, {outgoing_dead} dead").map_err(w)?;
+    if outgoing + outgoing_dead + forwarded > 0 {
+        writeln!(out, "outbox: {outgoing} waiting for their cage to accept them, {outgoing_dead} dead, {forwarded} forwarded kept").map_err(w)?;
     }
     let mut shown = 0;
     for status in ["pending", "failed", "dead"] {
         for r in store::list(&conn, path, Some(status), limit.saturating_sub(shown))? {
             shown += 1;
-            let when = if status == "dead" { r.finished_ms.map(time).unwrap_or_default() } else { format!("due {}", time(r.due_ms)) };
-            writeln!(out, "{:<8} {:<40} {:<10} {} attempts {} {}", r.status, r.id, r.queue, r.target, r.attempts, when).map_err(w)?;
+            let when = if status == "dead" {
+                r.finished_ms.map(time).unwrap_or_default()
+            } else {
+                format!("due {}", time(r.due_ms))
+            };
+            writeln!(
+                out,
+                "{:<8} {:<40} {:<10} {} attempts {} {}",
+                r.status, r.id, r.queue, r.target, r.attempts, when
+            )
+            .map_err(w)?;
+        }
+    }
+    for status in ["pending", "dead"] {
+        for r in store::outbox_list(&conn, path, status, limit.saturating_sub(shown))? {
+            shown += 1;
+            let when = if status == "dead" {
+                format!("gave up {}", r.finished_ms.map(time).unwrap_or_default())
+            } else {
+                format!("next try {}", time(r.next_ms))
+            };
+            writeln!(
+                out,
+                "{:<8} {:<40} {:<10} {} in the outbox, forwarding attempts {} {}",
+                r.status, r.id, r.queue, r.target, r.attempts, when
+            )
+            .map_err(w)?;
         }
     }
     Ok(())
 }
 
-/// `pmnc queue show ID`.
-pub fn show(path: &Path, id: &str, out: &mut dyn std::io::Write) -> Result<(), String> {
-    let conn = open(path)?;
-    let Some(r) = store::find(&conn, path, id)? else {
-        return Err(format!("no call {id:?} in {}", path.display()));
-    };
-    write_record(&r, out).map_err(|e| e.to_string())
+/// `pmnc queue show ID`: the call in the queue of `cage`, or in its outbox.
+pub fn show(cage: &str, path: &Path, id: &str, out: &mut dyn std::io::Write) -> Result<(), String> {
+    let conn = open_to_read(path)?;
+    if let Some(r) = store::find(&conn, path, id)? {
+        return write_record(&r, out).map_err(|e| e.to_string());
+    }
+    if let Some(r) = store::outbox_find(&conn, path, id)? {
+        return write_outbox_record(cage, &r, out).map_err(|e| e.to_string());
+    }
+    Err(format!("no call {id:?} in {}", path.display()))
 }
 
 fn write_record(r: &Record, out: &mut dyn std::io::Write) -> std::io::Result<()> {
@@ -91,39 +184,124 @@ fn write_record(r: &Record, out: &mut dyn std::io::Write) -> std::io::Result<()>
     Ok(())
 }
 
-/// `pmnc queue retry ID`: a failed or dead call runs again now (and gets `extend` more time
-/// before it expires).
-pub fn retry(path: &Path, id: &str, extend: Duration) -> Result<(), String> {
-    let conn = open(path)?;
-    if store::retry(&conn, path, id, extend.as_millis() as i64)? {
-        Ok(())
+fn write_outbox_record(
+    cage: &str,
+    r: &OutboxRecord,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    writeln!(out, "id:        {}", r.id)?;
+    writeln!(out, "queue:     {}", r.queue)?;
+    writeln!(out, "call:      {}", r.target)?;
+    writeln!(out, "from cage: {cage}")?;
+    match r.status.as_str() {
+        "pending" => writeln!(
+            out,
+            "status:    pending in the outbox of cage {cage}: not accepted by cage {} yet",
+            r.cage
+        )?,
+        "dead" => writeln!(
+            out,
+            "status:    dead in the outbox of cage {cage}: cage {} never accepted it",
+            r.cage
+        )?,
+        "forwarded" => writeln!(
+            out,
+            "status:    forwarded: accepted by cage {}, whose file keeps its progress",
+            r.cage
+        )?,
+        other => writeln!(out, "status:    {other} in the outbox of cage {cage}")?,
+    }
+    writeln!(out, "forwarding attempts: {}", r.attempts)?;
+    writeln!(out, "created:   {}", time(r.created_ms))?;
+    writeln!(out, "due:       {}", time(r.due_ms))?;
+    if r.expires_given {
+        writeln!(out, "expires:   {}", time(r.expires_ms))?;
     } else {
-        match store::find(&conn, path, id)? {
-            Some(r) => Err(format!("call {id:?} is {}; only waiting, failed or dead calls can be retried", r.status)),
-            None => Err(format!("no call {id:?} in {}", path.display())),
+        writeln!(
+            out,
+            "expires:   as its target queue's expires_in sets (forwarded until {})",
+            time(r.expires_ms)
+        )?;
+    }
+    match r.status.as_str() {
+        "pending" => writeln!(out, "next try:  {}", time(r.next_ms))?,
+        _ => {
+            if let Some(f) = r.finished_ms {
+                writeln!(out, "finished:  {}", time(f))?;
+            }
         }
     }
+    if r.status != "forwarded" {
+        writeln!(out, "arguments: {}", value_text(&r.args))?;
+    }
+    if let Some(e) = &r.error {
+        writeln!(out, "error:     {e}")?;
+    }
+    Ok(())
 }
 
-/// `pmnc queue purge`: deletes dead letters (`dead`) or every call not done (otherwise), in
-/// chunks with a progress bar; returns how many were deleted.
+/// `pmnc queue retry ID`: a failed or dead call runs again now (and gets `extend` more time
+/// before it expires); a call in the outbox is forwarded again now.
+pub fn retry(path: &Path, id: &str, extend: Duration) -> Result<(), String> {
+    let conn = open(path)?;
+    if store::retry(&conn, path, id, extend.as_millis() as i64)?
+        || store::outbox_retry(&conn, path, id, extend.as_millis() as i64)?
+    {
+        return Ok(());
+    }
+    if let Some(r) = store::find(&conn, path, id)? {
+        return Err(format!(
+            "call {id:?} is {}; only waiting, failed or dead calls can be retried",
+            r.status
+        ));
+    }
+    if let Some(r) = store::outbox_find(&conn, path, id)? {
+        return Err(format!(
+            "call {id:?} was {} to cage {}; retry it there",
+            r.status, r.cage
+        ));
+    }
+    Err(format!("no call {id:?} in {}", path.display()))
+}
+
+/// `pmnc queue purge`: deletes dead letters (`dead`) or every call not done (otherwise), in the
+/// queue and in the outbox, in chunks with a progress bar; returns how many were deleted.
 pub fn purge(path: &Path, dead_only: bool, progress: bool) -> Result<u64, String> {
     let mut conn = open(path)?;
-    let filter = if dead_only { "status = 'dead'" } else { "status IN ('pending', 'failed', 'dead')" };
+    let (calls, outbox) = if dead_only {
+        ("status = 'dead'", "status = 'dead'")
+    } else {
+        (
+            "status IN ('pending', 'failed', 'dead')",
+            "status IN ('pending', 'dead')",
+        )
+    };
     let fail = |e| sql_error(path, "queue purge", e).message;
-    let total: i64 = conn.query_row(&format!("SELECT count(*) FROM queue_calls WHERE {filter}"), [], |r| r.get(0)).map_err(fail)?;
-    let bar = if progress && total > 0 { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
+    let count = |table: &str, filter: &str| {
+        conn.query_row(
+            &format!("SELECT count(*) FROM {table} WHERE {filter}"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(fail)
+    };
+    let total = count("queue_calls", calls)? + count("queue_outbox", outbox)?;
+    let bar = if progress && total > 0 {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut deleted = 0u64;
-    loop {
-        let tx = conn.transaction().map_err(fail)?;
-        let n = tx
-            .execute(&format!("DELETE FROM queue_calls WHERE seq IN (SELECT seq FROM queue_calls WHERE {filter} LIMIT 1000)"), [])
-            .map_err(fail)?;
-        tx.commit().map_err(fail)?;
-        deleted += n as u64;
-        bar.inc(n as u64);
-        if n == 0 {
-            break;
+    for (table, filter) in [("queue_calls", calls), ("queue_outbox", outbox)] {
+        loop {
+            let tx = conn.transaction().map_err(fail)?;
+            let n = tx.execute(&format!("DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} WHERE {filter} LIMIT 1000)"), []).map_err(fail)?;
+            tx.commit().map_err(fail)?;
+            deleted += n as u64;
+            bar.inc(n as u64);
+            if n == 0 {
+                break;
+            }
         }
     }
     bar.finish_and_clear();

@@ -11,7 +11,10 @@ use rustomnic_resource_state::store::sql_error;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn fail(path: &Path, action: &str, e: rusqlite::Error) -> String {
@@ -57,76 +60,190 @@ pub struct OutboxCall {
     pub created_ms: i64,
     /// When the first attempt may start at the target (absolute, from delay or at).
     pub due_ms: i64,
+    /// When the sender stops forwarding it; the call's own expiry when `expires_given`.
     pub expires_ms: i64,
+    /// False when the call has no expiry of its own and the sender did not know the target
+    /// queue's `expires_in`: the target then sets the expiry from its queue's.
+    pub expires_given: bool,
 }
 
 /// Stores an outbox call unless its id is known; true when stored.
 pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
     )
-    .and_then(|mut s| s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms]))
+    .and_then(|mut s| s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given]))
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
 }
 
 /// Outbox calls to forward now (oldest first), as (seq, call, attempts).
-pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
+pub fn outbox_due(
+    conn: &Connection,
+    path: &Path,
+    now: i64,
+    limit: usize,
+) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
     let mut stmt = conn
-        .prepare_cached("SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, attempts FROM queue_outbox WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2")
+        .prepare_cached(
+            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts FROM queue_outbox
+             INDEXED BY queue_outbox_next WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
+        )
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
     let rows = stmt
         .query_map(params![now, limit as i64], |r| {
             Ok((
                 r.get(0)?,
-                OutboxCall { id: r.get(1)?, cage: r.get(2)?, queue: r.get(3)?, module: r.get(4)?, function: r.get(5)?, args: r.get(6)?, created_ms: r.get(7)?, due_ms: r.get(8)?, expires_ms: r.get(9)? },
-                r.get(10)?,
+                OutboxCall {
+                    id: r.get(1)?,
+                    cage: r.get(2)?,
+                    queue: r.get(3)?,
+                    module: r.get(4)?,
+                    function: r.get(5)?,
+                    args: r.get(6)?,
+                    created_ms: r.get(7)?,
+                    due_ms: r.get(8)?,
+                    expires_ms: r.get(9)?,
+                    expires_given: r.get(10)?,
+                },
+                r.get(11)?,
             ))
         })
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read the outbox", e))
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
 }
 
 /// The earliest time an outbox call waits for, if any.
 pub fn outbox_next(conn: &Connection, path: &Path) -> Result<Option<i64>, String> {
-    conn.prepare_cached("SELECT min(next_ms) FROM queue_outbox WHERE status = 'pending'")
+    conn.prepare_cached("SELECT min(next_ms) FROM queue_outbox INDEXED BY queue_outbox_next WHERE status = 'pending'")
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))
 }
 
-/// The end of a forwarding attempt: accepted (the row goes), retry at `next_ms`, or dead.
+/// The end of a forwarding attempt: accepted (the row is kept, without its arguments, as a
+/// record of where the call went), retry at `next_ms`, or dead.
 pub fn outbox_end(tx: &Connection, path: &Path, seq: i64, end: &OutboxEnd) -> Result<(), String> {
+    let now = now_ms();
     let r = match end {
-        OutboxEnd::Accepted => tx.prepare_cached("DELETE FROM queue_outbox WHERE seq = ?1").and_then(|mut s| s.execute([seq])),
+        OutboxEnd::Accepted { keep_until_ms } => tx
+            .prepare_cached("UPDATE queue_outbox SET status = 'forwarded', attempts = attempts + 1, args = x'', error = NULL, finished_ms = ?2, keep_until_ms = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, now, keep_until_ms])),
         OutboxEnd::Retry { next_ms, error } => tx
             .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, next_ms = ?2, error = ?3 WHERE seq = ?1")
             .and_then(|mut s| s.execute(params![seq, next_ms, error])),
         OutboxEnd::Dead { error } => tx
-            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, status = 'dead', error = ?2 WHERE seq = ?1")
-            .and_then(|mut s| s.execute(params![seq, error])),
+            .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, status = 'dead', error = ?2, finished_ms = ?3 WHERE seq = ?1")
+            .and_then(|mut s| s.execute(params![seq, error, now])),
     };
-    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot update the outbox", e))
+    r.map(|_| ())
+        .map_err(|e| fail(path, "queue: cannot update the outbox", e))
 }
 
-/// (status, attempts, error) of an outbox call, if this file's outbox holds it.
-pub fn outbox_find(conn: &Connection, path: &Path, id: &str) -> Result<Option<(String, i64, Option<String>)>, String> {
-    conn.prepare_cached("SELECT status, attempts, error FROM queue_outbox WHERE id = ?1")
-        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+/// One outbox row, for results and `pmnc queue`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    pub seq: i64,
+    pub id: String,
+    pub cage: String,
+    pub queue: String,
+    pub target: String,
+    /// pending, dead or forwarded.
+    pub status: String,
+    /// Forwarding attempts made.
+    pub attempts: i64,
+    pub created_ms: i64,
+    pub next_ms: i64,
+    pub due_ms: i64,
+    pub expires_ms: i64,
+    pub expires_given: bool,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub args: Vec<u8>,
+}
+
+const OUTBOX_RECORD: &str = "SELECT seq, id, cage, queue, module || '.' || function, status, attempts, created_ms, next_ms, due_ms, expires_ms, expires_given, finished_ms, error, args FROM queue_outbox";
+
+fn outbox_record(r: &rusqlite::Row) -> rusqlite::Result<OutboxRecord> {
+    let cage: String = r.get(2)?;
+    let call: String = r.get(4)?;
+    Ok(OutboxRecord {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        target: format!("{cage}.{call}"),
+        cage,
+        queue: r.get(3)?,
+        status: r.get(5)?,
+        attempts: r.get(6)?,
+        created_ms: r.get(7)?,
+        next_ms: r.get(8)?,
+        due_ms: r.get(9)?,
+        expires_ms: r.get(10)?,
+        expires_given: r.get(11)?,
+        finished_ms: r.get(12)?,
+        error: r.get(13)?,
+        args: r.get(14)?,
+    })
+}
+
+/// The outbox row of call `id`, if this file's outbox holds it.
+pub fn outbox_find(
+    conn: &Connection,
+    path: &Path,
+    id: &str,
+) -> Result<Option<OutboxRecord>, String> {
+    conn.prepare_cached(&format!("{OUTBOX_RECORD} WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([id], outbox_record).optional())
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))
 }
 
-/// (waiting, dead) calls in the outbox.
-pub fn outbox_counts(conn: &Connection, path: &Path) -> Result<(u64, u64), String> {
-    conn.query_row("SELECT coalesce(sum(status = 'pending'), 0), coalesce(sum(status = 'dead'), 0) FROM queue_outbox", [], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-    })
+/// Outbox rows in `status`, oldest first, at most `limit`.
+pub fn outbox_list(
+    conn: &Connection,
+    path: &Path,
+    status: &str,
+    limit: usize,
+) -> Result<Vec<OutboxRecord>, String> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "{OUTBOX_RECORD} WHERE status = ?1 ORDER BY seq LIMIT ?2"
+        ))
+        .map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
+    let rows = stmt
+        .query_map(params![status, limit as i64], outbox_record)
+        .map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(path, "queue: cannot list the outbox", e))
+}
+
+/// (waiting, dead, forwarded) calls in the outbox.
+pub fn outbox_counts(conn: &Connection, path: &Path) -> Result<(u64, u64, u64), String> {
+    conn.query_row(
+        "SELECT coalesce(sum(status = 'pending'), 0), coalesce(sum(status = 'dead'), 0), coalesce(sum(status = 'forwarded'), 0) FROM queue_outbox",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+    )
     .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+}
+
+/// Puts a dead or waiting outbox call back to be forwarded now; false when there is none.
+pub fn outbox_retry(
+    tx: &Connection,
+    path: &Path,
+    id: &str,
+    extend_ms: i64,
+) -> Result<bool, String> {
+    let now = now_ms();
+    tx.prepare_cached("UPDATE queue_outbox SET status = 'pending', next_ms = ?2, expires_ms = max(expires_ms, ?3), finished_ms = NULL WHERE id = ?1 AND status IN ('pending', 'dead')")
+        .and_then(|mut s| s.execute(params![id, now, now + extend_ms]))
+        .map(|n| n == 1)
+        .map_err(|e| fail(path, "queue: cannot retry", e))
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutboxEnd {
-    Accepted,
+    Accepted { keep_until_ms: i64 },
     Retry { next_ms: i64, error: String },
     Dead { error: String },
 }
@@ -135,7 +252,11 @@ pub enum OutboxEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Returned: the encoded values, kept until `result_until_ms`.
-    Done { result: Vec<u8>, result_until_ms: i64, keep_until_ms: i64 },
+    Done {
+        result: Vec<u8>,
+        result_until_ms: i64,
+        keep_until_ms: i64,
+    },
     /// Raised; try again at `due_ms`.
     Retry { error: String, due_ms: i64 },
     /// Raised (or was found expired) and will not be tried again.
@@ -156,7 +277,8 @@ pub fn complete(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Re
             .prepare_cached("UPDATE queue_calls SET status = 'dead', attempts = attempts + 1, finished_ms = ?2, error = ?3 WHERE seq = ?1")
             .and_then(|mut s| s.execute(params![seq, now, error])),
     };
-    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot record the end of a call", e))
+    r.map(|_| ())
+        .map_err(|e| fail(path, "queue: cannot record the end of a call", e))
 }
 
 /// Marks an expired call dead without running it.
@@ -167,16 +289,20 @@ pub fn expire(tx: &Connection, path: &Path, seq: i64) -> Result<(), String> {
         .map_err(|e| fail(path, "queue: cannot move an expired call to dead letters", e))
 }
 
-/// Forgets done calls past their de-duplication window and clears results past their time.
-pub fn prune(tx: &Connection, path: &Path, now: i64) -> Result<usize, String> {
-    let gone = tx
-        .prepare_cached("DELETE FROM queue_calls WHERE status = 'done' AND keep_until_ms < ?1")
-        .and_then(|mut s| s.execute([now]))
-        .map_err(|e| fail(path, "queue: cannot prune", e))?;
-    tx.prepare_cached("UPDATE queue_calls SET result = NULL, result_until_ms = NULL WHERE status = 'done' AND result_until_ms < ?1")
-        .and_then(|mut s| s.execute([now]))
-        .map_err(|e| fail(path, "queue: cannot prune", e))?;
-    Ok(gone)
+/// Forgets done calls past their de-duplication window, clears results past their time and
+/// forgets forwarded outbox records past theirs: at most `limit` rows of each kind, so that one
+/// commit never holds a huge delete (its WAL would grow with it). Returns how many rows changed;
+/// `limit` of them or more means there may be more to do.
+pub fn prune(tx: &Connection, path: &Path, now: i64, limit: usize) -> Result<usize, String> {
+    let mut changed = 0;
+    for sql in [
+        "DELETE FROM queue_calls WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_kept WHERE status = 'done' AND keep_until_ms < ?1 LIMIT ?2)",
+        "UPDATE queue_calls SET result = NULL, result_until_ms = NULL WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_results WHERE result_until_ms IS NOT NULL AND result_until_ms < ?1 LIMIT ?2)",
+        "DELETE FROM queue_outbox WHERE seq IN (SELECT seq FROM queue_outbox INDEXED BY queue_outbox_kept WHERE status = 'forwarded' AND keep_until_ms < ?1 LIMIT ?2)",
+    ] {
+        changed = changed.max(tx.prepare_cached(sql).and_then(|mut s| s.execute(params![now, limit as i64])).map_err(|e| fail(path, "queue: cannot prune", e))?);
+    }
+    Ok(changed)
 }
 
 /// A call ready to run.
@@ -184,6 +310,7 @@ pub fn prune(tx: &Connection, path: &Path, now: i64) -> Result<usize, String> {
 pub struct Due {
     pub seq: i64,
     pub id: String,
+    pub from_cage: String,
     pub module: String,
     pub function: String,
     pub args: Vec<u8>,
@@ -195,23 +322,44 @@ pub struct Due {
 /// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
 /// order with `in_order`, due or not: the first one then holds the rest). Read from the partial
 /// index alone, since most of them are usually running already and are skipped.
-pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limit: usize) -> Result<Vec<(i64, i64)>, String> {
+pub fn waiting(
+    conn: &Connection,
+    path: &Path,
+    queue: &str,
+    in_order: bool,
+    limit: usize,
+) -> Result<Vec<(i64, i64)>, String> {
     let sql = if in_order {
         "SELECT seq, due_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY seq LIMIT ?2"
     } else {
         "SELECT seq, due_ms FROM queue_calls INDEXED BY queue_calls_due WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY due_ms, seq LIMIT ?2"
     };
-    let mut stmt = conn.prepare_cached(sql).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
-    let rows = stmt.query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read due calls", e))
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    let rows = stmt
+        .query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(path, "queue: cannot read due calls", e))
 }
 
 /// The call `seq` if it still waits.
 pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
-    conn.prepare_cached("SELECT seq, id, module, function, args, attempts, due_ms, expires_ms FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')")
+    conn.prepare_cached("SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')")
         .and_then(|mut s| {
             s.query_row([seq], |r| {
-                Ok(Due { seq: r.get(0)?, id: r.get(1)?, module: r.get(2)?, function: r.get(3)?, args: r.get(4)?, attempts: r.get(5)?, due_ms: r.get(6)?, expires_ms: r.get(7)? })
+                Ok(Due {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    from_cage: r.get(8)?,
+                    module: r.get(2)?,
+                    function: r.get(3)?,
+                    args: r.get(4)?,
+                    attempts: r.get(5)?,
+                    due_ms: r.get(6)?,
+                    expires_ms: r.get(7)?,
+                })
             })
             .optional()
         })
@@ -265,12 +413,22 @@ pub fn find(conn: &Connection, path: &Path, id: &str) -> Result<Option<Record>, 
 }
 
 /// Calls in `status` (every status when None), oldest first, at most `limit`.
-pub fn list(conn: &Connection, path: &Path, status: Option<&str>, limit: usize) -> Result<Vec<Record>, String> {
+pub fn list(
+    conn: &Connection,
+    path: &Path,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Record>, String> {
     let mut stmt = conn
-        .prepare(&format!("{RECORD} WHERE (?1 IS NULL OR status = ?1) ORDER BY seq LIMIT ?2"))
+        .prepare(&format!(
+            "{RECORD} WHERE (?1 IS NULL OR status = ?1) ORDER BY seq LIMIT ?2"
+        ))
         .map_err(|e| fail(path, "queue: cannot list calls", e))?;
-    let rows = stmt.query_map(params![status, limit as i64], record).map_err(|e| fail(path, "queue: cannot list calls", e))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot list calls", e))
+    let rows = stmt
+        .query_map(params![status, limit as i64], record)
+        .map_err(|e| fail(path, "queue: cannot list calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(path, "queue: cannot list calls", e))
 }
 
 /// Figures of one queue, for monitoring.
@@ -286,38 +444,79 @@ pub struct QueueFigures {
     /// Attempts made so far by waiting calls beyond their first.
     pub retries: u64,
     pub dead: u64,
+    /// Done calls kept for de-duplication; counted only for `pmnc queue ls` (0 otherwise).
     pub done_kept: u64,
 }
 
-pub fn figures(conn: &Connection, path: &Path) -> Result<Vec<QueueFigures>, String> {
+/// Figures of every queue with calls. Read from the partial indexes of waiting and dead calls,
+/// so that the monitor, which asks every second, never scans the done calls (a scan holds a read
+/// snapshot long enough to keep the WAL from being emptied); `done_kept` is counted only when
+/// `count_done` (`pmnc queue ls`), else 0.
+pub fn figures(
+    conn: &Connection,
+    path: &Path,
+    count_done: bool,
+) -> Result<Vec<QueueFigures>, String> {
     let now = now_ms();
-    let mut stmt = conn
-        .prepare(
-            "SELECT queue,
-                sum(status IN ('pending', 'failed')),
-                min(CASE WHEN status IN ('pending', 'failed') THEN created_ms END),
-                sum(status = 'failed'),
-                sum(CASE WHEN status IN ('pending', 'failed') AND attempts > 0 THEN attempts ELSE 0 END),
-                sum(status = 'dead'),
-                sum(status = 'done')
-             FROM queue_calls GROUP BY queue ORDER BY queue",
-        )
-        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
+    let fail = |e| fail(path, "queue: cannot read figures", e);
+    let mut by_queue: std::collections::BTreeMap<String, QueueFigures> = Default::default();
+    let waiting = "SELECT queue, count(*), min(created_ms), sum(status = 'failed'), sum(CASE WHEN attempts > 0 THEN attempts ELSE 0 END)
+         FROM queue_calls INDEXED BY queue_calls_due WHERE status IN ('pending', 'failed') GROUP BY queue";
+    let mut stmt = conn.prepare_cached(waiting).map_err(fail)?;
     let rows = stmt
         .query_map([], |r| {
-            let oldest: Option<i64> = r.get(2)?;
-            Ok(QueueFigures {
-                queue: r.get(0)?,
-                depth: r.get::<_, i64>(1)? as u64,
-                oldest_age: oldest.map(|o| (now - o).max(0) as f64 / 1000.0).unwrap_or(0.0),
-                retrying: r.get::<_, i64>(3)? as u64,
-                retries: r.get::<_, i64>(4)? as u64,
-                dead: r.get::<_, i64>(5)? as u64,
-                done_kept: r.get::<_, i64>(6)? as u64,
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         })
-        .map_err(|e| fail(path, "queue: cannot read figures", e))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read figures", e))
+        .map_err(fail)?;
+    for row in rows {
+        let (queue, depth, oldest, retrying, retries) = row.map_err(fail)?;
+        let f = by_queue
+            .entry(queue.clone())
+            .or_insert_with(|| QueueFigures {
+                queue,
+                ..Default::default()
+            });
+        f.depth = depth as u64;
+        f.oldest_age = oldest
+            .map(|o| (now - o).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        f.retrying = retrying as u64;
+        f.retries = retries as u64;
+    }
+    let mut counts = vec![("SELECT queue, count(*) FROM queue_calls INDEXED BY queue_calls_dead WHERE status = 'dead' GROUP BY queue", false)];
+    if count_done {
+        counts.push((
+            "SELECT queue, count(*) FROM queue_calls WHERE status = 'done' GROUP BY queue",
+            true,
+        ));
+    }
+    for (sql, done) in counts {
+        let mut stmt = conn.prepare_cached(sql).map_err(fail)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(fail)?;
+        for row in rows {
+            let (queue, n) = row.map_err(fail)?;
+            let f = by_queue
+                .entry(queue.clone())
+                .or_insert_with(|| QueueFigures {
+                    queue,
+                    ..Default::default()
+                });
+            if done {
+                f.done_kept = n as u64;
+            } else {
+                f.dead = n as u64;
+            }
+        }
+    }
+    Ok(by_queue.into_values().collect())
 }
 
 /// Puts a failed or dead call back to run now; false when there is no such call to retry.
@@ -355,35 +554,127 @@ mod tests {
         let path = dir.path().join("state.sqlite");
         let mut c = open(&path, std::time::Duration::from_secs(5)).unwrap();
         assert!(insert(&c, &path, &call("a", 5)).unwrap());
-        assert!(!insert(&c, &path, &call("a", 1)).unwrap(), "a known id is not stored again");
+        assert!(
+            !insert(&c, &path, &call("a", 1)).unwrap(),
+            "a known id is not stored again"
+        );
         assert!(insert(&c, &path, &call("b", 3)).unwrap());
-        let ids = |rows: Vec<(i64, i64)>| rows.iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id).collect::<Vec<_>>();
-        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10).unwrap().iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap()).collect();
-        assert_eq!(ids(waiting(&c, &path, "q", false, 10).unwrap()), ["b", "a"], "earliest due first");
-        assert_eq!(ids(waiting(&c, &path, "q", true, 10).unwrap()), ["a", "b"], "keep_order: enqueue order");
+        let ids = |rows: Vec<(i64, i64)>| {
+            rows.iter()
+                .map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id)
+                .collect::<Vec<_>>()
+        };
+        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10)
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap())
+            .collect();
+        assert_eq!(
+            ids(waiting(&c, &path, "q", false, 10).unwrap()),
+            ["b", "a"],
+            "earliest due first"
+        );
+        assert_eq!(
+            ids(waiting(&c, &path, "q", true, 10).unwrap()),
+            ["a", "b"],
+            "keep_order: enqueue order"
+        );
         let due = due_rows;
 
         // A completion whose transaction is rolled back leaves neither the writes nor "done".
         let tx = c.transaction().unwrap();
         apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
-        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        complete(
+            &tx,
+            &path,
+            due[0].seq,
+            &Outcome::Done {
+                result: vec![1, 0],
+                result_until_ms: 5,
+                keep_until_ms: 20,
+            },
+        )
+        .unwrap();
         drop(tx);
         assert_eq!(find(&c, &path, "b").unwrap().unwrap().status, "pending");
-        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            0
+        );
 
         let tx = c.transaction().unwrap();
         apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
-        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        complete(
+            &tx,
+            &path,
+            due[0].seq,
+            &Outcome::Done {
+                result: vec![1, 0],
+                result_until_ms: 5,
+                keep_until_ms: 20,
+            },
+        )
+        .unwrap();
         tx.commit().unwrap();
         let b = find(&c, &path, "b").unwrap().unwrap();
-        assert_eq!((b.status.as_str(), b.attempts, b.result), ("done", 1, Some(vec![1, 0])));
-        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        assert_eq!(
+            (b.status.as_str(), b.attempts, b.result),
+            ("done", 1, Some(vec![1, 0]))
+        );
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            1
+        );
 
         // Results go first, then the row after its de-duplication window.
-        prune(&c, &path, 6).unwrap();
+        prune(&c, &path, 6, 100).unwrap();
         assert_eq!(find(&c, &path, "b").unwrap().unwrap().result, None);
-        prune(&c, &path, 21).unwrap();
+        prune(&c, &path, 21, 100).unwrap();
         assert_eq!(find(&c, &path, "b").unwrap(), None);
-        assert!(find(&c, &path, "a").unwrap().is_some(), "waiting calls are never pruned");
+        assert!(
+            find(&c, &path, "a").unwrap().is_some(),
+            "waiting calls are never pruned"
+        );
+    }
+
+    /// Pruning deletes in batches, so that a backlog of done calls never goes in one commit.
+    #[test]
+    fn prune_goes_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        for i in 0..25 {
+            let id = format!("d{i}");
+            insert(&c, &path, &call(&id, 1)).unwrap();
+            let seq = find(&c, &path, &id).unwrap().unwrap().seq;
+            complete(
+                &c,
+                &path,
+                seq,
+                &Outcome::Done {
+                    result: vec![1, 0],
+                    result_until_ms: 5,
+                    keep_until_ms: 20,
+                },
+            )
+            .unwrap();
+        }
+        let done = |c: &Connection| {
+            c.query_row("SELECT count(*) FROM queue_calls", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(prune(&c, &path, 21, 10).unwrap(), 10);
+        assert_eq!(done(&c), 15);
+        assert_eq!(prune(&c, &path, 21, 10).unwrap(), 10);
+        assert_eq!(
+            prune(&c, &path, 21, 10).unwrap(),
+            5,
+            "fewer than the batch: nothing more to do"
+        );
+        assert_eq!(done(&c), 0);
     }
 }

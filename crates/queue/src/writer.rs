@@ -16,22 +16,48 @@ use crate::Store;
 
 /// The most operations committed together.
 const MAX_BATCH: usize = 8192;
-/// How often done calls past their windows are pruned.
+/// How often done calls past their windows are pruned (sooner while a backlog remains).
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Rows pruned per kind in one commit: a large backlog is cleared over many small commits
+/// rather than one that would hold a huge transaction in the WAL.
+const PRUNE_BATCH: usize = 2000;
 
 pub(crate) enum Op {
     Enqueue(NewCall, oneshot::Sender<Result<bool, String>>),
     /// The end of an attempt, with the state writes the call made (held until now).
-    Complete { seq: i64, outcome: Outcome, writes: Vec<Write>, reply: oneshot::Sender<Result<(), String>> },
+    Complete {
+        seq: i64,
+        outcome: Outcome,
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Expire(i64, oneshot::Sender<Result<(), String>>),
     /// A transaction's state writes with the durable calls it made: calls to this cage go
     /// straight into its queue, calls to other cages into its outbox, all in one commit.
-    Outbox { writes: Vec<Write>, direct: Vec<NewCall>, outgoing: Vec<OutboxCall>, reply: oneshot::Sender<Result<(), String>> },
+    Outbox {
+        writes: Vec<Write>,
+        direct: Vec<NewCall>,
+        outgoing: Vec<OutboxCall>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     OutboxEnd(i64, OutboxEnd, oneshot::Sender<Result<(), String>>),
+}
+
+impl Op {
+    /// Whether committing this changes what the outbox holds.
+    fn touches_outbox(&self) -> bool {
+        match self {
+            Op::Outbox { outgoing, .. } => !outgoing.is_empty(),
+            Op::OutboxEnd(..) => true,
+            _ => false,
+        }
+    }
 }
 
 pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
     let mut last_prune = Instant::now() - PRUNE_EVERY;
+    let mut backlog = false;
+    let mut trim = crate::WalTrim::new();
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(op) => op,
@@ -50,13 +76,16 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let prune = last_prune.elapsed() >= PRUNE_EVERY;
+        let prune = backlog || last_prune.elapsed() >= PRUNE_EVERY;
+        #[cfg(test)]
+        crate::run_hook(&store.hooks.before_commit);
         let result = commit(&store, &mut conn, &batch, prune);
-        if prune && result.is_ok() {
-            last_prune = Instant::now();
-        }
         match &result {
-            Ok(_) => {
+            Ok((_, pruned)) => {
+                if prune {
+                    last_prune = Instant::now();
+                    backlog = pruned.is_some_and(|n| n >= PRUNE_BATCH);
+                }
                 if let Ok(mut r) = store.refusing.lock() {
                     if r.take().is_some() {
                         tracing::info!(cage = %store.cage, "queue: the file is writable again; accepting new calls");
@@ -64,29 +93,52 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                 }
             }
             Err(e) => {
-                tracing::error!(cage = %store.cage, "{e}; new durable calls are refused until a write succeeds");
+                if let Some(note) = store.log.allow("commit") {
+                    tracing::error!(cage = %store.cage, "{e}; new durable calls are refused until a write succeeds{note}");
+                }
                 if let Ok(mut r) = store.refusing.lock() {
-                    *r = Some(e.clone());
+                    *r = Some((e.clone(), Instant::now()));
                 }
             }
         }
+        let outbox = batch.iter().any(Op::touches_outbox);
         for (i, op) in batch.into_iter().enumerate() {
             match op {
                 Op::Enqueue(_, reply) => {
-                    let _ = reply.send(result.as_ref().map(|inserted| inserted[i]).map_err(|e| e.clone()));
+                    let _ = reply.send(
+                        result
+                            .as_ref()
+                            .map(|(inserted, _)| inserted[i])
+                            .map_err(|e| e.clone()),
+                    );
                 }
-                Op::Complete { reply, .. } | Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
+                Op::Complete { reply, .. }
+                | Op::Expire(_, reply)
+                | Op::Outbox { reply, .. }
+                | Op::OutboxEnd(_, _, reply) => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
                 }
             }
         }
-        store.wake();
+        trim.after_commit(&store, &conn);
+        // After the commit, never before: a dispatcher pass that read the outbox before this
+        // commit sees the count move and reads it again (docs/decisions/034).
+        if outbox {
+            store.outbox_changed();
+        } else {
+            store.wake();
+        }
     }
 }
 
 /// Commits `batch`; for each operation whether it inserted a row (enqueues of a known id do
-/// not).
-fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<Vec<bool>, String> {
+/// not), and how many rows a prune changed when it ran.
+fn commit(
+    store: &Store,
+    conn: &mut Connection,
+    batch: &[Op],
+    prune: bool,
+) -> Result<(Vec<bool>, Option<usize>), String> {
     let path = &store.path;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -95,7 +147,12 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
     for op in batch {
         match op {
             Op::Enqueue(call, _) => inserted.push(store::insert(&tx, path, call)?),
-            Op::Complete { seq, outcome, writes, .. } => {
+            Op::Complete {
+                seq,
+                outcome,
+                writes,
+                ..
+            } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
                 store::complete(&tx, path, *seq, outcome)?;
                 inserted.push(false);
@@ -104,7 +161,12 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
                 store::expire(&tx, path, *seq)?;
                 inserted.push(false);
             }
-            Op::Outbox { writes, direct, outgoing, .. } => {
+            Op::Outbox {
+                writes,
+                direct,
+                outgoing,
+                ..
+            } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
                 for call in direct {
                     store::insert(&tx, path, call)?;
@@ -120,9 +182,12 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
             }
         }
     }
-    if prune {
-        store::prune(&tx, path, store::now_ms())?;
-    }
-    tx.commit().map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
-    Ok(inserted)
+    let pruned = if prune {
+        Some(store::prune(&tx, path, store::now_ms(), PRUNE_BATCH)?)
+    } else {
+        None
+    };
+    tx.commit()
+        .map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
+    Ok((inserted, pruned))
 }

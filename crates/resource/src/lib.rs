@@ -98,6 +98,13 @@ pub trait Connection {
     fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>>;
     /// Cheap check made before an idle connection is handed out again.
     fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool>;
+    /// Whether the call just made (`method`, ending in `outcome`) may have left effects that
+    /// `rollback` does not undo. Transactional protocols keep the default (false); a protocol
+    /// whose calls act at once (Redis, HTTP, commands) says true whenever it may have acted, and
+    /// the transaction's failure is then not recoverable (docs/decisions/009).
+    fn effects_stay(&self, _method: &str, _outcome: &Result<Value, Error>) -> bool {
+        false
+    }
 }
 
 /// The config of one `[resources.NAME]` table.

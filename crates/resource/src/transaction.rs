@@ -95,11 +95,14 @@ struct Slot {
     resource: String,
     conn: Option<Pooled>,
     outcome: Result<Value, ParticipantError>,
+    /// Its call may have had effects that a rollback does not undo.
+    stays: bool,
 }
 
 struct PreparedTx {
     slots: Vec<Slot>,
     outcomes: Vec<Result<Value, ParticipantError>>,
+    stays: bool,
 }
 
 fn participant_error(resource: &str, n: usize, e: Error) -> ParticipantError {
@@ -111,7 +114,7 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
     let fail = |e: Error| participant_error(&resource, n, e);
     let mut held = match pool.checkout(deadline).await {
         Ok(c) => Some(c),
-        Err(e) => return Slot { resource: resource.clone(), conn: None, outcome: Err(fail(e)) },
+        Err(e) => return Slot { resource: resource.clone(), conn: None, outcome: Err(fail(e)), stays: false },
     };
     let started = Instant::now();
     let work = async {
@@ -137,6 +140,7 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
         // (the server rolls back what it had begun when the connection closes).
         Err(_) => Err(Error::broken(format!("resource {resource}: deadline passed during {}", p.method))),
     };
+    let stays = held.as_mut().is_some_and(|c| c.conn().effects_stay(&p.method, &result));
     pool.stats.calls.fetch_add(1, Ordering::Relaxed);
     pool.stats.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     pool.stats.latency.observe_us(started.elapsed().as_micros() as u64);
@@ -146,7 +150,7 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
             conn.mark_broken();
         }
     }
-    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(fail) }
+    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(fail), stays }
 }
 
 impl Resources for CageResources {
@@ -185,8 +189,19 @@ impl Resources for CageResources {
         }
         Box::pin(async move {
             let slots = join_all(work).await;
-            let outcomes = slots.iter().map(|s| s.outcome.clone()).collect();
-            Ok(Box::new(PreparedTx { slots, outcomes }) as Box<dyn Prepared>)
+            // Once a participant acted in a way a rollback does not undo, a failure of the
+            // transaction leaves that behind: it is not recoverable.
+            let stays = slots.iter().any(|s| s.stays);
+            let outcomes = slots
+                .iter()
+                .map(|s| {
+                    s.outcome.clone().map_err(|mut e| {
+                        e.recoverable = e.recoverable && !stays;
+                        e
+                    })
+                })
+                .collect();
+            Ok(Box::new(PreparedTx { slots, outcomes, stays }) as Box<dyn Prepared>)
         })
     }
 }
@@ -196,9 +211,13 @@ impl Prepared for PreparedTx {
         &self.outcomes
     }
 
+    fn effects_stay(&self) -> bool {
+        self.stays
+    }
+
     fn finish(self: Box<Self>, commit: bool, wait: bool, deadline: Instant) -> LocalBoxFuture<'static, Result<(), ParticipantError>> {
         let limit = deadline.max(Instant::now()) + FINISH_GRACE;
-        let work = finish_all(self.slots, commit, limit);
+        let work = finish_all(self.slots, commit, self.stays, limit);
         if wait {
             Box::pin(work)
         } else {
@@ -214,9 +233,9 @@ impl Prepared for PreparedTx {
 
 /// Commits the participants that succeeded (when `commit`) and rolls back all others, in
 /// parallel. A failed commit after another participant has committed is not recoverable.
-async fn finish_all(slots: Vec<Slot>, commit: bool, limit: Instant) -> Result<(), ParticipantError> {
+async fn finish_all(slots: Vec<Slot>, commit: bool, stays: bool, limit: Instant) -> Result<(), ParticipantError> {
     let ends = slots.into_iter().enumerate().filter_map(|(i, slot)| {
-        let Slot { resource, conn, outcome } = slot;
+        let Slot { resource, conn, outcome, .. } = slot;
         let mut conn = conn?;
         // A connection whose call broke it (lost, or cut by the deadline) is closed, not rolled
         // back: the server rolls back on close, and a ROLLBACK would only hide the real error.
@@ -249,8 +268,9 @@ async fn finish_all(slots: Vec<Slot>, commit: bool, limit: Instant) -> Result<()
         if let Err(e) = r {
             let mut pe = participant_error(&resource, n, e);
             pe.message = format!("{} failed: {}", if did_commit { "commit" } else { "rollback" }, pe.message);
-            // Once any participant has committed, the others cannot be undone.
-            pe.recoverable = committed == 0;
+            // Once any participant has committed (or acted beyond undoing), the others cannot
+            // be undone.
+            pe.recoverable = committed == 0 && !stays;
             return Err(pe);
         }
     }

@@ -80,7 +80,7 @@ impl CmdResource {
 
 impl Resource for CmdResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
-        let conn = CmdConn(self.0.clone());
+        let conn = CmdConn(self.0.clone(), std::cell::Cell::new(false));
         Box::pin(async move { Ok(Box::new(conn) as Box<dyn Connection>) })
     }
 
@@ -90,7 +90,8 @@ impl Resource for CmdResource {
     }
 }
 
-struct CmdConn(Arc<Spec>);
+/// A run's spec, and whether the current call started a process (which may have acted).
+struct CmdConn(Arc<Spec>, std::cell::Cell<bool>);
 
 /// The arguments and input of one run.
 struct Run {
@@ -230,6 +231,7 @@ impl CmdConn {
         }
         let shown = spec.executable.display();
         let mut child = cmd.spawn().map_err(|e| Error::new(format!("run: cannot start {shown}: {}", config::plain(&e))))?;
+        self.1.set(true);
         let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let mut running = Running { pid: child.id(), child: Some(child) };
         let feed = async {
@@ -267,7 +269,13 @@ impl CmdConn {
 
 impl Connection for CmdConn {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
+        self.1.set(false);
         Box::pin(async { Ok(()) })
+    }
+
+    /// A command that started may have acted, whatever it answered; nothing undoes it.
+    fn effects_stay(&self, _method: &str, _outcome: &Result<Value, Error>) -> bool {
+        self.1.get()
     }
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {

@@ -241,3 +241,22 @@ fn config_problems_are_clear() {
     let ok = cmd("executable = \"true\"\nenv = { B = \"x\" }\n");
     assert_eq!(ok.pool.size, 4);
 }
+
+/// Issue 22 #9: a command that started may have acted and nothing undoes it, so a transaction
+/// that then fails is not recoverable; a call refused before anything started leaves nothing.
+#[test]
+fn a_failure_after_a_started_command_is_not_recoverable() {
+    let r = run(
+        cmd("executable = \"true\"\n"),
+        r#"local function outcome(build)
+             local xa = pmnc.transaction.create()
+             build(xa)
+             local ok, e = pcall(xa.execute)
+             return tostring(e.recoverable)
+           end
+           return outcome(function(xa) xa.cmd.run() xa.cmd.run({ {} }) end),
+                  outcome(function(xa) xa.cmd.run({ {} }) end)"#,
+    )
+    .unwrap();
+    assert_eq!(r, vec![Value::str("false"), Value::str("true")]);
+}

@@ -51,6 +51,9 @@ struct HttpResource(Arc<Settings>);
 struct HttpConnection {
     settings: Arc<Settings>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The current call sent a request whose method is not safe (RFC 9110: anything but GET,
+    /// HEAD, OPTIONS, TRACE): the server may have acted on it, and nothing undoes that.
+    unsafe_sent: bool,
 }
 
 impl Protocol for Http {
@@ -211,21 +214,27 @@ impl Resource for HttpResource {
         let settings = self.0.clone();
         Box::pin(async move {
             let client = Client::builder(TokioExecutor::new()).build(settings.connector.clone());
-            Ok(Box::new(HttpConnection { settings, client }) as Box<dyn Connection>)
+            Ok(Box::new(HttpConnection { settings, client, unsafe_sent: false }) as Box<dyn Connection>)
         })
     }
 }
 
 impl Connection for HttpConnection {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
+        self.unsafe_sent = false;
         Box::pin(async { Ok(()) })
     }
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {
         Box::pin(async move {
             let call = parse_call(method, args)?;
+            self.unsafe_sent = !call.method.is_safe();
             self.send(call).await
         })
+    }
+
+    fn effects_stay(&self, _method: &str, _outcome: &Result<Value, Error>) -> bool {
+        self.unsafe_sent
     }
 
     fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {

@@ -401,3 +401,23 @@ fn skipped(message: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{message}");
 }
+
+/// Issue 22 #9: a request whose method is not safe (POST, PUT, PATCH, DELETE) may have acted
+/// on the server and nothing undoes it, so a transaction that then fails is not recoverable;
+/// after a GET it still is.
+#[test]
+fn a_failure_after_an_unsafe_request_is_not_recoverable() {
+    let (addr, _) = server();
+    let r = run(
+        api(addr, ""),
+        r#"local function outcome(build)
+             local xa = pmnc.transaction.create()
+             build(xa)
+             local ok, e = pcall(xa.execute)
+             return tostring(e.recoverable)
+           end
+           return outcome(function(xa) xa.api.post("/echo", "x") xa.api.get(42) end),
+                  outcome(function(xa) xa.api.get("/echo") xa.api.get(42) end)"#,
+    );
+    assert_eq!(r, vec![Value::str("false"), Value::str("true")]);
+}

@@ -56,7 +56,22 @@ struct RedisConnection {
     con: MultiplexedConnection,
     display: Arc<str>,
     last_used: Instant,
+    /// A command of the current call reached the wire (it may have acted).
+    sent: bool,
 }
+
+/// Commands that only read: a transaction that fails after one of them left nothing behind.
+/// Anything not listed counts as a write.
+const READ_ONLY: &[&str] = &[
+    "get", "mget", "getrange", "strlen", "exists", "type", "ttl", "pttl", "expiretime", "pexpiretime", "keys", "scan",
+    "randomkey", "dbsize", "hget", "hmget", "hgetall", "hkeys", "hvals", "hlen", "hexists", "hstrlen", "hscan",
+    "hrandfield", "lrange", "llen", "lindex", "lpos", "smembers", "sismember", "smismember", "scard", "srandmember",
+    "sscan", "sinter", "sunion", "sdiff", "sintercard", "zrange", "zrangebyscore", "zrangebylex", "zrevrange",
+    "zrevrangebyscore", "zrevrangebylex", "zscore", "zmscore", "zcard", "zcount", "zlexcount", "zrank", "zrevrank",
+    "zscan", "zrandmember", "zinter", "zunion", "zdiff", "bitcount", "bitpos", "getbit", "pfcount", "xlen", "xrange",
+    "xrevrange", "xread", "geopos", "geodist", "geohash", "geosearch", "ping", "echo", "time", "dump", "object",
+    "memory", "touch", "lcs", "substr",
+];
 
 impl Protocol for Redis {
     fn name(&self) -> &'static str {
@@ -97,7 +112,7 @@ impl Resource for RedisResource {
             // so a slow command such as BLPOP with a timeout is not cut short.
             let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
             match client.get_multiplexed_async_connection_with_config(&config).await {
-                Ok(con) => Ok(Box::new(RedisConnection { con, display, last_used: Instant::now() }) as Box<dyn Connection>),
+                Ok(con) => Ok(Box::new(RedisConnection { con, display, last_used: Instant::now(), sent: false }) as Box<dyn Connection>),
                 Err(e) => Err(Error::new(format!("{display}: {}", describe(&e)))),
             }
         })
@@ -106,7 +121,22 @@ impl Resource for RedisResource {
 
 impl Connection for RedisConnection {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
+        self.sent = false;
         Box::pin(async { Ok(()) })
+    }
+
+    /// Redis cannot roll back: a command that may have written stays written. An error reply
+    /// to a single command means it did nothing; a `multi` block that failed half way, a lost
+    /// connection or a call cut by the deadline may have acted.
+    fn effects_stay(&self, method: &str, outcome: &Result<Value, Error>) -> bool {
+        if !self.sent {
+            return false;
+        }
+        let multi = method.eq_ignore_ascii_case("multi");
+        match outcome {
+            Ok(_) => multi || !READ_ONLY.iter().any(|r| method.eq_ignore_ascii_case(r)),
+            Err(e) => multi || e.code.is_none(),
+        }
     }
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {
@@ -148,6 +178,7 @@ impl RedisConnection {
             push_arg(&mut cmd, arg, &format!("argument {}", i + 1), true)?;
         }
         let first = first_word(&args);
+        self.sent = true;
         match self.con.send_packed_command(&cmd).await {
             Ok(redis::Value::ServerError(e)) => Err(server_error(e.code(), e.details(), &format!("{name} failed"))),
             Ok(reply) => convert_reply(reply, &name, first.as_deref()),
@@ -186,6 +217,7 @@ impl RedisConnection {
         pipe.cmd("EXEC");
         // A plain pipeline (not redis-rs's atomic mode) so that every reply, errors included,
         // comes back as it is and the error of the right command can be reported.
+        self.sent = true;
         let replies = match self.con.send_packed_commands(&pipe, 0, names.len() + 2).await {
             Ok(r) => r,
             Err(e) => return Err(self.failed("multi", e)),

@@ -315,3 +315,42 @@ fn skipped(message: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{message}");
 }
+
+/// Issue 22 #9: `recoverable` is true only when nothing of the transaction remains. A Redis
+/// write cannot be rolled back, so a transaction that fails (or is rejected by accept) after
+/// one is not recoverable; reads and refused commands leave nothing, so those stay recoverable.
+#[test]
+fn a_transaction_that_fails_after_a_redis_write_is_not_recoverable() {
+    let Some(cache) = cache("") else { return };
+    let p = prefix("recoverable");
+    let out = run(
+        cache,
+        r#"
+local function outcome(build, accept)
+  local xa = pmnc.transaction.create(accept and { accept = accept } or nil)
+  build(xa)
+  local ok, e = pcall(xa.execute)
+  if ok then return "ok" end
+  return tostring(e.recoverable) .. " " .. tostring(e.message)
+end
+pmnc.transaction.cache.set(p .. "list", "not a list")
+return
+  outcome(function(xa) xa.cache.set(p .. "a", 1) xa.cache.lpush(p .. "list", "x") end),
+  outcome(function(xa) xa.cache.get(p .. "a") xa.cache.lpush(p .. "list", "x") end),
+  outcome(function(xa) xa.cache.lpush(p .. "list", "x") end),
+  outcome(function(xa) xa.cache.set(p .. "b", 1) end, function() return false end),
+  outcome(function(xa) xa.cache.get(p .. "b") end, function() return false end),
+  outcome(function(xa) xa.cache.multi({ "set", p .. "c", 1 }, { "lpush", p .. "list", "x" }) end),
+  pmnc.transaction.cache.get(p .. "a")
+"#,
+        &p,
+    );
+    let text: Vec<String> = out.iter().map(|v| v.as_str().unwrap_or("?").to_string()).collect();
+    assert!(text[0].starts_with("false ") && text[0].contains("wrong kind of value"), "a write, then a failure: {text:?}");
+    assert!(text[1].starts_with("true "), "a read, then a failure: {text:?}");
+    assert!(text[2].starts_with("true "), "a refused command alone wrote nothing: {text:?}");
+    assert_eq!(text[3], "false rejected by accept", "a write, then rejected: {text:?}");
+    assert_eq!(text[4], "true rejected by accept", "a read, then rejected: {text:?}");
+    assert!(text[5].starts_with("false "), "a multi block that failed half way: {text:?}");
+    assert_eq!(text[6], "1", "the write of the failed transaction stayed, as documented");
+}

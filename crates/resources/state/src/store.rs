@@ -73,6 +73,19 @@ const MIGRATIONS: &[&str] = &[
         until_ms INTEGER NOT NULL,
         last_fired_ms INTEGER NOT NULL DEFAULT 0
     );",
+    // 2 -> 3 (queue, docs/decisions/035-036): an outbox row records whether its expiry is the
+    // call's own or only how long the sender keeps forwarding (the target's queue then sets it);
+    // a call its target accepted stays as status 'forwarded' (arguments dropped) until
+    // keep_until_ms, so that pmnc.calls.result can say where it went; indexes for the
+    // dispatcher's read of due rows, for pruning (results included) and for counting dead
+    // letters without reading the done calls.
+    "ALTER TABLE queue_outbox ADD COLUMN expires_given INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE queue_outbox ADD COLUMN keep_until_ms INTEGER;
+    ALTER TABLE queue_outbox ADD COLUMN finished_ms INTEGER;
+    CREATE INDEX queue_outbox_next ON queue_outbox (next_ms) WHERE status = 'pending';
+    CREATE INDEX queue_outbox_kept ON queue_outbox (keep_until_ms) WHERE status = 'forwarded';
+    CREATE INDEX queue_calls_results ON queue_calls (result_until_ms) WHERE result_until_ms IS NOT NULL;
+    CREATE INDEX queue_calls_dead ON queue_calls (queue) WHERE status = 'dead';",
 ];
 
 /// The schema version this build writes and reads.

@@ -1,0 +1,1 @@
+return { note = function(i) pmnc.state.set('own:' .. i, true) return i end }
