@@ -231,6 +231,9 @@ const SCAFFOLD: &[(&str, &str)] = &[
     ("cages/web/http.lua", include_str!("scaffold/http.lua")),
     ("cages/web/greeting.lua", include_str!("scaffold/greeting.lua")),
     ("cages/web/greeting_test.lua", include_str!("scaffold/greeting_test.lua")),
+    // Editor support: lua-language-server reads .luarc.json and the pmnc annotations.
+    (".luarc.json", include_str!("scaffold/luarc.json")),
+    (".luals/pmnc.lua", include_str!("scaffold/luals/pmnc.lua")),
 ];
 
 fn scaffold(path: &std::path::Path) -> Result<(), String> {

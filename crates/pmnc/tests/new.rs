@@ -18,6 +18,10 @@ fn a_new_app_checks_tests_and_serves() {
     let out = pmnc(&["test", &app_s]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.lines().any(|l| l == "1 passed, 0 failed"), "{}", out.stdout);
+    // Editor support: lua-language-server finds the pmnc annotations through .luarc.json.
+    let luarc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(app.join(".luarc.json")).unwrap()).unwrap();
+    assert_eq!(luarc["workspace.library"][0], ".luals");
+    assert!(std::fs::read_to_string(app.join(".luals/pmnc.lua")).unwrap().contains("function pmnc.events.wait(topic, timeout)"));
 
     // Serve it on a free port instead of the scaffold's 8080.
     let toml = app.join("cages/web/cage.toml");
