@@ -1,11 +1,11 @@
 //! The Lua host of Rustomnic: one VM per cage per worker thread, modules, and requests as
 //! coroutines under deadlines. See ARCHITECTURE.md for the invariants this crate keeps.
 
+mod api;
 pub mod convert;
 pub mod durable;
 pub mod events;
 mod events_lua;
-mod json;
 pub mod libraries;
 pub mod limits;
 pub mod metrics;

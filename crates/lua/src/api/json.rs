@@ -6,6 +6,7 @@
 use mlua::{AnyUserData, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 use rustomnic_core::Value;
 
+use super::{failure, success};
 use crate::convert::{array_metatable, from_lua, to_lua};
 
 /// Inputs up to this size are decoded and encoded inline (about 0.1-0.3 ms); larger ones go to
@@ -86,7 +87,7 @@ async fn to_lua_in_pieces(lua: &Lua, value: Value) -> mlua::Result<LuaValue> {
     while let Some(frame) = stack.last_mut() {
         made += 1;
         if made.is_multiple_of(VALUES_PER_TURN) {
-            crate::vm::YieldOnce::default().await;
+            super::sandbox::YieldOnce::default().await;
             continue;
         }
         match frame {
@@ -118,8 +119,29 @@ async fn to_lua_in_pieces(lua: &Lua, value: Value) -> mlua::Result<LuaValue> {
     Ok(root)
 }
 
-/// Registers `json_decode_big(s)` and `json_encode_finish(pending)`, both async.
+/// Registers `json_encode`, `json_decode` (inline) and `json_decode_big(s)`,
+/// `json_encode_finish(pending)` (async).
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    // json_encode(v, can_wait): big values come back as ("pending", value) for json_encode_finish.
+    t.set(
+        "json_encode",
+        lua.create_function(|lua, (v, can_wait): (LuaValue, bool)| encode(lua, &v, can_wait))?,
+    )?;
+    t.set(
+        "json_decode",
+        lua.create_function(|lua, s: LuaValue| {
+            let LuaValue::String(s) = s else {
+                return failure(
+                    lua,
+                    format!("pmnc.json.decode: expected a string, got {}", s.type_name()),
+                );
+            };
+            match Value::parse_json(&s.as_bytes()) {
+                Ok(v) => Ok(success([to_lua(lua, &v)?])),
+                Err(e) => failure(lua, format!("pmnc.json.decode: {e}")),
+            }
+        })?,
+    )?;
     t.set(
         "json_decode_big",
         lua.create_async_function(|lua, s: LuaString| async move {

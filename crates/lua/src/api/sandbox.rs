@@ -1,0 +1,149 @@
+//! The Rust side of the sandbox rules of the prelude: stops, the watchdog's view of which
+//! coroutine runs, turns for the worker, `require`, the C-sort gate and `os.getenv`.
+
+use std::rc::Rc;
+
+use mlua::{Lua, Table, Value as LuaValue};
+
+use super::{failure, shared_of, success};
+
+/// Arrays of plain numbers or strings up to this size go to Lua's own C sort (a few ms at most).
+const C_SORT_MAX: usize = 20_000;
+
+/// A future that is pending once (having woken its task), then ready: one turn for the other
+/// tasks of the worker, which the request future counts as the end of a time slice.
+#[derive(Default)]
+pub(crate) struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// The Rust side of the sandbox rules of the prelude.
+pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    // Weak: the VM owns these functions, and they must not keep its shared state alive.
+    let weak = shared_of(lua).map(|s| Rc::downgrade(&s)).unwrap_or_default();
+    // Whether an error on its way up is a stop that pcall and friends must pass on.
+    let w = weak.clone();
+    t.set(
+        "stopping",
+        lua.create_function(move |_, ()| Ok(w.upgrade().is_some_and(|s| s.stopping.get() || s.closing.get())))?,
+    )?;
+    // The request coroutine that has just started (the watchdog's signal must reach it); called
+    // by every request, so it looks nothing up.
+    t.set(
+        "started",
+        lua.create_function(move |lua, ()| {
+            if let Some(shared) = weak.upgrade() {
+                let state = lua.exec_raw_lua(|raw| raw.state());
+                shared.started.set(state);
+                crate::watchdog::switch(state);
+            }
+            Ok(())
+        })?,
+    )?;
+    // co_enter(co) -> depth, co_leave(depth): module code resumes one of its coroutines.
+    t.set(
+        "co_enter",
+        lua.create_function(|lua, co: mlua::Thread| {
+            let Some(shared) = shared_of(lua) else {
+                return Ok(0);
+            };
+            let previous = crate::watchdog::switch(co.state());
+            let mut nested = shared.nested.borrow_mut();
+            nested.push((co, previous));
+            Ok(nested.len())
+        })?,
+    )?;
+    t.set(
+        "co_leave",
+        lua.create_function(|lua, depth: usize| {
+            let Some(shared) = shared_of(lua) else {
+                return Ok(());
+            };
+            let mut nested = shared.nested.borrow_mut();
+            while nested.len() >= depth.max(1) {
+                match nested.pop() {
+                    Some((_, previous)) => {
+                        crate::watchdog::switch(previous);
+                    }
+                    None => break,
+                }
+            }
+            Ok(())
+        })?,
+    )?;
+    // find_library(name, env) -> true, chunk, file | false, message: `require` (libraries.rs).
+    t.set(
+        "find_library",
+        lua.create_function(|lua, (name, env): (String, Table)| {
+            let Some(shared) = shared_of(lua) else { return failure(lua, "require is not available here") };
+            let loading = shared.loading.borrow().clone();
+            match crate::libraries::load(lua, &shared.limits.libraries, &name, env, loading.as_deref().map(|m| (shared.cage.as_str(), m))) {
+                Ok((f, _, display)) => Ok(success([LuaValue::Function(f), LuaValue::String(lua.create_string(&display)?)])),
+                Err(m) => failure(lua, m),
+            }
+        })?,
+    )?;
+    t.set(
+        "yield_slice",
+        lua.create_async_function(|_, ()| async {
+            YieldOnce(false).await;
+            Ok(())
+        })?,
+    )?;
+    // sortable(t): may Lua's C sort take this table? Only plain arrays (no metatable) of numbers
+    // only or strings only, small enough to sort within a few milliseconds: then no Lua code
+    // runs inside the sort.
+    t.set(
+        "sortable",
+        lua.create_function(|_, t: Table| {
+            if t.metatable().is_some() {
+                return Ok(false);
+            }
+            let n = t.raw_len();
+            if n > C_SORT_MAX {
+                return Ok(false);
+            }
+            let mut kind = 0u8;
+            for i in 1..=n {
+                let k = match t.raw_get::<LuaValue>(i)? {
+                    LuaValue::Integer(_) | LuaValue::Number(_) => 1,
+                    LuaValue::String(_) => 2,
+                    _ => return Ok(false),
+                };
+                if kind != 0 && k != kind {
+                    return Ok(false);
+                }
+                kind = k;
+            }
+            Ok(true)
+        })?,
+    )?;
+    // os.getenv: only the names the cage's [lua] getenv list allows.
+    t.set(
+        "getenv",
+        lua.create_function(|lua, name: String| {
+            let Some(shared) = shared_of(lua) else {
+                return Ok(None);
+            };
+            if !shared.limits.may_read_env(&name) {
+                return Ok(None);
+            }
+            Ok(std::env::var(&name).ok())
+        })?,
+    )?;
+    Ok(())
+}
+
