@@ -276,6 +276,14 @@ pub fn find_rustls_error<'a>(
                 }
             }
         }
+        // Drivers that keep their cause shared (redis) hand out the Arc, whose own `source()`
+        // skips the error inside it.
+        if let Some(shared) = current.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            let inner: &(dyn std::error::Error + 'static) = &**shared;
+            if let Some(found) = find_rustls_error(inner) {
+                return Some(found);
+            }
+        }
         next = current.source();
     }
     None
