@@ -349,7 +349,7 @@ pub fn reason(e: &rustls::Error, ca: Option<&CaFile>) -> String {
 
 /// A name as webpki reports it (`DnsName("db.example")`, `IpAddress(10.0.0.1)`) as written in
 /// a config (`db.example`, `10.0.0.1`).
-fn plain_name(presented: &str) -> &str {
+pub fn plain_name(presented: &str) -> &str {
     let inner = presented
         .strip_prefix("DnsName(\"")
         .and_then(|n| n.strip_suffix("\")"));
