@@ -114,6 +114,8 @@ fn ssl_in_use(config: ResourceConfig) -> Value {
 struct TlsCluster {
     port: u16,
     pki: TestPki,
+    /// Its postgresql.conf, where the ssl settings are (so that a reload can change them).
+    conf: PathBuf,
     _server: ServerGuard,
 }
 
@@ -193,6 +195,14 @@ fn start_cluster() -> Result<TlsCluster, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    // In the file rather than on the command line, which a reload could not override.
+    let conf = data.join("postgresql.conf");
+    let ssl = format!(
+        "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        cert.display(),
+        key.display()
+    );
+    append(&conf, &ssl)?;
     let port = free_port()?;
     let log = dir.join("server.log");
     let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
@@ -207,14 +217,8 @@ fn start_cluster() -> Result<TlsCluster, String> {
             "-c",
             "listen_addresses=127.0.0.1",
             "-c",
-            "ssl=on",
-            "-c",
             "fsync=off",
         ])
-        .arg("-c")
-        .arg(format!("ssl_cert_file={}", cert.display()))
-        .arg("-c")
-        .arg(format!("ssl_key_file={}", key.display()))
         .arg("-c")
         .arg(format!("unix_socket_directories={}", dir.display()))
         .stdin(Stdio::null())
@@ -230,8 +234,19 @@ fn start_cluster() -> Result<TlsCluster, String> {
     Ok(TlsCluster {
         port,
         pki,
+        conf,
         _server: server,
     })
+}
+
+fn append(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn ca_line(path: &Path) -> String {
@@ -333,6 +348,42 @@ fn tls_against_a_throwaway_server() {
             "sslmode = \"disable\"\n"
         )),
         Value::Bool(false)
+    );
+
+    // With ssl switched off on the server (a reload is enough): prefer falls back to plain,
+    // require is refused with the reason.
+    let plain = |mode: &str| {
+        db(
+            &format!("postgresql://postgres@127.0.0.1:{port}/postgres"),
+            &format!("sslmode = \"{mode}\"\n"),
+        )
+    };
+    append(&cluster.conf, "ssl = off\n").unwrap_or_else(|e| panic!("{e}"));
+    let r = run(plain("disable"), "try", "select pg_reload_conf()");
+    assert_eq!(r.first(), Some(&Value::Bool(true)), "{r:?}");
+    // The reload is signalled, not awaited: poll new connections until they see it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = run(plain("disable"), "try", "show ssl");
+        let value = r
+            .get(1)
+            .and_then(first_row)
+            .and_then(|row| row.get("ssl"))
+            .cloned();
+        if value == Some(Value::str("off")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssl is still on after the reload: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ssl_in_use(plain("prefer")), Value::Bool(false));
+    let e = refused(plain("require"));
+    assert!(
+        e.starts_with("resource db (participant 1): cannot connect: TLS: the server does not accept TLS connections (ssl is off on the server), and sslmode \"require\" requires TLS"),
+        "{e}"
     );
 }
 
