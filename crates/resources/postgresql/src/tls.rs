@@ -34,9 +34,11 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            "allow" => return Err(format!(
+            "allow" => {
+                return Err(format!(
                 "\"allow\" is not supported (it tries without TLS first); use one of {SSLMODES}"
-            )),
+            ))
+            }
             other => {
                 return Err(format!(
                     "{other:?} is not an sslmode; use one of {SSLMODES}"
@@ -93,10 +95,13 @@ pub struct UrlTls {
 }
 
 /// Takes `sslmode` and the other `ssl*` parameters out of the query of a postgres:// or
-/// postgresql:// URL; any other text is returned as it is.
+/// postgresql:// URL, or out of a key=value connection string.
 pub fn take_url_tls(url: &str) -> UrlTls {
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    let Some((head, query)) = url.split_once('?').filter(|_| is_url) else {
+    if !is_url {
+        return take_key_value_tls(url);
+    }
+    let Some((head, query)) = url.split_once('?') else {
         return UrlTls {
             url: url.to_string(),
             sslmode: None,
@@ -123,6 +128,34 @@ pub fn take_url_tls(url: &str) -> UrlTls {
     };
     UrlTls {
         url,
+        sslmode,
+        other,
+    }
+}
+
+/// The same for `host=h user=u sslmode=verify-full`. The string is rebuilt only when it has an
+/// ssl word, since rejoining the words would change spaces inside a quoted value.
+fn take_key_value_tls(text: &str) -> UrlTls {
+    let is_ssl = |word: &str| word.starts_with("ssl") && !word.starts_with("sslnegotiation=");
+    if !text.split_whitespace().any(is_ssl) {
+        return UrlTls {
+            url: text.to_string(),
+            sslmode: None,
+            other: Vec::new(),
+        };
+    }
+    let mut kept = Vec::new();
+    let mut sslmode = None;
+    let mut other = Vec::new();
+    for word in text.split_whitespace() {
+        match word.split_once('=') {
+            Some(("sslmode", value)) => sslmode = Some(value.trim_matches('\'').to_string()),
+            Some((key, _)) if is_ssl(word) => other.push(key.to_string()),
+            _ => kept.push(word),
+        }
+    }
+    UrlTls {
+        url: kept.join(" "),
         sslmode,
         other,
     }
@@ -239,6 +272,15 @@ mod tests {
         assert_eq!(t.url, "postgres://u@h/db");
         let t = take_url_tls("host=h user=u");
         assert_eq!((t.url.as_str(), t.sslmode), ("host=h user=u", None));
+        let t = take_url_tls("host=h  sslmode=verify-ca user=u sslkey=/k");
+        assert_eq!(
+            (t.url.as_str(), t.sslmode.as_deref(), t.other),
+            (
+                "host=h user=u",
+                Some("verify-ca"),
+                vec!["sslkey".to_string()]
+            )
+        );
     }
 
     #[test]

@@ -429,6 +429,15 @@ fn bad_tls_config_is_refused_with_file_line_and_key() {
         e,
         vec!["cage.toml:3: resources.db.sslmode: \"verify_full\" is not an sslmode; use one of \"disable\", \"prefer\", \"require\", \"verify-ca\", \"verify-full\"".to_string()]
     );
+    // A key=value connection string is read the same way.
+    let e = config_errors("url = \"host=h user=u sslmode=verify-ca\"\nsslmode = \"verify-full\"\n");
+    assert_eq!(e, vec!["cage.toml:3: resources.db.sslmode: is \"verify-full\" but the url says sslmode=verify-ca; give it once".to_string()]);
+    assert!(configure(
+        &Postgresql,
+        "db",
+        "url = \"host=h user=u sslmode=verify-full\"\n"
+    )
+    .is_ok());
     let e = config_errors("url = \"postgresql://u@h/db?sslmode=sometimes\"\n");
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(
