@@ -14,8 +14,8 @@
 //! `sslmode` takes libpq's values: `disable` (plain), `prefer` (TLS when the server offers it,
 //! certificate not checked, plain otherwise), `require` (TLS, certificate not checked),
 //! `verify-ca` (TLS, certificate signed by a trusted CA) and `verify-full` (that, and issued for
-//! the host of the url). It may be given in the url instead (`?sslmode=verify-full`), not in
-//! both with different values.
+//! the host of the url). It may be given in the url instead (`?sslmode=verify-full`, or
+//! `sslmode=verify-full` in a key=value string), not in both with different values.
 //!
 //! `ca` is a PEM file of one or more CA certificates, relative to the cage folder; with it the
 //! server's certificate must chain to one of them and to nothing else. Without it verify-ca and
