@@ -9,6 +9,10 @@
 
 mod pool;
 pub mod testing;
+#[cfg(feature = "test-tls")]
+pub mod testing_tls;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod transaction;
 
 use std::fmt;

@@ -1,26 +1,98 @@
 //! The `mysql` resource (MySQL and MariaDB): `xa.db.execute(sql, ...params)` with `?`
 //! placeholders on a real transaction per participant (START TRANSACTION, the call, then COMMIT
-//! or ROLLBACK), through mysql_async without TLS.
+//! or ROLLBACK), through mysql_async, over TLS (rustls on ring) when `ssl_mode` asks for it.
 //!
 //! ```toml
 //! [resources.db]
 //! protocol = "mysql"
-//! url = "mysql://app:${DB_PASSWORD}@127.0.0.1:3306/app"
+//! url = "mysql://app:${DB_PASSWORD}@db.internal:3306/app"
+//! ssl_mode = "verify_identity"       # optional, default "disabled"
+//! ca = "certs/db-ca.pem"             # optional: the CA of the server's certificate (PEM)
 //! ```
+//!
+//! `ssl_mode` takes the values of MySQL's `--ssl-mode` (in lower or upper case): `disabled`
+//! (plain), `preferred` (TLS when the server offers it, certificate not checked, plain
+//! otherwise), `required` (TLS, certificate not checked), `verify_ca` (TLS, certificate signed
+//! by a trusted CA) and `verify_identity` (that, and issued for the host of the url). mysql_async's
+//! own url parameters for TLS (`require_ssl`, `verify_ca`, ...) are refused in favour of it.
+//!
+//! `ca` is a PEM file of one or more CA certificates, relative to the cage folder; with it the
+//! server's certificate must chain to one of them and to nothing else. Without it verify_ca and
+//! verify_identity trust the public (webpki) CAs. It is read at config time, and only with
+//! verify_ca or verify_identity: with preferred or required nothing would check against it.
 
 mod convert;
+mod verify_ca;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use mysql_async::prelude::{Protocol as WireProtocol, Queryable};
-use mysql_async::{Conn, Opts, Params, QueryResult};
+use mysql_async::{Conn, Opts, OptsBuilder, Params, QueryResult, SslOpts};
 use rustomnic_core::{Section, Value};
+use rustomnic_resource::tls::{self as rtls, CaFile};
 use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
-pub const KEYS: &[&str] = &["url"];
+pub const KEYS: &[&str] = &["url", "ssl_mode", "ca"];
+
+/// MySQL's --ssl-mode values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SslMode {
+    Disabled,
+    Preferred,
+    Required,
+    VerifyCa,
+    VerifyIdentity,
+}
+
+const SSL_MODES: &str = "\"disabled\", \"preferred\", \"required\", \"verify_ca\", \"verify_identity\"";
+
+impl SslMode {
+    fn parse(text: &str) -> Result<SslMode, String> {
+        Ok(match text.to_ascii_lowercase().as_str() {
+            "disabled" => SslMode::Disabled,
+            "preferred" => SslMode::Preferred,
+            "required" => SslMode::Required,
+            "verify_ca" => SslMode::VerifyCa,
+            "verify_identity" => SslMode::VerifyIdentity,
+            _ => return Err(format!("{text:?} is not an ssl_mode; use one of {SSL_MODES}")),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SslMode::Disabled => "disabled",
+            SslMode::Preferred => "preferred",
+            SslMode::Required => "required",
+            SslMode::VerifyCa => "verify_ca",
+            SslMode::VerifyIdentity => "verify_identity",
+        }
+    }
+
+    fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyIdentity)
+    }
+
+    /// mysql_async's TLS settings for this mode; `None` without TLS.
+    fn ssl_opts(self, ca: Option<&CaFile>) -> Option<SslOpts> {
+        let verified = |ca: Option<&CaFile>| {
+            let opts = SslOpts::default();
+            match ca {
+                // Only the CA of `ca`: a private CA is not widened to every public one.
+                Some(ca) => opts.with_root_certs(vec![ca.pem.clone().into()]).with_disable_built_in_roots(true),
+                None => opts,
+            }
+        };
+        match self {
+            SslMode::Disabled => None,
+            SslMode::Preferred | SslMode::Required => Some(SslOpts::default().with_danger_accept_invalid_certs(true)),
+            // The name is set per connection: see verify_ca.rs.
+            SslMode::VerifyCa | SslMode::VerifyIdentity => Some(verified(ca)),
+        }
+    }
+}
 
 /// Methods of a connection, for "unknown method" messages.
 const METHODS: &[&str] = &["execute"];
@@ -58,42 +130,104 @@ impl Protocol for Mysql {
     }
 
     fn configure(&self, _resource: &str, section: &Section) -> Option<Arc<dyn Resource>> {
-        let Some(url) = section.string("url") else {
+        let url = section.string("url");
+        let ssl_mode = section.string("ssl_mode").map(|m| SslMode::parse(&m.value).map_err(|e| section.error("ssl_mode", e)));
+        let ca = rtls::read_ca(section, "ca");
+        let Some(url) = url else {
             if !section.has("url") {
                 section.error("url", "missing: the server to connect to, e.g. url = \"mysql://app:${DB_PASSWORD}@127.0.0.1:3306/app\"");
             }
             return None;
         };
         // The text of the url is left out of messages: it may hold a password.
-        match Opts::from_url(&url.value) {
-            Ok(opts) => Some(Arc::new(MysqlResource { opts })),
+        let opts = match Opts::from_url(&url.value) {
+            Ok(opts) => opts,
             Err(e) => {
                 section.error("url", format!("not a MySQL connection URL (mysql://user:password@host:port/database): {e}"));
-                None
+                return None;
             }
+        };
+        if opts.ssl_opts().is_some() {
+            section.error("url", "TLS is set with the key ssl_mode (and ca), not with url parameters such as require_ssl");
+            return None;
         }
+        let ssl_mode = match ssl_mode {
+            Some(Ok(m)) => m,
+            Some(Err(())) => return None,
+            // As today and unlike the mysql client's preferred, so that no connection looks
+            // protected when it is not; see docs/decisions/080-database-tls.md.
+            None => SslMode::Disabled,
+        };
+        let ca = match ca {
+            Some(Ok(_)) if !ssl_mode.verifies() => {
+                section.error(
+                    "ca",
+                    format!("is only read with ssl_mode \"verify_ca\" or \"verify_identity\"; with {:?} the server's certificate is not checked", ssl_mode.name()),
+                );
+                return None;
+            }
+            Some(Ok(ca)) => Some(ca),
+            Some(Err(())) => return None,
+            None => None,
+        };
+        // mysql_async builds its rustls settings with the process's default provider.
+        rtls::install_default_provider();
+        let mut tls_opts = OptsBuilder::from_opts(opts.clone()).ssl_opts(ssl_mode.ssl_opts(ca.as_ref()));
+        if ssl_mode != SslMode::Disabled {
+            // mysql_async would otherwise move a connection to a local server onto its Unix
+            // socket, without TLS, which is not what the config asked for.
+            tls_opts = tls_opts.prefer_socket(false);
+        }
+        let tls_opts = tls_opts.into();
+        Some(Arc::new(MysqlResource { tls_opts, plain_opts: opts, ssl_mode, ca: ca.map(Arc::new) }))
     }
 }
 
 struct MysqlResource {
-    opts: Opts,
+    /// The options with the TLS settings of `ssl_mode` (the same as `plain_opts` when disabled).
+    tls_opts: Opts,
+    /// Without TLS: preferred falls back to these when the server has no TLS.
+    plain_opts: Opts,
+    ssl_mode: SslMode,
+    /// For messages about a certificate its CA did not sign.
+    ca: Option<Arc<CaFile>>,
 }
 
 impl Resource for MysqlResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
-        let opts = self.opts.clone();
+        let tls_opts = self.tls_opts.clone();
+        let plain_opts = self.plain_opts.clone();
+        let ssl_mode = self.ssl_mode;
+        let ca = self.ca.clone();
         Box::pin(async move {
-            let conn = Conn::new(opts.clone()).await.map_err(|e| Error::new(connect_message(&e)))?;
+            let tls_opts = if ssl_mode == SslMode::VerifyCa {
+                let name = verify_ca::certificate_name(tls_opts.ip_or_hostname(), tls_opts.tcp_port(), ca.as_deref()).await.map_err(Error::new)?;
+                let ssl = tls_opts.ssl_opts().cloned().map(|s| s.with_danger_tls_hostname_override(Some(name)));
+                OptsBuilder::from_opts(tls_opts).ssl_opts(ssl).into()
+            } else {
+                tls_opts
+            };
+            let (conn, opts) = match Conn::new(tls_opts.clone()).await {
+                Ok(conn) => (conn, tls_opts),
+                Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)) if ssl_mode == SslMode::Preferred => {
+                    let conn = Conn::new(plain_opts.clone()).await.map_err(|e| Error::new(connect_message(&e, ssl_mode, ca.as_deref())))?;
+                    (conn, plain_opts)
+                }
+                Err(e) => return Err(Error::new(connect_message(&e, ssl_mode, ca.as_deref()))),
+            };
             Ok(Box::new(MysqlConnection { conn, opts, busy: false, broken: false, last_used: Instant::now() }) as Box<dyn Connection>)
         })
     }
 }
 
 /// What the pool reports after "cannot connect: ".
-fn connect_message(e: &mysql_async::Error) -> String {
+fn connect_message(e: &mysql_async::Error, ssl_mode: SslMode, ca: Option<&CaFile>) -> String {
     match e {
         mysql_async::Error::Server(s) => format!("{} [{}]", s.message, s.code),
-        other => describe(other),
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            format!("TLS: the server does not accept TLS connections (have_ssl is not YES on the server), and ssl_mode {:?} requires TLS", ssl_mode.name())
+        }
+        other => rtls::describe(other, ca).unwrap_or_else(|| describe(other)),
     }
 }
 
@@ -108,7 +242,8 @@ fn describe(e: &mysql_async::Error) -> String {
 
 struct MysqlConnection {
     conn: Conn,
-    /// For the side connection that kills a statement cut off by the deadline.
+    /// For the side connection that kills a statement cut off by the deadline: the options this
+    /// connection was made with, TLS or not.
     opts: Opts,
     /// A statement is in flight; if the connection is dropped now (deadline), the server is told
     /// to kill it so that it stops holding locks and a thread.

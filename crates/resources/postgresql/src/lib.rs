@@ -1,15 +1,30 @@
 //! The `postgresql` resource: `xa.db.execute(sql, ...params)` on a real PostgreSQL transaction
-//! per participant (BEGIN, the call, then COMMIT or ROLLBACK), through tokio-postgres without TLS.
+//! per participant (BEGIN, the call, then COMMIT or ROLLBACK), through tokio-postgres, over TLS
+//! (rustls on ring) when `sslmode` asks for it.
 //!
 //! ```toml
 //! [resources.db]
 //! protocol = "postgresql"
-//! url = "postgresql://app:${DB_PASSWORD}@127.0.0.1:5432/app"
+//! url = "postgresql://app:${DB_PASSWORD}@db.internal:5432/app"
 //! statement_timeout = "30s"          # optional: the server cancels statements running longer
+//! sslmode = "verify-full"            # optional, default "disable"; or ?sslmode=... in the url
+//! ca = "certs/db-ca.pem"             # optional: the CA of the server's certificate (PEM)
 //! ```
+//!
+//! `sslmode` takes libpq's values: `disable` (plain), `prefer` (TLS when the server offers it,
+//! certificate not checked, plain otherwise), `require` (TLS, certificate not checked),
+//! `verify-ca` (TLS, certificate signed by a trusted CA) and `verify-full` (that, and issued for
+//! the host of the url). It may be given in the url instead (`?sslmode=verify-full`, or
+//! `sslmode=verify-full` in a key=value string), not in both with different values.
+//!
+//! `ca` is a PEM file of one or more CA certificates, relative to the cage folder; with it the
+//! server's certificate must chain to one of them and to nothing else. Without it verify-ca and
+//! verify-full trust the public (webpki) CAs. It is read at config time, and only with
+//! verify-ca or verify-full: with prefer or require nothing would check against it.
 
 mod decode;
 mod params;
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,11 +32,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::LocalBoxFuture;
 use futures_util::{pin_mut, TryStreamExt};
 use rustomnic_core::{Section, Value};
+use rustomnic_resource::tls::{self as rtls, CaFile};
 use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
-use tokio_postgres::{CancelToken, Client, NoTls};
+use tokio_postgres::{CancelToken, Client};
+
+use crate::tls::{PgTls, SslMode};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
-pub const KEYS: &[&str] = &["url", "statement_timeout"];
+pub const KEYS: &[&str] = &["url", "statement_timeout", "sslmode", "ca"];
 
 /// Methods of a connection, for "unknown method" messages.
 const METHODS: &[&str] = &["execute"];
@@ -51,6 +69,8 @@ impl Protocol for Postgresql {
         // look unknown.
         let url = section.string("url");
         let statement_timeout = section.duration("statement_timeout", Duration::from_secs(86_400));
+        let key_mode = section.string("sslmode").map(|m| SslMode::parse(&m.value).map_err(|e| section.error("sslmode", e)));
+        let ca = rtls::read_ca(section, "ca");
         let Some(url) = url else {
             if !section.has("url") {
                 section.error("url", "missing: the server to connect to, e.g. url = \"postgresql://app:${DB_PASSWORD}@127.0.0.1:5432/app\"");
@@ -58,7 +78,56 @@ impl Protocol for Postgresql {
             return None;
         };
         // The text of the url is left out of messages: it may hold a password.
-        let mut config: tokio_postgres::Config = match url.value.parse() {
+        let url = tls::take_url_tls(&url.value);
+        if let Some(param) = url.other.first() {
+            let hint = match param.as_str() {
+                "sslrootcert" => "give the CA file as the key ca = \"...\" (relative to the cage folder)",
+                _ => "client certificates are not supported by this resource",
+            };
+            section.error("url", format!("the url parameter {param} is not read here: {hint}"));
+            return None;
+        }
+        let url_mode = match url.sslmode.as_deref().map(SslMode::parse) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                section.error("url", format!("sslmode in the url: {e}"));
+                return None;
+            }
+            None => None,
+        };
+        let sslmode = match (key_mode, url_mode) {
+            (Some(Err(())), _) => return None,
+            (Some(Ok(k)), Some(u)) if k != u => {
+                section.error("sslmode", format!("is {:?} but the url says sslmode={}; give it once", k.name(), u.name()));
+                return None;
+            }
+            (Some(Ok(k)), _) => k,
+            (None, Some(u)) => u,
+            // Unlike libpq's prefer, so that no connection looks protected when it is not; see
+            // docs/decisions/080-database-tls.md.
+            (None, None) => SslMode::Disable,
+        };
+        let ca = match ca {
+            Some(Ok(_)) if !sslmode.verifies() => {
+                section.error(
+                    "ca",
+                    format!("is only read with sslmode \"verify-ca\" or \"verify-full\"; with {:?} the server's certificate is not checked", sslmode.name()),
+                );
+                return None;
+            }
+            Some(Ok(ca)) => Some(ca),
+            Some(Err(())) => return None,
+            None => None,
+        };
+        let tls_config = match sslmode.verify().map(|v| rtls::client_config(v, ca.as_ref())) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                section.error(if section.has("ca") { "ca" } else { "sslmode" }, format!("cannot set up TLS: {e}"));
+                return None;
+            }
+            None => None,
+        };
+        let mut config: tokio_postgres::Config = match url.url.parse() {
             Ok(c) => c,
             Err(e) => {
                 section.error("url", format!("not a PostgreSQL connection URL (postgresql://user:password@host:port/database): {e}"));
@@ -86,19 +155,27 @@ impl Protocol for Postgresql {
             // Shows in pg_stat_activity which connections are ours.
             config.application_name("rustomnic");
         }
-        Some(Arc::new(PgResource { config }))
+        config.ssl_mode(sslmode.wire());
+        Some(Arc::new(PgResource { config, tls: PgTls { config: tls_config }, sslmode, ca: ca.map(Arc::new) }))
     }
 }
 
 struct PgResource {
     config: tokio_postgres::Config,
+    tls: PgTls,
+    sslmode: SslMode,
+    /// For messages about a certificate its CA did not sign.
+    ca: Option<Arc<CaFile>>,
 }
 
 impl Resource for PgResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
         let config = self.config.clone();
+        let tls = self.tls.clone();
+        let sslmode = self.sslmode;
+        let ca = self.ca.clone();
         Box::pin(async move {
-            let (client, connection) = config.connect(NoTls).await.map_err(|e| Error::new(connect_message(&e)))?;
+            let (client, connection) = config.connect(tls.clone()).await.map_err(|e| Error::new(connect_message(&e, sslmode, ca.as_deref())))?;
             // The connection future does the socket I/O for the client; it ends when the client
             // is dropped or the server goes away (then the client reports itself closed).
             tokio::task::spawn_local(async move {
@@ -107,22 +184,31 @@ impl Resource for PgResource {
                 }
             });
             let cancel = client.cancel_token();
-            Ok(Box::new(PgConnection { client, cancel, busy: false, broken: false, last_used: Instant::now() }) as Box<dyn Connection>)
+            Ok(Box::new(PgConnection { client, cancel, tls, busy: false, broken: false, last_used: Instant::now() }) as Box<dyn Connection>)
         })
     }
 }
 
 /// What the pool reports after "cannot connect: ".
-fn connect_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} [{}]", db.message(), db.code().code()),
-        None => error_chain(e),
+fn connect_message(e: &tokio_postgres::Error, sslmode: SslMode, ca: Option<&CaFile>) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} [{}]", db.message(), db.code().code());
     }
+    if let Some(why) = rtls::describe(e, ca) {
+        return why;
+    }
+    let text = error_chain(e);
+    if text.contains("server does not support TLS") {
+        return format!("TLS: the server does not accept TLS connections (ssl is off on the server), and sslmode {:?} requires TLS", sslmode.name());
+    }
+    text
 }
 
 struct PgConnection {
     client: Client,
     cancel: CancelToken,
+    /// The cancel request of a cut-off statement goes over TLS too when the connection did.
+    tls: PgTls,
     /// A statement is in flight; if the connection is dropped now (deadline), the server is asked
     /// to cancel it so that it stops holding locks and a backend.
     busy: bool,
@@ -137,11 +223,12 @@ impl Drop for PgConnection {
             return;
         }
         let cancel = self.cancel.clone();
+        let tls = self.tls.clone();
         // Without a runtime (shutdown) there is nothing to send the cancel with; the server ends
         // the statement on its own when it notices the closed connection.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Err(e) = cancel.cancel_query(NoTls).await {
+                if let Err(e) = cancel.cancel_query(tls).await {
                     tracing::debug!("postgresql cancel request failed: {e}");
                 }
             });

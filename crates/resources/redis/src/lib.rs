@@ -4,15 +4,32 @@
 //! Each participant runs its command when the transaction executes; commit and rollback do
 //! nothing, because Redis cannot hold a command's reply back until a later commit nor undo a
 //! command once it ran (see the docs for why MULTI/EXEC around a single command is not used).
+//!
+//! ```toml
+//! [resources.cache]
+//! protocol = "redis"
+//! url = "rediss://:${REDIS_PASSWORD}@cache.internal:6380/0"   # redis:// plain, rediss:// TLS
+//! ca = "certs/redis-ca.pem"          # optional, rediss:// only: the CA of the server's certificate
+//! ```
+//!
+//! A `rediss://` url connects over TLS (rustls on ring) and always checks the server's
+//! certificate: signed by a trusted CA and issued for the url's host. `ca` is a PEM file of one or
+//! more CA certificates, relative to the cage folder and read at config time; with it the
+//! certificate must chain to one of them and to nothing else, without it to a public (webpki) CA.
+//! redis-rs's `#insecure` fragment (no check) is refused.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, Client, RedisError, TlsCertificates};
 use rustomnic_core::{Section, Value};
+use rustomnic_resource::tls::{self as rtls, CaFile};
 use rustomnic_resource::{Connection, Error, Protocol, Resource};
+
+/// The keys this protocol reads itself (the pool keys are read by the runtime).
+pub const KEYS: &[&str] = &["url", "ca"];
 
 /// A connection used within this long is trusted without a PING at checkout: a dead one then
 /// fails its next call, and the pool replaces it.
@@ -50,6 +67,8 @@ struct RedisResource {
     client: Client,
     /// host:port/db, without credentials, for messages.
     display: String,
+    /// For messages about a certificate its CA did not sign; `None` also without TLS.
+    ca: Option<Arc<CaFile>>,
 }
 
 struct RedisConnection {
@@ -79,17 +98,36 @@ impl Protocol for Redis {
     }
 
     fn configure(&self, _resource: &str, section: &Section) -> Option<Arc<dyn Resource>> {
-        let Some(url) = section.string("url") else {
+        let url = section.string("url");
+        let ca = rtls::read_ca(section, "ca");
+        let Some(url) = url else {
             if !section.has("url") {
                 section.table_error("url is required, e.g. url = \"redis://127.0.0.1:6379/0\"");
             }
             return None;
         };
-        if url.value.starts_with("rediss://") || url.value.starts_with("valkeys://") {
-            section.error("url", "TLS (rediss://) is not supported by this resource yet; use redis:// (or a TLS tunnel)");
+        let tls = url.value.starts_with("rediss://") || url.value.starts_with("valkeys://");
+        let ca = match ca {
+            Some(Ok(_)) if !tls => {
+                section.error("ca", "is only read with a rediss:// url (TLS); this url is plain");
+                return None;
+            }
+            Some(Ok(ca)) => Some(ca),
+            Some(Err(())) => return None,
+            None => None,
+        };
+        // The url's text stays out of messages: it may hold a password.
+        if tls && url.value.split_once('#').is_some_and(|(_, fragment)| fragment == "insecure") {
+            section.error("url", "#insecure (TLS without checking the server's certificate) is refused; give the CA that signed it as ca = \"...\"");
             return None;
         }
-        let client = match Client::open(url.value.as_str()) {
+        // redis-rs builds its rustls settings with the process's default provider.
+        rtls::install_default_provider();
+        let client = match &ca {
+            Some(ca) => Client::build_with_tls(url.value.as_str(), TlsCertificates { client_tls: None, root_cert: Some(ca.pem.clone()) }),
+            None => Client::open(url.value.as_str()),
+        };
+        let client = match client {
             Ok(c) => c,
             Err(e) => {
                 section.error("url", format!("not a usable Redis url: {}", describe(&e)));
@@ -98,7 +136,7 @@ impl Protocol for Redis {
         };
         let info = client.get_connection_info();
         let display = format!("{}/{}", info.addr(), info.redis_settings().db());
-        Some(Arc::new(RedisResource { client, display }))
+        Some(Arc::new(RedisResource { client, display, ca: ca.map(Arc::new) }))
     }
 }
 
@@ -106,6 +144,7 @@ impl Resource for RedisResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
         let client = self.client.clone();
         let display: Arc<str> = Arc::from(self.display.as_str());
+        let ca = self.ca.clone();
         Box::pin(async move {
             // The library's own timeouts (1 s to connect, 500 ms per reply) are switched off:
             // the pool's connect_timeout and the request's deadline bound every wait instead,
@@ -113,7 +152,10 @@ impl Resource for RedisResource {
             let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
             match client.get_multiplexed_async_connection_with_config(&config).await {
                 Ok(con) => Ok(Box::new(RedisConnection { con, display, last_used: Instant::now(), sent: false }) as Box<dyn Connection>),
-                Err(e) => Err(Error::new(format!("{display}: {}", describe(&e)))),
+                Err(e) => {
+                    let why = rtls::describe(&e, ca.as_deref()).unwrap_or_else(|| describe(&e));
+                    Err(Error::new(format!("{display}: {why}")))
+                }
             }
         })
     }

@@ -299,8 +299,6 @@ fn config_problems_name_the_key() {
     let missing = configure(&Redis, "cache", "pool_size = 2\n").unwrap_err();
     assert_eq!(missing.len(), 1, "{missing:?}");
     assert!(missing[0].contains("resources.cache: url is required"), "{missing:?}");
-    let tls = configure(&Redis, "cache", "url = \"rediss://h:6380\"\n").unwrap_err();
-    assert!(tls[0].starts_with("cage.toml:2: resources.cache.url: TLS (rediss://) is not supported"), "{tls:?}");
     let bad = configure(&Redis, "cache", "url = \"http://h\"\n").unwrap_err();
     assert!(bad[0].starts_with("cage.toml:2: resources.cache.url: not a usable Redis url"), "{bad:?}");
     let unknown = configure(&Redis, "cache", "url = \"redis://h\"\nhost = \"x\"\n").unwrap_err();
