@@ -178,9 +178,13 @@ impl<'a> Reader<'a> {
         })
     }
 
+    // Containers grow as their elements arrive instead of reserving what their header
+    // announces: an announced count is only an upper bound (each element takes a byte), and a
+    // reservation of 32 bytes per announced value, repeated at every level of nesting, let a
+    // 1 MiB message ask for gigabytes (docs/decisions/060-bounded-decoding.md).
     fn array(&mut self, n: usize, depth: usize) -> Result<Value, String> {
         let n = self.count(n)?;
-        let mut items = Vec::with_capacity(n);
+        let mut items = Vec::new();
         for _ in 0..n {
             items.push(self.value_at(depth + 1)?);
         }
@@ -189,7 +193,7 @@ impl<'a> Reader<'a> {
 
     fn map(&mut self, n: usize, depth: usize) -> Result<Value, String> {
         let n = self.count(n)?;
-        let mut pairs = Vec::with_capacity(n);
+        let mut pairs = Vec::new();
         for _ in 0..n {
             let k = self.value_at(depth + 1)?;
             let v = self.value_at(depth + 1)?;
