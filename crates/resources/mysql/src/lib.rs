@@ -9,6 +9,13 @@
 //! ```
 
 mod convert;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::convert::cell;
+    pub use mysql_async::consts::ColumnType;
+    pub use mysql_async::{Column, Value};
+}
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

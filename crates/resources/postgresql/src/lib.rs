@@ -9,6 +9,12 @@
 //! ```
 
 mod decode;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::decode::{numeric, value, Decode};
+    pub use tokio_postgres::types::{Kind, Type};
+}
 mod params;
 
 use std::sync::Arc;
