@@ -22,7 +22,7 @@ mod h1;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::h1::fuzz_request;
+    pub use crate::h1::{fuzz_connection, fuzz_head, Connection, Step};
     pub use crate::ws::fuzz_frames;
 }
 mod handler;
