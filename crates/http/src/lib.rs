@@ -23,7 +23,8 @@ mod h1;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::h1::{fuzz_connection, fuzz_head, Connection, Step};
-    pub use crate::ws::fuzz_frames;
+    pub use crate::handler::{fuzz_tables, percent_decode};
+    pub use crate::ws::{fuzz_session, Session};
 }
 mod handler;
 mod limits;
