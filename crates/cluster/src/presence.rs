@@ -282,21 +282,27 @@ pub fn ask_blocking(config: &crate::ClusterConfig, wait: Duration) -> Result<Vec
     })
 }
 
+/// Control characters escaped (`\n`, `\u{1b}`): what other processes say is shown, never
+/// obeyed by the terminal, and cannot make rows of its own.
+fn shown(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// The roster as a table: one row per cage of each instance.
 pub fn table(instances: &[Json]) -> String {
     let mut rows: Vec<[String; 8]> = Vec::new();
     for i in instances {
-        let s = |k: &str| i.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+        let s = |k: &str| shown(&i.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default());
         let uptime = i.get("uptime_s").and_then(Json::as_u64).map(human).unwrap_or_default();
         let state = match i.get("down_reason").and_then(Json::as_str) {
-            Some(reason) if s("state") == "down" => format!("down ({reason})"),
+            Some(reason) if s("state") == "down" => format!("down ({})", shown(reason)),
             _ => s("state"),
         };
         let load = i.pointer("/load/requests_in_flight").map(|v| v.to_string()).unwrap_or_default();
         let cages: Vec<String> = i
             .get("cages")
             .and_then(Json::as_array)
-            .map(|a| a.iter().filter_map(|c| c.get("name").and_then(Json::as_str).map(str::to_string)).collect())
+            .map(|a| a.iter().filter_map(|c| c.get("name").and_then(Json::as_str).map(shown)).collect())
             .unwrap_or_default();
         let cages = if cages.is_empty() { vec!["-".to_string()] } else { cages };
         for cage in cages {
@@ -366,6 +372,20 @@ mod tests {
         assert!(Roster::default().hear(huge.as_bytes()).unwrap_err().contains("bytes"));
         assert!(Roster::default().hear(b"[1]").unwrap_err().contains("without an instance"));
         assert!(Roster::default().hear(b"{").unwrap_err().contains("unreadable"));
+    }
+
+    /// Found while writing the presence fuzz target: names and versions come from other
+    /// processes, and a newline or an escape sequence in one went to the operator's terminal
+    /// as it was (a forged row, or a terminal taken over by escape codes).
+    #[test]
+    fn what_peers_say_cannot_forge_rows_or_reach_the_terminal() {
+        let t = table(&[json!({
+            "instance": "i1\nweb  i2  h  1  0.1.0  1s  up  0", "host": "h\u{1b}]0;owned\u{7}", "version": "\u{9b}31m",
+            "state": "up", "cages": [{"name": "web\r\nfake"}]
+        })]);
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("i1\\nweb") && t.contains("h\\u{1b}]0;owned\\u{7}"), "{t}");
     }
 
     #[test]
