@@ -94,12 +94,16 @@ pub fn value(ty: &Type, raw: &[u8]) -> Result<Value, Decode> {
         Type::TIMESTAMP => Value::str(timestamp(i64::from_be_bytes(fixed(raw)?), "")),
         Type::TIMESTAMPTZ => Value::str(timestamp(i64::from_be_bytes(fixed(raw)?), "Z")),
         Type::DATE => Value::str(date(i32::from_be_bytes(fixed(raw)?))),
-        Type::TIME => Value::str(time_of_day(i64::from_be_bytes(fixed(raw)?))),
+        Type::TIME => Value::str(time_of_day(in_day(i64::from_be_bytes(fixed(raw)?))?)),
         Type::TIMETZ => {
             let b = fixed::<12>(raw)?;
-            let micros = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            let micros = in_day(i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))?;
             // The server sends seconds west of UTC; ISO 8601 writes east as positive.
             let west = i32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+            // PostgreSQL's own limit (TZDISP_LIMIT): 16 hours either way.
+            if west.unsigned_abs() > 16 * 3600 {
+                return Err(format!("a time zone {west} seconds west of UTC, beyond PostgreSQL's 16 hours").into());
+            }
             Value::str(format!("{}{}", time_of_day(micros), offset(-i64::from(west))))
         }
         Type::INTERVAL => {
@@ -293,6 +297,16 @@ fn seconds(whole: u64, micros: u64) -> String {
     }
 }
 
+/// A time of day from the server: 00:00:00 to 24:00:00 inclusive; anything else would wrap
+/// around the clock into another time.
+fn in_day(micros: i64) -> Result<i64, String> {
+    if (0..=MICROS_PER_DAY).contains(&micros) {
+        Ok(micros)
+    } else {
+        Err(format!("a time of day of {micros} microseconds, outside 00:00:00..=24:00:00"))
+    }
+}
+
 fn time_of_day(micros: i64) -> String {
     let m = micros.rem_euclid(MICROS_PER_DAY) as u64;
     let (h, rest) = (m / 3_600_000_000, m % 3_600_000_000);
@@ -456,12 +470,30 @@ mod tests {
         assert_eq!(numeric(&num(4, 2, 0x4000, 1, &[0, 0, 7, 5000])).unwrap(), "-7.5");
     }
 
+    /// Found while writing the postgres_values target's "reads back as the same value"
+    /// property: a time of day outside 00:00:00..=24:00:00 wrapped around the clock.
+    #[test]
+    fn times_of_day_out_of_range_are_refused() {
+        for micros in [-1i64, MICROS_PER_DAY + 1, i64::MIN, i64::MAX] {
+            assert!(value(&Type::TIME, &micros.to_be_bytes()).is_err(), "{micros}");
+            let mut raw = micros.to_be_bytes().to_vec();
+            raw.extend_from_slice(&0i32.to_be_bytes());
+            assert!(value(&Type::TIMETZ, &raw).is_err(), "{micros}");
+        }
+        assert_eq!(value(&Type::TIME, &MICROS_PER_DAY.to_be_bytes()).unwrap(), Value::str("24:00:00"));
+    }
+
     #[test]
     fn extreme_time_zones_do_not_overflow() {
-        let mut raw = 0i64.to_be_bytes().to_vec();
-        raw.extend_from_slice(&i32::MIN.to_be_bytes());
-        let v = value(&Type::TIMETZ, &raw).unwrap();
-        assert!(v.as_str().is_some_and(|s| s.starts_with("00:00:00+")), "{v:?}");
+        let timetz = |west: i32| {
+            let mut raw = 0i64.to_be_bytes().to_vec();
+            raw.extend_from_slice(&west.to_be_bytes());
+            value(&Type::TIMETZ, &raw)
+        };
+        // Negating i32::MIN overflowed (a panic in debug builds); now it is refused.
+        assert!(matches!(timetz(i32::MIN), Err(Decode::Bad(m)) if m.contains("16 hours")));
+        assert_eq!(timetz(-16 * 3600).unwrap(), Value::str("00:00:00+16:00"));
+        assert_eq!(timetz(5 * 3600 + 30 * 60).unwrap(), Value::str("00:00:00-05:30"));
     }
 
     #[test]
