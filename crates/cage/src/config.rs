@@ -87,13 +87,17 @@ pub fn load_cage(dir: &CageDir, protocols: &Protocols) -> Result<CageConfig, Vec
     let text = std::fs::read(&path).map_err(|e| {
         vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: format!("cannot read: {e}") }]
     })?;
+    parse_cage(dir, text, protocols)
+}
+
+/// Reads the bytes of `dir`'s cage.toml, as [`load_cage`] does after reading the file (the
+/// config fuzz target runs the real readers through here).
+pub fn parse_cage(dir: &CageDir, text: Vec<u8>, protocols: &Protocols) -> Result<CageConfig, Vec<ConfigError>> {
+    let path = dir.config_file();
     if text.len() > 1 << 20 {
         return Err(vec![ConfigError { file: path, line: 1, key: String::new(), message: "over 1 MiB; this is not a cage.toml".into() }]);
     }
-    let text = String::from_utf8(text).map_err(|_| {
-        vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: "not UTF-8 text".into() }]
-    })?;
-    let file = SourceFile::parse(&path, text).map_err(|e| vec![e])?;
+    let file = SourceFile::from_bytes(&path, text).map_err(|e| vec![e])?;
     let config = read(&file, dir, protocols);
     let errors = file.take_errors();
     match config {
@@ -304,4 +308,28 @@ fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Op
     let resource = resource?;
     let pool = rustomnic_resource::PoolSettings { size: resource.default_pool_size(), ..Default::default() };
     Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(bytes: &[u8]) -> Result<CageConfig, Vec<ConfigError>> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CageDir { folder_name: "web".into(), dir: tmp.path().to_path_buf(), shared: None };
+        std::fs::write(dir.config_file(), bytes).unwrap();
+        load_cage(&dir, &Protocols::new())
+    }
+
+    /// Issue 12: a byte that is not UTF-8 was reported on line 1 wherever it was.
+    #[test]
+    fn a_non_utf8_file_is_reported_at_the_bad_byte() {
+        let errors = load(b"name = \"web\"\n# caf\xc3\xa9 is fine\nrequest_timeout = \"1\xff0s\"\n").err().unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 3, "{}", errors[0]);
+        assert!(errors[0].message.contains("UTF-8") && errors[0].message.contains("0xff"), "{}", errors[0]);
+        // A sequence cut at the end of the file.
+        let errors = load(b"a = 1\n\n\n\xe2\x82").err().unwrap();
+        assert_eq!(errors[0].line, 4, "{}", errors[0]);
+    }
 }

@@ -64,18 +64,23 @@ pub fn encode(instance: &str, topic: &str, value: &Value) -> Result<Vec<u8>, Str
     Ok(out)
 }
 
+/// Reads an event; its value is counted for depth from its own top, as it was encoded.
 pub fn decode(data: &[u8]) -> Result<(String, String, Value), String> {
     let mut r = Reader::new(data);
-    let Value::Array(mut parts) = r.value()? else { return Err("an event must be an array".into()) };
-    if parts.len() != 3 || !r.at_end() {
+    if r.array_header("an event")? != 3 {
         return Err("an event has 3 parts".into());
     }
-    let value = parts.pop().unwrap_or_default();
-    let text = |v: &Value| match v {
-        Value::Str(b) => String::from_utf8(b.clone()).map_err(|_| "event names are UTF-8".to_string()),
+    let text = |v: Value| match v {
+        Value::Str(b) => String::from_utf8(b).map_err(|_| "event names are UTF-8".to_string()),
         _ => Err("event names are strings".to_string()),
     };
-    Ok((text(&parts[0])?, text(&parts[1])?, value))
+    let instance = text(r.value()?)?;
+    let topic = text(r.value()?)?;
+    let value = r.value()?;
+    if !r.at_end() {
+        return Err("an event has 3 parts".into());
+    }
+    Ok((instance, topic, value))
 }
 
 /// Sends this process's events to the flock and delivers the flock's events to `cages` here,

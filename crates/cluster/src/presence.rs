@@ -21,6 +21,10 @@ use crate::{heartbeat_subject, status_subject, Identity};
 pub const MISSED_BEATS: u32 = 3;
 /// Down instances are forgotten after this long.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// The most instances a roster keeps.
+pub const MAX_INSTANCES: usize = 4096;
+/// The largest heartbeat a roster keeps, in bytes.
+pub const MAX_HEARTBEAT: usize = 64 << 10;
 
 /// What this process says about itself in each heartbeat besides its identity: its cages and
 /// interfaces. Filled by the runtime.
@@ -41,12 +45,51 @@ pub struct Roster {
 }
 
 impl Roster {
-    fn heard(&self, beat: Json) {
-        let Some(instance) = beat.get("instance").and_then(Json::as_str).map(str::to_string) else { return };
+    /// A heartbeat as it arrived from the flock.
+    ///
+    /// Any process on the subject can send one, so what a roster keeps is bounded: a heartbeat
+    /// over [`MAX_HEARTBEAT`] bytes is refused, and so is a new instance once [`MAX_INSTANCES`]
+    /// are known (the ones known keep being heard; a flood of made-up names cannot push them
+    /// out or grow the roster for the ten minutes before it forgets them).
+    pub fn hear(&self, payload: &[u8]) -> Result<(), String> {
+        if payload.len() > MAX_HEARTBEAT {
+            return Err(format!("a heartbeat of {} bytes (at most {MAX_HEARTBEAT})", payload.len()));
+        }
+        let beat: Json = serde_json::from_slice(payload).map_err(|e| format!("unreadable heartbeat: {e}"))?;
+        if beat.get("instance").and_then(Json::as_str).is_none() {
+            return Err("a heartbeat without an instance".into());
+        }
+        if self.heard(beat) {
+            Ok(())
+        } else {
+            Err(format!("a heartbeat from a new instance while {MAX_INSTANCES} are known"))
+        }
+    }
+
+    /// How many instances it knows.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// False when the beat was dropped: a new instance with the roster full.
+    fn heard(&self, beat: Json) -> bool {
+        let Some(instance) = beat.get("instance").and_then(Json::as_str).map(str::to_string) else { return false };
         let interval = Duration::from_millis(beat.get("heartbeat_ms").and_then(Json::as_u64).unwrap_or(1000).clamp(100, 60_000));
         let leaving = beat.get("state").and_then(Json::as_str) == Some("leaving");
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= MAX_INSTANCES && !entries.contains_key(&instance) {
+            let now = Instant::now();
+            entries.retain(|_, e| now.duration_since(e.last_seen) < FORGET_AFTER);
+            if entries.len() >= MAX_INSTANCES {
+                return false;
+            }
+        }
         entries.insert(instance, Entry { beat, last_seen: Instant::now(), interval, down: leaving.then_some("left") });
+        true
     }
 
     fn sweep(&self) {
@@ -175,8 +218,8 @@ pub async fn run(
                 }
             }
             Some(m) = next(&mut beats) => {
-                if let Ok(beat) = serde_json::from_slice::<Json>(&m.payload) {
-                    roster.heard(beat);
+                if let Err(e) = roster.hear(&m.payload) {
+                    tracing::debug!("cluster: {e} on {}", m.subject);
                 }
             }
             Some(m) = next(&mut asks) => {
@@ -210,24 +253,42 @@ pub async fn ask(conn: &Connection, flock: &str, wait: Duration) -> Result<Vec<J
         .await
         .map_err(|e| format!("cannot ask the flock: {e}"))?;
     let until = tokio::time::Instant::now() + wait;
-    let mut merged: BTreeMap<String, (bool, Json)> = BTreeMap::new();
+    let mut merged = Merged::default();
     while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
-        let Ok(answer) = serde_json::from_slice::<Json>(&m.payload) else { continue };
+        merged.add(&m.payload);
+    }
+    Ok(merged.instances())
+}
+
+/// The answers of a status request, merged: an instance's own answer wins, otherwise the
+/// freshest word about it.
+#[derive(Default)]
+pub struct Merged {
+    by_id: BTreeMap<String, (bool, Json)>,
+}
+
+impl Merged {
+    /// One process's answer as it arrived; unreadable ones are skipped.
+    pub fn add(&mut self, payload: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<Json>(payload) else { return };
         let from = answer.get("from").and_then(Json::as_str).unwrap_or_default().to_string();
         for inst in answer.get("instances").and_then(Json::as_array).cloned().unwrap_or_default() {
             let Some(id) = inst.get("instance").and_then(Json::as_str).map(str::to_string) else { continue };
             let own = id == from;
             let seen = |j: &Json| j.get("last_seen_ms").and_then(Json::as_u64).unwrap_or(u64::MAX);
-            let better = match merged.get(&id) {
+            let better = match self.by_id.get(&id) {
                 None => true,
                 Some((was_own, old)) => own || (!*was_own && seen(&inst) < seen(old)),
             };
             if better {
-                merged.insert(id, (own, inst));
+                self.by_id.insert(id, (own, inst));
             }
         }
     }
-    Ok(merged.into_values().map(|(_, j)| j).collect())
+
+    pub fn instances(self) -> Vec<Json> {
+        self.by_id.into_values().map(|(_, j)| j).collect()
+    }
 }
 
 /// `pmnc cluster status`: connects, asks, and returns the merged roster.
@@ -244,21 +305,27 @@ pub fn ask_blocking(config: &crate::ClusterConfig, wait: Duration) -> Result<Vec
     })
 }
 
+/// Control characters escaped (`\n`, `\u{1b}`): what other processes say is shown, never
+/// obeyed by the terminal, and cannot make rows of its own.
+fn shown(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// The roster as a table: one row per cage of each instance.
 pub fn table(instances: &[Json]) -> String {
     let mut rows: Vec<[String; 8]> = Vec::new();
     for i in instances {
-        let s = |k: &str| i.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+        let s = |k: &str| shown(&i.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default());
         let uptime = i.get("uptime_s").and_then(Json::as_u64).map(human).unwrap_or_default();
         let state = match i.get("down_reason").and_then(Json::as_str) {
-            Some(reason) if s("state") == "down" => format!("down ({reason})"),
+            Some(reason) if s("state") == "down" => format!("down ({})", shown(reason)),
             _ => s("state"),
         };
         let load = i.pointer("/load/requests_in_flight").map(|v| v.to_string()).unwrap_or_default();
         let cages: Vec<String> = i
             .get("cages")
             .and_then(Json::as_array)
-            .map(|a| a.iter().filter_map(|c| c.get("name").and_then(Json::as_str).map(str::to_string)).collect())
+            .map(|a| a.iter().filter_map(|c| c.get("name").and_then(Json::as_str).map(shown)).collect())
             .unwrap_or_default();
         let cages = if cages.is_empty() { vec!["-".to_string()] } else { cages };
         for cage in cages {
@@ -314,6 +381,34 @@ mod tests {
         let snap = roster.snapshot();
         assert_eq!(state("a", &snap).as_deref(), Some("down"));
         assert_eq!(snap.iter().find(|j| j["instance"] == "a").unwrap()["down_reason"], "silent");
+    }
+
+    #[test]
+    fn a_flood_of_heartbeats_cannot_grow_the_roster_without_bound() {
+        let roster = Roster::default();
+        for i in 0..MAX_INSTANCES + 500 {
+            let _ = roster.hear(format!(r#"{{"instance": "i{i}", "heartbeat_ms": 100}}"#).as_bytes());
+        }
+        assert!(roster.len() <= MAX_INSTANCES, "{} instances kept", roster.len());
+        // A heartbeat is a few hundred bytes; a huge one is refused rather than kept.
+        let huge = format!(r#"{{"instance": "big", "pad": "{}"}}"#, "x".repeat(MAX_HEARTBEAT));
+        assert!(Roster::default().hear(huge.as_bytes()).unwrap_err().contains("bytes"));
+        assert!(Roster::default().hear(b"[1]").unwrap_err().contains("without an instance"));
+        assert!(Roster::default().hear(b"{").unwrap_err().contains("unreadable"));
+    }
+
+    /// Found while writing the presence fuzz target: names and versions come from other
+    /// processes, and a newline or an escape sequence in one went to the operator's terminal
+    /// as it was (a forged row, or a terminal taken over by escape codes).
+    #[test]
+    fn what_peers_say_cannot_forge_rows_or_reach_the_terminal() {
+        let t = table(&[json!({
+            "instance": "i1\nweb  i2  h  1  0.1.0  1s  up  0", "host": "h\u{1b}]0;owned\u{7}", "version": "\u{9b}31m",
+            "state": "up", "cages": [{"name": "web\r\nfake"}]
+        })]);
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("i1\\nweb") && t.contains("h\\u{1b}]0;owned\\u{7}"), "{t}");
     }
 
     #[test]

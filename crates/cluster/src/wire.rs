@@ -108,6 +108,28 @@ impl<'a> Reader<'a> {
         self.value_at(0)
     }
 
+    /// The element count of the array that starts here (its elements follow). Envelopes are
+    /// read with this, so that the values they carry are counted from their own top, as they
+    /// were when encoded.
+    pub fn array_header(&mut self, what: &str) -> Result<usize, String> {
+        let n = match Marker::from_u8(self.byte()?) {
+            Marker::FixArray(n) => n as usize,
+            Marker::Array16 => u16::from_be_bytes(self.be()?) as usize,
+            Marker::Array32 => u32::from_be_bytes(self.be()?) as usize,
+            _ => return Err(format!("{what} must be a MessagePack array")),
+        };
+        self.count(n)
+    }
+
+    /// Trailing bytes are an error.
+    pub fn end(&self) -> Result<(), String> {
+        if self.at_end() {
+            Ok(())
+        } else {
+            self.fail("trailing bytes after the value")
+        }
+    }
+
     fn value_at(&mut self, depth: usize) -> Result<Value, String> {
         if depth > MAX_DEPTH {
             return self.fail(&format!("nested deeper than {MAX_DEPTH} levels"));
@@ -178,9 +200,13 @@ impl<'a> Reader<'a> {
         })
     }
 
+    // Containers grow as their elements arrive instead of reserving what their header
+    // announces: an announced count is only an upper bound (each element takes a byte), and a
+    // reservation of 32 bytes per announced value, repeated at every level of nesting, let a
+    // 1 MiB message ask for gigabytes (docs/decisions/060-bounded-decoding.md).
     fn array(&mut self, n: usize, depth: usize) -> Result<Value, String> {
         let n = self.count(n)?;
-        let mut items = Vec::with_capacity(n);
+        let mut items = Vec::new();
         for _ in 0..n {
             items.push(self.value_at(depth + 1)?);
         }
@@ -189,7 +215,7 @@ impl<'a> Reader<'a> {
 
     fn map(&mut self, n: usize, depth: usize) -> Result<Value, String> {
         let n = self.count(n)?;
-        let mut pairs = Vec::with_capacity(n);
+        let mut pairs = Vec::new();
         for _ in 0..n {
             let k = self.value_at(depth + 1)?;
             let v = self.value_at(depth + 1)?;
@@ -254,16 +280,24 @@ impl Call {
     }
 
     pub fn decode(data: &[u8]) -> Result<Call, String> {
-        let Value::Array(mut fields) = decode_value(data)? else {
-            return Err("a call must be a MessagePack array".into());
-        };
+        let mut r = Reader::new(data);
+        let n = r.array_header("a call")?;
+        let mut fields = Vec::new();
+        while fields.len() < n.min(7) {
+            fields.push(r.value()?);
+        }
         if fields.first() != Some(&Value::Int(VERSION as i64)) {
             return Err(format!("unknown call format {:?} (this process speaks version {VERSION})", fields.first()));
         }
-        if fields.len() != 8 {
-            return Err(format!("a call has 8 fields, this one has {}", fields.len()));
+        if n != 8 {
+            return Err(format!("a call has 8 fields, this one has {n}"));
         }
-        let Some(Value::Array(args)) = fields.pop() else { return Err("call arguments must be an array".into()) };
+        let count = r.array_header("call arguments")?;
+        let mut args = Vec::new();
+        for _ in 0..count {
+            args.push(r.value()?);
+        }
+        r.end()?;
         let text = |v: &Value, what: &str| match v {
             Value::Str(b) => String::from_utf8(b.clone()).map_err(|_| format!("call {what} is not UTF-8")),
             _ => Err(format!("call {what} must be a string")),
@@ -346,23 +380,31 @@ impl Reply {
     }
 
     pub fn decode(data: &[u8]) -> Result<Reply, String> {
-        let Value::Array(mut fields) = decode_value(data)? else {
-            return Err("a reply must be a MessagePack array".into());
-        };
-        match fields.first() {
-            Some(Value::Int(0)) if fields.len() == 2 => match fields.pop() {
-                Some(Value::Array(values)) => Ok(Reply::Ok(values)),
-                _ => Err("reply results must be an array".into()),
-            },
-            Some(Value::Int(code)) if fields.len() == 3 => {
-                let text = |v: &Value| match v {
-                    Value::Str(b) => String::from_utf8_lossy(b).into_owned(),
+        let mut r = Reader::new(data);
+        let n = r.array_header("a reply")?;
+        let first = if n > 0 { Some(r.value()?) } else { None };
+        let reply = match first {
+            Some(Value::Int(0)) if n == 2 => {
+                let count = r.array_header("reply results")?;
+                let mut values = Vec::new();
+                for _ in 0..count {
+                    values.push(r.value()?);
+                }
+                Reply::Ok(values)
+            }
+            Some(Value::Int(code)) if n == 3 => {
+                let text = |v: Value| match v {
+                    Value::Str(b) => String::from_utf8_lossy(&b).into_owned(),
                     _ => String::new(),
                 };
-                Ok(Reply::Err { failure: Failure::from_code(*code), message: text(&fields[1]), instance: text(&fields[2]) })
+                let message = text(r.value()?);
+                let instance = text(r.value()?);
+                Reply::Err { failure: Failure::from_code(code), message, instance }
             }
-            _ => Err("unknown reply format".into()),
-        }
+            _ => return Err("unknown reply format".into()),
+        };
+        r.end()?;
+        Ok(reply)
     }
 }
 
@@ -474,6 +516,36 @@ mod tests {
             let _ = Call::decode(&data);
             let _ = Reply::decode(&data);
         }
+    }
+
+    /// Found while writing the msgpack fuzz target's round-trip property: arguments, results
+    /// and event values were encoded counting depth from themselves but decoded counting from
+    /// the envelope, so a value nested 127 or 128 levels deep was sent and then refused.
+    #[test]
+    fn the_deepest_values_cross_in_calls_replies_and_events() {
+        let mut deep = Value::Nil;
+        for _ in 0..MAX_DEPTH {
+            deep = Value::Array(vec![deep]);
+        }
+        let mut out = Vec::new();
+        encode_value(&mut out, &deep).unwrap();
+        assert_eq!(decode_value(&out).unwrap(), deep);
+        let call = Call {
+            from_cage: "a".into(),
+            request_id: "r".into(),
+            timeout_us: 1,
+            cage: "b".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![deep.clone()],
+        };
+        assert_eq!(Call::decode(&call.encode().unwrap()).unwrap(), call);
+        let reply = Reply::Ok(vec![deep.clone()]);
+        assert_eq!(Reply::decode(&reply.encode().unwrap()).unwrap(), reply);
+        let event = crate::events::encode("i", "t", &deep).unwrap();
+        assert_eq!(crate::events::decode(&event).unwrap().2, deep);
+        // One level more is refused by the encoder, as everywhere.
+        assert!(encode_value(&mut Vec::new(), &Value::Array(vec![deep])).is_err());
     }
 
     #[test]

@@ -69,6 +69,25 @@ impl SourceFile {
         }
     }
 
+    /// Parses a file's bytes: text that is not UTF-8 is refused with the line of its first bad
+    /// byte (and the byte itself), then as [`parse`](Self::parse).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<SourceFile, ConfigError> {
+        match String::from_utf8(bytes) {
+            Ok(text) => SourceFile::parse(path, text),
+            Err(e) => {
+                let bytes = e.as_bytes();
+                let at = e.utf8_error().valid_up_to();
+                let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+                let column = at - bytes[..at].iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+                let message = match bytes.get(at) {
+                    Some(b) if e.utf8_error().error_len().is_some() => format!("not UTF-8 text: byte 0x{b:02x} at column {column} (byte {})", at + 1),
+                    _ => format!("not UTF-8 text: the file ends inside a character at column {column}"),
+                };
+                Err(ConfigError { file: path.to_path_buf(), line, key: String::new(), message })
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -514,6 +533,15 @@ mod tests {
         let e = SourceFile::parse(Path::new("c.toml"), "a = 1\nb = = 2\n".into()).err().unwrap();
         assert_eq!(e.line, 2);
         assert!(e.to_string().starts_with("c.toml:2: TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_located() {
+        let e = SourceFile::from_bytes(Path::new("c.toml"), b"a = 1\nb = \"x\xffy\"\n".to_vec()).err().unwrap();
+        assert_eq!(e.to_string(), "c.toml:2: not UTF-8 text: byte 0xff at column 7 (byte 13)");
+        let e = SourceFile::from_bytes(Path::new("c.toml"), b"a = \"\xe2\x82".to_vec()).err().unwrap();
+        assert_eq!((e.line, e.message.contains("ends inside a character")), (1, true), "{e}");
+        assert!(SourceFile::from_bytes(Path::new("c.toml"), "a = \"\u{e9}\"".as_bytes().to_vec()).is_ok());
     }
 
     #[test]

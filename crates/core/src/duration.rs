@@ -14,20 +14,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("duration {text:?} does not start with a number"));
     }
     let n: f64 = num.parse().map_err(|_| format!("duration {text:?} has a bad number {num:?}"))?;
-    let scale = match unit.trim() {
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" | "sec" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
+    let micros_per: u64 = match unit.trim() {
+        "us" | "µs" => 1,
+        "ms" => 1_000,
+        "s" | "sec" => 1_000_000,
+        "m" | "min" => 60_000_000,
+        "h" => 3_600_000_000,
+        "d" => 86_400_000_000,
         other => {
             return Err(format!("duration {text:?} has an unknown unit {other:?} (use us, ms, s, m, h or d)"))
         }
     };
-    let secs = n * scale;
+    let secs = n * micros_per as f64 / 1e6;
     if !secs.is_finite() || secs > 1e9 {
         return Err(format!("duration {text:?} is too large"));
+    }
+    // A whole number is counted exactly (a float would make "99999999999ms" 99999999998.999 ms).
+    if let Ok(whole) = num.parse::<u64>() {
+        return Ok(Duration::from_micros(whole * micros_per));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -76,6 +80,20 @@ mod tests {
         assert!(parse_duration("99999999999h").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(10)), "10s");
+    }
+
+    /// Found by the units fuzz target: whole numbers went through a float multiplication, so
+    /// "99999999999ms" read as 99999999998.999 ms and a duration did not read back as written.
+    #[test]
+    fn whole_numbers_are_exact() {
+        assert_eq!(parse_duration("99999999999ms").unwrap(), Duration::from_millis(99_999_999_999));
+        assert_eq!(parse_duration("999999999999999us").unwrap(), Duration::from_micros(999_999_999_999_999));
+        assert_eq!(parse_duration("11574d").unwrap(), Duration::from_secs(11_574 * 86_400));
+        assert!(parse_duration("11575d").unwrap_err().contains("too large"), "the limit stays 1e9 s");
+        for ms in [1u64, 999, 1001, 86_399_999, 99_999_999_999] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{ms}ms");
+        }
     }
 
     #[test]

@@ -110,10 +110,96 @@ impl Value {
         }
     }
 
-    /// Parses JSON text, refusing nesting past [`MAX_DEPTH`] (serde_json's own limit is 128 too).
+    /// Parses JSON text, refusing nesting past [`MAX_DEPTH`]: the same depths that
+    /// [`to_json`](Self::to_json) writes are read back. serde_json's own limit (127 levels) is
+    /// off; the depth is counted here instead, and an element too deep is refused before the
+    /// parser descends into it, so deep input cannot overflow the stack. Objects come out as
+    /// they did through `serde_json::Value`: keys sorted, a repeated key's last value kept.
     pub fn parse_json(text: &[u8]) -> Result<Value, String> {
-        let json: serde_json::Value = serde_json::from_slice(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        Ok(Value::from_json(&json))
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_slice(text);
+        de.disable_recursion_limit();
+        let v = json::Seed(0).deserialize(&mut de).map_err(|e| format!("invalid JSON: {e}"))?;
+        de.end().map_err(|e| format!("invalid JSON: {e}"))?;
+        Ok(v)
+    }
+}
+
+/// Reading JSON straight into the value model with a depth count.
+mod json {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+    use super::{Value, MAX_DEPTH};
+
+    /// A value at this depth (0 at the top).
+    pub(super) struct Seed(pub(super) usize);
+
+    impl<'de> DeserializeSeed<'de> for Seed {
+        type Value = Value;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            if self.0 > MAX_DEPTH {
+                return Err(de::Error::custom(format!("nested deeper than {MAX_DEPTH} levels")));
+            }
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Seed {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Nil)
+        }
+
+        fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+            Ok(Value::Bool(b))
+        }
+
+        fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+            Ok(Value::Int(i))
+        }
+
+        fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+            // Past i64, as serde_json::Value's as_i64 did: a float.
+            Ok(i64::try_from(u).map(Value::Int).unwrap_or(Value::Float(u as f64)))
+        }
+
+        fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+            Ok(Value::Float(f))
+        }
+
+        fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+            Ok(Value::str(s))
+        }
+
+        fn visit_string<E>(self, s: String) -> Result<Value, E> {
+            Ok(Value::Str(s.into_bytes()))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(v) = seq.next_element_seed(Seed(self.0 + 1))? {
+                items.push(v);
+            }
+            Ok(Value::Array(items))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut entries = BTreeMap::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let v = map.next_value_seed(Seed(self.0 + 1))?;
+                entries.insert(k, v);
+            }
+            Ok(Value::Map(entries.into_iter().map(|(k, v)| (Value::Str(k.into_bytes()), v)).collect()))
+        }
     }
 }
 
@@ -158,6 +244,51 @@ mod tests {
             let again = Value::parse_json(v.to_json().unwrap().to_string().as_bytes()).unwrap();
             assert_eq!(v, again, "{text}");
         }
+    }
+
+    /// Issue 12: JSON decoding stopped at 127 levels (serde_json's own limit) while encoding
+    /// allowed every depth up to MAX_DEPTH, so a value could be written that could not be read.
+    #[test]
+    fn json_decodes_every_depth_it_encodes() {
+        let mut v = Value::Array(vec![]);
+        let mut levels = 1;
+        loop {
+            match v.to_json() {
+                Ok(json) => {
+                    let back = Value::parse_json(json.to_string().as_bytes()).unwrap_or_else(|e| panic!("{levels} levels encode but do not decode: {e}"));
+                    assert_eq!(back, v, "{levels} levels");
+                }
+                Err(e) => {
+                    assert!(e.contains("deeper"), "{e}");
+                    let text = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+                    let e = Value::parse_json(text.as_bytes()).unwrap_err();
+                    assert!(e.contains("deeper than 128"), "{levels} levels: {e}");
+                    break;
+                }
+            }
+            v = Value::Array(vec![v]);
+            levels += 1;
+        }
+        assert_eq!(levels, MAX_DEPTH + 2, "the deepest value has MAX_DEPTH + 1 levels");
+        // Objects count the same way.
+        let text = format!("{}1{}", "{\"k\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+        assert!(Value::parse_json(text.as_bytes()).is_ok());
+        let text = format!("{}1{}", "{\"k\":".repeat(MAX_DEPTH + 1), "}".repeat(MAX_DEPTH + 1));
+        assert!(Value::parse_json(text.as_bytes()).unwrap_err().contains("deeper"));
+        // Far deeper input ends with the same error, not a stack overflow.
+        let text = "[".repeat(1 << 20);
+        assert!(Value::parse_json(text.as_bytes()).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn json_objects_keep_their_old_form() {
+        // Keys sorted, a repeated key's last value wins, as with serde_json's own map.
+        let v = Value::parse_json(br#"{"b": 1, "a": 2, "b": 3}"#).unwrap();
+        assert_eq!(v, Value::Map(vec![(Value::str("a"), Value::Int(2)), (Value::str("b"), Value::Int(3))]));
+        assert_eq!(Value::parse_json(b"18446744073709551615").unwrap(), Value::Float(18446744073709551615.0));
+        assert_eq!(Value::parse_json(b"-5").unwrap(), Value::Int(-5));
+        assert!(Value::parse_json(b"[1,]").unwrap_err().starts_with("invalid JSON"));
+        assert!(Value::parse_json(b"1 2").is_err());
     }
 
     #[test]

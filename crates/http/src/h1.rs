@@ -142,7 +142,11 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        // A bare LF is refused as soon as it arrives, not when the head times out.
+        Ok(httparse::Status::Partial) => match bare_lf(buf) {
+            Some(at) => return Err(refusal(StatusCode::BAD_REQUEST, format!("a line of the request head ends in a bare LF at byte {at} (CRLF is required)"))),
+            None => return Ok(None),
+        },
         Err(httparse::Error::TooManyHeaders) => {
             return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("more than {MAX_HEADERS} request headers")))
         }
@@ -153,6 +157,11 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
         return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("the request head is over max_header_size ({max_header_size} bytes)")));
     }
     let bad = |what: String| refusal(StatusCode::BAD_REQUEST, what);
+    // httparse takes a bare LF as a line end; chunk lines do not, and neither may a head: one
+    // rule for every line of a request (docs/decisions/062-bare-lf.md).
+    if let Some(at) = bare_lf(&buf[..used]) {
+        return Err(bad(format!("a line of the request head ends in a bare LF at byte {at} (CRLF is required)")));
+    }
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| bad("malformed method".into()))?;
     let target = req.path.unwrap_or_default();
     let uri = target.parse::<Uri>().map_err(|_| bad(format!("malformed request target {:?}", truncate(target))))?;
@@ -514,19 +523,12 @@ impl Chunked {
     }
 
     fn step(&mut self, buf: &[u8], pos: &mut usize) -> Result<bool, ChunkError> {
-        let line = |from: usize| buf[from..].windows(2).position(|w| w == b"\r\n").map(|i| from + i);
         loop {
             match self.state {
                 ChunkState::Size => {
-                    let Some(end) = line(*pos) else {
-                        if buf.len() - *pos > MAX_CHUNK_LINE {
-                            return Err(ChunkError::Malformed("a chunk-size line is too long"));
-                        }
+                    let Some(end) = line_end(buf, *pos, "a chunk-size line is too long")? else {
                         return Ok(false);
                     };
-                    if end - *pos > MAX_CHUNK_LINE {
-                        return Err(ChunkError::Malformed("a chunk-size line is too long"));
-                    }
                     let text = &buf[*pos..end];
                     let size = text.split(|b| *b == b';').next().unwrap_or_default().trim_ascii_end();
                     if size.is_empty() || size.len() > 15 || !size.iter().all(u8::is_ascii_hexdigit) {
@@ -567,23 +569,46 @@ impl Chunked {
                     *pos += 2;
                     self.state = ChunkState::Size;
                 }
-                ChunkState::Trailers => {
-                    if buf[*pos..].starts_with(b"\r\n") {
+                ChunkState::Trailers => match line_end(buf, *pos, "a trailer line is too long")? {
+                    Some(end) if end == *pos => {
                         *pos += 2;
                         self.state = ChunkState::Done;
                         return Ok(true);
                     }
-                    match line(*pos) {
-                        Some(end) if end - *pos <= MAX_CHUNK_LINE => *pos = end + 2,
-                        Some(_) => return Err(ChunkError::Malformed("a trailer line is too long")),
-                        None if buf.len() - *pos > MAX_CHUNK_LINE => return Err(ChunkError::Malformed("a trailer line is too long")),
-                        None => return Ok(false),
-                    }
-                }
+                    Some(end) => *pos = end + 2,
+                    None => return Ok(false),
+                },
                 ChunkState::Done => return Ok(true),
             }
         }
     }
+}
+
+/// Where the line starting at `from` ends (the index of its CR), `None` while it is incomplete.
+/// Only CRLF ends a line: a bare LF or a bare CR is refused at once rather than waited on, since
+/// a proxy in front may split lines differently and take the rest as another request
+/// (docs/decisions/062-bare-lf.md). So is a line longer than [`MAX_CHUNK_LINE`].
+fn line_end(buf: &[u8], from: usize, too_long: &'static str) -> Result<Option<usize>, ChunkError> {
+    let rest = &buf[from..];
+    let Some(i) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
+        return if rest.len() > MAX_CHUNK_LINE { Err(ChunkError::Malformed(too_long)) } else { Ok(None) };
+    };
+    if i > MAX_CHUNK_LINE {
+        return Err(ChunkError::Malformed(too_long));
+    }
+    if rest[i] == b'\n' {
+        return Err(ChunkError::Malformed("a line of the chunked body ends in a bare LF (CRLF is required)"));
+    }
+    match rest.get(i + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some(from + i)),
+        Some(_) => Err(ChunkError::Malformed("a bare CR in a line of the chunked body")),
+    }
+}
+
+/// The position of the first LF in `head` that no CR comes before.
+fn bare_lf(head: &[u8]) -> Option<usize> {
+    head.iter().enumerate().position(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
 async fn more(io: &mut Prefixed, buf: &mut Vec<u8>) -> Result<(), ChunkError> {
@@ -812,23 +837,135 @@ async fn refuse(iface: &HttpInterface, io: &mut Prefixed, r: Refusal, peer: &str
     .await;
 }
 
-/// Runs outside bytes through the request-head parser and, for a chunked request, the body
-/// decoder, as a connection would (for the fuzz target and the mutation test). Returns the
-/// decoded body, if the bytes held a whole request.
-pub fn fuzz_request(data: &[u8]) -> Option<Vec<u8>> {
-    const LIMIT: u64 = 64 << 10;
-    let (head, used) = parse(data, 16 << 10).ok()??;
-    assert!(used <= data.len());
-    let mut rest = data[used..].to_vec();
-    match head.framing {
-        Framing::None => Some(Vec::new()),
-        Framing::Length(n) => (rest.len() as u64 >= n).then(|| rest[..n as usize].to_vec()),
-        Framing::Chunked => {
-            let mut decoder = Chunked::new(LIMIT);
-            let before = rest.len();
-            let done = decoder.feed(&mut rest).ok()?;
-            assert!(decoder.body.len() as u64 <= LIMIT && rest.len() <= before);
-            done.then_some(decoder.body)
+/// For the fuzz target: the parts of a whole request head at the start of `data`, as a
+/// handler would get them.
+pub fn fuzz_head(data: &[u8]) -> Option<hyper::http::request::Parts> {
+    parse(data, 16 << 10).ok()?.map(|(head, _)| head.parts)
+}
+
+/// One step of a connection as [`fuzz_connection`] saw it.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// A request the handler would run: method, target, version (0 or 1), header fields as
+    /// received (framing fields included), body.
+    Request { method: String, target: String, version: u8, headers: Vec<(String, Vec<u8>)>, body: Vec<u8> },
+    /// The status of a refusal; the connection closes after it.
+    Refused(u16),
+}
+
+/// What a connection made of a client's bytes (for the fuzz target).
+#[derive(Debug, PartialEq)]
+pub struct Connection {
+    pub steps: Vec<Step>,
+    /// Bytes taken by the requests read whole, from the start.
+    pub consumed: usize,
+    /// Whether the connection is waiting for more bytes of a request when the input ends.
+    pub waiting: bool,
+}
+
+/// The client's bytes as they arrive: in pieces ending at the cuts.
+struct Feed<'a> {
+    data: &'a [u8],
+    ends: std::vec::IntoIter<usize>,
+    fed: usize,
+}
+
+impl Feed<'_> {
+    /// Like [`fill`]: the next piece into `buf`, false at the end of the input.
+    fn fill(&mut self, buf: &mut Vec<u8>) -> bool {
+        for end in self.ends.by_ref() {
+            if end > self.fed {
+                buf.extend_from_slice(&self.data[self.fed..end]);
+                self.fed = end;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Runs a client's bytes through the head parser and body framing exactly as a connection
+/// does, the bytes arriving in pieces that end at each of `cuts` (then the rest): pipelined
+/// requests one after another until one is refused, says `connection: close`, upgrades, or
+/// the bytes end. The limits are those of the default settings.
+pub fn fuzz_connection(data: &[u8], cuts: &[usize]) -> Connection {
+    const MAX_HEADER: usize = 16 << 10;
+    const MAX_BODY: u64 = 64 << 10;
+    let mut ends = cuts.iter().copied().filter(|c| *c <= data.len()).collect::<Vec<_>>();
+    ends.sort_unstable();
+    ends.push(data.len());
+    let mut feed = Feed { data, ends: ends.into_iter(), fed: 0 };
+    let mut conn = Connection { steps: Vec::new(), consumed: 0, waiting: false };
+    let mut buf = Vec::new();
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match parse(&buf, MAX_HEADER) {
+                    Ok(Some((head, used))) => {
+                        buf.drain(..used);
+                        break head;
+                    }
+                    Ok(None) if buf.len() > MAX_HEADER => {
+                        conn.steps.push(Step::Refused(431));
+                        return conn;
+                    }
+                    Ok(None) => {}
+                    Err(r) => {
+                        conn.steps.push(Step::Refused(r.status.as_u16()));
+                        return conn;
+                    }
+                }
+            }
+            if !feed.fill(&mut buf) {
+                conn.waiting = !buf.is_empty();
+                return conn;
+            }
+        };
+        let body = match head.framing {
+            Framing::None => Vec::new(),
+            Framing::Length(n) if n > MAX_BODY => {
+                conn.steps.push(Step::Refused(413));
+                return conn;
+            }
+            Framing::Length(n) => {
+                while (buf.len() as u64) < n {
+                    if !feed.fill(&mut buf) {
+                        conn.waiting = true;
+                        return conn;
+                    }
+                }
+                buf.drain(..n as usize).collect()
+            }
+            Framing::Chunked => {
+                let mut decoder = Chunked::new(MAX_BODY);
+                loop {
+                    match decoder.feed(&mut buf) {
+                        Ok(true) => break decoder.body,
+                        Ok(false) => {
+                            if !feed.fill(&mut buf) {
+                                conn.waiting = true;
+                                return conn;
+                            }
+                        }
+                        Err(e) => {
+                            conn.steps.push(Step::Refused(if matches!(e, ChunkError::TooLarge) { 413 } else { 400 }));
+                            return conn;
+                        }
+                    }
+                }
+            }
+        };
+        let parts = &head.parts;
+        conn.steps.push(Step::Request {
+            method: parts.method.to_string(),
+            target: parts.uri.to_string(),
+            version: u8::from(parts.version == Version::HTTP_11),
+            headers: parts.headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect(),
+            body,
+        });
+        conn.consumed = feed.fed - buf.len();
+        if !head.keep_alive || head.websocket {
+            return conn;
         }
     }
 }
@@ -861,6 +998,25 @@ mod tests {
         assert!(Chunked::new(1 << 20).feed(&mut long).is_err());
     }
 
+    /// Issue 12: bare-LF chunk lines were waited on until the deadline (the decoder looked
+    /// only for CRLF), while bare-LF heads were accepted. Both are refused now, at once.
+    #[test]
+    fn bare_lf_and_bare_cr_are_refused_in_chunk_lines_and_heads() {
+        for bad in [&b"5\nhello\r\n0\r\n\r\n"[..], b"5\r\nhello\r\n0\n\r\n", b"5\r\nhello\r\n0\r\nx: 1\n\r\n", b"5;a\rb\r\nhello\r\n", b"5\r\nhello\r\n0\r\n\n"] {
+            let r = Chunked::new(1 << 20).feed(&mut bad.to_vec());
+            assert!(matches!(r, Err(ChunkError::Malformed(_))), "{:?}: {r:?}", String::from_utf8_lossy(bad));
+        }
+        // Refused as soon as the bare LF is there, not when the line would be too long.
+        assert!(matches!(Chunked::new(1 << 20).feed(&mut b"5\n".to_vec()), Err(ChunkError::Malformed(_))));
+        let status = |t: &str| head(t).err().map(|r| r.status.as_u16());
+        assert_eq!(status("GET / HTTP/1.1\nHost: x\n\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\n"), Some(400));
+        assert!(head("GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().is_some());
+        assert_eq!(status("GET / HTTP/1.1\nHost: x"), Some(400), "refused before the head is whole");
+        assert!(head("GET / HTTP/1.1\r").unwrap().is_none(), "a CR at the end waits for its LF");
+    }
+
     #[test]
     fn mutated_requests_never_panic() {
         let seeds: [&[u8]; 3] = [
@@ -869,7 +1025,8 @@ mod tests {
             b"GET http://h/p HTTP/1.0\r\nConnection: keep-alive\r\nX-A: 1\r\nX-A: 2\r\n\r\n",
         ];
         for seed in seeds {
-            assert!(fuzz_request(seed).is_some(), "seed {:?}", String::from_utf8_lossy(seed));
+            let conn = fuzz_connection(seed, &[]);
+            assert!(matches!(conn.steps.as_slice(), [Step::Request { .. }]) && !conn.waiting, "seed {:?}: {conn:?}", String::from_utf8_lossy(seed));
         }
         // A small xorshift generator: the same mutations on every run.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -893,7 +1050,7 @@ mod tests {
                     _ => data.truncate(at),
                 }
             }
-            if fuzz_request(&data).is_some() {
+            if matches!(fuzz_connection(&data, &[]).steps.first(), Some(Step::Request { .. })) {
                 whole += 1;
             }
         }

@@ -364,7 +364,14 @@ fn query_table(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua:
     Ok(LuaValue::Table(query))
 }
 
-fn percent_decode(path: &str) -> Vec<u8> {
+/// For the fuzz target: `request.path`, `request.query` and `request.headers` as a handler
+/// gets them from a request's parts.
+pub fn fuzz_tables(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua::mlua::Result<(Vec<u8>, LuaValue, Table)> {
+    Ok((percent_decode(parts.uri.path()), query_table(lua, parts)?, header_table(lua, parts)?))
+}
+
+/// `%XX` decoded to its byte; a `%` without two hex digits after it stays as it is.
+pub fn percent_decode(path: &str) -> Vec<u8> {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -22,8 +22,9 @@ mod h1;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::h1::fuzz_request;
-    pub use crate::ws::fuzz_frames;
+    pub use crate::h1::{fuzz_connection, fuzz_head, Connection, Step};
+    pub use crate::handler::{fuzz_tables, percent_decode};
+    pub use crate::ws::{fuzz_session, Session};
 }
 mod handler;
 mod limits;

@@ -67,6 +67,13 @@ impl std::fmt::Display for WsError {
 /// A WebSocket session's connection.
 pub(crate) struct WsConn {
     io: Prefixed,
+    messages: Messages,
+}
+
+/// The message layer of a session, apart from its socket: client bytes in, whole messages out,
+/// and the control frames to write back (pongs, the echo of a close). Kept apart so that the
+/// fuzz target drives exactly what a session runs.
+struct Messages {
     /// Bytes read that do not make a whole frame yet (unallocated while idle).
     input: Vec<u8>,
     /// A fragmented message being joined: its opcode and data so far.
@@ -165,73 +172,39 @@ fn valid_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
-impl WsConn {
-    /// The session over `io`; bytes the client sent after its request are its first input.
-    pub(crate) fn new(mut io: Prefixed, max: usize) -> WsConn {
-        let input = std::mem::take(&mut io.head).to_vec();
-        WsConn { io, input, message: None, output: Vec::new(), max, close_sent: false }
+impl Messages {
+    fn new(input: Vec<u8>, max: usize) -> Messages {
+        Messages { input, message: None, output: Vec::new(), max, close_sent: false }
     }
 
-    /// The next message; `None` once the client has closed the connection.
-    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
+    /// The next whole message from the bytes read so far; `None` until more bytes come. Pings
+    /// are answered and pongs dropped on the way.
+    fn next(&mut self) -> Result<Option<Message>, WsError> {
         loop {
-            if !self.output.is_empty() {
-                match tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.io), cx, &self.output) {
-                    Poll::Ready(Ok(n)) => {
-                        self.output.drain(..n);
-                        if self.output.is_empty() {
-                            self.output = Vec::new();
-                        }
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Some(Err(WsError::Broken))),
-                    Poll::Pending => {}
-                }
-            }
-            let parsed = match parse(&self.input, self.max) {
-                Ok(p) => p,
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            };
-            let Some((f, used)) = parsed else {
-                // More bytes: the buffer is made only once there are some to read.
-                match self.io.stream.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Some(Err(WsError::Broken))),
-                    Poll::Ready(Ok(())) => {}
-                }
-                self.input.reserve(READ_CHUNK.max(self.input.len()));
-                match self.io.stream.try_read_buf(&mut self.input) {
-                    Ok(0) => return Poll::Ready(None),
-                    Ok(_) => self.io.touch(),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Poll::Ready(Some(Err(WsError::Broken))),
-                }
+            let Some((f, used)) = parse(&self.input, self.max)? else {
                 if self.input.is_empty() {
                     self.input = Vec::new();
                 }
-                continue;
+                return Ok(None);
             };
             self.input.drain(..used);
             if self.input.is_empty() {
                 self.input = Vec::new();
             }
             match f.opcode {
-                PING => {
-                    let mut out = std::mem::take(&mut self.output);
-                    frame(&mut out, PONG, &f.payload);
-                    self.output = out;
-                }
+                PING => frame(&mut self.output, PONG, &f.payload),
                 PONG => {}
                 CLOSE => {
                     let code = match f.payload.len() {
                         0 => None,
-                        1 => return Poll::Ready(Some(Err(WsError::Protocol("a close frame of one byte")))),
+                        1 => return Err(WsError::Protocol("a close frame of one byte")),
                         _ => {
                             let code = u16::from_be_bytes([f.payload[0], f.payload[1]]);
                             if !valid_code(code) {
-                                return Poll::Ready(Some(Err(WsError::Protocol("a close code a peer may not send"))));
+                                return Err(WsError::Protocol("a close code a peer may not send"));
                             }
                             if std::str::from_utf8(&f.payload[2..]).is_err() {
-                                return Poll::Ready(Some(Err(WsError::Protocol("a close reason that is not UTF-8"))));
+                                return Err(WsError::Protocol("a close reason that is not UTF-8"));
                             }
                             Some(code)
                         }
@@ -239,50 +212,113 @@ impl WsConn {
                     if !self.close_sent {
                         // The echo of the client's close, with its code.
                         let echo = code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default();
-                        let mut out = std::mem::take(&mut self.output);
-                        frame(&mut out, CLOSE, &echo);
-                        self.output = out;
+                        frame(&mut self.output, CLOSE, &echo);
                         self.close_sent = true;
                     }
-                    return Poll::Ready(Some(Ok(Message::Close(code))));
+                    return Ok(Some(Message::Close(code)));
                 }
                 0 => {
                     let Some((_, data)) = self.message.as_mut() else {
-                        return Poll::Ready(Some(Err(WsError::Protocol("a continuation frame without a message"))));
+                        return Err(WsError::Protocol("a continuation frame without a message"));
                     };
                     if data.len() + f.payload.len() > self.max {
-                        return Poll::Ready(Some(Err(WsError::TooBig(self.max))));
+                        return Err(WsError::TooBig(self.max));
                     }
                     data.extend_from_slice(&f.payload);
                     if f.fin {
                         if let Some((opcode, data)) = self.message.take() {
-                            return Poll::Ready(Some(whole(opcode, data)));
+                            return whole(opcode, data).map(Some);
                         }
                     }
                 }
                 opcode => {
                     if self.message.is_some() {
-                        return Poll::Ready(Some(Err(WsError::Protocol("a new message inside a fragmented one"))));
+                        return Err(WsError::Protocol("a new message inside a fragmented one"));
                     }
                     if f.fin {
-                        return Poll::Ready(Some(whole(opcode, f.payload)));
+                        return whole(opcode, f.payload).map(Some);
                     }
                     self.message = Some((opcode, f.payload));
                 }
             }
         }
     }
+}
+
+impl WsConn {
+    /// The session over `io`; bytes the client sent after its request are its first input.
+    pub(crate) fn new(mut io: Prefixed, max: usize) -> WsConn {
+        let input = std::mem::take(&mut io.head).to_vec();
+        WsConn { io, messages: Messages::new(input, max) }
+    }
+
+    /// Writes what it can of the queued control frames without waiting; false when the
+    /// connection failed.
+    fn write_queued(&mut self, cx: &mut Context<'_>) -> bool {
+        let output = &mut self.messages.output;
+        if output.is_empty() {
+            return true;
+        }
+        match tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.io), cx, output) {
+            Poll::Ready(Ok(n)) => {
+                output.drain(..n);
+                if output.is_empty() {
+                    *output = Vec::new();
+                }
+                true
+            }
+            Poll::Ready(Err(_)) => false,
+            Poll::Pending => true,
+        }
+    }
+
+    /// The next message; `None` once the client has closed the connection.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
+        loop {
+            if !self.write_queued(cx) {
+                return Poll::Ready(Some(Err(WsError::Broken)));
+            }
+            match self.messages.next() {
+                Ok(Some(m)) => {
+                    // A pong for a ping that came just before the message goes out now.
+                    if !self.write_queued(cx) {
+                        return Poll::Ready(Some(Err(WsError::Broken)));
+                    }
+                    return Poll::Ready(Some(Ok(m)));
+                }
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok(None) => {}
+            }
+            // More bytes: the buffer is made only once there are some to read.
+            match self.io.stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(Some(Err(WsError::Broken))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let input = &mut self.messages.input;
+            input.reserve(READ_CHUNK.max(input.len()));
+            match self.io.stream.try_read_buf(input) {
+                Ok(0) => return Poll::Ready(None),
+                Ok(_) => self.io.touch(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(Some(Err(WsError::Broken))),
+            }
+            if input.is_empty() {
+                *input = Vec::new();
+            }
+        }
+    }
 
     /// Sends a text (UTF-8) or binary message, after any control frame still queued.
     pub(crate) async fn send(&mut self, text: bool, data: &[u8]) -> std::io::Result<()> {
-        let mut out = std::mem::take(&mut self.output);
+        let mut out = std::mem::take(&mut self.messages.output);
         frame(&mut out, if text { TEXT } else { BINARY }, data);
         self.io.write_all(&out).await
     }
 
     /// Writes what is queued (the echo of a client's close), waiting at most `wait`.
     pub(crate) async fn flush(&mut self, wait: Duration) {
-        let out = std::mem::take(&mut self.output);
+        let out = std::mem::take(&mut self.messages.output);
         let _ = tokio::time::timeout(wait, self.io.write_all(&out)).await;
     }
 
@@ -290,11 +326,11 @@ impl WsConn {
     /// meanwhile are dropped), waiting at most `wait`; then the connection is shut.
     pub(crate) async fn close(&mut self, code: u16, reason: &str, wait: Duration) {
         let _ = tokio::time::timeout(wait, async {
-            if !self.close_sent {
-                self.close_sent = true;
+            if !self.messages.close_sent {
+                self.messages.close_sent = true;
                 let mut payload = code.to_be_bytes().to_vec();
                 payload.extend_from_slice(reason.as_bytes());
-                let mut out = std::mem::take(&mut self.output);
+                let mut out = std::mem::take(&mut self.messages.output);
                 frame(&mut out, CLOSE, &payload);
                 if self.io.write_all(&out).await.is_err() {
                     return;
@@ -306,7 +342,7 @@ impl WsConn {
                     }
                 }
             } else {
-                let out = std::mem::take(&mut self.output);
+                let out = std::mem::take(&mut self.messages.output);
                 let _ = self.io.write_all(&out).await;
             }
             let _ = self.io.shutdown().await;
@@ -325,17 +361,49 @@ fn whole(opcode: u8, data: Vec<u8>) -> Result<Message, WsError> {
     Ok(Message::Binary(data))
 }
 
-/// Parses outside bytes as a client's frames, as a session does (for the fuzz target): frames
-/// until one is incomplete or refused. Returns how many whole frames there were.
-pub fn fuzz_frames(data: &[u8]) -> usize {
-    let mut at = 0;
-    let mut frames = 0;
-    while let Ok(Some((f, used))) = parse(&data[at..], 1 << 16) {
-        assert!(used > 0 && f.payload.len() <= 1 << 16);
-        at += used;
-        frames += 1;
+/// What a session made of a client's bytes (for the fuzz target).
+#[derive(Debug, PartialEq)]
+pub struct Session {
+    /// The messages in order: text, binary, or the client's close (its code, if any, as two
+    /// big-endian bytes).
+    pub messages: Vec<(&'static str, Vec<u8>)>,
+    /// The close code the session answered broken input with.
+    pub refused: Option<u16>,
+    /// The control frames written back (pongs, the echo of a close), in order.
+    pub written: Vec<u8>,
+}
+
+/// Runs a client's bytes through the message layer as a session does, handed over in pieces
+/// ending at each of `cuts` (then the rest), until the client's close or a refusal.
+pub fn fuzz_session(data: &[u8], cuts: &[usize], max: usize) -> Session {
+    let mut m = Messages::new(Vec::new(), max);
+    let mut session = Session { messages: Vec::new(), refused: None, written: Vec::new() };
+    let mut from = 0;
+    for end in cuts.iter().copied().filter(|c| *c <= data.len()).chain([data.len()]) {
+        if end < from {
+            continue;
+        }
+        m.input.extend_from_slice(&data[from..end]);
+        from = end;
+        loop {
+            let next = m.next();
+            session.written.append(&mut m.output);
+            match next {
+                Ok(None) => break,
+                Ok(Some(Message::Text(t))) => session.messages.push(("text", t)),
+                Ok(Some(Message::Binary(b))) => session.messages.push(("binary", b)),
+                Ok(Some(Message::Close(code))) => {
+                    session.messages.push(("close", code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default()));
+                    return session;
+                }
+                Err(e) => {
+                    session.refused = e.close().map(|(code, _)| code);
+                    return session;
+                }
+            }
+        }
     }
-    frames
+    session
 }
 
 #[cfg(test)]

@@ -9,6 +9,11 @@ pub mod config;
 pub mod prometheus;
 pub mod series;
 mod server;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::server::{allowed, percent_decode};
+}
 mod status;
 
 use std::net::SocketAddr;

@@ -68,7 +68,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Whether `headers` and `query` carry the credentials `auth` asks for.
-pub(crate) fn allowed(auth: &Auth, headers: &HeaderMap, query: Option<&str>) -> bool {
+pub fn allowed(auth: &Auth, headers: &HeaderMap, query: Option<&str>) -> bool {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     match auth {
         Auth::None => true,
@@ -92,7 +92,8 @@ pub(crate) fn allowed(auth: &Auth, headers: &HeaderMap, query: Option<&str>) -> 
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes a query parameter (`%XX`, and `+` for a space); bytes that are not UTF-8 become U+FFFD.
+pub fn percent_decode(s: &str) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -483,6 +483,10 @@ fn request_smuggling_is_refused_and_the_connection_closed() {
         ("Content-Length +5", "Content-Length: +5\r\n".into(), format!("hello{smuggled}"), &[400]),
         ("Content-Length 5x", "Content-Length: 5x\r\n".into(), format!("hello{smuggled}"), &[400]),
         ("Transfer-Encoding: gzip", "Transfer-Encoding: gzip\r\n".into(), smuggled.clone(), &[400, 501]),
+        // Lines ended by a bare LF: a proxy in front may read them differently (issue 12: this
+        // one waited for CRLFs until the deadline).
+        ("a chunked body with bare-LF lines", "Transfer-Encoding: chunked\r\n".into(), "5\nhello\n0\n\n".into(), &[400]),
+        ("a chunk extension with a bare CR", "Transfer-Encoding: chunked\r\n".into(), format!("5;a\rb\r\nhello\r\n0\r\n\r\n{smuggled}"), &[400]),
     ];
     let mut problems = Vec::new();
     for (what, fields, rest, statuses) in &cases {
@@ -571,8 +575,10 @@ fn more_than_100_header_fields_get_431() {
 #[test]
 fn malformed_request_lines_and_fields_get_400_or_505() {
     let (_tree, _server, addr) = server("", 2);
-    let cases: [(&str, &str, &[u16]); 4] = [
+    let cases: [(&str, &str, &[u16]); 5] = [
         ("version HTTP/2.0 in a request line", "GET / HTTP/2.0\r\nHost: test\r\n\r\n", &[400, 505]),
+        // Bare LF is refused in heads as in chunked bodies (docs/decisions/062-bare-lf.md).
+        ("a head with bare-LF line ends", "GET / HTTP/1.1\nHost: test\n\n", &[400]),
         ("version HTTP/x", "GET / HTTP/x\r\nHost: test\r\n\r\n", &[400, 505]),
         ("an obs-fold line", "GET / HTTP/1.1\r\nHost: test\r\nX-A: a\r\n folded\r\n\r\n", &[400]),
         // RFC 9112 5.1 requires 400 for whitespace between name and colon (the space inside a

@@ -9,6 +9,13 @@
 mod ops;
 mod paths;
 
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::ops::{abandon, exists, list, read, stage_append, stage_delete, stage_write, SharedTrace, Staged};
+    pub use crate::paths::{follow, parse, Rel};
+}
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

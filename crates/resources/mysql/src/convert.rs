@@ -64,6 +64,10 @@ fn unsigned(u: u64) -> Value {
     }
 }
 
+fn is_time(t: ColumnType) -> bool {
+    matches!(t, ColumnType::MYSQL_TYPE_TIME | ColumnType::MYSQL_TYPE_TIME2)
+}
+
 /// Seconds with their fraction, trailing zeros dropped.
 fn seconds(s: u8, micros: u32) -> String {
     if micros == 0 {
@@ -72,6 +76,74 @@ fn seconds(s: u8, micros: u32) -> String {
         let frac = format!("{micros:06}");
         format!("{s:02}.{}", frac.trim_end_matches('0'))
     }
+}
+
+/// A date and time as ISO 8601 text, the same from either protocol. Parts out of their range
+/// (a seventh digit of microseconds, month 13) would print as another time, so they are
+/// refused; MySQL's zero date (0000-00-00) is a value it really sends and is kept.
+fn datetime(date_only: bool, (y, m, d, h, i, s, us): (u16, u8, u8, u8, u8, u8, u32)) -> Result<String, String> {
+    // A DATE shows no time, so only its date parts are judged (as through the text protocol).
+    if m > 12 || d > 31 || (!date_only && (h > 23 || i > 59 || s > 59 || us > 999_999)) {
+        return Err(format!("the date or time {y}-{m}-{d} {h}:{i}:{s}.{us} is out of range"));
+    }
+    Ok(if date_only { format!("{y:04}-{m:02}-{d:02}") } else { format!("{y:04}-{m:02}-{d:02}T{h:02}:{i:02}:{}", seconds(s, us)) })
+}
+
+/// A TIME (a duration as much as a time of day, -838:59:59 to 838:59:59) as text.
+fn time(negative: bool, hours: u64, i: u8, s: u8, us: u32) -> Result<String, String> {
+    if i > 59 || s > 59 || us > 999_999 {
+        return Err(format!("the time {hours}:{i}:{s}.{us} is out of range"));
+    }
+    Ok(format!("{}{hours:02}:{i:02}:{}", if negative { "-" } else { "" }, seconds(s, us)))
+}
+
+/// Reads `digits` ASCII digits at the start of `text` (exactly that many).
+fn digits(text: &str, n: usize) -> Option<(u32, &str)> {
+    let head = text.get(..n)?;
+    if !head.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((head.parse().ok()?, &text[n..]))
+}
+
+/// `SS` or `SS.f` (1 to 6 digits of fraction) as seconds and microseconds; all of `text`.
+fn seconds_text(text: &str) -> Option<(u8, u32)> {
+    let (s, rest) = digits(text, 2)?;
+    let us = match rest.strip_prefix('.') {
+        None if rest.is_empty() => 0,
+        Some(frac) if (1..=6).contains(&frac.len()) && frac.bytes().all(|b| b.is_ascii_digit()) => frac.parse::<u32>().ok()? * 10u32.pow(6 - frac.len() as u32),
+        _ => return None,
+    };
+    Some((s as u8, us))
+}
+
+/// A DATE, DATETIME or TIMESTAMP as the text protocol sends it: `YYYY-MM-DD[ HH:MM:SS[.f]]`.
+fn datetime_text(date_only: bool, text: &str) -> Option<(u16, u8, u8, u8, u8, u8, u32)> {
+    let (y, rest) = digits(text, 4)?;
+    let (m, rest) = digits(rest.strip_prefix('-')?, 2)?;
+    let (d, rest) = digits(rest.strip_prefix('-')?, 2)?;
+    if date_only {
+        return rest.is_empty().then_some((y as u16, m as u8, d as u8, 0, 0, 0, 0));
+    }
+    let (h, rest) = digits(rest.strip_prefix(' ')?, 2)?;
+    let (i, rest) = digits(rest.strip_prefix(':')?, 2)?;
+    let (s, us) = seconds_text(rest.strip_prefix(':')?)?;
+    Some((y as u16, m as u8, d as u8, h as u8, i as u8, s, us))
+}
+
+/// A TIME as the text protocol sends it: `[-]H...H:MM:SS[.f]`.
+fn time_text(text: &str) -> Option<(bool, u64, u8, u8, u32)> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text),
+    };
+    let (hours, rest) = rest.split_once(':')?;
+    if hours.len() < 2 || hours.len() > 4 || !hours.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (i, rest) = digits(rest, 2)?;
+    let (s, us) = seconds_text(rest.strip_prefix(':')?)?;
+    Some((negative, hours.parse().ok()?, i as u8, s, us))
 }
 
 /// One column value, mapped by the column's type.
@@ -84,17 +156,12 @@ pub fn cell(column: &Column, value: My) -> Result<Value, String> {
         // Through its shortest text so that FLOAT 0.1 reads as 0.1, not 0.10000000149011612.
         My::Float(f) => Value::Float(f.to_string().parse().unwrap_or(f64::NAN)),
         My::Double(f) => Value::Float(f),
-        My::Date(y, m, d, h, i, s, us) => {
-            if is_date(t) {
-                Value::str(format!("{y:04}-{m:02}-{d:02}"))
-            } else {
-                Value::str(format!("{y:04}-{m:02}-{d:02}T{h:02}:{i:02}:{}", seconds(s, us)))
-            }
-        }
+        My::Date(y, m, d, h, i, s, us) => Value::str(datetime(is_date(t), (y, m, d, h, i, s, us))?),
         My::Time(negative, days, h, i, s, us) => {
-            // TIME is a duration as much as a time of day: -838:59:59 to 838:59:59.
-            let hours = u64::from(days) * 24 + u64::from(h);
-            Value::str(format!("{}{hours:02}:{i:02}:{}", if negative { "-" } else { "" }, seconds(s, us)))
+            if h > 23 {
+                return Err(format!("the time {days}d {h}:{i}:{s}.{us} is out of range"));
+            }
+            Value::str(time(negative, u64::from(days) * 24 + u64::from(h), i, s, us)?)
         }
         My::Bytes(b) => bytes(t, b)?,
     })
@@ -108,7 +175,7 @@ fn bytes(t: ColumnType, b: Vec<u8>) -> Result<Value, String> {
         return Value::parse_json(&b);
     }
     let numeric = is_integer(t) || matches!(t, ColumnType::MYSQL_TYPE_FLOAT | ColumnType::MYSQL_TYPE_DOUBLE);
-    if !numeric && !is_datetime(t) {
+    if !numeric && !is_datetime(t) && !is_date(t) && !is_time(t) {
         return Ok(Value::Str(b));
     }
     let s = std::str::from_utf8(&b).map_err(|_| "not UTF-8 text".to_string())?;
@@ -119,9 +186,14 @@ fn bytes(t: ColumnType, b: Vec<u8>) -> Result<Value, String> {
         }
     } else if numeric {
         Value::Float(s.parse::<f64>().map_err(|_| format!("{s:?} is not a number"))?)
+    } else if is_time(t) {
+        let (negative, hours, i, sec, us) = time_text(s).ok_or_else(|| format!("{s:?} is not a TIME"))?;
+        Value::str(time(negative, hours, i, sec, us)?)
     } else {
-        // "2024-01-02 03:04:05" in text; ISO 8601 puts a T between date and time.
-        Value::str(s.replacen(' ', "T", 1))
+        // "2024-01-02 03:04:05.500000" in text: read into its parts and written as the binary
+        // protocol's values are, so a column reads the same whichever protocol carried it.
+        let parts = datetime_text(is_date(t), s).ok_or_else(|| format!("{s:?} is not a {}", if is_date(t) { "DATE" } else { "DATETIME" }))?;
+        Value::str(datetime(is_date(t), parts)?)
     })
 }
 
@@ -136,6 +208,56 @@ mod tests {
         assert_eq!(cell(&c, My::Bytes(b"{\"a\": [1]}".to_vec())).unwrap(), Value::Map(vec![(Value::str("a"), Value::Array(vec![Value::Int(1)]))]));
         let c = Column::new(ColumnType::MYSQL_TYPE_BLOB);
         assert_eq!(cell(&c, My::Bytes(b"{}".to_vec())).unwrap(), Value::str("{}"));
+    }
+
+    /// The text the server sends for a value in results of the text protocol.
+    fn text_of(t: ColumnType, v: &My) -> Vec<u8> {
+        match *v {
+            My::Date(y, m, d, ..) if is_date(t) => format!("{y:04}-{m:02}-{d:02}").into_bytes(),
+            My::Date(y, m, d, h, i, s, us) => format!("{y:04}-{m:02}-{d:02} {h:02}:{i:02}:{s:02}.{us:06}").into_bytes(),
+            My::Time(neg, days, h, i, s, us) => {
+                format!("{}{:02}:{i:02}:{s:02}.{us:06}", if neg { "-" } else { "" }, days * 24 + u32::from(h)).into_bytes()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn both_protocols_give_the_same_text_for_times() {
+        let cases = [
+            (ColumnType::MYSQL_TYPE_DATETIME, My::Date(2024, 1, 2, 3, 4, 5, 500_000)),
+            (ColumnType::MYSQL_TYPE_DATETIME, My::Date(2024, 1, 2, 3, 4, 5, 0)),
+            (ColumnType::MYSQL_TYPE_TIMESTAMP, My::Date(1999, 12, 31, 23, 59, 59, 1)),
+            (ColumnType::MYSQL_TYPE_DATE, My::Date(2024, 2, 29, 0, 0, 0, 0)),
+            (ColumnType::MYSQL_TYPE_TIME, My::Time(true, 1, 2, 3, 4, 250_000)),
+            (ColumnType::MYSQL_TYPE_TIME, My::Time(false, 34, 22, 59, 59, 0)),
+        ];
+        for (t, binary) in cases {
+            let c = Column::new(t);
+            let text = text_of(t, &binary);
+            let from_text = cell(&c, My::Bytes(text.clone())).unwrap();
+            let from_binary = cell(&c, binary.clone()).unwrap();
+            assert_eq!(from_text, from_binary, "{t:?}: {:?} as text {:?}", binary, String::from_utf8_lossy(&text));
+        }
+    }
+
+    #[test]
+    fn times_out_of_range_are_refused() {
+        let dt = Column::new(ColumnType::MYSQL_TYPE_DATETIME);
+        // Seven digits of microseconds would print as a different time.
+        assert!(cell(&dt, My::Date(2024, 1, 2, 3, 4, 5, 1_234_567)).unwrap_err().contains("out of range"));
+        assert!(cell(&dt, My::Date(2024, 13, 2, 3, 4, 5, 0)).unwrap_err().contains("out of range"));
+        assert!(cell(&dt, My::Date(2024, 1, 2, 24, 4, 5, 0)).unwrap_err().contains("out of range"));
+        let time = Column::new(ColumnType::MYSQL_TYPE_TIME);
+        assert!(cell(&time, My::Time(false, 0, 1, 60, 0, 0)).unwrap_err().contains("out of range"));
+        assert!(cell(&dt, My::Bytes(b"2024-01-02 03:04".to_vec())).is_err());
+        // A DATE's time parts are not shown, so they are not judged either (the mysql_values
+        // target found a DATE refused through the binary protocol and read through the text one).
+        let date = Column::new(ColumnType::MYSQL_TYPE_DATE);
+        assert_eq!(cell(&date, My::Date(2024, 1, 2, 25, 0, 0, 1_089_088)).unwrap(), Value::str("2024-01-02"));
+        // MySQL's zero date is a value it really sends.
+        assert_eq!(cell(&dt, My::Date(0, 0, 0, 0, 0, 0, 0)).unwrap(), Value::str("0000-00-00T00:00:00"));
+        assert_eq!(cell(&dt, My::Bytes(b"0000-00-00 00:00:00".to_vec())).unwrap(), Value::str("0000-00-00T00:00:00"));
     }
 
     #[test]

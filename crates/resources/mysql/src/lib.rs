@@ -24,6 +24,14 @@
 mod convert;
 mod verify_ca;
 
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::convert::cell;
+    pub use mysql_async::consts::ColumnType;
+    pub use mysql_async::{Column, Value};
+}
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -94,13 +94,17 @@ pub fn value(ty: &Type, raw: &[u8]) -> Result<Value, Decode> {
         Type::TIMESTAMP => Value::str(timestamp(i64::from_be_bytes(fixed(raw)?), "")),
         Type::TIMESTAMPTZ => Value::str(timestamp(i64::from_be_bytes(fixed(raw)?), "Z")),
         Type::DATE => Value::str(date(i32::from_be_bytes(fixed(raw)?))),
-        Type::TIME => Value::str(time_of_day(i64::from_be_bytes(fixed(raw)?))),
+        Type::TIME => Value::str(time_of_day(in_day(i64::from_be_bytes(fixed(raw)?))?)),
         Type::TIMETZ => {
             let b = fixed::<12>(raw)?;
-            let micros = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            let micros = in_day(i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))?;
             // The server sends seconds west of UTC; ISO 8601 writes east as positive.
             let west = i32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-            Value::str(format!("{}{}", time_of_day(micros), offset(-west)))
+            // PostgreSQL's own limit (TZDISP_LIMIT): 16 hours either way.
+            if west.unsigned_abs() > 16 * 3600 {
+                return Err(format!("a time zone {west} seconds west of UTC, beyond PostgreSQL's 16 hours").into());
+            }
+            Value::str(format!("{}{}", time_of_day(micros), offset(-i64::from(west))))
         }
         Type::INTERVAL => {
             let b = fixed::<16>(raw)?;
@@ -128,18 +132,51 @@ pub fn value(ty: &Type, raw: &[u8]) -> Result<Value, Decode> {
 }
 
 /// A one-dimensional array as an Array (NULL elements as nil holes).
+///
+/// Read here rather than through tokio-postgres's `Vec<T>: FromSql`, which reserves room for
+/// the element count the header announces before reading any: 24 bytes announcing 2^31-1
+/// elements asked for 32 GiB and aborted the process. The elements are decoded as they come.
 fn array(ty: &Type, member: &Type, raw: &[u8]) -> Result<Value, Decode> {
-    let elements: Vec<Raw> = Vec::from_sql(ty, raw).map_err(|e| Decode::Bad(format!("{e} (only one-dimensional arrays are mapped)")))?;
-    let mut out = Vec::with_capacity(elements.len());
-    for e in elements {
-        out.push(match e.0 {
-            None => Value::Nil,
-            Some(bytes) => match value(member, bytes) {
-                Ok(v) => v,
-                Err(Decode::Unmapped(_)) => return Err(Decode::Unmapped(ty.name().to_string())),
-                Err(e) => return Err(e),
-            },
-        });
+    let bad = |what: &str| Decode::Bad(format!("array from the server: {what}"));
+    fn int(rest: &mut &[u8], what: &str) -> Result<i32, Decode> {
+        let (head, tail) = rest.split_first_chunk::<4>().ok_or_else(|| Decode::Bad(format!("array from the server: truncated {what}")))?;
+        *rest = tail;
+        Ok(i32::from_be_bytes(*head))
+    }
+    let mut rest = raw;
+    let dimensions = int(&mut rest, "header")?;
+    let _has_nulls = int(&mut rest, "header")?;
+    let _element_type = int(&mut rest, "header")?;
+    let count = match dimensions {
+        0 => 0,
+        1 => {
+            let len = int(&mut rest, "dimension")?;
+            let _lower_bound = int(&mut rest, "dimension")?;
+            usize::try_from(len).map_err(|_| bad(&format!("a dimension of {len} elements")))?
+        }
+        n if n > 1 => return Err(bad(&format!("{n} dimensions (only one-dimensional arrays are mapped)"))),
+        n => return Err(bad(&format!("{n} dimensions"))),
+    };
+    let mut out = Vec::new();
+    for i in 0..count {
+        let len = int(&mut rest, "element length")?;
+        let element = match len {
+            -1 => Value::Nil,
+            len if len < -1 => return Err(bad(&format!("element {} has length {len}", i + 1))),
+            len => {
+                let (bytes, tail) = rest.split_at_checked(len as usize).ok_or_else(|| bad(&format!("element {} runs past the end ({count} announced)", i + 1)))?;
+                rest = tail;
+                match value(member, bytes) {
+                    Ok(v) => v,
+                    Err(Decode::Unmapped(_)) => return Err(Decode::Unmapped(ty.name().to_string())),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        out.push(element);
+    }
+    if !rest.is_empty() {
+        return Err(bad(&format!("{} bytes after its {count} elements", rest.len())));
     }
     Ok(Value::Array(out))
 }
@@ -158,7 +195,17 @@ pub fn numeric(raw: &[u8]) -> Result<String, String> {
     let weight = field(2)? as i16 as i64;
     let sign = field(4)?;
     let dscale = field(6)? as usize;
+    if raw.len() != 8 + 2 * ndigits {
+        return Err(format!("numeric from the server: {} bytes for {ndigits} digit groups", raw.len()));
+    }
+    // PostgreSQL keeps the display scale in 14 bits (NUMERIC_DSCALE_MASK).
+    if dscale > 0x3fff {
+        return Err(format!("numeric from the server with a display scale of {dscale}"));
+    }
     let digits = (0..ndigits).map(|k| field(8 + 2 * k)).collect::<Result<Vec<u16>, _>>()?;
+    if let Some(d) = digits.iter().find(|d| **d > 9999) {
+        return Err(format!("numeric from the server with a digit group of {d} (base 10000)"));
+    }
     match sign {
         0x0000 | 0x4000 => {}
         0xC000 => return Ok("NaN".into()),
@@ -178,17 +225,13 @@ pub fn numeric(raw: &[u8]) -> Result<String, String> {
     if sign == 0x4000 {
         out.push('-');
     }
-    if weight < 0 {
-        out.push('0');
-    } else {
-        for k in 0..=weight {
-            if k == 0 {
-                out.push_str(&group(k).to_string());
-            } else {
-                out.push_str(&format!("{:04}", group(k)));
-            }
-        }
+    let mut whole = String::new();
+    for k in 0..=weight {
+        whole.push_str(&format!("{:04}", group(k)));
     }
+    // PostgreSQL sends no leading zero groups, but a server that did must not get "00005".
+    let whole = whole.trim_start_matches('0');
+    out.push_str(if whole.is_empty() { "0" } else { whole });
     if dscale > 0 {
         let mut frac = String::with_capacity(dscale + 4);
         let mut k = weight + 1;
@@ -254,6 +297,16 @@ fn seconds(whole: u64, micros: u64) -> String {
     }
 }
 
+/// A time of day from the server: 00:00:00 to 24:00:00 inclusive; anything else would wrap
+/// around the clock into another time.
+fn in_day(micros: i64) -> Result<i64, String> {
+    if (0..=MICROS_PER_DAY).contains(&micros) {
+        Ok(micros)
+    } else {
+        Err(format!("a time of day of {micros} microseconds, outside 00:00:00..=24:00:00"))
+    }
+}
+
 fn time_of_day(micros: i64) -> String {
     let m = micros.rem_euclid(MICROS_PER_DAY) as u64;
     let (h, rest) = (m / 3_600_000_000, m % 3_600_000_000);
@@ -275,8 +328,9 @@ fn timestamp(micros: i64, zone: &str) -> String {
     }
 }
 
-/// A UTC offset in seconds east as ±HH:MM (with :SS when there are seconds).
-fn offset(east: i32) -> String {
+/// A UTC offset in seconds east as ±HH:MM (with :SS when there are seconds). Wide enough for
+/// the west offset of any server, i32::MIN included (negating it overflowed an i32).
+fn offset(east: i64) -> String {
     let sign = if east < 0 { '-' } else { '+' };
     let a = east.unsigned_abs();
     let (h, m, s) = (a / 3600, a % 3600 / 60, a % 60);
@@ -359,6 +413,87 @@ mod tests {
         assert_eq!(numeric(&num(0, 0, 0, 2, &[])).unwrap(), "0.00");
         assert_eq!(numeric(&num(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
         assert_eq!(numeric(&num(2, 1, 0, 0, &[12, 3])).unwrap(), "120003");
+    }
+
+    /// A one-dimensional array's binary form: a header, then each element's length and bytes.
+    fn int4_array(announced: i32, elements: &[Option<i32>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [1i32, 1, 23, announced, 1] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        for e in elements {
+            match e {
+                Some(n) => {
+                    v.extend_from_slice(&4i32.to_be_bytes());
+                    v.extend_from_slice(&n.to_be_bytes());
+                }
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn arrays_decode_and_refuse_what_they_do_not_hold() {
+        let ok = value(&Type::INT4_ARRAY, &int4_array(3, &[Some(1), None, Some(-3)])).unwrap();
+        assert_eq!(ok, Value::Array(vec![Value::Int(1), Value::Nil, Value::Int(-3)]));
+        // An array announcing 2^31-1 elements in 24 bytes: refused as damaged, without first
+        // reserving 32 GiB for them (the allocation aborted the process).
+        let e = value(&Type::INT4_ARRAY, &int4_array(i32::MAX, &[Some(1)])).unwrap_err();
+        assert!(matches!(&e, Decode::Bad(m) if m.contains("array")), "{e:?}");
+        assert!(value(&Type::INT4_ARRAY, &int4_array(1, &[Some(1), Some(2)])).is_err(), "bytes after the last element");
+        assert!(value(&Type::INT4_ARRAY, &int4_array(-1, &[])).is_err());
+        let mut two_dims = Vec::new();
+        for x in [2i32, 0, 23, 1, 1, 1, 1] {
+            two_dims.extend_from_slice(&x.to_be_bytes());
+        }
+        assert!(matches!(value(&Type::INT4_ARRAY, &two_dims), Err(Decode::Bad(m)) if m.contains("one-dimensional")));
+        let mut empty = Vec::new();
+        for x in [0i32, 0, 23] {
+            empty.extend_from_slice(&x.to_be_bytes());
+        }
+        assert_eq!(value(&Type::INT4_ARRAY, &empty).unwrap(), Value::Array(vec![]));
+    }
+
+    #[test]
+    fn numerics_from_a_confused_server_are_refused_or_kept_exact() {
+        // A digit group is 0..=9999; 12345 would print as five digits in a four-digit place.
+        assert!(numeric(&num(1, 0, 0, 0, &[12345])).unwrap_err().contains("digit"));
+        // Bytes after the digits it announces.
+        let mut long = num(1, 0, 0, 0, &[5]);
+        long.extend_from_slice(&[0, 7]);
+        assert!(numeric(&long).unwrap_err().contains("bytes"));
+        // PostgreSQL keeps the display scale in 14 bits.
+        assert!(numeric(&num(0, 0, 0, 0x4000, &[])).is_err());
+        // Leading zero groups print no leading zeros.
+        assert_eq!(numeric(&num(2, 1, 0, 0, &[0, 5])).unwrap(), "5");
+        assert_eq!(numeric(&num(4, 2, 0x4000, 1, &[0, 0, 7, 5000])).unwrap(), "-7.5");
+    }
+
+    /// Found while writing the postgres_values target's "reads back as the same value"
+    /// property: a time of day outside 00:00:00..=24:00:00 wrapped around the clock.
+    #[test]
+    fn times_of_day_out_of_range_are_refused() {
+        for micros in [-1i64, MICROS_PER_DAY + 1, i64::MIN, i64::MAX] {
+            assert!(value(&Type::TIME, &micros.to_be_bytes()).is_err(), "{micros}");
+            let mut raw = micros.to_be_bytes().to_vec();
+            raw.extend_from_slice(&0i32.to_be_bytes());
+            assert!(value(&Type::TIMETZ, &raw).is_err(), "{micros}");
+        }
+        assert_eq!(value(&Type::TIME, &MICROS_PER_DAY.to_be_bytes()).unwrap(), Value::str("24:00:00"));
+    }
+
+    #[test]
+    fn extreme_time_zones_do_not_overflow() {
+        let timetz = |west: i32| {
+            let mut raw = 0i64.to_be_bytes().to_vec();
+            raw.extend_from_slice(&west.to_be_bytes());
+            value(&Type::TIMETZ, &raw)
+        };
+        // Negating i32::MIN overflowed (a panic in debug builds); now it is refused.
+        assert!(matches!(timetz(i32::MIN), Err(Decode::Bad(m)) if m.contains("16 hours")));
+        assert_eq!(timetz(-16 * 3600).unwrap(), Value::str("00:00:00+16:00"));
+        assert_eq!(timetz(5 * 3600 + 30 * 60).unwrap(), Value::str("00:00:00-05:30"));
     }
 
     #[test]

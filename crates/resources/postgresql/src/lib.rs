@@ -23,6 +23,12 @@
 //! verify-ca or verify-full: with prefer or require nothing would check against it.
 
 mod decode;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::decode::{numeric, value, Decode};
+    pub use tokio_postgres::types::{Kind, Type};
+}
 mod params;
 mod tls;
 

@@ -136,12 +136,20 @@ impl Reader<'_> {
         Ok(slice)
     }
 
+    /// A LEB128 number in its shortest form: the encoder writes no other, so a longer one (or
+    /// one past 64 bits, whose extra bits would be dropped) is damage.
     fn varint(&mut self) -> Result<u64, String> {
         let mut n: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
+            if shift == 63 && b > 1 {
+                return Err(self.damaged("a number is too long"));
+            }
             n |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
+                if b == 0 && shift > 0 {
+                    return Err(self.damaged("a number is written longer than it needs"));
+                }
                 return Ok(n);
             }
         }
@@ -180,9 +188,12 @@ impl Reader<'_> {
                 let n = self.count()?;
                 Value::Str(self.take(n)?.to_vec())
             }
+            // Containers grow as their items arrive: a count is only an upper bound, and
+            // reserving it at every level of nesting let a 1 MiB blob ask for gigabytes
+            // (docs/decisions/060-bounded-decoding.md).
             ARRAY => {
                 let n = self.count()?;
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::new();
                 for _ in 0..n {
                     items.push(self.value(depth + 1)?);
                 }
@@ -190,7 +201,7 @@ impl Reader<'_> {
             }
             MAP => {
                 let n = self.count()?;
-                let mut entries = Vec::with_capacity(n);
+                let mut entries = Vec::new();
                 for _ in 0..n {
                     let k = self.value(depth + 1)?;
                     let v = self.value(depth + 1)?;
@@ -254,6 +265,20 @@ mod tests {
         assert_eq!(encode(&Value::str("ab"), 100).unwrap(), vec![FORMAT, STR, 2, b'a', b'b']);
     }
 
+    /// A number written with needless continuation bytes decoded to the same value as its short
+    /// form; refused, so that the fuzz target can hold the codec to one encoding per value.
+    #[test]
+    fn every_value_has_one_encoding() {
+        assert!(decode(&[FORMAT, INT, 0x82, 0x00]).unwrap_err().contains("longer than it needs"));
+        assert!(decode(&[FORMAT, STR, 0x80, 0x00]).unwrap_err().contains("longer than it needs"));
+        assert_eq!(decode(&[FORMAT, INT, 0x80, 0x01]).unwrap(), Value::Int(64));
+        assert_eq!(decode(&[FORMAT, INT, 0x00]).unwrap(), Value::Int(0));
+        for v in [Value::Int(i64::MIN), Value::Int(i64::MAX), Value::Int(-65), Value::Str(vec![7; 300])] {
+            let bytes = encode(&v, usize::MAX).unwrap();
+            assert_eq!(decode(&bytes).unwrap(), v);
+        }
+    }
+
     #[test]
     fn limits_are_enforced_while_encoding() {
         let e = encode(&Value::Str(vec![0; 2000]), 1024).unwrap_err();
@@ -276,6 +301,9 @@ mod tests {
         assert!(decode(&[FORMAT, 42]).unwrap_err().contains("unknown tag 42"));
         assert!(decode(&[FORMAT, NIL, NIL]).unwrap_err().contains("after its end"));
         assert!(decode(&[FORMAT, INT, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap_err().contains("too long"));
+        // A tenth varint byte can carry one bit only; more would be dropped silently.
+        let e = decode(&[FORMAT, INT, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).unwrap_err();
+        assert!(e.contains("too long"), "{e}");
         let mut deep = vec![FORMAT];
         deep.extend(std::iter::repeat_n([ARRAY, 1], MAX_DEPTH + 5).flatten());
         deep.push(NIL);
