@@ -40,26 +40,13 @@ use std::time::Duration;
 use rustomnic_core::{ConfigError, Located, SourceFile};
 
 use crate::app::CageDir;
-use crate::interface::{Interface, Protocols};
+use crate::interface::Protocols;
+use rustomnic_interface::{Interface, InterfaceSpec};
 
 /// The longest request timeout accepted anywhere.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
-
-/// What every interface has, whatever its protocol.
-#[derive(Debug, Clone)]
-pub struct InterfaceSpec {
-    pub cage: String,
-    pub name: String,
-    pub protocol: String,
-    /// Handler module and function, located at the `handler` key (or the interface's table).
-    pub handler: Located<(String, String)>,
-    pub request_timeout: Duration,
-    /// The cage's state file (`[resources.state] path`, or `.data/state.sqlite`), which also
-    /// holds what interfaces keep (a schedule's claims).
-    pub state_file: std::path::PathBuf,
-}
 
 /// A cage's config, read and checked.
 pub struct CageConfig {
@@ -168,7 +155,15 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 if key.is_empty() { s.table_error(message) } else { s.error(key, message) }
                 continue;
             };
-            let spec = InterfaceSpec { cage: name.clone(), name: iname.clone(), protocol, handler, request_timeout, state_file: state_file.clone() };
+            let spec = InterfaceSpec {
+                cage: name.clone(),
+                name: iname.clone(),
+                protocol,
+                handler,
+                request_timeout,
+                state_file: state_file.clone(),
+                fingerprint: s.fingerprint(),
+            };
             if let Some(i) = plugin.configure(spec, &s).filter(|_| handler_ok) {
                 interfaces.push(i);
             }

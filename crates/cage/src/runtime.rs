@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::app::find_cages;
 use crate::config::{load_cage, CageConfig};
-use crate::interface::{Interface, Protocols};
+use crate::interface::Protocols;
+use crate::live::{InterfaceChange, LiveInterfaces};
+use rustomnic_interface::{FlockClaim, Interface};
 use crate::modules::load_all;
 use crate::Error;
 
@@ -240,7 +242,9 @@ fn describe(cages: &[PreparedCage], monitor: Option<String>) -> rustomnic_cluste
 
 /// Messages from the main thread to a worker thread.
 pub(crate) enum WorkerCmd {
-    Accept { interface: usize, stream: std::net::TcpStream, remote: SocketAddr },
+    /// A connection accepted for `interface`, served until it closes or `shutdown` fires (the
+    /// interface was replaced, or the process stops).
+    Accept { interface: Arc<dyn Interface>, shutdown: rustomnic_interface::Shutdown, stream: std::net::TcpStream, remote: SocketAddr },
     Module { cage: String, name: String, module: Option<Module> },
     /// A resource's config changed (or it was added, or removed with `None`).
     Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
@@ -251,7 +255,7 @@ pub(crate) enum WorkerCmd {
 /// Handles to every worker, for the acceptors and the watcher.
 #[derive(Clone)]
 pub(crate) struct Workers {
-    senders: Arc<Vec<mpsc::UnboundedSender<WorkerCmd>>>,
+    pub(crate) senders: Arc<Vec<mpsc::UnboundedSender<WorkerCmd>>>,
 }
 
 impl Workers {
@@ -286,96 +290,171 @@ impl Workers {
 /// (bounded by their deadlines) and returns.
 pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -> Result<(), Error> {
     let cages = prepare(path, protocols, false)?;
-    let interfaces: Vec<Arc<dyn Interface>> = cages.iter().flat_map(|c| c.config.interfaces.iter().cloned()).collect();
-    let drain_limit = interfaces
-        .iter()
-        .map(|i| i.spec().request_timeout)
-        .chain(cages.iter().map(|c| c.config.request_timeout))
-        .max()
-        .unwrap_or(Duration::ZERO)
-        + Duration::from_secs(1);
-
+    let drain_limit = drain_limit(&cages);
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start the control runtime: {e}")))?;
-
+    let interfaces: Vec<Arc<dyn Interface>> = cages.iter().flat_map(|c| c.config.interfaces.iter().cloned()).collect();
     // Bind every listener before starting anything, so a taken port stops the start cleanly.
-    let mut listeners = Vec::new();
-    for (index, iface) in interfaces.iter().enumerate() {
-        if let Some(addr) = iface.listen() {
-            let listener = control.block_on(bind(addr.value)).map_err(|e| {
-                Error::Invalid(vec![addr.error(format!("cannot listen on {}: {e}", addr.value)).to_string()])
-            })?;
-            listeners.push((index, listener));
-        }
-    }
+    let listeners = bind_listeners(&control, &interfaces)?;
     let (monitor_config, monitor_listener) = crate::monitor::bind(&cages)?;
     // Logged only once every bind succeeded, so a start refused for a taken port never claims
     // to have listened.
-    for (index, listener) in &listeners {
-        let spec = interfaces[*index].spec();
-        let local = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-        tracing::info!(cage = %spec.cage, interface = %spec.name, "listening on {local} ({})", spec.protocol);
+    for (iface, listener) in &listeners {
+        log_listening(iface.as_ref(), listener)?;
     }
-
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let cluster = match cluster_config(&cages, &options)? {
-        Some(config) => {
-            let cluster = Arc::new(rustomnic_cluster::Cluster::new(config, env!("CARGO_PKG_VERSION")));
-            let page = monitor_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| monitor_url(a, &cluster.identity.host));
-            control.block_on(cluster.join(describe(&cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
-            let roster = cluster.roster.clone();
-            rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
-            let roster = cluster.roster.clone();
-            rustomnic_lua::durable::set_directory(Arc::new(move |cage: &str| {
-                roster.cage_queues(cage).map(|queues| {
-                    queues.into_iter().map(|(name, ms)| rustomnic_lua::durable::QueueInfo { name, expires_in: Duration::from_millis(ms) }).collect()
-                })
-            }));
-            // pmnc.events reach the same cages in every process of the flock.
-            let names = cages.iter().map(|c| c.config.name.clone()).collect();
-            let deliver: rustomnic_cluster::events::Deliver = Arc::new(|cage: &str, topic: &str, value| {
-                // The end of a durable call that ran in another process (docs/queues.md).
-                rustomnic_queue::observe_completion(topic, &value);
-                rustomnic_lua::events::deliver(cage, topic, value);
-            });
-            let outbox = {
-                let _runtime = control.enter();
-                cluster.join_events(names, deliver, shutdown_rx.clone())
-            };
-            if let Some(claims) = cluster.claims() {
-                let (handle, claims) = (control.handle().clone(), Arc::new(claims));
-                crate::interface::set_flock_claim(Some(Arc::new(move |key: &str| handle.block_on(claims.claim(key)))));
-            }
-            if let Some(outbox) = outbox {
-                rustomnic_lua::events::set_remote(Arc::new(move |cage: &str, topic: &str, value: &rustomnic_core::Value| {
-                    outbox.send(cage, topic, value);
-                }));
-            }
-            Some(cluster)
-        }
-        None => None,
+    let joined = join_cluster(&control, &cages, &options, monitor_listener.as_ref(), &shutdown_rx)?;
+    let (cluster, claim) = match joined {
+        Some((c, claim)) => (Some(c), claim),
+        None => (None, None),
     };
+    let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
+    let (workers, threads) = start_workers(&cages, &options, &resources, &cluster, &shutdown_rx, &shutdown_tx, drain_limit)?;
+    let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
+    let queues = start_queues(&cages, &workers)?;
+    crate::monitor::register_queue_gauges(&cages);
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel::<InterfaceChange>();
+    let watcher = if options.watch {
+        Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone(), changes_tx).map_err(Error::Runtime)?)
+    } else {
+        None
+    };
+    tracing::info!(
+        "running {} cage{} ({}) on {} worker thread{}",
+        cages.len(),
+        if cages.len() == 1 { "" } else { "s" },
+        cages.iter().map(|c| c.config.name.as_str()).collect::<Vec<_>>().join(", "),
+        options.workers,
+        if options.workers == 1 { "" } else { "s" }
+    );
+    let stuck = control.block_on(serve_until_signal(ServeArgs {
+        interfaces,
+        listeners,
+        changes: changes_rx,
+        workers,
+        claim,
+        queues: &queues,
+        shutdown_tx,
+        threads,
+        drain_limit,
+    }));
+    drop(watcher);
+    drop(monitor);
+    drop(queues);
+    if stuck {
+        tracing::info!("stopped (without a stuck worker)");
+        std::process::exit(1);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How long the shutdown waits for requests in flight: the longest request timeout, plus 1 s.
+fn drain_limit(cages: &[PreparedCage]) -> Duration {
+    cages
+        .iter()
+        .flat_map(|c| c.config.interfaces.iter().map(|i| i.spec().request_timeout).chain(std::iter::once(c.config.request_timeout)))
+        .max()
+        .unwrap_or(Duration::ZERO)
+        + Duration::from_secs(1)
+}
+
+/// Binds the address of every interface that listens.
+/// An interface with the listener bound for it.
+type Bound = (Arc<dyn Interface>, tokio::net::TcpListener);
+/// The cluster this process joined, and its claims for interfaces (when JetStream is there).
+type Joined = (Arc<rustomnic_cluster::Cluster>, Option<FlockClaim>);
+
+fn bind_listeners(control: &tokio::runtime::Runtime, interfaces: &[Arc<dyn Interface>]) -> Result<Vec<Bound>, Error> {
+    let mut listeners = Vec::new();
+    for iface in interfaces {
+        if let Some(addr) = iface.listen() {
+            let listener = control
+                .block_on(bind(addr.value))
+                .map_err(|e| Error::Invalid(vec![addr.error(format!("cannot listen on {}: {e}", addr.value)).to_string()]))?;
+            listeners.push((iface.clone(), listener));
+        }
+    }
+    Ok(listeners)
+}
+
+pub(crate) fn log_listening(iface: &dyn Interface, listener: &tokio::net::TcpListener) -> Result<(), Error> {
+    let spec = iface.spec();
+    let local = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    tracing::info!(cage = %spec.cage, interface = %spec.name, "listening on {local} ({})", spec.protocol);
+    Ok(())
+}
+
+/// Joins the cluster when the cages configure one (or `--cluster` asks): heartbeats, the
+/// monitor's cluster view, durable calls' directory of queues, events across the flock, and the
+/// flock's claims for interfaces.
+fn join_cluster(
+    control: &tokio::runtime::Runtime,
+    cages: &[PreparedCage],
+    options: &RunOptions,
+    monitor_listener: Option<&std::net::TcpListener>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<Option<Joined>, Error> {
+    let Some(config) = cluster_config(cages, options)? else { return Ok(None) };
+    let cluster = Arc::new(rustomnic_cluster::Cluster::new(config, env!("CARGO_PKG_VERSION")));
+    let page = monitor_listener.and_then(|l| l.local_addr().ok()).map(|a| monitor_url(a, &cluster.identity.host));
+    control.block_on(cluster.join(describe(cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
+    let roster = cluster.roster.clone();
+    rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
+    let roster = cluster.roster.clone();
+    rustomnic_lua::durable::set_directory(Arc::new(move |cage: &str| {
+        roster.cage_queues(cage).map(|queues| {
+            queues.into_iter().map(|(name, ms)| rustomnic_lua::durable::QueueInfo { name, expires_in: Duration::from_millis(ms) }).collect()
+        })
+    }));
+    // pmnc.events reach the same cages in every process of the flock.
+    let names = cages.iter().map(|c| c.config.name.clone()).collect();
+    let deliver: rustomnic_cluster::events::Deliver = Arc::new(|cage: &str, topic: &str, value| {
+        // The end of a durable call that ran in another process (docs/queues.md).
+        rustomnic_queue::observe_completion(topic, &value);
+        rustomnic_lua::events::deliver(cage, topic, value);
+    });
+    let outbox = {
+        let _runtime = control.enter();
+        cluster.join_events(names, deliver, shutdown_rx.clone())
+    };
+    let claim: Option<FlockClaim> = cluster.claims().map(|claims| {
+        let (handle, claims) = (control.handle().clone(), Arc::new(claims));
+        Arc::new(move |key: &str| handle.block_on(claims.claim(key))) as FlockClaim
+    });
+    if let Some(outbox) = outbox {
+        rustomnic_lua::events::set_remote(Arc::new(move |cage: &str, topic: &str, value: &rustomnic_core::Value| {
+            outbox.send(cage, topic, value);
+        }));
+    }
+    Ok(Some((cluster, claim)))
+}
+
+/// Starts the worker threads and waits until each has loaded every cage.
+#[allow(clippy::too_many_arguments)]
+fn start_workers(
+    cages: &[PreparedCage],
+    options: &RunOptions,
+    resources: &Arc<ResourceInit>,
+    cluster: &Option<Arc<rustomnic_cluster::Cluster>>,
+    shutdown_rx: &watch::Receiver<bool>,
+    shutdown_tx: &watch::Sender<bool>,
+    drain_limit: Duration,
+) -> Result<(Workers, Vec<std::thread::JoinHandle<()>>), Error> {
     let init: Arc<Vec<(String, rustomnic_lua::LuaLimits, Vec<Module>)>> =
         Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.config.lua.clone(), c.modules.values().cloned().collect())).collect());
-    let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
-    let interfaces = Arc::new(interfaces);
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for n in 0..options.workers.max(1) {
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
-        let init = init.clone();
-        let resources = resources.clone();
-        let interfaces = interfaces.clone();
-        let shutdown = shutdown_rx.clone();
-        let ready = ready_tx.clone();
-        let cluster = cluster.clone();
+        let (init, resources, shutdown, ready, cluster) = (init.clone(), resources.clone(), shutdown_rx.clone(), ready_tx.clone(), cluster.clone());
         let handle = std::thread::Builder::new()
             .name(format!("pmnc-worker-{n}"))
-            .spawn(move || worker_main(n, init, resources, interfaces, cluster, rx, shutdown, ready, drain_limit))
+            .spawn(move || worker_main(n, init, resources, cluster, rx, shutdown, ready, drain_limit))
             .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
         threads.push(handle);
     }
@@ -390,78 +469,76 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
             Err(_) => return Err(Error::Runtime("a worker thread died while starting".into())),
         }
     }
-    let workers = Workers { senders: Arc::new(senders) };
-    let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
-    let queues = start_queues(&cages, &workers)?;
-    crate::monitor::register_queue_gauges(&cages);
-    for iface in interfaces.iter() {
-        iface.clone().start(workers.spawner(), shutdown_rx.clone());
+    Ok((Workers { senders: Arc::new(senders) }, threads))
+}
+
+/// What [`serve_until_signal`] runs with.
+struct ServeArgs<'a> {
+    interfaces: Vec<Arc<dyn Interface>>,
+    listeners: Vec<Bound>,
+    changes: mpsc::UnboundedReceiver<InterfaceChange>,
+    workers: Workers,
+    claim: Option<FlockClaim>,
+    queues: &'a [rustomnic_queue::Running],
+    shutdown_tx: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    drain_limit: Duration,
+}
+
+/// Starts the interfaces, applies changed `[interfaces.X]` tables until SIGINT or SIGTERM, then
+/// shuts down: queued calls, interfaces, workers. True when a worker had to be left behind.
+async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
+    let ServeArgs { interfaces, listeners, mut changes, workers, claim, queues, shutdown_tx, threads, drain_limit } = args;
+    let mut live = LiveInterfaces::new(workers.clone(), claim);
+    live.start(interfaces, listeners);
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            change = changes.recv() => match change {
+                Some(change) => live.apply(change).await,
+                None => {
+                    wait_for_signal().await;
+                    break;
+                }
+            },
+        }
     }
-
-    let watcher = if options.watch {
-        Some(crate::watcher::start(&cages, workers.clone(), protocols.clone(), resources.clone()).map_err(Error::Runtime)?)
-    } else {
-        None
-    };
-    tracing::info!(
-        "running {} cage{} ({}) on {} worker thread{}",
-        cages.len(),
-        if cages.len() == 1 { "" } else { "s" },
-        cages.iter().map(|c| c.config.name.as_str()).collect::<Vec<_>>().join(", "),
-        options.workers,
-        if options.workers == 1 { "" } else { "s" }
-    );
-
-    let stuck = std::sync::atomic::AtomicBool::new(false);
-    control.block_on(async {
-        for (index, listener) in listeners {
-            tokio::spawn(accept_loop(index, listener, workers.clone(), shutdown_rx.clone()));
+    tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
+    // Queued calls first: they need the workers (and their connections) to finish.
+    for q in queues {
+        let left = q.drain(drain_limit).await;
+        if left > 0 {
+            tracing::warn!(cage = %q.store().cage(), "{left} queued call(s) still running at shutdown; they run again at the next start");
         }
+    }
+    live.stop_all();
+    let _ = shutdown_tx.send(true);
+    // A second signal means "now".
+    tokio::spawn(async {
         wait_for_signal().await;
-        tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
-        // Queued calls first: they need the workers (and their connections) to finish.
-        for q in &queues {
-            let left = q.drain(drain_limit).await;
-            if left > 0 {
-                tracing::warn!(cage = %q.store().cage(), "{left} queued call(s) still running at shutdown; they run again at the next start");
-            }
-        }
-        let _ = shutdown_tx.send(true);
-        // A second signal means "now".
-        tokio::spawn(async {
-            wait_for_signal().await;
-            tracing::warn!("second signal: exiting without waiting");
-            std::process::exit(1);
-        });
-        let joined = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        });
-        // Workers end within the drain limit; one that does not is stuck in a call that no hook
-        // can interrupt (the watchdog has named it in the log). Exit without it rather than hang.
-        let grace = drain_limit + WORKER_EXIT_GRACE;
-        if tokio::time::timeout(grace, joined).await.is_err() {
-            tracing::error!("a worker thread did not stop within {grace:?} of the shutdown (stuck in a long C or Rust call); exiting without waiting for it");
-            stuck.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
+    });
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
         }
     });
-    drop(watcher);
-    drop(monitor);
-    drop(queues);
-    if stuck.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::info!("stopped (without a stuck worker)");
-        std::process::exit(1);
+    // Workers end within the drain limit; one that does not is stuck in a call that no hook
+    // can interrupt (the watchdog has named it in the log). Exit without it rather than hang.
+    let grace = drain_limit + WORKER_EXIT_GRACE;
+    if tokio::time::timeout(grace, joined).await.is_err() {
+        tracing::error!("a worker thread did not stop within {grace:?} of the shutdown (stuck in a long C or Rust call); exiting without waiting for it");
+        return true;
     }
-    tracing::info!("stopped");
-    Ok(())
+    false
 }
 
 /// How long after the drain limit a worker thread may take to end before the process exits
 /// without it.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
-async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -490,7 +567,14 @@ async fn wait_for_signal() {
     }
 }
 
-async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: Workers, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections of one interface until its shutdown fires, handing them to the workers in
+/// turn.
+pub(crate) async fn accept_loop(
+    iface: Arc<dyn Interface>,
+    listener: tokio::net::TcpListener,
+    workers: Workers,
+    mut shutdown: rustomnic_interface::Shutdown,
+) {
     let mut next = 0usize;
     loop {
         let accepted = tokio::select! {
@@ -503,7 +587,7 @@ async fn accept_loop(index: usize, listener: tokio::net::TcpListener, workers: W
                 let Ok(stream) = stream.into_std() else { continue };
                 let n = workers.senders.len();
                 // Round robin; a worker that has gone away (shutdown) is skipped.
-                let mut cmd = WorkerCmd::Accept { interface: index, stream, remote };
+                let mut cmd = WorkerCmd::Accept { interface: iface.clone(), shutdown: shutdown.clone(), stream, remote };
                 for _ in 0..n {
                     next = (next + 1) % n;
                     match workers.senders[next].send(cmd) {
@@ -526,7 +610,6 @@ fn worker_main(
     n: usize,
     init: Arc<Vec<(String, rustomnic_lua::LuaLimits, Vec<Module>)>>,
     resources: Arc<ResourceInit>,
-    interfaces: Arc<Vec<Arc<dyn Interface>>>,
     cluster: Option<Arc<rustomnic_cluster::Cluster>>,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     mut shutdown: watch::Receiver<bool>,
@@ -577,8 +660,7 @@ fn worker_main(
                 _ = shutdown.changed() => None,
             };
             match cmd {
-                Some(WorkerCmd::Accept { interface, stream, remote }) => {
-                    let Some(iface) = interfaces.get(interface).cloned() else { continue };
+                Some(WorkerCmd::Accept { interface: iface, shutdown: iface_shutdown, stream, remote }) => {
                     let stream = match stream.set_nonblocking(true).and_then(|_| tokio::net::TcpStream::from_std(stream)) {
                         Ok(s) => s,
                         Err(e) => {
@@ -587,9 +669,9 @@ fn worker_main(
                         }
                     };
                     connections.set(connections.get() + 1);
-                    let (connections, idle, shutdown) = (connections.clone(), idle.clone(), shutdown.clone());
+                    let (connections, idle) = (connections.clone(), idle.clone());
                     tokio::task::spawn_local(async move {
-                        iface.serve(stream, remote, shutdown).await;
+                        iface.serve(stream, remote, iface_shutdown).await;
                         connections.set(connections.get() - 1);
                         if connections.get() == 0 {
                             idle.notify_waiters();
@@ -675,7 +757,7 @@ fn apply_module(cage: &str, name: &str, module: Option<Module>) {
 
 impl Workers {
     /// Runs jobs on the workers, round robin.
-    pub(crate) fn spawner(&self) -> rustomnic_queue::Spawner {
+    pub(crate) fn spawner(&self) -> rustomnic_interface::Spawner {
         let senders = self.senders.clone();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         Arc::new(move |job| {

@@ -43,7 +43,13 @@ struct CageState {
     broken: BTreeMap<String, u64>,
 }
 
-pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protocols, init: Arc<ResourceInit>) -> Result<WatcherHandle, String> {
+pub(crate) fn start(
+    cages: &[PreparedCage],
+    workers: Workers,
+    protocols: Protocols,
+    init: Arc<ResourceInit>,
+    interfaces: tokio::sync::mpsc::UnboundedSender<crate::live::InterfaceChange>,
+) -> Result<WatcherHandle, String> {
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(tx).map_err(|e| format!("cannot watch module files: {e}"))?;
     let mut folders = BTreeSet::new();
@@ -101,7 +107,7 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
                     reload(cage, &name, &workers, false);
                 }
             }
-            let config = ConfigReload { protocols, init };
+            let config = ConfigReload { protocols, init, interfaces };
             watch_loop(rx, &mut cages, &workers, &config);
         })
         .map_err(|e| format!("cannot start the watcher thread: {e}"))?;
@@ -112,6 +118,8 @@ pub(crate) fn start(cages: &[PreparedCage], workers: Workers, protocols: Protoco
 struct ConfigReload {
     protocols: Protocols,
     init: Arc<ResourceInit>,
+    /// Where changed interfaces go (the control thread's LiveInterfaces).
+    interfaces: tokio::sync::mpsc::UnboundedSender<crate::live::InterfaceChange>,
 }
 
 fn watch_loop(rx: mpsc::Receiver<notify::Result<notify::Event>>, cages: &mut [CageState], workers: &Workers, config: &ConfigReload) {
@@ -251,6 +259,21 @@ fn reload_config(cage: &mut CageState, workers: &Workers, config: &ConfigReload)
             return;
         }
     };
+    // Interfaces: the control thread restarts those whose table changed. A handler whose module
+    // is missing keeps every interface of the cage as it runs.
+    let missing: Vec<String> = new
+        .interfaces
+        .iter()
+        .filter(|i| crate::modules::resolve(&cage.dir, &i.spec().handler.value.0).is_none())
+        .map(|i| i.spec().handler.error(format!("handler module {} not found", i.spec().handler.value.0)).to_string())
+        .collect();
+    if missing.is_empty() {
+        let _ = config.interfaces.send(crate::live::InterfaceChange { cage: cage.name.clone(), interfaces: new.interfaces.clone() });
+    } else {
+        for m in missing {
+            tracing::error!(cage = %cage.name, "{m} (keeping the running interfaces)");
+        }
+    }
     let mut changed = 0;
     for r in &new.resources {
         if cage.resources.get(&r.name) != Some(&r.fingerprint) {
@@ -269,6 +292,6 @@ fn reload_config(cage: &mut CageState, workers: &Workers, config: &ConfigReload)
         changed += 1;
     }
     if changed == 0 {
-        tracing::info!(cage = %cage.name, "{}: changed; resources unchanged; other changes take effect at the next restart", file.display());
+        tracing::info!(cage = %cage.name, "{}: changed; resources unchanged; changes other than resources and interfaces take effect at the next restart", file.display());
     }
 }

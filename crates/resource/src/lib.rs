@@ -74,7 +74,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// One protocol of outbound calls (postgresql, redis, ...).
-pub trait Protocol: Send + Sync {
+pub trait ResourceProtocol: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Reads this protocol's own keys from `section` (the pool keys are read by the runtime).

@@ -8,17 +8,17 @@ use std::time::Duration;
 use rustomnic_core::{Section, SourceFile, Value};
 use rustomnic_lua::{compile, worker, CageVm, CompiledModule, RequestCtx, RunError};
 
-use crate::{read_pool_settings, Protocol, ResourceConfig};
+use crate::{read_pool_settings, ResourceProtocol, ResourceConfig};
 
 /// Configures a resource from TOML text of its table (`url = "..."` ...), as `cage.toml` would.
 /// Returns the problems found, each as `file:line: key: message`.
-pub fn configure(protocol: &dyn Protocol, name: &str, toml: &str) -> Result<ResourceConfig, Vec<String>> {
+pub fn configure(protocol: &dyn ResourceProtocol, name: &str, toml: &str) -> Result<ResourceConfig, Vec<String>> {
     configure_in(Path::new(""), protocol, name, toml)
 }
 
 /// Like [`configure`], as the `cage.toml` of the cage folder `dir`, for keys whose relative paths
 /// are taken from that folder.
-pub fn configure_in(dir: &Path, protocol: &dyn Protocol, name: &str, toml: &str) -> Result<ResourceConfig, Vec<String>> {
+pub fn configure_in(dir: &Path, protocol: &dyn ResourceProtocol, name: &str, toml: &str) -> Result<ResourceConfig, Vec<String>> {
     let text = format!("[resources.{name}]\n{toml}");
     let file = SourceFile::parse(&dir.join("cage.toml"), text).map_err(|e| vec![e.to_string()])?;
     let root = file.root();

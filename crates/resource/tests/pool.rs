@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::testing::{configure, run_lua};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 #[derive(Default)]
 struct Shared {
@@ -24,7 +24,7 @@ struct MemoryConn {
     id: usize,
 }
 
-impl Protocol for Memory {
+impl ResourceProtocol for Memory {
     fn name(&self) -> &'static str {
         "memory"
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -26,7 +26,7 @@ const DEFAULT_MAX_OUTPUT: u64 = 16 << 20;
 /// The `cmdexec` protocol.
 pub struct CmdexecProtocol;
 
-impl Protocol for CmdexecProtocol {
+impl ResourceProtocol for CmdexecProtocol {
     fn name(&self) -> &'static str {
         "cmdexec"
     }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 pub use ops::TEMP_PREFIX;
 pub use paths::OUTSIDE;
@@ -32,7 +32,7 @@ const METHODS: &str = "read, write, append, list, delete, exists";
 /// The `file` protocol.
 pub struct FileProtocol;
 
-impl Protocol for FileProtocol {
+impl ResourceProtocol for FileProtocol {
     fn name(&self) -> &'static str {
         "file"
     }

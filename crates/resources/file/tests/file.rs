@@ -328,7 +328,7 @@ fn a_relative_root_is_taken_from_the_folder_of_cage_toml() {
     let file = rustomnic_core::SourceFile::parse(&dir.path().join("cage.toml"), text).unwrap();
     let root = file.root();
     let section = root.table("resources").unwrap().table("files").unwrap();
-    let resource = rustomnic_resource::Protocol::configure(&FileProtocol, "files", &section).unwrap();
+    let resource = rustomnic_resource::ResourceProtocol::configure(&FileProtocol, "files", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
     let config = ResourceConfig { name: "files".into(), protocol: "file".into(), pool: Default::default(), resource, fingerprint: String::new() };

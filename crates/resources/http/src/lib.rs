@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 /// The default limit of a response body.
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 16 << 20;
@@ -56,7 +56,7 @@ struct HttpConnection {
     unsafe_sent: bool,
 }
 
-impl Protocol for Http {
+impl ResourceProtocol for Http {
     fn name(&self) -> &'static str {
         "http"
     }

@@ -40,7 +40,7 @@ use mysql_async::prelude::{Protocol as WireProtocol, Queryable};
 use mysql_async::{Conn, Opts, OptsBuilder, Params, QueryResult, SslOpts};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, ResourceProtocol, Resource};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
 pub const KEYS: &[&str] = &["url", "ssl_mode", "ca"];
@@ -128,11 +128,11 @@ const FATAL_CODES: &[u16] = &[
 pub struct Mysql;
 
 /// The protocol as the runtime's registry takes it.
-pub fn protocol() -> Arc<dyn Protocol> {
+pub fn protocol() -> Arc<dyn ResourceProtocol> {
     Arc::new(Mysql)
 }
 
-impl Protocol for Mysql {
+impl ResourceProtocol for Mysql {
     fn name(&self) -> &'static str {
         "mysql"
     }

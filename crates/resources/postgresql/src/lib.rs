@@ -39,7 +39,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::{pin_mut, TryStreamExt};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{error_chain, Connection, Error, Protocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, ResourceProtocol, Resource};
 use tokio_postgres::{CancelToken, Client};
 
 use crate::tls::{PgTls, SslMode};
@@ -61,11 +61,11 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Postgresql;
 
 /// The protocol as the runtime's registry takes it.
-pub fn protocol() -> Arc<dyn Protocol> {
+pub fn protocol() -> Arc<dyn ResourceProtocol> {
     Arc::new(Postgresql)
 }
 
-impl Protocol for Postgresql {
+impl ResourceProtocol for Postgresql {
     fn name(&self) -> &'static str {
         "postgresql"
     }

@@ -26,7 +26,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, TlsCertificates};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
 pub const KEYS: &[&str] = &["url", "ca"];
@@ -92,7 +92,7 @@ const READ_ONLY: &[&str] = &[
     "memory", "touch", "lcs", "substr",
 ];
 
-impl Protocol for Redis {
+impl ResourceProtocol for Redis {
     fn name(&self) -> &'static str {
         "redis"
     }

@@ -19,7 +19,7 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::{Address, Message};
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 const SEND_KEYS: &[&str] = &["from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "attachments"];
 
@@ -57,7 +57,7 @@ struct SmtpConnection {
     pending: Option<Vec<u8>>,
 }
 
-impl Protocol for Smtp {
+impl ResourceProtocol for Smtp {
     fn name(&self) -> &'static str {
         "smtp"
     }

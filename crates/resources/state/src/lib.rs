@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, Protocol, Resource};
+use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
 
 pub use codec::{decode, encode, FORMAT};
 pub use store::{APPLICATION_ID, SCHEMA_VERSION};
@@ -35,7 +35,7 @@ const METHODS: &str = "get, set, delete, keys";
 /// The `state` protocol.
 pub struct StateProtocol;
 
-impl Protocol for StateProtocol {
+impl ResourceProtocol for StateProtocol {
     fn name(&self) -> &'static str {
         "state"
     }

@@ -288,7 +288,7 @@ fn a_relative_path_is_taken_from_the_folder_of_cage_toml() {
     let file = rustomnic_core::SourceFile::parse(&dir.path().join("cage.toml"), text).unwrap();
     let root = file.root();
     let section = root.table("resources").unwrap().table("state").unwrap();
-    let resource = rustomnic_resource::Protocol::configure(&StateProtocol, "state", &section).unwrap();
+    let resource = rustomnic_resource::ResourceProtocol::configure(&StateProtocol, "state", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
     let config = ResourceConfig { name: "state".into(), protocol: "state".into(), pool: Default::default(), resource, fingerprint: String::new() };

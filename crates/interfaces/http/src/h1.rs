@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use rustomnic_cage::Shutdown;
+use rustomnic_interface::Shutdown;
 use rustomnic_lua::RequestCtx;
 use std::io::Write as _;
 

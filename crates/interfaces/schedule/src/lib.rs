@@ -14,10 +14,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use futures_util::future::LocalBoxFuture;
-use rustomnic_cage::{Interface, InterfaceSpec, Protocol, Shutdown};
-use rustomnic_core::{Located, Section, Value};
+use rustomnic_core::{Section, Value};
+use rustomnic_interface::{Host, Interface, InterfaceProtocol, InterfaceSpec};
 use rustomnic_lua::{worker, RequestCtx};
-use tokio::net::TcpStream;
 
 /// The most missed firings run at start with `missed = "catch_up"`.
 pub const MAX_CATCH_UP: usize = 100;
@@ -32,7 +31,7 @@ pub enum Missed {
 /// The `schedule` protocol.
 pub struct ScheduleProtocol;
 
-impl Protocol for ScheduleProtocol {
+impl InterfaceProtocol for ScheduleProtocol {
     fn name(&self) -> &'static str {
         "schedule"
     }
@@ -109,11 +108,11 @@ impl Schedule {
     }
 
     /// Runs the handler once for the firing at `at`, on a worker thread.
-    fn fire(&self, spawn: &rustomnic_queue::Spawner, at: DateTime<Utc>) {
+    fn fire(&self, host: &Host, at: DateTime<Utc>) {
         let (cage, name, timeout) = (self.spec.cage.clone(), self.spec.name.clone(), self.spec.request_timeout);
         let (module, function) = self.spec.handler.value.clone();
         let scheduled = at.timestamp_millis() as f64 / 1000.0;
-        spawn(Box::new(move || {
+        host.spawn(Box::new(move || {
             Box::pin(async move {
                 let Some(vm) = worker::cage(&cage) else { return };
                 let mut ctx = RequestCtx::new(&cage, &name, timeout);
@@ -130,10 +129,10 @@ impl Schedule {
     /// firing: when clustered, the first process of the flock to claim it runs it. When the
     /// claim cannot be made (no JetStream), the firing runs here: at least once rather than
     /// not at all, said once in the log.
-    fn won_in_flock(&self, at: DateTime<Utc>, failed_before: &mut bool) -> bool {
-        let Some(claim) = rustomnic_cage::interface::flock_claim() else { return true };
+    fn won_in_flock(&self, host: &Host, at: DateTime<Utc>, failed_before: &mut bool) -> bool {
         let key = format!("{}.{}.{}", self.spec.cage, self.spec.name, at.timestamp_millis());
-        match claim(&key) {
+        let Some(claimed) = host.claim_in_flock(&key) else { return true };
+        match claimed {
             Ok(won) => {
                 *failed_before = false;
                 won
@@ -150,8 +149,9 @@ impl Schedule {
 
     /// The timing loop of this schedule (its own thread): claims and fires every firing until
     /// shutdown.
-    fn run(self: Arc<Self>, spawn: rustomnic_queue::Spawner, shutdown: Shutdown) {
-        let who = format!("{}-{}", std::process::id(), rustomnic_queue::new_call_id());
+    fn run(self: Arc<Self>, host: Host) {
+        let shutdown = host.shutdown();
+        let who = format!("{}-{}", std::process::id(), rustomnic_lua::new_request_id());
         let mut conn = match rustomnic_resource_state::store::open(&self.state_file, Duration::from_secs(10)) {
             Ok(c) => c,
             Err(e) => {
@@ -195,10 +195,10 @@ impl Schedule {
             }
             if !skip && caught_up <= MAX_CATCH_UP {
                 match lease::claim(&mut conn, &self.state_file, &lease, &who, next) {
-                    Ok(true) if !self.won_in_flock(next, &mut claim_failed) => {
+                    Ok(true) if !self.won_in_flock(&host, next, &mut claim_failed) => {
                         tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} ran in another process of the flock")
                     }
-                    Ok(true) => self.fire(&spawn, next),
+                    Ok(true) => self.fire(&host, next),
                     Ok(false) => tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} ran in another copy"),
                     Err(e) => tracing::error!(cage = %self.spec.cage, interface = %self.spec.name, "firing {next} skipped: {e}"),
                 }
@@ -220,18 +220,10 @@ impl Interface for Schedule {
         &self.spec
     }
 
-    fn listen(&self) -> Option<Located<std::net::SocketAddr>> {
-        None
-    }
-
-    fn serve(self: Arc<Self>, _stream: TcpStream, _remote: std::net::SocketAddr, _shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
-        Box::pin(async {})
-    }
-
-    fn start(self: Arc<Self>, spawn: rustomnic_queue::Spawner, shutdown: Shutdown) {
+    fn start(self: Arc<Self>, host: Host) {
         let name = format!("pmnc-schedule-{}", self.spec.name);
         let s = self.clone();
-        if let Err(e) = std::thread::Builder::new().name(name).spawn(move || s.run(spawn, shutdown)) {
+        if let Err(e) = std::thread::Builder::new().name(name).spawn(move || s.run(host)) {
             tracing::error!(cage = %self.spec.cage, interface = %self.spec.name, "cannot start the schedule: {e}");
         }
     }

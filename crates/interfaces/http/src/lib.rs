@@ -46,7 +46,7 @@ pub use limits::{disable_transparent_huge_pages, raise_open_file_limit, tune_pro
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustomnic_cage::{Interface, InterfaceSpec, Protocol, Shutdown};
+use rustomnic_interface::{Interface, InterfaceProtocol, InterfaceSpec, Shutdown};
 use rustomnic_core::{Located, Section};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -79,7 +79,7 @@ pub struct HttpInterface {
     refused_logged: AtomicU64,
 }
 
-impl Protocol for HttpProtocol {
+impl InterfaceProtocol for HttpProtocol {
     fn name(&self) -> &'static str {
         "http"
     }

@@ -1,0 +1,162 @@
+//! The interface plugin boundary: what an inbound protocol implements ([`InterfaceProtocol`],
+//! [`Interface`]) and what the runtime gives it ([`Host`]). An interface depends on this crate
+//! and its own protocol library only, never on the runtime (docs/writing-an-interface.md).
+//!
+//! Two shapes:
+//! - an interface that **listens** says where ([`Interface::listen`]); the runtime binds the
+//!   address before anything starts (a taken port refuses the start), accepts connections and
+//!   spreads them over the worker threads, calling [`Interface::serve`] on the worker;
+//! - an interface that **consumes** (a schedule, a broker subscription, a folder watch) owns its
+//!   loop: the runtime calls [`Interface::start`] once the workers are ready, and the interface
+//!   hands each message to a worker through its [`Host`], learning the handler's outcome.
+//!
+//! Stages: `configure` (on the main thread, also run by `pmnc check`; problems are recorded in
+//! the section with file, line and key) → bind / start → serve or run requests → the interface's
+//! [`Shutdown`] fires (the process stops, or a changed `[interfaces.X]` replaces this interface):
+//! stop taking work, let requests in flight finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::LocalBoxFuture;
+use rustomnic_core::{Located, Section, Value};
+use rustomnic_lua::{worker, RequestCtx, RunError};
+use tokio::net::TcpStream;
+
+/// Fires once when the interface must stop: the process shuts down, or the interface is
+/// replaced by a changed config.
+pub type Shutdown = tokio::sync::watch::Receiver<bool>;
+
+/// Work to run on a worker thread (it may hold `Rc`s there).
+pub type Job = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
+/// Hands a job to some worker thread, in turn.
+pub type Spawner = Arc<dyn Fn(Job) + Send + Sync>;
+
+/// Decides a claim that only one process of the whole flock may win (a schedule's firing when
+/// copies of a cage run on several hosts): true when this process won. Blocking; call it from the
+/// interface's own thread, never from a worker.
+pub type FlockClaim = Arc<dyn Fn(&str) -> Result<bool, String> + Send + Sync>;
+
+/// What every interface has, whatever its protocol: read by the runtime from `[interfaces.X]`.
+#[derive(Debug, Clone)]
+pub struct InterfaceSpec {
+    pub cage: String,
+    pub name: String,
+    pub protocol: String,
+    /// Handler module and function, located at the `handler` key (or the interface's table).
+    pub handler: Located<(String, String)>,
+    pub request_timeout: Duration,
+    /// The cage's state file (`[resources.state] path`, or `.data/state.sqlite`), for what an
+    /// interface keeps (a schedule's claims).
+    pub state_file: PathBuf,
+    /// The interface's table as written, to tell whether a changed cage.toml changed it.
+    pub fingerprint: String,
+}
+
+/// One protocol of inbound requests: reads an interface's keys and makes the interface.
+pub trait InterfaceProtocol: Send + Sync {
+    /// The protocol name used in `protocol = "..."`.
+    fn name(&self) -> &'static str;
+
+    /// Reads this protocol's keys from `section` (the interface's table). Problems are recorded in
+    /// the section; `None` when the interface cannot be built.
+    fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>>;
+}
+
+/// A configured interface of a cage.
+pub trait Interface: Send + Sync {
+    fn spec(&self) -> &InterfaceSpec;
+
+    /// Where to accept TCP connections, for interfaces that listen.
+    fn listen(&self) -> Option<Located<SocketAddr>> {
+        None
+    }
+
+    /// Serves one accepted connection on the current worker thread, until it closes or
+    /// `shutdown` fires and what is in flight has finished.
+    fn serve(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
+        let _ = (stream, remote, shutdown);
+        Box::pin(async {})
+    }
+
+    /// Starts an interface that consumes (owns its loop): called once the workers are ready.
+    fn start(self: Arc<Self>, host: Host) {
+        let _ = host;
+    }
+}
+
+/// One request an interface asks a worker to run.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Module and function of the handler.
+    pub handler: (String, String),
+    pub args: Vec<Value>,
+    /// When the request must have ended (`Instant::now() + spec.request_timeout` usually).
+    pub deadline: Instant,
+    /// What `pmnc.request.parameters` gives the handler.
+    pub parameters: Option<Value>,
+}
+
+/// What the runtime gives an interface that consumes: workers to run requests on, the
+/// interface's shutdown, and claims across the flock.
+#[derive(Clone)]
+pub struct Host {
+    spec: Arc<InterfaceSpec>,
+    spawner: Spawner,
+    shutdown: Shutdown,
+    claim: Option<FlockClaim>,
+}
+
+impl Host {
+    /// Made by the runtime.
+    pub fn new(spec: InterfaceSpec, spawner: Spawner, shutdown: Shutdown, claim: Option<FlockClaim>) -> Host {
+        Host { spec: Arc::new(spec), spawner, shutdown, claim }
+    }
+
+    /// Runs `job` on a worker thread.
+    pub fn spawn(&self, job: Job) {
+        (self.spawner)(job)
+    }
+
+    /// Runs `request` on a worker thread and gives its outcome: the handler's results, or its
+    /// error (a failed handler's transactions have rolled back by then, a returned handler's
+    /// have committed), so a consumer can acknowledge a message only after success. The request
+    /// counts in the monitor's figures of this interface.
+    pub fn run(&self, request: Request) -> impl Future<Output = Result<Vec<Value>, RunError>> + Send + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spec = self.spec.clone();
+        (self.spawner)(Box::new(move || {
+            Box::pin(async move {
+                let (module, function) = request.handler;
+                let outcome = match worker::cage(&spec.cage) {
+                    Some(vm) => {
+                        let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
+                        ctx.parameters = request.parameters;
+                        vm.call(ctx, &module, &function, request.args).await
+                    }
+                    None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
+                };
+                let _ = tx.send(outcome);
+            })
+        }));
+        async move { rx.await.unwrap_or_else(|_| Err(RunError::Internal("the worker stopped before the request ended".into()))) }
+    }
+
+    /// Fires when the interface must stop.
+    pub fn shutdown(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Claims `key` in the flock: `None` when the process is not in a cluster (every claim is
+    /// then this process's to decide), else whether this process won. Blocking.
+    pub fn claim_in_flock(&self, key: &str) -> Option<Result<bool, String>> {
+        self.claim.as_ref().map(|c| c(key))
+    }
+
+    pub fn spec(&self) -> &InterfaceSpec {
+        &self.spec
+    }
+}
