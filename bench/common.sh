@@ -211,3 +211,30 @@ worker_cpu_report() {
                 printf "  WARNING: connections were not spread over the workers (one worker idle while another was busy)\n"
         }' "$1" "$2"
 }
+
+# hello_cage DIR HANDLER LOG: a cage answering "Hello, world!" from http.handle (a function) and
+# from a route table http.routes of 200 routes (199 with an {id} parameter, and GET /), with
+# `handler = "HANDLER"` and `access_log = "LOG"` (the cages of http-routes.sh and callgrind.sh).
+hello_cage() {
+    local dir="$1" handler="$2" log="$3"
+    mkdir -p "$dir"
+    cat >"$dir/cage.toml" <<EOF
+request_timeout = "10s"
+
+[interfaces.http]
+listen = "127.0.0.1:0"
+handler = "$handler"
+access_log = "$log"
+EOF
+    {
+        echo 'local M = {}'
+        echo 'function M.handle(request, response) return "Hello, world!" end'
+        echo 'M.routes = {'
+        for i in $(seq 0 198); do
+            echo "  [\"GET /r$i/{id}/items\"] = function(request, response) return \"Hello, world!\" end,"
+        done
+        echo '  ["GET /"] = function() return "Hello, world!" end,'
+        echo '}'
+        echo 'return M'
+    } >"$dir/http.lua"
+}

@@ -8,7 +8,7 @@
 #
 #   bench/fuzz.sh                    5 minutes per target
 #   bench/fuzz.sh 30m                30 minutes per target
-#   bench/fuzz.sh 20s json http1     two targets, 20 seconds each (what .ci/run does for all)
+#   bench/fuzz.sh 20s json http1     two targets, 20 seconds each (.ci/run runs all for 5s)
 #   NICE=19 KEEP=1 bench/fuzz.sh 5m  lowest priority; keep the work folder (grown corpora, logs)
 #   JOBS=...                         not offered: one target at a time, one core each
 set -uo pipefail

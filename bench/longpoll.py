@@ -19,6 +19,7 @@ Python standard library only. Never fails because of a figure.
 
     bench/longpoll.py                        # MODE=longpoll, N = 10000 and the limit
     MODE=websocket bench/longpoll.py
+    MODE=websocket DEFLATE=1 bench/longpoll.py   # sessions that agreed permessage-deflate
     COUNTS=2000 WORKERS=1 bench/longpoll.py
     SERVER="node peer.js {port}" bench/longpoll.py
 """
@@ -41,6 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 PMNC = os.path.join(TARGET, "release", "pmnc")
 MODE = os.environ.get("MODE", "longpoll")
+# DEFLATE=1: WebSockets offer permessage-deflate as Chromium does (the server takes it with a
+# 512-byte client window), to measure what the extension adds to an idle session.
+EXTENSIONS = "sec-websocket-extensions: permessage-deflate; client_max_window_bits\r\n" if os.environ.get("DEFLATE") == "1" else ""
 WORKERS = os.environ.get("WORKERS", "2")
 FANOUT_TARGET_MS, FANOUT_GOAL_MS = 250, 100
 RSS_TARGET_KB, RSS_GOAL_KB = 6.0, 4.0
@@ -144,7 +148,7 @@ def open_websockets(port, n):
         s.sendall(
             (
                 "GET /ws?room=bench HTTP/1.1\r\nhost: bench\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-                f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n"
+                f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n{EXTENSIONS}\r\n"
             ).encode()
         )
         head = b""

@@ -91,7 +91,7 @@ fn reference(data: &[u8], max: usize) -> Session {
                 let mut echo = Vec::new();
                 if payload.len() >= 2 {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
-                    let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+                    let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
                     if !allowed || std::str::from_utf8(&payload[2..]).is_err() {
                         return refuse(s, 1002);
                     }
@@ -115,6 +115,17 @@ fn reference(data: &[u8], max: usize) -> Session {
                     return refuse(s, 1002);
                 }
                 fragments = Some((opcode, payload));
+            }
+        }
+        // A fragmented text message is refused at the first fragment after which no further
+        // bytes could make it UTF-8 (only an incomplete last character may wait for more).
+        if let Some((1, so_far)) = &fragments {
+            if !fin {
+                if let Err(e) = std::str::from_utf8(so_far) {
+                    if e.error_len().is_some() {
+                        return refuse(s, 1007);
+                    }
+                }
             }
         }
         if fin && opcode < 8 {

@@ -23,10 +23,7 @@ impl CageDir {
     /// Where `require` looks for libraries: the cage's `lua_modules`, then the app's (next to
     /// `cages/`), whether or not they exist yet.
     pub fn library_roots(&self) -> Vec<rustomnic_lua::libraries::LibraryRoot> {
-        let mut roots = vec![rustomnic_lua::libraries::LibraryRoot {
-            dir: self.dir.join("lua_modules"),
-            display: format!("{}/lua_modules", self.folder_name),
-        }];
+        let mut roots = vec![rustomnic_lua::libraries::LibraryRoot { dir: self.dir.join("lua_modules"), display: format!("{}/lua_modules", self.folder_name) }];
         let cages = self.dir.parent();
         if let Some(app) = cages.filter(|c| c.file_name().is_some_and(|n| n == "cages")).and_then(|c| c.parent()) {
             roots.push(rustomnic_lua::libraries::LibraryRoot { dir: app.join("lua_modules"), display: "lua_modules".into() });
@@ -48,10 +45,7 @@ pub fn find_cages(path: &Path) -> Result<Vec<CageDir>, Error> {
     }
     let cages = path.join("cages");
     if !cages.is_dir() {
-        return Err(Error::Io(format!(
-            "{}: neither a cage folder (no cage.toml) nor an app folder (no cages/ folder)",
-            path.display()
-        )));
+        return Err(Error::Io(format!("{}: neither a cage folder (no cage.toml) nor an app folder (no cages/ folder)", path.display())));
     }
     let shared = Some(cages.join(".shared")).filter(|p| p.is_dir());
     let mut found = Vec::new();
@@ -77,10 +71,8 @@ pub fn find_cages(path: &Path) -> Result<Vec<CageDir>, Error> {
 }
 
 fn cage_dir(dir: &Path, shared: Option<PathBuf>) -> Result<CageDir, Error> {
-    let folder_name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .ok_or_else(|| Error::Io(format!("{}: a cage folder needs a name", dir.display())))?;
+    let folder_name =
+        dir.file_name().map(|n| n.to_string_lossy().to_string()).ok_or_else(|| Error::Io(format!("{}: a cage folder needs a name", dir.display())))?;
     Ok(CageDir { folder_name, dir: dir.to_path_buf(), shared })
 }
 

@@ -71,9 +71,7 @@ pub struct CageConfig {
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
 pub fn load_cage(dir: &CageDir, protocols: &Protocols) -> Result<CageConfig, Vec<ConfigError>> {
     let path = dir.config_file();
-    let text = std::fs::read(&path).map_err(|e| {
-        vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: format!("cannot read: {e}") }]
-    })?;
+    let text = std::fs::read(&path).map_err(|e| vec![ConfigError { file: path.clone(), line: 1, key: String::new(), message: format!("cannot read: {e}") }])?;
     parse_cage(dir, text, protocols)
 }
 
@@ -106,8 +104,7 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     if !rustomnic_core::is_cage_name(&name) {
         root.table_error(format!("folder name {name:?} is not a valid cage name; set name = \"...\""));
     }
-    let request_timeout =
-        root.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    let request_timeout = root.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(DEFAULT_REQUEST_TIMEOUT);
     let log_level = root.string("log_level").and_then(|l| {
         if LOG_LEVELS.contains(&l.value.as_str()) {
             Some(l.value)
@@ -141,18 +138,17 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 s.error("handler", format!("{:?} is not \"module.function\"", handler_text.value));
             }
             let (m, f) = handler_text.value.split_once('.').unwrap_or((handler_text.value.as_str(), ""));
-            let handler = Located {
-                value: (m.to_string(), f.to_string()),
-                file: handler_text.file.clone(),
-                line: handler_text.line,
-                key: handler_text.key.clone(),
-            };
-            let request_timeout =
-                s.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(request_timeout);
+            let handler =
+                Located { value: (m.to_string(), f.to_string()), file: handler_text.file.clone(), line: handler_text.line, key: handler_text.key.clone() };
+            let request_timeout = s.duration("request_timeout", MAX_REQUEST_TIMEOUT).map(|d| d.value).unwrap_or(request_timeout);
             let Some(plugin) = protocols.get(&protocol) else {
                 let key = if s.has("protocol") { "protocol" } else { "" };
                 let message = format!("unknown protocol {protocol:?} (this build knows: {})", protocols.names().join(", "));
-                if key.is_empty() { s.table_error(message) } else { s.error(key, message) }
+                if key.is_empty() {
+                    s.table_error(message)
+                } else {
+                    s.error(key, message)
+                }
                 continue;
             };
             let spec = InterfaceSpec {
@@ -180,7 +176,11 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             let protocol = s.string("protocol").map(|p| p.value).unwrap_or_else(|| rname.clone());
             let Some(plugin) = protocols.resource(&protocol) else {
                 let message = format!("unknown resource protocol {protocol:?} (this build knows: {})", protocols.resource_names().join(", "));
-                if s.has("protocol") { s.error("protocol", message) } else { s.table_error(message) }
+                if s.has("protocol") {
+                    s.error("protocol", message)
+                } else {
+                    s.table_error(message)
+                }
                 continue;
             };
             // Pool keys first, so they are known keys even when the protocol's own keys fail.
@@ -189,7 +189,14 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
                 if pool.size == 0 {
                     pool.size = resource.default_pool_size();
                 }
-                resources.push(rustomnic_resource::ResourceConfig { name: rname.clone(), protocol, pool, resource, fingerprint: s.fingerprint() });
+                resources.push(rustomnic_resource::ResourceConfig {
+                    name: rname.clone(),
+                    protocol,
+                    pool,
+                    resource,
+                    fingerprint: s.fingerprint(),
+                    breaker: Default::default(),
+                });
             }
             s.finish();
         }
@@ -282,7 +289,14 @@ pub(crate) fn state_resource_at(path: &std::path::Path, protocols: &Protocols) -
         return None;
     }
     let pool = rustomnic_resource::PoolSettings { size: resource.default_pool_size(), ..Default::default() };
-    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
+    Some(rustomnic_resource::ResourceConfig {
+        name: "state".into(),
+        protocol: "state".into(),
+        pool,
+        resource,
+        fingerprint: section.fingerprint(),
+        breaker: Default::default(),
+    })
 }
 
 /// Every cage has a `state` resource (pmnc.state); when cage.toml does not configure one, it
@@ -302,7 +316,14 @@ fn implicit_state(dir: &CageDir, protocols: &Protocols, file: &SourceFile) -> Op
     }
     let resource = resource?;
     let pool = rustomnic_resource::PoolSettings { size: resource.default_pool_size(), ..Default::default() };
-    Some(rustomnic_resource::ResourceConfig { name: "state".into(), protocol: "state".into(), pool, resource, fingerprint: section.fingerprint() })
+    Some(rustomnic_resource::ResourceConfig {
+        name: "state".into(),
+        protocol: "state".into(),
+        pool,
+        resource,
+        fingerprint: section.fingerprint(),
+        breaker: Default::default(),
+    })
 }
 
 #[cfg(test)]

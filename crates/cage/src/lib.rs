@@ -17,6 +17,6 @@ pub use app::{find_cages, CageDir};
 pub use config::{load_cage, CageConfig};
 pub use error::Error;
 pub use interface::Protocols;
-pub use rustomnic_interface::{Interface, InterfaceProtocol, InterfaceSpec, Shutdown};
 pub use runtime::{check, prepare, run, CheckSummary, RunOptions};
+pub use rustomnic_interface::{Interface, InterfaceProtocol, InterfaceSpec, Shutdown};
 pub use testing::{run_tests, TestSummary};

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustomnic_interface::{FlockClaim, Host, Interface};
 use tokio::sync::watch;
@@ -30,6 +31,8 @@ pub(crate) struct LiveInterfaces {
     claim: Option<FlockClaim>,
     /// By (cage, interface name).
     running: BTreeMap<(String, String), Running>,
+    /// The hosts given to interfaces that consume: one that is still alive has not stopped.
+    hosts: Vec<std::sync::Weak<()>>,
 }
 
 fn key(iface: &dyn Interface) -> (String, String) {
@@ -38,7 +41,7 @@ fn key(iface: &dyn Interface) -> (String, String) {
 
 impl LiveInterfaces {
     pub(crate) fn new(workers: Workers, claim: Option<FlockClaim>) -> LiveInterfaces {
-        LiveInterfaces { workers, claim, running: BTreeMap::new() }
+        LiveInterfaces { workers, claim, running: BTreeMap::new(), hosts: Vec::new() }
     }
 
     /// Starts every interface: those that listen on the listeners bound at start.
@@ -56,7 +59,10 @@ impl LiveInterfaces {
         let acceptor = match listener {
             Some(listener) => Some(tokio::spawn(accept_loop(iface.clone(), listener, self.workers.clone(), rx))),
             None => {
-                iface.clone().start(Host::new(iface.spec().clone(), self.workers.spawner(), rx, self.claim.clone()));
+                let host = Host::new(iface.spec().clone(), self.workers.spawner(), rx, self.claim.clone());
+                self.hosts.retain(|h| h.strong_count() > 0);
+                self.hosts.push(host.liveness());
+                iface.clone().start(host);
                 None
             }
         };
@@ -74,6 +80,19 @@ impl LiveInterfaces {
         let keys: Vec<_> = self.running.keys().cloned().collect();
         for k in keys {
             self.stop(&k);
+        }
+    }
+
+    /// Waits until every interface that consumes has stopped (dropped its host: its requests
+    /// in flight ended and their messages were settled), at most `limit`; how many had not.
+    pub(crate) async fn consumers_stopped(&mut self, limit: Duration) -> usize {
+        let started = std::time::Instant::now();
+        loop {
+            self.hosts.retain(|h| h.strong_count() > 0);
+            if self.hosts.is_empty() || started.elapsed() >= limit {
+                return self.hosts.len();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use rustomnic_lua::{compile, CageVm, CompiledModule, Module, ModuleError};
 
+use rustomnic_interface::Interface;
+
 use crate::app::CageDir;
 
 /// A module file and the name Lua shows for it.
@@ -70,9 +72,10 @@ impl Checker {
     /// The file's contents as a checked module, unless the file is empty (an editor in the middle
     /// of saving it) or its contents hash to one of `known` (the version running, or contents
     /// already reported as broken). `Err` only when the file cannot be read.
-    pub fn load(&self, file: &ModuleFile, known: &[u64]) -> Result<Loaded, ModuleError> {
-        let source = read_limited(&file.path)
-            .map_err(|e| ModuleError { path: file.path.clone(), message: format!("{}: {e}", file.display) })?;
+    ///
+    /// `checks` are the cage's interfaces: each checks the new version for what it reads from it.
+    pub fn load(&self, file: &ModuleFile, known: &[u64], checks: &[Arc<dyn Interface>]) -> Result<Loaded, ModuleError> {
+        let source = read_limited(&file.path).map_err(|e| ModuleError { path: file.path.clone(), message: format!("{}: {e}", file.display) })?;
         if source.len() as u64 > rustomnic_lua::module::MAX_MODULE_BYTES {
             let size = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(source.len() as u64);
             let message = format!(
@@ -103,7 +106,9 @@ impl Checker {
             version: VERSION.fetch_add(1, Ordering::Relaxed),
             source_hash,
         };
-        match self.vm.check_module(&module) {
+        let name = module.name.clone();
+        let check = |table: &rustomnic_lua::mlua::Table| checks.iter().try_for_each(|i| i.check_module(&name, table));
+        match self.vm.check_module_with(&module, &check) {
             Ok(functions) => module.functions = functions,
             Err(message) => return Ok(Loaded::Broken { error: ModuleError { path: file.path.clone(), message }, source_hash }),
         }
@@ -118,7 +123,10 @@ pub enum Loaded {
     Unchanged(u64),
     New(Module),
     /// Fails to compile or to load; the hash lets the watcher report these contents once.
-    Broken { error: ModuleError, source_hash: u64 },
+    Broken {
+        error: ModuleError,
+        source_hash: u64,
+    },
 }
 
 fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -129,7 +137,13 @@ fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Loads every module of a cage; problems are listed, not stopped at.
-pub fn load_all(dir: &CageDir, cage: &str, limits: &rustomnic_lua::LuaLimits, tests: bool) -> Result<BTreeMap<String, Module>, Vec<String>> {
+pub fn load_all(
+    dir: &CageDir,
+    cage: &str,
+    limits: &rustomnic_lua::LuaLimits,
+    tests: bool,
+    checks: &[Arc<dyn Interface>],
+) -> Result<BTreeMap<String, Module>, Vec<String>> {
     let files = module_files(dir, tests).map_err(|e| vec![e])?;
     let checker = Checker::new(cage, limits).map_err(|e| vec![e])?;
     let mut modules = BTreeMap::new();
@@ -139,7 +153,7 @@ pub fn load_all(dir: &CageDir, cage: &str, limits: &rustomnic_lua::LuaLimits, te
             problems.push(format!("{}: {e}", file.display));
             continue;
         }
-        match checker.load(&file, &[]) {
+        match checker.load(&file, &[], checks) {
             Ok(Loaded::New(m)) => {
                 modules.insert(name, m);
             }
@@ -178,11 +192,11 @@ mod tests {
         let files = module_files(&dir, false).unwrap();
         assert_eq!(files["a"].display, "web/a.lua");
         assert_eq!(files["b"].display, ".shared/b.lua");
-        let loaded = load_all(&dir, "web", &Default::default(), false).unwrap();
+        let loaded = load_all(&dir, "web", &Default::default(), false, &[]).unwrap();
         assert_eq!(loaded.len(), 2);
         std::fs::write(dir.dir.join("bad.lua"), "return {").unwrap();
         std::fs::write(dir.dir.join("log.lua"), "return {}").unwrap();
-        let problems = load_all(&dir, "web", &Default::default(), false).unwrap_err();
+        let problems = load_all(&dir, "web", &Default::default(), false, &[]).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.starts_with("web/bad.lua:1:")), "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("reserved")), "{problems:?}");
@@ -190,7 +204,7 @@ mod tests {
         std::fs::remove_file(dir.dir.join("bad.lua")).unwrap();
         std::fs::remove_file(dir.dir.join("log.lua")).unwrap();
         std::fs::write(dir.dir.join("huge.lua"), vec![b'-'; 50 << 20]).unwrap();
-        let problems = load_all(&dir, "web", &Default::default(), false).unwrap_err();
+        let problems = load_all(&dir, "web", &Default::default(), false, &[]).unwrap_err();
         assert_eq!(problems, vec!["web/huge.lua: 52428800 bytes (50.0 MiB) is over the module size limit of 8 MiB".to_string()]);
     }
 }

@@ -85,11 +85,7 @@ impl QueueFigures {
         if !fresh {
             *read = Some((std::time::Instant::now(), rustomnic_queue::metrics()));
         }
-        read.as_ref()
-            .and_then(|(_, all)| all.iter().find(|(c, _)| c == cage))
-            .and_then(|(_, qs)| qs.iter().find(|q| q.queue == queue))
-            .map(pick)
-            .unwrap_or(0.0)
+        read.as_ref().and_then(|(_, all)| all.iter().find(|(c, _)| c == cage)).and_then(|(_, qs)| qs.iter().find(|q| q.queue == queue)).map(pick).unwrap_or(0.0)
     }
 }
 
@@ -123,9 +119,7 @@ pub(crate) fn register_queue_gauges(cages: &[PreparedCage]) {
         for q in &c.config.queues {
             for (name, help, pick) in gauges {
                 let (figures, cage, queue) = (figures.clone(), c.config.name.clone(), q.name.clone());
-                rustomnic_core::metrics::register_gauge(name, help, &[("cage", &c.config.name), ("queue", &q.name)], move || {
-                    figures.get(&cage, &queue, pick)
-                });
+                rustomnic_core::metrics::register_gauge(name, help, &[("cage", &c.config.name), ("queue", &q.name)], move || figures.get(&cage, &queue, pick));
             }
         }
     }

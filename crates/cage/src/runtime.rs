@@ -15,9 +15,9 @@ use crate::app::find_cages;
 use crate::config::{load_cage, CageConfig};
 use crate::interface::Protocols;
 use crate::live::{InterfaceChange, LiveInterfaces};
-use rustomnic_interface::{FlockClaim, Interface};
 use crate::modules::load_all;
 use crate::Error;
+use rustomnic_interface::{FlockClaim, Interface};
 
 /// A cage ready to run: config read, every module loaded and checked.
 pub struct PreparedCage {
@@ -36,10 +36,16 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
             Ok(c) => c,
             Err(errors) => {
                 problems.extend(errors.iter().map(|e| e.to_string()));
+                // The modules are compiled all the same, under the folder's name and the default
+                // limits, so that one run of `pmnc check` lists every problem, not the config's
+                // first and the modules' after it is fixed.
+                if let Err(p) = load_all(dir, &dir.folder_name, &rustomnic_lua::LuaLimits::default(), tests, &[]) {
+                    problems.extend(p);
+                }
                 continue;
             }
         };
-        match load_all(dir, &config.name, &config.lua, tests) {
+        match load_all(dir, &config.name, &config.lua, tests, &config.interfaces) {
             Ok(modules) => cages.push(PreparedCage { config, modules }),
             Err(p) => problems.extend(p),
         }
@@ -48,37 +54,32 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
     let mut listening: Vec<(Located<SocketAddr>, String)> = Vec::new();
     for cage in &cages {
         if let Some(first) = names.insert(&cage.config.name, &cage.config.dir.dir) {
-            problems.push(format!(
-                "{}: cage name {:?} is also the name of {}",
-                cage.config.dir.config_file().display(),
-                cage.config.name,
-                first.display()
-            ));
+            problems.push(format!("{}: cage name {:?} is also the name of {}", cage.config.dir.config_file().display(), cage.config.name, first.display()));
         }
         for iface in &cage.config.interfaces {
             let spec = iface.spec();
             let (module, function) = &spec.handler.value;
             match cage.modules.get(module) {
-                None => problems.push(spec.handler.error(format!(
-                    "handler module {module} not found ({0}/{module}.lua or .shared/{module}.lua)",
-                    cage.config.dir.folder_name
-                )).to_string()),
-                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(spec.handler.error(format!(
-                    "module {module} ({}) has no function {function} (it has: {})",
-                    m.display,
-                    if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
-                )).to_string()),
+                None => problems.push(
+                    spec.handler
+                        .error(format!("handler module {module} not found ({0}/{module}.lua or .shared/{module}.lua)", cage.config.dir.folder_name))
+                        .to_string(),
+                ),
+                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(
+                    spec.handler
+                        .error(format!(
+                            "module {module} ({}) has no function {function} (it has: {})",
+                            m.display,
+                            if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
+                        ))
+                        .to_string(),
+                ),
                 Some(_) => {}
             }
             if let Some(addr) = iface.listen() {
                 let who = format!("interface {} of cage {}", spec.name, spec.cage);
                 if let Some((other, other_who)) = listening.iter().find(|(o, _)| same_port(&o.value, &addr.value)) {
-                    problems.push(addr.error(format!(
-                        "{} is already used by {other_who} ({}:{})",
-                        addr.value,
-                        other.file.display(),
-                        other.line
-                    )).to_string());
+                    problems.push(addr.error(format!("{} is already used by {other_who} ({}:{})", addr.value, other.file.display(), other.line)).to_string());
                 } else {
                     listening.push((addr, who));
                 }
@@ -129,12 +130,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions {
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            watch: true,
-            cluster: Vec::new(),
-            flock: None,
-        }
+        RunOptions { workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), watch: true, cluster: Vec::new(), flock: None }
     }
 }
 
@@ -147,11 +143,14 @@ pub fn cluster_config(cages: &[PreparedCage], options: &RunOptions) -> Result<Op
         let Some(c) = &cage.config.cluster else { continue };
         match found {
             None => found = Some(c),
-            Some(first) if first.value != c.value => problems.push(c.error(format!(
-                "differs from [cluster] in {}:{}; the cages of one process join one cluster, so their [cluster] tables must be the same",
-                first.file.display(),
-                first.line
-            )).to_string()),
+            Some(first) if first.value != c.value => problems.push(
+                c.error(format!(
+                    "differs from [cluster] in {}:{}; the cages of one process join one cluster, so their [cluster] tables must be the same",
+                    first.file.display(),
+                    first.line
+                ))
+                .to_string(),
+            ),
             Some(_) => {}
         }
     }
@@ -180,11 +179,12 @@ pub fn cluster_config(cages: &[PreparedCage], options: &RunOptions) -> Result<Op
 
 /// The address others use for this process's monitor page: the host name when it listens on
 /// every address.
-fn monitor_url(addr: SocketAddr, host: &str) -> String {
+fn monitor_url(addr: SocketAddr, host: &str, https: bool) -> String {
+    let scheme = if https { "https" } else { "http" };
     if addr.ip().is_unspecified() {
-        format!("http://{host}:{}/", addr.port())
+        format!("{scheme}://{host}:{}/", addr.port())
     } else {
-        format!("http://{addr}/")
+        format!("{scheme}://{addr}/")
     }
 }
 
@@ -244,10 +244,24 @@ fn describe(cages: &[PreparedCage], monitor: Option<String>) -> rustomnic_cluste
 pub(crate) enum WorkerCmd {
     /// A connection accepted for `interface`, served until it closes or `shutdown` fires (the
     /// interface was replaced, or the process stops).
-    Accept { interface: Arc<dyn Interface>, shutdown: rustomnic_interface::Shutdown, stream: std::net::TcpStream, remote: SocketAddr },
-    Module { cage: String, name: String, module: Option<Module> },
+    Accept {
+        interface: Arc<dyn Interface>,
+        shutdown: rustomnic_interface::Shutdown,
+        stream: std::net::TcpStream,
+        remote: SocketAddr,
+    },
+    Module {
+        cage: String,
+        name: String,
+        module: Option<Module>,
+    },
     /// A resource's config changed (or it was added, or removed with `None`).
-    Resource { cage: String, name: String, config: Option<rustomnic_resource::ResourceConfig>, stats: Arc<rustomnic_resource::PoolStats> },
+    Resource {
+        cage: String,
+        name: String,
+        config: Option<rustomnic_resource::ResourceConfig>,
+        stats: Arc<rustomnic_resource::PoolStats>,
+    },
     /// Work made elsewhere to run on this worker (a queued call, a schedule firing, an alert).
     Run(rustomnic_queue::Job),
 }
@@ -291,10 +305,8 @@ impl Workers {
 pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -> Result<(), Error> {
     let cages = prepare(path, protocols, false)?;
     let drain_limit = drain_limit(&cages);
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Runtime(format!("cannot start the control runtime: {e}")))?;
+    let control =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Runtime(format!("cannot start the control runtime: {e}")))?;
     let interfaces: Vec<Arc<dyn Interface>> = cages.iter().flat_map(|c| c.config.interfaces.iter().cloned()).collect();
     // Bind every listener before starting anything, so a taken port stops the start cleanly.
     let listeners = bind_listeners(&control, &interfaces)?;
@@ -399,15 +411,17 @@ fn join_cluster(
 ) -> Result<Option<Joined>, Error> {
     let Some(config) = cluster_config(cages, options)? else { return Ok(None) };
     let cluster = Arc::new(rustomnic_cluster::Cluster::new(config, env!("CARGO_PKG_VERSION")));
-    let page = monitor_listener.and_then(|l| l.local_addr().ok()).map(|a| monitor_url(a, &cluster.identity.host));
+    // The page speaks HTTPS when the monitor's config has a tls table.
+    let https = cages.iter().filter_map(|c| c.config.monitor.as_ref()).any(|m| m.tls.is_some());
+    let page = monitor_listener.and_then(|l| l.local_addr().ok()).map(|a| monitor_url(a, &cluster.identity.host, https));
     control.block_on(cluster.join(describe(cages, page), shutdown_rx.clone())).map_err(|e| Error::Runtime(e.to_string()))?;
     let roster = cluster.roster.clone();
     rustomnic_monitor::set_cluster_source(Some(Arc::new(move || cluster_view(&roster.snapshot()))));
     let roster = cluster.roster.clone();
     rustomnic_lua::durable::set_directory(Arc::new(move |cage: &str| {
-        roster.cage_queues(cage).map(|queues| {
-            queues.into_iter().map(|(name, ms)| rustomnic_lua::durable::QueueInfo { name, expires_in: Duration::from_millis(ms) }).collect()
-        })
+        roster
+            .cage_queues(cage)
+            .map(|queues| queues.into_iter().map(|(name, ms)| rustomnic_lua::durable::QueueInfo { name, expires_in: Duration::from_millis(ms) }).collect())
     }));
     // pmnc.events reach the same cages in every process of the flock.
     let names = cages.iter().map(|c| c.config.name.clone()).collect();
@@ -512,6 +526,14 @@ async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
         }
     }
     live.stop_all();
+    // Interfaces that consume (brokers, schedules) settle what is in flight before the workers
+    // stop: their handlers still run, and a message is acknowledged only after its handler.
+    let left = live.consumers_stopped(drain_limit).await;
+    if left > 0 {
+        tracing::warn!(
+            "{left} consuming interface(s) still busy after {drain_limit:?}; stopping the workers anyway (their unsettled messages come back from the broker)"
+        );
+    }
     let _ = shutdown_tx.send(true);
     // A second signal means "now".
     tokio::spawn(async {
@@ -569,12 +591,7 @@ async fn wait_for_signal() {
 
 /// Accepts connections of one interface until its shutdown fires, handing them to the workers in
 /// turn.
-pub(crate) async fn accept_loop(
-    iface: Arc<dyn Interface>,
-    listener: tokio::net::TcpListener,
-    workers: Workers,
-    mut shutdown: rustomnic_interface::Shutdown,
-) {
+pub(crate) async fn accept_loop(iface: Arc<dyn Interface>, listener: tokio::net::TcpListener, workers: Workers, mut shutdown: rustomnic_interface::Shutdown) {
     let mut next = 0usize;
     loop {
         let accepted = tokio::select! {
@@ -681,7 +698,16 @@ fn worker_main(
                 Some(WorkerCmd::Module { cage, name, module }) => apply_module(&cage, &name, module),
                 Some(WorkerCmd::Resource { cage, name, config, stats }) => pools.replace(&cage, &name, config.as_ref(), stats),
                 Some(WorkerCmd::Run(job)) => {
-                    tokio::task::spawn_local(job());
+                    // Counted like a connection: the drain below waits for it.
+                    connections.set(connections.get() + 1);
+                    let (connections, idle) = (connections.clone(), idle.clone());
+                    tokio::task::spawn_local(async move {
+                        job().await;
+                        connections.set(connections.get() - 1);
+                        if connections.get() == 0 {
+                            idle.notify_waiters();
+                        }
+                    });
                 }
                 None => break,
             }
@@ -696,7 +722,7 @@ fn worker_main(
             let _ = tokio::time::timeout(drain_limit.saturating_sub(started.elapsed()), wait).await;
         }
         if connections.get() > 0 {
-            tracing::warn!("worker {n}: {} connection(s) still open after {:?}; closing them", connections.get(), drain_limit);
+            tracing::warn!("worker {n}: {} connection(s) or request(s) still open after {:?}; closing them", connections.get(), drain_limit);
         }
         if cluster.is_some() {
             rustomnic_cluster::link::drain(drain_limit.saturating_sub(started.elapsed())).await;
@@ -735,11 +761,7 @@ impl ResourceInit {
 
     /// Fingerprints of the resources of `cage` at start.
     pub(crate) fn fingerprints(&self, cage: &str) -> BTreeMap<String, String> {
-        self.cages
-            .iter()
-            .filter(|(c, _)| c == cage)
-            .flat_map(|(_, rs)| rs.iter().map(|r| (r.name.clone(), r.fingerprint.clone())))
-            .collect()
+        self.cages.iter().filter(|(c, _)| c == cage).flat_map(|(_, rs)| rs.iter().map(|r| (r.name.clone(), r.fingerprint.clone()))).collect()
     }
 }
 

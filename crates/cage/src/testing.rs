@@ -28,10 +28,7 @@ pub fn run_tests(path: &std::path::Path, protocols: &Protocols, filter: Option<&
     for cage in &mut cages {
         state.take(cage, protocols)?;
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Runtime(format!("cannot start a runtime: {e}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Runtime(format!("cannot start a runtime: {e}")))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         // Queued calls run on this thread, like every test: the queues' dispatchers hand their

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 
 use crate::app::CageDir;
-use crate::modules::{module_name, resolve, Checker, Loaded};
 use crate::config::load_cage;
 use crate::interface::Protocols;
+use crate::modules::{module_name, resolve, Checker, Loaded};
 use crate::runtime::{PreparedCage, ResourceInit, Workers};
 
 /// How long the folders must be quiet before changed files are read.
@@ -36,6 +36,8 @@ struct CageState {
     resources: BTreeMap<String, String>,
     checker: Option<Checker>,
     limits: rustomnic_lua::LuaLimits,
+    /// The cage's interfaces as running: each checks new module versions (route tables).
+    interfaces: Vec<std::sync::Arc<dyn rustomnic_interface::Interface>>,
     /// Source hash of the version every worker has, per module.
     current: BTreeMap<String, u64>,
     /// Source hash of the last contents reported as broken, per module, so one broken save is
@@ -75,11 +77,12 @@ pub(crate) fn start(
     for d in &library_dirs {
         watcher.watch(d, RecursiveMode::Recursive).map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
     }
-    let states: Vec<(String, CageDir, BTreeMap<String, u64>, rustomnic_lua::LuaLimits)> = cages
+    type State = (String, CageDir, BTreeMap<String, u64>, rustomnic_lua::LuaLimits, Vec<std::sync::Arc<dyn rustomnic_interface::Interface>>);
+    let states: Vec<State> = cages
         .iter()
         .map(|c| {
             let current = c.modules.iter().map(|(n, m)| (n.clone(), m.source_hash)).collect();
-            (c.config.name.clone(), c.config.dir.clone(), current, c.config.lua.clone())
+            (c.config.name.clone(), c.config.dir.clone(), current, c.config.lua.clone(), c.config.interfaces.clone())
         })
         .collect();
     std::thread::Builder::new()
@@ -87,21 +90,20 @@ pub(crate) fn start(
         .spawn(move || {
             let mut cages: Vec<CageState> = states
                 .into_iter()
-                .map(|(name, dir, current, limits)| CageState {
+                .map(|(name, dir, current, limits, interfaces)| CageState {
                     resources: init.fingerprints(&name),
                     name,
                     dir,
                     checker: None,
                     limits,
+                    interfaces,
                     current,
                     broken: BTreeMap::new(),
                 })
                 .collect();
             // Files changed between the first load and the start of watching are caught here.
             for cage in &mut cages {
-                let names: Vec<String> = crate::modules::module_files(&cage.dir, false)
-                    .map(|m| m.into_keys().collect())
-                    .unwrap_or_default();
+                let names: Vec<String> = crate::modules::module_files(&cage.dir, false).map(|m| m.into_keys().collect()).unwrap_or_default();
                 let known: Vec<String> = cage.current.keys().cloned().collect();
                 for name in names.into_iter().chain(known) {
                     reload(cage, &name, &workers, false);
@@ -192,10 +194,16 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers, force: bool) {
         return;
     }
     let Some(file) = resolve(&cage.dir, name) else {
+        // A module that never loaded (its only versions were broken) is forgotten as well: it
+        // leaves /status and its module_error alert, though no worker ever had it.
+        let was_broken = cage.broken.remove(name).is_some();
         if cage.current.remove(name).is_some() {
             tracing::warn!(cage = %cage.name, "module {name} removed: its file is gone; calls to it now fail");
             rustomnic_core::metrics::clear_module_error(&cage.name, name);
             workers.broadcast_module(&cage.name, name, None);
+        } else if was_broken {
+            tracing::info!(cage = %cage.name, "broken module {name} removed before it ever loaded");
+            rustomnic_core::metrics::clear_module_error(&cage.name, name);
         }
         return;
     };
@@ -210,9 +218,8 @@ fn reload(cage: &mut CageState, name: &str, workers: &Workers, force: bool) {
     }
     let Some(checker) = cage.checker.as_ref() else { return };
     let started = Instant::now();
-    let known: Vec<u64> =
-        if force { Vec::new() } else { cage.current.get(name).into_iter().chain(cage.broken.get(name)).copied().collect() };
-    match checker.load(&file, &known) {
+    let known: Vec<u64> = if force { Vec::new() } else { cage.current.get(name).into_iter().chain(cage.broken.get(name)).copied().collect() };
+    match checker.load(&file, &known, &cage.interfaces) {
         Ok(Loaded::New(module)) => {
             cage.broken.remove(name);
             let version = module.version;
@@ -268,6 +275,7 @@ fn reload_config(cage: &mut CageState, workers: &Workers, config: &ConfigReload)
         .map(|i| i.spec().handler.error(format!("handler module {} not found", i.spec().handler.value.0)).to_string())
         .collect();
     if missing.is_empty() {
+        cage.interfaces = new.interfaces.clone();
         let _ = config.interfaces.send(crate::live::InterfaceChange { cage: cage.name.clone(), interfaces: new.interfaces.clone() });
     } else {
         for m in missing {

@@ -151,7 +151,16 @@ mod tests {
         assert!(e.contains("cannot claim k") && e.contains("10008"), "{e}");
         // Answers that are not an acknowledgement must not count as a win: two processes would
         // both run the firing.
-        for reply in ["{}", "5", "null", "[]", r#"{"error":null}"#, r#"{"stream":"PMNC_other_CLAIMS","seq":1}"#, r#"{"stream":"PMNC_f_CLAIMS"}"#, r#"{"stream":"PMNC_f_CLAIMS","seq":0}"#] {
+        for reply in [
+            "{}",
+            "5",
+            "null",
+            "[]",
+            r#"{"error":null}"#,
+            r#"{"stream":"PMNC_other_CLAIMS","seq":1}"#,
+            r#"{"stream":"PMNC_f_CLAIMS"}"#,
+            r#"{"stream":"PMNC_f_CLAIMS","seq":0}"#,
+        ] {
             let r = won(reply);
             assert!(r.is_err(), "{reply} gave {r:?}");
             assert!(r.unwrap_err().contains("cannot claim k"), "{reply}");

@@ -36,7 +36,10 @@ pub const DEFAULT_MAX_CALLS: usize = 10_000;
 pub enum Auth {
     #[default]
     None,
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
     Token(String),
     NKey(String),
     Credentials(PathBuf),
@@ -201,8 +204,7 @@ pub fn read(s: &Section) -> Option<ClusterConfig> {
         s.error("heartbeat", "at least 100ms");
         ok = false;
     }
-    let connect_timeout =
-        s.duration("connect_timeout", Duration::from_secs(300)).map(|d| d.value).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let connect_timeout = s.duration("connect_timeout", Duration::from_secs(300)).map(|d| d.value).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let max_calls = s.integer("max_calls", 1, 1_000_000).map(|n| n.value as usize).unwrap_or(DEFAULT_MAX_CALLS);
     s.finish();
     if !ok || urls.is_empty() {
@@ -232,8 +234,7 @@ mod tests {
 
     #[test]
     fn lists_and_auth() {
-        let (c, errors) =
-            parse("[cluster]\nurl = [\"nats://a:1\", \"nats://b:2\"]\nflock = \"shop\"\nuser = \"u\"\npassword = \"p\"\n");
+        let (c, errors) = parse("[cluster]\nurl = [\"nats://a:1\", \"nats://b:2\"]\nflock = \"shop\"\nuser = \"u\"\npassword = \"p\"\n");
         assert!(errors.is_empty(), "{errors:?}");
         let c = c.unwrap();
         assert_eq!(c.urls.len(), 2);
@@ -244,9 +245,7 @@ mod tests {
 
     #[test]
     fn problems_name_the_key() {
-        let (c, errors) = parse(
-            "[cluster]\nurl = \"nats://a:1\"\nflock = \"a.b\"\ntoken = \"t\"\nuser = \"u\"\nheartbeat = \"1ms\"\nbogus = 1\n",
-        );
+        let (c, errors) = parse("[cluster]\nurl = \"nats://a:1\"\nflock = \"a.b\"\ntoken = \"t\"\nuser = \"u\"\nheartbeat = \"1ms\"\nbogus = 1\n");
         assert!(c.is_none());
         let text = errors.join("\n");
         assert!(text.contains("cage.toml:3: cluster.flock:"), "{text}");

@@ -120,9 +120,9 @@ pub async fn connect(config: &ClusterConfig, name: &str, retry: bool) -> Result<
         Auth::UserPassword { user, password } => options.user_and_password(user.clone(), password.clone()),
         Auth::Token(token) => options.token(token.clone()),
         Auth::NKey(seed) => options.nkey(seed.clone()),
-        Auth::Credentials(path) => options.credentials_file(path).await.map_err(|e| {
-            Error::Config(format!("cluster: cannot read the credentials file {}: {e}", path.display()))
-        })?,
+        Auth::Credentials(path) => {
+            options.credentials_file(path).await.map_err(|e| Error::Config(format!("cluster: cannot read the credentials file {}: {e}", path.display())))?
+        }
     };
     if config.tls.required {
         options = options.require_tls(true);
@@ -153,8 +153,6 @@ fn connect_error(servers: &str, auth: &Auth, e: async_nats::ConnectError) -> Err
         K::Io if e.to_string().contains("certificate") || e.to_string().contains("TLS") => {
             Error::Refused(format!("cluster: TLS with NATS ({servers}) failed: {e}; check [cluster] tls_ca (the CA that signed the server's certificate)"))
         }
-        K::TimedOut | K::Io | K::MaxReconnects => {
-            Error::Unreachable(format!("cluster: cannot reach NATS ({servers}): {e}"))
-        }
+        K::TimedOut | K::Io | K::MaxReconnects => Error::Unreachable(format!("cluster: cannot reach NATS ({servers}): {e}")),
     }
 }

@@ -137,12 +137,10 @@ async fn remote_call(inner: &Inner, request: CallRequest) -> Result<Vec<Value>, 
 fn request_error(target: &str, cage: &str, flock: &str, e: async_nats::RequestError) -> CallError {
     use async_nats::RequestErrorKind as K;
     match e.kind() {
-        K::NoResponders => CallError::NoCage(format!(
-            "calling {target}: no cage named {cage} runs in this process or anywhere in flock {flock} (NATS: no responders)"
-        )),
-        K::MaxPayloadExceeded => {
-            CallError::Failed(format!("calling {target}: the call is over the NATS server's max_payload: {e}"))
+        K::NoResponders => {
+            CallError::NoCage(format!("calling {target}: no cage named {cage} runs in this process or anywhere in flock {flock} (NATS: no responders)"))
         }
+        K::MaxPayloadExceeded => CallError::Failed(format!("calling {target}: the call is over the NATS server's max_payload: {e}")),
         K::TimedOut => CallError::Deadline(format!("calling {target}: deadline exceeded")),
         _ => CallError::Failed(format!("calling {target}: cluster request failed: {e}")),
     }
@@ -250,16 +248,10 @@ async fn answer(server: Rc<Server>, message: async_nats::Message) {
     if let Reply::Err { .. } = reply {
         identity.stats.failed.fetch_add(1, Ordering::Relaxed);
     }
-    let mut bytes = reply.encode().unwrap_or_else(|e| {
-        encode_err(identity, Failure::Failed, format!("cannot encode the result: {e}"))
-    });
+    let mut bytes = reply.encode().unwrap_or_else(|e| encode_err(identity, Failure::Failed, format!("cannot encode the result: {e}")));
     let max = conn.client.max_payload();
     if max > 0 && bytes.len() > max {
-        bytes = encode_err(
-            identity,
-            Failure::Failed,
-            format!("the result takes {} bytes, over the NATS server's max_payload of {max} bytes", bytes.len()),
-        );
+        bytes = encode_err(identity, Failure::Failed, format!("the result takes {} bytes, over the NATS server's max_payload of {max} bytes", bytes.len()));
     }
     if let Err(e) = conn.client.publish(reply_to, bytes.into()).await {
         tracing::warn!("cluster: cannot send a reply: {e}");

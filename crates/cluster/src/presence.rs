@@ -183,14 +183,7 @@ pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, l
 
 /// Publishes heartbeats, keeps the roster and answers status requests until `shutdown`; then
 /// says goodbye so that others mark this instance down at once.
-pub async fn run(
-    conn: Connection,
-    identity: Arc<Identity>,
-    roster: Arc<Roster>,
-    describe: Describe,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(conn: Connection, identity: Arc<Identity>, roster: Arc<Roster>, describe: Describe, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     let flock = identity.flock.clone();
     let mut beats = match conn.client.subscribe(heartbeat_subject(&flock)).await {
         Ok(s) => Some(s),
@@ -248,10 +241,7 @@ async fn next(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Me
 pub async fn ask(conn: &Connection, flock: &str, wait: Duration) -> Result<Vec<Json>, String> {
     let inbox = conn.client.new_inbox();
     let mut sub = conn.client.subscribe(inbox.clone()).await.map_err(|e| format!("cannot subscribe to {inbox}: {e}"))?;
-    conn.client
-        .publish_with_reply(status_subject(flock), inbox, "".into())
-        .await
-        .map_err(|e| format!("cannot ask the flock: {e}"))?;
+    conn.client.publish_with_reply(status_subject(flock), inbox, "".into()).await.map_err(|e| format!("cannot ask the flock: {e}"))?;
     let until = tokio::time::Instant::now() + wait;
     let mut merged = Merged::default();
     while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
@@ -293,10 +283,7 @@ impl Merged {
 
 /// `pmnc cluster status`: connects, asks, and returns the merged roster.
 pub fn ask_blocking(config: &crate::ClusterConfig, wait: Duration) -> Result<Vec<Json>, crate::Error> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| crate::Error::Config(format!("cannot start a runtime: {e}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| crate::Error::Config(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
         let conn = crate::connect::connect(config, "pmnc cluster status", false).await?;
         let instances = ask(&conn, &config.flock, wait).await.map_err(crate::Error::Unreachable)?;
@@ -368,9 +355,7 @@ mod tests {
         roster.heard(json!({"instance": "a", "heartbeat_ms": 100, "state": "up"}));
         roster.heard(json!({"instance": "b", "heartbeat_ms": 100, "state": "leaving"}));
         let snap = roster.snapshot();
-        let state = |id: &str, snap: &[Json]| {
-            snap.iter().find(|j| j["instance"] == id).map(|j| j["state"].as_str().unwrap_or("").to_string())
-        };
+        let state = |id: &str, snap: &[Json]| snap.iter().find(|j| j["instance"] == id).map(|j| j["state"].as_str().unwrap_or("").to_string());
         assert_eq!(state("a", &snap).as_deref(), Some("up"));
         assert_eq!(state("b", &snap).as_deref(), Some("down"));
         // Pretend a's last beat is old.

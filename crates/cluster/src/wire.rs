@@ -188,14 +188,9 @@ impl<'a> Reader<'a> {
                 let n = u32::from_be_bytes(self.be()?) as usize;
                 self.map(n, depth)?
             }
-            Marker::FixExt1
-            | Marker::FixExt2
-            | Marker::FixExt4
-            | Marker::FixExt8
-            | Marker::FixExt16
-            | Marker::Ext8
-            | Marker::Ext16
-            | Marker::Ext32 => return self.fail("extension types are not part of the value model"),
+            Marker::FixExt1 | Marker::FixExt2 | Marker::FixExt4 | Marker::FixExt8 | Marker::FixExt16 | Marker::Ext8 | Marker::Ext16 | Marker::Ext32 => {
+                return self.fail("extension types are not part of the value model")
+            }
             Marker::Reserved => return self.fail("reserved marker 0xc1"),
         })
     }
@@ -271,8 +266,7 @@ impl Call {
         for f in &fields {
             encode_value(&mut out, f)?;
         }
-        encode::write_array_len(&mut out, u32::try_from(self.args.len()).map_err(|_| "too many arguments")?)
-            .map_err(|e| e.to_string())?;
+        encode::write_array_len(&mut out, u32::try_from(self.args.len()).map_err(|_| "too many arguments")?).map_err(|e| e.to_string())?;
         for (i, a) in self.args.iter().enumerate() {
             encode_value(&mut out, a).map_err(|e| format!("argument {}: {e}", i + 1))?;
         }
@@ -363,17 +357,13 @@ impl Reply {
             Reply::Ok(values) => {
                 encode::write_array_len(&mut out, 2).map_err(|e| e.to_string())?;
                 encode::write_uint(&mut out, 0).map_err(|e| e.to_string())?;
-                encode::write_array_len(&mut out, u32::try_from(values.len()).map_err(|_| "too many results")?)
-                    .map_err(|e| e.to_string())?;
+                encode::write_array_len(&mut out, u32::try_from(values.len()).map_err(|_| "too many results")?).map_err(|e| e.to_string())?;
                 for (i, v) in values.iter().enumerate() {
                     encode_value(&mut out, v).map_err(|e| format!("result {}: {e}", i + 1))?;
                 }
             }
             Reply::Err { failure, message, instance } => {
-                encode_value(
-                    &mut out,
-                    &Value::Array(vec![Value::Int(*failure as i64), s(message), s(instance)]),
-                )?;
+                encode_value(&mut out, &Value::Array(vec![Value::Int(*failure as i64), s(message), s(instance)]))?;
             }
         }
         Ok(out)

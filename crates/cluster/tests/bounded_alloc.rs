@@ -1,5 +1,6 @@
 //! Decoding what other processes send never costs far more memory than the message itself:
 //! measured with a counting allocator around each decode (issue 24, item 1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -56,18 +57,8 @@ fn check(what: &str, message: &[u8]) {
     let (c, _) = asked(|| Call::decode(message).is_ok());
     let (r, _) = asked(|| Reply::decode(message).is_ok());
     let (e, _) = asked(|| rustomnic_cluster::events::decode(message).is_ok());
-    for (decoder, n) in [
-        ("decode_value", v),
-        ("Call::decode", c),
-        ("Reply::decode", r),
-        ("events::decode", e),
-    ] {
-        assert!(
-            n <= budget(message),
-            "{what}: {decoder} asked for {n} bytes decoding {} bytes (budget {})",
-            message.len(),
-            budget(message)
-        );
+    for (decoder, n) in [("decode_value", v), ("Call::decode", c), ("Reply::decode", r), ("events::decode", e)] {
+        assert!(n <= budget(message), "{what}: {decoder} asked for {n} bytes decoding {} bytes (budget {})", message.len(), budget(message));
     }
 }
 
@@ -115,9 +106,7 @@ fn its_kin_decode_in_bounded_memory() {
     }
     check("nested fix containers", &small);
     // The envelope of a call whose arguments array announces what is not there.
-    let mut call = vec![
-        0x98, 0x01, 0xa1, b'w', 0xa1, b'r', 0x05, 0xa1, b'c', 0xa1, b'm', 0xa1, b'f', 0xdd,
-    ];
+    let mut call = vec![0x98, 0x01, 0xa1, b'w', 0xa1, b'r', 0x05, 0xa1, b'c', 0xa1, b'm', 0xa1, b'f', 0xdd];
     call.extend_from_slice(&(60u32 << 10).to_be_bytes());
     call.resize(64 << 10, 0xc0);
     check("call arguments", &call);

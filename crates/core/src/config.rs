@@ -181,6 +181,21 @@ impl<'a> Section<'a> {
         self.table.contains_key(key)
     }
 
+    /// Reads the required string at `key` and parses it (a url, an address): a missing key is
+    /// reported as required with `example` (`key = "..."`), a bad value with the parser's
+    /// error, each at its file, line and key; the value's text stays out of the message, as a
+    /// url may hold a password.
+    pub fn required_parsed<T>(&self, key: &str, example: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let Some(text) = self.string(key) else {
+            // Present but unreadable (wrong type, unset ${ENV}): that problem is already recorded.
+            if !self.has(key) {
+                self.table_error(format!("{key} is required, e.g. {key} = {example:?}"));
+            }
+            return None;
+        };
+        parse(&text.value).map_err(|e| self.error(key, e)).ok()
+    }
+
     fn item(&self, key: &str) -> Option<&'a Item> {
         self.used.borrow_mut().insert(key.to_string());
         self.table.get(key)

@@ -6,9 +6,8 @@ use std::time::Duration;
 /// because "10" is ambiguous between seconds and milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m or h, e.g. \"250ms\")"))?;
+    let split =
+        t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m or h, e.g. \"250ms\")"))?;
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(format!("duration {text:?} does not start with a number"));
@@ -21,9 +20,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" => 60_000_000,
         "h" => 3_600_000_000,
         "d" => 86_400_000_000,
-        other => {
-            return Err(format!("duration {text:?} has an unknown unit {other:?} (use us, ms, s, m, h or d)"))
-        }
+        other => return Err(format!("duration {text:?} has an unknown unit {other:?} (use us, ms, s, m, h or d)")),
     };
     let secs = n * micros_per as f64 / 1e6;
     if !secs.is_finite() || secs > 1e9 {

@@ -154,6 +154,82 @@ pub fn interfaces() -> Vec<(String, String, Arc<InterfaceMetrics>)> {
     lock(&INTERFACES).iter().map(|((c, i), m)| (c.clone(), i.clone(), m.clone())).collect()
 }
 
+/// Responses of one route of an HTTP interface (route "" for requests no route table served),
+/// counted by status class: 1xx to 5xx.
+#[derive(Default, Debug)]
+pub struct StatusCounts {
+    pub classes: [AtomicU64; 5],
+}
+
+impl StatusCounts {
+    /// Counts one response with `status`; a status outside 100..=599 counts nowhere.
+    pub fn record(&self, status: u16) {
+        if let Some(c) = (status / 100).checked_sub(1).and_then(|i| self.classes.get(i as usize)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+type RouteKey = (String, String, String);
+
+static STATUSES: Mutex<BTreeMap<RouteKey, Arc<StatusCounts>>> = Mutex::new(BTreeMap::new());
+
+/// The status counts of `route` of `interface` of `cage`, made on first use. Callers keep the
+/// handle: this takes a process-wide lock.
+pub fn status_counts(cage: &str, interface: &str, route: &str) -> Arc<StatusCounts> {
+    lock(&STATUSES).entry((cage.to_string(), interface.to_string(), route.to_string())).or_default().clone()
+}
+
+/// Every route's status counts: (cage, interface, route, counts).
+pub fn all_status_counts() -> Vec<(String, String, String, Arc<StatusCounts>)> {
+    lock(&STATUSES).iter().map(|((c, i, r), m)| (c.clone(), i.clone(), r.clone(), m.clone())).collect()
+}
+
+/// What a message interface (amqp, mqtt, nats, stomp, ...) did with the messages it took from
+/// its broker, beyond the requests they became (those count in [`InterfaceMetrics`]).
+#[derive(Default, Debug)]
+pub struct MessageCounts {
+    /// Messages taken from the broker.
+    pub received: AtomicU64,
+    /// Messages acknowledged to the broker after their handler succeeded.
+    pub acked: AtomicU64,
+    /// Messages handed back for another attempt (nack, reject with requeue, a delayed retry).
+    pub retried: AtomicU64,
+    /// Messages the broker marked as delivered before (a redelivery, a duplicate QoS 2 publish).
+    pub redelivered: AtomicU64,
+    /// Messages given up on after their last attempt (dead-lettered, terminated).
+    pub dead_lettered: AtomicU64,
+    /// Messages refused before any handler ran (over the size limit, undecodable).
+    pub refused: AtomicU64,
+}
+
+impl MessageCounts {
+    /// (name, value) of every count, in the order the monitor shows them.
+    pub fn all(&self) -> [(&'static str, u64); 6] {
+        [
+            ("received", self.received.load(Ordering::Relaxed)),
+            ("acked", self.acked.load(Ordering::Relaxed)),
+            ("retried", self.retried.load(Ordering::Relaxed)),
+            ("redelivered", self.redelivered.load(Ordering::Relaxed)),
+            ("dead_lettered", self.dead_lettered.load(Ordering::Relaxed)),
+            ("refused", self.refused.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+static MESSAGES: Mutex<BTreeMap<Key, Arc<MessageCounts>>> = Mutex::new(BTreeMap::new());
+
+/// The message counts of `interface` of `cage`, made on first use. Callers keep the handle:
+/// this takes a process-wide lock.
+pub fn message_counts(cage: &str, interface: &str) -> Arc<MessageCounts> {
+    lock(&MESSAGES).entry((cage.to_string(), interface.to_string())).or_default().clone()
+}
+
+/// Every message interface's counts: (cage, interface, counts).
+pub fn all_message_counts() -> Vec<(String, String, Arc<MessageCounts>)> {
+    lock(&MESSAGES).iter().map(|((c, i), m)| (c.clone(), i.clone(), m.clone())).collect()
+}
+
 static VM_MEMORY: Mutex<BTreeMap<(String, usize), Arc<AtomicU64>>> = Mutex::new(BTreeMap::new());
 
 /// Where worker `worker` stores the bytes its VM of `cage` uses.
@@ -236,7 +312,8 @@ pub fn record_reload(cage: &str, module: &str, message: &str) {
 
 /// A version of `module` of `cage` failed to load; `message` names file and line.
 pub fn record_module_error(cage: &str, module: &str, message: &str) {
-    let e = Event { time: unix_now(), kind: EventKind::ModuleError, cage: cage.into(), subject: module.into(), message: message.into(), request_id: String::new() };
+    let e =
+        Event { time: unix_now(), kind: EventKind::ModuleError, cage: cage.into(), subject: module.into(), message: message.into(), request_id: String::new() };
     with_events(|ev| {
         *ev.module_error_count.entry(cage.to_string()).or_default() += 1;
         ev.broken.insert((cage.to_string(), module.to_string()), e.clone());
@@ -253,7 +330,14 @@ pub fn clear_module_error(cage: &str, module: &str) {
 
 /// A request failed; kept for the page's list of recent errors.
 pub fn record_request_error(cage: &str, interface: &str, request_id: &str, message: &str) {
-    let e = Event { time: unix_now(), kind: EventKind::RequestError, cage: cage.into(), subject: interface.into(), message: message.into(), request_id: request_id.into() };
+    let e = Event {
+        time: unix_now(),
+        kind: EventKind::RequestError,
+        cage: cage.into(),
+        subject: interface.into(),
+        message: message.into(),
+        request_id: request_id.into(),
+    };
     with_events(|ev| push(&mut ev.request_errors, e));
 }
 
@@ -272,10 +356,7 @@ pub fn reload_counts() -> Vec<(String, u64, u64)> {
         let mut cages: Vec<&String> = ev.reload_count.keys().chain(ev.module_error_count.keys()).collect();
         cages.sort();
         cages.dedup();
-        cages
-            .into_iter()
-            .map(|c| (c.clone(), ev.reload_count.get(c).copied().unwrap_or(0), ev.module_error_count.get(c).copied().unwrap_or(0)))
-            .collect()
+        cages.into_iter().map(|c| (c.clone(), ev.reload_count.get(c).copied().unwrap_or(0), ev.module_error_count.get(c).copied().unwrap_or(0))).collect()
     })
 }
 

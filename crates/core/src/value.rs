@@ -67,15 +67,11 @@ impl Value {
             Value::Nil => serde_json::Value::Null,
             Value::Bool(b) => serde_json::Value::Bool(*b),
             Value::Int(i) => serde_json::Value::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f)
-                .map(serde_json::Value::Number)
-                .ok_or_else(|| format!("{f} cannot be written as JSON"))?,
-            Value::Str(b) => serde_json::Value::String(
-                String::from_utf8(b.clone()).map_err(|_| "a string that is not UTF-8 cannot be written as JSON".to_string())?,
-            ),
-            Value::Array(items) => {
-                serde_json::Value::Array(items.iter().map(|v| v.to_json_at(depth + 1)).collect::<Result<_, _>>()?)
+            Value::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).ok_or_else(|| format!("{f} cannot be written as JSON"))?,
+            Value::Str(b) => {
+                serde_json::Value::String(String::from_utf8(b.clone()).map_err(|_| "a string that is not UTF-8 cannot be written as JSON".to_string())?)
             }
+            Value::Array(items) => serde_json::Value::Array(items.iter().map(|v| v.to_json_at(depth + 1)).collect::<Result<_, _>>()?),
             Value::Map(entries) => {
                 let mut map = serde_json::Map::with_capacity(entries.len());
                 for (k, v) in entries {
@@ -104,9 +100,7 @@ impl Value {
             },
             serde_json::Value::String(s) => Value::str(s.clone()),
             serde_json::Value::Array(a) => Value::Array(a.iter().map(Value::from_json).collect()),
-            serde_json::Value::Object(o) => {
-                Value::Map(o.iter().map(|(k, v)| (Value::str(k.clone()), Value::from_json(v))).collect())
-            }
+            serde_json::Value::Object(o) => Value::Map(o.iter().map(|(k, v)| (Value::str(k.clone()), Value::from_json(v))).collect()),
         }
     }
 

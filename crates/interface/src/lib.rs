@@ -86,6 +86,35 @@ pub trait Interface: Send + Sync {
     fn start(self: Arc<Self>, host: Host) {
         let _ = host;
     }
+
+    /// Checks a new version of module `module` (its table, as its top-level code returned it)
+    /// before any worker sees it, for what this interface will read from it (the http
+    /// interface's route table): an error makes that version broken, reported with its file,
+    /// and the working version stays. Called on the checking thread, also by `pmnc check`.
+    fn check_module(&self, module: &str, table: &rustomnic_lua::mlua::Table) -> Result<(), String> {
+        let _ = (module, table);
+        Ok(())
+    }
+}
+
+/// Reads the `listen` key every listening interface has: `"127.0.0.1:8080"`. A missing or
+/// malformed value is recorded in the section (file, line, key).
+pub fn read_listen(section: &Section) -> Option<Located<SocketAddr>> {
+    match section.string("listen") {
+        Some(l) => match l.value.parse::<SocketAddr>() {
+            Ok(addr) => Some(Located { value: addr, file: l.file, line: l.line, key: l.key }),
+            Err(_) => {
+                section.error("listen", format!("{:?} is not an address such as \"127.0.0.1:8080\"", l.value));
+                None
+            }
+        },
+        // Present but unreadable (wrong type, unset ${ENV}): that problem is already recorded.
+        None if section.has("listen") => None,
+        None => {
+            section.table_error("listen is required, e.g. listen = \"127.0.0.1:8080\"");
+            None
+        }
+    }
 }
 
 /// One request an interface asks a worker to run.
@@ -102,18 +131,28 @@ pub struct Request {
 
 /// What the runtime gives an interface that consumes: workers to run requests on, the
 /// interface's shutdown, and claims across the flock.
+///
+/// An interface that consumes has stopped when it has dropped its `Host` and every clone of it:
+/// at shutdown the runtime keeps the workers running until then (at most its drain limit), so
+/// that requests in flight end and their messages are acknowledged.
 #[derive(Clone)]
 pub struct Host {
     spec: Arc<InterfaceSpec>,
     spawner: Spawner,
     shutdown: Shutdown,
     claim: Option<FlockClaim>,
+    alive: Arc<()>,
 }
 
 impl Host {
     /// Made by the runtime.
     pub fn new(spec: InterfaceSpec, spawner: Spawner, shutdown: Shutdown, claim: Option<FlockClaim>) -> Host {
-        Host { spec: Arc::new(spec), spawner, shutdown, claim }
+        Host { spec: Arc::new(spec), spawner, shutdown, claim, alive: Arc::new(()) }
+    }
+
+    /// For the runtime: fails to upgrade once this host and all its clones are gone.
+    pub fn liveness(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     /// Runs `job` on a worker thread.

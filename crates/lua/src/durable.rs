@@ -80,11 +80,7 @@ impl CallStatus {
     /// the call's id and its status; None when it is not such a value.
     pub fn from_value(v: &Value) -> Option<(String, CallStatus)> {
         let Value::Map(m) = v else { return None };
-        let get = |name: &str| {
-            m.iter()
-                .find(|(k, _)| k.as_str() == Some(name))
-                .map(|(_, v)| v)
-        };
+        let get = |name: &str| m.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
         let text = |name: &str| get(name).and_then(|v| v.as_str()).map(str::to_string);
         let status = CallStatus {
             status: text("status")?,
@@ -162,23 +158,13 @@ pub trait Calls: Send + Sync {
     /// Commits a transaction's participants through `finish` together with its durable calls:
     /// the calls are stored in the same SQLite commit as the cage's state writes of the
     /// transaction. Resolves to the calls' ids.
-    fn commit_with_calls(
-        &self,
-        from_cage: &str,
-        calls: Vec<DurableCall>,
-        finish: Finish,
-    ) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>>;
+    fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>>;
     /// The status of call `id` (stored in `cage`, or in any cage of this process when None).
     fn result(&self, cage: Option<&str>, id: &str) -> Result<Option<CallStatus>, String>;
     /// Stores a call another cage's outbox forwards to `cage` of this process (`args` as the
     /// sender put them in its call to `_queue.accept`). A refusal that can never change is
     /// [`CallError::Refused`]; anything else is worth trying again.
-    fn accept(
-        &self,
-        from_cage: &str,
-        cage: &str,
-        args: Vec<Value>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
+    fn accept(&self, from_cage: &str, cage: &str, args: Vec<Value>) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
 }
 
 static CALLS: RwLock<Option<Arc<dyn Calls>>> = RwLock::new(None);
@@ -227,17 +213,10 @@ fn seconds(target: &str, key: &str, v: LuaValue) -> Result<Option<f64>, String> 
         LuaValue::Nil => return Ok(None),
         LuaValue::Integer(i) => i as f64,
         LuaValue::Number(n) => n,
-        other => {
-            return Err(format!(
-                "calling {target}: option {key} must be a number of seconds, got {}",
-                other.type_name()
-            ))
-        }
+        other => return Err(format!("calling {target}: option {key} must be a number of seconds, got {}", other.type_name())),
     };
     if !n.is_finite() || n < 0.0 {
-        return Err(format!(
-            "calling {target}: option {key} must be zero or more, got {n}"
-        ));
+        return Err(format!("calling {target}: option {key} must be zero or more, got {n}"));
     }
     Ok(Some(n))
 }
@@ -249,47 +228,25 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
     for pair in opts.pairs::<LuaValue, LuaValue>() {
         let (k, v) = pair.map_err(|e| format!("calling {target}: options: {e}"))?;
         let LuaValue::String(k) = k else {
-            return Err(format!(
-                "calling {target}: option names are strings (known: {KNOWN})"
-            ));
+            return Err(format!("calling {target}: option names are strings (known: {KNOWN})"));
         };
         let key = k.to_string_lossy();
         match key.as_str() {
             "queue" => match v {
                 LuaValue::String(s) => queue = Some(s.to_string_lossy()),
-                other => {
-                    return Err(format!(
-                        "calling {target}: option queue must be a string, got {}",
-                        other.type_name()
-                    ))
-                }
+                other => return Err(format!("calling {target}: option queue must be a string, got {}", other.type_name())),
             },
             "id" => match v {
-                LuaValue::String(s) if !s.as_bytes().is_empty() && s.as_bytes().len() <= 256 => {
-                    o.id = Some(s.to_string_lossy())
-                }
+                LuaValue::String(s) if !s.as_bytes().is_empty() && s.as_bytes().len() <= 256 => o.id = Some(s.to_string_lossy()),
                 LuaValue::Integer(i) => o.id = Some(i.to_string()),
-                LuaValue::String(_) => {
-                    return Err(format!(
-                        "calling {target}: option id must be 1 to 256 bytes"
-                    ))
-                }
-                other => {
-                    return Err(format!(
-                        "calling {target}: option id must be a string, got {}",
-                        other.type_name()
-                    ))
-                }
+                LuaValue::String(_) => return Err(format!("calling {target}: option id must be 1 to 256 bytes")),
+                other => return Err(format!("calling {target}: option id must be a string, got {}", other.type_name())),
             },
             "expires_in" => o.expires_in = seconds(target, "expires_in", v)?,
             "delay" => o.delay = seconds(target, "delay", v)?,
             "at" => o.at = seconds(target, "at", v)?,
             "expires_at" => o.expires_at = seconds(target, "expires_at", v)?,
-            other => {
-                return Err(format!(
-                    "calling {target}: unknown option {other:?} (known: {KNOWN})"
-                ))
-            }
+            other => return Err(format!("calling {target}: unknown option {other:?} (known: {KNOWN})")),
         }
     }
     o.queue = queue.ok_or_else(|| format!("calling {target}: durable calls need option queue (the name of a [queues.NAME] of the target cage)"))?;
@@ -302,40 +259,25 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
 /// Stores a durable call through the installed service.
 pub async fn enqueue(call: DurableCall) -> Result<String, String> {
     let Some(calls) = calls() else {
-        return Err(format!(
-            "calling {}: durable calls are not available in this process",
-            call.target()
-        ));
+        return Err(format!("calling {}: durable calls are not available in this process", call.target()));
     };
     calls.enqueue(call).await
 }
 
 /// Commits a transaction with durable calls through the installed service.
-pub async fn commit_with_calls(
-    from_cage: &str,
-    calls: Vec<DurableCall>,
-    finish: Finish,
-) -> Result<Vec<String>, CommitFailure> {
+pub async fn commit_with_calls(from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> Result<Vec<String>, CommitFailure> {
     let Some(service) = self::calls() else {
         let _ = finish(false).await;
-        return Err(CommitFailure::Calls(
-            "durable calls are not available in this process".into(),
-        ));
+        return Err(CommitFailure::Calls("durable calls are not available in this process".into()));
     };
     service.commit_with_calls(from_cage, calls, finish).await
 }
 
 /// Answers a call to `_queue.accept` of `cage` (from the cluster link): stores the forwarded
 /// call in that cage's queue.
-pub async fn accept(
-    from_cage: &str,
-    cage: &str,
-    args: Vec<Value>,
-) -> Result<Vec<Value>, CallError> {
+pub async fn accept(from_cage: &str, cage: &str, args: Vec<Value>) -> Result<Vec<Value>, CallError> {
     let Some(service) = calls() else {
-        return Err(CallError::Failed(format!(
-            "cage {cage}: durable calls are not available in this process"
-        )));
+        return Err(CallError::Failed(format!("cage {cage}: durable calls are not available in this process")));
     };
     service.accept(from_cage, cage, args).await
 }
@@ -344,19 +286,12 @@ fn id_of(what: &str, id: &LuaValue) -> Result<String, String> {
     match id {
         LuaValue::String(s) => Ok(s.to_string_lossy()),
         LuaValue::Integer(i) => Ok(i.to_string()),
-        other => Err(format!(
-            "{what}(id): id must be a string, got {}",
-            other.type_name()
-        )),
+        other => Err(format!("{what}(id): id must be a string, got {}", other.type_name())),
     }
 }
 
 /// Reads the status of call `id` off the worker thread (a read of SQLite files).
-async fn read_status(
-    calls: Arc<dyn Calls>,
-    cage: Option<String>,
-    id: String,
-) -> Result<Option<CallStatus>, String> {
+async fn read_status(calls: Arc<dyn Calls>, cage: Option<String>, id: String) -> Result<Option<CallStatus>, String> {
     let read = tokio::task::spawn_blocking(move || calls.result(cage.as_deref(), &id)).await;
     read.unwrap_or_else(|e| Err(format!("the read failed: {e}")))
 }
@@ -375,12 +310,8 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
         "call_result",
         lua.create_async_function(|lua, (id, cage): (LuaValue, LuaValue)| async move {
             let lua = &lua;
-            let fail = |m: String| -> mlua::Result<MultiValue> {
-                Ok(MultiValue::from_iter([
-                    LuaValue::Boolean(false),
-                    LuaValue::String(lua.create_string(m)?),
-                ]))
-            };
+            let fail =
+                |m: String| -> mlua::Result<MultiValue> { Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(m)?)])) };
             let id = match id_of("pmnc.calls.result", &id) {
                 Ok(id) => id,
                 Err(e) => return fail(e),
@@ -390,29 +321,17 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
                 LuaValue::String(s) => {
                     let c = s.to_string_lossy();
                     if !rustomnic_core::is_cage_name(&c) {
-                        return fail(format!(
-                            "pmnc.calls.result({id:?}, cage): {c:?} is not a valid cage name"
-                        ));
+                        return fail(format!("pmnc.calls.result({id:?}, cage): {c:?} is not a valid cage name"));
                     }
                     Some(c)
                 }
-                other => {
-                    return fail(format!(
-                        "pmnc.calls.result({id:?}, cage): cage must be a string, got {}",
-                        other.type_name()
-                    ))
-                }
+                other => return fail(format!("pmnc.calls.result({id:?}, cage): cage must be a string, got {}", other.type_name())),
             };
             let Some(calls) = calls() else {
-                return fail(
-                    "pmnc.calls.result: durable calls are not available in this process".into(),
-                );
+                return fail("pmnc.calls.result: durable calls are not available in this process".into());
             };
             match read_status(calls, cage, id.clone()).await {
-                Ok(s) => Ok(MultiValue::from_iter([
-                    LuaValue::Boolean(true),
-                    status_table(lua, &id, s.as_ref())?,
-                ])),
+                Ok(s) => Ok(MultiValue::from_iter([LuaValue::Boolean(true), status_table(lua, &id, s.as_ref())?])),
                 Err(e) => fail(format!("pmnc.calls.result({id:?}): {e}")),
             }
         })?,
@@ -422,12 +341,8 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
         lua.create_async_function(|lua, (id, timeout): (LuaValue, LuaValue)| async move {
             let lua = &lua;
             let what = "pmnc.calls.wait";
-            let fail = |m: String| -> mlua::Result<MultiValue> {
-                Ok(MultiValue::from_iter([
-                    LuaValue::Boolean(false),
-                    LuaValue::String(lua.create_string(m)?),
-                ]))
-            };
+            let fail =
+                |m: String| -> mlua::Result<MultiValue> { Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(m)?)])) };
             let id = match id_of(what, &id) {
                 Ok(id) => id,
                 Err(e) => return fail(e),
@@ -437,14 +352,10 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
                 Err(e) => return fail(e),
             };
             let Some(ctx) = crate::events_lua::current_request(lua) else {
-                return fail(format!(
-                    "{what} may only be called while handling a request"
-                ));
+                return fail(format!("{what} may only be called while handling a request"));
             };
             let Some(calls) = calls() else {
-                return fail(format!(
-                    "{what}: durable calls are not available in this process"
-                ));
+                return fail(format!("{what}: durable calls are not available in this process"));
             };
             // Registered before the status is read, so a completion between the two is not
             // missed; completions are published to the sending and the running cage.
@@ -457,18 +368,12 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
                 Err(e) => return fail(format!("{what}({id:?}): {e}")),
             };
             if now.as_ref().is_some_and(|s| s.is_final()) {
-                return Ok(MultiValue::from_iter([
-                    LuaValue::Boolean(true),
-                    status_table(lua, &id, now.as_ref())?,
-                ]));
+                return Ok(MultiValue::from_iter([LuaValue::Boolean(true), status_table(lua, &id, now.as_ref())?]));
             }
             // Without a timeout of its own the wait ends with the request, at its deadline.
             let until = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
             let event = match until {
-                Some(u) => tokio::time::timeout_at(u.into(), waiter)
-                    .await
-                    .ok()
-                    .flatten(),
+                Some(u) => tokio::time::timeout_at(u.into(), waiter).await.ok().flatten(),
                 None => waiter.await,
             };
             let status = match event {
@@ -476,38 +381,24 @@ pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
                     // A done call's values travel with its event unless they were too large for
                     // one; then they are read here when this process has them.
                     let field = |name: &str| match &*v {
-                        Value::Map(m) => m
-                            .iter()
-                            .find(|(k, _)| k.as_str() == Some(name))
-                            .map(|(_, v)| v.clone()),
+                        Value::Map(m) => m.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v.clone()),
                         _ => None,
                     };
-                    if field("status").as_ref().and_then(|s| s.as_str()) == Some("done")
-                        && field("values").is_none()
-                    {
+                    if field("status").as_ref().and_then(|s| s.as_str()) == Some("done") && field("values").is_none() {
                         if let Ok(Some(s)) = read_status(calls, None, id.clone()).await {
                             if s.is_final() {
-                                return Ok(MultiValue::from_iter([
-                                    LuaValue::Boolean(true),
-                                    status_table(lua, &id, Some(&s))?,
-                                ]));
+                                return Ok(MultiValue::from_iter([LuaValue::Boolean(true), status_table(lua, &id, Some(&s))?]));
                             }
                         }
                     }
-                    return Ok(MultiValue::from_iter([
-                        LuaValue::Boolean(true),
-                        to_lua(lua, &v)?,
-                    ]));
+                    return Ok(MultiValue::from_iter([LuaValue::Boolean(true), to_lua(lua, &v)?]));
                 }
                 None => match read_status(calls, None, id.clone()).await {
                     Ok(s) => s,
                     Err(e) => return fail(format!("{what}({id:?}): {e}")),
                 },
             };
-            Ok(MultiValue::from_iter([
-                LuaValue::Boolean(true),
-                status_table(lua, &id, status.as_ref())?,
-            ]))
+            Ok(MultiValue::from_iter([LuaValue::Boolean(true), status_table(lua, &id, status.as_ref())?]))
         })?,
     )
 }

@@ -9,11 +9,11 @@
 //! to local waiters only).
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::collections::VecDeque;
 use std::task::{Context, Poll, Waker};
 
 use rustomnic_core::Value;

@@ -26,13 +26,7 @@ pub const DEFAULT_UNYIELDING: Duration = Duration::from_millis(20);
 
 impl Default for LuaLimits {
     fn default() -> Self {
-        LuaLimits {
-            memory: DEFAULT_MEMORY,
-            request_memory: DEFAULT_REQUEST_MEMORY,
-            unyielding: DEFAULT_UNYIELDING,
-            getenv: Vec::new(),
-            libraries: Vec::new(),
-        }
+        LuaLimits { memory: DEFAULT_MEMORY, request_memory: DEFAULT_REQUEST_MEMORY, unyielding: DEFAULT_UNYIELDING, getenv: Vec::new(), libraries: Vec::new() }
     }
 }
 
@@ -52,10 +46,7 @@ mod tests {
 
     #[test]
     fn the_getenv_list_takes_names_and_prefixes() {
-        let l = LuaLimits {
-            getenv: vec!["HOME".into(), "APP_*".into()],
-            ..Default::default()
-        };
+        let l = LuaLimits { getenv: vec!["HOME".into(), "APP_*".into()], ..Default::default() };
         assert!(l.may_read_env("HOME"));
         assert!(!l.may_read_env("HOMEDIR"));
         assert!(l.may_read_env("APP_DB_URL"));

@@ -58,12 +58,7 @@ enum Frame {
     /// `x?` took `x` at `s`; if the rest fails, it goes on without `x` from `s`.
     Optional { s: usize, ep: usize },
     /// `x*`/`x+` took `i` copies of `x` from `base`; if the rest fails, it tries one fewer.
-    Greedy {
-        base: usize,
-        p: usize,
-        ep: usize,
-        i: usize,
-    },
+    Greedy { base: usize, p: usize, ep: usize, i: usize },
     /// `x-` took copies of `x` up to `s`; if the rest fails, it takes one more.
     Lazy { s: usize, p: usize, ep: usize },
 }
@@ -73,12 +68,7 @@ enum Mode {
     /// Matching pattern position `p` against subject position `s`.
     Run { s: usize, p: usize },
     /// Counting how many copies of a single-character class `x*` can take from `base`.
-    Count {
-        base: usize,
-        p: usize,
-        ep: usize,
-        i: usize,
-    },
+    Count { base: usize, p: usize, ep: usize, i: usize },
     /// Looking for the end of a `%bxy` that opened at `open`; `cont` is the nesting so far.
     Balance { at: usize, p: usize, cont: usize },
     /// The current level ends with this result.
@@ -105,12 +95,7 @@ pub enum Step {
 
 impl Default for Matcher {
     fn default() -> Self {
-        Matcher {
-            frames: Vec::new(),
-            caps: Vec::new(),
-            mode: Mode::Return(None),
-            steps: 0,
-        }
+        Matcher { frames: Vec::new(), caps: Vec::new(), mode: Mode::Return(None), steps: 0 }
     }
 }
 
@@ -234,17 +219,8 @@ impl Matcher {
     }
 
     /// Captures of the last match, as Lua returns them: with none, the whole match `s..e`.
-    pub fn captures(
-        &self,
-        s: usize,
-        e: usize,
-        whole_if_none: bool,
-    ) -> Result<Vec<Captured>, PatternError> {
-        let n = if self.caps.is_empty() && whole_if_none {
-            1
-        } else {
-            self.caps.len()
-        };
+    pub fn captures(&self, s: usize, e: usize, whole_if_none: bool) -> Result<Vec<Captured>, PatternError> {
+        let n = if self.caps.is_empty() && whole_if_none { 1 } else { self.caps.len() };
         (0..n).map(|i| self.capture(i, s, e)).collect()
     }
 
@@ -278,12 +254,7 @@ impl Matcher {
 
     /// Runs the attempt started by [`start`](Self::start) (or resumes it) until it matches,
     /// fails, or `control` asks it to stop.
-    pub fn run(
-        &mut self,
-        src: &[u8],
-        pat: &[u8],
-        control: &mut dyn FnMut() -> Control,
-    ) -> Result<Step, PatternError> {
+    pub fn run(&mut self, src: &[u8], pat: &[u8], control: &mut dyn FnMut() -> Control) -> Result<Step, PatternError> {
         loop {
             self.steps += 1;
             if self.steps >= CHECK_EVERY {
@@ -311,11 +282,7 @@ impl Matcher {
                         self.call(Frame::Greedy { base, p, ep, i }, base + i, ep + 1)?;
                     }
                 }
-                Mode::Balance {
-                    at: mut a,
-                    p,
-                    mut cont,
-                } => {
+                Mode::Balance { at: mut a, p, mut cont } => {
                     let (open, close) = (pat[p], pat[p + 1]);
                     let mut left = CHECK_EVERY;
                     let mut end = None;
@@ -363,11 +330,7 @@ impl Matcher {
         }
         match pat[p] {
             b'(' => {
-                let (len, next) = if at(pat, p + 1) == b')' {
-                    (CapLen::Position, p + 2)
-                } else {
-                    (CapLen::Unfinished, p + 1)
-                };
+                let (len, next) = if at(pat, p + 1) == b')' { (CapLen::Position, p + 2) } else { (CapLen::Unfinished, p + 1) };
                 if self.caps.len() >= MAX_CAPTURES {
                     return Err(PatternError("too many captures".into()));
                 }
@@ -389,19 +352,9 @@ impl Matcher {
                 b'b' => {
                     let q = p + 2;
                     if q + 1 >= pat.len() {
-                        return Err(PatternError(
-                            "malformed pattern (missing arguments to '%b')".into(),
-                        ));
+                        return Err(PatternError("malformed pattern (missing arguments to '%b')".into()));
                     }
-                    self.mode = if src.get(s) == Some(&pat[q]) {
-                        Mode::Balance {
-                            at: s,
-                            p: q,
-                            cont: 1,
-                        }
-                    } else {
-                        Mode::Return(None)
-                    };
+                    self.mode = if src.get(s) == Some(&pat[q]) { Mode::Balance { at: s, p: q, cont: 1 } } else { Mode::Return(None) };
                     return Ok(());
                 }
                 b'f' => {
@@ -413,11 +366,7 @@ impl Matcher {
                     let previous = if s == 0 { 0 } else { src[s - 1] };
                     let current = at(src, s);
                     self.mode =
-                        if !set_has(pat, previous, q, ep - 1) && set_has(pat, current, q, ep - 1) {
-                            Mode::Run { s, p: ep }
-                        } else {
-                            Mode::Return(None)
-                        };
+                        if !set_has(pat, previous, q, ep - 1) && set_has(pat, current, q, ep - 1) { Mode::Run { s, p: ep } } else { Mode::Return(None) };
                     return Ok(());
                 }
                 d @ b'0'..=b'9' => {
@@ -425,20 +374,10 @@ impl Matcher {
                     let l = l.wrapping_sub(b'1' as usize);
                     let cap = match self.caps.get(l) {
                         Some(c) if c.len != CapLen::Unfinished => *c,
-                        _ => {
-                            return Err(PatternError(format!(
-                                "invalid capture index %{}",
-                                l.wrapping_add(1) as isize
-                            )))
-                        }
+                        _ => return Err(PatternError(format!("invalid capture index %{}", l.wrapping_add(1) as isize))),
                     };
                     let end = match cap.len {
-                        CapLen::Len(n)
-                            if src.len() - s >= n
-                                && src[cap.init..cap.init + n] == src[s..s + n] =>
-                        {
-                            Some(s + n)
-                        }
+                        CapLen::Len(n) if src.len() - s >= n && src[cap.init..cap.init + n] == src[s..s + n] => Some(s + n),
                         _ => None,
                     };
                     self.mode = match end {
@@ -455,31 +394,17 @@ impl Matcher {
         let ep = class_end(pat, p)?;
         let suffix = at(pat, ep);
         if !single(src, s, pat, p, ep) {
-            self.mode = if matches!(suffix, b'*' | b'?' | b'-') {
-                Mode::Run { s, p: ep + 1 }
-            } else {
-                Mode::Return(None)
-            };
+            self.mode = if matches!(suffix, b'*' | b'?' | b'-') { Mode::Run { s, p: ep + 1 } } else { Mode::Return(None) };
             return Ok(());
         }
         match suffix {
             b'?' => self.call(Frame::Optional { s, ep }, s + 1, ep + 1),
             b'+' => {
-                self.mode = Mode::Count {
-                    base: s + 1,
-                    p,
-                    ep,
-                    i: 0,
-                };
+                self.mode = Mode::Count { base: s + 1, p, ep, i: 0 };
                 Ok(())
             }
             b'*' => {
-                self.mode = Mode::Count {
-                    base: s,
-                    p,
-                    ep,
-                    i: 1,
-                };
+                self.mode = Mode::Count { base: s, p, ep, i: 1 };
                 Ok(())
             }
             b'-' => self.call(Frame::Lazy { s, p, ep }, s, ep + 1),
@@ -491,13 +416,7 @@ impl Matcher {
     }
 
     /// A level started by `frame`'s owner returned `r`: the owner goes on.
-    fn resume_frame(
-        &mut self,
-        src: &[u8],
-        pat: &[u8],
-        frame: Frame,
-        r: Option<usize>,
-    ) -> Result<(), PatternError> {
+    fn resume_frame(&mut self, src: &[u8], pat: &[u8], frame: Frame, r: Option<usize>) -> Result<(), PatternError> {
         match frame {
             Frame::Opened => {
                 if r.is_none() {
@@ -512,11 +431,7 @@ impl Matcher {
                 self.mode = Mode::Return(r);
             }
             Frame::Optional { s, ep } => {
-                self.mode = if r.is_some() {
-                    Mode::Return(r)
-                } else {
-                    Mode::Run { s, p: ep + 1 }
-                };
+                self.mode = if r.is_some() { Mode::Return(r) } else { Mode::Run { s, p: ep + 1 } };
             }
             Frame::Greedy { base, p, ep, i } => {
                 if r.is_some() {
@@ -524,16 +439,7 @@ impl Matcher {
                 } else if i == 0 {
                     self.mode = Mode::Return(None);
                 } else {
-                    self.call(
-                        Frame::Greedy {
-                            base,
-                            p,
-                            ep,
-                            i: i - 1,
-                        },
-                        base + i - 1,
-                        ep + 1,
-                    )?;
+                    self.call(Frame::Greedy { base, p, ep, i: i - 1 }, base + i - 1, ep + 1)?;
                 }
             }
             Frame::Lazy { s, p, ep } => {
@@ -578,22 +484,10 @@ impl Search {
     /// (it does for find, match and gsub, not for gmatch).
     pub fn new(pat: &[u8], from: usize, anchored: bool, last: Option<usize>) -> Search {
         let anchor = anchored && pat.first() == Some(&b'^');
-        Search {
-            matcher: Matcher::default(),
-            p0: usize::from(anchor),
-            anchor,
-            next: from,
-            last,
-            started: false,
-        }
+        Search { matcher: Matcher::default(), p0: usize::from(anchor), anchor, next: from, last, started: false }
     }
 
-    pub fn run(
-        &mut self,
-        src: &[u8],
-        pat: &[u8],
-        control: &mut dyn FnMut() -> Control,
-    ) -> Result<Found, PatternError> {
+    pub fn run(&mut self, src: &[u8], pat: &[u8], control: &mut dyn FnMut() -> Control) -> Result<Found, PatternError> {
         loop {
             if !self.started {
                 if self.next > src.len() {
@@ -623,14 +517,7 @@ impl Search {
 }
 
 /// Expands a `gsub` replacement string for the match `s..e` into `out`.
-pub fn expand(
-    repl: &[u8],
-    src: &[u8],
-    m: &Matcher,
-    s: usize,
-    e: usize,
-    out: &mut Vec<u8>,
-) -> Result<(), PatternError> {
+pub fn expand(repl: &[u8], src: &[u8], m: &Matcher, s: usize, e: usize, out: &mut Vec<u8>) -> Result<(), PatternError> {
     let mut i = 0;
     while i < repl.len() {
         let c = repl[i];
@@ -644,19 +531,13 @@ pub fn expand(
         if d == b'%' {
             out.push(b'%');
         } else if d.is_ascii_digit() {
-            let cap = if d == b'0' {
-                Captured::Slice(s, e)
-            } else {
-                m.capture((d - b'1') as usize, s, e)?
-            };
+            let cap = if d == b'0' { Captured::Slice(s, e) } else { m.capture((d - b'1') as usize, s, e)? };
             match cap {
                 Captured::Slice(a, b) => out.extend_from_slice(&src[a..b]),
                 Captured::Position(n) => out.extend_from_slice(n.to_string().as_bytes()),
             }
         } else {
-            return Err(PatternError(
-                "invalid use of '%' in replacement string".into(),
-            ));
+            return Err(PatternError("invalid use of '%' in replacement string".into()));
         }
     }
     Ok(())
@@ -676,85 +557,30 @@ mod tests {
 
     #[test]
     fn basic_items() {
-        assert_eq!(
-            find("hello world", "o w").unwrap().map(|m| (m.0, m.1)),
-            Some((5, 7))
-        );
-        assert_eq!(
-            find("hello", "l+").unwrap().map(|m| (m.0, m.1)),
-            Some((3, 4))
-        );
-        assert_eq!(
-            find("hello", "^h.-l").unwrap().map(|m| (m.0, m.1)),
-            Some((1, 3))
-        );
+        assert_eq!(find("hello world", "o w").unwrap().map(|m| (m.0, m.1)), Some((5, 7)));
+        assert_eq!(find("hello", "l+").unwrap().map(|m| (m.0, m.1)), Some((3, 4)));
+        assert_eq!(find("hello", "^h.-l").unwrap().map(|m| (m.0, m.1)), Some((1, 3)));
         assert_eq!(find("hello", "^e"), Ok(None));
-        assert_eq!(
-            find("key = value", "(%w+)%s*=%s*(%w+)").unwrap().unwrap().2,
-            vec![Captured::Slice(0, 3), Captured::Slice(6, 11)]
-        );
-        assert_eq!(
-            find("THE (quick) fox", "%((%a+)%)").unwrap().unwrap().2,
-            vec![Captured::Slice(5, 10)]
-        );
-        assert_eq!(
-            find("x = [[a]] y", "%b[]").unwrap().map(|m| (m.0, m.1)),
-            Some((5, 9))
-        );
-        assert_eq!(
-            find("THE (quick) fox", "%f[%a]%a+%f[%A]")
-                .unwrap()
-                .map(|m| (m.0, m.1)),
-            Some((1, 3))
-        );
-        assert_eq!(
-            find("abcabc", "()b()").unwrap().unwrap().2,
-            vec![Captured::Position(2), Captured::Position(3)]
-        );
-        assert_eq!(
-            find("say 'hi' now", "(['\"])(.-)%1").unwrap().unwrap().2,
-            vec![Captured::Slice(4, 5), Captured::Slice(5, 7)]
-        );
+        assert_eq!(find("key = value", "(%w+)%s*=%s*(%w+)").unwrap().unwrap().2, vec![Captured::Slice(0, 3), Captured::Slice(6, 11)]);
+        assert_eq!(find("THE (quick) fox", "%((%a+)%)").unwrap().unwrap().2, vec![Captured::Slice(5, 10)]);
+        assert_eq!(find("x = [[a]] y", "%b[]").unwrap().map(|m| (m.0, m.1)), Some((5, 9)));
+        assert_eq!(find("THE (quick) fox", "%f[%a]%a+%f[%A]").unwrap().map(|m| (m.0, m.1)), Some((1, 3)));
+        assert_eq!(find("abcabc", "()b()").unwrap().unwrap().2, vec![Captured::Position(2), Captured::Position(3)]);
+        assert_eq!(find("say 'hi' now", "(['\"])(.-)%1").unwrap().unwrap().2, vec![Captured::Slice(4, 5), Captured::Slice(5, 7)]);
         assert_eq!(find("end", "d$").unwrap().map(|m| (m.0, m.1)), Some((3, 3)));
         assert_eq!(find("a$b", "$b").unwrap().map(|m| (m.0, m.1)), Some((2, 3)));
     }
 
     #[test]
     fn malformed_patterns_say_why() {
-        assert_eq!(
-            find("x", "%"),
-            Err(PatternError("malformed pattern (ends with '%')".into()))
-        );
-        assert_eq!(
-            find("x", "[a"),
-            Err(PatternError("malformed pattern (missing ']')".into()))
-        );
-        assert_eq!(
-            find("x", "x)"),
-            Err(PatternError("invalid pattern capture".into()))
-        );
-        assert_eq!(
-            find("x", "%1"),
-            Err(PatternError("invalid capture index %1".into()))
-        );
-        assert_eq!(
-            find("x", "%f"),
-            Err(PatternError("missing '[' after '%f' in pattern".into()))
-        );
-        assert_eq!(
-            find("x", "%b"),
-            Err(PatternError(
-                "malformed pattern (missing arguments to '%b')".into()
-            ))
-        );
-        assert_eq!(
-            find("x", &"(".repeat(33)),
-            Err(PatternError("too many captures".into()))
-        );
-        assert_eq!(
-            find(&"a".repeat(300), &"a?".repeat(300)),
-            Err(PatternError("pattern too complex".into()))
-        );
+        assert_eq!(find("x", "%"), Err(PatternError("malformed pattern (ends with '%')".into())));
+        assert_eq!(find("x", "[a"), Err(PatternError("malformed pattern (missing ']')".into())));
+        assert_eq!(find("x", "x)"), Err(PatternError("invalid pattern capture".into())));
+        assert_eq!(find("x", "%1"), Err(PatternError("invalid capture index %1".into())));
+        assert_eq!(find("x", "%f"), Err(PatternError("missing '[' after '%f' in pattern".into())));
+        assert_eq!(find("x", "%b"), Err(PatternError("malformed pattern (missing arguments to '%b')".into())));
+        assert_eq!(find("x", &"(".repeat(33)), Err(PatternError("too many captures".into())));
+        assert_eq!(find(&"a".repeat(300), &"a?".repeat(300)), Err(PatternError("pattern too complex".into())));
     }
 
     #[test]
@@ -784,14 +610,9 @@ mod tests {
                 break;
             }
         }
-        assert!(
-            suspensions > 10,
-            "a quadratic search over 100k characters must have been asked to stop"
-        );
+        assert!(suspensions > 10, "a quadratic search over 100k characters must have been asked to stop");
         let mut search = Search::new(pat, 0, true, None);
-        let r = search.run(subject.as_bytes(), pat, &mut || {
-            Control::Fail("deadline".into())
-        });
+        let r = search.run(subject.as_bytes(), pat, &mut || Control::Fail("deadline".into()));
         assert_eq!(r, Err(PatternError("deadline".into())));
     }
 
@@ -799,21 +620,11 @@ mod tests {
     fn replacement_strings() {
         let src = b"hello world";
         let mut search = Search::new(b"(o)", 0, true, None);
-        let Found::At(s, e) = search.run(src, b"(o)", &mut || Control::Continue).unwrap() else {
-            panic!()
-        };
+        let Found::At(s, e) = search.run(src, b"(o)", &mut || Control::Continue).unwrap() else { panic!() };
         let mut out = Vec::new();
         expand(b"[%1%%%0]", src, &search.matcher, s, e, &mut out).unwrap();
         assert_eq!(out, b"[o%o]");
-        assert_eq!(
-            expand(b"%2", src, &search.matcher, s, e, &mut out),
-            Err(PatternError("invalid capture index %2".into()))
-        );
-        assert_eq!(
-            expand(b"%x", src, &search.matcher, s, e, &mut out),
-            Err(PatternError(
-                "invalid use of '%' in replacement string".into()
-            ))
-        );
+        assert_eq!(expand(b"%2", src, &search.matcher, s, e, &mut out), Err(PatternError("invalid capture index %2".into())));
+        assert_eq!(expand(b"%x", src, &search.matcher, s, e, &mut out), Err(PatternError("invalid use of '%' in replacement string".into())));
     }
 }

@@ -710,8 +710,24 @@ api.events = readonly({
 }, "pmnc.events")
 
 -- The helper families of crates/stdlib (pmnc.base64, pmnc.crypto, ...), read-only like the rest.
+-- Each Rust function answers (true, values...), (false, message) or ("pending", job) for a big
+-- input: the job runs off the worker where the request can wait, inline where nothing can
+-- (docs/decisions/070).
+local stdlib_wait, stdlib_run = rust.stdlib_wait, rust.stdlib_run
+local function stdlib_result(ok, ...)
+  if ok == true then return ... end
+  if ok == "pending" then
+    if can_wait() then return check(stdlib_wait((...))) end
+    return check(stdlib_run((...)))
+  end
+  error((...), 2)
+end
 for name, family in next, rust.stdlib do
-  api[name] = readonly(family, "pmnc." .. name)
+  local wrapped = {}
+  for fname, f in next, family do
+    wrapped[fname] = function(...) return stdlib_result(f(...)) end
+  end
+  api[name] = readonly(wrapped, "pmnc." .. name)
 end
 
 -- pmnc itself: its fields, then the modules of the cage; pmnc("<cage>") calls another cage.

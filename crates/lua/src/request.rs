@@ -41,9 +41,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub fn new_request_id() -> String {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let prefix = *PREFIX.get_or_init(|| {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         ((t.as_secs() as u32) ^ (t.subsec_nanos() << 8) ^ std::process::id()) & 0xff_ffff
     });
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -53,27 +51,12 @@ pub fn new_request_id() -> String {
 impl RequestCtx {
     /// A new request received by `interface` of `cage` with `timeout` to live.
     pub fn new(cage: &str, interface: &str, timeout: Duration) -> RequestCtx {
-        Self::with_deadline(
-            new_request_id(),
-            cage,
-            interface,
-            Instant::now() + timeout,
-            None,
-        )
+        Self::with_deadline(new_request_id(), cage, interface, Instant::now() + timeout, None)
     }
 
-    pub fn with_deadline(
-        id: String,
-        cage: &str,
-        interface: &str,
-        deadline: Instant,
-        caller: Option<String>,
-    ) -> RequestCtx {
+    pub fn with_deadline(id: String, cage: &str, interface: &str, deadline: Instant, caller: Option<String>) -> RequestCtx {
         let remain = deadline.saturating_duration_since(Instant::now());
-        let now_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         RequestCtx {
             id,
             cage: cage.to_string(),
@@ -88,9 +71,7 @@ impl RequestCtx {
 
     /// Seconds left before the deadline, never negative.
     pub fn remain(&self) -> f64 {
-        self.deadline
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64()
+        self.deadline.saturating_duration_since(Instant::now()).as_secs_f64()
     }
 }
 
@@ -136,9 +117,7 @@ pub(crate) struct VmShared {
 
 impl std::fmt::Debug for VmShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmShared")
-            .field("cage", &self.cage)
-            .finish_non_exhaustive()
+        f.debug_struct("VmShared").field("cage", &self.cage).finish_non_exhaustive()
     }
 }
 
@@ -216,12 +195,7 @@ impl VmShared {
     /// What the Lua code running now must do: go on, stop for a yield, or stop with an error.
     pub(crate) fn check_running(&self, now: Instant) -> Running {
         if self.closing.get() {
-            return Running::Stop(
-                self.stop(
-                    "the request is being stopped (it passed its deadline or its client went away)"
-                        .into(),
-                ),
-            );
+            return Running::Stop(self.stop("the request is being stopped (it passed its deadline or its client went away)".into()));
         }
         if let Some(d) = self.load_deadline.get() {
             if now >= d {
@@ -239,10 +213,7 @@ impl VmShared {
         let slice_start = self.slice_start.get();
         let past_deadline = now >= ctx.deadline;
         if past_deadline || now.duration_since(slice_start) >= SLICE {
-            return Running::SliceOver {
-                slice_start,
-                past_deadline,
-            };
+            return Running::SliceOver { slice_start, past_deadline };
         }
         Running::Go
     }
@@ -255,11 +226,7 @@ impl VmShared {
 
     /// The request running now, for messages.
     pub(crate) fn request_id(&self) -> String {
-        self.current
-            .borrow()
-            .as_ref()
-            .map(|c| c.id.clone())
-            .unwrap_or_default()
+        self.current.borrow().as_ref().map(|c| c.id.clone()).unwrap_or_default()
     }
 }
 
@@ -302,10 +269,7 @@ impl RunError {
 
 /// `text` with its line breaks (and the tab that indents traceback frames) as " | ".
 pub fn one_line(text: &str) -> String {
-    text.trim_end()
-        .replace("\r\n", "\n")
-        .replace("\n\t", " | ")
-        .replace('\n', " | ")
+    text.trim_end().replace("\r\n", "\n").replace("\n\t", " | ").replace('\n', " | ")
 }
 
 /// Drives one request coroutine: marks its context current while it runs, and ends it at the
@@ -341,9 +305,7 @@ pub struct RequestFuture {
 
 impl Drop for RequestFuture {
     fn drop(&mut self) {
-        self.shared
-            .live
-            .set(self.shared.live.get().saturating_sub(1));
+        self.shared.live.set(self.shared.live.get().saturating_sub(1));
         if let Some(inner) = self.inner.take() {
             if self.done {
                 drop(inner);
@@ -405,20 +367,11 @@ impl RequestFuture {
         let limits = &self.shared.limits;
         let vm_full = self.shared.lua.try_upgrade().is_some_and(|l| l.used_memory() + (1 << 20) >= limits.memory);
         let which = if !vm_full {
-            format!(
-                "the request holds more than its limit of {} MiB ([lua] request_memory_limit)",
-                limits.request_memory >> 20
-            )
+            format!("the request holds more than its limit of {} MiB ([lua] request_memory_limit)", limits.request_memory >> 20)
         } else {
-            format!(
-                "the cage's Lua VM on this worker reached its limit of {} MiB ([lua] memory_limit)",
-                limits.memory >> 20
-            )
+            format!("the cage's Lua VM on this worker reached its limit of {} MiB ([lua] memory_limit)", limits.memory >> 20)
         };
-        RunError::Failed {
-            message: format!("not enough memory: {which}"),
-            traceback: String::new(),
-        }
+        RunError::Failed { message: format!("not enough memory: {which}"), traceback: String::new() }
     }
 }
 
@@ -437,10 +390,7 @@ impl Future for RequestFuture {
 }
 
 impl RequestFuture {
-    fn poll_run(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<MultiValue, RunError>> {
+    fn poll_run(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<MultiValue, RunError>> {
         let now = Instant::now();
         if now >= self.ctx.deadline {
             return Poll::Ready(Err(RunError::Deadline));
@@ -465,10 +415,7 @@ impl RequestFuture {
                 g.clone()
             }
             _ => {
-                let g = Arc::new(WakeGate {
-                    state: AtomicU8::new(POLLING),
-                    waker: cx.waker().clone(),
-                });
+                let g = Arc::new(WakeGate { state: AtomicU8::new(POLLING), waker: cx.waker().clone() });
                 self.gate = Some(g.clone());
                 g
             }
@@ -496,8 +443,7 @@ impl RequestFuture {
         self.shared.stopping.set(previous_stopping);
         match result {
             Poll::Pending if woken => {
-                let mut turn: Pin<Box<dyn Future<Output = ()>>> =
-                    Box::pin(tokio::task::yield_now());
+                let mut turn: Pin<Box<dyn Future<Output = ()>>> = Box::pin(tokio::task::yield_now());
                 // The first poll hands our waker to the scheduler's deferred list.
                 if turn.as_mut().poll(cx).is_ready() {
                     cx.waker().wake_by_ref();
@@ -514,9 +460,7 @@ impl RequestFuture {
                 } else if matches!(e, mlua::Error::MemoryError(_)) {
                     Poll::Ready(Err(self.out_of_memory()))
                 } else {
-                    Poll::Ready(Err(RunError::Internal(error_text(&LuaValue::Error(
-                        Box::new(e),
-                    )))))
+                    Poll::Ready(Err(RunError::Internal(error_text(&LuaValue::Error(Box::new(e))))))
                 }
             }
             Poll::Ready(Ok(values)) => {
@@ -544,12 +488,7 @@ impl Wake for WakeGate {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self
-            .state
-            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-            && self.state.load(Ordering::Acquire) == IDLE
-        {
+        if self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire).is_err() && self.state.load(Ordering::Acquire) == IDLE {
             self.waker.wake_by_ref();
         }
     }
@@ -558,16 +497,10 @@ impl Wake for WakeGate {
 impl RequestFuture {
     /// Pending, with the deadline timer registered so the request ends on time whatever it
     /// waits for; or earlier, at `wake_at`, when what it waits for ends on its own then.
-    fn wait_for_deadline(
-        &mut self,
-        cx: &mut Context<'_>,
-        wake_at: Option<Instant>,
-    ) -> Poll<Result<MultiValue, RunError>> {
+    fn wait_for_deadline(&mut self, cx: &mut Context<'_>, wake_at: Option<Instant>) -> Poll<Result<MultiValue, RunError>> {
         let deadline = self.ctx.deadline;
         let at = wake_at.filter(|w| *w < deadline).unwrap_or(deadline);
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
         if timer.deadline() != at.into() {
             timer.as_mut().reset(at.into());
         }
@@ -597,15 +530,12 @@ impl RequestFuture {
                     return Err(RunError::Deadline);
                 }
                 let failure = values.next().unwrap_or(LuaValue::Nil);
-                if matches!(&failure, LuaValue::String(s) if s.as_bytes().starts_with(b"not enough memory"))
-                {
+                if matches!(&failure, LuaValue::String(s) if s.as_bytes().starts_with(b"not enough memory")) {
                     return Err(self.out_of_memory());
                 }
                 Err(describe_failure(&failure, &self.failure_mt))
             }
-            _ => Err(RunError::Internal(
-                "request coroutine returned no status".into(),
-            )),
+            _ => Err(RunError::Internal("request coroutine returned no status".into())),
         }
     }
 }
@@ -622,18 +552,11 @@ fn describe_failure(failure: &LuaValue, failure_mt: &Table) -> RunError {
             };
             // An error value Lua could not print (the runtime's own, a table) has a traceback
             // without the message: put it first, as Lua does for strings.
-            let traceback = if traceback.is_empty() || traceback.starts_with(&message) {
-                traceback
-            } else {
-                format!("{message}\n{traceback}")
-            };
+            let traceback = if traceback.is_empty() || traceback.starts_with(&message) { traceback } else { format!("{message}\n{traceback}") };
             return RunError::Failed { message, traceback };
         }
     }
-    RunError::Failed {
-        message: error_text(failure),
-        traceback: String::new(),
-    }
+    RunError::Failed { message: error_text(failure), traceback: String::new() }
 }
 
 /// Text of a Lua error value: strings as they are, mlua errors by their message without mlua's
@@ -668,10 +591,7 @@ mod tests {
     fn one_line_tracebacks() {
         let tb = "c/http.lua:3: boom\nstack traceback:\n\t[C]: in function 'error'\n\tc/http.lua:3: in function <c/http.lua:2>\n";
         assert_eq!(super::one_line(tb), "c/http.lua:3: boom | stack traceback: | [C]: in function 'error' | c/http.lua:3: in function <c/http.lua:2>");
-        let e = super::RunError::Failed {
-            message: "m".into(),
-            traceback: String::new(),
-        };
+        let e = super::RunError::Failed { message: "m".into(), traceback: String::new() };
         assert_eq!(e.log_text(), "m");
     }
 }

@@ -67,11 +67,7 @@ pub(crate) struct Watch {
 
 impl Watch {
     fn new(function: &'static str) -> Watch {
-        Watch {
-            shared: None,
-            stopped_in: None,
-            function,
-        }
+        Watch { shared: None, stopped_in: None, function }
     }
 
     fn check(&mut self, lua: &Lua) -> Control {
@@ -85,27 +81,18 @@ impl Watch {
         match shared.check_running(now) {
             Running::Go => Control::Continue,
             Running::Stop(m) => Control::Fail(m),
-            Running::SliceOver {
-                slice_start,
-                past_deadline,
-            } => {
+            Running::SliceOver { slice_start, past_deadline } => {
                 if self.stopped_in != Some(slice_start) {
                     self.stopped_in = Some(slice_start);
                     return Control::Suspend;
                 }
                 // Asked to yield before and could not: the code around us cannot yield.
                 if past_deadline {
-                    return Control::Fail(
-                        shared.stop(format!("{}: the request's deadline passed", self.function)),
-                    );
+                    return Control::Fail(shared.stop(format!("{}: the request's deadline passed", self.function)));
                 }
                 let ran = now.duration_since(slice_start);
                 if ran >= shared.limits.unyielding {
-                    return Control::Fail(shared.stop(unyielding_message(
-                        self.function,
-                        ran,
-                        shared.limits.unyielding,
-                    )));
+                    return Control::Fail(shared.stop(unyielding_message(self.function, ran, shared.limits.unyielding)));
                 }
                 Control::Continue
             }
@@ -137,17 +124,11 @@ pub(crate) enum Running {
 }
 
 fn fail(lua: &Lua, message: &str) -> mlua::Result<MultiValue> {
-    Ok(MultiValue::from_iter([
-        mark(&FAIL_MARK),
-        LuaValue::String(lua.create_string(message)?),
-    ]))
+    Ok(MultiValue::from_iter([mark(&FAIL_MARK), LuaValue::String(lua.create_string(message)?)]))
 }
 
 fn bad_argument(lua: &Lua, n: usize, function: &str, message: &str) -> mlua::Result<MultiValue> {
-    fail(
-        lua,
-        &format!("bad argument #{n} to '{function}' ({message})"),
-    )
+    fail(lua, &format!("bad argument #{n} to '{function}' ({message})"))
 }
 
 /// A string argument (numbers are converted as Lua converts them).
@@ -177,9 +158,7 @@ fn integer_arg(lua: &Lua, v: LuaValue, default: i64) -> mlua::Result<Result<i64,
         LuaValue::Integer(i) => Ok(Ok(i)),
         LuaValue::Number(_) | LuaValue::String(_) => match lua.coerce_integer(v.clone())? {
             Some(i) => Ok(Ok(i)),
-            None if matches!(v, LuaValue::Number(_)) => {
-                Ok(Err("number has no integer representation".into()))
-            }
+            None if matches!(v, LuaValue::Number(_)) => Ok(Err("number has no integer representation".into())),
             None => match lua.coerce_number(v)? {
                 Some(_) => Ok(Err("number has no integer representation".into())),
                 None => Ok(Err("number expected, got string".into())),
@@ -210,15 +189,7 @@ fn push_capture(lua: &Lua, out: &mut MultiValue, src: &[u8], c: Captured) -> mlu
     Ok(())
 }
 
-fn push_captures(
-    lua: &Lua,
-    out: &mut MultiValue,
-    src: &[u8],
-    search: &Search,
-    s: usize,
-    e: usize,
-    whole: bool,
-) -> Result<mlua::Result<()>, String> {
+fn push_captures(lua: &Lua, out: &mut MultiValue, src: &[u8], search: &Search, s: usize, e: usize, whole: bool) -> Result<mlua::Result<()>, String> {
     let caps = search.matcher.captures(s, e, whole).map_err(|e| e.0)?;
     for c in caps {
         if let Err(e) = push_capture(lua, out, src, c) {
@@ -229,21 +200,11 @@ fn push_captures(
 }
 
 /// Runs (or resumes) `search`, then finishes `op` with what it found.
-fn drive(
-    lua: &Lua,
-    s: &LuaString,
-    p: &LuaString,
-    mut op: Op,
-    mut search: Search,
-    mut watch: Watch,
-) -> mlua::Result<MultiValue> {
+fn drive(lua: &Lua, s: &LuaString, p: &LuaString, mut op: Op, mut search: Search, mut watch: Watch) -> mlua::Result<MultiValue> {
     let src = s.as_bytes();
     let pat = p.as_bytes();
-    let gsub_cap = if matches!(op, Op::Gsub { .. }) {
-        lua.app_data_ref::<Rc<VmShared>>().map(|s| s.limits.request_memory).unwrap_or(usize::MAX)
-    } else {
-        usize::MAX
-    };
+    let gsub_cap =
+        if matches!(op, Op::Gsub { .. }) { lua.app_data_ref::<Rc<VmShared>>().map(|s| s.limits.request_memory).unwrap_or(usize::MAX) } else { usize::MAX };
     loop {
         let found = {
             let mut control = || watch.check(lua);
@@ -253,12 +214,8 @@ fn drive(
             }
         };
         if found == Found::Suspended {
-            let state =
-                lua.create_any_userdata(RefCell::new(Some(Suspended { op, search, watch })))?;
-            return Ok(MultiValue::from_iter([
-                mark(&SUSPEND_MARK),
-                LuaValue::UserData(state),
-            ]));
+            let state = lua.create_any_userdata(RefCell::new(Some(Suspended { op, search, watch })))?;
+            return Ok(MultiValue::from_iter([mark(&SUSPEND_MARK), LuaValue::UserData(state)]));
         }
         let mut out = MultiValue::new();
         match &mut op {
@@ -305,13 +262,7 @@ fn drive(
                 }
                 return Ok(out);
             }
-            Op::Gsub {
-                repl,
-                max,
-                count,
-                out: buf,
-                pos,
-            } => {
+            Op::Gsub { repl, max, count, out: buf, pos } => {
                 match found {
                     Found::At(a, e) => {
                         buf.extend_from_slice(&src[*pos..a]);
@@ -320,7 +271,10 @@ fn drive(
                         }
                         // The result is built outside Lua's memory accounting: bound it the same.
                         if buf.len() > gsub_cap {
-                            return fail(lua, &format!("not enough memory: the result of string.gsub would be over the request's limit of {} MiB", gsub_cap >> 20));
+                            return fail(
+                                lua,
+                                &format!("not enough memory: the result of string.gsub would be over the request's limit of {} MiB", gsub_cap >> 20),
+                            );
                         }
                         *count += 1;
                         *pos = e;
@@ -333,10 +287,7 @@ fn drive(
                     Found::Nothing | Found::Suspended => {}
                 }
                 buf.extend_from_slice(&src[*pos..]);
-                return Ok(MultiValue::from_iter([
-                    LuaValue::String(lua.create_string(&buf[..])?),
-                    LuaValue::Integer(*count),
-                ]));
+                return Ok(MultiValue::from_iter([LuaValue::String(lua.create_string(&buf[..])?), LuaValue::Integer(*count)]));
             }
         }
     }
@@ -349,18 +300,9 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set("str_delegate", mark(&DELEGATE_MARK))?;
     t.set(
         "str_find",
-        lua.create_function(
-            |lua, (s, p, init, plain): (LuaValue, LuaValue, LuaValue, LuaValue)| {
-                find_or_match(lua, "find", s, p, init, plain)
-            },
-        )?,
+        lua.create_function(|lua, (s, p, init, plain): (LuaValue, LuaValue, LuaValue, LuaValue)| find_or_match(lua, "find", s, p, init, plain))?,
     )?;
-    t.set(
-        "str_match",
-        lua.create_function(|lua, (s, p, init): (LuaValue, LuaValue, LuaValue)| {
-            find_or_match(lua, "match", s, p, init, LuaValue::Nil)
-        })?,
-    )?;
+    t.set("str_match", lua.create_function(|lua, (s, p, init): (LuaValue, LuaValue, LuaValue)| find_or_match(lua, "match", s, p, init, LuaValue::Nil))?)?;
     // gmatch(s, p, init) -> s, p, it: the checked arguments and the iterator's state
     // {next start, end of the last match}.
     t.set(
@@ -383,11 +325,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let it = lua.create_table()?;
             it.raw_set(1, start as i64)?;
             it.raw_set(2, -1)?;
-            Ok(MultiValue::from_iter([
-                LuaValue::String(s),
-                LuaValue::String(p),
-                LuaValue::Table(it),
-            ]))
+            Ok(MultiValue::from_iter([LuaValue::String(s), LuaValue::String(p), LuaValue::Table(it)]))
         })?,
     )?;
     t.set(
@@ -396,110 +334,59 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let next: i64 = it.raw_get(1)?;
             let last: i64 = it.raw_get(2)?;
             let pat = p.as_bytes();
-            let search = Search::new(
-                &pat,
-                next.max(0) as usize,
-                false,
-                usize::try_from(last).ok(),
-            );
+            let search = Search::new(&pat, next.max(0) as usize, false, usize::try_from(last).ok());
             drop(pat);
-            drive(
-                lua,
-                &s,
-                &p,
-                Op::Gmatch { it },
-                search,
-                Watch::new("string.gmatch"),
-            )
+            drive(lua, &s, &p, Op::Gmatch { it }, search, Watch::new("string.gmatch"))
         })?,
     )?;
     t.set(
         "str_gsub",
-        lua.create_function(
-            |lua, (s, p, repl, n): (LuaValue, LuaValue, LuaValue, LuaValue)| {
-                let s = match string_arg(lua, s)? {
-                    Ok(s) => s,
-                    Err(m) => return bad_argument(lua, 1, "gsub", &m),
-                };
-                let p = match string_arg(lua, p)? {
-                    Ok(p) => p,
-                    Err(m) => return bad_argument(lua, 2, "gsub", &m),
-                };
-                let len = s.as_bytes().len();
-                let max = match integer_arg(lua, n, len as i64 + 1)? {
-                    Ok(m) => m,
-                    Err(m) => return bad_argument(lua, 4, "gsub", &m),
-                };
-                let repl = match repl {
-                    LuaValue::String(r) => r.as_bytes().to_vec(),
-                    LuaValue::Integer(_) | LuaValue::Number(_) => match lua.coerce_string(repl)? {
-                        Some(r) => r.as_bytes().to_vec(),
-                        None => {
-                            return bad_argument(
-                                lua,
-                                3,
-                                "gsub",
-                                "string/function/table expected, got number",
-                            )
-                        }
-                    },
-                    LuaValue::Function(_) | LuaValue::Table(_) => {
-                        return Ok(MultiValue::from_iter([
-                            mark(&DELEGATE_MARK),
-                            LuaValue::String(s),
-                            LuaValue::String(p),
-                            LuaValue::Integer(max),
-                        ]))
-                    }
-                    other => {
-                        return bad_argument(
-                            lua,
-                            3,
-                            "gsub",
-                            &format!("string/function/table expected, got {}", type_name(&other)),
-                        )
-                    }
-                };
-                if max <= 0 {
-                    return Ok(MultiValue::from_iter([
-                        LuaValue::String(s),
-                        LuaValue::Integer(0),
-                    ]));
+        lua.create_function(|lua, (s, p, repl, n): (LuaValue, LuaValue, LuaValue, LuaValue)| {
+            let s = match string_arg(lua, s)? {
+                Ok(s) => s,
+                Err(m) => return bad_argument(lua, 1, "gsub", &m),
+            };
+            let p = match string_arg(lua, p)? {
+                Ok(p) => p,
+                Err(m) => return bad_argument(lua, 2, "gsub", &m),
+            };
+            let len = s.as_bytes().len();
+            let max = match integer_arg(lua, n, len as i64 + 1)? {
+                Ok(m) => m,
+                Err(m) => return bad_argument(lua, 4, "gsub", &m),
+            };
+            let repl = match repl {
+                LuaValue::String(r) => r.as_bytes().to_vec(),
+                LuaValue::Integer(_) | LuaValue::Number(_) => match lua.coerce_string(repl)? {
+                    Some(r) => r.as_bytes().to_vec(),
+                    None => return bad_argument(lua, 3, "gsub", "string/function/table expected, got number"),
+                },
+                LuaValue::Function(_) | LuaValue::Table(_) => {
+                    return Ok(MultiValue::from_iter([mark(&DELEGATE_MARK), LuaValue::String(s), LuaValue::String(p), LuaValue::Integer(max)]))
                 }
-                let pat = p.as_bytes();
-                let search = Search::new(&pat, 0, true, None);
-                drop(pat);
-                let op = Op::Gsub {
-                    repl,
-                    max,
-                    count: 0,
-                    out: Vec::with_capacity(len.min(1 << 16)),
-                    pos: 0,
-                };
-                drive(lua, &s, &p, op, search, Watch::new("string.gsub"))
-            },
-        )?,
+                other => return bad_argument(lua, 3, "gsub", &format!("string/function/table expected, got {}", type_name(&other))),
+            };
+            if max <= 0 {
+                return Ok(MultiValue::from_iter([LuaValue::String(s), LuaValue::Integer(0)]));
+            }
+            let pat = p.as_bytes();
+            let search = Search::new(&pat, 0, true, None);
+            drop(pat);
+            let op = Op::Gsub { repl, max, count: 0, out: Vec::with_capacity(len.min(1 << 16)), pos: 0 };
+            drive(lua, &s, &p, op, search, Watch::new("string.gsub"))
+        })?,
     )?;
     // gsub_next(s, p, pos, last, first_only) -> start, end, captures...: the first match at or
     // after pos (1-based) whose end is not `last`, for the prelude's gsub loop.
     t.set(
         "str_gsub_next",
-        lua.create_function(
-            |lua, (s, p, pos, last, first_only): (LuaString, LuaString, i64, i64, bool)| {
-                let pat = p.as_bytes();
-                let mut search = Search::new(&pat, 0, true, usize::try_from(last).ok());
-                drop(pat);
-                search.next = (pos.max(1) - 1) as usize;
-                drive(
-                    lua,
-                    &s,
-                    &p,
-                    Op::GsubNext { first_only },
-                    search,
-                    Watch::new("string.gsub"),
-                )
-            },
-        )?,
+        lua.create_function(|lua, (s, p, pos, last, first_only): (LuaString, LuaString, i64, i64, bool)| {
+            let pat = p.as_bytes();
+            let mut search = Search::new(&pat, 0, true, usize::try_from(last).ok());
+            drop(pat);
+            search.next = (pos.max(1) - 1) as usize;
+            drive(lua, &s, &p, Op::GsubNext { first_only }, search, Watch::new("string.gsub"))
+        })?,
     )?;
     t.set(
         "str_resume",
@@ -507,15 +394,9 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             // The prelude passes the arguments of the first call again; numbers become strings
             // exactly as they did then.
             let (Ok(s), Ok(p)) = (string_arg(lua, s)?, string_arg(lua, p)?) else {
-                return fail(
-                    lua,
-                    "internal error: a pattern search was resumed with other arguments",
-                );
+                return fail(lua, "internal error: a pattern search was resumed with other arguments");
             };
-            let taken = state
-                .borrow::<RefCell<Option<Suspended>>>()?
-                .borrow_mut()
-                .take();
+            let taken = state.borrow::<RefCell<Option<Suspended>>>()?.borrow_mut().take();
             let Some(Suspended { op, search, watch }) = taken else {
                 return fail(lua, "internal error: a pattern search was resumed twice");
             };
@@ -525,14 +406,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
-fn find_or_match(
-    lua: &Lua,
-    name: &'static str,
-    s: LuaValue,
-    p: LuaValue,
-    init: LuaValue,
-    plain: LuaValue,
-) -> mlua::Result<MultiValue> {
+fn find_or_match(lua: &Lua, name: &'static str, s: LuaValue, p: LuaValue, init: LuaValue, plain: LuaValue) -> mlua::Result<MultiValue> {
     let s = match string_arg(lua, s)? {
         Ok(s) => s,
         Err(m) => return bad_argument(lua, 1, name, &m),
@@ -556,20 +430,13 @@ fn find_or_match(
     if find && (plain || pattern::is_plain(&pat)) {
         // A plain search is linear (two-way string matching), whatever the input.
         return Ok(match memchr::memmem::find(&src[start..], &pat) {
-            Some(at) => MultiValue::from_iter([
-                LuaValue::Integer((start + at + 1) as i64),
-                LuaValue::Integer((start + at + pat.len()) as i64),
-            ]),
+            Some(at) => MultiValue::from_iter([LuaValue::Integer((start + at + 1) as i64), LuaValue::Integer((start + at + pat.len()) as i64)]),
             None => MultiValue::from_iter([LuaValue::Nil]),
         });
     }
     let search = Search::new(&pat, start, true, None);
     drop((src, pat));
-    let (op, what) = if find {
-        (Op::Find, "string.find")
-    } else {
-        (Op::Match, "string.match")
-    };
+    let (op, what) = if find { (Op::Find, "string.find") } else { (Op::Match, "string.match") };
     drive(lua, &s, &p, op, search, Watch::new(what))
 }
 

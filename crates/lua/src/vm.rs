@@ -64,12 +64,7 @@ impl CageVm {
     }
 
     fn build(cage: &str, limits: LuaLimits) -> mlua::Result<CageVm> {
-        let libs = StdLib::COROUTINE
-            | StdLib::TABLE
-            | StdLib::STRING
-            | StdLib::UTF8
-            | StdLib::MATH
-            | StdLib::OS;
+        let libs = StdLib::COROUTINE | StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
         // The debug library is loaded only so the prelude can keep `debug.traceback`; the prelude
         // removes `debug` before any module runs. No C modules or `package` are ever loaded.
         let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::default()) };
@@ -92,36 +87,17 @@ impl CageVm {
         });
         // Requests make many short-lived tables and strings; the generational collector
         // reclaims them young instead of re-marking the whole heap in every cycle.
-        lua.gc_set_mode(mlua::state::GcMode::Generational(
-            mlua::state::GcGenParams::default(),
-        ));
+        lua.gc_set_mode(mlua::state::GcMode::Generational(mlua::state::GcGenParams::default()));
         lua.set_app_data(shared.clone());
         install_hook(&lua, shared.clone())?;
         crate::watchdog::calibrate(&lua);
         let modules = lua.create_table()?;
         let rust = crate::api::register(&lua, cage)?;
-        let (_pmnc, run, _resolve, failure_mt, new_env): (
-            Table,
-            Function,
-            Function,
-            Table,
-            Function,
-        ) = lua
-            .load(&prelude_bytecode()[..])
-            .set_name("=pmnc")
-            .set_mode(mlua::chunk::ChunkMode::Binary)
-            .call((rust, modules.clone()))?;
+        let (_pmnc, run, _resolve, failure_mt, new_env): (Table, Function, Function, Table, Function) =
+            lua.load(&prelude_bytecode()[..]).set_name("=pmnc").set_mode(mlua::chunk::ChunkMode::Binary).call((rust, modules.clone()))?;
         lua.gc_collect()?;
         shared.collected_at.set(lua.used_memory());
-        Ok(CageVm {
-            lua,
-            shared,
-            modules,
-            run,
-            failure_mt,
-            new_env,
-            helpers: Default::default(),
-        })
+        Ok(CageVm { lua, shared, modules, run, failure_mt, new_env, helpers: Default::default() })
     }
 
     pub fn cage(&self) -> &str {
@@ -146,23 +122,26 @@ impl CageVm {
     /// previous version stays. Returns the names of its public functions.
     pub fn install(&self, module: &CompiledModule) -> Result<Vec<String>, String> {
         let table = self.load(module)?;
-        self.modules
-            .raw_set(module.name.as_str(), &table)
-            .map_err(|e| format!("{}: {e}", module.display))?;
+        self.modules.raw_set(module.name.as_str(), &table).map_err(|e| format!("{}: {e}", module.display))?;
         Ok(public_functions(&table))
     }
 
     /// Runs a module's top-level code without installing it: the check a new version passes
     /// before any worker sees it.
     pub fn check_module(&self, module: &CompiledModule) -> Result<Vec<String>, String> {
-        self.load(module).map(|t| public_functions(&t))
+        self.check_module_with(module, &|_| Ok(()))
+    }
+
+    /// Like [`check_module`](Self::check_module), with a further check of the module's table
+    /// (what an interface reads from it); its error is the module's, prefixed with its file.
+    pub fn check_module_with(&self, module: &CompiledModule, check: &dyn Fn(&Table) -> Result<(), String>) -> Result<Vec<String>, String> {
+        let table = self.load(module)?;
+        check(&table).map_err(|e| format!("{}: {e}", module.display))?;
+        Ok(public_functions(&table))
     }
 
     fn load(&self, module: &CompiledModule) -> Result<Table, String> {
-        let env: Table = self
-            .new_env
-            .call(())
-            .map_err(|e| format!("{}: {e}", module.display))?;
+        let env: Table = self.new_env.call(()).map_err(|e| format!("{}: {e}", module.display))?;
         let now = Instant::now();
         let previous = self.shared.load_deadline.replace(Some(now + LOAD_TIMEOUT));
         let main = self.lua.exec_raw_lua(|raw| raw.state());
@@ -183,11 +162,7 @@ impl CageVm {
         self.shared.load_deadline.set(previous);
         match result {
             Ok(LuaValue::Table(t)) => Ok(t),
-            Ok(other) => Err(format!(
-                "{}: a module must return a table, this one returned {}",
-                module.display,
-                other.type_name()
-            )),
+            Ok(other) => Err(format!("{}: a module must return a table, this one returned {}", module.display, other.type_name())),
             // mlua appends a traceback to errors of a plain call; at load time the message
             // already names file and line, and the traceback would read as extra problems.
             Err(e) => {
@@ -197,11 +172,7 @@ impl CageVm {
                     None => text,
                 };
                 // Errors raised by the runtime (a limit) carry no position: name the file.
-                Err(if text.starts_with(&module.display) {
-                    text
-                } else {
-                    format!("{}: {text}", module.display)
-                })
+                Err(if text.starts_with(&module.display) { text } else { format!("{}: {text}", module.display) })
             }
         }
     }
@@ -213,12 +184,8 @@ impl CageVm {
         if let Some(f) = self.helpers.borrow().get(name) {
             return Ok(f.clone());
         }
-        let f: Function = self
-            .lua
-            .load(source)
-            .set_name(format!("@pmnc/{name}.lua"))
-            .call(())
-            .map_err(|e| RunError::Internal(format!("helper {name}: {e}")))?;
+        let f: Function =
+            self.lua.load(source).set_name(format!("@pmnc/{name}.lua")).call(()).map_err(|e| RunError::Internal(format!("helper {name}: {e}")))?;
         self.helpers.borrow_mut().insert(name, f.clone());
         Ok(f)
     }
@@ -229,33 +196,39 @@ impl CageVm {
     }
 
     pub fn has_module(&self, name: &str) -> bool {
-        matches!(
-            self.modules.raw_get::<LuaValue>(name),
-            Ok(LuaValue::Table(_))
-        )
+        matches!(self.modules.raw_get::<LuaValue>(name), Ok(LuaValue::Table(_)))
     }
 
     /// The current version of a public module function.
     pub fn function(&self, module: &str, function: &str) -> Result<Function, RunError> {
         let cage = self.cage();
         if function.starts_with('_') {
-            return Err(RunError::NotFound(format!(
-                "cage {cage}: {module}.{function} is private (names starting with _ cannot be called through pmnc)"
-            )));
+            return Err(RunError::NotFound(format!("cage {cage}: {module}.{function} is private (names starting with _ cannot be called through pmnc)")));
         }
         let m: Table = match self.modules.raw_get::<LuaValue>(module) {
             Ok(LuaValue::Table(t)) => t,
-            _ => {
-                return Err(RunError::NotFound(format!(
-                    "cage {cage} has no module {module} (calling {module}.{function})"
-                )))
-            }
+            _ => return Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{function})"))),
         };
         match m.raw_get::<LuaValue>(function) {
             Ok(LuaValue::Function(f)) => Ok(f),
-            _ => Err(RunError::NotFound(format!(
-                "cage {cage}: module {module} has no function {function}"
-            ))),
+            _ => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {function}"))),
+        }
+    }
+
+    /// A public field of a module, whatever its type: what an interface's `handler` names when
+    /// it may be a function or a table (the http interface's route tables).
+    pub fn module_field(&self, module: &str, field: &str) -> Result<LuaValue, RunError> {
+        let cage = self.cage();
+        if field.starts_with('_') {
+            return Err(RunError::NotFound(format!("cage {cage}: {module}.{field} is private (names starting with _ cannot be called through pmnc)")));
+        }
+        let m: Table = match self.modules.raw_get::<LuaValue>(module) {
+            Ok(LuaValue::Table(t)) => t,
+            _ => return Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{field})"))),
+        };
+        match m.raw_get::<LuaValue>(field) {
+            Ok(LuaValue::Nil) | Err(_) => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {field}"))),
+            Ok(v) => Ok(v),
         }
     }
 
@@ -268,19 +241,12 @@ impl CageVm {
         function: &str,
         build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
     ) -> Result<RequestFuture, RunError> {
-        let f = self
-            .function(module, function)
-            .inspect_err(|e| crate::metrics::not_started(&ctx, e))?;
+        let f = self.function(module, function).inspect_err(|e| crate::metrics::not_started(&ctx, e))?;
         self.start_function(ctx, f, build)
     }
 
     /// Like [`start`](Self::start) with a function value (a test, a callback).
-    pub fn start_function(
-        &self,
-        ctx: RequestCtx,
-        f: Function,
-        build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
-    ) -> Result<RequestFuture, RunError> {
+    pub fn start_function(&self, ctx: RequestCtx, f: Function, build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>) -> Result<RequestFuture, RunError> {
         let internal = |e: mlua::Error| RunError::Internal(e.to_string());
         let args = build(&self.lua).map_err(internal)?;
         let mut all = MultiValue::with_capacity(args.len() + 1);
@@ -305,16 +271,8 @@ impl CageVm {
     }
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).
-    pub async fn call(
-        &self,
-        ctx: RequestCtx,
-        module: &str,
-        function: &str,
-        args: Vec<Value>,
-    ) -> Result<Vec<Value>, RunError> {
-        let fut = self.start(ctx, module, function, |lua| {
-            args.iter().map(|v| to_lua(lua, v)).collect()
-        })?;
+    pub async fn call(&self, ctx: RequestCtx, module: &str, function: &str, args: Vec<Value>) -> Result<Vec<Value>, RunError> {
+        let fut = self.start(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect())?;
         let ctx = fut.ctx.clone();
         let result = fut.await;
         if let Err(e @ RunError::Failed { .. }) = &result {
@@ -323,14 +281,27 @@ impl CageVm {
         let values = result?;
         values
             .iter()
-            .map(|v| {
-                from_lua(v).map_err(|e| RunError::Failed {
-                    message: format!("{module}.{function} returned {e}"),
-                    traceback: String::new(),
-                })
-            })
+            .map(|v| from_lua(v).map_err(|e| RunError::Failed { message: format!("{module}.{function} returned {e}"), traceback: String::new() }))
             .collect()
     }
+}
+
+/// A non-empty table whose keys all read as routes: "/path" or "METHOD /path".
+fn is_route_table(t: &Table) -> bool {
+    let mut any = false;
+    for pair in t.pairs::<LuaValue, LuaValue>() {
+        let Ok((LuaValue::String(k), LuaValue::Function(_))) = pair else { return false };
+        let k = k.as_bytes();
+        let path = match k.iter().position(|&b| b == b' ') {
+            Some(i) => &k[i + 1..],
+            None => &k[..],
+        };
+        if !path.starts_with(b"/") {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 fn public_functions(t: &Table) -> Vec<String> {
@@ -339,6 +310,9 @@ fn public_functions(t: &Table) -> Vec<String> {
         .filter_map(|p| p.ok())
         .filter_map(|(k, v)| match (k, v) {
             (LuaValue::String(s), LuaValue::Function(_)) => Some(s.to_string_lossy()),
+            // A route table (`M.routes = {["GET /x"] = f}`) is what an http interface's handler
+            // may name instead of a function.
+            (LuaValue::String(s), LuaValue::Table(t)) if is_route_table(&t) => Some(s.to_string_lossy()),
             _ => None,
         })
         .filter(|n| !n.starts_with('_'))
@@ -351,70 +325,54 @@ fn public_functions(t: &Table) -> Vec<String> {
 /// coroutine of the VM, and at the next instruction after the watchdog's signal or a library
 /// call that asked for a yield armed it.
 fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
-    lua.set_global_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_EVERY as u32),
-        move |lua, debug| {
-            let state = lua.exec_raw_lua(|raw| raw.state());
-            shared.check_budget(lua);
-            let now = Instant::now();
-            match shared.check_running(now) {
-                Running::Go => Ok(VmState::Continue),
-                Running::Stop(m) => {
-                    shared.stopping.set(true);
-                    Err(mlua::Error::runtime(m))
-                }
-                Running::SliceOver {
-                    slice_start,
-                    past_deadline,
-                } => {
-                    // SAFETY: `state` is the thread running this hook.
-                    if unsafe { ffi::lua_isyieldable(state) } != 0 {
-                        if in_async_wrapper(debug) {
-                            // mlua's wrapper of an async function has polled its future and is about
-                            // to yield "pending": a yield here would let the future's wake-up arrive
-                            // while nothing listens for it, and the request would never be polled
-                            // again. Try again at the next instruction, which is soon outside.
-                            // SAFETY: as above.
-                            unsafe { crate::watchdog::arm(state) };
-                            return Ok(VmState::Continue);
-                        }
-                        // In a coroutine that module code created, the yield reaches the prelude's
-                        // coroutine.resume, which sees this mark and passes the yield on upwards.
-                        if let Ok(marks) = lua.named_registry_value::<Table>(HOOK_YIELDS) {
-                            let _ = marks.raw_set(lua.current_thread(), true);
-                        }
-                        return Ok(VmState::Yield);
-                    }
-                    // Here nothing can yield (Lua called by C code): stop at the deadline, and stop
-                    // code that keeps the worker from its other tasks for too long.
-                    if past_deadline {
-                        return Err(mlua::Error::runtime(shared.stop(format!(
-                            "request {} passed its deadline",
-                            shared.request_id()
-                        ))));
-                    }
-                    let ran = now.duration_since(slice_start);
-                    if ran >= shared.limits.unyielding {
-                        return Err(mlua::Error::runtime(shared.stop(
-                            crate::strings::unyielding_message(
-                                "Lua code",
-                                ran,
-                                shared.limits.unyielding,
-                            ),
-                        )));
-                    }
-                    Ok(VmState::Continue)
-                }
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY as u32), move |lua, debug| {
+        let state = lua.exec_raw_lua(|raw| raw.state());
+        shared.check_budget(lua);
+        let now = Instant::now();
+        match shared.check_running(now) {
+            Running::Go => Ok(VmState::Continue),
+            Running::Stop(m) => {
+                shared.stopping.set(true);
+                Err(mlua::Error::runtime(m))
             }
-        },
-    )
+            Running::SliceOver { slice_start, past_deadline } => {
+                // SAFETY: `state` is the thread running this hook.
+                if unsafe { ffi::lua_isyieldable(state) } != 0 {
+                    if in_async_wrapper(debug) {
+                        // mlua's wrapper of an async function has polled its future and is about
+                        // to yield "pending": a yield here would let the future's wake-up arrive
+                        // while nothing listens for it, and the request would never be polled
+                        // again. Try again at the next instruction, which is soon outside.
+                        // SAFETY: as above.
+                        unsafe { crate::watchdog::arm(state) };
+                        return Ok(VmState::Continue);
+                    }
+                    // In a coroutine that module code created, the yield reaches the prelude's
+                    // coroutine.resume, which sees this mark and passes the yield on upwards.
+                    if let Ok(marks) = lua.named_registry_value::<Table>(HOOK_YIELDS) {
+                        let _ = marks.raw_set(lua.current_thread(), true);
+                    }
+                    return Ok(VmState::Yield);
+                }
+                // Here nothing can yield (Lua called by C code): stop at the deadline, and stop
+                // code that keeps the worker from its other tasks for too long.
+                if past_deadline {
+                    return Err(mlua::Error::runtime(shared.stop(format!("request {} passed its deadline", shared.request_id()))));
+                }
+                let ran = now.duration_since(slice_start);
+                if ran >= shared.limits.unyielding {
+                    return Err(mlua::Error::runtime(shared.stop(crate::strings::unyielding_message("Lua code", ran, shared.limits.unyielding))));
+                }
+                Ok(VmState::Continue)
+            }
+        }
+    })
 }
 
 /// Is the hook running in mlua's Lua wrapper of an async Rust function?
 fn in_async_wrapper(debug: &mlua::debug::Debug) -> bool {
     matches!(debug.source().source.as_deref(), Some("=__mlua_async_poll"))
 }
-
 
 /// Registry key of the weak-keyed set of coroutines the hook suspended at the end of a time
 /// slice (see the prelude's `coroutine.resume`).

@@ -81,10 +81,7 @@ fn with_slot<R>(f: impl FnOnce(&Slot) -> R) -> R {
             let slot = Arc::new(Slot {
                 // SAFETY: pthread_self has no preconditions.
                 thread: unsafe { libc::pthread_self() },
-                name: std::thread::current()
-                    .name()
-                    .unwrap_or("unnamed")
-                    .to_string(),
+                name: std::thread::current().name().unwrap_or("unnamed").to_string(),
                 since: AtomicU64::new(0),
                 signalled: AtomicU64::new(0),
                 reported: AtomicBool::new(false),
@@ -228,9 +225,7 @@ fn start() {
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGURG, &action, std::ptr::null_mut());
         }
-        let _ = std::thread::Builder::new()
-            .name("pmnc-watchdog".into())
-            .spawn(watch);
+        let _ = std::thread::Builder::new().name("pmnc-watchdog".into()).spawn(watch);
     });
 }
 
@@ -250,10 +245,7 @@ fn watch() {
             }
             idle_since = now;
             let ran = Duration::from_nanos(now_ns.saturating_sub(since));
-            if ran >= SIGNAL_AFTER
-                && now_ns.saturating_sub(slot.signalled.load(Ordering::Relaxed))
-                    >= TICK.as_nanos() as u64
-            {
+            if ran >= SIGNAL_AFTER && now_ns.saturating_sub(slot.signalled.load(Ordering::Relaxed)) >= TICK.as_nanos() as u64 {
                 slot.signalled.store(now_ns, Ordering::Relaxed);
                 // SAFETY: the slot is in SLOTS, so its thread has not ended (it removes its slot
                 // when it does, before its id can be reused).

@@ -110,11 +110,9 @@ pub fn remote_max_payload() -> Option<usize> {
 pub async fn call_remote(request: CallRequest) -> Result<Vec<Value>, CallError> {
     match REMOTE.with(|r| r.borrow().clone()) {
         Some(remote) => remote.call(request).await,
-        None => Err(CallError::NoCage(format!(
-            "calling {}: no cage named {} runs in this process and no cluster is configured",
-            request.target(),
-            request.cage
-        ))),
+        None => {
+            Err(CallError::NoCage(format!("calling {}: no cage named {} runs in this process and no cluster is configured", request.target(), request.cage)))
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Hostile module code against one VM on one thread: each case must end with a clear error (or
 //! at its deadline) while a quick request on the same thread is served meanwhile, and must leave
 //! the VM usable. These are the attacks of docs/decisions/004-lua-sandbox.md, kept as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -13,37 +14,21 @@ use rustomnic_lua::{compile, CageVm, CompiledModule, LuaLimits, RequestCtx, RunE
 fn module(name: &str, source: &str) -> CompiledModule {
     let display = format!("test/{name}.lua");
     let bytecode = compile(name, Path::new(&display), &display, source.as_bytes()).unwrap();
-    CompiledModule {
-        name: name.into(),
-        path: display.clone().into(),
-        display,
-        bytecode,
-        functions: vec![],
-        version: 1,
-        source_hash: 0,
-    }
+    CompiledModule { name: name.into(), path: display.clone().into(), display, bytecode, functions: vec![], version: 1, source_hash: 0 }
 }
 
 fn on_one_thread<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     tokio::task::LocalSet::new().block_on(&rt, f);
 }
 
 async fn call(vm: &CageVm, f: &str, timeout: Duration) -> Result<Vec<Value>, RunError> {
-    vm.call(RequestCtx::new(vm.cage(), "test", timeout), "h", f, vec![])
-        .await
+    vm.call(RequestCtx::new(vm.cage(), "test", timeout), "h", f, vec![]).await
 }
 
 /// Runs `h.<hostile>` and, once it has started, `h.quick`; returns the order in which they ended
 /// and the hostile call's result.
-async fn race(
-    vm: Rc<CageVm>,
-    hostile: &'static str,
-    timeout: Duration,
-) -> (Vec<&'static str>, Result<Vec<Value>, RunError>) {
+async fn race(vm: Rc<CageVm>, hostile: &'static str, timeout: Duration) -> (Vec<&'static str>, Result<Vec<Value>, RunError>) {
     let order = Rc::new(RefCell::new(Vec::new()));
     let (o, v) = (order.clone(), vm.clone());
     let slow = tokio::task::spawn_local(async move {
@@ -61,10 +46,7 @@ async fn race(
         o.borrow_mut().push("quick");
         r
     });
-    assert_eq!(
-        quick.await.unwrap().unwrap(),
-        vec![Value::Str(b"quick".to_vec())]
-    );
+    assert_eq!(quick.await.unwrap().unwrap(), vec![Value::Str(b"quick".to_vec())]);
     let r = slow.await.unwrap();
     let order = order.borrow().clone();
     (order, r)
@@ -145,47 +127,22 @@ fn failed_with(r: &Result<Vec<Value>, RunError>, text: &str) -> bool {
 #[test]
 fn loops_in_lua_called_from_c_are_time_sliced_or_stopped() {
     on_one_thread(async {
-        let vm = hostile_vm(LuaLimits {
-            unyielding: Duration::from_millis(30),
-            ..Default::default()
-        });
+        let vm = hostile_vm(LuaLimits { unyielding: Duration::from_millis(30), ..Default::default() });
         // Made yieldable: sliced like any code, stopped at the deadline.
-        for hostile in [
-            "sort_loop",
-            "gsub_loop",
-            "error_tostring_loop",
-            "close_loop",
-        ] {
+        for hostile in ["sort_loop", "gsub_loop", "error_tostring_loop", "close_loop"] {
             let (order, r) = race(vm.clone(), hostile, Duration::from_millis(400)).await;
-            assert_eq!(
-                order,
-                ["quick", "hostile"],
-                "{hostile}: the quick request waited"
-            );
+            assert_eq!(order, ["quick", "hostile"], "{hostile}: the quick request waited");
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
         }
         // Run by C code where nothing can yield: stopped after the unyielding limit, with an error
         // that says so, long before the deadline; pcall cannot swallow it.
         // (The quick request waits those 30 ms: nothing can yield there.)
-        for hostile in [
-            "format_tostring_loop",
-            "concat_index_loop",
-            "pcall_format_loop",
-        ] {
+        for hostile in ["format_tostring_loop", "concat_index_loop", "pcall_format_loop"] {
             let (_, r) = race(vm.clone(), hostile, Duration::from_secs(60)).await;
-            assert!(
-                failed_with(&r, "without a chance to yield"),
-                "{hostile}: {r:?}"
-            );
-            assert!(
-                failed_with(&r, "unyielding_limit is 30 ms"),
-                "{hostile}: {r:?}"
-            );
+            assert!(failed_with(&r, "without a chance to yield"), "{hostile}: {r:?}");
+            assert!(failed_with(&r, "unyielding_limit is 30 ms"), "{hostile}: {r:?}");
         }
-        assert_eq!(
-            call(&vm, "quick", Duration::from_secs(5)).await.unwrap(),
-            vec![Value::Str(b"quick".to_vec())]
-        );
+        assert_eq!(call(&vm, "quick", Duration::from_secs(5)).await.unwrap(), vec![Value::Str(b"quick".to_vec())]);
     });
 }
 
@@ -195,14 +152,8 @@ fn finalizers_are_refused() {
         let vm = hostile_vm(LuaLimits::default());
         for hostile in ["gc_function", "gc_placeholder"] {
             let r = call(&vm, hostile, Duration::from_secs(5)).await;
-            assert!(
-                failed_with(&r, "__gc metamethods are not available to module code"),
-                "{hostile}: {r:?}"
-            );
-            assert!(
-                failed_with(&r, "test/h.lua:"),
-                "the error names the line: {r:?}"
-            );
+            assert!(failed_with(&r, "__gc metamethods are not available to module code"), "{hostile}: {r:?}");
+            assert!(failed_with(&r, "test/h.lua:"), "the error names the line: {r:?}");
         }
     });
 }
@@ -213,11 +164,7 @@ fn patterns_and_c_heavy_loops_yield_and_end_at_the_deadline() {
         let vm = hostile_vm(LuaLimits::default());
         for hostile in ["pattern_redos", "pattern_backtracking", "c_heavy_loop", "huge_move"] {
             let (order, r) = race(vm.clone(), hostile, Duration::from_millis(500)).await;
-            assert_eq!(
-                order,
-                ["quick", "hostile"],
-                "{hostile}: the quick request waited"
-            );
+            assert_eq!(order, ["quick", "hostile"], "{hostile}: the quick request waited");
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
         }
     });
@@ -261,21 +208,14 @@ fn slow_single_instructions_are_preempted_by_the_watchdog() {
         // calibrate runs when the first VM is made
         let _ = CageVm::new("probe");
     }
-    assert!(
-        rustomnic_lua::watchdog::can_arm(),
-        "the hook counter of this Lua build was not found"
-    );
+    assert!(rustomnic_lua::watchdog::can_arm(), "the hook counter of this Lua build was not found");
     on_one_thread(async {
         let vm = hostile_vm(LuaLimits::default());
         // Each comparison of two 20 MB strings takes milliseconds: 4000 of them between two
         // count-hook calls would hold the thread far past the deadline.
         for hostile in ["slow_instructions", "slow_instructions_in_a_coroutine"] {
             let (order, r) = race(vm.clone(), hostile, Duration::from_secs(3)).await;
-            assert_eq!(
-                order,
-                ["quick", "hostile"],
-                "{hostile}: the quick request waited for the deadline"
-            );
+            assert_eq!(order, ["quick", "hostile"], "{hostile}: the quick request waited for the deadline");
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
         }
     });
@@ -284,30 +224,13 @@ fn slow_single_instructions_are_preempted_by_the_watchdog() {
 #[test]
 fn a_memory_bomb_fails_its_request_and_the_memory_comes_back() {
     on_one_thread(async {
-        let limits = LuaLimits {
-            memory: 256 << 20,
-            request_memory: 64 << 20,
-            ..Default::default()
-        };
+        let limits = LuaLimits { memory: 256 << 20, request_memory: 64 << 20, ..Default::default() };
         let vm = hostile_vm(limits);
         let before = vm.memory();
         let r = call(&vm, "memory_bomb", Duration::from_secs(30)).await;
-        assert!(
-            failed_with(
-                &r,
-                "not enough memory: the request holds more than its limit of 64 MiB"
-            ),
-            "{r:?}"
-        );
-        assert!(
-            vm.memory() < before + (8 << 20),
-            "the garbage of the bomb is collected: {} bytes now, {before} before",
-            vm.memory()
-        );
-        assert_eq!(
-            call(&vm, "quick", Duration::from_secs(5)).await.unwrap(),
-            vec![Value::Str(b"quick".to_vec())]
-        );
+        assert!(failed_with(&r, "not enough memory: the request holds more than its limit of 64 MiB"), "{r:?}");
+        assert!(vm.memory() < before + (8 << 20), "the garbage of the bomb is collected: {} bytes now, {before} before", vm.memory());
+        assert_eq!(call(&vm, "quick", Duration::from_secs(5)).await.unwrap(), vec![Value::Str(b"quick".to_vec())]);
     });
 }
 
@@ -330,19 +253,15 @@ fn wakeups_are_not_lost_when_the_hook_fires_right_after_an_async_call() {
     };
     on_one_thread(async {
         let vm = Rc::new(CageVm::new("w").unwrap());
-        vm.install(&module("m", "local M = {} function M.f(n) local x = 0 for i = 1, n do pmnc.sleep(0) for j = 1, 300 do x = x + j end end return x end return M")).unwrap();
+        vm.install(&module(
+            "m",
+            "local M = {} function M.f(n) local x = 0 for i = 1, n do pmnc.sleep(0) for j = 1, 300 do x = x + j end end return x end return M",
+        ))
+        .unwrap();
         let calls: Vec<_> = (0..200)
             .map(|_| {
                 let vm = vm.clone();
-                tokio::task::spawn_local(async move {
-                    vm.call(
-                        RequestCtx::new("w", "test", Duration::from_secs(20)),
-                        "m",
-                        "f",
-                        vec![Value::Int(200)],
-                    )
-                    .await
-                })
+                tokio::task::spawn_local(async move { vm.call(RequestCtx::new("w", "test", Duration::from_secs(20)), "m", "f", vec![Value::Int(200)]).await })
             })
             .collect();
         for c in calls {
@@ -391,24 +310,14 @@ fn what_a_module_sets_stays_in_that_module() {
         let vm = CageVm::new("web").unwrap();
         // b is installed first and again after a: its functions see the library either way.
         vm.install(&module("b", MODULE_B)).unwrap();
-        let a_source = MODULE_A.replace(
-            "local M = {}",
-            "local M = {} real_pmnc = pmnc table_concat = table.concat",
-        );
+        let a_source = MODULE_A.replace("local M = {}", "local M = {} real_pmnc = pmnc table_concat = table.concat");
         vm.install(&module("a", &a_source)).unwrap();
         let ctx = || RequestCtx::new("web", "test", Duration::from_secs(5));
         let b = vm.call(ctx(), "b", "check", vec![]).await.unwrap();
         let s = |x: &str| Value::Str(x.as_bytes().to_vec());
-        assert_eq!(
-            b,
-            vec![s("1"), s("2"), s("3"), s("ab"), s("function"), Value::Nil]
-        );
+        assert_eq!(b, vec![s("1"), s("2"), s("3"), s("ab"), s("function"), Value::Nil]);
         let a = vm.call(ctx(), "a", "mine", vec![]).await.unwrap();
-        assert_eq!(
-            a,
-            vec![s("PWNED"), s("x"), s("a")],
-            "a module's own changes apply to itself"
-        );
+        assert_eq!(a, vec![s("PWNED"), s("x"), s("a")], "a module's own changes apply to itself");
         let attacks = vm.call(ctx(), "a", "attacks", vec![]).await.unwrap();
         assert_eq!(
             attacks,
@@ -439,19 +348,8 @@ return M
 "#,
         ))
         .unwrap();
-        let r = vm
-            .call(
-                RequestCtx::new("web", "test", Duration::from_secs(5)),
-                "l",
-                "run",
-                vec![],
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            r,
-            vec![Value::Int(42), Value::Bool(false), Value::Bool(true)]
-        );
+        let r = vm.call(RequestCtx::new("web", "test", Duration::from_secs(5)), "l", "run", vec![]).await.unwrap();
+        assert_eq!(r, vec![Value::Int(42), Value::Bool(false), Value::Bool(true)]);
     });
 }
 
@@ -460,21 +358,14 @@ fn os_getenv_reads_only_what_the_cage_allows() {
     std::env::set_var("PMNC_TEST_ALLOWED", "yes");
     std::env::set_var("PMNC_TEST_SECRET", "no");
     on_one_thread(async {
-        let limits = LuaLimits {
-            getenv: vec!["PMNC_TEST_ALLOWED".into()],
-            ..Default::default()
-        };
+        let limits = LuaLimits { getenv: vec!["PMNC_TEST_ALLOWED".into()], ..Default::default() };
         let vm = CageVm::with_limits("web", limits).unwrap();
-        vm.install(&module("e", "local M = {} function M.run() return os.getenv('PMNC_TEST_ALLOWED'), os.getenv('PMNC_TEST_SECRET'), os.getenv('PATH') end return M")).unwrap();
-        let r = vm
-            .call(
-                RequestCtx::new("web", "test", Duration::from_secs(5)),
-                "e",
-                "run",
-                vec![],
-            )
-            .await
-            .unwrap();
+        vm.install(&module(
+            "e",
+            "local M = {} function M.run() return os.getenv('PMNC_TEST_ALLOWED'), os.getenv('PMNC_TEST_SECRET'), os.getenv('PATH') end return M",
+        ))
+        .unwrap();
+        let r = vm.call(RequestCtx::new("web", "test", Duration::from_secs(5)), "e", "run", vec![]).await.unwrap();
         assert_eq!(r, vec![Value::Str(b"yes".to_vec()), Value::Nil, Value::Nil]);
     });
 }

@@ -1,6 +1,7 @@
 //! The pattern functions module code gets (string.find/match/gmatch/gsub on our resumable
 //! matcher) against the C implementation shipped with Lua: the same results and the same
 //! errors over many generated subjects and patterns.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::time::Duration;
@@ -48,15 +49,7 @@ return M
 fn module(name: &str, source: &str) -> CompiledModule {
     let display = format!("test/{name}.lua");
     let bytecode = compile(name, Path::new(&display), &display, source.as_bytes()).unwrap();
-    CompiledModule {
-        name: name.into(),
-        path: display.clone().into(),
-        display,
-        bytecode,
-        functions: vec![],
-        version: 1,
-        source_hash: 0,
-    }
+    CompiledModule { name: name.into(), path: display.clone().into(), display, bytecode, functions: vec![], version: 1, source_hash: 0 }
 }
 
 /// Error messages carry the position of the call, which differs between the two VMs.
@@ -92,65 +85,27 @@ impl Rng {
 #[test]
 fn results_and_errors_agree_with_the_c_implementation() {
     let reference = mlua::Lua::new();
-    let cases: mlua::Table = reference
-        .load(CASES)
-        .set_name("=test/cases.lua")
-        .eval()
-        .unwrap();
+    let cases: mlua::Table = reference.load(CASES).set_name("=test/cases.lua").eval().unwrap();
     let reference_run: mlua::Function = cases.get("run").unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let vm = CageVm::new("patterns").unwrap();
         vm.install(&module("cases", CASES)).unwrap();
-        let subjects = [
-            "",
-            "a",
-            "ab",
-            "aab",
-            "(a(b)c)",
-            "hello world",
-            "x = 10, y = 20",
-            "a.b-c",
-            "%a",
-            "aaa",
-            "[]",
-            "\0a\0",
-            "abcabc ab",
-            "  trim  ",
-        ];
+        let subjects = ["", "a", "ab", "aab", "(a(b)c)", "hello world", "x = 10, y = 20", "a.b-c", "%a", "aaa", "[]", "\0a\0", "abcabc ab", "  trim  "];
         let atoms = [
-            "a", "b", ".", "%a", "%d", "%s", "%w", "%A", "[ab]", "[^a]", "[a-c]", "[%a_]", "[]]",
-            "(", ")", "()", "%1", "%b()", "%f[%a]", "%f[%A]", "^", "$", "%", "[", "%.", "x", "=",
-            " ", "%z",
+            "a", "b", ".", "%a", "%d", "%s", "%w", "%A", "[ab]", "[^a]", "[a-c]", "[%a_]", "[]]", "(", ")", "()", "%1", "%b()", "%f[%a]", "%f[%A]", "^", "$",
+            "%", "[", "%.", "x", "=", " ", "%z",
         ];
         let suffixes = ["", "", "", "*", "+", "-", "?"];
         let repls = ["%0", "%1", "<%1>", "x", "%%", "%2", "%", "[%0]", "%a"];
-        let inits = [
-            Value::Nil,
-            Value::Int(1),
-            Value::Int(2),
-            Value::Int(-2),
-            Value::Int(0),
-            Value::Int(30),
-        ];
+        let inits = [Value::Nil, Value::Int(1), Value::Int(2), Value::Int(-2), Value::Int(0), Value::Int(30)];
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut compared = 0;
-        let letters = [
-            "a", "b", "(", ")", " ", "1", "x", "%", ".", "[", "]", "A", "\n",
-        ];
+        let letters = ["a", "b", "(", ")", " ", "1", "x", "%", ".", "[", "]", "A", "\n"];
         for round in 0..20_000 {
-            let s = if round % 2 == 0 {
-                rng.pick(&subjects).to_string()
-            } else {
-                (0..rng.next() % 12)
-                    .map(|_| rng.pick(&letters))
-                    .collect::<String>()
-            };
+            let s = if round % 2 == 0 { rng.pick(&subjects).to_string() } else { (0..rng.next() % 12).map(|_| rng.pick(&letters)).collect::<String>() };
             let mut p = String::new();
             for _ in 0..(1 + rng.next() % 5) {
                 p.push_str(rng.pick(&atoms));
@@ -163,31 +118,19 @@ fn results_and_errors_agree_with_the_c_implementation() {
                     RequestCtx::new("patterns", "test", Duration::from_secs(10)),
                     "cases",
                     "run",
-                    vec![
-                        Value::Str(s.clone().into_bytes()),
-                        Value::Str(p.clone().into_bytes()),
-                        init.clone(),
-                        Value::Str(repl.clone().into_bytes()),
-                    ],
+                    vec![Value::Str(s.clone().into_bytes()), Value::Str(p.clone().into_bytes()), init.clone(), Value::Str(repl.clone().into_bytes())],
                 )
                 .await
                 .unwrap_or_else(|e| panic!("s={s:?} p={p:?}: {e}"));
-            let Value::Str(ours) = &ours[0] else {
-                panic!("not a string")
-            };
+            let Value::Str(ours) = &ours[0] else { panic!("not a string") };
             let init_lua = match &init {
                 Value::Int(i) => mlua::Value::Integer(*i),
                 _ => mlua::Value::Nil,
             };
-            let theirs: mlua::LuaString = reference_run
-                .call((s.as_str(), p.as_str(), init_lua, repl.as_str()))
-                .unwrap();
+            let theirs: mlua::LuaString = reference_run.call((s.as_str(), p.as_str(), init_lua, repl.as_str())).unwrap();
             let ours = without_positions(&String::from_utf8_lossy(ours));
             let theirs = without_positions(&theirs.to_string_lossy());
-            assert_eq!(
-                ours, theirs,
-                "subject {s:?}, pattern {p:?}, init {init:?}, replacement {repl:?}"
-            );
+            assert_eq!(ours, theirs, "subject {s:?}, pattern {p:?}, init {init:?}, replacement {repl:?}");
             compared += 1;
         }
         assert_eq!(compared, 20_000);
@@ -219,34 +162,15 @@ return M
             other => panic!("{other:?}"),
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     tokio::task::LocalSet::new().block_on(&rt, async {
         let vm = CageVm::new("big").unwrap();
         vm.install(&module("big", BIG)).unwrap();
-        let ours = vm
-            .call(
-                RequestCtx::new("big", "test", Duration::from_secs(60)),
-                "big",
-                "run",
-                vec![],
-            )
-            .await
-            .unwrap();
+        let ours = vm.call(RequestCtx::new("big", "test", Duration::from_secs(60)), "big", "run", vec![]).await.unwrap();
         assert_eq!(ours.len(), theirs.len());
         for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
-            let Value::Str(o) = o else {
-                panic!("result {i} is not a string")
-            };
-            assert!(
-                o == t,
-                "result {}: {} bytes against {} bytes",
-                i + 1,
-                o.len(),
-                t.len()
-            );
+            let Value::Str(o) = o else { panic!("result {i} is not a string") };
+            assert!(o == t, "result {}: {} bytes against {} bytes", i + 1, o.len(), t.len());
         }
     });
 }

@@ -1,6 +1,7 @@
 //! Module code is standard Lua 5.4: the same code run as a module and in a plain Lua 5.4 (the
 //! one mlua ships) gives the same results and errors, except where decision 004 cuts (named in
 //! `CUTS` below and checked separately).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! Lua transactions against a resource double: recording, parallel run, commit or rollback of
 //! every participant, the error table, accept, the one-participant shortcut.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -30,10 +31,22 @@ impl Resources for Double {
             for (i, p) in participants.iter().enumerate() {
                 journal.borrow_mut().push(format!("run {}.{}", p.resource, p.method));
                 if p.resource == "nope" {
-                    return Err(ParticipantError { resource: p.resource.clone(), participant: i + 1, code: None, message: "no such resource".into(), recoverable: true });
+                    return Err(ParticipantError {
+                        resource: p.resource.clone(),
+                        participant: i + 1,
+                        code: None,
+                        message: "no such resource".into(),
+                        recoverable: true,
+                    });
                 }
                 outcomes.push(match p.method.as_str() {
-                    "fail" => Err(ParticipantError { resource: p.resource.clone(), participant: i + 1, code: Some("42P01".into()), message: "relation does not exist".into(), recoverable: true }),
+                    "fail" => Err(ParticipantError {
+                        resource: p.resource.clone(),
+                        participant: i + 1,
+                        code: Some("42P01".into()),
+                        message: "relation does not exist".into(),
+                        recoverable: true,
+                    }),
                     _ => Ok(Value::Array(p.args.clone())),
                 });
             }
@@ -162,10 +175,9 @@ fn the_shortcut_runs_one_participant() {
 
 #[test]
 fn misuse_is_reported_at_the_callers_line() {
-    for (f, want) in [
-        ("twice", "test/t.lua:30: this transaction was executed already"),
-        ("bad_option", "test/t.lua:32: pmnc.transaction.create: unknown option acept"),
-    ] {
+    for (f, want) in
+        [("twice", "test/t.lua:30: this transaction was executed already"), ("bad_option", "test/t.lua:32: pmnc.transaction.create: unknown option acept")]
+    {
         match run(SOURCE, f).0 {
             Err(RunError::Failed { message, .. }) => assert!(message.contains(want), "{f}: {message}"),
             other => panic!("{f}: {other:?}"),

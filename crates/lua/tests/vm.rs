@@ -1,4 +1,5 @@
 //! Tests of the Lua host on a current-thread runtime: modules, late binding, deadlines, preemption.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::rc::Rc;
@@ -183,11 +184,15 @@ fn json_round_trip_and_errors() {
     let (rt, local) = rt();
     local.block_on(&rt, async {
         let vm = CageVm::new("web").unwrap();
-        vm.install(&module("j", r#"local M = {}
+        vm.install(&module(
+            "j",
+            r#"local M = {}
             function M.rt() local t = pmnc.json.decode('{"a":[1,null,3],"e":[]}') return pmnc.json.encode(t.e), #t.a, t.a[2] == pmnc.json.null end
             function M.bad() return pmnc.json.decode('{') end
             function M.fn() return pmnc.json.encode({f = print}) end
-            return M"#)).unwrap();
+            return M"#,
+        ))
+        .unwrap();
         let r = call(&vm, "j", "rt", vec![], Duration::from_secs(1)).await.unwrap();
         assert_eq!(r, vec![Value::str("[]"), Value::Int(3), Value::Bool(true)]);
         match call(&vm, "j", "bad", vec![], Duration::from_secs(1)).await {
@@ -207,9 +212,13 @@ fn module_code_cannot_load_bytecode_or_exit() {
     local.block_on(&rt, async {
         let vm = CageVm::new("web").unwrap();
         // string.dump exists but load refuses binary chunks.
-        vm.install(&module("s", r#"local M = {}
+        vm.install(&module(
+            "s",
+            r#"local M = {}
             function M.f() local f, e = load("\27Lua") return f == nil, os.exit == nil, debug == nil end
-            return M"#)).unwrap();
+            return M"#,
+        ))
+        .unwrap();
         let r = call(&vm, "s", "f", vec![], Duration::from_secs(1)).await.unwrap();
         assert_eq!(r, vec![Value::Bool(true), Value::Bool(true), Value::Bool(true)]);
     });
@@ -222,7 +231,9 @@ fn coroutines_of_module_code_are_not_disturbed_by_time_slicing() {
         let vm = CageVm::new("web").unwrap();
         // A generator that computes for several time slices between its yields: if the hook
         // yielded it, the consumer would receive nothing (nil) instead of the sums.
-        vm.install(&module("g", r#"local M = {}
+        vm.install(&module(
+            "g",
+            r#"local M = {}
             function M.f()
               local gen = coroutine.wrap(function()
                 for i = 1, 3 do
@@ -235,7 +246,9 @@ fn coroutines_of_module_code_are_not_disturbed_by_time_slicing() {
               local ok, v = coroutine.resume(co, 1)
               return gen(), gen(), gen(), ok, v
             end
-            return M"#)).unwrap();
+            return M"#,
+        ))
+        .unwrap();
         let r = call(&vm, "g", "f", vec![], Duration::from_secs(30)).await.unwrap();
         let s: i64 = (1..=3_000_000i64).map(|j| j % 7).sum();
         let s2: i64 = (1..=2_000_000i64).map(|j| j % 3).sum();
@@ -248,7 +261,11 @@ fn a_coroutine_of_module_code_that_spins_is_stopped_at_the_deadline() {
     let (rt, local) = rt();
     local.block_on(&rt, async {
         let vm = CageVm::new("web").unwrap();
-        vm.install(&module("g", "local M = {} function M.f() local co = coroutine.create(function() while true do end end) while true do coroutine.resume(co) end end return M")).unwrap();
+        vm.install(&module(
+            "g",
+            "local M = {} function M.f() local co = coroutine.create(function() while true do end end) while true do coroutine.resume(co) end end return M",
+        ))
+        .unwrap();
         let t = Instant::now();
         assert_eq!(call(&vm, "g", "f", vec![], Duration::from_millis(200)).await, Err(RunError::Deadline));
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());

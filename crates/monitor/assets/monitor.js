@@ -104,7 +104,9 @@ function showStatus(st) {
       el("td", {}, i.name), el("td", { class: "requests" }, i.requests), el("td", { class: "errors" }, i.errors),
       el("td", { class: "timeouts" }, i.timeouts), el("td", { class: "in_flight" }, i.in_flight),
       el("td", {}, fmt(i.requests_per_s, 1)), el("td", {}, fmt(i.errors_per_s, 1)),
-      el("td", {}, fmt(i.p50_ms, 2)), el("td", {}, fmt(i.p90_ms, 2)), el("td", {}, fmt(i.p99_ms, 2))));
+      el("td", {}, fmt(i.p50_ms, 2)), el("td", {}, fmt(i.p90_ms, 2)), el("td", {}, fmt(i.p99_ms, 2)),
+      // A message interface's broker figures; other interfaces have none.
+      el("td", { class: "messages" }, i.messages ? Object.entries(i.messages).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`).join(", ") : "")));
     const res = cage.resources.map((r) => el("tr", { "data-resource": `${cage.name}/${r.name}` },
       el("td", {}, r.name), el("td", { class: "calls" }, r.calls), el("td", { class: "errors" }, r.errors),
       el("td", {}, r.in_use), el("td", {}, r.idle), el("td", {}, r.waiting), el("td", {}, r.connect_failures),
@@ -112,7 +114,7 @@ function showStatus(st) {
     const broken = cage.broken_modules.map((b) => el("tr", {}, el("td", { class: "text module_error" }, b.module), el("td", { class: "message" }, b.message)));
     summary.replaceChildren(
       el("div", {}, `Lua memory ${fmt(cage.lua_memory_bytes / 1048576, 2)} MiB over ${cage.vms.length} VM(s); ${cage.reloads} reload(s), ${cage.module_errors} module load error(s)`),
-      table(["interface", "requests", "errors", "timeouts", "in flight", "req/s", "err/s", "p50 ms", "p90 ms", "p99 ms"], ifaces),
+      table(["interface", "requests", "errors", "timeouts", "in flight", "req/s", "err/s", "p50 ms", "p90 ms", "p99 ms", "messages"], ifaces),
       res.length ? table(["resource", "calls", "errors", "in use", "idle", "waiting", "connect failures", "p50 ms", "p99 ms"], res) : "",
       broken.length ? table(["broken module", "error (the previous version keeps running)"], broken) : "");
   }

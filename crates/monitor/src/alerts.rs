@@ -240,7 +240,14 @@ fn condition(rule: &AlertRule, inputs: &Inputs<'_>) -> Option<(f64, String, Stri
                 }
             }
             (total > rule.threshold).then(|| {
-                (total, worst.0.clone(), format!("cage {cage}: {total:.2} errors/s over the last {ERROR_RATE_WINDOW} s (threshold {}), most on interface {}", rule.threshold, worst.0))
+                (
+                    total,
+                    worst.0.clone(),
+                    format!(
+                        "cage {cage}: {total:.2} errors/s over the last {ERROR_RATE_WINDOW} s (threshold {}), most on interface {}",
+                        rule.threshold, worst.0
+                    ),
+                )
             })
         }
         AlertKind::QueueAge => {
@@ -254,7 +261,9 @@ fn condition(rule: &AlertRule, inputs: &Inputs<'_>) -> Option<(f64, String, Stri
                     worst = Some((age, g.label("queue").to_string()));
                 }
             }
-            worst.map(|(age, queue)| (age, queue.clone(), format!("cage {cage}: the oldest call of queue {queue} is {age:.0} s old (threshold {} s)", rule.threshold)))
+            worst.map(|(age, queue)| {
+                (age, queue.clone(), format!("cage {cage}: the oldest call of queue {queue} is {age:.0} s old (threshold {} s)", rule.threshold))
+            })
         }
         AlertKind::ModuleError => {
             let broken: Vec<&Event> = inputs.broken.iter().filter(|e| e.cage == cage).collect();
@@ -366,7 +375,10 @@ mod tests {
     fn error_rate_module_error_and_queue_age() {
         let mut store = Store::new();
         for i in 0..10 {
-            store.push(i as f64, vec![("interface/web/http/errors_per_s".into(), if i < 5 { 0.0 } else { 2.0 }), ("interface/api/http/errors_per_s".into(), 9.0)]);
+            store.push(
+                i as f64,
+                vec![("interface/web/http/errors_per_s".into(), if i < 5 { 0.0 } else { 2.0 }), ("interface/api/http/errors_per_s".into(), 9.0)],
+            );
         }
         let t = Instant::now();
         let mut alerts = Alerts::new(vec![rule(AlertKind::ErrorRate, Some("web"), 0.9, 0, 0)]);

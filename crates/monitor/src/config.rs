@@ -5,6 +5,7 @@
 //! [monitor]
 //! listen = "127.0.0.1:9100"        # default: 127.0.0.1 on a free port; false turns it off
 //! token = "${MONITOR_TOKEN}"       # or user = "..." and password = "..." (basic auth)
+//! tls = { cert = "cert.pem", key = "key.pem" }  # HTTPS, as on [interfaces.X] (docs/interfaces/http.md)
 //!
 //! [monitor.alerts.errors]
 //! kind = "error_rate"              # cage_down, error_rate, queue_age or module_error
@@ -28,7 +29,10 @@ pub enum Auth {
     None,
     /// `Authorization: Bearer TOKEN` or `?token=TOKEN`.
     Token(String),
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +99,8 @@ pub struct MonitorConfig {
     pub listen: Option<SocketAddr>,
     pub auth: Auth,
     pub alerts: Vec<AlertRule>,
+    /// HTTPS: the page speaks TLS only (HTTP/1.1 by ALPN).
+    pub tls: Option<rustomnic_http::tls::TlsOptions>,
     /// Where the table is, for messages; None when the cage has no `[monitor]` table.
     pub file: Option<PathBuf>,
     pub line: usize,
@@ -102,7 +108,7 @@ pub struct MonitorConfig {
 
 impl Default for MonitorConfig {
     fn default() -> Self {
-        MonitorConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), auth: Auth::None, alerts: Vec::new(), file: None, line: 0 }
+        MonitorConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), auth: Auth::None, alerts: Vec::new(), tls: None, file: None, line: 0 }
     }
 }
 
@@ -163,6 +169,9 @@ pub fn read(section: &Section<'_>, cage: &str) -> MonitorConfig {
             );
         }
     }
+    if let Some(Ok(tls)) = rustomnic_http::tls::read_tls(section, "tls", false) {
+        config.tls = Some(tls);
+    }
     if let Some(alerts) = section.table("alerts") {
         for (name, s) in alerts.tables() {
             if let Some(rule) = read_rule(&name, &s, cage) {
@@ -171,7 +180,7 @@ pub fn read(section: &Section<'_>, cage: &str) -> MonitorConfig {
             s.finish_with(&["kind", "threshold", "for", "repeat", "target", "cage", "interface", "queue", "durable_queue"]);
         }
     }
-    section.finish_with(&["listen", "token", "user", "password", "alerts"]);
+    section.finish_with(&["listen", "token", "user", "password", "tls", "alerts"]);
     config
 }
 
@@ -232,7 +241,19 @@ fn read_rule(name: &str, s: &Section<'_>, owner: &str) -> Option<AlertRule> {
         _ => Some(cage.unwrap_or_else(|| owner.to_string())),
     };
     let durable_queue = s.string("durable_queue").map(|q| q.value);
-    Some(AlertRule { name: name.to_string(), owner: owner.to_string(), kind, cage, subject, threshold, hold, repeat, target: target?, target_at, durable_queue })
+    Some(AlertRule {
+        name: name.to_string(),
+        owner: owner.to_string(),
+        kind,
+        cage,
+        subject,
+        threshold,
+        hold,
+        repeat,
+        target: target?,
+        target_at,
+        durable_queue,
+    })
 }
 
 fn parse_target(t: &Located<String>) -> Option<Result<(String, String, String), String>> {
@@ -260,9 +281,9 @@ pub fn choose(cages: &[(String, Option<MonitorConfig>)]) -> (MonitorConfig, Vec<
         match &chosen {
             None => chosen = Some((cage.clone(), config.clone())),
             Some((first, c)) => {
-                if c.listen != config.listen || c.auth != config.auth {
+                if c.listen != config.listen || c.auth != config.auth || c.tls != config.tls {
                     warnings.push(format!(
-                        "{}:{}: monitor: the page of this process follows [monitor] of cage {first}; listen and access set here for cage {cage} are not used",
+                        "{}:{}: monitor: the page of this process follows [monitor] of cage {first}; listen, access and tls set here for cage {cage} are not used",
                         config.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default(),
                         config.line
                     ));

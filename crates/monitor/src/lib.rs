@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub started_unix: f64,
     pub addr: Option<SocketAddr>,
+    /// "https" when the page speaks TLS.
+    pub scheme: &'static str,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,6 +79,7 @@ pub fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cag
         Some(l) => Some(l.local_addr().map_err(|e| format!("monitor: {e}"))?),
         None => None,
     };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let shared = Arc::new(Shared {
         store: Mutex::new(series::Store::new()),
         alerts: Mutex::new(alerts::Alerts::new(config.alerts.clone())),
@@ -85,12 +88,17 @@ pub fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cag
         started: Instant::now(),
         started_unix: rustomnic_core::metrics::unix_now(),
         addr,
+        scheme,
     });
+    let tls = match config.tls.clone() {
+        Some(options) => Some(rustomnic_http::tls::TlsServer::start(options, "monitor".into()).map_err(|e| format!("monitor: {e}"))?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let thread = std::thread::Builder::new()
         .name("pmnc-monitor".into())
-        .spawn(move || run(listener, shared, sink, stop_rx, ready_tx))
+        .spawn(move || run(listener, tls, shared, sink, stop_rx, ready_tx))
         .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
     match ready_rx.recv_timeout(Duration::from_secs(10)) {
         Ok(Ok(())) => {}
@@ -98,13 +106,14 @@ pub fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cag
         Err(_) => return Err("the monitor thread did not start".into()),
     }
     if let Some(a) = addr {
-        tracing::info!("monitor page at http://{a}/ (also /metrics and /status; a failed request: http://{a}/#request-<id>)");
+        tracing::info!("monitor page at {scheme}://{a}/ (also /metrics and /status; a failed request: {scheme}://{a}/#request-<id>)");
     }
     Ok(MonitorHandle { addr, stop: Some(stop_tx), thread: Some(thread) })
 }
 
 fn run(
     listener: Option<std::net::TcpListener>,
+    tls: Option<Arc<rustomnic_http::tls::TlsServer>>,
     shared: Arc<Shared>,
     sink: Arc<dyn AlertSink>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -123,7 +132,11 @@ fn run(
                 Ok(l) => {
                     let app = server::router(shared.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = axum::serve(l, app).await {
+                        let served = match tls {
+                            None => axum::serve(l, app).await,
+                            Some(tls) => axum::serve(server::TlsListener::new(l, tls), app).await,
+                        };
+                        if let Err(e) = served {
                             tracing::error!("monitor page stopped: {e}");
                         }
                     });

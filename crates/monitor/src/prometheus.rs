@@ -48,7 +48,11 @@ pub fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{}", v as i64)
     } else {
@@ -84,16 +88,52 @@ pub fn render() -> String {
         t.histogram("pmnc_request_duration_seconds", &[("cage", cage), ("interface", interface)], &m.latency);
     }
 
+    t.family(
+        "pmnc_http_responses_total",
+        "counter",
+        "HTTP responses by status class, per route of a route table (route \"\" for the rest: a handler without routes, 404s, refused requests).",
+    );
+    for (cage, interface, route, counts) in metrics::all_status_counts() {
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let n = counts.classes[i].load(Ordering::Relaxed);
+            if n > 0 {
+                t.sample("pmnc_http_responses_total", &[("cage", &cage), ("interface", &interface), ("route", &route), ("class", class)], n as f64);
+            }
+        }
+    }
+
+    t.family(
+        "pmnc_messages_total",
+        "counter",
+        "Messages a message interface took from its broker, by what became of them: received, acked, retried, redelivered, dead_lettered, refused.",
+    );
+    for (cage, interface, counts) in metrics::all_message_counts() {
+        for (event, n) in counts.all() {
+            t.sample("pmnc_messages_total", &[("cage", &cage), ("interface", &interface), ("event", event)], n as f64);
+        }
+    }
+
     let resources = rustomnic_resource::all_stats();
-    let counters: [Counter<rustomnic_resource::PoolStats>; 3] = [
-        ("pmnc_resource_calls_total", "Calls to a resource (participants of transactions).", |s| s.calls.load(Ordering::Relaxed)),
-        ("pmnc_resource_errors_total", "Calls to a resource that failed.", |s| s.errors.load(Ordering::Relaxed)),
+    let counters: [Counter<rustomnic_resource::PoolStats>; 2] = [
+        ("pmnc_resource_calls_total", "Calls a module made to a resource (participants of transactions), whether or not they got a connection.", |s| {
+            s.calls.load(Ordering::Relaxed)
+        }),
         ("pmnc_resource_connect_failures_total", "Connects to a resource that failed.", |s| s.connect_failures.load(Ordering::Relaxed)),
     ];
     for (name, help, read) in counters {
         t.family(name, "counter", help);
         for (cage, resource, s) in &resources {
             t.sample(name, &[("cage", cage), ("resource", resource)], read(s) as f64);
+        }
+    }
+    t.family(
+        "pmnc_resource_errors_total",
+        "counter",
+        "Calls to a resource that failed, by cause (connect, breaker_open, pool_timeout, pool_size, query, deadline).",
+    );
+    for (cage, resource, s) in &resources {
+        for cause in rustomnic_resource::Cause::ALL {
+            t.sample("pmnc_resource_errors_total", &[("cage", cage), ("resource", resource), ("cause", cause.label())], s.errors_of(cause) as f64);
         }
     }
     t.family("pmnc_resource_connections", "gauge", "Pooled connections by state (in_use, idle) over every worker.");
@@ -105,7 +145,7 @@ pub fn render() -> String {
     for (cage, resource, s) in &resources {
         t.sample("pmnc_resource_waiting", &[("cage", cage), ("resource", resource)], s.waiting.load(Ordering::Relaxed) as f64);
     }
-    t.family("pmnc_resource_call_duration_seconds", "histogram", "Time of one call to a resource, connection checkout included.");
+    t.family("pmnc_resource_call_duration_seconds", "histogram", "Time of one call to a resource, from asking the pool for a connection (so waiting for one, or connecting, included) to the call's result; commit and rollback not included. Failed calls included.");
     for (cage, resource, s) in &resources {
         t.histogram("pmnc_resource_call_duration_seconds", &[("cage", cage), ("resource", resource)], &s.latency);
     }
@@ -150,6 +190,9 @@ mod tests {
         m.latency.observe_us(300);
         m.latency.observe_us(30_000);
         let g = metrics::register_gauge("pmnc_queue_depth", "Calls waiting in a queue.", &[("cage", "prom-test"), ("queue", "retry")], || 7.0);
+        let messages = metrics::message_counts("prom-test", "amqp");
+        messages.received.fetch_add(5, Ordering::Relaxed);
+        messages.dead_lettered.fetch_add(2, Ordering::Relaxed);
         let text = render();
         metrics::unregister_gauge(g);
         assert!(text.contains("# TYPE pmnc_requests_total counter\n"), "{text}");
@@ -160,6 +203,9 @@ mod tests {
         assert!(text.contains("pmnc_request_duration_seconds_bucket{cage=\"prom\\\"test\",interface=\"http\",le=\"0.05\"} 2\n"), "{text}");
         assert!(text.contains("pmnc_request_duration_seconds_bucket{cage=\"prom\\\"test\",interface=\"http\",le=\"+Inf\"} 2\n"), "{text}");
         assert!(text.contains("pmnc_request_duration_seconds_count{cage=\"prom\\\"test\",interface=\"http\"} 2\n"), "{text}");
+        assert!(text.contains("pmnc_messages_total{cage=\"prom-test\",interface=\"amqp\",event=\"received\"} 5\n"), "{text}");
+        assert!(text.contains("pmnc_messages_total{cage=\"prom-test\",interface=\"amqp\",event=\"dead_lettered\"} 2\n"), "{text}");
+        assert!(text.contains("pmnc_messages_total{cage=\"prom-test\",interface=\"amqp\",event=\"acked\"} 0\n"), "{text}");
         assert!(text.contains("# TYPE pmnc_queue_depth gauge\npmnc_queue_depth{cage=\"prom-test\",queue=\"retry\"} 7\n"), "{text}");
         // Every family is declared once.
         assert_eq!(text.matches("# TYPE pmnc_request_duration_seconds histogram").count(), 1);

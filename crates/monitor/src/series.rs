@@ -207,7 +207,11 @@ impl Store {
                 .filter(newer)
                 .map(|s| {
                     let v = s.get(id);
-                    if v.is_finite() { serde_json::json!((v * 1e4).round() / 1e4) } else { serde_json::Value::Null }
+                    if v.is_finite() {
+                        serde_json::json!((v * 1e4).round() / 1e4)
+                    } else {
+                        serde_json::Value::Null
+                    }
                 })
                 .collect();
             series.insert(name.clone(), serde_json::Value::Array(column));

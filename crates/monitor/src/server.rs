@@ -78,11 +78,7 @@ pub fn allowed(auth: &Auth, headers: &HeaderMap, query: Option<&str>) -> bool {
             }
             // Links and the page's own requests carry ?token= (a browser cannot add a header
             // to a link).
-            query
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|p| p.strip_prefix("token="))
-                .any(|t| same(percent_decode(t).as_bytes(), token.as_bytes()))
+            query.unwrap_or("").split('&').filter_map(|p| p.strip_prefix("token=")).any(|t| same(percent_decode(t).as_bytes(), token.as_bytes()))
         }
         Auth::Basic { user, password } => {
             let Some(encoded) = authorization.strip_prefix("Basic ") else { return false };
@@ -126,6 +122,57 @@ async fn access(State(shared): State<Arc<Shared>>, request: Request, next: Next)
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"pmnc monitor\""));
     }
     response
+}
+
+/// The page's listener with TLS: each connection's handshake runs in a task of its own (a slow
+/// client delays nobody), and finished ones are handed to axum.
+pub(crate) struct TlsListener {
+    addr: std::net::SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)>,
+}
+
+impl TlsListener {
+    pub(crate) fn new(listener: tokio::net::TcpListener, tls: Arc<rustomnic_http::tls::TlsServer>) -> TlsListener {
+        let addr = listener.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait instead of spinning.
+                        tracing::warn!("monitor: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Some(s) = tls.accept(tcp, remote, std::future::pending()).await {
+                        let _ = tx.send((s, remote)).await;
+                    }
+                });
+            }
+        });
+        TlsListener { addr, ready }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task never ends while the listener lives.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
 }
 
 #[cfg(test)]

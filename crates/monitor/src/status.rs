@@ -23,6 +23,7 @@ fn rates(store: &Store, key: &str, names: &[&str]) -> serde_json::Map<String, Va
 pub(crate) fn status(shared: &Shared) -> Value {
     let store = lock(&shared.store);
     let interfaces = metrics::interfaces();
+    let messages = metrics::all_message_counts();
     let resources = rustomnic_resource::all_stats();
     let memory = metrics::vm_memory();
     let reloads = metrics::reload_counts();
@@ -43,6 +44,11 @@ pub(crate) fn status(shared: &Shared) -> Value {
                     o.insert("timeouts".into(), json!(m.timeouts.load(Ordering::Relaxed)));
                     o.insert("cancelled".into(), json!(m.cancelled.load(Ordering::Relaxed)));
                     o.insert("in_flight".into(), json!(m.in_flight.load(Ordering::Relaxed).max(0)));
+                    // A message interface's brokered figures (amqp, mqtt, ...).
+                    if let Some((_, _, counts)) = messages.iter().find(|(c, i, _)| c == cage && i == name) {
+                        let counts: serde_json::Map<String, Value> = counts.all().iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+                        o.insert("messages".into(), Value::Object(counts));
+                    }
                     Value::Object(o)
                 })
                 .collect();
@@ -54,6 +60,9 @@ pub(crate) fn status(shared: &Shared) -> Value {
                     o.insert("name".into(), json!(name));
                     o.insert("calls".into(), json!(s.calls.load(Ordering::Relaxed)));
                     o.insert("errors".into(), json!(s.errors.load(Ordering::Relaxed)));
+                    let causes: serde_json::Map<String, Value> =
+                        rustomnic_resource::Cause::ALL.iter().map(|c| (c.label().to_string(), json!(s.errors_of(*c)))).collect();
+                    o.insert("errors_by_cause".into(), Value::Object(causes));
                     o.insert("connect_failures".into(), json!(s.connect_failures.load(Ordering::Relaxed)));
                     o.insert("in_use".into(), json!(s.in_use.load(Ordering::Relaxed)));
                     o.insert("idle".into(), json!(s.idle.load(Ordering::Relaxed)));
@@ -63,11 +72,8 @@ pub(crate) fn status(shared: &Shared) -> Value {
                 .collect();
             let vms: Vec<Value> = memory.iter().filter(|(c, _, _)| c == cage).map(|(_, w, b)| json!({"worker": w, "bytes": b})).collect();
             let (r, e) = reloads.iter().find(|(c, _, _)| c == cage).map(|(_, r, e)| (*r, *e)).unwrap_or((0, 0));
-            let cage_broken: Vec<Value> = broken
-                .iter()
-                .filter(|b| &b.cage == cage)
-                .map(|b| json!({"module": b.subject, "message": b.message, "time": b.time}))
-                .collect();
+            let cage_broken: Vec<Value> =
+                broken.iter().filter(|b| &b.cage == cage).map(|b| json!({"module": b.subject, "message": b.message, "time": b.time})).collect();
             json!({
                 "name": cage,
                 "interfaces": ifaces,
@@ -100,7 +106,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "started": shared.started_unix,
         "uptime_seconds": shared.started.elapsed().as_secs_f64(),
-        "monitor": shared.addr.map(|a| format!("http://{a}/")),
+        "monitor": shared.addr.map(|a| format!("{}://{a}/", shared.scheme)),
         "cages": cages,
         "gauges": gauges,
         "events": events,
@@ -125,6 +131,7 @@ mod tests {
             started: Instant::now(),
             started_unix: 0.0,
             addr: None,
+            scheme: "http",
         };
         metrics::interface("status-test", "http").requests.fetch_add(5, Ordering::Relaxed);
         let st = status(&shared);

@@ -1,5 +1,6 @@
 //! The cluster view of the page, from a fake cluster source, in headless Chromium (skipped
 //! loudly without it): every instance listed with its state and a link to its page.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

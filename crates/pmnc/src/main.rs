@@ -21,6 +21,7 @@ Examples:
   pmnc check examples/two-cages           validate config and compile every module
   pmnc test examples/two-cages            run the test_* functions of every *_test.lua
   pmnc new myapp                          make an app with one cage to start from
+  pmnc new --cage worker myapp            add the cage myapp/cages/worker to that app
   pmnc run app/cages/worker --cluster nats://127.0.0.1:4222
                                           join other processes over NATS (docs/cluster.md)
   pmnc cluster status --cluster nats://127.0.0.1:4222
@@ -69,10 +70,15 @@ enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Make a new app folder with one cage (web) to start from.
+    /// Make a new app folder with one cage (web) to start from, or with --cage add a cage to an
+    /// existing app.
     New {
-        /// The folder to create; it must not exist.
-        path: PathBuf,
+        /// The app folder to create (it must not exist); with --cage, the app (default: the
+        /// current folder, or the app folder above it).
+        path: Option<PathBuf>,
+        /// Add a cage of this name to the app at PATH: cages/NAME with a cage.toml and a module.
+        #[arg(long, value_name = "NAME")]
+        cage: Option<String>,
     },
     /// Bare NATS request/reply, the yardstick of bench/cluster.sh.
     #[command(hide = true)]
@@ -176,8 +182,7 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
     };
     let mut cages = Vec::new();
     for dir in rustomnic_cage::find_cages(&path).map_err(|e| e.to_string())? {
-        let config = rustomnic_cage::load_cage(&dir, &protocols())
-            .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+        let config = rustomnic_cage::load_cage(&dir, &protocols()).map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
         cages.push((config.name, config.state_file));
     }
     let mut out = std::io::stdout();
@@ -234,7 +239,51 @@ const SCAFFOLD: &[(&str, &str)] = &[
     // Editor support: lua-language-server reads .luarc.json and the pmnc annotations.
     (".luarc.json", include_str!("scaffold/luarc.json")),
     (".luals/pmnc.lua", include_str!("scaffold/luals/pmnc.lua")),
+    // The cages' state files are data, not source.
+    (".gitignore", include_str!("scaffold/gitignore")),
 ];
+
+/// The files of a cage added by `pmnc new --cage NAME`; CAGE in them becomes NAME.
+const SCAFFOLD_CAGE: &[(&str, &str)] = &[
+    ("cage.toml", include_str!("scaffold/newcage/cage.toml")),
+    ("jobs.lua", include_str!("scaffold/newcage/jobs.lua")),
+    ("jobs_test.lua", include_str!("scaffold/newcage/jobs_test.lua")),
+];
+
+/// Adds the cage `name` to the app at `at` (the app folder, or a folder inside it): writes
+/// `cages/NAME`. Returns (the app folder, the new cage folder).
+fn scaffold_cage(at: &std::path::Path, name: &str) -> Result<(PathBuf, PathBuf), String> {
+    if !rustomnic_core::is_cage_name(name) {
+        return Err(format!("{name:?} is not a valid cage name (letters, digits, _ and -, at most 64)"));
+    }
+    let start = std::fs::canonicalize(at).map_err(|e| format!("{}: {e}", at.display()))?;
+    // The app is the nearest folder holding cages/, from `at` upwards: the command works from
+    // the app folder, from cages/ and from inside a cage.
+    let Some(app) = start.ancestors().find(|d| d.join("cages").is_dir()) else {
+        return Err(format!("{} is not inside an app (no folder with cages/ at it or above it); make one with: pmnc new myapp", at.display()));
+    };
+    let shown = pathdiff(app);
+    let dir = app.join("cages").join(name);
+    if dir.exists() {
+        return Err(format!("{} already exists; give a new cage name", dir.display()));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (rel, text) in SCAFFOLD_CAGE {
+        let file = dir.join(rel);
+        std::fs::write(&file, text.replace("CAGE", name)).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    let cage = if shown == std::path::Path::new(".") { PathBuf::from("cages").join(name) } else { shown.join("cages").join(name) };
+    Ok((shown, cage))
+}
+
+/// `path` relative to the current folder when it is inside it ("." for the folder itself).
+fn pathdiff(path: &std::path::Path) -> PathBuf {
+    match std::env::current_dir().ok().and_then(|cwd| path.strip_prefix(cwd).ok().map(|p| p.to_path_buf())) {
+        Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+        Some(p) => p,
+        None => path.to_path_buf(),
+    }
+}
 
 fn scaffold(path: &std::path::Path) -> Result<(), String> {
     if path.exists() {
@@ -256,6 +305,11 @@ fn protocols() -> Protocols {
     let mut p = Protocols::new();
     p.add(Arc::new(rustomnic_http::HttpProtocol));
     p.add(Arc::new(rustomnic_schedule::ScheduleProtocol));
+    p.add(Arc::new(rustomnic_line::LineProtocol));
+    p.add(Arc::new(rustomnic_amqp::AmqpProtocol));
+    p.add(Arc::new(rustomnic_mqtt::MqttProtocol));
+    p.add(Arc::new(rustomnic_nats::NatsProtocol));
+    p.add(Arc::new(rustomnic_stomp::StompProtocol));
     p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
     p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
     p.add_resource(Arc::new(rustomnic_resource_redis::Redis));
@@ -264,6 +318,10 @@ fn protocols() -> Protocols {
     p.add_resource(Arc::new(rustomnic_resource_cmdexec::CmdexecProtocol));
     p.add_resource(Arc::new(rustomnic_resource_file::FileProtocol));
     p.add_resource(Arc::new(rustomnic_resource_state::StateProtocol));
+    p.add_resource(Arc::new(rustomnic_resource_amqp::Amqp));
+    p.add_resource(Arc::new(rustomnic_resource_mqtt::Mqtt));
+    p.add_resource(Arc::new(rustomnic_resource_nats::Nats));
+    p.add_resource(Arc::new(rustomnic_resource_stomp::Stomp));
     p
 }
 
@@ -271,10 +329,7 @@ fn protocols() -> Protocols {
 fn init_logs(flag: Option<&str>, fallback: &str) {
     let filter = match flag {
         Some(level) => format!("{level},hyper=warn,notify=warn,async_nats=warn"),
-        None => std::env::var("RUST_LOG")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn,async_nats=warn")),
+        None => std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn,async_nats=warn")),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -330,7 +385,18 @@ fn release_memory() {
     }
 }
 
+/// The stack of threads started without a size of their own, unless `RUST_MIN_STACK` says
+/// otherwise. lapin parses each AMQP frame on its own I/O thread (which takes this default), and
+/// its parser recurses once per level of a header's nesting: the deepest header a 128 KiB frame
+/// can carry (about 26,000 levels) needs some 48 MiB in a release build and ten times that in a
+/// debug build (decision 114). Address space only: pages are used as they are touched.
+const THREAD_STACK: usize = if cfg!(debug_assertions) { 1 << 30 } else { 128 << 20 };
+
 fn main() -> ExitCode {
+    // Before any thread starts: the standard library reads it once, at the first spawn.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string());
+    }
     rustomnic_lua::set_release_memory(release_memory);
     let cli = Cli::parse();
     match cli.command {
@@ -391,16 +457,24 @@ fn main() -> ExitCode {
                 Err(e) => report(e),
             }
         }
-        Command::New { path } => match scaffold(&path) {
-            Ok(()) => {
-                println!("created {0}; run it with: pmnc run {0}", path.display());
-                ExitCode::SUCCESS
+        Command::New { path, cage } => {
+            let made = match (cage, path) {
+                (Some(name), path) => scaffold_cage(&path.unwrap_or_else(|| PathBuf::from(".")), &name)
+                    .map(|(app, dir)| format!("created {}; run the app with: pmnc run {}", dir.display(), app.display())),
+                (None, Some(path)) => scaffold(&path).map(|()| format!("created {0}; run it with: pmnc run {0}", path.display())),
+                (None, None) => Err("give the folder of the new app (pmnc new myapp), or --cage NAME to add a cage to an app".to_string()),
+            };
+            match made {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pmnc new: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("pmnc new: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
         Command::RawNats { url, respond, subject, in_flight, count, payload_bytes } => {
             let result = if respond {
                 rustomnic_cluster::bench::respond(&url, &subject)

@@ -1,5 +1,6 @@
 //! Calls between cages of one process through the real `pmnc` binary: results, request context,
 //! errors, deadlines, value types and modules shared by every cage.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The `pmnc` command line: --version, --help, `check` on a good app, `test` output and exit
 //! codes, `run` on a path that is no cage, and `run` of an app with several cages and `.shared`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -199,10 +200,7 @@ return M
 "#,
     );
     t.write("cages/worker/cage.toml", "");
-    t.write(
-        "cages/worker/jobs.lua",
-        "return { double = function(n) return n * 2 end, caller = function() return pmnc.request.caller end }\n",
-    );
+    t.write("cages/worker/jobs.lua", "return { double = function(n) return n * 2 end, caller = function() return pmnc.request.caller end }\n");
     let out = pmnc_limited(&["test", &t.path().display().to_string()], LIMIT);
     assert_eq!(out.code, Some(1), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
     let results = result_lines(&out.stdout);
@@ -210,10 +208,7 @@ return M
     assert!(results.iter().any(|l| l.starts_with("ok     web.calls_test.test_other_cage_doubles (")), "{}", out.stdout);
     assert!(results.iter().any(|l| l.starts_with("ok     web.calls_test.test_other_cage_sees_caller (")), "{}", out.stdout);
     let detail = detail_of(&out.stdout, "test_other_cage_missing_function");
-    assert!(
-        detail.first().is_some_and(|l| l.contains("calling worker.jobs.nope") && l.contains("has no function nope")),
-        "{detail:?}"
-    );
+    assert!(detail.first().is_some_and(|l| l.contains("calling worker.jobs.nope") && l.contains("has no function nope")), "{detail:?}");
     assert_eq!(out.stdout.lines().last(), Some("2 passed, 1 failed"));
 }
 
@@ -270,10 +265,7 @@ end
 return M
 "#,
     );
-    t.write(
-        "cages/worker/cage.toml",
-        "[interfaces.admin]\nprotocol = \"http\"\nlisten = \"127.0.0.1:0\"\nhandler = \"jobs.handle\"\n",
-    );
+    t.write("cages/worker/cage.toml", "[interfaces.admin]\nprotocol = \"http\"\nlisten = \"127.0.0.1:0\"\nhandler = \"jobs.handle\"\n");
     t.write(
         "cages/worker/jobs.lua",
         r#"local M = {}
@@ -320,4 +312,26 @@ fn test_command_gives_every_test_fresh_module_state() {
     let out = pmnc(&["test", &path]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.lines().any(|l| l == "2 passed, 0 failed"), "{}", out.stdout);
+}
+
+#[test]
+fn check_lists_module_errors_also_when_cage_toml_is_broken() {
+    let t = Tree::new();
+    t.write("cages/web/cage.toml", "request_timeout = \"1s\"\nbogus_key = 1\n");
+    t.write("cages/web/http.lua", "local M = {}\nfunction M.handle(req, res)\n  return 1 +\nend\nreturn M\n");
+    t.write("cages/web/util.lua", "return { ok = function() return 1 end }\n");
+    // Not even TOML, and a broken shared module: both listed too.
+    t.write("cages/worker/cage.toml", "[interfaces.http\nlisten = 1\n");
+    t.write("cages/worker/jobs.lua", "return { x = function() return end end end }\n");
+    let out = pmnc(&["check", &t.path().display().to_string()]);
+    assert_eq!(out.code, Some(1), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    let err = &out.stderr;
+    let web = t.path().join("cages/web/cage.toml").display().to_string();
+    assert!(err.contains(&format!("{web}:2")) && err.contains("bogus_key"), "{err}");
+    // The module's syntax error with its file and line (the expression ends at line 4).
+    assert!(err.lines().any(|l| l.contains("web/http.lua:4:")), "{err}");
+    let worker = t.path().join("cages/worker/cage.toml").display().to_string();
+    assert!(err.contains(&format!("{worker}:1")), "{err}");
+    assert!(err.lines().any(|l| l.contains("worker/jobs.lua:1:")), "{err}");
+    assert!(!err.contains("util.lua"), "a good module is not a problem: {err}");
 }

@@ -1,6 +1,7 @@
 //! Cages in different processes calling each other over a private nats-server: calls, request
 //! ids, deadlines, errors, copies sharing calls, kill -9 of a copy, a NATS restart, payload
 //! limits, authentication, flocks and `pmnc cluster status`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -289,10 +290,7 @@ fn payloads_over_max_payload_are_refused_clearly() {
 
 #[test]
 fn credentials_are_required_and_bad_ones_refused() {
-    let Some(nats) = Nats::start(
-        "credentials_are_required_and_bad_ones_refused",
-        "authorization {\n  user: pmnc\n  password: s3cret\n}\n",
-    ) else {
+    let Some(nats) = Nats::start("credentials_are_required_and_bad_ones_refused", "authorization {\n  user: pmnc\n  password: s3cret\n}\n") else {
         return;
     };
     let tree = Tree::new();
@@ -310,11 +308,7 @@ fn credentials_are_required_and_bad_ones_refused() {
     let out = pmnc_limited(&["cluster", "status", "--cluster", &nats.url()], Duration::from_secs(20));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("refused"), "{}", out.stderr);
-    let out = pmnc_env_limited(
-        &["cluster", "status", path.to_str().unwrap(), "--wait", "500ms"],
-        &[("TEST_NATS_PASSWORD", "s3cret")],
-        Duration::from_secs(20),
-    );
+    let out = pmnc_env_limited(&["cluster", "status", path.to_str().unwrap(), "--wait", "500ms"], &[("TEST_NATS_PASSWORD", "s3cret")], Duration::from_secs(20));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stdout.lines().any(|l| l.starts_with("worker ")), "{}", out.stdout);
 }
@@ -399,7 +393,23 @@ fn make_certs(dir: &std::path::Path) -> Option<()> {
     for args in [
         &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=pmnc test ca"][..],
         &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"][..],
-        &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"][..],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ][..],
     ] {
         assert!(run(args), "openssl {args:?} failed");
     }
@@ -486,10 +496,7 @@ fn a_cage_down_alert_fires_when_the_last_copy_dies() {
         "web/cage.toml",
         &format!("{web_toml}\n[monitor.alerts.worker_gone]\nkind = \"cage_down\"\ncage = \"worker\"\ntarget = \"web.alerts.receive\"\n"),
     );
-    tree.write(
-        "web/alerts.lua",
-        "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, alert.cage, alert.message) end\nreturn M\n",
-    );
+    tree.write("web/alerts.lua", "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, alert.cage, alert.message) end\nreturn M\n");
     let mut worker = start(&tree, "worker_a");
     let mut web = start(&tree, "web");
     // Up first: the web process has heard the worker, and no alert has fired.
@@ -569,10 +576,7 @@ return M
 "#,
     );
     tree.write("worker/cage.toml", &format!("{}\n[queues.retry]\n", cluster_table(&nats.url())));
-    tree.write(
-        "worker/work.lua",
-        "local M = {}\nfunction M.record(k, v) pmnc.state.set(k, v) end\nfunction M.get(k) return pmnc.state.get(k) end\nreturn M\n",
-    );
+    tree.write("worker/work.lua", "local M = {}\nfunction M.record(k, v) pmnc.state.set(k, v) end\nfunction M.get(k) return pmnc.state.get(k) end\nreturn M\n");
     // The worker is not running yet: the calls wait in the web cage's outbox.
     let web = start(&tree, "web");
     let addr = web.addr("http");

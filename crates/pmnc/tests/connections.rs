@@ -3,6 +3,7 @@
 //! a request is parked on them), and a client that does not read is dropped after write_timeout
 //! without stalling the other requests of its worker; a long-poll client that goes away ends
 //! its handler at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Request deadlines through the real `pmnc` binary: what a handler sees of its deadline, and
 //! that sleeping, spinning and catching errors all end at the deadline with a 504, without
 //! holding up the other requests of the same worker thread.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -205,12 +206,8 @@ fn a_body_that_never_arrives_is_bounded_by_the_deadline() {
     let (_tree, server) = deadline_server(2);
     let addr = server.addr("short");
     let started = Instant::now();
-    let r = raw_request(
-        addr,
-        b"POST /fast HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nonly ten b",
-        Duration::from_secs(10),
-    )
-    .expect("an answer when the body stops coming");
+    let r = raw_request(addr, b"POST /fast HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nonly ten b", Duration::from_secs(10))
+        .expect("an answer when the body stops coming");
     let took = started.elapsed();
     println!("unfinished body answered {} after {took:?}", r.status);
     assert_eq!(r.status, 408, "{}", r.text());

@@ -1,6 +1,7 @@
 //! `pmnc.events` through the real `pmnc` binary: a publish reaches waiters on every worker
 //! thread, waits time out with nil, a wait never outlives the request's deadline (504), and the
 //! limits give clear errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -46,9 +47,7 @@ fn publish_reaches_waiters_on_every_worker() {
     let (_tree, server) = start(3);
     let addr = server.addr("http");
     // Each waiter on its own connection: the acceptor hands them round robin to the workers.
-    let waiters: Vec<_> = (0..6)
-        .map(|_| std::thread::spawn(move || get(addr, "/wait?topic=room&timeout=10")))
-        .collect();
+    let waiters: Vec<_> = (0..6).map(|_| std::thread::spawn(move || get(addr, "/wait?topic=room&timeout=10"))).collect();
     get_until(addr, "/stats?topic=room", "6", Duration::from_secs(10));
     let r = get(addr, "/publish?topic=room&text=hello&n=3");
     assert_eq!(r.status, 200, "{}", r.text());

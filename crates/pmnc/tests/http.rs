@@ -1,6 +1,7 @@
 //! The HTTP interface through the real `pmnc` binary: what a request looks like to Lua, how a
 //! handler's result becomes a response, errors, limits, slow and malformed clients, connection
 //! limits, HTTP/2 and several interfaces in one cage.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -169,22 +170,17 @@ fn h2_get(addr: SocketAddr, paths: &[String]) -> H2Result {
     rt.block_on(async move {
         let work = async move {
             let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-            let (sender, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(stream),
-            )
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
             let mut tasks = Vec::new();
             for p in paths {
                 let mut sender = sender.clone();
-                let req = hyper::Request::builder()
-                    .uri(format!("http://{addr}{p}"))
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .map_err(|e| e.to_string())?;
+                let req =
+                    hyper::Request::builder().uri(format!("http://{addr}{p}")).body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
                 tasks.push(tokio::spawn(async move {
                     let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
                     let status = resp.status().as_u16();
@@ -230,10 +226,7 @@ fn http2_prior_knowledge() {
 
     // With http2 = false the same client is refused, while HTTP/1.1 still works there.
     let refused = h2_get(server.addr("h1only"), &paths[..1]);
-    assert!(
-        refused.as_ref().map(|r| r.iter().all(|(s, _, _)| *s != 200)).unwrap_or(true),
-        "http2 = false still served HTTP/2: {refused:?}"
-    );
+    assert!(refused.as_ref().map(|r| r.iter().all(|(s, _, _)| *s != 200)).unwrap_or(true), "http2 = false still served HTTP/2: {refused:?}");
     let r = get(server.addr("h1only"), "/echo");
     assert_eq!(r.status, 200);
     assert_eq!(json_body(&r)["interface"], "h1only");

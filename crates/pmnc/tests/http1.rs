@@ -4,6 +4,7 @@
 //! aborted bodies. It pins what our own HTTP/1.1 connection code must keep doing when it replaces
 //! hyper's; what http.rs already covers (body and head limits, slow and silent clients, basic
 //! malformed requests, sequential keep-alive, max_connections) is not repeated here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -648,7 +649,9 @@ fn a_body_cut_short_by_the_client_harms_nothing() {
     let mut all = Vec::new();
     match c.s.read_to_end(&mut all) {
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => panic!("the connection with half a body stays open after the client's end"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("the connection with half a body stays open after the client's end")
+        }
         Err(_) => {}
     }
     let text = String::from_utf8_lossy(&all);

@@ -1,6 +1,7 @@
 //! Interfaces changed in a running process: a changed `[interfaces.X]` table restarts that
 //! interface alone (a new address, new limits), the others keep serving meanwhile, and a broken
 //! table changes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -57,7 +58,10 @@ fn a_changed_interface_moves_without_a_restart_while_the_others_serve() {
 
     // A broken table changes nothing and says where.
     t.write_rename("c/cage.toml", &toml(a2, "max_body_size = \"lots\"", b));
-    assert!(s.wait_for_all(&["cage.toml:5", "max_body_size", "keeping the running config"], Duration::from_secs(10)).is_some(), "the broken table was not reported");
+    assert!(
+        s.wait_for_all(&["cage.toml:5", "max_body_size", "keeping the running config"], Duration::from_secs(10)).is_some(),
+        "the broken table was not reported"
+    );
     assert_eq!(post(new_a, "/", "text/plain", b"12345").status, 413, "the running interface was replaced by a broken one");
 
     stop.store(true, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 //! another cage of the same process (2 workers). Every snippet must end with its clear error or
 //! its deadline, the process must survive, and the quick endpoint must keep answering meanwhile
 //! (its latencies are printed; bench/isolation.sh measures them as figures).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -110,13 +111,8 @@ impl Prober {
             while !s.load(Ordering::Relaxed) {
                 // A new connection each time: connections go to the workers in turn.
                 let t = Instant::now();
-                let status = raw_request(
-                    addr,
-                    b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
-                    Duration::from_secs(60),
-                )
-                .map(|r| r.status)
-                .unwrap_or(0);
+                let status =
+                    raw_request(addr, b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", Duration::from_secs(60)).map(|r| r.status).unwrap_or(0);
                 v.lock().unwrap().push((status, t.elapsed()));
             }
         });
@@ -130,27 +126,14 @@ impl Prober {
         let seen = self.seen.lock().unwrap();
         let mut lat: Vec<Duration> = seen.iter().map(|(_, d)| *d).collect();
         lat.sort();
-        let p99 = lat
-            .get(lat.len().saturating_sub(1) * 99 / 100)
-            .copied()
-            .unwrap_or_default();
-        (
-            seen.len(),
-            seen.iter().all(|(s, _)| *s == 200),
-            p99,
-            lat.last().copied().unwrap_or_default(),
-        )
+        let p99 = lat.get(lat.len().saturating_sub(1) * 99 / 100).copied().unwrap_or_default();
+        (seen.len(), seen.iter().all(|(s, _)| *s == 200), p99, lat.last().copied().unwrap_or_default())
     }
 }
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -162,11 +145,7 @@ fn hostile_handlers_end_with_clear_errors_while_the_other_cage_keeps_answering()
     assert_eq!(get(quick, "/").text(), "fast");
     // (path, expected status, expected log text)
     let cases: &[(&str, u16, &str)] = &[
-        (
-            "gc",
-            500,
-            "__gc metamethods are not available to module code",
-        ),
+        ("gc", 500, "__gc metamethods are not available to module code"),
         ("close", 504, "deadline exceeded"),
         ("redos", 504, "deadline exceeded"),
         ("redos100", 500, "not enough memory: the request holds more than its limit of 64 MiB"),
@@ -176,11 +155,7 @@ fn hostile_handlers_end_with_clear_errors_while_the_other_cage_keeps_answering()
         ("gsubfn", 504, "deadline exceeded"),
         ("errtostring", 504, "deadline exceeded"),
         ("formattostring", 500, "without a chance to yield"),
-        (
-            "bomb",
-            500,
-            "not enough memory: the request holds more than its limit of 64 MiB",
-        ),
+        ("bomb", 500, "not enough memory: the request holds more than its limit of 64 MiB"),
     ];
     let baseline = rss_kib(s.child.id());
     for (path, status, log) in cases {
@@ -192,39 +167,19 @@ fn hostile_handlers_end_with_clear_errors_while_the_other_cage_keeps_answering()
         eprintln!("{path}: {} after {took:?}; the other cage answered {answers} times meanwhile, p99 {p99:?}, slowest {slowest:?}", r.status);
         assert_eq!(r.status, *status, "{path}: {}", r.text());
         let id = request_id(&r);
-        assert!(
-            s.wait_for_all(&[&id, log], Duration::from_secs(10))
-                .is_some(),
-            "{path}: no log line with {log:?} for request {id}"
-        );
-        assert!(
-            all_ok,
-            "{path}: a request to the other cage failed meanwhile"
-        );
+        assert!(s.wait_for_all(&[&id, log], Duration::from_secs(10)).is_some(), "{path}: no log line with {log:?} for request {id}");
+        assert!(all_ok, "{path}: a request to the other cage failed meanwhile");
         if took >= Duration::from_secs(1) {
             // A frozen worker would hold the client's next connection for the whole probe.
-            assert!(
-                answers >= 10,
-                "{path}: the other cage answered only {answers} times in {took:?}"
-            );
+            assert!(answers >= 10, "{path}: the other cage answered only {answers} times in {took:?}");
         }
-        assert!(
-            took < Duration::from_secs(20),
-            "{path}: ended after {took:?}, far past its 2 s deadline"
-        );
+        assert!(took < Duration::from_secs(20), "{path}: ended after {took:?}, far past its 2 s deadline");
     }
     // The memory of the bomb is given back (a full collection follows it).
     let after = rss_kib(s.child.id());
     eprintln!("RSS before the probes {baseline} KiB, after {after} KiB");
-    assert!(
-        after < baseline + 128 * 1024,
-        "RSS grew from {baseline} KiB to {after} KiB"
-    );
-    assert_eq!(
-        get(hostile, "/quick").text(),
-        "quick",
-        "the hostile cage itself still works"
-    );
+    assert!(after < baseline + 128 * 1024, "RSS grew from {baseline} KiB to {after} KiB");
+    assert_eq!(get(hostile, "/quick").text(), "quick", "the hostile cage itself still works");
 }
 
 #[test]
@@ -238,16 +193,7 @@ fn library_tables_and_pmnc_are_not_shared_between_modules() {
 #[test]
 fn os_getenv_reads_only_the_names_the_cage_allows() {
     let t = app();
-    let mut s = Server::try_start_env(
-        t.path(),
-        2,
-        &[],
-        &[
-            ("PMNC_ISOLATION_VISIBLE", "visible"),
-            ("PMNC_ISOLATION_HIDDEN", "secret"),
-        ],
-    )
-    .unwrap();
+    let mut s = Server::try_start_env(t.path(), 2, &[], &[("PMNC_ISOLATION_VISIBLE", "visible"), ("PMNC_ISOLATION_HIDDEN", "secret")]).unwrap();
     s.wait_for("running", Duration::from_secs(10));
     assert_eq!(get(s.addr("hostile"), "/getenv").text(), "visible nil");
 }
@@ -257,51 +203,24 @@ fn sigterm_ends_the_process_while_a_hostile_request_runs() {
     let t = app();
     let mut s = Server::start(t.path(), &[]);
     let long = s.addr("long");
-    let client = std::thread::spawn(move || {
-        raw_request(
-            long,
-            b"GET /redos_logged HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
-            Duration::from_secs(60),
-        )
-    });
-    assert!(
-        s.wait_for("searching", Duration::from_secs(10)).is_some(),
-        "the request did not start"
-    );
+    let client = std::thread::spawn(move || raw_request(long, b"GET /redos_logged HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", Duration::from_secs(60)));
+    assert!(s.wait_for("searching", Duration::from_secs(10)).is_some(), "the request did not start");
     s.signal(15);
     // The drain waits for requests in flight up to the longest timeout (4 s) plus 1 s.
     let status = s.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.is_some(),
-        "the process still runs 30 s after SIGTERM"
-    );
+    assert!(status.is_some(), "the process still runs 30 s after SIGTERM");
     let r = client.join().unwrap();
-    assert!(
-        matches!(&r, Ok(r) if r.status == 504) || r.is_err(),
-        "{r:?}"
-    );
+    assert!(matches!(&r, Ok(r) if r.status == 504) || r.is_err(), "{r:?}");
 }
 
 #[test]
 fn top_level_code_over_its_limit_is_refused_naming_the_file() {
     let t = Tree::new();
     t.write("c/cage.toml", &http_cage_toml(""));
-    t.write(
-        "c/http.lua",
-        "local M = {} function M.handle() return 'x' end return M",
-    );
-    t.write(
-        "c/slow.lua",
-        "local x = (\"x\"):rep(6e4):find(\".-y\")\nreturn {}",
-    );
-    let out = pmnc_limited(
-        &["check", t.path().join("c").to_str().unwrap()],
-        Duration::from_secs(60),
-    );
+    t.write("c/http.lua", "local M = {} function M.handle() return 'x' end return M");
+    t.write("c/slow.lua", "local x = (\"x\"):rep(6e4):find(\".-y\")\nreturn {}");
+    let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
     assert_ne!(out.code, Some(0));
     let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        text.contains("slow.lua: module top-level code ran longer than 500 ms"),
-        "{text}"
-    );
+    assert!(text.contains("slow.lua: module top-level code ran longer than 500 ms"), "{text}");
 }

@@ -1,6 +1,7 @@
 //! `require` through the real binary: third-party pure-Lua libraries from `lua_modules/` (the
 //! luarocks layout), one copy per module, native libraries refused, a changed library reloading
 //! the modules that use it, and missing libraries reported at the module's line.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

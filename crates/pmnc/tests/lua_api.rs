@@ -1,5 +1,6 @@
 //! The Lua-level tests of the pmnc API (tests/lua-api/*_test.lua) through `pmnc test`, on a copy
 //! of the folder so that the state they write stays out of the source tree.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The LuaLS annotations that `pmnc new` writes (crates/pmnc/src/scaffold/luals/pmnc.lua) and the
 //! Lua API reference (docs/lua-api.md) name the same functions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 

@@ -1,5 +1,6 @@
 //! The monitor of a running `pmnc`: exact figures in /metrics and /status after known requests,
 //! histogram buckets, reloads and module errors, alerts with de-duplication, and access control.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -34,21 +35,8 @@ end
 return M
 "#;
 
-/// The monitor's address from its start line.
-fn monitor_addr(s: &mut Server) -> SocketAddr {
-    let line = s.wait_for("monitor page at http://", Duration::from_secs(10)).expect("monitor start line");
-    let rest = &line[line.find("http://").unwrap_or(0) + "http://".len()..];
-    let addr = rest.split('/').next().unwrap_or("");
-    addr.parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
-}
-
 fn json(r: &Response) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.text()))
-}
-
-/// The value of the sample line `name{labels}` in Prometheus text.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
 }
 
 /// GETs /metrics until `name_and_labels` reads `want` (figures are read live, but sampled
@@ -70,10 +58,16 @@ fn metric_until(addr: SocketAddr, name_and_labels: &str, want: f64) -> String {
 #[test]
 fn metrics_and_status_count_requests_errors_and_latency_exactly() {
     let t = Tree::new();
-    t.write("web/cage.toml", &http_cage_toml("request_timeout = \"400ms\"\n"));
+    // The state visits go through an interface of their own with a long deadline: a commit to
+    // SQLite on a loaded machine may take longer than the 400 ms the deadline test needs.
+    t.write(
+        "web/cage.toml",
+        &http_cage_toml("request_timeout = \"400ms\"\n\n[interfaces.state]\nprotocol = \"http\"\nlisten = \"127.0.0.1:0\"\nhandler = \"http.handle\"\nrequest_timeout = \"10s\"\n"),
+    );
     t.write("web/http.lua", HANDLER);
     let mut s = Server::start(&t.path().join("web"), &[]);
     let http = s.addr("http");
+    let visits = s.addr("state");
     let monitor = monitor_addr(&mut s);
 
     for _ in 0..7 {
@@ -110,23 +104,22 @@ fn metrics_and_status_count_requests_errors_and_latency_exactly() {
 
     // Each visit reads and writes the state resource.
     for _ in 0..4 {
-        assert_eq!(get(http, "/visit").status, 200);
+        assert_eq!(get(visits, "/visit").status, 200);
     }
-    let text = metric_until(monitor, &format!("pmnc_requests_total{labels}"), 17.0);
+    let text = metric_until(monitor, "pmnc_requests_total{cage=\"web\",interface=\"state\"}", 4.0);
     assert_eq!(sample(&text, "pmnc_resource_calls_total{cage=\"web\",resource=\"state\"}"), Some(8.0), "{text}");
-    assert_eq!(sample(&text, "pmnc_resource_errors_total{cage=\"web\",resource=\"state\"}"), Some(0.0), "{text}");
-    assert_eq!(
-        sample(&text, "pmnc_resource_call_duration_seconds_count{cage=\"web\",resource=\"state\"}"),
-        Some(8.0),
-        "{text}"
-    );
+    assert_eq!(sample(&text, "pmnc_resource_errors_total{cage=\"web\",resource=\"state\",cause=\"query\"}"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "pmnc_resource_call_duration_seconds_count{cage=\"web\",resource=\"state\"}"), Some(8.0), "{text}");
     assert!(text.contains("# TYPE pmnc_request_duration_seconds histogram"), "{text}");
     // Both workers sample their VM's memory within a second or two.
     let text = {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = get(monitor, "/metrics").text();
-            let vms = ["0", "1"].iter().filter(|w| sample(&text, &format!("pmnc_lua_memory_bytes{{cage=\"web\",worker=\"{w}\"}}")).is_some_and(|b| b > 10_000.0)).count();
+            let vms = ["0", "1"]
+                .iter()
+                .filter(|w| sample(&text, &format!("pmnc_lua_memory_bytes{{cage=\"web\",worker=\"{w}\"}}")).is_some_and(|b| b > 10_000.0))
+                .count();
             if vms == 2 || Instant::now() > deadline {
                 break text;
             }
@@ -142,7 +135,7 @@ fn metrics_and_status_count_requests_errors_and_latency_exactly() {
     let iface = &st["cages"][0]["interfaces"][0];
     assert_eq!(st["cages"][0]["name"], "web");
     assert_eq!(iface["name"], "http");
-    assert_eq!(iface["requests"], 17);
+    assert_eq!(iface["requests"], 13);
     assert_eq!(iface["errors"], 4);
     assert_eq!(iface["timeouts"], 1);
     assert_eq!(st["pid"], s.child.id());
@@ -163,10 +156,10 @@ fn metrics_and_status_count_requests_errors_and_latency_exactly() {
         let total: f64 = column.iter().filter_map(|v| v.as_f64()).sum();
         assert_eq!(series["time"].as_array().map(|t| t.len()), Some(column.len()));
         // Rates over intervals of about a second sum to about the count.
-        if (15.0..=19.0).contains(&total) {
+        if (11.0..=15.0).contains(&total) {
             break;
         }
-        assert!(Instant::now() < deadline, "requests/s never summed to 17: {column:?}");
+        assert!(Instant::now() < deadline, "requests/s never summed to 13: {column:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(get(monitor, "/api/series?window=2d").status, 400);
@@ -191,12 +184,7 @@ fn metrics_and_status_count_requests_errors_and_latency_exactly() {
 #[test]
 fn reloads_module_errors_and_alerts_with_deduplication() {
     let t = Tree::new();
-    t.write(
-        "web/cage.toml",
-        &http_cage_toml(
-            "[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\nrepeat = \"1s\"\n",
-        ),
-    );
+    t.write("web/cage.toml", &http_cage_toml("[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\nrepeat = \"1s\"\n"));
     t.write("web/http.lua", HANDLER);
     t.write("web/alerts.lua", ALERTS);
     t.write("web/util.lua", "return { x = 1 }\n");
@@ -207,7 +195,12 @@ fn reloads_module_errors_and_alerts_with_deduplication() {
 
     t.write("web/util.lua", "local M = {}\nM.x = = 2\nreturn M\n");
     s.wait_for("keeping the previous version", Duration::from_secs(10)).expect("reload error logged");
-    let r = get_until(http, "/alerts", "1 broken|module_error|util|cage web: 1 module(s) failed to load: web/util.lua:2: unexpected symbol near '='", Duration::from_secs(10));
+    let r = get_until(
+        http,
+        "/alerts",
+        "1 broken|module_error|util|cage web: 1 module(s) failed to load: web/util.lua:2: unexpected symbol near '='",
+        Duration::from_secs(10),
+    );
     assert_eq!(r.status, 200);
     let text = metric_until(monitor, "pmnc_module_load_errors_total{cage=\"web\"}", 1.0);
     assert_eq!(sample(&text, "pmnc_module_reloads_total{cage=\"web\"}"), Some(0.0), "no reload yet: {text}");
@@ -233,7 +226,12 @@ fn reloads_module_errors_and_alerts_with_deduplication() {
     }
     assert!(json(&get(monitor, "/status"))["cages"][0]["broken_modules"].as_array().is_some_and(|b| b.is_empty()));
     t.write("web/util.lua", "return {\n\n x = \n");
-    let r = get_until(http, "/alerts", "2 broken|module_error|util|cage web: 1 module(s) failed to load: web/util.lua:4: unexpected symbol near <eof>", Duration::from_secs(10));
+    let r = get_until(
+        http,
+        "/alerts",
+        "2 broken|module_error|util|cage web: 1 module(s) failed to load: web/util.lua:4: unexpected symbol near <eof>",
+        Duration::from_secs(10),
+    );
     assert_eq!(r.status, 200);
 }
 
@@ -322,7 +320,11 @@ fn alert_targets_in_this_process_must_exist() {
     t.write("app/cages/ops/alerts.lua", ALERTS);
     let out = pmnc_limited(&["check", &t.path().join("app").display().to_string()], Duration::from_secs(20));
     assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
-    assert!(out.stderr.contains("web/cage.toml:6: monitor.alerts.a.target: module alerts (ops/alerts.lua) has no function recieve (it has: receive)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("web/cage.toml:6: monitor.alerts.a.target: module alerts (ops/alerts.lua) has no function recieve (it has: receive)"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("web/cage.toml:9: monitor.alerts.b.target: cage ops has no module nothing"), "{}", out.stderr);
     assert!(!out.stderr.contains("elsewhere"), "a cage elsewhere is not a problem: {}", out.stderr);
 }
@@ -394,16 +396,11 @@ fn alerts_can_be_delivered_as_durable_calls() {
     let t = Tree::new();
     t.write(
         "web/cage.toml",
-        &http_cage_toml(
-            "[queues.alerts]\n[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\ndurable_queue = \"alerts\"\n",
-        ),
+        &http_cage_toml("[queues.alerts]\n[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\ndurable_queue = \"alerts\"\n"),
     );
     t.write("web/http.lua", "local M = {}\nfunction M.handle() return 'ok' end\nreturn M\n");
     // The receiver records which durable call brought the alert.
-    t.write(
-        "web/alerts.lua",
-        "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, 'call', pmnc.request.call_id) end\nreturn M\n",
-    );
+    t.write("web/alerts.lua", "local M = {}\nfunction M.receive(alert) pmnc.log.warn('ALERT', alert.alert, 'call', pmnc.request.call_id) end\nreturn M\n");
     t.write("web/util.lua", "return { x = 1 }\n");
     let mut s = Server::start(&t.path().join("web"), &[]);
     t.write("web/util.lua", "local M = {}\nM.x = = 2\nreturn M\n");
@@ -419,4 +416,42 @@ fn alerts_can_be_delivered_as_durable_calls() {
     let out = pmnc_limited(&["check", t.path().join("other").to_str().unwrap()], Duration::from_secs(20));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("monitor.alerts.b.target: alert b: cage other has no queue \"nope\""), "{}", out.stderr);
+}
+
+/// Polls /status until `done` holds for it (bounded by 10 s); returns that status.
+fn status_until(monitor: SocketAddr, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = json(&get(monitor, "/status"));
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what} never came: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_broken_module_deleted_before_it_ever_loaded_leaves_status_and_its_alert_clears() {
+    let t = Tree::new();
+    t.write("web/cage.toml", &http_cage_toml("[monitor.alerts.broken]\nkind = \"module_error\"\ntarget = \"web.alerts.receive\"\nrepeat = \"1s\"\n"));
+    t.write("web/http.lua", HANDLER);
+    t.write("web/alerts.lua", ALERTS);
+    let mut s = Server::start(&t.path().join("web"), &[]);
+    let monitor = monitor_addr(&mut s);
+
+    // A new module, broken from its first save: no worker ever has it.
+    let fresh = t.write("web/fresh.lua", "return { x = = 1 }\n");
+    s.wait_for("web/fresh.lua:1:", Duration::from_secs(10)).expect("the load error is logged");
+    let st = status_until(monitor, "the alert", |st| st["alerts"][0]["active"] == true);
+    assert_eq!(st["cages"][0]["broken_modules"][0]["module"], "fresh", "{st}");
+
+    std::fs::remove_file(&fresh).expect("remove fresh.lua");
+    s.wait_for("broken module fresh removed before it ever loaded", Duration::from_secs(10)).expect("the removal is logged");
+    let st = status_until(monitor, "the alert clearing", |st| st["alerts"][0]["active"] == false);
+    assert_eq!(st["cages"][0]["broken_modules"], serde_json::json!([]), "{st}");
+
+    // Broken again under the same name: reported again (the removal forgot its old contents).
+    t.write("web/fresh.lua", "return { x = = 1 }\n");
+    status_until(monitor, "the alert again", |st| st["alerts"][0]["active"] == true && st["cages"][0]["broken_modules"][0]["module"] == "fresh");
 }

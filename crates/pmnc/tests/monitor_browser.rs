@@ -1,9 +1,9 @@
 //! The monitor page in headless Chromium: it draws its graphs from live figures (the DOM after
 //! a few seconds of the page's own polling) and a screenshot is saved in the target folder.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -50,12 +50,6 @@ fn headless(browser: &PathBuf, profile: &std::path::Path, url: &str, args: &[&st
     }
     out.push_str(&reader.join().unwrap_or_default());
     out
-}
-
-fn monitor_addr(s: &mut Server) -> SocketAddr {
-    let line = s.wait_for("monitor page at http://", Duration::from_secs(10)).expect("monitor start line");
-    let rest = &line[line.find("http://").unwrap_or(0) + "http://".len()..];
-    rest.split('/').next().unwrap_or("").parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! must not make the queue re-run calls at once or flood the log, and a file system that turns
 //! read-only refuses new calls clearly and loses none. The cage lives on a small tmpfs of its
 //! own, which needs root (mount); without it each test is skipped with a loud message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 #[path = "queue_app/support.rs"]
@@ -23,11 +24,7 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(test: &str, size: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).status().is_ok_and(|s| s.success());
         if !ok {
             eprintln!(
                 "\n*** SKIPPED {test}: cannot mount a tmpfs (needs root: mount -t tmpfs -o size={size} tmpfs DIR); run the tests as root to cover full and read-only disks ***\n"
@@ -42,11 +39,7 @@ impl Tmpfs {
     }
 
     fn remount(&self, mode: &str) {
-        let ok = Command::new("mount")
-            .args(["-o", &format!("remount,{mode}")])
-            .arg(self.path())
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(self.path()).status().is_ok_and(|s| s.success());
         assert!(ok, "mount -o remount,{mode} {}", self.path().display());
     }
 
@@ -63,10 +56,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
 
@@ -125,10 +115,7 @@ fn runs(log: &[String], what: &str) -> usize {
 /// there is room again the call completes with its state writes applied exactly once.
 #[test]
 fn a_full_disk_does_not_rerun_calls_at_once_or_flood_the_log() {
-    let Some(fs) = Tmpfs::mount(
-        "a_full_disk_does_not_rerun_calls_at_once_or_flood_the_log",
-        "20m",
-    ) else {
+    let Some(fs) = Tmpfs::mount("a_full_disk_does_not_rerun_calls_at_once_or_flood_the_log", "20m") else {
         return;
     };
     let dir = cage(fs.path());
@@ -144,36 +131,15 @@ fn a_full_disk_does_not_rerun_calls_at_once_or_flood_the_log() {
     let window = &s.log[before..];
     let (good, bad) = (runs(window, "RAN ok good"), runs(window, "RAN fail bad"));
     eprintln!("12 s of full disk: the succeeding call ran {good} times, the failing one {bad}, {} log lines", window.len());
-    assert!(
-        good >= 1 && bad >= 1,
-        "the calls ran at all: good {good}, bad {bad}"
-    );
-    assert!(
-        good <= 5,
-        "the succeeding call ran {good} times in 12 s of full disk"
-    );
-    assert!(
-        bad <= 5,
-        "the failing call ran {bad} times in 12 s of full disk"
-    );
-    assert!(
-        window.len() <= 80,
-        "{} log lines in 12 s of full disk:\n{}",
-        window.len(),
-        window.join("\n")
-    );
+    assert!(good >= 1 && bad >= 1, "the calls ran at all: good {good}, bad {bad}");
+    assert!(good <= 5, "the succeeding call ran {good} times in 12 s of full disk");
+    assert!(bad <= 5, "the failing call ran {bad} times in 12 s of full disk");
+    assert!(window.len() <= 80, "{} log lines in 12 s of full disk:\n{}", window.len(), window.join("\n"));
     std::fs::remove_file(filler).unwrap();
     get_prefix(addr, "/result?id=good", "done", Duration::from_secs(40));
-    assert_eq!(
-        get(addr, "/state?key=ran:good").text(),
-        "1",
-        "its state write took effect once"
-    );
+    assert_eq!(get(addr, "/state?key=ran:good").text(), "1", "its state write took effect once");
     let bad = get(addr, "/result?id=bad").text();
-    assert!(
-        bad.starts_with("failed ") && bad.contains("fails bad"),
-        "{bad}"
-    );
+    assert!(bad.starts_with("failed ") && bad.contains("fails bad"), "{bad}");
     let refused = get(addr, "/enqueue?fn=ok&id=after").text();
     assert_eq!(refused, "after", "new calls are accepted again");
 }
@@ -185,44 +151,22 @@ fn a_full_disk_does_not_rerun_calls_at_once_or_flood_the_log() {
 /// shown a read-only file; a write that fails while running is the full disk case above.)
 #[test]
 fn a_read_only_state_file_stops_the_start_clearly_and_loses_nothing() {
-    let Some(fs) = Tmpfs::mount(
-        "a_read_only_state_file_stops_the_start_clearly_and_loses_nothing",
-        "20m",
-    ) else {
+    let Some(fs) = Tmpfs::mount("a_read_only_state_file_stops_the_start_clearly_and_loses_nothing", "20m") else {
         return;
     };
     let dir = cage(fs.path());
     let mut s = Server::start(&dir, &[]);
-    assert_eq!(
-        get(s.addr("http"), "/enqueue?fn=ok&id=r1&delay=3600").text(),
-        "r1"
-    );
+    assert_eq!(get(s.addr("http"), "/enqueue?fn=ok&id=r1&delay=3600").text(), "r1");
     assert_eq!(s.terminate(Duration::from_secs(20)), Some(0));
     drop(s);
     fs.remount("ro");
     let start = pmnc_limited(&["run", dir.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(start.code, Some(1), "{}", start.stderr);
-    assert!(
-        start.stderr.contains("state.sqlite") && start.stderr.contains("read-only"),
-        "{}",
-        start.stderr
-    );
-    let ls = pmnc_limited(
-        &["queue", "ls", dir.to_str().unwrap()],
-        Duration::from_secs(30),
-    );
+    assert!(start.stderr.contains("state.sqlite") && start.stderr.contains("read-only"), "{}", start.stderr);
+    let ls = pmnc_limited(&["queue", "ls", dir.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(ls.code, Some(0), "{}", ls.stderr);
-    assert!(
-        ls.stdout.contains("queue retry: 1 waiting") && ls.stdout.contains("r1"),
-        "{}",
-        ls.stdout
-    );
+    assert!(ls.stdout.contains("queue retry: 1 waiting") && ls.stdout.contains("r1"), "{}", ls.stdout);
     fs.remount("rw");
     let s = Server::start(&dir, &[]);
-    assert!(
-        get(s.addr("http"), "/result?id=r1")
-            .text()
-            .starts_with("pending 0 "),
-        "the call is still there"
-    );
+    assert!(get(s.addr("http"), "/result?id=r1").text().starts_with("pending 0 "), "the call is still there");
 }

@@ -2,6 +2,7 @@
 //! deleted files, `.shared` fallback, empty files, requests in flight and module state.
 //!
 //! Every wait is for a log line or for an HTTP answer, polled with a bound.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -251,9 +252,7 @@ return M
 #[test]
 fn module_state_resets_on_reload() {
     let t = Tree::new();
-    let counter = |tag: &str| {
-        format!("local M = {{}}\nlocal count = 0\nfunction M.v()\n  count = count + 1\n  return \"{tag}:\" .. count\nend\nreturn M\n")
-    };
+    let counter = |tag: &str| format!("local M = {{}}\nlocal count = 0\nfunction M.v()\n  count = count + 1\n  return \"{tag}:\" .. count\nend\nreturn M\n");
     let s = app(&t, &counter("a"));
     let addr = s.addr("http");
     let parse = |text: String| -> (String, u64) {
@@ -291,18 +290,9 @@ fn a_changed_resource_config_rebuilds_only_that_pool() {
     let t = Tree::new();
     t.write("a/x.txt", "from A");
     t.write("b/x.txt", "from B");
-    let toml = |root: &str| {
-        format!(
-            "{}\n[resources.files]\nprotocol = \"file\"\nroot = \"{}\"\n",
-            http_cage_toml(""),
-            t.path().join(root).display()
-        )
-    };
+    let toml = |root: &str| format!("{}\n[resources.files]\nprotocol = \"file\"\nroot = \"{}\"\n", http_cage_toml(""), t.path().join(root).display());
     t.write("cages/web/cage.toml", &toml("a"));
-    t.write(
-        "cages/web/http.lua",
-        "return { handle = function() pmnc.state.set('n', 1) return pmnc.transaction.files.read('x.txt') end }\n",
-    );
+    t.write("cages/web/http.lua", "return { handle = function() pmnc.state.set('n', 1) return pmnc.transaction.files.read('x.txt') end }\n");
     let mut s = Server::start(t.path(), &[]);
     let addr = s.addr("http");
     assert_eq!(get(addr, "/").text(), "from A");

@@ -1,6 +1,7 @@
 //! Resources through the real binary: the implicit state resource survives a restart, a
 //! PostgreSQL resource configured in cage.toml, pool exhaustion bounded by the deadline, and
 //! resource config refused by `pmnc check`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

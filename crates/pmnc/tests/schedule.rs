@@ -1,5 +1,6 @@
 //! The schedule interface through the real binary: two copies of a cage on the same folder run
 //! each firing once, and bad schedule config is refused with file, line and key.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -20,7 +21,10 @@ return {
 #[test]
 fn two_copies_of_a_cage_run_each_firing_once() {
     let t = Tree::new();
-    t.write("jobs/cage.toml", "[interfaces.every_second]\nprotocol = \"schedule\"\ncron = \"* * * * * *\"\ntimezone = \"Europe/Berlin\"\nhandler = \"jobs.tick\"\n");
+    t.write(
+        "jobs/cage.toml",
+        "[interfaces.every_second]\nprotocol = \"schedule\"\ncron = \"* * * * * *\"\ntimezone = \"Europe/Berlin\"\nhandler = \"jobs.tick\"\n",
+    );
     t.write("jobs/jobs.lua", JOBS);
     let cage = t.path().join("jobs");
     let a = Server::start(&cage, &[]);

@@ -1,5 +1,6 @@
 //! Graceful shutdown of the real `pmnc` binary: on SIGTERM or SIGINT it stops accepting, lets the
 //! requests in flight finish within their deadlines, and exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Server-sent events through the real `pmnc` binary: `response.stream` framing, resuming with
 //! Last-Event-ID, the stream ending when the handler returns, and a client that disconnects
 //! making the next send fail so the handler ends.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

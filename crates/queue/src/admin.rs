@@ -12,10 +12,7 @@ use crate::store::{self, OutboxRecord, Record};
 
 fn open(path: &Path) -> Result<rusqlite::Connection, String> {
     if !path.exists() {
-        return Err(format!(
-            "{} does not exist (the cage has not stored anything yet)",
-            path.display()
-        ));
+        return Err(format!("{} does not exist (the cage has not stored anything yet)", path.display()));
     }
     rustomnic_resource_state::store::open(path, Duration::from_secs(10)).map_err(|e| e.message)
 }
@@ -29,38 +26,20 @@ fn open_to_read(path: &Path) -> Result<rusqlite::Connection, String> {
         Err(e) => e,
     };
     let read_only = || -> rusqlite::Result<rusqlite::Connection> {
-        let c = rusqlite::Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        let c = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
         Ok(c)
     };
     // On a read-only volume a WAL file cannot get its shared memory; a file that nothing can
     // write is read as it is.
     let immutable = || -> rusqlite::Result<rusqlite::Connection> {
-        let uri = format!(
-            "file:{}?immutable=1",
-            path.display()
-                .to_string()
-                .replace('?', "%3f")
-                .replace('#', "%23")
-        );
-        let c = rusqlite::Connection::open_with_flags(
-            uri,
-            OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_URI
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        let uri = format!("file:{}?immutable=1", path.display().to_string().replace('?', "%3f").replace('#', "%23"));
+        let c = rusqlite::Connection::open_with_flags(uri, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
         Ok(c)
     };
-    let conn = read_only()
-        .or_else(|_| immutable())
-        .map_err(|_| first.clone())?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| sql_error(path, "cannot read the schema version", e).message)?;
+    let conn = read_only().or_else(|_| immutable()).map_err(|_| first.clone())?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| sql_error(path, "cannot read the schema version", e).message)?;
     if version != SCHEMA_VERSION as i64 {
         return Err(format!("{first} (and read-only, its schema version {version} cannot be brought to {SCHEMA_VERSION})"));
     }
@@ -78,22 +57,14 @@ fn time(ms: i64) -> String {
 
 fn value_text(bytes: &[u8]) -> String {
     match decode(bytes) {
-        Ok(v) => v
-            .to_json()
-            .map(|j| j.to_string())
-            .unwrap_or_else(|e| format!("<{e}>")),
+        Ok(v) => v.to_json().map(|j| j.to_string()).unwrap_or_else(|e| format!("<{e}>")),
         Err(e) => format!("<cannot read: {e}>"),
     }
 }
 
 /// `pmnc queue ls`: figures per queue and of the outbox, then the calls waiting or dead, in the
 /// queue and in the outbox (at most `limit`).
-pub fn ls(
-    cage: &str,
-    path: &Path,
-    limit: usize,
-    out: &mut dyn std::io::Write,
-) -> Result<(), String> {
+pub fn ls(cage: &str, path: &Path, limit: usize, out: &mut dyn std::io::Write) -> Result<(), String> {
     let conn = open_to_read(path)?;
     let figures = store::figures(&conn, path, true)?;
     let w = |e: std::io::Error| e.to_string();
@@ -117,33 +88,16 @@ pub fn ls(
     for status in ["pending", "failed", "dead"] {
         for r in store::list(&conn, path, Some(status), limit.saturating_sub(shown))? {
             shown += 1;
-            let when = if status == "dead" {
-                r.finished_ms.map(time).unwrap_or_default()
-            } else {
-                format!("due {}", time(r.due_ms))
-            };
-            writeln!(
-                out,
-                "{:<8} {:<40} {:<10} {} attempts {} {}",
-                r.status, r.id, r.queue, r.target, r.attempts, when
-            )
-            .map_err(w)?;
+            let when = if status == "dead" { r.finished_ms.map(time).unwrap_or_default() } else { format!("due {}", time(r.due_ms)) };
+            writeln!(out, "{:<8} {:<40} {:<10} {} attempts {} {}", r.status, r.id, r.queue, r.target, r.attempts, when).map_err(w)?;
         }
     }
     for status in ["pending", "dead"] {
         for r in store::outbox_list(&conn, path, status, limit.saturating_sub(shown))? {
             shown += 1;
-            let when = if status == "dead" {
-                format!("gave up {}", r.finished_ms.map(time).unwrap_or_default())
-            } else {
-                format!("next try {}", time(r.next_ms))
-            };
-            writeln!(
-                out,
-                "{:<8} {:<40} {:<10} {} in the outbox, forwarding attempts {} {}",
-                r.status, r.id, r.queue, r.target, r.attempts, when
-            )
-            .map_err(w)?;
+            let when =
+                if status == "dead" { format!("gave up {}", r.finished_ms.map(time).unwrap_or_default()) } else { format!("next try {}", time(r.next_ms)) };
+            writeln!(out, "{:<8} {:<40} {:<10} {} in the outbox, forwarding attempts {} {}", r.status, r.id, r.queue, r.target, r.attempts, when).map_err(w)?;
         }
     }
     Ok(())
@@ -184,31 +138,15 @@ fn write_record(r: &Record, out: &mut dyn std::io::Write) -> std::io::Result<()>
     Ok(())
 }
 
-fn write_outbox_record(
-    cage: &str,
-    r: &OutboxRecord,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
+fn write_outbox_record(cage: &str, r: &OutboxRecord, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     writeln!(out, "id:        {}", r.id)?;
     writeln!(out, "queue:     {}", r.queue)?;
     writeln!(out, "call:      {}", r.target)?;
     writeln!(out, "from cage: {cage}")?;
     match r.status.as_str() {
-        "pending" => writeln!(
-            out,
-            "status:    pending in the outbox of cage {cage}: not accepted by cage {} yet",
-            r.cage
-        )?,
-        "dead" => writeln!(
-            out,
-            "status:    dead in the outbox of cage {cage}: cage {} never accepted it",
-            r.cage
-        )?,
-        "forwarded" => writeln!(
-            out,
-            "status:    forwarded: accepted by cage {}, whose file keeps its progress",
-            r.cage
-        )?,
+        "pending" => writeln!(out, "status:    pending in the outbox of cage {cage}: not accepted by cage {} yet", r.cage)?,
+        "dead" => writeln!(out, "status:    dead in the outbox of cage {cage}: cage {} never accepted it", r.cage)?,
+        "forwarded" => writeln!(out, "status:    forwarded: accepted by cage {}, whose file keeps its progress", r.cage)?,
         other => writeln!(out, "status:    {other} in the outbox of cage {cage}")?,
     }
     writeln!(out, "forwarding attempts: {}", r.attempts)?;
@@ -217,11 +155,7 @@ fn write_outbox_record(
     if r.expires_given {
         writeln!(out, "expires:   {}", time(r.expires_ms))?;
     } else {
-        writeln!(
-            out,
-            "expires:   as its target queue's expires_in sets (forwarded until {})",
-            time(r.expires_ms)
-        )?;
+        writeln!(out, "expires:   as its target queue's expires_in sets (forwarded until {})", time(r.expires_ms))?;
     }
     match r.status.as_str() {
         "pending" => writeln!(out, "next try:  {}", time(r.next_ms))?,
@@ -244,22 +178,14 @@ fn write_outbox_record(
 /// before it expires); a call in the outbox is forwarded again now.
 pub fn retry(path: &Path, id: &str, extend: Duration) -> Result<(), String> {
     let conn = open(path)?;
-    if store::retry(&conn, path, id, extend.as_millis() as i64)?
-        || store::outbox_retry(&conn, path, id, extend.as_millis() as i64)?
-    {
+    if store::retry(&conn, path, id, extend.as_millis() as i64)? || store::outbox_retry(&conn, path, id, extend.as_millis() as i64)? {
         return Ok(());
     }
     if let Some(r) = store::find(&conn, path, id)? {
-        return Err(format!(
-            "call {id:?} is {}; only waiting, failed or dead calls can be retried",
-            r.status
-        ));
+        return Err(format!("call {id:?} is {}; only waiting, failed or dead calls can be retried", r.status));
     }
     if let Some(r) = store::outbox_find(&conn, path, id)? {
-        return Err(format!(
-            "call {id:?} was {} to cage {}; retry it there",
-            r.status, r.cage
-        ));
+        return Err(format!("call {id:?} was {} to cage {}; retry it there", r.status, r.cage));
     }
     Err(format!("no call {id:?} in {}", path.display()))
 }
@@ -268,29 +194,12 @@ pub fn retry(path: &Path, id: &str, extend: Duration) -> Result<(), String> {
 /// queue and in the outbox, in chunks with a progress bar; returns how many were deleted.
 pub fn purge(path: &Path, dead_only: bool, progress: bool) -> Result<u64, String> {
     let mut conn = open(path)?;
-    let (calls, outbox) = if dead_only {
-        ("status = 'dead'", "status = 'dead'")
-    } else {
-        (
-            "status IN ('pending', 'failed', 'dead')",
-            "status IN ('pending', 'dead')",
-        )
-    };
+    let (calls, outbox) =
+        if dead_only { ("status = 'dead'", "status = 'dead'") } else { ("status IN ('pending', 'failed', 'dead')", "status IN ('pending', 'dead')") };
     let fail = |e| sql_error(path, "queue purge", e).message;
-    let count = |table: &str, filter: &str| {
-        conn.query_row(
-            &format!("SELECT count(*) FROM {table} WHERE {filter}"),
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(fail)
-    };
+    let count = |table: &str, filter: &str| conn.query_row(&format!("SELECT count(*) FROM {table} WHERE {filter}"), [], |r| r.get::<_, i64>(0)).map_err(fail);
     let total = count("queue_calls", calls)? + count("queue_outbox", outbox)?;
-    let bar = if progress && total > 0 {
-        indicatif::ProgressBar::new(total as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = if progress && total > 0 { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
     let mut deleted = 0u64;
     for (table, filter) in [("queue_calls", calls), ("queue_outbox", outbox)] {
         loop {

@@ -52,22 +52,14 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(600),
-            multiplier: 2.0,
-            jitter: 0.2,
-        }
+        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(600), multiplier: 2.0, jitter: 0.2 }
     }
 }
 
 impl Backoff {
     /// The wait before the attempt after `attempts` failed ones; `random` is uniform in [0, 1).
     pub fn wait(&self, attempts: u32, random: f64) -> Duration {
-        let base = self.initial.as_secs_f64()
-            * self
-                .multiplier
-                .powi(attempts.saturating_sub(1).min(1000) as i32);
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(attempts.saturating_sub(1).min(1000) as i32);
         let base = base.min(self.max.as_secs_f64());
         let spread = 1.0 + self.jitter * (2.0 * random - 1.0);
         Duration::from_secs_f64((base * spread).clamp(0.0, self.max.as_secs_f64()))
@@ -129,19 +121,13 @@ pub fn read_queues(queues: &Section) -> Vec<QueueConfig> {
             }
             let multiplier = match b.kind_of("multiplier") {
                 Some("integer") => b.integer("multiplier", 1, 100).map(|n| n.value as f64),
-                Some(_) => {
-                    b.string("multiplier")
-                        .and_then(|m| match m.value.trim().parse::<f64>() {
-                            Ok(f) if (1.0..=100.0).contains(&f) => Some(f),
-                            _ => {
-                                b.error(
-                                    "multiplier",
-                                    format!("{:?} is not a number from 1 to 100", m.value),
-                                );
-                                None
-                            }
-                        })
-                }
+                Some(_) => b.string("multiplier").and_then(|m| match m.value.trim().parse::<f64>() {
+                    Ok(f) if (1.0..=100.0).contains(&f) => Some(f),
+                    _ => {
+                        b.error("multiplier", format!("{:?} is not a number from 1 to 100", m.value));
+                        None
+                    }
+                }),
                 None => None,
             };
             if let Some(m) = multiplier {
@@ -167,45 +153,26 @@ mod tests {
 
     #[test]
     fn backoff_grows_to_its_max_with_bounded_jitter() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-            multiplier: 2.0,
-            jitter: 0.5,
-        };
+        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), multiplier: 2.0, jitter: 0.5 };
         assert_eq!(b.wait(1, 0.5), Duration::from_millis(100));
         assert_eq!(b.wait(3, 0.5), Duration::from_millis(400));
         assert_eq!(b.wait(30, 0.5), Duration::from_secs(1));
-        assert!(
-            b.wait(2, 0.0) >= Duration::from_millis(100)
-                && b.wait(2, 0.0) < Duration::from_millis(200)
-        );
+        assert!(b.wait(2, 0.0) >= Duration::from_millis(100) && b.wait(2, 0.0) < Duration::from_millis(200));
         assert!(b.wait(2, 0.999) > Duration::from_millis(200));
     }
 
     #[test]
     fn queues_are_read_and_bad_keys_named() {
         let text = "[queues.retry]\nconcurrency = 4\nkeep_order = true\nexpires_in = \"2s\"\n[queues.retry.backoff]\ninitial = \"10ms\"\nmultiplier = \"1.5\"\njitter = 10\n[queues.bad]\nconcurrency = 0\nwhat = 1\n";
-        let file =
-            rustomnic_core::SourceFile::parse(std::path::Path::new("cage.toml"), text.to_string())
-                .unwrap();
+        let file = rustomnic_core::SourceFile::parse(std::path::Path::new("cage.toml"), text.to_string()).unwrap();
         let root = file.root();
         let qs = read_queues(&root.table("queues").unwrap());
         assert_eq!(qs.len(), 2);
         assert_eq!((qs[0].name.as_str(), qs[1].name.as_str()), ("retry", "bad"));
-        assert_eq!(
-            (qs[0].concurrency, qs[0].keep_order, qs[0].expires_in),
-            (4, true, Duration::from_secs(2))
-        );
+        assert_eq!((qs[0].concurrency, qs[0].keep_order, qs[0].expires_in), (4, true, Duration::from_secs(2)));
         assert_eq!((qs[0].backoff.multiplier, qs[0].backoff.jitter), (1.5, 0.1));
         let errors: Vec<String> = file.take_errors().iter().map(|e| e.to_string()).collect();
-        assert!(
-            errors.iter().any(|e| e.contains("queues.bad.concurrency")),
-            "{errors:?}"
-        );
-        assert!(
-            errors.iter().any(|e| e.contains("queues.bad.what")),
-            "{errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.contains("queues.bad.concurrency")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("queues.bad.what")), "{errors:?}");
     }
 }

@@ -20,9 +20,7 @@ use rustomnic_resource_state::{decode, encode, held, MAX_VALUE};
 use crate::forward::{self, Forwarded};
 use crate::store::{self, Due, Outcome};
 use crate::writer::Op;
-use crate::{
-    publish_end, store_of, QueueConfig, Spawner, Store, EVENT_VALUES_MAX, FORWARDED_KEPT_MS,
-};
+use crate::{publish_end, store_of, QueueConfig, Spawner, Store, EVENT_VALUES_MAX, FORWARDED_KEPT_MS};
 
 /// The dispatcher looks at the file at least this often (new calls from other processes that
 /// share it, `pmnc queue retry`, clocks that jumped).
@@ -80,9 +78,7 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
             }
             next = next.min(outbox_at);
         }
-        let wait = Duration::from_millis(
-            (next - store::now_ms()).clamp(1, POLL.as_millis() as i64) as u64,
-        );
+        let wait = Duration::from_millis((next - store::now_ms()).clamp(1, POLL.as_millis() as i64) as u64);
         let (lock, cv) = &store.wake;
         let Ok(mut woken) = lock.lock() else { return };
         if !*woken {
@@ -113,11 +109,7 @@ fn dispatch_queue(
     seed: &mut u64,
 ) -> Result<Option<i64>, String> {
     let limit = if q.keep_order { 1 } else { q.concurrency };
-    let running = store
-        .inflight
-        .lock()
-        .map(|f| f.values().filter(|n| **n == q.name).count())
-        .unwrap_or(limit);
+    let running = store.inflight.lock().map(|f| f.values().filter(|n| **n == q.name).count()).unwrap_or(limit);
     if running >= limit {
         return Ok(None);
     }
@@ -129,12 +121,7 @@ fn dispatch_queue(
         if started >= limit {
             break;
         }
-        if store
-            .inflight
-            .lock()
-            .map(|f| f.contains_key(&seq))
-            .unwrap_or(true)
-        {
+        if store.inflight.lock().map(|f| f.contains_key(&seq)).unwrap_or(true) {
             continue;
         }
         if store.ended.lock().map(|e| e.contains(&seq)).unwrap_or(true) {
@@ -166,10 +153,7 @@ fn dispatch_queue(
             continue;
         }
         if q.rate_limit > 0 {
-            let r = rates.entry(q.name.clone()).or_insert(Rate {
-                tokens: q.rate_limit as f64,
-                at: Instant::now(),
-            });
+            let r = rates.entry(q.name.clone()).or_insert(Rate { tokens: q.rate_limit as f64, at: Instant::now() });
             let refill = r.at.elapsed().as_secs_f64() * q.rate_limit as f64;
             r.tokens = (r.tokens + refill).min(q.rate_limit as f64);
             r.at = Instant::now();
@@ -193,9 +177,7 @@ fn dispatch_queue(
 fn expire(store: &Arc<Store>, q: &QueueConfig, row: &Due, random: f64) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let recorded = match store.send(Op::Expire(row.seq, tx)) {
-        Ok(()) => rx
-            .blocking_recv()
-            .unwrap_or_else(|_| Err("the queue writer stopped".into())),
+        Ok(()) => rx.blocking_recv().unwrap_or_else(|_| Err("the queue writer stopped".into())),
         Err(e) => Err(e),
     };
     match recorded {
@@ -249,33 +231,16 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
             }
             Err(e) => {
                 let stored = format!("{target} returned a value that cannot be kept: {e}");
-                (
-                    failed(&q, &row, stored.clone(), random),
-                    Vec::new(),
-                    None,
-                    Some(stored),
-                )
+                (failed(&q, &row, stored.clone(), random), Vec::new(), None, Some(stored))
             }
         },
         // A failed attempt has no effect on the state: its held writes are dropped.
-        Err(f) => (
-            failed(&q, &row, f.stored, random),
-            Vec::new(),
-            None,
-            Some(f.logged),
-        ),
+        Err(f) => (failed(&q, &row, f.stored, random), Vec::new(), None, Some(f.logged)),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let sent = store.send(Op::Complete {
-        seq: row.seq,
-        outcome: outcome.clone(),
-        writes,
-        reply: tx,
-    });
+    let sent = store.send(Op::Complete { seq: row.seq, outcome: outcome.clone(), writes, reply: tx });
     let recorded = match sent {
-        Ok(()) => rx
-            .await
-            .unwrap_or_else(|_| Err("the queue writer stopped".into())),
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
         Err(e) => Err(e),
     };
     let attempt_no = row.attempts + 1;
@@ -296,21 +261,11 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
                     if let Some(note) = store.log.allow(&format!("dead:{}", q.name)) {
                         tracing::error!(cage = %store.cage, queue = %q.name, call = %row.id, "attempt {attempt_no} failed and the call expires; moved to dead letters: {failure}{note}");
                     }
-                    Some(CallStatus {
-                        status: "dead".into(),
-                        cage: store.cage.clone(),
-                        attempts: Some(attempt_no),
-                        value: None,
-                        error: Some(error.clone()),
-                    })
+                    Some(CallStatus { status: "dead".into(), cage: store.cage.clone(), attempts: Some(attempt_no), value: None, error: Some(error.clone()) })
                 }
-                Outcome::Done { .. } => Some(CallStatus {
-                    status: "done".into(),
-                    cage: store.cage.clone(),
-                    attempts: Some(attempt_no),
-                    value: values,
-                    error: None,
-                }),
+                Outcome::Done { .. } => {
+                    Some(CallStatus { status: "done".into(), cage: store.cage.clone(), attempts: Some(attempt_no), value: values, error: None })
+                }
             };
             if let Some(status) = end {
                 publish_end([&store.cage, &row.from_cage], &row.id, &status);
@@ -324,10 +279,7 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
                 Outcome::Retry { due_ms, .. } => *due_ms,
                 _ => 0,
             };
-            let c = Store::cool(&store.unrecorded, row.seq, retry_at, |n| {
-                q.backoff
-                    .wait((row.attempts as u32).saturating_add(n), random)
-            });
+            let c = Store::cool(&store.unrecorded, row.seq, retry_at, |n| q.backoff.wait((row.attempts as u32).saturating_add(n), random));
             if let Some(note) = store.log.allow("record") {
                 tracing::error!(
                     cage = %store.cage, queue = %q.name, call = %row.id,
@@ -357,43 +309,23 @@ fn failed(q: &QueueConfig, row: &Due, error: String, random: f64) -> Outcome {
     }
 }
 
-async fn run_call(
-    store: &Store,
-    q: &QueueConfig,
-    row: &Due,
-) -> Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>), Failure> {
+async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>), Failure> {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
-    let fail = |stored: String| Failure {
-        logged: stored.clone(),
-        stored,
-    };
+    let fail = |stored: String| Failure { logged: stored.clone(), stored };
     let args = match decode(&row.args) {
         Ok(Value::Array(items)) => items,
-        Ok(_) | Err(_) => {
-            return Err(fail(format!(
-                "{target}: the stored arguments of call {} cannot be read",
-                row.id
-            )))
-        }
+        Ok(_) | Err(_) => return Err(fail(format!("{target}: the stored arguments of call {} cannot be read", row.id))),
     };
     let Some(vm) = worker::cage(&store.cage) else {
-        return Err(fail(format!(
-            "{target}: cage {} has no VM on this worker thread",
-            store.cage
-        )));
+        return Err(fail(format!("{target}: cage {} has no VM on this worker thread", store.cage)));
     };
     let timeout = q.timeout.unwrap_or(store.cage_timeout);
     let mut ctx = RequestCtx::new(&store.cage, &format!("queue.{}", q.name), timeout);
     ctx.call_id = Some(row.id.clone());
-    ctx.parameters = Some(Value::Map(vec![
-        (Value::str("queue"), Value::str(q.name.clone())),
-        (Value::str("attempt"), Value::Int(row.attempts + 1)),
-    ]));
+    ctx.parameters = Some(Value::Map(vec![(Value::str("queue"), Value::str(q.name.clone())), (Value::str("attempt"), Value::Int(row.attempts + 1))]));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
-    let run = match vm.start(ctx, &row.module, &row.function, |lua| {
-        args.iter().map(|v| to_lua(lua, v)).collect()
-    }) {
+    let run = match vm.start(ctx, &row.module, &row.function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()) {
         Ok(f) => f,
         Err(e) => return Err(fail(format!("{target}: {e}"))),
     };
@@ -406,14 +338,8 @@ async fn run_call(
                 Err(e) => Err(fail(format!("{target} returned {e}"))),
             }
         }
-        Err(RunError::Deadline) => Err(fail(format!(
-            "{target}: deadline exceeded ({}s)",
-            timeout.as_secs_f64()
-        ))),
-        Err(e) => Err(Failure {
-            stored: format!("{target}: {e}"),
-            logged: format!("{target}: {}", e.log_text()),
-        }),
+        Err(RunError::Deadline) => Err(fail(format!("{target}: deadline exceeded ({}s)", timeout.as_secs_f64()))),
+        Err(e) => Err(Failure { stored: format!("{target}: {e}"), logged: format!("{target}: {}", e.log_text()) }),
     }
 }
 
@@ -425,32 +351,19 @@ const FORWARD_MAX_WAIT_MS: i64 = 60_000;
 /// Hands the outbox calls that are due to workers, which forward them to their target's
 /// `_queue.accept` (in this process or through the cluster); returns when the outbox must be
 /// read next.
-fn forward_outbox(
-    store: &Arc<Store>,
-    conn: &Connection,
-    now: i64,
-    spawn: &Spawner,
-) -> Result<i64, String> {
+fn forward_outbox(store: &Arc<Store>, conn: &Connection, now: i64, spawn: &Spawner) -> Result<i64, String> {
     let mut cooled = i64::MAX;
     for (seq, call, attempts) in store::outbox_due(conn, &store.path, now, FORWARD_BATCH)? {
-        if let Some(c) =
-            Store::cooling(&store.outbox_unrecorded, seq).filter(|c| c.not_before_ms > now)
-        {
+        if let Some(c) = Store::cooling(&store.outbox_unrecorded, seq).filter(|c| c.not_before_ms > now) {
             cooled = cooled.min(c.not_before_ms);
             continue;
         }
-        let claimed = store
-            .forwarding
-            .lock()
-            .map(|mut f| f.insert(seq))
-            .unwrap_or(false);
+        let claimed = store.forwarding.lock().map(|mut f| f.insert(seq)).unwrap_or(false);
         if !claimed {
             continue;
         }
         let store = store.clone();
-        spawn(Box::new(move || {
-            Box::pin(forward(store, seq, call, attempts))
-        }));
+        spawn(Box::new(move || Box::pin(forward(store, seq, call, attempts))));
     }
     let next = store::outbox_next(conn, &store.path)?.unwrap_or(i64::MAX);
     // A due row still here is being forwarded or waits out a backoff: the end of its forward
@@ -495,16 +408,11 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
             };
             deliver(&store, &call.cage, f).await
         }
-        _ => Err(CallError::Refused(format!(
-            "calling {target}: the stored arguments of call {} cannot be read",
-            call.id
-        ))),
+        _ => Err(CallError::Refused(format!("calling {target}: the stored arguments of call {} cannot be read", call.id))),
     };
     let now = store::now_ms();
     let end = match outcome {
-        Ok(()) => store::OutboxEnd::Accepted {
-            keep_until_ms: now.saturating_add(FORWARDED_KEPT_MS),
-        },
+        Ok(()) => store::OutboxEnd::Accepted { keep_until_ms: now.saturating_add(FORWARDED_KEPT_MS) },
         // The same call would be refused every time: given up at once, not after a day.
         Err(CallError::Refused(error)) => {
             if let Some(note) = store.log.allow("forward-refused") {
@@ -525,18 +433,13 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
                 if let Some(note) = store.log.allow("forward") {
                     tracing::warn!(cage = %store.cage, call = %call.id, "durable call to {target} not accepted yet (retrying in {wait} ms): {error}{note}");
                 }
-                store::OutboxEnd::Retry {
-                    next_ms: next,
-                    error,
-                }
+                store::OutboxEnd::Retry { next_ms: next, error }
             }
         }
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let recorded = match store.send(Op::OutboxEnd(seq, end.clone(), tx)) {
-        Ok(()) => rx
-            .await
-            .unwrap_or_else(|_| Err("the queue writer stopped".into())),
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
         Err(e) => Err(e),
     };
     match recorded {
@@ -545,21 +448,13 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
                 u.remove(&seq);
             }
             if let store::OutboxEnd::Dead { error } = end {
-                let status = CallStatus {
-                    status: "dead".into(),
-                    cage: call.cage.clone(),
-                    attempts: Some(0),
-                    value: None,
-                    error: Some(error),
-                };
+                let status = CallStatus { status: "dead".into(), cage: call.cage.clone(), attempts: Some(0), value: None, error: Some(error) };
                 publish_end([&store.cage, &call.cage], &call.id, &status);
             }
         }
         Err(e) => {
             // Forwarded again after a backoff; the target de-duplicates by id.
-            let c = Store::cool(&store.outbox_unrecorded, seq, 0, |n| {
-                Duration::from_millis((1000u64 << n.min(6)).min(FORWARD_MAX_WAIT_MS as u64))
-            });
+            let c = Store::cool(&store.outbox_unrecorded, seq, 0, |n| Duration::from_millis((1000u64 << n.min(6)).min(FORWARD_MAX_WAIT_MS as u64)));
             if let Some(note) = store.log.allow("outbox-record") {
                 tracing::error!(cage = %store.cage, call = %call.id, "queue: cannot update the outbox ({e}); forwarding again in {} ms{note}", c.not_before_ms - store::now_ms());
             }

@@ -48,47 +48,25 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
     let (Some(Value::Map(fields)), None) = (args.next(), args.next()) else {
         return Err("a forwarded call is one map of its fields".into());
     };
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(name))
-            .map(|(_, v)| v)
-    };
+    let get = |name: &str| fields.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
     let text = |name: &str| match get(name) {
-        Some(Value::Str(b)) => {
-            String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8"))
-        }
-        Some(other) => Err(format!(
-            "field {name} must be a string, got {}",
-            other.type_name()
-        )),
+        Some(Value::Str(b)) => String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8")),
+        Some(other) => Err(format!("field {name} must be a string, got {}", other.type_name())),
         None => Err(format!("field {name} is missing")),
     };
     let int = |name: &str| match get(name) {
         Some(Value::Int(i)) => Ok(Some(*i)),
         Some(Value::Nil) | None => Ok(None),
-        Some(other) => Err(format!(
-            "field {name} must be an integer, got {}",
-            other.type_name()
-        )),
+        Some(other) => Err(format!("field {name} must be an integer, got {}", other.type_name())),
     };
     match int("v")? {
         Some(VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "version {v} of forwarded calls is not known here (this build reads {VERSION})"
-            ))
-        }
+        Some(v) => return Err(format!("version {v} of forwarded calls is not known here (this build reads {VERSION})")),
         None => return Err("field v is missing".into()),
     }
     let args = match get("args") {
         Some(Value::Array(a)) => a.clone(),
-        Some(other) => {
-            return Err(format!(
-                "field args must be an array, got {}",
-                other.type_name()
-            ))
-        }
+        Some(other) => return Err(format!("field args must be an array, got {}", other.type_name())),
         None => return Err("field args is missing".into()),
     };
     Ok(Forwarded {
@@ -108,22 +86,14 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
 /// a time. It has no creation time: the call counts as made when it arrives.
 fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
     let text = |v: &Value, name: &str| match v {
-        Value::Str(b) => {
-            String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8"))
-        }
-        other => Err(format!(
-            "field {name} must be a string, got {}",
-            other.type_name()
-        )),
+        Value::Str(b) => String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8")),
+        other => Err(format!("field {name} must be a string, got {}", other.type_name())),
     };
     let millis = |v: &Value, name: &str| match v {
         Value::Int(i) => Ok(Some(i.saturating_mul(1000))),
         Value::Float(f) if f.is_finite() => Ok(Some((f * 1000.0) as i64)),
         Value::Nil => Ok(None),
-        other => Err(format!(
-            "field {name} must be a number of seconds, got {}",
-            other.type_name()
-        )),
+        other => Err(format!("field {name} must be a number of seconds, got {}", other.type_name())),
     };
     let now = crate::store::now_ms();
     Ok(Forwarded {
@@ -135,12 +105,7 @@ fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
         expires_ms: millis(&args[5], "expires_at")?,
         args: match &args[6] {
             Value::Array(a) => a.clone(),
-            other => {
-                return Err(format!(
-                    "field args must be an array, got {}",
-                    other.type_name()
-                ))
-            }
+            other => return Err(format!("field args must be an array, got {}", other.type_name())),
         },
         created_ms: now,
     })
@@ -163,32 +128,16 @@ mod tests {
             expires_ms: None,
         };
         assert_eq!(decode(vec![encode(&f)]).unwrap(), f);
-        let with = Forwarded {
-            expires_ms: Some(9),
-            ..f.clone()
-        };
+        let with = Forwarded { expires_ms: Some(9), ..f.clone() };
         assert_eq!(decode(vec![encode(&with)]).unwrap(), with);
-        assert_eq!(
-            decode(vec![]).unwrap_err(),
-            "a forwarded call is one map of its fields"
-        );
-        assert_eq!(
-            decode(vec![encode(&f), Value::Nil]).unwrap_err(),
-            "a forwarded call is one map of its fields"
-        );
-        let Value::Map(mut m) = encode(&f) else {
-            unreachable!()
-        };
+        assert_eq!(decode(vec![]).unwrap_err(), "a forwarded call is one map of its fields");
+        assert_eq!(decode(vec![encode(&f), Value::Nil]).unwrap_err(), "a forwarded call is one map of its fields");
+        let Value::Map(mut m) = encode(&f) else { unreachable!() };
         m[0].1 = Value::Int(2);
-        assert!(decode(vec![Value::Map(m.clone())])
-            .unwrap_err()
-            .contains("version 2"));
+        assert!(decode(vec![Value::Map(m.clone())]).unwrap_err().contains("version 2"));
         m[0].1 = Value::Int(1);
         m[2].1 = Value::Int(3);
-        assert_eq!(
-            decode(vec![Value::Map(m)]).unwrap_err(),
-            "field id must be a string, got integer"
-        );
+        assert_eq!(decode(vec![Value::Map(m)]).unwrap_err(), "field id must be a string, got integer");
     }
 
     /// An outbox of the version before sends seven positional arguments; they still arrive.
@@ -204,24 +153,10 @@ mod tests {
             Value::Array(vec![Value::Int(21)]),
         ];
         let f = decode(old.clone()).unwrap();
-        assert_eq!(
-            (
-                f.queue.as_str(),
-                f.id.as_str(),
-                f.module.as_str(),
-                f.function.as_str()
-            ),
-            ("retry", "x1", "work", "count")
-        );
-        assert_eq!(
-            (f.due_ms, f.expires_ms, f.args),
-            (12_500, None, vec![Value::Int(21)])
-        );
+        assert_eq!((f.queue.as_str(), f.id.as_str(), f.module.as_str(), f.function.as_str()), ("retry", "x1", "work", "count"));
+        assert_eq!((f.due_ms, f.expires_ms, f.args), (12_500, None, vec![Value::Int(21)]));
         let mut bad = old;
         bad[6] = Value::Int(1);
-        assert_eq!(
-            decode(bad).unwrap_err(),
-            "field args must be an array, got integer"
-        );
+        assert_eq!(decode(bad).unwrap_err(), "field args must be an array, got integer");
     }
 }

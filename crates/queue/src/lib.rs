@@ -21,9 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::Value;
-use rustomnic_lua::durable::{
-    self, CallStatus, Calls, CommitFailure, DurableCall, Finish, ACCEPT_MODULE,
-};
+use rustomnic_lua::durable::{self, CallStatus, Calls, CommitFailure, DurableCall, Finish, ACCEPT_MODULE};
 use rustomnic_lua::worker::{self, CallError};
 use rustomnic_resource_state::store::Write;
 use rustomnic_resource_state::{decode, encode, held, MAX_VALUE};
@@ -153,9 +151,7 @@ fn check_function(module: &str, function: &str) -> Result<(), String> {
         return Err(format!("function names are 1 to {MAX_NAME} bytes"));
     }
     if function.starts_with('_') {
-        return Err(format!(
-            "{module}.{function} is private (names starting with _ cannot be called through pmnc)"
-        ));
+        return Err(format!("{module}.{function} is private (names starting with _ cannot be called through pmnc)"));
     }
     Ok(())
 }
@@ -170,10 +166,7 @@ fn check_names(call: &DurableCall) -> Result<(), String> {
 }
 
 fn no_cage_here(call: &DurableCall) -> String {
-    let here: Vec<String> = STORES
-        .read()
-        .map(|s| s.keys().cloned().collect())
-        .unwrap_or_default();
+    let here: Vec<String> = STORES.read().map(|s| s.keys().cloned().collect()).unwrap_or_default();
     format!(
         "calling {}: no cage named {} runs in this process (cages here: {}) and no cluster is configured",
         call.target(),
@@ -209,23 +202,18 @@ fn expiry_of(o: &durable::CallOptions, due: i64, now: i64, default_ms: Option<i6
 /// An outbox row for a call to another cage. `queue_expiry` is the target queue's `expires_in`
 /// when the sender knows it (a cage of this process, or one the cluster announced): the call
 /// then gets the same expiry it would get from a direct call.
-fn outgoing_call(
-    call: DurableCall,
-    queue_expiry: Option<Duration>,
-) -> Result<store::OutboxCall, String> {
+fn outgoing_call(call: DurableCall, queue_expiry: Option<Duration>) -> Result<store::OutboxCall, String> {
     let target = call.target();
     let now = store::now_ms();
     let o = &call.options;
     let due = due_of(o, now);
-    let (expires, given) = match expiry_of(o, due, now, queue_expiry.map(|d| d.as_millis() as i64))
-    {
+    let (expires, given) = match expiry_of(o, due, now, queue_expiry.map(|d| d.as_millis() as i64)) {
         Some(e) => (e, true),
         None => (due.max(now).saturating_add(FORWARD_WINDOW_MS), false),
     };
     Ok(store::OutboxCall {
         id: o.id.clone().unwrap_or_else(new_call_id),
-        args: encode(&Value::Array(call.args), MAX_VALUE)
-            .map_err(|e| format!("calling {target}: the arguments: {e}"))?,
+        args: encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?,
         cage: call.cage,
         queue: call.options.queue,
         module: call.module,
@@ -252,9 +240,7 @@ fn remote_outgoing(call: DurableCall) -> Result<store::OutboxCall, String> {
         },
         // Not announced (its process may start later): only what can never be a queue fails.
         None if !rustomnic_core::is_identifier(&queue) => {
-            return Err(format!(
-                "calling {target}: {queue:?} is not a queue name (queue names are identifiers)"
-            ));
+            return Err(format!("calling {target}: {queue:?} is not a queue name (queue names are identifiers)"));
         }
         None => None,
     };
@@ -316,17 +302,11 @@ impl Store {
 
     /// Per-queue figures (depth, age of the oldest waiting call, retries, dead letters).
     pub fn figures(&self) -> Result<Vec<QueueFigures>, String> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| "queue: reader lock poisoned".to_string())?;
+        let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
         let mut f = store::figures(&conn, &self.path, false)?;
         for q in self.queues.keys() {
             if !f.iter().any(|x| &x.queue == q) {
-                f.push(QueueFigures {
-                    queue: q.clone(),
-                    ..Default::default()
-                });
+                f.push(QueueFigures { queue: q.clone(), ..Default::default() });
             }
         }
         f.sort_by(|a, b| a.queue.cmp(&b.queue));
@@ -335,30 +315,18 @@ impl Store {
 
     /// Records that the end of call (or outbox row) `seq` could not be written; returns how
     /// long it must wait before it is tried again, from `wait(times in a row)`.
-    pub(crate) fn cool(
-        map: &Mutex<HashMap<i64, Cooldown>>,
-        seq: i64,
-        at_least: i64,
-        wait: impl Fn(u32) -> Duration,
-    ) -> Cooldown {
+    pub(crate) fn cool(map: &Mutex<HashMap<i64, Cooldown>>, seq: i64, at_least: i64, wait: impl Fn(u32) -> Duration) -> Cooldown {
         let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
         let count = m.get(&seq).map_or(1, |c| c.count.saturating_add(1));
-        let not_before_ms =
-            at_least.max(store::now_ms().saturating_add(wait(count).as_millis() as i64));
-        let c = Cooldown {
-            count,
-            not_before_ms,
-        };
+        let not_before_ms = at_least.max(store::now_ms().saturating_add(wait(count).as_millis() as i64));
+        let c = Cooldown { count, not_before_ms };
         m.insert(seq, c);
         c
     }
 
     /// Until when call (or outbox row) `seq` waits after ends it could not record.
     pub(crate) fn cooling(map: &Mutex<HashMap<i64, Cooldown>>, seq: i64) -> Option<Cooldown> {
-        map.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&seq)
-            .copied()
+        map.lock().unwrap_or_else(|p| p.into_inner()).get(&seq).copied()
     }
 
     /// Stores a durable call to this cage (names already checked).
@@ -367,15 +335,11 @@ impl Store {
         let row = self.new_call(call)?;
         let id = row.id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(writer::Op::Enqueue(row, tx))
-            .map_err(|e| format!("calling {target}: {e}"))?;
+        self.send(writer::Op::Enqueue(row, tx)).map_err(|e| format!("calling {target}: {e}"))?;
         match rx.await {
             Ok(Ok(_inserted)) => Ok(id),
             Ok(Err(e)) => Err(format!("calling {target}: {e}")),
-            Err(_) => Err(format!(
-                "calling {target}: the queue writer of cage {} stopped",
-                self.cage
-            )),
+            Err(_) => Err(format!("calling {target}: the queue writer of cage {} stopped", self.cage)),
         }
     }
 
@@ -391,18 +355,13 @@ impl Store {
         let target = call.target();
         let q = self.queue(&target, &call.options.queue)?;
         if let Some(why) = self.refusing() {
-            return Err(format!(
-                "calling {target}: queue {} of cage {} accepts no new calls: {why}",
-                q.name, self.cage
-            ));
+            return Err(format!("calling {target}: queue {} of cage {} accepts no new calls: {why}", q.name, self.cage));
         }
         let now = store::now_ms();
         let o = &call.options;
         let due = due_of(o, now);
-        let expires =
-            expiry_of(o, due, now, Some(q.expires_in.as_millis() as i64)).unwrap_or(i64::MAX);
-        let args = encode(&Value::Array(call.args), MAX_VALUE)
-            .map_err(|e| format!("calling {target}: the arguments: {e}"))?;
+        let expires = expiry_of(o, due, now, Some(q.expires_in.as_millis() as i64)).unwrap_or(i64::MAX);
+        let args = encode(&Value::Array(call.args), MAX_VALUE).map_err(|e| format!("calling {target}: the arguments: {e}"))?;
         Ok(store::NewCall {
             id: o.id.clone().unwrap_or_else(new_call_id),
             queue: q.name.clone(),
@@ -419,11 +378,7 @@ impl Store {
 
     /// Stores a call another cage's outbox forwarded, with its sender, creation time and (when
     /// the call has none of its own) this queue's expiry counted from its creation.
-    async fn accept(
-        self: Arc<Self>,
-        from_cage: &str,
-        f: forward::Forwarded,
-    ) -> Result<String, CallError> {
+    async fn accept(self: Arc<Self>, from_cage: &str, f: forward::Forwarded) -> Result<String, CallError> {
         let target = format!("{}.{}.{}", self.cage, f.module, f.function);
         let refused = |e: String| CallError::Refused(format!("calling {target}: {e}"));
         check_function(&f.module, &f.function).map_err(refused)?;
@@ -432,20 +387,12 @@ impl Store {
         }
         let q = self.queue(&target, &f.queue).map_err(CallError::Refused)?;
         if let Some(why) = self.refusing() {
-            return Err(CallError::Failed(format!(
-                "calling {target}: queue {} of cage {} accepts no new calls: {why}",
-                q.name, self.cage
-            )));
+            return Err(CallError::Failed(format!("calling {target}: queue {} of cage {} accepts no new calls: {why}", q.name, self.cage)));
         }
         let now = store::now_ms();
         let created = f.created_ms.min(now);
-        let expires = f.expires_ms.unwrap_or_else(|| {
-            f.due_ms
-                .max(created)
-                .saturating_add(q.expires_in.as_millis() as i64)
-        });
-        let args = encode(&Value::Array(f.args), MAX_VALUE)
-            .map_err(|e| refused(format!("the arguments: {e}")))?;
+        let expires = f.expires_ms.unwrap_or_else(|| f.due_ms.max(created).saturating_add(q.expires_in.as_millis() as i64));
+        let args = encode(&Value::Array(f.args), MAX_VALUE).map_err(|e| refused(format!("the arguments: {e}")))?;
         let row = store::NewCall {
             id: f.id,
             queue: q.name.clone(),
@@ -460,62 +407,36 @@ impl Store {
         };
         let id = row.id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(writer::Op::Enqueue(row, tx))
-            .map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
+        self.send(writer::Op::Enqueue(row, tx)).map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
         match rx.await {
             Ok(Ok(_)) => Ok(id),
             Ok(Err(e)) => Err(CallError::Failed(format!("calling {target}: {e}"))),
-            Err(_) => Err(CallError::Failed(format!(
-                "calling {target}: the queue writer of cage {} stopped",
-                self.cage
-            ))),
+            Err(_) => Err(CallError::Failed(format!("calling {target}: the queue writer of cage {} stopped", self.cage))),
         }
     }
 
     /// Stores calls to other cages in this cage's outbox, with `writes` (held state writes of
     /// a transaction) and `direct` (calls to this cage) in the same commit.
-    async fn store_outgoing(
-        &self,
-        writes: Vec<Write>,
-        direct: Vec<store::NewCall>,
-        outgoing: Vec<store::OutboxCall>,
-    ) -> Result<(), String> {
+    async fn store_outgoing(&self, writes: Vec<Write>, direct: Vec<store::NewCall>, outgoing: Vec<store::OutboxCall>) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(writer::Op::Outbox {
-            writes,
-            direct,
-            outgoing,
-            reply: tx,
-        })?;
-        rx.await
-            .unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))
+        self.send(writer::Op::Outbox { writes, direct, outgoing, reply: tx })?;
+        rx.await.unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))
     }
 
     pub(crate) fn send(&self, op: writer::Op) -> Result<(), String> {
-        let w = self
-            .writer
-            .lock()
-            .map_err(|_| "queue writer lock poisoned".to_string())?;
-        w.send(op)
-            .map_err(|_| format!("the queue writer of cage {} stopped", self.cage))
+        let w = self.writer.lock().map_err(|_| "queue writer lock poisoned".to_string())?;
+        w.send(op).map_err(|_| format!("the queue writer of cage {} stopped", self.cage))
     }
 
     /// A call in this cage's outbox: waiting to be forwarded, dead, or forwarded (accepted by
     /// its target, whose file keeps its progress).
     fn outbox_status(&self, id: &str) -> Result<Option<CallStatus>, String> {
         let rec = {
-            let conn = self
-                .reader
-                .lock()
-                .map_err(|_| "queue: reader lock poisoned".to_string())?;
+            let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
             store::outbox_find(&conn, &self.path, id)?
         };
         Ok(rec.map(|r| CallStatus {
-            attempts: if r.status == "forwarded" {
-                None
-            } else {
-                Some(0)
-            },
+            attempts: if r.status == "forwarded" { None } else { Some(0) },
             status: r.status,
             cage: r.cage,
             value: None,
@@ -525,23 +446,12 @@ impl Store {
 
     fn status(&self, id: &str) -> Result<Option<CallStatus>, String> {
         let rec = {
-            let conn = self
-                .reader
-                .lock()
-                .map_err(|_| "queue: reader lock poisoned".to_string())?;
+            let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
             store::find(&conn, &self.path, id)?
         };
         let Some(rec) = rec else { return Ok(None) };
-        let running = self
-            .inflight
-            .lock()
-            .map(|f| f.contains_key(&rec.seq))
-            .unwrap_or(false);
-        let status = if running && (rec.status == "pending" || rec.status == "failed") {
-            "running".to_string()
-        } else {
-            rec.status.clone()
-        };
+        let running = self.inflight.lock().map(|f| f.contains_key(&rec.seq)).unwrap_or(false);
+        let status = if running && (rec.status == "pending" || rec.status == "failed") { "running".to_string() } else { rec.status.clone() };
         let value = match &rec.result {
             Some(bytes) => match decode(bytes) {
                 Ok(Value::Array(items)) => Some(items),
@@ -550,13 +460,7 @@ impl Store {
             },
             None => None,
         };
-        Ok(Some(CallStatus {
-            status,
-            cage: self.cage.clone(),
-            attempts: Some(rec.attempts),
-            value,
-            error: rec.error,
-        }))
+        Ok(Some(CallStatus { status, cage: self.cage.clone(), attempts: Some(rec.attempts), value, error: rec.error }))
     }
 }
 
@@ -580,15 +484,8 @@ pub(crate) fn publish_end(cages: [&str; 2], id: &str, status: &CallStatus) {
 /// a counter.
 pub fn new_call_id() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "c{t:x}-{:x}-{:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("c{t:x}-{:x}-{:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 static STORES: RwLock<BTreeMap<String, Arc<Store>>> = RwLock::new(BTreeMap::new());
@@ -625,10 +522,7 @@ pub fn observe_completion(topic: &str, value: &Value) {
         return;
     }
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    let seen = seen.get_or_insert_with(|| Seen {
-        ends: HashMap::new(),
-        order: Default::default(),
-    });
+    let seen = seen.get_or_insert_with(|| Seen { ends: HashMap::new(), order: Default::default() });
     if seen.ends.insert(id.clone(), status).is_none() {
         seen.order.push_back(id);
     }
@@ -640,17 +534,11 @@ pub fn observe_completion(topic: &str, value: &Value) {
 }
 
 fn seen_end(id: &str) -> Option<CallStatus> {
-    SEEN.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|s| s.ends.get(id).cloned())
+    SEEN.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|s| s.ends.get(id).cloned())
 }
 
 fn all_stores() -> Vec<Arc<Store>> {
-    STORES
-        .read()
-        .map(|s| s.values().cloned().collect())
-        .unwrap_or_default()
+    STORES.read().map(|s| s.values().cloned().collect()).unwrap_or_default()
 }
 
 /// Figures of every queue of every cage in this process, for the monitoring page:
@@ -678,12 +566,7 @@ pub fn file_sizes(cage: &str) -> Option<(u64, u64)> {
 struct Service;
 
 impl Calls for Service {
-    fn commit_with_calls(
-        &self,
-        from_cage: &str,
-        calls: Vec<DurableCall>,
-        finish: Finish,
-    ) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>> {
+    fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>> {
         let sender = store_of(from_cage);
         Box::pin(async move {
             let Some(sender) = sender else {
@@ -697,10 +580,7 @@ impl Calls for Service {
             // every refusal that a direct call would meet at once is met here too.
             let checked: Result<(), String> = (|| {
                 if let Some(why) = sender.refusing() {
-                    return Err(format!(
-                        "cage {} accepts no new durable calls: {why}",
-                        sender.cage
-                    ));
+                    return Err(format!("cage {} accepts no new durable calls: {why}", sender.cage));
                 }
                 for call in calls {
                     check_names(&call)?;
@@ -710,9 +590,7 @@ impl Calls for Service {
                         direct.push(row);
                         continue;
                     } else if let Some(target) = store_of(&call.cage) {
-                        let expiry = target
-                            .queue(&call.target(), &call.options.queue)?
-                            .expires_in;
+                        let expiry = target.queue(&call.target(), &call.options.queue)?.expires_in;
                         outgoing_call(call, Some(expiry))?
                     } else if worker::has_remote() {
                         remote_outgoing(call)?
@@ -737,10 +615,7 @@ impl Calls for Service {
                 }
                 return Err(CommitFailure::Participant(e));
             }
-            sender
-                .store_outgoing(writes, direct, outgoing)
-                .await
-                .map_err(CommitFailure::Calls)?;
+            sender.store_outgoing(writes, direct, outgoing).await.map_err(CommitFailure::Calls)?;
             Ok(ids)
         })
     }
@@ -758,31 +633,21 @@ impl Calls for Service {
         }
         // A cage elsewhere: through this cage's outbox, forwarded to the target's accept.
         let Some(sender) = store_of(&call.from_cage) else {
-            let e = format!(
-                "calling {}: cage {} has no queue store in this process",
-                call.target(),
-                call.from_cage
-            );
+            let e = format!("calling {}: cage {} has no queue store in this process", call.target(), call.from_cage);
             return Box::pin(async move { Err(e) });
         };
         Box::pin(async move {
             let target = call.target();
             let row = remote_outgoing(call)?;
             let id = row.id.clone();
-            sender
-                .store_outgoing(Vec::new(), Vec::new(), vec![row])
-                .await
-                .map_err(|e| format!("calling {target}: {e}"))?;
+            sender.store_outgoing(Vec::new(), Vec::new(), vec![row]).await.map_err(|e| format!("calling {target}: {e}"))?;
             Ok(id)
         })
     }
 
     fn result(&self, cage: Option<&str>, id: &str) -> Result<Option<CallStatus>, String> {
         let all = all_stores();
-        let stores: Vec<&Arc<Store>> = all
-            .iter()
-            .filter(|s| cage.is_none_or(|c| c == s.cage))
-            .collect();
+        let stores: Vec<&Arc<Store>> = all.iter().filter(|s| cage.is_none_or(|c| c == s.cage)).collect();
         for s in &stores {
             if let Some(st) = s.status(id)? {
                 return Ok(Some(st));
@@ -812,28 +677,14 @@ impl Calls for Service {
         }
     }
 
-    fn accept(
-        &self,
-        from_cage: &str,
-        cage: &str,
-        args: Vec<Value>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>> {
+    fn accept(&self, from_cage: &str, cage: &str, args: Vec<Value>) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>> {
         let (from_cage, cage) = (from_cage.to_string(), cage.to_string());
         Box::pin(async move {
             let Some(store) = store_of(&cage) else {
-                return Err(CallError::NoCage(format!(
-                    "cage {cage} does not run in this process"
-                )));
+                return Err(CallError::NoCage(format!("cage {cage} does not run in this process")));
             };
-            let f = forward::decode(args).map_err(|e| {
-                CallError::Refused(format!(
-                    "cage {cage}: a forwarded durable call cannot be read: {e}"
-                ))
-            })?;
-            store
-                .accept(&from_cage, f)
-                .await
-                .map(|id| vec![Value::str(id)])
+            let f = forward::decode(args).map_err(|e| CallError::Refused(format!("cage {cage}: a forwarded durable call cannot be read: {e}")))?;
+            store.accept(&from_cage, f).await.map(|id| vec![Value::str(id)])
         })
     }
 }
@@ -872,9 +723,7 @@ impl Drop for Running {
         self.store.stop.store(true, Ordering::SeqCst);
         self.store.wake();
         if let Ok(mut s) = STORES.write() {
-            if s.get(&self.store.cage)
-                .is_some_and(|x| Arc::ptr_eq(x, &self.store))
-            {
+            if s.get(&self.store.cage).is_some_and(|x| Arc::ptr_eq(x, &self.store)) {
                 s.remove(&self.store.cage);
             }
         }
@@ -932,10 +781,7 @@ pub(crate) struct WalTrim {
 
 impl WalTrim {
     pub(crate) fn new() -> WalTrim {
-        WalTrim {
-            next: Instant::now(),
-            backoff: Duration::from_secs(1),
-        }
+        WalTrim { next: Instant::now(), backoff: Duration::from_secs(1) }
     }
 
     /// Called by the writer after a commit.
@@ -948,9 +794,7 @@ impl WalTrim {
         let done = {
             let _running = store.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             let _ = conn.busy_timeout(TRUNCATE_WAIT);
-            let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            });
+            let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
             let _ = conn.busy_timeout(WRITER_BUSY);
             done
         };
@@ -975,10 +819,7 @@ impl WalTrim {
 /// not open the file): a read-only volume, or permissions.
 fn why_unwritable(path: &Path) -> String {
     let probe = if path.exists() {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map(|_| ())
+        std::fs::OpenOptions::new().append(true).open(path).map(|_| ())
     } else {
         match path.parent() {
             Some(dir) => tempfile_probe(dir),
@@ -986,9 +827,7 @@ fn why_unwritable(path: &Path) -> String {
         }
     };
     match probe {
-        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
-            " (the file system holding it is read-only)".into()
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => " (the file system holding it is read-only)".into(),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             format!(" (this process may not write it: {e})")
         }
@@ -1003,13 +842,7 @@ fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Opens the queue of `cage` in the state file at `path` and starts its writer and dispatcher.
-pub fn start(
-    cage: &str,
-    path: &Path,
-    queues: Vec<QueueConfig>,
-    cage_timeout: Duration,
-    spawn: Spawner,
-) -> Result<Running, String> {
+pub fn start(cage: &str, path: &Path, queues: Vec<QueueConfig>, cage_timeout: Duration, spawn: Spawner) -> Result<Running, String> {
     start_with(cage, path, queues, cage_timeout, spawn, |_| Ok(()))
 }
 
@@ -1023,31 +856,18 @@ fn start_with(
     setup: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
 ) -> Result<Running, String> {
     let open = |what: &str| {
-        rustomnic_resource_state::store::open(path, WRITER_BUSY).map_err(|e| {
-            format!(
-                "cage {cage}: queue {what}: {}{}",
-                e.message,
-                why_unwritable(path)
-            )
-        })
+        rustomnic_resource_state::store::open(path, WRITER_BUSY).map_err(|e| format!("cage {cage}: queue {what}: {}{}", e.message, why_unwritable(path)))
     };
     let writer_conn = open("writer")?;
     setup(&writer_conn).map_err(|e| format!("cage {cage}: queue writer: {e}"))?;
-    let pragma = |c: &rusqlite::Connection, name: &str, value: i64| {
-        c.pragma_update(None, name, value)
-            .map_err(|e| format!("cage {cage}: queue {name}: {e}"))
-    };
+    let pragma = |c: &rusqlite::Connection, name: &str, value: i64| c.pragma_update(None, name, value).map_err(|e| format!("cage {cage}: queue {name}: {e}"));
     // Checkpoints (copying the WAL into the file, with an fsync of the file) run on a thread of
     // their own instead of inside the writer's commits, where they stalled every waiting call;
     // only emptying a WAL past its limit is the writer's (WalTrim).
     pragma(&writer_conn, "wal_autocheckpoint", 0)?;
     pragma(&writer_conn, "journal_size_limit", WAL_LIMIT_BYTES as i64)?;
     let checkpoint_conn = open("checkpointer")?;
-    pragma(
-        &checkpoint_conn,
-        "journal_size_limit",
-        WAL_LIMIT_BYTES as i64,
-    )?;
+    pragma(&checkpoint_conn, "journal_size_limit", WAL_LIMIT_BYTES as i64)?;
     let dispatch_conn = open("dispatcher")?;
     let reader = open("reader")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1074,28 +894,13 @@ fn start_with(
         hooks: Hooks::default(),
     });
     let thread = |name: String, what: &str, run: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(run)
-            .map_err(|e| format!("cage {cage}: cannot start the queue {what}: {e}"))
+        std::thread::Builder::new().name(name).spawn(run).map_err(|e| format!("cage {cage}: cannot start the queue {what}: {e}"))
     };
     let (w, d, c) = (store.clone(), store.clone(), store.clone());
     let threads = vec![
-        thread(
-            format!("pmnc-queue-writer-{cage}"),
-            "writer",
-            Box::new(move || writer::run(w, writer_conn, rx)),
-        )?,
-        thread(
-            format!("pmnc-queue-{cage}"),
-            "dispatcher",
-            Box::new(move || dispatch::run(d, dispatch_conn, spawn)),
-        )?,
-        thread(
-            format!("pmnc-queue-checkpoint-{cage}"),
-            "checkpointer",
-            Box::new(move || checkpoints(c, checkpoint_conn)),
-        )?,
+        thread(format!("pmnc-queue-writer-{cage}"), "writer", Box::new(move || writer::run(w, writer_conn, rx)))?,
+        thread(format!("pmnc-queue-{cage}"), "dispatcher", Box::new(move || dispatch::run(d, dispatch_conn, spawn)))?,
+        thread(format!("pmnc-queue-checkpoint-{cage}"), "checkpointer", Box::new(move || checkpoints(c, checkpoint_conn)))?,
     ];
     if let Ok(mut s) = STORES.write() {
         s.insert(cage.to_string(), store.clone());
@@ -1116,12 +921,7 @@ mod tests {
             module: "m".into(),
             function: "f".into(),
             args: vec![Value::str("x".repeat(2000))],
-            options: CallOptions {
-                queue: "q".into(),
-                id: Some(id.into()),
-                delay: Some(3600.0),
-                ..Default::default()
-            },
+            options: CallOptions { queue: "q".into(), id: Some(id.into()), delay: Some(3600.0), ..Default::default() },
         }
     }
 
@@ -1135,12 +935,8 @@ mod tests {
     ) -> (tempfile::TempDir, PathBuf, tokio::runtime::Runtime, Running) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.sqlite");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let running =
-            start_with(cage, &path, queues, Duration::from_secs(5), spawn, setup).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let running = start_with(cage, &path, queues, Duration::from_secs(5), spawn, setup).unwrap();
         (dir, path, rt, running)
     }
 
@@ -1191,35 +987,21 @@ mod tests {
         let sender = {
             let store = store.clone();
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 // As Service::enqueue does for a call to a cage of another process.
-                let stored = rt.block_on(store.store_outgoing(
-                    Vec::new(),
-                    Vec::new(),
-                    vec![outgoing("race-1")],
-                ));
+                let stored = rt.block_on(store.store_outgoing(Vec::new(), Vec::new(), vec![outgoing("race-1")]));
                 store.wake();
                 stored
             })
         };
-        reached_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the writer reaches its commit");
+        reached_rx.recv_timeout(Duration::from_secs(10)).expect("the writer reaches its commit");
         // A pass of the dispatcher reads the outbox while the call is not committed yet.
         store.wake();
-        read_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the dispatcher reads the outbox meanwhile");
+        read_rx.recv_timeout(Duration::from_secs(10)).expect("the dispatcher reads the outbox meanwhile");
         *store.hooks.before_commit.lock().unwrap() = None;
         release_tx.send(()).unwrap();
         sender.join().unwrap().expect("the outbox call is stored");
-        assert!(
-            jobs_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
-            "the stored outbox call was never handed out for forwarding"
-        );
+        assert!(jobs_rx.recv_timeout(Duration::from_secs(5)).is_ok(), "the stored outbox call was never handed out for forwarding");
     }
 
     fn wal_bytes(path: &Path) -> u64 {
@@ -1231,34 +1013,17 @@ mod tests {
     /// that a wait started then returns at once instead of waiting for an event that came already.
     #[test]
     fn a_completion_event_wins_over_an_outbox_row_not_yet_marked_forwarded() {
-        let (_dir, _path, rt, running) =
-            new_queue("seentest", Vec::new(), Arc::new(|_job| {}), |_| Ok(()));
+        let (_dir, _path, rt, running) = new_queue("seentest", Vec::new(), Arc::new(|_job| {}), |_| Ok(()));
         let store = running.store().clone();
         let mut row = outgoing("seen-1");
         row.cage = "elsewhere".into();
-        rt.block_on(store.store_outgoing(Vec::new(), Vec::new(), vec![row]))
-            .unwrap();
+        rt.block_on(store.store_outgoing(Vec::new(), Vec::new(), vec![row])).unwrap();
         let pending = Service.result(None, "seen-1").unwrap().unwrap();
-        assert_eq!(
-            (pending.status.as_str(), pending.cage.as_str()),
-            ("pending", "elsewhere")
-        );
-        let end = CallStatus {
-            status: "done".into(),
-            cage: "elsewhere".into(),
-            attempts: Some(1),
-            value: Some(vec![Value::Int(42)]),
-            error: None,
-        };
-        observe_completion(
-            &durable::completion_topic("seen-1"),
-            &end.to_value("seen-1", true),
-        );
+        assert_eq!((pending.status.as_str(), pending.cage.as_str()), ("pending", "elsewhere"));
+        let end = CallStatus { status: "done".into(), cage: "elsewhere".into(), attempts: Some(1), value: Some(vec![Value::Int(42)]), error: None };
+        observe_completion(&durable::completion_topic("seen-1"), &end.to_value("seen-1", true));
         assert_eq!(Service.result(None, "seen-1").unwrap(), Some(end.clone()));
-        assert_eq!(
-            Service.result(Some("elsewhere"), "seen-1").unwrap(),
-            Some(end)
-        );
+        assert_eq!(Service.result(Some("elsewhere"), "seen-1").unwrap(), Some(end));
     }
 
     /// Issue 22 #12, as measured: under steady writes while reads never stop (the dispatcher reads
@@ -1266,12 +1031,7 @@ mod tests {
     /// to start over, and PASSIVE checkpoints alone let it grow without bound.
     #[test]
     fn the_wal_stays_bounded_under_writes_while_reads_never_stop() {
-        let (_dir, path, rt, running) = new_queue(
-            "busytest",
-            vec![QueueConfig::new("q")],
-            Arc::new(|_job| {}),
-            |_| Ok(()),
-        );
+        let (_dir, path, rt, running) = new_queue("busytest", vec![QueueConfig::new("q")], Arc::new(|_job| {}), |_| Ok(()));
         let store = running.store().clone();
         let stop = Arc::new(AtomicBool::new(false));
         // Two readers taking turns, so that one of them always holds a snapshot.
@@ -1300,27 +1060,17 @@ mod tests {
         for r in readers {
             r.join().unwrap();
         }
-        assert!(
-            peak <= 2 * WAL_LIMIT_BYTES,
-            "the WAL reached {peak} bytes, over twice its limit of {WAL_LIMIT_BYTES}"
-        );
+        assert!(peak <= 2 * WAL_LIMIT_BYTES, "the WAL reached {peak} bytes, over twice its limit of {WAL_LIMIT_BYTES}");
     }
 
     /// Issue 22 #12: while a reader holds an old snapshot the WAL has to grow; once it is gone the
     /// WAL must shrink back under its limit while the cage runs, not stay at its peak until exit.
     #[test]
     fn the_wal_shrinks_back_once_a_long_reader_is_gone() {
-        let (_dir, path, rt, running) = new_queue(
-            "waltest",
-            vec![QueueConfig::new("q")],
-            Arc::new(|_job| {}),
-            |_| Ok(()),
-        );
+        let (_dir, path, rt, running) = new_queue("waltest", vec![QueueConfig::new("q")], Arc::new(|_job| {}), |_| Ok(()));
         let store = running.store().clone();
         let reader = rusqlite::Connection::open(&path).unwrap();
-        reader
-            .execute_batch("BEGIN; SELECT count(*) FROM queue_calls;")
-            .unwrap();
+        reader.execute_batch("BEGIN; SELECT count(*) FROM queue_calls;").unwrap();
         let big = |i: usize| {
             let mut c = call(&format!("w{i}"));
             c.cage = "waltest".into();
@@ -1333,25 +1083,18 @@ mod tests {
             }
         });
         let peak = wal_bytes(&path);
-        assert!(
-            peak > WAL_LIMIT_BYTES,
-            "the reader kept the WAL from being reused: {peak} bytes"
-        );
+        assert!(peak > WAL_LIMIT_BYTES, "the reader kept the WAL from being reused: {peak} bytes");
         reader.execute_batch("COMMIT").unwrap();
         drop(reader);
         let mut now = peak;
         // The writer retries an emptying that a reader held up after at most 30 s.
         let shrunk = (0..800).any(|i| {
-            rt.block_on(store.clone().enqueue(big(100_000 + i)))
-                .unwrap();
+            rt.block_on(store.clone().enqueue(big(100_000 + i))).unwrap();
             std::thread::sleep(Duration::from_millis(50));
             now = wal_bytes(&path);
             now <= WAL_LIMIT_BYTES
         });
-        assert!(
-            shrunk,
-            "the WAL is still {now} bytes (peak {peak}), over its limit of {WAL_LIMIT_BYTES}"
-        );
+        assert!(shrunk, "the WAL is still {now} bytes (peak {peak}), over its limit of {WAL_LIMIT_BYTES}");
     }
 
     /// A full disk (here: the file at its page limit) fails the enqueue, then refuses new calls,
@@ -1361,9 +1104,7 @@ mod tests {
         let (dir, _rt, running, stored) = full_file("fulltest");
         drop(running);
         let c = rusqlite::Connection::open(dir.path().join("state.sqlite")).unwrap();
-        let kept: i64 = c
-            .query_row("SELECT count(*) FROM queue_calls", [], |r| r.get(0))
-            .unwrap();
+        let kept: i64 = c.query_row("SELECT count(*) FROM queue_calls", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, stored as i64);
     }
 
@@ -1393,19 +1134,10 @@ mod tests {
     /// fails, the next is refused, and the calls stored before stay. (folder, runtime, queue,
     /// calls stored)
     fn full_file(cage: &str) -> (tempfile::TempDir, tokio::runtime::Runtime, Running, usize) {
-        let (dir, _path, rt, running) = new_queue(
-            cage,
-            vec![QueueConfig::new("q")],
-            Arc::new(|_job| {}),
-            |c| {
-                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                c.query_row(
-                    &format!("PRAGMA max_page_count = {}", pages + 30),
-                    [],
-                    |_| Ok(()),
-                )
-            },
-        );
+        let (dir, _path, rt, running) = new_queue(cage, vec![QueueConfig::new("q")], Arc::new(|_job| {}), |c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {}", pages + 30), [], |_| Ok(()))
+        });
         let store = running.store().clone();
         let mut stored = 0;
         let error = rt.block_on(async {
@@ -1425,10 +1157,7 @@ mod tests {
             }
             String::new()
         });
-        assert!(
-            stored > 0 && error.contains("is full"),
-            "after {stored} calls: {error}"
-        );
+        assert!(stored > 0 && error.contains("is full"), "after {stored} calls: {error}");
         let refused = rt
             .block_on(store.clone().enqueue({
                 let mut c = call("late");
@@ -1436,22 +1165,10 @@ mod tests {
                 c
             }))
             .unwrap_err();
-        assert!(
-            refused.contains(&format!("queue q of cage {cage} accepts no new calls")),
-            "{refused}"
-        );
+        assert!(refused.contains(&format!("queue q of cage {cage} accepts no new calls")), "{refused}");
         let figures = store.figures().unwrap();
-        assert_eq!(
-            (figures[0].queue.as_str(), figures[0].depth),
-            ("q", stored as u64)
-        );
-        assert_eq!(
-            metrics()
-                .iter()
-                .find(|(c, _)| c == cage)
-                .map(|(_, f)| f[0].depth),
-            Some(stored as u64)
-        );
+        assert_eq!((figures[0].queue.as_str(), figures[0].depth), ("q", stored as u64));
+        assert_eq!(metrics().iter().find(|(c, _)| c == cage).map(|(_, f)| f[0].depth), Some(stored as u64));
         (dir, rt, running, stored)
     }
 }

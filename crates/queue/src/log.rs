@@ -38,11 +38,7 @@ impl Limiter {
         if kinds.len() >= MAX_KINDS && !kinds.contains_key(kind) {
             kinds.retain(|_, w| now.duration_since(w.start) < WINDOW);
         }
-        let w = kinds.entry(kind.to_string()).or_insert(Window {
-            start: now,
-            shown: 0,
-            suppressed: 0,
-        });
+        let w = kinds.entry(kind.to_string()).or_insert(Window { start: now, shown: 0, suppressed: 0 });
         if now.duration_since(w.start) >= WINDOW {
             w.start = now;
             w.shown = 0;
@@ -74,11 +70,7 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(l.allow_at("a", t0 + Duration::from_secs(1)), None);
         }
-        assert_eq!(
-            l.allow_at("b", t0).as_deref(),
-            Some(""),
-            "kinds are counted apart"
-        );
+        assert_eq!(l.allow_at("b", t0).as_deref(), Some(""), "kinds are counted apart");
         let next = l.allow_at("a", t0 + WINDOW).unwrap();
         assert_eq!(next, " (1000 similar lines left out before this one)");
         assert_eq!(l.allow_at("a", t0 + WINDOW).as_deref(), Some(""));

@@ -11,10 +11,7 @@ use rustomnic_resource_state::store::sql_error;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn fail(path: &Path, action: &str, e: rusqlite::Error) -> String {
@@ -79,12 +76,7 @@ pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<boo
 }
 
 /// Outbox calls to forward now (oldest first), as (seq, call, attempts).
-pub fn outbox_due(
-    conn: &Connection,
-    path: &Path,
-    now: i64,
-    limit: usize,
-) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
+pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts FROM queue_outbox
@@ -111,8 +103,7 @@ pub fn outbox_due(
             ))
         })
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(path, "queue: cannot read the outbox", e))
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read the outbox", e))
 }
 
 /// The earliest time an outbox call waits for, if any.
@@ -137,8 +128,7 @@ pub fn outbox_end(tx: &Connection, path: &Path, seq: i64, end: &OutboxEnd) -> Re
             .prepare_cached("UPDATE queue_outbox SET attempts = attempts + 1, status = 'dead', error = ?2, finished_ms = ?3 WHERE seq = ?1")
             .and_then(|mut s| s.execute(params![seq, error, now])),
     };
-    r.map(|_| ())
-        .map_err(|e| fail(path, "queue: cannot update the outbox", e))
+    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot update the outbox", e))
 }
 
 /// One outbox row, for results and `pmnc queue`.
@@ -188,33 +178,18 @@ fn outbox_record(r: &rusqlite::Row) -> rusqlite::Result<OutboxRecord> {
 }
 
 /// The outbox row of call `id`, if this file's outbox holds it.
-pub fn outbox_find(
-    conn: &Connection,
-    path: &Path,
-    id: &str,
-) -> Result<Option<OutboxRecord>, String> {
+pub fn outbox_find(conn: &Connection, path: &Path, id: &str) -> Result<Option<OutboxRecord>, String> {
     conn.prepare_cached(&format!("{OUTBOX_RECORD} WHERE id = ?1"))
         .and_then(|mut s| s.query_row([id], outbox_record).optional())
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))
 }
 
 /// Outbox rows in `status`, oldest first, at most `limit`.
-pub fn outbox_list(
-    conn: &Connection,
-    path: &Path,
-    status: &str,
-    limit: usize,
-) -> Result<Vec<OutboxRecord>, String> {
-    let mut stmt = conn
-        .prepare(&format!(
-            "{OUTBOX_RECORD} WHERE status = ?1 ORDER BY seq LIMIT ?2"
-        ))
-        .map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
-    let rows = stmt
-        .query_map(params![status, limit as i64], outbox_record)
-        .map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(path, "queue: cannot list the outbox", e))
+pub fn outbox_list(conn: &Connection, path: &Path, status: &str, limit: usize) -> Result<Vec<OutboxRecord>, String> {
+    let mut stmt =
+        conn.prepare(&format!("{OUTBOX_RECORD} WHERE status = ?1 ORDER BY seq LIMIT ?2")).map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
+    let rows = stmt.query_map(params![status, limit as i64], outbox_record).map_err(|e| fail(path, "queue: cannot list the outbox", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot list the outbox", e))
 }
 
 /// (waiting, dead, forwarded) calls in the outbox.
@@ -228,12 +203,7 @@ pub fn outbox_counts(conn: &Connection, path: &Path) -> Result<(u64, u64, u64), 
 }
 
 /// Puts a dead or waiting outbox call back to be forwarded now; false when there is none.
-pub fn outbox_retry(
-    tx: &Connection,
-    path: &Path,
-    id: &str,
-    extend_ms: i64,
-) -> Result<bool, String> {
+pub fn outbox_retry(tx: &Connection, path: &Path, id: &str, extend_ms: i64) -> Result<bool, String> {
     let now = now_ms();
     tx.prepare_cached("UPDATE queue_outbox SET status = 'pending', next_ms = ?2, expires_ms = max(expires_ms, ?3), finished_ms = NULL WHERE id = ?1 AND status IN ('pending', 'dead')")
         .and_then(|mut s| s.execute(params![id, now, now + extend_ms]))
@@ -252,11 +222,7 @@ pub enum OutboxEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Returned: the encoded values, kept until `result_until_ms`.
-    Done {
-        result: Vec<u8>,
-        result_until_ms: i64,
-        keep_until_ms: i64,
-    },
+    Done { result: Vec<u8>, result_until_ms: i64, keep_until_ms: i64 },
     /// Raised; try again at `due_ms`.
     Retry { error: String, due_ms: i64 },
     /// Raised (or was found expired) and will not be tried again.
@@ -277,16 +243,17 @@ pub fn complete(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Re
             .prepare_cached("UPDATE queue_calls SET status = 'dead', attempts = attempts + 1, finished_ms = ?2, error = ?3 WHERE seq = ?1")
             .and_then(|mut s| s.execute(params![seq, now, error])),
     };
-    r.map(|_| ())
-        .map_err(|e| fail(path, "queue: cannot record the end of a call", e))
+    r.map(|_| ()).map_err(|e| fail(path, "queue: cannot record the end of a call", e))
 }
 
 /// Marks an expired call dead without running it.
 pub fn expire(tx: &Connection, path: &Path, seq: i64) -> Result<(), String> {
-    tx.prepare_cached("UPDATE queue_calls SET status = 'dead', finished_ms = ?2, error = coalesce(error || ' (then expired)', 'expired before it could run') WHERE seq = ?1")
-        .and_then(|mut s| s.execute(params![seq, now_ms()]))
-        .map(|_| ())
-        .map_err(|e| fail(path, "queue: cannot move an expired call to dead letters", e))
+    tx.prepare_cached(
+        "UPDATE queue_calls SET status = 'dead', finished_ms = ?2, error = coalesce(error || ' (then expired)', 'expired before it could run') WHERE seq = ?1",
+    )
+    .and_then(|mut s| s.execute(params![seq, now_ms()]))
+    .map(|_| ())
+    .map_err(|e| fail(path, "queue: cannot move an expired call to dead letters", e))
 }
 
 /// Forgets done calls past their de-duplication window, clears results past their time and
@@ -322,48 +289,39 @@ pub struct Due {
 /// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
 /// order with `in_order`, due or not: the first one then holds the rest). Read from the partial
 /// index alone, since most of them are usually running already and are skipped.
-pub fn waiting(
-    conn: &Connection,
-    path: &Path,
-    queue: &str,
-    in_order: bool,
-    limit: usize,
-) -> Result<Vec<(i64, i64)>, String> {
+pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limit: usize) -> Result<Vec<(i64, i64)>, String> {
     let sql = if in_order {
         "SELECT seq, due_ms FROM queue_calls WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY seq LIMIT ?2"
     } else {
         "SELECT seq, due_ms FROM queue_calls INDEXED BY queue_calls_due WHERE queue = ?1 AND status IN ('pending', 'failed') ORDER BY due_ms, seq LIMIT ?2"
     };
-    let mut stmt = conn
-        .prepare_cached(sql)
-        .map_err(|e| fail(path, "queue: cannot read due calls", e))?;
-    let rows = stmt
-        .query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(|e| fail(path, "queue: cannot read due calls", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(path, "queue: cannot read due calls", e))
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    let rows = stmt.query_map(params![queue, limit as i64], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| fail(path, "queue: cannot read due calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot read due calls", e))
 }
 
 /// The call `seq` if it still waits.
 pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
-    conn.prepare_cached("SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')")
-        .and_then(|mut s| {
-            s.query_row([seq], |r| {
-                Ok(Due {
-                    seq: r.get(0)?,
-                    id: r.get(1)?,
-                    from_cage: r.get(8)?,
-                    module: r.get(2)?,
-                    function: r.get(3)?,
-                    args: r.get(4)?,
-                    attempts: r.get(5)?,
-                    due_ms: r.get(6)?,
-                    expires_ms: r.get(7)?,
-                })
+    conn.prepare_cached(
+        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')",
+    )
+    .and_then(|mut s| {
+        s.query_row([seq], |r| {
+            Ok(Due {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                from_cage: r.get(8)?,
+                module: r.get(2)?,
+                function: r.get(3)?,
+                args: r.get(4)?,
+                attempts: r.get(5)?,
+                due_ms: r.get(6)?,
+                expires_ms: r.get(7)?,
             })
-            .optional()
         })
-        .map_err(|e| fail(path, "queue: cannot read a due call", e))
+        .optional()
+    })
+    .map_err(|e| fail(path, "queue: cannot read a due call", e))
 }
 
 /// One call's stored record, for results and `pmnc queue show`.
@@ -413,22 +371,11 @@ pub fn find(conn: &Connection, path: &Path, id: &str) -> Result<Option<Record>, 
 }
 
 /// Calls in `status` (every status when None), oldest first, at most `limit`.
-pub fn list(
-    conn: &Connection,
-    path: &Path,
-    status: Option<&str>,
-    limit: usize,
-) -> Result<Vec<Record>, String> {
-    let mut stmt = conn
-        .prepare(&format!(
-            "{RECORD} WHERE (?1 IS NULL OR status = ?1) ORDER BY seq LIMIT ?2"
-        ))
-        .map_err(|e| fail(path, "queue: cannot list calls", e))?;
-    let rows = stmt
-        .query_map(params![status, limit as i64], record)
-        .map_err(|e| fail(path, "queue: cannot list calls", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(path, "queue: cannot list calls", e))
+pub fn list(conn: &Connection, path: &Path, status: Option<&str>, limit: usize) -> Result<Vec<Record>, String> {
+    let mut stmt =
+        conn.prepare(&format!("{RECORD} WHERE (?1 IS NULL OR status = ?1) ORDER BY seq LIMIT ?2")).map_err(|e| fail(path, "queue: cannot list calls", e))?;
+    let rows = stmt.query_map(params![status, limit as i64], record).map_err(|e| fail(path, "queue: cannot list calls", e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| fail(path, "queue: cannot list calls", e))
 }
 
 /// Figures of one queue, for monitoring.
@@ -452,11 +399,7 @@ pub struct QueueFigures {
 /// so that the monitor, which asks every second, never scans the done calls (a scan holds a read
 /// snapshot long enough to keep the WAL from being emptied); `done_kept` is counted only when
 /// `count_done` (`pmnc queue ls`), else 0.
-pub fn figures(
-    conn: &Connection,
-    path: &Path,
-    count_done: bool,
-) -> Result<Vec<QueueFigures>, String> {
+pub fn figures(conn: &Connection, path: &Path, count_done: bool) -> Result<Vec<QueueFigures>, String> {
     let now = now_ms();
     let fail = |e| fail(path, "queue: cannot read figures", e);
     let mut by_queue: std::collections::BTreeMap<String, QueueFigures> = Default::default();
@@ -464,51 +407,26 @@ pub fn figures(
          FROM queue_calls INDEXED BY queue_calls_due WHERE status IN ('pending', 'failed') GROUP BY queue";
     let mut stmt = conn.prepare_cached(waiting).map_err(fail)?;
     let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
-        })
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)))
         .map_err(fail)?;
     for row in rows {
         let (queue, depth, oldest, retrying, retries) = row.map_err(fail)?;
-        let f = by_queue
-            .entry(queue.clone())
-            .or_insert_with(|| QueueFigures {
-                queue,
-                ..Default::default()
-            });
+        let f = by_queue.entry(queue.clone()).or_insert_with(|| QueueFigures { queue, ..Default::default() });
         f.depth = depth as u64;
-        f.oldest_age = oldest
-            .map(|o| (now - o).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
+        f.oldest_age = oldest.map(|o| (now - o).max(0) as f64 / 1000.0).unwrap_or(0.0);
         f.retrying = retrying as u64;
         f.retries = retries as u64;
     }
     let mut counts = vec![("SELECT queue, count(*) FROM queue_calls INDEXED BY queue_calls_dead WHERE status = 'dead' GROUP BY queue", false)];
     if count_done {
-        counts.push((
-            "SELECT queue, count(*) FROM queue_calls WHERE status = 'done' GROUP BY queue",
-            true,
-        ));
+        counts.push(("SELECT queue, count(*) FROM queue_calls WHERE status = 'done' GROUP BY queue", true));
     }
     for (sql, done) in counts {
         let mut stmt = conn.prepare_cached(sql).map_err(fail)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(fail)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(fail)?;
         for row in rows {
             let (queue, n) = row.map_err(fail)?;
-            let f = by_queue
-                .entry(queue.clone())
-                .or_insert_with(|| QueueFigures {
-                    queue,
-                    ..Default::default()
-                });
+            let f = by_queue.entry(queue.clone()).or_insert_with(|| QueueFigures { queue, ..Default::default() });
             if done {
                 f.done_kept = n as u64;
             } else {
@@ -554,89 +472,36 @@ mod tests {
         let path = dir.path().join("state.sqlite");
         let mut c = open(&path, std::time::Duration::from_secs(5)).unwrap();
         assert!(insert(&c, &path, &call("a", 5)).unwrap());
-        assert!(
-            !insert(&c, &path, &call("a", 1)).unwrap(),
-            "a known id is not stored again"
-        );
+        assert!(!insert(&c, &path, &call("a", 1)).unwrap(), "a known id is not stored again");
         assert!(insert(&c, &path, &call("b", 3)).unwrap());
-        let ids = |rows: Vec<(i64, i64)>| {
-            rows.iter()
-                .map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id)
-                .collect::<Vec<_>>()
-        };
-        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10)
-            .unwrap()
-            .iter()
-            .map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap())
-            .collect();
-        assert_eq!(
-            ids(waiting(&c, &path, "q", false, 10).unwrap()),
-            ["b", "a"],
-            "earliest due first"
-        );
-        assert_eq!(
-            ids(waiting(&c, &path, "q", true, 10).unwrap()),
-            ["a", "b"],
-            "keep_order: enqueue order"
-        );
+        let ids = |rows: Vec<(i64, i64)>| rows.iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap().id).collect::<Vec<_>>();
+        let due_rows: Vec<Due> = waiting(&c, &path, "q", false, 10).unwrap().iter().map(|(seq, _)| due(&c, &path, *seq).unwrap().unwrap()).collect();
+        assert_eq!(ids(waiting(&c, &path, "q", false, 10).unwrap()), ["b", "a"], "earliest due first");
+        assert_eq!(ids(waiting(&c, &path, "q", true, 10).unwrap()), ["a", "b"], "keep_order: enqueue order");
         let due = due_rows;
 
         // A completion whose transaction is rolled back leaves neither the writes nor "done".
         let tx = c.transaction().unwrap();
         apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
-        complete(
-            &tx,
-            &path,
-            due[0].seq,
-            &Outcome::Done {
-                result: vec![1, 0],
-                result_until_ms: 5,
-                keep_until_ms: 20,
-            },
-        )
-        .unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
         drop(tx);
         assert_eq!(find(&c, &path, "b").unwrap().unwrap().status, "pending");
-        assert_eq!(
-            c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0))
-                .unwrap(),
-            0
-        );
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
 
         let tx = c.transaction().unwrap();
         apply_in(&tx, &path, &[Write::Set("k".into(), vec![1, 2])]).unwrap();
-        complete(
-            &tx,
-            &path,
-            due[0].seq,
-            &Outcome::Done {
-                result: vec![1, 0],
-                result_until_ms: 5,
-                keep_until_ms: 20,
-            },
-        )
-        .unwrap();
+        complete(&tx, &path, due[0].seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
         tx.commit().unwrap();
         let b = find(&c, &path, "b").unwrap().unwrap();
-        assert_eq!(
-            (b.status.as_str(), b.attempts, b.result),
-            ("done", 1, Some(vec![1, 0]))
-        );
-        assert_eq!(
-            c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0))
-                .unwrap(),
-            1
-        );
+        assert_eq!((b.status.as_str(), b.attempts, b.result), ("done", 1, Some(vec![1, 0])));
+        assert_eq!(c.query_row("SELECT count(*) FROM state", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
 
         // Results go first, then the row after its de-duplication window.
         prune(&c, &path, 6, 100).unwrap();
         assert_eq!(find(&c, &path, "b").unwrap().unwrap().result, None);
         prune(&c, &path, 21, 100).unwrap();
         assert_eq!(find(&c, &path, "b").unwrap(), None);
-        assert!(
-            find(&c, &path, "a").unwrap().is_some(),
-            "waiting calls are never pruned"
-        );
+        assert!(find(&c, &path, "a").unwrap().is_some(), "waiting calls are never pruned");
     }
 
     /// Pruning deletes in batches, so that a backlog of done calls never goes in one commit.
@@ -649,32 +514,13 @@ mod tests {
             let id = format!("d{i}");
             insert(&c, &path, &call(&id, 1)).unwrap();
             let seq = find(&c, &path, &id).unwrap().unwrap().seq;
-            complete(
-                &c,
-                &path,
-                seq,
-                &Outcome::Done {
-                    result: vec![1, 0],
-                    result_until_ms: 5,
-                    keep_until_ms: 20,
-                },
-            )
-            .unwrap();
+            complete(&c, &path, seq, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
         }
-        let done = |c: &Connection| {
-            c.query_row("SELECT count(*) FROM queue_calls", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .unwrap()
-        };
+        let done = |c: &Connection| c.query_row("SELECT count(*) FROM queue_calls", [], |r| r.get::<_, i64>(0)).unwrap();
         assert_eq!(prune(&c, &path, 21, 10).unwrap(), 10);
         assert_eq!(done(&c), 15);
         assert_eq!(prune(&c, &path, 21, 10).unwrap(), 10);
-        assert_eq!(
-            prune(&c, &path, 21, 10).unwrap(),
-            5,
-            "fewer than the batch: nothing more to do"
-        );
+        assert_eq!(prune(&c, &path, 21, 10).unwrap(), 5, "fewer than the batch: nothing more to do");
         assert_eq!(done(&c), 0);
     }
 }

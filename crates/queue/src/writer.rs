@@ -105,17 +105,9 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
         for (i, op) in batch.into_iter().enumerate() {
             match op {
                 Op::Enqueue(_, reply) => {
-                    let _ = reply.send(
-                        result
-                            .as_ref()
-                            .map(|(inserted, _)| inserted[i])
-                            .map_err(|e| e.clone()),
-                    );
+                    let _ = reply.send(result.as_ref().map(|(inserted, _)| inserted[i]).map_err(|e| e.clone()));
                 }
-                Op::Complete { reply, .. }
-                | Op::Expire(_, reply)
-                | Op::Outbox { reply, .. }
-                | Op::OutboxEnd(_, _, reply) => {
+                Op::Complete { reply, .. } | Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
                 }
             }
@@ -133,26 +125,14 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
 
 /// Commits `batch`; for each operation whether it inserted a row (enqueues of a known id do
 /// not), and how many rows a prune changed when it ran.
-fn commit(
-    store: &Store,
-    conn: &mut Connection,
-    batch: &[Op],
-    prune: bool,
-) -> Result<(Vec<bool>, Option<usize>), String> {
+fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<(Vec<bool>, Option<usize>), String> {
     let path = &store.path;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| sql_error(path, "queue: cannot start a write", e).message)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(path, "queue: cannot start a write", e).message)?;
     let mut inserted = Vec::with_capacity(batch.len());
     for op in batch {
         match op {
             Op::Enqueue(call, _) => inserted.push(store::insert(&tx, path, call)?),
-            Op::Complete {
-                seq,
-                outcome,
-                writes,
-                ..
-            } => {
+            Op::Complete { seq, outcome, writes, .. } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
                 store::complete(&tx, path, *seq, outcome)?;
                 inserted.push(false);
@@ -161,12 +141,7 @@ fn commit(
                 store::expire(&tx, path, *seq)?;
                 inserted.push(false);
             }
-            Op::Outbox {
-                writes,
-                direct,
-                outgoing,
-                ..
-            } => {
+            Op::Outbox { writes, direct, outgoing, .. } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
                 for call in direct {
                     store::insert(&tx, path, call)?;
@@ -182,12 +157,7 @@ fn commit(
             }
         }
     }
-    let pruned = if prune {
-        Some(store::prune(&tx, path, store::now_ms(), PRUNE_BATCH)?)
-    } else {
-        None
-    };
-    tx.commit()
-        .map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
+    let pruned = if prune { Some(store::prune(&tx, path, store::now_ms(), PRUNE_BATCH)?) } else { None };
+    tx.commit().map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
     Ok((inserted, pruned))
 }

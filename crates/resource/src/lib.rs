@@ -1,6 +1,7 @@
 //! Resources: how module code reaches the outside world. A protocol plugin reads its config and
-//! makes connections; this crate pools them per worker thread (with a circuit breaker) and runs
-//! transactions: every participant on its own connection, in parallel, then commit or rollback.
+//! makes connections; this crate pools them per worker thread (with a circuit breaker shared by
+//! the workers) and runs transactions: every participant on its own connection, in parallel,
+//! then commit or rollback.
 //!
 //! Stages of a protocol, in order: `configure` (main thread, also `pmnc check`; problems are
 //! recorded in the section) → `connect` (on a worker thread, bounded by `connect_timeout` and the
@@ -22,7 +23,7 @@ use std::time::Duration;
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
 
-pub use pool::{all_stats, stats_for, Pool, PoolSettings, PoolStats};
+pub use pool::{all_stats, stats_for, Breaker, Cause, Pool, PoolSettings, PoolStats};
 pub use transaction::{install, CageResources};
 
 /// What went wrong in a resource; `code` is the protocol's own (SQLSTATE, ...).
@@ -98,10 +99,21 @@ pub trait Connection {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>>;
     /// Makes one call (`xa.db.execute(sql, ...)` is method "execute").
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>>;
-    fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>>;
-    fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>>;
-    /// Cheap check made before an idle connection is handed out again.
-    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool>;
+    /// Ends the transaction keeping its effects. The default does nothing: for a protocol whose
+    /// calls act at once (Redis, HTTP, commands) there is nothing left to commit.
+    fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Ends the transaction undoing what it can. The default does nothing: such a protocol says
+    /// through `effects_stay` that its calls are not undone.
+    fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Cheap check made before an idle connection is handed out again. The default trusts the
+    /// connection: right for one that reconnects by itself or holds no link at all.
+    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
     /// Whether the call just made (`method`, ending in `outcome`) may have left effects that
     /// `rollback` does not undo. Transactional protocols keep the default (false); a protocol
     /// whose calls act at once (Redis, HTTP, commands) says true whenever it may have acted, and
@@ -121,6 +133,9 @@ pub struct ResourceConfig {
     /// The table as written (see `Section::fingerprint`): a reload rebuilds the pool only when
     /// this changes.
     pub fingerprint: String,
+    /// The circuit breaker, one per config and shared by the pools of every worker (a clone of
+    /// the config shares it).
+    pub breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for ResourceConfig {

@@ -1,12 +1,13 @@
-//! A pool of connections of one resource on one worker thread, with a circuit breaker: after
-//! `breaker_failures` connect failures in a row, checkouts fail at once for `breaker_cooldown`,
-//! then one probe connect is let through; its success closes the breaker.
+//! A pool of connections of one resource on one worker thread, and the circuit breaker of the
+//! resource, shared by every worker of the process: after `breaker_failures` connect failures in
+//! a row (on any workers), connects fail at once on every worker for `breaker_cooldown`, then one
+//! probe connect is let through; its success closes the breaker.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{Connection, Error, Resource};
@@ -41,19 +42,145 @@ impl Default for PoolSettings {
     }
 }
 
+/// Why a call to a resource failed: the label `cause` of `pmnc_resource_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A new connection could not be opened (refused, unreachable, no answer in `connect_timeout`).
+    Connect,
+    /// The breaker was open: no connect was tried.
+    BreakerOpen,
+    /// Every connection of the worker's share of the pool stayed in use until the deadline.
+    PoolTimeout,
+    /// The transaction had more participants on the resource than the worker's share of its pool,
+    /// so it was refused before any call.
+    PoolSize,
+    /// The call itself failed (the server's error, a lost connection).
+    Query,
+    /// The request's deadline passed during the connect or the call.
+    Deadline,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 6] = [Cause::Connect, Cause::BreakerOpen, Cause::PoolTimeout, Cause::PoolSize, Cause::Query, Cause::Deadline];
+
+    /// The value of the `cause` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Connect => "connect",
+            Cause::BreakerOpen => "breaker_open",
+            Cause::PoolTimeout => "pool_timeout",
+            Cause::PoolSize => "pool_size",
+            Cause::Query => "query",
+            Cause::Deadline => "deadline",
+        }
+    }
+}
+
 /// Counters of one resource over every worker, for monitoring.
 #[derive(Debug, Default)]
 pub struct PoolStats {
+    /// Every call a module made, whether or not it got a connection.
     pub calls: AtomicU64,
+    /// Calls that failed, whatever the cause (the sum of `errors_by_cause`).
     pub errors: AtomicU64,
+    /// Failed calls by cause, indexed like `Cause::ALL`.
+    pub errors_by_cause: [AtomicU64; 6],
     /// Sum of call latencies in microseconds.
     pub latency_us: AtomicU64,
     pub in_use: AtomicUsize,
     pub idle: AtomicUsize,
     pub waiting: AtomicUsize,
     pub connect_failures: AtomicU64,
-    /// Call latencies, for the monitor's percentiles and Prometheus buckets.
+    /// Call latencies from the checkout on, for the monitor's percentiles and Prometheus buckets.
     pub latency: rustomnic_core::metrics::Histogram,
+}
+
+impl PoolStats {
+    /// Counts one call that took `took` (checkout included) and failed with `failed`, if it did.
+    pub fn record(&self, took: Duration, failed: Option<Cause>) {
+        let us = took.as_micros() as u64;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.latency_us.fetch_add(us, Ordering::Relaxed);
+        self.latency.observe_us(us);
+        if let Some(cause) = failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            self.errors_by_cause[cause as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Failed calls of one cause.
+    pub fn errors_of(&self, cause: Cause) -> u64 {
+        self.errors_by_cause[cause as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The circuit breaker of one configured resource, shared by the pools of every worker (one per
+/// `ResourceConfig`, so a changed config starts with a closed breaker).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    /// Connect failures in a row, over every worker.
+    failures: u32,
+    last_failure: String,
+    open_until: Option<Instant>,
+    /// When the probe connect after a cooldown started. A probe whose request was dropped
+    /// mid-connect never reports back; after `connect_timeout` another probe may go.
+    probe_since: Option<Instant>,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// May a connect be tried now? Past the cooldown the caller becomes the probe.
+    fn check(&self, settings: &PoolSettings) -> Result<(), Error> {
+        let mut s = self.lock();
+        let Some(until) = s.open_until else { return Ok(()) };
+        let now = Instant::now();
+        let probe_running = s.probe_since.is_some_and(|t| now.duration_since(t) < settings.connect_timeout);
+        if now < until || probe_running {
+            return Err(Error::new(format!(
+                "unavailable after {} failed connects in a row (last: {}); retrying in {:.1}s",
+                s.failures,
+                s.last_failure,
+                until.saturating_duration_since(now).as_secs_f64()
+            )));
+        }
+        s.probe_since = Some(now);
+        Ok(())
+    }
+
+    fn succeeded(&self) {
+        let mut s = self.lock();
+        s.failures = 0;
+        s.open_until = None;
+        s.probe_since = None;
+    }
+
+    fn failed(&self, settings: &PoolSettings, message: &str) {
+        let mut s = self.lock();
+        s.failures = s.failures.saturating_add(1);
+        s.last_failure = message.to_string();
+        s.probe_since = None;
+        if s.failures >= settings.breaker_failures {
+            s.open_until = Some(Instant::now() + settings.breaker_cooldown);
+        }
+    }
+
+    /// Whether connects are refused now (open, or a probe is out).
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+
+    /// Connect failures in a row, over every worker.
+    pub fn failures(&self) -> u32 {
+        self.lock().failures
+    }
 }
 
 /// Every resource's counters in this process, by (cage, resource), for monitoring.
@@ -87,10 +214,7 @@ pub struct Pool {
     idle: RefCell<VecDeque<Idle>>,
     open: Cell<usize>,
     freed: tokio::sync::Notify,
-    failures: Cell<u32>,
-    last_failure: RefCell<String>,
-    open_until: Cell<Option<Instant>>,
-    probing: Cell<bool>,
+    breaker: Arc<Breaker>,
     pub stats: Arc<PoolStats>,
 }
 
@@ -102,6 +226,9 @@ pub struct Pooled {
     opened: Instant,
     pool: Rc<Pool>,
     broken: bool,
+    /// A transaction was begun on it and has not ended: dropped now (its request abandoned
+    /// mid-way), it is closed, never handed to another request inside that transaction.
+    in_transaction: bool,
 }
 
 impl Pooled {
@@ -121,12 +248,17 @@ impl Pooled {
     pub fn is_reused(&self) -> bool {
         self.reused
     }
+
+    /// Marks a transaction begun (true) or ended by a commit or rollback that succeeded (false).
+    pub fn set_in_transaction(&mut self, yes: bool) {
+        self.in_transaction = yes;
+    }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
         let conn = std::mem::replace(&mut self.conn, Box::new(Gone));
-        self.pool.checkin(conn, self.opened, self.broken);
+        self.pool.checkin(conn, self.opened, self.broken || self.in_transaction);
     }
 }
 
@@ -152,7 +284,8 @@ impl Connection for Gone {
 }
 
 impl Pool {
-    pub fn new(name: &str, resource: Arc<dyn Resource>, settings: PoolSettings, workers: usize, stats: Arc<PoolStats>) -> Rc<Pool> {
+    /// `breaker` is the resource's, shared with the pools of the other workers.
+    pub fn new(name: &str, resource: Arc<dyn Resource>, settings: PoolSettings, workers: usize, stats: Arc<PoolStats>, breaker: Arc<Breaker>) -> Rc<Pool> {
         let size = settings.size.div_ceil(workers.max(1)).max(1);
         Rc::new(Pool {
             name: name.to_string(),
@@ -162,16 +295,18 @@ impl Pool {
             idle: RefCell::new(VecDeque::new()),
             open: Cell::new(0),
             freed: tokio::sync::Notify::new(),
-            failures: Cell::new(0),
-            last_failure: RefCell::new(String::new()),
-            open_until: Cell::new(None),
-            probing: Cell::new(false),
+            breaker,
             stats,
         })
     }
 
     /// A connection, waiting at most until `deadline` for one to be free.
     pub async fn checkout(self: &Rc<Self>, deadline: Instant) -> Result<Pooled, Error> {
+        self.checkout_why(deadline).await.map_err(|(e, _)| e)
+    }
+
+    /// Like [`Pool::checkout`], saying why it failed.
+    pub async fn checkout_why(self: &Rc<Self>, deadline: Instant) -> Result<Pooled, (Error, Cause)> {
         loop {
             if let Some(mut idle) = self.take_idle() {
                 let healthy = tokio::time::timeout_at(deadline.into(), idle.conn.is_healthy()).await.unwrap_or(false);
@@ -182,37 +317,37 @@ impl Pool {
                 continue;
             }
             if self.open.get() < self.size {
-                self.breaker_check()?;
+                self.breaker.check(&self.settings).map_err(|e| (e, Cause::BreakerOpen))?;
                 self.open.set(self.open.get() + 1);
                 let started = Instant::now();
+                let by_deadline = deadline < started + self.settings.connect_timeout;
                 let limit = deadline.min(started + self.settings.connect_timeout);
                 let connected = tokio::time::timeout_at(limit.into(), self.resource.connect()).await;
                 return match connected {
                     Ok(Ok(conn)) => {
-                        self.failures.set(0);
-                        self.open_until.set(None);
-                        self.probing.set(false);
+                        self.breaker.succeeded();
                         Ok(self.hand_out(conn, Instant::now(), false))
                     }
-                    Ok(Err(e)) => Err(self.connect_failed(e)),
-                    Err(_) => Err(self.connect_failed(Error::new(format!("no answer within {:?}", limit.saturating_duration_since(started))))),
+                    Ok(Err(e)) => Err((self.connect_failed(e), Cause::Connect)),
+                    Err(_) => {
+                        let e = self.connect_failed(Error::new(format!("no answer within {:?}", limit.saturating_duration_since(started))));
+                        Err((e, if by_deadline { Cause::Deadline } else { Cause::Connect }))
+                    }
                 };
             }
             self.stats.waiting.fetch_add(1, Ordering::Relaxed);
             let waited = tokio::time::timeout_at(deadline.into(), self.freed.notified()).await;
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if waited.is_err() {
-                return Err(Error::new(format!(
-                    "no connection became free before the deadline (pool of {} per worker, all in use)",
-                    self.size
-                )));
+                let e = Error::new(format!("no connection became free before the deadline (pool of {} per worker, all in use)", self.size));
+                return Err((e, Cause::PoolTimeout));
             }
         }
     }
 
     fn hand_out(self: &Rc<Self>, conn: Box<dyn Connection>, opened: Instant, reused: bool) -> Pooled {
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Pooled { conn, reused, opened, pool: self.clone(), broken: false }
+        Pooled { conn, reused, opened, pool: self.clone(), broken: false, in_transaction: false }
     }
 
     fn take_idle(&self) -> Option<Idle> {
@@ -245,33 +380,11 @@ impl Pool {
         self.freed.notify_one();
     }
 
-    fn breaker_check(&self) -> Result<(), Error> {
-        if let Some(until) = self.open_until.get() {
-            if Instant::now() < until || self.probing.get() {
-                return Err(Error::new(format!(
-                    "unavailable after {} failed connects in a row (last: {}); retrying in {:.1}s",
-                    self.failures.get(),
-                    self.last_failure.borrow(),
-                    until.saturating_duration_since(Instant::now()).as_secs_f64()
-                )));
-            }
-            // Cooldown over: this connect is the probe.
-            self.probing.set(true);
-        }
-        Ok(())
-    }
-
     fn connect_failed(&self, error: Error) -> Error {
         let message = error.message;
         self.open.set(self.open.get().saturating_sub(1));
-        self.probing.set(false);
         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-        let n = self.failures.get() + 1;
-        self.failures.set(n);
-        *self.last_failure.borrow_mut() = message.clone();
-        if n >= self.settings.breaker_failures {
-            self.open_until.set(Some(Instant::now() + self.settings.breaker_cooldown));
-        }
+        self.breaker.failed(&self.settings, &message);
         self.freed.notify_one();
         Error { message: format!("cannot connect: {message}"), code: error.code, broken: false }
     }
@@ -288,7 +401,7 @@ impl Pool {
             self.stats.idle.fetch_sub(closed, Ordering::Relaxed);
         }
         let wanted = self.settings.min_idle.min(self.size);
-        while self.idle.borrow().len() < wanted && self.open.get() < self.size && self.open_until.get().is_none() {
+        while self.idle.borrow().len() < wanted && self.open.get() < self.size && !self.breaker.is_open() {
             match self.checkout(Instant::now() + self.settings.connect_timeout).await {
                 Ok(c) => drop(c),
                 Err(_) => break,
@@ -308,5 +421,10 @@ impl Pool {
 
     pub fn idle_connections(&self) -> usize {
         self.idle.borrow().len()
+    }
+
+    /// The resource's breaker, shared by every worker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 }

@@ -1,8 +1,9 @@
 //! Test support for TLS to databases (feature `test-tls`): a throw-away CA and server
 //! certificate made with rcgen, free ports, servers started for one test and stopped when their
 //! guard is dropped, and the loud message of a test that has to skip.
+// Test support: a failed step ends the test that asked for it.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -10,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
-/// Says loudly, past the test harness's capture, that a test is skipped and why.
-pub fn shout(text: &str) {
-    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
-}
+pub use crate::testing::shout;
 
 /// A folder with a CA (`ca.pem`), a server certificate it signed (`server.pem`,
 /// `server.key`), and an unrelated CA (`other-ca.pem`) for the "wrong CA" cases. Removed when
@@ -29,30 +27,14 @@ pub struct TestPki {
 impl TestPki {
     /// Certificates for a server known by `names` (DNS names or IP addresses).
     pub fn new(tag: &str, names: &[&str]) -> Result<TestPki, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "rustomnic-{tag}-tls-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let pki = TestPki {
-            ca: dir.join("ca.pem"),
-            other_ca: dir.join("other-ca.pem"),
-            cert: dir.join("server.pem"),
-            key: dir.join("server.key"),
-            dir,
-        };
+        let dir = std::env::temp_dir().join(format!("rustomnic-{tag}-tls-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let pki = TestPki { ca: dir.join("ca.pem"), other_ca: dir.join("other-ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key"), dir };
         let (ca_pem, issuer) = make_ca("Rustomnic test CA")?;
         let (other_pem, _) = make_ca("Rustomnic other test CA")?;
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .map_err(|e| e.to_string())?;
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names.first().copied().unwrap_or("server"),
-        );
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("server"));
         let cert = params.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
         write(&pki.ca, &ca_pem)?;
         write(&pki.other_ca, &other_pem)?;
@@ -72,11 +54,7 @@ fn make_ca(name: &str) -> Result<(String, Issuer<'static, KeyPair>), String> {
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.distinguished_name.push(DnType::CommonName, name);
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     Ok((cert.pem(), Issuer::new(params, key)))
@@ -95,10 +73,7 @@ fn unique() -> usize {
 /// A port nothing listens on right now (the OS picks it).
 pub fn free_port() -> Result<u16, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
+    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 /// The uid and gid of a system user (from /etc/passwd), for servers that refuse to run as root.
@@ -118,11 +93,7 @@ pub fn system_user(name: &str) -> Option<(u32, u32)> {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 
@@ -138,20 +109,8 @@ pub struct ServerGuard {
 }
 
 impl ServerGuard {
-    pub fn new(
-        name: &str,
-        child: Child,
-        stop_signal: &'static str,
-        dir: PathBuf,
-        log: PathBuf,
-    ) -> ServerGuard {
-        ServerGuard {
-            name: name.to_string(),
-            child,
-            stop_signal,
-            dir,
-            log,
-        }
+    pub fn new(name: &str, child: Child, stop_signal: &'static str, dir: PathBuf, log: PathBuf) -> ServerGuard {
+        ServerGuard { name: name.to_string(), child, stop_signal, dir, log }
     }
 
     /// Polls until the server accepts TCP connections on `port`, it exits, or `within` passes.
@@ -162,18 +121,10 @@ impl ServerGuard {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "{} exited ({status}) before accepting connections; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                ));
+                return Err(format!("{} exited ({status}) before accepting connections; its log:\n{}", self.name, self.log_tail()));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} did not accept connections on port {port} within {within:?}; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                ));
+                return Err(format!("{} did not accept connections on port {port} within {within:?}; its log:\n{}", self.name, self.log_tail()));
             }
             // A poll interval, not a synchronisation: the loop ends on the port accepting.
             std::thread::sleep(Duration::from_millis(50));
@@ -189,18 +140,10 @@ impl ServerGuard {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "{} exited ({status}) before logging {text:?}; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                ));
+                return Err(format!("{} exited ({status}) before logging {text:?}; its log:\n{}", self.name, self.log_tail()));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} did not log {text:?} within {within:?}; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                ));
+                return Err(format!("{} did not log {text:?} within {within:?}; its log:\n{}", self.name, self.log_tail()));
             }
             // A poll interval, not a synchronisation: the loop ends on the line appearing.
             std::thread::sleep(Duration::from_millis(50));
@@ -218,9 +161,7 @@ impl ServerGuard {
 impl Drop for ServerGuard {
     fn drop(&mut self) {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill")
-            .args([format!("-{}", self.stop_signal), pid])
-            .status();
+        let _ = Command::new("kill").args([format!("-{}", self.stop_signal), pid]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.child.try_wait() {

@@ -10,9 +10,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustomnic_core::Section;
 
 /// How much of the server's certificate a connection checks.
@@ -39,12 +37,7 @@ pub struct CaFile {
 
 impl std::fmt::Debug for CaFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "CaFile({}, {} certificates)",
-            self.path.display(),
-            self.certs.len()
-        )
+        write!(f, "CaFile({}, {} certificates)", self.path.display(), self.certs.len())
     }
 }
 
@@ -69,17 +62,10 @@ pub fn read_ca(section: &Section, key: &str) -> Option<Result<CaFile, ()>> {
     let written = section.string(key);
     let Some(written) = written else {
         // Present but not a string (or a bad ${VAR}): the section has recorded why.
-        return if section.has(key) {
-            Some(Err(()))
-        } else {
-            None
-        };
+        return if section.has(key) { Some(Err(())) } else { None };
     };
     if written.value.is_empty() {
-        section.error(
-            key,
-            "is empty: give the PEM file of the CA that signed the server's certificate",
-        );
+        section.error(key, "is empty: give the PEM file of the CA that signed the server's certificate");
         return Some(Err(()));
     }
     let base = section.file().path().parent().unwrap_or(Path::new(""));
@@ -91,9 +77,7 @@ pub fn read_ca(section: &Section, key: &str) -> Option<Result<CaFile, ()>> {
 pub fn load_ca(path: &Path) -> Result<CaFile, String> {
     let shown = path.display();
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{shown} is not a PEM file of certificates: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{shown} is not a PEM file of certificates: {e}"))?;
     if certs.is_empty() {
         return Err(format!("{shown} holds no certificate (a PEM file with -----BEGIN CERTIFICATE----- blocks is expected)"));
     }
@@ -101,15 +85,9 @@ pub fn load_ca(path: &Path) -> Result<CaFile, String> {
     // the first connection.
     let mut roots = RootCertStore::empty();
     for (i, cert) in certs.iter().enumerate() {
-        roots
-            .add(cert.clone())
-            .map_err(|e| format!("{shown}: certificate {} cannot be used as a CA: {e}", i + 1))?;
+        roots.add(cert.clone()).map_err(|e| format!("{shown}: certificate {} cannot be used as a CA: {e}", i + 1))?;
     }
-    Ok(CaFile {
-        path: path.to_path_buf(),
-        pem,
-        certs,
-    })
+    Ok(CaFile { path: path.to_path_buf(), pem, certs })
 }
 
 /// The roots a connection trusts: the `ca` file alone when given (a private CA must not be
@@ -119,44 +97,25 @@ pub fn roots(ca: Option<&CaFile>) -> Result<RootCertStore, String> {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in &ca.certs {
-                roots.add(cert.clone()).map_err(|e| {
-                    format!(
-                        "{}: a certificate cannot be used as a CA: {e}",
-                        ca.path.display()
-                    )
-                })?;
+                roots.add(cert.clone()).map_err(|e| format!("{}: a certificate cannot be used as a CA: {e}", ca.path.display()))?;
             }
             Ok(roots)
         }
-        None => Ok(RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        }),
+        None => Ok(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
     }
 }
 
 /// Client settings on the ring provider that check as much as `verify` says.
 pub fn client_config(verify: Verify, ca: Option<&CaFile>) -> Result<Arc<ClientConfig>, String> {
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
     let config = match verify {
-        Verify::Full => builder
-            .with_root_certificates(roots(ca)?)
-            .with_no_client_auth(),
+        Verify::Full => builder.with_root_certificates(roots(ca)?).with_no_client_auth(),
         Verify::Chain => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
-                .build()
-                .map_err(|e| e.to_string())?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-                .with_no_client_auth()
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider).build().map_err(|e| e.to_string())?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(inner))).with_no_client_auth()
         }
-        Verify::Nothing => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth(),
+        Verify::Nothing => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))).with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
@@ -174,33 +133,20 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             // rustls checks the name only after the chain, so this error means the chain passed.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_tls13_signature(message, cert, dss)
     }
 
@@ -226,32 +172,12 @@ impl ServerCertVerifier for AnyCertificate {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -261,9 +187,7 @@ impl ServerCertVerifier for AnyCertificate {
 
 /// The rustls error somewhere in `e`'s chain of causes. An `io::Error` hides the error it wraps
 /// from `source()`, so each one met is opened as well.
-pub fn find_rustls_error<'a>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a rustls::Error> {
+pub fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
     while let Some(current) = next {
         if let Some(found) = current.downcast_ref::<rustls::Error>() {
@@ -303,33 +227,18 @@ pub fn reason(e: &rustls::Error, ca: Option<&CaFile>) -> String {
     };
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::NotValidForNameContext {
-                expected,
-                presented,
-            } => {
-                let names = if presented.is_empty() {
-                    "no name".to_string()
-                } else {
-                    presented
-                        .iter()
-                        .map(|n| plain_name(n))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
+            CertificateError::NotValidForNameContext { expected, presented } => {
+                let names = if presented.is_empty() { "no name".to_string() } else { presented.iter().map(|n| plain_name(n)).collect::<Vec<_>>().join(", ") };
                 format!("the server's certificate is not valid for {} (it is for {names}); connect by a name the certificate holds", expected.to_str())
             }
-            CertificateError::NotValidForName => {
-                "the server's certificate is not valid for the host connected to".to_string()
-            }
+            CertificateError::NotValidForName => "the server's certificate is not valid for the host connected to".to_string(),
             CertificateError::UnknownIssuer => {
                 format!("the server's certificate is not signed by {trusted}")
             }
             CertificateError::BadSignature => {
                 format!("the server's certificate has a bad signature (not signed by {trusted}?)")
             }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "the server's certificate has expired".to_string()
-            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "the server's certificate has expired".to_string(),
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "the server's certificate is not valid yet (check the clocks)".to_string()
             }
@@ -338,9 +247,7 @@ pub fn reason(e: &rustls::Error, ca: Option<&CaFile>) -> String {
         rustls::Error::AlertReceived(alert) => {
             format!("the server ended the handshake with the alert {alert:?}")
         }
-        rustls::Error::InvalidMessage(_)
-        | rustls::Error::InappropriateMessage { .. }
-        | rustls::Error::InappropriateHandshakeMessage { .. } => {
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => {
             format!("the server does not speak TLS as expected ({e})")
         }
         other => other.to_string(),
@@ -350,14 +257,8 @@ pub fn reason(e: &rustls::Error, ca: Option<&CaFile>) -> String {
 /// A name as webpki reports it (`DnsName("db.example")`, `IpAddress(10.0.0.1)`) as written in
 /// a config (`db.example`, `10.0.0.1`).
 pub fn plain_name(presented: &str) -> &str {
-    let inner = presented
-        .strip_prefix("DnsName(\"")
-        .and_then(|n| n.strip_suffix("\")"));
-    let inner = inner.or_else(|| {
-        presented
-            .strip_prefix("IpAddress(")
-            .and_then(|n| n.strip_suffix(')'))
-    });
+    let inner = presented.strip_prefix("DnsName(\"").and_then(|n| n.strip_suffix("\")"));
+    let inner = inner.or_else(|| presented.strip_prefix("IpAddress(").and_then(|n| n.strip_suffix(')')));
     inner.unwrap_or(presented)
 }
 
@@ -367,30 +268,19 @@ mod tests {
 
     #[test]
     fn a_rustls_error_is_found_inside_an_io_error() {
-        let io = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
-        );
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
         let text = describe(&io, None).unwrap_or_default();
-        assert!(
-            text.starts_with("TLS: the server's certificate is not signed by a public CA"),
-            "{text}"
-        );
+        assert!(text.starts_with("TLS: the server's certificate is not signed by a public CA"), "{text}");
         assert_eq!(describe(&std::io::Error::other("plain"), None), None);
     }
 
     #[test]
     fn a_name_mismatch_names_the_host_and_the_certificate() {
         let expected = ServerName::try_from("127.0.0.1").map(|n| n.to_owned());
-        let Ok(expected) = expected else {
-            panic!("127.0.0.1 is a server name")
-        };
+        let Ok(expected) = expected else { panic!("127.0.0.1 is a server name") };
         let e = rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
             expected,
-            presented: vec![
-                "DnsName(\"db.example\")".into(),
-                "IpAddress(10.0.0.1)".into(),
-            ],
+            presented: vec!["DnsName(\"db.example\")".into(), "IpAddress(10.0.0.1)".into()],
         });
         let text = reason(&e, None);
         assert!(text.starts_with("the server's certificate is not valid for 127.0.0.1 (it is for db.example, 10.0.0.1)"), "{text}");
@@ -405,10 +295,7 @@ mod tests {
         let e = load_ca(&empty).err().unwrap_or_default();
         assert!(e.contains("holds no certificate"), "{e}");
         let e = load_ca(&dir.join("missing.pem")).err().unwrap_or_default();
-        assert!(
-            e.starts_with("cannot read ") && e.contains("missing.pem"),
-            "{e}"
-        );
+        assert!(e.starts_with("cannot read ") && e.contains("missing.pem"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use futures_util::future::{join_all, LocalBoxFuture};
 use rustomnic_core::Value;
 use rustomnic_lua::{Participant, ParticipantError, Prepared, Resources};
 
-use crate::pool::{Pool, PoolStats, Pooled};
+use crate::pool::{Cause, Pool, PoolStats, Pooled};
 use crate::{Error, ResourceConfig};
 
 /// How long a commit or rollback may run past the request's deadline: ending a transaction
@@ -33,7 +32,7 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
         let mut by_name = BTreeMap::new();
         for r in resources {
             let s = stats.get(&(cage.clone(), r.name.clone())).cloned().unwrap_or_default();
-            by_name.insert(r.name.clone(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), workers, s));
+            by_name.insert(r.name.clone(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), workers, s, r.breaker.clone()));
         }
         pools.insert(cage.clone(), by_name);
     }
@@ -67,7 +66,7 @@ impl CageResources {
         let by_name = pools.entry(cage.to_string()).or_default();
         match config {
             Some(r) => {
-                by_name.insert(name.to_string(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), self.workers, stats));
+                by_name.insert(name.to_string(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), self.workers, stats, r.breaker.clone()));
             }
             None => {
                 by_name.remove(name);
@@ -81,10 +80,7 @@ impl CageResources {
             resource: resource.to_string(),
             participant,
             code: None,
-            message: format!(
-                "cage {cage} has no resource {resource} (resources: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            ),
+            message: format!("cage {cage} has no resource {resource} (resources: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }),
             recoverable: true,
         }
     }
@@ -109,48 +105,62 @@ fn participant_error(resource: &str, n: usize, e: Error) -> ParticipantError {
     ParticipantError { resource: resource.to_string(), participant: n, code: e.code, message: e.message, recoverable: true }
 }
 
+/// Counts one call when it ends, also when its future is dropped before (the request was stopped
+/// at its deadline, or cancelled, while it waited): that counts as failed by the deadline.
+struct CallCount {
+    stats: Arc<PoolStats>,
+    started: Instant,
+    /// Set when the call ended: `Some(None)` for success, `Some(Some(cause))` for a failure.
+    outcome: Option<Option<Cause>>,
+}
+
+impl Drop for CallCount {
+    fn drop(&mut self) {
+        self.stats.record(self.started.elapsed(), self.outcome.unwrap_or(Some(Cause::Deadline)));
+    }
+}
+
 async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) -> Slot {
     let resource = p.resource.clone();
-    let fail = |e: Error| participant_error(&resource, n, e);
-    let mut held = match pool.checkout(deadline).await {
-        Ok(c) => Some(c),
-        Err(e) => return Slot { resource: resource.clone(), conn: None, outcome: Err(fail(e)), stays: false },
-    };
-    let started = Instant::now();
+    // Timed from the checkout on: waiting for a free connection or for a connect is part of
+    // what the call cost the request.
+    let mut count = CallCount { stats: pool.stats.clone(), started: Instant::now(), outcome: None };
+    let mut held: Option<Pooled> = None;
     let work = async {
-        let Some(conn) = held.as_mut() else { return Err(Error::broken("no connection")) };
+        let conn = held.insert(pool.checkout_why(deadline).await?);
+        conn.set_in_transaction(true);
         if let Err(e) = conn.conn().begin().await {
             // A connection the server closed while it sat idle (a database restart) fails its
             // begin before anything ran: the participant takes a fresh connection, once,
             // instead of failing the request. The dead one goes first, freeing its pool slot.
             if !(e.broken && conn.is_reused()) {
-                return Err(e);
+                return Err((e, Cause::Query));
             }
             conn.mark_broken();
             held = None;
-            let conn = held.insert(pool.checkout(deadline).await?);
-            conn.conn().begin().await?;
+            let conn = held.insert(pool.checkout_why(deadline).await?);
+            conn.set_in_transaction(true);
+            conn.conn().begin().await.map_err(|e| (e, Cause::Query))?;
         }
-        let Some(conn) = held.as_mut() else { return Err(Error::broken("no connection")) };
-        conn.conn().call(&p.method, p.args).await
+        let Some(conn) = held.as_mut() else { return Err((Error::broken("no connection"), Cause::Query)) };
+        conn.conn().call(&p.method, p.args).await.map_err(|e| (e, Cause::Query))
     };
     let result = match tokio::time::timeout_at(deadline.into(), work).await {
         Ok(r) => r,
         // The call was cut mid-flight: the connection's state is unknown, so it is dropped
         // (the server rolls back what it had begun when the connection closes).
-        Err(_) => Err(Error::broken(format!("resource {resource}: deadline passed during {}", p.method))),
+        Err(_) => Err((Error::broken(format!("resource {resource}: deadline passed during {}", p.method)), Cause::Deadline)),
     };
+    count.outcome = Some(result.as_ref().err().map(|(_, cause)| *cause));
+    drop(count);
+    let result = result.map_err(|(e, _)| e);
     let stays = held.as_mut().is_some_and(|c| c.conn().effects_stay(&p.method, &result));
-    pool.stats.calls.fetch_add(1, Ordering::Relaxed);
-    pool.stats.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    pool.stats.latency.observe_us(started.elapsed().as_micros() as u64);
-    if let Err(e) = &result {
-        pool.stats.errors.fetch_add(1, Ordering::Relaxed);
-        if let (true, Some(conn)) = (e.broken, held.as_mut()) {
+    if let (Err(e), Some(conn)) = (&result, held.as_mut()) {
+        if e.broken {
             conn.mark_broken();
         }
     }
-    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(fail), stays }
+    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(|e| participant_error(&resource, n, e)), stays }
 }
 
 impl Resources for CageResources {
@@ -164,6 +174,10 @@ impl Resources for CageResources {
             *n += 1;
             if let Some(pool) = self.pool(cage, &p.resource) {
                 if *n > pool.size() {
+                    // Each participant on this resource was a call the module made, refused.
+                    for _ in participants.iter().filter(|q| q.resource == p.resource) {
+                        pool.stats.record(Duration::ZERO, Some(Cause::PoolSize));
+                    }
                     let e = ParticipantError {
                         resource: p.resource.clone(),
                         participant: i + 1,
@@ -187,8 +201,24 @@ impl Resources for CageResources {
             };
             work.push(run_one(pool, i + 1, p, deadline));
         }
+        let (tx, rx) = tokio::sync::oneshot::channel::<Vec<Slot>>();
+        // The calls run as a task of their own: a request stopped at its deadline leaves its
+        // coroutine (and what it awaits) to the garbage collector, and the calls must still end
+        // by their deadline, be counted, and give their connections back (closed, as they are
+        // mid-transaction: see `Pooled`).
+        tokio::task::spawn_local(async move {
+            let _ = tx.send(join_all(work).await);
+        });
         Box::pin(async move {
-            let slots = join_all(work).await;
+            let Ok(slots) = rx.await else {
+                return Err(ParticipantError {
+                    resource: String::new(),
+                    participant: 0,
+                    code: None,
+                    message: "resource calls were stopped before they ended (the worker is stopping)".to_string(),
+                    recoverable: true,
+                });
+            };
             // Once a participant acted in a way a rollback does not undo, a failure of the
             // transaction leaves that behind: it is not recoverable.
             let stays = slots.iter().any(|s| s.stays);
@@ -256,8 +286,9 @@ async fn finish_all(slots: Vec<Slot>, commit: bool, stays: bool, limit: Instant)
                 Ok(r) => r,
                 Err(_) => Err(Error::broken(format!("resource {resource}: {} did not finish in time", if do_commit { "commit" } else { "rollback" }))),
             };
-            if r.is_err() {
-                conn.mark_broken();
+            match r {
+                Ok(()) => conn.set_in_transaction(false),
+                Err(_) => conn.mark_broken(),
             }
             (i + 1, resource, do_commit, r)
         })

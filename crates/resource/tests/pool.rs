@@ -1,5 +1,7 @@
 //! Pools and transactions with an in-memory protocol: commit and rollback reach every
-//! participant, exhaustion waits until the deadline, the breaker opens and recovers.
+//! participant, exhaustion waits until the deadline, the breaker opens and recovers, is shared by
+//! the pools of every worker, and survives a probe that never reports back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,12 +10,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::testing::{configure, run_lua};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Cause, Connection, Error, Pool, Resource, ResourceProtocol};
 
 #[derive(Default)]
 struct Shared {
     journal: Mutex<Vec<String>>,
     down: AtomicBool,
+    /// Connects never finish (a server that accepts and never answers).
+    hang: AtomicBool,
     connects: AtomicUsize,
 }
 
@@ -40,6 +44,9 @@ impl Resource for MemoryResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
         let shared = self.0.clone();
         Box::pin(async move {
+            if shared.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if shared.down.load(Ordering::SeqCst) {
                 return Err(Error::new("connection refused"));
             }
@@ -89,9 +96,6 @@ impl Connection for MemoryConn {
             Ok(())
         })
     }
-    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
-        Box::pin(async { true })
-    }
 }
 
 fn journal(shared: &Shared) -> Vec<String> {
@@ -128,7 +132,10 @@ fn a_failure_rolls_back_every_participant() {
         Duration::from_secs(5),
     )
     .unwrap();
-    assert_eq!(r, vec![Value::Bool(false), Value::Int(2), Value::str("E1"), Value::Bool(true), Value::str("resource db (participant 2): no method bogus [E1]")]);
+    assert_eq!(
+        r,
+        vec![Value::Bool(false), Value::Int(2), Value::str("E1"), Value::Bool(true), Value::str("resource db (participant 2): no method bogus [E1]")]
+    );
     assert_eq!(journal(&shared), ["bogus on 2", "echo on 1", "rollback 1", "rollback 2"]);
 }
 
@@ -248,7 +255,87 @@ fn counters_count_calls_errors_and_connections() {
     let stats = rustomnic_resource::stats_for("test", "counted");
     assert_eq!(stats.calls.load(Ordering::SeqCst), 4);
     assert_eq!(stats.errors.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.errors_of(Cause::Query), 1, "the unknown method is the server's answer to the call");
+    assert_eq!(stats.latency.cumulative().last().copied(), Some(4), "every call timed");
     assert_eq!(stats.in_use.load(Ordering::SeqCst), 0, "every connection went back");
     assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
     assert!(rustomnic_resource::all_stats().iter().any(|(c, r, _)| c == "test" && r == "counted"));
+}
+
+/// Runs `test` on a current-thread runtime with a LocalSet, as a worker does.
+fn on_worker(test: impl std::future::Future<Output = ()>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, test);
+}
+
+#[test]
+fn the_pools_of_two_workers_share_one_breaker() {
+    let shared = Arc::new(Shared::default());
+    let db = configure(&Memory(shared.clone()), "db", "down = true\nbreaker_failures = 3\nbreaker_cooldown = \"60s\"\n").unwrap();
+    on_worker(async move {
+        // Two workers' pools of one resource, as the runtime builds them from one config.
+        let stats = rustomnic_resource::stats_for("test", "shared-breaker");
+        let a = Pool::new("db", db.resource.clone(), db.pool.clone(), 2, stats.clone(), db.breaker.clone());
+        let b = Pool::new("db", db.resource.clone(), db.pool.clone(), 2, stats.clone(), db.breaker.clone());
+        let far = || Instant::now() + Duration::from_secs(5);
+        for (pool, n) in [(&a, 1), (&b, 2), (&a, 3)] {
+            let (e, cause) = pool.checkout_why(far()).await.err().unwrap_or_else(|| panic!("connect {n} worked"));
+            assert_eq!(cause, Cause::Connect, "{e}");
+        }
+        assert!(db.breaker.is_open());
+        for pool in [&a, &b] {
+            let (e, cause) = pool.checkout_why(far()).await.err().expect("refused");
+            assert_eq!(cause, Cause::BreakerOpen, "{e}");
+            assert!(e.message.contains("unavailable after 3 failed connects"), "{e}");
+        }
+        assert_eq!(stats.connect_failures.load(Ordering::SeqCst), 3);
+        // Another config of the same resource (a reload) starts closed.
+        let again = configure(&Memory(shared.clone()), "db", "down = false\n").unwrap();
+        assert!(!again.breaker.is_open());
+    });
+}
+
+#[test]
+fn a_probe_dropped_mid_connect_does_not_keep_the_breaker_open() {
+    let shared = Arc::new(Shared::default());
+    let db = configure(&Memory(shared.clone()), "db", "down = true\nbreaker_failures = 1\nbreaker_cooldown = \"50ms\"\nconnect_timeout = \"300ms\"\n").unwrap();
+    on_worker(async move {
+        let pool = Pool::new("db", db.resource.clone(), db.pool.clone(), 1, rustomnic_resource::stats_for("test", "lost-probe"), db.breaker.clone());
+        let far = || Instant::now() + Duration::from_secs(5);
+        assert_eq!(pool.checkout_why(far()).await.err().map(|(_, c)| c), Some(Cause::Connect));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // The probe hangs and its request goes away (dropped by the timeout) before it reports.
+        shared.hang.store(true, Ordering::SeqCst);
+        assert!(tokio::time::timeout(Duration::from_millis(20), pool.checkout(far())).await.is_err());
+        shared.hang.store(false, Ordering::SeqCst);
+        shared.down.store(false, Ordering::SeqCst);
+        // While the lost probe could still be running, nobody else connects...
+        assert_eq!(pool.checkout_why(far()).await.err().map(|(_, c)| c), Some(Cause::BreakerOpen));
+        // ...and once connect_timeout has passed, a new probe goes and closes the breaker.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(pool.checkout(far()).await.is_ok(), "a new probe after the lost one");
+        assert!(!db.breaker.is_open());
+    });
+}
+
+#[test]
+fn a_connection_dropped_mid_transaction_is_closed_not_reused() {
+    let shared = Arc::new(Shared::default());
+    let db = configure(&Memory(shared.clone()), "db", "").unwrap();
+    on_worker(async move {
+        let pool = Pool::new("db", db.resource.clone(), db.pool.clone(), 1, rustomnic_resource::stats_for("test", "mid-tx"), db.breaker.clone());
+        let far = Instant::now() + Duration::from_secs(5);
+        // Ended cleanly: back to the pool.
+        let mut c = pool.checkout(far).await.expect("connect");
+        c.set_in_transaction(true);
+        c.set_in_transaction(false);
+        drop(c);
+        assert_eq!((pool.idle_connections(), pool.open_connections()), (1, 1));
+        // Left inside its transaction (its request went away): closed.
+        let mut c = pool.checkout(far).await.expect("reuse");
+        c.set_in_transaction(true);
+        drop(c);
+        assert_eq!((pool.idle_connections(), pool.open_connections()), (0, 0));
+        assert_eq!(shared.connects.load(Ordering::SeqCst), 1);
+    });
 }

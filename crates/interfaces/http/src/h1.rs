@@ -105,7 +105,10 @@ async fn read_head(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, 
                 return Ok(Some(head));
             }
             if buf.len() > s.max_header_size {
-                return Err(refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("the request head is over max_header_size ({} bytes)", s.max_header_size)));
+                return Err(refusal(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    format!("the request head is over max_header_size ({} bytes)", s.max_header_size),
+                ));
             }
         }
         if *shutdown.borrow() && !started {
@@ -173,9 +176,8 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
         map.append(name, value);
     }
     let framing = framing(&map, version)?;
-    let tokens = |name: HeaderName, token: &str| {
-        map.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
-    };
+    let tokens =
+        |name: HeaderName, token: &str| map.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))));
     let keep_alive = if version == Version::HTTP_11 { !tokens(CONNECTION, "close") } else { tokens(CONNECTION, "keep-alive") };
     let expect_continue = version == Version::HTTP_11 && tokens(EXPECT, "100-continue");
     let websocket = handler::is_websocket(&method, version, &map);
@@ -250,12 +252,20 @@ struct Req {
     head_only: bool,
     keep_alive: bool,
     handover: Option<tokio::sync::oneshot::Sender<Prefixed>>,
-    debug: Option<Box<(std::time::Instant, Method, String)>>,
+    /// What the access log (or the debug line) needs, when either is on.
+    log: Option<Box<crate::access_log::Entry>>,
 }
 
 /// One request on the connection: its body, the handler, the response. Gives the connection
 /// back when it may serve another request.
-async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>, shutdown: &Shutdown) -> Option<Box<Prefixed>> {
+async fn exchange(
+    iface: &Arc<HttpInterface>,
+    mut io: Box<Prefixed>,
+    buf: &mut Vec<u8>,
+    head: Box<Head>,
+    peer: &Rc<str>,
+    shutdown: &Shutdown,
+) -> Option<Box<Prefixed>> {
     let spec = &iface.spec;
     // Up to the handler's start, boxed: its state (the head, the body being read) is large,
     // and a parked request's task must not be sized for it. Its result is boxed too: what an
@@ -271,7 +281,7 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
     let next = {
         let outcome = tokio::select! {
             o = &mut answer => o,
-            () = gone(&io.stream) => {
+            () = gone(io.stream.tcp()) => {
                 // Dropping the handler's future ends its coroutine: nobody waits for the answer.
                 tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %answer.id, "{peer} closed the connection before the answer; the handler is stopped");
                 return None;
@@ -281,23 +291,28 @@ async fn exchange(iface: &Arc<HttpInterface>, mut io: Box<Prefixed>, buf: &mut V
             req.keep_alive = false;
         }
         match *outcome {
-            Outcome::Done(response) => Ok((response.status(), serialize(response, req.version, req.head_only, &mut req.keep_alive))),
-            Outcome::Early(response) => Err(Box::new(Early { response, version: req.version, head_only: req.head_only, handover: req.handover.take(), leftover: buf })),
+            Outcome::Done(response) => {
+                let bytes = hyper::body::Body::size_hint(response.body()).exact();
+                Ok((response.status(), bytes, serialize(response, req.version, req.head_only, &mut req.keep_alive)))
+            }
+            Outcome::Early(response) => {
+                Err(Box::new(Early { response, version: req.version, head_only: req.head_only, handover: req.handover.take(), leftover: buf }))
+            }
         }
     };
     let written = match next {
-        Ok((status, serialized)) => {
+        Ok((status, bytes, serialized)) => {
             let written = match serialized {
                 Serialized::Whole(out) => io.write_all(&out).await,
                 other => Box::pin(write_serialized(&mut io, other)).await,
             };
-            log_done(iface, &answer.id, status, req.debug.take());
+            log_done(iface, &answer, status, bytes, req.log.take(), peer);
             written
         }
         Err(early) => {
             let status = early.response.status();
             let end = Box::pin(early.run(io, &mut req.keep_alive, &mut answer)).await;
-            log_done(iface, &answer.id, status, req.debug.take());
+            log_done(iface, &answer, status, None, req.log.take(), peer);
             match end {
                 // The session runs in the handler; this task waits for its end.
                 EarlyEnd::Upgraded => {
@@ -332,13 +347,36 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     let spec = &iface.spec;
     let s = &iface.settings;
     let Head { parts, framing, keep_alive, expect_continue, websocket } = *head;
+    // TLS: what the handler sees as request.tls (tls.rs).
+    let mut parts = parts;
+    if let Some(info) = io.stream.tls_info() {
+        parts.extensions.insert(info);
+    }
     let timeout = if websocket { s.websocket_timeout } else { spec.request_timeout };
     let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
     let id = ctx.id.clone();
-    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| Box::new((std::time::Instant::now(), parts.method.clone(), parts.uri.path().to_string())));
-    let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, debug };
+    let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(&parts.method, &parts.uri, parts.version, &parts.headers)));
+    let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, log };
+    let multipart = parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary);
+    let mut uploads = None;
     let body = if framing == Framing::None {
         Bytes::new()
+    } else if let Some(boundary) = multipart {
+        let read = match boundary {
+            Ok(boundary) => read_multipart(iface, io, buf, framing, expect_continue, ctx.deadline, &boundary).await,
+            Err(e) => Err(BodyError::Refused(refusal(StatusCode::BAD_REQUEST, e.to_string()))),
+        };
+        match read {
+            Ok(u) => {
+                uploads = Some(Box::new(u));
+                Bytes::new()
+            }
+            Err(BodyError::Gone) => return None,
+            Err(BodyError::Refused(r)) => {
+                refuse(iface, io, r, peer, &id).await;
+                return None;
+            }
+        }
     } else {
         match read_body(iface, io, buf, framing, expect_continue, ctx.deadline).await {
             Ok(b) => b,
@@ -357,11 +395,16 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
         let (tx, rx) = tokio::sync::oneshot::channel();
         req.handover = Some(tx);
         let key = parts.headers.get("sec-websocket-key").map(|k| Bytes::copy_from_slice(k.as_bytes())).unwrap_or_default();
-        Some((rx, key))
+        let deflate = if iface.settings.websocket_deflate {
+            parts.headers.get_all("sec-websocket-extensions").iter().filter_map(|v| v.to_str().ok()).find_map(crate::ws::negotiate).map(Box::new)
+        } else {
+            None
+        };
+        Some((rx, key, deflate))
     } else {
         None
     };
-    let started = handler::start(iface, parts, body, peer, ctx, upgrade);
+    let started = handler::start(iface, parts, body, uploads, peer, ctx, upgrade);
     Some(Box::new((handler::Answer::new(iface, started, id), req)))
 }
 
@@ -405,25 +448,26 @@ impl Early<'_> {
     }
 }
 
-fn log_done(iface: &HttpInterface, id: &str, status: StatusCode, debug: Option<Box<(std::time::Instant, Method, String)>>) {
-    if let Some((started, method, path)) = debug.map(|d| *d) {
-        tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "{method} {path} {} {:.1}ms", status.as_u16(), started.elapsed().as_secs_f64() * 1e3);
+fn log_done(iface: &HttpInterface, answer: &handler::Answer, status: StatusCode, bytes: Option<u64>, log: Option<Box<crate::access_log::Entry>>, peer: &str) {
+    answer.counts.record(status.as_u16());
+    if let Some(entry) = log {
+        iface.log_request(&entry, peer, &answer.id, status, bytes);
     }
 }
 
 /// Reads a request body (after `100 Continue` when the client waits for it) within the
 /// request's deadline and max_body_size.
-async fn read_body(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, framing: Framing, expect_continue: bool, deadline: std::time::Instant) -> Result<Bytes, BodyError> {
+async fn read_body(
+    iface: &HttpInterface,
+    io: &mut Prefixed,
+    buf: &mut Vec<u8>,
+    framing: Framing,
+    expect_continue: bool,
+    deadline: std::time::Instant,
+) -> Result<Bytes, BodyError> {
     let limit = iface.settings.max_body_size;
-    let too_large = || BodyError::Refused(refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the limit of {limit} bytes (max_body_size)")));
-    if let Framing::Length(n) = framing {
-        if n > limit {
-            return Err(too_large());
-        }
-    }
-    if expect_continue && buf.is_empty() && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-        return Err(BodyError::Gone);
-    }
+    let too_large = || over_limit("request body", limit, "max_body_size");
+    before_body(io, buf, framing, expect_continue, limit, too_large).await?;
     let read = async {
         match framing {
             Framing::None => Ok(Bytes::new()),
@@ -433,9 +477,104 @@ async fn read_body(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, 
     };
     match tokio::time::timeout_at(deadline.into(), read).await {
         Ok(Ok(b)) => Ok(b),
-        Ok(Err(ChunkError::TooLarge)) => Err(too_large()),
-        Ok(Err(ChunkError::Malformed(what))) => Err(BodyError::Refused(refusal(StatusCode::BAD_REQUEST, format!("malformed chunked body: {what}")))),
-        Ok(Err(ChunkError::Gone)) => Err(BodyError::Gone),
+        Ok(Err(e)) => Err(chunk_refusal(e, too_large)),
+        Err(_) => Err(BodyError::Refused(refusal(StatusCode::REQUEST_TIMEOUT, "request body not received before the deadline"))),
+    }
+}
+
+/// 413 for a body over `limit`, naming the key that sets it.
+fn over_limit(what: &str, limit: u64, key: &str) -> BodyError {
+    BodyError::Refused(refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("{what} over the limit of {limit} bytes ({key})")))
+}
+
+/// What every body read does first: refuse a declared length over `limit` at once, and send
+/// `100 Continue` to a client that waits for it.
+async fn before_body(
+    io: &mut Prefixed,
+    buf: &[u8],
+    framing: Framing,
+    expect_continue: bool,
+    limit: u64,
+    too_large: impl Fn() -> BodyError,
+) -> Result<(), BodyError> {
+    if let Framing::Length(n) = framing {
+        if n > limit {
+            return Err(too_large());
+        }
+    }
+    if expect_continue && buf.is_empty() && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        return Err(BodyError::Gone);
+    }
+    Ok(())
+}
+
+/// The answer to a chunked body that could not be read.
+fn chunk_refusal(e: ChunkError, too_large: impl Fn() -> BodyError) -> BodyError {
+    match e {
+        ChunkError::TooLarge => too_large(),
+        ChunkError::Malformed(what) => BodyError::Refused(refusal(StatusCode::BAD_REQUEST, format!("malformed chunked body: {what}"))),
+        ChunkError::Gone => BodyError::Gone,
+    }
+}
+
+/// Reads a `multipart/form-data` body as it arrives: fields within max_body_size, files into
+/// temporary files, the whole within max_upload_size and the request's deadline.
+async fn read_multipart(
+    iface: &HttpInterface,
+    io: &mut Prefixed,
+    buf: &mut Vec<u8>,
+    framing: Framing,
+    expect_continue: bool,
+    deadline: std::time::Instant,
+    boundary: &[u8],
+) -> Result<crate::multipart::Uploads, BodyError> {
+    use crate::multipart::{Collector, MultipartError};
+    let s = &iface.settings;
+    let limit = s.max_upload_size;
+    let too_large = || over_limit("multipart body", limit, "max_upload_size");
+    before_body(io, buf, framing, expect_continue, limit, too_large).await?;
+    let from_multipart = |e: MultipartError| match e {
+        MultipartError::TooLarge(m) => BodyError::Refused(refusal(StatusCode::PAYLOAD_TOO_LARGE, m)),
+        MultipartError::Malformed(_) => BodyError::Refused(refusal(StatusCode::BAD_REQUEST, e.to_string())),
+        MultipartError::Storage(m) => {
+            tracing::error!(cage = %iface.spec.cage, interface = %iface.spec.name, "{m}");
+            BodyError::Refused(refusal(StatusCode::INTERNAL_SERVER_ERROR, "the upload could not be stored"))
+        }
+    };
+    let from_chunks = |e: ChunkError| chunk_refusal(e, too_large);
+    let mut collector = Collector::new(boundary, s.max_body_size, limit);
+    let read = async {
+        match framing {
+            Framing::None => {}
+            Framing::Length(n) => {
+                let mut left = n as usize;
+                while left > 0 {
+                    if buf.is_empty() {
+                        more(io, buf).await.map_err(from_chunks)?;
+                    }
+                    let take = buf.len().min(left);
+                    collector.feed(&buf[..take]).await.map_err(from_multipart)?;
+                    buf.drain(..take);
+                    left -= take;
+                }
+            }
+            Framing::Chunked => {
+                let mut decoder = Chunked::new(limit);
+                loop {
+                    let done = decoder.feed(buf).map_err(from_chunks)?;
+                    let data = std::mem::take(&mut decoder.body);
+                    collector.feed(&data).await.map_err(from_multipart)?;
+                    if done {
+                        break;
+                    }
+                    more(io, buf).await.map_err(from_chunks)?;
+                }
+            }
+        }
+        collector.finish().map_err(from_multipart)
+    };
+    match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(r) => r,
         Err(_) => Err(BodyError::Refused(refusal(StatusCode::REQUEST_TIMEOUT, "request body not received before the deadline"))),
     }
 }
@@ -744,7 +883,7 @@ async fn write_stream(io: &mut Prefixed, out: Vec<u8>, mut rx: tokio::sync::mpsc
     loop {
         let chunk = tokio::select! {
             c = rx.recv() => c,
-            () = gone(&io.stream) => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the client closed the connection")),
+            () = gone(io.stream.tcp()) => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the client closed the connection")),
         };
         let Some(chunk) = chunk else { break };
         if chunk.is_empty() {
@@ -786,10 +925,13 @@ impl std::future::Future for Gone<'_> {
         if self.data {
             return Poll::Pending;
         }
-        let mut byte = [0u8; 1];
+        // TLS: room for a whole close_notify record, which a leaving TLS client sends before
+        // its FIN (crate::tls::is_close_alert).
+        let mut byte = [0u8; 32];
         let mut peek = tokio::io::ReadBuf::new(&mut byte);
         match self.stream.poll_peek(cx, &mut peek) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(n)) if crate::tls::is_close_alert(&byte[..n]) => Poll::Ready(()),
             Poll::Ready(Ok(_)) => {
                 self.data = true;
                 Poll::Pending
@@ -809,6 +951,7 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Answers a request the handler never saw, then closes the connection without resetting it
 /// under the client (unread request bytes are drained for a moment first).
 async fn refuse(iface: &HttpInterface, io: &mut Prefixed, r: Refusal, peer: &str, id: &str) {
+    iface.unrouted.record(r.status.as_u16());
     tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "refusing a request from {peer}: {} {}", r.status.as_u16(), r.reason);
     let text = format!("{} {}: {} (request id {id})\n", r.status.as_u16(), reason(r.status), r.reason);
     let mut out = Vec::with_capacity(text.len() + 160);
@@ -1002,7 +1145,8 @@ mod tests {
     /// only for CRLF), while bare-LF heads were accepted. Both are refused now, at once.
     #[test]
     fn bare_lf_and_bare_cr_are_refused_in_chunk_lines_and_heads() {
-        for bad in [&b"5\nhello\r\n0\r\n\r\n"[..], b"5\r\nhello\r\n0\n\r\n", b"5\r\nhello\r\n0\r\nx: 1\n\r\n", b"5;a\rb\r\nhello\r\n", b"5\r\nhello\r\n0\r\n\n"] {
+        for bad in [&b"5\nhello\r\n0\r\n\r\n"[..], b"5\r\nhello\r\n0\n\r\n", b"5\r\nhello\r\n0\r\nx: 1\n\r\n", b"5;a\rb\r\nhello\r\n", b"5\r\nhello\r\n0\r\n\n"]
+        {
             let r = Chunked::new(1 << 20).feed(&mut bad.to_vec());
             assert!(matches!(r, Err(ChunkError::Malformed(_))), "{:?}: {r:?}", String::from_utf8_lossy(bad));
         }
@@ -1103,5 +1247,4 @@ mod tests {
         let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Some(431));
     }
-
 }

@@ -9,17 +9,20 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
+use rustomnic_core::metrics::StatusCounts;
 use rustomnic_lua::convert::from_lua;
-use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
-use rustomnic_lua::{worker, RequestCtx, RequestFuture, RunError};
+use rustomnic_lua::mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use rustomnic_lua::{worker, CageVm, RequestCtx, RequestFuture, RunError};
 use tokio::io::AsyncWriteExt;
 
+use crate::multipart::Uploads;
 use crate::stream::{Body, Slot, SlotGuard};
 use crate::HttpInterface;
 
 /// Answers a connection over the limit and closes it.
 pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
-    let reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 34\r\nconnection: close\r\n\r\ntoo many connections, retry later\n";
+    let reply =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 34\r\nconnection: close\r\n\r\ntoo many connections, retry later\n";
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(reply)).await;
     let _ = stream.shutdown().await;
 }
@@ -38,31 +41,38 @@ fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
 /// The hyper side (HTTP/2): reads the body, runs the handler, and lets a handler that answered
 /// early (a stream) go on in a task of its own. `peer` is the client's address, formatted once
 /// per connection rather than for every request.
-pub(crate) async fn handle(iface: Arc<HttpInterface>, req: Request<Incoming>, peer: Rc<str>, busy: crate::Busy) -> Result<Response<Body>, std::convert::Infallible> {
+pub(crate) async fn handle(
+    iface: Arc<HttpInterface>,
+    req: Request<Incoming>,
+    peer: Rc<str>,
+    busy: crate::Busy,
+) -> Result<Response<Body>, std::convert::Infallible> {
     let spec = &iface.spec;
     let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
     let id = ctx.id.clone();
-    // Only what the debug line needs, and only when it will be written.
-    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| (std::time::Instant::now(), req.method().clone(), req.uri().path().to_string()));
-    let response = match Box::pin(collect(&iface, req, &ctx)).await {
-        Err(response) => response,
-        Ok((parts, body)) => {
-            let started = start(&iface, parts, body, &peer, ctx, None);
+    let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(req.method(), req.uri(), req.version(), req.headers())));
+    let (response, counts) = match Box::pin(collect(&iface, req, &ctx)).await {
+        Err(response) => (response, iface.unrouted.clone()),
+        Ok((parts, body, uploads)) => {
+            let started = start(&iface, parts, body, uploads, &peer, ctx, None);
             let mut answer = Answer::new(&iface, started, id.clone());
+            let counts = answer.counts.clone();
             match *(&mut answer).await {
-                Outcome::Done(response) => response,
+                Outcome::Done(response) => (response, counts),
                 Outcome::Early(head) => {
                     tokio::task::spawn_local(async move {
                         answer.rest().await;
                         drop(busy);
                     });
-                    head
+                    (head, counts)
                 }
             }
         }
     };
-    if let Some((started, method, path)) = debug {
-        tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{method} {path} {} {:.1}ms", response.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    counts.record(response.status().as_u16());
+    if let Some(entry) = log {
+        let bytes = hyper::body::Body::size_hint(response.body()).exact();
+        iface.log_request(&entry, &peer, &id, response.status(), bytes);
     }
     Ok(response)
 }
@@ -79,17 +89,42 @@ pub(crate) fn is_websocket(method: &hyper::Method, version: hyper::Version, h: &
         && h.contains_key("sec-websocket-key")
 }
 
-/// Reads a hyper request's body within the deadline and max_body_size.
-async fn collect(iface: &HttpInterface, req: Request<Incoming>, ctx: &RequestCtx) -> Result<(hyper::http::request::Parts, Bytes), Response<Body>> {
+/// A request's head, its body, and the fields and files of a multipart body.
+type Collected = (hyper::http::request::Parts, Bytes, Option<Box<Uploads>>);
+
+/// Reads a hyper request's body within the deadline and max_body_size (a multipart body: its
+/// parts as they arrive, within max_upload_size).
+async fn collect(iface: &HttpInterface, req: Request<Incoming>, ctx: &RequestCtx) -> Result<Collected, Response<Body>> {
     let id = &ctx.id;
-    let limit = iface.settings.max_body_size;
+    let multipart = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary);
+    let limit = if multipart.is_some() { iface.settings.max_upload_size } else { iface.settings.max_body_size };
+    let setting = if multipart.is_some() { "max_upload_size" } else { "max_body_size" };
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, id, &format!("request body over the limit of {limit} bytes")));
+        return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, id, &format!("request body over the limit of {limit} bytes ({setting})")));
     }
     let (parts, body) = req.into_parts();
+    if let Some(boundary) = multipart {
+        let boundary = boundary.map_err(|e| plain(StatusCode::BAD_REQUEST, id, &e.to_string()))?;
+        let read = collect_multipart(iface, body, &boundary);
+        return match tokio::time::timeout_at(ctx.deadline.into(), read).await {
+            Ok(Ok(uploads)) => Ok((parts, Bytes::new(), Some(Box::new(uploads)))),
+            Ok(Err(e)) => {
+                let status = match e {
+                    crate::multipart::MultipartError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    crate::multipart::MultipartError::Malformed(_) => StatusCode::BAD_REQUEST,
+                    crate::multipart::MultipartError::Storage(ref m) => {
+                        tracing::error!(cage = %iface.spec.cage, interface = %iface.spec.name, request = %id, "{m}");
+                        return Err(plain(StatusCode::INTERNAL_SERVER_ERROR, id, "the upload could not be stored"));
+                    }
+                };
+                Err(plain(status, id, &e.to_string()))
+            }
+            Err(_) => Err(plain(StatusCode::REQUEST_TIMEOUT, id, "request body not received before the deadline")),
+        };
+    }
     match tokio::time::timeout_at(ctx.deadline.into(), Limited::new(body, limit as usize).collect()).await {
-        Ok(Ok(b)) => Ok((parts, b.to_bytes())),
+        Ok(Ok(b)) => Ok((parts, b.to_bytes(), None)),
         Ok(Err(e)) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 return Err(plain(StatusCode::PAYLOAD_TOO_LARGE, id, &format!("request body over the limit of {limit} bytes")));
@@ -100,26 +135,63 @@ async fn collect(iface: &HttpInterface, req: Request<Incoming>, ctx: &RequestCtx
     }
 }
 
-/// A WebSocket request's way to its connection once the 101 is sent, and the client's key.
-pub(crate) type Upgrade = (tokio::sync::oneshot::Receiver<crate::Prefixed>, Bytes);
+/// A multipart body of an HTTP/2 stream, frame by frame.
+async fn collect_multipart(iface: &HttpInterface, mut body: Incoming, boundary: &[u8]) -> Result<Uploads, crate::multipart::MultipartError> {
+    let mut collector = crate::multipart::Collector::new(boundary, iface.settings.max_body_size, iface.settings.max_upload_size);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| crate::multipart::MultipartError::Malformed(format!("the body could not be read: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            collector.feed(&data).await?;
+        }
+    }
+    collector.finish()
+}
 
-/// Starts the handler's coroutine with the request and response tables.
-pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, body: Bytes, peer: &str, ctx: RequestCtx, upgrade: Option<Upgrade>) -> Started {
+/// A WebSocket request's way to its connection once the 101 is sent, and the client's key.
+/// With permessage-deflate when the client offered terms we take: our reply and the terms.
+pub(crate) type Upgrade = (tokio::sync::oneshot::Receiver<crate::Prefixed>, Bytes, Option<Box<(String, crate::ws::Deflate)>>);
+
+/// Starts the handler's coroutine with the request and response tables. The handler is the
+/// function the interface names, or the function of the route that a route table finds for
+/// the request; a request no route takes is answered here (404, 405), without Lua.
+pub(crate) fn start(
+    iface: &HttpInterface,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+    uploads: Option<Box<Uploads>>,
+    peer: &str,
+    ctx: RequestCtx,
+    upgrade: Option<Upgrade>,
+) -> (Started, Arc<StatusCounts>) {
     let spec = &iface.spec;
     let id = ctx.id.clone();
     let websocket = upgrade.is_some();
     let Some(vm) = worker::cage(&spec.cage) else {
         tracing::error!(cage = %spec.cage, interface = %spec.name, request = %id, "cage has no VM on this worker");
-        return Err(Box::new(plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running")));
+        return (Err(Box::new(plain(StatusCode::SERVICE_UNAVAILABLE, &id, "cage is not running"))), iface.unrouted.clone());
     };
-    let (module, function) = &spec.handler.value;
+    let (target, counts) = match target(iface, &vm, &parts, &id) {
+        Ok(t) => t,
+        Err(refused) => {
+            iface.figures.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return (Err(refused), iface.unrouted.clone());
+        }
+    };
     let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
-    let started = vm.function(module, function).and_then(|handler| {
+    let started = target.and_then(|(handler, routed)| {
         let tables = vm.helper("http_request", TABLES)?;
         let api = crate::lua_api::api(&vm)?;
         let lua = vm.lua();
         let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("request tables: {e}"));
         let args = (|| {
+            let (params, route) = match routed {
+                Some((params, key)) => (params.map(LuaValue::Table).unwrap_or(LuaValue::Nil), LuaValue::String(key)),
+                None => (LuaValue::Nil, LuaValue::Nil),
+            };
+            let (form, files) = match &uploads {
+                Some(u) => upload_tables(lua, u)?,
+                None => (LuaValue::Nil, LuaValue::Nil),
+            };
             Ok::<_, rustomnic_lua::mlua::Error>(MultiValue::from_iter([
                 LuaValue::String(lua.create_string(parts.method.as_str())?),
                 LuaValue::String(lua.create_string(percent_decode(parts.uri.path()))?),
@@ -131,14 +203,115 @@ pub(crate) fn start(iface: &HttpInterface, parts: hyper::http::request::Parts, b
                 LuaValue::String(lua.create_string(version_name(parts.version))?),
                 LuaValue::Table(api),
                 LuaValue::Boolean(websocket),
+                params,
+                route,
+                form,
+                files,
             ]))
         })()
         .map_err(internal)?;
         let (request, response): (Table, Table) = tables.call(args).map_err(internal)?;
+        *slot.0.uploads.borrow_mut() = uploads;
+        // TLS: request.tls (nil on a plain connection).
+        if let Some(info) = parts.extensions.get::<Arc<crate::tls::TlsInfo>>() {
+            request.raw_set("tls", crate::tls::lua_table(lua, info).map_err(internal)?).map_err(internal)?;
+        }
         let fut = vm.start_function(ctx, handler, |_| Ok(MultiValue::from_iter([LuaValue::Table(request), LuaValue::Table(response.clone())])))?;
         Ok((fut, response))
     });
-    Ok((started, slot))
+    (Ok((started, slot)), counts)
+}
+
+/// `request.form` and `request.files` of a multipart body.
+fn upload_tables(lua: &Lua, uploads: &Uploads) -> rustomnic_lua::mlua::Result<(LuaValue, LuaValue)> {
+    let form = lua.create_table()?;
+    for (name, value) in &uploads.fields {
+        form.raw_set(name.as_str(), lua.create_string(value)?)?;
+    }
+    let files = lua.create_table_with_capacity(uploads.files.len(), 0)?;
+    for f in &uploads.files {
+        let t = lua.create_table_with_capacity(0, 6)?;
+        t.raw_set("field", f.field.as_str())?;
+        t.raw_set("filename", f.filename.as_str())?;
+        t.raw_set("content_type", f.content_type.as_deref())?;
+        t.raw_set("size", f.size)?;
+        t.raw_set("path", f.path.to_string_lossy().as_ref())?;
+        files.raw_push(t)?;
+    }
+    Ok((LuaValue::Table(form), LuaValue::Table(files)))
+}
+
+/// A handler found for a request: the function, and for a routed request its parameters and
+/// route key.
+type Target = (Function, Option<(Option<Table>, rustomnic_lua::mlua::LuaString)>);
+
+/// The function that serves a request, with the status counts its response goes to; Err is the
+/// response for a request that no route takes.
+#[allow(clippy::type_complexity)]
+fn target(
+    iface: &HttpInterface,
+    vm: &CageVm,
+    parts: &hyper::http::request::Parts,
+    id: &str,
+) -> Result<(Result<Target, RunError>, Arc<StatusCounts>), Box<Response<Body>>> {
+    let spec = &iface.spec;
+    let (module, function) = &spec.handler.value;
+    // A request that fails before a route is found counts with the interface's unrouted ones.
+    let unrouted = |e: RunError| Ok((Err(e), iface.unrouted.clone()));
+    let table = match vm.module_field(module, function) {
+        Ok(LuaValue::Function(f)) => return Ok((Ok((f, None)), iface.unrouted.clone())),
+        Ok(LuaValue::Table(t)) => t,
+        Ok(other) => {
+            return unrouted(RunError::NotFound(format!(
+                "cage {}: {module}.{function} is a {}, not a function or a route table",
+                spec.cage,
+                other.type_name()
+            )));
+        }
+        Err(e) => return unrouted(e),
+    };
+    let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("route table {module}.{function}: {e}"));
+    let compiled = match crate::routes::compiled(vm.lua(), &table, &spec.cage, &spec.name) {
+        Ok(c) => c,
+        Err(message) => {
+            return unrouted(RunError::NotFound(format!("route table {module}.{function} of cage {}: {message}", spec.cage)));
+        }
+    };
+    let router = &compiled.router;
+    match router.find(parts.method.as_str(), parts.uri.path()) {
+        crate::routes::Found::Route(index, params) => {
+            let (Some(route), Some((f, key))) = (router.route(index), compiled.route_values(index)) else {
+                return unrouted(RunError::Internal(format!("route table {module}.{function}: no route {index}")));
+            };
+            let counts = route.counts.clone();
+            // The parameters' table is made here, while the router (which owns their names)
+            // is borrowed: no name is copied. No parameters: request.params comes from the
+            // request's metatable, and the request table keeps within its 8 hash slots.
+            let lua = vm.lua();
+            let made = (|| {
+                if params.is_empty() {
+                    return Ok(None);
+                }
+                let t = lua.create_table_with_capacity(0, params.len())?;
+                for (name, value) in &params {
+                    t.raw_set(*name, lua.create_string(value)?)?;
+                }
+                Ok::<_, rustomnic_lua::mlua::Error>(Some(t))
+            })();
+            match made {
+                Ok(t) => Ok((Ok((f, Some((t, key)))), counts)),
+                Err(e) => Ok((Err(internal(e)), counts)),
+            }
+        }
+        crate::routes::Found::WrongMethod(allow) => {
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, id, &format!("{} is not allowed on {}", parts.method, parts.uri.path()));
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            Err(Box::new(r))
+        }
+        crate::routes::Found::Nothing => Err(Box::new(plain(StatusCode::NOT_FOUND, id, &format!("no route for {} {}", parts.method, parts.uri.path())))),
+    }
 }
 
 /// How a handler answered: with its whole response, or with a response head it sent early
@@ -157,6 +330,8 @@ pub(crate) type Started = Result<(Result<(RequestFuture, Table), RunError>, Slot
 pub(crate) struct Answer {
     iface: Arc<HttpInterface>,
     pub(crate) id: String,
+    /// Where the response's status is counted: its route's figures, or the interface's.
+    pub(crate) counts: Arc<StatusCounts>,
     state: AnswerState,
 }
 
@@ -165,20 +340,23 @@ enum AnswerState {
     Running(RequestFuture, SlotGuard, Table),
     /// Answered early: the handler goes on, and its slot (a stream's sender, the WebSocket)
     /// stays until it ends.
-    Continuing { fut: RequestFuture, _slot: SlotGuard },
+    Continuing {
+        fut: RequestFuture,
+        _slot: SlotGuard,
+    },
     NotStarted(RunError),
     Refused(Box<Response<Body>>),
     Done,
 }
 
 impl Answer {
-    pub(crate) fn new(iface: &Arc<HttpInterface>, started: Started, id: String) -> Answer {
+    pub(crate) fn new(iface: &Arc<HttpInterface>, (started, counts): (Started, Arc<StatusCounts>), id: String) -> Answer {
         let state = match started {
             Ok((Ok((fut, response)), slot)) => AnswerState::Running(fut, slot, response),
             Ok((Err(e), _slot)) => AnswerState::NotStarted(e),
             Err(response) => AnswerState::Refused(response),
         };
-        Answer { iface: iface.clone(), id, state }
+        Answer { iface: iface.clone(), id, counts, state }
     }
 
     /// After an early answer: resolves when the handler has ended, and logs how. The slot goes
@@ -219,7 +397,14 @@ impl std::future::Future for Answer {
                 }
                 Poll::Ready(r) => {
                     let answer = match r {
-                        Ok(values) => returned(&this.iface, response, values, &this.id),
+                        Ok(values) => {
+                            let r = returned(&this.iface, response, values, &this.id);
+                            if r.status().is_server_error() {
+                                // A 5xx the handler chose is a failure to the client and to alerts.
+                                this.iface.figures.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            r
+                        }
                         Err(e) => failed(&this.iface, e, &this.id),
                     };
                     this.state = AnswerState::Done;
@@ -269,6 +454,11 @@ fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
             tracing::warn!(cage = %spec.cage, interface = %spec.name, request = %id, "deadline exceeded ({:?}) in {module}.{function}", spec.request_timeout);
             plain(StatusCode::GATEWAY_TIMEOUT, id, "deadline exceeded")
         }
+        RunError::Failed { ref message, .. } if bad_request(message).is_some() => {
+            let text = bad_request(message).unwrap_or_default();
+            tracing::info!(cage = %spec.cage, interface = %spec.name, request = %id, "{module}.{function}: {text}");
+            plain(StatusCode::BAD_REQUEST, id, text)
+        }
         e @ RunError::Failed { .. } => {
             // One line per record: the request id is printed at its end, and a traceback split
             // over lines would leave the error text on lines that do not carry the id.
@@ -282,6 +472,19 @@ fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
     }
 }
 
+/// The text of an error that asks for a 400: its message (after the `file:line:` a string
+/// error gets) starts with "bad request: ", as request.json and request.form raise them.
+fn bad_request(message: &str) -> Option<&str> {
+    const MARK: &str = "bad request: ";
+    if let Some(rest) = message.strip_prefix(MARK) {
+        return Some(rest);
+    }
+    let at = message.find(": bad request: ")?;
+    // Only right after the position prefix, a "chunk:line" without spaces.
+    let prefix = &message[..at];
+    (!prefix.contains(' ')).then(|| &message[at + 2 + MARK.len()..])
+}
+
 /// Builds the request and response tables; the coroutine then runs the handler itself, so no
 /// frame of this function stays on its stack while the handler waits (a parked request's stack
 /// then fits in Lua's second size step, 80 slots). `response.stream` comes from a shared
@@ -290,16 +493,60 @@ fn failed(iface: &HttpInterface, e: RunError, id: &str) -> Response<Body> {
 /// table within 8 hash slots.
 const TABLES: &str = r#"
 local setmetatable, readonly, locked = __pmnc_setmetatable, __pmnc_readonly, __pmnc_locked
+local rawget, rawset, pcall, error, type = rawget, rawset, pcall, error, type
+local json_decode = pmnc.json.decode
+local no_params = readonly({}, "request.params")
+local no_files = readonly({}, "request.files")
+local form_decode
+-- request.json and request.form: decoded on first use and kept; a body that does not decode
+-- raises an error the interface answers with 400 (see bad_request in handler.rs).
+local function lazy(defaults)
+  return function(request, k)
+    local v = defaults[k]
+    if v ~= nil then return v end
+    if k == "json" then
+      local body = rawget(request, "body")
+      if body == nil then return nil end
+      local ok, value = pcall(json_decode, body)
+      if not ok then
+        error("bad request: request.json: " .. (value:match("^pmnc%.json%.decode: (.*)$") or value), 2)
+      end
+      if value ~= nil then rawset(request, "json", value) end
+      return value
+    elseif k == "form" then
+      local ok, value = form_decode(rawget(request, "body"), rawget(request, "headers")["content-type"])
+      if not ok then error("bad request: request.form: " .. value, 2) end
+      rawset(request, "form", value)
+      return value
+    end
+  end
+end
 -- Shared by every request of the VM, so no module may change them (see the prelude).
-local request_mt = locked({ __index = readonly({ body = "", websocket = false }, "request") })
-local websocket_mt = locked({ __index = readonly({ body = "", websocket = true }, "request") })
-return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket)
+local request_mt = locked({ __index = lazy({ body = "", websocket = false, params = no_params, files = no_files }) })
+local websocket_mt = locked({ __index = lazy({ body = "", websocket = true, params = no_params, files = no_files }) })
+return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket, params, route, form, files)
+  form_decode = api.form_decode
   local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
-  local request = setmetatable({
-    method = method, path = path, uri = uri, query = query or {}, headers = headers,
-    remote_addr = remote_addr, version = version,
-  }, websocket and websocket_mt or request_mt)
-  if body then request.body = body end
+  local request
+  if route and (params or body) then
+    -- Nine or ten fields: made in one constructor, so that the table is sized once for all of
+    -- them rather than grown (rehashed) when the ninth arrives.
+    request = setmetatable({
+      method = method, path = path, uri = uri, query = query or {}, headers = headers,
+      remote_addr = remote_addr, version = version, body = body, route = route, params = params,
+    }, websocket and websocket_mt or request_mt)
+  else
+    request = setmetatable({
+      method = method, path = path, uri = uri, query = query or {}, headers = headers,
+      remote_addr = remote_addr, version = version,
+    }, websocket and websocket_mt or request_mt)
+    if body then request.body = body end
+    if route then request.route = route end
+  end
+  if form then
+    request.form, request.files = form, files
+    for i = 1, #files do files[i].read = api.upload_reader(i) end
+  end
   if websocket then request.upgrade = api.upgrader(response) end
   return request, response
 end
@@ -394,22 +641,19 @@ pub fn percent_decode(path: &str) -> Vec<u8> {
 /// sent as JSON.
 fn build_response(response: &Table, values: MultiValue, id: &str) -> Result<Response<Body>, String> {
     let returned = values.into_iter().next().unwrap_or(LuaValue::Nil);
-    let body_value = match returned {
-        LuaValue::Nil => response.raw_get("body").map_err(|e| e.to_string())?,
-        v => v,
-    };
     let mut json = false;
-    let body: Bytes = match body_value {
-        LuaValue::Nil => Bytes::new(),
-        LuaValue::String(s) => Bytes::from(s.as_bytes().to_vec()),
-        LuaValue::Integer(_) | LuaValue::Number(_) => Bytes::from(body_value.to_string().map_err(|e| e.to_string())?),
-        v @ LuaValue::Table(_) => {
-            json = true;
-            let value = from_lua(&v).map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
-            let text = value.to_json().map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
-            Bytes::from(text.to_string())
-        }
-        other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
+    let body = match returned {
+        LuaValue::Nil => match response.raw_get::<LuaValue>("json").map_err(|e| e.to_string())? {
+            LuaValue::Nil => body_bytes(response.raw_get("body").map_err(|e| e.to_string())?, &mut json)?,
+            // response.json: any value as JSON, a string too (as a JSON string).
+            value => {
+                json = true;
+                let value = from_lua(&value).map_err(|e| format!("response.json cannot be sent as JSON: {e}"))?;
+                let text = value.to_json().map_err(|e| format!("response.json cannot be sent as JSON: {e}"))?;
+                Bytes::from(text.to_string())
+            }
+        },
+        v => body_bytes(v, &mut json)?,
     };
     let mut r = response_head(response, Body::full(body), id)?;
     let h = r.headers_mut();
@@ -420,6 +664,22 @@ fn build_response(response: &Table, values: MultiValue, id: &str) -> Result<Resp
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     }
     Ok(r)
+}
+
+/// A returned value or `response.body` as the body: a string as it is, a table as JSON.
+fn body_bytes(value: LuaValue, json: &mut bool) -> Result<Bytes, String> {
+    Ok(match value {
+        LuaValue::Nil => Bytes::new(),
+        LuaValue::String(s) => Bytes::from(s.as_bytes().to_vec()),
+        LuaValue::Integer(_) | LuaValue::Number(_) => Bytes::from(value.to_string().map_err(|e| e.to_string())?),
+        v @ LuaValue::Table(_) => {
+            *json = true;
+            let value = from_lua(&v).map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
+            let text = value.to_json().map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
+            Bytes::from(text.to_string())
+        }
+        other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
+    })
 }
 
 /// A response with the status and headers the handler set on its `response` table.

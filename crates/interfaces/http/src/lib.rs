@@ -17,6 +17,22 @@
 //! | `write_timeout` | "30s" | a client that reads nothing of a response (or stream, or WebSocket) for this long is dropped |
 //! | `websocket_timeout` | "1h" | the deadline of a request that upgrades to a WebSocket, instead of request_timeout |
 //! | `max_message_size` | "1MiB" | larger WebSocket messages close the WebSocket with 1009 |
+//! | `websocket_deflate` | true | accept permessage-deflate when the client's offer keeps a session small (see ws.rs) |
+//! | `max_upload_size` | "100MiB" | a `multipart/form-data` body may be this large: its files go to temporary files, its fields (within max_body_size) to memory; larger: 413 |
+//! | `access_log` | "combined" | one line per answered request on standard output: "combined" (Apache's format, then duration, cage/interface and request id), "json", or "off" |
+//! | `tls` | none | `{ cert = "cert.pem", key = "key.pem" }`: the interface speaks HTTPS (and wss) only; see below |
+//!
+//! Keys of the `tls` table (paths relative to the cage folder, `${VAR}` expanded; the files are
+//! reloaded when they change, see tls.rs):
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `cert` | required | PEM file: the server's certificate, then any intermediates |
+//! | `key` | required | PEM file: its private key (PKCS#8, PKCS#1 or SEC1) |
+//! | `client_ca` | none | PEM file of the CA(s) that sign client certificates: asks clients for one |
+//! | `client_auth` | "required" | with client_ca: "required" (no certificate, no connection) or "optional" |
+//! | `handshake_timeout` | "10s" | a client that has not finished the TLS handshake by then is disconnected |
+//! | `max_handshakes` | 1024 | handshakes in progress beyond this are closed at once |
 
 mod h1;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
@@ -24,13 +40,19 @@ mod h1;
 pub mod fuzzing {
     pub use crate::h1::{fuzz_connection, fuzz_head, Connection, Step};
     pub use crate::handler::{fuzz_tables, percent_decode};
+    pub use crate::multipart::{boundary as multipart_boundary, fuzz_parse as fuzz_multipart, Event as MultipartEvent, MultipartError};
     pub use crate::ws::{fuzz_session, Session};
 }
+mod access_log;
+mod der;
 mod handler;
 mod limits;
 mod lua_api;
+mod multipart;
 pub mod raw;
+mod routes;
 mod stream;
+pub mod tls;
 mod upgrade;
 mod ws;
 
@@ -46,8 +68,8 @@ pub use limits::{disable_transparent_huge_pages, raise_open_file_limit, tune_pro
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustomnic_interface::{Interface, InterfaceProtocol, InterfaceSpec, Shutdown};
 use rustomnic_core::{Located, Section};
+use rustomnic_interface::{Interface, InterfaceProtocol, InterfaceSpec, Shutdown};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -67,6 +89,10 @@ pub struct HttpSettings {
     pub write_timeout: Duration,
     pub websocket_timeout: Duration,
     pub max_message_size: usize,
+    pub max_upload_size: u64,
+    pub websocket_deflate: bool,
+    pub access_log: access_log::Format,
+    pub tls: Option<tls::TlsOptions>,
 }
 
 /// A configured HTTP interface, shared by every worker.
@@ -77,6 +103,28 @@ pub struct HttpInterface {
     /// Connections refused since the last warning, and when that was (ms, [`now_ms`]).
     refused: AtomicUsize,
     refused_logged: AtomicU64,
+    /// Started at the first connection, so that `pmnc check` starts no reload thread.
+    /// Err: configured but could not start; its connections are closed, never served plain.
+    tls: std::sync::OnceLock<Result<Option<Arc<tls::TlsServer>>, ()>>,
+    /// The interface's request figures (shared with the Lua side's recording).
+    figures: Arc<rustomnic_core::metrics::InterfaceMetrics>,
+    /// Status counts of the responses no route table served.
+    unrouted: Arc<rustomnic_core::metrics::StatusCounts>,
+}
+
+impl HttpInterface {
+    /// Whether a request's log entry is worth taking: the access log or the debug line is on.
+    fn wants_log(&self) -> bool {
+        self.settings.access_log != access_log::Format::Off || tracing::enabled!(tracing::Level::DEBUG)
+    }
+
+    /// The access log's line and the debug line of an answered request.
+    fn log_request(&self, entry: &access_log::Entry, peer: &str, id: &str, status: hyper::StatusCode, bytes: Option<u64>) {
+        let spec = &self.spec;
+        tracing::debug!(cage = %spec.cage, interface = %spec.name, request = %id, "{} {} {} {:.1}ms", entry.method(), entry.target(), status.as_u16(), entry.started.elapsed().as_secs_f64() * 1e3);
+        let line = access_log::Line { format: self.settings.access_log, cage: &spec.cage, interface: &spec.name, peer, id, status, bytes };
+        access_log::log(entry, &line);
+    }
 }
 
 impl InterfaceProtocol for HttpProtocol {
@@ -85,28 +133,13 @@ impl InterfaceProtocol for HttpProtocol {
     }
 
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
-        let listen = match section.string("listen") {
-            Some(l) => match l.value.parse::<SocketAddr>() {
-                Ok(addr) => Some(Located { value: addr, file: l.file, line: l.line, key: l.key }),
-                Err(_) => {
-                    section.error("listen", format!("{:?} is not an address such as \"127.0.0.1:8080\"", l.value));
-                    None
-                }
-            },
-            // Present but unreadable (wrong type, unset ${ENV}): that problem is already recorded.
-            None if section.has("listen") => None,
-            None => {
-                section.table_error("listen is required, e.g. listen = \"127.0.0.1:8080\"");
-                None
-            }
-        };
+        let listen = rustomnic_interface::read_listen(section);
         let max_body_size = section.size("max_body_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
         let max_header_size = section.size("max_header_size", 1 << 20).map(|v| v.value).unwrap_or(16 << 10);
         if max_header_size < 8192 {
             section.error("max_header_size", "must be at least 8KiB");
         }
-        let header_read_timeout =
-            section.duration("header_read_timeout", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(Duration::from_secs(10));
+        let header_read_timeout = section.duration("header_read_timeout", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(Duration::from_secs(10));
         let max_connections = section.integer("max_connections", 1, 10_000_000).map(|v| v.value as usize).unwrap_or(10_000);
         let http2 = section.bool("http2").map(|v| v.value).unwrap_or(true);
         let day = Duration::from_secs(86_400);
@@ -119,9 +152,26 @@ impl InterfaceProtocol for HttpProtocol {
                 section.error(key, "must be more than zero");
             }
         }
+        let websocket_deflate = section.bool("websocket_deflate").map(|v| v.value).unwrap_or(true);
+        let max_upload_size = section.size("max_upload_size", 1 << 40).map(|v| v.value).unwrap_or(100 << 20);
+        let access_log = match section.string("access_log") {
+            Some(v) => match access_log::Format::parse(&v.value) {
+                Some(f) => f,
+                None => {
+                    section.error("access_log", format!("must be {}, not {:?}", access_log::Format::NAMES, v.value));
+                    access_log::Format::Combined
+                }
+            },
+            None => access_log::Format::Combined,
+        };
         if max_message_size < 125 {
             section.error("max_message_size", "must be at least 125 bytes (the largest control frame)");
         }
+        let tls = match tls::read_tls(section, "tls", http2) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(())) => return None,
+        };
         let settings = HttpSettings {
             listen: listen?,
             max_body_size,
@@ -133,8 +183,23 @@ impl InterfaceProtocol for HttpProtocol {
             write_timeout,
             websocket_timeout,
             max_message_size: max_message_size.max(125) as usize,
+            max_upload_size,
+            websocket_deflate,
+            access_log,
+            tls,
         };
-        Some(Arc::new(HttpInterface { spec, settings, open: AtomicUsize::new(0), refused: AtomicUsize::new(0), refused_logged: AtomicU64::new(0) }))
+        let figures = rustomnic_core::metrics::interface(&spec.cage, &spec.name);
+        let unrouted = rustomnic_core::metrics::status_counts(&spec.cage, &spec.name, "");
+        Some(Arc::new(HttpInterface {
+            spec,
+            settings,
+            open: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            refused_logged: AtomicU64::new(0),
+            figures,
+            unrouted,
+            tls: std::sync::OnceLock::new(),
+        }))
     }
 }
 
@@ -158,16 +223,51 @@ impl Interface for HttpInterface {
         Some(self.settings.listen.clone())
     }
 
-    fn serve(self: Arc<Self>, mut stream: TcpStream, remote: SocketAddr, mut shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
+    /// A handler that is a route table must compile: a version whose table does not is broken,
+    /// and the working one keeps serving.
+    fn check_module(&self, module: &str, table: &rustomnic_lua::mlua::Table) -> Result<(), String> {
+        let (handler_module, function) = &self.spec.handler.value;
+        if module != handler_module {
+            return Ok(());
+        }
+        match table.raw_get::<rustomnic_lua::mlua::Value>(function.as_str()) {
+            Ok(rustomnic_lua::mlua::Value::Table(routes)) => routes::Router::compile(&routes, &self.spec.cage, &self.spec.name)
+                .map(|_| ())
+                .map_err(|e| format!("route table {module}.{function} (interface {}): {e}", self.spec.name)),
+            _ => Ok(()),
+        }
+    }
+
+    fn serve(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, mut shutdown: Shutdown) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
             let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
             // Counted until the socket closes, which for a WebSocket is long after serve() ends.
             let conn = Arc::new(ConnState { iface: self.clone(), last: AtomicU64::new(now_ms()), in_flight: AtomicUsize::new(0) });
+            let Ok(tls) = self.tls_server() else { return };
             if open > self.settings.max_connections {
                 self.note_refusal(remote, open - 1);
-                handler::refuse_overloaded(stream).await;
+                // A TLS client could not read a plain 503: it is closed.
+                if tls.is_none() {
+                    handler::refuse_overloaded(stream).await;
+                }
                 return;
             }
+            let mut stream = match tls {
+                None => tls::Conn::Plain(stream),
+                Some(tls) => {
+                    let mut stop = shutdown.clone();
+                    let stopped = async move {
+                        let _ = stop.changed().await;
+                    };
+                    // Boxed: the handshake's state is large and would otherwise size the task
+                    // of every connection, plain ones and parked requests included.
+                    match Box::pin(tls.accept(stream, remote, stopped)).await {
+                        Some(s) => tls::Conn::tls(s),
+                        None => return,
+                    }
+                }
+            };
+            let tls_info = stream.tls_info();
             // A client that connects and stays silent (or stalls inside the HTTP/2 preface)
             // would hold a connection slot: the first bytes, too, come within header_read_timeout.
             let Some(head) = first_bytes(&mut stream, self.settings.header_read_timeout, &mut shutdown).await else {
@@ -189,7 +289,12 @@ impl Interface for HttpInterface {
             let io = TokioIo::new(io);
             let me = self.clone();
             let busy = conn.clone();
-            let service = hyper::service::service_fn(move |req| handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy)));
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                if let Some(info) = &tls_info {
+                    req.extensions_mut().insert(info.clone());
+                }
+                handler::handle(me.clone(), req, peer.clone(), Busy::new(&busy))
+            });
             let idle = self.settings.idle_timeout;
             let idle_out = async {
                 loop {
@@ -234,7 +339,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// preface, within `timeout`. `None` when the client sends nothing in time, closes, or the
 /// process shuts down meanwhile. For HTTP/1 this returns at the first byte, so hyper's own
 /// header_read_timeout then bounds the rest of the request head.
-async fn first_bytes(stream: &mut TcpStream, timeout: Duration, shutdown: &mut Shutdown) -> Option<Bytes> {
+async fn first_bytes(stream: &mut tls::Conn, timeout: Duration, shutdown: &mut Shutdown) -> Option<Bytes> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut head = Vec::with_capacity(H2_PREFACE.len());
     let mut chunk = [0u8; 24];
@@ -261,6 +366,24 @@ fn now_ms() -> u64 {
 }
 
 impl HttpInterface {
+    /// The TLS side of the interface, started at the first connection (None: plain HTTP).
+    fn tls_server(&self) -> Result<Option<Arc<tls::TlsServer>>, ()> {
+        self.tls
+            .get_or_init(|| {
+                let Some(options) = self.settings.tls.clone() else { return Ok(None) };
+                let who = format!("cage {} interface {}", self.spec.cage, self.spec.name);
+                match tls::TlsServer::start(options, who.clone()) {
+                    Ok(s) => Ok(Some(s)),
+                    Err(e) => {
+                        // Checked at config time; only a file removed since then gets here.
+                        tracing::error!("{who}: TLS cannot start, connections are closed: {e}");
+                        Err(())
+                    }
+                }
+            })
+            .clone()
+    }
+
     /// Logs refused connections once per second at most, with how many there were.
     fn note_refusal(&self, remote: SocketAddr, open: usize) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -312,7 +435,7 @@ impl Drop for Busy {
 /// drops clients that do not read (write_timeout).
 pub(crate) struct Prefixed {
     pub(crate) head: Bytes,
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: tls::Conn,
     pub(crate) conn: Arc<ConnState>,
     /// Running while a write waits for the client to read; made only when one does.
     write_timer: Option<Pin<Box<tokio::time::Sleep>>>,

@@ -29,7 +29,12 @@ return function(rust)
     send = function(data, kind) return check(ws_send(data, kind)) end,
     close = function(code, reason) return check(ws_close(code, reason)) end,
   }, "websocket")
-  local api = {}
+  local upload_read = rust.upload_read
+  local api = { form_decode = rust.form_decode }
+  -- file.read() of request.files[i]: its bytes, read off the worker.
+  function api.upload_reader(i)
+    return function() return check(upload_read(i)) end
+  end
   api.response_mt = __pmnc_locked {
     __index = function(response, k)
       if k == "stream" then
@@ -95,20 +100,64 @@ fn functions(lua: &Lua) -> rustomnic_lua::mlua::Result<Table> {
             crate::stream::send(&lua, "stream.event", frame).await
         })?,
     )?;
+    t.set(
+        "form_decode",
+        lua.create_function(|lua, (body, content_type): (Option<rustomnic_lua::mlua::LuaString>, Option<rustomnic_lua::mlua::LuaString>)| {
+            form_decode(lua, body, content_type)
+        })?,
+    )?;
+    t.set(
+        "upload_read",
+        lua.create_async_function(|lua, i: usize| async move {
+            let path = crate::stream::Slot::current(&lua).and_then(|slot| {
+                let uploads = slot.uploads.borrow();
+                uploads.as_ref().and_then(|u| u.files.get(i.wrapping_sub(1))).map(|f| f.path.clone())
+            });
+            let Some(path) = path else {
+                return (false, Some("file.read: the upload is gone (its request has ended)".to_string())).into_lua_multi_ok(&lua);
+            };
+            match tokio::fs::read(&path).await {
+                Ok(bytes) => {
+                    use rustomnic_lua::mlua::IntoLuaMulti;
+                    (true, lua.create_string(bytes)?).into_lua_multi(&lua)
+                }
+                Err(e) => (false, Some(format!("file.read: {}: {e}", path.display()))).into_lua_multi_ok(&lua),
+            }
+        })?,
+    )?;
     t.set("upgrade", lua.create_async_function(|lua, response: Table| crate::upgrade::upgrade(lua, response))?)?;
-    t.set(
-        "ws_receive",
-        lua.create_async_function(|lua, (timeout, topic): (LuaValue, Option<String>)| crate::upgrade::receive(lua, timeout, topic))?,
-    )?;
-    t.set(
-        "ws_send",
-        lua.create_async_function(|lua, (data, kind): (LuaValue, Option<String>)| async move { crate::upgrade::send(&lua, data, kind).await })?,
-    )?;
+    t.set("ws_receive", lua.create_async_function(|lua, (timeout, topic): (LuaValue, Option<String>)| crate::upgrade::receive(lua, timeout, topic))?)?;
+    t.set("ws_send", lua.create_async_function(|lua, (data, kind): (LuaValue, Option<String>)| async move { crate::upgrade::send(&lua, data, kind).await })?)?;
     t.set(
         "ws_close",
         lua.create_async_function(|lua, (code, reason): (Option<u16>, Option<String>)| async move { crate::upgrade::close(&lua, code, reason).await })?,
     )?;
     Ok(t)
+}
+
+/// `request.form`: an `application/x-www-form-urlencoded` body as a table (a repeated name keeps
+/// its last value, as `request.query` does); (false, message) for a body of another type.
+fn form_decode(
+    lua: &Lua,
+    body: Option<rustomnic_lua::mlua::LuaString>,
+    content_type: Option<rustomnic_lua::mlua::LuaString>,
+) -> rustomnic_lua::mlua::Result<rustomnic_lua::mlua::MultiValue> {
+    use rustomnic_lua::mlua::IntoLuaMulti;
+    if let Some(ct) = content_type {
+        let ct = ct.to_string_lossy();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            let m = format!("the body is {essence}, not application/x-www-form-urlencoded");
+            return (false, m).into_lua_multi(lua);
+        }
+    }
+    let form = lua.create_table()?;
+    if let Some(body) = body {
+        for (k, v) in form_urlencoded::parse(&body.as_bytes()) {
+            form.raw_set(k.as_ref(), v.as_ref())?;
+        }
+    }
+    (true, form).into_lua_multi(lua)
 }
 
 /// (false, message) as the multi-value the Lua side checks.

@@ -74,6 +74,8 @@ pub(crate) struct Slot {
     /// The topic a WebSocket session receives events of (see `ws.receive`).
     pub(crate) subscription: RefCell<Option<Box<rustomnic_lua::events::Subscription>>>,
     pub(crate) sse: Cell<bool>,
+    /// The fields and files of a multipart body; the files go when the request ends.
+    pub(crate) uploads: RefCell<Option<Box<crate::multipart::Uploads>>>,
     pub(crate) write_timeout: Duration,
     pub(crate) max_message_size: usize,
     pub(crate) id: Rc<str>,
@@ -93,6 +95,7 @@ impl Slot {
             ws: RefCell::new(WsState::None),
             subscription: RefCell::new(None),
             sse: Cell::new(false),
+            uploads: RefCell::new(None),
             write_timeout,
             max_message_size,
             id: id.into(),

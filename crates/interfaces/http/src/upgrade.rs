@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::ws::{Deflate, Message, WsConn, WsError};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
 use hyper::StatusCode;
 use rustomnic_lua::events;
 use rustomnic_lua::mlua::{Lua, MultiValue, Table, Value as LuaValue};
-use crate::ws::{Message, WsConn, WsError};
 
 use crate::stream::{ok, Body, Slot};
 
@@ -62,20 +62,20 @@ fn put_back(slot: &Slot, ws: Box<Ws>) {
 /// finished call's future until its garbage collector runs, so it should be small.
 pub(crate) fn upgrade(lua: Lua, response: Table) -> Upgrading {
     match start_upgrade(&lua, response) {
-        Ok((slot, rx)) => Upgrading { lua, state: Some(Ok((slot, rx))) },
+        Ok((slot, rx, deflate)) => Upgrading { lua, state: Some(Ok((slot, rx, deflate))) },
         Err(r) => Upgrading { lua, state: Some(Err(Box::new(r))) },
     }
 }
 
 type Handover = tokio::sync::oneshot::Receiver<crate::Prefixed>;
 
-fn start_upgrade(lua: &Lua, response: Table) -> Result<(std::rc::Rc<Slot>, Handover), rustomnic_lua::mlua::Result<MultiValue>> {
+fn start_upgrade(lua: &Lua, response: Table) -> Result<(std::rc::Rc<Slot>, Handover, Option<Deflate>), rustomnic_lua::mlua::Result<MultiValue>> {
     let what = "request.upgrade";
     let Some(slot) = Slot::current(lua) else { return Err(fail(lua, format!("{what} may only be called by the HTTP handler of the request"))) };
     if slot.replied() || slot.sender.borrow().is_some() {
         return Err(fail(lua, format!("{what}: the response was already started")));
     }
-    let Some((on_upgrade, key)) = slot.upgrade.borrow_mut().take().map(|u| *u) else {
+    let Some((on_upgrade, key, deflate)) = slot.upgrade.borrow_mut().take().map(|u| *u) else {
         return Err(fail(lua, format!("{what}: this request is not a WebSocket upgrade (check request.websocket first)")));
     };
     let mut r = match crate::handler::response_head(&response, Body::Full(None), &slot.id) {
@@ -92,12 +92,22 @@ fn start_upgrade(lua: &Lua, response: Table) -> Result<(std::rc::Rc<Slot>, Hando
         Ok(v) => h.insert("sec-websocket-accept", v),
         Err(_) => return Err(fail(lua, format!("{what}: cannot make the accept key"))),
     };
+    let deflate = match deflate.map(|d| *d) {
+        Some((reply, d)) => match HeaderValue::from_str(&reply) {
+            Ok(v) => {
+                h.insert("sec-websocket-extensions", v);
+                Some(d)
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
     slot.reply(r);
-    Ok((slot, on_upgrade))
+    Ok((slot, on_upgrade, deflate))
 }
 
 /// The slot and the connection to come, or the answer when the upgrade was refused.
-type UpgradeStart = Result<(std::rc::Rc<Slot>, Handover), Box<rustomnic_lua::mlua::Result<MultiValue>>>;
+type UpgradeStart = Result<(std::rc::Rc<Slot>, Handover, Option<Deflate>), Box<rustomnic_lua::mlua::Result<MultiValue>>>;
 
 pub(crate) struct Upgrading {
     lua: Lua,
@@ -111,21 +121,21 @@ impl std::future::Future for Upgrading {
         use std::task::Poll;
         let this = self.get_mut();
         let upgraded = match &mut this.state {
-            Some(Ok((_, rx))) => Some(std::task::ready!(std::pin::Pin::new(rx).poll(cx))),
+            Some(Ok((_, rx, _))) => Some(std::task::ready!(std::pin::Pin::new(rx).poll(cx))),
             Some(Err(_)) => None,
             None => return Poll::Pending,
         };
         let lua = &this.lua;
-        let (slot, upgraded) = match (this.state.take(), upgraded) {
+        let (slot, upgraded, deflate) = match (this.state.take(), upgraded) {
             (Some(Err(r)), _) => return Poll::Ready(*r),
-            (Some(Ok((slot, _))), Some(Ok(u))) => (slot, u),
-            (Some(Ok((slot, _))), _) => {
+            (Some(Ok((slot, _, deflate))), Some(Ok(u))) => (slot, u, deflate),
+            (Some(Ok((slot, _, _))), _) => {
                 *slot.ws.borrow_mut() = WsState::Closed;
                 return Poll::Ready(fail(lua, "request.upgrade: the connection could not be upgraded: the client went away before the 101"));
             }
             (None, _) => return Poll::Pending,
         };
-        let ws = WsConn::new(upgraded, slot.max_message_size);
+        let ws = WsConn::new(upgraded, slot.max_message_size, deflate);
         *slot.ws.borrow_mut() = WsState::Open(Box::new(ws));
         Poll::Ready(Ok(ok([])))
     }
@@ -174,7 +184,12 @@ pub(crate) struct Receive {
 }
 
 enum ReceiveState {
-    Waiting { slot: std::rc::Rc<Slot>, ws: Box<Ws>, sub: Option<Box<events::Subscription>>, until: Option<Instant> },
+    Waiting {
+        slot: std::rc::Rc<Slot>,
+        ws: Box<Ws>,
+        sub: Option<Box<events::Subscription>>,
+        until: Option<Instant>,
+    },
     /// Closing after a message that ends the session (rare, so boxed).
     Closing(std::pin::Pin<Box<dyn std::future::Future<Output = rustomnic_lua::mlua::Result<MultiValue>>>>),
     /// Answered without waiting; boxed, as it is rare and large.

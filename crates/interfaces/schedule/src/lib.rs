@@ -76,11 +76,7 @@ impl InterfaceProtocol for ScheduleProtocol {
 
 /// Parses a cron expression with optional seconds (5 or 6 fields).
 pub fn parse_cron(text: &str) -> Result<Cron, String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Optional)
-        .build()
-        .parse(text)
-        .map_err(|e| e.to_string())
+    croner::parser::CronParser::builder().seconds(croner::parser::Seconds::Optional).build().parse(text).map_err(|e| e.to_string())
 }
 
 /// A configured schedule of a cage.

@@ -123,18 +123,12 @@ async fn to_lua_in_pieces(lua: &Lua, value: Value) -> mlua::Result<LuaValue> {
 /// `json_encode_finish(pending)` (async).
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     // json_encode(v, can_wait): big values come back as ("pending", value) for json_encode_finish.
-    t.set(
-        "json_encode",
-        lua.create_function(|lua, (v, can_wait): (LuaValue, bool)| encode(lua, &v, can_wait))?,
-    )?;
+    t.set("json_encode", lua.create_function(|lua, (v, can_wait): (LuaValue, bool)| encode(lua, &v, can_wait))?)?;
     t.set(
         "json_decode",
         lua.create_function(|lua, s: LuaValue| {
             let LuaValue::String(s) = s else {
-                return failure(
-                    lua,
-                    format!("pmnc.json.decode: expected a string, got {}", s.type_name()),
-                );
+                return failure(lua, format!("pmnc.json.decode: expected a string, got {}", s.type_name()));
             };
             match Value::parse_json(&s.as_bytes()) {
                 Ok(v) => Ok(success([to_lua(lua, &v)?])),

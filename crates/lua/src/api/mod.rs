@@ -27,10 +27,7 @@ pub(crate) fn current_ctx(lua: &Lua) -> Option<Rc<RequestCtx>> {
 
 /// (false, message): how Rust helpers report failure to the prelude, which raises it.
 pub(crate) fn failure(lua: &Lua, message: impl AsRef<str>) -> mlua::Result<MultiValue> {
-    Ok(MultiValue::from_iter([
-        LuaValue::Boolean(false),
-        LuaValue::String(lua.create_string(message.as_ref())?),
-    ]))
+    Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(message.as_ref())?)]))
 }
 
 pub(crate) fn success(values: impl IntoIterator<Item = LuaValue>) -> MultiValue {
@@ -63,5 +60,6 @@ pub(crate) fn register(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     crate::strings::register(lua, &t)?;
     sandbox::register(lua, &t)?;
     t.set("stdlib", rustomnic_stdlib::install(lua)?)?;
+    rustomnic_stdlib::install_runners(lua, &t)?;
     Ok(t)
 }

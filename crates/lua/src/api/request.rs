@@ -6,10 +6,7 @@ use super::current_ctx;
 use crate::convert::to_lua;
 
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
-    t.set(
-        "remain",
-        lua.create_function(|lua, ()| Ok(current_ctx(lua).map(|c| c.remain())))?,
-    )?;
+    t.set("remain", lua.create_function(|lua, ()| Ok(current_ctx(lua).map(|c| c.remain())))?)?;
     t.set(
         "request_field",
         lua.create_function(|lua, key: LuaValue| {

@@ -17,10 +17,7 @@ pub(crate) struct YieldOnce(bool);
 
 impl std::future::Future for YieldOnce {
     type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if self.0 {
             return std::task::Poll::Ready(());
         }
@@ -36,10 +33,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     let weak = shared_of(lua).map(|s| Rc::downgrade(&s)).unwrap_or_default();
     // Whether an error on its way up is a stop that pcall and friends must pass on.
     let w = weak.clone();
-    t.set(
-        "stopping",
-        lua.create_function(move |_, ()| Ok(w.upgrade().is_some_and(|s| s.stopping.get() || s.closing.get())))?,
-    )?;
+    t.set("stopping", lua.create_function(move |_, ()| Ok(w.upgrade().is_some_and(|s| s.stopping.get() || s.closing.get())))?)?;
     // The request coroutine that has just started (the watchdog's signal must reach it); called
     // by every request, so it looks nothing up.
     t.set(
@@ -146,4 +140,3 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     )?;
     Ok(())
 }
-

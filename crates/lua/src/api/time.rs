@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use mlua::{Lua, Table, Value as LuaValue};
 
-use super::{failure, success};
 use super::current_ctx;
+use super::{failure, success};
 
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
@@ -14,35 +14,18 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let secs = match seconds {
                 LuaValue::Integer(i) => i as f64,
                 LuaValue::Number(n) => n,
-                other => {
-                    return failure(
-                        &lua,
-                        format!(
-                            "pmnc.sleep: seconds must be a number, got {}",
-                            other.type_name()
-                        ),
-                    )
-                }
+                other => return failure(&lua, format!("pmnc.sleep: seconds must be a number, got {}", other.type_name())),
             };
             if !secs.is_finite() || secs < 0.0 {
-                return failure(
-                    &lua,
-                    format!("pmnc.sleep: seconds must be zero or more, got {secs}"),
-                );
+                return failure(&lua, format!("pmnc.sleep: seconds must be zero or more, got {secs}"));
             }
             let Some(ctx) = current_ctx(&lua) else {
-                return failure(
-                    &lua,
-                    "pmnc.sleep may only be called while handling a request",
-                );
+                return failure(&lua, "pmnc.sleep may only be called while handling a request");
             };
             let wanted = Instant::now() + Duration::from_secs_f64(secs.min(1e9));
             if wanted > ctx.deadline {
                 tokio::time::sleep_until(ctx.deadline.into()).await;
-                return failure(
-                    &lua,
-                    format!("pmnc.sleep({secs}): the request's deadline passed while sleeping"),
-                );
+                return failure(&lua, format!("pmnc.sleep({secs}): the request's deadline passed while sleeping"));
             }
             tokio::time::sleep_until(wanted.into()).await;
             Ok(success([]))

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use mlua::{Lua, MultiValue, Table, Value as LuaValue};
 
-use super::{failure, success};
 use super::current_ctx;
+use super::{failure, success};
 use crate::convert::{from_lua, to_lua};
 use crate::transaction::{self, Participant, ParticipantError, Prepared};
 
@@ -15,43 +15,21 @@ use crate::transaction::{self, Participant, ParticipantError, Prepared};
 struct TxHandle(std::cell::RefCell<Option<Box<dyn Prepared>>>);
 
 fn participants_of(list: &Table) -> Result<Vec<Participant>, ParticipantError> {
-    let fail = |i: usize, resource: String, message: String| ParticipantError {
-        resource,
-        participant: i,
-        code: None,
-        message,
-        recoverable: true,
-    };
+    let fail = |i: usize, resource: String, message: String| ParticipantError { resource, participant: i, code: None, message, recoverable: true };
     let mut out = Vec::new();
     for (i, entry) in list.sequence_values::<Table>().enumerate() {
         let n = i + 1;
         let entry = entry.map_err(|e| fail(n, String::new(), e.to_string()))?;
-        let resource: String = entry
-            .raw_get("resource")
-            .map_err(|e| fail(n, String::new(), e.to_string()))?;
-        let method: String = entry
-            .raw_get("method")
-            .map_err(|e| fail(n, resource.clone(), e.to_string()))?;
-        let args: Table = entry
-            .raw_get("args")
-            .map_err(|e| fail(n, resource.clone(), e.to_string()))?;
+        let resource: String = entry.raw_get("resource").map_err(|e| fail(n, String::new(), e.to_string()))?;
+        let method: String = entry.raw_get("method").map_err(|e| fail(n, resource.clone(), e.to_string()))?;
+        let args: Table = entry.raw_get("args").map_err(|e| fail(n, resource.clone(), e.to_string()))?;
         let count: i64 = args.raw_get("n").unwrap_or(0);
         let mut values = Vec::with_capacity(count.max(0) as usize);
         for a in 1..=count {
-            let v: LuaValue = args
-                .raw_get(a)
-                .map_err(|e| fail(n, resource.clone(), e.to_string()))?;
-            values.push(
-                from_lua(&v).map_err(|e| {
-                    fail(n, resource.clone(), format!("{method}: argument {a}: {e}"))
-                })?,
-            );
+            let v: LuaValue = args.raw_get(a).map_err(|e| fail(n, resource.clone(), e.to_string()))?;
+            values.push(from_lua(&v).map_err(|e| fail(n, resource.clone(), format!("{method}: argument {a}: {e}")))?);
         }
-        out.push(Participant {
-            resource,
-            method,
-            args: values,
-        });
+        out.push(Participant { resource, method, args: values });
     }
     Ok(out)
 }
@@ -73,10 +51,7 @@ fn error_fields(lua: &Lua, e: &ParticipantError) -> mlua::Result<Table> {
 }
 
 fn tx_failure(lua: &Lua, e: &ParticipantError) -> mlua::Result<MultiValue> {
-    Ok(MultiValue::from_iter([
-        LuaValue::Boolean(false),
-        LuaValue::Table(error_fields(lua, e)?),
-    ]))
+    Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::Table(error_fields(lua, e)?)]))
 }
 
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
@@ -90,8 +65,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                         resource: String::new(),
                         participant: 0,
                         code: None,
-                        message: "transactions may only be executed while handling a request"
-                            .into(),
+                        message: "transactions may only be executed while handling a request".into(),
                         recoverable: true,
                     },
                 );
@@ -141,93 +115,68 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     )?;
     t.set(
         "tx_finish",
-        lua.create_async_function(
-            |lua, (handle, commit, wait): (mlua::AnyUserData, bool, bool)| async move {
-                let prepared = match handle.borrow::<TxHandle>() {
-                    Ok(h) => h.0.borrow_mut().take(),
-                    Err(_) => None,
-                };
-                let Some(prepared) = prepared else {
-                    return Ok(success([]));
-                };
-                let deadline = current_ctx(&lua)
-                    .map(|c| c.deadline)
-                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
-                match prepared.finish(commit, wait, deadline).await {
-                    Ok(()) => Ok(success([])),
-                    Err(e) => tx_failure(&lua, &e),
-                }
-            },
-        )?,
+        lua.create_async_function(|lua, (handle, commit, wait): (mlua::AnyUserData, bool, bool)| async move {
+            let prepared = match handle.borrow::<TxHandle>() {
+                Ok(h) => h.0.borrow_mut().take(),
+                Err(_) => None,
+            };
+            let Some(prepared) = prepared else {
+                return Ok(success([]));
+            };
+            let deadline = current_ctx(&lua).map(|c| c.deadline).unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
+            match prepared.finish(commit, wait, deadline).await {
+                Ok(()) => Ok(success([])),
+                Err(e) => tx_failure(&lua, &e),
+            }
+        })?,
     )?;
     t.set(
         "tx_finish_calls",
-        lua.create_async_function(
-            |lua, (handle, list): (Option<mlua::AnyUserData>, Table)| async move {
-                let Some(ctx) = current_ctx(&lua) else {
-                    return failure(
-                        &lua,
-                        "transactions may only be executed while handling a request",
-                    );
+        lua.create_async_function(|lua, (handle, list): (Option<mlua::AnyUserData>, Table)| async move {
+            let Some(ctx) = current_ctx(&lua) else {
+                return failure(&lua, "transactions may only be executed while handling a request");
+            };
+            let mut calls = Vec::new();
+            for entry in list.sequence_values::<Table>() {
+                let entry = entry?;
+                let cage: String = entry.raw_get("cage")?;
+                let module: String = entry.raw_get("module")?;
+                let function: String = entry.raw_get("fn")?;
+                let target = format!("{cage}.{module}.{function}");
+                let opts: Table = entry.raw_get("opts")?;
+                let options = match crate::durable::options_from(&target, &opts) {
+                    Ok(o) => o,
+                    Err(e) => return failure(&lua, e),
                 };
-                let mut calls = Vec::new();
-                for entry in list.sequence_values::<Table>() {
-                    let entry = entry?;
-                    let cage: String = entry.raw_get("cage")?;
-                    let module: String = entry.raw_get("module")?;
-                    let function: String = entry.raw_get("fn")?;
-                    let target = format!("{cage}.{module}.{function}");
-                    let opts: Table = entry.raw_get("opts")?;
-                    let options = match crate::durable::options_from(&target, &opts) {
-                        Ok(o) => o,
-                        Err(e) => return failure(&lua, e),
-                    };
-                    let args: Table = entry.raw_get("args")?;
-                    let n: i64 = args.raw_get("n").unwrap_or(0);
-                    let mut values = Vec::new();
-                    for a in 1..=n {
-                        match from_lua(&args.raw_get::<LuaValue>(a)?) {
-                            Ok(v) => values.push(v),
-                            Err(e) => {
-                                return failure(
-                                    &lua,
-                                    format!("calling {target}: argument {a}: {e}"),
-                                )
-                            }
-                        }
+                let args: Table = entry.raw_get("args")?;
+                let n: i64 = args.raw_get("n").unwrap_or(0);
+                let mut values = Vec::new();
+                for a in 1..=n {
+                    match from_lua(&args.raw_get::<LuaValue>(a)?) {
+                        Ok(v) => values.push(v),
+                        Err(e) => return failure(&lua, format!("calling {target}: argument {a}: {e}")),
                     }
-                    calls.push(crate::durable::DurableCall {
-                        from_cage: ctx.cage.clone(),
-                        cage,
-                        module,
-                        function,
-                        args: values,
-                        options,
-                    });
                 }
-                let prepared = handle.and_then(|h| {
-                    h.borrow::<TxHandle>()
-                        .ok()
-                        .and_then(|h| h.0.borrow_mut().take())
-                });
-                let deadline = ctx.deadline;
-                let finish: crate::durable::Finish = Box::new(move |commit| match prepared {
-                    Some(p) => p.finish(commit, true, deadline),
-                    None => Box::pin(async { Ok(()) }),
-                });
-                match crate::durable::commit_with_calls(&ctx.cage, calls, finish).await {
-                    Ok(ids) => {
-                        let t = lua.create_table()?;
-                        for (i, id) in ids.iter().enumerate() {
-                            t.raw_set(i + 1, id.as_str())?;
-                        }
-                        Ok(success([LuaValue::Table(t)]))
+                calls.push(crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options });
+            }
+            let prepared = handle.and_then(|h| h.borrow::<TxHandle>().ok().and_then(|h| h.0.borrow_mut().take()));
+            let deadline = ctx.deadline;
+            let finish: crate::durable::Finish = Box::new(move |commit| match prepared {
+                Some(p) => p.finish(commit, true, deadline),
+                None => Box::pin(async { Ok(()) }),
+            });
+            match crate::durable::commit_with_calls(&ctx.cage, calls, finish).await {
+                Ok(ids) => {
+                    let t = lua.create_table()?;
+                    for (i, id) in ids.iter().enumerate() {
+                        t.raw_set(i + 1, id.as_str())?;
                     }
-                    Err(crate::durable::CommitFailure::Participant(e)) => tx_failure(&lua, &e),
-                    Err(crate::durable::CommitFailure::Calls(m)) => failure(&lua, m),
+                    Ok(success([LuaValue::Table(t)]))
                 }
-            },
-        )?,
+                Err(crate::durable::CommitFailure::Participant(e)) => tx_failure(&lua, &e),
+                Err(crate::durable::CommitFailure::Calls(m)) => failure(&lua, m),
+            }
+        })?,
     )?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Shared harness of the integration tests: temporary cage folders, the real `pmnc` binary
 //! started on them, its log read line by line, and a small HTTP/1.1 client.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -57,12 +58,7 @@ pub struct Output {
 
 /// Runs `pmnc ARGS` to completion (bounded by 60 s).
 pub fn pmnc(args: &[&str]) -> Output {
-    let mut child = Command::new(pmnc_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pmnc");
+    let mut child = Command::new(pmnc_bin()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start pmnc");
     let mut out = String::new();
     let mut err = String::new();
     let mut so = child.stdout.take().unwrap();
@@ -144,12 +140,7 @@ impl Server {
         if let Some(pos) = line.find("listening on ") {
             let rest = &line[pos + "listening on ".len()..];
             let addr = rest.split_whitespace().next().unwrap_or("");
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                    .unwrap_or("")
-                    .to_string()
-            };
+            let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).unwrap_or("").to_string();
             if let Ok(a) = addr.parse() {
                 self.addrs.push((field("cage"), field("interface"), a));
             }
@@ -196,11 +187,7 @@ impl Server {
 
     /// Address of the interface `interface` (of any cage when only one has that name).
     pub fn addr(&self, interface: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(_, i, _)| i == interface)
-            .map(|(_, _, a)| *a)
-            .unwrap_or_else(|| panic!("no interface {interface} in {:?}", self.addrs))
+        self.addrs.iter().find(|(_, i, _)| i == interface).map(|(_, _, a)| *a).unwrap_or_else(|| panic!("no interface {interface} in {:?}", self.addrs))
     }
 
     /// Sends SIGTERM and waits for the exit code (bounded by `timeout`).
@@ -277,10 +264,8 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string())))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))).collect();
     let mut body = buf[head_end..].to_vec();
     let length = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse::<usize>().ok());
     match length {
@@ -309,11 +294,8 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 
 /// POST `body` to `path`.
 pub fn post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> Response {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
+    let mut req = format!("POST {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n", body.len())
+        .into_bytes();
     req.extend_from_slice(body);
     raw_request(addr, &req, Duration::from_secs(30)).unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
@@ -473,4 +455,39 @@ pub fn start_http_cage(cage_toml: &str, http_lua: &str, workers: usize) -> (Tree
     let server = Server::start_with_workers(&tree.path().join("c"), workers, &[]);
     let addr = server.addr("http");
     (tree, server, addr)
+}
+
+/// The monitor page's address, from the line that announces it.
+pub fn monitor_addr(s: &mut Server) -> SocketAddr {
+    let line = s.wait_for("monitor page at http://", Duration::from_secs(10)).expect("monitor start line");
+    let rest = &line[line.find("http://").unwrap_or(0) + "http://".len()..];
+    rest.split('/').next().unwrap_or("").parse().unwrap_or_else(|_| panic!("no address in {line:?}"))
+}
+
+/// The value of the sample line `name{labels}` in Prometheus text.
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+}
+
+/// The keys of `pmnc.state` under `prefix` in the cage's state file, sorted (what handlers of the
+/// messaging tests record).
+pub fn state_keys(cage: &Path, prefix: &str) -> Vec<String> {
+    let Ok(db) = rusqlite::Connection::open(cage.join(".data/state.sqlite")) else { return Vec::new() };
+    let _ = db.busy_timeout(Duration::from_secs(10));
+    let Ok(mut s) = db.prepare("SELECT key FROM state WHERE key LIKE ?1 ORDER BY key") else { return Vec::new() };
+    s.query_map([format!("{prefix}%")], |r| r.get(0)).map(|rows| rows.filter_map(Result::ok).collect()).unwrap_or_default()
+}
+
+/// Polls `f` until it is true or `timeout` passes; its last answer.
+pub fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,4 +1,5 @@
 //! A private `nats-server` per test, on free ports, that a test can stop and start again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -11,10 +12,7 @@ pub fn binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")]).map(|d| d.join("nats-server")).find(|p| p.is_file())
 }
 
 pub struct Nats {
@@ -31,9 +29,7 @@ impl Nats {
     /// message, when the binary is not installed.
     pub fn start(test: &str, config: &str) -> Option<Nats> {
         let Some(bin) = binary() else {
-            eprintln!(
-                "\n*** SKIPPED {test}: nats-server not found (set NATS_SERVER or install it: apt-get install nats-server) ***\n"
-            );
+            eprintln!("\n*** SKIPPED {test}: nats-server not found (set NATS_SERVER or install it: apt-get install nats-server) ***\n");
             return None;
         };
         let dir = tempfile::tempdir().expect("temp dir");
@@ -63,12 +59,7 @@ impl Nats {
 
     /// Starts the server (again) on the same ports and waits until it accepts connections.
     pub fn up(&mut self) {
-        let child = Command::new(&self.args[0])
-            .args(&self.args[1..])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
+        let child = Command::new(&self.args[0]).args(&self.args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start nats-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -1,11 +1,13 @@
 //! Helpers the durable call tests share (queue.rs, queue_cluster.rs, queue_disk.rs): the state
-//! file of a cage folder, one number from it, and polling with a deadline.
+//! file of a cage folder, one number from it, and polling with a deadline (common's `until`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::get;
+pub use crate::common::until;
 
 /// The state file of the cage folder `cage`, to read while the cage runs.
 pub fn db(cage: &Path) -> rusqlite::Connection {
@@ -19,33 +21,13 @@ pub fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
     c.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 /// GETs `path` until the body starts with `prefix`; returns the body.
-pub fn get_prefix(
-    addr: std::net::SocketAddr,
-    path: &str,
-    prefix: &str,
-    timeout: Duration,
-) -> String {
+pub fn get_prefix(addr: std::net::SocketAddr, path: &str, prefix: &str, timeout: Duration) -> String {
     let mut last = String::new();
     let found = until(timeout, || {
         last = get(addr, path).text();
         last.starts_with(prefix)
     });
-    assert!(
-        found,
-        "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}"
-    );
+    assert!(found, "GET {path}: still {last:?} after {timeout:?}, waiting for {prefix:?}");
     last
 }

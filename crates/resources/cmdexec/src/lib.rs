@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -243,11 +243,7 @@ impl CmdConn {
             Ok::<(), Error>(())
         };
         // All three at once: a command may fill one pipe before it reads its input.
-        let ((), out, err) = tokio::try_join!(
-            feed,
-            read_limited(stdout, spec.max_output, "stdout"),
-            read_limited(stderr, spec.max_output, "stderr")
-        )?;
+        let ((), out, err) = tokio::try_join!(feed, read_limited(stdout, spec.max_output, "stdout"), read_limited(stderr, spec.max_output, "stderr"))?;
         let status = match running.child.as_mut() {
             Some(child) => child.wait().await.map_err(|e| Error::new(format!("run: waiting for {shown}: {e}")))?,
             None => return Err(Error::new("run: the command was lost")),
@@ -280,17 +276,5 @@ impl Connection for CmdConn {
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {
         Box::pin(self.run(method, args))
-    }
-
-    fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
-        Box::pin(async { true })
     }
 }

@@ -1,5 +1,6 @@
 //! The cmdexec resource through Lua transactions: arguments, input, exit codes, signals and
 //! output limits; a deadline kills the command and what it started; config problems are clear.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -147,12 +148,14 @@ fn sleep_as_the_executable_is_cut_quickly() {
 #[test]
 fn output_over_max_output_fails_clearly_and_at_once() {
     let started = Instant::now();
-    let r = run(
-        cmd("executable = \"yes\"\nmax_output = 1000\n"),
-        "local ok, e = pcall(C.run) return tostring(e), e.code",
-    )
-    .unwrap();
-    assert_eq!(r, vec![Value::str("resource cmd (participant 1): run: the command wrote more than max_output (1000 bytes) to stdout; it was killed [OUTPUT_LIMIT]"), Value::str("OUTPUT_LIMIT")]);
+    let r = run(cmd("executable = \"yes\"\nmax_output = 1000\n"), "local ok, e = pcall(C.run) return tostring(e), e.code").unwrap();
+    assert_eq!(
+        r,
+        vec![
+            Value::str("resource cmd (participant 1): run: the command wrote more than max_output (1000 bytes) to stdout; it was killed [OUTPUT_LIMIT]"),
+            Value::str("OUTPUT_LIMIT")
+        ]
+    );
     assert!(started.elapsed() < Duration::from_secs(3), "endless output must not wait for the deadline");
     let r = run(
         cmd("executable = \"/bin/sh\"\nargs = [\"-c\", \"head -c 1001 /dev/zero >&2\"]\nmax_output = 1000\n"),
@@ -216,9 +219,13 @@ fn config_problems_are_clear() {
         errors[0].clone()
     };
     assert_eq!(one(""), "cage.toml:1: resources.cmd: executable is required (an absolute path, or a name looked up in PATH)");
-    assert!(one("executable = \"surely-no-such-command-xyz\"\n").starts_with("cage.toml:2: resources.cmd.executable: surely-no-such-command-xyz was not found in PATH ("));
+    assert!(one("executable = \"surely-no-such-command-xyz\"\n")
+        .starts_with("cage.toml:2: resources.cmd.executable: surely-no-such-command-xyz was not found in PATH ("));
     assert_eq!(one("executable = \"/nonexistent/run\"\n"), "cage.toml:2: resources.cmd.executable: /nonexistent/run: No such file or directory");
-    assert_eq!(one("executable = \"bin/run\"\n"), "cage.toml:2: resources.cmd.executable: \"bin/run\" must be an absolute path, or a bare name looked up in PATH");
+    assert_eq!(
+        one("executable = \"bin/run\"\n"),
+        "cage.toml:2: resources.cmd.executable: \"bin/run\" must be an absolute path, or a bare name looked up in PATH"
+    );
     assert_eq!(one("executable = \"/etc/passwd\"\n"), "cage.toml:2: resources.cmd.executable: /etc/passwd is not executable");
     assert_eq!(one("executable = \"true\"\ncwd = \"/nonexistent\"\n"), "cage.toml:3: resources.cmd.cwd: /nonexistent: No such file or directory");
     assert_eq!(one("executable = \"true\"\nargs = \"'open\"\n"), "cage.toml:3: resources.cmd.args: a ' quote is not closed");
@@ -228,12 +235,16 @@ fn config_problems_are_clear() {
     assert_eq!(one("executable = \"true\"\nargs = [\"ok\", \"a\\u0000b\"]\n"), "cage.toml:3: resources.cmd.args[1]: contains a NUL byte");
     assert_eq!(one("executable = \"true\"\nenv = { A = 1 }\n"), "cage.toml:3: resources.cmd.env.A: expected a string, found integer");
     assert_eq!(one("executable = \"true\"\nenv = \"A=1\"\n"), "cage.toml:3: resources.cmd.env: expected a table of strings, found string");
-    assert_eq!(one("executable = \"true\"\n[resources.cmd.env]\nOK = \"1\"\n\"A=B\" = \"x\"\n"), "cage.toml:5: resources.cmd.env.A=B: is not a valid environment variable name");
+    assert_eq!(
+        one("executable = \"true\"\n[resources.cmd.env]\nOK = \"1\"\n\"A=B\" = \"x\"\n"),
+        "cage.toml:5: resources.cmd.env.A=B: is not a valid environment variable name"
+    );
     assert_eq!(one("executable = \"true\"\nenv = { A = \"x\\u0000y\" }\n"), "cage.toml:3: resources.cmd.env.A: the value contains a NUL byte");
     assert_eq!(one("executable = \"true\"\nmax_output = 0\n"), "cage.toml:3: resources.cmd.max_output: must be greater than zero");
     assert_eq!(one("executable = \"true\"\nshell = true\n"), "cage.toml:3: resources.cmd.shell: unknown key");
     // Problems of other keys survive the reading of args and env.
-    let errors = configure(&CmdexecProtocol, "cmd", "max_output = \"lots\"\nexecutable = \"true\"\nenv = { B = \"x\", C = 2 }\nargs = [\"-a\", true]\n").unwrap_err();
+    let errors =
+        configure(&CmdexecProtocol, "cmd", "max_output = \"lots\"\nexecutable = \"true\"\nenv = { B = \"x\", C = 2 }\nargs = [\"-a\", true]\n").unwrap_err();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[0].starts_with("cage.toml:2: resources.cmd.max_output:"), "{errors:?}");
     assert_eq!(errors[1], "cage.toml:4: resources.cmd.env.C: expected a string, found integer");

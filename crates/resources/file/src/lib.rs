@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
 pub use ops::TEMP_PREFIX;
 pub use paths::OUTSIDE;
@@ -125,7 +125,9 @@ fn path_arg(method: &str, v: Option<&Value>, root_ok: bool) -> Result<paths::Rel
 /// The data argument, taken (not copied: it may be large).
 fn data_arg(method: &str, v: Option<Value>, max: u64) -> Result<Vec<u8>, Error> {
     match v.unwrap_or_default() {
-        Value::Str(b) if b.len() as u64 > max => Err(Error::new(format!("{method}: the data is {} bytes, over max_size ({max} bytes)", b.len())).with_code("EFBIG")),
+        Value::Str(b) if b.len() as u64 > max => {
+            Err(Error::new(format!("{method}: the data is {} bytes, over max_size ({max} bytes)", b.len())).with_code("EFBIG"))
+        }
         Value::Str(b) => Ok(b),
         other => Err(Error::new(format!("{method}: the data must be a string, got {}", other.type_name()))),
     }
@@ -240,10 +242,6 @@ impl Connection for FileConn {
             }
             Ok(())
         })
-    }
-
-    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
-        Box::pin(async { true })
     }
 }
 

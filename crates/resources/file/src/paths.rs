@@ -153,7 +153,8 @@ pub fn existing_ancestor(root: &Path, rel: &Rel, method: &str) -> Result<(PathBu
     }
     let base = inside(root, &join(root, &parent[..have]), method, rel)?;
     if !base.is_dir() {
-        return Err(Error::new(format!("{method} {:?}: {} is a file, not a folder", rel.text, String::from_utf8_lossy(&parent[..have].join(&b'/')))).with_code("ENOTDIR"));
+        return Err(Error::new(format!("{method} {:?}: {} is a file, not a folder", rel.text, String::from_utf8_lossy(&parent[..have].join(&b'/'))))
+            .with_code("ENOTDIR"));
     }
     Ok((base, parent[have..].to_vec()))
 }

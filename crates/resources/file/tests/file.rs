@@ -1,5 +1,6 @@
 //! The file resource through Lua transactions: reads and writes under the root, atomic replace,
 //! commit-time changes that a rollback leaves no trace of, and every way out of the root refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -101,10 +102,8 @@ fn list_shows_names_sizes_and_folders() {
         fields
     };
     let Value::Array(items) = &r[0] else { panic!("{r:?}") };
-    let got: Vec<Vec<(Value, Value)>> = items
-        .iter()
-        .map(|v| ["name", "size", "dir", "link"].iter().filter_map(|k| v.get(k).map(|x| (Value::str(*k), x.clone()))).collect())
-        .collect();
+    let got: Vec<Vec<(Value, Value)>> =
+        items.iter().map(|v| ["name", "size", "dir", "link"].iter().filter_map(|k| v.get(k).map(|x| (Value::str(*k), x.clone()))).collect()).collect();
     let dir_size = std::fs::metadata(dir.path().join("sub")).unwrap().len() as i64;
     assert_eq!(got, vec![entry("a-link", 5, false, true), entry("b.txt", 5, false, false), entry("sub", dir_size, true, false)]);
     let Value::Array(sub) = &r[1] else { panic!("{r:?}") };
@@ -182,10 +181,7 @@ fn a_rolled_back_transaction_leaves_no_trace() {
     );
     assert_eq!(message, "resource files (participant 4): read \"missing.txt\": no such file [ENOENT]");
     assert_eq!(tree(dir.path()), ["keep.txt"]);
-    let (message, _) = failure(
-        dir.path(),
-        r#"local xa = pmnc.transaction.create() xa.files.delete("keep.txt") xa.files.read("missing.txt") xa.execute()"#,
-    );
+    let (message, _) = failure(dir.path(), r#"local xa = pmnc.transaction.create() xa.files.delete("keep.txt") xa.files.read("missing.txt") xa.execute()"#);
     assert_eq!(message, "resource files (participant 2): read \"missing.txt\": no such file [ENOENT]");
     assert_eq!(tree(dir.path()), ["keep.txt"]);
     assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "original");
@@ -331,7 +327,14 @@ fn a_relative_root_is_taken_from_the_folder_of_cage_toml() {
     let resource = rustomnic_resource::ResourceProtocol::configure(&FileProtocol, "files", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
-    let config = ResourceConfig { name: "files".into(), protocol: "file".into(), pool: Default::default(), resource, fingerprint: String::new() };
+    let config = ResourceConfig {
+        name: "files".into(),
+        protocol: "file".into(),
+        pool: Default::default(),
+        resource,
+        fingerprint: String::new(),
+        breaker: Default::default(),
+    };
     run_with(config, r#"F.write("x.txt", "here")"#).unwrap();
     assert_eq!(std::fs::read_to_string(dir.path().join("files/x.txt")).unwrap(), "here");
 }

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
 /// The default limit of a response body.
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 16 << 20;
@@ -236,19 +236,6 @@ impl Connection for HttpConnection {
     fn effects_stay(&self, _method: &str, _outcome: &Result<Value, Error>) -> bool {
         self.unsafe_sent
     }
-
-    fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
-        // The client reconnects by itself; there is nothing to check.
-        Box::pin(async { true })
-    }
 }
 
 /// One request as the Lua call described it.
@@ -274,7 +261,9 @@ fn parse_call(method: &str, args: Vec<Value>) -> Result<Call, Error> {
         "request" => {
             let name = match args.next() {
                 Some(Value::Str(s)) => String::from_utf8_lossy(&s).to_ascii_uppercase(),
-                other => return Err(Error::new(format!("request(method, path, body, options): method must be a string such as \"PROPFIND\", got {}", kind(&other)))),
+                other => {
+                    return Err(Error::new(format!("request(method, path, body, options): method must be a string such as \"PROPFIND\", got {}", kind(&other))))
+                }
             };
             let m = Method::from_bytes(name.as_bytes()).map_err(|_| Error::new(format!("{name:?} is not an HTTP method")))?;
             (m, true)
@@ -308,7 +297,9 @@ fn parse_call(method: &str, args: Vec<Value>) -> Result<Call, Error> {
                 }
             }
         }
-        Some(other) => return Err(Error::new(format!("{method}: options must be a table such as {{headers = {{...}}, query = {{...}}}}, got {}", other.type_name()))),
+        Some(other) => {
+            return Err(Error::new(format!("{method}: options must be a table such as {{headers = {{...}}, query = {{...}}}}, got {}", other.type_name())))
+        }
     }
     if let Some(extra) = args.next() {
         return Err(Error::new(format!("{method}: too many arguments (the last one is a {})", extra.type_name())));
@@ -431,7 +422,8 @@ fn add_call_headers(headers: &mut HeaderMap, given: &Value) -> Result<(), Error>
             single => vec![single],
         };
         for item in values {
-            let text = scalar_text(item).ok_or_else(|| Error::new(format!("header {name_text}: a value must be a string, number or boolean, got {}", item.type_name())))?;
+            let text = scalar_text(item)
+                .ok_or_else(|| Error::new(format!("header {name_text}: a value must be a string, number or boolean, got {}", item.type_name())))?;
             let value = HeaderValue::from_bytes(&text).map_err(|_| Error::new(format!("header {name_text}: not a valid header value (line breaks?)")))?;
             headers.append(name.clone(), value);
         }
@@ -468,7 +460,8 @@ fn encode_query(q: &Value) -> Result<String, String> {
             single => vec![single],
         };
         for item in values {
-            let text = scalar_text(item).ok_or_else(|| format!("{}: a value must be a string, number or boolean, got {}", String::from_utf8_lossy(&key), item.type_name()))?;
+            let text = scalar_text(item)
+                .ok_or_else(|| format!("{}: a value must be a string, number or boolean, got {}", String::from_utf8_lossy(&key), item.type_name()))?;
             if !out.is_empty() {
                 out.push('&');
             }

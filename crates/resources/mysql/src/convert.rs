@@ -215,9 +215,7 @@ mod tests {
         match *v {
             My::Date(y, m, d, ..) if is_date(t) => format!("{y:04}-{m:02}-{d:02}").into_bytes(),
             My::Date(y, m, d, h, i, s, us) => format!("{y:04}-{m:02}-{d:02} {h:02}:{i:02}:{s:02}.{us:06}").into_bytes(),
-            My::Time(neg, days, h, i, s, us) => {
-                format!("{}{:02}:{i:02}:{s:02}.{us:06}", if neg { "-" } else { "" }, days * 24 + u32::from(h)).into_bytes()
-            }
+            My::Time(neg, days, h, i, s, us) => format!("{}{:02}:{i:02}:{s:02}.{us:06}", if neg { "-" } else { "" }, days * 24 + u32::from(h)).into_bytes(),
             _ => Vec::new(),
         }
     }

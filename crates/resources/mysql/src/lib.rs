@@ -40,7 +40,7 @@ use mysql_async::prelude::{Protocol as WireProtocol, Queryable};
 use mysql_async::{Conn, Opts, OptsBuilder, Params, QueryResult, SslOpts};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{error_chain, Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, Resource, ResourceProtocol};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
 pub const KEYS: &[&str] = &["url", "ssl_mode", "ca"];
@@ -170,7 +170,10 @@ impl ResourceProtocol for Mysql {
             Some(Ok(_)) if !ssl_mode.verifies() => {
                 section.error(
                     "ca",
-                    format!("is only read with ssl_mode \"verify_ca\" or \"verify_identity\"; with {:?} the server's certificate is not checked", ssl_mode.name()),
+                    format!(
+                        "is only read with ssl_mode \"verify_ca\" or \"verify_identity\"; with {:?} the server's certificate is not checked",
+                        ssl_mode.name()
+                    ),
                 );
                 return None;
             }

@@ -27,41 +27,24 @@ const MAX_GREETING: usize = 64 * 1024;
 
 /// The name mysql_async is to check the certificate against: `host` when the certificate holds
 /// it, else one of the names it holds. Errors are the reason in words ("TLS: ...").
-pub async fn certificate_name(
-    host: &str,
-    port: u16,
-    ca: Option<&CaFile>,
-) -> Result<String, String> {
-    let mut stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("{host}:{port}: {e}"))?;
-    let greeting = read_packet(&mut stream)
-        .await
-        .map_err(|e| format!("{host}:{port}: reading the server's greeting: {e}"))?;
+pub async fn certificate_name(host: &str, port: u16, ca: Option<&CaFile>) -> Result<String, String> {
+    let mut stream = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
+    let greeting = read_packet(&mut stream).await.map_err(|e| format!("{host}:{port}: reading the server's greeting: {e}"))?;
     let capabilities = greeting_capabilities(&greeting)?;
     if capabilities & CLIENT_SSL == 0 {
         return Err("TLS: the server does not accept TLS connections (have_ssl is not YES on the server), and ssl_mode \"verify_ca\" requires TLS".to_string());
     }
-    stream
-        .write_all(&ssl_request())
-        .await
-        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    stream.write_all(&ssl_request()).await.map_err(|e| format!("{host}:{port}: {e}"))?;
 
-    let recorder = Arc::new(NameRecorder {
-        inner: verifier(ca)?,
-        names: Mutex::new(Vec::new()),
-    });
+    let recorder = Arc::new(NameRecorder { inner: verifier(ca)?, names: Mutex::new(Vec::new()) });
     let config = ClientConfig::builder_with_provider(rtls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(recorder.clone())
         .with_no_client_auth();
-    let server_name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("TLS: {host:?} cannot be checked against a certificate: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server_name, stream)
-        .await;
+    let server_name = ServerName::try_from(host.to_string()).map_err(|e| format!("TLS: {host:?} cannot be checked against a certificate: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, stream).await;
     if let Err(e) = tls {
         return Err(rtls::describe(&e, ca).unwrap_or_else(|| format!("TLS: {e}")));
     }
@@ -69,20 +52,12 @@ pub async fn certificate_name(
     let names = recorder.names.lock().map(|n| n.clone()).unwrap_or_default();
     match names.first() {
         None => Ok(host.to_string()),
-        Some(_) => names
-            .iter()
-            .map(|n| rtls::plain_name(n))
-            .find_map(usable_name)
-            .ok_or_else(|| {
-                format!(
-                    "TLS: the server's certificate holds no name that can be checked ({})",
-                    names
-                        .iter()
-                        .map(|n| rtls::plain_name(n))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }),
+        Some(_) => names.iter().map(|n| rtls::plain_name(n)).find_map(usable_name).ok_or_else(|| {
+            format!(
+                "TLS: the server's certificate holds no name that can be checked ({})",
+                names.iter().map(|n| rtls::plain_name(n)).collect::<Vec<_>>().join(", ")
+            )
+        }),
     }
 }
 
@@ -96,9 +71,7 @@ fn usable_name(name: &str) -> Option<String> {
 }
 
 fn verifier(ca: Option<&CaFile>) -> Result<Arc<WebPkiServerVerifier>, String> {
-    WebPkiServerVerifier::builder_with_provider(Arc::new(rtls::roots(ca)?), rtls::provider())
-        .build()
-        .map_err(|e| e.to_string())
+    WebPkiServerVerifier::builder_with_provider(Arc::new(rtls::roots(ca)?), rtls::provider()).build().map_err(|e| e.to_string())
 }
 
 /// One packet of the MySQL protocol: a 3-byte little-endian length and a sequence number.
@@ -107,10 +80,7 @@ async fn read_packet(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     stream.read_exact(&mut header).await?;
     let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
     if len > MAX_GREETING {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a greeting of {len} bytes is not a MySQL server's"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a greeting of {len} bytes is not a MySQL server's")));
     }
     let mut payload = vec![0u8; len];
     stream.read_exact(&mut payload).await?;
@@ -122,10 +92,7 @@ async fn read_packet(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 fn greeting_capabilities(greeting: &[u8]) -> Result<u32, String> {
     match greeting.first() {
         Some(0xff) => {
-            let code = greeting
-                .get(1..3)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .unwrap_or(0);
+            let code = greeting.get(1..3).map(|c| u16::from_le_bytes([c[0], c[1]])).unwrap_or(0);
             let message = String::from_utf8_lossy(greeting.get(3..).unwrap_or_default());
             return Err(format!("{message} [{code}]"));
         }
@@ -133,26 +100,16 @@ fn greeting_capabilities(greeting: &[u8]) -> Result<u32, String> {
         _ => return Err("the server's greeting is not of the MySQL protocol 10".to_string()),
     }
     // protocol version, server version (NUL-terminated), thread id (4), scramble (8), filler (1)
-    let version_end = greeting
-        .iter()
-        .skip(1)
-        .position(|b| *b == 0)
-        .map(|p| p + 1)
-        .ok_or("the server's greeting has no version")?;
+    let version_end = greeting.iter().skip(1).position(|b| *b == 0).map(|p| p + 1).ok_or("the server's greeting has no version")?;
     let at = version_end + 1 + 4 + 8 + 1;
-    let flags = greeting
-        .get(at..at + 2)
-        .ok_or("the server's greeting is cut short")?;
+    let flags = greeting.get(at..at + 2).ok_or("the server's greeting is cut short")?;
     Ok(u32::from(u16::from_le_bytes([flags[0], flags[1]])))
 }
 
 /// The SSL request packet (sequence 1): after it the server expects a TLS handshake.
 fn ssl_request() -> Vec<u8> {
     let mut packet = vec![32, 0, 0, 1];
-    packet.extend_from_slice(
-        &(CLIENT_LONG_PASSWORD | CLIENT_PROTOCOL_41 | CLIENT_SSL | CLIENT_SECURE_CONNECTION)
-            .to_le_bytes(),
-    );
+    packet.extend_from_slice(&(CLIENT_LONG_PASSWORD | CLIENT_PROTOCOL_41 | CLIENT_SSL | CLIENT_SECURE_CONNECTION).to_le_bytes());
     packet.extend_from_slice(&(16u32 << 20).to_le_bytes());
     packet.push(CHARSET);
     packet.extend_from_slice(&[0u8; 23]);
@@ -175,18 +132,9 @@ impl ServerCertVerifier for NameRecorder {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             // rustls checks the name only after the chain, so this error means the chain passed.
-            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
-                presented,
-                ..
-            })) => {
+            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { presented, .. })) => {
                 if let Ok(mut names) = self.names.lock() {
                     *names = presented;
                 }
@@ -196,21 +144,11 @@ impl ServerCertVerifier for NameRecorder {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 
@@ -232,26 +170,17 @@ mod tests {
         greeting.push(0);
         greeting.extend_from_slice(&0xf7feu16.to_le_bytes());
         assert_eq!(greeting_capabilities(&greeting), Ok(0xf7fe));
-        assert_eq!(
-            greeting_capabilities(&greeting[..greeting.len() - 1]),
-            Err("the server's greeting is cut short".to_string())
-        );
+        assert_eq!(greeting_capabilities(&greeting[..greeting.len() - 1]), Err("the server's greeting is cut short".to_string()));
         let mut refused = vec![0xff];
         refused.extend_from_slice(&1130u16.to_le_bytes());
         refused.extend_from_slice(b"Host is not allowed");
-        assert_eq!(
-            greeting_capabilities(&refused),
-            Err("Host is not allowed [1130]".to_string())
-        );
+        assert_eq!(greeting_capabilities(&refused), Err("Host is not allowed [1130]".to_string()));
         assert_eq!(ssl_request().len(), 36);
     }
 
     #[test]
     fn wildcards_stand_for_one_label() {
-        assert_eq!(
-            usable_name("*.db.example").as_deref(),
-            Some("any.db.example")
-        );
+        assert_eq!(usable_name("*.db.example").as_deref(), Some("any.db.example"));
         assert_eq!(usable_name("10.0.0.1").as_deref(), Some("10.0.0.1"));
     }
 }

@@ -2,15 +2,13 @@
 //! mysql://root@127.0.0.1:3306/test): results and type mapping, parameters, commit and rollback
 //! of several participants, deadlines, an unreachable server, pool exhaustion, errors and config.
 //! When the server is not running, each test says how to start it and passes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rustomnic_core::Value;
 use rustomnic_lua::RunError;
-use rustomnic_resource::testing::{configure, run_lua};
+use rustomnic_resource::testing::{configure, run_lua, SqlServer};
 use rustomnic_resource::ResourceConfig;
 use rustomnic_resource_mysql::Mysql;
 
@@ -72,23 +70,23 @@ end
 return M
 "#;
 
-fn url() -> String {
-    std::env::var("PMNC_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string())
-}
-
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
+/// The server of these tests, its URL, skip banner and tables (shared with the other SQL tests).
+static SERVER: SqlServer = SqlServer {
+    protocol: &Mysql,
+    product: "MariaDB/MySQL",
+    tests: "mysql",
+    url_env: "PMNC_TEST_MYSQL_URL",
+    default_url: "mysql://root@127.0.0.1:3306/test",
+    start: "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd",
+    create_suffix: " engine = InnoDB",
+};
 
 fn db_with(url: &str, extra: &str) -> ResourceConfig {
-    match configure(&Mysql, "db", &format!("url = {}\n{extra}", toml_string(url))) {
-        Ok(c) => c,
-        Err(e) => panic!("config refused: {e:?}"),
-    }
+    SERVER.db_with(url, extra)
 }
 
 fn db(extra: &str) -> ResourceConfig {
-    db_with(&url(), extra)
+    SERVER.db(extra)
 }
 
 fn run(resources: Vec<ResourceConfig>, function: &str, args: Vec<Value>, timeout: Duration) -> Result<Vec<Value>, RunError> {
@@ -96,54 +94,12 @@ fn run(resources: Vec<ResourceConfig>, function: &str, args: Vec<Value>, timeout
 }
 
 fn exec(sql: &str, params: Vec<Value>) -> Value {
-    let mut args = vec![Value::str(sql)];
-    args.extend(params);
-    match run(vec![db("")], "exec", args, Duration::from_secs(10)) {
-        Ok(mut r) if !r.is_empty() => r.remove(0),
-        other => panic!("{sql}: {other:?}"),
-    }
+    SERVER.exec(sql, params)
 }
 
 /// Whether the server answers; says loudly how to start it when it does not.
 fn server_up() -> bool {
-    static UP: OnceLock<bool> = OnceLock::new();
-    *UP.get_or_init(|| {
-        let r = run(vec![db("connect_timeout = \"3s\"\n")], "try", vec![Value::str("select 1")], Duration::from_secs(5));
-        match r {
-            Ok(v) if v.first() == Some(&Value::Bool(true)) => true,
-            other => {
-                let why = match &other {
-                    Ok(v) => v.get(1).and_then(|e| e.get("text")).and_then(|t| t.as_str()).unwrap_or("no answer").to_string(),
-                    Err(e) => e.to_string(),
-                };
-                // Straight to stderr: eprintln! output of a passing test is captured and never
-                // shown, and this must be seen.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n!!!!!!!!\n!!! MariaDB/MySQL is not reachable at the URL of PMNC_TEST_MYSQL_URL or its default ({why}).\n!!! The mysql tests are SKIPPED. Start the server with:\n!!!   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd\n!!!!!!!!\n"
-                );
-                false
-            }
-        }
-    })
-}
-
-/// A table name of its own for each test, dropped when the test ends.
-struct Table(String);
-
-impl Table {
-    fn new(columns: &str) -> Table {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("rtest_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        exec(&format!("create table {name} ({columns}) engine = InnoDB"), vec![]);
-        Table(name)
-    }
-}
-
-impl Drop for Table {
-    fn drop(&mut self) {
-        let _ = run(vec![db("")], "exec", vec![Value::str(format!("drop table if exists {}", self.0))], Duration::from_secs(10));
-    }
+    SERVER.up()
 }
 
 fn rows(result: &Value) -> Vec<Value> {
@@ -180,17 +136,17 @@ fn select_maps_every_type() {
     if !server_up() {
         return;
     }
-    let t = Table::new(TYPES);
+    let t = SERVER.table(TYPES);
     exec(
         &format!(
             "insert into {} values (1, 1, -2, 3, 4, 3000000000, 18446744073709551615, 0.1, 2.25, 123.45, 'c', 'vc', 'txt', \
              x'00ff', x'0102', '2024-02-29', '2024-02-29 13:14:15.25', '2024-02-29 13:14:15.5', '-26:03:04.5', 2024, \
              '{{\"a\": [1, 2.5, \"x\"]}}', 'b', true, null)",
-            t.0
+            t.name
         ),
         vec![],
     );
-    let r = exec(&format!("select * from {}", t.0), vec![]);
+    let r = exec(&format!("select * from {}", t.name), vec![]);
     assert_eq!(r.get("affected"), Some(&Value::Int(1)), "{r:?}");
     let got = rows(&r);
     let row = &got[0];
@@ -250,7 +206,7 @@ fn parameters_fill_the_placeholders() {
     if !server_up() {
         return;
     }
-    let t = Table::new(TYPES);
+    let t = SERVER.table(TYPES);
     let params = vec![
         Value::Int(1),
         Value::Int(5),
@@ -278,10 +234,10 @@ fn parameters_fill_the_placeholders() {
         Value::Nil,
     ];
     let placeholders = vec!["?"; params.len()].join(", ");
-    let r = exec(&format!("insert into {} values ({placeholders})", t.0), params);
+    let r = exec(&format!("insert into {} values ({placeholders})", t.name), params);
     assert_eq!(r.get("affected"), Some(&Value::Int(1)), "{r:?}");
-    exec(&format!("insert into {} (id, de) values (?, ?), (?, ?)", t.0), vec![Value::Int(2), Value::Float(7.25), Value::Int(3), Value::Int(5)]);
-    let r = exec(&format!("select * from {} where id >= ? order by id", t.0), vec![Value::Int(1)]);
+    exec(&format!("insert into {} (id, de) values (?, ?), (?, ?)", t.name), vec![Value::Int(2), Value::Float(7.25), Value::Int(3), Value::Int(5)]);
+    let r = exec(&format!("select * from {} where id >= ? order by id", t.name), vec![Value::Int(1)]);
     assert_eq!(r.get("affected"), Some(&Value::Int(3)), "{r:?}");
     let rows = rows(&r);
     let row = &rows[0];
@@ -311,9 +267,9 @@ fn parameters_fill_the_placeholders() {
     assert_eq!(row.get("n"), None);
     assert_eq!(rows[1].get("de"), Some(&Value::str("7.2500")));
     assert_eq!(rows[2].get("de"), Some(&Value::str("5.0000")));
-    let r = exec(&format!("update {} set t = ? where id >= ?", t.0), vec![Value::str("u"), Value::Int(2)]);
+    let r = exec(&format!("update {} set t = ? where id >= ?", t.name), vec![Value::str("u"), Value::Int(2)]);
     assert_eq!(r.get("affected"), Some(&Value::Int(2)), "{r:?}");
-    let r = exec(&format!("delete from {}", t.0), vec![]);
+    let r = exec(&format!("delete from {}", t.name), vec![]);
     assert_eq!(r.get("affected"), Some(&Value::Int(3)), "{r:?}");
 }
 
@@ -322,12 +278,12 @@ fn two_participants_commit_together() {
     if !server_up() {
         return;
     }
-    let a = Table::new("id int primary key, v text");
-    let b = Table::new("id int primary key, v text");
+    let a = SERVER.table("id int primary key, v text");
+    let b = SERVER.table("id int primary key, v text");
     let r = run(
         vec![db("")],
         "two",
-        vec![Value::str(format!("insert into {} values (1, 'a')", a.0)), Value::str(format!("insert into {} values (2, 'b')", b.0))],
+        vec![Value::str(format!("insert into {} values (1, 'a')", a.name)), Value::str(format!("insert into {} values (2, 'b')", b.name))],
         Duration::from_secs(10),
     )
     .unwrap();
@@ -335,7 +291,7 @@ fn two_participants_commit_together() {
     assert_eq!(r[1].get("affected"), Some(&Value::Int(1)));
     assert_eq!(r[2].get("affected"), Some(&Value::Int(1)));
     // Read back in new transactions, on new connections.
-    let read = exec(&format!("select v from {} union all select v from {}", a.0, b.0), vec![]);
+    let read = exec(&format!("select v from {} union all select v from {}", a.name, b.name), vec![]);
     let mut got: Vec<String> = rows(&read).iter().map(|r| text(r.get("v")).to_string()).collect();
     got.sort();
     assert_eq!(got, ["a", "b"]);
@@ -346,11 +302,11 @@ fn a_failing_participant_rolls_back_every_participant() {
     if !server_up() {
         return;
     }
-    let a = Table::new("id int primary key, v text");
+    let a = SERVER.table("id int primary key, v text");
     let r = run(
         vec![db("")],
         "two",
-        vec![Value::str(format!("insert into {} values (1, 'a')", a.0)), Value::str("insert into nowhere values (oops")],
+        vec![Value::str(format!("insert into {} values (1, 'a')", a.name)), Value::str("insert into nowhere values (oops")],
         Duration::from_secs(10),
     )
     .unwrap();
@@ -362,7 +318,7 @@ fn a_failing_participant_rolls_back_every_participant() {
     assert!(text(e.get("message")).starts_with("You have an error in your SQL syntax"), "{e:?}");
     assert!(text(e.get("text")).starts_with("resource db (participant 2): You have an error"), "{e:?}");
     // The first participant's insert was rolled back.
-    let count = exec(&format!("select count(*) as n from {}", a.0), vec![]);
+    let count = exec(&format!("select count(*) as n from {}", a.name), vec![]);
     assert_eq!(rows(&count)[0].get("n"), Some(&Value::Int(0)), "{count:?}");
 }
 
@@ -466,8 +422,8 @@ fn wrong_parameters_are_refused_clearly() {
     if !server_up() {
         return;
     }
-    let t = Table::new("id int primary key");
-    let r = run(vec![db("")], "try", vec![Value::str(format!("insert into {} values (?)", t.0)), Value::str("abc")], Duration::from_secs(10)).unwrap();
+    let t = SERVER.table("id int primary key");
+    let r = run(vec![db("")], "try", vec![Value::str(format!("insert into {} values (?)", t.name)), Value::str("abc")], Duration::from_secs(10)).unwrap();
     let e = failure(&r);
     assert_eq!(e.get("code"), Some(&Value::str("1366")), "{e:?}");
     assert!(text(e.get("message")).starts_with("Incorrect integer value: 'abc' for column"), "{e:?}");

@@ -3,6 +3,7 @@
 //! certificate for another host or from another CA is refused with the reason; disabled still
 //! works against the machine's own server; bad TLS config is reported with file, line and key.
 //! Without MariaDB's binaries the server tests say so loudly and pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,9 +11,7 @@ use std::time::Duration;
 
 use rustomnic_core::Value;
 use rustomnic_resource::testing::{configure, configure_in, run_lua};
-use rustomnic_resource::testing_tls::{
-    free_port, is_root, shout, system_user, ServerGuard, TestPki,
-};
+use rustomnic_resource::testing_tls::{free_port, is_root, shout, system_user, ServerGuard, TestPki};
 use rustomnic_resource::ResourceConfig;
 use rustomnic_resource_mysql::Mysql;
 
@@ -45,27 +44,14 @@ fn toml_string(s: &str) -> String {
 }
 
 fn db(url: &str, extra: &str) -> ResourceConfig {
-    match configure(
-        &Mysql,
-        "db",
-        &format!(
-            "url = {}\nconnect_timeout = \"10s\"\n{extra}",
-            toml_string(url)
-        ),
-    ) {
+    match configure(&Mysql, "db", &format!("url = {}\nconnect_timeout = \"10s\"\n{extra}", toml_string(url))) {
         Ok(c) => c,
         Err(e) => panic!("config refused: {e:?}"),
     }
 }
 
 fn run(config: ResourceConfig, function: &str, arg: &str) -> Vec<Value> {
-    match run_lua(
-        vec![config],
-        MODULE,
-        function,
-        vec![Value::str(arg)],
-        Duration::from_secs(20),
-    ) {
+    match run_lua(vec![config], MODULE, function, vec![Value::str(arg)], Duration::from_secs(20)) {
         Ok(v) => v,
         Err(e) => panic!("{function}({arg}): {e}"),
     }
@@ -73,15 +59,8 @@ fn run(config: ResourceConfig, function: &str, arg: &str) -> Vec<Value> {
 
 fn refused(config: ResourceConfig) -> String {
     let r = run(config, "try", "select 1");
-    assert_eq!(
-        r.first(),
-        Some(&Value::Bool(false)),
-        "expected a refusal: {r:?}"
-    );
-    r.get(1)
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string()
+    assert_eq!(r.first(), Some(&Value::Bool(false)), "expected a refusal: {r:?}");
+    r.get(1).and_then(|v| v.as_str()).unwrap_or_default().to_string()
 }
 
 fn first_row(result: &Value) -> Option<&Value> {
@@ -94,17 +73,8 @@ fn first_row(result: &Value) -> Option<&Value> {
 /// The TLS cipher of a connection made with `config` ("" when plain).
 fn cipher(config: ResourceConfig) -> String {
     let r = run(config, "try", CIPHER);
-    assert_eq!(
-        r.first(),
-        Some(&Value::Bool(true)),
-        "the query failed: {r:?}"
-    );
-    r.get(1)
-        .and_then(first_row)
-        .and_then(|row| row.get("cipher"))
-        .and_then(|c| c.as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no cipher in {r:?}"))
+    assert_eq!(r.first(), Some(&Value::Bool(true)), "the query failed: {r:?}");
+    r.get(1).and_then(first_row).and_then(|row| row.get("cipher")).and_then(|c| c.as_str()).map(str::to_string).unwrap_or_else(|| panic!("no cipher in {r:?}"))
 }
 
 /// A mariadbd of its own with TLS, stopped and removed when dropped.
@@ -115,56 +85,30 @@ struct TlsMariadb {
 }
 
 fn find(names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .find(|n| Path::new(n).is_file())
-        .map(|n| n.to_string())
+    names.iter().find(|n| Path::new(n).is_file()).map(|n| n.to_string())
 }
 
 fn start_mariadb() -> Result<TlsMariadb, String> {
-    let install = find(&["/usr/bin/mariadb-install-db", "/usr/bin/mysql_install_db"])
-        .ok_or("no mariadb-install-db (apt-get install mariadb-server)")?;
-    let server = find(&["/usr/sbin/mariadbd", "/usr/sbin/mysqld"])
-        .ok_or("no mariadbd (apt-get install mariadb-server)")?;
+    let install = find(&["/usr/bin/mariadb-install-db", "/usr/bin/mysql_install_db"]).ok_or("no mariadb-install-db (apt-get install mariadb-server)")?;
+    let server = find(&["/usr/sbin/mariadbd", "/usr/sbin/mysqld"]).ok_or("no mariadbd (apt-get install mariadb-server)")?;
     // mariadbd refuses to run as root unless told a user to switch to.
-    let owner = if is_root() {
-        Some(
-            system_user("mysql")
-                .ok_or("running as root and there is no mysql user to run the server as")?,
-        )
-    } else {
-        None
-    };
+    let owner = if is_root() { Some(system_user("mysql").ok_or("running as root and there is no mysql user to run the server as")?) } else { None };
     let pki = TestPki::new("mariadb", &["localhost"])?;
-    let dir = std::env::temp_dir().join(format!(
-        "rustomnic-mariadb-tls-server-{}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("rustomnic-mariadb-tls-server-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-            .map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
     }
     let data = dir.join("data");
     let mut install_db = Command::new(&install);
-    install_db
-        .arg("--no-defaults")
-        .arg(format!("--datadir={}", data.display()))
-        .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+    install_db.arg("--no-defaults").arg(format!("--datadir={}", data.display())).args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
     if owner.is_some() {
         install_db.arg("--user=mysql");
     }
-    let out = install_db
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {install}: {e}"))?;
+    let out = install_db.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {install}: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "{install} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("{install} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
     }
     let port = free_port()?;
     let log = dir.join("server.log");
@@ -175,12 +119,7 @@ fn start_mariadb() -> Result<TlsMariadb, String> {
         .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
         .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
         .arg(format!("--log-error={}", log.display()))
-        .args([
-            format!("--port={port}").as_str(),
-            "--bind-address=127.0.0.1",
-            "--skip-name-resolve",
-            "--innodb-buffer-pool-size=16M",
-        ])
+        .args([format!("--port={port}").as_str(), "--bind-address=127.0.0.1", "--skip-name-resolve", "--innodb-buffer-pool-size=16M"])
         .arg(format!("--ssl-cert={}", pki.cert.display()))
         .arg(format!("--ssl-key={}", pki.key.display()))
         .arg(format!("--ssl-ca={}", pki.ca.display()))
@@ -190,16 +129,10 @@ fn start_mariadb() -> Result<TlsMariadb, String> {
     if owner.is_some() {
         mariadbd.arg("--user=mysql");
     }
-    let child = mariadbd
-        .spawn()
-        .map_err(|e| format!("cannot start {server}: {e}"))?;
+    let child = mariadbd.spawn().map_err(|e| format!("cannot start {server}: {e}"))?;
     let mut guard = ServerGuard::new("the test's mariadbd", child, "TERM", dir, log);
     guard.wait_log("ready for connections", Duration::from_secs(60))?;
-    Ok(TlsMariadb {
-        port,
-        pki,
-        _server: guard,
-    })
+    Ok(TlsMariadb { port, pki, _server: guard })
 }
 
 fn ca_line(path: &Path) -> String {
@@ -224,38 +157,13 @@ fn tls_against_a_throwaway_server() {
     assert_eq!(r.first(), Some(&Value::Bool(true)), "{r:?}");
 
     // verify_identity by the name the certificate holds: TLS, and a real transaction through it.
-    let full = |host: &str| {
-        db(
-            &format!("mysql://root:s3cret-pw@{host}:{port}/tls_test"),
-            &format!("ssl_mode = \"verify_identity\"\n{ca}"),
-        )
-    };
-    let no_pw = |host: &str, mode: &str, extra: &str| {
-        db(
-            &format!("mysql://root@{host}:{port}/tls_test"),
-            &format!("ssl_mode = \"{mode}\"\n{extra}"),
-        )
-    };
-    assert!(
-        !cipher(no_pw("localhost", "verify_identity", &ca)).is_empty(),
-        "verify_identity ran without TLS"
-    );
-    let r = run(
-        no_pw("localhost", "verify_identity", &ca),
-        "try",
-        "create table tls_check (n int) engine=innodb",
-    );
+    let full = |host: &str| db(&format!("mysql://root:s3cret-pw@{host}:{port}/tls_test"), &format!("ssl_mode = \"verify_identity\"\n{ca}"));
+    let no_pw = |host: &str, mode: &str, extra: &str| db(&format!("mysql://root@{host}:{port}/tls_test"), &format!("ssl_mode = \"{mode}\"\n{extra}"));
+    assert!(!cipher(no_pw("localhost", "verify_identity", &ca)).is_empty(), "verify_identity ran without TLS");
+    let r = run(no_pw("localhost", "verify_identity", &ca), "try", "create table tls_check (n int) engine=innodb");
     assert_eq!(r.first(), Some(&Value::Bool(true)), "{r:?}");
-    let r = run(
-        no_pw("localhost", "verify_identity", &ca),
-        "write_two",
-        "tls_check",
-    );
-    let total = r
-        .first()
-        .and_then(first_row)
-        .and_then(|row| row.get("total"))
-        .cloned();
+    let r = run(no_pw("localhost", "verify_identity", &ca), "write_two", "tls_check");
+    let total = r.first().and_then(first_row).and_then(|row| row.get("total")).cloned();
     assert_eq!(total, Some(Value::Int(3)), "{r:?}");
 
     // By an address the certificate does not name: refused with the reason, no password shown.
@@ -267,51 +175,34 @@ fn tls_against_a_throwaway_server() {
     assert!(!e.contains("s3cret-pw"), "the password leaked: {e}");
 
     // verify_ca checks the chain only, so the address is fine.
-    assert!(
-        !cipher(no_pw("127.0.0.1", "verify_ca", &ca)).is_empty(),
-        "verify_ca ran without TLS"
-    );
+    assert!(!cipher(no_pw("127.0.0.1", "verify_ca", &ca)).is_empty(), "verify_ca ran without TLS");
 
     // Another CA: refused by verify_ca and verify_identity. No ca: the public CAs, refused too.
     let other = ca_line(&maria.pki.other_ca);
     for mode in ["verify_ca", "verify_identity"] {
         let e = refused(no_pw("localhost", mode, &other));
-        let expected = format!(
-            "cannot connect: TLS: the server's certificate is not signed by the CA of ca = {}",
-            maria.pki.other_ca.display()
-        );
+        let expected = format!("cannot connect: TLS: the server's certificate is not signed by the CA of ca = {}", maria.pki.other_ca.display());
         assert!(e.contains(&expected), "{mode}: {e}");
     }
     let e = refused(no_pw("localhost", "verify_identity", ""));
-    assert!(
-        e.contains("TLS: the server's certificate is not signed by a public CA"),
-        "{e}"
-    );
+    assert!(e.contains("TLS: the server's certificate is not signed by a public CA"), "{e}");
 
     // required and preferred encrypt and check nothing; disabled stays plain.
     for mode in ["required", "preferred", "REQUIRED"] {
-        assert!(
-            !cipher(no_pw("127.0.0.1", mode, "")).is_empty(),
-            "{mode} ran without TLS"
-        );
+        assert!(!cipher(no_pw("127.0.0.1", mode, "")).is_empty(), "{mode} ran without TLS");
     }
     assert_eq!(cipher(no_pw("127.0.0.1", "disabled", "")), "");
 }
 
 fn machine_url() -> String {
-    std::env::var("PMNC_TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string())
+    std::env::var("PMNC_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string())
 }
 
 /// The machine's server has TLS off (Debian's default): disabled works, preferred falls back to
 /// plain, required is refused with the reason.
 #[test]
 fn the_machines_server_without_tls() {
-    let r = run(
-        db(&machine_url(), "ssl_mode = \"disabled\"\n"),
-        "try",
-        CIPHER,
-    );
+    let r = run(db(&machine_url(), "ssl_mode = \"disabled\"\n"), "try", CIPHER);
     if r.first() != Some(&Value::Bool(true)) {
         let why = r.get(1).and_then(|v| v.as_str()).unwrap_or("no answer");
         shout(&format!(
@@ -319,20 +210,10 @@ fn the_machines_server_without_tls() {
         ));
         return;
     }
-    let plain = r
-        .get(1)
-        .and_then(first_row)
-        .and_then(|row| row.get("cipher"))
-        .and_then(|c| c.as_str())
-        .map(str::to_string);
+    let plain = r.get(1).and_then(first_row).and_then(|row| row.get("cipher")).and_then(|c| c.as_str()).map(str::to_string);
     assert_eq!(plain.as_deref(), Some(""), "{r:?}");
     let have_ssl = run(db(&machine_url(), ""), "try", "select @@have_ssl as s");
-    let tls_on = have_ssl
-        .get(1)
-        .and_then(first_row)
-        .and_then(|row| row.get("s"))
-        .and_then(|s| s.as_str())
-        == Some("YES");
+    let tls_on = have_ssl.get(1).and_then(first_row).and_then(|row| row.get("s")).and_then(|s| s.as_str()) == Some("YES");
     if tls_on {
         shout("!!! The machine's MariaDB has TLS on; the fallback of preferred and the refusal of required are not checked.");
         return;
@@ -354,13 +235,10 @@ fn config_errors(dir: &Path, toml: &str) -> Vec<String> {
 
 #[test]
 fn bad_tls_config_is_refused_with_file_line_and_key() {
-    let dir =
-        std::env::temp_dir().join(format!("rustomnic-mysql-tls-config-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("rustomnic-mysql-tls-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(dir.join("not-pem.pem"), "just text\n").unwrap_or_else(|e| panic!("{e}"));
-    let Ok(pki) = TestPki::new("mysql-config", &["localhost"]) else {
-        panic!("no test certificates")
-    };
+    let Ok(pki) = TestPki::new("mysql-config", &["localhost"]) else { panic!("no test certificates") };
     std::fs::copy(&pki.ca, dir.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
     let file = dir.join("cage.toml").display().to_string();
     let url = "url = \"mysql://u@h/db\"\n";
@@ -370,46 +248,19 @@ fn bad_tls_config_is_refused_with_file_line_and_key() {
         e,
         vec![format!("{file}:3: resources.db.ssl_mode: \"verify-full\" is not an ssl_mode; use one of \"disabled\", \"preferred\", \"required\", \"verify_ca\", \"verify_identity\"")]
     );
-    let e = config_errors(
-        &dir,
-        &format!("{url}ssl_mode = \"verify_ca\"\nca = \"missing.pem\"\n"),
-    );
+    let e = config_errors(&dir, &format!("{url}ssl_mode = \"verify_ca\"\nca = \"missing.pem\"\n"));
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(
-        e[0].starts_with(&format!(
-            "{file}:4: resources.db.ca: cannot read {}: ",
-            dir.join("missing.pem").display()
-        )),
-        "{e:?}"
-    );
-    let e = config_errors(
-        &dir,
-        &format!("{url}ssl_mode = \"verify_ca\"\nca = \"not-pem.pem\"\n"),
-    );
+    assert!(e[0].starts_with(&format!("{file}:4: resources.db.ca: cannot read {}: ", dir.join("missing.pem").display())), "{e:?}");
+    let e = config_errors(&dir, &format!("{url}ssl_mode = \"verify_ca\"\nca = \"not-pem.pem\"\n"));
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(
-        e[0].starts_with(&format!(
-            "{file}:4: resources.db.ca: {} holds no certificate",
-            dir.join("not-pem.pem").display()
-        )),
-        "{e:?}"
-    );
-    let e = config_errors(
-        &dir,
-        &format!("{url}ssl_mode = \"preferred\"\nca = \"ca.pem\"\n"),
-    );
+    assert!(e[0].starts_with(&format!("{file}:4: resources.db.ca: {} holds no certificate", dir.join("not-pem.pem").display())), "{e:?}");
+    let e = config_errors(&dir, &format!("{url}ssl_mode = \"preferred\"\nca = \"ca.pem\"\n"));
     assert_eq!(
         e,
         vec![format!("{file}:4: resources.db.ca: is only read with ssl_mode \"verify_ca\" or \"verify_identity\"; with \"preferred\" the server's certificate is not checked")]
     );
     let e = config_errors(&dir, "url = \"mysql://u@h/db?require_ssl=true\"\n");
     assert_eq!(e, vec![format!("{file}:2: resources.db.url: TLS is set with the key ssl_mode (and ca), not with url parameters such as require_ssl")]);
-    assert!(configure_in(
-        &dir,
-        &Mysql,
-        "db",
-        &format!("{url}ssl_mode = \"VERIFY_IDENTITY\"\nca = \"ca.pem\"\n")
-    )
-    .is_ok());
+    assert!(configure_in(&dir, &Mysql, "db", &format!("{url}ssl_mode = \"VERIFY_IDENTITY\"\nca = \"ca.pem\"\n")).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -299,11 +299,7 @@ fn latency(s: &Settings) {
         (one, tx, seq, cpu)
     });
     let n = s.iterations as f64;
-    let rows = [
-        ("one statement (1 shortcut call)", one, cpu[0]),
-        ("transaction of 2 participants", tx, cpu[1]),
-        ("2 shortcut calls in sequence", seq, cpu[2]),
-    ];
+    let rows = [("one statement (1 shortcut call)", one, cpu[0]), ("transaction of 2 participants", tx, cpu[1]), ("2 shortcut calls in sequence", seq, cpu[2])];
     println!();
     println!("   {:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}", "variant", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms", "CPU µs/request");
     let mut computed = Vec::new();
@@ -318,9 +314,7 @@ fn latency(s: &Settings) {
     println!("   transaction p50 / one-statement p50 = {:.2}   (≈1 when the two participants run in parallel, ≈2 in sequence)", tx.p50 / one.p50);
     println!("   sequence    p50 / one-statement p50 = {:.2}", seq.p50 / one.p50);
     println!("   transaction p50 / sequence p50      = {:.2}   (p99: {:.2})", tx.p50 / seq.p50, tx.p99 / seq.p99);
-    println!(
-        "   (CPU µs/request is this thread's on-CPU time: Lua, pools and the client side of tokio-postgres; the server's backends are not in it)"
-    );
+    println!("   (CPU µs/request is this thread's on-CPU time: Lua, pools and the client side of tokio-postgres; the server's backends are not in it)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,7 +487,9 @@ fn throughput(s: &Settings, connections: usize) {
     println!("   Lua / raw (same statements: BEGIN, prepare, execute, COMMIT) = {:.3}", rates[0] / rates[1]);
     println!("   Lua / raw query (prepare, execute; no transaction)           = {:.3}", rates[0] / rates[2]);
     println!("   Lua / raw prepared statement (execute only)                  = {:.3}", rates[0] / rates[3]);
-    println!("   (CPU µs/call and switches/call are of this thread, kernel time included: Lua, the pool, tokio-postgres and the loopback TCP; not the server's)");
+    println!(
+        "   (CPU µs/call and switches/call are of this thread, kernel time included: Lua, the pool, tokio-postgres and the loopback TCP; not the server's)"
+    );
 }
 
 fn main() {

@@ -164,7 +164,8 @@ fn array(ty: &Type, member: &Type, raw: &[u8]) -> Result<Value, Decode> {
             -1 => Value::Nil,
             len if len < -1 => return Err(bad(&format!("element {} has length {len}", i + 1))),
             len => {
-                let (bytes, tail) = rest.split_at_checked(len as usize).ok_or_else(|| bad(&format!("element {} runs past the end ({count} announced)", i + 1)))?;
+                let (bytes, tail) =
+                    rest.split_at_checked(len as usize).ok_or_else(|| bad(&format!("element {} runs past the end ({count} announced)", i + 1)))?;
                 rest = tail;
                 match value(member, bytes) {
                     Ok(v) => v,

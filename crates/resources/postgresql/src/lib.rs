@@ -39,7 +39,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::{pin_mut, TryStreamExt};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{error_chain, Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{error_chain, Connection, Error, Resource, ResourceProtocol};
 use tokio_postgres::{CancelToken, Client};
 
 use crate::tls::{PgTls, SslMode};

@@ -34,16 +34,8 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            "allow" => {
-                return Err(format!(
-                "\"allow\" is not supported (it tries without TLS first); use one of {SSLMODES}"
-            ))
-            }
-            other => {
-                return Err(format!(
-                    "{other:?} is not an sslmode; use one of {SSLMODES}"
-                ))
-            }
+            "allow" => return Err(format!("\"allow\" is not supported (it tries without TLS first); use one of {SSLMODES}")),
+            other => return Err(format!("{other:?} is not an sslmode; use one of {SSLMODES}")),
         })
     }
 
@@ -62,9 +54,7 @@ impl SslMode {
         match self {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                tokio_postgres::config::SslMode::Require
-            }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         }
     }
 
@@ -102,11 +92,7 @@ pub fn take_url_tls(url: &str) -> UrlTls {
         return take_key_value_tls(url);
     }
     let Some((head, query)) = url.split_once('?') else {
-        return UrlTls {
-            url: url.to_string(),
-            sslmode: None,
-            other: Vec::new(),
-        };
+        return UrlTls { url: url.to_string(), sslmode: None, other: Vec::new() };
     };
     let mut kept = Vec::new();
     let mut sslmode = None;
@@ -121,16 +107,8 @@ pub fn take_url_tls(url: &str) -> UrlTls {
             kept.push(pair);
         }
     }
-    let url = if kept.is_empty() {
-        head.to_string()
-    } else {
-        format!("{head}?{}", kept.join("&"))
-    };
-    UrlTls {
-        url,
-        sslmode,
-        other,
-    }
+    let url = if kept.is_empty() { head.to_string() } else { format!("{head}?{}", kept.join("&")) };
+    UrlTls { url, sslmode, other }
 }
 
 /// The same for `host=h user=u sslmode=verify-full`. The string is rebuilt only when it has an
@@ -138,11 +116,7 @@ pub fn take_url_tls(url: &str) -> UrlTls {
 fn take_key_value_tls(text: &str) -> UrlTls {
     let is_ssl = |word: &str| word.starts_with("ssl") && !word.starts_with("sslnegotiation=");
     if !text.split_whitespace().any(is_ssl) {
-        return UrlTls {
-            url: text.to_string(),
-            sslmode: None,
-            other: Vec::new(),
-        };
+        return UrlTls { url: text.to_string(), sslmode: None, other: Vec::new() };
     }
     let mut kept = Vec::new();
     let mut sslmode = None;
@@ -154,11 +128,7 @@ fn take_key_value_tls(text: &str) -> UrlTls {
             _ => kept.push(word),
         }
     }
-    UrlTls {
-        url: kept.join(" "),
-        sslmode,
-        other,
-    }
+    UrlTls { url: kept.join(" "), sslmode, other }
 }
 
 /// tokio-postgres' TLS hook: rustls with the settings of the resource's sslmode. Cloned into
@@ -180,12 +150,8 @@ where
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, io::Error> {
         // Asked for every host before connecting, whatever the sslmode, so disable must pass.
         let config = self.config.clone();
-        let name = ServerName::try_from(domain.to_string()).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{domain:?} cannot be checked against a certificate: {e}"),
-            )
-        })?;
+        let name = ServerName::try_from(domain.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{domain:?} cannot be checked against a certificate: {e}")))?;
         Ok(PgTlsConnect { config, name })
     }
 }
@@ -205,12 +171,8 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let config = self.config.ok_or_else(|| {
-                io::Error::other("a TLS handshake was asked for with sslmode disable")
-            })?;
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(self.name, stream)
-                .await?;
+            let config = self.config.ok_or_else(|| io::Error::other("a TLS handshake was asked for with sslmode disable"))?;
+            let stream = tokio_rustls::TlsConnector::from(config).connect(self.name, stream).await?;
             Ok(PgTlsStream(stream))
         })
     }
@@ -220,21 +182,13 @@ where
 pub struct PgTlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PgTlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
@@ -262,9 +216,7 @@ mod tests {
 
     #[test]
     fn ssl_parameters_are_taken_out_of_the_url_and_the_rest_kept() {
-        let t = take_url_tls(
-            "postgresql://u:p@h:5432/db?sslmode=verify-full&application_name=x&sslrootcert=/a.pem",
-        );
+        let t = take_url_tls("postgresql://u:p@h:5432/db?sslmode=verify-full&application_name=x&sslrootcert=/a.pem");
         assert_eq!(t.url, "postgresql://u:p@h:5432/db?application_name=x");
         assert_eq!(t.sslmode.as_deref(), Some("verify-full"));
         assert_eq!(t.other, vec!["sslrootcert".to_string()]);
@@ -273,28 +225,15 @@ mod tests {
         let t = take_url_tls("host=h user=u");
         assert_eq!((t.url.as_str(), t.sslmode), ("host=h user=u", None));
         let t = take_url_tls("host=h  sslmode=verify-ca user=u sslkey=/k");
-        assert_eq!(
-            (t.url.as_str(), t.sslmode.as_deref(), t.other),
-            (
-                "host=h user=u",
-                Some("verify-ca"),
-                vec!["sslkey".to_string()]
-            )
-        );
+        assert_eq!((t.url.as_str(), t.sslmode.as_deref(), t.other), ("host=h user=u", Some("verify-ca"), vec!["sslkey".to_string()]));
     }
 
     #[test]
     fn sslmodes_parse_as_libpq_spells_them() {
         assert_eq!(SslMode::parse("verify-full"), Ok(SslMode::VerifyFull));
-        assert_eq!(
-            SslMode::parse("verify-ca").map(SslMode::name),
-            Ok("verify-ca")
-        );
+        assert_eq!(SslMode::parse("verify-ca").map(SslMode::name), Ok("verify-ca"));
         let e = SslMode::parse("verify_full").err().unwrap_or_default();
-        assert!(
-            e.starts_with("\"verify_full\" is not an sslmode; use one of \"disable\""),
-            "{e}"
-        );
+        assert!(e.starts_with("\"verify_full\" is not an sslmode; use one of \"disable\""), "{e}");
         assert!(SslMode::parse("allow").is_err());
     }
 }

@@ -2,15 +2,13 @@
 //! postgresql://postgres@127.0.0.1:5432/test): results and type mapping, parameters, commit and
 //! rollback of several participants, deadlines, an unreachable server, pool exhaustion, errors
 //! and config. When the server is not running, each test says how to start it and passes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rustomnic_core::Value;
 use rustomnic_lua::RunError;
-use rustomnic_resource::testing::{configure, run_lua};
+use rustomnic_resource::testing::{configure, run_lua, SqlServer};
 use rustomnic_resource::ResourceConfig;
 use rustomnic_resource_postgresql::Postgresql;
 
@@ -57,23 +55,23 @@ end
 return M
 "#;
 
-fn url() -> String {
-    std::env::var("PMNC_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".to_string())
-}
-
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
+/// The server of these tests, its URL, skip banner and tables (shared with the other SQL tests).
+static SERVER: SqlServer = SqlServer {
+    protocol: &Postgresql,
+    product: "PostgreSQL",
+    tests: "postgresql",
+    url_env: "PMNC_TEST_POSTGRES_URL",
+    default_url: "postgresql://postgres@127.0.0.1:5432/test",
+    start: "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    create_suffix: "",
+};
 
 fn db_with(url: &str, extra: &str) -> ResourceConfig {
-    match configure(&Postgresql, "db", &format!("url = {}\n{extra}", toml_string(url))) {
-        Ok(c) => c,
-        Err(e) => panic!("config refused: {e:?}"),
-    }
+    SERVER.db_with(url, extra)
 }
 
 fn db(extra: &str) -> ResourceConfig {
-    db_with(&url(), extra)
+    SERVER.db(extra)
 }
 
 fn run(resources: Vec<ResourceConfig>, function: &str, args: Vec<Value>, timeout: Duration) -> Result<Vec<Value>, RunError> {
@@ -81,54 +79,12 @@ fn run(resources: Vec<ResourceConfig>, function: &str, args: Vec<Value>, timeout
 }
 
 fn exec(sql: &str, params: Vec<Value>) -> Value {
-    let mut args = vec![Value::str(sql)];
-    args.extend(params);
-    match run(vec![db("")], "exec", args, Duration::from_secs(10)) {
-        Ok(mut r) if !r.is_empty() => r.remove(0),
-        other => panic!("{sql}: {other:?}"),
-    }
+    SERVER.exec(sql, params)
 }
 
 /// Whether the server answers; says loudly how to start it when it does not.
 fn server_up() -> bool {
-    static UP: OnceLock<bool> = OnceLock::new();
-    *UP.get_or_init(|| {
-        let r = run(vec![db("connect_timeout = \"3s\"\n")], "try", vec![Value::str("select 1")], Duration::from_secs(5));
-        match r {
-            Ok(v) if v.first() == Some(&Value::Bool(true)) => true,
-            other => {
-                let why = match &other {
-                    Ok(v) => v.get(1).and_then(|e| e.get("text")).and_then(|t| t.as_str()).unwrap_or("no answer").to_string(),
-                    Err(e) => e.to_string(),
-                };
-                // Straight to stderr: eprintln! output of a passing test is captured and never
-                // shown, and this must be seen.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n!!!!!!!!\n!!! PostgreSQL is not reachable at the URL of PMNC_TEST_POSTGRES_URL or its default ({why}).\n!!! The postgresql tests are SKIPPED. Start the server with:\n!!!   pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n!!!!!!!!\n"
-                );
-                false
-            }
-        }
-    })
-}
-
-/// A table name of its own for each test, dropped when the test ends.
-struct Table(String);
-
-impl Table {
-    fn new(columns: &str) -> Table {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("rtest_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        exec(&format!("create table {name} ({columns})"), vec![]);
-        Table(name)
-    }
-}
-
-impl Drop for Table {
-    fn drop(&mut self) {
-        let _ = run(vec![db("")], "exec", vec![Value::str(format!("drop table if exists {}", self.0))], Duration::from_secs(10));
-    }
+    SERVER.up()
 }
 
 fn rows(result: &Value) -> Vec<Value> {
@@ -214,7 +170,7 @@ fn parameters_are_bound_by_the_declared_type() {
     if !server_up() {
         return;
     }
-    let t = Table::new(
+    let t = SERVER.table(
         "id int4 primary key, s int2, b int8, r float4, d float8, n numeric(10,2), t text, v varchar(10), f bool, \
          y bytea, j json, jb jsonb, ts timestamp, tz timestamptz, dt date, u uuid, a int4[], nul text",
     );
@@ -239,11 +195,11 @@ fn parameters_are_bound_by_the_declared_type() {
         Value::Nil,
     ];
     let placeholders: Vec<String> = (1..=params.len()).map(|i| format!("${i}")).collect();
-    let r = exec(&format!("insert into {} values ({})", t.0, placeholders.join(", ")), params);
+    let r = exec(&format!("insert into {} values ({})", t.name, placeholders.join(", ")), params);
     assert_eq!(r.get("affected"), Some(&Value::Int(1)), "{r:?}");
     // numeric from a float and from an integer.
-    exec(&format!("insert into {} (id, n) values ($1, $2), ($3, $4)", t.0), vec![Value::Int(2), Value::Float(7.25), Value::Int(3), Value::Int(5)]);
-    let r = exec(&format!("select * from {} order by id", t.0), vec![]);
+    exec(&format!("insert into {} (id, n) values ($1, $2), ($3, $4)", t.name), vec![Value::Int(2), Value::Float(7.25), Value::Int(3), Value::Int(5)]);
+    let r = exec(&format!("select * from {} order by id", t.name), vec![]);
     assert_eq!(r.get("affected"), Some(&Value::Int(3)), "{r:?}");
     let rows = rows(&r);
     let row = &rows[0];
@@ -273,9 +229,9 @@ fn parameters_are_bound_by_the_declared_type() {
     assert_eq!(rows[1].get("n"), Some(&Value::str("7.25")));
     assert_eq!(rows[2].get("n"), Some(&Value::str("5.00")));
     // affected counts rows of UPDATE and DELETE.
-    let r = exec(&format!("update {} set t = $1 where id >= $2", t.0), vec![Value::str("u"), Value::Int(2)]);
+    let r = exec(&format!("update {} set t = $1 where id >= $2", t.name), vec![Value::str("u"), Value::Int(2)]);
     assert_eq!(r.get("affected"), Some(&Value::Int(2)), "{r:?}");
-    let r = exec(&format!("delete from {}", t.0), vec![]);
+    let r = exec(&format!("delete from {}", t.name), vec![]);
     assert_eq!(r.get("affected"), Some(&Value::Int(3)), "{r:?}");
 }
 
@@ -284,12 +240,12 @@ fn two_participants_commit_together() {
     if !server_up() {
         return;
     }
-    let a = Table::new("id int primary key, v text");
-    let b = Table::new("id int primary key, v text");
+    let a = SERVER.table("id int primary key, v text");
+    let b = SERVER.table("id int primary key, v text");
     let r = run(
         vec![db("")],
         "two",
-        vec![Value::str(format!("insert into {} values (1, 'a')", a.0)), Value::str(format!("insert into {} values (2, 'b') returning id", b.0))],
+        vec![Value::str(format!("insert into {} values (1, 'a')", a.name)), Value::str(format!("insert into {} values (2, 'b') returning id", b.name))],
         Duration::from_secs(10),
     )
     .unwrap();
@@ -297,7 +253,7 @@ fn two_participants_commit_together() {
     assert_eq!(r[1].get("affected"), Some(&Value::Int(1)));
     assert_eq!(rows(&r[2]), vec![Value::Map(vec![(Value::str("id"), Value::Int(2))])]);
     // Read back in new transactions, on new connections.
-    let read = exec(&format!("select v from {} union all select v from {}", a.0, b.0), vec![]);
+    let read = exec(&format!("select v from {} union all select v from {}", a.name, b.name), vec![]);
     let mut got: Vec<String> = rows(&read).iter().map(|r| text(r.get("v")).to_string()).collect();
     got.sort();
     assert_eq!(got, ["a", "b"]);
@@ -308,11 +264,11 @@ fn a_failing_participant_rolls_back_every_participant() {
     if !server_up() {
         return;
     }
-    let a = Table::new("id int primary key, v text");
+    let a = SERVER.table("id int primary key, v text");
     let r = run(
         vec![db("")],
         "two",
-        vec![Value::str(format!("insert into {} values (1, 'a')", a.0)), Value::str("insert into nowhere values (oops")],
+        vec![Value::str(format!("insert into {} values (1, 'a')", a.name)), Value::str("insert into nowhere values (oops")],
         Duration::from_secs(10),
     )
     .unwrap();
@@ -324,7 +280,7 @@ fn a_failing_participant_rolls_back_every_participant() {
     assert!(text(e.get("message")).starts_with("syntax error at end of input"), "{e:?}");
     assert!(text(e.get("text")).starts_with("resource db (participant 2): syntax error"), "{e:?}");
     // The first participant's insert was rolled back.
-    let count = exec(&format!("select count(*) as n from {}", a.0), vec![]);
+    let count = exec(&format!("select count(*) as n from {}", a.name), vec![]);
     assert_eq!(rows(&count)[0].get("n"), Some(&Value::Int(0)), "{count:?}");
 }
 

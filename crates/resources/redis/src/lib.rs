@@ -26,7 +26,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, TlsCertificates};
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::tls::{self as rtls, CaFile};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
 pub const KEYS: &[&str] = &["url", "ca"];
@@ -82,14 +82,83 @@ struct RedisConnection {
 /// Commands that only read: a transaction that fails after one of them left nothing behind.
 /// Anything not listed counts as a write.
 const READ_ONLY: &[&str] = &[
-    "get", "mget", "getrange", "strlen", "exists", "type", "ttl", "pttl", "expiretime", "pexpiretime", "keys", "scan",
-    "randomkey", "dbsize", "hget", "hmget", "hgetall", "hkeys", "hvals", "hlen", "hexists", "hstrlen", "hscan",
-    "hrandfield", "lrange", "llen", "lindex", "lpos", "smembers", "sismember", "smismember", "scard", "srandmember",
-    "sscan", "sinter", "sunion", "sdiff", "sintercard", "zrange", "zrangebyscore", "zrangebylex", "zrevrange",
-    "zrevrangebyscore", "zrevrangebylex", "zscore", "zmscore", "zcard", "zcount", "zlexcount", "zrank", "zrevrank",
-    "zscan", "zrandmember", "zinter", "zunion", "zdiff", "bitcount", "bitpos", "getbit", "pfcount", "xlen", "xrange",
-    "xrevrange", "xread", "geopos", "geodist", "geohash", "geosearch", "ping", "echo", "time", "dump", "object",
-    "memory", "touch", "lcs", "substr",
+    "get",
+    "mget",
+    "getrange",
+    "strlen",
+    "exists",
+    "type",
+    "ttl",
+    "pttl",
+    "expiretime",
+    "pexpiretime",
+    "keys",
+    "scan",
+    "randomkey",
+    "dbsize",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hkeys",
+    "hvals",
+    "hlen",
+    "hexists",
+    "hstrlen",
+    "hscan",
+    "hrandfield",
+    "lrange",
+    "llen",
+    "lindex",
+    "lpos",
+    "smembers",
+    "sismember",
+    "smismember",
+    "scard",
+    "srandmember",
+    "sscan",
+    "sinter",
+    "sunion",
+    "sdiff",
+    "sintercard",
+    "zrange",
+    "zrangebyscore",
+    "zrangebylex",
+    "zrevrange",
+    "zrevrangebyscore",
+    "zrevrangebylex",
+    "zscore",
+    "zmscore",
+    "zcard",
+    "zcount",
+    "zlexcount",
+    "zrank",
+    "zrevrank",
+    "zscan",
+    "zrandmember",
+    "zinter",
+    "zunion",
+    "zdiff",
+    "bitcount",
+    "bitpos",
+    "getbit",
+    "pfcount",
+    "xlen",
+    "xrange",
+    "xrevrange",
+    "xread",
+    "geopos",
+    "geodist",
+    "geohash",
+    "geosearch",
+    "ping",
+    "echo",
+    "time",
+    "dump",
+    "object",
+    "memory",
+    "touch",
+    "lcs",
+    "substr",
 ];
 
 impl ResourceProtocol for Redis {
@@ -189,14 +258,6 @@ impl Connection for RedisConnection {
         })
     }
 
-    fn commit(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn rollback(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
     fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
         Box::pin(async move {
             if self.last_used.elapsed() < TRUST_RECENT_USE {
@@ -239,11 +300,7 @@ impl RedisConnection {
         let mut names = Vec::with_capacity(args.len());
         for (i, command) in args.iter().enumerate() {
             let Value::Array(parts) = command else {
-                return Err(Error::new(format!(
-                    "multi: command {} must be an array such as {{\"set\", \"k\", \"v\"}}, got {}",
-                    i + 1,
-                    command.type_name()
-                )));
+                return Err(Error::new(format!("multi: command {} must be an array such as {{\"set\", \"k\", \"v\"}}, got {}", i + 1, command.type_name())));
             };
             let Some(Value::Str(method)) = parts.first() else {
                 return Err(Error::new(format!("multi: command {} must start with the command's name", i + 1)));
@@ -281,11 +338,7 @@ impl RedisConnection {
         for (i, (reply, (name, first))) in results.into_iter().zip(&names).enumerate() {
             if let redis::Value::ServerError(e) = &reply {
                 // Redis has no rollback: the other commands of the block did run.
-                return Err(server_error(
-                    e.code(),
-                    e.details(),
-                    &format!("multi: command {} ({name}) failed (the block's other commands did run)", i + 1),
-                ));
+                return Err(server_error(e.code(), e.details(), &format!("multi: command {} ({name}) failed (the block's other commands did run)", i + 1)));
             }
             out.push(convert_reply(reply, name, first.as_deref())?);
         }

@@ -2,6 +2,7 @@
 //! redis://127.0.0.1:6379/0): commands and replies, maps, errors with their codes, multi
 //! blocks, refused commands, transactions, and configuration problems. Every test uses keys
 //! under its own prefix and deletes them at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -49,8 +50,7 @@ fn run(cache: ResourceConfig, lua: &str, prefix: &Value) -> Vec<Value> {
 
 fn sorted_map(v: &Value) -> Vec<(String, String)> {
     let Value::Map(entries) = v else { panic!("not a map: {v:?}") };
-    let mut out: Vec<(String, String)> =
-        entries.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap_or("?").to_string())).collect();
+    let mut out: Vec<(String, String)> = entries.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap_or("?").to_string())).collect();
     out.sort();
     out
 }
@@ -151,10 +151,7 @@ fn errors_carry_the_redis_code() {
     assert_eq!(r[0], Value::Bool(false));
     assert_eq!(r[1], Value::str("WRONGTYPE"));
     assert_eq!(r[2], Value::Int(2));
-    assert_eq!(
-        r[3],
-        Value::str("resource cache (participant 2): LPUSH failed: Operation against a key holding the wrong kind of value [WRONGTYPE]")
-    );
+    assert_eq!(r[3], Value::str("resource cache (participant 2): LPUSH failed: Operation against a key holding the wrong kind of value [WRONGTYPE]"));
     assert_eq!(r[4], Value::Bool(false));
     assert_eq!(r[5], Value::str("ERR"));
     assert!(r[6].as_str().unwrap().starts_with("NOSUCHCOMMAND failed: unknown command"), "{r:?}");

@@ -3,6 +3,7 @@
 //! CA is refused with the reason; plain redis:// still works against the machine's own server;
 //! bad TLS config is reported with file, line and key. Without a TLS-capable redis-server the
 //! server tests say so loudly and pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Command, Stdio};
@@ -41,14 +42,7 @@ fn toml_string(s: &str) -> String {
 }
 
 fn cache(url: &str, extra: &str) -> ResourceConfig {
-    match configure(
-        &Redis,
-        "cache",
-        &format!(
-            "url = {}\nconnect_timeout = \"10s\"\n{extra}",
-            toml_string(url)
-        ),
-    ) {
+    match configure(&Redis, "cache", &format!("url = {}\nconnect_timeout = \"10s\"\n{extra}", toml_string(url))) {
         Ok(c) => c,
         Err(e) => panic!("config refused: {e:?}"),
     }
@@ -56,13 +50,7 @@ fn cache(url: &str, extra: &str) -> ResourceConfig {
 
 fn roundtrip(config: ResourceConfig) -> Vec<Value> {
     let key = format!("rustomnic-test:{}:tls", std::process::id());
-    match run_lua(
-        vec![config],
-        MODULE,
-        "roundtrip",
-        vec![Value::str(key)],
-        Duration::from_secs(20),
-    ) {
+    match run_lua(vec![config], MODULE, "roundtrip", vec![Value::str(key)], Duration::from_secs(20)) {
         Ok(v) => v,
         Err(e) => panic!("roundtrip: {e}"),
     }
@@ -79,15 +67,8 @@ fn works(config: ResourceConfig) {
 
 fn refused(config: ResourceConfig) -> String {
     let r = roundtrip(config);
-    assert_eq!(
-        r.first(),
-        Some(&Value::Bool(false)),
-        "expected a refusal: {r:?}"
-    );
-    r.get(1)
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string()
+    assert_eq!(r.first(), Some(&Value::Bool(false)), "expected a refusal: {r:?}");
+    r.get(1).and_then(|v| v.as_str()).unwrap_or_default().to_string()
 }
 
 /// A redis-server of its own with a TLS port only, stopped when dropped.
@@ -99,8 +80,7 @@ struct TlsRedis {
 
 fn start_redis() -> Result<TlsRedis, String> {
     let pki = TestPki::new("redis", &["localhost"])?;
-    let dir =
-        std::env::temp_dir().join(format!("rustomnic-redis-tls-server-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("rustomnic-redis-tls-server-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let port = free_port()?;
@@ -108,20 +88,7 @@ fn start_redis() -> Result<TlsRedis, String> {
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let child = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--tls-port",
-            &port.to_string(),
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--port", "0", "--bind", "127.0.0.1", "--tls-port", &port.to_string(), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
         .arg("--tls-cert-file")
         .arg(&pki.cert)
         .arg("--tls-key-file")
@@ -138,11 +105,7 @@ fn start_redis() -> Result<TlsRedis, String> {
     let mut server = ServerGuard::new("the test's redis-server", child, "TERM", dir, log);
     // A build without TLS exits here, saying so in its log.
     server.wait_log("Ready to accept connections", Duration::from_secs(30))?;
-    Ok(TlsRedis {
-        port,
-        pki,
-        _server: server,
-    })
+    Ok(TlsRedis { port, pki, _server: server })
 }
 
 #[test]
@@ -155,19 +118,13 @@ fn tls_against_a_throwaway_server() {
         }
     };
     let port = redis.port;
-    let ca = format!(
-        "ca = {}\n",
-        toml_string(&redis.pki.ca.display().to_string())
-    );
+    let ca = format!("ca = {}\n", toml_string(&redis.pki.ca.display().to_string()));
 
     // rediss:// by the name the certificate holds, with the test CA: a transaction over TLS.
     works(cache(&format!("rediss://localhost:{port}/0"), &ca));
 
     // By an address the certificate does not name: refused with the reason, no password shown.
-    let e = refused(cache(
-        &format!("rediss://:s3cret-pw@127.0.0.1:{port}/0"),
-        &ca,
-    ));
+    let e = refused(cache(&format!("rediss://:s3cret-pw@127.0.0.1:{port}/0"), &ca));
     assert!(
         e.starts_with(&format!(
             "resource cache (participant 1): cannot connect: 127.0.0.1:{port}/0: TLS: the server's certificate is not valid for 127.0.0.1 (it is for localhost)"
@@ -177,46 +134,22 @@ fn tls_against_a_throwaway_server() {
     assert!(!e.contains("s3cret-pw"), "the password leaked: {e}");
 
     // Another CA, and no ca at all (the public CAs): refused.
-    let other = format!(
-        "ca = {}\n",
-        toml_string(&redis.pki.other_ca.display().to_string())
-    );
+    let other = format!("ca = {}\n", toml_string(&redis.pki.other_ca.display().to_string()));
     let e = refused(cache(&format!("rediss://localhost:{port}/0"), &other));
-    assert!(
-        e.contains(&format!(
-            "TLS: the server's certificate is not signed by the CA of ca = {}",
-            redis.pki.other_ca.display()
-        )),
-        "{e}"
-    );
+    assert!(e.contains(&format!("TLS: the server's certificate is not signed by the CA of ca = {}", redis.pki.other_ca.display())), "{e}");
     let e = refused(cache(&format!("rediss://localhost:{port}/0"), ""));
-    assert!(
-        e.contains("TLS: the server's certificate is not signed by a public CA"),
-        "{e}"
-    );
+    assert!(e.contains("TLS: the server's certificate is not signed by a public CA"), "{e}");
 
     // Plain redis:// to the TLS port does not get through either (the server resets it).
     let e = refused(cache(&format!("redis://127.0.0.1:{port}/0"), ""));
-    assert!(
-        e.starts_with(&format!(
-            "resource cache (participant 1): cannot connect: 127.0.0.1:{port}/0: "
-        )),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("resource cache (participant 1): cannot connect: 127.0.0.1:{port}/0: ")), "{e}");
 }
 
 #[test]
 fn plain_redis_still_works_against_the_machines_server() {
-    let url = std::env::var("PMNC_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string());
-    let addr = redis::Client::open(url.as_str())
-        .map(|c| c.get_connection_info().addr().to_string())
-        .unwrap_or_default();
-    let reachable = addr
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok());
+    let url = std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string());
+    let addr = redis::Client::open(url.as_str()).map(|c| c.get_connection_info().addr().to_string()).unwrap_or_default();
+    let reachable = addr.to_socket_addrs().ok().and_then(|mut a| a.next()).is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok());
     if !reachable {
         shout(&format!("!!! No Redis at {url}; plain_redis_still_works_against_the_machines_server is SKIPPED.\n!!! Start one with: redis-server --daemonize yes --port 6379 --save \"\""));
         return;
@@ -233,58 +166,31 @@ fn config_errors(dir: &std::path::Path, toml: &str) -> Vec<String> {
 
 #[test]
 fn bad_tls_config_is_refused_with_file_line_and_key() {
-    let dir =
-        std::env::temp_dir().join(format!("rustomnic-redis-tls-config-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("rustomnic-redis-tls-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(
-        dir.join("not-pem.pem"),
-        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let Ok(pki) = TestPki::new("redis-config", &["localhost"]) else {
-        panic!("no test certificates")
-    };
+    std::fs::write(dir.join("not-pem.pem"), "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n").unwrap_or_else(|e| panic!("{e}"));
+    let Ok(pki) = TestPki::new("redis-config", &["localhost"]) else { panic!("no test certificates") };
     std::fs::copy(&pki.ca, dir.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
     let file = dir.join("cage.toml");
 
     let e = config_errors(&dir, "url = \"rediss://h:6380/0\"\nca = \"missing.pem\"\n");
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(
-        e[0].starts_with(&format!(
-            "{}:3: resources.cache.ca: cannot read {}: ",
-            file.display(),
-            dir.join("missing.pem").display()
-        )),
-        "{e:?}"
-    );
+    assert!(e[0].starts_with(&format!("{}:3: resources.cache.ca: cannot read {}: ", file.display(), dir.join("missing.pem").display())), "{e:?}");
     let e = config_errors(&dir, "url = \"rediss://h:6380/0\"\nca = \"not-pem.pem\"\n");
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(
-        e[0].starts_with(&format!(
-            "{}:3: resources.cache.ca: {} is not a PEM file of certificates",
-            file.display(),
-            dir.join("not-pem.pem").display()
-        )),
+        e[0].starts_with(&format!("{}:3: resources.cache.ca: {} is not a PEM file of certificates", file.display(), dir.join("not-pem.pem").display())),
         "{e:?}"
     );
     let e = config_errors(&dir, "url = \"redis://h:6379/0\"\nca = \"ca.pem\"\n");
-    assert_eq!(
-        e,
-        vec![format!(
-            "{}:3: resources.cache.ca: is only read with a rediss:// url (TLS); this url is plain",
-            file.display()
-        )]
-    );
+    assert_eq!(e, vec![format!("{}:3: resources.cache.ca: is only read with a rediss:// url (TLS); this url is plain", file.display())]);
     let e = config_errors(&dir, "url = \"rediss://h:6380/0#insecure\"\n");
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with(&format!("{}:2: resources.cache.url: #insecure (TLS without checking the server's certificate) is refused", file.display())), "{e:?}");
-    assert!(configure_in(
-        &dir,
-        &Redis,
-        "cache",
-        "url = \"rediss://h:6380/0\"\nca = \"ca.pem\"\n"
-    )
-    .is_ok());
+    assert!(
+        e[0].starts_with(&format!("{}:2: resources.cache.url: #insecure (TLS without checking the server's certificate) is refused", file.display())),
+        "{e:?}"
+    );
+    assert!(configure_in(&dir, &Redis, "cache", "url = \"rediss://h:6380/0\"\nca = \"ca.pem\"\n").is_ok());
     assert!(configure_in(&dir, &Redis, "cache", "url = \"rediss://h:6380/0\"\n").is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,7 +19,7 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::{Address, Message};
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
 const SEND_KEYS: &[&str] = &["from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "attachments"];
 
@@ -491,10 +491,7 @@ mod tests {
             ("html", Value::str("<p>hello</p>")),
             (
                 "attachments",
-                Value::Array(vec![Value::Map(vec![
-                    (Value::str("name"), Value::str("a.bin")),
-                    (Value::str("data"), Value::Str(vec![0, 1, 2, 255])),
-                ])]),
+                Value::Array(vec![Value::Map(vec![(Value::str("name"), Value::str("a.bin")), (Value::str("data"), Value::Str(vec![0, 1, 2, 255]))])]),
             ),
         ]))
         .unwrap();
@@ -514,10 +511,7 @@ mod tests {
         assert_eq!(err(vec![("to", Value::str("a@x.org")), ("text", Value::str("t"))]), "send: from is required");
         assert_eq!(err(vec![("from", Value::str("a@x.org")), ("text", Value::str("t"))]), "send: no recipient (give to, cc or bcc)");
         assert!(err(vec![("from", Value::str("not an address")), ("to", Value::str("a@x.org"))]).starts_with("send: from: "));
-        assert_eq!(
-            err(vec![("from", Value::str("a@x.org")), ("to", Value::str("b@x.org"))]),
-            "send: the message is empty (give text, html or attachments)"
-        );
+        assert_eq!(err(vec![("from", Value::str("a@x.org")), ("to", Value::str("b@x.org"))]), "send: the message is empty (give text, html or attachments)");
         assert!(err(vec![("form", Value::str("a@x.org"))]).starts_with("send: unknown field form (fields: from, to,"));
         assert!(err(vec![("from", Value::str("a@x.org")), ("to", Value::Int(1))]).contains("to must be a string or an array of strings, got integer"));
     }

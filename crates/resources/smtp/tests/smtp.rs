@@ -4,6 +4,7 @@
 //! body and attachment, nothing delivered on rollback, refused recipients, STARTTLS, errors.
 //! Without aiosmtpd (`apt-get install -y python3-aiosmtpd`) the tests that need it are skipped
 //! with a loud message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -71,7 +72,9 @@ impl Drop for Sink {
 
 /// A Python that has aiosmtpd: the one on PATH, else the system's (Debian's package).
 fn python() -> Option<&'static str> {
-    ["python3", "/usr/bin/python3"].into_iter().find(|p| Command::new(p).args(["-c", "import aiosmtpd"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+    ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|p| Command::new(p).args(["-c", "import aiosmtpd"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
 }
 
 fn sink() -> Option<Sink> {
@@ -205,7 +208,9 @@ fn a_refused_recipient_fails_before_anything_is_sent() {
     assert_eq!(r[2], Value::Bool(true));
     assert_eq!(
         r[3],
-        Value::str("resource mail (participant 1): the server refused the recipient <rejected@example.org>: 550 5.1.1 <rejected@example.org>: no such user [550]")
+        Value::str(
+            "resource mail (participant 1): the server refused the recipient <rejected@example.org>: 550 5.1.1 <rejected@example.org>: no such user [550]"
+        )
     );
     assert_eq!(delivered(&sink.maildir).len(), 0);
 }
@@ -232,9 +237,26 @@ fn a_message_refused_at_commit_fails_the_commit() {
 fn certificates() -> Option<tempfile::TempDir> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("leaf.ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(d.join("leaf.ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+        .unwrap();
     let steps: [&[&str]; 3] = [
-        &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=rustomnic test CA"],
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rustomnic test CA",
+        ],
         &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost"],
         &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext"],
     ];
@@ -278,7 +300,8 @@ fn implicit_tls_trusts_only_known_roots() {
     let Some(certs) = certificates() else { return };
     let Some(sink) = tls_sink("tls", certs.path()) else { return };
     let ca = certs.path().join("ca.pem");
-    let trusted = configure(&Smtp, "mail", &format!("host = \"localhost\"\nport = {}\ntls = \"tls\"\ntls_ca_file = \"{}\"\n", sink.port, ca.display())).unwrap();
+    let trusted =
+        configure(&Smtp, "mail", &format!("host = \"localhost\"\nport = {}\ntls = \"tls\"\ntls_ca_file = \"{}\"\n", sink.port, ca.display())).unwrap();
     let r = run(vec![trusted], r#"return pmnc.transaction.mail.send{ from = "a@example.com", to = "b@example.org", text = "t" }.accepted"#);
     assert_eq!(r, vec![Value::Int(1)]);
     assert_eq!(delivered(&sink.maildir).len(), 1);

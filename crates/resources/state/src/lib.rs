@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
-use rustomnic_resource::{Connection, Error, ResourceProtocol, Resource};
+use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
 pub use codec::{decode, encode, FORMAT};
 pub use store::{APPLICATION_ID, SCHEMA_VERSION};

@@ -104,10 +104,9 @@ pub fn sql_error(path: &Path, action: &str, e: rusqlite::Error) -> Error {
     let p = path.display();
     let code = e.sqlite_error_code();
     match code {
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => Error::new(format!(
-            "{action}: the state file {p} stayed locked by another writer past the busy timeout ({e})"
-        ))
-        .with_code("SQLITE_BUSY"),
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            Error::new(format!("{action}: the state file {p} stayed locked by another writer past the busy timeout ({e})")).with_code("SQLITE_BUSY")
+        }
         Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
             Error::broken(format!("{action}: {p} is damaged or not an SQLite database ({e})")).with_code("SQLITE_CORRUPT")
         }
@@ -170,7 +169,9 @@ fn user_version(conn: &Connection, path: &Path) -> Result<usize, Error> {
 /// once: the version is read again under the write lock, so each step runs exactly once.
 pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
     let p = path.display();
-    let newer = |v: usize| Error::broken(format!("the state file {p} has schema version {v}, newer than this build knows ({SCHEMA_VERSION}); it was written by a newer Rustomnic"));
+    let newer = |v: usize| {
+        Error::broken(format!("the state file {p} has schema version {v}, newer than this build knows ({SCHEMA_VERSION}); it was written by a newer Rustomnic"))
+    };
     let found = user_version(conn, path)?;
     if found == SCHEMA_VERSION {
         return Ok(());
@@ -213,9 +214,7 @@ pub fn get(conn: &Connection, path: &Path, key: &str) -> Result<Option<Vec<u8>>,
 }
 
 pub fn exists(conn: &Connection, path: &Path, key: &str) -> Result<bool, Error> {
-    conn.prepare_cached("SELECT 1 FROM state WHERE key = ?1")
-        .and_then(|mut s| s.exists([key]))
-        .map_err(|e| sql_error(path, "delete", e))
+    conn.prepare_cached("SELECT 1 FROM state WHERE key = ?1").and_then(|mut s| s.exists([key])).map_err(|e| sql_error(path, "delete", e))
 }
 
 /// Keys starting with `prefix`, in byte order; more than `limit` of them is an error.

@@ -1,5 +1,6 @@
 //! Decoding a stored value never costs far more memory than the stored bytes: a damaged or
 //! hostile blob in the state or queue tables cannot make a read ask for gigabytes (issue 24).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -60,12 +61,7 @@ fn varint(out: &mut Vec<u8>, mut n: u64) {
 fn check(what: &str, blob: &[u8]) {
     let (n, result) = asked(|| codec::decode(blob).is_ok());
     assert!(!result, "{what}: a hostile blob decoded");
-    assert!(
-        n <= budget(blob),
-        "{what}: decode asked for {n} bytes for a {}-byte blob (budget {})",
-        blob.len(),
-        budget(blob)
-    );
+    assert!(n <= budget(blob), "{what}: decode asked for {n} bytes for a {}-byte blob (budget {})", blob.len(), budget(blob));
 }
 
 #[test]

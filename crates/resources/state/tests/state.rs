@@ -1,5 +1,6 @@
 //! The state resource through Lua transactions: values survive new pools (a restart), rollback
 //! stores nothing, parallel participants both commit, limits and bad files fail clearly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -90,10 +91,7 @@ fn a_failing_participant_rolls_the_set_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.sqlite");
     let long = "k".repeat(1025);
-    let message = failure(
-        &path,
-        &format!(r#"local xa = pmnc.transaction.create() xa.state.set("kept?", 1) xa.state.set("{long}", 2) xa.execute()"#),
-    );
+    let message = failure(&path, &format!(r#"local xa = pmnc.transaction.create() xa.state.set("kept?", 1) xa.state.set("{long}", 2) xa.execute()"#));
     assert_eq!(message, "resource state (participant 2): set: the key is 1025 bytes, over the limit of 1 KiB");
     let r = run(&path, r#"return pmnc.transaction.state.get("kept?"), pmnc.transaction.state.keys()"#).unwrap();
     assert_eq!(r, vec![Value::Nil, Value::Array(vec![])]);
@@ -165,7 +163,10 @@ fn an_unwritable_location_names_the_path() {
     let path = dir.path().join("blocker/sub/state.sqlite");
     let message = failure(&path, "pmnc.transaction.state.get('a')");
     let folder = dir.path().join("blocker/sub");
-    assert!(message.starts_with(&format!("resource state (participant 1): cannot connect: cannot create the folder {} for the state file:", folder.display())), "{message}");
+    assert!(
+        message.starts_with(&format!("resource state (participant 1): cannot connect: cannot create the folder {} for the state file:", folder.display())),
+        "{message}"
+    );
     // A folder where the file should be.
     let message = failure(dir.path(), "pmnc.transaction.state.get('a')");
     assert_eq!(message, format!("resource state (participant 1): cannot connect: the state file {} is a folder", dir.path().display()));
@@ -192,7 +193,10 @@ fn another_database_and_a_newer_schema_are_left_alone() {
     run(&newer, "pmnc.transaction.state.set('a', 1)").unwrap();
     rusqlite::Connection::open(&newer).unwrap().pragma_update(None, "user_version", 99).unwrap();
     let message = failure(&newer, "pmnc.transaction.state.get('a')");
-    assert!(message.contains(&format!("the state file {} has schema version 99, newer than this build knows ({SCHEMA_VERSION})", newer.display())), "{message}");
+    assert!(
+        message.contains(&format!("the state file {} has schema version 99, newer than this build knows ({SCHEMA_VERSION})", newer.display())),
+        "{message}"
+    );
 }
 
 #[test]
@@ -253,14 +257,17 @@ fn a_writer_waits_for_a_busy_file_within_the_busy_timeout() {
     t.join().unwrap();
     // Held for 2 s: a busy timeout of 200 ms gives up with a clear message.
     let t = hold(2000);
-    let message = run_with(
-        state_at(&path, "busy_timeout = \"200ms\"\n"),
-        "local ok, e = pcall(pmnc.transaction.state.set, 'a', 2) return tostring(e), e.code",
-    )
-    .unwrap();
+    let message =
+        run_with(state_at(&path, "busy_timeout = \"200ms\"\n"), "local ok, e = pcall(pmnc.transaction.state.set, 'a', 2) return tostring(e), e.code").unwrap();
     t.join().unwrap();
     let text = message[0].as_str().unwrap();
-    assert!(text.starts_with(&format!("resource state (participant 1): commit failed: commit: the state file {} stayed locked by another writer past the busy timeout", path.display())), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "resource state (participant 1): commit failed: commit: the state file {} stayed locked by another writer past the busy timeout",
+            path.display()
+        )),
+        "{text}"
+    );
     assert_eq!(message[1], Value::str("SQLITE_BUSY"));
     let r = run(&path, "return pmnc.transaction.state.get('a')").unwrap();
     assert_eq!(r, vec![Value::Int(1)]);
@@ -291,7 +298,14 @@ fn a_relative_path_is_taken_from_the_folder_of_cage_toml() {
     let resource = rustomnic_resource::ResourceProtocol::configure(&StateProtocol, "state", &section).unwrap();
     section.finish();
     assert!(file.take_errors().is_empty());
-    let config = ResourceConfig { name: "state".into(), protocol: "state".into(), pool: Default::default(), resource, fingerprint: String::new() };
+    let config = ResourceConfig {
+        name: "state".into(),
+        protocol: "state".into(),
+        pool: Default::default(),
+        resource,
+        fingerprint: String::new(),
+        breaker: Default::default(),
+    };
     run_with(config, "pmnc.transaction.state.set('a', 1)").unwrap();
     assert!(dir.path().join("data/s.sqlite").is_file());
 }

@@ -93,6 +93,196 @@ pmnc.json.null = nil
 ---@return table
 function pmnc.json.array(t) end
 
+-- The helper families (docs/lua-api.md "Helper families"): errors are raised as strings.
+
+pmnc.base64 = {}
+---@class pmnc.Base64Options
+---@field url? boolean URL-safe alphabet (- and _)
+---@field pad? boolean trailing = when encoding (default true)
+---@param data string
+---@param options? pmnc.Base64Options
+---@return string
+function pmnc.base64.encode(data, options) end
+---@param text string
+---@param options? pmnc.Base64Options
+---@return string
+function pmnc.base64.decode(text, options) end
+
+pmnc.hex = {}
+---@param data string
+---@return string
+function pmnc.hex.encode(data) end
+---@param text string
+---@return string
+function pmnc.hex.decode(text) end
+
+pmnc.crypto = {}
+---SHA-1 digest, raw bytes.
+---@param data string
+---@return string
+function pmnc.crypto.sha1(data) end
+---SHA-256 digest, raw bytes.
+---@param data string
+---@return string
+function pmnc.crypto.sha256(data) end
+---SHA-512 digest, raw bytes.
+---@param data string
+---@return string
+function pmnc.crypto.sha512(data) end
+---MD5 digest, raw bytes.
+---@param data string
+---@return string
+function pmnc.crypto.md5(data) end
+---HMAC of data under key, raw bytes.
+---@param algorithm "sha1"|"sha256"|"sha512"|"md5"
+---@param key string
+---@param data string
+---@return string
+function pmnc.crypto.hmac(algorithm, key, data) end
+---n bytes from the OS's CSPRNG.
+---@param n integer
+---@return string
+function pmnc.crypto.random(n) end
+---Constant-time comparison.
+---@param a string
+---@param b string
+---@return boolean
+function pmnc.crypto.equal(a, b) end
+---Argon2id PHC string.
+---@param password string
+---@return string
+function pmnc.crypto.password_hash(password) end
+---@param password string
+---@param hash string
+---@return boolean
+function pmnc.crypto.password_verify(password, hash) end
+
+pmnc.uuid = {}
+---@return string
+function pmnc.uuid.v4() end
+---Time-ordered UUID.
+---@return string
+function pmnc.uuid.v7() end
+
+pmnc.time = {}
+---Seconds since the Unix epoch (wall clock).
+---@return number
+function pmnc.time.now() end
+---@param t number seconds since the epoch
+---@param format? "rfc3339"|"http"|string strftime pattern otherwise
+---@param zone? string IANA zone, default "UTC"
+---@return string
+function pmnc.time.format(t, format, zone) end
+---@param text string
+---@param format? "rfc3339"|"http"|string
+---@param zone? string
+---@return number
+function pmnc.time.parse(text, format, zone) end
+
+pmnc.url = {}
+---@param s string
+---@return string
+function pmnc.url.encode(s) end
+---@param text string
+---@param options? {plus?: boolean}
+---@return string
+function pmnc.url.decode(text, options) end
+---@class pmnc.Url
+---@field scheme string
+---@field user? string
+---@field password? string
+---@field host? string
+---@field port? integer
+---@field path string
+---@field query? string
+---@field fragment? string
+---@field params table<string, string|string[]>
+---@param url string
+---@return pmnc.Url
+function pmnc.url.parse(url) end
+---@param t table<string, string|number|boolean|(string|number)[]>
+---@return string
+function pmnc.url.query(t) end
+
+pmnc.xml = {}
+---@class pmnc.XmlElement
+---@field name string
+---@field ns? string
+---@field attrs table<string, string>
+---@field children (pmnc.XmlElement|string)[]
+---@field text? string
+---@param text string
+---@return pmnc.XmlElement
+function pmnc.xml.decode(text) end
+---@param element pmnc.XmlElement|table
+---@param options? {declaration?: boolean}
+---@return string
+function pmnc.xml.encode(element, options) end
+
+pmnc.re = {}
+---@param subject string
+---@param pattern string
+---@param init? integer
+---@return table?
+function pmnc.re.match(subject, pattern, init) end
+---@param subject string
+---@param pattern string
+---@param init? integer
+---@return integer?, integer?
+function pmnc.re.find(subject, pattern, init) end
+---@param subject string
+---@param pattern string
+---@return fun(): table?
+function pmnc.re.gmatch(subject, pattern) end
+---@param subject string
+---@param pattern string
+---@param replacement string|table|fun(m: table): string?
+---@param max? integer
+---@return string, integer
+function pmnc.re.gsub(subject, pattern, replacement, max) end
+---@param subject string
+---@param pattern string
+---@param max? integer
+---@return string[]
+function pmnc.re.split(subject, pattern, max) end
+
+pmnc.compress = {}
+---@param data string
+---@param level? integer 0-9
+---@return string
+function pmnc.compress.gzip(data, level) end
+---@param data string
+---@param max_size? integer default 1 MiB
+---@return string
+function pmnc.compress.gunzip(data, max_size) end
+---zlib stream (HTTP's "deflate").
+---@param data string
+---@param level? integer 0-9
+---@return string
+function pmnc.compress.deflate(data, level) end
+---@param data string
+---@param max_size? integer default 1 MiB
+---@return string
+function pmnc.compress.inflate(data, max_size) end
+---@param data string
+---@param level? integer 1-19
+---@return string
+function pmnc.compress.zstd(data, level) end
+---@param data string
+---@param max_size? integer default 1 MiB
+---@return string
+function pmnc.compress.unzstd(data, max_size) end
+
+pmnc.csv = {}
+---@param text string
+---@param options? {header?: boolean, separator?: string}
+---@return table[]
+function pmnc.csv.decode(text, options) end
+---@param rows table[]
+---@param options? {header?: string[], separator?: string}
+---@return string
+function pmnc.csv.encode(rows, options) end
+
 pmnc.request = {}
 ---Seconds left before the request's deadline.
 ---@return number
@@ -166,6 +356,14 @@ function WebSocket.send(data, kind) end
 ---@param reason? string
 function WebSocket.close(code, reason) end
 
+---@class pmnc.UploadedFile
+---@field field string the form field's name
+---@field filename string as the client sent it (never used as a path here)
+---@field content_type? string
+---@field size integer bytes
+---@field path string the temporary file, deleted when the request ends
+---@field read fun(): string the file's bytes
+
 ---@class pmnc.HttpRequest
 ---@field method string
 ---@field path string
@@ -177,9 +375,28 @@ function WebSocket.close(code, reason) end
 ---@field version string
 ---@field websocket boolean
 ---@field upgrade? fun(): pmnc.WebSocket
+---@field json any the body decoded as JSON on first use (a bad body: 400 unless caught)
+---@field form table<string, string> an x-www-form-urlencoded body on first use
+---@field files pmnc.UploadedFile[] the files of a multipart/form-data body
+---@field params table<string, string> the route's path parameters
+---@field route? string the route's key, e.g. "GET /orders/{id}"
+---@field tls? pmnc.HttpTls nil on a plain HTTP interface
+
+---@class pmnc.HttpTls
+---@field version string "TLSv1.3" or "TLSv1.2"
+---@field cipher string
+---@field alpn? string "h2" or "http/1.1"
+---@field peer? pmnc.TlsPeer the verified client certificate, when one was sent
+
+---@class pmnc.TlsPeer
+---@field subject string "CN=alice, O=Example"
+---@field sans string[] "DNS:...", "IP:...", "email:...", "URI:..."
+---@field serial string upper-case hex
+---@field not_after string "2031-01-02T00:00:00Z"
 
 ---@class pmnc.HttpResponse
 ---@field status integer
 ---@field headers table<string, string|number|(string|number)[]>
 ---@field body? string|table
+---@field json? any sent as JSON (wins over body)
 ---@field stream fun(content_type?: string): pmnc.Stream

@@ -1,0 +1,533 @@
+//! The consumer loop of a nats interface (on its own thread): connect, subscribe or bind the
+//! JetStream consumer, hand each message to a worker and settle it by the handler's outcome
+//! (reply, ack, nak with a delay, term with a dead letter); the client reconnects by itself, and
+//! a session that fails (the server unreachable at start, the stream missing) is started again
+//! with backoff; on shutdown stop taking messages, let those in flight settle, flush, close.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{select_all, StreamExt};
+use rustomnic_core::metrics::{message_counts, MessageCounts};
+use rustomnic_core::Value;
+use rustomnic_interface::{Host, Request};
+use rustomnic_lua::RunError;
+use rustomnic_resource_nats::async_nats::jetstream::{self, consumer, AckKind};
+use rustomnic_resource_nats::async_nats::{self, Event, HeaderMap};
+use rustomnic_resource_nats::{client, wire};
+use tokio::task::JoinSet;
+
+use crate::{JetStream, NatsInterface, Source};
+
+/// The first wait before a failed session is started again, doubled up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for messages in flight beyond the request timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How often the server says an idle pull is alive; two missed ones end the pull (and it is
+/// made again).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The outage now under way, if any: its start, said once when it starts and once when it ends.
+#[derive(Default)]
+struct Outage {
+    since: Mutex<Option<Instant>>,
+}
+
+impl Outage {
+    /// Records the start of an outage; true when it is new (to be said).
+    fn begin(&self) -> bool {
+        let mut s = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        if s.is_some() {
+            return false;
+        }
+        *s = Some(Instant::now());
+        true
+    }
+
+    /// Ends the outage, giving its length.
+    fn end(&self) -> Option<Duration> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner()).take().map(|t| t.elapsed())
+    }
+}
+
+/// Runs the interface until its shutdown: sessions one after another, with backoff between
+/// failed ones.
+pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host) {
+    let counts = message_counts(&iface.spec.cage, &iface.spec.name);
+    let outage = Arc::new(Outage::default());
+    let mut shutdown = host.shutdown();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match session(&iface, &host, &counts, &outage).await {
+            Ok(()) => return,
+            Err(e) => {
+                if outage.begin() {
+                    tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{e}; trying again with backoff (this is said once until it works)");
+                } else {
+                    tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "still unavailable: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Logs the client's own reconnects: one line when the link is lost, one when it is back.
+fn on_event(iface: &Arc<NatsInterface>, outage: &Arc<Outage>) -> client::OnEvent {
+    let (cage, name, at) = (iface.spec.cage.clone(), iface.spec.name.clone(), iface.url.display.clone());
+    let outage = outage.clone();
+    Box::new(move |event: &Event| match event {
+        Event::Disconnected if outage.begin() => {
+            tracing::warn!(cage = %cage, interface = %name, "lost the connection to NATS at {at}; reconnecting with backoff (this is said once until it works)");
+        }
+        Event::Connected => {
+            if let Some(after) = outage.end() {
+                tracing::info!(cage = %cage, interface = %name, "connected to NATS at {at} again after {:.1}s", after.as_secs_f64());
+            }
+        }
+        Event::ServerError(e) => tracing::warn!(cage = %cage, interface = %name, "NATS at {at} reports: {e}"),
+        Event::SlowConsumer(_) => {
+            tracing::warn!(cage = %cage, interface = %name, "messages arrive faster than the handlers take them; NATS dropped some core messages")
+        }
+        Event::LameDuckMode => tracing::warn!(cage = %cage, interface = %name, "the NATS server at {at} is shutting down (lame duck mode)"),
+        _ => {}
+    })
+}
+
+/// One client's life: until the shutdown (Ok) or a failure the client cannot mend (Err).
+async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &Arc<Outage>) -> Result<(), String> {
+    let client = client::connect(&iface.url, &format!("pmnc {}/{}", iface.spec.cage, iface.spec.name), CONNECT_TIMEOUT, Some(on_event(iface, outage))).await?;
+    let result = match &iface.source {
+        Source::Core { subjects, queue_group } => core(iface, host, counts, outage, &client, subjects, queue_group.as_deref()).await,
+        Source::JetStream(js) => jetstream(iface, host, counts, outage, &client, js).await,
+    };
+    // Whatever the outcome, acks and replies already handed to the client go out before it is
+    // dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    result
+}
+
+fn said_connected(iface: &NatsInterface, outage: &Outage, what: &str) {
+    match outage.end() {
+        Some(after) => {
+            tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to NATS at {} again after {:.1}s; consuming {what}", iface.url.display, after.as_secs_f64())
+        }
+        None => tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {what} on NATS at {}", iface.url.display),
+    }
+}
+
+async fn core(
+    iface: &Arc<NatsInterface>,
+    host: &Host,
+    counts: &Arc<MessageCounts>,
+    outage: &Outage,
+    client: &async_nats::Client,
+    subjects: &[String],
+    queue_group: Option<&str>,
+) -> Result<(), String> {
+    let display = &iface.url.display;
+    let mut subscribers = Vec::with_capacity(subjects.len());
+    for subject in subjects {
+        let sub = match queue_group {
+            Some(group) => client.queue_subscribe(subject.clone(), group.to_string()).await,
+            None => client.subscribe(subject.clone()).await,
+        };
+        subscribers.push(sub.map_err(|e| format!("{display}: cannot subscribe to {subject:?}: {e}"))?);
+    }
+    // The server knows of the subscriptions once it has echoed a message sent after them
+    // (a flush only empties the socket's buffer): "consuming" is then true for every sender.
+    round_trip(client).await.map_err(|e| format!("{display}: cannot subscribe: {e}"))?;
+    let what = match queue_group {
+        Some(g) => format!("{} (queue group {g})", subjects.join(", ")),
+        None => subjects.join(", "),
+    };
+    said_connected(iface, outage, &what);
+    let mut messages = select_all(subscribers);
+    let mut tasks = JoinSet::new();
+    let mut shutdown = host.shutdown();
+    let failure = loop {
+        tokio::select! {
+            _ = shutdown.changed() => break None,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            next = messages.next(), if tasks.len() < iface.max_ack_pending => match next {
+                Some(m) => {
+                    let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), client: client.clone() };
+                    tasks.spawn(job.core(m));
+                }
+                None => break Some(format!("{display}: the subscriptions ended (the client was closed)")),
+            },
+        }
+    };
+    // Unsubscribed first: no new messages while those in flight finish.
+    drop(messages);
+    if let Some(e) = failure {
+        tasks.detach_all();
+        return Err(e);
+    }
+    finish(iface, tasks).await;
+    Ok(())
+}
+
+/// A message to an inbox of our own and back: the server has then read everything sent before.
+async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, sub.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the connection closed".to_string()),
+        Err(_) => Err(format!("the server did not echo a message within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+async fn finish(iface: &NatsInterface, mut tasks: JoinSet<()>) {
+    let limit = iface.spec.request_timeout + SHUTDOWN_GRACE;
+    let waited = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+    if waited.is_err() {
+        tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{} message(s) still in flight after {limit:?}; JetStream delivers them again, core ones are lost", tasks.len());
+    }
+}
+
+/// Binds (or with `declare` creates) the stream and the durable pull consumer.
+async fn bind(context: &jetstream::Context, js: &JetStream, max_ack_pending: usize, display: &str) -> Result<consumer::PullConsumer, String> {
+    let stream = if js.declare {
+        let config = jetstream::stream::Config { name: js.stream.clone(), subjects: js.subjects.clone(), ..Default::default() };
+        context.get_or_create_stream(config).await.map_err(|e| format!("{display}: cannot create or open stream {:?}: {e}", js.stream))?
+    } else {
+        context
+            .get_stream(&js.stream)
+            .await
+            .map_err(|e| format!("{display}: cannot open stream {:?}: {e} (create it, or set declare = true with the stream's subjects)", js.stream))?
+    };
+    if js.declare {
+        let config = consumer::pull::Config {
+            durable_name: Some(js.consumer.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: js.ack_wait,
+            // The interface counts deliveries and terms the last itself (with a dead letter);
+            // the server's own limit would drop a message silently.
+            max_deliver: -1,
+            max_ack_pending: max_ack_pending as i64,
+            ..Default::default()
+        };
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| format!("{display}: cannot create or update consumer {:?} on stream {:?}: {e}", js.consumer, js.stream))
+    } else {
+        stream.get_consumer(&js.consumer).await.map_err(|e| {
+            format!(
+                "{display}: cannot open consumer {:?} on stream {:?}: {e} (create it as a durable pull consumer, or set declare = true)",
+                js.consumer, js.stream
+            )
+        })
+    }
+}
+
+async fn jetstream(
+    iface: &Arc<NatsInterface>,
+    host: &Host,
+    counts: &Arc<MessageCounts>,
+    outage: &Outage,
+    client: &async_nats::Client,
+    js: &JetStream,
+) -> Result<(), String> {
+    let display = &iface.url.display;
+    let context = jetstream::new(client.clone());
+    let consumer = bind(&context, js, iface.max_ack_pending, display).await?;
+    said_connected(iface, outage, &format!("stream {:?} (consumer {:?})", js.stream, js.consumer));
+    let mut tasks = JoinSet::new();
+    let mut shutdown = host.shutdown();
+    let mut pulls = 0u32;
+    let failure = 'outer: loop {
+        // A pull that ended (missed heartbeats across an outage) is made again on the same
+        // consumer; the server kept every unacknowledged message for it.
+        pulls += 1;
+        let mut messages = match consumer.stream().max_messages_per_batch(iface.max_ack_pending).heartbeat(HEARTBEAT).messages().await {
+            Ok(m) => m,
+            Err(e) if pulls < 1000 && client.connection_state() != async_nats::connection::State::Connected => {
+                tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "pull on {:?}: {e}; again once connected", js.consumer);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    _ = shutdown.changed() => break None,
+                }
+            }
+            Err(e) => break Some(format!("{display}: cannot pull from consumer {:?}: {e}", js.consumer)),
+        };
+        pulls = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    // Pulled but not yet handed to a worker: back to the server at once rather
+                    // than held until ack_wait runs out.
+                    // Bounded: the pull still open may be handed the nak'ed ones again.
+                    for _ in 0..iface.max_ack_pending {
+                        match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
+                            Ok(Some(Ok(m))) => {
+                                let _ = m.ack_with(AckKind::Nak(None)).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                    break 'outer None;
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = messages.next(), if tasks.len() < iface.max_ack_pending => match next {
+                    Some(Ok(m)) => {
+                        let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), client: client.clone() };
+                        tasks.spawn(job.jetstream(context.clone(), js.clone(), m));
+                    }
+                    Some(Err(e)) => {
+                        use consumer::pull::MessagesErrorKind as K;
+                        match e.kind() {
+                            K::ConsumerDeleted => break 'outer Some(format!("{display}: consumer {:?} on stream {:?} was deleted", js.consumer, js.stream)),
+                            // Heartbeats missed while the link is down: the pull goes on once
+                            // the client is back.
+                            K::MissingHeartbeat => tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "pull on {:?}: {e}", js.consumer),
+                            _ => {
+                                tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "pull on {:?} ended: {e}; pulling again", js.consumer);
+                                continue 'outer;
+                            }
+                        }
+                    }
+                    None => continue 'outer,
+                },
+            }
+        }
+    };
+    if let Some(e) = failure {
+        // What was not acknowledged comes back after ack_wait; the handlers still running finish
+        // on their workers and settle through the client if it is still there.
+        tasks.detach_all();
+        return Err(e);
+    }
+    finish(iface, tasks).await;
+    Ok(())
+}
+
+/// What settles one message.
+struct Settle {
+    iface: Arc<NatsInterface>,
+    host: Host,
+    counts: Arc<MessageCounts>,
+    client: async_nats::Client,
+}
+
+impl Settle {
+    fn stopping(&self) -> bool {
+        *self.host.shutdown().borrow()
+    }
+
+    fn request(&self, message: Value) -> Request {
+        let (module, function) = self.iface.spec.handler.value.clone();
+        Request { handler: (module, function), args: vec![message], deadline: Instant::now() + self.iface.spec.request_timeout, parameters: None }
+    }
+
+    fn too_big(&self, len: usize) -> Option<String> {
+        (len > self.iface.max_message_size).then(|| format!("the body is {len} bytes, over max_message_size ({} bytes)", self.iface.max_message_size))
+    }
+
+    async fn core(self, m: async_nats::Message) {
+        let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        let subject = m.subject.to_string();
+        if let Some(error) = self.too_big(m.payload.len()) {
+            tracing::error!(cage = %cage, interface = %name, "message on {subject:?} refused: {error}");
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(reply) = &m.reply {
+                self.reply(reply.as_str(), Err((&error, "413"))).await;
+            }
+            return;
+        }
+        let mut fields = common_fields(&m);
+        fields.push((Value::str("attempt"), Value::Int(1)));
+        if let Some(reply) = &m.reply {
+            fields.push((Value::str("reply"), Value::str(reply.as_str())));
+        }
+        let result = self.host.run(self.request(Value::Map(fields))).await;
+        match result {
+            Ok(values) => {
+                self.counts.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(reply) = &m.reply {
+                    self.reply(reply.as_str(), Ok(values.into_iter().next().unwrap_or(Value::Nil))).await;
+                }
+            }
+            Err(e) => {
+                let error = error_text(&e);
+                match &m.reply {
+                    Some(reply) => self.reply(reply.as_str(), Err((&error, "500"))).await,
+                    None => {
+                        tracing::error!(cage = %cage, interface = %name, "message on {subject:?} failed: {error}; core NATS keeps nothing to retry (a JetStream consumer would)")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The answer to a request: the handler's value as the body, or an empty body with the
+    /// error in `Nats-Service-Error`.
+    async fn reply(&self, to: &str, outcome: Result<Value, (&str, &str)>) {
+        let mut headers = HeaderMap::new();
+        let body = match outcome {
+            Ok(value) => match wire::body_bytes(&value) {
+                Ok((body, content_type)) => {
+                    if let Some(ct) = content_type {
+                        headers.insert(wire::CONTENT_TYPE_HEADER, ct);
+                    }
+                    body
+                }
+                Err(e) => {
+                    headers.insert(wire::ERROR_HEADER, wire::error_header_value(&format!("the handler's result: {e}")));
+                    headers.insert(wire::ERROR_CODE_HEADER, "500");
+                    Vec::new()
+                }
+            },
+            Err((error, code)) => {
+                headers.insert(wire::ERROR_HEADER, wire::error_header_value(error));
+                headers.insert(wire::ERROR_CODE_HEADER, code);
+                Vec::new()
+            }
+        };
+        if let Err(e) = self.client.publish_with_headers(to.to_string(), headers, body.into()).await {
+            tracing::warn!(cage = %self.iface.spec.cage, interface = %self.iface.spec.name, "the reply to {to:?} was not sent: {e}");
+        }
+    }
+
+    async fn jetstream(self, context: jetstream::Context, js: JetStream, m: jetstream::Message) {
+        let (cage, name) = (self.iface.spec.cage.clone(), self.iface.spec.name.clone());
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        let (sequence, delivered) = match m.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1)),
+            Err(e) => {
+                // Not a JetStream delivery at all: nothing to ack, nothing to keep.
+                tracing::error!(cage = %cage, interface = %name, "a message on {:?} without JetStream metadata was skipped: {e}", m.subject.as_str());
+                self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let attempt = delivered.min(i64::from(u32::MAX)) as u32;
+        if attempt > 1 {
+            self.counts.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let describe = format!("message #{sequence} of stream {:?} ({:?})", js.stream, m.subject.as_str());
+        if let Some(error) = self.too_big(m.payload.len()) {
+            tracing::error!(cage = %cage, interface = %name, "{describe} refused: {error}");
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            self.dead_letter(&context, &js, &m, sequence, attempt, &error, &describe).await;
+            return;
+        }
+        let mut fields = common_fields(&m.message);
+        fields.extend([
+            (Value::str("stream"), Value::str(js.stream.as_str())),
+            (Value::str("sequence"), Value::Int(sequence.min(i64::MAX as u64) as i64)),
+            (Value::str("delivered"), Value::Int(delivered)),
+            (Value::str("redelivered"), Value::Bool(delivered > 1)),
+            (Value::str("attempt"), Value::Int(i64::from(attempt))),
+        ]);
+        let result = self.host.run(self.request(Value::Map(fields))).await;
+        match result {
+            Ok(_) => match m.ack().await {
+                Ok(()) => {
+                    self.counts.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(cage = %cage, interface = %name, "ack of {describe} failed (it will be delivered again): {e}"),
+            },
+            // The worker stopped under the handler: not an attempt of the message's.
+            Err(_) if self.stopping() => {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            Err(e) => {
+                let error = error_text(&e);
+                if attempt >= js.max_deliver {
+                    tracing::error!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; terminated", js.max_deliver);
+                    self.dead_letter(&context, &js, &m, sequence, attempt, &error, &describe).await;
+                    return;
+                }
+                let delay = js.delay_before(attempt + 1);
+                tracing::warn!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; retrying in {delay:?}", js.max_deliver);
+                match m.ack_with(AckKind::Nak(Some(delay))).await {
+                    Ok(()) => {
+                        self.counts.retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!(cage = %cage, interface = %name, "nak of {describe} failed (it comes back after ack_wait): {e}"),
+                }
+            }
+        }
+    }
+
+    /// Publishes the message to `dead_letter_subject` with the error (JetStream when a stream
+    /// takes the subject, waiting for its ack; else core NATS, flushed), then terms it. A dead
+    /// letter that cannot be published leaves the message to come back later.
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        context: &jetstream::Context,
+        js: &JetStream,
+        m: &jetstream::Message,
+        sequence: u64,
+        attempt: u32,
+        error: &str,
+        describe: &str,
+    ) {
+        let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
+        if let Some(subject) = &js.dead_letter_subject {
+            let mut headers = m.headers.clone().unwrap_or_default();
+            headers.insert(wire::ERROR_HEADER, wire::error_header_value(error));
+            headers.insert(wire::SUBJECT_HEADER, wire::error_header_value(m.subject.as_str()));
+            headers.insert(wire::STREAM_HEADER, wire::error_header_value(&js.stream));
+            headers.insert(wire::SEQUENCE_HEADER, sequence.to_string().as_str());
+            headers.insert("Pmnc-Attempt", attempt.to_string().as_str());
+            let sent = match context.publish_with_headers(subject.clone(), headers.clone(), m.payload.clone()).await {
+                Ok(ack) => match ack.await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => self.core_publish(subject, headers, m.payload.clone()).await,
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::error!(cage = %cage, interface = %name, "{describe}: cannot publish it to dead_letter_subject {subject:?}: {e}; it is kept and comes back later");
+                let delay = js.backoff.last().copied().unwrap_or(Duration::from_secs(30));
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+        }
+        match m.ack_with(AckKind::Term).await {
+            Ok(()) => {
+                self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(cage = %cage, interface = %name, "term of {describe} failed (it will be delivered again): {e}"),
+        }
+    }
+
+    async fn core_publish(&self, subject: &str, headers: HeaderMap, payload: bytes::Bytes) -> Result<(), String> {
+        self.client.publish_with_headers(subject.to_string(), headers, payload).await.map_err(|e| e.to_string())?;
+        self.client.flush().await.map_err(|e| e.to_string())
+    }
+}
+
+/// The fields every message has: body, subject, headers.
+fn common_fields(m: &async_nats::Message) -> Vec<(Value, Value)> {
+    vec![
+        (Value::str("body"), Value::Str(m.payload.to_vec())),
+        (Value::str("subject"), Value::str(m.subject.as_str())),
+        (Value::str("headers"), wire::headers_to_value(m.headers.as_ref())),
+    ]
+}
+
+/// The error of a failed attempt as it goes into logs and headers: the message, without the
+/// traceback (that is in the log with the request id).
+fn error_text(e: &RunError) -> String {
+    e.to_string()
+}

@@ -1,0 +1,200 @@
+//! `pmnc.crypto`: digests (SHA-1, SHA-256, SHA-512, MD5) and HMAC over them, random bytes from
+//! the OS, constant-time comparison, and argon2id password hashes (always off the worker).
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use mlua::{Lua, Table, Value as LuaValue};
+use sha1::{Digest, Sha1};
+use sha2::{Sha256, Sha512};
+use subtle::ConstantTimeEq;
+
+use crate::{bytes_arg, len_of, ok, one_string, opt_int, pending, reported, run_sized};
+
+/// Most bytes one `pmnc.crypto.random` call gives.
+pub const RANDOM_MAX: i64 = 64 << 20;
+
+/// The digest of `data` by `alg` (sha1, sha256, sha512, md5).
+pub fn digest(alg: &str, data: &[u8]) -> Option<Vec<u8>> {
+    Some(match alg {
+        "sha1" => Sha1::digest(data).to_vec(),
+        "sha256" => Sha256::digest(data).to_vec(),
+        "sha512" => Sha512::digest(data).to_vec(),
+        "md5" => Md5::digest(data).to_vec(),
+        _ => return None,
+    })
+}
+
+fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Vec<u8> {
+    // An HMAC key may have any length, so this cannot fail.
+    match <M as Mac>::new_from_slice(key) {
+        Ok(mut m) => {
+            m.update(data);
+            m.finalize().into_bytes().to_vec()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// HMAC of `data` under `key` with `alg`.
+pub fn hmac(alg: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    Some(match alg {
+        "sha1" => mac::<Hmac<Sha1>>(key, data),
+        "sha256" => mac::<Hmac<Sha256>>(key, data),
+        "sha512" => mac::<Hmac<Sha512>>(key, data),
+        "md5" => mac::<Hmac<Md5>>(key, data),
+        _ => return None,
+    })
+}
+
+fn hash_password(pw: &[u8]) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt).map_err(|e| format!("pmnc.crypto.password_hash: no random bytes: {e}"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| format!("pmnc.crypto.password_hash: {e}"))?;
+    Argon2::default().hash_password(pw, &salt).map(|h| h.to_string()).map_err(|e| format!("pmnc.crypto.password_hash: {e}"))
+}
+
+fn verify_password(pw: &[u8], hash: &str) -> Result<bool, String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("pmnc.crypto.password_verify: not a PHC hash string: {e}"))?;
+    match Argon2::default().verify_password(pw, &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(format!("pmnc.crypto.password_verify: {e}")),
+    }
+}
+
+pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    for alg in ["sha1", "sha256", "sha512", "md5"] {
+        t.set(
+            alg,
+            lua.create_function(move |lua, data: LuaValue| {
+                reported(lua, || {
+                    let f = format!("pmnc.crypto.{alg}");
+                    let bytes = bytes_arg(&data, &f, "data")?;
+                    Ok(run_sized(lua, len_of(&data), move || digest(alg, &bytes).ok_or(f), one_string))
+                })
+            })?,
+        )?;
+    }
+    t.set(
+        "hmac",
+        lua.create_function(|lua, (alg, key, data): (LuaValue, LuaValue, LuaValue)| {
+            reported(lua, || {
+                let f = "pmnc.crypto.hmac";
+                let alg = match &alg {
+                    LuaValue::String(s) => match &*s.to_string_lossy() {
+                        "sha1" => "sha1",
+                        "sha256" => "sha256",
+                        "sha512" => "sha512",
+                        "md5" => "md5",
+                        other => return Err(format!("{f}: unknown algorithm {other:?} (sha1, sha256, sha512 or md5)")),
+                    },
+                    other => return Err(format!("{f}: algorithm must be a string, got {}", other.type_name())),
+                };
+                let key = bytes_arg(&key, f, "key")?;
+                let bytes = bytes_arg(&data, f, "data")?;
+                Ok(run_sized(lua, len_of(&data), move || hmac(alg, &key, &bytes).ok_or_else(|| f.to_string()), one_string))
+            })
+        })?,
+    )?;
+    t.set(
+        "random",
+        lua.create_function(|lua, n: LuaValue| {
+            reported(lua, || {
+                let f = "pmnc.crypto.random";
+                if n.is_nil() {
+                    return Err(format!("{f}: the number of bytes is missing"));
+                }
+                let n = opt_int(&n, f, "the number of bytes", 0, 0, RANDOM_MAX)? as usize;
+                let work = move || {
+                    let mut buf = vec![0u8; n];
+                    getrandom::getrandom(&mut buf).map_err(|e| format!("{f}: the OS gave no random bytes: {e}"))?;
+                    Ok(buf)
+                };
+                Ok(run_sized(lua, n, work, one_string))
+            })
+        })?,
+    )?;
+    t.set(
+        "equal",
+        lua.create_function(|lua, (a, b): (LuaValue, LuaValue)| {
+            reported(lua, || {
+                let f = "pmnc.crypto.equal";
+                let (LuaValue::String(a), LuaValue::String(b)) = (&a, &b) else {
+                    return Err(format!("{f}: both arguments must be strings, got {} and {}", a.type_name(), b.type_name()));
+                };
+                let same = a.as_bytes().ct_eq(&b.as_bytes()).into();
+                Ok(ok([LuaValue::Boolean(same)]))
+            })
+        })?,
+    )?;
+    t.set(
+        "password_hash",
+        lua.create_function(|lua, pw: LuaValue| {
+            reported(lua, || {
+                let pw = bytes_arg(&pw, "pmnc.crypto.password_hash", "password")?;
+                Ok(pending(lua, move || hash_password(&pw), one_string))
+            })
+        })?,
+    )?;
+    t.set(
+        "password_verify",
+        lua.create_function(|lua, (pw, hash): (LuaValue, LuaValue)| {
+            reported(lua, || {
+                let f = "pmnc.crypto.password_verify";
+                let pw = bytes_arg(&pw, f, "password")?;
+                let hash = String::from_utf8(bytes_arg(&hash, f, "hash")?).map_err(|_| format!("{f}: the hash is not UTF-8"))?;
+                Ok(pending(lua, move || verify_password(&pw, &hash), |_, same| Ok(mlua::MultiValue::from_iter([LuaValue::Boolean(same)]))))
+            })
+        })?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hx(b: &[u8]) -> String {
+        ::hex::encode(b)
+    }
+
+    #[test]
+    fn digest_vectors() {
+        // FIPS 180 "abc" examples and RFC 1321.
+        assert_eq!(hx(&digest("sha1", b"abc").unwrap()), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(hx(&digest("sha256", b"abc").unwrap()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hx(&digest("sha512", b"abc").unwrap()),
+            "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
+        );
+        assert_eq!(hx(&digest("md5", b"").unwrap()), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(hx(&digest("md5", b"abc").unwrap()), "900150983cd24fb0d6963f7d28e17f72");
+        assert!(digest("sha3", b"").is_none());
+    }
+
+    #[test]
+    fn hmac_rfc4231_and_rfc2202() {
+        // RFC 4231 test case 2.
+        assert_eq!(hx(&hmac("sha256", b"Jefe", b"what do ya want for nothing?").unwrap()), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            hx(&hmac("sha512", b"Jefe", b"what do ya want for nothing?").unwrap()),
+            "164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea2505549758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737"
+        );
+        // RFC 4231 test case 1.
+        assert_eq!(hx(&hmac("sha256", &[0x0b; 20], b"Hi There").unwrap()), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+        // RFC 2202.
+        assert_eq!(hx(&hmac("sha1", b"Jefe", b"what do ya want for nothing?").unwrap()), "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79");
+        assert_eq!(hx(&hmac("md5", b"Jefe", b"what do ya want for nothing?").unwrap()), "750c783e6ab0b503eaa86e310a5db738");
+    }
+
+    #[test]
+    fn passwords() {
+        let h = hash_password(b"correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"), "{h}");
+        assert!(verify_password(b"correct horse", &h).unwrap());
+        assert!(!verify_password(b"wrong horse", &h).unwrap());
+        assert!(verify_password(b"x", "not a hash").unwrap_err().contains("not a PHC hash string"));
+    }
+}
