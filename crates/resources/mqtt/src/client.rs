@@ -323,6 +323,22 @@ pub struct Incoming {
     pub properties: Option<Properties>,
 }
 
+impl Incoming {
+    /// A PUBLISH packet of MQTT 5 as the broker sent it (rumqttc decoded it; public for the
+    /// fuzz target that feeds decoded packets to the conversions).
+    pub fn from_v5(p: p5::Publish) -> Incoming {
+        Incoming {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos as u8,
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+            properties: p.properties.as_ref().map(Properties::from_v5),
+        }
+    }
+}
+
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
@@ -424,15 +440,7 @@ impl EventLoop {
                 use rumqttc::Outgoing as O;
                 match l.poll().await.map_err(|e| describe5(&e, ca))? {
                     E::Incoming(I::ConnAck(c)) => Ok(Event::Connected { session_present: c.session_present }),
-                    E::Incoming(I::Publish(p)) => Ok(Event::Message(Incoming {
-                        topic: p.topic,
-                        payload: p.payload,
-                        qos: p.qos as u8,
-                        retain: p.retain,
-                        dup: p.dup,
-                        pkid: p.pkid,
-                        properties: p.properties.as_ref().map(Properties::from_v5),
-                    })),
+                    E::Incoming(I::Publish(p)) => Ok(Event::Message(Incoming::from_v5(p))),
                     E::Incoming(I::PubAck(a)) => {
                         let ok = matches!(a.reason, p5::PubAckReason::Success | p5::PubAckReason::NoMatchingSubscribers);
                         Ok(Event::PubAck { pkid: a.pkid, refused: (!ok).then(|| format!("{:?}", a.reason)) })

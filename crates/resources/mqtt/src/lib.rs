@@ -26,6 +26,9 @@ pub mod client;
 pub mod lua;
 pub mod publisher;
 
+/// The MQTT client crate, for code that must name its types (the fuzz targets).
+pub use rumqttc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
