@@ -26,13 +26,7 @@ return { handle = function(m)
 end }
 "#;
 
-/// Known problem, under investigation (issue 15): in one of five full runs on 2026-12-06 the
-/// messages in flight at the kill (m0207 onwards, prefetch 32) never came back after the
-/// restart. Whether the broker or the interface loses them is not known yet; until it is, this
-/// test is run by hand (`cargo test -p pmnc --test amqp_restart -- --ignored`) and the docs say
-/// so (docs/interfaces/amqp.md, known limits).
 #[test]
-#[ignore = "flaky: messages in flight at a broker kill -9 were lost in 1 of 5 runs (issue 15, under investigation)"]
 fn a_broker_killed_and_restarted_mid_stream_loses_no_message() {
     let Some(mut broker) = OwnBroker::start() else { return };
     let url = broker.url();
@@ -52,6 +46,8 @@ fn a_broker_killed_and_restarted_mid_stream_loses_no_message() {
     c.rt.block_on(c.channel.queue_declare(ShortString::from(output.as_str()), options, Default::default())).unwrap();
     let mut s = Server::start(&cage, &[]);
     s.wait_for("consuming", Duration::from_secs(10)).expect("consuming");
+    // Both queues exist now (the cage declared its own): on the broker's disk before the kill.
+    broker.write_metadata();
     let ids: Vec<String> = (0..1000).map(|i| format!("m{i:04}")).collect();
     c.publish_many(&input, ids.iter().map(|i| (i.as_bytes().to_vec(), BasicProperties::default().with_message_id(ShortString::from(i.as_str())))));
     drop(c);
@@ -66,6 +62,7 @@ fn a_broker_killed_and_restarted_mid_stream_loses_no_message() {
     broker.boot();
     s.wait_for("again after", Duration::from_secs(30)).expect("reconnected by itself");
     eprintln!("broker down for {:?}", down.elapsed());
+    assert_eq!(broker.recovered_queues(), Some(2), "the broker recovered both queues:\n{}", broker.report());
     let want: BTreeSet<String> = ids.iter().map(|i| format!("done:{i}")).collect();
     let all = until(Duration::from_secs(60), || state_keys(&cage, "done:").len() >= want.len());
     let got: BTreeSet<String> = state_keys(&cage, "done:").into_iter().collect();
@@ -73,7 +70,11 @@ fn a_broker_killed_and_restarted_mid_stream_loses_no_message() {
     if !(all && missing.is_empty()) {
         s.drain(Duration::from_millis(500));
         let tail: Vec<&String> = s.log.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
-        panic!("lost across the broker restart (killed at {at_kill}, {} done): {missing:?}\nthe cage's log, last lines:\n{tail:#?}", got.len());
+        panic!(
+            "lost across the broker restart (killed at {at_kill}, {} done): {missing:?}\nthe cage's log, last lines:\n{tail:#?}\nthe broker:\n{}",
+            got.len(),
+            broker.report()
+        );
     }
     s.drain(Duration::from_millis(300));
     let warnings = s.log.iter().filter(|l| l.contains("connecting again with backoff")).count();
