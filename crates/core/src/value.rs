@@ -53,6 +53,21 @@ impl Value {
         }
     }
 
+    /// The bytes of a message body sent to a broker: a string as it is, nil as nothing, any other
+    /// value as JSON, with the content type that says so (a publisher's own content type, if it
+    /// names one, wins over it).
+    pub fn to_message_body(&self) -> Result<(Vec<u8>, Option<&'static str>), String> {
+        match self {
+            Value::Str(b) => Ok((b.clone(), None)),
+            Value::Nil => Ok((Vec::new(), None)),
+            other => {
+                let json = other.to_json().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
+                let text = serde_json::to_vec(&json).map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
+                Ok((text, Some("application/json")))
+            }
+        }
+    }
+
     /// Converts to JSON. Non-UTF-8 strings are refused (JSON has no bytes); map keys that are not
     /// strings are written as their text form; NaN and infinities are refused.
     pub fn to_json(&self) -> Result<serde_json::Value, String> {
@@ -209,6 +224,15 @@ impl fmt::Display for Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_bodies_are_bytes_or_json() {
+        assert_eq!(Value::str("hi").to_message_body().unwrap(), (b"hi".to_vec(), None));
+        assert_eq!(Value::Nil.to_message_body().unwrap(), (Vec::new(), None));
+        let (b, ct) = Value::Map(vec![(Value::str("n"), Value::Int(1))]).to_message_body().unwrap();
+        assert_eq!((b.as_slice(), ct), (&b"{\"n\":1}"[..], Some("application/json")));
+        assert!(Value::Float(f64::NAN).to_message_body().unwrap_err().contains("the body cannot be sent as JSON"));
+    }
 
     #[test]
     fn json_round_trip() {

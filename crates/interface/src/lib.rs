@@ -15,6 +15,8 @@
 //! [`Shutdown`] fires (the process stops, or a changed `[interfaces.X]` replaces this interface):
 //! stop taking work, let requests in flight finish.
 
+pub mod consumer;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

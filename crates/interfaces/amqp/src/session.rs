@@ -16,6 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use rustomnic_core::metrics::{message_counts, MessageCounts};
 use rustomnic_core::Value;
+use rustomnic_interface::consumer::{reconnecting, Outage};
 use rustomnic_interface::{Host, Request};
 use rustomnic_lua::RunError;
 use rustomnic_resource_amqp::{lapin, wire};
@@ -23,53 +24,18 @@ use tokio::task::JoinSet;
 
 use crate::AmqpInterface;
 
-/// The first wait before connecting again, doubled after each failure up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for messages in flight beyond the request timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// Why a session ended without an error.
-enum Ended {
-    Shutdown,
-}
-
 /// Runs the interface until its shutdown: sessions one after another, with backoff between
-/// failed ones; an outage is logged when it starts and when it ends, not at every retry.
+/// failed ones (rustomnic_interface::consumer).
 pub(crate) async fn run(iface: Arc<AmqpInterface>, host: Host) {
     let counts = message_counts(&iface.spec.cage, &iface.spec.name);
-    let mut shutdown = host.shutdown();
-    let mut outage: Option<Instant> = None;
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        match session(&iface, &host, &counts, &mut outage).await {
-            Ok(Ended::Shutdown) => return,
-            Err(e) => {
-                match outage {
-                    None => {
-                        tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{e}; connecting again with backoff (this is said once until it works)");
-                        outage = Some(Instant::now());
-                    }
-                    Some(_) => tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "still unavailable: {e}"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-        if outage.is_none() {
-            backoff = FIRST_BACKOFF;
-        }
-    }
+    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &counts, outage).await).await;
 }
 
 /// One connection's life: until the shutdown (Ok) or the first failure (Err, to be retried).
-async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &mut Option<Instant>) -> Result<Ended, String> {
+async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &mut Outage) -> Result<(), String> {
     let display = &iface.url.display;
     let conn = rustomnic_resource_amqp::client::connect(&iface.url, &format!("pmnc {}/{}", iface.spec.cage, iface.spec.name)).await?;
     let consume = conn.create_channel().await.map_err(|e| format!("{display}: cannot open a channel: {e}"))?;
@@ -88,9 +54,9 @@ async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCo
             .map_err(|e| format!("{display}: cannot consume queue {queue:?}: {e}"))?;
         consumers.push((tag, consumer.map(move |d| (i, d))));
     }
-    match outage.take() {
-        Some(since) => {
-            tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to {at} again after {:.1}s; consuming {}", since.elapsed().as_secs_f64(), iface.queues.join(", "), at = iface.url.display)
+    match outage.end() {
+        Some(after) => {
+            tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to {at} again after {:.1}s; consuming {}", after.as_secs_f64(), iface.queues.join(", "), at = iface.url.display)
         }
         None => tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {} on {at}", iface.queues.join(", "), at = iface.url.display),
     }
@@ -130,7 +96,7 @@ async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCo
         tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{} message(s) still in flight after {limit:?}; the broker delivers them again", tasks.len());
     }
     let _ = conn.close(200, ShortString::from("pmnc interface stopped")).await;
-    Ok(Ended::Shutdown)
+    Ok(())
 }
 
 fn short(s: &str) -> Result<ShortString, String> {
@@ -404,7 +370,7 @@ impl Settle {
             properties = properties.with_correlation_id(c.clone());
         }
         let body = match outcome {
-            Ok(value) => match wire::body_bytes(&value) {
+            Ok(value) => match value.to_message_body() {
                 Ok((body, content_type)) => {
                     if let Some(ct) = content_type {
                         properties = properties.with_content_type(ShortString::from(ct));

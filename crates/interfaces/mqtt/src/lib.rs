@@ -203,22 +203,8 @@ impl Interface for MqttInterface {
     }
 
     fn start(self: Arc<Self>, host: Host) {
-        let name = format!("pmnc-mqtt-{}", self.spec.name);
-        let (cage, iface) = (self.spec.cage.clone(), self.spec.name.clone());
         let config = self.config.clone();
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(cage = %cage, interface = %iface, "cannot start the MQTT consumer: {e}");
-                    return;
-                }
-            };
-            rt.block_on(Consumer::new(host, config).run());
-        });
-        if let Err(e) = spawned {
-            tracing::error!(cage = %self.spec.cage, interface = %self.spec.name, "cannot start the MQTT consumer thread: {e}");
-        }
+        rustomnic_interface::consumer::spawn(&self.spec, move || Consumer::new(host, config).run());
     }
 }
 

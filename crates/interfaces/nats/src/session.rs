@@ -380,7 +380,7 @@ impl Settle {
     async fn reply(&self, to: &str, outcome: Result<Value, (&str, &str)>) {
         let mut headers = HeaderMap::new();
         let body = match outcome {
-            Ok(value) => match wire::body_bytes(&value) {
+            Ok(value) => match value.to_message_body() {
                 Ok((body, content_type)) => {
                     if let Some(ct) = content_type {
                         headers.insert(wire::CONTENT_TYPE_HEADER, ct);

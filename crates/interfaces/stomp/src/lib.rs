@@ -132,21 +132,8 @@ impl Interface for StompInterface {
     }
 
     fn start(self: Arc<Self>, host: Host) {
-        let name = format!("pmnc-stomp-{}", self.spec.name);
         let me = self.clone();
-        let started = std::thread::Builder::new().name(name).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(cage = %me.spec.cage, interface = %me.spec.name, "cannot start the stomp consumer: {e}");
-                    return;
-                }
-            };
-            rt.block_on(session::run(me, host));
-        });
-        if let Err(e) = started {
-            tracing::error!(cage = %self.spec.cage, interface = %self.spec.name, "cannot start the stomp consumer: {e}");
-        }
+        rustomnic_interface::consumer::spawn(&self.spec, move || session::run(me, host));
     }
 }
 

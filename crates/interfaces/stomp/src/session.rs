@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rustomnic_core::metrics::{message_counts, MessageCounts};
 use rustomnic_core::Value;
+use rustomnic_interface::consumer::{reconnecting, Outage};
 use rustomnic_interface::{Host, Request};
 use rustomnic_lua::RunError;
 use rustomnic_resource_stomp::client::{self, Writer};
@@ -22,9 +23,6 @@ use tokio::task::JoinSet;
 
 use crate::StompInterface;
 
-/// The first wait before connecting again, doubled after each failure up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for messages in flight beyond the request timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long connecting, a subscription's receipt or a dead letter's receipt may take.
@@ -43,38 +41,11 @@ type Attempts = Arc<Mutex<HashMap<u64, u32>>>;
 type Receipts = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
 
 /// Runs the interface until its shutdown: sessions one after another, with backoff between
-/// failed ones; an outage is logged when it starts and when it ends, not at every retry.
+/// failed ones (rustomnic_interface::consumer).
 pub(crate) async fn run(iface: Arc<StompInterface>, host: Host) {
     let counts = message_counts(&iface.spec.cage, &iface.spec.name);
     let attempts: Attempts = Arc::default();
-    let mut shutdown = host.shutdown();
-    let mut outage: Option<Instant> = None;
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        match session(&iface, &host, &counts, &attempts, &mut outage).await {
-            Ok(()) => return,
-            Err(e) => {
-                match outage {
-                    None => {
-                        tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{e}; connecting again with backoff (this is said once until it works)");
-                        outage = Some(Instant::now());
-                    }
-                    Some(_) => tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "still unavailable: {e}"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-        if outage.is_none() {
-            backoff = FIRST_BACKOFF;
-        }
-    }
+    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &counts, &attempts, outage).await).await;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -82,13 +53,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One connection's life: until the shutdown (Ok) or the first failure (Err, to be retried).
-async fn session(
-    iface: &Arc<StompInterface>,
-    host: &Host,
-    counts: &Arc<MessageCounts>,
-    attempts: &Attempts,
-    outage: &mut Option<Instant>,
-) -> Result<(), String> {
+async fn session(iface: &Arc<StompInterface>, host: &Host, counts: &Arc<MessageCounts>, attempts: &Attempts, outage: &mut Outage) -> Result<(), String> {
     let display = &iface.url.display;
     let limits = Limits { max_body: iface.max_message_size, ..Limits::default() };
     let conn = client::connect(&iface.url, iface.heart_beat, limits, BROKER_TIMEOUT).await?;
@@ -124,9 +89,9 @@ async fn session(
             Err(_) => return Err(format!("{display}: no receipt for the subscription to {destination:?} within {BROKER_TIMEOUT:?}")),
         }
     }
-    match outage.take() {
-        Some(since) => {
-            tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to {at} again after {:.1}s; consuming {}", since.elapsed().as_secs_f64(), iface.destinations.join(", "), at = iface.url.display)
+    match outage.end() {
+        Some(after) => {
+            tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to {at} again after {:.1}s; consuming {}", after.as_secs_f64(), iface.destinations.join(", "), at = iface.url.display)
         }
         None => {
             tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {} on {at}", iface.destinations.join(", "), at = iface.url.display)

@@ -214,7 +214,7 @@ fn outgoing(method: &str, args: Vec<Value>) -> Result<Pending, Error> {
     };
     let exchange = name(&args[0], "exchange")?;
     let routing_key = name(&args[1], "routing_key")?;
-    let (body, content_type) = wire::body_bytes(&args[2]).map_err(|e| Error::new(format!("{usage}: {e}")))?;
+    let (body, content_type) = args[2].to_message_body().map_err(|e| Error::new(format!("{usage}: {e}")))?;
     let out = wire::properties_from_value(args.get(3)).map_err(|e| Error::new(format!("{usage}: {e}")))?;
     let mut properties = out.properties;
     if let (Some(ct), None) = (content_type, properties.content_type()) {

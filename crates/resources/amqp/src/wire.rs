@@ -252,20 +252,6 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// The bytes of a body: a string as it is; any other value as JSON, and then the content type
-/// says so (unless the properties name one). Nil is an empty body.
-pub fn body_bytes(v: &Value) -> Result<(Vec<u8>, Option<&'static str>), String> {
-    match v {
-        Value::Str(b) => Ok((b.clone(), None)),
-        Value::Nil => Ok((Vec::new(), None)),
-        other => {
-            let json = other.to_json().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            let text = serde_json::to_vec(&json).map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            Ok((text, Some("application/json")))
-        }
-    }
-}
-
 /// A header of the properties, if the message has it.
 pub fn header<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     p.headers().as_ref().and_then(|h| h.inner().get(name))
@@ -396,14 +382,5 @@ mod tests {
         assert!(e.contains("at most 255"), "{e}");
         let e = properties_from_value(Some(&map(vec![("headers", Value::str("x"))]))).unwrap_err();
         assert!(e.contains("properties.headers must be a table"), "{e}");
-    }
-
-    #[test]
-    fn bodies_are_bytes_or_json() {
-        assert_eq!(body_bytes(&Value::str("hi")).unwrap(), (b"hi".to_vec(), None));
-        assert_eq!(body_bytes(&Value::Nil).unwrap(), (Vec::new(), None));
-        let (b, ct) = body_bytes(&map(vec![("n", Value::Int(1))])).unwrap();
-        assert_eq!((b.as_slice(), ct), (&b"{\"n\":1}"[..], Some("application/json")));
-        assert!(body_bytes(&Value::Float(f64::NAN)).is_err());
     }
 }

@@ -217,7 +217,7 @@ fn outgoing(method: &str, args: Vec<Value>) -> Result<Pending, Error> {
         other => return Err(Error::new(format!("{usage}: the subject must be a string, got {}", other.type_name()))),
     };
     wire::check_publish_subject("the subject", &subject).map_err(|e| Error::new(format!("{usage}: {e}")))?;
-    let (body, content_type) = wire::body_bytes(&args[1]).map_err(|e| Error::new(format!("{usage}: {e}")))?;
+    let (body, content_type) = args[1].to_message_body().map_err(|e| Error::new(format!("{usage}: {e}")))?;
     let mut headers = wire::headers_from_value(args.get(2)).map_err(|e| Error::new(format!("{usage}: {e}")))?;
     if let Some(ct) = content_type {
         if headers.get(wire::CONTENT_TYPE_HEADER).is_none() {

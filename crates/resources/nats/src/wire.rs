@@ -132,20 +132,6 @@ pub fn header(h: Option<&HeaderMap>, name: &str) -> Option<String> {
     h?.get_last(name).map(|v| v.as_str().to_string())
 }
 
-/// A body to send: a string as it is, nil as nothing, other values as JSON (with the content
-/// type to set).
-pub fn body_bytes(v: &Value) -> Result<(Vec<u8>, Option<&'static str>), String> {
-    match v {
-        Value::Str(b) => Ok((b.clone(), None)),
-        Value::Nil => Ok((Vec::new(), None)),
-        other => {
-            let json = other.to_json().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            let text = serde_json::to_vec(&json).map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            Ok((text, Some("application/json")))
-        }
-    }
-}
-
 /// An error text fit for one header line: line breaks become spaces, and a huge text is cut.
 pub fn error_header_value(text: &str) -> HeaderValue {
     const MAX: usize = 4096;

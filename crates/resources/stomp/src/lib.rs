@@ -177,7 +177,7 @@ pub fn outgoing(args: Vec<Value>) -> Result<Frame, String> {
         other => return Err(format!("the destination must be a string, got {}", other.type_name())),
     };
     client::check_destination(&destination)?;
-    let (body, content_type) = body_bytes(&args[1])?;
+    let (body, content_type) = args[1].to_message_body()?;
     let mut f = Frame::new("SEND").header("destination", destination);
     let mut has_type = false;
     if let Some(h) = args.get(2) {
@@ -216,19 +216,6 @@ pub fn headers_from_value(v: &Value) -> Result<Vec<(String, String)>, String> {
         out.push((name.to_string(), value));
     }
     Ok(out)
-}
-
-/// A body from a value: a string as it is, nil empty, anything else as JSON.
-pub fn body_bytes(v: &Value) -> Result<(Vec<u8>, Option<&'static str>), String> {
-    match v {
-        Value::Str(b) => Ok((b.clone(), None)),
-        Value::Nil => Ok((Vec::new(), None)),
-        other => {
-            let json = other.to_json().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            let text = serde_json::to_vec(&json).map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-            Ok((text, Some("application/json")))
-        }
-    }
 }
 
 #[cfg(test)]
