@@ -609,3 +609,31 @@ end }"#;
     assert!(error.contains(&format!("127.0.0.1:{port}/%2f: no receipt for every message within receipt_timeout (300ms)")), "{error}");
     assert_eq!(sends.load(Ordering::SeqCst), 2, "both messages went out at commit before the receipts were awaited");
 }
+
+/// A topic: the interface's subscription gets what is sent to the topic after it subscribed,
+/// and the handler sees the topic as the destination.
+#[test]
+fn a_topic_subscription_takes_what_is_sent_to_the_topic() {
+    let Some(mut c) = Client::new() else { return };
+    let n = Names::new("topic", &mut c);
+    let topic = format!("/topic/{}", name("topic-news"));
+    let t = Tree::new();
+    let toml = cage_toml(&n, "").replace(&format!("destinations = [\"/queue/{}\"]", n.input), &format!("destinations = [\"{topic}\"]"));
+    assert!(toml.contains(&topic));
+    t.write("c/cage.toml", &toml);
+    t.write("c/app.lua", &APP.replace("@OUT@", &n.output));
+    let mut s = Server::start(&t.path().join("c"), &[]);
+    s.wait_for("consuming", Duration::from_secs(10)).expect("the consumer started");
+    let mut out = c.subscribe(&format!("/queue/{}", n.output));
+    for i in 0..3 {
+        c.send(&topic, format!("news{i}").as_bytes(), &[("tag", "t")]);
+    }
+    let mut bodies = std::collections::BTreeSet::new();
+    while bodies.len() < 3 {
+        let Some(f) = out.next(Duration::from_secs(10)) else { break };
+        let v = json(&f);
+        assert_eq!(v["destination"], topic.as_str(), "the handler sees the topic");
+        bodies.insert(v["body"].as_str().unwrap().to_string());
+    }
+    assert_eq!(bodies, (0..3).map(|i| format!("news{i}")).collect::<std::collections::BTreeSet<_>>());
+}
