@@ -63,14 +63,24 @@ async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCo
     let tags: Vec<String> = consumers.iter().map(|(t, _)| t.clone()).collect();
     let mut deliveries = select_all(consumers.into_iter().map(|(_, c)| c));
     let mut tasks = JoinSet::new();
+    let mut unsettled = Unsettled::default();
     let mut shutdown = host.shutdown();
     let failure = loop {
         tokio::select! {
             _ = shutdown.changed() => break None,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(first) = tasks.join_next(), if !tasks.is_empty() => {
+                // Every handler that has finished by now settles in one go: a run of
+                // acknowledgements from the oldest delivery on becomes one frame.
+                let mut batch: Vec<Done> = first.into_iter().collect();
+                while let Some(more) = tasks.try_join_next() {
+                    batch.extend(more);
+                }
+                unsettled.settle(iface, batch).await;
+            }
             next = deliveries.next() => match next {
                 Some((i, Ok(delivery))) => {
                     let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), publish: publish.clone(), queue: iface.queues[i].clone() };
+                    unsettled.tags.insert(delivery.delivery_tag);
                     tasks.spawn(job.run(delivery));
                 }
                 Some((_, Err(e))) => break Some(format!("{display}: the connection failed: {e}")),
@@ -91,7 +101,12 @@ async fn session(iface: &Arc<AmqpInterface>, host: &Host, counts: &Arc<MessageCo
         }
     }
     let limit = iface.spec.request_timeout + SHUTDOWN_GRACE;
-    let waited = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+    let waited = tokio::time::timeout(limit, async {
+        while let Some(done) = tasks.join_next().await {
+            unsettled.settle(iface, done.into_iter().collect()).await;
+        }
+    })
+    .await;
     if waited.is_err() {
         tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "{} message(s) still in flight after {limit:?}; the broker delivers them again", tasks.len());
     }
@@ -165,6 +180,73 @@ struct Settle {
     queue: String,
 }
 
+/// A message as the log names it: its id, else its delivery tag, and its queue.
+fn describe(d: &lapin::message::Delivery, queue: &str) -> String {
+    match d.properties.message_id() {
+        Some(id) => format!("message {:?} from queue {:?}", id.as_str(), queue),
+        None => format!("message #{} from queue {:?}", d.delivery_tag, queue),
+    }
+}
+
+/// A message whose handler has finished, to be settled at the broker as `outcome` says.
+struct Done {
+    d: lapin::message::Delivery,
+    outcome: Outcome,
+    queue: String,
+}
+
+impl Done {
+    fn describe(&self) -> String {
+        describe(&self.d, &self.queue)
+    }
+}
+
+/// The delivery tags of this session's channel not settled yet. Handlers finish in any order;
+/// when those that finished together include the oldest deliveries still open, all of them
+/// acknowledged, one `basic.ack` with `multiple` settles that run (fewer frames for the broker to
+/// read, on a machine it may share). Everything else is settled one by one, at once: no
+/// acknowledgement waits for a slower message, so a slow handler never holds the prefetch window.
+#[derive(Default)]
+struct Unsettled {
+    tags: std::collections::BTreeSet<u64>,
+}
+
+impl Unsettled {
+    async fn settle(&mut self, iface: &AmqpInterface, mut batch: Vec<Done>) {
+        batch.sort_by_key(|done| done.d.delivery_tag);
+        let acked: std::collections::BTreeSet<u64> = batch.iter().filter(|done| matches!(done.outcome, Outcome::Ack)).map(|done| done.d.delivery_tag).collect();
+        let last_of_run = run_end(&self.tags, &acked);
+        for done in &batch {
+            let tag = done.d.delivery_tag;
+            let (what, result) = match done.outcome {
+                Outcome::Ack => match last_of_run {
+                    Some(last) if tag < last => continue,
+                    Some(last) if tag == last => ("ack", done.d.acker.ack(BasicAckOptions { multiple: true }).await),
+                    _ => ("ack", done.d.acker.ack(BasicAckOptions::default()).await),
+                },
+                Outcome::Requeue => ("requeue", done.d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await),
+                Outcome::Reject => ("reject", done.d.acker.reject(BasicRejectOptions { requeue: false }).await),
+            };
+            if let Err(e) = result {
+                // The channel is gone: the broker delivers the message again.
+                tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "{what} of {} failed (it will be delivered again): {e}", done.describe());
+            }
+        }
+        for done in &batch {
+            self.tags.remove(&done.d.delivery_tag);
+        }
+    }
+}
+
+/// The last tag of the longest run of open tags, from the oldest, that `acked` holds entirely,
+/// when the run has two tags or more: one `multiple` ack up to it settles exactly that run (the
+/// tags below it are settled already, those after it not touched).
+fn run_end(open: &std::collections::BTreeSet<u64>, acked: &std::collections::BTreeSet<u64>) -> Option<u64> {
+    let mut run = open.iter().take_while(|t| acked.contains(t));
+    let first = run.next()?;
+    run.last().filter(|last| *last > first).copied()
+}
+
 /// How a message ends at the broker.
 enum Outcome {
     Ack,
@@ -174,28 +256,17 @@ enum Outcome {
 }
 
 impl Settle {
-    async fn run(self, d: lapin::message::Delivery) {
+    async fn run(self, d: lapin::message::Delivery) -> Done {
         self.counts.received.fetch_add(1, Ordering::Relaxed);
         if d.redelivered {
             self.counts.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let outcome = self.handle(&d).await;
-        let (what, result) = match outcome {
-            Outcome::Ack => ("ack", d.acker.ack(BasicAckOptions::default()).await),
-            Outcome::Requeue => ("requeue", d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await),
-            Outcome::Reject => ("reject", d.acker.reject(BasicRejectOptions { requeue: false }).await),
-        };
-        if let Err(e) = result {
-            // The channel is gone: the broker delivers the message again.
-            tracing::debug!(cage = %self.iface.spec.cage, interface = %self.iface.spec.name, "{what} of {} failed (it will be delivered again): {e}", self.describe(&d));
-        }
+        Done { d, outcome, queue: self.queue }
     }
 
     fn describe(&self, d: &lapin::message::Delivery) -> String {
-        match d.properties.message_id() {
-            Some(id) => format!("message {:?} from queue {:?}", id.as_str(), self.queue),
-            None => format!("message #{} from queue {:?}", d.delivery_tag, self.queue),
-        }
+        describe(d, &self.queue)
     }
 
     fn stopping(&self) -> bool {
@@ -408,4 +479,25 @@ fn error_text(e: &RunError) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_end;
+    use std::collections::BTreeSet;
+
+    fn set(tags: &[u64]) -> BTreeSet<u64> {
+        tags.iter().copied().collect()
+    }
+
+    #[test]
+    fn one_multiple_ack_covers_only_a_run_from_the_oldest_open_delivery() {
+        assert_eq!(run_end(&set(&[1, 2, 3, 4]), &set(&[1, 2])), Some(2));
+        assert_eq!(run_end(&set(&[1, 2, 3, 4]), &set(&[1, 2, 4])), Some(2), "4 is acked on its own");
+        assert_eq!(run_end(&set(&[1, 2, 3, 4]), &set(&[2, 3])), None, "1 is still running");
+        assert_eq!(run_end(&set(&[1, 2, 3]), &set(&[1])), None, "one tag is a plain ack");
+        // 6 was settled earlier (a nack): the run may step over it.
+        assert_eq!(run_end(&set(&[5, 7, 9]), &set(&[5, 7])), Some(7));
+        assert_eq!(run_end(&set(&[]), &set(&[1, 2])), None);
+    }
 }
