@@ -196,6 +196,32 @@ impl<'a> Section<'a> {
         parse(&text.value).map_err(|e| self.error(key, e)).ok()
     }
 
+    /// A required list of strings at `key` that must name at least one item (else `empty` is
+    /// the error), each item passing `check` (each failure recorded at the key). `example` is
+    /// the list as it would be written (`["orders"]`). `None` when anything is wrong; every
+    /// problem is recorded.
+    pub fn required_list(&self, key: &str, example: &str, empty: &str, check: impl Fn(&str) -> Result<(), String>) -> Option<Vec<String>> {
+        let Some(list) = self.strings(key) else {
+            // Present but unreadable (wrong type): that problem is already recorded.
+            if !self.has(key) {
+                self.table_error(format!("{key} is required, e.g. {key} = {example}"));
+            }
+            return None;
+        };
+        if list.value.is_empty() {
+            self.error(key, empty);
+            return None;
+        }
+        let mut ok = true;
+        for item in &list.value {
+            if let Err(e) = check(item) {
+                self.error(key, e);
+                ok = false;
+            }
+        }
+        ok.then_some(list.value)
+    }
+
     fn item(&self, key: &str) -> Option<&'a Item> {
         self.used.borrow_mut().insert(key.to_string());
         self.table.get(key)

@@ -85,27 +85,9 @@ impl InterfaceProtocol for AmqpProtocol {
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
         // Every key is read before giving up, so that all problems are listed at once.
         let url = client::read_url(section, "url");
-        let queues = match section.strings("queues") {
-            Some(q) if q.value.is_empty() => {
-                section.error("queues", "names no queue; give at least one, e.g. queues = [\"orders\"]");
-                None
-            }
-            Some(q) => {
-                let mut ok = true;
-                for name in &q.value {
-                    if let Err(e) = check_name(name) {
-                        section.error("queues", format!("queue {name:?}: {e}"));
-                        ok = false;
-                    }
-                }
-                ok.then_some(q.value)
-            }
-            None if section.has("queues") => None,
-            None => {
-                section.table_error("queues is required, e.g. queues = [\"orders\"]");
-                None
-            }
-        };
+        let queues = section.required_list("queues", "[\"orders\"]", "names no queue; give at least one, e.g. queues = [\"orders\"]", |name| {
+            check_name(name).map_err(|e| format!("queue {name:?}: {e}"))
+        });
         let declare = section.bool("declare").map(|v| v.value).unwrap_or(false);
         let bindings = match section.strings("bindings") {
             Some(list) => {

@@ -112,27 +112,7 @@ impl InterfaceProtocol for MqttProtocol {
             None if section.has("session_expiry") => None,
             None => Some(7 * 86_400),
         };
-        let topics = match section.strings("topics") {
-            Some(t) if t.value.is_empty() => {
-                section.error("topics", "needs at least one topic filter, e.g. topics = [\"orders/#\"]");
-                None
-            }
-            Some(t) => {
-                let mut ok = true;
-                for f in &t.value {
-                    if let Err(e) = check_filter(f) {
-                        section.error("topics", e);
-                        ok = false;
-                    }
-                }
-                ok.then_some(t.value)
-            }
-            None if section.has("topics") => None,
-            None => {
-                section.table_error("topics is required, e.g. topics = [\"orders/#\"]");
-                None
-            }
-        };
+        let topics = section.required_list("topics", "[\"orders/#\"]", "needs at least one topic filter, e.g. topics = [\"orders/#\"]", check_filter);
         let qos = match section.integer("qos", 0, 2) {
             Some(q) if q.value == 2 => {
                 section.error(

@@ -71,27 +71,12 @@ impl InterfaceProtocol for StompProtocol {
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
         // Every key is read before giving up, so that all problems are listed at once.
         let url = client::read_url(section, "url");
-        let destinations = match section.strings("destinations") {
-            Some(d) if d.value.is_empty() => {
-                section.error("destinations", "names no destination; give at least one, e.g. destinations = [\"/queue/orders\"]");
-                None
-            }
-            Some(d) => {
-                let mut ok = true;
-                for name in &d.value {
-                    if let Err(e) = client::check_destination(name) {
-                        section.error("destinations", e);
-                        ok = false;
-                    }
-                }
-                ok.then_some(d.value)
-            }
-            None if section.has("destinations") => None,
-            None => {
-                section.table_error("destinations is required, e.g. destinations = [\"/queue/orders\"]");
-                None
-            }
-        };
+        let destinations = section.required_list(
+            "destinations",
+            "[\"/queue/orders\"]",
+            "names no destination; give at least one, e.g. destinations = [\"/queue/orders\"]",
+            client::check_destination,
+        );
         let dead_letter = match section.string("dead_letter") {
             Some(d) => match client::check_destination(&d.value) {
                 Ok(()) if destinations.as_ref().is_some_and(|ds| ds.contains(&d.value)) => {
