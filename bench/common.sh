@@ -131,6 +131,45 @@ start_raw() {
     PORT="$(grep -Eo 'listening on 127\.0\.0\.1:[0-9]+' "$log" | head -n1 | grep -Eo '[0-9]+$')"
 }
 
+# start_nginx_lua DIR WORKERS LOG: nginx with its Lua module (Debian's nginx and
+# libnginx-mod-http-lua, installed when missing and apt-get is there) answering "Hello, world!"
+# from `content_by_lua_block`, with WORKERS worker processes and `access_log LOG` ("off", or a
+# file and a format); sets BG_PID and PORT. Returns 1, saying why, when nginx or its module is
+# missing.
+start_nginx_lua() {
+    local dir="$1" workers="$2" log="$3"
+    local module=/usr/lib/nginx/modules/ngx_http_lua_module.so
+    if [ ! -f "$module" ] && command -v apt-get >/dev/null; then
+        echo "== installing nginx with its Lua module (apt-get install nginx libnginx-mod-http-lua)"
+        apt-get install -y -q nginx libnginx-mod-http-lua >/dev/null 2>&1 || true
+    fi
+    if [ ! -f "$module" ] || ! command -v nginx >/dev/null; then
+        echo "(nginx with its Lua module is not installed: apt-get install nginx libnginx-mod-http-lua; no nginx run)"
+        return 1
+    fi
+    PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module $module;
+worker_processes $workers;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
+events { worker_connections 4096; }
+http {
+    access_log $log;
+    client_body_temp_path $dir;
+    server {
+        listen 127.0.0.1:$PORT;
+        location / { content_by_lua_block { ngx.print("Hello, world!") } }
+    }
+}
+EOF
+    start_bg "$dir/stdout.log" nginx -c "$dir/nginx.conf" -p "$dir"
+    for _ in $(seq 50); do curl -s --max-time 1 "http://127.0.0.1:$PORT/" >/dev/null && break; sleep 0.1; done
+}
+
 # expect_body URL TEXT: checks that URL answers 200 with TEXT (a sanity check before measuring).
 expect_body() {
     local url="$1" want="$2" got
@@ -186,9 +225,14 @@ thread_cpu() {
     done
 }
 
-# process_cpu PID: CPU ticks (user + system) the whole process has used.
+# process_cpu PID: CPU ticks of the process and of its live children (nginx's workers).
 process_cpu() {
-    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'
+    local p total=0 ticks
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+        ticks="$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}')"
+        total=$((total + ${ticks:-0}))
+    done
+    echo "$total"
 }
 
 # worker_cpu_report BEFORE AFTER: CPU seconds each pmnc-worker-* thread used between two

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # HTTP hello-world: a Lua handler (`return "Hello, world!"`) against `pmnc raw-http` (pure hyper,
-# same worker layout, same binary). Prints req/s of both, the ratio Lua/raw (target >= 0.90) and
-# p50/p99 latency. Never fails because of a figure.
+# same worker layout, same binary) and nginx with its Lua module (`content_by_lua_block`, the same
+# number of worker processes; NGINX=0 leaves it out). Prints req/s of each, the ratios Lua/raw
+# (target >= 0.90) and Lua/nginx+Lua (target >= 1.1, issue 19) and p50/p99 latency. Never fails
+# because of a figure.
 #
 #   bench/http-hello.sh                 wrk -t2 -c64 -d10s against each
 #   DURATION=30 bench/http-hello.sh     longer runs (seconds)
@@ -77,16 +79,26 @@ expect_body "http://127.0.0.1:$PORT/" "Hello, world!"
 measure raw "http://127.0.0.1:$PORT/" "$raw_pid"
 stop_pid "$raw_pid"
 
+names=(lua raw)
+if [ "${NGINX:-1}" = 1 ] && start_nginx_lua "$WORK/nginx" "$WORKERS" off; then
+    nginx_pid=$BG_PID
+    expect_body "http://127.0.0.1:$PORT/" "Hello, world!"
+    measure nginx "http://127.0.0.1:$PORT/" "$nginx_pid"
+    stop_pid "$nginx_pid"
+    names+=(nginx)
+fi
+
 echo
 # CPU per request: the server process's CPU time during the measured run over its requests; less
 # sensitive than req/s to what wrk and other processes take from the same cores.
 hz="$(getconf CLK_TCK 2>/dev/null || echo 100)"
 printf '%-28s %12s %10s %10s %10s %8s %12s\n' "server" "req/s" "p50" "p99" "requests" "errors" "CPU us/req"
-for name in lua raw; do
+for name in "${names[@]}"; do
     out="$WORK/wrk-$name.txt"
     errors=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" socket)))
     label="Lua handler (pmnc run)"
     [ "$name" = raw ] && label="pure hyper (pmnc raw-http)"
+    [ "$name" = nginx ] && label="nginx + Lua module"
     cpu="$(awk -v t="$(cat "$WORK/ticks-$name.txt")" -v r="$(wrk_field "$out" requests)" -v hz="$hz" \
         'BEGIN { if (r > 0) printf "%.1f", t / hz / r * 1e6; else print "?" }')"
     printf '%-28s %12s %10s %10s %10s %8s %12s\n' "$label" "$(wrk_field "$out" rps)" \
@@ -103,3 +115,9 @@ awk -v l="$(cat "$WORK/ticks-lua.txt")" -v r="$(cat "$WORK/ticks-raw.txt")" \
     if (l > 0 && r > 0 && lr > 0 && rr > 0)
         printf "CPU per request Lua/raw: %.2f (the same comparison, less dependent on what wrk takes from the cores)\n", (l / lr) / (r / rr)
 }'
+if [ -f "$WORK/wrk-nginx.txt" ]; then
+    awk -v l="$lua_rps" -v n="$(wrk_field "$WORK/wrk-nginx.txt" rps)" 'BEGIN {
+        ratio = (n > 0) ? l / n : 0
+        printf "ratio Lua/nginx+Lua: %.3f (target >= 1.1, issue 19): %s\n", ratio, (ratio >= 1.1 ? "met" : "MISSED")
+    }'
+fi

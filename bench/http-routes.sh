@@ -62,45 +62,17 @@ if [ "$name" = log ]; then
 fi
 
 if [ "${NGINX:-1}" = 1 ]; then
-    if [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] && command -v apt-get >/dev/null; then
-        echo "== installing nginx with its Lua module (apt-get install nginx libnginx-mod-http-lua)"
-        apt-get install -y -q nginx libnginx-mod-http-lua >/dev/null 2>&1 || true
-    fi
-    if [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] && command -v nginx >/dev/null; then
-        for name in nginx nginx-log; do
-            port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-            mkdir -p "$WORK/$name"
-            log="off"
-            [ "$name" = nginx-log ] && log="$WORK/$name/access.log combined"
-            cat >"$WORK/$name/nginx.conf" <<EOF
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes $WORKERS;
-daemon off;
-pid $WORK/$name/nginx.pid;
-error_log $WORK/$name/error.log;
-events { worker_connections 4096; }
-http {
-    access_log $log;
-    client_body_temp_path $WORK/$name;
-    server {
-        listen 127.0.0.1:$port;
-        location / { content_by_lua_block { ngx.print("Hello, world!") } }
-    }
-}
-EOF
-            start_bg "$WORK/$name/stdout.log" nginx -c "$WORK/$name/nginx.conf" -p "$WORK/$name"
-            pid=$BG_PID
-            for _ in $(seq 50); do curl -s --max-time 1 "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
-            expect_body "http://127.0.0.1:$port/" "Hello, world!"
-            # nginx's CPU is its workers' (children of the master).
-            measure "$name" "http://127.0.0.1:$port/" "$pid"
-            stop_pid "$pid"
-            names+=("$name")
-        done
-    else
-        echo "(nginx with its Lua module is not installed: apt-get install nginx libnginx-mod-http-lua; skipping the nginx runs)"
-    fi
+    for name in nginx nginx-log; do
+        log="off"
+        [ "$name" = nginx-log ] && log="$WORK/$name/access.log combined"
+        start_nginx_lua "$WORK/$name" "$WORKERS" "$log" || break
+        pid=$BG_PID
+        expect_body "http://127.0.0.1:$PORT/" "Hello, world!"
+        # nginx's CPU is its workers' (children of the master).
+        measure "$name" "http://127.0.0.1:$PORT/" "$pid"
+        stop_pid "$pid"
+        names+=("$name")
+    done
 fi
 
 echo

@@ -100,24 +100,15 @@ measure() {
     fi
     echo "== $name: wrk -t2 -c64 -d${DURATION}s $* $url"
     local before after
-    before="$(process_tree_cpu "$pid")"
+    before="$(process_cpu "$pid")"
     run_wrk "$WORK/wrk-$name.txt" -t2 -c64 -d"${DURATION}s" --latency "$@" "$url"
-    after="$(process_tree_cpu "$pid")"
+    after="$(process_cpu "$pid")"
     echo "$((${after:-0} - ${before:-0}))" >"$WORK/ticks-$name.txt"
     if [ -z "$(wrk_field "$WORK/wrk-$name.txt" rps)" ]; then
         echo "wrk printed no figures:"
         cat "$WORK/wrk-$name.txt"
         exit 1
     fi
-}
-
-# process_tree_cpu PID: CPU ticks of PID and its children (nginx's workers).
-process_tree_cpu() {
-    local total=0 p
-    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
-        total=$((total + $(process_cpu "$p" || echo 0)))
-    done
-    echo "$total"
 }
 
 # s_time NAME PORT: full handshakes per second with `openssl s_time -new` for DURATION seconds.

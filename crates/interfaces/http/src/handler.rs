@@ -19,6 +19,9 @@ use crate::multipart::Uploads;
 use crate::stream::{Body, Slot, SlotGuard};
 use crate::HttpInterface;
 
+/// Made at compile time: a name given as a string is parsed and checked on every use.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Answers a connection over the limit and closes it.
 pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
     let reply =
@@ -33,7 +36,7 @@ fn plain(status: StatusCode, id: &str, text: &str) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if let Ok(v) = HeaderValue::from_str(id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     r
 }
@@ -179,38 +182,19 @@ pub(crate) fn start(
     };
     let slot = Slot::register(&id, upgrade, iface.settings.write_timeout, iface.settings.max_message_size);
     let started = target.and_then(|(handler, routed)| {
-        let tables = vm.helper("http_request", TABLES)?;
-        let api = crate::lua_api::api(&vm)?;
         let lua = vm.lua();
         let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("request tables: {e}"));
-        let args = (|| {
-            let (params, route) = match routed {
-                Some((params, key)) => (params.map(LuaValue::Table).unwrap_or(LuaValue::Nil), LuaValue::String(key)),
-                None => (LuaValue::Nil, LuaValue::Nil),
-            };
-            let (form, files) = match &uploads {
-                Some(u) => upload_tables(lua, u)?,
-                None => (LuaValue::Nil, LuaValue::Nil),
-            };
-            Ok::<_, rustomnic_lua::mlua::Error>(MultiValue::from_iter([
-                LuaValue::String(lua.create_string(parts.method.as_str())?),
-                LuaValue::String(lua.create_string(percent_decode(parts.uri.path()))?),
-                LuaValue::String(lua.create_string(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?),
-                query_table(lua, &parts)?,
-                LuaValue::Table(header_table(lua, &parts)?),
-                if body.is_empty() { LuaValue::Nil } else { LuaValue::String(lua.create_string(&body)?) },
-                LuaValue::String(lua.create_string(peer)?),
-                LuaValue::String(lua.create_string(version_name(parts.version))?),
-                LuaValue::Table(api),
-                LuaValue::Boolean(websocket),
-                params,
-                route,
-                form,
-                files,
-            ]))
-        })()
-        .map_err(internal)?;
-        let (request, response): (Table, Table) = tables.call(args).map_err(internal)?;
+        let shapes = shapes(&vm)?;
+        let (params, route) = match routed {
+            Some((params, key)) => (params, Some(key)),
+            None => (None, None),
+        };
+        let (request, response): (Table, Table) = if websocket || uploads.is_some() {
+            // The rare shapes (an upgrade, a multipart body) are made by the Lua adapter.
+            adapter_tables(lua, &shapes, &parts, &body, peer, websocket, params, route, uploads.as_deref()).map_err(internal)?
+        } else {
+            plain_tables(lua, &shapes, &parts, &body, peer, params, route).map_err(internal)?
+        };
         *slot.0.uploads.borrow_mut() = uploads;
         // TLS: request.tls (nil on a plain connection).
         if let Some(info) = parts.extensions.get::<Arc<crate::tls::TlsInfo>>() {
@@ -220,6 +204,191 @@ pub(crate) fn start(
         Ok((fut, response))
     });
     (Ok((started, slot)), counts)
+}
+
+/// What every request's tables are made with, once per VM: the Lua adapter (for upgrades and
+/// multipart bodies), the HTTP API table, and registry references to the request's and the
+/// response's metatables for [`plain_tables`].
+#[derive(Clone)]
+struct Shapes {
+    build: Function,
+    api: Table,
+    request_mt: std::ffi::c_int,
+    response_mt: std::ffi::c_int,
+    /// The strings "status" and "headers", for [`plain_status`]'s reads without allocation.
+    status_key: std::ffi::c_int,
+    headers_key: std::ffi::c_int,
+}
+
+/// Keeps the registry references of [`Shapes`] alive as long as the VM.
+struct ShapesData {
+    shapes: Shapes,
+    _keys: [rustomnic_lua::mlua::RegistryKey; 4],
+}
+
+fn shapes(vm: &CageVm) -> Result<Shapes, RunError> {
+    let lua = vm.lua();
+    if let Some(data) = lua.app_data_ref::<ShapesData>() {
+        return Ok(data.shapes.clone());
+    }
+    let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("request tables: {e}"));
+    let api = crate::lua_api::api(vm)?;
+    let make = vm.helper("http_request", TABLES)?;
+    let (build, request_mt): (Function, Table) = make.call(api.clone()).map_err(internal)?;
+    let response_mt: Table = api.raw_get("response_mt").map_err(internal)?;
+    let request_key = lua.create_registry_value(request_mt).map_err(internal)?;
+    let response_key = lua.create_registry_value(response_mt).map_err(internal)?;
+    let status_key = lua.create_registry_value("status").map_err(internal)?;
+    let headers_key = lua.create_registry_value("headers").map_err(internal)?;
+    let shapes =
+        Shapes { build, api, request_mt: request_key.id(), response_mt: response_key.id(), status_key: status_key.id(), headers_key: headers_key.id() };
+    lua.set_app_data(ShapesData { shapes: shapes.clone(), _keys: [request_key, response_key, status_key, headers_key] });
+    Ok(shapes)
+}
+
+/// The request and response tables made by the Lua adapter (`build` of [`TABLES`]).
+#[allow(clippy::too_many_arguments)]
+fn adapter_tables(
+    lua: &Lua,
+    shapes: &Shapes,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    peer: &str,
+    websocket: bool,
+    params: Option<Table>,
+    route: Option<rustomnic_lua::mlua::LuaString>,
+    uploads: Option<&Uploads>,
+) -> rustomnic_lua::mlua::Result<(Table, Table)> {
+    let (form, files) = match uploads {
+        Some(u) => upload_tables(lua, u)?,
+        None => (LuaValue::Nil, LuaValue::Nil),
+    };
+    let args = MultiValue::from_iter([
+        LuaValue::String(lua.create_string(parts.method.as_str())?),
+        LuaValue::String(lua.create_string(percent_decode(parts.uri.path()))?),
+        LuaValue::String(lua.create_string(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))?),
+        query_table(lua, parts)?,
+        LuaValue::Table(header_table(lua, parts)?),
+        if body.is_empty() { LuaValue::Nil } else { LuaValue::String(lua.create_string(body)?) },
+        LuaValue::String(lua.create_string(peer)?),
+        LuaValue::String(lua.create_string(version_name(parts.version))?),
+        LuaValue::Table(shapes.api.clone()),
+        LuaValue::Boolean(websocket),
+        params.map(LuaValue::Table).unwrap_or(LuaValue::Nil),
+        route.map(LuaValue::String).unwrap_or(LuaValue::Nil),
+        form,
+        files,
+    ]);
+    shapes.build.call(args)
+}
+
+/// The request and response tables of a plain request (no upgrade, no multipart body), made
+/// through Lua's C API: the same tables the adapter makes, at about a third of the cost of
+/// calling it (issue 19's request path).
+fn plain_tables(
+    lua: &Lua,
+    shapes: &Shapes,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    peer: &str,
+    params: Option<Table>,
+    route: Option<rustomnic_lua::mlua::LuaString>,
+) -> rustomnic_lua::mlua::Result<(Table, Table)> {
+    use rustomnic_lua::mlua::ffi;
+    // Everything the closure reads is made here first: Lua's allocation errors leave the
+    // closure by longjmp, which must find no Rust value of its own to drop.
+    let raw_path = parts.uri.path();
+    let decoded = if raw_path.as_bytes().contains(&b'%') { Some(percent_decode(raw_path)) } else { None };
+    let path: &[u8] = decoded.as_deref().unwrap_or(raw_path.as_bytes());
+    let uri = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let query: Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> =
+        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).collect()).unwrap_or_default();
+    let headers = joined_headers(&parts.headers);
+    let method = parts.method.as_str();
+    let version = version_name(parts.version);
+    let (request_mt, response_mt) = (shapes.request_mt as ffi::lua_Integer, shapes.response_mt as ffi::lua_Integer);
+    let has_params = params.is_some();
+    let has_route = route.is_some();
+    // SAFETY: the closure runs in a protected call on the VM's own state, with the arguments
+    // (params, route) at stack slots 1 and 2; it only pushes values and sets fields of tables it
+    // made, keeps the stack balanced but for the two tables it leaves as results, and holds
+    // only borrows (nothing to drop if an allocation error unwinds it).
+    unsafe {
+        lua.exec_raw::<(Table, Table)>((params, route), |state| {
+            let push = |bytes: &[u8]| {
+                ffi::lua_pushlstring(state, bytes.as_ptr() as *const std::ffi::c_char, bytes.len());
+            };
+            let fields = 7 + usize::from(!body.is_empty()) + usize::from(has_params) + usize::from(has_route);
+            ffi::lua_createtable(state, 0, fields as std::ffi::c_int);
+            push(method.as_bytes());
+            ffi::lua_setfield(state, -2, c"method".as_ptr());
+            push(path);
+            ffi::lua_setfield(state, -2, c"path".as_ptr());
+            push(uri.as_bytes());
+            ffi::lua_setfield(state, -2, c"uri".as_ptr());
+            ffi::lua_createtable(state, 0, query.len() as std::ffi::c_int);
+            for (k, v) in &query {
+                push(k.as_bytes());
+                push(v.as_bytes());
+                ffi::lua_rawset(state, -3);
+            }
+            ffi::lua_setfield(state, -2, c"query".as_ptr());
+            ffi::lua_createtable(state, 0, headers.len() as std::ffi::c_int);
+            for (name, value) in &headers {
+                push(name.as_bytes());
+                push(value);
+                ffi::lua_rawset(state, -3);
+            }
+            ffi::lua_setfield(state, -2, c"headers".as_ptr());
+            push(peer.as_bytes());
+            ffi::lua_setfield(state, -2, c"remote_addr".as_ptr());
+            push(version.as_bytes());
+            ffi::lua_setfield(state, -2, c"version".as_ptr());
+            if !body.is_empty() {
+                push(body);
+                ffi::lua_setfield(state, -2, c"body".as_ptr());
+            }
+            if has_params {
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_setfield(state, -2, c"params".as_ptr());
+            }
+            if has_route {
+                ffi::lua_pushvalue(state, 2);
+                ffi::lua_setfield(state, -2, c"route".as_ptr());
+            }
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, request_mt);
+            ffi::lua_setmetatable(state, -2);
+            ffi::lua_createtable(state, 0, 2);
+            ffi::lua_pushinteger(state, 200);
+            ffi::lua_setfield(state, -2, c"status".as_ptr());
+            ffi::lua_createtable(state, 0, 0);
+            ffi::lua_setfield(state, -2, c"headers".as_ptr());
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, response_mt);
+            ffi::lua_setmetatable(state, -2);
+            // Only the two new tables are the results.
+            ffi::lua_rotate(state, 1, -2);
+            ffi::lua_settop(state, 2);
+        })
+    }
+}
+
+/// The request's headers as `request.headers` has them: lower-case names, the values of a
+/// repeated name joined with ", " (its values come one after another).
+fn joined_headers(headers: &hyper::HeaderMap) -> Vec<(&str, std::borrow::Cow<'_, [u8]>)> {
+    let mut out: Vec<(&str, std::borrow::Cow<'_, [u8]>)> = Vec::with_capacity(headers.keys_len());
+    let mut last: Option<&HeaderName> = None;
+    for (name, value) in headers.iter() {
+        match (last, out.last_mut()) {
+            (Some(n), Some((_, joined))) if n == name => {
+                let joined = joined.to_mut();
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(value.as_bytes());
+            }
+            _ => out.push((name.as_str(), std::borrow::Cow::Borrowed(value.as_bytes()))),
+        }
+        last = Some(name);
+    }
+    out
 }
 
 /// `request.form` and `request.files` of a multipart body.
@@ -524,8 +693,7 @@ end
 -- Shared by every request of the VM, so no module may change them (see the prelude).
 local request_mt = locked({ __index = lazy({ body = "", websocket = false, params = no_params, files = no_files }) })
 local websocket_mt = locked({ __index = lazy({ body = "", websocket = true, params = no_params, files = no_files }) })
-return function(method, path, uri, query, headers, body, remote_addr, version, api, websocket, params, route, form, files)
-  form_decode = api.form_decode
+local function build(method, path, uri, query, headers, body, remote_addr, version, api, websocket, params, route, form, files)
   local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
   local request
   if route and (params or body) then
@@ -549,6 +717,12 @@ return function(method, path, uri, query, headers, body, remote_addr, version, a
   end
   if websocket then request.upgrade = api.upgrader(response) end
   return request, response
+end
+-- Called once per VM with the HTTP API table; plain requests' tables are made in Rust with
+-- request_mt (plain_tables in handler.rs), the others by build.
+return function(api)
+  form_decode = api.form_decode
+  return build, request_mt
 end
 "#;
 
@@ -576,27 +750,12 @@ fn version_name(v: hyper::Version) -> &'static str {
     }
 }
 
-/// Lower-case names; repeated headers joined with ", ". One pass over the headers: the values of
-/// a repeated name come one after another.
+/// `request.headers` as a table (see [`joined_headers`]).
 fn header_table(lua: &Lua, parts: &hyper::http::request::Parts) -> rustomnic_lua::mlua::Result<Table> {
-    let headers = lua.create_table_with_capacity(0, parts.headers.keys_len())?;
-    let mut pending: Option<(&HeaderName, Vec<u8>)> = None;
-    for (name, value) in parts.headers.iter() {
-        match &mut pending {
-            Some((n, joined)) if *n == name => {
-                joined.extend_from_slice(b", ");
-                joined.extend_from_slice(value.as_bytes());
-            }
-            _ => {
-                if let Some((n, joined)) = pending.take() {
-                    headers.raw_set(lua.create_string(n.as_str())?, lua.create_string(&joined)?)?;
-                }
-                pending = Some((name, value.as_bytes().to_vec()));
-            }
-        }
-    }
-    if let Some((n, joined)) = pending {
-        headers.raw_set(lua.create_string(n.as_str())?, lua.create_string(&joined)?)?;
+    let joined = joined_headers(&parts.headers);
+    let headers = lua.create_table_with_capacity(0, joined.len())?;
+    for (name, value) in joined {
+        headers.raw_set(lua.create_string(name)?, lua.create_string(&value)?)?;
     }
     Ok(headers)
 }
@@ -684,6 +843,15 @@ fn body_bytes(value: LuaValue, json: &mut bool) -> Result<Bytes, String> {
 
 /// A response with the status and headers the handler set on its `response` table.
 pub(crate) fn response_head(response: &Table, body: Body, id: &str) -> Result<Response<Body>, String> {
+    if let Some(status) = plain_status(response) {
+        // The usual case, read in one step: a valid status and no headers.
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(id) {
+            r.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        return Ok(r);
+    }
     let status: LuaValue = response.raw_get("status").map_err(|e| e.to_string())?;
     let status = match status {
         LuaValue::Integer(n) if (100..=599).contains(&n) => StatusCode::from_u16(n as u16).map_err(|e| e.to_string())?,
@@ -719,9 +887,59 @@ pub(crate) fn response_head(response: &Table, body: Body, id: &str) -> Result<Re
         }
     }
     if let Ok(v) = HeaderValue::from_str(id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     Ok(r)
+}
+
+/// The status of a response table whose `status` is nil or an integer in 100..=599 and whose
+/// `headers` is absent, not a table, or empty; None for any other table, which
+/// [`response_head`] then reads field by field (and reports what is wrong with it).
+fn plain_status(response: &Table) -> Option<StatusCode> {
+    use rustomnic_lua::mlua::ffi;
+    let lua = response.weak_lua().try_upgrade()?;
+    let (status_key, headers_key) = {
+        let data = lua.app_data_ref::<ShapesData>()?;
+        (data.shapes.status_key as ffi::lua_Integer, data.shapes.headers_key as ffi::lua_Integer)
+    };
+    let status = lua.exec_raw_lua(|raw| {
+        let state = raw.state();
+        // SAFETY: outside any Lua call, on the VM's own state, with room for four values
+        // checked first. Nothing here allocates or runs Lua code, so nothing can raise an
+        // error without a protected call: the keys come from the registry (lua_rawgeti), the
+        // reads are raw (lua_rawget, lua_next), and the stack is put back as it was.
+        unsafe {
+            let top = ffi::lua_gettop(state);
+            if ffi::lua_checkstack(state, 4) == 0 || raw.push(response).is_err() {
+                ffi::lua_settop(state, top);
+                return None;
+            }
+            let table = ffi::lua_gettop(state);
+            let mut status = None;
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, headers_key);
+            let no_headers = ffi::lua_rawget(state, table) != ffi::LUA_TTABLE || {
+                ffi::lua_pushnil(state);
+                ffi::lua_next(state, -2) == 0
+            };
+            if no_headers {
+                ffi::lua_settop(state, table);
+                ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, status_key);
+                match ffi::lua_rawget(state, table) {
+                    ffi::LUA_TNIL => status = Some(200),
+                    ffi::LUA_TNUMBER if ffi::lua_isinteger(state, -1) != 0 => {
+                        let n = ffi::lua_tointegerx(state, -1, std::ptr::null_mut());
+                        if (100..=599).contains(&n) {
+                            status = Some(n as u16);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            ffi::lua_settop(state, top);
+            status
+        }
+    })?;
+    StatusCode::from_u16(status).ok()
 }
 
 fn describe(v: &LuaValue) -> String {
@@ -735,6 +953,122 @@ fn describe(v: &LuaValue) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The tables a plain request gets from Lua's C API are the adapter's, field for field.
+    #[test]
+    fn plain_tables_are_the_adapters() {
+        let vm = CageVm::new("t").expect("vm");
+        let lua = vm.lua();
+        let shapes = shapes(&vm).expect("shapes");
+        let same: Function = lua
+            .load(
+                r#"
+                local function same(a, b, path)
+                  if type(a) ~= type(b) then error(path .. ": " .. type(a) .. " vs " .. type(b)) end
+                  if type(a) ~= "table" then
+                    if a ~= b then error(path .. ": " .. tostring(a) .. " vs " .. tostring(b)) end
+                    return
+                  end
+                  if getmetatable(a) ~= getmetatable(b) then error(path .. ": metatables differ") end
+                  for k, v in pairs(a) do same(v, rawget(b, k), path .. "." .. tostring(k)) end
+                  for k in pairs(b) do if rawget(a, k) == nil then error(path .. "." .. tostring(k) .. " missing") end end
+                end
+                return function(r1, s1, r2, s2)
+                  same(r1, r2, "request")
+                  same(s1, s2, "response")
+                  -- What comes through the metatable is the same too.
+                  for _, k in ipairs({ "body", "websocket", "params", "files", "json" }) do
+                    local ok1, v1 = pcall(function() return r1[k] end)
+                    local ok2, v2 = pcall(function() return r2[k] end)
+                    same(ok1, ok2, "request." .. k .. " raised")
+                    if not ok1 then v1, v2 = v1:match("bad request: .*"), v2:match("bad request: .*") end
+                    same(v1, v2, "request." .. k)
+                  end
+                  return true
+                end
+                "#,
+            )
+            .call(())
+            .expect("comparer");
+        // (target, headers, body, routed)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [u8], bool);
+        let requests: [Case; 6] = [
+            ("/", &[("host", "h")], b"", false),
+            ("/a%20b/%zz?x=1&y=%41&x=2&flag", &[("accept", "a"), ("Accept", "b"), ("x-one", "1")], b"", false),
+            ("/p?", &[], b"{\"k\": [1, 2]}", false),
+            ("/r/7/items?q=%E2%82%AC", &[("content-type", "application/json")], b"[1]", true),
+            ("/r/8", &[("cookie", "a=1"), ("cookie", "b=2")], b"", true),
+            ("/%C3%A9t%C3%A9", &[("host", "h")], b"x", false),
+        ];
+        for (target, headers, body, routed) in requests {
+            let mut builder = hyper::Request::builder().method("POST").uri(target);
+            for (k, v) in headers {
+                builder = builder.header(*k, *v);
+            }
+            let (parts, ()) = builder.body(()).expect("request").into_parts();
+            let body = Bytes::copy_from_slice(body);
+            let routing = || {
+                routed.then(|| {
+                    let params = lua.create_table().expect("params");
+                    params.raw_set("id", "7").expect("param");
+                    (Some(params), lua.create_string("GET /r/{id}/items").expect("route"))
+                })
+            };
+            let (p1, k1) = routing().map(|(p, k)| (p, Some(k))).unwrap_or((None, None));
+            let (p2, k2) = routing().map(|(p, k)| (p, Some(k))).unwrap_or((None, None));
+            let (r1, s1) = plain_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", p1, k1).expect("plain");
+            let (r2, s2) = adapter_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", false, p2, k2, None).expect("adapter");
+            if let Err(e) = same.call::<bool>((r1, s1, r2, s2)) {
+                panic!("{target}: {e}");
+            }
+        }
+    }
+
+    /// A VM without room for the request's strings gets an error from the C API's protected
+    /// call, and is left as it was (a memory error leaves the closure by longjmp).
+    #[test]
+    fn plain_tables_out_of_memory() {
+        let vm = CageVm::new("t").expect("vm");
+        let lua = vm.lua();
+        let shapes = shapes(&vm).expect("shapes");
+        let (parts, ()) = hyper::Request::builder().uri("/?a=b").header("x", "y").body(()).expect("request").into_parts();
+        let body = Bytes::from(vec![b'x'; 1 << 20]);
+        let limit = lua.set_memory_limit(lua.used_memory() + (64 << 10)).expect("limit");
+        let r = plain_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", None, None);
+        assert!(matches!(r, Err(rustomnic_lua::mlua::Error::MemoryError(_))), "{r:?}");
+        lua.set_memory_limit(limit).expect("limit back");
+        let (request, _) = plain_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", None, None).expect("tables after");
+        assert_eq!(request.raw_get::<rustomnic_lua::mlua::LuaString>("body").expect("body").as_bytes().len(), 1 << 20);
+        assert_eq!(lua.load("return 1 + 1").eval::<i64>().expect("vm works"), 2);
+    }
+
+    /// The one-step read of a plain response and the field-by-field read agree; what the
+    /// first cannot read goes to the second, which names the fault.
+    #[test]
+    fn response_heads() {
+        let vm = CageVm::new("t").expect("vm");
+        let lua = vm.lua();
+        shapes(&vm).expect("shapes");
+        let head = |source: &str| {
+            let t: Table = lua.load(source).eval().expect("table");
+            response_head(&t, Body::full(Bytes::new()), "abc").map(|r| {
+                let h = r.headers();
+                (r.status().as_u16(), h.get("x-request-id").cloned(), h.get("x-a").map(|v| v.as_bytes().to_vec()))
+            })
+        };
+        let id = Some(HeaderValue::from_static("abc"));
+        assert_eq!(head("return { headers = {} }"), Ok((200, id.clone(), None)));
+        assert_eq!(head("return { status = 201, headers = {} }"), Ok((201, id.clone(), None)));
+        assert_eq!(head("return { status = 204 }"), Ok((204, id.clone(), None)));
+        assert_eq!(head("return { status = 202, headers = 'no table' }"), Ok((202, id.clone(), None)));
+        assert_eq!(head("return { status = 203, headers = { ['x-a'] = 'b' } }"), Ok((203, id.clone(), Some(b"b".to_vec()))));
+        assert_eq!(head("return { status = 600, headers = {} }"), Err("response.status must be an integer 100..599, got 600".into()));
+        assert_eq!(head("return { status = 200.5 }"), Err("response.status must be an integer 100..599, got 200.5".into()));
+        assert_eq!(head("return { status = '200' }"), Err("response.status must be an integer 100..599, got the string \"200\"".into()));
+        assert_eq!(head("return { headers = { [1] = 'x' } }"), Err("response.headers keys must be strings".into()));
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(super::percent_decode("/a%20b/%zz/%4"), b"/a b/%zz/%4");
