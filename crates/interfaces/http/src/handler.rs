@@ -191,7 +191,7 @@ pub(crate) fn start(
         };
         let (request, response): (Table, Table) = if websocket || uploads.is_some() {
             // The rare shapes (an upgrade, a multipart body) are made by the Lua adapter.
-            adapter_tables(lua, &shapes, &parts, &body, peer, websocket, params, route, uploads.as_deref()).map_err(internal)?
+            adapter_tables(lua, &parts, &body, peer, websocket, params, route, uploads.as_deref()).map_err(internal)?
         } else {
             plain_tables(lua, &shapes, &parts, &body, peer, params, route).map_err(internal)?
         };
@@ -206,13 +206,9 @@ pub(crate) fn start(
     (Ok((started, slot)), counts)
 }
 
-/// What every request's tables are made with, once per VM: the Lua adapter (for upgrades and
-/// multipart bodies), the HTTP API table, and registry references to the request's and the
-/// response's metatables for [`plain_tables`].
-#[derive(Clone)]
+/// Registry references to what [`plain_tables`] and [`plain_status`] need, made once per VM.
+#[derive(Clone, Copy)]
 struct Shapes {
-    build: Function,
-    api: Table,
     request_mt: std::ffi::c_int,
     response_mt: std::ffi::c_int,
     /// The strings "status" and "headers", for [`plain_status`]'s reads without allocation.
@@ -220,16 +216,19 @@ struct Shapes {
     headers_key: std::ffi::c_int,
 }
 
-/// Keeps the registry references of [`Shapes`] alive as long as the VM.
+/// Kept in the VM's app data: [`Shapes`] with its registry references (alive as long as the
+/// VM), and the Lua adapter (for upgrades and multipart bodies) with the HTTP API table.
 struct ShapesData {
     shapes: Shapes,
+    build: Function,
+    api: Table,
     _keys: [rustomnic_lua::mlua::RegistryKey; 4],
 }
 
 fn shapes(vm: &CageVm) -> Result<Shapes, RunError> {
     let lua = vm.lua();
     if let Some(data) = lua.app_data_ref::<ShapesData>() {
-        return Ok(data.shapes.clone());
+        return Ok(data.shapes);
     }
     let internal = |e: rustomnic_lua::mlua::Error| RunError::Internal(format!("request tables: {e}"));
     let api = crate::lua_api::api(vm)?;
@@ -240,9 +239,8 @@ fn shapes(vm: &CageVm) -> Result<Shapes, RunError> {
     let response_key = lua.create_registry_value(response_mt).map_err(internal)?;
     let status_key = lua.create_registry_value("status").map_err(internal)?;
     let headers_key = lua.create_registry_value("headers").map_err(internal)?;
-    let shapes =
-        Shapes { build, api, request_mt: request_key.id(), response_mt: response_key.id(), status_key: status_key.id(), headers_key: headers_key.id() };
-    lua.set_app_data(ShapesData { shapes: shapes.clone(), _keys: [request_key, response_key, status_key, headers_key] });
+    let shapes = Shapes { request_mt: request_key.id(), response_mt: response_key.id(), status_key: status_key.id(), headers_key: headers_key.id() };
+    lua.set_app_data(ShapesData { shapes, build, api, _keys: [request_key, response_key, status_key, headers_key] });
     Ok(shapes)
 }
 
@@ -250,7 +248,6 @@ fn shapes(vm: &CageVm) -> Result<Shapes, RunError> {
 #[allow(clippy::too_many_arguments)]
 fn adapter_tables(
     lua: &Lua,
-    shapes: &Shapes,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
     peer: &str,
@@ -259,6 +256,10 @@ fn adapter_tables(
     route: Option<rustomnic_lua::mlua::LuaString>,
     uploads: Option<&Uploads>,
 ) -> rustomnic_lua::mlua::Result<(Table, Table)> {
+    let (build, api) = match lua.app_data_ref::<ShapesData>() {
+        Some(data) => (data.build.clone(), data.api.clone()),
+        None => return Err(rustomnic_lua::mlua::Error::runtime("the request tables' adapter is not made yet")),
+    };
     let (form, files) = match uploads {
         Some(u) => upload_tables(lua, u)?,
         None => (LuaValue::Nil, LuaValue::Nil),
@@ -272,14 +273,14 @@ fn adapter_tables(
         if body.is_empty() { LuaValue::Nil } else { LuaValue::String(lua.create_string(body)?) },
         LuaValue::String(lua.create_string(peer)?),
         LuaValue::String(lua.create_string(version_name(parts.version))?),
-        LuaValue::Table(shapes.api.clone()),
+        LuaValue::Table(api),
         LuaValue::Boolean(websocket),
         params.map(LuaValue::Table).unwrap_or(LuaValue::Nil),
         route.map(LuaValue::String).unwrap_or(LuaValue::Nil),
         form,
         files,
     ]);
-    shapes.build.call(args)
+    build.call(args)
 }
 
 /// The request and response tables of a plain request (no upgrade, no multipart body), made
@@ -307,6 +308,7 @@ fn plain_tables(
     let method = parts.method.as_str();
     let version = version_name(parts.version);
     let (request_mt, response_mt) = (shapes.request_mt as ffi::lua_Integer, shapes.response_mt as ffi::lua_Integer);
+    let has_query = parts.uri.query().is_some();
     let has_params = params.is_some();
     let has_route = route.is_some();
     // SAFETY: the closure runs in a protected call on the VM's own state, with the arguments
@@ -318,7 +320,7 @@ fn plain_tables(
             let push = |bytes: &[u8]| {
                 ffi::lua_pushlstring(state, bytes.as_ptr() as *const std::ffi::c_char, bytes.len());
             };
-            let fields = 7 + usize::from(!body.is_empty()) + usize::from(has_params) + usize::from(has_route);
+            let fields = 6 + usize::from(has_query) + usize::from(!body.is_empty()) + usize::from(has_params) + usize::from(has_route);
             ffi::lua_createtable(state, 0, fields as std::ffi::c_int);
             push(method.as_bytes());
             ffi::lua_setfield(state, -2, c"method".as_ptr());
@@ -326,13 +328,15 @@ fn plain_tables(
             ffi::lua_setfield(state, -2, c"path".as_ptr());
             push(uri.as_bytes());
             ffi::lua_setfield(state, -2, c"uri".as_ptr());
-            ffi::lua_createtable(state, 0, query.len() as std::ffi::c_int);
-            for (k, v) in &query {
-                push(k.as_bytes());
-                push(v.as_bytes());
-                ffi::lua_rawset(state, -3);
+            if has_query {
+                ffi::lua_createtable(state, 0, query.len() as std::ffi::c_int);
+                for (k, v) in &query {
+                    push(k.as_bytes());
+                    push(v.as_bytes());
+                    ffi::lua_rawset(state, -3);
+                }
+                ffi::lua_setfield(state, -2, c"query".as_ptr());
             }
-            ffi::lua_setfield(state, -2, c"query".as_ptr());
             ffi::lua_createtable(state, 0, headers.len() as std::ffi::c_int);
             for (name, value) in &headers {
                 push(name.as_bytes());
@@ -358,11 +362,10 @@ fn plain_tables(
             }
             ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, request_mt);
             ffi::lua_setmetatable(state, -2);
-            ffi::lua_createtable(state, 0, 2);
+            // response.headers is made when first read (response_mt in lua_api.rs).
+            ffi::lua_createtable(state, 0, 1);
             ffi::lua_pushinteger(state, 200);
             ffi::lua_setfield(state, -2, c"status".as_ptr());
-            ffi::lua_createtable(state, 0, 0);
-            ffi::lua_setfield(state, -2, c"headers".as_ptr());
             ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, response_mt);
             ffi::lua_setmetatable(state, -2);
             // Only the two new tables are the results.
@@ -682,6 +685,11 @@ local function lazy(defaults)
       end
       if value ~= nil then rawset(request, "json", value) end
       return value
+    elseif k == "query" then
+      -- No query string: an empty table, made when first read (most handlers never do).
+      local query = {}
+      rawset(request, "query", query)
+      return query
     elseif k == "form" then
       local ok, value = form_decode(rawget(request, "body"), rawget(request, "headers")["content-type"])
       if not ok then error("bad request: request.form: " .. value, 2) end
@@ -694,18 +702,18 @@ end
 local request_mt = locked({ __index = lazy({ body = "", websocket = false, params = no_params, files = no_files }) })
 local websocket_mt = locked({ __index = lazy({ body = "", websocket = true, params = no_params, files = no_files }) })
 local function build(method, path, uri, query, headers, body, remote_addr, version, api, websocket, params, route, form, files)
-  local response = setmetatable({ status = 200, headers = {} }, api.response_mt)
+  local response = setmetatable({ status = 200 }, api.response_mt)
   local request
   if route and (params or body) then
     -- Nine or ten fields: made in one constructor, so that the table is sized once for all of
     -- them rather than grown (rehashed) when the ninth arrives.
     request = setmetatable({
-      method = method, path = path, uri = uri, query = query or {}, headers = headers,
+      method = method, path = path, uri = uri, query = query, headers = headers,
       remote_addr = remote_addr, version = version, body = body, route = route, params = params,
     }, websocket and websocket_mt or request_mt)
   else
     request = setmetatable({
-      method = method, path = path, uri = uri, query = query or {}, headers = headers,
+      method = method, path = path, uri = uri, query = query, headers = headers,
       remote_addr = remote_addr, version = version,
     }, websocket and websocket_mt or request_mt)
     if body then request.body = body end
@@ -978,7 +986,7 @@ mod tests {
                   same(r1, r2, "request")
                   same(s1, s2, "response")
                   -- What comes through the metatable is the same too.
-                  for _, k in ipairs({ "body", "websocket", "params", "files", "json" }) do
+                  for _, k in ipairs({ "body", "websocket", "params", "files", "json", "query" }) do
                     local ok1, v1 = pcall(function() return r1[k] end)
                     local ok2, v2 = pcall(function() return r2[k] end)
                     same(ok1, ok2, "request." .. k .. " raised")
@@ -1018,7 +1026,7 @@ mod tests {
             let (p1, k1) = routing().map(|(p, k)| (p, Some(k))).unwrap_or((None, None));
             let (p2, k2) = routing().map(|(p, k)| (p, Some(k))).unwrap_or((None, None));
             let (r1, s1) = plain_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", p1, k1).expect("plain");
-            let (r2, s2) = adapter_tables(lua, &shapes, &parts, &body, "127.0.0.1:9", false, p2, k2, None).expect("adapter");
+            let (r2, s2) = adapter_tables(lua, &parts, &body, "127.0.0.1:9", false, p2, k2, None).expect("adapter");
             if let Err(e) = same.call::<bool>((r1, s1, r2, s2)) {
                 panic!("{target}: {e}");
             }
@@ -1067,6 +1075,18 @@ mod tests {
         assert_eq!(head("return { status = 200.5 }"), Err("response.status must be an integer 100..599, got 200.5".into()));
         assert_eq!(head("return { status = '200' }"), Err("response.status must be an integer 100..599, got the string \"200\"".into()));
         assert_eq!(head("return { headers = { [1] = 'x' } }"), Err("response.headers keys must be strings".into()));
+
+        // A plain request's response.headers and an absent query string's request.query are
+        // made when first read, and are then the table that was written to.
+        let (parts, ()) = hyper::Request::builder().uri("/").body(()).expect("request").into_parts();
+        let (request, response) = plain_tables(lua, &shapes(&vm).expect("shapes"), &parts, &Bytes::new(), "p", None, None).expect("tables");
+        let kept: bool = lua
+            .load("local request, response = ...; response.headers['x-a'] = 'lazy'; request.query.k = 'v'; return request.query.k == 'v' and next(request.query) == 'k'")
+            .call((request, response.clone()))
+            .expect("lazy tables");
+        assert!(kept);
+        let r = response_head(&response, Body::full(Bytes::new()), "abc").expect("head");
+        assert_eq!(r.headers().get("x-a").map(|v| v.as_bytes()), Some(&b"lazy"[..]));
     }
 
     #[test]

@@ -12,7 +12,7 @@ const KEY: &str = "rustomnic.http.api";
 /// handler (`check` is tail-called, so level 2 is the handler's frame).
 const SOURCE: &str = r#"
 return function(rust)
-  local error, setmetatable = error, setmetatable
+  local error, setmetatable, rawset = error, setmetatable, rawset
   local function check(ok, ...)
     if ok then return ... end
     error((...), 2)
@@ -37,7 +37,12 @@ return function(rust)
   end
   api.response_mt = __pmnc_locked {
     __index = function(response, k)
-      if k == "stream" then
+      if k == "headers" then
+        -- Made when first read: most handlers set no header.
+        local headers = {}
+        rawset(response, "headers", headers)
+        return headers
+      elseif k == "stream" then
         return function(content_type)
           check(stream_start(response, content_type))
           return stream
