@@ -36,6 +36,14 @@ fn run(input: &[u8], cuts: &[usize], limits: Limits) -> (Vec<Decoded>, bool) {
 /// Without the `content-length` header, which encoding writes itself.
 fn normal(mut f: rustomnic_resource_stomp::frame::Frame) -> rustomnic_resource_stomp::frame::Frame {
     f.headers.retain(|(k, _)| k != "content-length");
+    // Unescaped frames cannot carry a line end in a header: the encoder writes it as a space
+    // (a bare '\r' can arrive in one, since only "\r\n" ends a line).
+    if matches!(f.command.as_str(), "CONNECT" | "STOMP" | "CONNECTED") {
+        for (k, v) in &mut f.headers {
+            *k = k.replace(['\r', '\n'], " ");
+            *v = v.replace(['\r', '\n'], " ");
+        }
+    }
     f
 }
 

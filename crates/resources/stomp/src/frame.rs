@@ -295,7 +295,8 @@ impl Decoder {
         if command.is_empty() || !command.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(format!("not a STOMP command: {:?}", truncate(&command)));
         }
-        let escaped = command != "CONNECTED" && command != "CONNECT";
+        // As the encoder: CONNECT, its alias STOMP, and CONNECTED are not escaped.
+        let escaped = !matches!(command.as_str(), "CONNECT" | "STOMP" | "CONNECTED");
         let mut headers = Vec::new();
         for line in lines {
             if headers.len() >= self.limits.max_headers {
@@ -344,6 +345,24 @@ mod tests {
             }
         }
         out
+    }
+
+    /// CONNECT, STOMP and CONNECTED are not escaped, on either side: a backslash stays, and a
+    /// line end (which such a frame cannot carry) is written as a space. Found by the
+    /// stomp_frame fuzz target (a bare CR in a CONNECTED header).
+    #[test]
+    fn unescaped_frames_round_trip() {
+        for command in ["CONNECT", "STOMP", "CONNECTED"] {
+            let f = Frame::new(command).header("host", "a\\b\rc\nd");
+            let mut d = Decoder::new(Limits::default());
+            d.extend(&f.encode());
+            let got = frames(&mut d);
+            assert_eq!(got.len(), 1, "{command}");
+            assert_eq!(got[0].get("host"), Some("a\\b c d"), "{command}");
+        }
+        let mut d = Decoder::new(Limits::default());
+        d.extend(b"CONNECTED\nversion:1.2\rx\n\n\0");
+        assert_eq!(frames(&mut d)[0].get("version"), Some("1.2\rx"));
     }
 
     #[test]
