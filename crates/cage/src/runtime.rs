@@ -58,23 +58,25 @@ pub fn prepare(path: &std::path::Path, protocols: &Protocols, tests: bool) -> Re
         }
         for iface in &cage.config.interfaces {
             let spec = iface.spec();
-            let (module, function) = &spec.handler.value;
-            match cage.modules.get(module) {
-                None => problems.push(
-                    spec.handler
-                        .error(format!("handler module {module} not found ({0}/{module}.lua or .shared/{module}.lua)", cage.config.dir.folder_name))
-                        .to_string(),
-                ),
-                Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(
-                    spec.handler
-                        .error(format!(
-                            "module {module} ({}) has no function {function} (it has: {})",
-                            m.display,
-                            if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
-                        ))
-                        .to_string(),
-                ),
-                Some(_) => {}
+            for handler in iface.handlers() {
+                let (module, function) = &handler.value;
+                match cage.modules.get(module) {
+                    None => problems.push(
+                        handler
+                            .error(format!("handler module {module} not found ({0}/{module}.lua or .shared/{module}.lua)", cage.config.dir.folder_name))
+                            .to_string(),
+                    ),
+                    Some(m) if !m.functions.iter().any(|f| f == function) => problems.push(
+                        handler
+                            .error(format!(
+                                "module {module} ({}) has no function {function} (it has: {})",
+                                m.display,
+                                if m.functions.is_empty() { "none".to_string() } else { m.functions.join(", ") }
+                            ))
+                            .to_string(),
+                    ),
+                    Some(_) => {}
+                }
             }
             if let Some(addr) = iface.listen() {
                 let who = format!("interface {} of cage {}", spec.name, spec.cage);

@@ -271,8 +271,9 @@ fn reload_config(cage: &mut CageState, workers: &Workers, config: &ConfigReload)
     let missing: Vec<String> = new
         .interfaces
         .iter()
-        .filter(|i| crate::modules::resolve(&cage.dir, &i.spec().handler.value.0).is_none())
-        .map(|i| i.spec().handler.error(format!("handler module {} not found", i.spec().handler.value.0)).to_string())
+        .flat_map(|i| i.handlers())
+        .filter(|h| crate::modules::resolve(&cage.dir, &h.value.0).is_none())
+        .map(|h| h.error(format!("handler module {} not found", h.value.0)).to_string())
         .collect();
     if missing.is_empty() {
         cage.interfaces = new.interfaces.clone();

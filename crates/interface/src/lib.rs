@@ -72,6 +72,13 @@ pub trait InterfaceProtocol: Send + Sync {
 pub trait Interface: Send + Sync {
     fn spec(&self) -> &InterfaceSpec;
 
+    /// The module functions this interface runs, each located where the config names it: the
+    /// runtime checks that they exist before it starts (and before a changed config is taken).
+    /// The `handler` key by default; an interface that runs several (celery's tasks) says so.
+    fn handlers(&self) -> Vec<Located<(String, String)>> {
+        vec![self.spec().handler.clone()]
+    }
+
     /// Where to accept TCP connections, for interfaces that listen.
     fn listen(&self) -> Option<Located<SocketAddr>> {
         None

@@ -310,6 +310,7 @@ fn protocols() -> Protocols {
     p.add(Arc::new(rustomnic_mqtt::MqttProtocol));
     p.add(Arc::new(rustomnic_nats::NatsProtocol));
     p.add(Arc::new(rustomnic_stomp::StompProtocol));
+    p.add(Arc::new(rustomnic_celery::CeleryProtocol));
     p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
     p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
     p.add_resource(Arc::new(rustomnic_resource_redis::Redis));

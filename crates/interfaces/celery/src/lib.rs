@@ -1,0 +1,198 @@
+//! The `celery` interface: a cage serves Celery tasks. Task messages (protocol 2, protocol 1
+//! accepted; JSON only) are taken from a Redis broker's queues the way kombu's Redis transport
+//! does it, each task runs as a request of the module function its name maps to, and its result
+//! is written in Celery's own format to the Redis result backend, so that Python's
+//! `AsyncResult.get()` returns it. See docs/interfaces/celery.md and decision 132.
+//!
+//! ```toml
+//! [interfaces.tasks]
+//! protocol = "celery"
+//! broker = "redis://127.0.0.1:6379/0"   # required; redis:// (AMQP is not served yet)
+//! tasks = ["billing.charge"]            # required: the tasks this cage serves, by name
+//! # or, for names that are not module.function of this cage:
+//! # tasks = { "proj.tasks.add" = "math.add" }
+//! queues = ["celery"]                   # default ["celery"]
+//! concurrency = 16                      # tasks run at once
+//! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker; "none": no results
+//! result_expires = "1d"                 # how long results are kept
+//! visibility_timeout = "1h"             # a taken, unacknowledged task goes back after this
+//! max_message_size = "1MiB"             # bigger task bodies fail with a clear error
+//! request_timeout = "30s"               # a task's deadline (or its time_limit if shorter)
+//! ```
+
+mod message;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustomnic_core::{Located, Section};
+use rustomnic_interface::{Host, Interface, InterfaceProtocol, InterfaceSpec};
+
+pub use message::{envelope, restored, task, unacked_entry, Refusal, Task};
+
+/// The largest `max_message_size`.
+const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 << 20;
+
+/// The `celery` protocol.
+pub struct CeleryProtocol;
+
+/// A task name and the (module, function) it runs, located at the `tasks` key.
+pub(crate) type TaskRoute = (String, Located<(String, String)>);
+
+/// A configured celery interface.
+pub struct CeleryInterface {
+    spec: InterfaceSpec,
+    pub(crate) broker: String,
+    pub(crate) backend: Option<String>,
+    pub(crate) queues: Vec<String>,
+    pub(crate) tasks: Vec<TaskRoute>,
+    pub(crate) concurrency: usize,
+    pub(crate) result_expires: Duration,
+    pub(crate) visibility_timeout: Duration,
+    pub(crate) max_message_size: usize,
+}
+
+impl CeleryInterface {
+    /// The handler of task `name`, if this interface serves it.
+    pub(crate) fn handler(&self, name: &str) -> Option<&(String, String)> {
+        self.tasks.iter().find(|(n, _)| n == name).map(|(_, h)| &h.value)
+    }
+}
+
+/// A redis:// URL, or why not.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") || url.starts_with("pyamqp://") {
+        return Err(format!("{url:?}: only a Redis broker is served so far (redis://host:6379/0); AMQP is not yet"));
+    }
+    if !url.starts_with("redis://") {
+        return Err(format!("{url:?} is not a redis:// URL such as \"redis://127.0.0.1:6379/0\""));
+    }
+    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{url:?}: {e}"))
+}
+
+/// `module.function`, or why not.
+fn split_handler(text: &str) -> Result<(String, String), String> {
+    match text.split_once('.') {
+        Some((m, f)) if !m.is_empty() && !f.is_empty() && !f.contains('.') && !f.starts_with('_') => Ok((m.to_string(), f.to_string())),
+        _ => Err(format!("{text:?} is not \"module.function\" of this cage (a public function)")),
+    }
+}
+
+impl InterfaceProtocol for CeleryProtocol {
+    fn name(&self) -> &'static str {
+        "celery"
+    }
+
+    fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
+        // Every key is read before giving up, so that all problems are listed at once.
+        let broker = section.required_parsed("broker", "\"redis://127.0.0.1:6379/0\"", |u| check_redis_url(u).map(|()| u.to_string()));
+        let backend = match section.string("result_backend") {
+            Some(b) if b.value == "none" => Some(None),
+            Some(b) => match check_redis_url(&b.value) {
+                Ok(()) => Some(Some(b.value)),
+                Err(e) => {
+                    section.error("result_backend", e);
+                    None
+                }
+            },
+            None if section.has("result_backend") => None,
+            None => Some(broker.clone()),
+        };
+        let tasks = read_tasks(section);
+        let queues = match section.strings("queues") {
+            Some(q) if q.value.is_empty() || q.value.iter().any(|n| n.is_empty() || n.contains('\u{6}')) => {
+                section.error("queues", "give one or more queue names, e.g. queues = [\"celery\"]");
+                None
+            }
+            Some(q) => Some(q.value),
+            None if section.has("queues") => None,
+            None => Some(vec!["celery".to_string()]),
+        };
+        let concurrency = section.integer("concurrency", 1, 10_000).map(|v| v.value as usize).unwrap_or(16);
+        let day = Duration::from_secs(86_400);
+        let result_expires = section.duration("result_expires", 365 * day).map(|v| v.value).unwrap_or(day);
+        let visibility_timeout = section.duration("visibility_timeout", 7 * day).map(|v| v.value).unwrap_or(Duration::from_secs(3600));
+        if visibility_timeout < Duration::from_secs(1) {
+            section.error("visibility_timeout", "must be at least 1s");
+        }
+        let max_message_size = section.size("max_message_size", MAX_MESSAGE_SIZE_LIMIT).map(|v| v.value as usize).unwrap_or(1 << 20);
+        let (Some(broker), Some(backend), Some(tasks), Some(queues)) = (broker, backend, tasks, queues) else { return None };
+        Some(Arc::new(CeleryInterface { spec, broker, backend, queues, tasks, concurrency, result_expires, visibility_timeout, max_message_size }))
+    }
+}
+
+/// `tasks`: a list of names that are `module.function` of the cage, or a table from task names
+/// to `module.function`.
+fn read_tasks(section: &Section) -> Option<Vec<TaskRoute>> {
+    let example = "tasks = [\"billing.charge\"] or tasks = { \"proj.tasks.add\" = \"math.add\" }";
+    let at: (std::path::PathBuf, usize, String);
+    let pairs: Vec<(String, String)> = match section.kind_of("tasks") {
+        None => {
+            section.table_error(format!("tasks is required: the Celery task names this cage serves, e.g. {example}"));
+            return None;
+        }
+        Some("array") => {
+            let l = section.strings("tasks")?;
+            at = (l.file, l.line, l.key);
+            l.value.into_iter().map(|n| (n.clone(), n)).collect()
+        }
+        Some("table" | "inline table") => {
+            let l = section.string_map("tasks")?;
+            at = (l.file, l.line, l.key);
+            l.value
+        }
+        Some(other) => {
+            section.error("tasks", format!("is a {other}; give a list or a table, e.g. {example}"));
+            return None;
+        }
+    };
+    if pairs.is_empty() {
+        section.error("tasks", format!("names no task; e.g. {example}"));
+        return None;
+    }
+    let mut out = Vec::with_capacity(pairs.len());
+    let mut ok = true;
+    for (name, target) in pairs {
+        match split_handler(&target) {
+            Ok(h) => out.push((name, Located { value: h, file: at.0.clone(), line: at.1, key: at.2.clone() })),
+            Err(e) => {
+                section.error("tasks", format!("task {name:?}: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+impl Interface for CeleryInterface {
+    fn spec(&self) -> &InterfaceSpec {
+        &self.spec
+    }
+
+    fn handlers(&self) -> Vec<Located<(String, String)>> {
+        self.tasks.iter().map(|(_, h)| h.clone()).collect()
+    }
+
+    fn start(self: Arc<Self>, host: Host) {
+        let me = self.clone();
+        rustomnic_interface::consumer::spawn(&self.spec, move || session::run(me, host));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn urls_and_handlers() {
+        assert!(check_redis_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check_redis_url("amqp://guest@h//").unwrap_err().contains("only a Redis broker"));
+        assert!(check_redis_url("http://x").unwrap_err().contains("not a redis:// URL"));
+        assert_eq!(split_handler("math.add").unwrap(), ("math".into(), "add".into()));
+        for bad in ["add", "a.b.c", ".x", "m.", "m._private"] {
+            assert!(split_handler(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Celery's task messages as the Redis transport carries them (kombu's envelope: the body in
+//! base64, headers and properties beside it), decoded into a task; and the result documents
+//! (`celery-task-meta-<id>`) written back. The wire is described in
+//! shared/design/celery-protocol.md (sections 1, 4 and 5).
+
+use base64::Engine;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use rustomnic_core::Value;
+use serde_json::{json, Map, Value as Json};
+
+/// A message taken from a queue: its envelope as JSON, and the fields read from it.
+#[derive(Debug)]
+pub struct Envelope {
+    pub json: Json,
+    /// The ack handle (`properties.delivery_tag`), also the key of its `unacked` entry.
+    pub tag: String,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// Why a message is left for another worker rather than run here.
+#[derive(Debug, PartialEq)]
+pub enum Refusal {
+    /// Not a message this worker can run (pickle, an unknown task, a canvas it does not
+    /// continue yet): it goes back to its queue for another worker, untouched.
+    Others(String),
+    /// A message that no worker can run as it is (too big, a body that is not a task): its
+    /// task gets a FAILURE result with this text, and the message is acknowledged.
+    Fail(String),
+}
+
+/// A task to run.
+#[derive(Debug, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub name: String,
+    pub args: Vec<Value>,
+    /// The keyword arguments, a map (empty when none).
+    pub kwargs: Value,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub retries: i64,
+    /// The hard time limit in seconds (`timelimit[0]`).
+    pub time_limit: Option<f64>,
+    pub ignore_result: bool,
+}
+
+/// Reads kombu's envelope. An error means the bytes are not a Celery message at all.
+pub fn envelope(payload: &[u8], queue: &str) -> Result<Envelope, String> {
+    let json: Json = serde_json::from_slice(payload).map_err(|e| format!("not a JSON envelope: {e}"))?;
+    let Some(o) = json.as_object() else { return Err("the envelope is not a JSON object".into()) };
+    let props = o.get("properties").and_then(Json::as_object);
+    let tag = props.and_then(|p| p.get("delivery_tag")).and_then(Json::as_str).map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let info = props.and_then(|p| p.get("delivery_info")).and_then(Json::as_object);
+    let exchange = info.and_then(|i| i.get("exchange")).and_then(Json::as_str).unwrap_or("").to_string();
+    let routing_key = info.and_then(|i| i.get("routing_key")).and_then(Json::as_str).unwrap_or(queue).to_string();
+    Ok(Envelope { json, tag, exchange, routing_key })
+}
+
+/// The task in an envelope, or why it is not run here. `known` tells whether a task name is
+/// one this interface runs.
+pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Result<Task, Refusal> {
+    let o = env.json.as_object().ok_or_else(|| Refusal::Fail("the envelope is not a JSON object".into()))?;
+    let headers = o.get("headers").and_then(Json::as_object);
+    let content_type = o.get("content-type").and_then(Json::as_str).unwrap_or("");
+    let header = |k: &str| headers.and_then(|h| h.get(k));
+    let id_hint = header("id").and_then(Json::as_str).unwrap_or("?");
+    if content_type != "application/json" {
+        return Err(Refusal::Others(format!("task {id_hint}: content type {content_type:?} is not accepted (JSON only)")));
+    }
+    if header("compression").is_some_and(|c| !c.is_null()) {
+        return Err(Refusal::Others(format!("task {id_hint}: compressed bodies are not accepted")));
+    }
+    let body = o.get("body").and_then(Json::as_str).unwrap_or("");
+    // base64 is 4/3 of the body: refuse before decoding what is too big.
+    if body.len() / 4 * 3 > max_size {
+        return Err(Refusal::Fail(format!("the task's body of about {} bytes is over this worker's max_message_size of {max_size} bytes", body.len() / 4 * 3)));
+    }
+    let encoding = o.get("properties").and_then(|p| p.get("body_encoding")).and_then(Json::as_str).unwrap_or("");
+    let bytes = if encoding == "base64" {
+        base64::engine::general_purpose::STANDARD.decode(body).map_err(|e| Refusal::Fail(format!("the body is not base64: {e}")))?
+    } else {
+        body.as_bytes().to_vec()
+    };
+    let decoded = Value::parse_json(&bytes).map_err(|e| Refusal::Fail(format!("the body is not JSON: {e}")))?;
+    let (name, id, args, kwargs, embed) = match header("task").and_then(Json::as_str) {
+        // Protocol v2: [args, kwargs, embed].
+        Some(name) => {
+            let Value::Array(mut parts) = decoded else { return Err(Refusal::Fail("the body is not [args, kwargs, embed]".into())) };
+            if parts.len() != 3 {
+                return Err(Refusal::Fail(format!("the body has {} parts, not [args, kwargs, embed]", parts.len())));
+            }
+            let embed = parts.pop().unwrap_or_default();
+            let kwargs = parts.pop().unwrap_or_default();
+            let args = parts.pop().unwrap_or_default();
+            let id = header("id").and_then(Json::as_str).ok_or_else(|| Refusal::Fail("the message has no id header".into()))?;
+            (name.to_string(), id.to_string(), args, kwargs, embed)
+        }
+        // Protocol v1: a map with task, id, args, kwargs (and callbacks beside them).
+        None => {
+            let field = |k: &str| decoded.get(k).cloned().unwrap_or_default();
+            let (Some(name), Some(id)) = (field("task").as_str().map(str::to_string), field("id").as_str().map(str::to_string)) else {
+                return Err(Refusal::Fail("the message has neither a task header (protocol 2) nor a task in its body (protocol 1)".into()));
+            };
+            let embed = Value::Map(vec![(Value::str("callbacks"), field("callbacks")), (Value::str("errbacks"), field("errbacks"))]);
+            (name, id, field("args"), field("kwargs"), embed)
+        }
+    };
+    let args = match args {
+        Value::Array(a) => a,
+        Value::Nil => Vec::new(),
+        other => return Err(Refusal::Fail(format!("task {id}: args must be a list, got {}", other.type_name()))),
+    };
+    let kwargs = match kwargs {
+        m @ Value::Map(_) => m,
+        Value::Nil | Value::Array(_) => Value::Map(Vec::new()),
+        other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
+    };
+    if let Value::Map(parts) = &embed {
+        if let Some((k, _)) = parts.iter().find(|(_, v)| !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
+            return Err(Refusal::Others(format!(
+                "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
+                String::from_utf8_lossy(k.as_str().unwrap_or("?").as_bytes())
+            )));
+        }
+    }
+    if !known(&name) {
+        return Err(Refusal::Others(format!("task {id}: {name} is not one of this interface's tasks")));
+    }
+    let time = |k: &str| header(k).and_then(Json::as_str).and_then(parse_time);
+    let time_limit = header("timelimit").and_then(Json::as_array).and_then(|l| l.first()).and_then(Json::as_f64).filter(|s| *s > 0.0);
+    Ok(Task {
+        args: args.into_iter().map(untag).collect(),
+        kwargs: untag(kwargs),
+        eta: time("eta"),
+        expires: time("expires"),
+        retries: header("retries").and_then(Json::as_i64).unwrap_or(0),
+        time_limit,
+        ignore_result: header("ignore_result").and_then(Json::as_bool).unwrap_or(false),
+        id,
+        name,
+    })
+}
+
+/// kombu's tagged values (`{"__type__": "datetime", "__value__": "..."}` and the like) as the
+/// plain value they carry: a datetime, date, time, decimal or text as its string, a UUID as its
+/// hex, binary bytes decoded from base64.
+fn untag(v: Value) -> Value {
+    match v {
+        Value::Map(pairs) => {
+            if pairs.len() == 2 {
+                let get = |k: &str| pairs.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v);
+                if let (Some(Value::Str(kind)), Some(value)) = (get("__type__"), get("__value__")) {
+                    match (kind.as_slice(), value) {
+                        (b"datetime" | b"date" | b"time" | b"decimal" | b"bytes", Value::Str(_)) => return value.clone(),
+                        (b"uuid", v) => return v.get("hex").cloned().unwrap_or_else(|| v.clone()),
+                        (b"base64", Value::Str(text)) => {
+                            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text) {
+                                return Value::Str(bytes);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Value::Map(pairs.into_iter().map(|(k, v)| (k, untag(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(untag).collect()),
+        other => other,
+    }
+}
+
+/// An ISO-8601 time as Celery writes it; one without an offset is UTC.
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|t| t.and_utc())
+}
+
+/// A time as Celery writes `date_done`.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+/// The result document of a task (`celery-task-meta-<id>`).
+pub fn meta(task_id: &str, status: &str, result: Json, traceback: Option<&str>, now: DateTime<Utc>) -> String {
+    json!({
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": format_time(now),
+        "task_id": task_id,
+    })
+    .to_string()
+}
+
+/// A FAILURE's `result`: an exception the Python client re-raises (`exc_module.exc_type(*exc_message)`).
+pub fn exception(module: &str, kind: &str, message: &str) -> Json {
+    let mut m = Map::new();
+    m.insert("exc_type".into(), Json::from(kind));
+    m.insert("exc_message".into(), json!([message]));
+    m.insert("exc_module".into(), Json::from(module));
+    Json::Object(m)
+}
+
+/// The `unacked` hash's value for a message: `[envelope, exchange, routing_key]`, as kombu
+/// writes it, so that either side can restore the other's messages.
+pub fn unacked_entry(env: &Envelope) -> String {
+    json!([env.json, env.exchange, env.routing_key]).to_string()
+}
+
+/// The envelope of an `unacked` entry, marked redelivered, with its queue (the routing key),
+/// for putting it back.
+pub fn restored(entry: &[u8]) -> Option<(String, String)> {
+    let v: Json = serde_json::from_slice(entry).ok()?;
+    let parts = v.as_array()?;
+    let mut env = parts.first()?.clone();
+    let queue = parts.get(2)?.as_str()?.to_string();
+    if let Some(h) = env.get_mut("headers").and_then(Json::as_object_mut) {
+        h.insert("redelivered".into(), Json::Bool(true));
+    }
+    if let Some(i) = env.get_mut("properties").and_then(|p| p.get_mut("delivery_info")).and_then(Json::as_object_mut) {
+        i.insert("redelivered".into(), Json::Bool(true));
+    }
+    Some((queue, env.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The envelope of shared/design/celery-protocol.md §4.1 (a task tasks.add(2, 3, z=1)).
+    fn captured(content_type: &str, body: &str) -> Vec<u8> {
+        let body = base64::engine::general_purpose::STANDARD.encode(body);
+        json!({
+            "body": body, "content-encoding": "utf-8", "content-type": content_type,
+            "headers": {"lang": "py", "task": "tasks.add", "id": "ed9fe625", "shadow": null, "eta": null,
+                "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+                "root_id": "ed9fe625", "parent_id": null, "argsrepr": "(2, 3)", "kwargsrepr": "{'z': 1}",
+                "origin": "gen7399@vm", "ignore_result": null, "replaced_task_nesting": 0,
+                "stamped_headers": null, "stamps": {}},
+            "properties": {"correlation_id": "ed9fe625", "reply_to": "685fe064", "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
+                "body_encoding": "base64", "delivery_tag": "60e31c89"}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    const ADD: &str = r#"[[2, 3], {"z": 1}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+
+    #[test]
+    fn a_captured_task() {
+        let env = envelope(&captured("application/json", ADD), "celery").unwrap();
+        assert_eq!((env.tag.as_str(), env.exchange.as_str(), env.routing_key.as_str()), ("60e31c89", "", "celery"));
+        let t = task(&env, 1 << 20, |n| n == "tasks.add").unwrap();
+        assert_eq!(t.name, "tasks.add");
+        assert_eq!(t.id, "ed9fe625");
+        assert_eq!(t.args, vec![Value::Int(2), Value::Int(3)]);
+        assert_eq!(t.kwargs, Value::Map(vec![(Value::str("z"), Value::Int(1))]));
+        assert_eq!((t.eta, t.expires, t.retries, t.time_limit, t.ignore_result), (None, None, 0, None, false));
+    }
+
+    #[test]
+    fn refusals() {
+        let env = envelope(&captured("application/x-python-serialize", ADD), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("JSON only")));
+        let env = envelope(&captured("application/json", ADD), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| false), Err(Refusal::Others(m)) if m.contains("tasks.add is not one of")));
+        assert!(matches!(task(&env, 10, |_| true), Err(Refusal::Fail(m)) if m.contains("max_message_size of 10 bytes")));
+        let chain = r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": [{"task": "tasks.mul"}], "chord": null}]"#;
+        let env = envelope(&captured("application/json", chain), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (chain)")));
+        for bad in ["{}", "[1, 2]", "[1, {}, {}]", "not json"] {
+            let env = envelope(&captured("application/json", bad), "celery").unwrap();
+            assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Fail(_))), "{bad}");
+        }
+        assert!(envelope(b"[1]", "q").is_err());
+        assert!(envelope(b"\xff", "q").is_err());
+    }
+
+    #[test]
+    fn protocol_one_and_tagged_values() {
+        let mut env = envelope(&captured("application/json", ""), "celery").unwrap();
+        let body = r#"{"task": "tasks.add", "id": "v1", "args": [{"__type__": "decimal", "__value__": "1.10"}], "kwargs": {"b": {"__type__": "base64", "__value__": "AAE="}}}"#;
+        env.json["body"] = Json::from(base64::engine::general_purpose::STANDARD.encode(body));
+        env.json["headers"] = json!({});
+        let t = task(&env, 1 << 20, |_| true).unwrap();
+        assert_eq!((t.id.as_str(), t.name.as_str()), ("v1", "tasks.add"));
+        assert_eq!(t.args, vec![Value::str("1.10")]);
+        assert_eq!(t.kwargs, Value::Map(vec![(Value::str("b"), Value::Str(vec![0, 1]))]));
+    }
+
+    #[test]
+    fn times_and_meta() {
+        let t = parse_time("2026-11-22T03:07:55.583864+00:00").unwrap();
+        assert_eq!(format_time(t), "2026-11-22T03:07:55.583864+00:00");
+        assert_eq!(parse_time("2026-11-22T03:07:55.5"), parse_time("2026-11-22T03:07:55.500000+00:00"));
+        assert_eq!(parse_time("2026-11-22T05:07:55+02:00"), parse_time("2026-11-22T03:07:55Z"));
+        assert!(parse_time("yesterday").is_none());
+        let m: Json = serde_json::from_str(&meta("id1", "FAILURE", exception("builtins", "RuntimeError", "boom"), Some("tb"), t)).unwrap();
+        assert_eq!(m["result"], json!({"exc_type": "RuntimeError", "exc_message": ["boom"], "exc_module": "builtins"}));
+        assert_eq!((m["status"].as_str(), m["task_id"].as_str(), m["traceback"].as_str()), (Some("FAILURE"), Some("id1"), Some("tb")));
+    }
+
+    #[test]
+    fn unacked_entries_restore() {
+        let env = envelope(&captured("application/json", ADD), "celery").unwrap();
+        let entry = unacked_entry(&env);
+        let (queue, text) = restored(entry.as_bytes()).unwrap();
+        assert_eq!(queue, "celery");
+        let back = envelope(text.as_bytes(), "celery").unwrap();
+        assert_eq!(back.json["headers"]["redelivered"], Json::Bool(true));
+        assert_eq!(back.tag, env.tag);
+        assert!(task(&back, 1 << 20, |_| true).is_ok());
+    }
+}

@@ -1,0 +1,375 @@
+//! Consuming a Redis broker as kombu's Redis transport does (shared/design/celery-protocol.md
+//! §4): BRPOP over the queues, each taken message recorded in `unacked`/`unacked_index` until it
+//! is acknowledged, messages of a worker that died put back after the visibility timeout (by
+//! whichever worker, ours or Python's, sweeps first), results written with SETEX and PUBLISH.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+use rustomnic_core::Value;
+use rustomnic_interface::consumer::{reconnecting, Outage};
+use rustomnic_interface::{Host, Request};
+use rustomnic_lua::RunError;
+use serde_json::Value as Json;
+
+use crate::message::{self, Envelope, Refusal, Task};
+use crate::CeleryInterface;
+
+/// How long one BRPOP waits (kombu's worker waits 1 s too).
+const POP_WAIT: u64 = 1;
+/// How often this worker sweeps `unacked` for messages past the visibility timeout.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// The refused messages remembered, to slow down when the same one comes back.
+const REFUSED_KEPT: usize = 1024;
+/// Where messages that are not Celery messages at all are kept (they cannot go back to a queue
+/// whose consumers cannot read them either).
+const UNREADABLE: &str = "rustomnic.celery.unreadable";
+
+/// Consumes until the interface's shutdown, reconnecting with backoff.
+pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host) {
+    let refused = Arc::new(Mutex::new(VecDeque::new()));
+    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &refused, outage).await).await;
+}
+
+/// What every task of a session shares.
+struct Shared {
+    iface: Arc<CeleryInterface>,
+    host: Host,
+    broker: MultiplexedConnection,
+    backend: Option<MultiplexedConnection>,
+    refused: Arc<Mutex<VecDeque<String>>>,
+    /// Set when a refused message came back: taking pauses until then, so that the message
+    /// waits in its queue where another worker can take it.
+    pause_until: Mutex<Option<Instant>>,
+}
+
+async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
+    let spec = host.spec();
+    let client = redis::Client::open(iface.broker.as_str()).map_err(|e| format!("broker {}: {e}", iface.broker))?;
+    // BRPOP blocks its connection for up to POP_WAIT: a connection of its own, with room to answer.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(POP_WAIT + 10)));
+    let mut pop = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
+    let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
+    let backend = match &iface.backend {
+        Some(url) => {
+            let c = redis::Client::open(url.as_str()).map_err(|e| format!("result backend {url}: {e}"))?;
+            Some(c.get_multiplexed_async_connection().await.map_err(|e| format!("result backend {url}: {e}"))?)
+        }
+        None => None,
+    };
+    let queues = iface.queues.join(", ");
+    match outage.end() {
+        Some(after) => {
+            tracing::info!(cage = %spec.cage, interface = %spec.name, "connected to the broker again after {:.1}s; consuming {queues}", after.as_secs_f64())
+        }
+        None => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues}"),
+    }
+    let shared = Arc::new(Shared { iface: iface.clone(), host: host.clone(), broker, backend, refused: refused.clone(), pause_until: Mutex::new(None) });
+    let mut shutdown = host.shutdown();
+    let mut running = tokio::task::JoinSet::new();
+    let mut next_sweep = Instant::now();
+    let result = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        while running.try_join_next().is_some() {}
+        if running.len() >= iface.concurrency {
+            tokio::select! {
+                _ = running.join_next() => continue,
+                _ = shutdown.changed() => break Ok(()),
+            }
+        }
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + SWEEP_EVERY.min(iface.visibility_timeout / 2);
+            if let Err(e) = restore_visible(&shared).await {
+                break Err(e);
+            }
+        }
+        let pause = shared.pause_until.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(until) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = shutdown.changed() => break Ok(()),
+            }
+        }
+        let mut brpop = redis::cmd("BRPOP");
+        brpop.arg(&iface.queues).arg(POP_WAIT);
+        let popped: Result<Option<(String, Vec<u8>)>, redis::RedisError> = tokio::select! {
+            r = brpop.query_async(&mut pop) => r,
+            _ = shutdown.changed() => break Ok(()),
+        };
+        match popped {
+            Ok(Some((queue, payload))) => {
+                let shared = shared.clone();
+                running.spawn(async move { take(&shared, queue, payload).await });
+            }
+            Ok(None) => {}
+            Err(e) => break Err(format!("broker {}: {e}", iface.broker)),
+        }
+    };
+    // What was taken finishes (and is acknowledged) before the session ends; what is not
+    // acknowledged then goes back after the visibility timeout.
+    while running.join_next().await.is_some() {}
+    result
+}
+
+/// One message taken from `queue`.
+async fn take(shared: &Shared, queue: String, payload: Vec<u8>) {
+    let spec = shared.host.spec();
+    let mut broker = shared.broker.clone();
+    let env = match message::envelope(&payload, &queue) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {queue} is not a Celery message ({e}); kept in the list {UNREADABLE}");
+            let _: Result<(), _> = broker.lpush(UNREADABLE, payload).await;
+            return;
+        }
+    };
+    if let Err(e) = remember(&mut broker, &env).await {
+        // Not recorded: put it back at once rather than run it without a way to restore it.
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot record task message {} as taken ({e}); putting it back", env.tag);
+        let _: Result<(), _> = broker.rpush(&queue, payload).await;
+        return;
+    }
+    let iface = &shared.iface;
+    let task = match message::task(&env, iface.max_message_size, |name| iface.handler(name).is_some()) {
+        Ok(t) => t,
+        Err(Refusal::Others(why)) => return give_back(shared, &env, &queue, &payload, &why).await,
+        Err(Refusal::Fail(why)) => {
+            let id = env.json.get("headers").and_then(|h| h.get("id")).and_then(Json::as_str).unwrap_or("").to_string();
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {id} from queue {queue} fails without running: {why}");
+            if !id.is_empty() {
+                store(shared, &id, "FAILURE", message::exception("builtins", "ValueError", &why), None).await;
+            }
+            return ack(shared, &env).await;
+        }
+    };
+    if let Some(expires) = task.expires {
+        if Utc::now() >= expires {
+            tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) expired at {}; not run", task.id, task.name, message::format_time(expires));
+            store(shared, &task.id, "REVOKED", message::exception("celery.exceptions", "TaskRevokedError", "expired"), None).await;
+            return ack(shared, &env).await;
+        }
+    }
+    if let Some(eta) = task.eta {
+        // Waits here, not on a worker; the message stays taken (and refreshed) meanwhile.
+        let mut shutdown = shared.host.shutdown();
+        loop {
+            let left = (eta - Utc::now()).to_std().unwrap_or_default();
+            if left.is_zero() {
+                break;
+            }
+            let nap = left.min(shared.iface.visibility_timeout / 2);
+            tokio::select! {
+                _ = tokio::time::sleep(nap) => {}
+                _ = shutdown.changed() => {
+                    // Stopping: the task goes back to its queue's front for the next worker.
+                    return give_back_front(shared, &env, &queue, &payload).await;
+                }
+            }
+            let _ = refresh(&mut broker, &env.tag).await;
+        }
+    }
+    run_task(shared, &env, task).await;
+}
+
+/// Runs a task on a worker and stores its outcome, then acknowledges it.
+async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
+    let spec = shared.host.spec();
+    let Some(handler) = shared.iface.handler(&task.name).cloned() else { return };
+    let mut timeout = spec.request_timeout;
+    if let Some(limit) = task.time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        timeout = timeout.min(limit);
+    }
+    let mut args = task.args.clone();
+    args.push(task.kwargs.clone());
+    let parameters = Value::Map(vec![
+        (Value::str("task_id"), Value::str(task.id.clone())),
+        (Value::str("task"), Value::str(task.name.clone())),
+        (Value::str("retries"), Value::Int(task.retries)),
+    ]);
+    let request = Request { handler, args, deadline: Instant::now() + timeout, parameters: Some(parameters) };
+    let running = shared.host.run(request);
+    // A task that runs longer than half the visibility timeout keeps its message taken.
+    let mut broker = shared.broker.clone();
+    let every = shared.iface.visibility_timeout / 2;
+    tokio::pin!(running);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut running => break r,
+            _ = tokio::time::sleep(every) => { let _ = refresh(&mut broker, &env.tag).await; }
+        }
+    };
+    if !task.ignore_result {
+        match outcome {
+            Ok(values) => {
+                let result = values.into_iter().next().unwrap_or_default();
+                match result.to_json() {
+                    Ok(json) => store(shared, &task.id, "SUCCESS", json, None).await,
+                    Err(e) => {
+                        let why = format!("{}: the result cannot be sent as JSON: {e}", task.name);
+                        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: {why}", task.id);
+                        store(shared, &task.id, "FAILURE", message::exception("builtins", "TypeError", &why), None).await;
+                    }
+                }
+            }
+            Err(e) => {
+                let (kind, text) = match &e {
+                    RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
+                    RunError::Failed { message, .. } => ("RuntimeError", message.clone()),
+                    other => ("RuntimeError", other.to_string()),
+                };
+                let module = if kind == "TimeLimitExceeded" { "celery.exceptions" } else { "builtins" };
+                tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {} ({}) failed: {text}", task.id, task.name);
+                let traceback = match &e {
+                    RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
+                    _ => None,
+                };
+                store(shared, &task.id, "FAILURE", message::exception(module, kind, &text), traceback).await;
+            }
+        }
+    }
+    ack(shared, env).await;
+}
+
+/// Records a taken message as kombu does: `unacked_index` (score: now) and `unacked`.
+async fn remember(broker: &mut MultiplexedConnection, env: &Envelope) -> redis::RedisResult<()> {
+    redis::pipe()
+        .atomic()
+        .zadd("unacked_index", &env.tag, unix_now())
+        .ignore()
+        .hset("unacked", &env.tag, message::unacked_entry(env))
+        .ignore()
+        .query_async(broker)
+        .await
+}
+
+/// Keeps a taken message from being put back by a sweep while it waits or runs.
+async fn refresh(broker: &mut MultiplexedConnection, tag: &str) -> redis::RedisResult<()> {
+    broker.zadd("unacked_index", tag, unix_now()).await
+}
+
+/// Acknowledges a taken message: it is forgotten.
+async fn ack(shared: &Shared, env: &Envelope) {
+    let mut broker = shared.broker.clone();
+    let r: redis::RedisResult<()> =
+        redis::pipe().atomic().zrem("unacked_index", &env.tag).ignore().hdel("unacked", &env.tag).ignore().query_async(&mut broker).await;
+    if let Err(e) = r {
+        let spec = shared.host.spec();
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot acknowledge task message {} ({e}); it comes back after the visibility timeout", env.tag);
+    }
+}
+
+/// Puts a refused message back at the back of its queue, for another worker; when one comes
+/// back that was refused before, taking pauses for a second, so that a queue this worker alone
+/// consumes is not spun through and the message waits where another worker can take it.
+async fn give_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8], why: &str) {
+    let spec = shared.host.spec();
+    let seen = {
+        let mut refused = shared.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = refused.contains(&env.tag);
+        if !seen {
+            if refused.len() >= REFUSED_KEPT {
+                refused.pop_front();
+            }
+            refused.push_back(env.tag.clone());
+        }
+        seen
+    };
+    if seen {
+        *shared.pause_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + Duration::from_secs(1));
+    } else {
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "{why}: left in queue {queue} for another worker");
+    }
+    let mut broker = shared.broker.clone();
+    let r: redis::RedisResult<()> = redis::pipe()
+        .atomic()
+        .lpush(queue, payload)
+        .ignore()
+        .zrem("unacked_index", &env.tag)
+        .ignore()
+        .hdel("unacked", &env.tag)
+        .ignore()
+        .query_async(&mut broker)
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot put task message {} back ({e}); it comes back after the visibility timeout", env.tag);
+    }
+}
+
+/// Puts a taken message back at the front of its queue (it is taken next).
+async fn give_back_front(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8]) {
+    let mut broker = shared.broker.clone();
+    let _: redis::RedisResult<()> = redis::pipe()
+        .atomic()
+        .rpush(queue, payload)
+        .ignore()
+        .zrem("unacked_index", &env.tag)
+        .ignore()
+        .hdel("unacked", &env.tag)
+        .ignore()
+        .query_async(&mut broker)
+        .await;
+}
+
+/// Puts back every taken message older than the visibility timeout (its worker died), under
+/// kombu's `unacked_mutex`, at the front of its queue and marked redelivered.
+async fn restore_visible(shared: &Shared) -> Result<(), String> {
+    let mut broker = shared.broker.clone();
+    let iface = &shared.iface;
+    let err = |e: redis::RedisError| format!("broker {}: {e}", iface.broker);
+    let token = uuid::Uuid::new_v4().to_string();
+    let locked: Option<String> = redis::cmd("SET").arg("unacked_mutex").arg(&token).arg("NX").arg("EX").arg(300).query_async(&mut broker).await.map_err(err)?;
+    if locked.is_none() {
+        return Ok(());
+    }
+    let ceiling = unix_now() - iface.visibility_timeout.as_secs_f64();
+    let tags: Vec<String> = broker.zrangebyscore_limit("unacked_index", "-inf", ceiling, 0, 1000).await.map_err(err)?;
+    let spec = shared.host.spec();
+    for tag in tags {
+        let entry: Option<Vec<u8>> = broker.hget("unacked", &tag).await.map_err(err)?;
+        let back = entry.as_deref().and_then(message::restored);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if let Some((queue, env)) = &back {
+            pipe.rpush(queue, env).ignore();
+            tracing::info!(cage = %spec.cage, interface = %spec.name, "task message {tag} was taken and not acknowledged for over {:?}: put back in queue {queue}", iface.visibility_timeout);
+        }
+        pipe.zrem("unacked_index", &tag).ignore().hdel("unacked", &tag).ignore();
+        let _: () = pipe.query_async(&mut broker).await.map_err(err)?;
+    }
+    let held: Option<String> = broker.get("unacked_mutex").await.map_err(err)?;
+    if held.as_deref() == Some(token.as_str()) {
+        let _: () = broker.del("unacked_mutex").await.map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Writes a task's result document, unless a SUCCESS is stored already (as Celery's backend
+/// does), and publishes it for clients waiting in `AsyncResult.get()`.
+async fn store(shared: &Shared, task_id: &str, status: &str, result: Json, traceback: Option<&str>) {
+    let Some(backend) = &shared.backend else { return };
+    let mut backend = backend.clone();
+    let spec = shared.host.spec();
+    let key = format!("celery-task-meta-{task_id}");
+    let existing: redis::RedisResult<Option<Vec<u8>>> = backend.get(&key).await;
+    if let Ok(Some(old)) = &existing {
+        if serde_json::from_slice::<Json>(old).ok().and_then(|m| m.get("status").and_then(Json::as_str).map(|s| s == "SUCCESS")) == Some(true) {
+            return;
+        }
+    }
+    let doc = message::meta(task_id, status, result, traceback, Utc::now());
+    let expires = shared.iface.result_expires.as_secs().max(1);
+    let r: redis::RedisResult<()> = redis::pipe().atomic().set_ex(&key, &doc, expires).ignore().publish(&key, &doc).ignore().query_async(&mut backend).await;
+    if let Err(e) = r {
+        tracing::error!(cage = %spec.cage, interface = %spec.name, "cannot store the result of task {task_id} ({status}): {e}");
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -1,0 +1,234 @@
+//! The celery interface through the real binary, a real Redis (PMNC_TEST_REDIS_URL, default
+//! redis://127.0.0.1:6379/0) and stock Celery from PyPI as the client (`pip install celery
+//! redis`, which .ci/run does): `AsyncResult.get()` returns what a Lua task returned; a Lua error
+//! is re-raised in Python; an expired task is revoked, not run; `countdown` is not run early; an
+//! oversized body fails with a clear error; a pickle message and an unknown task are left in the
+//! queue for another worker; a worker killed with kill -9 mid-stream loses no task. Queues are
+//! named after the test process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn redis_url() -> String {
+    std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string())
+}
+
+fn shout(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
+}
+
+/// Redis answers and Python has celery and redis; else a loud SKIPPED.
+fn ready() -> bool {
+    let url = redis_url();
+    let hostport = url.trim_start_matches("redis://").split('/').next().unwrap_or("").to_string();
+    if std::net::TcpStream::connect_timeout(&hostport.parse().unwrap(), Duration::from_secs(2)).is_err() {
+        shout(&format!("SKIPPED: no Redis at {url}; start it with: redis-server --daemonize yes"));
+        return false;
+    }
+    let ok = Command::new("python3").args(["-c", "import celery, redis"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        shout("SKIPPED: Python has no celery (pip install celery redis; .ci/run installs it)");
+    }
+    ok
+}
+
+/// Runs a Python script with the Celery app `app` (broker and backend: the test's Redis) and
+/// `q` (the queue) defined; its standard output.
+fn python(queue: &str, script: &str) -> String {
+    let prelude = format!(
+        "import json, sys, time, datetime\nfrom celery import Celery\nimport redis as redislib\napp = Celery(broker={url:?}, backend={url:?})\nq = {queue:?}\nr = redislib.Redis.from_url({url:?})\n",
+        url = redis_url()
+    );
+    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{script}")).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "python failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+fn cage(tree: &Tree, queue: &str, extra: &str) {
+    tree.write(
+        "app/c/cage.toml",
+        &format!(
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\" }}\n{extra}",
+            url = redis_url()
+        ),
+    );
+    tree.write(
+        "app/c/math.lua",
+        r#"local M = {}
+function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
+function M.fail(x) error("bad input " .. tostring(x)) end
+function M.now() return pmnc.time.now() end
+function M.slow(n) pmnc.sleep(0.02) return n * 2 end
+return M
+"#,
+    );
+}
+
+#[test]
+fn python_client_and_lua_tasks() {
+    if !ready() {
+        return;
+    }
+    let queue = format!("pmnc-celery-test-{}-main", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, "");
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(
+        &queue,
+        r#"
+def outcome(res, timeout=20):
+    try:
+        return ["ok", res.get(timeout=timeout)]
+    except Exception as e:
+        return [type(e).__name__, str(e)]
+print(json.dumps(outcome(app.send_task("tasks.add", args=[2, 3], kwargs={"z": 1}, queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.fail", args=[7], queue=q))))
+past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+print(json.dumps(outcome(app.send_task("tasks.add", args=[1, 1], queue=q, expires=past))))
+sent = time.time()
+res = app.send_task("tasks.now", queue=q, countdown=2)
+ran_at = res.get(timeout=20)
+print(json.dumps(["countdown", ran_at - sent]))
+print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 2000000, 1], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.add", args=[2.5, 0.25], queue=q))))
+deep = []
+for _ in range(300):
+    deep = [deep]
+print(json.dumps(outcome(app.send_task("tasks.add", args=[deep, 1], queue=q))))
+r.lpush(q, b"\xffnot a message")
+"#,
+    );
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], serde_json::json!(["ok", 6]), "{out}");
+    assert_eq!(lines[1][0], "RuntimeError", "{out}");
+    assert!(lines[1][1].as_str().unwrap().contains("bad input 7"), "{out}");
+    assert_eq!(lines[2][0], "TaskRevokedError", "{out}");
+    let waited = lines[3][1].as_f64().unwrap();
+    assert!(waited >= 1.9, "a countdown of 2 s ran after {waited} s: {out}");
+    assert_eq!(lines[4][0], "ValueError", "{out}");
+    assert!(lines[4][1].as_str().unwrap().contains("max_message_size"), "{out}");
+    assert_eq!(lines[5], serde_json::json!(["ok", 2.75]), "{out}");
+    assert_eq!(lines[6][0], "ValueError", "{out}");
+    assert!(lines[6][1].as_str().unwrap().contains("deep"), "{out}");
+    server.wait_for("is not a Celery message", Duration::from_secs(10)).expect("garbage kept aside");
+    let kept = python(
+        &queue,
+        "print(r.lrange('rustomnic.celery.unreadable', 0, -1).count(b'\\xffnot a message'))\nr.lrem('rustomnic.celery.unreadable', 0, b'\\xffnot a message')",
+    );
+    assert_eq!(kept.trim(), "1", "the unreadable message is kept");
+
+    // A pickle message and a task this cage does not serve stay in the queue for others.
+    let out = python(
+        &queue,
+        r#"
+a = app.send_task("tasks.add", args=[1, 2], queue=q, serializer="pickle")
+b = app.send_task("tasks.other", args=[1], queue=q)
+print(a.id, b.id)
+"#,
+    );
+    server.wait_for("is not accepted (JSON only): left in queue", Duration::from_secs(10)).expect("pickle refused");
+    server.wait_for("tasks.other is not one of this interface's tasks: left in queue", Duration::from_secs(10)).expect("unknown refused");
+    let ids: Vec<&str> = out.split_whitespace().collect();
+    let check = python(
+        &queue,
+        &format!(
+            r#"
+for _ in range(50):
+    queued = [json.loads(m) for m in r.lrange(q, 0, -1)]
+    if len(queued) == 2:
+        break
+    time.sleep(0.1)
+print(json.dumps(sorted(m["headers"]["id"] for m in queued)))
+print(json.dumps([app.AsyncResult(i).state for i in {ids:?}]))
+"#
+        ),
+    );
+    let mut expected: Vec<&str> = ids.clone();
+    expected.sort();
+    let lines: Vec<serde_json::Value> = check.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], serde_json::json!(expected), "{check}");
+    assert_eq!(lines[1], serde_json::json!(["PENDING", "PENDING"]), "no result is written for a task left to others: {check}");
+    server.terminate(Duration::from_secs(10));
+    python(&queue, "r.delete(q)");
+}
+
+#[test]
+fn killed_worker_loses_no_task() {
+    if !ready() {
+        return;
+    }
+    let queue = format!("pmnc-celery-test-{}-kill", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, "visibility_timeout = \"2s\"\nconcurrency = 8\n");
+    let ids = python(&queue, "print(' '.join(app.send_task('tasks.slow', args=[i], queue=q).id for i in range(300)))");
+    let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+    assert_eq!(ids.len(), 300);
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    // Some tasks done, others in flight: then kill -9.
+    python(&queue, "for _ in range(200):\n    if r.llen(q) < 250:\n        break\n    time.sleep(0.05)\n");
+    server.signal(9);
+    server.wait_exit(Duration::from_secs(10));
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    let out = python(
+        &queue,
+        &format!(
+            r#"
+ids = {ids:?}
+values = [app.AsyncResult(i).get(timeout=60) for i in ids]
+print(json.dumps(values))
+"#
+        ),
+    );
+    let mut lines = out.lines();
+    let values: Vec<i64> = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(values, (0..300).map(|i| i * 2).collect::<Vec<i64>>());
+    assert!(
+        server.log.iter().any(|l| l.contains("put back in queue")) || server.wait_for("put back in queue", Duration::from_secs(1)).is_some(),
+        "no message was restored after the kill"
+    );
+    server.terminate(Duration::from_secs(10));
+    python(&queue, "r.delete(q)");
+}
+
+#[test]
+fn bad_celery_config_is_reported_with_file_line_and_key() {
+    let t = Tree::new();
+    t.write(
+        "c/cage.toml",
+        "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = \"amqp://guest@h//\"\ntasks = { \"a.b\" = \"nodot\", \"tasks.add\" = \"math.nothere\" }\nconcurrency = 0\nvisibility_timeout = \"500ms\"\n",
+    );
+    t.write("c/math.lua", "return { add = function(a, b) return a + b end }");
+    let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
+    assert_ne!(out.code, Some(0));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    for want in [
+        "cage.toml:3: interfaces.tasks.broker: \"amqp://guest@h//\": only a Redis broker is served so far",
+        "cage.toml:4: interfaces.tasks.tasks: task \"a.b\": \"nodot\" is not \"module.function\"",
+        "cage.toml:5: interfaces.tasks.concurrency: 0 is out of range",
+        "cage.toml:6: interfaces.tasks.visibility_timeout: must be at least 1s",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    // Every task's function must exist, named at the tasks key.
+    let t = Tree::new();
+    t.write("c/cage.toml", &format!("[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {:?}\ntasks = [\"math.add\", \"math.nothere\"]\n", redis_url()));
+    t.write("c/math.lua", "return { add = function(a, b) return a + b end }");
+    let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("cage.toml:4: interfaces.tasks.tasks: module math (") && text.contains("has no function nothere"), "{text}");
+    assert!(!text.contains("interfaces.tasks.handler"), "the default handler is not a celery interface's: {text}");
+    let t = Tree::new();
+    t.write("c/cage.toml", "[interfaces.tasks]\nprotocol = \"celery\"\n");
+    t.write("c/tasks.lua", "return {}");
+    let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("interfaces.tasks: broker is required") && text.contains("interfaces.tasks: tasks is required"), "{text}");
+}
