@@ -21,6 +21,11 @@ use crate::CeleryInterface;
 
 /// How long one BRPOP waits (kombu's worker waits 1 s too).
 const POP_WAIT: u64 = 1;
+/// Messages taken from one queue in one round trip: the queue and the messages.
+type Popped = (String, Vec<Vec<u8>>);
+
+/// The most messages taken in one round trip.
+const MAX_BATCH: usize = 64;
 /// How often this worker sweeps `unacked` for messages past the visibility timeout.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// The refused messages remembered, to slow down when the same one comes back.
@@ -72,6 +77,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
     let mut shutdown = host.shutdown();
     let mut running = tokio::task::JoinSet::new();
     let mut next_sweep = Instant::now();
+    let mut batch_pop = true;
     let result = loop {
         if *shutdown.borrow() {
             break Ok(());
@@ -96,18 +102,41 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
                 _ = shutdown.changed() => break Ok(()),
             }
         }
-        let mut brpop = redis::cmd("BRPOP");
-        brpop.arg(&iface.queues).arg(POP_WAIT);
-        let popped: Result<Option<(String, Vec<u8>)>, redis::RedisError> = tokio::select! {
-            r = brpop.query_async(&mut pop) => r,
+        // BLMPOP (Redis 7) takes as many as there are free slots in one round trip; BRPOP, one.
+        let room = (iface.concurrency - running.len()).clamp(1, MAX_BATCH);
+        let pop_cmd = if batch_pop {
+            let mut c = redis::cmd("BLMPOP");
+            c.arg(POP_WAIT).arg(iface.queues.len()).arg(&iface.queues).arg("RIGHT").arg("COUNT").arg(room);
+            c
+        } else {
+            let mut c = redis::cmd("BRPOP");
+            c.arg(&iface.queues).arg(POP_WAIT);
+            c
+        };
+        let popped: redis::RedisResult<Option<Popped>> = tokio::select! {
+            r = async {
+                if batch_pop {
+                    pop_cmd.query_async(&mut pop).await
+                } else {
+                    let one: Option<(String, Vec<u8>)> = pop_cmd.query_async(&mut pop).await?;
+                    Ok(one.map(|(q, m)| (q, vec![m])))
+                }
+            } => r,
             _ = shutdown.changed() => break Ok(()),
         };
         match popped {
-            Ok(Some((queue, payload))) => {
-                let shared = shared.clone();
-                running.spawn(async move { take(&shared, queue, payload).await });
+            Ok(Some((queue, payloads))) => {
+                for payload in payloads {
+                    let shared = shared.clone();
+                    let queue = queue.clone();
+                    running.spawn(async move { take(&shared, queue, payload).await });
+                }
             }
             Ok(None) => {}
+            Err(e) if batch_pop && e.to_string().to_lowercase().contains("unknown command") => {
+                // A Redis before 7: one at a time.
+                batch_pop = false;
+            }
             Err(e) => break Err(format!("broker {}: {e}", iface.broker)),
         }
     };

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Celery tasks served by a cage's celery interface against Celery's own prefork worker
+# (concurrency = WORKERS), on the same Redis broker, queue, Python producer and result backend,
+# one after the other in one run (bench/celery_bench.py). Prints tasks/s of both and the ratio
+# (target >= 20x, issue 16). Never fails because of a figure.
+#
+#   bench/celery.sh                 20,000 no-op tasks each
+#   CALLS=50000 WORKERS=2 bench/celery.sh
+set -uo pipefail
+source "$(dirname "$0")/common.sh"
+
+if ! command -v redis-server >/dev/null 2>&1 || ! python3 -c "import celery, redis, packaging" 2>/dev/null; then
+    echo "SKIPPED: needs redis-server (apt-get install redis-server) and Celery (pip install celery redis packaging)"
+    exit 0
+fi
+build
+python3 "$ROOT/bench/celery_bench.py" --work "$WORK/celery" --pmnc "$PMNC" --calls "${CALLS:-20000}" --workers "${WORKERS:-2}"
+exit 0

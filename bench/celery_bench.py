@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Tasks/s of a no-op task served by a cage's celery interface against Celery's own prefork
+worker, on the same Redis broker, queue, producer and result backend (bench/celery.sh).
+
+Starts its own redis-server on a free port (broker db 0, results db 1). For each worker in turn:
+fills the queue with CALLS tasks `tasks.noop(i)` from a stock Celery client, starts the worker,
+and times from its first stored result to its last (so neither side's start-up counts), polling
+the result db's key count every 10 ms. Every wait is bounded; everything started is stopped."""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TASKS = '''
+import os
+from celery import Celery
+app = Celery("tasks", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
+app.conf.update(worker_prefetch_multiplier=64, broker_connection_retry_on_startup=True)
+@app.task(name="tasks.noop")
+def noop(i):
+    return i
+'''
+
+CAGE = '''[interfaces.tasks]
+protocol = "celery"
+broker = "{broker}"
+result_backend = "{backend}"
+tasks = {{ "tasks.noop" = "t.noop" }}
+concurrency = {concurrency}
+'''
+
+
+def fill(broker, backend, calls):
+    from celery import Celery
+    app = Celery(broker=broker, backend=backend)
+    t = time.perf_counter()
+    with app.producer_or_acquire() as p:
+        for i in range(calls):
+            app.send_task("tasks.noop", args=[i], queue="celery", producer=p, ignore_result=False)
+    return time.perf_counter() - t
+
+
+def drain(r_results, calls, proc, limit=600):
+    """(first, last) result times, or None when the worker died or the limit passed."""
+    end = time.time() + limit
+    first = None
+    while time.time() < end:
+        n = r_results.dbsize()
+        now = time.perf_counter()
+        if n > 0 and first is None:
+            first = now
+        if n >= calls:
+            return first, now
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.01)
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--pmnc", required=True)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=64)
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    port = free_port()
+    broker, backend = f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1"
+    procs = []
+    rates = {}
+    try:
+        procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", a.work],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import redis
+        r0, r1 = redis.Redis.from_url(broker), redis.Redis.from_url(backend)
+        for _ in range(100):
+            try:
+                r0.ping()
+                break
+            except Exception:
+                time.sleep(0.1)
+        with open(os.path.join(a.work, "tasks.py"), "w") as f:
+            f.write(TASKS)
+        cage = os.path.join(a.work, "cage")
+        os.makedirs(cage, exist_ok=True)
+        with open(os.path.join(cage, "cage.toml"), "w") as f:
+            f.write(CAGE.format(broker=broker, backend=backend, concurrency=a.concurrency))
+        with open(os.path.join(cage, "t.lua"), "w") as f:
+            f.write("local M = {}\nfunction M.noop(i) return i end\nreturn M\n")
+        env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend, PYTHONPATH=a.work)
+        runs = [
+            ("pmnc", [a.pmnc, "run", cage, "--workers", str(a.workers), "--no-watch"]),
+            ("celery", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", str(a.workers),
+                        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"]),
+        ]
+        for name, cmd in runs:
+            r0.flushall()
+            took = fill(broker, backend, a.calls)
+            print(f"== {name}: {a.calls} tasks queued in {took:.1f}s; starting the worker", flush=True)
+            log = open(os.path.join(a.work, f"{name}.log"), "w")
+            proc = subprocess.Popen(cmd, cwd=a.work, env=env, stdout=log, stderr=log)
+            procs.append(proc)
+            span = drain(r1, a.calls, proc)
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if span is None:
+                print(f"{name}: did not finish; see {log.name}")
+                continue
+            first, last = span
+            rate = (a.calls - 1) / max(last - first, 1e-9)
+            rates[name] = rate
+            print(f"{name}: {a.calls} results stored, first to last {last - first:.3f}s = {rate:.0f} tasks/s", flush=True)
+        if "pmnc" in rates and "celery" in rates:
+            ratio = rates["pmnc"] / rates["celery"]
+            print(f"ratio pmnc/celery: {ratio:.1f}x (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}")
+        return 0
+    finally:
+        for pr in reversed(procs):
+            if pr.poll() is None:
+                pr.terminate()
+                try:
+                    pr.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pr.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
