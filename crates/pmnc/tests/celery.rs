@@ -78,7 +78,8 @@ fn python_client_and_lua_tasks() {
     }
     let queue = format!("pmnc-celery-test-{}-main", std::process::id());
     let tree = Tree::new();
-    cage(&tree, &queue, "");
+    // One task at a time: a task waiting for its eta must not hold that one slot.
+    cage(&tree, &queue, "concurrency = 1\n");
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
     let out = python(
@@ -95,10 +96,16 @@ past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds
 print(json.dumps(outcome(app.send_task("tasks.add", args=[1, 1], queue=q, expires=past))))
 sent = time.time()
 res = app.send_task("tasks.now", queue=q, countdown=2)
+quick = app.send_task("tasks.add", args=[1, 2], queue=q)
+print(json.dumps(["quick", quick.get(timeout=20), res.ready()]))
 ran_at = res.get(timeout=20)
 print(json.dumps(["countdown", ran_at - sent]))
 print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 2000000, 1], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[2.5, 0.25], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.add", args=[40, 2], queue=q, priority=6))))
+from celery import chain
+steps = chain(app.signature("tasks.add", args=[2, 3], queue=q), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.add", args=[1, 1], queue=q, immutable=True))
+print(json.dumps(outcome(steps.apply_async())))
 deep = []
 for _ in range(300):
     deep = [deep]
@@ -111,13 +118,17 @@ r.lpush(q, b"\xffnot a message")
     assert_eq!(lines[1][0], "RuntimeError", "{out}");
     assert!(lines[1][1].as_str().unwrap().contains("bad input 7"), "{out}");
     assert_eq!(lines[2][0], "TaskRevokedError", "{out}");
+    assert_eq!(lines[3], serde_json::json!(["quick", 3, false]), "a task sent after a countdown one ran first: {out}");
+    let lines = &lines[1..];
     let waited = lines[3][1].as_f64().unwrap();
     assert!(waited >= 1.9, "a countdown of 2 s ran after {waited} s: {out}");
     assert_eq!(lines[4][0], "ValueError", "{out}");
     assert!(lines[4][1].as_str().unwrap().contains("max_message_size"), "{out}");
     assert_eq!(lines[5], serde_json::json!(["ok", 2.75]), "{out}");
-    assert_eq!(lines[6][0], "ValueError", "{out}");
-    assert!(lines[6][1].as_str().unwrap().contains("deep"), "{out}");
+    assert_eq!(lines[6], serde_json::json!(["ok", 42]), "a task sent with priority 6 (its own list) runs: {out}");
+    assert_eq!(lines[7], serde_json::json!(["ok", 2]), "a chain of three steps on this worker ends with the immutable step: {out}");
+    assert_eq!(lines[8][0], "ValueError", "{out}");
+    assert!(lines[8][1].as_str().unwrap().contains("deep"), "{out}");
     server.wait_for("is not a Celery message", Duration::from_secs(10)).expect("garbage kept aside");
     let kept = python(
         &queue,
@@ -231,4 +242,67 @@ fn bad_celery_config_is_reported_with_file_line_and_key() {
     let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(text.contains("interfaces.tasks: broker is required") && text.contains("interfaces.tasks: tasks is required"), "{text}");
+}
+
+/// A chain that goes from a stock Celery worker to ours and back: each worker continues the
+/// chain to the next step's queue.
+#[test]
+fn chain_through_python_and_lua_workers() {
+    if !ready() {
+        return;
+    }
+    let queue = format!("pmnc-celery-test-{}-chain", std::process::id());
+    let pyq = format!("{queue}-py");
+    let tree = Tree::new();
+    cage(&tree, &queue, "");
+    tree.write(
+        "py/pytasks.py",
+        &format!(
+            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={url:?})\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n",
+            url = redis_url()
+        ),
+    );
+    let mut worker = Command::new("python3")
+        .args([
+            "-m",
+            "celery",
+            "-A",
+            "pytasks",
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            &pyq,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            "WARNING",
+        ])
+        .current_dir(tree.path().join("py"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("celery worker");
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(
+        &queue,
+        &format!(
+            r#"
+from celery import chain
+pyq = {pyq:?}
+steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.pymul", args=[4], queue=pyq))
+res = steps.apply_async()
+print(res.get(timeout=60))
+print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+"#
+        ),
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    server.terminate(Duration::from_secs(10));
+    python(&queue, &format!("r.delete(q, {pyq:?})"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, vec!["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
 }

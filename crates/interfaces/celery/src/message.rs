@@ -43,6 +43,10 @@ pub struct Task {
     /// The hard time limit in seconds (`timelimit[0]`).
     pub time_limit: Option<f64>,
     pub ignore_result: bool,
+    /// The first task of the workflow (the task itself when it is the first).
+    pub root_id: String,
+    /// What follows this task in a chain, in Celery's order (the next step last).
+    pub chain: Vec<Json>,
 }
 
 /// Reads kombu's envelope. An error means the bytes are not a Celery message at all.
@@ -116,8 +120,21 @@ pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Re
         Value::Nil | Value::Array(_) => Value::Map(Vec::new()),
         other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
     };
+    let mut chain = Vec::new();
     if let Value::Map(parts) = &embed {
-        if let Some((k, _)) = parts.iter().find(|(_, v)| !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
+        if let Some((_, Value::Array(steps))) = parts.iter().find(|(k, _)| k.as_str() == Some("chain")) {
+            for step in steps {
+                let json = step.to_json().map_err(|e| Refusal::Fail(format!("task {id}: a chain step cannot be read: {e}")))?;
+                if json.get("task").and_then(Json::as_str).is_none() || json.get("subtask_type").is_some_and(|t| !t.is_null()) {
+                    return Err(Refusal::Others(format!(
+                        "task {id} ({name}) is followed by a chain step that is not a plain task, which this worker does not continue yet"
+                    )));
+                }
+                chain.push(json);
+            }
+        }
+        let continued = |k: &Value| k.as_str() == Some("chain");
+        if let Some((k, _)) = parts.iter().find(|(k, v)| !continued(k) && !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
             return Err(Refusal::Others(format!(
                 "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
                 String::from_utf8_lossy(k.as_str().unwrap_or("?").as_bytes())
@@ -137,6 +154,8 @@ pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Re
         retries: header("retries").and_then(Json::as_i64).unwrap_or(0),
         time_limit,
         ignore_result: header("ignore_result").and_then(Json::as_bool).unwrap_or(false),
+        root_id: header("root_id").and_then(Json::as_str).unwrap_or(&id).to_string(),
+        chain,
         id,
         name,
     })
@@ -184,12 +203,12 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 }
 
 /// The result document of a task (`celery-task-meta-<id>`).
-pub fn meta(task_id: &str, status: &str, result: Json, traceback: Option<&str>, now: DateTime<Utc>) -> String {
+pub fn meta(task_id: &str, status: &str, result: Json, traceback: Option<&str>, children: Json, now: DateTime<Utc>) -> String {
     json!({
         "status": status,
         "result": result,
         "traceback": traceback,
-        "children": [],
+        "children": children,
         "date_done": format_time(now),
         "task_id": task_id,
     })
@@ -225,6 +244,45 @@ pub fn restored(entry: &[u8]) -> Option<(String, String)> {
         i.insert("redelivered".into(), Json::Bool(true));
     }
     Some((queue, env.to_string()))
+}
+
+/// The message that runs the next step of a chain after task `parent` returned `result`: the
+/// step's task with the result first among its arguments (unless the step is immutable), the
+/// rest of the chain carried on, the parent and root ids set; its queue is the step's `queue`
+/// option or `default_queue`. Returns (queue, task id, envelope).
+pub fn next_step(parent: &Task, result: &Json, default_queue: &str) -> Option<(String, String, String)> {
+    let (step, rest) = parent.chain.split_last()?;
+    let name = step.get("task").and_then(Json::as_str)?;
+    let options = step.get("options").and_then(Json::as_object);
+    let option = |k: &str| options.and_then(|o| o.get(k)).and_then(Json::as_str).filter(|s| !s.is_empty());
+    let id = option("task_id").map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let queue = option("queue").unwrap_or(default_queue).to_string();
+    let mut args: Vec<Json> = step.get("args").and_then(Json::as_array).cloned().unwrap_or_default();
+    if !step.get("immutable").and_then(Json::as_bool).unwrap_or(false) {
+        args.insert(0, result.clone());
+    }
+    let kwargs = step.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({}));
+    let chain = if rest.is_empty() { Json::Null } else { Json::Array(rest.to_vec()) };
+    let body = json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": chain, "chord": null}]).to_string();
+    let headers = json!({
+        "lang": "rs", "task": name, "id": id, "shadow": null, "eta": null, "expires": null,
+        "group": option("group_id"), "group_index": null, "retries": 0, "timelimit": [null, null],
+        "root_id": parent.root_id, "parent_id": parent.id, "argsrepr": Json::Array(args.clone()).to_string(),
+        "kwargsrepr": kwargs.to_string(), "origin": "pmnc", "ignore_result": null,
+        "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {},
+    });
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": id, "reply_to": option("reply_to").unwrap_or(""), "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    });
+    Some((queue, id, envelope.to_string()))
 }
 
 #[cfg(test)]
@@ -271,9 +329,12 @@ mod tests {
         let env = envelope(&captured("application/json", ADD), "celery").unwrap();
         assert!(matches!(task(&env, 1 << 20, |_| false), Err(Refusal::Others(m)) if m.contains("tasks.add is not one of")));
         assert!(matches!(task(&env, 10, |_| true), Err(Refusal::Fail(m)) if m.contains("max_message_size of 10 bytes")));
-        let chain = r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": [{"task": "tasks.mul"}], "chord": null}]"#;
-        let env = envelope(&captured("application/json", chain), "celery").unwrap();
-        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (chain)")));
+        let chord = r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": {"task": "tasks.sum"}}]"#;
+        let env = envelope(&captured("application/json", chord), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (chord)")));
+        let group_step = r#"[[1], {}, {"chain": [{"task": "g", "subtask_type": "group"}]}]"#;
+        let env = envelope(&captured("application/json", group_step), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("not a plain task")));
         for bad in ["{}", "[1, 2]", "[1, {}, {}]", "not json"] {
             let env = envelope(&captured("application/json", bad), "celery").unwrap();
             assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Fail(_))), "{bad}");
@@ -294,6 +355,28 @@ mod tests {
         assert_eq!(t.kwargs, Value::Map(vec![(Value::str("b"), Value::Str(vec![0, 1]))]));
     }
 
+    /// The captured chain of celery-protocol.md §1.3: `chain(add(1,1), add.s(10), mul.si(3))`.
+    #[test]
+    fn chains_continue() {
+        let body = r#"[[1, 1], {}, {"callbacks": null, "errbacks": null, "chord": null, "chain": [
+            {"task": "tasks.mul", "args": [3], "kwargs": {}, "immutable": true, "options": {"task_id": "f5a8"}, "subtask_type": null},
+            {"task": "tasks.add", "args": [10], "kwargs": {}, "immutable": false, "options": {"task_id": "d64d", "queue": "rs"}, "subtask_type": null}]}]"#;
+        let env = envelope(&captured("application/json", body), "celery").unwrap();
+        let first = task(&env, 1 << 20, |_| true).unwrap();
+        assert_eq!(first.chain.len(), 2);
+        let (queue, id, text) = next_step(&first, &json!(2), "celery").unwrap();
+        assert_eq!((queue.as_str(), id.as_str()), ("rs", "d64d"));
+        let second = task(&envelope(text.as_bytes(), &queue).unwrap(), 1 << 20, |_| true).unwrap();
+        assert_eq!((second.name.as_str(), second.id.as_str(), second.root_id.as_str()), ("tasks.add", "d64d", "ed9fe625"));
+        assert_eq!(second.args, vec![Value::Int(2), Value::Int(10)]);
+        let (queue, id, text) = next_step(&second, &json!(12), "celery").unwrap();
+        assert_eq!((queue.as_str(), id.as_str()), ("celery", "f5a8"));
+        let third = task(&envelope(text.as_bytes(), &queue).unwrap(), 1 << 20, |_| true).unwrap();
+        assert_eq!(third.args, vec![Value::Int(3)], "an immutable step does not take the result");
+        assert!(third.chain.is_empty());
+        assert!(next_step(&third, &json!(36), "celery").is_none());
+    }
+
     #[test]
     fn times_and_meta() {
         let t = parse_time("2026-11-22T03:07:55.583864+00:00").unwrap();
@@ -301,7 +384,7 @@ mod tests {
         assert_eq!(parse_time("2026-11-22T03:07:55.5"), parse_time("2026-11-22T03:07:55.500000+00:00"));
         assert_eq!(parse_time("2026-11-22T05:07:55+02:00"), parse_time("2026-11-22T03:07:55Z"));
         assert!(parse_time("yesterday").is_none());
-        let m: Json = serde_json::from_str(&meta("id1", "FAILURE", exception("builtins", "RuntimeError", "boom"), Some("tb"), t)).unwrap();
+        let m: Json = serde_json::from_str(&meta("id1", "FAILURE", exception("builtins", "RuntimeError", "boom"), Some("tb"), json!([]), t)).unwrap();
         assert_eq!(m["result"], json!({"exc_type": "RuntimeError", "exc_message": ["boom"], "exc_module": "builtins"}));
         assert_eq!((m["status"].as_str(), m["task_id"].as_str(), m["traceback"].as_str()), (Some("FAILURE"), Some("id1"), Some("tb")));
     }

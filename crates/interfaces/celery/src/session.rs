@@ -24,6 +24,8 @@ const POP_WAIT: u64 = 1;
 /// Messages taken from one queue in one round trip: the queue and the messages.
 type Popped = (String, Vec<Vec<u8>>);
 
+/// The most messages taken and waiting for their eta at once, beyond those running.
+const MAX_WAITING: usize = 10_000;
 /// The most messages taken in one round trip.
 const MAX_BATCH: usize = 64;
 /// How often this worker sweeps `unacked` for messages past the visibility timeout.
@@ -50,6 +52,8 @@ struct Shared {
     /// Set when a refused message came back: taking pauses until then, so that the message
     /// waits in its queue where another worker can take it.
     pause_until: Mutex<Option<Instant>>,
+    /// A task runs holding one of `concurrency` permits; one waiting for its `eta` holds none.
+    slots: tokio::sync::Semaphore,
 }
 
 async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
@@ -73,17 +77,30 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
         }
         None => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues}"),
     }
-    let shared = Arc::new(Shared { iface: iface.clone(), host: host.clone(), broker, backend, refused: refused.clone(), pause_until: Mutex::new(None) });
+    let shared = Arc::new(Shared {
+        iface: iface.clone(),
+        host: host.clone(),
+        broker,
+        backend,
+        refused: refused.clone(),
+        pause_until: Mutex::new(None),
+        slots: tokio::sync::Semaphore::new(iface.concurrency),
+    });
     let mut shutdown = host.shutdown();
     let mut running = tokio::task::JoinSet::new();
     let mut next_sweep = Instant::now();
     let mut batch_pop = true;
+    // Each queue is four lists, one per priority step (kombu's Redis priorities: 0 first).
+    let keys: Vec<String> = iface.queues.iter().flat_map(|q| [q.clone(), format!("{q}\x06\x163"), format!("{q}\x06\x166"), format!("{q}\x06\x169")]).collect();
     let result = loop {
         if *shutdown.borrow() {
             break Ok(());
         }
         while running.try_join_next().is_some() {}
-        if running.len() >= iface.concurrency {
+        // Taken messages: those running or about to (as many as there are permits), and those
+        // waiting for their eta (at most MAX_WAITING).
+        let free = shared.slots.available_permits();
+        if free == 0 || running.len() >= iface.concurrency + MAX_WAITING {
             tokio::select! {
                 _ = running.join_next() => continue,
                 _ = shutdown.changed() => break Ok(()),
@@ -103,14 +120,14 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
             }
         }
         // BLMPOP (Redis 7) takes as many as there are free slots in one round trip; BRPOP, one.
-        let room = (iface.concurrency - running.len()).clamp(1, MAX_BATCH);
+        let room = free.clamp(1, MAX_BATCH);
         let pop_cmd = if batch_pop {
             let mut c = redis::cmd("BLMPOP");
-            c.arg(POP_WAIT).arg(iface.queues.len()).arg(&iface.queues).arg("RIGHT").arg("COUNT").arg(room);
+            c.arg(POP_WAIT).arg(keys.len()).arg(&keys).arg("RIGHT").arg("COUNT").arg(room);
             c
         } else {
             let mut c = redis::cmd("BRPOP");
-            c.arg(&iface.queues).arg(POP_WAIT);
+            c.arg(&keys).arg(POP_WAIT);
             c
         };
         let popped: redis::RedisResult<Option<Popped>> = tokio::select! {
@@ -210,6 +227,7 @@ async fn take(shared: &Shared, queue: String, payload: Vec<u8>) {
 async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
     let spec = shared.host.spec();
     let Some(handler) = shared.iface.handler(&task.name).cloned() else { return };
+    let Ok(_permit) = shared.slots.acquire().await else { return };
     let mut timeout = spec.request_timeout;
     if let Some(limit) = task.time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
         timeout = timeout.min(limit);
@@ -233,33 +251,49 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
             _ = tokio::time::sleep(every) => { let _ = refresh(&mut broker, &env.tag).await; }
         }
     };
-    if !task.ignore_result {
-        match outcome {
-            Ok(values) => {
-                let result = values.into_iter().next().unwrap_or_default();
-                match result.to_json() {
-                    Ok(json) => store(shared, &task.id, "SUCCESS", json, None).await,
-                    Err(e) => {
-                        let why = format!("{}: the result cannot be sent as JSON: {e}", task.name);
-                        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: {why}", task.id);
-                        store(shared, &task.id, "FAILURE", message::exception("builtins", "TypeError", &why), None).await;
+    match outcome {
+        Ok(values) => {
+            let result = values.into_iter().next().unwrap_or_default();
+            match result.to_json() {
+                Ok(json) => {
+                    // A chain goes on: the next step is queued before the result is written
+                    // and the message acknowledged (a crash in between runs this task again
+                    // and queues the step again; the first result stays).
+                    let mut children = serde_json::json!([]);
+                    if let Some((queue, id, envelope)) = message::next_step(&task, &json, &shared.iface.queues[0]) {
+                        let mut broker = shared.broker.clone();
+                        let sent: redis::RedisResult<()> = broker.lpush(&queue, envelope).await;
+                        match sent {
+                            Ok(()) => children = serde_json::json!([[[id, null], null]]),
+                            Err(e) => {
+                                tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue the next step of its chain in {queue} ({e}); the task runs again after the visibility timeout", task.id);
+                                return;
+                            }
+                        }
                     }
+                    store_with(shared, &task.id, "SUCCESS", json, None, children, task.ignore_result).await
+                }
+                Err(e) => {
+                    let why = format!("{}: the result cannot be sent as JSON: {e}", task.name);
+                    tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: {why}", task.id);
+                    store_with(shared, &task.id, "FAILURE", message::exception("builtins", "TypeError", &why), None, serde_json::json!([]), task.ignore_result)
+                        .await;
                 }
             }
-            Err(e) => {
-                let (kind, text) = match &e {
-                    RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
-                    RunError::Failed { message, .. } => ("RuntimeError", message.clone()),
-                    other => ("RuntimeError", other.to_string()),
-                };
-                let module = if kind == "TimeLimitExceeded" { "celery.exceptions" } else { "builtins" };
-                tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {} ({}) failed: {text}", task.id, task.name);
-                let traceback = match &e {
-                    RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
-                    _ => None,
-                };
-                store(shared, &task.id, "FAILURE", message::exception(module, kind, &text), traceback).await;
-            }
+        }
+        Err(e) => {
+            let (kind, text) = match &e {
+                RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
+                RunError::Failed { message, .. } => ("RuntimeError", message.clone()),
+                other => ("RuntimeError", other.to_string()),
+            };
+            let module = if kind == "TimeLimitExceeded" { "celery.exceptions" } else { "builtins" };
+            tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {} ({}) failed: {text}", task.id, task.name);
+            let traceback = match &e {
+                RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
+                _ => None,
+            };
+            store_with(shared, &task.id, "FAILURE", message::exception(module, kind, &text), traceback, serde_json::json!([]), task.ignore_result).await;
         }
     }
     ack(shared, env).await;
@@ -381,6 +415,15 @@ async fn restore_visible(shared: &Shared) -> Result<(), String> {
 /// Writes a task's result document, unless a SUCCESS is stored already (as Celery's backend
 /// does), and publishes it for clients waiting in `AsyncResult.get()`.
 async fn store(shared: &Shared, task_id: &str, status: &str, result: Json, traceback: Option<&str>) {
+    store_with(shared, task_id, status, result, traceback, serde_json::json!([]), false).await
+}
+
+/// [`store`] with the result's `children` (the next step of a chain); nothing when `ignore`
+/// (the task's `ignore_result`).
+async fn store_with(shared: &Shared, task_id: &str, status: &str, result: Json, traceback: Option<&str>, children: Json, ignore: bool) {
+    if ignore {
+        return;
+    }
     let Some(backend) = &shared.backend else { return };
     let mut backend = backend.clone();
     let spec = shared.host.spec();
@@ -391,7 +434,7 @@ async fn store(shared: &Shared, task_id: &str, status: &str, result: Json, trace
             return;
         }
     }
-    let doc = message::meta(task_id, status, result, traceback, Utc::now());
+    let doc = message::meta(task_id, status, result, traceback, children, Utc::now());
     let expires = shared.iface.result_expires.as_secs().max(1);
     let r: redis::RedisResult<()> = redis::pipe().atomic().set_ex(&key, &doc, expires).ignore().publish(&key, &doc).ignore().query_async(&mut backend).await;
     if let Err(e) = r {
