@@ -55,7 +55,7 @@ fn cage(tree: &Tree, queue: &str, extra: &str) {
     tree.write(
         "app/c/cage.toml",
         &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\" }}\n{extra}",
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\" }}\n{extra}",
             url = redis_url()
         ),
     );
@@ -66,6 +66,13 @@ function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
 function M.fail(x) error("bad input " .. tostring(x)) end
 function M.now() return pmnc.time.now() end
 function M.slow(n) pmnc.sleep(0.02) return n * 2 end
+-- Succeeds at its third run (two retries).
+function M.flaky(n)
+  local retries = pmnc.request.parameters.retries
+  if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
+  return n + retries
+end
+function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
 return M
 "#,
     );
@@ -103,6 +110,8 @@ print(json.dumps(["countdown", ran_at - sent]))
 print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 2000000, 1], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[2.5, 0.25], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[40, 2], queue=q, priority=6))))
+print(json.dumps(outcome(app.send_task("tasks.flaky", args=[40], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.hopeless", queue=q))))
 from celery import chain
 steps = chain(app.signature("tasks.add", args=[2, 3], queue=q), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.add", args=[1, 1], queue=q, immutable=True))
 print(json.dumps(outcome(steps.apply_async())))
@@ -126,9 +135,12 @@ r.lpush(q, b"\xffnot a message")
     assert!(lines[4][1].as_str().unwrap().contains("max_message_size"), "{out}");
     assert_eq!(lines[5], serde_json::json!(["ok", 2.75]), "{out}");
     assert_eq!(lines[6], serde_json::json!(["ok", 42]), "a task sent with priority 6 (its own list) runs: {out}");
-    assert_eq!(lines[7], serde_json::json!(["ok", 2]), "a chain of three steps on this worker ends with the immutable step: {out}");
-    assert_eq!(lines[8][0], "ValueError", "{out}");
-    assert!(lines[8][1].as_str().unwrap().contains("deep"), "{out}");
+    assert_eq!(lines[7], serde_json::json!(["ok", 42]), "retried twice, then 40 + 2: {out}");
+    assert_eq!(lines[8][0], "MaxRetriesExceededError", "{out}");
+    assert!(lines[8][1].as_str().unwrap().contains("max retries (1) exceeded: never"), "{out}");
+    assert_eq!(lines[9], serde_json::json!(["ok", 2]), "a chain of three steps on this worker ends with the immutable step: {out}");
+    assert_eq!(lines[10][0], "ValueError", "{out}");
+    assert!(lines[10][1].as_str().unwrap().contains("deep"), "{out}");
     server.wait_for("is not a Celery message", Duration::from_secs(10)).expect("garbage kept aside");
     let kept = python(
         &queue,

@@ -6,6 +6,7 @@ use mlua::{AnyUserData, Lua, MultiValue, Table, Value as LuaValue};
 
 // Public for the fuzz targets (fuzz/fuzz_targets/stdlib_*.rs) and the helpers' own tests.
 pub mod base64;
+pub mod celery;
 pub mod compress;
 pub mod crypto;
 pub mod csv;
@@ -32,7 +33,7 @@ pub const INLINE_BYTES_SLOW: usize = 8 << 10;
 /// can wait).
 pub fn install(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    let families: [(&str, Installer); 10] = [
+    let families: [(&str, Installer); 11] = [
         ("base64", base64::install),
         ("hex", hex::install),
         ("crypto", crypto::install),
@@ -43,6 +44,7 @@ pub fn install(lua: &Lua) -> mlua::Result<Table> {
         ("re", re::install),
         ("compress", compress::install),
         ("csv", csv::install),
+        ("celery", celery::install),
     ];
     for (name, install) in families {
         let family = lua.create_table()?;
@@ -89,7 +91,7 @@ pub fn install_runners(lua: &Lua, rust: &Table) -> mlua::Result<()> {
 type Installer = fn(&Lua, &Table) -> mlua::Result<()>;
 
 /// Names of the families, which modules cannot take as their own names.
-pub const FAMILIES: &[&str] = &["base64", "hex", "crypto", "uuid", "time", "url", "xml", "re", "compress", "csv"];
+pub const FAMILIES: &[&str] = &["base64", "hex", "crypto", "uuid", "time", "url", "xml", "re", "compress", "csv", "celery"];
 
 /// What a job hands back to the worker: makes the Lua values of its result there.
 type Finish = Box<dyn FnOnce(&Lua) -> mlua::Result<MultiValue> + Send>;

@@ -224,6 +224,22 @@ pub fn exception(module: &str, kind: &str, message: &str) -> Json {
     Json::Object(m)
 }
 
+/// The message that runs a task again (Celery's retry): the same message with `retries` one
+/// more, `eta` at `at`, the task its own parent, and a new delivery tag.
+pub fn retried(env: &Envelope, retries: i64, at: DateTime<Utc>) -> String {
+    let mut json = env.json.clone();
+    if let Some(h) = json.get_mut("headers").and_then(Json::as_object_mut) {
+        let id = h.get("id").cloned().unwrap_or(Json::Null);
+        h.insert("retries".into(), Json::from(retries + 1));
+        h.insert("eta".into(), Json::from(format_time(at)));
+        h.insert("parent_id".into(), id);
+    }
+    if let Some(p) = json.get_mut("properties").and_then(Json::as_object_mut) {
+        p.insert("delivery_tag".into(), Json::from(uuid::Uuid::new_v4().to_string()));
+    }
+    json.to_string()
+}
+
 /// The `unacked` hash's value for a message: `[envelope, exchange, routing_key]`, as kombu
 /// writes it, so that either side can restore the other's messages.
 pub fn unacked_entry(env: &Envelope) -> String {
@@ -375,6 +391,17 @@ mod tests {
         assert_eq!(third.args, vec![Value::Int(3)], "an immutable step does not take the result");
         assert!(third.chain.is_empty());
         assert!(next_step(&third, &json!(36), "celery").is_none());
+    }
+
+    #[test]
+    fn retried_messages() {
+        let env = envelope(&captured("application/json", ADD), "celery").unwrap();
+        let at = parse_time("2026-12-06T10:00:00+00:00").unwrap();
+        let again = envelope(retried(&env, 0, at).as_bytes(), "celery").unwrap();
+        assert_ne!(again.tag, env.tag);
+        let t = task(&again, 1 << 20, |_| true).unwrap();
+        assert_eq!((t.retries, t.eta, t.id.as_str()), (1, Some(at), "ed9fe625"));
+        assert_eq!(again.json["headers"]["parent_id"], "ed9fe625");
     }
 
     #[test]

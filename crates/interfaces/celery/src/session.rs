@@ -281,6 +281,14 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
                 }
             }
         }
+        Err(RunError::Failed { message, .. }) if rustomnic_stdlib::celery::parse_retry(&message).is_some() => {
+            let Some(retry) = rustomnic_stdlib::celery::parse_retry(&message) else { return };
+            if !retried(shared, env, &task, &retry).await {
+                // Not queued again: the message stays taken and comes back after the
+                // visibility timeout.
+                return;
+            }
+        }
         Err(e) => {
             let (kind, text) = match &e {
                 RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
@@ -297,6 +305,39 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
         }
     }
     ack(shared, env).await;
+}
+
+/// A task that asked for a retry (`pmnc.celery.retry`): queued again with its eta and a RETRY
+/// result, or, past its `max_retries`, a FAILURE. False when it could not be queued again.
+async fn retried(shared: &Shared, env: &Envelope, task: &Task, retry: &rustomnic_stdlib::celery::Retry) -> bool {
+    let spec = shared.host.spec();
+    if let Some(max) = retry.max_retries.filter(|m| task.retries >= i64::from(*m)) {
+        let text = format!("{}[{}]: max retries ({max}) exceeded: {}", task.name, task.id, retry.reason);
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {text}");
+        store_with(
+            shared,
+            &task.id,
+            "FAILURE",
+            message::exception("celery.exceptions", "MaxRetriesExceededError", &text),
+            None,
+            serde_json::json!([]),
+            task.ignore_result,
+        )
+        .await;
+        return true;
+    }
+    let at = Utc::now() + chrono::Duration::milliseconds((retry.countdown * 1000.0) as i64);
+    let again = message::retried(env, task.retries, at);
+    let mut broker = shared.broker.clone();
+    let sent: redis::RedisResult<()> = broker.lpush(&env.routing_key, again).await;
+    if let Err(e) = sent {
+        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue its retry in {} ({e})", task.id, env.routing_key);
+        return false;
+    }
+    tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) retries in {:.1}s (retry {}): {}", task.id, task.name, retry.countdown, task.retries + 1, retry.reason);
+    store_with(shared, &task.id, "RETRY", message::exception("celery.exceptions", "Retry", &retry.reason), None, serde_json::json!([]), task.ignore_result)
+        .await;
+    true
 }
 
 /// Records a taken message as kombu does: `unacked_index` (score: now) and `unacked`.

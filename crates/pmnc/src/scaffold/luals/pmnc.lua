@@ -283,6 +283,11 @@ function pmnc.csv.decode(text, options) end
 ---@return string
 function pmnc.csv.encode(rows, options) end
 
+pmnc.celery = {}
+---Ends a celery task and has it run again later (Celery's self.retry); never returns.
+---@param options? {countdown?: number, max_retries?: integer|false, reason?: string}
+function pmnc.celery.retry(options) end
+
 pmnc.request = {}
 ---Seconds left before the request's deadline.
 ---@return number
