@@ -3,7 +3,7 @@
 //! redis`, which .ci/run does): `AsyncResult.get()` returns what a Lua task returned; a Lua error
 //! is re-raised in Python; an expired task is revoked, not run; `countdown` is not run early; an
 //! oversized body fails with a clear error; a pickle message and an unknown task are left in the
-//! queue for another worker; a worker killed with kill -9 mid-stream loses no task. Queues are
+//! queue for another worker; a worker killed with kill -9 with 1,000 tasks queued and some in flight loses none. Queues are
 //! named after the test process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -55,7 +55,7 @@ fn cage(tree: &Tree, queue: &str, extra: &str) {
     tree.write(
         "app/c/cage.toml",
         &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\" }}\n{extra}",
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\" }}\n{extra}",
             url = redis_url()
         ),
     );
@@ -72,6 +72,7 @@ function M.flaky(n)
   if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
   return n + retries
 end
+function M.echo(x) return x end
 function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
 return M
 "#,
@@ -112,6 +113,13 @@ print(json.dumps(outcome(app.send_task("tasks.add", args=[2.5, 0.25], queue=q)))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[40, 2], queue=q, priority=6))))
 print(json.dumps(outcome(app.send_task("tasks.flaky", args=[40], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.hopeless", queue=q))))
+cb = app.signature("tasks.add", args=[10], queue=q)
+cb.freeze()
+app.send_task("tasks.add", args=[1, 2], queue=q, link=cb)
+eb = app.signature("tasks.echo", queue=q)
+eb.freeze()
+failed = app.send_task("tasks.fail", args=[1], queue=q, link_error=eb)
+print(json.dumps([app.AsyncResult(cb.id).get(timeout=20), app.AsyncResult(eb.id).get(timeout=20) == failed.id]))
 from celery import chain
 steps = chain(app.signature("tasks.add", args=[2, 3], queue=q), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.add", args=[1, 1], queue=q, immutable=True))
 print(json.dumps(outcome(steps.apply_async())))
@@ -138,6 +146,8 @@ r.lpush(q, b"\xffnot a message")
     assert_eq!(lines[7], serde_json::json!(["ok", 42]), "retried twice, then 40 + 2: {out}");
     assert_eq!(lines[8][0], "MaxRetriesExceededError", "{out}");
     assert!(lines[8][1].as_str().unwrap().contains("max retries (1) exceeded: never"), "{out}");
+    assert_eq!(lines[9], serde_json::json!([13, true]), "a callback got the result first, an errback the failed task's id: {out}");
+    let lines = &lines[1..];
     assert_eq!(lines[9], serde_json::json!(["ok", 2]), "a chain of three steps on this worker ends with the immutable step: {out}");
     assert_eq!(lines[10][0], "ValueError", "{out}");
     assert!(lines[10][1].as_str().unwrap().contains("deep"), "{out}");
@@ -191,12 +201,12 @@ fn killed_worker_loses_no_task() {
     let queue = format!("pmnc-celery-test-{}-kill", std::process::id());
     let tree = Tree::new();
     cage(&tree, &queue, "visibility_timeout = \"2s\"\nconcurrency = 8\n");
-    let ids = python(&queue, "print(' '.join(app.send_task('tasks.slow', args=[i], queue=q).id for i in range(300)))");
+    let ids = python(&queue, "print(' '.join(app.send_task('tasks.slow', args=[i], queue=q).id for i in range(1000)))");
     let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
-    assert_eq!(ids.len(), 300);
+    assert_eq!(ids.len(), 1000);
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     // Some tasks done, others in flight: then kill -9.
-    python(&queue, "for _ in range(200):\n    if r.llen(q) < 250:\n        break\n    time.sleep(0.05)\n");
+    python(&queue, "for _ in range(200):\n    if r.llen(q) < 900:\n        break\n    time.sleep(0.05)\n");
     server.signal(9);
     server.wait_exit(Duration::from_secs(10));
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
@@ -212,7 +222,7 @@ print(json.dumps(values))
     );
     let mut lines = out.lines();
     let values: Vec<i64> = serde_json::from_str(lines.next().unwrap()).unwrap();
-    assert_eq!(values, (0..300).map(|i| i * 2).collect::<Vec<i64>>());
+    assert_eq!(values, (0..1000).map(|i| i * 2).collect::<Vec<i64>>());
     assert!(
         server.log.iter().any(|l| l.contains("put back in queue")) || server.wait_for("put back in queue", Duration::from_secs(1)).is_some(),
         "no message was restored after the kill"

@@ -47,6 +47,9 @@ pub struct Task {
     pub root_id: String,
     /// What follows this task in a chain, in Celery's order (the next step last).
     pub chain: Vec<Json>,
+    /// Signatures queued after success (`link`) and after failure (`link_error`).
+    pub callbacks: Vec<Json>,
+    pub errbacks: Vec<Json>,
 }
 
 /// Reads kombu's envelope. An error means the bytes are not a Celery message at all.
@@ -120,20 +123,21 @@ pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Re
         Value::Nil | Value::Array(_) => Value::Map(Vec::new()),
         other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
     };
-    let mut chain = Vec::new();
+    let (mut chain, mut callbacks, mut errbacks) = (Vec::new(), Vec::new(), Vec::new());
     if let Value::Map(parts) = &embed {
-        if let Some((_, Value::Array(steps))) = parts.iter().find(|(k, _)| k.as_str() == Some("chain")) {
-            for step in steps {
-                let json = step.to_json().map_err(|e| Refusal::Fail(format!("task {id}: a chain step cannot be read: {e}")))?;
+        for (part, into) in [("chain", &mut chain), ("callbacks", &mut callbacks), ("errbacks", &mut errbacks)] {
+            let Some((_, Value::Array(sigs))) = parts.iter().find(|(k, _)| k.as_str() == Some(part)) else { continue };
+            for sig in sigs {
+                let json = sig.to_json().map_err(|e| Refusal::Fail(format!("task {id}: a signature in its {part} cannot be read: {e}")))?;
                 if json.get("task").and_then(Json::as_str).is_none() || json.get("subtask_type").is_some_and(|t| !t.is_null()) {
                     return Err(Refusal::Others(format!(
-                        "task {id} ({name}) is followed by a chain step that is not a plain task, which this worker does not continue yet"
+                        "task {id} ({name}) has in its {part} a signature that is not a plain task, which this worker does not continue yet"
                     )));
                 }
-                chain.push(json);
+                into.push(json);
             }
         }
-        let continued = |k: &Value| k.as_str() == Some("chain");
+        let continued = |k: &Value| matches!(k.as_str(), Some("chain" | "callbacks" | "errbacks"));
         if let Some((k, _)) = parts.iter().find(|(k, v)| !continued(k) && !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
             return Err(Refusal::Others(format!(
                 "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
@@ -156,6 +160,8 @@ pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Re
         ignore_result: header("ignore_result").and_then(Json::as_bool).unwrap_or(false),
         root_id: header("root_id").and_then(Json::as_str).unwrap_or(&id).to_string(),
         chain,
+        callbacks,
+        errbacks,
         id,
         name,
     })
@@ -268,16 +274,34 @@ pub fn restored(entry: &[u8]) -> Option<(String, String)> {
 /// option or `default_queue`. Returns (queue, task id, envelope).
 pub fn next_step(parent: &Task, result: &Json, default_queue: &str) -> Option<(String, String, String)> {
     let (step, rest) = parent.chain.split_last()?;
-    let name = step.get("task").and_then(Json::as_str)?;
-    let options = step.get("options").and_then(Json::as_object);
+    signature_message(step, result, rest, parent, default_queue)
+}
+
+/// The messages of a succeeded task's callbacks (`link`), each given the result first.
+pub fn callbacks(parent: &Task, result: &Json, default_queue: &str) -> Vec<(String, String, String)> {
+    parent.callbacks.iter().filter_map(|sig| signature_message(sig, result, &[], parent, default_queue)).collect()
+}
+
+/// The messages of a failed task's errbacks (`link_error`), each given the task's id first (the
+/// message form a Celery worker uses for an errback it does not run itself).
+pub fn errbacks(parent: &Task, default_queue: &str) -> Vec<(String, String, String)> {
+    let id = Json::from(parent.id.clone());
+    parent.errbacks.iter().filter_map(|sig| signature_message(sig, &id, &[], parent, default_queue)).collect()
+}
+
+/// The message of signature `sig` with `first` put before its arguments (unless it is
+/// immutable) and `rest` as its chain.
+fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, default_queue: &str) -> Option<(String, String, String)> {
+    let name = sig.get("task").and_then(Json::as_str)?;
+    let options = sig.get("options").and_then(Json::as_object);
     let option = |k: &str| options.and_then(|o| o.get(k)).and_then(Json::as_str).filter(|s| !s.is_empty());
     let id = option("task_id").map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let queue = option("queue").unwrap_or(default_queue).to_string();
-    let mut args: Vec<Json> = step.get("args").and_then(Json::as_array).cloned().unwrap_or_default();
-    if !step.get("immutable").and_then(Json::as_bool).unwrap_or(false) {
-        args.insert(0, result.clone());
+    let mut args: Vec<Json> = sig.get("args").and_then(Json::as_array).cloned().unwrap_or_default();
+    if !sig.get("immutable").and_then(Json::as_bool).unwrap_or(false) {
+        args.insert(0, first.clone());
     }
-    let kwargs = step.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({}));
+    let kwargs = sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({}));
     let chain = if rest.is_empty() { Json::Null } else { Json::Array(rest.to_vec()) };
     let body = json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": chain, "chord": null}]).to_string();
     let headers = json!({
@@ -350,7 +374,7 @@ mod tests {
         assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (chord)")));
         let group_step = r#"[[1], {}, {"chain": [{"task": "g", "subtask_type": "group"}]}]"#;
         let env = envelope(&captured("application/json", group_step), "celery").unwrap();
-        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("not a plain task")));
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("in its chain a signature that is not a plain task")));
         for bad in ["{}", "[1, 2]", "[1, {}, {}]", "not json"] {
             let env = envelope(&captured("application/json", bad), "celery").unwrap();
             assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Fail(_))), "{bad}");
@@ -391,6 +415,24 @@ mod tests {
         assert_eq!(third.args, vec![Value::Int(3)], "an immutable step does not take the result");
         assert!(third.chain.is_empty());
         assert!(next_step(&third, &json!(36), "celery").is_none());
+    }
+
+    #[test]
+    fn callbacks_and_errbacks() {
+        let body = r#"[[1, 1], {}, {"chain": null, "chord": null,
+            "callbacks": [{"task": "tasks.log", "args": ["done"], "kwargs": {}, "options": {"task_id": "cb1"}}],
+            "errbacks": [{"task": "tasks.alert", "args": [], "kwargs": {"level": 2}, "options": {"task_id": "eb1", "queue": "alerts"}}]}]"#;
+        let env = envelope(&captured("application/json", body), "celery").unwrap();
+        let t = task(&env, 1 << 20, |_| true).unwrap();
+        let ok = callbacks(&t, &json!(2), "celery");
+        assert_eq!(ok.len(), 1);
+        let cb = task(&envelope(ok[0].2.as_bytes(), "celery").unwrap(), 1 << 20, |_| true).unwrap();
+        assert_eq!((cb.id.as_str(), cb.args.clone()), ("cb1", vec![Value::Int(2), Value::str("done")]));
+        let failed = errbacks(&t, "celery");
+        assert_eq!((failed[0].0.as_str(), failed[0].1.as_str()), ("alerts", "eb1"));
+        let eb = task(&envelope(failed[0].2.as_bytes(), "alerts").unwrap(), 1 << 20, |_| true).unwrap();
+        assert_eq!(eb.args, vec![Value::str("ed9fe625")]);
+        assert_eq!(eb.kwargs, Value::Map(vec![(Value::str("level"), Value::Int(2))]));
     }
 
     #[test]

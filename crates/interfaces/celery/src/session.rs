@@ -259,18 +259,10 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
                     // A chain goes on: the next step is queued before the result is written
                     // and the message acknowledged (a crash in between runs this task again
                     // and queues the step again; the first result stays).
-                    let mut children = serde_json::json!([]);
-                    if let Some((queue, id, envelope)) = message::next_step(&task, &json, &shared.iface.queues[0]) {
-                        let mut broker = shared.broker.clone();
-                        let sent: redis::RedisResult<()> = broker.lpush(&queue, envelope).await;
-                        match sent {
-                            Ok(()) => children = serde_json::json!([[[id, null], null]]),
-                            Err(e) => {
-                                tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue the next step of its chain in {queue} ({e}); the task runs again after the visibility timeout", task.id);
-                                return;
-                            }
-                        }
-                    }
+                    let default_queue = &shared.iface.queues[0];
+                    let mut next: Vec<(String, String, String)> = message::next_step(&task, &json, default_queue).into_iter().collect();
+                    next.extend(message::callbacks(&task, &json, default_queue));
+                    let Some(children) = queue_all(shared, &task, next, "its chain's next step or a callback").await else { return };
                     store_with(shared, &task.id, "SUCCESS", json, None, children, task.ignore_result).await
                 }
                 Err(e) => {
@@ -302,9 +294,29 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
                 _ => None,
             };
             store_with(shared, &task.id, "FAILURE", message::exception(module, kind, &text), traceback, serde_json::json!([]), task.ignore_result).await;
+            // Errbacks once the failure is stored; one that cannot be queued is logged (the task
+            // is not run again for it).
+            let _ = queue_all(shared, &task, message::errbacks(&task, &shared.iface.queues[0]), "an errback").await;
         }
     }
     ack(shared, env).await;
+}
+
+/// Queues messages that follow a task (chain step, callbacks, errbacks); the result's
+/// `children` naming them, or None (logged) when one could not be queued.
+async fn queue_all(shared: &Shared, task: &Task, messages: Vec<(String, String, String)>, what: &str) -> Option<Json> {
+    let spec = shared.host.spec();
+    let mut broker = shared.broker.clone();
+    let mut children = Vec::with_capacity(messages.len());
+    for (queue, id, envelope) in messages {
+        let sent: redis::RedisResult<()> = broker.lpush(&queue, envelope).await;
+        if let Err(e) = sent {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue {what} in {queue} ({e})", task.id);
+            return None;
+        }
+        children.push(serde_json::json!([[id, null], null]));
+    }
+    Some(Json::Array(children))
 }
 
 /// A task that asked for a retry (`pmnc.celery.retry`): queued again with its eta and a RETRY
