@@ -323,6 +323,7 @@ fn protocols() -> Protocols {
     p.add_resource(Arc::new(rustomnic_resource_mqtt::Mqtt));
     p.add_resource(Arc::new(rustomnic_resource_nats::Nats));
     p.add_resource(Arc::new(rustomnic_resource_stomp::Stomp));
+    p.add_resource(Arc::new(rustomnic_resource_celery::Celery));
     p
 }
 

@@ -55,7 +55,7 @@ fn cage(tree: &Tree, queue: &str, extra: &str) {
     tree.write(
         "app/c/cage.toml",
         &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\" }}\n{extra}",
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\", \"tasks.unsent\" = \"math.unsent\" }}\n{extra}",
             url = redis_url()
         ),
     );
@@ -73,6 +73,21 @@ function M.flaky(n)
   return n + retries
 end
 function M.echo(x) return x end
+-- Through the celery resource (py, in the chain test): a task of a Python worker, at commit.
+function M.relay(x, y)
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { x, y })
+  return pmnc.transaction.py.result(id, 30)
+end
+function M.relay_fail()
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { "x" })
+  local ok, e = pcall(pmnc.transaction.py.result, id, 30)
+  return { ok = ok, code = e.code, message = e.message }
+end
+function M.unsent(id)
+  local xa = pmnc.transaction.create{ accept = function() return false end }
+  xa.py.send_task("tasks.pymul", { 1, 1 }, nil, { task_id = id })
+  return (pcall(xa.execute))
+end
 function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
 return M
 "#,
@@ -276,7 +291,7 @@ fn chain_through_python_and_lua_workers() {
     let queue = format!("pmnc-celery-test-{}-chain", std::process::id());
     let pyq = format!("{queue}-py");
     let tree = Tree::new();
-    cage(&tree, &queue, "");
+    cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {:?}\nqueue = {pyq:?}\n", redis_url()));
     tree.write(
         "py/pytasks.py",
         &format!(
@@ -318,6 +333,12 @@ steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signatur
 res = steps.apply_async()
 print(res.get(timeout=60))
 print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+print(app.send_task("tasks.relay", args=[6, 7], queue=q).get(timeout=60))
+print(json.dumps(app.send_task("tasks.relay_fail", queue=q).get(timeout=60), sort_keys=True))
+unsent = "unsent-" + q
+print(app.send_task("tasks.unsent", args=[unsent], queue=q).get(timeout=60))
+time.sleep(0.5)
+print(app.AsyncResult(unsent).state, any(unsent.encode() in m for m in r.lrange(pyq, 0, -1)))
 "#
         ),
     );
@@ -326,5 +347,11 @@ print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
     server.terminate(Duration::from_secs(10));
     python(&queue, &format!("r.delete(q, {pyq:?})"));
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, vec!["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+    assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+    assert_eq!(lines[2], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result: {out}");
+    let failed: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
+    assert_eq!((failed["ok"].as_bool(), failed["code"].as_str()), (Some(false), Some("TypeError")), "{out}");
+    assert!(failed["message"].as_str().unwrap().contains("failure: TypeError"), "{out}");
+    assert_eq!(lines[4], "False", "the transaction was not accepted: {out}");
+    assert_eq!(lines[5], "PENDING False", "a rolled-back send_task sends nothing: {out}");
 }

@@ -20,7 +20,6 @@
 //! request_timeout = "30s"               # a task's deadline (or its time_limit if shorter)
 //! ```
 
-mod message;
 mod session;
 
 use std::sync::Arc;
@@ -28,8 +27,9 @@ use std::time::Duration;
 
 use rustomnic_core::{Located, Section};
 use rustomnic_interface::{Host, Interface, InterfaceProtocol, InterfaceSpec};
+use rustomnic_resource_celery::check_redis_url;
 
-pub use message::{envelope, restored, task, unacked_entry, Refusal, Task};
+pub use rustomnic_resource_celery::message::{envelope, restored, task, unacked_entry, Refusal, Task};
 
 /// The largest `max_message_size`.
 const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 << 20;
@@ -58,17 +58,6 @@ impl CeleryInterface {
     pub(crate) fn handler(&self, name: &str) -> Option<&(String, String)> {
         self.tasks.iter().find(|(n, _)| n == name).map(|(_, h)| &h.value)
     }
-}
-
-/// A redis:// URL, or why not.
-fn check_redis_url(url: &str) -> Result<(), String> {
-    if url.starts_with("amqp://") || url.starts_with("amqps://") || url.starts_with("pyamqp://") {
-        return Err(format!("{url:?}: only a Redis broker is served so far (redis://host:6379/0); AMQP is not yet"));
-    }
-    if !url.starts_with("redis://") {
-        return Err(format!("{url:?} is not a redis:// URL such as \"redis://127.0.0.1:6379/0\""));
-    }
-    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{url:?}: {e}"))
 }
 
 /// `module.function`, or why not.

@@ -16,8 +16,8 @@ use rustomnic_interface::{Host, Request};
 use rustomnic_lua::RunError;
 use serde_json::Value as Json;
 
-use crate::message::{self, Envelope, Refusal, Task};
 use crate::CeleryInterface;
+use rustomnic_resource_celery::message::{self, Envelope, Refusal, Task};
 
 /// How long one BRPOP waits (kombu's worker waits 1 s too).
 const POP_WAIT: u64 = 1;

@@ -295,34 +295,83 @@ fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, def
     let name = sig.get("task").and_then(Json::as_str)?;
     let options = sig.get("options").and_then(Json::as_object);
     let option = |k: &str| options.and_then(|o| o.get(k)).and_then(Json::as_str).filter(|s| !s.is_empty());
-    let id = option("task_id").map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let queue = option("queue").unwrap_or(default_queue).to_string();
     let mut args: Vec<Json> = sig.get("args").and_then(Json::as_array).cloned().unwrap_or_default();
     if !sig.get("immutable").and_then(Json::as_bool).unwrap_or(false) {
         args.insert(0, first.clone());
     }
-    let kwargs = sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({}));
-    let chain = if rest.is_empty() { Json::Null } else { Json::Array(rest.to_vec()) };
-    let body = json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": chain, "chord": null}]).to_string();
-    let headers = json!({
-        "lang": "rs", "task": name, "id": id, "shadow": null, "eta": null, "expires": null,
-        "group": option("group_id"), "group_index": null, "retries": 0, "timelimit": [null, null],
-        "root_id": parent.root_id, "parent_id": parent.id, "argsrepr": Json::Array(args.clone()).to_string(),
-        "kwargsrepr": kwargs.to_string(), "origin": "pmnc", "ignore_result": null,
-        "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {},
-    });
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            "correlation_id": id, "reply_to": option("reply_to").unwrap_or(""), "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-            "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    });
-    Some((queue, id, envelope.to_string()))
+    let out = Outgoing {
+        name,
+        id: option("task_id").map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        args,
+        kwargs: sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({})),
+        chain: if rest.is_empty() { Json::Null } else { Json::Array(rest.to_vec()) },
+        root_id: Some(&parent.root_id),
+        parent_id: Some(&parent.id),
+        group: option("group_id"),
+        queue: option("queue").unwrap_or(default_queue).to_string(),
+        eta: None,
+        expires: None,
+        priority: 0,
+        reply_to: option("reply_to").unwrap_or(""),
+    };
+    Some((priority_list(&out.queue, out.priority), out.id.clone(), out.envelope()))
+}
+
+/// A task message to send: what the celery resource's `send_task` and a worker continuing a
+/// chain make.
+pub struct Outgoing<'a> {
+    pub name: &'a str,
+    pub id: String,
+    pub args: Vec<Json>,
+    pub kwargs: Json,
+    /// The rest of a chain (Celery's order), or null.
+    pub chain: Json,
+    /// None for a task that starts a workflow: its root is itself.
+    pub root_id: Option<&'a str>,
+    pub parent_id: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub queue: String,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    /// 0-9, as on Redis (0 first).
+    pub priority: u8,
+    pub reply_to: &'a str,
+}
+
+impl Outgoing<'_> {
+    /// The message as kombu's Redis transport carries it (protocol 2, JSON).
+    pub fn envelope(&self) -> String {
+        let body = json!([self.args, self.kwargs, {"callbacks": null, "errbacks": null, "chain": self.chain, "chord": null}]).to_string();
+        let headers = json!({
+            "lang": "rs", "task": self.name, "id": self.id, "shadow": null,
+            "eta": self.eta.map(format_time), "expires": self.expires.map(format_time),
+            "group": self.group, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "root_id": self.root_id.unwrap_or(&self.id), "parent_id": self.parent_id,
+            "argsrepr": Json::Array(self.args.clone()).to_string(), "kwargsrepr": self.kwargs.to_string(),
+            "origin": "pmnc", "ignore_result": null, "replaced_task_nesting": 0,
+            "stamped_headers": null, "stamps": {},
+        });
+        json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(body),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": self.id, "reply_to": self.reply_to, "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": self.queue}, "priority": self.priority,
+                "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string()
+    }
+}
+
+/// The Redis list of `queue` for a message of `priority` (kombu's steps 0, 3, 6, 9).
+pub fn priority_list(queue: &str, priority: u8) -> String {
+    match priority.min(9) {
+        0..=2 => queue.to_string(),
+        p => format!("{queue}\x06\x16{}", p / 3 * 3),
+    }
 }
 
 #[cfg(test)]
