@@ -62,6 +62,9 @@ fn a_broker_killed_and_restarted_mid_stream_loses_no_message() {
     broker.boot();
     s.wait_for("again after", Duration::from_secs(30)).expect("reconnected by itself");
     eprintln!("broker down for {:?}", down.elapsed());
+    // The node writes its log asynchronously: its recovery line may land a moment after it
+    // accepted the cage's connection.
+    until(Duration::from_secs(10), || broker.recovered_queues() == Some(2));
     assert_eq!(broker.recovered_queues(), Some(2), "the broker recovered both queues:\n{}", broker.report());
     let want: BTreeSet<String> = ids.iter().map(|i| format!("done:{i}")).collect();
     let all = until(Duration::from_secs(60), || state_keys(&cage, "done:").len() >= want.len());

@@ -1,5 +1,5 @@
 //! Consuming a Redis broker as kombu's Redis transport does (shared/design/celery-protocol.md
-//! §4): BRPOP over the queues, each taken message recorded in `unacked`/`unacked_index` until it
+//! §4): messages taken from the queues' lists, each recorded in `unacked`/`unacked_index` until it
 //! is acknowledged, messages of a worker that died put back after the visibility timeout (by
 //! whichever worker, ours or Python's, sweeps first), results written with SETEX and PUBLISH.
 
@@ -19,11 +19,38 @@ use serde_json::Value as Json;
 use crate::CeleryInterface;
 use rustomnic_resource_celery::message::{self, Envelope, Refusal, Task};
 
-/// How long one BRPOP waits (kombu's worker waits 1 s too).
-const POP_WAIT: u64 = 1;
-/// Messages taken from one queue in one round trip: the queue and the messages.
-type Popped = (String, Vec<Vec<u8>>);
-
+/// The wait after a poll that found nothing, first and at most.
+const FIRST_POLL: Duration = Duration::from_millis(2);
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Takes up to ARGV[1] messages from the lists KEYS[1..n-2] in order (priority first), and
+/// records each as taken exactly as kombu does (`unacked_index` scored ARGV[2], `unacked` holding
+/// `[envelope, exchange, routing_key]`), in one atomic step. Returns {list, tag, message}
+/// triples; the tag is "" for a message that is not an envelope (nothing is recorded for it).
+const TAKE: &str = r#"
+local n, now = tonumber(ARGV[1]), ARGV[2]
+local lists = #KEYS - 2
+local unacked, index = KEYS[lists + 1], KEYS[lists + 2]
+local out, count = {}, 0
+for i = 1, lists do
+  while count < n do
+    local m = redis.call('RPOP', KEYS[i])
+    if not m then break end
+    -- The fields are read with patterns, not by decoding the whole envelope (a third of the
+    -- cost per message): kombu writes them once, in properties; a quote inside another
+    -- string is escaped, so it cannot match.
+    local tag = m:match('"delivery_tag": *"([^"\\]+)"') or ''
+    if tag ~= '' then
+      local exchange = m:match('"exchange": *"([^"\\]*)"') or ''
+      local key = m:match('"routing_key": *"([^"\\]*)"') or KEYS[i]
+      redis.call('ZADD', index, now, tag)
+      redis.call('HSET', unacked, tag, '[' .. m .. ',"' .. exchange .. '","' .. key .. '"]')
+    end
+    out[#out + 1] = { KEYS[i], tag, m }
+    count = count + 1
+  end
+end
+return out
+"#;
 /// The most messages taken and waiting for their eta at once, beyond those running.
 const MAX_WAITING: usize = 10_000;
 /// The most messages taken in one round trip.
@@ -59,9 +86,8 @@ struct Shared {
 async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
     let spec = host.spec();
     let client = redis::Client::open(iface.broker.as_str()).map_err(|e| format!("broker {}: {e}", iface.broker))?;
-    // BRPOP blocks its connection for up to POP_WAIT: a connection of its own, with room to answer.
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(POP_WAIT + 10)));
-    let mut pop = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
+    // Taking has a connection of its own, so that it never waits behind results and acks.
+    let mut pop = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
     let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
     let backend = match &iface.backend {
         Some(url) => {
@@ -89,7 +115,8 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
     let mut shutdown = host.shutdown();
     let mut running = tokio::task::JoinSet::new();
     let mut next_sweep = Instant::now();
-    let mut batch_pop = true;
+    let take_script = redis::Script::new(TAKE);
+    let mut idle = FIRST_POLL;
     // Each queue is four lists, one per priority step (kombu's Redis priorities: 0 first).
     let keys: Vec<String> = iface.queues.iter().flat_map(|q| [q.clone(), format!("{q}\x06\x163"), format!("{q}\x06\x166"), format!("{q}\x06\x169")]).collect();
     let result = loop {
@@ -119,40 +146,33 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
                 _ = shutdown.changed() => break Ok(()),
             }
         }
-        // BLMPOP (Redis 7) takes as many as there are free slots in one round trip; BRPOP, one.
+        // Taken and recorded as taken in one atomic step (a script), so that a crash cannot
+        // lose a message between the two (kombu's BRPOP then MULTI can); polled, since a
+        // script cannot block: at once after a hit, then less and less often up to IDLE_POLL.
         let room = free.clamp(1, MAX_BATCH);
-        let pop_cmd = if batch_pop {
-            let mut c = redis::cmd("BLMPOP");
-            c.arg(POP_WAIT).arg(keys.len()).arg(&keys).arg("RIGHT").arg("COUNT").arg(room);
-            c
-        } else {
-            let mut c = redis::cmd("BRPOP");
-            c.arg(&keys).arg(POP_WAIT);
-            c
-        };
-        let popped: redis::RedisResult<Option<Popped>> = tokio::select! {
-            r = async {
-                if batch_pop {
-                    pop_cmd.query_async(&mut pop).await
-                } else {
-                    let one: Option<(String, Vec<u8>)> = pop_cmd.query_async(&mut pop).await?;
-                    Ok(one.map(|(q, m)| (q, vec![m])))
-                }
-            } => r,
+        let mut invocation = take_script.prepare_invoke();
+        for k in &keys {
+            invocation.key(k);
+        }
+        invocation.key("unacked").key("unacked_index").arg(room).arg(unix_now());
+        let taken: redis::RedisResult<Vec<(String, String, Vec<u8>)>> = tokio::select! {
+            r = invocation.invoke_async(&mut pop) => r,
             _ = shutdown.changed() => break Ok(()),
         };
-        match popped {
-            Ok(Some((queue, payloads))) => {
-                for payload in payloads {
-                    let shared = shared.clone();
-                    let queue = queue.clone();
-                    running.spawn(async move { take(&shared, queue, payload).await });
+        match taken {
+            Ok(messages) if messages.is_empty() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {}
+                    _ = shutdown.changed() => break Ok(()),
                 }
+                idle = (idle * 2).min(IDLE_POLL);
             }
-            Ok(None) => {}
-            Err(e) if batch_pop && e.to_string().to_lowercase().contains("unknown command") => {
-                // A Redis before 7: one at a time.
-                batch_pop = false;
+            Ok(messages) => {
+                idle = FIRST_POLL;
+                for (queue, tag, payload) in messages {
+                    let shared = shared.clone();
+                    running.spawn(async move { take(&shared, queue, tag, payload).await });
+                }
             }
             Err(e) => break Err(format!("broker {}: {e}", iface.broker)),
         }
@@ -163,24 +183,29 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
     result
 }
 
-/// One message taken from `queue`.
-async fn take(shared: &Shared, queue: String, payload: Vec<u8>) {
+/// One message taken from list `queue` and recorded as taken under `tag` ("" when it was not
+/// an envelope, so nothing was recorded).
+async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
     let spec = shared.host.spec();
     let mut broker = shared.broker.clone();
     let env = match message::envelope(&payload, &queue) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {queue} is not a Celery message ({e}); kept in the list {UNREADABLE}");
-            let _: Result<(), _> = broker.lpush(UNREADABLE, payload).await;
+        Ok(mut e) if !tag.is_empty() => {
+            // Acknowledged under the tag it was recorded with.
+            e.tag = tag;
+            e
+        }
+        other => {
+            let why = other.err().unwrap_or_else(|| "no delivery tag".into());
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {queue} is not a Celery message ({why}); kept in the list {UNREADABLE}");
+            let mut pipe = redis::pipe();
+            pipe.atomic().lpush(UNREADABLE, payload).ignore();
+            if !tag.is_empty() {
+                pipe.zrem("unacked_index", &tag).ignore().hdel("unacked", &tag).ignore();
+            }
+            let _: redis::RedisResult<()> = pipe.query_async(&mut broker).await;
             return;
         }
     };
-    if let Err(e) = remember(&mut broker, &env).await {
-        // Not recorded: put it back at once rather than run it without a way to restore it.
-        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot record task message {} as taken ({e}); putting it back", env.tag);
-        let _: Result<(), _> = broker.rpush(&queue, payload).await;
-        return;
-    }
     let iface = &shared.iface;
     let task = match message::task(&env, iface.max_message_size, |name| iface.handler(name).is_some()) {
         Ok(t) => t,
@@ -352,18 +377,6 @@ async fn retried(shared: &Shared, env: &Envelope, task: &Task, retry: &rustomnic
     true
 }
 
-/// Records a taken message as kombu does: `unacked_index` (score: now) and `unacked`.
-async fn remember(broker: &mut MultiplexedConnection, env: &Envelope) -> redis::RedisResult<()> {
-    redis::pipe()
-        .atomic()
-        .zadd("unacked_index", &env.tag, unix_now())
-        .ignore()
-        .hset("unacked", &env.tag, message::unacked_entry(env))
-        .ignore()
-        .query_async(broker)
-        .await
-}
-
 /// Keeps a taken message from being put back by a sweep while it waits or runs.
 async fn refresh(broker: &mut MultiplexedConnection, tag: &str) -> redis::RedisResult<()> {
     broker.zadd("unacked_index", tag, unix_now()).await
@@ -401,35 +414,28 @@ async fn give_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8],
     } else {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "{why}: left in queue {queue} for another worker");
     }
-    let mut broker = shared.broker.clone();
-    let r: redis::RedisResult<()> = redis::pipe()
-        .atomic()
-        .lpush(queue, payload)
-        .ignore()
-        .zrem("unacked_index", &env.tag)
-        .ignore()
-        .hdel("unacked", &env.tag)
-        .ignore()
-        .query_async(&mut broker)
-        .await;
-    if let Err(e) = r {
+    if let Err(e) = put_back(shared, env, queue, payload, false).await {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot put task message {} back ({e}); it comes back after the visibility timeout", env.tag);
     }
 }
 
 /// Puts a taken message back at the front of its queue (it is taken next).
 async fn give_back_front(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8]) {
+    let _ = put_back(shared, env, queue, payload, true).await;
+}
+
+/// Puts a taken message back in its queue, at the front (taken next) or the back, and forgets
+/// it as taken, in one step.
+async fn put_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8], front: bool) -> redis::RedisResult<()> {
     let mut broker = shared.broker.clone();
-    let _: redis::RedisResult<()> = redis::pipe()
-        .atomic()
-        .rpush(queue, payload)
-        .ignore()
-        .zrem("unacked_index", &env.tag)
-        .ignore()
-        .hdel("unacked", &env.tag)
-        .ignore()
-        .query_async(&mut broker)
-        .await;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if front {
+        pipe.rpush(queue, payload).ignore();
+    } else {
+        pipe.lpush(queue, payload).ignore();
+    }
+    pipe.zrem("unacked_index", &env.tag).ignore().hdel("unacked", &env.tag).ignore().query_async(&mut broker).await
 }
 
 /// Puts back every taken message older than the visibility timeout (its worker died), under
