@@ -6,6 +6,7 @@
 #
 #   bench/celery.sh                 20,000 no-op tasks each
 #   CALLS=50000 WORKERS=2 bench/celery.sh
+#   python3 bench/celery_bench.py --work DIR --pmnc BIN --no-celery   one build alone (A/B of builds)
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 

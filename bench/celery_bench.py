@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--no-celery", action="store_true", help="only the pmnc run (comparing builds)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     port = free_port()
@@ -104,7 +105,7 @@ def main():
             ("celery", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", str(a.workers),
                         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"]),
         ]
-        for name, cmd in runs:
+        for name, cmd in runs[:1] if a.no_celery else runs:
             r0.flushall()
             took = fill(broker, backend, a.calls)
             print(f"== {name}: {a.calls} tasks queued in {took:.1f}s; starting the worker", flush=True)

@@ -22,7 +22,8 @@ use rustomnic_resource_celery::message::{self, Envelope, Refusal, Task};
 /// The wait after a poll that found nothing, first and at most.
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const IDLE_POLL: Duration = Duration::from_millis(100);
-/// Takes up to ARGV[1] messages from the lists KEYS[1..n-2] in order (priority first), and
+/// Takes up to ARGV[1] messages from the lists KEYS[1..n-2] in order (priority first; RPOP with
+/// a count, Redis 6.2 or later), and
 /// records each as taken exactly as kombu does (`unacked_index` scored ARGV[2], `unacked` holding
 /// `[envelope, exchange, routing_key]`), in one atomic step. Returns {list, tag, message}
 /// triples; the tag is "" for a message that is not an envelope (nothing is recorded for it).
@@ -30,23 +31,31 @@ const TAKE: &str = r#"
 local n, now = tonumber(ARGV[1]), ARGV[2]
 local lists = #KEYS - 2
 local unacked, index = KEYS[lists + 1], KEYS[lists + 2]
-local out, count = {}, 0
+local out, left = {}, n
 for i = 1, lists do
-  while count < n do
-    local m = redis.call('RPOP', KEYS[i])
-    if not m then break end
-    -- The fields are read with patterns, not by decoding the whole envelope (a third of the
-    -- cost per message): kombu writes them once, in properties; a quote inside another
-    -- string is escaped, so it cannot match.
-    local tag = m:match('"delivery_tag": *"([^"\\]+)"') or ''
-    if tag ~= '' then
-      local exchange = m:match('"exchange": *"([^"\\]*)"') or ''
-      local key = m:match('"routing_key": *"([^"\\]*)"') or KEYS[i]
-      redis.call('ZADD', index, now, tag)
-      redis.call('HSET', unacked, tag, '[' .. m .. ',"' .. exchange .. '","' .. key .. '"]')
+  if left <= 0 then break end
+  local ms = redis.call('RPOP', KEYS[i], left)
+  if ms then
+    local z, h = {}, {}
+    for _, m in ipairs(ms) do
+      -- The fields are read with patterns, not by decoding the whole envelope: kombu writes
+      -- them once, in properties; a quote inside another string is escaped, so it cannot match.
+      local tag = m:match('"delivery_tag": *"([^"\\]+)"') or ''
+      if tag ~= '' then
+        local exchange = m:match('"exchange": *"([^"\\]*)"') or ''
+        local key = m:match('"routing_key": *"([^"\\]*)"') or KEYS[i]
+        z[#z + 1] = now
+        z[#z + 1] = tag
+        h[#h + 1] = tag
+        h[#h + 1] = '[' .. m .. ',"' .. exchange .. '","' .. key .. '"]'
+      end
+      out[#out + 1] = { KEYS[i], tag, m }
     end
-    out[#out + 1] = { KEYS[i], tag, m }
-    count = count + 1
+    if #z > 0 then
+      redis.call('ZADD', index, unpack(z))
+      redis.call('HSET', unacked, unpack(h))
+    end
+    left = left - #ms
   end
 end
 return out
