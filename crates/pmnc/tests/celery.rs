@@ -224,6 +224,9 @@ fn killed_worker_loses_no_task() {
     python(&queue, "for _ in range(200):\n    if r.llen(q) < 900:\n        break\n    time.sleep(0.05)\n");
     server.signal(9);
     server.wait_exit(Duration::from_secs(10));
+    // An entry of unacked that no worker can read (another program's): kept aside by the
+    // sweep, not dropped.
+    python(&queue, "r.hset('unacked', 'garbage-' + q, 'not json')\nr.zadd('unacked_index', {'garbage-' + q: 0})");
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     let out = python(
         &queue,
@@ -242,6 +245,9 @@ print(json.dumps(values))
         server.log.iter().any(|l| l.contains("put back in queue")) || server.wait_for("put back in queue", Duration::from_secs(1)).is_some(),
         "no message was restored after the kill"
     );
+    server.wait_for("cannot be read; kept in the list rustomnic.celery.unreadable", Duration::from_secs(10)).expect("the unreadable entry kept aside");
+    let kept = python(&queue, "print(r.hexists('unacked', 'garbage-' + q), r.lrem('rustomnic.celery.unreadable', 0, 'not json') >= 1)");
+    assert_eq!(kept.trim(), "False True", "the entry left unacked for the unreadable list");
     server.terminate(Duration::from_secs(10));
     python(&queue, "r.delete(q)");
 }

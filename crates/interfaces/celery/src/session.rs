@@ -47,7 +47,7 @@ for i = 1, lists do
         z[#z + 1] = now
         z[#z + 1] = tag
         h[#h + 1] = tag
-        h[#h + 1] = '[' .. m .. ',"' .. exchange .. '","' .. key .. '"]'
+        h[#h + 1] = '[' .. m .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(key) .. ']'
       end
       out[#out + 1] = { KEYS[i], tag, m }
     end
@@ -127,7 +127,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
     let take_script = redis::Script::new(TAKE);
     let mut idle = FIRST_POLL;
     // Each queue is four lists, one per priority step (kombu's Redis priorities: 0 first).
-    let keys: Vec<String> = iface.queues.iter().flat_map(|q| [q.clone(), format!("{q}\x06\x163"), format!("{q}\x06\x166"), format!("{q}\x06\x169")]).collect();
+    let keys: Vec<String> = iface.queues.iter().flat_map(|q| [0, 3, 6, 9].map(|p| message::priority_list(q, p))).collect();
     let result = loop {
         if *shutdown.borrow() {
             break Ok(());
@@ -164,10 +164,9 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
             invocation.key(k);
         }
         invocation.key("unacked").key("unacked_index").arg(room).arg(unix_now());
-        let taken: redis::RedisResult<Vec<(String, String, Vec<u8>)>> = tokio::select! {
-            r = invocation.invoke_async(&mut pop) => r,
-            _ = shutdown.changed() => break Ok(()),
-        };
+        // Not raced with the shutdown: a take abandoned after Redis ran it would leave its
+        // messages taken by nobody until the visibility timeout. It never blocks.
+        let taken: redis::RedisResult<Vec<(String, String, Vec<u8>)>> = invocation.invoke_async(&mut pop).await;
         match taken {
             Ok(messages) if messages.is_empty() => {
                 tokio::select! {
@@ -285,6 +284,10 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
             _ = tokio::time::sleep(every) => { let _ = refresh(&mut broker, &env.tag).await; }
         }
     };
+    let retry = match &outcome {
+        Err(RunError::Failed { message, .. }) => rustomnic_stdlib::celery::parse_retry(message),
+        _ => None,
+    };
     match outcome {
         Ok(values) => {
             let result = values.into_iter().next().unwrap_or_default();
@@ -307,9 +310,9 @@ async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
                 }
             }
         }
-        Err(RunError::Failed { message, .. }) if rustomnic_stdlib::celery::parse_retry(&message).is_some() => {
-            let Some(retry) = rustomnic_stdlib::celery::parse_retry(&message) else { return };
-            if !retried(shared, env, &task, &retry).await {
+        Err(_) if retry.is_some() => {
+            let Some(retry) = &retry else { return };
+            if !retried(shared, env, &task, retry).await {
                 // Not queued again: the message stays taken and comes back after the
                 // visibility timeout.
                 return;
@@ -466,9 +469,17 @@ async fn restore_visible(shared: &Shared) -> Result<(), String> {
         let back = entry.as_deref().and_then(message::restored);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        if let Some((queue, env)) = &back {
-            pipe.rpush(queue, env).ignore();
-            tracing::info!(cage = %spec.cage, interface = %spec.name, "task message {tag} was taken and not acknowledged for over {:?}: put back in queue {queue}", iface.visibility_timeout);
+        match (&back, &entry) {
+            (Some((queue, env)), _) => {
+                pipe.rpush(queue, env).ignore();
+                tracing::info!(cage = %spec.cage, interface = %spec.name, "task message {tag} was taken and not acknowledged for over {:?}: put back in queue {queue}", iface.visibility_timeout);
+            }
+            // Written by some other program: kept aside rather than dropped.
+            (None, Some(raw)) => {
+                pipe.lpush(UNREADABLE, raw).ignore();
+                tracing::error!(cage = %spec.cage, interface = %spec.name, "task message {tag} was taken and not acknowledged, but its entry in unacked cannot be read; kept in the list {UNREADABLE}");
+            }
+            (None, None) => {}
         }
         pipe.zrem("unacked_index", &tag).ignore().hdel("unacked", &tag).ignore();
         let _: () = pipe.query_async(&mut broker).await.map_err(err)?;
