@@ -257,14 +257,18 @@ fn bad_celery_config_is_reported_with_file_line_and_key() {
     let t = Tree::new();
     t.write(
         "c/cage.toml",
-        "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = \"amqp://guest@h//\"\ntasks = { \"a.b\" = \"nodot\", \"tasks.add\" = \"math.nothere\" }\nconcurrency = 0\nvisibility_timeout = \"500ms\"\n",
+        "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = \"http://guest:secret@h//\"\ntasks = { \"a.b\" = \"nodot\", \"tasks.add\" = \"math.nothere\" }\nconcurrency = 0\nvisibility_timeout = \"500ms\"\n\n[interfaces.more]\nprotocol = \"celery\"\nbroker = \"redis://127.0.0.1:6379/0\"\ntasks = [\"math.add\"]\nresult_backend = \"rpc://\"\nprefetch = 10\n\n[interfaces.amqp]\nprotocol = \"celery\"\nbroker = \"amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=x\"\ntasks = [\"math.add\"]\n",
     );
     t.write("c/math.lua", "return { add = function(a, b) return a + b end }");
     let out = pmnc_limited(&["check", t.path().join("c").to_str().unwrap()], Duration::from_secs(60));
     assert_ne!(out.code, Some(0));
     let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(!text.contains("secret"), "a password in a URL is not shown: {text}");
     for want in [
-        "cage.toml:3: interfaces.tasks.broker: \"amqp://guest@h//\": only a Redis broker is served so far",
+        "cage.toml:3: interfaces.tasks.broker: \"http://h//\" is not a redis:// or amqp:// URL",
+        "cage.toml:12: interfaces.more.result_backend: \"rpc://\" needs an AMQP broker",
+        "cage.toml:13: interfaces.more.prefetch: is for an AMQP broker",
+        "cage.toml:17: interfaces.amqp.broker:",
         "cage.toml:4: interfaces.tasks.tasks: task \"a.b\": \"nodot\" is not \"module.function\"",
         "cage.toml:5: interfaces.tasks.concurrency: 0 is out of range",
         "cage.toml:6: interfaces.tasks.visibility_timeout: must be at least 1s",

@@ -1,35 +1,42 @@
 //! The `celery` interface: a cage serves Celery tasks. Task messages (protocol 2, protocol 1
 //! accepted; JSON only) are taken from a Redis broker's queues the way kombu's Redis transport
-//! does it, each task runs as a request of the module function its name maps to, and its result
-//! is written in Celery's own format to the Redis result backend, so that Python's
-//! `AsyncResult.get()` returns it. See docs/interfaces/celery.md and decision 132.
+//! does it (redis_broker), or consumed from RabbitMQ queues (amqp_broker); each task runs as a
+//! request of the module function its name maps to (tasks), and its result is written in
+//! Celery's own format to the Redis result backend or the client's reply queue (the RPC
+//! backend), so that Python's `AsyncResult.get()` returns it. See docs/interfaces/celery.md and
+//! decisions 132 and 133.
 //!
 //! ```toml
 //! [interfaces.tasks]
 //! protocol = "celery"
-//! broker = "redis://127.0.0.1:6379/0"   # required; redis:// (AMQP is not served yet)
+//! broker = "redis://127.0.0.1:6379/0"   # required; redis:// or amqp://
 //! tasks = ["billing.charge"]            # required: the tasks this cage serves, by name
 //! # or, for names that are not module.function of this cage:
 //! # tasks = { "proj.tasks.add" = "math.add" }
 //! queues = ["celery"]                   # default ["celery"]
 //! concurrency = 16                      # tasks run at once
-//! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker; "none": no results
+//! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker on Redis, "rpc://" on
+//!                                       # AMQP; "none": no results
+//! prefetch = 64                         # AMQP: messages delivered ahead (default 4 x concurrency)
 //! result_expires = "1d"                 # how long results are kept
 //! visibility_timeout = "1h"             # a taken, unacknowledged task goes back after this
 //! max_message_size = "1MiB"             # bigger task bodies fail with a clear error
 //! request_timeout = "30s"               # a task's deadline (or its time_limit if shorter)
 //! ```
 
-mod session;
+mod amqp_broker;
+mod redis_broker;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustomnic_core::{Located, Section};
 use rustomnic_interface::{Host, Interface, InterfaceProtocol, InterfaceSpec};
-use rustomnic_resource_celery::check_redis_url;
+use rustomnic_resource_celery::{parse_broker, read_backend, Backend, Broker};
 
-pub use rustomnic_resource_celery::message::{envelope, restored, task, unacked_entry, Refusal, Task};
+pub use rustomnic_resource_celery::amqp::{headers_table, table_json};
+pub use rustomnic_resource_celery::message::{envelope, restored, task, unacked_entry, Message, Refusal, Task};
 
 /// The largest `max_message_size`.
 const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 << 20;
@@ -43,8 +50,9 @@ pub(crate) type TaskRoute = (String, Located<(String, String)>);
 /// A configured celery interface.
 pub struct CeleryInterface {
     spec: InterfaceSpec,
-    pub(crate) broker: String,
-    pub(crate) backend: Option<String>,
+    pub(crate) broker: Broker,
+    pub(crate) backend: Backend,
+    pub(crate) prefetch: u16,
     pub(crate) queues: Vec<String>,
     pub(crate) tasks: Vec<TaskRoute>,
     pub(crate) concurrency: usize,
@@ -75,22 +83,11 @@ impl InterfaceProtocol for CeleryProtocol {
 
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
         // Every key is read before giving up, so that all problems are listed at once.
-        let broker = section.required_parsed("broker", "\"redis://127.0.0.1:6379/0\"", |u| check_redis_url(u).map(|()| u.to_string()));
-        let backend = match section.string("result_backend") {
-            Some(b) if b.value == "none" => Some(None),
-            Some(b) => match check_redis_url(&b.value) {
-                Ok(()) => Some(Some(b.value)),
-                Err(e) => {
-                    section.error("result_backend", e);
-                    None
-                }
-            },
-            None if section.has("result_backend") => None,
-            None => Some(broker.clone()),
-        };
+        let broker = section.required_parsed("broker", "\"redis://127.0.0.1:6379/0\"", parse_broker);
+        let backend = read_backend(section, broker.as_ref());
         let tasks = read_tasks(section);
         let queues = match section.strings("queues") {
-            Some(q) if q.value.is_empty() || q.value.iter().any(|n| n.is_empty() || n.contains('\u{6}')) => {
+            Some(q) if q.value.is_empty() || q.value.iter().any(|n| n.is_empty() || n.contains('\u{6}') || n.len() > 200) => {
                 section.error("queues", "give one or more queue names, e.g. queues = [\"celery\"]");
                 None
             }
@@ -105,9 +102,13 @@ impl InterfaceProtocol for CeleryProtocol {
         if visibility_timeout < Duration::from_secs(1) {
             section.error("visibility_timeout", "must be at least 1s");
         }
+        let prefetch = section.integer("prefetch", 1, 65_535).map(|v| v.value as u16).unwrap_or_else(|| (concurrency * 4).clamp(1, 65_535) as u16);
+        if matches!(broker, Some(Broker::Redis(_))) && section.has("prefetch") {
+            section.error("prefetch", "is for an AMQP broker; a Redis broker takes as many messages as there are free slots");
+        }
         let max_message_size = section.size("max_message_size", MAX_MESSAGE_SIZE_LIMIT).map(|v| v.value as usize).unwrap_or(1 << 20);
         let (Some(broker), Some(backend), Some(tasks), Some(queues)) = (broker, backend, tasks, queues) else { return None };
-        Some(Arc::new(CeleryInterface { spec, broker, backend, queues, tasks, concurrency, result_expires, visibility_timeout, max_message_size }))
+        Some(Arc::new(CeleryInterface { spec, broker, backend, prefetch, queues, tasks, concurrency, result_expires, visibility_timeout, max_message_size }))
     }
 }
 
@@ -165,7 +166,22 @@ impl Interface for CeleryInterface {
 
     fn start(self: Arc<Self>, host: Host) {
         let me = self.clone();
-        rustomnic_interface::consumer::spawn(&self.spec, move || session::run(me, host));
+        match self.broker.clone() {
+            Broker::Redis(url) => rustomnic_interface::consumer::spawn(&self.spec, move || redis_broker::run(me, host, url)),
+            Broker::Amqp(url) => rustomnic_interface::consumer::spawn(&self.spec, move || amqp_broker::run(me, host, url)),
+        }
+    }
+}
+
+/// The Redis result backend's connection, or no results (a session's start).
+pub(crate) async fn redis_results(iface: &CeleryInterface) -> Result<tasks::Results, String> {
+    match &iface.backend {
+        Backend::Redis(url) => {
+            let display = rustomnic_resource_celery::redis_display(url);
+            let c = redis::Client::open(url.as_str()).map_err(|e| format!("result backend {display}: {e}"))?;
+            Ok(tasks::Results::Redis(c.get_multiplexed_async_connection().await.map_err(|e| format!("result backend {display}: {e}"))?))
+        }
+        _ => Ok(tasks::Results::None),
     }
 }
 
@@ -176,9 +192,13 @@ mod tests {
 
     #[test]
     fn urls_and_handlers() {
-        assert!(check_redis_url("redis://127.0.0.1:6379/0").is_ok());
-        assert!(check_redis_url("amqp://guest@h//").unwrap_err().contains("only a Redis broker"));
-        assert!(check_redis_url("http://x").unwrap_err().contains("not a redis:// URL"));
+        assert!(matches!(parse_broker("redis://127.0.0.1:6379/0").unwrap(), Broker::Redis(_)));
+        let Broker::Amqp(u) = parse_broker("amqp://guest:secret@h//").unwrap() else { panic!() };
+        assert_eq!(u.display, "h:5672/%2f");
+        let Broker::Amqp(u) = parse_broker("pyamqp://guest@h:5673/v").unwrap() else { panic!() };
+        assert_eq!(u.display, "h:5673/v");
+        assert!(parse_broker("http://x").unwrap_err().contains("not a redis:// or amqp:// URL"));
+        assert!(!parse_broker("http://u:secret@x").unwrap_err().contains("secret"));
         assert_eq!(split_handler("math.add").unwrap(), ("math".into(), "add".into()));
         for bad in ["add", "a.b.c", ".x", "m.", "m._private"] {
             assert!(split_handler(bad).is_err(), "{bad}");

@@ -1,24 +1,27 @@
 //! The `celery` resource: Lua sends Celery tasks to Python workers (or to other cages' celery
-//! interfaces) through a Redis broker, **at commit** (a rollback sends nothing), and reads their
-//! results from the Redis result backend. `message` is Celery's wire format, shared with the
-//! celery interface. See docs/resources/celery.md and decision 132.
+//! interfaces) through a Redis or AMQP broker, **at commit** (a rollback sends nothing), and
+//! reads their results from the Redis result backend or, on AMQP, the RPC backend. `message` is
+//! Celery's wire format and `amqp` its AMQP side, both shared with the celery interface. See
+//! docs/resources/celery.md and decisions 132 and 133.
 //!
 //! ```toml
 //! [resources.py]
 //! protocol = "celery"
-//! broker = "redis://127.0.0.1:6379/0"          # required; redis://
-//! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker
+//! broker = "redis://127.0.0.1:6379/0"          # required; redis:// or amqp://
+//! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker on Redis, "rpc://" on AMQP
 //! queue = "celery"                             # default queue of send_task
 //! ```
 //!
 //! Methods: `send_task(name [, args [, kwargs [, options]]])` → the task id (the message goes at
 //! commit); options `queue`, `task_id`, `countdown` (seconds), `eta` (RFC 3339), `expires`
-//! (seconds or RFC 3339), `priority` (0-9, 0 first as on Redis). `result(id [, timeout])` → the
-//! task's result once it is ready (`timeout` seconds, default 10, at most 3600), an error with
-//! the Python exception's type as its code for a failed task.
+//! (seconds or RFC 3339), `priority` (0-9, passed on as Celery does). `result(id [, timeout])` →
+//! the task's result once it is ready (`timeout` seconds, default 10, at most 3600), an error
+//! with the Python exception's type as its code for a failed task.
 
+pub mod amqp;
 pub mod message;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +31,14 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
+use rustomnic_resource_amqp::client::{self, AmqpUrl};
+use rustomnic_resource_amqp::lapin;
 use serde_json::Value as Json;
 
 /// The keys this protocol reads itself (the pool keys are read by the runtime).
-pub const KEYS: &[&str] = &["broker", "result_backend", "queue"];
+pub const KEYS: &[&str] = &["broker", "result_backend", "queue", "result_expires"];
 
-/// How often `result` looks for a result that is not ready yet.
+/// How often `result` looks for a result that is not ready yet on Redis.
 const POLL: Duration = Duration::from_millis(50);
 /// The longest `result` waits.
 const MAX_WAIT: f64 = 3600.0;
@@ -41,24 +46,108 @@ const MAX_WAIT: f64 = 3600.0;
 /// The `celery` resource protocol.
 pub struct Celery;
 
-struct Settings {
-    broker: String,
-    backend: String,
-    queue: String,
+/// A broker, from its URL.
+#[derive(Clone, Debug)]
+pub enum Broker {
+    Redis(String),
+    Amqp(AmqpUrl),
 }
 
-struct CeleryResource(Arc<Settings>);
+impl Broker {
+    /// The broker as logs name it (no credentials).
+    pub fn display(&self) -> String {
+        match self {
+            Broker::Redis(url) => redis_display(url),
+            Broker::Amqp(u) => format!("amqp://{}", u.display),
+        }
+    }
+}
+
+/// Where results go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Backend {
+    Redis(String),
+    /// Each client's own reply queue on the AMQP broker (Celery's `rpc://`).
+    Rpc,
+    None,
+}
+
+/// A Redis URL without its password.
+pub fn redis_display(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}{}", &url[..scheme + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// A broker URL: redis:// or amqp:// (Celery's pyamqp:// is taken as amqp://), or why not.
+pub fn parse_broker(url: &str) -> Result<Broker, String> {
+    if let Some(rest) = url.strip_prefix("pyamqp://") {
+        return parse_broker(&format!("amqp://{rest}"));
+    }
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        // Celery writes the default vhost as "//": the path after the host is "/".
+        let text = match url.strip_suffix("//") {
+            Some(base) if !base.ends_with(':') => format!("{base}/%2f"),
+            _ => url.to_string(),
+        };
+        return client::parse_url(&text).map(Broker::Amqp).map_err(|e| format!("{}: {e}", redact(url)));
+    }
+    check_redis_url(url).map(|()| Broker::Redis(url.to_string()))
+}
+
+/// A URL as errors show it: without a password.
+fn redact(url: &str) -> String {
+    redis_display(url)
+}
 
 /// A redis:// URL, or why not.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
-    if url.starts_with("amqp://") || url.starts_with("amqps://") || url.starts_with("pyamqp://") {
-        return Err(format!("{url:?}: only a Redis broker is served so far (redis://host:6379/0); AMQP is not yet"));
-    }
     if !url.starts_with("redis://") {
-        return Err(format!("{url:?} is not a redis:// URL such as \"redis://127.0.0.1:6379/0\""));
+        return Err(format!("{:?} is not a redis:// or amqp:// URL such as \"redis://127.0.0.1:6379/0\"", redact(url)));
     }
-    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{url:?}: {e}"))
+    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{:?}: {e}", redact(url)))
 }
+
+/// The `result_backend` key beside `broker`: "none", "rpc://" (an AMQP broker only) or a
+/// redis:// URL; by default the broker itself on Redis, the RPC backend on AMQP. Problems are
+/// recorded in the section.
+pub fn read_backend(section: &Section, broker: Option<&Broker>) -> Option<Backend> {
+    match section.string("result_backend") {
+        Some(b) if b.value == "none" => Some(Backend::None),
+        Some(b) if b.value == "rpc://" => match broker {
+            Some(Broker::Amqp(_)) => Some(Backend::Rpc),
+            Some(Broker::Redis(_)) => {
+                section.error("result_backend", "\"rpc://\" needs an AMQP broker (amqp://); with Redis give a redis:// URL");
+                None
+            }
+            None => None,
+        },
+        Some(b) => match check_redis_url(&b.value) {
+            Ok(()) => Some(Backend::Redis(b.value)),
+            Err(e) => {
+                section.error("result_backend", format!("{e}; or \"rpc://\" (AMQP brokers) or \"none\""));
+                None
+            }
+        },
+        None if section.has("result_backend") => None,
+        None => match broker? {
+            Broker::Redis(url) => Some(Backend::Redis(url.clone())),
+            Broker::Amqp(_) => Some(Backend::Rpc),
+        },
+    }
+}
+
+struct Settings {
+    broker: Broker,
+    backend: Backend,
+    queue: String,
+    result_expires: Duration,
+    /// Results that reached the reply queues of this resource's connections (RPC backend).
+    replies: Arc<amqp::Replies>,
+}
+
+struct CeleryResource(Arc<Settings>);
 
 impl ResourceProtocol for Celery {
     fn name(&self) -> &'static str {
@@ -66,20 +155,10 @@ impl ResourceProtocol for Celery {
     }
 
     fn configure(&self, _resource: &str, section: &Section) -> Option<Arc<dyn Resource>> {
-        let broker = section.required_parsed("broker", "\"redis://127.0.0.1:6379/0\"", |u| check_redis_url(u).map(|()| u.to_string()));
-        let backend = match section.string("result_backend") {
-            Some(b) => match check_redis_url(&b.value) {
-                Ok(()) => Some(b.value),
-                Err(e) => {
-                    section.error("result_backend", e);
-                    None
-                }
-            },
-            None if section.has("result_backend") => None,
-            None => broker.clone(),
-        };
+        let broker = section.required_parsed("broker", "\"redis://127.0.0.1:6379/0\"", parse_broker);
+        let backend = read_backend(section, broker.as_ref());
         let queue = match section.string("queue") {
-            Some(q) if q.value.is_empty() || q.value.contains('\u{6}') => {
+            Some(q) if q.value.is_empty() || q.value.contains('\u{6}') || q.value.len() > 255 => {
                 section.error("queue", "must be a queue name, e.g. \"celery\"");
                 None
             }
@@ -87,8 +166,10 @@ impl ResourceProtocol for Celery {
             None if section.has("queue") => None,
             None => Some("celery".to_string()),
         };
+        let day = Duration::from_secs(86_400);
+        let result_expires = section.duration("result_expires", 365 * day).map(|v| v.value).unwrap_or(day);
         let (Some(broker), Some(backend), Some(queue)) = (broker, backend, queue) else { return None };
-        Some(Arc::new(CeleryResource(Arc::new(Settings { broker, backend, queue }))))
+        Some(Arc::new(CeleryResource(Arc::new(Settings { broker, backend, queue, result_expires, replies: Arc::default() }))))
     }
 }
 
@@ -96,14 +177,42 @@ impl Resource for CeleryResource {
     fn connect(&self) -> LocalBoxFuture<'static, Result<Box<dyn Connection>, Error>> {
         let s = self.0.clone();
         Box::pin(async move {
-            let open = |url: &str| redis::Client::open(url).map_err(|e| Error::new(format!("{url}: {e}")));
-            let broker = open(&s.broker)?.get_multiplexed_async_connection().await.map_err(|e| Error::new(format!("broker {}: {e}", s.broker)))?;
-            let backend = if s.backend == s.broker {
-                broker.clone()
-            } else {
-                open(&s.backend)?.get_multiplexed_async_connection().await.map_err(|e| Error::new(format!("result backend {}: {e}", s.backend)))?
+            let open = |url: &str| {
+                let url = url.to_string();
+                async move {
+                    let client = redis::Client::open(url.as_str()).map_err(|e| Error::new(format!("{}: {e}", redis_display(&url))))?;
+                    client.get_multiplexed_async_connection().await.map_err(|e| Error::new(format!("{}: {e}", redis_display(&url))))
+                }
             };
-            Ok(Box::new(CeleryConnection { settings: s, broker, backend, pending: Vec::new() }) as Box<dyn Connection>)
+            let link = match &s.broker {
+                Broker::Redis(url) => Link::Redis(open(url).await.map_err(|e| Error::new(format!("broker {}", e.message)))?),
+                Broker::Amqp(url) => {
+                    let conn = client::connect(url, "pmnc celery resource").await.map_err(Error::new)?;
+                    let channel = conn.create_channel().await.map_err(|e| Error::new(format!("broker {}: cannot open a channel: {e}", url.display)))?;
+                    channel
+                        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                        .await
+                        .map_err(|e| Error::new(format!("broker {}: cannot switch on publisher confirms: {e}", url.display)))?;
+                    let reply = match s.backend {
+                        Backend::Rpc => {
+                            let (name, channel) = amqp::reply_queue(&conn, s.replies.clone(), s.result_expires)
+                                .await
+                                .map_err(|e| Error::new(format!("broker {}: {e}", url.display)))?;
+                            Some((name, channel))
+                        }
+                        _ => None,
+                    };
+                    Link::Amqp(Box::new(AmqpLink { conn, channel, declared: HashSet::new(), reply }))
+                }
+            };
+            let backend = match &s.backend {
+                Backend::Redis(url) => match (&s.broker, &link) {
+                    (Broker::Redis(b), Link::Redis(c)) if b == url => Some(c.clone()),
+                    _ => Some(open(url).await.map_err(|e| Error::new(format!("result backend {}", e.message)))?),
+                },
+                _ => None,
+            };
+            Ok(Box::new(CeleryConnection { settings: s, link, backend, pending: Vec::new() }) as Box<dyn Connection>)
         })
     }
 
@@ -112,13 +221,29 @@ impl Resource for CeleryResource {
     }
 }
 
-/// One pooled connection and the task messages its transaction holds back until the commit:
-/// (Redis list, envelope).
+/// A pooled connection's link to its broker.
+enum Link {
+    Redis(MultiplexedConnection),
+    Amqp(Box<AmqpLink>),
+}
+
+struct AmqpLink {
+    conn: lapin::Connection,
+    /// In confirm mode: the task messages.
+    channel: lapin::Channel,
+    /// The queues declared on this connection (as Celery's producer declares them).
+    declared: HashSet<String>,
+    /// The reply queue (RPC backend) and the channel consuming it.
+    reply: Option<(String, lapin::Channel)>,
+}
+
+/// One pooled connection and the task messages its transaction holds back until the commit.
 struct CeleryConnection {
     settings: Arc<Settings>,
-    broker: MultiplexedConnection,
-    backend: MultiplexedConnection,
-    pending: Vec<(String, String)>,
+    link: Link,
+    /// The Redis result backend.
+    backend: Option<MultiplexedConnection>,
+    pending: Vec<message::Outgoing>,
 }
 
 impl Connection for CeleryConnection {
@@ -131,11 +256,24 @@ impl Connection for CeleryConnection {
         Box::pin(async move {
             match method {
                 "send_task" => {
-                    let (list, id, envelope) = send_task_args(args, &self.settings.queue, Utc::now()).map_err(|e| Error::new(format!("send_task: {e}")))?;
-                    self.pending.push((list, envelope));
+                    let mut out = send_task_args(args, &self.settings.queue, Utc::now()).map_err(|e| Error::new(format!("send_task: {e}")))?;
+                    if let Link::Amqp(link) = &self.link {
+                        if let Some((name, _)) = &link.reply {
+                            out.reply_to = name.clone();
+                        }
+                    }
+                    let id = out.id.clone();
+                    self.pending.push(out);
                     Ok(Value::str(id))
                 }
-                "result" => result(&mut self.backend, args).await,
+                "result" => {
+                    let (id, timeout) = result_args(args)?;
+                    match (&self.settings.backend, &mut self.backend) {
+                        (Backend::Redis(_), Some(backend)) => redis_result(backend, &id, timeout).await,
+                        (Backend::Rpc, _) => rpc_result(&self.settings.replies, &id, timeout).await,
+                        _ => Err(Error::new(format!("result of task {id}: this resource has no result backend (result_backend = \"none\")"))),
+                    }
+                }
                 other => Err(Error::new(format!("no method {other} (methods: send_task, result)"))),
             }
         })
@@ -146,14 +284,37 @@ impl Connection for CeleryConnection {
             if self.pending.is_empty() {
                 return Ok(());
             }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for (list, envelope) in &self.pending {
-                pipe.lpush(list, envelope).ignore();
+            let pending = std::mem::take(&mut self.pending);
+            let broker = self.settings.broker.display();
+            match &mut self.link {
+                Link::Redis(conn) => {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic();
+                    for out in &pending {
+                        pipe.lpush(out.list(), out.envelope()).ignore();
+                    }
+                    let sent: redis::RedisResult<()> = pipe.query_async(conn).await;
+                    sent.map_err(|e| Error::broken(format!("send_task at commit: broker {broker}: {e}")))
+                }
+                Link::Amqp(link) => {
+                    let AmqpLink { conn, channel, declared, .. } = &mut **link;
+                    for out in &pending {
+                        if !declared.contains(&out.queue) {
+                            amqp::declare_queue(conn, &out.queue).await.map_err(|e| Error::broken(format!("send_task at commit: broker {broker}: {e}")))?;
+                            declared.insert(out.queue.clone());
+                        }
+                    }
+                    // Every message goes out before any confirm is awaited: one round trip.
+                    let mut confirms = Vec::with_capacity(pending.len());
+                    for out in &pending {
+                        confirms.push(amqp::publish_task(channel, out).await.map_err(|e| Error::broken(format!("send_task at commit: broker {broker}: {e}")))?);
+                    }
+                    for (out, confirm) in pending.iter().zip(confirms) {
+                        amqp::confirmed(confirm, &format!("send_task {} at commit", out.id)).await.map_err(Error::broken)?;
+                    }
+                    Ok(())
+                }
             }
-            let sent: redis::RedisResult<()> = pipe.query_async(&mut self.broker).await;
-            self.pending.clear();
-            sent.map_err(|e| Error::broken(format!("send_task at commit: broker {}: {e}", self.settings.broker)))
         })
     }
 
@@ -161,10 +322,18 @@ impl Connection for CeleryConnection {
         self.pending.clear();
         Box::pin(async { Ok(()) })
     }
+
+    fn is_healthy(&mut self) -> LocalBoxFuture<'_, bool> {
+        let ok = match &self.link {
+            Link::Redis(_) => true,
+            Link::Amqp(l) => l.conn.status().connected() && l.channel.status().connected() && l.reply.as_ref().is_none_or(|(_, c)| c.status().connected()),
+        };
+        Box::pin(async move { ok })
+    }
 }
 
-/// `send_task(name [, args [, kwargs [, options]]])`: the list, the task id and the envelope.
-fn send_task_args(args: Vec<Value>, default_queue: &str, now: DateTime<Utc>) -> Result<(String, String, String), String> {
+/// `send_task(name [, args [, kwargs [, options]]])`: the message.
+fn send_task_args(args: Vec<Value>, default_queue: &str, now: DateTime<Utc>) -> Result<message::Outgoing, String> {
     let mut it = args.into_iter();
     let name = match it.next() {
         Some(Value::Str(n)) if !n.is_empty() => String::from_utf8(n).map_err(|_| "the task name is not UTF-8".to_string())?,
@@ -230,30 +399,29 @@ fn send_task_args(args: Vec<Value>, default_queue: &str, now: DateTime<Utc>) -> 
         other => return Err(format!("option priority must be an integer 0..9, got {}", other.type_name())),
     };
     let queue = text("queue")?.unwrap_or_else(|| default_queue.to_string());
-    if queue.is_empty() || queue.contains('\u{6}') {
+    if queue.is_empty() || queue.contains('\u{6}') || queue.len() > 255 {
         return Err(format!("option queue: {queue:?} is not a queue name"));
     }
     let id = text("task_id")?.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let out = message::Outgoing {
-        name: &name,
-        id: id.clone(),
+    Ok(message::Outgoing {
+        name,
+        id,
         args,
         kwargs,
         chain: Json::Null,
         root_id: None,
         parent_id: None,
         group: None,
-        queue: queue.clone(),
+        queue,
         eta,
         expires,
         priority,
-        reply_to: "",
-    };
-    Ok((message::priority_list(&queue, priority), id, out.envelope()))
+        reply_to: String::new(),
+    })
 }
 
-/// `result(id [, timeout])`: waits for a ready result document.
-async fn result(backend: &mut MultiplexedConnection, args: Vec<Value>) -> Result<Value, Error> {
+/// `result(id [, timeout])`: the task id and the seconds to wait.
+fn result_args(args: Vec<Value>) -> Result<(String, f64), Error> {
     let mut it = args.into_iter();
     let id = match it.next() {
         Some(Value::Str(s)) if !s.is_empty() => String::from_utf8(s).map_err(|_| Error::new("result: the task id is not UTF-8"))?,
@@ -266,36 +434,71 @@ async fn result(backend: &mut MultiplexedConnection, args: Vec<Value>) -> Result
         Value::Float(f) if f.is_finite() && f >= 0.0 => f.min(MAX_WAIT),
         other => return Err(Error::new(format!("result: the timeout must be a number of seconds >= 0, got {}", other.type_name()))),
     };
+    Ok((id, timeout))
+}
+
+/// Waits for a ready result document in the Redis backend.
+async fn redis_result(backend: &mut MultiplexedConnection, id: &str, timeout: f64) -> Result<Value, Error> {
     let key = format!("celery-task-meta-{id}");
     let until = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     loop {
         let doc: Option<Vec<u8>> = backend.get(&key).await.map_err(|e| Error::broken(format!("result of task {id}: {e}")))?;
         if let Some(doc) = doc {
             let meta: Json = serde_json::from_slice(&doc).map_err(|e| Error::new(format!("result of task {id}: not a result document: {e}")))?;
-            match meta.get("status").and_then(Json::as_str).unwrap_or("") {
-                "SUCCESS" => return Ok(Value::from_json(meta.get("result").unwrap_or(&Json::Null))),
-                status @ ("FAILURE" | "REVOKED") => {
-                    let r = meta.get("result");
-                    let kind = r.and_then(|r| r.get("exc_type")).and_then(Json::as_str).unwrap_or(status).to_string();
-                    let text = match r.and_then(|r| r.get("exc_message")) {
-                        Some(Json::Array(parts)) => {
-                            parts.iter().map(|p| p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string())).collect::<Vec<_>>().join(", ")
-                        }
-                        Some(Json::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
-                        None => String::new(),
-                    };
-                    let mut e = Error::new(format!("task {id} {}: {kind}: {text}", status.to_lowercase()));
-                    e.code = Some(kind);
-                    return Err(e);
-                }
-                _ => {}
+            if let Some(outcome) = ready(id, &meta) {
+                return outcome;
             }
         }
         if tokio::time::Instant::now() >= until {
-            return Err(Error::new(format!("result of task {id}: not ready after {timeout}s")));
+            return Err(not_ready(id, timeout));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits for a ready result among those that reached this resource's reply queues.
+async fn rpc_result(replies: &amqp::Replies, id: &str, timeout: f64) -> Result<Value, Error> {
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+    loop {
+        if let Some(meta) = replies.take_ready(id) {
+            if let Some(outcome) = ready(id, &meta) {
+                return outcome;
+            }
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(not_ready(id, timeout));
+        }
+        // A result may arrive between the look and the wait: the wait is short.
+        replies.wait(left.min(POLL)).await;
+    }
+}
+
+fn not_ready(id: &str, timeout: f64) -> Error {
+    Error::new(format!("result of task {id}: not ready after {timeout}s"))
+}
+
+/// The outcome a ready result document gives (None when it is not ready): its value, or for a
+/// failure an error whose code is the Python exception's type.
+fn ready(id: &str, meta: &Json) -> Option<Result<Value, Error>> {
+    match meta.get("status").and_then(Json::as_str).unwrap_or("") {
+        "SUCCESS" => Some(Ok(Value::from_json(meta.get("result").unwrap_or(&Json::Null)))),
+        status @ ("FAILURE" | "REVOKED") => {
+            let r = meta.get("result");
+            let kind = r.and_then(|r| r.get("exc_type")).and_then(Json::as_str).unwrap_or(status).to_string();
+            let text = match r.and_then(|r| r.get("exc_message")) {
+                Some(Json::Array(parts)) => {
+                    parts.iter().map(|p| p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string())).collect::<Vec<_>>().join(", ")
+                }
+                Some(Json::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
+            let mut e = Error::new(format!("task {id} {}: {kind}: {text}", status.to_lowercase()));
+            e.code = Some(kind);
+            Some(Err(e))
+        }
+        _ => None,
     }
 }
 
@@ -308,8 +511,8 @@ mod tests {
     fn send_task_arguments() {
         let now = message::parse_time("2026-12-06T10:00:00+00:00").unwrap();
         let opts = Value::Map(vec![(Value::str("countdown"), Value::Int(5)), (Value::str("priority"), Value::Int(6)), (Value::str("queue"), Value::str("py"))]);
-        let (list, id, env) =
-            send_task_args(vec![Value::str("tasks.mul"), Value::Array(vec![Value::Int(6), Value::Int(7)]), Value::Nil, opts], "celery", now).unwrap();
+        let out = send_task_args(vec![Value::str("tasks.mul"), Value::Array(vec![Value::Int(6), Value::Int(7)]), Value::Nil, opts], "celery", now).unwrap();
+        let (list, id, env) = (out.list(), out.id.clone(), out.envelope());
         assert_eq!(list, "py\u{6}\u{16}6");
         let env = message::envelope(env.as_bytes(), "py").unwrap();
         let t = message::task(&env, 1 << 20, |_| true).unwrap();

@@ -50,6 +50,10 @@ pub struct Task {
     /// Signatures queued after success (`link`) and after failure (`link_error`).
     pub callbacks: Vec<Json>,
     pub errbacks: Vec<Json>,
+    /// Where the RPC result backend sends the result (empty: nowhere), and the id it is sent
+    /// under (the task's id unless the message says otherwise).
+    pub reply_to: String,
+    pub correlation_id: String,
 }
 
 /// Reads kombu's envelope. An error means the bytes are not a Celery message at all.
@@ -70,101 +74,145 @@ pub fn task(env: &Envelope, max_size: usize, known: impl Fn(&str) -> bool) -> Re
     let o = env.json.as_object().ok_or_else(|| Refusal::Fail("the envelope is not a JSON object".into()))?;
     let headers = o.get("headers").and_then(Json::as_object);
     let content_type = o.get("content-type").and_then(Json::as_str).unwrap_or("");
-    let header = |k: &str| headers.and_then(|h| h.get(k));
-    let id_hint = header("id").and_then(Json::as_str).unwrap_or("?");
-    if content_type != "application/json" {
-        return Err(Refusal::Others(format!("task {id_hint}: content type {content_type:?} is not accepted (JSON only)")));
-    }
-    if header("compression").is_some_and(|c| !c.is_null()) {
-        return Err(Refusal::Others(format!("task {id_hint}: compressed bodies are not accepted")));
-    }
+    let empty = Map::new();
+    let headers = headers.unwrap_or(&empty);
+    precheck(content_type, headers)?;
     let body = o.get("body").and_then(Json::as_str).unwrap_or("");
-    // base64 is 4/3 of the body: refuse before decoding what is too big.
-    if body.len() / 4 * 3 > max_size {
-        return Err(Refusal::Fail(format!("the task's body of about {} bytes is over this worker's max_message_size of {max_size} bytes", body.len() / 4 * 3)));
+    let props = o.get("properties");
+    let prop = |k: &str| props.and_then(|p| p.get(k)).and_then(Json::as_str).unwrap_or("");
+    let encoding = prop("body_encoding");
+    // base64 is 4/3 of the body: what is too big is refused before decoding it (the exact size
+    // is checked after; padding makes the estimate up to 2 bytes more).
+    let size = if encoding == "base64" { body.len() / 4 * 3 } else { body.len() };
+    if size > max_size.saturating_add(2) {
+        return Err(too_big(size, max_size));
     }
-    let encoding = o.get("properties").and_then(|p| p.get("body_encoding")).and_then(Json::as_str).unwrap_or("");
     let bytes = if encoding == "base64" {
         base64::engine::general_purpose::STANDARD.decode(body).map_err(|e| Refusal::Fail(format!("the body is not base64: {e}")))?
     } else {
         body.as_bytes().to_vec()
     };
-    let decoded = Value::parse_json(&bytes).map_err(|e| Refusal::Fail(format!("the body is not JSON: {e}")))?;
-    let (name, id, args, kwargs, embed) = match header("task").and_then(Json::as_str) {
-        // Protocol v2: [args, kwargs, embed].
-        Some(name) => {
-            let Value::Array(mut parts) = decoded else { return Err(Refusal::Fail("the body is not [args, kwargs, embed]".into())) };
-            if parts.len() != 3 {
-                return Err(Refusal::Fail(format!("the body has {} parts, not [args, kwargs, embed]", parts.len())));
-            }
-            let embed = parts.pop().unwrap_or_default();
-            let kwargs = parts.pop().unwrap_or_default();
-            let args = parts.pop().unwrap_or_default();
-            let id = header("id").and_then(Json::as_str).ok_or_else(|| Refusal::Fail("the message has no id header".into()))?;
-            (name.to_string(), id.to_string(), args, kwargs, embed)
+    let message = Message { content_type, headers, body: &bytes, reply_to: prop("reply_to"), correlation_id: prop("correlation_id") };
+    message.task(max_size, known)
+}
+
+/// The refusals that need only the content type and the headers: a body that is not JSON, or
+/// compressed, is left for another worker.
+fn precheck(content_type: &str, headers: &Map<String, Json>) -> Result<(), Refusal> {
+    let id_hint = headers.get("id").and_then(Json::as_str).unwrap_or("?");
+    if content_type != "application/json" {
+        return Err(Refusal::Others(format!("task {id_hint}: content type {content_type:?} is not accepted (JSON only)")));
+    }
+    if headers.get("compression").is_some_and(|c| !c.is_null()) {
+        return Err(Refusal::Others(format!("task {id_hint}: compressed bodies are not accepted")));
+    }
+    Ok(())
+}
+
+fn too_big(size: usize, max_size: usize) -> Refusal {
+    Refusal::Fail(format!("the task's body of about {size} bytes is over this worker's max_message_size of {max_size} bytes"))
+}
+
+/// A task message whatever the broker: what [`Message::task`] reads.
+pub struct Message<'a> {
+    pub content_type: &'a str,
+    /// The message's headers (protocol 2 carries the task's name and id there).
+    pub headers: &'a Map<String, Json>,
+    /// The body, decoded from any transport encoding.
+    pub body: &'a [u8],
+    pub reply_to: &'a str,
+    pub correlation_id: &'a str,
+}
+
+impl Message<'_> {
+    /// The task, or why it is not run here. `known` tells whether a task name is one this
+    /// interface runs.
+    pub fn task(&self, max_size: usize, known: impl Fn(&str) -> bool) -> Result<Task, Refusal> {
+        let header = |k: &str| self.headers.get(k);
+        precheck(self.content_type, self.headers)?;
+        if self.body.len() > max_size {
+            return Err(too_big(self.body.len(), max_size));
         }
-        // Protocol v1: a map with task, id, args, kwargs (and callbacks beside them).
-        None => {
-            let field = |k: &str| decoded.get(k).cloned().unwrap_or_default();
-            let (Some(name), Some(id)) = (field("task").as_str().map(str::to_string), field("id").as_str().map(str::to_string)) else {
-                return Err(Refusal::Fail("the message has neither a task header (protocol 2) nor a task in its body (protocol 1)".into()));
-            };
-            let embed = Value::Map(vec![(Value::str("callbacks"), field("callbacks")), (Value::str("errbacks"), field("errbacks"))]);
-            (name, id, field("args"), field("kwargs"), embed)
-        }
-    };
-    let args = match args {
-        Value::Array(a) => a,
-        Value::Nil => Vec::new(),
-        other => return Err(Refusal::Fail(format!("task {id}: args must be a list, got {}", other.type_name()))),
-    };
-    let kwargs = match kwargs {
-        m @ Value::Map(_) => m,
-        Value::Nil | Value::Array(_) => Value::Map(Vec::new()),
-        other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
-    };
-    let (mut chain, mut callbacks, mut errbacks) = (Vec::new(), Vec::new(), Vec::new());
-    if let Value::Map(parts) = &embed {
-        for (part, into) in [("chain", &mut chain), ("callbacks", &mut callbacks), ("errbacks", &mut errbacks)] {
-            let Some((_, Value::Array(sigs))) = parts.iter().find(|(k, _)| k.as_str() == Some(part)) else { continue };
-            for sig in sigs {
-                let json = sig.to_json().map_err(|e| Refusal::Fail(format!("task {id}: a signature in its {part} cannot be read: {e}")))?;
-                if json.get("task").and_then(Json::as_str).is_none() || json.get("subtask_type").is_some_and(|t| !t.is_null()) {
-                    return Err(Refusal::Others(format!(
-                        "task {id} ({name}) has in its {part} a signature that is not a plain task, which this worker does not continue yet"
-                    )));
+        let bytes = self.body;
+        let decoded = Value::parse_json(bytes).map_err(|e| Refusal::Fail(format!("the body is not JSON: {e}")))?;
+        let (name, id, args, kwargs, embed) = match header("task").and_then(Json::as_str) {
+            // Protocol v2: [args, kwargs, embed].
+            Some(name) => {
+                let Value::Array(mut parts) = decoded else { return Err(Refusal::Fail("the body is not [args, kwargs, embed]".into())) };
+                if parts.len() != 3 {
+                    return Err(Refusal::Fail(format!("the body has {} parts, not [args, kwargs, embed]", parts.len())));
                 }
-                into.push(json);
+                let embed = parts.pop().unwrap_or_default();
+                let kwargs = parts.pop().unwrap_or_default();
+                let args = parts.pop().unwrap_or_default();
+                let id = header("id").and_then(Json::as_str).ok_or_else(|| Refusal::Fail("the message has no id header".into()))?;
+                (name.to_string(), id.to_string(), args, kwargs, embed)
+            }
+            // Protocol v1: a map with task, id, args, kwargs (and callbacks beside them).
+            None => {
+                let field = |k: &str| decoded.get(k).cloned().unwrap_or_default();
+                let (Some(name), Some(id)) = (field("task").as_str().map(str::to_string), field("id").as_str().map(str::to_string)) else {
+                    return Err(Refusal::Fail("the message has neither a task header (protocol 2) nor a task in its body (protocol 1)".into()));
+                };
+                let embed = Value::Map(vec![(Value::str("callbacks"), field("callbacks")), (Value::str("errbacks"), field("errbacks"))]);
+                (name, id, field("args"), field("kwargs"), embed)
+            }
+        };
+        let args = match args {
+            Value::Array(a) => a,
+            Value::Nil => Vec::new(),
+            other => return Err(Refusal::Fail(format!("task {id}: args must be a list, got {}", other.type_name()))),
+        };
+        let kwargs = match kwargs {
+            m @ Value::Map(_) => m,
+            Value::Nil | Value::Array(_) => Value::Map(Vec::new()),
+            other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
+        };
+        let (mut chain, mut callbacks, mut errbacks) = (Vec::new(), Vec::new(), Vec::new());
+        if let Value::Map(parts) = &embed {
+            for (part, into) in [("chain", &mut chain), ("callbacks", &mut callbacks), ("errbacks", &mut errbacks)] {
+                let Some((_, Value::Array(sigs))) = parts.iter().find(|(k, _)| k.as_str() == Some(part)) else { continue };
+                for sig in sigs {
+                    let json = sig.to_json().map_err(|e| Refusal::Fail(format!("task {id}: a signature in its {part} cannot be read: {e}")))?;
+                    if json.get("task").and_then(Json::as_str).is_none() || json.get("subtask_type").is_some_and(|t| !t.is_null()) {
+                        return Err(Refusal::Others(format!(
+                            "task {id} ({name}) has in its {part} a signature that is not a plain task, which this worker does not continue yet"
+                        )));
+                    }
+                    into.push(json);
+                }
+            }
+            let continued = |k: &Value| matches!(k.as_str(), Some("chain" | "callbacks" | "errbacks"));
+            if let Some((k, _)) = parts.iter().find(|(k, v)| !continued(k) && !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
+                return Err(Refusal::Others(format!(
+                    "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
+                    String::from_utf8_lossy(k.as_str().unwrap_or("?").as_bytes())
+                )));
             }
         }
-        let continued = |k: &Value| matches!(k.as_str(), Some("chain" | "callbacks" | "errbacks"));
-        if let Some((k, _)) = parts.iter().find(|(k, v)| !continued(k) && !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
-            return Err(Refusal::Others(format!(
-                "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
-                String::from_utf8_lossy(k.as_str().unwrap_or("?").as_bytes())
-            )));
+        if !known(&name) {
+            return Err(Refusal::Others(format!("task {id}: {name} is not one of this interface's tasks")));
         }
+        let time = |k: &str| header(k).and_then(Json::as_str).and_then(parse_time);
+        let time_limit = header("timelimit").and_then(Json::as_array).and_then(|l| l.first()).and_then(Json::as_f64).filter(|s| *s > 0.0);
+        Ok(Task {
+            args: args.into_iter().map(untag).collect(),
+            kwargs: untag(kwargs),
+            eta: time("eta"),
+            expires: time("expires"),
+            retries: header("retries").and_then(Json::as_i64).unwrap_or(0),
+            time_limit,
+            ignore_result: header("ignore_result").and_then(Json::as_bool).unwrap_or(false),
+            root_id: header("root_id").and_then(Json::as_str).unwrap_or(&id).to_string(),
+            chain,
+            callbacks,
+            errbacks,
+            reply_to: self.reply_to.to_string(),
+            correlation_id: if self.correlation_id.is_empty() { id.clone() } else { self.correlation_id.to_string() },
+            id,
+            name,
+        })
     }
-    if !known(&name) {
-        return Err(Refusal::Others(format!("task {id}: {name} is not one of this interface's tasks")));
-    }
-    let time = |k: &str| header(k).and_then(Json::as_str).and_then(parse_time);
-    let time_limit = header("timelimit").and_then(Json::as_array).and_then(|l| l.first()).and_then(Json::as_f64).filter(|s| *s > 0.0);
-    Ok(Task {
-        args: args.into_iter().map(untag).collect(),
-        kwargs: untag(kwargs),
-        eta: time("eta"),
-        expires: time("expires"),
-        retries: header("retries").and_then(Json::as_i64).unwrap_or(0),
-        time_limit,
-        ignore_result: header("ignore_result").and_then(Json::as_bool).unwrap_or(false),
-        root_id: header("root_id").and_then(Json::as_str).unwrap_or(&id).to_string(),
-        chain,
-        callbacks,
-        errbacks,
-        id,
-        name,
-    })
 }
 
 /// kombu's tagged values (`{"__type__": "datetime", "__value__": "..."}` and the like) as the
@@ -235,10 +283,7 @@ pub fn exception(module: &str, kind: &str, message: &str) -> Json {
 pub fn retried(env: &Envelope, retries: i64, at: DateTime<Utc>) -> String {
     let mut json = env.json.clone();
     if let Some(h) = json.get_mut("headers").and_then(Json::as_object_mut) {
-        let id = h.get("id").cloned().unwrap_or(Json::Null);
-        h.insert("retries".into(), Json::from(retries + 1));
-        h.insert("eta".into(), Json::from(format_time(at)));
-        h.insert("parent_id".into(), id);
+        retried_headers(h, retries, at);
     }
     if let Some(p) = json.get_mut("properties").and_then(Json::as_object_mut) {
         p.insert("delivery_tag".into(), Json::from(uuid::Uuid::new_v4().to_string()));
@@ -271,27 +316,27 @@ pub fn restored(entry: &[u8]) -> Option<(String, String)> {
 /// The message that runs the next step of a chain after task `parent` returned `result`: the
 /// step's task with the result first among its arguments (unless the step is immutable), the
 /// rest of the chain carried on, the parent and root ids set; its queue is the step's `queue`
-/// option or `default_queue`. Returns (queue, task id, envelope).
-pub fn next_step(parent: &Task, result: &Json, default_queue: &str) -> Option<(String, String, String)> {
+/// option or `default_queue`.
+pub fn next_step(parent: &Task, result: &Json, default_queue: &str) -> Option<Outgoing> {
     let (step, rest) = parent.chain.split_last()?;
     signature_message(step, result, rest, parent, default_queue)
 }
 
 /// The messages of a succeeded task's callbacks (`link`), each given the result first.
-pub fn callbacks(parent: &Task, result: &Json, default_queue: &str) -> Vec<(String, String, String)> {
+pub fn callbacks(parent: &Task, result: &Json, default_queue: &str) -> Vec<Outgoing> {
     parent.callbacks.iter().filter_map(|sig| signature_message(sig, result, &[], parent, default_queue)).collect()
 }
 
 /// The messages of a failed task's errbacks (`link_error`), each given the task's id first (the
 /// message form a Celery worker uses for an errback it does not run itself).
-pub fn errbacks(parent: &Task, default_queue: &str) -> Vec<(String, String, String)> {
+pub fn errbacks(parent: &Task, default_queue: &str) -> Vec<Outgoing> {
     let id = Json::from(parent.id.clone());
     parent.errbacks.iter().filter_map(|sig| signature_message(sig, &id, &[], parent, default_queue)).collect()
 }
 
 /// The message of signature `sig` with `first` put before its arguments (unless it is
 /// immutable) and `rest` as its chain.
-fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, default_queue: &str) -> Option<(String, String, String)> {
+fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, default_queue: &str) -> Option<Outgoing> {
     let name = sig.get("task").and_then(Json::as_str)?;
     let options = sig.get("options").and_then(Json::as_object);
     let option = |k: &str| options.and_then(|o| o.get(k)).and_then(Json::as_str).filter(|s| !s.is_empty());
@@ -299,63 +344,82 @@ fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, def
     if !sig.get("immutable").and_then(Json::as_bool).unwrap_or(false) {
         args.insert(0, first.clone());
     }
-    let out = Outgoing {
-        name,
+    Some(Outgoing {
+        name: name.to_string(),
         id: option("task_id").map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         args,
         kwargs: sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or_else(|| json!({})),
         chain: if rest.is_empty() { Json::Null } else { Json::Array(rest.to_vec()) },
-        root_id: Some(&parent.root_id),
-        parent_id: Some(&parent.id),
-        group: option("group_id"),
+        root_id: Some(parent.root_id.clone()),
+        parent_id: Some(parent.id.clone()),
+        group: option("group_id").map(str::to_string),
         queue: option("queue").unwrap_or(default_queue).to_string(),
         eta: None,
         expires: None,
         priority: 0,
-        reply_to: option("reply_to").unwrap_or(""),
-    };
-    Some((priority_list(&out.queue, out.priority), out.id.clone(), out.envelope()))
+        reply_to: option("reply_to").unwrap_or(&parent.reply_to).to_string(),
+    })
 }
 
 /// A task message to send: what the celery resource's `send_task` and a worker continuing a
 /// chain make.
-pub struct Outgoing<'a> {
-    pub name: &'a str,
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub name: String,
     pub id: String,
     pub args: Vec<Json>,
     pub kwargs: Json,
     /// The rest of a chain (Celery's order), or null.
     pub chain: Json,
     /// None for a task that starts a workflow: its root is itself.
-    pub root_id: Option<&'a str>,
-    pub parent_id: Option<&'a str>,
-    pub group: Option<&'a str>,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub group: Option<String>,
     pub queue: String,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
-    /// 0-9, as on Redis (0 first).
+    /// 0-9, passed on as Celery does: on Redis 0 goes first, on RabbitMQ (a queue declared with
+    /// `x-max-priority`) 9 does.
     pub priority: u8,
-    pub reply_to: &'a str,
+    /// Where the RPC result backend sends the result ("" for none).
+    pub reply_to: String,
 }
 
-impl Outgoing<'_> {
-    /// The message as kombu's Redis transport carries it (protocol 2, JSON).
-    pub fn envelope(&self) -> String {
-        let body = json!([self.args, self.kwargs, {"callbacks": null, "errbacks": null, "chain": self.chain, "chord": null}]).to_string();
+impl Outgoing {
+    /// The body (protocol 2, JSON).
+    pub fn body(&self) -> String {
+        json!([self.args, self.kwargs, {"callbacks": null, "errbacks": null, "chain": self.chain, "chord": null}]).to_string()
+    }
+
+    /// The headers (protocol 2).
+    pub fn headers(&self) -> Map<String, Json> {
         let headers = json!({
             "lang": "rs", "task": self.name, "id": self.id, "shadow": null,
             "eta": self.eta.map(format_time), "expires": self.expires.map(format_time),
             "group": self.group, "group_index": null, "retries": 0, "timelimit": [null, null],
-            "root_id": self.root_id.unwrap_or(&self.id), "parent_id": self.parent_id,
+            "root_id": self.root_id.as_deref().unwrap_or(&self.id), "parent_id": self.parent_id,
             "argsrepr": Json::Array(self.args.clone()).to_string(), "kwargsrepr": self.kwargs.to_string(),
             "origin": "pmnc", "ignore_result": null, "replaced_task_nesting": 0,
             "stamped_headers": null, "stamps": {},
         });
+        match headers {
+            Json::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// The Redis list the message goes to.
+    pub fn list(&self) -> String {
+        priority_list(&self.queue, self.priority)
+    }
+
+    /// The message as kombu's Redis transport carries it (protocol 2, JSON).
+    pub fn envelope(&self) -> String {
         json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(body),
+            "body": base64::engine::general_purpose::STANDARD.encode(self.body()),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": headers,
+            "headers": self.headers(),
             "properties": {
                 "correlation_id": self.id, "reply_to": self.reply_to, "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": self.queue}, "priority": self.priority,
@@ -364,6 +428,15 @@ impl Outgoing<'_> {
         })
         .to_string()
     }
+}
+
+/// The headers of a message that runs a task again (Celery's retry): `retries` one more, `eta`
+/// at `at`, the task its own parent.
+pub fn retried_headers(headers: &mut Map<String, Json>, retries: i64, at: DateTime<Utc>) {
+    let id = headers.get("id").cloned().unwrap_or(Json::Null);
+    headers.insert("retries".into(), Json::from(retries + 1));
+    headers.insert("eta".into(), Json::from(format_time(at)));
+    headers.insert("parent_id".into(), id);
 }
 
 /// The Redis list of `queue` for a message of `priority` (kombu's steps 0, 3, 6, 9).
@@ -453,12 +526,14 @@ mod tests {
         let env = envelope(&captured("application/json", body), "celery").unwrap();
         let first = task(&env, 1 << 20, |_| true).unwrap();
         assert_eq!(first.chain.len(), 2);
-        let (queue, id, text) = next_step(&first, &json!(2), "celery").unwrap();
+        let step = next_step(&first, &json!(2), "celery").unwrap();
+        let (queue, id, text) = (step.list(), step.id.clone(), step.envelope());
         assert_eq!((queue.as_str(), id.as_str()), ("rs", "d64d"));
         let second = task(&envelope(text.as_bytes(), &queue).unwrap(), 1 << 20, |_| true).unwrap();
         assert_eq!((second.name.as_str(), second.id.as_str(), second.root_id.as_str()), ("tasks.add", "d64d", "ed9fe625"));
         assert_eq!(second.args, vec![Value::Int(2), Value::Int(10)]);
-        let (queue, id, text) = next_step(&second, &json!(12), "celery").unwrap();
+        let step = next_step(&second, &json!(12), "celery").unwrap();
+        let (queue, id, text) = (step.list(), step.id.clone(), step.envelope());
         assert_eq!((queue.as_str(), id.as_str()), ("celery", "f5a8"));
         let third = task(&envelope(text.as_bytes(), &queue).unwrap(), 1 << 20, |_| true).unwrap();
         assert_eq!(third.args, vec![Value::Int(3)], "an immutable step does not take the result");
@@ -475,11 +550,11 @@ mod tests {
         let t = task(&env, 1 << 20, |_| true).unwrap();
         let ok = callbacks(&t, &json!(2), "celery");
         assert_eq!(ok.len(), 1);
-        let cb = task(&envelope(ok[0].2.as_bytes(), "celery").unwrap(), 1 << 20, |_| true).unwrap();
+        let cb = task(&envelope(ok[0].envelope().as_bytes(), "celery").unwrap(), 1 << 20, |_| true).unwrap();
         assert_eq!((cb.id.as_str(), cb.args.clone()), ("cb1", vec![Value::Int(2), Value::str("done")]));
         let failed = errbacks(&t, "celery");
-        assert_eq!((failed[0].0.as_str(), failed[0].1.as_str()), ("alerts", "eb1"));
-        let eb = task(&envelope(failed[0].2.as_bytes(), "alerts").unwrap(), 1 << 20, |_| true).unwrap();
+        assert_eq!((failed[0].list().as_str(), failed[0].id.as_str()), ("alerts", "eb1"));
+        let eb = task(&envelope(failed[0].envelope().as_bytes(), "alerts").unwrap(), 1 << 20, |_| true).unwrap();
         assert_eq!(eb.args, vec![Value::str("ed9fe625")]);
         assert_eq!(eb.kwargs, Value::Map(vec![(Value::str("level"), Value::Int(2))]));
     }

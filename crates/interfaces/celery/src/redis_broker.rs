@@ -1,23 +1,24 @@
 //! Consuming a Redis broker as kombu's Redis transport does (shared/design/celery-protocol.md
 //! §4): messages taken from the queues' lists, each recorded in `unacked`/`unacked_index` until it
 //! is acknowledged, messages of a worker that died put back after the visibility timeout (by
-//! whichever worker, ours or Python's, sweeps first), results written with SETEX and PUBLISH.
+//! whichever worker, ours or Python's, sweeps first). What a task goes through once taken is
+//! crate::tasks.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use rustomnic_core::Value;
 use rustomnic_interface::consumer::{reconnecting, Outage};
-use rustomnic_interface::{Host, Request};
-use rustomnic_lua::RunError;
+use rustomnic_interface::Host;
+use rustomnic_resource_celery::redis_display;
 use serde_json::Value as Json;
 
+use crate::tasks::{ResultOf, Transport, Worker};
 use crate::CeleryInterface;
-use rustomnic_resource_celery::message::{self, Envelope, Refusal, Task};
+use rustomnic_resource_celery::message::{self, Envelope, Outgoing, Refusal, Task};
 
 /// The wait after a poll that found nothing, first and at most.
 const FIRST_POLL: Duration = Duration::from_millis(2);
@@ -73,38 +74,78 @@ const REFUSED_KEPT: usize = 1024;
 const UNREADABLE: &str = "rustomnic.celery.unreadable";
 
 /// Consumes until the interface's shutdown, reconnecting with backoff.
-pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host) {
+pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host, broker: String) {
     let refused = Arc::new(Mutex::new(VecDeque::new()));
-    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &refused, outage).await).await;
+    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &broker, &refused, outage).await).await;
 }
 
-/// What every task of a session shares.
-struct Shared {
-    iface: Arc<CeleryInterface>,
-    host: Host,
+/// The Redis side of a session.
+pub(crate) struct Redis {
     broker: MultiplexedConnection,
-    backend: Option<MultiplexedConnection>,
+    display: String,
     refused: Arc<Mutex<VecDeque<String>>>,
     /// Set when a refused message came back: taking pauses until then, so that the message
     /// waits in its queue where another worker can take it.
     pause_until: Mutex<Option<Instant>>,
-    /// A task runs holding one of `concurrency` permits; one waiting for its `eta` holds none.
-    slots: tokio::sync::Semaphore,
 }
 
-async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
-    let spec = host.spec();
-    let client = redis::Client::open(iface.broker.as_str()).map_err(|e| format!("broker {}: {e}", iface.broker))?;
-    // Taking has a connection of its own, so that it never waits behind results and acks.
-    let mut pop = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
-    let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {}: {e}", iface.broker))?;
-    let backend = match &iface.backend {
-        Some(url) => {
-            let c = redis::Client::open(url.as_str()).map_err(|e| format!("result backend {url}: {e}"))?;
-            Some(c.get_multiplexed_async_connection().await.map_err(|e| format!("result backend {url}: {e}"))?)
+impl Transport for Redis {
+    type Taken = Envelope;
+
+    async fn send(&self, messages: &[Outgoing]) -> Result<(), String> {
+        if messages.is_empty() {
+            return Ok(());
         }
-        None => None,
-    };
+        let mut broker = self.broker.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for m in messages {
+            pipe.lpush(m.list(), m.envelope()).ignore();
+        }
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut broker).await;
+        sent.map_err(|e| format!("broker {}: {e}", self.display))
+    }
+
+    async fn again(&self, env: &Envelope, task: &Task, at: DateTime<Utc>) -> Result<(), String> {
+        let again = message::retried(env, task.retries, at);
+        let mut broker = self.broker.clone();
+        let sent: redis::RedisResult<()> = broker.lpush(&env.routing_key, again).await;
+        sent.map_err(|e| format!("broker {}: queue {}: {e}", self.display, env.routing_key))
+    }
+
+    async fn ack(&self, env: &Envelope) {
+        let mut broker = self.broker.clone();
+        let r: redis::RedisResult<()> =
+            redis::pipe().atomic().zrem("unacked_index", &env.tag).ignore().hdel("unacked", &env.tag).ignore().query_async(&mut broker).await;
+        if let Err(e) = r {
+            tracing::warn!("celery: cannot acknowledge task message {} ({e}); it comes back after the visibility timeout", env.tag);
+        }
+    }
+
+    async fn refresh(&self, env: &Envelope) {
+        let mut broker = self.broker.clone();
+        let _: redis::RedisResult<()> = broker.zadd("unacked_index", &env.tag, unix_now()).await;
+    }
+
+    async fn release(&self, env: &Envelope) {
+        // The front of its queue, as a sweep would put it; when this fails too, the sweep does.
+        let r = put_back(&self.broker, env, &env.routing_key, env.json.to_string().as_bytes(), true).await;
+        if let Err(e) = r {
+            tracing::warn!("celery: cannot put task message {} back ({e}); it comes back after the visibility timeout", env.tag);
+        }
+    }
+}
+
+type Shared = Worker<Redis>;
+
+async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
+    let spec = host.spec();
+    let display = redis_display(url);
+    let client = redis::Client::open(url).map_err(|e| format!("broker {display}: {e}"))?;
+    // Taking has a connection of its own, so that it never waits behind results and acks.
+    let mut pop = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
+    let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
+    let results = crate::redis_results(iface).await?;
     let queues = iface.queues.join(", ");
     match outage.end() {
         Some(after) => {
@@ -115,11 +156,10 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
     let shared = Arc::new(Shared {
         iface: iface.clone(),
         host: host.clone(),
-        broker,
-        backend,
-        refused: refused.clone(),
-        pause_until: Mutex::new(None),
+        transport: Redis { broker, display: display.clone(), refused: refused.clone(), pause_until: Mutex::new(None) },
+        results,
         slots: tokio::sync::Semaphore::new(iface.concurrency),
+        backend_failed: Default::default(),
     });
     let mut shutdown = host.shutdown();
     let mut running = tokio::task::JoinSet::new();
@@ -133,6 +173,9 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
             break Ok(());
         }
         while running.try_join_next().is_some() {}
+        if let Some(e) = shared.backend_failure() {
+            break Err(e);
+        }
         // Taken messages: those running or about to (as many as there are permits), and those
         // waiting for their eta (at most MAX_WAITING).
         let free = shared.slots.available_permits();
@@ -148,7 +191,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
                 break Err(e);
             }
         }
-        let pause = shared.pause_until.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let pause = shared.transport.pause_until.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(until) = pause {
             tokio::select! {
                 _ = tokio::time::sleep_until(until.into()) => {}
@@ -182,7 +225,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
                     running.spawn(async move { take(&shared, queue, tag, payload).await });
                 }
             }
-            Err(e) => break Err(format!("broker {}: {e}", iface.broker)),
+            Err(e) => break Err(format!("broker {display}: {e}")),
         }
     };
     // What was taken finishes (and is acknowledged) before the session ends; what is not
@@ -195,7 +238,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, refused: &Arc<Mutex<
 /// an envelope, so nothing was recorded).
 async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
     let spec = shared.host.spec();
-    let mut broker = shared.broker.clone();
+    let mut broker = shared.transport.broker.clone();
     let env = match message::envelope(&payload, &queue) {
         Ok(mut e) if !tag.is_empty() => {
             // Acknowledged under the tag it was recorded with.
@@ -219,20 +262,32 @@ async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
         Ok(t) => t,
         Err(Refusal::Others(why)) => return give_back(shared, &env, &queue, &payload, &why).await,
         Err(Refusal::Fail(why)) => {
-            let id = env.json.get("headers").and_then(|h| h.get("id")).and_then(Json::as_str).unwrap_or("").to_string();
-            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {id} from queue {queue} fails without running: {why}");
-            if !id.is_empty() {
-                store(shared, &id, "FAILURE", message::exception("builtins", "ValueError", &why), None).await;
+            let header = |k: &str| env.json.get("headers").and_then(|h| h.get(k)).and_then(Json::as_str).unwrap_or("");
+            let property = |k: &str| env.json.get("properties").and_then(|h| h.get(k)).and_then(Json::as_str).unwrap_or("");
+            let to = ResultOf { id: header("id"), reply_to: property("reply_to"), correlation_id: property("correlation_id") };
+            if to.id.is_empty() {
+                // No task to fail: the message is kept aside, not dropped.
+                tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {queue} is not a Celery task ({why}); kept in the list {UNREADABLE}");
+                let r: redis::RedisResult<()> = redis::pipe()
+                    .atomic()
+                    .lpush(UNREADABLE, &payload)
+                    .ignore()
+                    .zrem("unacked_index", &env.tag)
+                    .ignore()
+                    .hdel("unacked", &env.tag)
+                    .ignore()
+                    .query_async(&mut broker)
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot keep message {} aside ({e}); it comes back after the visibility timeout", env.tag);
+                }
+                return;
             }
-            return ack(shared, &env).await;
+            return shared.fail_unrun(&env, &to, &queue, &why).await;
         }
     };
-    if let Some(expires) = task.expires {
-        if Utc::now() >= expires {
-            tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) expired at {}; not run", task.id, task.name, message::format_time(expires));
-            store(shared, &task.id, "REVOKED", message::exception("celery.exceptions", "TaskRevokedError", "expired"), None).await;
-            return ack(shared, &env).await;
-        }
+    if shared.expired(&env, &task).await {
+        return;
     }
     if let Some(eta) = task.eta {
         // Waits here, not on a worker; the message stays taken (and refreshed) meanwhile.
@@ -250,159 +305,10 @@ async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
                     return give_back_front(shared, &env, &queue, &payload).await;
                 }
             }
-            let _ = refresh(&mut broker, &env.tag).await;
+            shared.transport.refresh(&env).await;
         }
     }
-    run_task(shared, &env, task).await;
-}
-
-/// Runs a task on a worker and stores its outcome, then acknowledges it.
-async fn run_task(shared: &Shared, env: &Envelope, task: Task) {
-    let spec = shared.host.spec();
-    let Some(handler) = shared.iface.handler(&task.name).cloned() else { return };
-    let Ok(_permit) = shared.slots.acquire().await else { return };
-    let mut timeout = spec.request_timeout;
-    if let Some(limit) = task.time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
-        timeout = timeout.min(limit);
-    }
-    let mut args = task.args.clone();
-    args.push(task.kwargs.clone());
-    let parameters = Value::Map(vec![
-        (Value::str("task_id"), Value::str(task.id.clone())),
-        (Value::str("task"), Value::str(task.name.clone())),
-        (Value::str("retries"), Value::Int(task.retries)),
-    ]);
-    let request = Request { handler, args, deadline: Instant::now() + timeout, parameters: Some(parameters) };
-    let running = shared.host.run(request);
-    // A task that runs longer than half the visibility timeout keeps its message taken.
-    let mut broker = shared.broker.clone();
-    let every = shared.iface.visibility_timeout / 2;
-    tokio::pin!(running);
-    let outcome = loop {
-        tokio::select! {
-            r = &mut running => break r,
-            _ = tokio::time::sleep(every) => { let _ = refresh(&mut broker, &env.tag).await; }
-        }
-    };
-    let retry = match &outcome {
-        Err(RunError::Failed { message, .. }) => rustomnic_stdlib::celery::parse_retry(message),
-        _ => None,
-    };
-    match outcome {
-        Ok(values) => {
-            let result = values.into_iter().next().unwrap_or_default();
-            match result.to_json() {
-                Ok(json) => {
-                    // A chain goes on: the next step is queued before the result is written
-                    // and the message acknowledged (a crash in between runs this task again
-                    // and queues the step again; the first result stays).
-                    let default_queue = &shared.iface.queues[0];
-                    let mut next: Vec<(String, String, String)> = message::next_step(&task, &json, default_queue).into_iter().collect();
-                    next.extend(message::callbacks(&task, &json, default_queue));
-                    let Some(children) = queue_all(shared, &task, next, "its chain's next step or a callback").await else { return };
-                    store_with(shared, &task.id, "SUCCESS", json, None, children, task.ignore_result).await
-                }
-                Err(e) => {
-                    let why = format!("{}: the result cannot be sent as JSON: {e}", task.name);
-                    tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: {why}", task.id);
-                    store_with(shared, &task.id, "FAILURE", message::exception("builtins", "TypeError", &why), None, serde_json::json!([]), task.ignore_result)
-                        .await;
-                }
-            }
-        }
-        Err(_) if retry.is_some() => {
-            let Some(retry) = &retry else { return };
-            if !retried(shared, env, &task, retry).await {
-                // Not queued again: the message stays taken and comes back after the
-                // visibility timeout.
-                return;
-            }
-        }
-        Err(e) => {
-            let (kind, text) = match &e {
-                RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
-                RunError::Failed { message, .. } => ("RuntimeError", message.clone()),
-                other => ("RuntimeError", other.to_string()),
-            };
-            let module = if kind == "TimeLimitExceeded" { "celery.exceptions" } else { "builtins" };
-            tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {} ({}) failed: {text}", task.id, task.name);
-            let traceback = match &e {
-                RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
-                _ => None,
-            };
-            store_with(shared, &task.id, "FAILURE", message::exception(module, kind, &text), traceback, serde_json::json!([]), task.ignore_result).await;
-            // Errbacks once the failure is stored; one that cannot be queued is logged (the task
-            // is not run again for it).
-            let _ = queue_all(shared, &task, message::errbacks(&task, &shared.iface.queues[0]), "an errback").await;
-        }
-    }
-    ack(shared, env).await;
-}
-
-/// Queues messages that follow a task (chain step, callbacks, errbacks); the result's
-/// `children` naming them, or None (logged) when one could not be queued.
-async fn queue_all(shared: &Shared, task: &Task, messages: Vec<(String, String, String)>, what: &str) -> Option<Json> {
-    let spec = shared.host.spec();
-    let mut broker = shared.broker.clone();
-    let mut children = Vec::with_capacity(messages.len());
-    for (queue, id, envelope) in messages {
-        let sent: redis::RedisResult<()> = broker.lpush(&queue, envelope).await;
-        if let Err(e) = sent {
-            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue {what} in {queue} ({e})", task.id);
-            return None;
-        }
-        children.push(serde_json::json!([[id, null], null]));
-    }
-    Some(Json::Array(children))
-}
-
-/// A task that asked for a retry (`pmnc.celery.retry`): queued again with its eta and a RETRY
-/// result, or, past its `max_retries`, a FAILURE. False when it could not be queued again.
-async fn retried(shared: &Shared, env: &Envelope, task: &Task, retry: &rustomnic_stdlib::celery::Retry) -> bool {
-    let spec = shared.host.spec();
-    if let Some(max) = retry.max_retries.filter(|m| task.retries >= i64::from(*m)) {
-        let text = format!("{}[{}]: max retries ({max}) exceeded: {}", task.name, task.id, retry.reason);
-        tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {text}");
-        store_with(
-            shared,
-            &task.id,
-            "FAILURE",
-            message::exception("celery.exceptions", "MaxRetriesExceededError", &text),
-            None,
-            serde_json::json!([]),
-            task.ignore_result,
-        )
-        .await;
-        return true;
-    }
-    let at = Utc::now() + chrono::Duration::milliseconds((retry.countdown * 1000.0) as i64);
-    let again = message::retried(env, task.retries, at);
-    let mut broker = shared.broker.clone();
-    let sent: redis::RedisResult<()> = broker.lpush(&env.routing_key, again).await;
-    if let Err(e) = sent {
-        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue its retry in {} ({e})", task.id, env.routing_key);
-        return false;
-    }
-    tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) retries in {:.1}s (retry {}): {}", task.id, task.name, retry.countdown, task.retries + 1, retry.reason);
-    store_with(shared, &task.id, "RETRY", message::exception("celery.exceptions", "Retry", &retry.reason), None, serde_json::json!([]), task.ignore_result)
-        .await;
-    true
-}
-
-/// Keeps a taken message from being put back by a sweep while it waits or runs.
-async fn refresh(broker: &mut MultiplexedConnection, tag: &str) -> redis::RedisResult<()> {
-    broker.zadd("unacked_index", tag, unix_now()).await
-}
-
-/// Acknowledges a taken message: it is forgotten.
-async fn ack(shared: &Shared, env: &Envelope) {
-    let mut broker = shared.broker.clone();
-    let r: redis::RedisResult<()> =
-        redis::pipe().atomic().zrem("unacked_index", &env.tag).ignore().hdel("unacked", &env.tag).ignore().query_async(&mut broker).await;
-    if let Err(e) = r {
-        let spec = shared.host.spec();
-        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot acknowledge task message {} ({e}); it comes back after the visibility timeout", env.tag);
-    }
+    shared.run_task(&env, task).await;
 }
 
 /// Puts a refused message back at the back of its queue, for another worker; when one comes
@@ -411,7 +317,7 @@ async fn ack(shared: &Shared, env: &Envelope) {
 async fn give_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8], why: &str) {
     let spec = shared.host.spec();
     let seen = {
-        let mut refused = shared.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = shared.transport.refused.lock().unwrap_or_else(|p| p.into_inner());
         let seen = refused.contains(&env.tag);
         if !seen {
             if refused.len() >= REFUSED_KEPT {
@@ -422,24 +328,24 @@ async fn give_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8],
         seen
     };
     if seen {
-        *shared.pause_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + Duration::from_secs(1));
+        *shared.transport.pause_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + Duration::from_secs(1));
     } else {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "{why}: left in queue {queue} for another worker");
     }
-    if let Err(e) = put_back(shared, env, queue, payload, false).await {
+    if let Err(e) = put_back(&shared.transport.broker, env, queue, payload, false).await {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot put task message {} back ({e}); it comes back after the visibility timeout", env.tag);
     }
 }
 
 /// Puts a taken message back at the front of its queue (it is taken next).
 async fn give_back_front(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8]) {
-    let _ = put_back(shared, env, queue, payload, true).await;
+    let _ = put_back(&shared.transport.broker, env, queue, payload, true).await;
 }
 
 /// Puts a taken message back in its queue, at the front (taken next) or the back, and forgets
 /// it as taken, in one step.
-async fn put_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8], front: bool) -> redis::RedisResult<()> {
-    let mut broker = shared.broker.clone();
+async fn put_back(broker: &MultiplexedConnection, env: &Envelope, queue: &str, payload: &[u8], front: bool) -> redis::RedisResult<()> {
+    let mut broker = broker.clone();
     let mut pipe = redis::pipe();
     pipe.atomic();
     if front {
@@ -453,9 +359,9 @@ async fn put_back(shared: &Shared, env: &Envelope, queue: &str, payload: &[u8], 
 /// Puts back every taken message older than the visibility timeout (its worker died), under
 /// kombu's `unacked_mutex`, at the front of its queue and marked redelivered.
 async fn restore_visible(shared: &Shared) -> Result<(), String> {
-    let mut broker = shared.broker.clone();
+    let mut broker = shared.transport.broker.clone();
     let iface = &shared.iface;
-    let err = |e: redis::RedisError| format!("broker {}: {e}", iface.broker);
+    let err = |e: redis::RedisError| format!("broker {}: {e}", shared.transport.display);
     let token = uuid::Uuid::new_v4().to_string();
     let locked: Option<String> = redis::cmd("SET").arg("unacked_mutex").arg(&token).arg("NX").arg("EX").arg(300).query_async(&mut broker).await.map_err(err)?;
     if locked.is_none() {
@@ -489,36 +395,6 @@ async fn restore_visible(shared: &Shared) -> Result<(), String> {
         let _: () = broker.del("unacked_mutex").await.map_err(err)?;
     }
     Ok(())
-}
-
-/// Writes a task's result document, unless a SUCCESS is stored already (as Celery's backend
-/// does), and publishes it for clients waiting in `AsyncResult.get()`.
-async fn store(shared: &Shared, task_id: &str, status: &str, result: Json, traceback: Option<&str>) {
-    store_with(shared, task_id, status, result, traceback, serde_json::json!([]), false).await
-}
-
-/// [`store`] with the result's `children` (the next step of a chain); nothing when `ignore`
-/// (the task's `ignore_result`).
-async fn store_with(shared: &Shared, task_id: &str, status: &str, result: Json, traceback: Option<&str>, children: Json, ignore: bool) {
-    if ignore {
-        return;
-    }
-    let Some(backend) = &shared.backend else { return };
-    let mut backend = backend.clone();
-    let spec = shared.host.spec();
-    let key = format!("celery-task-meta-{task_id}");
-    let existing: redis::RedisResult<Option<Vec<u8>>> = backend.get(&key).await;
-    if let Ok(Some(old)) = &existing {
-        if serde_json::from_slice::<Json>(old).ok().and_then(|m| m.get("status").and_then(Json::as_str).map(|s| s == "SUCCESS")) == Some(true) {
-            return;
-        }
-    }
-    let doc = message::meta(task_id, status, result, traceback, children, Utc::now());
-    let expires = shared.iface.result_expires.as_secs().max(1);
-    let r: redis::RedisResult<()> = redis::pipe().atomic().set_ex(&key, &doc, expires).ignore().publish(&key, &doc).ignore().query_async(&mut backend).await;
-    if let Err(e) = r {
-        tracing::error!(cage = %spec.cage, interface = %spec.name, "cannot store the result of task {task_id} ({status}): {e}");
-    }
 }
 
 fn unix_now() -> f64 {

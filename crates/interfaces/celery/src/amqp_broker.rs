@@ -1,0 +1,383 @@
+//! Consuming Celery's queues on an AMQP 0-9-1 broker (RabbitMQ) as a Celery worker does
+//! (shared/design/celery-protocol.md §2, §3): queues declared as Celery declares them, messages
+//! acknowledged after their task's outcome is stored (acks_late), a message this worker does not
+//! serve put back for another worker, a task waiting for its eta held without a slot (the
+//! prefetch raised meanwhile, as Celery does) or, when the eta is further than the broker lets
+//! a delivery stay unacknowledged, parked in a delay queue that gives it back later. What a task
+//! goes through once taken is crate::tasks.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::stream::{select_all, StreamExt};
+use rustomnic_interface::consumer::{reconnecting, Outage};
+use rustomnic_interface::Host;
+use rustomnic_resource_amqp::client::{self, AmqpUrl};
+use rustomnic_resource_amqp::lapin;
+use rustomnic_resource_amqp::lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use rustomnic_resource_amqp::lapin::types::{FieldTable, ShortString};
+use rustomnic_resource_celery::amqp;
+use rustomnic_resource_celery::message::{self, Outgoing, Refusal, Task};
+use serde_json::Map;
+
+use crate::tasks::{ResultOf, Results, Transport, Worker};
+use crate::CeleryInterface;
+
+/// The longest a message is held unacknowledged waiting for its eta: RabbitMQ closes the
+/// channel of a delivery unacknowledged for its `consumer_timeout` (30 minutes by default), so a
+/// later eta waits in the delay queue, coming back every HOLD until its time is near.
+const HOLD: Duration = Duration::from_secs(600);
+/// How long a shutdown waits for tasks in flight beyond the request timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The refused tasks remembered, to slow down when the same one comes back.
+const REFUSED_KEPT: usize = 1024;
+/// The content types of kombu's serializers: a message with one of them and no task headers
+/// may be a protocol 1 task (its body says), left for others when it is not JSON.
+const SERIALIZERS: &[&str] =
+    &["application/json", "application/x-python-serialize", "application/x-yaml", "application/x-msgpack", "application/data", "application/text"];
+/// Where messages that are not Celery messages at all are kept.
+const UNREADABLE: &str = "rustomnic.celery.unreadable";
+
+/// Consumes until the interface's shutdown, reconnecting with backoff.
+pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host, url: AmqpUrl) {
+    let refused = Arc::new(Mutex::new(VecDeque::new()));
+    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &url, &refused, outage).await).await;
+}
+
+/// The AMQP side of a session.
+pub(crate) struct Amqp {
+    conn: lapin::Connection,
+    /// Consumes the queues; its prefetch rises while messages wait for their eta.
+    consume: lapin::Channel,
+    /// In confirm mode: chain steps, callbacks, retries, parked and kept-aside messages.
+    publish: lapin::Channel,
+    display: String,
+    prefetch: u16,
+    /// Messages held waiting for their eta (each raises the prefetch by one).
+    waiting: AtomicUsize,
+    /// Serializes prefetch changes, so that the last one sent is the last one computed.
+    qos: tokio::sync::Mutex<()>,
+    /// Queues declared on this connection for sending.
+    declared: Mutex<HashSet<String>>,
+    refused: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// A message taken from `queue`.
+pub(crate) struct Taken {
+    delivery: lapin::message::Delivery,
+    queue: String,
+}
+
+impl Amqp {
+    /// Declares `queue` (as Celery does) unless this connection has already.
+    async fn ensure_queue(&self, queue: &str) -> Result<(), String> {
+        if self.declared.lock().unwrap_or_else(|p| p.into_inner()).contains(queue) {
+            return Ok(());
+        }
+        amqp::declare_queue(&self.conn, queue).await?;
+        self.declared.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.to_string());
+        Ok(())
+    }
+
+    /// Publishes `body` with `properties` to `queue` through the default exchange, confirmed.
+    async fn republish(&self, queue: &str, body: &[u8], properties: lapin::BasicProperties) -> Result<(), String> {
+        let key = amqp::short("the queue name", queue)?;
+        let confirm = self
+            .publish
+            .basic_publish(ShortString::default(), key, BasicPublishOptions::default(), body, properties)
+            .await
+            .map_err(|e| format!("broker {}: cannot publish to queue {queue:?}: {e}", self.display))?;
+        amqp::confirmed(confirm, &format!("broker {}: queue {queue:?}", self.display)).await
+    }
+
+    /// Raises or lowers the prefetch by the messages waiting for their eta.
+    async fn set_prefetch(&self) {
+        let _one = self.qos.lock().await;
+        let n = (usize::from(self.prefetch) + self.waiting.load(Ordering::SeqCst)).min(usize::from(u16::MAX)) as u16;
+        let global = BasicQosOptions { global: true };
+        if let Err(e) = self.consume.basic_qos(n, global).await {
+            tracing::debug!("celery: broker {}: cannot set the prefetch to {n}: {e}", self.display);
+        }
+    }
+}
+
+impl Transport for Amqp {
+    type Taken = Taken;
+
+    async fn send(&self, messages: &[Outgoing]) -> Result<(), String> {
+        for m in messages {
+            self.ensure_queue(&m.queue).await.map_err(|e| format!("broker {}: {e}", self.display))?;
+        }
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            confirms.push((m, amqp::publish_task(&self.publish, m).await.map_err(|e| format!("broker {}: {e}", self.display))?));
+        }
+        for (m, c) in confirms {
+            amqp::confirmed(c, &format!("broker {}: task {} to queue {:?}", self.display, m.id, m.queue)).await?;
+        }
+        Ok(())
+    }
+
+    async fn again(&self, taken: &Taken, task: &Task, at: DateTime<Utc>) -> Result<(), String> {
+        let p = &taken.delivery.properties;
+        let mut headers = match p.headers() {
+            Some(t) => amqp::table_json(t, 0)?,
+            None => Map::new(),
+        };
+        message::retried_headers(&mut headers, task.retries, at);
+        let properties = p.clone().with_headers(amqp::headers_table(&headers)?);
+        self.republish(&taken.queue, &taken.delivery.data, properties).await
+    }
+
+    async fn ack(&self, taken: &Taken) {
+        if let Err(e) = taken.delivery.acker.ack(BasicAckOptions::default()).await {
+            tracing::warn!("celery: broker {}: cannot acknowledge a task message from queue {} ({e}); the broker delivers it again", self.display, taken.queue);
+        }
+    }
+
+    async fn refresh(&self, _taken: &Taken) {}
+
+    async fn release(&self, taken: &Taken) {
+        if let Err(e) = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
+            tracing::warn!("celery: broker {}: cannot put a task message back in queue {} ({e}); the broker delivers it again", self.display, taken.queue);
+        }
+    }
+}
+
+type Shared = Worker<Amqp>;
+
+/// One connection's life: until the shutdown (Ok) or the first failure (Err, to be retried).
+async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
+    let spec = host.spec();
+    let display = url.display.clone();
+    let conn = client::connect(url, &format!("pmnc {}/{} celery", spec.cage, spec.name)).await?;
+    let channel = || async { conn.create_channel().await.map_err(|e| format!("{display}: cannot open a channel: {e}")) };
+    let consume = channel().await?;
+    consume.basic_qos(iface.prefetch, BasicQosOptions { global: true }).await.map_err(|e| format!("{display}: cannot set the prefetch: {e}"))?;
+    let publish = channel().await?;
+    publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| format!("{display}: cannot switch on publisher confirms: {e}"))?;
+    for queue in &iface.queues {
+        amqp::declare_queue(&conn, queue).await.map_err(|e| format!("{display}: {e}"))?;
+    }
+    let results = match &iface.backend {
+        rustomnic_resource_celery::Backend::Rpc => Results::Rpc(channel().await?),
+        _ => crate::redis_results(iface).await?,
+    };
+    let mut consumers = Vec::with_capacity(iface.queues.len());
+    for (i, queue) in iface.queues.iter().enumerate() {
+        let tag = format!("pmnc-{}-{}-{}-{i}", spec.cage, spec.name, std::process::id());
+        let consumer = consume
+            .basic_consume(amqp::short("the queue name", queue)?, amqp::short("a consumer tag", &tag)?, BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(|e| format!("{display}: cannot consume queue {queue:?}: {e}"))?;
+        consumers.push((tag, consumer.map(move |d| (i, d))));
+    }
+    let queues = iface.queues.join(", ");
+    match outage.end() {
+        Some(after) => {
+            tracing::info!(cage = %spec.cage, interface = %spec.name, "connected to {at} again after {:.1}s; consuming {queues}", after.as_secs_f64(), at = url.display)
+        }
+        None => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues} on {at}", at = url.display),
+    }
+    let transport = Amqp {
+        conn,
+        consume: consume.clone(),
+        publish,
+        display: display.clone(),
+        prefetch: iface.prefetch,
+        waiting: AtomicUsize::new(0),
+        qos: tokio::sync::Mutex::new(()),
+        declared: Mutex::new(iface.queues.iter().cloned().collect()),
+        refused: refused.clone(),
+    };
+    let shared = Arc::new(Shared {
+        iface: iface.clone(),
+        host: host.clone(),
+        transport,
+        results,
+        slots: tokio::sync::Semaphore::new(iface.concurrency),
+        backend_failed: Default::default(),
+    });
+    let tags: Vec<String> = consumers.iter().map(|(t, _)| t.clone()).collect();
+    let mut deliveries = select_all(consumers.into_iter().map(|(_, c)| c));
+    let mut running = tokio::task::JoinSet::new();
+    let mut shutdown = host.shutdown();
+    let failure = loop {
+        while running.try_join_next().is_some() {}
+        if let Some(e) = shared.backend_failure() {
+            break Some(e);
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break None,
+            next = deliveries.next() => match next {
+                Some((i, Ok(delivery))) => {
+                    let shared = shared.clone();
+                    let queue = iface.queues[i].clone();
+                    running.spawn(async move { take(&shared, Taken { delivery, queue }).await });
+                }
+                Some((_, Err(e))) => break Some(format!("{display}: the connection failed: {e}")),
+                None => break Some(format!("{display}: the broker ended the consumers (a queue deleted?)")),
+            },
+        }
+    };
+    if let Some(e) = failure {
+        // The broker gives back what was not acknowledged on this connection.
+        running.detach_all();
+        return Err(e);
+    }
+    // Shutdown: no new messages; those in flight finish (messages waiting for their eta go back
+    // at once), then the connection closes and the broker gives back the rest.
+    for tag in &tags {
+        let _ = consume.basic_cancel(amqp::short("a consumer tag", tag)?, BasicCancelOptions::default()).await;
+    }
+    let limit = spec.request_timeout + SHUTDOWN_GRACE;
+    if tokio::time::timeout(limit, async { while running.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "{} task(s) still in flight after {limit:?}; the broker delivers them again", running.len());
+    }
+    let _ = shared.transport.conn.close(200, ShortString::from("pmnc interface stopped")).await;
+    Ok(())
+}
+
+/// One delivered message.
+async fn take(shared: &Shared, taken: Taken) {
+    let spec = shared.host.spec();
+    let d = &taken.delivery;
+    let p = &d.properties;
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    let headers = match p.headers() {
+        Some(t) => amqp::table_json(t, 0),
+        None => Ok(Map::new()),
+    };
+    let Ok(headers) = headers else {
+        let why = headers.err().unwrap_or_default();
+        return keep_aside(shared, &taken, &why).await;
+    };
+    let (content_type, reply_to, correlation_id) = (text(p.content_type()), text(p.reply_to()), text(p.correlation_id()));
+    if !headers.contains_key("task") && !headers.contains_key("id") && !SERIALIZERS.contains(&content_type.as_str()) {
+        return keep_aside(shared, &taken, &format!("no task headers, and content type {content_type:?}")).await;
+    }
+    let msg = message::Message { content_type: &content_type, headers: &headers, body: &d.data, reply_to: &reply_to, correlation_id: &correlation_id };
+    let iface = &shared.iface;
+    let task = match msg.task(iface.max_message_size, |name| iface.handler(name).is_some()) {
+        Ok(t) => t,
+        Err(Refusal::Others(why)) => return give_back(shared, &taken, headers.get("id").and_then(|v| v.as_str()).unwrap_or(&correlation_id), &why).await,
+        Err(Refusal::Fail(why)) => {
+            let id = headers.get("id").and_then(|v| v.as_str()).unwrap_or("");
+            if id.is_empty() {
+                // No task to fail: kept aside, not dropped.
+                return keep_aside(shared, &taken, &why).await;
+            }
+            let to = ResultOf { id, reply_to: &reply_to, correlation_id: if correlation_id.is_empty() { id } else { &correlation_id } };
+            return shared.fail_unrun(&taken, &to, &taken.queue, &why).await;
+        }
+    };
+    if shared.expired(&taken, &task).await {
+        return;
+    }
+    if let Some(eta) = task.eta {
+        let left = (eta - Utc::now()).to_std().unwrap_or_default();
+        if left > HOLD {
+            return park(shared, &taken, &task, eta).await;
+        }
+        if !left.is_zero() {
+            // Held here without a slot; the prefetch rises by one meanwhile, so that held
+            // messages do not stop the deliveries of others.
+            shared.transport.waiting.fetch_add(1, Ordering::SeqCst);
+            shared.transport.set_prefetch().await;
+            let mut shutdown = shared.host.shutdown();
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(left) => false,
+                _ = shutdown.changed() => true,
+            };
+            shared.transport.waiting.fetch_sub(1, Ordering::SeqCst);
+            if stopped {
+                // Stopping: the task goes back to its queue for the next worker.
+                let _ = d.acker.reject(BasicRejectOptions { requeue: true }).await;
+                return;
+            }
+            shared.transport.set_prefetch().await;
+            tracing::debug!(cage = %spec.cage, interface = %spec.name, "task {} reached its eta", task.id);
+        }
+    }
+    shared.run_task(&taken, task).await;
+}
+
+/// A task whose eta is further than a delivery may stay unacknowledged: the message goes to
+/// its queue's delay queue (confirmed), then is acknowledged; it comes back after HOLD.
+async fn park(shared: &Shared, taken: &Taken, task: &Task, eta: DateTime<Utc>) {
+    let spec = shared.host.spec();
+    let t = &shared.transport;
+    let parked = async {
+        let delay = amqp::declare_delay_queue(&t.conn, &taken.queue, HOLD).await.map_err(|e| format!("broker {}: {e}", t.display))?;
+        t.republish(&delay, &taken.delivery.data, taken.delivery.properties.clone()).await.map(|()| delay)
+    };
+    match parked.await {
+        Ok(delay) => {
+            tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) waits for its eta {} in queue {delay}", task.id, task.name, message::format_time(eta));
+            t.ack(taken).await;
+        }
+        Err(e) => {
+            // Not parked: it goes back to its queue and comes again.
+            tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {}: cannot park it until its eta ({e}); put back in its queue", task.id);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
+        }
+    }
+}
+
+/// A message this worker does not serve goes back to its queue for another worker; when one
+/// comes back that was refused before, it is held a second first, so that a queue only this
+/// worker consumes is not spun through.
+async fn give_back(shared: &Shared, taken: &Taken, id: &str, why: &str) {
+    let spec = shared.host.spec();
+    let seen = {
+        let mut refused = shared.transport.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = refused.iter().any(|r| r == id);
+        if !seen {
+            if refused.len() >= REFUSED_KEPT {
+                refused.pop_front();
+            }
+            refused.push_back(id.to_string());
+        }
+        seen
+    };
+    if seen {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    } else {
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "{why}: left in queue {} for another worker", taken.queue);
+    }
+    if let Err(e) = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
+        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot put a task message back in queue {} ({e}); the broker delivers it again", taken.queue);
+    }
+}
+
+/// A message that is not a Celery message at all: kept in the queue UNREADABLE (confirmed),
+/// then acknowledged.
+async fn keep_aside(shared: &Shared, taken: &Taken, why: &str) {
+    let spec = shared.host.spec();
+    let t = &shared.transport;
+    let kept = async {
+        let channel = t.conn.create_channel().await.map_err(|e| e.to_string())?;
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.queue_declare(ShortString::from(UNREADABLE), durable, FieldTable::default()).await.map_err(|e| e.to_string())?;
+        let _ = channel.close(200, ShortString::from("declared")).await;
+        t.republish(UNREADABLE, &taken.delivery.data, taken.delivery.properties.clone()).await
+    };
+    match kept.await {
+        Ok(()) => {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {} is not a Celery message ({why}); kept in the queue {UNREADABLE}", taken.queue);
+            t.ack(taken).await;
+        }
+        Err(e) => {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {} is not a Celery message ({why}) and cannot be kept aside ({e}); put back", taken.queue);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! What a task goes through once its message is taken, whatever the broker: it runs as a
+//! request of its module function, its result is stored in Celery's format (the Redis backend or
+//! the RPC backend's reply queue), a chain's next step, callbacks and errbacks are sent, a retry
+//! is queued again, and the message is acknowledged. The broker's part is a [`Transport`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+use rustomnic_core::Value;
+use rustomnic_interface::{Host, Request};
+use rustomnic_lua::RunError;
+use rustomnic_resource_amqp::lapin;
+use serde_json::Value as Json;
+
+use crate::CeleryInterface;
+use rustomnic_resource_celery::amqp;
+use rustomnic_resource_celery::message::{self, Outgoing, Task};
+
+/// A broker's part in running a task: `Taken` is a message taken from a queue.
+pub(crate) trait Transport: Send + Sync + 'static {
+    type Taken: Send + Sync;
+    /// Sends task messages (a chain's next step, callbacks, errbacks); Ok once the broker has
+    /// them.
+    fn send(&self, messages: &[Outgoing]) -> impl Future<Output = Result<(), String>> + Send;
+    /// Queues the taken task again (a retry): `retries` one more, its eta `at`.
+    fn again(&self, taken: &Self::Taken, task: &Task, at: DateTime<Utc>) -> impl Future<Output = Result<(), String>> + Send;
+    /// Acknowledges a taken message: it is done.
+    fn ack(&self, taken: &Self::Taken) -> impl Future<Output = ()> + Send;
+    /// Keeps a taken message from going back to its queue while it runs or waits (Redis's
+    /// visibility timeout; nothing on AMQP).
+    fn refresh(&self, taken: &Self::Taken) -> impl Future<Output = ()> + Send;
+    /// Puts a taken message back in its queue, to be run again: its outcome could not be
+    /// stored.
+    fn release(&self, taken: &Self::Taken) -> impl Future<Output = ()> + Send;
+}
+
+/// How long a message whose outcome could not be stored waits before it goes back, so that a
+/// backend that is down is not hammered.
+const RELEASE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Where results go.
+pub(crate) enum Results {
+    Redis(MultiplexedConnection),
+    /// Published to each task's `reply_to` queue (an AMQP broker).
+    Rpc(lapin::Channel),
+    None,
+}
+
+/// Whose result is stored: the task, and where the RPC backend sends it.
+pub(crate) struct ResultOf<'a> {
+    pub id: &'a str,
+    pub reply_to: &'a str,
+    pub correlation_id: &'a str,
+}
+
+impl<'a> ResultOf<'a> {
+    pub fn task(task: &'a Task) -> ResultOf<'a> {
+        ResultOf { id: &task.id, reply_to: &task.reply_to, correlation_id: &task.correlation_id }
+    }
+}
+
+/// What every task of a session shares.
+pub(crate) struct Worker<T: Transport> {
+    pub iface: Arc<CeleryInterface>,
+    pub host: Host,
+    pub transport: T,
+    pub results: Results,
+    /// A task runs holding one of `concurrency` permits; one waiting for its `eta` holds none.
+    pub slots: tokio::sync::Semaphore,
+    /// Set when a result could not be stored: the session ends and connects again (a Redis
+    /// connection does not come back by itself).
+    pub backend_failed: std::sync::atomic::AtomicBool,
+}
+
+impl<T: Transport> Worker<T> {
+    /// The error that ends a session whose result backend failed, if it did.
+    pub fn backend_failure(&self) -> Option<String> {
+        self.backend_failed.load(std::sync::atomic::Ordering::SeqCst).then(|| "the result backend failed; connecting again".to_string())
+    }
+
+    /// Stores REVOKED for a task past its `expires` and acknowledges it (settles it); false when
+    /// it has not expired.
+    pub async fn expired(&self, taken: &T::Taken, task: &Task) -> bool {
+        let Some(expires) = task.expires.filter(|e| Utc::now() >= *e) else { return false };
+        let spec = self.host.spec();
+        tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) expired at {}; not run", task.id, task.name, message::format_time(expires));
+        let revoked = message::exception("celery.exceptions", "TaskRevokedError", "expired");
+        let stored = self.store(&ResultOf::task(task), "REVOKED", revoked, None, Json::Array(Vec::new()), false).await;
+        self.settle(taken, stored).await;
+        true
+    }
+
+    /// A message no worker can run as it is: its task (when it has an id) gets a FAILURE with
+    /// `why`, and the message is acknowledged.
+    pub async fn fail_unrun(&self, taken: &T::Taken, to: &ResultOf<'_>, queue: &str, why: &str) {
+        let spec = self.host.spec();
+        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {} from queue {queue} fails without running: {why}", to.id);
+        let stored = self.store(to, "FAILURE", message::exception("builtins", "ValueError", why), None, Json::Array(Vec::new()), false).await;
+        self.settle(taken, stored).await;
+    }
+
+    /// Acknowledges a message whose outcome was stored; one whose outcome could not be stored
+    /// goes back to its queue (after a pause) to be run again, rather than be lost.
+    async fn settle(&self, taken: &T::Taken, stored: Result<(), ()>) {
+        match stored {
+            Ok(()) => self.transport.ack(taken).await,
+            Err(()) => {
+                tokio::time::sleep(RELEASE_PAUSE).await;
+                self.transport.release(taken).await;
+            }
+        }
+    }
+
+    /// Runs a task on a worker and stores its outcome, then acknowledges it.
+    pub async fn run_task(&self, taken: &T::Taken, task: Task) {
+        let spec = self.host.spec();
+        let Some(handler) = self.iface.handler(&task.name).cloned() else { return };
+        let Ok(_permit) = self.slots.acquire().await else { return };
+        let mut timeout = spec.request_timeout;
+        if let Some(limit) = task.time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+            timeout = timeout.min(limit);
+        }
+        let mut args = task.args.clone();
+        args.push(task.kwargs.clone());
+        let parameters = Value::Map(vec![
+            (Value::str("task_id"), Value::str(task.id.clone())),
+            (Value::str("task"), Value::str(task.name.clone())),
+            (Value::str("retries"), Value::Int(task.retries)),
+        ]);
+        let request = Request { handler, args, deadline: Instant::now() + timeout, parameters: Some(parameters) };
+        let running = self.host.run(request);
+        // A task that runs longer than half the visibility timeout keeps its message taken.
+        let every = self.iface.visibility_timeout / 2;
+        tokio::pin!(running);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut running => break r,
+                _ = tokio::time::sleep(every) => self.transport.refresh(taken).await,
+            }
+        };
+        let retry = match &outcome {
+            Err(RunError::Failed { message, .. }) => rustomnic_stdlib::celery::parse_retry(message),
+            _ => None,
+        };
+        let to = ResultOf::task(&task);
+        let none = || Json::Array(Vec::new());
+        let stored = match outcome {
+            Ok(values) => {
+                let result = values.into_iter().next().unwrap_or_default();
+                match result.to_json() {
+                    Ok(json) => {
+                        // A chain goes on: the next step is queued before the result is written
+                        // and the message acknowledged (a crash in between runs this task again
+                        // and queues the step again; the first result stays).
+                        let default_queue = &self.iface.queues[0];
+                        let mut next: Vec<Outgoing> = message::next_step(&task, &json, default_queue).into_iter().collect();
+                        next.extend(message::callbacks(&task, &json, default_queue));
+                        match self.send_all(&task, &next, "its chain's next step or a callback").await {
+                            Some(children) => self.store(&to, "SUCCESS", json, None, children, task.ignore_result).await,
+                            None => Err(()),
+                        }
+                    }
+                    Err(e) => {
+                        let why = format!("{}: the result cannot be sent as JSON: {e}", task.name);
+                        tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: {why}", task.id);
+                        self.store(&to, "FAILURE", message::exception("builtins", "TypeError", &why), None, none(), task.ignore_result).await
+                    }
+                }
+            }
+            Err(_) if retry.is_some() => {
+                let Some(retry) = &retry else { return };
+                if self.retried(taken, &task, retry).await {
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            }
+            Err(e) => {
+                let (kind, text) = match &e {
+                    RunError::Deadline => ("TimeLimitExceeded", format!("{} passed its deadline of {:.1}s", task.name, timeout.as_secs_f64())),
+                    RunError::Failed { message, .. } => ("RuntimeError", message.clone()),
+                    other => ("RuntimeError", other.to_string()),
+                };
+                let module = if kind == "TimeLimitExceeded" { "celery.exceptions" } else { "builtins" };
+                tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {} ({}) failed: {text}", task.id, task.name);
+                let traceback = match &e {
+                    RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
+                    _ => None,
+                };
+                let stored = self.store(&to, "FAILURE", message::exception(module, kind, &text), traceback, none(), task.ignore_result).await;
+                // Errbacks once the failure is stored; one that cannot be queued is logged (the
+                // task is not run again for it).
+                if stored.is_ok() {
+                    let _ = self.send_all(&task, &message::errbacks(&task, &self.iface.queues[0]), "an errback").await;
+                }
+                stored
+            }
+        };
+        self.settle(taken, stored).await;
+    }
+
+    /// Sends messages that follow a task (chain step, callbacks, errbacks); the result's
+    /// `children` naming them, or None (logged) when they could not be sent.
+    async fn send_all(&self, task: &Task, messages: &[Outgoing], what: &str) -> Option<Json> {
+        if let Err(e) = self.transport.send(messages).await {
+            let spec = self.host.spec();
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot send {what} ({e})", task.id);
+            return None;
+        }
+        Some(Json::Array(messages.iter().map(|m| serde_json::json!([[m.id, null], null])).collect()))
+    }
+
+    /// A task that asked for a retry (`pmnc.celery.retry`): queued again with its eta and a
+    /// RETRY result, or, past its `max_retries`, a FAILURE. False when it could not be queued
+    /// again.
+    async fn retried(&self, taken: &T::Taken, task: &Task, retry: &rustomnic_stdlib::celery::Retry) -> bool {
+        let spec = self.host.spec();
+        let to = ResultOf::task(task);
+        if let Some(max) = retry.max_retries.filter(|m| task.retries >= i64::from(*m)) {
+            let text = format!("{}[{}]: max retries ({max}) exceeded: {}", task.name, task.id, retry.reason);
+            tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {text}");
+            let e = message::exception("celery.exceptions", "MaxRetriesExceededError", &text);
+            return self.store(&to, "FAILURE", e, None, Json::Array(Vec::new()), task.ignore_result).await.is_ok();
+        }
+        let at = Utc::now() + chrono::Duration::milliseconds((retry.countdown * 1000.0) as i64);
+        if let Err(e) = self.transport.again(taken, task, at).await {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot queue its retry ({e})", task.id);
+            return false;
+        }
+        tracing::info!(cage = %spec.cage, interface = %spec.name, "task {} ({}) retries in {:.1}s (retry {}): {}", task.id, task.name, retry.countdown, task.retries + 1, retry.reason);
+        // The retry is queued: a RETRY state that cannot be written is only logged.
+        let e = message::exception("celery.exceptions", "Retry", &retry.reason);
+        let _ = self.store(&to, "RETRY", e, None, Json::Array(Vec::new()), task.ignore_result).await;
+        true
+    }
+
+    /// Writes a task's result document (with its `children`: the next step of a chain), unless
+    /// `ignore` (the task's `ignore_result`). On Redis a stored SUCCESS is never overwritten (as
+    /// Celery's backend does) and the document is published for clients waiting in
+    /// `AsyncResult.get()`; with the RPC backend it goes to the task's reply queue. Err (logged)
+    /// when it could not be written.
+    pub async fn store(&self, to: &ResultOf<'_>, status: &str, result: Json, traceback: Option<&str>, children: Json, ignore: bool) -> Result<(), ()> {
+        if ignore || to.id.is_empty() {
+            return Ok(());
+        }
+        let spec = self.host.spec();
+        let task_id = to.id;
+        let doc = message::meta(task_id, status, result, traceback, children, Utc::now());
+        let outcome = match &self.results {
+            Results::None => Ok(()),
+            Results::Redis(backend) => {
+                let mut backend = backend.clone();
+                let key = format!("celery-task-meta-{task_id}");
+                let existing: redis::RedisResult<Option<Vec<u8>>> = backend.get(&key).await;
+                if let Ok(Some(old)) = &existing {
+                    if serde_json::from_slice::<Json>(old).ok().and_then(|m| m.get("status").and_then(Json::as_str).map(|s| s == "SUCCESS")) == Some(true) {
+                        return Ok(());
+                    }
+                }
+                let expires = self.iface.result_expires.as_secs().max(1);
+                let r: redis::RedisResult<()> =
+                    redis::pipe().atomic().set_ex(&key, &doc, expires).ignore().publish(&key, &doc).ignore().query_async(&mut backend).await;
+                r.map_err(|e| e.to_string())
+            }
+            // No reply queue: the client wants no result.
+            Results::Rpc(_) if to.reply_to.is_empty() => Ok(()),
+            Results::Rpc(channel) => rpc_reply(channel, to, &doc).await,
+        };
+        outcome.map_err(|e| {
+            self.backend_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "cannot store the result of task {task_id} ({status}): {e}; the task goes back to its queue");
+        })
+    }
+}
+
+/// Publishes a result document to the client's reply queue.
+async fn rpc_reply(channel: &lapin::Channel, to: &ResultOf<'_>, doc: &str) -> Result<(), String> {
+    let properties = amqp::result_properties(to.correlation_id)?;
+    let queue = amqp::short("reply_to", to.reply_to)?;
+    channel
+        .basic_publish(Default::default(), queue, Default::default(), doc.as_bytes(), properties)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("to reply queue {}: {e}", to.reply_to))
+}

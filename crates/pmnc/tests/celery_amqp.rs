@@ -1,0 +1,461 @@
+//! The celery interface and resource on an AMQP broker, through the real binary, a real
+//! RabbitMQ (PMNC_TEST_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f) and stock Celery
+//! from PyPI (`pip install celery redis`, which .ci/run does): results by the RPC backend (the
+//! client's reply queue) and by Redis; errors, expiry, countdown, a far eta parked in the delay
+//! queue, retries, callbacks, chains through Python and Lua workers, the resource sending to a
+//! Python worker, refused messages left for others, garbage kept aside, a worker killed with
+//! kill -9 with 1,000 tasks queued losing none. Queues are named after the test process and
+//! deleted at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn amqp_url() -> String {
+    std::env::var("PMNC_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// The broker URL as Celery writes it (the default vhost as "//").
+fn celery_url() -> String {
+    let url = amqp_url();
+    match url.strip_suffix("/%2f") {
+        Some(base) => format!("{base}//"),
+        None => url,
+    }
+}
+
+fn redis_url() -> String {
+    std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string())
+}
+
+fn shout(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
+}
+
+fn reachable(url: &str, scheme: &str, port: u16) -> bool {
+    let rest = url.trim_start_matches(scheme);
+    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let host = rest.split('/').next().unwrap_or("");
+    let hostport = if host.contains(':') { host.to_string() } else { format!("{host}:{port}") };
+    use std::net::ToSocketAddrs;
+    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// RabbitMQ (and, when `redis`, Redis) answer and Python has celery; else a loud SKIPPED.
+fn ready(redis: bool) -> bool {
+    if !reachable(&amqp_url(), "amqp://", 5672) {
+        shout(&format!("SKIPPED: no RabbitMQ at {}; start it with: rabbitmq-server -detached (or: service rabbitmq-server start)", amqp_url()));
+        return false;
+    }
+    if redis && !reachable(&redis_url(), "redis://", 6379) {
+        shout(&format!("SKIPPED: no Redis at {}; start it with: redis-server --daemonize yes", redis_url()));
+        return false;
+    }
+    let ok = Command::new("python3").args(["-c", "import celery, redis"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        shout("SKIPPED: Python has no celery (pip install celery redis; .ci/run installs it)");
+    }
+    ok
+}
+
+/// Runs a Python script with the Celery app `app` (the test's RabbitMQ; results by `backend`)
+/// and `q` (the queue) defined, and `count(queue)` / `get(queue)` / `purge(*queues)` helpers;
+/// its standard output.
+fn python(queue: &str, backend: &str, script: &str) -> String {
+    let prelude = format!(
+        r#"import json, sys, time, datetime
+from celery import Celery
+app = Celery(broker={url:?}, backend={backend:?})
+q = {queue:?}
+def count(name):
+    with app.connection_for_write() as c:
+        try:
+            return c.default_channel.queue_declare(name, passive=True).message_count
+        except Exception:
+            return -1
+def get(name):
+    with app.connection_for_write() as c:
+        m = c.default_channel.basic_get(name, no_ack=True)
+        return m
+def purge(*names):
+    with app.connection_for_write() as c:
+        for n in names:
+            try:
+                c.default_channel.queue_delete(n)
+            except Exception:
+                pass
+"#,
+        url = celery_url()
+    );
+    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{script}")).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "python failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+fn cage(tree: &Tree, queue: &str, extra: &str) {
+    tree.write(
+        "app/c/cage.toml",
+        &format!(
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\" }}\n{extra}",
+            url = celery_url()
+        ),
+    );
+    tree.write(
+        "app/c/math.lua",
+        r#"local M = {}
+function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
+function M.fail(x) error("bad input " .. tostring(x)) end
+function M.now() return pmnc.time.now() end
+function M.slow(n) pmnc.sleep(0.02) return n * 2 end
+function M.flaky(n)
+  local retries = pmnc.request.parameters.retries
+  if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
+  return n + retries
+end
+function M.echo(x) return x end
+function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
+function M.relay(x, y)
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { x, y })
+  return pmnc.transaction.py.result(id, 30)
+end
+function M.relay_fail()
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { "x" })
+  local ok, e = pcall(pmnc.transaction.py.result, id, 30)
+  return { ok = ok, code = e.code, message = e.message }
+end
+return M
+"#,
+    );
+}
+
+#[test]
+fn python_client_and_lua_tasks_over_amqp() {
+    if !ready(false) {
+        return;
+    }
+    let queue = format!("pmnc-celery-amqp-{}-main", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, "concurrency = 1\n");
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(
+        &queue,
+        "rpc://",
+        r#"
+def outcome(res, timeout=20):
+    try:
+        return ["ok", res.get(timeout=timeout)]
+    except Exception as e:
+        return [type(e).__name__, str(e)]
+print(json.dumps(outcome(app.send_task("tasks.add", args=[2, 3], kwargs={"z": 1}, queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.fail", args=[7], queue=q))))
+past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+print(json.dumps(outcome(app.send_task("tasks.add", args=[1, 1], queue=q, expires=past))))
+sent = time.time()
+res = app.send_task("tasks.now", queue=q, countdown=2)
+quick = app.send_task("tasks.add", args=[1, 2], queue=q)
+print(json.dumps(["quick", quick.get(timeout=20), res.ready()]))
+ran_at = res.get(timeout=20)
+print(json.dumps(["countdown", ran_at - sent]))
+print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 2000000, 1], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.flaky", args=[40], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.hopeless", queue=q))))
+cb = app.signature("tasks.add", args=[10], queue=q)
+cb.freeze()
+app.send_task("tasks.add", args=[1, 2], queue=q, link=cb)
+eb = app.signature("tasks.echo", queue=q)
+eb.freeze()
+failed = app.send_task("tasks.fail", args=[1], queue=q, link_error=eb)
+print(json.dumps([app.AsyncResult(cb.id).get(timeout=20), app.AsyncResult(eb.id).get(timeout=20) == failed.id]))
+from celery import chain
+steps = chain(app.signature("tasks.add", args=[2, 3], queue=q), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.add", args=[1, 1], queue=q, immutable=True))
+print(json.dumps(outcome(steps.apply_async())))
+late = app.send_task("tasks.add", args=[1, 1], queue=q, countdown=3600)
+for _ in range(100):
+    if count(q + ".rustomnic.delay") == 1:
+        break
+    time.sleep(0.1)
+print(json.dumps(["parked", count(q + ".rustomnic.delay"), late.ready()]))
+import amqp
+with app.connection_for_write() as c:
+    c.default_channel.basic_publish(amqp.Message(b"\xffnot a message"), exchange="", routing_key=q)
+"#,
+    );
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], serde_json::json!(["ok", 6]), "{out}");
+    assert_eq!(lines[1][0], "RuntimeError", "{out}");
+    assert!(lines[1][1].as_str().unwrap().contains("bad input 7"), "{out}");
+    assert_eq!(lines[2][0], "TaskRevokedError", "{out}");
+    assert_eq!(lines[3], serde_json::json!(["quick", 3, false]), "a task sent after a countdown one ran first: {out}");
+    let waited = lines[4][1].as_f64().unwrap();
+    assert!(waited >= 1.9, "a countdown of 2 s ran after {waited} s: {out}");
+    assert_eq!(lines[5][0], "ValueError", "{out}");
+    assert!(lines[5][1].as_str().unwrap().contains("max_message_size"), "{out}");
+    assert_eq!(lines[6], serde_json::json!(["ok", 42]), "retried twice, then 40 + 2: {out}");
+    assert_eq!(lines[7][0], "MaxRetriesExceededError", "{out}");
+    assert_eq!(lines[8], serde_json::json!([13, true]), "a callback got the result first, an errback the failed task's id: {out}");
+    assert_eq!(lines[9], serde_json::json!(["ok", 2]), "a chain of three steps on this worker: {out}");
+    assert_eq!(lines[10], serde_json::json!(["parked", 1, false]), "a task an hour away waits in the delay queue: {out}");
+    server.wait_for("is not a Celery message", Duration::from_secs(10)).expect("garbage kept aside");
+
+    // A pickle message and a task this cage does not serve stay in the queue for others.
+    let out = python(
+        &queue,
+        "rpc://",
+        r#"
+a = app.send_task("tasks.add", args=[1, 2], queue=q, serializer="pickle")
+b = app.send_task("tasks.other", args=[1], queue=q)
+print(a.id, b.id)
+"#,
+    );
+    server.wait_for("is not accepted (JSON only): left in queue", Duration::from_secs(10)).expect("pickle refused");
+    server.wait_for("tasks.other is not one of this interface's tasks: left in queue", Duration::from_secs(10)).expect("unknown refused");
+    server.terminate(Duration::from_secs(20));
+    let ids: Vec<&str> = out.split_whitespace().collect();
+    let check = python(
+        &queue,
+        "rpc://",
+        r#"
+ids = []
+while True:
+    m = get(q)
+    if m is None:
+        break
+    ids.append(m.headers["id"])
+print(json.dumps(sorted(ids)))
+kept = []
+while True:
+    m = get("rustomnic.celery.unreadable")
+    if m is None:
+        break
+    kept.append(m.body)
+print(json.dumps([b"\xffnot a message" in kept, count(q + ".rustomnic.delay")]))
+purge(q, q + ".rustomnic.delay")
+"#,
+    );
+    let mut expected: Vec<&str> = ids.clone();
+    expected.sort();
+    let lines: Vec<serde_json::Value> = check.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], serde_json::json!(expected), "the refused messages are in the queue, nothing else: {check}");
+    assert_eq!(lines[1], serde_json::json!([true, 1]), "the garbage kept aside, the parked task still parked: {check}");
+}
+
+/// A chain from a stock Celery worker to ours and back (AMQP broker, Redis results), and the
+/// celery resource sending to the Python worker and reading its result by the RPC backend.
+#[test]
+fn chain_and_resource_through_python_worker_over_amqp() {
+    if !ready(true) {
+        return;
+    }
+    let queue = format!("pmnc-celery-amqp-{}-chain", std::process::id());
+    let pyq = format!("{queue}-py");
+    let tree = Tree::new();
+    cage(
+        &tree,
+        &queue,
+        &format!("result_backend = {r:?}\n\n[resources.py]\nprotocol = \"celery\"\nbroker = {url:?}\nqueue = {pyq:?}\n", r = redis_url(), url = celery_url()),
+    );
+    tree.write(
+        "py/pytasks.py",
+        &format!(
+            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={r:?})\napp.conf.result_backend_always_retry = False\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n",
+            url = celery_url(),
+            r = redis_url()
+        ),
+    );
+    // The Python worker's results: to Redis for the chain; a task sent by our resource carries
+    // its reply queue, but a worker with the Redis backend writes there, so the resource test
+    // runs a second worker with the RPC backend.
+    tree.write(
+        "py/pyrpc.py",
+        &format!("from celery import Celery\napp = Celery(\"pyrpc\", broker={url:?}, backend=\"rpc://\")\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n", url = celery_url()),
+    );
+    let worker = |module: &str, q: &str| {
+        Command::new("python3")
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                module,
+                "worker",
+                "--pool",
+                "solo",
+                "-Q",
+                q,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
+            ])
+            .current_dir(tree.path().join("py"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("celery worker")
+    };
+    let mut py = worker("pytasks", &pyq);
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(
+        &queue,
+        &redis_url(),
+        &format!(
+            r#"
+from celery import chain
+pyq = {pyq:?}
+steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.pymul", args=[4], queue=pyq))
+res = steps.apply_async()
+print(res.get(timeout=60))
+print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+"#
+        ),
+    );
+    let _ = py.kill();
+    let _ = py.wait();
+    server.terminate(Duration::from_secs(10));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+
+    // The resource with the RPC backend, against a Python worker with the RPC backend.
+    cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {url:?}\nqueue = {pyq:?}\n", url = celery_url()));
+    let mut py = worker("pyrpc", &pyq);
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(
+        &queue,
+        "rpc://",
+        r#"
+print(app.send_task("tasks.relay", args=[6, 7], queue=q).get(timeout=60))
+print(json.dumps(app.send_task("tasks.relay_fail", queue=q).get(timeout=60), sort_keys=True))
+"#,
+    );
+    let _ = py.kill();
+    let _ = py.wait();
+    server.terminate(Duration::from_secs(10));
+    python(&queue, "rpc://", &format!("purge(q, {pyq:?})"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result from its reply queue: {out}");
+    let failed: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!((failed["ok"].as_bool(), failed["code"].as_str()), (Some(false), Some("TypeError")), "{out}");
+}
+
+#[test]
+fn killed_worker_loses_no_task_over_amqp() {
+    if !ready(true) {
+        return;
+    }
+    let queue = format!("pmnc-celery-amqp-{}-kill", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, &format!("result_backend = {:?}\nconcurrency = 8\n", redis_url()));
+    let ids = python(&queue, &redis_url(), "print(' '.join(app.send_task('tasks.slow', args=[i], queue=q).id for i in range(1000)))");
+    let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+    assert_eq!(ids.len(), 1000);
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    // Some tasks done, others in flight: then kill -9.
+    python(&queue, &redis_url(), "for _ in range(400):\n    if 0 <= count(q) < 900:\n        break\n    time.sleep(0.05)\n");
+    server.signal(9);
+    server.wait_exit(Duration::from_secs(10));
+    let mut first = server;
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    let out = python(
+        &queue,
+        &redis_url(),
+        &format!(
+            r#"
+ids = {ids:?}
+deadline = time.time() + 90
+values = []
+for i in ids:
+    try:
+        values.append(app.AsyncResult(i).get(timeout=max(1, deadline - time.time())))
+    except Exception as e:
+        values.append(None)
+print(json.dumps(values))
+import redis as redislib
+r = redislib.Redis.from_url({r:?})
+print(sum(1 for i in ids if r.get("celery-task-meta-" + i) and json.loads(r.get("celery-task-meta-" + i))["status"] == "SUCCESS"))
+print(count(q))
+"#,
+            r = redis_url()
+        ),
+    );
+    server.terminate(Duration::from_secs(10));
+    python(&queue, &redis_url(), "purge(q)");
+    let mut lines = out.lines();
+    let values: Vec<Option<i64>> = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let missing: Vec<(usize, &String)> = values.iter().zip(&ids).enumerate().filter(|(_, (v, _))| v.is_none()).map(|(i, (_, id))| (i, id)).collect();
+    if let Some((_, id)) = missing.first() {
+        first.drain(Duration::from_millis(200));
+        server.drain(Duration::from_millis(200));
+        let log: Vec<&String> = first.log.iter().chain(server.log.iter()).filter(|l| l.contains(id.as_str())).collect();
+        panic!(
+            "{} task(s) without a result, the first {id}; left in the queue: {}; log lines naming it: {log:?}",
+            missing.len(),
+            out.lines().nth(2).unwrap_or("?")
+        );
+    }
+    assert_eq!(values, (0..1000).map(|i| Some(i * 2)).collect::<Vec<_>>());
+    assert_eq!(lines.next(), Some("1000"), "every task has its one SUCCESS");
+}
+
+/// A Redis of the test's own on `port` (no persistence), or None when there is no redis-server.
+fn own_redis(port: u16) -> Option<std::process::Child> {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let up = until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    up.then_some(child)
+}
+
+/// The result backend goes away while tasks run: their results cannot be stored, so their
+/// messages go back to the queue instead of being acknowledged, the session connects again, and
+/// once the backend is back every result is there.
+#[test]
+fn results_survive_a_result_backend_outage() {
+    if !ready(false) {
+        return;
+    }
+    let port = spare_port();
+    let Some(mut redis) = own_redis(port) else {
+        shout("SKIPPED: no redis-server binary (apt-get install redis-server)");
+        return;
+    };
+    let backend = format!("redis://127.0.0.1:{port}/0");
+    let queue = format!("pmnc-celery-amqp-{}-outage", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, &format!("result_backend = {backend:?}\n"));
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let ids = python(&queue, "disabled://", "print(' '.join(app.send_task('tasks.add', args=[i, 1], queue=q).id for i in range(20)))");
+    let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+    server.wait_for("goes back to its queue", Duration::from_secs(20)).expect("a result that cannot be stored sends its task back");
+    let mut redis = own_redis(port).expect("redis again");
+    let out = python(
+        &queue,
+        &backend,
+        &format!(
+            r#"
+ids = {ids:?}
+print(json.dumps([app.AsyncResult(i).get(timeout=60) for i in ids]))
+"#
+        ),
+    );
+    server.terminate(Duration::from_secs(10));
+    let _ = redis.kill();
+    let _ = redis.wait();
+    python(&queue, "disabled://", "purge(q)");
+    let values: Vec<i64> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(values, (1..=20).collect::<Vec<i64>>(), "every task's result is stored once the backend is back");
+}
