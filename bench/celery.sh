@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Celery tasks served by a cage's celery interface against Celery's own prefork worker
-# (concurrency = WORKERS), on the same Redis broker, queue, Python producer and result backend,
-# one after the other in one run (bench/celery_bench.py). Prints tasks/s of both and the ratio
-# (target >= 20x, issue 16). Never fails because of a figure.
+# (concurrency = WORKERS), on the same broker, queue, Python producer and result backend, one
+# after the other in one run (bench/celery_bench.py), on Redis and then on RabbitMQ (the
+# machine's, PMNC_BENCH_AMQP_URL). Prints tasks/s of both and the ratio (target >= 20x on each,
+# issue 16). Never fails because of a figure.
 #
-#   bench/celery.sh                 20,000 no-op tasks each
+#   bench/celery.sh                 20,000 no-op tasks each, on each broker
+#   BROKERS=amqp bench/celery.sh    one broker
 #   CALLS=50000 WORKERS=2 bench/celery.sh
 #   python3 bench/celery_bench.py --work DIR --pmnc BIN --no-celery   one build alone (A/B of builds)
 set -uo pipefail
@@ -15,5 +17,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! python3 -c "import celery, red
     exit 0
 fi
 build
-python3 "$ROOT/bench/celery_bench.py" --work "$WORK/celery" --pmnc "$PMNC" --calls "${CALLS:-20000}" --workers "${WORKERS:-2}"
+for broker in ${BROKERS:-redis amqp}; do
+    python3 "$ROOT/bench/celery_bench.py" --work "$WORK/celery-$broker" --pmnc "$PMNC" --calls "${CALLS:-20000}" --workers "${WORKERS:-2}" --broker "$broker"
+done
 exit 0

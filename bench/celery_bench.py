@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Tasks/s of a no-op task served by a cage's celery interface against Celery's own prefork
-worker, on the same Redis broker, queue, producer and result backend (bench/celery.sh).
+worker, on the same broker (Redis, or RabbitMQ with --broker amqp), queue, producer and result
+backend (bench/celery.sh).
 
-Starts its own redis-server on a free port (broker db 0, results db 1). For each worker in turn:
+Starts its own redis-server on a free port (broker db 0, results db 1; with --broker amqp the
+machine's RabbitMQ is the broker, on a queue named after this process, and Redis keeps the
+results, so that both sides are counted the same way). For each worker in turn:
 fills the queue with CALLS tasks `tasks.noop(i)` from a stock Celery client, starts the worker,
 and times from its first stored result to its last (so neither side's start-up counts), polling
 the result db's key count every 10 ms. Every wait is bounded; everything started is stopped."""
@@ -34,19 +37,30 @@ CAGE = '''[interfaces.tasks]
 protocol = "celery"
 broker = "{broker}"
 result_backend = "{backend}"
+queues = ["{queue}"]
 tasks = {{ "tasks.noop" = "t.noop" }}
 concurrency = {concurrency}
 '''
 
 
-def fill(broker, backend, calls):
+def fill(broker, backend, calls, queue):
     from celery import Celery
     app = Celery(broker=broker, backend=backend)
     t = time.perf_counter()
     with app.producer_or_acquire() as p:
         for i in range(calls):
-            app.send_task("tasks.noop", args=[i], queue="celery", producer=p, ignore_result=False)
+            app.send_task("tasks.noop", args=[i], queue=queue, producer=p, ignore_result=False)
     return time.perf_counter() - t
+
+
+def purge(broker, queue):
+    """Empties (deletes) the queue on an AMQP broker."""
+    from celery import Celery
+    with Celery(broker=broker).connection_for_write() as c:
+        try:
+            c.default_channel.queue_delete(queue)
+        except Exception:
+            pass
 
 
 def drain(r_results, calls, proc, limit=600):
@@ -74,10 +88,15 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--no-celery", action="store_true", help="only the pmnc run (comparing builds)")
+    ap.add_argument("--broker", choices=["redis", "amqp"], default="redis")
+    ap.add_argument("--amqp-url", default=os.environ.get("PMNC_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     port = free_port()
     broker, backend = f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1"
+    queue = "celery"
+    if a.broker == "amqp":
+        broker, queue = a.amqp_url, f"bench-celery-{os.getpid()}"
     procs = []
     rates = {}
     try:
@@ -96,19 +115,21 @@ def main():
         cage = os.path.join(a.work, "cage")
         os.makedirs(cage, exist_ok=True)
         with open(os.path.join(cage, "cage.toml"), "w") as f:
-            f.write(CAGE.format(broker=broker, backend=backend, concurrency=a.concurrency))
+            f.write(CAGE.format(broker=broker, backend=backend, queue=queue, concurrency=a.concurrency))
         with open(os.path.join(cage, "t.lua"), "w") as f:
             f.write("local M = {}\nfunction M.noop(i) return i end\nreturn M\n")
         env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend, PYTHONPATH=a.work)
         runs = [
             ("pmnc", [a.pmnc, "run", cage, "--workers", str(a.workers), "--no-watch"]),
-            ("celery", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", str(a.workers),
+            ("celery", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", str(a.workers), "-Q", queue,
                         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"]),
         ]
         for name, cmd in runs[:1] if a.no_celery else runs:
             r0.flushall()
-            took = fill(broker, backend, a.calls)
-            print(f"== {name}: {a.calls} tasks queued in {took:.1f}s; starting the worker", flush=True)
+            if a.broker == "amqp":
+                purge(broker, queue)
+            took = fill(broker, backend, a.calls, queue)
+            print(f"== {name} on {a.broker}: {a.calls} tasks queued in {took:.1f}s; starting the worker", flush=True)
             log = open(os.path.join(a.work, f"{name}.log"), "w")
             proc = subprocess.Popen(cmd, cwd=a.work, env=env, stdout=log, stderr=log)
             procs.append(proc)
@@ -127,9 +148,11 @@ def main():
             print(f"{name}: {a.calls} results stored, first to last {last - first:.3f}s = {rate:.0f} tasks/s", flush=True)
         if "pmnc" in rates and "celery" in rates:
             ratio = rates["pmnc"] / rates["celery"]
-            print(f"ratio pmnc/celery: {ratio:.1f}x (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}")
+            print(f"ratio pmnc/celery on {a.broker}: {ratio:.1f}x (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}")
         return 0
     finally:
+        if a.broker == "amqp":
+            purge(broker, queue)
         for pr in reversed(procs):
             if pr.poll() is None:
                 pr.terminate()

@@ -305,7 +305,7 @@ fn chain_through_python_and_lua_workers() {
     tree.write(
         "py/pytasks.py",
         &format!(
-            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={url:?})\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n",
+            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={url:?})\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n@app.task(name=\"tasks.pysum\")\ndef pysum(xs):\n    return sum(xs)\n",
             url = redis_url()
         ),
     );
@@ -343,6 +343,16 @@ steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signatur
 res = steps.apply_async()
 print(res.get(timeout=60))
 print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+from celery import chord
+print(chord([app.signature("tasks.add", args=[i, i], queue=q) for i in range(10)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
+print(chord([app.signature("tasks.add", args=[1, 1], queue=q), app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[2, 2], queue=q)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
+failing = chord([app.signature("tasks.add", args=[1, 1], queue=q), app.signature("tasks.fail", args=[3], queue=q)], app.signature("tasks.pysum", queue=pyq))()
+body = app.AsyncResult(failing.id)
+for _ in range(300):
+    if body.state == "FAILURE":
+        break
+    time.sleep(0.1)
+print(body.state, type(body.result).__name__, str(body.result))
 print(app.send_task("tasks.relay", args=[6, 7], queue=q).get(timeout=60))
 print(json.dumps(app.send_task("tasks.relay_fail", queue=q).get(timeout=60), sort_keys=True))
 unsent = "unsent-" + q
@@ -358,6 +368,14 @@ print(app.AsyncResult(unsent).state, any(unsent.encode() in m for m in r.lrange(
     python(&queue, &format!("r.delete(q, {pyq:?})"));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+    assert_eq!(lines[2], "90", "a chord of ten Lua header tasks and a Python body: {out}");
+    assert_eq!(lines[3], "12", "a chord whose parts run on Python and Lua workers: {out}");
+    let lines = &lines[1..];
+    assert!(
+        lines[3].starts_with("FAILURE ChordError Dependency ") && lines[3].contains("RuntimeError") && lines[3].contains("bad input 3"),
+        "a failed part fails the body: {out}"
+    );
+    let lines = &lines[2..];
     assert_eq!(lines[2], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result: {out}");
     let failed: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
     assert_eq!((failed["ok"].as_bool(), failed["code"].as_str()), (Some(false), Some("TypeError")), "{out}");

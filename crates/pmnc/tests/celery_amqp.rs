@@ -264,7 +264,7 @@ fn chain_and_resource_through_python_worker_over_amqp() {
     tree.write(
         "py/pytasks.py",
         &format!(
-            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={r:?})\napp.conf.result_backend_always_retry = False\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n",
+            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={r:?})\napp.conf.result_backend_always_retry = False\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n@app.task(name=\"tasks.pysum\")\ndef pysum(xs):\n    return sum(xs)\n",
             url = celery_url(),
             r = redis_url()
         ),
@@ -314,6 +314,8 @@ steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signatur
 res = steps.apply_async()
 print(res.get(timeout=60))
 print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+from celery import chord
+print(chord([app.signature("tasks.add", args=[i, i], queue=q) for i in range(10)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
 "#
         ),
     );
@@ -322,6 +324,7 @@ print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
     server.terminate(Duration::from_secs(10));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+    assert_eq!(lines[2], "90", "a chord of ten Lua header tasks and a Python body: {out}");
 
     // The resource with the RPC backend, against a Python worker with the RPC backend.
     cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {url:?}\nqueue = {pyq:?}\n", url = celery_url()));

@@ -277,6 +277,9 @@ async fn take(shared: &Shared, taken: Taken) {
             return shared.fail_unrun(&taken, &to, &taken.queue, &why).await;
         }
     };
+    if let Some(why) = shared.refusal(&task) {
+        return give_back(shared, &taken, &task.id, &why).await;
+    }
     if shared.expired(&taken, &task).await {
         return;
     }

@@ -286,6 +286,9 @@ async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
             return shared.fail_unrun(&env, &to, &queue, &why).await;
         }
     };
+    if let Some(why) = shared.refusal(&task) {
+        return give_back(shared, &env, &queue, &payload, &why).await;
+    }
     if shared.expired(&env, &task).await {
         return;
     }

@@ -38,6 +38,50 @@ pub(crate) trait Transport: Send + Sync + 'static {
     fn release(&self, taken: &Self::Taken) -> impl Future<Output = ()> + Send;
 }
 
+/// Counts a finished header task of a chord in Celery 5.7's bookkeeping on the Redis result
+/// backend (shared/design/celery-protocol.md §5.3), so that Python and Lua workers can share a
+/// chord: KEYS are the group's `.j` (results by group index), `.t` (size adjustment), `.s`
+/// (size, set by the client), `.d` (parts counted), the group key and `.c` (the claim to send the
+/// body, "done" once sent); ARGV the task id, its encoded `[1, id, state, result]`, its group
+/// index, the keys' expiry in seconds, the claim's expiry and this worker's claim token. Returns
+/// {parts ready (-1 when the chord is done), size adjustment, size, 1 when this worker claimed
+/// the body}.
+const CHORD_PART: &str = r#"
+if redis.call('GET', KEYS[6]) == 'done' then return {-1, 0, 0, 0} end
+local member = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SISMEMBER', KEYS[4], member) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('SADD', KEYS[4], member)
+end
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+local expires = tonumber(ARGV[4])
+if expires > 0 then
+  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], expires) end
+end
+local diff = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local size = tonumber(redis.call('GET', KEYS[3]) or '')
+local claimed = 0
+if size and ready == size + diff then
+  if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', tonumber(ARGV[5])) then claimed = 1 end
+end
+return {ready, diff, size or -1, claimed}
+"#;
+/// Forgets a chord whose body was sent by the claim's holder, marking it done (so that a late
+/// duplicate part does not start it again): KEYS `.c`, `.j`, `.t`, `.s`, `.d`; ARGV the claim
+/// token and how long the mark stays.
+const CHORD_DONE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#;
+/// How long a claim to send a chord's body lasts (Celery's default: twice its join timeout).
+const CHORD_CLAIM: u64 = 10;
+/// How long a done chord stays marked done.
+const CHORD_DONE_MARK: u64 = 300;
+
 /// How long a message whose outcome could not be stored waits before it goes back, so that a
 /// backend that is down is not hammered.
 const RELEASE_PAUSE: Duration = Duration::from_secs(1);
@@ -77,6 +121,13 @@ pub(crate) struct Worker<T: Transport> {
 }
 
 impl<T: Transport> Worker<T> {
+    /// Why a task this worker could run is left for another worker: a chord's part needs the
+    /// Redis result backend (the RPC backend cannot count a chord, as in Celery).
+    pub fn refusal(&self, task: &Task) -> Option<String> {
+        (task.chord.is_some() && !matches!(self.results, Results::Redis(_)))
+            .then(|| format!("task {} ({}) is part of a chord, which needs the Redis result backend (Celery's RPC backend has no chords)", task.id, task.name))
+    }
+
     /// The error that ends a session whose result backend failed, if it did.
     pub fn backend_failure(&self) -> Option<String> {
         self.backend_failed.load(std::sync::atomic::Ordering::SeqCst).then(|| "the result backend failed; connecting again".to_string())
@@ -160,7 +211,10 @@ impl<T: Transport> Worker<T> {
                         let mut next: Vec<Outgoing> = message::next_step(&task, &json, default_queue).into_iter().collect();
                         next.extend(message::callbacks(&task, &json, default_queue));
                         match self.send_all(&task, &next, "its chain's next step or a callback").await {
-                            Some(children) => self.store(&to, "SUCCESS", json, None, children, task.ignore_result).await,
+                            Some(children) => match self.store(&to, "SUCCESS", json.clone(), None, children, task.ignore_result).await {
+                                Ok(()) => self.chord_part(&task, "SUCCESS", &json).await,
+                                Err(()) => Err(()),
+                            },
                             None => Err(()),
                         }
                     }
@@ -191,7 +245,11 @@ impl<T: Transport> Worker<T> {
                     RunError::Failed { traceback, .. } if !traceback.is_empty() => Some(traceback.as_str()),
                     _ => None,
                 };
-                let stored = self.store(&to, "FAILURE", message::exception(module, kind, &text), traceback, none(), task.ignore_result).await;
+                let exception = message::exception(module, kind, &text);
+                let stored = match self.store(&to, "FAILURE", exception.clone(), traceback, none(), task.ignore_result).await {
+                    Ok(()) => self.chord_part(&task, "FAILURE", &exception).await,
+                    Err(()) => Err(()),
+                };
                 // Errbacks once the failure is stored; one that cannot be queued is logged (the
                 // task is not run again for it).
                 if stored.is_ok() {
@@ -201,6 +259,72 @@ impl<T: Transport> Worker<T> {
             }
         };
         self.settle(taken, stored).await;
+    }
+
+    /// A header task of a chord has finished with `state` and `result`: it is counted, and the
+    /// worker that counts the last part sends the body with the parts' results in their group
+    /// order (or, when a part failed, stores the body's FAILURE as Celery's ChordError). Err
+    /// (logged) when Redis failed: the part runs again and is counted once.
+    async fn chord_part(&self, task: &Task, state: &str, result: &Json) -> Result<(), ()> {
+        let (Some(body), Some(group), Results::Redis(backend)) = (&task.chord, &task.group, &self.results) else { return Ok(()) };
+        let spec = self.host.spec();
+        let mut redis = backend.clone();
+        let key = |suffix: &str| format!("celery-taskset-meta-{group}{suffix}");
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let score = task.group_index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_string());
+        let encoded = serde_json::json!([1, task.id, state, result]).to_string();
+        let fail = |e: redis::RedisError| {
+            tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot count it in chord {group} ({e}); it runs again", task.id);
+        };
+        let part_script = redis::Script::new(CHORD_PART);
+        let mut part = part_script.prepare_invoke();
+        for k in [key(".j"), key(".t"), key(".s"), key(".d"), key(""), key(".c")] {
+            part.key(k);
+        }
+        part.arg(&task.id).arg(&encoded).arg(&score).arg(self.iface.result_expires.as_secs()).arg(CHORD_CLAIM).arg(&token);
+        let (_ready, _diff, _size, claimed): (i64, i64, i64, i64) = part.invoke_async(&mut redis).await.map_err(fail)?;
+        if claimed != 1 {
+            return Ok(());
+        }
+        let parts: Vec<Vec<u8>> = redis.zrange(key(".j"), 0, -1).await.map_err(fail)?;
+        let mut results = Vec::with_capacity(parts.len());
+        let mut failed = None;
+        for p in parts {
+            let entry: Json = serde_json::from_slice(&p).unwrap_or(Json::Null);
+            let (tid, pstate, value) = (entry.get(1).and_then(Json::as_str).unwrap_or("?"), entry.get(2).and_then(Json::as_str).unwrap_or(""), entry.get(3));
+            if matches!(pstate, "FAILURE" | "REVOKED") && failed.is_none() {
+                let kind = value.and_then(|v| v.get("exc_type")).and_then(Json::as_str).unwrap_or(pstate);
+                let text = value.and_then(|v| v.get("exc_message")).map(|m| m.to_string()).unwrap_or_default();
+                failed = Some(format!("Dependency {tid} raised {kind}({text})"));
+            }
+            results.push(value.cloned().unwrap_or(Json::Null));
+        }
+        let body_id = body.get("options").and_then(|o| o.get("task_id")).and_then(Json::as_str).unwrap_or("").to_string();
+        match failed {
+            None => {
+                let Some(message) = message::chord_body(body, results, task, &self.iface.queues[0]) else { return Ok(()) };
+                if let Err(e) = self.transport.send(std::slice::from_ref(&message)).await {
+                    tracing::error!(cage = %spec.cage, interface = %spec.name, "chord {group}: cannot send its body {} ({e}); the last part runs again", message.name);
+                    // The claim runs out and the part, run again, claims it anew.
+                    return Err(());
+                }
+                tracing::info!(cage = %spec.cage, interface = %spec.name, "chord {group}: all parts done; its body {} ({}) sent", message.id, message.name);
+            }
+            Some(why) => {
+                tracing::warn!(cage = %spec.cage, interface = %spec.name, "chord {group}: {why}; its body {body_id} fails");
+                let reply_to = body.get("options").and_then(|o| o.get("reply_to")).and_then(Json::as_str).unwrap_or("");
+                let to = ResultOf { id: &body_id, reply_to, correlation_id: &body_id };
+                self.store(&to, "FAILURE", message::exception("celery.exceptions", "ChordError", &why), None, Json::Array(Vec::new()), false).await?;
+            }
+        }
+        let done_script = redis::Script::new(CHORD_DONE);
+        let mut done = done_script.prepare_invoke();
+        for k in [key(".c"), key(".j"), key(".t"), key(".s"), key(".d")] {
+            done.key(k);
+        }
+        done.arg(&token).arg(CHORD_DONE_MARK);
+        let _: redis::RedisResult<i64> = done.invoke_async(&mut redis).await;
+        Ok(())
     }
 
     /// Sends messages that follow a task (chain step, callbacks, errbacks); the result's

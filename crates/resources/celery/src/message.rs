@@ -50,6 +50,12 @@ pub struct Task {
     /// Signatures queued after success (`link`) and after failure (`link_error`).
     pub callbacks: Vec<Json>,
     pub errbacks: Vec<Json>,
+    /// The group this task belongs to (`group` header) and its place in it.
+    pub group: Option<String>,
+    pub group_index: Option<i64>,
+    /// The body of the chord this task is a header task of: sent when the last header task
+    /// of its group has finished.
+    pub chord: Option<Json>,
     /// Where the RPC result backend sends the result (empty: nowhere), and the id it is sent
     /// under (the task's id unless the message says otherwise).
     pub reply_to: String,
@@ -169,6 +175,7 @@ impl Message<'_> {
             other => return Err(Refusal::Fail(format!("task {id}: kwargs must be an object, got {}", other.type_name()))),
         };
         let (mut chain, mut callbacks, mut errbacks) = (Vec::new(), Vec::new(), Vec::new());
+        let mut chord = None;
         if let Value::Map(parts) = &embed {
             for (part, into) in [("chain", &mut chain), ("callbacks", &mut callbacks), ("errbacks", &mut errbacks)] {
                 let Some((_, Value::Array(sigs))) = parts.iter().find(|(k, _)| k.as_str() == Some(part)) else { continue };
@@ -182,7 +189,19 @@ impl Message<'_> {
                     into.push(json);
                 }
             }
-            let continued = |k: &Value| matches!(k.as_str(), Some("chain" | "callbacks" | "errbacks"));
+            if let Some((_, sig)) = parts.iter().find(|(k, v)| k.as_str() == Some("chord") && !matches!(v, Value::Nil)) {
+                let json = sig.to_json().map_err(|e| Refusal::Fail(format!("task {id}: its chord's body cannot be read: {e}")))?;
+                if json.get("task").and_then(Json::as_str).is_none() || json.get("subtask_type").is_some_and(|t| !t.is_null()) {
+                    return Err(Refusal::Others(format!(
+                        "task {id} ({name}) is part of a chord whose body is not a plain task, which this worker does not continue yet"
+                    )));
+                }
+                if header("group").and_then(Json::as_str).is_none_or(str::is_empty) {
+                    return Err(Refusal::Fail(format!("task {id}: part of a chord but without a group id")));
+                }
+                chord = Some(json);
+            }
+            let continued = |k: &Value| matches!(k.as_str(), Some("chain" | "callbacks" | "errbacks" | "chord"));
             if let Some((k, _)) = parts.iter().find(|(k, v)| !continued(k) && !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())) {
                 return Err(Refusal::Others(format!(
                     "task {id} ({name}) carries a canvas part ({}), which this worker does not continue yet",
@@ -207,6 +226,9 @@ impl Message<'_> {
             chain,
             callbacks,
             errbacks,
+            group: header("group").and_then(Json::as_str).filter(|g| !g.is_empty()).map(str::to_string),
+            group_index: header("group_index").and_then(Json::as_i64),
+            chord,
             reply_to: self.reply_to.to_string(),
             correlation_id: if self.correlation_id.is_empty() { id.clone() } else { self.correlation_id.to_string() },
             id,
@@ -320,6 +342,12 @@ pub fn restored(entry: &[u8]) -> Option<(String, String)> {
 pub fn next_step(parent: &Task, result: &Json, default_queue: &str) -> Option<Outgoing> {
     let (step, rest) = parent.chain.split_last()?;
     signature_message(step, result, rest, parent, default_queue)
+}
+
+/// The message of a chord's body (`sig`) given the header's results (in their group order)
+/// first among its arguments.
+pub fn chord_body(sig: &Json, results: Vec<Json>, last: &Task, default_queue: &str) -> Option<Outgoing> {
+    signature_message(sig, &Json::Array(results), &[], last, default_queue)
 }
 
 /// The messages of a succeeded task's callbacks (`link`), each given the result first.
@@ -493,7 +521,23 @@ mod tests {
         assert!(matches!(task(&env, 10, |_| true), Err(Refusal::Fail(m)) if m.contains("max_message_size of 10 bytes")));
         let chord = r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": {"task": "tasks.sum"}}]"#;
         let env = envelope(&captured("application/json", chord), "celery").unwrap();
-        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (chord)")));
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Fail(m)) if m.contains("part of a chord but without a group id")));
+        let mut grouped = env.json.clone();
+        grouped["headers"]["group"] = json!("g1");
+        grouped["headers"]["group_index"] = json!(3);
+        let env = envelope(grouped.to_string().as_bytes(), "celery").unwrap();
+        let t = task(&env, 1 << 20, |_| true).unwrap();
+        assert_eq!((t.group.as_deref(), t.group_index, t.chord.clone()), (Some("g1"), Some(3), Some(json!({"task": "tasks.sum"}))));
+        let body = chord_body(t.chord.as_ref().unwrap(), vec![json!(1), json!(2)], &t, "celery").unwrap();
+        assert_eq!((body.name.as_str(), body.args.clone()), ("tasks.sum", vec![json!([1, 2])]));
+        let complex = r#"[[1], {}, {"chord": {"task": "celery.chain", "subtask_type": "chain"}}]"#;
+        let mut m: Json = serde_json::from_slice(&captured("application/json", complex)).unwrap();
+        m["headers"]["group"] = json!("g1");
+        let env = envelope(m.to_string().as_bytes(), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("a chord whose body is not a plain task")));
+        let other = r#"[[1], {}, {"chain": null, "mystery": [1]}]"#;
+        let env = envelope(&captured("application/json", other), "celery").unwrap();
+        assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("canvas part (mystery)")));
         let group_step = r#"[[1], {}, {"chain": [{"task": "g", "subtask_type": "group"}]}]"#;
         let env = envelope(&captured("application/json", group_step), "celery").unwrap();
         assert!(matches!(task(&env, 1 << 20, |_| true), Err(Refusal::Others(m)) if m.contains("in its chain a signature that is not a plain task")));
