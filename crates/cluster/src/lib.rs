@@ -80,7 +80,7 @@ impl Identity {
         let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Identity {
             instance: instance_id(),
-            host: hostname(),
+            host: rustomnic_core::hostname(),
             pid: std::process::id(),
             version: version.to_string(),
             started_unix: started.as_secs_f64(),
@@ -98,18 +98,6 @@ fn instance_id() -> String {
     h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
-}
-
-fn hostname() -> String {
-    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            let s = s.trim();
-            if !s.is_empty() {
-                return s.to_string();
-            }
-        }
-    }
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into())
 }
 
 /// A process's membership of the flock.

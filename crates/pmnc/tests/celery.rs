@@ -383,3 +383,51 @@ print(app.AsyncResult(unsent).state, any(unsent.encode() in m for m in r.lrange(
     assert_eq!(lines[4], "False", "the transaction was not accepted: {out}");
     assert_eq!(lines[5], "PENDING False", "a rolled-back send_task sends nothing: {out}");
 }
+
+/// With `send_events`, a stock Flower (from PyPI) sees our worker alive and a task it ran, from
+/// the events alone.
+#[test]
+fn flower_sees_the_worker_and_its_tasks() {
+    if !ready() {
+        return;
+    }
+    if !Command::new("python3").args(["-c", "import flower"]).output().is_ok_and(|o| o.status.success()) {
+        shout("SKIPPED: Python has no flower (pip install flower; .ci/run installs it)");
+        return;
+    }
+    let queue = format!("pmnc-celery-test-{}-flower", std::process::id());
+    let worker = format!("pmnc-test-{}@flower", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
+    let port = spare_port();
+    let mut flower = Command::new("python3")
+        .args(["-m", "celery", "--broker", &redis_url(), "flower", "--address=127.0.0.1", &format!("--port={port}")])
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("flower");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = until(Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let id = python(&queue, "r = app.send_task('tasks.add', args=[20, 22], queue=q)\nprint(r.id, r.get(timeout=20))");
+    let (id, value) = id.trim().split_once(' ').unwrap();
+    assert_eq!(value, "42");
+    let mut alive = String::new();
+    let mut tasks = String::new();
+    let seen = up
+        && until(Duration::from_secs(30), || {
+            alive = get(addr, "/api/workers?status=true").text();
+            tasks = get(addr, "/api/tasks").text();
+            alive.contains(&format!("\"{worker}\": true")) && tasks.contains(id) && tasks.contains("SUCCESS")
+        });
+    server.terminate(Duration::from_secs(10));
+    let _ = flower.kill();
+    let _ = flower.wait();
+    python(&queue, "r.delete(q)");
+    assert!(seen, "Flower did not see the worker and its task: workers {alive}; tasks {tasks}");
+    let t: serde_json::Value = serde_json::from_str(&tasks).unwrap();
+    assert_eq!(t[id]["name"], "tasks.add", "{tasks}");
+    assert_eq!(t[id]["worker"], worker.as_str(), "{tasks}");
+}

@@ -462,3 +462,47 @@ print(json.dumps([app.AsyncResult(i).get(timeout=60) for i in ids]))
     let values: Vec<i64> = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(values, (1..=20).collect::<Vec<i64>>(), "every task's result is stored once the backend is back");
 }
+
+/// With `send_events` on RabbitMQ, a stock Flower sees our worker alive and a task it ran.
+#[test]
+fn flower_sees_the_worker_over_amqp() {
+    if !ready(false) {
+        return;
+    }
+    if !Command::new("python3").args(["-c", "import flower"]).output().is_ok_and(|o| o.status.success()) {
+        shout("SKIPPED: Python has no flower (pip install flower; .ci/run installs it)");
+        return;
+    }
+    let queue = format!("pmnc-celery-amqp-{}-flower", std::process::id());
+    let worker = format!("pmnc-amqp-{}@flower", std::process::id());
+    let tree = Tree::new();
+    cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
+    let port = spare_port();
+    let mut flower = Command::new("python3")
+        .args(["-m", "celery", "--broker", &celery_url(), "flower", "--address=127.0.0.1", &format!("--port={port}")])
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("flower");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = until(Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let out = python(&queue, "rpc://", "r = app.send_task('tasks.fail', args=[5], queue=q)\nprint(r.id, r.get(timeout=20, propagate=False))");
+    let id = out.split_whitespace().next().unwrap().to_string();
+    let (mut alive, mut tasks) = (String::new(), String::new());
+    let seen = up
+        && until(Duration::from_secs(30), || {
+            alive = get(addr, "/api/workers?status=true").text();
+            tasks = get(addr, "/api/tasks").text();
+            alive.contains(&format!("\"{worker}\": true")) && tasks.contains(&id) && tasks.contains("FAILURE")
+        });
+    server.terminate(Duration::from_secs(10));
+    let _ = flower.kill();
+    let _ = flower.wait();
+    python(&queue, "rpc://", "purge(q)");
+    assert!(seen, "Flower did not see the worker and its failed task: workers {alive}; tasks {tasks}");
+    let t: serde_json::Value = serde_json::from_str(&tasks).unwrap();
+    assert!(t[&id]["exception"].as_str().unwrap_or("").contains("bad input 5"), "{tasks}");
+}

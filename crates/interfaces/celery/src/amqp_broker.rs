@@ -169,6 +169,13 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         rustomnic_resource_celery::Backend::Rpc => Results::Rpc(channel().await?),
         _ => crate::redis_results(iface).await?,
     };
+    let events = match &iface.events {
+        Some(name) => {
+            let channel = crate::events::declare_amqp(&conn).await.map_err(|e| format!("{display}: {e}"))?;
+            Some(crate::events::Events::new(name.clone(), crate::events::Sink::Amqp(channel)))
+        }
+        None => None,
+    };
     let mut consumers = Vec::with_capacity(iface.queues.len());
     for (i, queue) in iface.queues.iter().enumerate() {
         let tag = format!("pmnc-{}-{}-{}-{i}", spec.cage, spec.name, std::process::id());
@@ -203,7 +210,9 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         results,
         slots: tokio::sync::Semaphore::new(iface.concurrency),
         backend_failed: Default::default(),
+        events,
     });
+    let heartbeat = shared.start_events();
     let tags: Vec<String> = consumers.iter().map(|(t, _)| t.clone()).collect();
     let mut deliveries = select_all(consumers.into_iter().map(|(_, c)| c));
     let mut running = tokio::task::JoinSet::new();
@@ -229,6 +238,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
     if let Some(e) = failure {
         // The broker gives back what was not acknowledged on this connection.
         running.detach_all();
+        shared.stop_events(heartbeat).await;
         return Err(e);
     }
     // Shutdown: no new messages; those in flight finish (messages waiting for their eta go back
@@ -240,6 +250,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
     if tokio::time::timeout(limit, async { while running.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "{} task(s) still in flight after {limit:?}; the broker delivers them again", running.len());
     }
+    shared.stop_events(heartbeat).await;
     let _ = shared.transport.conn.close(200, ShortString::from("pmnc interface stopped")).await;
     Ok(())
 }

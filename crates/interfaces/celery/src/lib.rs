@@ -22,9 +22,12 @@
 //! visibility_timeout = "1h"             # a taken, unacknowledged task goes back after this
 //! max_message_size = "1MiB"             # bigger task bodies fail with a clear error
 //! request_timeout = "30s"               # a task's deadline (or its time_limit if shorter)
+//! send_events = false                   # Celery's monitoring events, for Flower (celery -E)
+//! hostname = "cage@host"                # the worker's name in events (default <cage>@<host>)
 //! ```
 
 mod amqp_broker;
+mod events;
 mod redis_broker;
 mod tasks;
 
@@ -59,6 +62,8 @@ pub struct CeleryInterface {
     pub(crate) result_expires: Duration,
     pub(crate) visibility_timeout: Duration,
     pub(crate) max_message_size: usize,
+    /// The worker's name in monitoring events, when they are sent.
+    pub(crate) events: Option<String>,
 }
 
 impl CeleryInterface {
@@ -107,8 +112,30 @@ impl InterfaceProtocol for CeleryProtocol {
             section.error("prefetch", "is for an AMQP broker; a Redis broker takes as many messages as there are free slots");
         }
         let max_message_size = section.size("max_message_size", MAX_MESSAGE_SIZE_LIMIT).map(|v| v.value as usize).unwrap_or(1 << 20);
+        let send_events = section.bool("send_events").map(|v| v.value).unwrap_or(false);
+        let hostname = match section.string("hostname") {
+            Some(h) if h.value.is_empty() || h.value.len() > 200 || h.value.chars().any(char::is_control) => {
+                section.error("hostname", "must be a worker name such as \"billing@host1\" (at most 200 characters)");
+                None
+            }
+            Some(h) => Some(h.value),
+            None => Some(format!("{}@{}", spec.cage, rustomnic_core::hostname())),
+        };
+        let events = send_events.then_some(hostname).flatten();
         let (Some(broker), Some(backend), Some(tasks), Some(queues)) = (broker, backend, tasks, queues) else { return None };
-        Some(Arc::new(CeleryInterface { spec, broker, backend, prefetch, queues, tasks, concurrency, result_expires, visibility_timeout, max_message_size }))
+        Some(Arc::new(CeleryInterface {
+            spec,
+            broker,
+            backend,
+            prefetch,
+            queues,
+            tasks,
+            concurrency,
+            result_expires,
+            visibility_timeout,
+            max_message_size,
+            events,
+        }))
     }
 }
 

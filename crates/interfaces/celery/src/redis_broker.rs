@@ -146,6 +146,8 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: 
     let mut pop = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
     let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
     let results = crate::redis_results(iface).await?;
+    let db = client.get_connection_info().redis_settings().db();
+    let broker_events = broker.clone();
     let queues = iface.queues.join(", ");
     match outage.end() {
         Some(after) => {
@@ -160,7 +162,9 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: 
         results,
         slots: tokio::sync::Semaphore::new(iface.concurrency),
         backend_failed: Default::default(),
+        events: iface.events.clone().map(|name| crate::events::Events::new(name, crate::events::Sink::Redis { conn: broker_events, db })),
     });
+    let heartbeat = shared.start_events();
     let mut shutdown = host.shutdown();
     let mut running = tokio::task::JoinSet::new();
     let mut next_sweep = Instant::now();
@@ -231,6 +235,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: 
     // What was taken finishes (and is acknowledged) before the session ends; what is not
     // acknowledged then goes back after the visibility timeout.
     while running.join_next().await.is_some() {}
+    shared.stop_events(heartbeat).await;
     result
 }
 

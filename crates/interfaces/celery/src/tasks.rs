@@ -118,9 +118,36 @@ pub(crate) struct Worker<T: Transport> {
     /// Set when a result could not be stored: the session ends and connects again (a Redis
     /// connection does not come back by itself).
     pub backend_failed: std::sync::atomic::AtomicBool,
+    /// Monitoring events, when `send_events` is on.
+    pub events: Option<crate::events::Events>,
 }
 
 impl<T: Transport> Worker<T> {
+    /// Announces the worker and sends its heartbeats until the returned task is aborted (see
+    /// [`Worker::stop_events`]); nothing when events are off.
+    pub fn start_events(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        self.events.as_ref()?;
+        let me = self.clone();
+        Some(tokio::spawn(async move {
+            let Some(events) = &me.events else { return };
+            events.online().await;
+            loop {
+                tokio::time::sleep(crate::events::HEARTBEAT).await;
+                events.heartbeat().await;
+            }
+        }))
+    }
+
+    /// Stops the heartbeats and says the worker went offline.
+    pub async fn stop_events(&self, heartbeat: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        if let Some(events) = &self.events {
+            events.offline().await;
+        }
+    }
+
     /// Why a task this worker could run is left for another worker: a chord's part needs the
     /// Redis result backend (the RPC backend cannot count a chord, as in Celery).
     pub fn refusal(&self, task: &Task) -> Option<String> {
@@ -183,6 +210,10 @@ impl<T: Transport> Worker<T> {
             (Value::str("retries"), Value::Int(task.retries)),
         ]);
         let request = Request { handler, args, deadline: Instant::now() + timeout, parameters: Some(parameters) };
+        let started_at = Instant::now();
+        if let Some(events) = &self.events {
+            events.started(&task).await;
+        }
         let running = self.host.run(request);
         // A task that runs longer than half the visibility timeout keeps its message taken.
         let every = self.iface.visibility_timeout / 2;
@@ -197,6 +228,16 @@ impl<T: Transport> Worker<T> {
             Err(RunError::Failed { message, .. }) => rustomnic_stdlib::celery::parse_retry(message),
             _ => None,
         };
+        if let Some(events) = &self.events {
+            let (state, detail, traceback) = match (&outcome, &retry) {
+                (Ok(values), _) => ("SUCCESS", values.first().and_then(|v| v.to_json().ok()).map(|j| j.to_string()).unwrap_or_else(|| "None".into()), None),
+                (Err(_), Some(r)) => ("RETRY", format!("Retry({:?})", r.reason), None),
+                (Err(RunError::Failed { message, traceback }), None) => ("FAILURE", format!("RuntimeError({message:?})"), Some(traceback.as_str())),
+                (Err(RunError::Deadline), None) => ("FAILURE", format!("TimeLimitExceeded({:?})", timeout.as_secs_f64()), None),
+                (Err(e), None) => ("FAILURE", format!("RuntimeError({:?})", e.to_string()), None),
+            };
+            events.finished(&task, state, &detail, traceback, started_at.elapsed()).await;
+        }
         let to = ResultOf::task(&task);
         let none = || Json::Array(Vec::new());
         let stored = match outcome {
