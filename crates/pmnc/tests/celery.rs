@@ -55,7 +55,7 @@ fn cage(tree: &Tree, queue: &str, extra: &str) {
     tree.write(
         "app/c/cage.toml",
         &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\", \"tasks.unsent\" = \"math.unsent\" }}\n{extra}",
+            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\", \"tasks.unsent\" = \"math.unsent\", \"tasks.canvas\" = \"math.canvas\" }}\n{extra}",
             url = redis_url()
         ),
     );
@@ -87,6 +87,15 @@ function M.unsent(id)
   local xa = pmnc.transaction.create{ accept = function() return false end }
   xa.py.send_task("tasks.pymul", { 1, 1 }, nil, { task_id = id })
   return (pcall(xa.execute))
+end
+-- A chain and a group of the Python worker's tasks, sent from Lua.
+function M.canvas()
+  local py = pmnc.transaction.py
+  local last = py.chain{ { "tasks.pymul", { 2, 3 } }, { "tasks.pymul", { 7 } }, { "tasks.pymul", { 2 } } }
+  local g = py.group{ { "tasks.pymul", { 1, 2 } }, { "tasks.pymul", { 3, 4 } } }
+  local out = { py.result(last, 30) }
+  for _, id in ipairs(g.tasks) do out[#out + 1] = py.result(id, 30) end
+  return out
 end
 function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
 return M
@@ -353,6 +362,7 @@ for _ in range(300):
         break
     time.sleep(0.1)
 print(body.state, type(body.result).__name__, str(body.result))
+print(json.dumps(app.send_task("tasks.canvas", queue=q).get(timeout=60)))
 print(app.send_task("tasks.relay", args=[6, 7], queue=q).get(timeout=60))
 print(json.dumps(app.send_task("tasks.relay_fail", queue=q).get(timeout=60), sort_keys=True))
 unsent = "unsent-" + q
@@ -375,7 +385,8 @@ print(app.AsyncResult(unsent).state, any(unsent.encode() in m for m in r.lrange(
         lines[3].starts_with("FAILURE ChordError Dependency ") && lines[3].contains("RuntimeError") && lines[3].contains("bad input 3"),
         "a failed part fails the body: {out}"
     );
-    let lines = &lines[2..];
+    assert_eq!(lines[4], "[84, 2, 12]", "a chain (6, 42, 84) and a group sent from Lua to the Python worker: {out}");
+    let lines = &lines[3..];
     assert_eq!(lines[2], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result: {out}");
     let failed: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
     assert_eq!((failed["ok"].as_bool(), failed["code"].as_str()), (Some(false), Some("TypeError")), "{out}");

@@ -17,6 +17,8 @@
 //! (seconds or RFC 3339), `priority` (0-9, passed on as Celery does). `result(id [, timeout])` →
 //! the task's result once it is ready (`timeout` seconds, default 10, at most 3600), an error
 //! with the Python exception's type as its code for a failed task.
+//! `chain{step, ...}` and `group{step, ...}` send a Celery chain or group (each step as
+//! send_task takes it).
 
 pub mod amqp;
 pub mod message;
@@ -246,6 +248,89 @@ struct CeleryConnection {
     pending: Vec<message::Outgoing>,
 }
 
+impl CeleryConnection {
+    /// The reply queue results come back to (the RPC backend), or "".
+    fn reply_queue(&self) -> String {
+        match &self.link {
+            Link::Amqp(link) => link.reply.as_ref().map(|(name, _)| name.clone()).unwrap_or_default(),
+            Link::Redis(_) => String::new(),
+        }
+    }
+}
+
+/// The most steps of one chain or group.
+const MAX_STEPS: usize = 10_000;
+
+/// `chain{step, ...}` and `group{step, ...}`: each step `{name [, args [, kwargs [, options]]]}`
+/// as `send_task` takes them, with `immutable = true` among a later chain step's options (it
+/// does not take the result before it); a later step takes only `queue`, `task_id` and
+/// `immutable`.
+fn steps_args(method: &str, args: Vec<Value>, default_queue: &str) -> Result<Vec<(message::Outgoing, bool)>, Error> {
+    let usage = format!("{method}{{ {{name [, args [, kwargs [, options]]]}}, ... }}");
+    let steps = match args.into_iter().next() {
+        Some(Value::Array(steps)) if !steps.is_empty() => steps,
+        Some(Value::Array(_) | Value::Map(_)) => return Err(Error::new(format!("{method}: give one or more steps: {usage}"))),
+        Some(other) => return Err(Error::new(format!("{method}: the steps must be a list, got {}: {usage}", other.type_name()))),
+        None => return Err(Error::new(format!("{method}: {usage}"))),
+    };
+    if steps.len() > MAX_STEPS {
+        return Err(Error::new(format!("{method}: {} steps; at most {MAX_STEPS}", steps.len())));
+    }
+    let now = Utc::now();
+    let mut out = Vec::with_capacity(steps.len());
+    for (i, step) in steps.into_iter().enumerate() {
+        let at = |e: String| Error::new(format!("{method}: step {}: {e}", i + 1));
+        let mut parts = positional(step).map_err(at)?;
+        let options = parts.get_mut(3).map(std::mem::take).unwrap_or_default();
+        let immutable = matches!(options.get("immutable"), Some(Value::Bool(true)));
+        let Value::Map(pairs) = options else {
+            if !matches!(options, Value::Nil) {
+                return Err(at(format!("options must be a table, got {}", options.type_name())));
+            }
+            out.push((send_task_args(parts, default_queue, now).map_err(at)?, false));
+            continue;
+        };
+        let later = method == "chain" && i > 0;
+        if let Some((k, _)) = pairs.iter().find(|(k, _)| later && !matches!(k.as_str(), Some("queue" | "task_id" | "immutable"))) {
+            return Err(at(format!(
+                "option {} applies to the first step of a chain only (a later step takes queue, task_id, immutable)",
+                k.as_str().unwrap_or("?")
+            )));
+        }
+        if !later && pairs.iter().any(|(k, _)| k.as_str() == Some("immutable")) {
+            return Err(at("option immutable is for a later step of a chain".into()));
+        }
+        let kept: Vec<(Value, Value)> = pairs.into_iter().filter(|(k, _)| k.as_str() != Some("immutable")).collect();
+        if parts.len() < 4 {
+            parts.resize(4, Value::Nil);
+        }
+        parts[3] = Value::Map(kept);
+        out.push((send_task_args(parts, default_queue, now).map_err(at)?, immutable));
+    }
+    Ok(out)
+}
+
+/// A step's positional parts: a list, or a table with holes (`{name, nil, nil, options}`).
+fn positional(step: Value) -> Result<Vec<Value>, String> {
+    match step {
+        Value::Array(parts) => Ok(parts),
+        Value::Map(pairs) => {
+            let mut parts = vec![Value::Nil; 4];
+            for (k, v) in pairs {
+                match k {
+                    Value::Int(i @ 1..=4) => parts[(i - 1) as usize] = v,
+                    other => return Err(format!("a step is {{name [, args [, kwargs [, options]]]}}; it has the key {other:?}")),
+                }
+            }
+            while matches!(parts.last(), Some(Value::Nil)) {
+                parts.pop();
+            }
+            Ok(parts)
+        }
+        other => Err(format!("a step must be a table {{name [, args [, kwargs [, options]]]}}, got {}", other.type_name())),
+    }
+}
+
 impl Connection for CeleryConnection {
     fn begin(&mut self) -> LocalBoxFuture<'_, Result<(), Error>> {
         self.pending.clear();
@@ -257,14 +342,40 @@ impl Connection for CeleryConnection {
             match method {
                 "send_task" => {
                     let mut out = send_task_args(args, &self.settings.queue, Utc::now()).map_err(|e| Error::new(format!("send_task: {e}")))?;
-                    if let Link::Amqp(link) = &self.link {
-                        if let Some((name, _)) = &link.reply {
-                            out.reply_to = name.clone();
-                        }
-                    }
+                    out.reply_to = self.reply_queue();
                     let id = out.id.clone();
                     self.pending.push(out);
                     Ok(Value::str(id))
+                }
+                "chain" => {
+                    let mut steps = steps_args("chain", args, &self.settings.queue)?;
+                    let reply_to = self.reply_queue();
+                    for (out, _) in &mut steps {
+                        out.reply_to = reply_to.clone();
+                    }
+                    let last = steps.last().map(|(o, _)| o.id.clone()).unwrap_or_default();
+                    let mut rest: Vec<Json> = steps.iter().skip(1).map(|(o, immutable)| o.signature(*immutable)).collect();
+                    rest.reverse();
+                    let (mut first, _) = steps.swap_remove(0);
+                    if !rest.is_empty() {
+                        first.chain = Json::Array(rest);
+                    }
+                    self.pending.push(first);
+                    Ok(Value::str(last))
+                }
+                "group" => {
+                    let steps = steps_args("group", args, &self.settings.queue)?;
+                    let group = uuid::Uuid::new_v4().to_string();
+                    let reply_to = self.reply_queue();
+                    let mut ids = Vec::with_capacity(steps.len());
+                    for (i, (mut out, _)) in steps.into_iter().enumerate() {
+                        out.group = Some(group.clone());
+                        out.group_index = Some(i as i64);
+                        out.reply_to = reply_to.clone();
+                        ids.push(Value::str(out.id.clone()));
+                        self.pending.push(out);
+                    }
+                    Ok(Value::Map(vec![(Value::str("id"), Value::str(group)), (Value::str("tasks"), Value::Array(ids))]))
                 }
                 "result" => {
                     let (id, timeout) = result_args(args)?;
@@ -274,7 +385,7 @@ impl Connection for CeleryConnection {
                         _ => Err(Error::new(format!("result of task {id}: this resource has no result backend (result_backend = \"none\")"))),
                     }
                 }
-                other => Err(Error::new(format!("no method {other} (methods: send_task, result)"))),
+                other => Err(Error::new(format!("no method {other} (methods: send_task, chain, group, result)"))),
             }
         })
     }
@@ -412,6 +523,7 @@ fn send_task_args(args: Vec<Value>, default_queue: &str, now: DateTime<Utc>) -> 
         root_id: None,
         parent_id: None,
         group: None,
+        group_index: None,
         queue,
         eta,
         expires,
@@ -529,5 +641,52 @@ mod tests {
             let e = send_task_args(args, "celery", now).unwrap_err();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    fn step(name: &str, args: Vec<Value>, options: Option<Value>) -> Value {
+        let mut parts = vec![Value::str(name), Value::Array(args)];
+        if let Some(o) = options {
+            parts.push(Value::Nil);
+            parts.push(o);
+        }
+        Value::Array(parts)
+    }
+
+    #[test]
+    fn chains_and_groups_from_lua() {
+        let immutable = Value::Map(vec![(Value::str("immutable"), Value::Bool(true)), (Value::str("queue"), Value::str("other"))]);
+        let steps = Value::Array(vec![
+            step("t.a", vec![Value::Int(1)], None),
+            step("t.b", vec![Value::Int(2)], None),
+            step("t.c", vec![Value::Int(3)], Some(immutable)),
+        ]);
+        let mut parsed = steps_args("chain", vec![steps], "celery").unwrap();
+        assert_eq!(parsed.iter().map(|(_, i)| *i).collect::<Vec<_>>(), vec![false, false, true]);
+        let mut rest: Vec<Json> = parsed.iter().skip(1).map(|(o, i)| o.signature(*i)).collect();
+        rest.reverse();
+        let (mut first, _) = parsed.remove(0);
+        first.chain = Json::Array(rest);
+        let a = message::task(&message::envelope(first.envelope().as_bytes(), "celery").unwrap(), 1 << 20, |_| true).unwrap();
+        let b = message::next_step(&a, &serde_json::json!(10), "celery").unwrap();
+        assert_eq!((b.name.as_str(), b.args.clone(), b.id.as_str()), ("t.b", vec![serde_json::json!(10), serde_json::json!(2)], parsed[0].0.id.as_str()));
+        let b = message::task(&message::envelope(b.envelope().as_bytes(), "celery").unwrap(), 1 << 20, |_| true).unwrap();
+        let c = message::next_step(&b, &serde_json::json!(20), "celery").unwrap();
+        assert_eq!((c.name.as_str(), c.args.clone(), c.queue.as_str()), ("t.c", vec![serde_json::json!(3)], "other"), "immutable: no result first");
+        for (steps, want) in [
+            (Value::Array(vec![]), "give one or more steps"),
+            (Value::str("x"), "the steps must be a list"),
+            (Value::Array(vec![Value::Int(1)]), "step 1: a step must be a table"),
+            (
+                Value::Array(vec![step("t.a", vec![], None), step("t.b", vec![], Some(Value::Map(vec![(Value::str("countdown"), Value::Int(5))])))]),
+                "step 2: option countdown applies to the first step of a chain only",
+            ),
+            (Value::Array(vec![step("t.a", vec![], Some(Value::Map(vec![(Value::str("immutable"), Value::Bool(true))])))]), "immutable is for a later step"),
+        ] {
+            let e = steps_args("chain", vec![steps], "celery").err().unwrap().message;
+            assert!(e.contains(want), "{e}");
+        }
+        let group = steps_args("group", vec![Value::Array(vec![step("t.a", vec![], None), step("t.a", vec![], None)])], "celery").unwrap();
+        assert_eq!(group.len(), 2);
+        assert_ne!(group[0].0.id, group[1].0.id);
     }
 }

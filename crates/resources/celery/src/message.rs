@@ -381,6 +381,7 @@ fn signature_message(sig: &Json, first: &Json, rest: &[Json], parent: &Task, def
         root_id: Some(parent.root_id.clone()),
         parent_id: Some(parent.id.clone()),
         group: option("group_id").map(str::to_string),
+        group_index: None,
         queue: option("queue").unwrap_or(default_queue).to_string(),
         eta: None,
         expires: None,
@@ -403,6 +404,8 @@ pub struct Outgoing {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub group: Option<String>,
+    /// Its place in its group.
+    pub group_index: Option<i64>,
     pub queue: String,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
@@ -424,7 +427,7 @@ impl Outgoing {
         let headers = json!({
             "lang": "rs", "task": self.name, "id": self.id, "shadow": null,
             "eta": self.eta.map(format_time), "expires": self.expires.map(format_time),
-            "group": self.group, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "group": self.group, "group_index": self.group_index, "retries": 0, "timelimit": [null, null],
             "root_id": self.root_id.as_deref().unwrap_or(&self.id), "parent_id": self.parent_id,
             "argsrepr": Json::Array(self.args.clone()).to_string(), "kwargsrepr": self.kwargs.to_string(),
             "origin": "pmnc", "ignore_result": null, "replaced_task_nesting": 0,
@@ -434,6 +437,17 @@ impl Outgoing {
             Json::Object(m) => m,
             _ => Map::new(),
         }
+    }
+
+    /// The message as a signature (a step of a chain another task carries).
+    pub fn signature(&self, immutable: bool) -> Json {
+        let mut options = Map::new();
+        options.insert("task_id".into(), json!(self.id));
+        options.insert("queue".into(), json!(self.queue));
+        if !self.reply_to.is_empty() {
+            options.insert("reply_to".into(), json!(self.reply_to));
+        }
+        json!({"task": self.name, "args": self.args, "kwargs": self.kwargs, "options": options, "subtask_type": null, "immutable": immutable})
     }
 
     /// The Redis list the message goes to.
