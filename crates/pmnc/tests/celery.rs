@@ -132,7 +132,7 @@ quick = app.send_task("tasks.add", args=[1, 2], queue=q)
 print(json.dumps(["quick", quick.get(timeout=20), res.ready()]))
 ran_at = res.get(timeout=20)
 print(json.dumps(["countdown", ran_at - sent]))
-print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 2000000, 1], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 16000000, 1], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[2.5, 0.25], queue=q))))
 print(json.dumps(outcome(app.send_task("tasks.add", args=[40, 2], queue=q, priority=6))))
 print(json.dumps(outcome(app.send_task("tasks.flaky", args=[40], queue=q))))
@@ -441,4 +441,45 @@ fn flower_sees_the_worker_and_its_tasks() {
     let t: serde_json::Value = serde_json::from_str(&tasks).unwrap();
     assert_eq!(t[id]["name"], "tasks.add", "{tasks}");
     assert_eq!(t[id]["worker"], worker.as_str(), "{tasks}");
+}
+
+/// examples/celery works as its README says: the Python client's charge is made by the cage,
+/// the receipt task reaches the Python worker, a bad amount comes back as the Lua error.
+#[test]
+fn the_celery_example_works_as_its_readme_says() {
+    if !ready() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/celery");
+    let tree = Tree::new();
+    let url = redis_url();
+    for file in ["billing/cage.toml", "billing/billing.lua", "python/tasks.py", "python/client.py"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap().replace("redis://127.0.0.1:6379/0", &url);
+        tree.write(&format!("celery/{file}"), &text);
+    }
+    python("billing", "r.delete('billing', 'mail')");
+    let mut server = Server::start(&tree.path().join("celery/billing"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let py = tree.path().join("celery/python");
+    let log = tree.path().join("worker.log");
+    let mut worker = Command::new("python3")
+        .args(["-m", "celery", "-A", "tasks", "worker", "-Q", "mail", "--pool", "solo", "--without-gossip", "--without-mingle", "--loglevel", "INFO"])
+        .current_dir(&py)
+        .env("BROKER", &url)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(tree.path().join("worker.err")).unwrap())
+        .spawn()
+        .expect("celery worker");
+    let out = Command::new("python3").arg("client.py").current_dir(&py).env("BROKER", &url).output().expect("client");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    // Celery logs what a task prints, on its standard error.
+    let printed = || std::fs::read_to_string(&log).unwrap_or_default() + &std::fs::read_to_string(tree.path().join("worker.err")).unwrap_or_default();
+    let receipt = until(Duration::from_secs(30), || printed().contains("receipt for alice: 12.50 EUR"));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    server.terminate(Duration::from_secs(10));
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("'cents': 1250") && stdout.contains("'customer': 'alice'"), "{stdout}");
+    assert!(stdout.contains("RuntimeError: billing/billing.lua:16: amount must be a positive number, got -3"), "{stdout}");
+    assert!(receipt, "the Python worker printed no receipt: {}", printed());
 }

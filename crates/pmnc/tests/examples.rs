@@ -14,7 +14,7 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn every_example_checks_and_its_tests_pass() {
-    for name in ["hello", "two-cages", "webhook"] {
+    for name in ["hello", "two-cages", "webhook", "celery/billing"] {
         let path = example(name).display().to_string();
         let out = pmnc(&["check", &path]);
         assert_eq!(out.code, Some(0), "{name}: {}", out.stderr);
