@@ -53,12 +53,17 @@ def fill(broker, backend, calls, queue):
     return time.perf_counter() - t
 
 
-def purge(broker, queue):
-    """Empties (deletes) the queue on an AMQP broker."""
+def purge(broker, queue, delete=False):
+    """Empties the queue on an AMQP broker, or deletes it. Emptied, not deleted, between runs:
+    kombu remembers in the process that it declared the queue and would not declare it again,
+    so messages sent to a deleted queue would be dropped."""
     from celery import Celery
     with Celery(broker=broker).connection_for_write() as c:
         try:
-            c.default_channel.queue_delete(queue)
+            if delete:
+                c.default_channel.queue_delete(queue)
+            else:
+                c.default_channel.queue_purge(queue)
         except Exception:
             pass
 
@@ -103,7 +108,7 @@ def main():
         procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", a.work],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         import redis
-        r0, r1 = redis.Redis.from_url(broker), redis.Redis.from_url(backend)
+        r0, r1 = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0"), redis.Redis.from_url(backend)
         for _ in range(100):
             try:
                 r0.ping()
@@ -152,7 +157,7 @@ def main():
         return 0
     finally:
         if a.broker == "amqp":
-            purge(broker, queue)
+            purge(broker, queue, delete=True)
         for pr in reversed(procs):
             if pr.poll() is None:
                 pr.terminate()

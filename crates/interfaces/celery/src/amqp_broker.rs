@@ -66,6 +66,54 @@ pub(crate) struct Amqp {
     /// Queues declared on this connection for sending.
     declared: Mutex<HashSet<String>>,
     refused: Arc<Mutex<VecDeque<String>>>,
+    /// Messages settled by their tasks, for the session to acknowledge in runs.
+    settled: tokio::sync::mpsc::UnboundedSender<Settled>,
+}
+
+/// A delivery its task is done with: to acknowledge, or settled already (rejected).
+enum Settled {
+    Ack(u64, lapin::Acker),
+    Done(u64),
+}
+
+/// The deliveries of a session not settled yet, oldest first. When the acknowledgements that
+/// arrive together cover the oldest ones, one `basic.ack` with `multiple` settles that run; the
+/// others are acknowledged one by one at once (a slow task never holds back another's ack).
+#[derive(Default)]
+struct Open {
+    tags: std::collections::BTreeSet<u64>,
+}
+
+impl Open {
+    async fn settle(&mut self, batch: Vec<Settled>, broker: &str) {
+        let mut acks: Vec<(u64, lapin::Acker)> = Vec::with_capacity(batch.len());
+        for s in batch {
+            match s {
+                Settled::Ack(tag, acker) => acks.push((tag, acker)),
+                Settled::Done(tag) => {
+                    self.tags.remove(&tag);
+                }
+            }
+        }
+        acks.sort_by_key(|(tag, _)| *tag);
+        let acked: std::collections::BTreeSet<u64> = acks.iter().map(|(t, _)| *t).collect();
+        let mut run = self.tags.iter().take_while(|t| acked.contains(t));
+        let first = run.next().copied();
+        let last = run.last().copied().filter(|l| Some(*l) > first);
+        for (tag, acker) in &acks {
+            let r = match last {
+                Some(l) if *tag < l => continue,
+                Some(l) if *tag == l => acker.ack(BasicAckOptions { multiple: true }).await,
+                _ => acker.ack(BasicAckOptions::default()).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!("celery: broker {broker}: cannot acknowledge a task message ({e}); the broker delivers it again");
+            }
+        }
+        for (tag, _) in &acks {
+            self.tags.remove(tag);
+        }
+    }
 }
 
 /// A message taken from `queue`.
@@ -136,21 +184,27 @@ impl Transport for Amqp {
     }
 
     async fn ack(&self, taken: &Taken) {
-        if let Err(e) = taken.delivery.acker.ack(BasicAckOptions::default()).await {
-            tracing::warn!("celery: broker {}: cannot acknowledge a task message from queue {} ({e}); the broker delivers it again", self.display, taken.queue);
-        }
+        // Acknowledged by the session, in runs; a session that ended has closed its channel and
+        // the broker delivers the message again.
+        let _ = self.settled.send(Settled::Ack(taken.delivery.delivery_tag, taken.delivery.acker.clone()));
     }
 
     async fn refresh(&self, _taken: &Taken) {}
 
     async fn release(&self, taken: &Taken) {
-        if let Err(e) = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
-            tracing::warn!("celery: broker {}: cannot put a task message back in queue {} ({e}); the broker delivers it again", self.display, taken.queue);
-        }
+        requeue(self, taken).await;
     }
 }
 
 type Shared = Worker<Amqp>;
+
+/// Puts a delivery back in its queue (a reject with requeue) and tells the session it is settled.
+async fn requeue(t: &Amqp, taken: &Taken) {
+    if let Err(e) = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
+        tracing::warn!("celery: broker {}: cannot put a task message back in queue {} ({e}); the broker delivers it again", t.display, taken.queue);
+    }
+    let _ = t.settled.send(Settled::Done(taken.delivery.delivery_tag));
+}
 
 /// One connection's life: until the shutdown (Ok) or the first failure (Err, to be retried).
 async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
@@ -192,6 +246,8 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         }
         None => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues} on {at}", at = url.display),
     }
+    let (settled, mut settled_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut open = Open::default();
     let transport = Amqp {
         conn,
         consume: consume.clone(),
@@ -202,6 +258,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         qos: tokio::sync::Mutex::new(()),
         declared: Mutex::new(iface.queues.iter().cloned().collect()),
         refused: refused.clone(),
+        settled,
     };
     let shared = Arc::new(Shared {
         iface: iface.clone(),
@@ -224,8 +281,16 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         }
         tokio::select! {
             _ = shutdown.changed() => break None,
+            Some(first) = settled_rx.recv() => {
+                let mut batch = vec![first];
+                while let Ok(more) = settled_rx.try_recv() {
+                    batch.push(more);
+                }
+                open.settle(batch, &display).await;
+            }
             next = deliveries.next() => match next {
                 Some((i, Ok(delivery))) => {
+                    open.tags.insert(delivery.delivery_tag);
                     let shared = shared.clone();
                     let queue = iface.queues[i].clone();
                     running.spawn(async move { take(&shared, Taken { delivery, queue }).await });
@@ -247,7 +312,22 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         let _ = consume.basic_cancel(amqp::short("a consumer tag", tag)?, BasicCancelOptions::default()).await;
     }
     let limit = spec.request_timeout + SHUTDOWN_GRACE;
-    if tokio::time::timeout(limit, async { while running.join_next().await.is_some() {} }).await.is_err() {
+    let finished = tokio::time::timeout(limit, async {
+        loop {
+            tokio::select! {
+                next = running.join_next() => if next.is_none() { break },
+                Some(s) = settled_rx.recv() => open.settle(vec![s], &display).await,
+            }
+        }
+    })
+    .await;
+    // What the last tasks settled.
+    let mut batch = Vec::new();
+    while let Ok(s) = settled_rx.try_recv() {
+        batch.push(s);
+    }
+    open.settle(batch, &display).await;
+    if finished.is_err() {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "{} task(s) still in flight after {limit:?}; the broker delivers them again", running.len());
     }
     shared.stop_events(heartbeat).await;
@@ -312,7 +392,7 @@ async fn take(shared: &Shared, taken: Taken) {
             shared.transport.waiting.fetch_sub(1, Ordering::SeqCst);
             if stopped {
                 // Stopping: the task goes back to its queue for the next worker.
-                let _ = d.acker.reject(BasicRejectOptions { requeue: true }).await;
+                requeue(&shared.transport, &taken).await;
                 return;
             }
             shared.transport.set_prefetch().await;
@@ -340,7 +420,7 @@ async fn park(shared: &Shared, taken: &Taken, task: &Task, eta: DateTime<Utc>) {
             // Not parked: it goes back to its queue and comes again.
             tracing::warn!(cage = %spec.cage, interface = %spec.name, "task {}: cannot park it until its eta ({e}); put back in its queue", task.id);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
+            requeue(t, taken).await;
         }
     }
 }
@@ -366,9 +446,7 @@ async fn give_back(shared: &Shared, taken: &Taken, id: &str, why: &str) {
     } else {
         tracing::warn!(cage = %spec.cage, interface = %spec.name, "{why}: left in queue {} for another worker", taken.queue);
     }
-    if let Err(e) = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
-        tracing::warn!(cage = %spec.cage, interface = %spec.name, "cannot put a task message back in queue {} ({e}); the broker delivers it again", taken.queue);
-    }
+    requeue(&shared.transport, taken).await;
 }
 
 /// A message that is not a Celery message at all: kept in the queue UNREADABLE (confirmed),
@@ -391,7 +469,7 @@ async fn keep_aside(shared: &Shared, taken: &Taken, why: &str) {
         Err(e) => {
             tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {} is not a Celery message ({why}) and cannot be kept aside ({e}); put back", taken.queue);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = taken.delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
+            requeue(t, taken).await;
         }
     }
 }
