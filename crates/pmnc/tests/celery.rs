@@ -7,100 +7,32 @@
 //! named after the test process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod celery_support;
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use celery_support::*;
 use common::*;
 
-fn redis_url() -> String {
-    std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string())
-}
-
-fn shout(text: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
-}
-
-/// Redis answers and Python has celery and redis; else a loud SKIPPED.
+/// Redis answers and Python has celery; else a loud SKIPPED.
 fn ready() -> bool {
-    let url = redis_url();
-    let hostport = url.trim_start_matches("redis://").split('/').next().unwrap_or("").to_string();
-    if std::net::TcpStream::connect_timeout(&hostport.parse().unwrap(), Duration::from_secs(2)).is_err() {
-        shout(&format!("SKIPPED: no Redis at {url}; start it with: redis-server --daemonize yes"));
-        return false;
-    }
-    let ok = Command::new("python3").args(["-c", "import celery, redis"]).output().is_ok_and(|o| o.status.success());
-    if !ok {
-        shout("SKIPPED: Python has no celery (pip install celery redis; .ci/run installs it)");
-    }
-    ok
+    celery_support::ready(true, false)
 }
 
-/// Runs a Python script with the Celery app `app` (broker and backend: the test's Redis) and
-/// `q` (the queue) defined; its standard output.
+/// Runs a Python script with the Celery app `app` (broker and backend: the test's Redis), `q`
+/// (the queue) and `r` (a Redis client) defined; its standard output.
 fn python(queue: &str, script: &str) -> String {
     let prelude = format!(
         "import json, sys, time, datetime\nfrom celery import Celery\nimport redis as redislib\napp = Celery(broker={url:?}, backend={url:?})\nq = {queue:?}\nr = redislib.Redis.from_url({url:?})\n",
         url = redis_url()
     );
-    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{script}")).output().expect("python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "python failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
+    run_python(&prelude, script)
 }
 
 fn cage(tree: &Tree, queue: &str, extra: &str) {
-    tree.write(
-        "app/c/cage.toml",
-        &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\", \"tasks.unsent\" = \"math.unsent\", \"tasks.canvas\" = \"math.canvas\" }}\n{extra}",
-            url = redis_url()
-        ),
-    );
-    tree.write(
-        "app/c/math.lua",
-        r#"local M = {}
-function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
-function M.fail(x) error("bad input " .. tostring(x)) end
-function M.now() return pmnc.time.now() end
-function M.slow(n) pmnc.sleep(0.02) return n * 2 end
--- Succeeds at its third run (two retries).
-function M.flaky(n)
-  local retries = pmnc.request.parameters.retries
-  if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
-  return n + retries
-end
-function M.echo(x) return x end
--- Through the celery resource (py, in the chain test): a task of a Python worker, at commit.
-function M.relay(x, y)
-  local id = pmnc.transaction.py.send_task("tasks.pymul", { x, y })
-  return pmnc.transaction.py.result(id, 30)
-end
-function M.relay_fail()
-  local id = pmnc.transaction.py.send_task("tasks.pymul", { "x" })
-  local ok, e = pcall(pmnc.transaction.py.result, id, 30)
-  return { ok = ok, code = e.code, message = e.message }
-end
-function M.unsent(id)
-  local xa = pmnc.transaction.create{ accept = function() return false end }
-  xa.py.send_task("tasks.pymul", { 1, 1 }, nil, { task_id = id })
-  return (pcall(xa.execute))
-end
--- A chain and a group of the Python worker's tasks, sent from Lua.
-function M.canvas()
-  local py = pmnc.transaction.py
-  local last = py.chain{ { "tasks.pymul", { 2, 3 } }, { "tasks.pymul", { 7 } }, { "tasks.pymul", { 2 } } }
-  local g = py.group{ { "tasks.pymul", { 1, 2 } }, { "tasks.pymul", { 3, 4 } } }
-  local out = { py.result(last, 30) }
-  for _, id in ipairs(g.tasks) do out[#out + 1] = py.result(id, 30) end
-  return out
-end
-function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
-return M
-"#,
-    );
+    write_cage(tree, &redis_url(), queue, extra);
 }
 
 #[test]
@@ -402,37 +334,20 @@ fn flower_sees_the_worker_and_its_tasks() {
     if !ready() {
         return;
     }
-    if !Command::new("python3").args(["-c", "import flower"]).output().is_ok_and(|o| o.status.success()) {
-        shout("SKIPPED: Python has no flower (pip install flower; .ci/run installs it)");
+    if !python_has("flower", "pip install flower; .ci/run installs it") {
         return;
     }
     let queue = format!("pmnc-celery-test-{}-flower", std::process::id());
     let worker = format!("pmnc-test-{}@flower", std::process::id());
     let tree = Tree::new();
     cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
-    let port = spare_port();
-    let mut flower = Command::new("python3")
-        .args(["-m", "celery", "--broker", &redis_url(), "flower", "--address=127.0.0.1", &format!("--port={port}")])
-        .env("FLOWER_UNAUTHENTICATED_API", "true")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("flower");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = until(Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
+    let (mut flower, addr) = start_flower(&redis_url());
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
     let id = python(&queue, "r = app.send_task('tasks.add', args=[20, 22], queue=q)\nprint(r.id, r.get(timeout=20))");
     let (id, value) = id.trim().split_once(' ').unwrap();
     assert_eq!(value, "42");
-    let mut alive = String::new();
-    let mut tasks = String::new();
-    let seen = up
-        && until(Duration::from_secs(30), || {
-            alive = get(addr, "/api/workers?status=true").text();
-            tasks = get(addr, "/api/tasks").text();
-            alive.contains(&format!("\"{worker}\": true")) && tasks.contains(id) && tasks.contains("SUCCESS")
-        });
+    let (seen, alive, tasks) = flower_sees(addr, &worker, id, "SUCCESS");
     server.terminate(Duration::from_secs(10));
     let _ = flower.kill();
     let _ = flower.wait();

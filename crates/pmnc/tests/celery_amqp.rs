@@ -8,59 +8,18 @@
 //! deleted at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod celery_support;
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use celery_support::*;
 use common::*;
-
-fn amqp_url() -> String {
-    std::env::var("PMNC_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-/// The broker URL as Celery writes it (the default vhost as "//").
-fn celery_url() -> String {
-    let url = amqp_url();
-    match url.strip_suffix("/%2f") {
-        Some(base) => format!("{base}//"),
-        None => url,
-    }
-}
-
-fn redis_url() -> String {
-    std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string())
-}
-
-fn shout(text: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
-}
-
-fn reachable(url: &str, scheme: &str, port: u16) -> bool {
-    let rest = url.trim_start_matches(scheme);
-    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
-    let host = rest.split('/').next().unwrap_or("");
-    let hostport = if host.contains(':') { host.to_string() } else { format!("{host}:{port}") };
-    use std::net::ToSocketAddrs;
-    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
-}
 
 /// RabbitMQ (and, when `redis`, Redis) answer and Python has celery; else a loud SKIPPED.
 fn ready(redis: bool) -> bool {
-    if !reachable(&amqp_url(), "amqp://", 5672) {
-        shout(&format!("SKIPPED: no RabbitMQ at {}; start it with: rabbitmq-server -detached (or: service rabbitmq-server start)", amqp_url()));
-        return false;
-    }
-    if redis && !reachable(&redis_url(), "redis://", 6379) {
-        shout(&format!("SKIPPED: no Redis at {}; start it with: redis-server --daemonize yes", redis_url()));
-        return false;
-    }
-    let ok = Command::new("python3").args(["-c", "import celery, redis"]).output().is_ok_and(|o| o.status.success());
-    if !ok {
-        shout("SKIPPED: Python has no celery (pip install celery redis; .ci/run installs it)");
-    }
-    ok
+    celery_support::ready(redis, true)
 }
 
 /// Runs a Python script with the Celery app `app` (the test's RabbitMQ; results by `backend`)
@@ -92,46 +51,11 @@ def purge(*names):
 "#,
         url = celery_url()
     );
-    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{script}")).output().expect("python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "python failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
+    run_python(&prelude, script)
 }
 
 fn cage(tree: &Tree, queue: &str, extra: &str) {
-    tree.write(
-        "app/c/cage.toml",
-        &format!(
-            "[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {url:?}\nqueues = [{queue:?}]\ntasks = {{ \"tasks.add\" = \"math.add\", \"tasks.fail\" = \"math.fail\", \"tasks.now\" = \"math.now\", \"tasks.slow\" = \"math.slow\", \"tasks.flaky\" = \"math.flaky\", \"tasks.hopeless\" = \"math.hopeless\", \"tasks.echo\" = \"math.echo\", \"tasks.relay\" = \"math.relay\", \"tasks.relay_fail\" = \"math.relay_fail\" }}\n{extra}",
-            url = celery_url()
-        ),
-    );
-    tree.write(
-        "app/c/math.lua",
-        r#"local M = {}
-function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
-function M.fail(x) error("bad input " .. tostring(x)) end
-function M.now() return pmnc.time.now() end
-function M.slow(n) pmnc.sleep(0.02) return n * 2 end
-function M.flaky(n)
-  local retries = pmnc.request.parameters.retries
-  if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
-  return n + retries
-end
-function M.echo(x) return x end
-function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
-function M.relay(x, y)
-  local id = pmnc.transaction.py.send_task("tasks.pymul", { x, y })
-  return pmnc.transaction.py.result(id, 30)
-end
-function M.relay_fail()
-  local id = pmnc.transaction.py.send_task("tasks.pymul", { "x" })
-  local ok, e = pcall(pmnc.transaction.py.result, id, 30)
-  return { ok = ok, code = e.code, message = e.message }
-end
-return M
-"#,
-    );
+    write_cage(tree, &celery_url(), queue, extra);
 }
 
 #[test]
@@ -469,35 +393,19 @@ fn flower_sees_the_worker_over_amqp() {
     if !ready(false) {
         return;
     }
-    if !Command::new("python3").args(["-c", "import flower"]).output().is_ok_and(|o| o.status.success()) {
-        shout("SKIPPED: Python has no flower (pip install flower; .ci/run installs it)");
+    if !python_has("flower", "pip install flower; .ci/run installs it") {
         return;
     }
     let queue = format!("pmnc-celery-amqp-{}-flower", std::process::id());
     let worker = format!("pmnc-amqp-{}@flower", std::process::id());
     let tree = Tree::new();
     cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
-    let port = spare_port();
-    let mut flower = Command::new("python3")
-        .args(["-m", "celery", "--broker", &celery_url(), "flower", "--address=127.0.0.1", &format!("--port={port}")])
-        .env("FLOWER_UNAUTHENTICATED_API", "true")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("flower");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = until(Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
+    let (mut flower, addr) = start_flower(&celery_url());
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
     let out = python(&queue, "rpc://", "r = app.send_task('tasks.fail', args=[5], queue=q)\nprint(r.id, r.get(timeout=20, propagate=False))");
     let id = out.split_whitespace().next().unwrap().to_string();
-    let (mut alive, mut tasks) = (String::new(), String::new());
-    let seen = up
-        && until(Duration::from_secs(30), || {
-            alive = get(addr, "/api/workers?status=true").text();
-            tasks = get(addr, "/api/tasks").text();
-            alive.contains(&format!("\"{worker}\": true")) && tasks.contains(&id) && tasks.contains("FAILURE")
-        });
+    let (seen, alive, tasks) = flower_sees(addr, &worker, &id, "FAILURE");
     server.terminate(Duration::from_secs(10));
     let _ = flower.kill();
     let _ = flower.wait();

@@ -1,0 +1,158 @@
+//! What the celery tests share: the brokers' URLs (PMNC_TEST_REDIS_URL, PMNC_TEST_AMQP_URL) and
+//! the loud skips, the test cage (its tasks and their Lua module), and a stock Flower to watch
+//! the events.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+pub fn redis_url() -> String {
+    std::env::var("PMNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_string())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("PMNC_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// The AMQP broker's URL as Celery writes it (the default vhost as "//").
+pub fn celery_url() -> String {
+    let url = amqp_url();
+    match url.strip_suffix("/%2f") {
+        Some(base) => format!("{base}//"),
+        None => url,
+    }
+}
+
+/// Says loudly (past the harness's capture) that a test is skipped.
+pub fn shout(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!!!!!!!\n{text}\n!!!!!!!!\n");
+}
+
+/// Whether the server of `url` (`scheme` stripped, `port` by default) takes connections.
+pub fn reachable(url: &str, scheme: &str, port: u16) -> bool {
+    let rest = url.trim_start_matches(scheme);
+    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let host = rest.split('/').next().unwrap_or("");
+    let hostport = if host.contains(':') { host.to_string() } else { format!("{host}:{port}") };
+    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// Redis answers (when `redis`), RabbitMQ answers (when `amqp`), and Python has Celery; else a
+/// loud SKIPPED.
+pub fn ready(redis: bool, amqp: bool) -> bool {
+    if redis && !reachable(&redis_url(), "redis://", 6379) {
+        shout(&format!("SKIPPED: no Redis at {}; start it with: redis-server --daemonize yes", redis_url()));
+        return false;
+    }
+    if amqp && !reachable(&amqp_url(), "amqp://", 5672) {
+        shout(&format!("SKIPPED: no RabbitMQ at {}; start it with: rabbitmq-server -detached (or: service rabbitmq-server start)", amqp_url()));
+        return false;
+    }
+    python_has("celery, redis", "pip install celery redis; .ci/run installs it")
+}
+
+/// Whether Python can import `modules`; else a loud SKIPPED saying how to install them.
+pub fn python_has(modules: &str, install: &str) -> bool {
+    let ok = Command::new("python3").args(["-c", &format!("import {modules}")]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        shout(&format!("SKIPPED: Python has no {modules} ({install})"));
+    }
+    ok
+}
+
+/// Runs `prelude` then `script` in Python; its standard output (a failure fails the test).
+pub fn run_python(prelude: &str, script: &str) -> String {
+    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{script}")).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "python failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The test cage at app/c of `tree`: a celery interface on `broker` consuming `queue`, serving
+/// the tasks of math.lua; `extra` is appended to its cage.toml.
+pub fn write_cage(tree: &Tree, broker: &str, queue: &str, extra: &str) {
+    let tasks = ["add", "fail", "now", "slow", "flaky", "hopeless", "echo", "relay", "relay_fail", "unsent", "canvas"]
+        .iter()
+        .map(|t| format!("\"tasks.{t}\" = \"math.{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tree.write(
+        "app/c/cage.toml",
+        &format!("[interfaces.tasks]\nprotocol = \"celery\"\nbroker = {broker:?}\nqueues = [{queue:?}]\ntasks = {{ {tasks} }}\n{extra}"),
+    );
+    tree.write("app/c/math.lua", MATH_LUA);
+}
+
+/// The test cage's tasks.
+pub const MATH_LUA: &str = r#"local M = {}
+function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
+function M.fail(x) error("bad input " .. tostring(x)) end
+function M.now() return pmnc.time.now() end
+function M.slow(n) pmnc.sleep(0.02) return n * 2 end
+-- Succeeds at its third run (two retries).
+function M.flaky(n)
+  local retries = pmnc.request.parameters.retries
+  if retries < 2 then pmnc.celery.retry{ countdown = 0.2, max_retries = 5, reason = "not yet" } end
+  return n + retries
+end
+function M.echo(x) return x end
+-- Through the celery resource (py, in the chain test): a task of a Python worker, at commit.
+function M.relay(x, y)
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { x, y })
+  return pmnc.transaction.py.result(id, 30)
+end
+function M.relay_fail()
+  local id = pmnc.transaction.py.send_task("tasks.pymul", { "x" })
+  local ok, e = pcall(pmnc.transaction.py.result, id, 30)
+  return { ok = ok, code = e.code, message = e.message }
+end
+function M.unsent(id)
+  local xa = pmnc.transaction.create{ accept = function() return false end }
+  xa.py.send_task("tasks.pymul", { 1, 1 }, nil, { task_id = id })
+  return (pcall(xa.execute))
+end
+-- A chain and a group of the Python worker's tasks, sent from Lua.
+function M.canvas()
+  local py = pmnc.transaction.py
+  local last = py.chain{ { "tasks.pymul", { 2, 3 } }, { "tasks.pymul", { 7 } }, { "tasks.pymul", { 2 } } }
+  local g = py.group{ { "tasks.pymul", { 1, 2 } }, { "tasks.pymul", { 3, 4 } } }
+  local out = { py.result(last, 30) }
+  for _, id in ipairs(g.tasks) do out[#out + 1] = py.result(id, 30) end
+  return out
+end
+function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reason = "never" } end
+return M
+"#;
+
+/// A stock Flower on `broker` (its API open, on a free port), and its address once it answers.
+pub fn start_flower(broker: &str) -> (Child, Option<SocketAddr>) {
+    let port = spare_port();
+    let child = Command::new("python3")
+        .args(["-m", "celery", "--broker", broker, "flower", "--address=127.0.0.1", &format!("--port={port}")])
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flower");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = until(Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
+    (child, up.then_some(addr))
+}
+
+/// Waits until Flower lists `worker` alive and task `id` in `state`: whether it did, and the
+/// last answers of its workers and tasks APIs.
+pub fn flower_sees(addr: Option<SocketAddr>, worker: &str, id: &str, state: &str) -> (bool, String, String) {
+    let Some(addr) = addr else { return (false, "Flower did not start".into(), String::new()) };
+    let (mut alive, mut tasks) = (String::new(), String::new());
+    let seen = until(Duration::from_secs(30), || {
+        alive = get(addr, "/api/workers?status=true").text();
+        tasks = get(addr, "/api/tasks").text();
+        alive.contains(&format!("\"{worker}\": true")) && tasks.contains(id) && tasks.contains(state)
+    });
+    (seen, alive, tasks)
+}
