@@ -332,18 +332,6 @@ print(count(q))
     assert_eq!(lines.next(), Some("1000"), "every task has its one SUCCESS");
 }
 
-/// A Redis of the test's own on `port` (no persistence), or None when there is no redis-server.
-fn own_redis(port: u16) -> Option<std::process::Child> {
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let up = until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    up.then_some(child)
-}
-
 /// The result backend goes away while tasks run: their results cannot be stored, so their
 /// messages go back to the queue instead of being acknowledged, the session connects again, and
 /// once the backend is back every result is there.

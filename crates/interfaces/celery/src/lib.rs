@@ -203,11 +203,7 @@ impl Interface for CeleryInterface {
 /// The Redis result backend's connection, or no results (a session's start).
 pub(crate) async fn redis_results(iface: &CeleryInterface) -> Result<tasks::Results, String> {
     match &iface.backend {
-        Backend::Redis(url) => {
-            let display = rustomnic_resource_celery::redis_display(url);
-            let c = redis::Client::open(url.as_str()).map_err(|e| format!("result backend {display}: {e}"))?;
-            Ok(tasks::Results::Redis(c.get_multiplexed_async_connection().await.map_err(|e| format!("result backend {display}: {e}"))?))
-        }
+        Backend::Redis(url) => Ok(tasks::Results::Redis(rustomnic_resource_celery::redis_connect(url).await.map_err(|e| format!("result backend {e}"))?)),
         _ => Ok(tasks::Results::None),
     }
 }

@@ -13,7 +13,7 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use rustomnic_interface::consumer::{reconnecting, Outage};
 use rustomnic_interface::Host;
-use rustomnic_resource_celery::redis_display;
+use rustomnic_resource_celery::{redis_connect, redis_display};
 use serde_json::Value as Json;
 
 use crate::tasks::{ResultOf, Transport, Worker};
@@ -143,8 +143,8 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: 
     let display = redis_display(url);
     let client = redis::Client::open(url).map_err(|e| format!("broker {display}: {e}"))?;
     // Taking has a connection of its own, so that it never waits behind results and acks.
-    let mut pop = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
-    let broker = client.get_multiplexed_async_connection().await.map_err(|e| format!("broker {display}: {e}"))?;
+    let mut pop = redis_connect(url).await.map_err(|e| format!("broker {e}"))?;
+    let broker = redis_connect(url).await.map_err(|e| format!("broker {e}"))?;
     let results = crate::redis_results(iface).await?;
     let db = client.get_connection_info().redis_settings().db();
     let broker_events = broker.clone();

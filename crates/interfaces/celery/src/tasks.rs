@@ -77,6 +77,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+/// Writes a result document (KEYS[1], ARGV[1]) for ARGV[2] seconds and publishes it for the
+/// clients waiting in `AsyncResult.get()`, unless a SUCCESS is stored already (as Celery's
+/// backend does: a task run twice after a crash keeps its first result); in one round trip.
+/// Returns 1 when written.
+const STORE: &str = r#"
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, doc = pcall(cjson.decode, old)
+  if ok and type(doc) == 'table' and doc.status == 'SUCCESS' then return 0 end
+end
+redis.call('SETEX', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
 /// How long a claim to send a chord's body lasts (Celery's default: twice its join timeout).
 const CHORD_CLAIM: u64 = 10;
 /// How long a done chord stays marked done.
@@ -420,16 +434,10 @@ impl<T: Transport> Worker<T> {
             Results::Redis(backend) => {
                 let mut backend = backend.clone();
                 let key = format!("celery-task-meta-{task_id}");
-                let existing: redis::RedisResult<Option<Vec<u8>>> = backend.get(&key).await;
-                if let Ok(Some(old)) = &existing {
-                    if serde_json::from_slice::<Json>(old).ok().and_then(|m| m.get("status").and_then(Json::as_str).map(|s| s == "SUCCESS")) == Some(true) {
-                        return Ok(());
-                    }
-                }
                 let expires = self.iface.result_expires.as_secs().max(1);
-                let r: redis::RedisResult<()> =
-                    redis::pipe().atomic().set_ex(&key, &doc, expires).ignore().publish(&key, &doc).ignore().query_async(&mut backend).await;
-                r.map_err(|e| e.to_string())
+                let script = redis::Script::new(STORE);
+                let r: redis::RedisResult<i64> = script.key(&key).arg(&doc).arg(expires).invoke_async(&mut backend).await;
+                r.map(|_| ()).map_err(|e| e.to_string())
             }
             // No reply queue: the client wants no result.
             Results::Rpc(_) if to.reply_to.is_empty() => Ok(()),

@@ -156,3 +156,15 @@ pub fn flower_sees(addr: Option<SocketAddr>, worker: &str, id: &str, state: &str
     });
     (seen, alive, tasks)
 }
+
+/// A Redis of the test's own on `port` (no persistence), or None when there is no redis-server.
+pub fn own_redis(port: u16) -> Option<Child> {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let up = until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    up.then_some(child)
+}

@@ -103,6 +103,20 @@ fn redact(url: &str) -> String {
     redis_display(url)
 }
 
+/// How long a Redis reply may take. The library's default (500 ms) cut large task messages and
+/// batches short on a loaded machine: the take had run, its reply was lost, and the messages
+/// waited out the visibility timeout.
+const REDIS_REPLY: Duration = Duration::from_secs(60);
+const REDIS_CONNECT: Duration = Duration::from_secs(10);
+
+/// A connection to the Redis at `url` (broker or result backend), every reply bounded by a
+/// minute; errors name the server without its password.
+pub async fn redis_connect(url: &str) -> Result<MultiplexedConnection, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("{}: {e}", redis_display(url)))?;
+    let config = redis::AsyncConnectionConfig::new().set_connection_timeout(Some(REDIS_CONNECT)).set_response_timeout(Some(REDIS_REPLY));
+    client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| format!("{}: {e}", redis_display(url)))
+}
+
 /// A redis:// URL, or why not.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
     if !url.starts_with("redis://") {
@@ -181,10 +195,7 @@ impl Resource for CeleryResource {
         Box::pin(async move {
             let open = |url: &str| {
                 let url = url.to_string();
-                async move {
-                    let client = redis::Client::open(url.as_str()).map_err(|e| Error::new(format!("{}: {e}", redis_display(&url))))?;
-                    client.get_multiplexed_async_connection().await.map_err(|e| Error::new(format!("{}: {e}", redis_display(&url))))
-                }
+                async move { redis_connect(&url).await.map_err(Error::new) }
             };
             let link = match &s.broker {
                 Broker::Redis(url) => Link::Redis(open(url).await.map_err(|e| Error::new(format!("broker {}", e.message)))?),
