@@ -2,58 +2,9 @@
 //! target can assert that no input costs far more memory than its size), and a reader that
 //! turns fuzz bytes into structured choices.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+pub use rustomnic_alloc_count::{asked, budget, Counting};
 
-/// Counts the bytes asked of the allocator, per thread; libFuzzer runs one input at a time.
-pub struct Counting;
-
-thread_local! {
-    static ASKED: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count(n: usize) {
-    // `try_with`: the slot is gone while a thread is being torn down.
-    let _ = ASKED.try_with(|c| c.set(c.get().saturating_add(n as u64)));
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// Bytes asked of the allocator while `f` runs, and what it returned.
-pub fn asked<T>(f: impl FnOnce() -> T) -> (u64, T) {
-    let before = ASKED.with(Cell::get);
-    let out = f();
-    (ASKED.with(Cell::get) - before, out)
-}
-
-/// What decoding `len` bytes may ask for (docs/decisions/060-bounded-decoding.md): a value is
-/// 32 bytes and a map pair 64, each takes at least one byte of input, a vector grown by
-/// doubling asks for under four times its length in all; the constant covers messages.
-pub fn budget(len: usize) -> u64 {
-    160 * len as u64 + (64 << 10)
-}
+rustomnic_alloc_count::install!();
 
 /// Asserts that `f`, decoding `len` bytes, stays within [`budget`].
 pub fn bounded<T>(what: &str, len: usize, f: impl FnOnce() -> T) -> T {

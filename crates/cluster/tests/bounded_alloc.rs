@@ -2,55 +2,10 @@
 //! measured with a counting allocator around each decode (issue 24, item 1).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
+use rustomnic_alloc_count::{asked, budget};
 use rustomnic_cluster::wire::{decode_value, Call, Reply};
 
-/// Counts the bytes each thread asks for (tests run on several threads at once).
-struct Counting;
-
-thread_local! {
-    static ASKED: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count(n: usize) {
-    // `try_with`: the slot is gone while a thread is being torn down.
-    let _ = ASKED.try_with(|c| c.set(c.get().saturating_add(n as u64)));
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// Bytes asked of the allocator while `f` runs on this thread.
-fn asked<T>(f: impl FnOnce() -> T) -> (u64, T) {
-    let before = ASKED.with(Cell::get);
-    let out = f();
-    (ASKED.with(Cell::get) - before, out)
-}
-
-/// What a decode may cost: a value of the model is 32 bytes, a map pair 64, every element takes
-/// at least one byte of the message, and a vector grown by doubling has asked for under four
-/// times its length in all. The constant covers error messages and small fixed costs.
-fn budget(message: &[u8]) -> u64 {
-    160 * message.len() as u64 + (64 << 10)
-}
+rustomnic_alloc_count::install!();
 
 fn check(what: &str, message: &[u8]) {
     let (v, _) = asked(|| decode_value(message).is_ok());
@@ -58,7 +13,7 @@ fn check(what: &str, message: &[u8]) {
     let (r, _) = asked(|| Reply::decode(message).is_ok());
     let (e, _) = asked(|| rustomnic_cluster::events::decode(message).is_ok());
     for (decoder, n) in [("decode_value", v), ("Call::decode", c), ("Reply::decode", r), ("events::decode", e)] {
-        assert!(n <= budget(message), "{what}: {decoder} asked for {n} bytes decoding {} bytes (budget {})", message.len(), budget(message));
+        assert!(n <= budget(message.len()), "{what}: {decoder} asked for {n} bytes decoding {} bytes (budget {})", message.len(), budget(message.len()));
     }
 }
 

@@ -2,48 +2,9 @@
 //! itself: measured with a counting allocator (issue 24; the input is one the fuzzer found).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use rustomnic_alloc_count::{asked, budget};
 
-struct Counting;
-
-thread_local! {
-    static ASKED: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count(n: usize) {
-    let _ = ASKED.try_with(|c| c.set(c.get().saturating_add(n as u64)));
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn asked<T>(f: impl FnOnce() -> T) -> (u64, T) {
-    let before = ASKED.with(Cell::get);
-    let out = f();
-    (ASKED.with(Cell::get) - before, out)
-}
-
-/// The budget of every decoder of outside input (docs/decisions/060-bounded-decoding.md).
-fn budget(len: usize) -> u64 {
-    160 * len as u64 + (64 << 10)
-}
+rustomnic_alloc_count::install!();
 
 #[test]
 fn csv_decode_is_bounded() {
