@@ -215,8 +215,7 @@ print(json.dumps(values))
     let kept = python(&queue, "print(r.hexists('unacked', 'garbage-' + q), r.lrem('rustomnic.celery.unreadable', 0, 'not json') >= 1)");
     assert_eq!(kept.trim(), "False True", "the entry left unacked for the unreadable list");
     server.terminate(Duration::from_secs(10));
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.stop();
 }
 
 #[test]

@@ -351,8 +351,7 @@ fn results_survive_a_result_backend_outage() {
     cage(&tree, &queue, &format!("result_backend = {backend:?}\n"));
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.stop();
     let ids = python(&queue, "disabled://", "print(' '.join(app.send_task('tasks.add', args=[i, 1], queue=q).id for i in range(20)))");
     let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
     server.wait_for("goes back to its queue", Duration::from_secs(20)).expect("a result that cannot be stored sends its task back");
@@ -368,8 +367,7 @@ print(json.dumps([app.AsyncResult(i).get(timeout=60) for i in ids]))
         ),
     );
     server.terminate(Duration::from_secs(10));
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.stop();
     python(&queue, "disabled://", "purge(q)");
     let values: Vec<i64> = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(values, (1..=20).collect::<Vec<i64>>(), "every task's result is stored once the backend is back");

@@ -157,14 +157,33 @@ pub fn flower_sees(addr: Option<SocketAddr>, worker: &str, id: &str, state: &str
     (seen, alive, tasks)
 }
 
-/// A Redis of the test's own on `port` (no persistence), or None when there is no redis-server.
-pub fn own_redis(port: u16) -> Option<Child> {
+/// A Redis of the test's own, stopped when dropped (also when the test fails).
+pub struct OwnRedis(Child);
+
+impl OwnRedis {
+    /// Stops it now.
+    pub fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Redis of the test's own on `port` (no persistence), or None when there is no redis-server
+/// or it does not answer.
+pub fn own_redis(port: u16) -> Option<OwnRedis> {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
+    let redis = OwnRedis(child);
     let up = until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    up.then_some(child)
+    up.then_some(redis)
 }
