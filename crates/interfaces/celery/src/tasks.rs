@@ -91,6 +91,8 @@ redis.call('SETEX', KEYS[1], tonumber(ARGV[2]), ARGV[1])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
+/// [`STORE`], hashed once (a script is called by its SHA-1, which is not free per result).
+static STORE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(STORE));
 /// How long a claim to send a chord's body lasts (Celery's default: twice its join timeout).
 const CHORD_CLAIM: u64 = 10;
 /// How long a done chord stays marked done.
@@ -435,8 +437,7 @@ impl<T: Transport> Worker<T> {
                 let mut backend = backend.clone();
                 let key = format!("celery-task-meta-{task_id}");
                 let expires = self.iface.result_expires.as_secs().max(1);
-                let script = redis::Script::new(STORE);
-                let r: redis::RedisResult<i64> = script.key(&key).arg(&doc).arg(expires).invoke_async(&mut backend).await;
+                let r: redis::RedisResult<i64> = STORE_SCRIPT.key(&key).arg(&doc).arg(expires).invoke_async(&mut backend).await;
                 r.map(|_| ()).map_err(|e| e.to_string())
             }
             // No reply queue: the client wants no result.
