@@ -63,7 +63,7 @@ pub(crate) struct Amqp {
     waiting: AtomicUsize,
     /// Serializes prefetch changes, so that the last one sent is the last one computed.
     qos: tokio::sync::Mutex<()>,
-    /// Queues declared on this connection for sending.
+    /// Queues declared on this connection (for sending, parking, keeping aside).
     declared: Mutex<HashSet<String>>,
     refused: Arc<Mutex<VecDeque<String>>>,
     /// Messages settled by their tasks, for the session to acknowledge in runs.
@@ -125,11 +125,16 @@ pub(crate) struct Taken {
 impl Amqp {
     /// Declares `queue` (as Celery does) unless this connection has already.
     async fn ensure_queue(&self, queue: &str) -> Result<(), String> {
-        if self.declared.lock().unwrap_or_else(|p| p.into_inner()).contains(queue) {
+        self.declare_once(queue, amqp::declare_queue(&self.conn, queue)).await
+    }
+
+    /// Runs `declare` for the queue `name` unless this connection has declared it already.
+    async fn declare_once(&self, name: &str, declare: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+        if self.declared.lock().unwrap_or_else(|p| p.into_inner()).contains(name) {
             return Ok(());
         }
-        amqp::declare_queue(&self.conn, queue).await?;
-        self.declared.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.to_string());
+        declare.await?;
+        self.declared.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
         Ok(())
     }
 
@@ -408,7 +413,9 @@ async fn park(shared: &Shared, taken: &Taken, task: &Task, eta: DateTime<Utc>) {
     let spec = shared.host.spec();
     let t = &shared.transport;
     let parked = async {
-        let delay = amqp::declare_delay_queue(&t.conn, &taken.queue, HOLD).await.map_err(|e| format!("broker {}: {e}", t.display))?;
+        let delay = amqp::delay_queue(&taken.queue);
+        let declare = async { amqp::declare_delay_queue(&t.conn, &taken.queue, HOLD).await.map(|_| ()) };
+        t.declare_once(&delay, declare).await.map_err(|e| format!("broker {}: {e}", t.display))?;
         t.republish(&delay, &taken.delivery.data, taken.delivery.properties.clone()).await.map(|()| delay)
     };
     match parked.await {
@@ -455,10 +462,14 @@ async fn keep_aside(shared: &Shared, taken: &Taken, why: &str) {
     let spec = shared.host.spec();
     let t = &shared.transport;
     let kept = async {
-        let channel = t.conn.create_channel().await.map_err(|e| e.to_string())?;
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        channel.queue_declare(ShortString::from(UNREADABLE), durable, FieldTable::default()).await.map_err(|e| e.to_string())?;
-        let _ = channel.close(200, ShortString::from("declared")).await;
+        let declare = async {
+            let channel = t.conn.create_channel().await.map_err(|e| e.to_string())?;
+            let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+            channel.queue_declare(ShortString::from(UNREADABLE), durable, FieldTable::default()).await.map_err(|e| e.to_string())?;
+            let _ = channel.close(200, ShortString::from("declared")).await;
+            Ok(())
+        };
+        t.declare_once(UNREADABLE, declare).await?;
         t.republish(UNREADABLE, &taken.delivery.data, taken.delivery.properties.clone()).await
     };
     match kept.await {

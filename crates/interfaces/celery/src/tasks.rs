@@ -91,8 +91,10 @@ redis.call('SETEX', KEYS[1], tonumber(ARGV[2]), ARGV[1])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
-/// [`STORE`], hashed once (a script is called by its SHA-1, which is not free per result).
+/// The scripts, each hashed once (a script is called by its SHA-1, which is not free per call).
 static STORE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(STORE));
+static CHORD_PART_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(CHORD_PART));
+static CHORD_DONE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(CHORD_DONE));
 /// How long a claim to send a chord's body lasts (Celery's default: twice its join timeout).
 const CHORD_CLAIM: u64 = 10;
 /// How long a done chord stays marked done.
@@ -333,8 +335,7 @@ impl<T: Transport> Worker<T> {
         let fail = |e: redis::RedisError| {
             tracing::error!(cage = %spec.cage, interface = %spec.name, "task {}: cannot count it in chord {group} ({e}); it runs again", task.id);
         };
-        let part_script = redis::Script::new(CHORD_PART);
-        let mut part = part_script.prepare_invoke();
+        let mut part = CHORD_PART_SCRIPT.prepare_invoke();
         for k in [key(".j"), key(".t"), key(".s"), key(".d"), key(""), key(".c")] {
             part.key(k);
         }
@@ -374,8 +375,7 @@ impl<T: Transport> Worker<T> {
                 self.store(&to, "FAILURE", message::exception("celery.exceptions", "ChordError", &why), None, Json::Array(Vec::new()), false).await?;
             }
         }
-        let done_script = redis::Script::new(CHORD_DONE);
-        let mut done = done_script.prepare_invoke();
+        let mut done = CHORD_DONE_SCRIPT.prepare_invoke();
         for k in [key(".c"), key(".j"), key(".t"), key(".s"), key(".d")] {
             done.key(k);
         }

@@ -13,6 +13,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use rustomnic_core::value::MAX_DEPTH;
 use rustomnic_resource_amqp::lapin;
+pub use rustomnic_resource_amqp::wire::short;
 use serde_json::{Map, Number, Value as Json};
 
 use crate::message::Outgoing;
@@ -121,10 +122,6 @@ pub fn result_properties(correlation_id: &str) -> Result<BasicProperties, String
         .with_content_encoding(ShortString::from("utf-8"))
         .with_delivery_mode(1)
         .with_correlation_id(short("the correlation id", correlation_id)?))
-}
-
-pub fn short(what: &str, s: &str) -> Result<ShortString, String> {
-    rustomnic_resource_amqp::wire::short(what, s)
 }
 
 /// Publishes a task message to its queue through the default exchange (as Celery does for a

@@ -93,14 +93,9 @@ pub fn parse_broker(url: &str) -> Result<Broker, String> {
             Some(base) if !base.ends_with(':') => format!("{base}/%2f"),
             _ => url.to_string(),
         };
-        return client::parse_url(&text).map(Broker::Amqp).map_err(|e| format!("{}: {e}", redact(url)));
+        return client::parse_url(&text).map(Broker::Amqp).map_err(|e| format!("{}: {e}", redis_display(url)));
     }
     check_redis_url(url).map(|()| Broker::Redis(url.to_string()))
-}
-
-/// A URL as errors show it: without a password.
-fn redact(url: &str) -> String {
-    redis_display(url)
 }
 
 /// How long a Redis reply may take. The library's default (500 ms) cut large task messages and
@@ -120,9 +115,9 @@ pub async fn redis_connect(url: &str) -> Result<MultiplexedConnection, String> {
 /// A redis:// URL, or why not.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
     if !url.starts_with("redis://") {
-        return Err(format!("{:?} is not a redis:// or amqp:// URL such as \"redis://127.0.0.1:6379/0\"", redact(url)));
+        return Err(format!("{:?} is not a redis:// or amqp:// URL such as \"redis://127.0.0.1:6379/0\"", redis_display(url)));
     }
-    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{:?}: {e}", redact(url)))
+    redis::Client::open(url).map(|_| ()).map_err(|e| format!("{:?}: {e}", redis_display(url)))
 }
 
 /// The `result_backend` key beside `broker`: "none", "rpc://" (an AMQP broker only) or a
