@@ -129,6 +129,62 @@ function M.hopeless() pmnc.celery.retry{ countdown = 0.1, max_retries = 1, reaso
 return M
 "#;
 
+/// What a Celery client sees of our worker, the same on every broker: a Python script (after a
+/// prelude defining `app` and the queue `q`, on a cage with `concurrency = 1`) printing one JSON
+/// line per check, and [`check_conformance`] for its lines. It defines `outcome(result)` for the
+/// broker's own checks that follow it.
+pub const CONFORMANCE: &str = r#"
+def outcome(res, timeout=20):
+    try:
+        return ["ok", res.get(timeout=timeout)]
+    except Exception as e:
+        return [type(e).__name__, str(e)]
+print(json.dumps(outcome(app.send_task("tasks.add", args=[2, 3], kwargs={"z": 1}, queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.fail", args=[7], queue=q))))
+past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+print(json.dumps(outcome(app.send_task("tasks.add", args=[1, 1], queue=q, expires=past))))
+sent = time.time()
+res = app.send_task("tasks.now", queue=q, countdown=2)
+quick = app.send_task("tasks.add", args=[1, 2], queue=q)
+print(json.dumps(["quick", quick.get(timeout=20), res.ready()]))
+ran_at = res.get(timeout=20)
+print(json.dumps(["countdown", ran_at - sent]))
+print(json.dumps(outcome(app.send_task("tasks.add", args=["x" * 16000000, 1], queue=q), timeout=120)))
+print(json.dumps(outcome(app.send_task("tasks.flaky", args=[40], queue=q))))
+print(json.dumps(outcome(app.send_task("tasks.hopeless", queue=q))))
+cb = app.signature("tasks.add", args=[10], queue=q)
+cb.freeze()
+app.send_task("tasks.add", args=[1, 2], queue=q, link=cb)
+eb = app.signature("tasks.echo", queue=q)
+eb.freeze()
+failed = app.send_task("tasks.fail", args=[1], queue=q, link_error=eb)
+print(json.dumps([app.AsyncResult(cb.id).get(timeout=20), app.AsyncResult(eb.id).get(timeout=20) == failed.id]))
+from celery import chain
+steps = chain(app.signature("tasks.add", args=[2, 3], queue=q), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.add", args=[1, 1], queue=q, immutable=True))
+print(json.dumps(outcome(steps.apply_async())))
+"#;
+
+/// Asserts the lines [`CONFORMANCE`] printed (the first of `lines`); returns the rest. `out` is
+/// the whole output, for the messages.
+pub fn check_conformance<'a>(out: &str, lines: &'a [serde_json::Value]) -> &'a [serde_json::Value] {
+    assert!(lines.len() >= 10, "{out}");
+    assert_eq!(lines[0], serde_json::json!(["ok", 6]), "{out}");
+    assert_eq!(lines[1][0], "RuntimeError", "{out}");
+    assert!(lines[1][1].as_str().unwrap().contains("bad input 7"), "{out}");
+    assert_eq!(lines[2][0], "TaskRevokedError", "{out}");
+    assert_eq!(lines[3], serde_json::json!(["quick", 3, false]), "a task sent after a countdown one ran first: {out}");
+    let waited = lines[4][1].as_f64().unwrap();
+    assert!(waited >= 1.9, "a countdown of 2 s ran after {waited} s: {out}");
+    assert_eq!(lines[5][0], "ValueError", "{out}");
+    assert!(lines[5][1].as_str().unwrap().contains("max_message_size"), "{out}");
+    assert_eq!(lines[6], serde_json::json!(["ok", 42]), "retried twice, then 40 + 2: {out}");
+    assert_eq!(lines[7][0], "MaxRetriesExceededError", "{out}");
+    assert!(lines[7][1].as_str().unwrap().contains("max retries (1) exceeded: never"), "{out}");
+    assert_eq!(lines[8], serde_json::json!([13, true]), "a callback got the result first, an errback the failed task's id: {out}");
+    assert_eq!(lines[9], serde_json::json!(["ok", 2]), "a chain of three steps on this worker ends with the immutable step: {out}");
+    &lines[10..]
+}
+
 /// A stock Flower on `broker` (its API open, on a free port), and its address once it answers.
 pub fn start_flower(broker: &str) -> (Child, Option<SocketAddr>) {
     let port = spare_port();
