@@ -229,49 +229,16 @@ fn chain_through_python_and_lua_workers() {
     let pyq = format!("{queue}-py");
     let tree = Tree::new();
     cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {:?}\nqueue = {pyq:?}\n", redis_url()));
-    tree.write(
-        "py/pytasks.py",
-        &format!(
-            "from celery import Celery\napp = Celery(\"pytasks\", broker={url:?}, backend={url:?})\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n@app.task(name=\"tasks.pysum\")\ndef pysum(xs):\n    return sum(xs)\n",
-            url = redis_url()
-        ),
-    );
-    let mut worker = Command::new("python3")
-        .args([
-            "-m",
-            "celery",
-            "-A",
-            "pytasks",
-            "worker",
-            "--pool",
-            "solo",
-            "-Q",
-            &pyq,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "--loglevel",
-            "WARNING",
-        ])
-        .current_dir(tree.path().join("py"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("celery worker");
+    write_python_tasks(&tree, &redis_url(), &redis_url());
+    let mut worker = python_worker(&tree.path().join("py"), "pytasks", &pyq);
     let mut server = Server::start(&tree.path().join("app/c"), &[]);
     server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
     let out = python(
         &queue,
         &format!(
             r#"
-from celery import chain
 pyq = {pyq:?}
-steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.pymul", args=[4], queue=pyq))
-res = steps.apply_async()
-print(res.get(timeout=60))
-print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
-from celery import chord
-print(chord([app.signature("tasks.add", args=[i, i], queue=q) for i in range(10)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
+{CANVAS}
 print(chord([app.signature("tasks.add", args=[1, 1], queue=q), app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[2, 2], queue=q)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
 failing = chord([app.signature("tasks.add", args=[1, 1], queue=q), app.signature("tasks.fail", args=[3], queue=q)], app.signature("tasks.pysum", queue=pyq))()
 body = app.AsyncResult(failing.id)
@@ -295,22 +262,19 @@ print(app.AsyncResult(unsent).state, any(unsent.encode() in m for m in r.lrange(
     server.terminate(Duration::from_secs(10));
     python(&queue, &format!("r.delete(q, {pyq:?})"));
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
-    assert_eq!(lines[2], "90", "a chord of ten Lua header tasks and a Python body: {out}");
-    assert_eq!(lines[3], "12", "a chord whose parts run on Python and Lua workers: {out}");
-    let lines = &lines[1..];
+    let lines = check_canvas(&out, &lines);
+    assert_eq!(lines[0], "12", "a chord whose parts run on Python and Lua workers: {out}");
     assert!(
-        lines[3].starts_with("FAILURE ChordError Dependency ") && lines[3].contains("RuntimeError") && lines[3].contains("bad input 3"),
+        lines[1].starts_with("FAILURE ChordError Dependency ") && lines[1].contains("RuntimeError") && lines[1].contains("bad input 3"),
         "a failed part fails the body: {out}"
     );
-    assert_eq!(lines[4], "[84, 2, 12]", "a chain (6, 42, 84) and a group sent from Lua to the Python worker: {out}");
-    let lines = &lines[3..];
-    assert_eq!(lines[2], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result: {out}");
-    let failed: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
+    assert_eq!(lines[2], "[84, 2, 12]", "a chain (6, 42, 84) and a group sent from Lua to the Python worker: {out}");
+    assert_eq!(lines[3], "42", "a Lua task sent tasks.pymul(6, 7) to the Python worker and read its result: {out}");
+    let failed: serde_json::Value = serde_json::from_str(lines[4]).unwrap();
     assert_eq!((failed["ok"].as_bool(), failed["code"].as_str()), (Some(false), Some("TypeError")), "{out}");
     assert!(failed["message"].as_str().unwrap().contains("failure: TypeError"), "{out}");
-    assert_eq!(lines[4], "False", "the transaction was not accepted: {out}");
-    assert_eq!(lines[5], "PENDING False", "a rolled-back send_task sends nothing: {out}");
+    assert_eq!(lines[5], "False", "the transaction was not accepted: {out}");
+    assert_eq!(lines[6], "PENDING False", "a rolled-back send_task sends nothing: {out}");
 }
 
 /// With `send_events`, a stock Flower (from PyPI) sees our worker alive and a task it ran, from

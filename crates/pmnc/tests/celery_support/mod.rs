@@ -185,6 +185,63 @@ pub fn check_conformance<'a>(out: &str, lines: &'a [serde_json::Value]) -> &'a [
     &lines[10..]
 }
 
+/// A stock Celery worker (solo pool, quiet) of the app `module` in `dir`, consuming `queue`.
+pub fn python_worker(dir: &std::path::Path, module: &str, queue: &str) -> Child {
+    Command::new("python3")
+        .args([
+            "-m",
+            "celery",
+            "-A",
+            module,
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            queue,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            "WARNING",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("celery worker")
+}
+
+/// Writes py/pytasks.py: a Celery app on `broker` with results in `backend`, serving
+/// `tasks.pymul(x, y)` and `tasks.pysum(xs)` (for [`python_worker`]).
+pub fn write_python_tasks(tree: &Tree, broker: &str, backend: &str) {
+    tree.write(
+        "py/pytasks.py",
+        &format!(
+            "from celery import Celery\napp = Celery(\"pytasks\", broker={broker:?}, backend={backend:?})\napp.conf.result_backend_always_retry = False\n@app.task(name=\"tasks.pymul\")\ndef pymul(x, y):\n    return x * y\n@app.task(name=\"tasks.pysum\")\ndef pysum(xs):\n    return sum(xs)\n"
+        ),
+    );
+}
+
+/// Canvas across workers, the same on every broker (after a prelude defining `app`, `q`, our
+/// worker's queue, and `pyq`, the Python worker's): a chain Python -> Lua -> Python and a chord
+/// of ten Lua parts with a Python body; [`check_canvas`] reads its lines.
+pub const CANVAS: &str = r#"
+from celery import chain, chord
+steps = chain(app.signature("tasks.pymul", args=[2, 3], queue=pyq), app.signature("tasks.add", args=[10], queue=q), app.signature("tasks.pymul", args=[4], queue=pyq))
+res = steps.apply_async()
+print(res.get(timeout=60))
+print(res.parent.get(timeout=5), res.parent.parent.get(timeout=5))
+print(chord([app.signature("tasks.add", args=[i, i], queue=q) for i in range(10)], app.signature("tasks.pysum", queue=pyq))().get(timeout=60))
+"#;
+
+/// Asserts the lines [`CANVAS`] printed (the first of `lines`); returns the rest.
+pub fn check_canvas<'a>(out: &str, lines: &'a [&'a str]) -> &'a [&'a str] {
+    assert!(lines.len() >= 3, "{out}");
+    assert_eq!(lines[..2], ["64", "16 6"], "(2*3 + 10) * 4, each step's result kept: {out}");
+    assert_eq!(lines[2], "90", "a chord of ten Lua header tasks and a Python body: {out}");
+    &lines[3..]
+}
+
 /// A stock Flower on `broker` (its API open, on a free port), and its address once it answers.
 pub fn start_flower(broker: &str) -> (Child, Option<SocketAddr>) {
     let port = spare_port();
