@@ -48,8 +48,7 @@ fn python_client_and_lua_tasks() {
     let tree = Tree::new();
     // One task at a time: a task waiting for its eta must not hold that one slot.
     cage(&tree, &queue, "concurrency = 1\n");
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(
         &queue,
         &format!(
@@ -231,8 +230,7 @@ fn chain_through_python_and_lua_workers() {
     cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {:?}\nqueue = {pyq:?}\n", redis_url()));
     write_python_tasks(&tree, &redis_url(), &redis_url());
     let mut worker = python_worker(&tree.path().join("py"), "pytasks", &pyq);
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(
         &queue,
         &format!(
@@ -292,8 +290,7 @@ fn flower_sees_the_worker_and_its_tasks() {
     let tree = Tree::new();
     cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
     let (mut flower, addr) = start_flower(&redis_url());
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let id = python(&queue, "r = app.send_task('tasks.add', args=[20, 22], queue=q)\nprint(r.id, r.get(timeout=20))");
     let (id, value) = id.trim().split_once(' ').unwrap();
     assert_eq!(value, "42");

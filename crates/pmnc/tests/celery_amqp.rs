@@ -65,8 +65,7 @@ fn python_client_and_lua_tasks_over_amqp() {
     let queue = format!("pmnc-celery-amqp-{}-main", std::process::id());
     let tree = Tree::new();
     cage(&tree, &queue, "concurrency = 1\n");
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(
         &queue,
         "rpc://",
@@ -152,8 +151,7 @@ fn chain_and_resource_through_python_worker_over_amqp() {
     // its reply queue, which a worker with the Redis backend ignores, so the resource test below
     // runs the worker again with the RPC backend.
     let mut py = python_worker(&tree.path().join("py"), "pytasks", &pyq);
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(
         &queue,
         &redis_url(),
@@ -174,8 +172,7 @@ pyq = {pyq:?}
     cage(&tree, &queue, &format!("\n[resources.py]\nprotocol = \"celery\"\nbroker = {url:?}\nqueue = {pyq:?}\n", url = celery_url()));
     write_python_tasks(&tree, &celery_url(), "rpc://");
     let mut py = python_worker(&tree.path().join("py"), "pytasks", &pyq);
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(
         &queue,
         "rpc://",
@@ -270,8 +267,7 @@ fn results_survive_a_result_backend_outage() {
     let queue = format!("pmnc-celery-amqp-{}-outage", std::process::id());
     let tree = Tree::new();
     cage(&tree, &queue, &format!("result_backend = {backend:?}\n"));
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     redis.stop();
     let ids = python(&queue, "disabled://", "print(' '.join(app.send_task('tasks.add', args=[i, 1], queue=q).id for i in range(20)))");
     let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
@@ -308,8 +304,7 @@ fn flower_sees_the_worker_over_amqp() {
     let tree = Tree::new();
     cage(&tree, &queue, &format!("send_events = true\nhostname = {worker:?}\n"));
     let (mut flower, addr) = start_flower(&celery_url());
-    let mut server = Server::start(&tree.path().join("app/c"), &[]);
-    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    let mut server = start_cage(&tree);
     let out = python(&queue, "rpc://", "r = app.send_task('tasks.fail', args=[5], queue=q)\nprint(r.id, r.get(timeout=20, propagate=False))");
     let id = out.split_whitespace().next().unwrap().to_string();
     let (seen, alive, tasks) = flower_sees(addr, &worker, &id, "FAILURE");

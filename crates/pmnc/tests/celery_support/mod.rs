@@ -88,6 +88,13 @@ pub fn write_cage(tree: &Tree, broker: &str, queue: &str, extra: &str) {
     tree.write("app/c/math.lua", MATH_LUA);
 }
 
+/// Runs the test cage of `tree` and waits until its celery interface consumes.
+pub fn start_cage(tree: &Tree) -> Server {
+    let mut server = Server::start(&tree.path().join("app/c"), &[]);
+    server.wait_for("consuming Celery tasks", Duration::from_secs(10)).expect("consuming");
+    server
+}
+
 /// The test cage's tasks.
 pub const MATH_LUA: &str = r#"local M = {}
 function M.add(a, b, kwargs) return a + b + (kwargs.z or 0) end
