@@ -25,8 +25,14 @@ use mlua::ffi;
 
 /// A thread in Lua this long past its entry is signalled (the hook normally yields at 1 ms).
 const SIGNAL_AFTER: Duration = Duration::from_micros(50);
-/// How often the watchdog looks while some thread ran Lua recently.
+/// How often the watchdog looks while some thread has been in Lua past [`SIGNAL_AFTER`]: it
+/// signals that thread again at each look until the hook has ended its slice.
 const TICK: Duration = Duration::from_micros(100);
+/// How often it looks while threads ran Lua recently but none was caught in a long section.
+/// Ordinary sections last microseconds; looking every 100 µs for them cost a busy process about a
+/// tenth of its CPU in wake-ups (10,000 a second) to catch what a look per millisecond (the
+/// length of a time slice) catches as well, one slice later at worst.
+const BUSY_TICK: Duration = Duration::from_millis(1);
 /// How often it looks when every thread has been idle for a while.
 const IDLE_TICK: Duration = Duration::from_millis(20);
 /// A thread in one Lua section this long is reported in the log.
@@ -231,9 +237,17 @@ fn start() {
 
 fn watch() {
     let mut idle_since = Instant::now();
+    let mut long_section = false;
     loop {
-        let busy_recently = idle_since.elapsed() < Duration::from_secs(1);
-        std::thread::sleep(if busy_recently { TICK } else { IDLE_TICK });
+        let pause = if long_section {
+            TICK
+        } else if idle_since.elapsed() < Duration::from_secs(1) {
+            BUSY_TICK
+        } else {
+            IDLE_TICK
+        };
+        std::thread::sleep(pause);
+        long_section = false;
         let now = Instant::now();
         let now_ns = nanos(now);
         // Held while signalling, so no thread can end (and free its id) in between.
@@ -245,6 +259,7 @@ fn watch() {
             }
             idle_since = now;
             let ran = Duration::from_nanos(now_ns.saturating_sub(since));
+            long_section |= ran >= SIGNAL_AFTER;
             if ran >= SIGNAL_AFTER && now_ns.saturating_sub(slot.signalled.load(Ordering::Relaxed)) >= TICK.as_nanos() as u64 {
                 slot.signalled.store(now_ns, Ordering::Relaxed);
                 // SAFETY: the slot is in SLOTS, so its thread has not ended (it removes its slot
