@@ -404,6 +404,9 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     } else {
         None
     };
+    if let Some(service) = &iface.service {
+        return Some(Box::new((handler::Answer::service(iface, service, parts, body, peer, ctx), req)));
+    }
     let started = handler::start(iface, parts, body, uploads, peer, ctx, upgrade);
     Some(Box::new((handler::Answer::new(iface, started, id), req)))
 }

@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -20,7 +21,7 @@ use crate::stream::{Body, Slot, SlotGuard};
 use crate::HttpInterface;
 
 /// Made at compile time: a name given as a string is parsed and checked on every use.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Answers a connection over the limit and closes it.
 pub(crate) async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
@@ -57,8 +58,10 @@ pub(crate) async fn handle(
     let (response, counts) = match Box::pin(collect(&iface, req, &ctx)).await {
         Err(response) => (response, iface.unrouted.clone()),
         Ok((parts, body, uploads)) => {
-            let started = start(&iface, parts, body, uploads, &peer, ctx, None);
-            let mut answer = Answer::new(&iface, started, id.clone());
+            let mut answer = match &iface.service {
+                None => Answer::new(&iface, start(&iface, parts, body, uploads, &peer, ctx, None), id.clone()),
+                Some(service) => Answer::service(&iface, service, parts, body, &peer, ctx),
+            };
             let counts = answer.counts.clone();
             match *(&mut answer).await {
                 Outcome::Done(response) => (response, counts),
@@ -518,6 +521,8 @@ enum AnswerState {
     },
     NotStarted(RunError),
     Refused(Box<Response<Body>>),
+    /// A [`crate::service::Service`]'s answer on its way.
+    Service(LocalBoxFuture<'static, crate::service::ServiceResponse>),
     Done,
 }
 
@@ -529,6 +534,20 @@ impl Answer {
             Err(response) => AnswerState::Refused(response),
         };
         Answer { iface: iface.clone(), id, counts, state }
+    }
+
+    /// The answer of the interface's service to a request read in full.
+    pub(crate) fn service(
+        iface: &Arc<HttpInterface>,
+        service: &Arc<dyn crate::service::Service>,
+        parts: hyper::http::request::Parts,
+        body: Bytes,
+        peer: &Rc<str>,
+        ctx: RequestCtx,
+    ) -> Answer {
+        let id = ctx.id.clone();
+        let fut = service.call(crate::service::ServiceRequest { parts, body, peer: peer.clone(), ctx });
+        Answer { iface: iface.clone(), id, counts: iface.unrouted.clone(), state: AnswerState::Service(fut) }
     }
 
     /// After an early answer: resolves when the handler has ended, and logs how. The slot goes
@@ -595,11 +614,16 @@ impl std::future::Future for Answer {
                 Poll::Pending => Poll::Pending,
             };
         }
+        if let AnswerState::Service(fut) = &mut this.state {
+            let answer = std::task::ready!(fut.as_mut().poll(cx));
+            this.state = AnswerState::Done;
+            return Poll::Ready(Box::new(Outcome::Done(crate::service::response(answer, &this.id))));
+        }
         match std::mem::replace(&mut this.state, AnswerState::Done) {
             AnswerState::NotStarted(e) => Poll::Ready(Box::new(Outcome::Done(failed(&this.iface, e, &this.id)))),
             AnswerState::Refused(response) => Poll::Ready(Box::new(Outcome::Done(*response))),
             // Polled again after it answered: it never answers twice.
-            state @ (AnswerState::Running(..) | AnswerState::Continuing { .. } | AnswerState::Done) => {
+            state @ (AnswerState::Running(..) | AnswerState::Continuing { .. } | AnswerState::Service(_) | AnswerState::Done) => {
                 this.state = state;
                 Poll::Pending
             }

@@ -51,6 +51,7 @@ mod lua_api;
 mod multipart;
 pub mod raw;
 mod routes;
+pub mod service;
 mod stream;
 pub mod tls;
 mod upgrade;
@@ -110,6 +111,8 @@ pub struct HttpInterface {
     figures: Arc<rustomnic_core::metrics::InterfaceMetrics>,
     /// Status counts of the responses no route table served.
     unrouted: Arc<rustomnic_core::metrics::StatusCounts>,
+    /// Answers the requests instead of a Lua handler (an interface built on this one, service.rs).
+    service: Option<Arc<dyn service::Service>>,
 }
 
 impl HttpInterface {
@@ -133,64 +136,16 @@ impl InterfaceProtocol for HttpProtocol {
     }
 
     fn configure(&self, spec: InterfaceSpec, section: &Section) -> Option<Arc<dyn Interface>> {
-        let listen = rustomnic_interface::read_listen(section);
-        let max_body_size = section.size("max_body_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
-        let max_header_size = section.size("max_header_size", 1 << 20).map(|v| v.value).unwrap_or(16 << 10);
-        if max_header_size < 8192 {
-            section.error("max_header_size", "must be at least 8KiB");
-        }
-        let header_read_timeout = section.duration("header_read_timeout", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(Duration::from_secs(10));
-        let max_connections = section.integer("max_connections", 1, 10_000_000).map(|v| v.value as usize).unwrap_or(10_000);
-        let http2 = section.bool("http2").map(|v| v.value).unwrap_or(true);
-        let day = Duration::from_secs(86_400);
-        let idle_timeout = section.duration("idle_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(60));
-        let write_timeout = section.duration("write_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(30));
-        let websocket_timeout = section.duration("websocket_timeout", 365 * day).map(|v| v.value).unwrap_or(Duration::from_secs(3600));
-        let max_message_size = section.size("max_message_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
-        for (key, d) in [("idle_timeout", idle_timeout), ("write_timeout", write_timeout), ("websocket_timeout", websocket_timeout)] {
-            if d.is_zero() {
-                section.error(key, "must be more than zero");
-            }
-        }
-        let websocket_deflate = section.bool("websocket_deflate").map(|v| v.value).unwrap_or(true);
-        let max_upload_size = section.size("max_upload_size", 1 << 40).map(|v| v.value).unwrap_or(100 << 20);
-        let access_log = match section.string("access_log") {
-            Some(v) => match access_log::Format::parse(&v.value) {
-                Some(f) => f,
-                None => {
-                    section.error("access_log", format!("must be {}, not {:?}", access_log::Format::NAMES, v.value));
-                    access_log::Format::Combined
-                }
-            },
-            None => access_log::Format::Combined,
-        };
-        if max_message_size < 125 {
-            section.error("max_message_size", "must be at least 125 bytes (the largest control frame)");
-        }
-        let tls = match tls::read_tls(section, "tls", http2) {
-            None => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(())) => return None,
-        };
-        let settings = HttpSettings {
-            listen: listen?,
-            max_body_size,
-            max_header_size: max_header_size.max(8192) as usize,
-            header_read_timeout,
-            max_connections,
-            http2,
-            idle_timeout,
-            write_timeout,
-            websocket_timeout,
-            max_message_size: max_message_size.max(125) as usize,
-            max_upload_size,
-            websocket_deflate,
-            access_log,
-            tls,
-        };
+        let settings = read_settings(section, true)?;
+        Some(HttpInterface::new(spec, settings, None))
+    }
+}
+
+impl HttpInterface {
+    pub(crate) fn new(spec: InterfaceSpec, settings: HttpSettings, service: Option<Arc<dyn service::Service>>) -> Arc<HttpInterface> {
         let figures = rustomnic_core::metrics::interface(&spec.cage, &spec.name);
         let unrouted = rustomnic_core::metrics::status_counts(&spec.cage, &spec.name, "");
-        Some(Arc::new(HttpInterface {
+        Arc::new(HttpInterface {
             spec,
             settings,
             open: AtomicUsize::new(0),
@@ -199,8 +154,77 @@ impl InterfaceProtocol for HttpProtocol {
             figures,
             unrouted,
             tls: std::sync::OnceLock::new(),
-        }))
+            service,
+        })
     }
+}
+
+/// The interface's keys; `lua`: also those of Lua handlers only (WebSockets, uploads), which an
+/// interface of a [`service::Service`] does not have (its uploads are held to max_body_size).
+pub(crate) fn read_settings(section: &Section, lua: bool) -> Option<HttpSettings> {
+    let listen = rustomnic_interface::read_listen(section);
+    let max_body_size = section.size("max_body_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
+    let max_header_size = section.size("max_header_size", 1 << 20).map(|v| v.value).unwrap_or(16 << 10);
+    if max_header_size < 8192 {
+        section.error("max_header_size", "must be at least 8KiB");
+    }
+    let header_read_timeout = section.duration("header_read_timeout", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(Duration::from_secs(10));
+    let max_connections = section.integer("max_connections", 1, 10_000_000).map(|v| v.value as usize).unwrap_or(10_000);
+    let http2 = section.bool("http2").map(|v| v.value).unwrap_or(true);
+    let day = Duration::from_secs(86_400);
+    let idle_timeout = section.duration("idle_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(60));
+    let write_timeout = section.duration("write_timeout", day).map(|v| v.value).unwrap_or(Duration::from_secs(30));
+    let (websocket_timeout, max_message_size, websocket_deflate, max_upload_size) = if lua {
+        let websocket_timeout = section.duration("websocket_timeout", 365 * day).map(|v| v.value).unwrap_or(Duration::from_secs(3600));
+        let max_message_size = section.size("max_message_size", 1 << 30).map(|v| v.value).unwrap_or(1 << 20);
+        let websocket_deflate = section.bool("websocket_deflate").map(|v| v.value).unwrap_or(true);
+        let max_upload_size = section.size("max_upload_size", 1 << 40).map(|v| v.value).unwrap_or(100 << 20);
+        if websocket_timeout.is_zero() {
+            section.error("websocket_timeout", "must be more than zero");
+        }
+        if max_message_size < 125 {
+            section.error("max_message_size", "must be at least 125 bytes (the largest control frame)");
+        }
+        (websocket_timeout, max_message_size, websocket_deflate, max_upload_size)
+    } else {
+        (Duration::from_secs(3600), 1 << 20, false, max_body_size)
+    };
+    for (key, d) in [("idle_timeout", idle_timeout), ("write_timeout", write_timeout)] {
+        if d.is_zero() {
+            section.error(key, "must be more than zero");
+        }
+    }
+    let access_log = match section.string("access_log") {
+        Some(v) => match access_log::Format::parse(&v.value) {
+            Some(f) => f,
+            None => {
+                section.error("access_log", format!("must be {}, not {:?}", access_log::Format::NAMES, v.value));
+                access_log::Format::Combined
+            }
+        },
+        None => access_log::Format::Combined,
+    };
+    let tls = match tls::read_tls(section, "tls", http2) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(())) => return None,
+    };
+    Some(HttpSettings {
+        listen: listen?,
+        max_body_size,
+        max_header_size: max_header_size.max(8192) as usize,
+        header_read_timeout,
+        max_connections,
+        http2,
+        idle_timeout,
+        write_timeout,
+        websocket_timeout,
+        max_message_size: max_message_size.max(125) as usize,
+        max_upload_size,
+        websocket_deflate,
+        access_log,
+        tls,
+    })
 }
 
 /// A local executor: HTTP/2 streams of a connection run on the worker that owns it, so neither
