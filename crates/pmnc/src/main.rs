@@ -311,6 +311,13 @@ fn protocols() -> Protocols {
     p.add(Arc::new(rustomnic_nats::NatsProtocol));
     p.add(Arc::new(rustomnic_stomp::StompProtocol));
     p.add(Arc::new(rustomnic_celery::CeleryProtocol));
+    p.add(Arc::new(rustomnic_mail::SmtpProtocol));
+    p.add(Arc::new(rustomnic_mail::ImapProtocol));
+    p.add(Arc::new(rustomnic_rpc::JsonRpcProtocol));
+    p.add(Arc::new(rustomnic_rpc::XmlRpcProtocol));
+    p.add(Arc::new(rustomnic_smpp::SmppProtocol));
+    p.add(Arc::new(rustomnic_udp::UdpProtocol));
+    p.add(Arc::new(rustomnic_file::FileProtocol));
     p.add_resource(Arc::new(rustomnic_resource_postgresql::Postgresql));
     p.add_resource(Arc::new(rustomnic_resource_mysql::Mysql));
     p.add_resource(Arc::new(rustomnic_resource_redis::Redis));
@@ -324,6 +331,10 @@ fn protocols() -> Protocols {
     p.add_resource(Arc::new(rustomnic_resource_nats::Nats));
     p.add_resource(Arc::new(rustomnic_resource_stomp::Stomp));
     p.add_resource(Arc::new(rustomnic_resource_celery::Celery));
+    p.add_resource(Arc::new(rustomnic_resource_rpc::JsonRpc));
+    p.add_resource(Arc::new(rustomnic_resource_rpc::XmlRpc));
+    p.add_resource(Arc::new(rustomnic_resource_smpp::Smpp));
+    p.add_resource(Arc::new(rustomnic_resource_udp::Udp));
     p
 }
 

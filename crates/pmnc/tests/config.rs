@@ -91,11 +91,11 @@ fn bad_duration() {
 #[test]
 fn unknown_protocol() {
     let t = Tree::new();
-    let web = web_cage(&t, &format!("{}\n[interfaces.mail]\nprotocol = \"smtp\"\n", http_cage_toml("")));
-    let out = refused_with(&web, &[format!("{}:5: interfaces.mail.protocol: unknown protocol \"smtp\"", toml_of(&t, "web"))]);
+    let web = web_cage(&t, &format!("{}\n[interfaces.fax]\nprotocol = \"fax\"\n", http_cage_toml("")));
+    let out = refused_with(&web, &[format!("{}:5: interfaces.fax.protocol: unknown protocol \"fax\"", toml_of(&t, "web"))]);
     // The known protocols are listed, in order.
     let known = out.split("this build knows: ").nth(1).unwrap_or_else(|| panic!("no list of known protocols: {out}"));
-    for p in ["amqp", "http", "line", "mqtt", "nats", "schedule", "stomp"] {
+    for p in ["amqp", "http", "imap", "jsonrpc", "line", "mqtt", "nats", "schedule", "smtp", "stomp", "udp"] {
         assert!(known.contains(p), "{p} missing from the known protocols: {out}");
     }
 }
@@ -265,8 +265,8 @@ listen = "nowhere"
 handler = "admin"
 extra = true
 
-[interfaces.mail]
-protocol = "smtp"
+[interfaces.fax]
+protocol = "fax"
 "#,
     );
     t.write("cages/web/http.lua", "return { handle = function() end }\n");
@@ -283,7 +283,7 @@ protocol = "smtp"
         format!("{web}:12: interfaces.admin.listen: \"nowhere\" is not an address"),
         format!("{web}:13: interfaces.admin.handler: \"admin\" is not \"module.function\""),
         format!("{web}:14: interfaces.admin.extra: unknown key"),
-        format!("{web}:17: interfaces.mail.protocol: unknown protocol \"smtp\""),
+        format!("{web}:17: interfaces.fax.protocol: unknown protocol \"fax\""),
         "worker/broken.lua:3: ".to_string(),
         "worker/log.lua: module name \"log\" is reserved".to_string(),
     ];
