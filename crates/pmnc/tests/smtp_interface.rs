@@ -11,7 +11,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
 const TOML: &str = r#"
 [interfaces.mx]
@@ -201,23 +200,6 @@ out["idle_after"] = time.monotonic() - t0
 print(json.dumps(out))
 "#;
 
-/// A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem).
-fn certificates() -> (String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    ca.distinguished_name.push(DnType::CommonName, "smtp test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap()), SanType::IpAddress([127, 0, 0, 1].into())];
-    params.distinguished_name.push(DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
-}
-
 /// The handler's records, from its `GOT <hex json> END` log lines.
 fn records(s: &Server) -> Vec<serde_json::Value> {
     s.log
@@ -241,7 +223,7 @@ fn smtplib_delivers_to_the_handler_and_learns_every_outcome() {
         return;
     }
     let t = Tree::new();
-    let (ca, cert, key) = certificates();
+    let (ca, cert, key) = test_certificates("smtp");
     t.write("c/cage.toml", TOML);
     t.write("c/mail.lua", MAIL);
     t.write("c/cert.pem", &cert);

@@ -491,3 +491,11 @@ pub fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A throw-away CA and a server certificate it signed for localhost and 127.0.0.1, as PEM text:
+/// (ca, cert, key).
+pub fn test_certificates(tag: &str) -> (String, String, String) {
+    let pki = rustomnic_resource::testing_tls::TestPki::new(tag, &["localhost", "127.0.0.1"]).unwrap();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    (read(&pki.ca), read(&pki.cert), read(&pki.key))
+}

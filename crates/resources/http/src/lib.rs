@@ -102,8 +102,8 @@ impl ResourceProtocol for Http {
 
 /// An https-or-http connector with rustls on the ring provider. It trusts the webpki (Mozilla)
 /// roots, the same on every machine whatever its system store holds, plus `extra_roots` (a
-/// private CA of the `tls_ca_file` key).
-fn make_connector(timeout: Option<Duration>, extra_roots: Vec<CertificateDer<'static>>) -> Result<HttpsConnector<HttpConnector>, String> {
+/// private CA of the `tls_ca_file` key). Also the client of the jsonrpc and xmlrpc resources.
+pub fn make_connector(timeout: Option<Duration>, extra_roots: Vec<CertificateDer<'static>>) -> Result<HttpsConnector<HttpConnector>, String> {
     let mut http = HttpConnector::new();
     // https URLs go through the TLS layer, which needs the inner connector to accept them.
     http.enforce_http(false);
@@ -123,7 +123,7 @@ fn make_connector(timeout: Option<Duration>, extra_roots: Vec<CertificateDer<'st
 }
 
 /// The certificates of a PEM file (one or more `BEGIN CERTIFICATE` blocks).
-fn read_ca_file(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn read_ca_file(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{path} is not a PEM file of certificates: {e}"))?;
     if certs.is_empty() {
@@ -152,7 +152,7 @@ fn parse_base(url: &str) -> Result<(String, String), String> {
 
 /// The `headers` key: a table of name = "value" (the preferred form), or the older multi-line
 /// string of `Name: value` lines. Problems are recorded under the key they concern.
-fn default_headers(section: &Section) -> HeaderMap {
+pub fn default_headers(section: &Section) -> HeaderMap {
     match section.kind_of("headers") {
         None => HeaderMap::new(),
         Some("string") => match section.string("headers").map(|text| parse_header_lines(&text.value)) {

@@ -28,14 +28,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use hyper::{HeaderMap, Method, Request, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use rustomnic_core::{Section, Value};
 use rustomnic_resource::{Connection, Error, Resource, ResourceProtocol};
 
@@ -97,23 +95,9 @@ fn configure(section: &Section, kind: Kind) -> Option<Arc<dyn Resource>> {
     let timeout = section.duration("timeout", Duration::from_secs(3600)).map(|t| t.value);
     let max_body_size = section.size("max_body_size", MAX_BODY_SIZE_LIMIT).map(|s| s.value).unwrap_or(16 << 20);
     let max_elements = if kind == Kind::Xml { section.integer("max_elements", 1, 100_000_000).map(|v| v.value as usize).unwrap_or(100_000) } else { 0 };
-    let headers = match section.string_map("headers") {
-        Some(pairs) => {
-            let mut h = HeaderMap::new();
-            for (name, value) in &pairs.value {
-                match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                    (Ok(n), Ok(v)) => {
-                        h.append(n, v);
-                    }
-                    _ => section.error("headers", format!("{name:?}: not a valid header name and value")),
-                }
-            }
-            h
-        }
-        None => HeaderMap::new(),
-    };
+    let headers = rustomnic_resource_http::default_headers(section);
     let roots = match section.string("tls_ca_file") {
-        Some(path) => match read_ca_file(&path.value) {
+        Some(path) => match rustomnic_resource_http::read_ca_file(&path.value) {
             Ok(certs) => Some(certs),
             Err(e) => {
                 section.error("tls_ca_file", e);
@@ -135,7 +119,7 @@ fn configure(section: &Section, kind: Kind) -> Option<Arc<dyn Resource>> {
             return None;
         }
     };
-    let connector = match make_connector(timeout, roots?) {
+    let connector = match rustomnic_resource_http::make_connector(timeout, roots?) {
         Ok(c) => c,
         Err(e) => {
             section.error("tls_ca_file", format!("cannot set up TLS: {e}"));
@@ -143,33 +127,6 @@ fn configure(section: &Section, kind: Kind) -> Option<Arc<dyn Resource>> {
         }
     };
     Some(Arc::new(RpcResource(Arc::new(Settings { kind, url: uri, timeout, max_body_size, max_elements, headers, connector }))))
-}
-
-/// An https-or-http connector with rustls on ring: the webpki roots and `extra_roots`.
-fn make_connector(timeout: Option<Duration>, extra_roots: Vec<CertificateDer<'static>>) -> Result<HttpsConnector<HttpConnector>, String> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(timeout);
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for cert in extra_roots {
-        roots.add(cert).map_err(|e| format!("a certificate of tls_ca_file cannot be used as a root: {e}"))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_or_http().enable_http1().enable_http2().wrap_connector(http))
-}
-
-fn read_ca_file(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{path} is not a PEM file of certificates: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("{path} holds no certificate (-----BEGIN CERTIFICATE-----)"));
-    }
-    Ok(certs)
 }
 
 impl Resource for RpcResource {
