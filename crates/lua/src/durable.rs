@@ -1,5 +1,5 @@
 //! Durable calls as Lua sees them: `pmnc("<cage>", {queue = ...}).m.f(...)`,
-//! `pmnc.calls.result(id)` and `pmnc.calls.wait(id, timeout)`. The Lua host only parses options
+//! `pmnc.calls.result(id)`, `pmnc.calls.wait(id, timeout)` and `pmnc.calls.cancel(id)`. The Lua host only parses options
 //! and hands the call to the installed [`Calls`] service (the task queue, crates/queue), which it
 //! cannot depend on; the cluster engine reaches the same service through [`accept`] and tells it
 //! which queues the cages of other processes have through [`set_directory`].
@@ -53,12 +53,29 @@ pub struct CallOptions {
     pub at: Option<f64>,
     /// Unix time (seconds) after which the call is no longer tried (wins over expires_in).
     pub expires_at: Option<f64>,
+    /// Attempts after which a failing call goes to dead letters (wins over the queue's).
+    pub max_attempts: Option<i64>,
+}
+
+/// The largest `max_attempts` a call may set.
+pub const MAX_ATTEMPTS: i64 = 1_000_000;
+
+/// What `pmnc.calls.cancel(id)` answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelAnswer {
+    /// True when this cancel stopped the call (it will not run, or not run again).
+    pub cancelled: bool,
+    /// The status the call was in (pending, failed, running, or cancelled, done or dead when
+    /// nothing changed); None when there is no such call.
+    pub status: Option<String>,
+    /// A sentence saying what happened, for people.
+    pub message: String,
 }
 
 /// What `pmnc.calls.result(id)` reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallStatus {
-    /// pending, running, failed (waiting for a retry), done, dead, or forwarded (accepted by a
+    /// pending, running, failed (waiting for a retry), done, dead, cancelled, or forwarded (accepted by a
     /// cage of another process, where its progress is kept).
     pub status: String,
     /// The cage that stores the call (its target).
@@ -71,9 +88,9 @@ pub struct CallStatus {
 }
 
 impl CallStatus {
-    /// Done or dead: nothing about the call changes any more.
+    /// Done, dead or cancelled: nothing about the call changes any more.
     pub fn is_final(&self) -> bool {
-        self.status == "done" || self.status == "dead"
+        self.status == "done" || self.status == "dead" || self.status == "cancelled"
     }
 
     /// Reads back what [`CallStatus::to_value`] made (a completion event from another process):
@@ -165,6 +182,11 @@ pub trait Calls: Send + Sync {
     /// sender put them in its call to `_queue.accept`). A refusal that can never change is
     /// [`CallError::Refused`]; anything else is worth trying again.
     fn accept(&self, from_cage: &str, cage: &str, args: Vec<Value>) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>>;
+    /// Cancels call `id` (stored in `cage`, or in any cage of this process when None).
+    fn cancel(&self, cage: Option<&str>, id: &str) -> LocalBoxFuture<'static, Result<CancelAnswer, String>> {
+        let _ = (cage, id);
+        Box::pin(async { Err("cancelling calls is not available in this process".to_string()) })
+    }
 }
 
 static CALLS: RwLock<Option<Arc<dyn Calls>>> = RwLock::new(None);
@@ -206,7 +228,7 @@ pub fn directory_of(cage: &str) -> Option<Vec<QueueInfo>> {
     d(cage)
 }
 
-const KNOWN: &str = "queue, id, expires_in, expires_at, delay, at";
+const KNOWN: &str = "queue, id, expires_in, expires_at, delay, at, max_attempts";
 
 fn seconds(target: &str, key: &str, v: LuaValue) -> Result<Option<f64>, String> {
     let n = match v {
@@ -246,6 +268,17 @@ pub fn options_from(target: &str, opts: &Table) -> Result<CallOptions, String> {
             "delay" => o.delay = seconds(target, "delay", v)?,
             "at" => o.at = seconds(target, "at", v)?,
             "expires_at" => o.expires_at = seconds(target, "expires_at", v)?,
+            "max_attempts" => match v {
+                LuaValue::Nil => {}
+                LuaValue::Integer(n) if (1..=MAX_ATTEMPTS).contains(&n) => o.max_attempts = Some(n),
+                LuaValue::Number(n) if n.fract() == 0.0 && (1.0..=MAX_ATTEMPTS as f64).contains(&n) => o.max_attempts = Some(n as i64),
+                other => {
+                    return Err(format!(
+                        "calling {target}: option max_attempts must be a whole number from 1 to {MAX_ATTEMPTS}, got {}",
+                        crate::request::error_text(&other)
+                    ))
+                }
+            },
             other => return Err(format!("calling {target}: unknown option {other:?} (known: {KNOWN})")),
         }
     }
@@ -303,9 +336,41 @@ fn status_table(lua: &Lua, id: &str, status: Option<&CallStatus>) -> mlua::Resul
     }
 }
 
-/// `rust.call_result(id, cage)` and `rust.call_wait(id, timeout)` for the prelude's
-/// pmnc.calls: (true, status table or nil) or (false, message).
+/// `rust.call_result(id, cage)`, `rust.call_wait(id, timeout)` and `rust.call_cancel(id, cage)`
+/// for the prelude's pmnc.calls: (true, results...) or (false, message).
 pub(crate) fn register(lua: &Lua, helpers: &Table) -> mlua::Result<()> {
+    helpers.set(
+        "call_cancel",
+        lua.create_async_function(|lua, (id, cage): (LuaValue, LuaValue)| async move {
+            let lua = &lua;
+            let fail =
+                |m: String| -> mlua::Result<MultiValue> { Ok(MultiValue::from_iter([LuaValue::Boolean(false), LuaValue::String(lua.create_string(m)?)])) };
+            let id = match id_of("pmnc.calls.cancel", &id) {
+                Ok(id) => id,
+                Err(e) => return fail(e),
+            };
+            let cage = match cage {
+                LuaValue::Nil => None,
+                LuaValue::String(s) if rustomnic_core::is_cage_name(&s.to_string_lossy()) => Some(s.to_string_lossy()),
+                other => return fail(format!("pmnc.calls.cancel({id:?}, cage): cage must be a cage name, got {}", crate::request::error_text(&other))),
+            };
+            let Some(calls) = calls() else {
+                return fail("pmnc.calls.cancel: durable calls are not available in this process".into());
+            };
+            match calls.cancel(cage.as_deref(), &id).await {
+                Ok(a) => Ok(MultiValue::from_iter([
+                    LuaValue::Boolean(true),
+                    LuaValue::Boolean(a.cancelled),
+                    match a.status {
+                        Some(s) => LuaValue::String(lua.create_string(s)?),
+                        None => LuaValue::Nil,
+                    },
+                    LuaValue::String(lua.create_string(a.message)?),
+                ])),
+                Err(e) => fail(format!("pmnc.calls.cancel({id:?}): {e}")),
+            }
+        })?,
+    )?;
     helpers.set(
         "call_result",
         lua.create_async_function(|lua, (id, cage): (LuaValue, LuaValue)| async move {

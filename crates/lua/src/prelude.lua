@@ -691,10 +691,18 @@ end)
 -- pmnc.calls (crates/lua/src/durable.rs): result(id [, cage]) reads the status of a durable
 -- call; wait(id [, timeout]) parks the request until it is done or dead. Calls forwarded from
 -- other cages' outboxes (`_queue.accept`) are answered in Rust, not here.
-local call_result, call_wait = rust.call_result, rust.call_wait
+-- cancel(id [, cage]) cancels it; fail_permanently(message) raises an error that a durable call
+-- does not retry ({message = ..., retry = false}, read by crates/lua/src/request.rs).
+local call_result, call_wait, call_cancel = rust.call_result, rust.call_wait, rust.call_cancel
+local permanent_mt = { __name = "pmnc.permanent_failure", __tostring = function(e) return e.message end }
 api.calls = readonly({
   result = function(id, cage) return check(call_result(id, cage)) end,
   wait = function(id, timeout) return check(call_wait(id, timeout)) end,
+  cancel = function(id, cage) return check(call_cancel(id, cage)) end,
+  fail_permanently = function(message)
+    if type(message) ~= "string" then error("pmnc.calls.fail_permanently(message): message must be a string, got " .. type(message), 2) end
+    error(c_setmetatable({ message = message, retry = false }, permanent_mt), 2)
+  end,
 }, "pmnc.calls")
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
@@ -794,6 +802,87 @@ local function run(f, ...)
   started()
   return finish(c_xpcall(f, on_error, ...))
 end
+
+-- pmnc.parallel{f, g, ...} (api/parallel.rs): functions of one request run at once, each in a
+-- coroutine of its own under the request's deadline (or the call's shorter timeout); returns an
+-- entry per branch and the number that failed. pmnc.parallel.any returns the entry of the first
+-- branch to return and closes the others. Branches may call pmnc.parallel again; at most
+-- MAX_BRANCHES are alive in one request (the Rust side counts nested calls).
+local parallel_run = rust.parallel
+local MAX_BRANCHES = 100
+local parallel_error_mt = locked({
+  __name = "pmnc.parallel.error",
+  __tostring = function(e) return e.message end,
+})
+
+local function parallel_call(any, name, branches, opts)
+  if not can_wait() then
+    error(name .. " may only be called from a request's own code or from a branch (not from module top-level code or a coroutine created by module code)", 3)
+  end
+  if type(branches) ~= "table" then
+    error(name .. "(branches [, options]): branches must be a table of functions, got " .. type(branches), 3)
+  end
+  local n = rawlen(branches)
+  if n > MAX_BRANCHES then
+    error(("%s: %d branches, over the limit of %d"):format(name, n, MAX_BRANCHES), 3)
+  end
+  for k in next, branches do
+    if math_type(k) ~= "integer" or k < 1 or k > n then
+      error(("%s: the branches table holds only functions at 1..%d (found the key %s; options go in the second argument)"):format(name, n, c_tostring(k)), 3)
+    end
+  end
+  for i = 1, n do
+    local f = rawget(branches, i)
+    if type(f) ~= "function" then
+      error(("%s: branch %d must be a function, got %s"):format(name, i, type(f)), 3)
+    end
+  end
+  if any and n == 0 then error(name .. ": no branches", 3) end
+  local timeout
+  if opts ~= nil then
+    if type(opts) ~= "table" then error(name .. "(branches, options): options must be a table, got " .. type(opts), 3) end
+    for k, v in next, opts do
+      if k ~= "timeout" then error(name .. ": unknown option " .. c_tostring(k) .. " (known: timeout)", 3) end
+      if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
+        error(name .. ": timeout must be a number of seconds above zero, got " .. c_tostring(v), 3)
+      end
+      timeout = v
+    end
+  end
+  local ok, entries, failed, winner = parallel_run(run, error_mt, branches, any, timeout)
+  if not ok then error(entries, 3) end
+  if not any then return entries, failed end
+  if winner ~= nil then
+    local entry = entries[winner]
+    entry.index = winner
+    return entry
+  end
+  local parts = {}
+  for i = 1, n do
+    local e = entries[i]
+    parts[i] = "[" .. i .. "] " .. c_tostring(e and e.message)
+  end
+  error(c_setmetatable({ message = name .. ": every branch failed: " .. concat(parts, "; "), errors = entries }, parallel_error_mt), 3)
+end
+
+local parallel_fields = {
+  any = function(branches, opts)
+    local entry = parallel_call(true, "pmnc.parallel.any", branches, opts)
+    return entry
+  end,
+}
+local parallel_api = c_setmetatable({}, {
+  __index = parallel_fields,
+  __newindex = function(_, k) error("pmnc.parallel is read-only (tried to set " .. c_tostring(k) .. ")", 2) end,
+  __call = function(_, branches, opts)
+    local entries, failed = parallel_call(false, "pmnc.parallel", branches, opts)
+    return entries, failed
+  end,
+  __pairs = function() return next, parallel_fields, nil end,
+  __metatable = false,
+})
+protected[parallel_api] = "pmnc.parallel"
+api.parallel = parallel_api
 
 -- ---------------------------------------------------------------------------------------------
 -- The globals every module starts with. Each module gets its own copy of this table and of the

@@ -33,6 +33,10 @@ pub struct RequestCtx {
     pub parameters: Option<Value>,
     /// The id of the durable call this request delivers (`pmnc.request.call_id`).
     pub call_id: Option<String>,
+    /// Set when the request failed with an error table holding `retry = false`
+    /// (`pmnc.calls.fail_permanently`): a durable call is then not tried again. Shared, so that
+    /// whoever started the request reads it after the request has ended.
+    pub no_retry: Arc<std::sync::atomic::AtomicBool>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -79,6 +83,7 @@ impl RequestCtx {
             caller,
             parameters: None,
             call_id: None,
+            no_retry: Arc::default(),
         }
     }
 
@@ -126,6 +131,10 @@ pub(crate) struct VmShared {
     /// timeout): the request's deadline timer wakes the request then, so a parked request holds
     /// one timer, not two.
     pub wake_at: Cell<Option<Instant>>,
+    /// While branches of `pmnc.parallel` are polled: how many branches the request they belong
+    /// to has alive, nested calls included, and how deep the call polling them is nested
+    /// (api/parallel.rs keeps the caps on both).
+    pub parallel_live: RefCell<Option<(Rc<Cell<usize>>, usize)>>,
 }
 
 impl std::fmt::Debug for VmShared {
@@ -243,6 +252,38 @@ impl VmShared {
     }
 }
 
+impl RequestFuture {
+    /// A branch of `pmnc.parallel`: `f` run by the prelude's `run` as a coroutine of its own
+    /// under `ctx` (its request's, or one with the shorter deadline of the call's timeout).
+    pub(crate) fn branch(shared: Rc<VmShared>, ctx: Rc<RequestCtx>, run: &mlua::Function, f: mlua::Function, failure_mt: Table) -> RequestFuture {
+        let inner = run.call_async::<MultiValue>(f);
+        shared.live.set(shared.live.get() + 1);
+        RequestFuture {
+            inner: Some(inner),
+            state: std::ptr::null_mut(),
+            grown: 0,
+            done: false,
+            ctx,
+            shared,
+            timer: None,
+            gate: None,
+            failure_mt,
+            turn: None,
+            recording: None,
+            branch: true,
+        }
+    }
+
+    /// The out-of-memory error of this request or branch.
+    pub(crate) fn memory_error(&self) -> RunError {
+        self.out_of_memory()
+    }
+
+    pub(crate) fn failure_mt(&self) -> &Table {
+        &self.failure_mt
+    }
+}
+
 /// How a request's coroutine ended, when it did not return normally.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunError {
@@ -312,8 +353,13 @@ pub struct RequestFuture {
     pub(crate) failure_mt: Table,
     /// Set while the coroutine waits for its next turn after a time slice.
     pub(crate) turn: Option<Pin<Box<dyn Future<Output = ()>>>>,
-    /// Counts the request for the monitor (in flight, outcome, latency).
-    pub(crate) recording: crate::metrics::Recording,
+    /// Counts the request for the monitor (in flight, outcome, latency); none for a branch of
+    /// `pmnc.parallel`, which is part of its request.
+    pub(crate) recording: Option<crate::metrics::Recording>,
+    /// A branch of `pmnc.parallel` (api/parallel.rs): polled inside its request's poll, it shares
+    /// the request's time slice and what is left of its memory share, and its result is the
+    /// coroutine's raw (status, values...) so the branch's error value reaches Lua unchanged.
+    pub(crate) branch: bool,
 }
 
 impl Drop for RequestFuture {
@@ -396,7 +442,9 @@ impl Future for RequestFuture {
         if let Poll::Ready(r) = &result {
             // Split borrows of the fields; the future is Unpin, so this moves nothing.
             let this = &mut *self;
-            this.recording.finish(&this.ctx, r);
+            if let Some(recording) = this.recording.as_mut() {
+                recording.finish(&this.ctx, r);
+            }
         }
         result
     }
@@ -415,12 +463,21 @@ impl RequestFuture {
             self.turn = None;
         }
         let previous = self.shared.current.replace(Some(self.ctx.clone()));
-        let previous_slice = self.shared.slice_start.replace(now);
+        // A branch runs within its request's poll and slice: N branches take one slice, not N.
+        let slice_start = if self.branch { self.shared.slice_start.get() } else { now };
+        let previous_slice = self.shared.slice_start.replace(slice_start);
         let previous_stopping = self.shared.stopping.replace(false);
         let previous_wake = self.shared.wake_at.replace(None);
         // This poll may make the VM grow by what is left of the request's share.
         let lua = self.shared.lua.try_upgrade();
-        let allowance = (self.shared.limits.request_memory as isize - self.grown).max(0) as usize;
+        let mut allowance = (self.shared.limits.request_memory as isize - self.grown).max(0) as usize;
+        if self.branch {
+            // ...and a branch by what is left of its request's share at this moment.
+            let outer = self.shared.budget.get();
+            if let (true, Some(l)) = (outer.active, &lua) {
+                allowance = allowance.min(outer.allowance.saturating_sub(l.used_memory().saturating_sub(outer.start)));
+            }
+        }
         let previous_budget = lua.as_ref().map(|l| self.shared.begin_budget(l, allowance));
         let gate = match &self.gate {
             Some(g) if g.waker.will_wake(cx.waker()) => {
@@ -478,6 +535,9 @@ impl RequestFuture {
             }
             Poll::Ready(Ok(values)) => {
                 self.done = true;
+                if self.branch {
+                    return Poll::Ready(if Instant::now() >= self.ctx.deadline { Err(RunError::Deadline) } else { Ok(values) });
+                }
                 Poll::Ready(self.unpack(values))
             }
         }
@@ -546,10 +606,25 @@ impl RequestFuture {
                 if matches!(&failure, LuaValue::String(s) if s.as_bytes().starts_with(b"not enough memory")) {
                     return Err(self.out_of_memory());
                 }
+                if says_no_retry(&failure, &self.failure_mt) {
+                    self.ctx.no_retry.store(true, Ordering::SeqCst);
+                }
                 Err(describe_failure(&failure, &self.failure_mt))
             }
             _ => Err(RunError::Internal("request coroutine returned no status".into())),
         }
+    }
+}
+
+/// Whether the error raised is a table with `retry = false` (read raw: no module code runs here).
+fn says_no_retry(failure: &LuaValue, failure_mt: &Table) -> bool {
+    let LuaValue::Table(t) = failure else { return false };
+    if t.metatable().as_ref() != Some(failure_mt) {
+        return false;
+    }
+    match t.raw_get::<LuaValue>("error") {
+        Ok(LuaValue::Table(e)) => matches!(e.raw_get::<LuaValue>("retry"), Ok(LuaValue::Boolean(false))),
+        _ => false,
     }
 }
 
@@ -559,8 +634,14 @@ fn describe_failure(failure: &LuaValue, failure_mt: &Table) -> RunError {
             let error: LuaValue = t.raw_get("error").unwrap_or(LuaValue::Nil);
             let traceback: String = t.raw_get("traceback").unwrap_or_default();
             // The prelude puts the text of a table error there (its __tostring, run in Lua).
-            let message = match t.raw_get::<LuaValue>("message") {
-                Ok(LuaValue::String(m)) => m.to_string_lossy(),
+            let message = match (t.raw_get::<LuaValue>("message"), &error) {
+                (Ok(LuaValue::String(m)), _) => m.to_string_lossy(),
+                // A plain table error ({message = ..., retry = false}) says what it is in its
+                // `message` field.
+                (_, LuaValue::Table(e)) => match e.raw_get::<LuaValue>("message") {
+                    Ok(LuaValue::String(m)) => m.to_string_lossy(),
+                    _ => error_text(&error),
+                },
                 _ => error_text(&error),
             };
             // An error value Lua could not print (the runtime's own, a table) has a traceback

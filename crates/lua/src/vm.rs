@@ -84,6 +84,7 @@ impl CageVm {
             loading: Default::default(),
             live: Cell::new(0),
             wake_at: Cell::new(None),
+            parallel_live: Default::default(),
         });
         // Requests make many short-lived tables and strings; the generational collector
         // reclaims them young instead of re-marking the whole heap in every cycle.
@@ -266,7 +267,8 @@ impl CageVm {
             gate: None,
             failure_mt: self.failure_mt.clone(),
             turn: None,
-            recording,
+            recording: Some(recording),
+            branch: false,
         })
     }
 

@@ -167,6 +167,8 @@ enum QueueCommand {
     Show { path: PathBuf, id: String },
     /// Run a failed or dead call again now.
     Retry { path: PathBuf, id: String },
+    /// Cancel a waiting (or running) call: it is not started again (docs/queues.md).
+    Cancel { path: PathBuf, id: String },
     /// Delete every call not done (or, with --dead, only dead letters).
     Purge {
         path: PathBuf,
@@ -178,7 +180,11 @@ enum QueueCommand {
 /// `pmnc queue ...` on every cage at PATH.
 fn queue_command(command: QueueCommand) -> Result<(), String> {
     let path = match &command {
-        QueueCommand::Ls { path, .. } | QueueCommand::Show { path, .. } | QueueCommand::Retry { path, .. } | QueueCommand::Purge { path, .. } => path.clone(),
+        QueueCommand::Ls { path, .. }
+        | QueueCommand::Show { path, .. }
+        | QueueCommand::Retry { path, .. }
+        | QueueCommand::Cancel { path, .. }
+        | QueueCommand::Purge { path, .. } => path.clone(),
     };
     let mut cages = Vec::new();
     for dir in rustomnic_cage::find_cages(&path).map_err(|e| e.to_string())? {
@@ -216,6 +222,22 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
                         return Ok(());
                     }
                     Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        QueueCommand::Cancel { id, .. } => {
+            // The first cage whose file knows the id answers; a record of a cancelled call is
+            // kept for a queue's default de-duplication window.
+            let mut last = format!("no call {id:?}");
+            for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+                match rustomnic_queue::admin::cancel(file, &id, std::time::Duration::from_secs(3 * 86_400)) {
+                    Ok(said) => {
+                        println!("cage {cage}: {said}");
+                        return Ok(());
+                    }
+                    Err(e) if e.starts_with("no call ") => last = e,
+                    Err(e) => return Err(format!("cage {cage}: {e}")),
                 }
             }
             Err(last)

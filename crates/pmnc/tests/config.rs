@@ -403,7 +403,7 @@ fn module_not_returning_a_table_is_refused() {
 
 #[test]
 fn reserved_module_name_is_refused() {
-    for name in ["log", "json", "sleep", "clock", "request", "events", "calls"] {
+    for name in ["log", "json", "sleep", "clock", "request", "events", "calls", "parallel"] {
         let t = Tree::new();
         let web = web_cage(&t, &http_cage_toml(""));
         t.write(&format!("web/{name}.lua"), "return {}\n");

@@ -1,4 +1,4 @@
-//! `pmnc queue ls|show|retry|purge`: the operations on a cage's queue and outbox, on its file,
+//! `pmnc queue ls|show|retry|cancel|purge`: the operations on a cage's queue and outbox, on its file,
 //! whether the cage runs or not (SQLite's locking lets both work on it at once).
 
 use std::io::Write as _;
@@ -85,10 +85,10 @@ pub fn ls(cage: &str, path: &Path, limit: usize, out: &mut dyn std::io::Write) -
         writeln!(out, "outbox: {outgoing} waiting for their cage to accept them, {outgoing_dead} dead, {forwarded} forwarded kept").map_err(w)?;
     }
     let mut shown = 0;
-    for status in ["pending", "failed", "dead"] {
+    for status in ["pending", "failed", "dead", "cancelled"] {
         for r in store::list(&conn, path, Some(status), limit.saturating_sub(shown))? {
             shown += 1;
-            let when = if status == "dead" { r.finished_ms.map(time).unwrap_or_default() } else { format!("due {}", time(r.due_ms)) };
+            let when = if status == "dead" || status == "cancelled" { r.finished_ms.map(time).unwrap_or_default() } else { format!("due {}", time(r.due_ms)) };
             writeln!(out, "{:<8} {:<40} {:<10} {} attempts {} {}", r.status, r.id, r.queue, r.target, r.attempts, when).map_err(w)?;
         }
     }
@@ -190,12 +190,41 @@ pub fn retry(path: &Path, id: &str, extend: Duration) -> Result<(), String> {
     Err(format!("no call {id:?} in {}", path.display()))
 }
 
-/// `pmnc queue purge`: deletes dead letters (`dead`) or every call not done (otherwise), in the
+/// `pmnc queue cancel ID`: cancels a waiting call of this file's queue (a running one too: its
+/// attempt's outcome is then dropped and it is not retried); keeps its record at least
+/// `keep`. Ok with what happened (cancelled now, or already), Err when it cannot be cancelled.
+pub fn cancel(path: &Path, id: &str, keep: Duration) -> Result<String, String> {
+    let mut conn = open(path)?;
+    let fail = |e| sql_error(path, "queue cancel", e).message;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+    let done = store::cancel(&tx, path, id, store::now_ms().saturating_add(keep.as_millis() as i64))?;
+    tx.commit().map_err(fail)?;
+    match done {
+        store::Cancel::Cancelled(was) => {
+            Ok(format!("call {id} cancelled (it was {was}); it will not run again (an attempt running now runs to its end, and its outcome is dropped)"))
+        }
+        store::Cancel::Unchanged(st) if st == "cancelled" => Ok(format!("call {id} was already cancelled")),
+        store::Cancel::Unchanged(st) => Err(format!("call {id:?} is {st}: a call that ended cannot be cancelled")),
+        store::Cancel::Unknown => match store::outbox_find(&conn, path, id)? {
+            Some(r) => Err(format!(
+                "call {id:?} is in this cage's outbox ({}), sent to cage {}: only the cage that stores it can cancel it; run pmnc queue cancel on its folder",
+                r.status, r.cage
+            )),
+            None => Err(format!("no call {id:?} in {}", path.display())),
+        },
+    }
+}
+
+/// `pmnc queue purge`: deletes dead letters (`dead`) or every call not done (otherwise, cancelled
+/// ones included), in the
 /// queue and in the outbox, in chunks with a progress bar; returns how many were deleted.
 pub fn purge(path: &Path, dead_only: bool, progress: bool) -> Result<u64, String> {
     let mut conn = open(path)?;
-    let (calls, outbox) =
-        if dead_only { ("status = 'dead'", "status = 'dead'") } else { ("status IN ('pending', 'failed', 'dead')", "status IN ('pending', 'dead')") };
+    let (calls, outbox) = if dead_only {
+        ("status = 'dead'", "status = 'dead'")
+    } else {
+        ("status IN ('pending', 'failed', 'dead', 'cancelled')", "status IN ('pending', 'dead')")
+    };
     let fail = |e| sql_error(path, "queue purge", e).message;
     let count = |table: &str, filter: &str| conn.query_row(&format!("SELECT count(*) FROM {table} WHERE {filter}"), [], |r| r.get::<_, i64>(0)).map_err(fail);
     let total = count("queue_calls", calls)? + count("queue_outbox", outbox)?;

@@ -9,6 +9,7 @@
 //! dedup_window = "3d"       # how long a done call's id keeps refusing the same id
 //! result_ttl = "1h"         # how long pmnc.calls.result(id) keeps a done call's value
 //! timeout = "30s"           # deadline of one attempt (default: the cage's request_timeout)
+//! max_attempts = 0          # attempts before a failing call goes to dead letters, 0 = no limit
 //!
 //! [queues.retry.backoff]
 //! initial = "1s"            # wait before the first retry
@@ -22,6 +23,8 @@ use std::time::Duration;
 use rustomnic_core::Section;
 
 const DAY: Duration = Duration::from_secs(86_400);
+/// The largest `max_attempts` a queue or a call may set.
+pub const MAX_ATTEMPTS: u32 = 1_000_000;
 const YEAR: Duration = Duration::from_secs(366 * 86_400);
 
 /// One configured queue.
@@ -37,6 +40,9 @@ pub struct QueueConfig {
     pub result_ttl: Duration,
     /// Deadline of one attempt; None means the cage's request_timeout.
     pub timeout: Option<Duration>,
+    /// Attempts after which a failing call is dead (a call's own `max_attempts` wins); None is
+    /// no limit but the expiry.
+    pub max_attempts: Option<u32>,
     pub backoff: Backoff,
 }
 
@@ -77,6 +83,7 @@ impl QueueConfig {
             dedup_window: 3 * DAY,
             result_ttl: Duration::from_secs(3600),
             timeout: None,
+            max_attempts: None,
             backoff: Backoff::default(),
         }
     }
@@ -99,6 +106,9 @@ pub fn read_queues(queues: &Section) -> Vec<QueueConfig> {
         }
         if let Some(n) = s.integer("rate_limit", 0, 1_000_000) {
             q.rate_limit = n.value as u32;
+        }
+        if let Some(n) = s.integer("max_attempts", 0, MAX_ATTEMPTS as i64) {
+            q.max_attempts = (n.value > 0).then_some(n.value as u32);
         }
         if let Some(d) = s.duration("expires_in", YEAR) {
             q.expires_in = d.value;
@@ -163,7 +173,7 @@ mod tests {
 
     #[test]
     fn queues_are_read_and_bad_keys_named() {
-        let text = "[queues.retry]\nconcurrency = 4\nkeep_order = true\nexpires_in = \"2s\"\n[queues.retry.backoff]\ninitial = \"10ms\"\nmultiplier = \"1.5\"\njitter = 10\n[queues.bad]\nconcurrency = 0\nwhat = 1\n";
+        let text = "[queues.retry]\nconcurrency = 4\nkeep_order = true\nexpires_in = \"2s\"\nmax_attempts = 5\n[queues.retry.backoff]\ninitial = \"10ms\"\nmultiplier = \"1.5\"\njitter = 10\n[queues.bad]\nconcurrency = 0\nwhat = 1\nmax_attempts = -1\n";
         let file = rustomnic_core::SourceFile::parse(std::path::Path::new("cage.toml"), text.to_string()).unwrap();
         let root = file.root();
         let qs = read_queues(&root.table("queues").unwrap());
@@ -171,8 +181,10 @@ mod tests {
         assert_eq!((qs[0].name.as_str(), qs[1].name.as_str()), ("retry", "bad"));
         assert_eq!((qs[0].concurrency, qs[0].keep_order, qs[0].expires_in), (4, true, Duration::from_secs(2)));
         assert_eq!((qs[0].backoff.multiplier, qs[0].backoff.jitter), (1.5, 0.1));
+        assert_eq!((qs[0].max_attempts, qs[1].max_attempts), (Some(5), None));
         let errors: Vec<String> = file.take_errors().iter().map(|e| e.to_string()).collect();
         assert!(errors.iter().any(|e| e.contains("queues.bad.concurrency")), "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("queues.bad.what")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("queues.bad.max_attempts")), "{errors:?}");
     }
 }

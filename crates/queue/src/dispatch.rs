@@ -211,6 +211,8 @@ fn expire(store: &Arc<Store>, q: &QueueConfig, row: &Due, random: f64) {
 struct Failure {
     stored: String,
     logged: String,
+    /// The call raised an error with `retry = false` (`pmnc.calls.fail_permanently`).
+    permanent: bool,
 }
 
 /// One attempt of a call on this worker thread: run it with its state writes held, then record
@@ -231,11 +233,11 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
             }
             Err(e) => {
                 let stored = format!("{target} returned a value that cannot be kept: {e}");
-                (failed(&q, &row, stored.clone(), random), Vec::new(), None, Some(stored))
+                (failed(&q, &row, stored.clone(), false, random), Vec::new(), None, Some(stored))
             }
         },
         // A failed attempt has no effect on the state: its held writes are dropped.
-        Err(f) => (failed(&q, &row, f.stored, random), Vec::new(), None, Some(f.logged)),
+        Err(f) => (failed(&q, &row, f.stored, f.permanent, random), Vec::new(), None, Some(f.logged)),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let sent = store.send(Op::Complete { seq: row.seq, outcome: outcome.clone(), writes, reply: tx });
@@ -245,7 +247,25 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
     };
     let attempt_no = row.attempts + 1;
     match recorded {
-        Ok(()) => {
+        Ok(true) => {
+            // Cancelled while it ran: nothing of this attempt was kept, and it is not retried.
+            if let Ok(mut u) = store.unrecorded.lock() {
+                u.remove(&row.seq);
+            }
+            if let Some(note) = store.log.allow(&format!("cancelled:{}", q.name)) {
+                tracing::warn!(cage = %store.cage, queue = %q.name, call = %row.id, "attempt {attempt_no} ended after the call was cancelled; its outcome was dropped{note}");
+            }
+            let error = format!(
+                "cancelled while attempt {attempt_no} ran; {}",
+                match &failure {
+                    Some(f) => format!("it failed: {f}"),
+                    None => "it succeeded; its result and state writes were dropped".into(),
+                }
+            );
+            let status = CallStatus { status: "cancelled".into(), cage: store.cage.clone(), attempts: Some(attempt_no), value: None, error: Some(error) };
+            publish_end([&store.cage, &row.from_cage], &row.id, &status);
+        }
+        Ok(false) => {
             if let Ok(mut u) = store.unrecorded.lock() {
                 u.remove(&row.seq);
             }
@@ -259,7 +279,7 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
                 }
                 Outcome::Dead { error } => {
                     if let Some(note) = store.log.allow(&format!("dead:{}", q.name)) {
-                        tracing::error!(cage = %store.cage, queue = %q.name, call = %row.id, "attempt {attempt_no} failed and the call expires; moved to dead letters: {failure}{note}");
+                        tracing::error!(cage = %store.cage, queue = %q.name, call = %row.id, "attempt {attempt_no} failed and the call is not tried again (expired, at its max_attempts or failed permanently); moved to dead letters: {failure}{note}");
                     }
                     Some(CallStatus { status: "dead".into(), cage: store.cage.clone(), attempts: Some(attempt_no), value: None, error: Some(error.clone()) })
                 }
@@ -299,8 +319,20 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
     store.wake();
 }
 
-fn failed(q: &QueueConfig, row: &Due, error: String, random: f64) -> Outcome {
-    let wait = q.backoff.wait((row.attempts + 1) as u32, random);
+/// The outcome of a failed attempt: dead when it failed permanently, when it was the last of
+/// its `max_attempts` (the call's own, else its queue's), or when the next would start after
+/// its expiry; else retried after the backoff.
+fn failed(q: &QueueConfig, row: &Due, error: String, permanent: bool, random: f64) -> Outcome {
+    let attempts = row.attempts + 1;
+    if permanent {
+        return Outcome::Dead { error: format!("{error} (failed permanently after {attempts} attempt{}: not retried)", if attempts == 1 { "" } else { "s" }) };
+    }
+    if let Some(max) = row.max_attempts.or(q.max_attempts.map(i64::from)) {
+        if attempts >= max {
+            return Outcome::Dead { error: format!("{error} (after {attempts} attempt{}, its max_attempts)", if attempts == 1 { "" } else { "s" }) };
+        }
+    }
+    let wait = q.backoff.wait(attempts.clamp(0, u32::MAX as i64) as u32, random);
     let due = store::now_ms() + wait.as_millis() as i64;
     if due >= row.expires_ms {
         Outcome::Dead { error }
@@ -311,7 +343,7 @@ fn failed(q: &QueueConfig, row: &Due, error: String, random: f64) -> Outcome {
 
 async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>), Failure> {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
-    let fail = |stored: String| Failure { logged: stored.clone(), stored };
+    let fail = |stored: String| Failure { logged: stored.clone(), stored, permanent: false };
     let args = match decode(&row.args) {
         Ok(Value::Array(items)) => items,
         Ok(_) | Err(_) => return Err(fail(format!("{target}: the stored arguments of call {} cannot be read", row.id))),
@@ -322,6 +354,7 @@ async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Valu
     let timeout = q.timeout.unwrap_or(store.cage_timeout);
     let mut ctx = RequestCtx::new(&store.cage, &format!("queue.{}", q.name), timeout);
     ctx.call_id = Some(row.id.clone());
+    let no_retry = ctx.no_retry.clone();
     ctx.parameters = Some(Value::Map(vec![(Value::str("queue"), Value::str(q.name.clone())), (Value::str("attempt"), Value::Int(row.attempts + 1))]));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
@@ -339,7 +372,11 @@ async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Valu
             }
         }
         Err(RunError::Deadline) => Err(fail(format!("{target}: deadline exceeded ({}s)", timeout.as_secs_f64()))),
-        Err(e) => Err(Failure { stored: format!("{target}: {e}"), logged: format!("{target}: {}", e.log_text()) }),
+        Err(e) => Err(Failure {
+            stored: format!("{target}: {e}"),
+            logged: format!("{target}: {}", e.log_text()),
+            permanent: no_retry.load(std::sync::atomic::Ordering::SeqCst),
+        }),
     }
 }
 
@@ -405,6 +442,7 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
                 created_ms: call.created_ms,
                 due_ms: call.due_ms,
                 expires_ms: call.expires_given.then_some(call.expires_ms),
+                max_attempts: call.max_attempts,
             };
             deliver(&store, &call.cage, f).await
         }
@@ -465,4 +503,46 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
     }
     // Its retry time (or its end) changes when the outbox must be read next.
     store.outbox_changed();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempts: i64, max_attempts: Option<i64>) -> Due {
+        Due {
+            seq: 1,
+            id: "c".into(),
+            from_cage: "web".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: Vec::new(),
+            attempts,
+            due_ms: 0,
+            expires_ms: i64::MAX,
+            max_attempts,
+        }
+    }
+
+    /// Issue 18: the last allowed attempt (the call's own limit, else the queue's) and a
+    /// permanent failure end the call; anything else is retried until the expiry.
+    #[test]
+    fn a_failed_attempt_is_dead_at_max_attempts_or_when_permanent() {
+        let mut q = QueueConfig::new("q");
+        let dead = |o: Outcome| match o {
+            Outcome::Dead { error } => Some(error),
+            _ => None,
+        };
+        assert_eq!(dead(failed(&q, &row(0, None), "e".into(), false, 0.5)), None, "no limit: retried");
+        q.max_attempts = Some(3);
+        assert_eq!(dead(failed(&q, &row(1, None), "e".into(), false, 0.5)), None, "attempt 2 of 3: retried");
+        assert_eq!(dead(failed(&q, &row(2, None), "e".into(), false, 0.5)).as_deref(), Some("e (after 3 attempts, its max_attempts)"));
+        assert_eq!(dead(failed(&q, &row(2, Some(5)), "e".into(), false, 0.5)), None, "the call's own limit wins");
+        assert_eq!(dead(failed(&q, &row(0, Some(1)), "e".into(), false, 0.5)).as_deref(), Some("e (after 1 attempt, its max_attempts)"));
+        assert_eq!(dead(failed(&q, &row(0, None), "no".into(), true, 0.5)).as_deref(), Some("no (failed permanently after 1 attempt: not retried)"));
+        let mut expiring = row(0, None);
+        expiring.expires_ms = store::now_ms();
+        q.max_attempts = None;
+        assert_eq!(dead(failed(&q, &expiring, "e".into(), false, 0.5)).as_deref(), Some("e"), "past its expiry: dead with its error as before");
+    }
 }

@@ -20,6 +20,9 @@ pub struct Forwarded {
     pub due_ms: i64,
     /// Its own expiry; None lets the target's queue set it from its `expires_in`.
     pub expires_ms: Option<i64>,
+    /// Its own limit of attempts (an optional field: a target of an earlier version ignores
+    /// it and applies its queue's limit, if any).
+    pub max_attempts: Option<i64>,
 }
 
 pub fn encode(f: &Forwarded) -> Value {
@@ -35,6 +38,9 @@ pub fn encode(f: &Forwarded) -> Value {
     ];
     if let Some(e) = f.expires_ms {
         m.push((Value::str("expires_ms"), Value::Int(e)));
+    }
+    if let Some(n) = f.max_attempts {
+        m.push((Value::str("max_attempts"), Value::Int(n)));
     }
     Value::Map(m)
 }
@@ -78,6 +84,12 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
         created_ms: int("created_ms")?.ok_or("field created_ms is missing")?,
         due_ms: int("due_ms")?.ok_or("field due_ms is missing")?,
         expires_ms: int("expires_ms")?,
+        max_attempts: match int("max_attempts")? {
+            Some(n) if !(1..=rustomnic_lua::durable::MAX_ATTEMPTS).contains(&n) => {
+                return Err(format!("field max_attempts must be 1 to {}, got {n}", rustomnic_lua::durable::MAX_ATTEMPTS))
+            }
+            n => n,
+        },
     })
 }
 
@@ -108,6 +120,7 @@ fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
             other => return Err(format!("field args must be an array, got {}", other.type_name())),
         },
         created_ms: now,
+        max_attempts: None,
     })
 }
 
@@ -126,10 +139,14 @@ mod tests {
             created_ms: 5,
             due_ms: 7,
             expires_ms: None,
+            max_attempts: None,
         };
         assert_eq!(decode(vec![encode(&f)]).unwrap(), f);
-        let with = Forwarded { expires_ms: Some(9), ..f.clone() };
+        let with = Forwarded { expires_ms: Some(9), max_attempts: Some(3), ..f.clone() };
         assert_eq!(decode(vec![encode(&with)]).unwrap(), with);
+        let Value::Map(mut zero) = encode(&with) else { unreachable!() };
+        zero.last_mut().unwrap().1 = Value::Int(0);
+        assert!(decode(vec![Value::Map(zero)]).unwrap_err().contains("max_attempts must be 1"));
         assert_eq!(decode(vec![]).unwrap_err(), "a forwarded call is one map of its fields");
         assert_eq!(decode(vec![encode(&f), Value::Nil]).unwrap_err(), "a forwarded call is one map of its fields");
         let Value::Map(mut m) = encode(&f) else { unreachable!() };

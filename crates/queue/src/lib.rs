@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::Value;
-use rustomnic_lua::durable::{self, CallStatus, Calls, CommitFailure, DurableCall, Finish, ACCEPT_MODULE};
+use rustomnic_lua::durable::{self, CallStatus, Calls, CancelAnswer, CommitFailure, DurableCall, Finish, ACCEPT_MODULE};
 use rustomnic_lua::worker::{self, CallError};
 use rustomnic_resource_state::store::Write;
 use rustomnic_resource_state::{decode, encode, held, MAX_VALUE};
@@ -46,6 +46,9 @@ const FORWARD_WINDOW_MS: i64 = 86_400_000;
 const FORWARDED_KEPT_MS: i64 = 3 * 86_400_000;
 /// Room a forwarded call takes beyond its arguments on the wire (names, times, envelope).
 const FORWARD_OVERHEAD: usize = 2048;
+/// How long a cancelled call's record is kept when its queue is not configured here (a queue's
+/// default de-duplication window).
+const DEFAULT_DEDUP_MS: i64 = 3 * 86_400_000;
 /// A done call's values travel with its completion event up to this size; larger ones are
 /// read from the file by a waiter in the process that ran it.
 const EVENT_VALUES_MAX: usize = 64 << 10;
@@ -222,6 +225,7 @@ fn outgoing_call(call: DurableCall, queue_expiry: Option<Duration>) -> Result<st
         due_ms: due,
         expires_ms: expires,
         expires_given: given,
+        max_attempts: call.options.max_attempts,
     })
 }
 
@@ -373,6 +377,7 @@ impl Store {
             due_ms: due,
             expires_ms: expires,
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
+            max_attempts: o.max_attempts,
         })
     }
 
@@ -404,6 +409,7 @@ impl Store {
             due_ms: f.due_ms,
             expires_ms: expires,
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
+            max_attempts: f.max_attempts,
         };
         let id = row.id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -441,6 +447,51 @@ impl Store {
             cage: r.cage,
             value: None,
             error: r.error,
+        }))
+    }
+
+    /// Cancels call `id` of this cage's queue through the writer (one commit, answered once on
+    /// disk); None when this queue does not hold it.
+    async fn cancel(self: Arc<Self>, id: String) -> Result<Option<CancelAnswer>, String> {
+        let reader = self.clone();
+        let read_id = id.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let conn = reader.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+            store::find(&conn, &reader.path, &read_id)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the read failed: {e}")))?;
+        let Some(rec) = found else { return Ok(None) };
+        let window = self.queues.get(&rec.queue).map_or(DEFAULT_DEDUP_MS, |q| q.dedup_window.as_millis() as i64);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::Cancel { id: id.clone(), keep_until_ms: store::now_ms().saturating_add(window), reply: tx })?;
+        let done = rx.await.unwrap_or_else(|_| Err(format!("the queue writer of cage {} stopped", self.cage)))?;
+        let cage = &self.cage;
+        Ok(Some(match done {
+            store::Cancel::Cancelled(was) => {
+                // Read after the commit: an attempt that started before it is still counted.
+                let running = self.inflight.lock().map(|f| f.contains_key(&rec.seq)).unwrap_or(false);
+                let was = if running { "running".to_string() } else { was };
+                let status =
+                    CallStatus { status: "cancelled".into(), cage: cage.clone(), attempts: Some(rec.attempts), value: None, error: Some("cancelled".into()) };
+                publish_end([cage, &rec.from_cage], &id, &status);
+                let message = if running {
+                    format!(
+                        "call {id} of cage {cage} cancelled while an attempt runs: that attempt runs to its end, its outcome is dropped and it is not retried"
+                    )
+                } else {
+                    format!("call {id} of cage {cage} cancelled (it was {was}); it will not run")
+                };
+                CancelAnswer { cancelled: true, status: Some(was), message }
+            }
+            store::Cancel::Unchanged(st) if st == "cancelled" => {
+                CancelAnswer { cancelled: false, status: Some(st), message: format!("call {id} of cage {cage} was already cancelled") }
+            }
+            store::Cancel::Unchanged(st) => {
+                CancelAnswer { message: format!("call {id} of cage {cage} is {st}: a call that ended cannot be cancelled"), cancelled: false, status: Some(st) }
+            }
+            // Pruned between the read and the cancel.
+            store::Cancel::Unknown => return Ok(None),
         }))
     }
 
@@ -675,6 +726,39 @@ impl Calls for Service {
             )),
             _ => Ok(None),
         }
+    }
+
+    fn cancel(&self, cage: Option<&str>, id: &str) -> LocalBoxFuture<'static, Result<CancelAnswer, String>> {
+        let all = all_stores();
+        let (cage, id) = (cage.map(str::to_string), id.to_string());
+        Box::pin(async move {
+            for s in all.iter().filter(|s| cage.as_deref().is_none_or(|c| c == s.cage)) {
+                if let Some(answer) = s.clone().cancel(id.clone()).await? {
+                    return Ok(answer);
+                }
+            }
+            // The target owns its calls: an outbox row only says where a call went, or that it
+            // waits to be accepted, and stopping its forward here could race with the target's
+            // acceptance (docs/decisions/139).
+            for s in &all {
+                if let Some(st) = s.outbox_status(&id)? {
+                    if cage.as_deref().is_none_or(|c| c == st.cage) {
+                        return Ok(CancelAnswer {
+                            cancelled: false,
+                            message: format!(
+                                "call {id} is in the outbox of cage {} ({}), sent to cage {}: only the cage that stores it can cancel it (pmnc.calls.cancel in a process running {}, or pmnc queue cancel on its folder)",
+                                s.cage, st.status, st.cage, st.cage
+                            ),
+                            status: Some(st.status),
+                        });
+                    }
+                }
+            }
+            if let Some(c) = cage.as_deref().filter(|c| store_of(c).is_none()) {
+                return Err(format!("cage {c} does not run in this process: cancel its calls where it runs (or pmnc queue cancel on its folder)"));
+            }
+            Ok(CancelAnswer { cancelled: false, status: None, message: format!("no call {id:?} in the queues of this process") })
+        })
     }
 
     fn accept(&self, from_cage: &str, cage: &str, args: Vec<Value>) -> LocalBoxFuture<'static, Result<Vec<Value>, CallError>> {
@@ -953,6 +1037,7 @@ mod tests {
             due_ms: now,
             expires_ms: now + 60_000,
             expires_given: true,
+            max_attempts: None,
         }
     }
 
@@ -1024,6 +1109,29 @@ mod tests {
         observe_completion(&durable::completion_topic("seen-1"), &end.to_value("seen-1", true));
         assert_eq!(Service.result(None, "seen-1").unwrap(), Some(end.clone()));
         assert_eq!(Service.result(Some("elsewhere"), "seen-1").unwrap(), Some(end));
+    }
+
+    /// Issue 18: a call still in this cage's outbox is not cancelled here (its target owns it
+    /// once it accepts it); the answer names the target. Neither from Lua nor from the file.
+    #[test]
+    fn a_call_in_the_outbox_is_not_cancelled_by_its_sender() {
+        let (_dir, path, rt, running) = new_queue("outcanceltest", Vec::new(), Arc::new(|_job| {}), |_| Ok(()));
+        let store = running.store().clone();
+        rt.block_on(store.store_outgoing(Vec::new(), Vec::new(), vec![outgoing("outcancel-1")])).unwrap();
+        let a = rt.block_on(Service.cancel(None, "outcancel-1")).unwrap();
+        assert_eq!((a.cancelled, a.status.as_deref()), (false, Some("pending")));
+        assert!(
+            a.message.contains("in the outbox of cage outcanceltest (pending), sent to cage elsewhere: only the cage that stores it can cancel it"),
+            "{}",
+            a.message
+        );
+        let e = admin::cancel(&path, "outcancel-1", Duration::from_secs(60)).unwrap_err();
+        assert!(e.contains("is in this cage's outbox (pending), sent to cage elsewhere"), "{e}");
+        assert_eq!(Service.result(None, "outcancel-1").unwrap().unwrap().status, "pending", "nothing changed");
+        let none = rt.block_on(Service.cancel(None, "outcancel-none")).unwrap();
+        assert_eq!((none.cancelled, none.status), (false, None));
+        let elsewhere = rt.block_on(Service.cancel(Some("nosuchcage"), "x")).unwrap_err();
+        assert!(elsewhere.contains("cage nosuchcage does not run in this process"), "{elsewhere}");
     }
 
     /// Issue 22 #12, as measured: under steady writes while reads never stop (the dispatcher reads

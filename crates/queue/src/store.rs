@@ -32,15 +32,19 @@ pub struct NewCall {
     pub due_ms: i64,
     pub expires_ms: i64,
     pub keep_until_ms: i64,
+    /// The call's own limit of attempts (None: the queue's).
+    pub max_attempts: Option<i64>,
 }
 
 /// Inserts a call unless its id is known; true when inserted.
 pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
     )
-    .and_then(|mut s| s.execute(params![c.id, c.queue, c.module, c.function, c.args, c.from_cage, c.created_ms, c.due_ms, c.expires_ms, c.keep_until_ms]))
+    .and_then(|mut s| {
+        s.execute(params![c.id, c.queue, c.module, c.function, c.args, c.from_cage, c.created_ms, c.due_ms, c.expires_ms, c.keep_until_ms, c.max_attempts])
+    })
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store call", e))
 }
@@ -62,15 +66,19 @@ pub struct OutboxCall {
     /// False when the call has no expiry of its own and the sender did not know the target
     /// queue's `expires_in`: the target then sets the expiry from its queue's.
     pub expires_given: bool,
+    /// The call's own limit of attempts, carried to the target.
+    pub max_attempts: Option<i64>,
 }
 
 /// Stores an outbox call unless its id is known; true when stored.
 pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given, max_attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
     )
-    .and_then(|mut s| s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given]))
+    .and_then(|mut s| {
+        s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given, c.max_attempts])
+    })
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
 }
@@ -79,7 +87,7 @@ pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<boo
 pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts FROM queue_outbox
+            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts, max_attempts FROM queue_outbox
              INDEXED BY queue_outbox_next WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
         )
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
@@ -98,6 +106,7 @@ pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Res
                     due_ms: r.get(8)?,
                     expires_ms: r.get(9)?,
                     expires_given: r.get(10)?,
+                    max_attempts: r.get(12)?,
                 },
                 r.get(11)?,
             ))
@@ -229,6 +238,62 @@ pub enum Outcome {
     Dead { error: String },
 }
 
+/// Whether call `seq` was cancelled (while its attempt ran: the attempt's end is then recorded
+/// with [`complete_cancelled`], and its state writes are dropped).
+pub fn is_cancelled(tx: &Connection, path: &Path, seq: i64) -> Result<bool, String> {
+    tx.prepare_cached("SELECT status = 'cancelled' FROM queue_calls WHERE seq = ?1")
+        .and_then(|mut s| s.query_row([seq], |r| r.get::<_, bool>(0)).optional())
+        .map(|c| c.unwrap_or(false))
+        .map_err(|e| fail(path, "queue: cannot read a call", e))
+}
+
+/// Records the end of an attempt of a call cancelled while it ran: it stays cancelled, its
+/// attempt counted and its outcome noted, nothing of it kept (no result, no retry).
+pub fn complete_cancelled(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Result<(), String> {
+    let how = match outcome {
+        Outcome::Done { .. } => "it succeeded; its result and state writes were dropped".to_string(),
+        Outcome::Retry { error, .. } | Outcome::Dead { error } => format!("it failed: {error}"),
+    };
+    tx.prepare_cached(
+        "UPDATE queue_calls SET attempts = attempts + 1, finished_ms = ?2, error = 'cancelled while attempt ' || (attempts + 1) || ' ran; ' || ?3 WHERE seq = ?1 AND status = 'cancelled'",
+    )
+    .and_then(|mut s| s.execute(params![seq, now_ms(), how]))
+    .map(|_| ())
+    .map_err(|e| fail(path, "queue: cannot record the end of a call", e))
+}
+
+/// What a cancel found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancel {
+    /// Cancelled now; the status it was in (pending or failed; a running call reads as one
+    /// of these in the file).
+    Cancelled(String),
+    /// Nothing changed: the call was already cancelled, or it ended (done, dead).
+    Unchanged(String),
+    /// No such call in this file's queue.
+    Unknown,
+}
+
+/// Cancels call `id`: a waiting call (pending, failed, or running now, which the file shows as
+/// one of those) becomes `cancelled` and is never started again; it is then kept until
+/// `keep_until_ms` (at least), like a done call, so that its id keeps refusing the same id.
+pub fn cancel(tx: &Connection, path: &Path, id: &str, keep_until_ms: i64) -> Result<Cancel, String> {
+    let found: Option<(i64, String)> = tx
+        .prepare_cached("SELECT seq, status FROM queue_calls WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(|e| fail(path, "queue: cannot read a call", e))?;
+    let Some((seq, status)) = found else { return Ok(Cancel::Unknown) };
+    if status != "pending" && status != "failed" {
+        return Ok(Cancel::Unchanged(status));
+    }
+    tx.prepare_cached(
+        "UPDATE queue_calls SET status = 'cancelled', finished_ms = ?2, keep_until_ms = max(keep_until_ms, ?3), error = 'cancelled' || coalesce(' (last error: ' || error || ')', '') WHERE seq = ?1",
+    )
+    .and_then(|mut s| s.execute(params![seq, now_ms(), keep_until_ms]))
+    .map_err(|e| fail(path, "queue: cannot cancel a call", e))?;
+    Ok(Cancel::Cancelled(status))
+}
+
 /// Records the end of an attempt of call `seq`.
 pub fn complete(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Result<(), String> {
     let now = now_ms();
@@ -249,7 +314,7 @@ pub fn complete(tx: &Connection, path: &Path, seq: i64, outcome: &Outcome) -> Re
 /// Marks an expired call dead without running it.
 pub fn expire(tx: &Connection, path: &Path, seq: i64) -> Result<(), String> {
     tx.prepare_cached(
-        "UPDATE queue_calls SET status = 'dead', finished_ms = ?2, error = coalesce(error || ' (then expired)', 'expired before it could run') WHERE seq = ?1",
+        "UPDATE queue_calls SET status = 'dead', finished_ms = ?2, error = coalesce(error || ' (then expired)', 'expired before it could run') WHERE seq = ?1 AND status IN ('pending', 'failed')",
     )
     .and_then(|mut s| s.execute(params![seq, now_ms()]))
     .map(|_| ())
@@ -264,6 +329,7 @@ pub fn prune(tx: &Connection, path: &Path, now: i64, limit: usize) -> Result<usi
     let mut changed = 0;
     for sql in [
         "DELETE FROM queue_calls WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_kept WHERE status = 'done' AND keep_until_ms < ?1 LIMIT ?2)",
+        "DELETE FROM queue_calls WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_cancelled WHERE status = 'cancelled' AND keep_until_ms < ?1 LIMIT ?2)",
         "UPDATE queue_calls SET result = NULL, result_until_ms = NULL WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_results WHERE result_until_ms IS NOT NULL AND result_until_ms < ?1 LIMIT ?2)",
         "DELETE FROM queue_outbox WHERE seq IN (SELECT seq FROM queue_outbox INDEXED BY queue_outbox_kept WHERE status = 'forwarded' AND keep_until_ms < ?1 LIMIT ?2)",
     ] {
@@ -284,6 +350,8 @@ pub struct Due {
     pub attempts: i64,
     pub due_ms: i64,
     pub expires_ms: i64,
+    /// The call's own limit of attempts (None: the queue's).
+    pub max_attempts: Option<i64>,
 }
 
 /// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
@@ -303,7 +371,7 @@ pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limi
 /// The call `seq` if it still waits.
 pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
     conn.prepare_cached(
-        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')",
+        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage, max_attempts FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')",
     )
     .and_then(|mut s| {
         s.query_row([seq], |r| {
@@ -317,6 +385,7 @@ pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, Stri
                 attempts: r.get(5)?,
                 due_ms: r.get(6)?,
                 expires_ms: r.get(7)?,
+                max_attempts: r.get(9)?,
             })
         })
         .optional()
@@ -463,6 +532,7 @@ mod tests {
             due_ms: due,
             expires_ms: 1_000_000,
             keep_until_ms: 10,
+            max_attempts: None,
         }
     }
 
@@ -502,6 +572,79 @@ mod tests {
         prune(&c, &path, 21, 100).unwrap();
         assert_eq!(find(&c, &path, "b").unwrap(), None);
         assert!(find(&c, &path, "a").unwrap().is_some(), "waiting calls are never pruned");
+    }
+
+    /// Issue 18: a waiting call is cancelled once and never handed out again; a second cancel
+    /// changes nothing; an ended call is not cancelled; an attempt that ends after the cancel
+    /// leaves the call cancelled (its end noted); an expiry after it does not revive it; the
+    /// record goes after its window like a done call.
+    #[test]
+    fn cancel_stops_a_waiting_call_for_good_and_leaves_ended_calls_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        insert(&c, &path, &call("a", 1)).unwrap();
+        insert(&c, &path, &call("b", 1)).unwrap();
+        let seq_a = find(&c, &path, "a").unwrap().unwrap().seq;
+        complete(&c, &path, seq_a, &Outcome::Retry { error: "boom".into(), due_ms: 2 }).unwrap();
+        assert_eq!(cancel(&c, &path, "a", 50).unwrap(), Cancel::Cancelled("failed".into()));
+        let a = find(&c, &path, "a").unwrap().unwrap();
+        assert_eq!((a.status.as_str(), a.error.as_deref()), ("cancelled", Some("cancelled (last error: boom)")));
+        assert!(a.finished_ms.is_some());
+        assert_eq!(cancel(&c, &path, "a", 50).unwrap(), Cancel::Unchanged("cancelled".into()), "twice is harmless");
+        assert!(due(&c, &path, seq_a).unwrap().is_none(), "a cancelled call is never due");
+        let waiting_ids: Vec<i64> = waiting(&c, &path, "q", false, 10).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert!(!waiting_ids.contains(&seq_a));
+        // The attempt that was running when it was cancelled ends: still cancelled, counted.
+        assert!(is_cancelled(&c, &path, seq_a).unwrap());
+        complete_cancelled(&c, &path, seq_a, &Outcome::Retry { error: "late".into(), due_ms: 9 }).unwrap();
+        let a = find(&c, &path, "a").unwrap().unwrap();
+        assert_eq!((a.status.as_str(), a.attempts, a.error.as_deref()), ("cancelled", 2, Some("cancelled while attempt 2 ran; it failed: late")));
+        expire(&c, &path, seq_a).unwrap();
+        assert_eq!(find(&c, &path, "a").unwrap().unwrap().status, "cancelled", "an expiry does not touch a cancelled call");
+        // Ended calls.
+        let seq_b = find(&c, &path, "b").unwrap().unwrap().seq;
+        assert!(!is_cancelled(&c, &path, seq_b).unwrap());
+        complete(&c, &path, seq_b, &Outcome::Done { result: vec![1, 0], result_until_ms: 5, keep_until_ms: 20 }).unwrap();
+        assert_eq!(cancel(&c, &path, "b", 50).unwrap(), Cancel::Unchanged("done".into()));
+        assert_eq!(cancel(&c, &path, "nope", 50).unwrap(), Cancel::Unknown);
+        insert(&c, &path, &call("d", 1)).unwrap();
+        let seq_d = find(&c, &path, "d").unwrap().unwrap().seq;
+        complete(&c, &path, seq_d, &Outcome::Dead { error: "x".into() }).unwrap();
+        assert_eq!(cancel(&c, &path, "d", 50).unwrap(), Cancel::Unchanged("dead".into()));
+        // Its id keeps refusing the same id until its window ends, then it is pruned.
+        assert!(!insert(&c, &path, &call("a", 1)).unwrap());
+        prune(&c, &path, 49, 100).unwrap();
+        assert!(find(&c, &path, "a").unwrap().is_some());
+        prune(&c, &path, 51, 100).unwrap();
+        assert!(find(&c, &path, "a").unwrap().is_none());
+    }
+
+    /// A call's own max_attempts is stored and read back with it, in the queue and the outbox.
+    #[test]
+    fn max_attempts_is_kept_with_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        insert(&c, &path, &NewCall { max_attempts: Some(3), ..call("m", 1) }).unwrap();
+        let seq = find(&c, &path, "m").unwrap().unwrap().seq;
+        assert_eq!(due(&c, &path, seq).unwrap().unwrap().max_attempts, Some(3));
+        let out = OutboxCall {
+            id: "o".into(),
+            cage: "w".into(),
+            queue: "q".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![1, 6, 0],
+            created_ms: 1,
+            due_ms: 1,
+            expires_ms: 1_000_000,
+            expires_given: true,
+            max_attempts: Some(7),
+        };
+        outbox_insert(&c, &path, &out).unwrap();
+        let rows = outbox_due(&c, &path, 5, 10).unwrap();
+        assert_eq!(rows[0].1, out);
     }
 
     /// Pruning deletes in batches, so that a backlog of done calls never goes in one commit.

@@ -24,12 +24,19 @@ const PRUNE_BATCH: usize = 2000;
 
 pub(crate) enum Op {
     Enqueue(NewCall, oneshot::Sender<Result<bool, String>>),
-    /// The end of an attempt, with the state writes the call made (held until now).
+    /// The end of an attempt, with the state writes the call made (held until now). Replies
+    /// true when the call had been cancelled meanwhile (its writes were dropped).
     Complete {
         seq: i64,
         outcome: Outcome,
         writes: Vec<Write>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+    /// Cancels call `id`, keeping its record at least until `keep_until_ms`.
+    Cancel {
+        id: String,
+        keep_until_ms: i64,
+        reply: oneshot::Sender<Result<store::Cancel, String>>,
     },
     Expire(i64, oneshot::Sender<Result<(), String>>),
     /// A transaction's state writes with the durable calls it made: calls to this cage go
@@ -103,11 +110,18 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
         }
         let outbox = batch.iter().any(Op::touches_outbox);
         for (i, op) in batch.into_iter().enumerate() {
+            let answer = |r: &Result<(Vec<Answer>, Option<usize>), String>| r.as_ref().map(|(answers, _)| answers[i].clone()).map_err(|e| e.clone());
             match op {
-                Op::Enqueue(_, reply) => {
-                    let _ = reply.send(result.as_ref().map(|(inserted, _)| inserted[i]).map_err(|e| e.clone()));
+                Op::Enqueue(_, reply) | Op::Complete { reply, .. } => {
+                    let _ = reply.send(answer(&result).map(|a| matches!(a, Answer::Yes)));
                 }
-                Op::Complete { reply, .. } | Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
+                Op::Cancel { reply, .. } => {
+                    let _ = reply.send(answer(&result).map(|a| match a {
+                        Answer::Cancel(c) => c,
+                        _ => store::Cancel::Unknown,
+                    }));
+                }
+                Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
                 }
             }
@@ -123,23 +137,41 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
     }
 }
 
-/// Commits `batch`; for each operation whether it inserted a row (enqueues of a known id do
-/// not), and how many rows a prune changed when it ran.
-fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<(Vec<bool>, Option<usize>), String> {
+/// What one operation of a batch found.
+#[derive(Clone)]
+enum Answer {
+    /// An enqueue inserted its row; an attempt's end found its call cancelled.
+    Yes,
+    No,
+    Cancel(store::Cancel),
+}
+
+/// Commits `batch`; for each operation its [`Answer`] (enqueues of a known id insert nothing),
+/// and how many rows a prune changed when it ran.
+fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<(Vec<Answer>, Option<usize>), String> {
     let path = &store.path;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(path, "queue: cannot start a write", e).message)?;
     let mut inserted = Vec::with_capacity(batch.len());
     for op in batch {
         match op {
-            Op::Enqueue(call, _) => inserted.push(store::insert(&tx, path, call)?),
+            Op::Enqueue(call, _) => inserted.push(if store::insert(&tx, path, call)? { Answer::Yes } else { Answer::No }),
             Op::Complete { seq, outcome, writes, .. } => {
-                apply_in(&tx, path, writes).map_err(|e| e.message)?;
-                store::complete(&tx, path, *seq, outcome)?;
-                inserted.push(false);
+                // Read in this transaction, which holds the write lock: a cancel (ours or
+                // `pmnc queue cancel`'s) is either before it, and the attempt's outcome and
+                // writes are dropped, or after it, and finds the call ended.
+                if store::is_cancelled(&tx, path, *seq)? {
+                    store::complete_cancelled(&tx, path, *seq, outcome)?;
+                    inserted.push(Answer::Yes);
+                } else {
+                    apply_in(&tx, path, writes).map_err(|e| e.message)?;
+                    store::complete(&tx, path, *seq, outcome)?;
+                    inserted.push(Answer::No);
+                }
             }
+            Op::Cancel { id, keep_until_ms, .. } => inserted.push(Answer::Cancel(store::cancel(&tx, path, id, *keep_until_ms)?)),
             Op::Expire(seq, _) => {
                 store::expire(&tx, path, *seq)?;
-                inserted.push(false);
+                inserted.push(Answer::No);
             }
             Op::Outbox { writes, direct, outgoing, .. } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
@@ -149,11 +181,11 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
                 for call in outgoing {
                     store::outbox_insert(&tx, path, call)?;
                 }
-                inserted.push(false);
+                inserted.push(Answer::No);
             }
             Op::OutboxEnd(seq, end, _) => {
                 store::outbox_end(&tx, path, *seq, end)?;
-                inserted.push(false);
+                inserted.push(Answer::No);
             }
         }
     }

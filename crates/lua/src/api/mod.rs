@@ -1,10 +1,11 @@
 //! The Rust side of the pmnc API: the table of functions the prelude receives, filled by one
-//! module per area (log, time, request, json, transactions, cage calls, durable calls, events,
+//! module per area (log, time, request, json, transactions, cage calls, parallel calls, durable calls, events,
 //! strings, the sandbox) and the helper families of crates/stdlib.
 
 mod calls;
 mod json;
 mod log;
+mod parallel;
 mod request;
 pub(crate) mod sandbox;
 mod time;
@@ -55,6 +56,7 @@ pub(crate) fn register(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     json::register(lua, &t)?;
     transactions::register(lua, &t)?;
     calls::register(lua, &t)?;
+    parallel::register(lua, &t)?;
     crate::durable::register(lua, &t)?;
     crate::events_lua::register(lua, &t)?;
     crate::strings::register(lua, &t)?;

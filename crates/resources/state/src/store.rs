@@ -86,6 +86,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX queue_outbox_kept ON queue_outbox (keep_until_ms) WHERE status = 'forwarded';
     CREATE INDEX queue_calls_results ON queue_calls (result_until_ms) WHERE result_until_ms IS NOT NULL;
     CREATE INDEX queue_calls_dead ON queue_calls (queue) WHERE status = 'dead';",
+    // 3 -> 4 (queue, docs/decisions/139): a call may carry its own limit of attempts (the
+    // queue's max_attempts applies when it is NULL), in the queue and in the outbox; a call can
+    // be cancelled (status 'cancelled', kept like a done call until keep_until_ms, then pruned).
+    "ALTER TABLE queue_calls ADD COLUMN max_attempts INTEGER;
+    ALTER TABLE queue_outbox ADD COLUMN max_attempts INTEGER;
+    CREATE INDEX queue_calls_cancelled ON queue_calls (keep_until_ms) WHERE status = 'cancelled';",
 ];
 
 /// The schema version this build writes and reads.
@@ -264,4 +270,51 @@ pub fn apply(conn: &mut Connection, path: &Path, writes: &[Write]) -> Result<(),
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(path, "commit", e))?;
     apply_in(&tx, path, writes)?;
     tx.commit().map_err(|e| sql_error(path, "commit", e))
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    /// A file written by the build before version 4 (its calls and outbox rows without
+    /// max_attempts) opens, is brought to the current version in place, and keeps its rows.
+    #[test]
+    fn a_version_3_file_is_upgraded_and_keeps_its_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..3] {
+                c.execute_batch(step).unwrap();
+            }
+            c.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute(
+                "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms) VALUES ('out', 'w', 'q', 'm', 'f', x'00', 1, 1, 1, 9)",
+                [],
+            )
+            .unwrap();
+        }
+        let c = open(&path, Duration::from_secs(5)).unwrap();
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION as i64);
+        const { assert!(SCHEMA_VERSION >= 4) };
+        let (status, max): (String, Option<i64>) =
+            c.query_row("SELECT status, max_attempts FROM queue_calls WHERE id = 'old'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((status.as_str(), max), ("pending", None));
+        let max: Option<i64> = c.query_row("SELECT max_attempts FROM queue_outbox WHERE id = 'out'", [], |r| r.get(0)).unwrap();
+        assert_eq!(max, None);
+        let index: i64 = c.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'queue_calls_cancelled'", [], |r| r.get(0)).unwrap();
+        assert_eq!(index, 1);
+        drop(c);
+        // Opening it again finds it current and changes nothing.
+        let c = open(&path, Duration::from_secs(5)).unwrap();
+        let n: i64 = c.query_row("SELECT count(*) FROM queue_calls", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1);
+    }
 }

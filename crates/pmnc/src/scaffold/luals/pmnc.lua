@@ -8,12 +8,13 @@
 ---@field id? string de-duplicates: a call with an id the queue has seen is stored once
 ---@field expires_in? number seconds; default: the queue's expires_in
 ---@field expires_at? number Unix seconds
+---@field max_attempts? integer failed attempts before dead letters; default: the queue's
 ---@field delay? number seconds before the first attempt
 ---@field at? number Unix seconds of the first attempt
 
 ---@class pmnc.CallStatus
 ---@field id string
----@field status "pending"|"running"|"failed"|"forwarded"|"done"|"dead"
+---@field status "pending"|"running"|"failed"|"forwarded"|"done"|"dead"|"cancelled"
 ---@field cage string
 ---@field attempts? integer
 ---@field value any
@@ -78,6 +79,27 @@ function pmnc.sleep(seconds) end
 ---Monotonic seconds, for measuring durations.
 ---@return number
 function pmnc.clock() end
+
+---What pmnc.parallel gives for each branch.
+---@class pmnc.ParallelEntry
+---@field ok boolean
+---@field value any the first value the branch returned
+---@field n? integer how many values it returned (at [1]..[n])
+---@field error any the error value the branch raised, as raised
+---@field message? string the error's text
+---@field traceback? string
+---@field timeout? boolean the call's timeout stopped the branch
+---@field index? integer the winning branch (pmnc.parallel.any)
+
+---Runs the functions at once, each as a coroutine of its own; an entry per branch and the number that failed.
+---@class pmnc.parallel
+---@overload fun(branches: (fun(): any)[], options?: {timeout?: number}): pmnc.ParallelEntry[], integer
+pmnc.parallel = {}
+---Runs the functions at once; the entry of the first to return, the others closed.
+---@param branches (fun(): any)[]
+---@param options? {timeout?: number}
+---@return pmnc.ParallelEntry
+function pmnc.parallel.any(branches, options) end
 
 pmnc.json = {}
 ---@param value any
@@ -321,6 +343,14 @@ function pmnc.calls.result(id, cage) end
 ---@param timeout? number
 ---@return pmnc.CallStatus?
 function pmnc.calls.wait(id, timeout) end
+---@param id string
+---@param cage? string
+---@return boolean cancelled
+---@return string? status the status it was in (nil: no such call)
+---@return string message
+function pmnc.calls.cancel(id, cage) end
+---@param message string
+function pmnc.calls.fail_permanently(message) end
 
 pmnc.events = {}
 ---@param topic string
