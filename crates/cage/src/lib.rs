@@ -9,6 +9,7 @@ pub mod interface;
 mod live;
 pub mod modules;
 mod monitor;
+pub mod notify;
 pub mod runtime;
 pub mod testing;
 mod watcher;

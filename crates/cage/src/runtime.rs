@@ -305,6 +305,8 @@ impl Workers {
 /// Runs the cages at `path` until SIGINT or SIGTERM, then lets in-flight requests finish
 /// (bounded by their deadlines) and returns.
 pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -> Result<(), Error> {
+    // Read before any thread starts (it takes NOTIFY_SOCKET out of the environment).
+    let notifier = crate::notify::Notifier::from_env();
     let cages = prepare(path, protocols, false)?;
     let drain_limit = drain_limit(&cages);
     let control =
@@ -335,7 +337,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
     } else {
         None
     };
-    tracing::info!(
+    let running = format!(
         "running {} cage{} ({}) on {} worker thread{}",
         cages.len(),
         if cages.len() == 1 { "" } else { "s" },
@@ -343,6 +345,7 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         options.workers,
         if options.workers == 1 { "" } else { "s" }
     );
+    tracing::info!("{running}");
     let stuck = control.block_on(serve_until_signal(ServeArgs {
         interfaces,
         listeners,
@@ -353,6 +356,8 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         shutdown_tx,
         threads,
         drain_limit,
+        notifier: notifier.as_ref(),
+        running,
     }));
     drop(watcher);
     drop(monitor);
@@ -499,14 +504,23 @@ struct ServeArgs<'a> {
     shutdown_tx: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     drain_limit: Duration,
+    /// The service manager, told when the process is ready and when it stops.
+    notifier: Option<&'a crate::notify::Notifier>,
+    /// What the process runs, for the manager's status line.
+    running: String,
 }
 
 /// Starts the interfaces, applies changed `[interfaces.X]` tables until SIGINT or SIGTERM, then
 /// shuts down: queued calls, interfaces, workers. True when a worker had to be left behind.
 async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
-    let ServeArgs { interfaces, listeners, mut changes, workers, claim, queues, shutdown_tx, threads, drain_limit } = args;
+    let ServeArgs { interfaces, listeners, mut changes, workers, claim, queues, shutdown_tx, threads, drain_limit, notifier, running } = args;
     let mut live = LiveInterfaces::new(workers.clone(), claim);
     live.start(interfaces, listeners);
+    // Every listener was bound (and so accepts connections) before the workers started; the
+    // state files and queues are open by now, and the acceptors have just been handed out.
+    if let Some(n) = notifier {
+        n.send(&format!("READY=1\nSTATUS={}", crate::notify::status_line(&running)));
+    }
     loop {
         tokio::select! {
             _ = wait_for_signal() => break,
@@ -520,6 +534,9 @@ async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
         }
     }
     tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
+    if let Some(n) = notifier {
+        n.send(&format!("STOPPING=1\nSTATUS=stopping: waiting for requests in flight (at most {drain_limit:?})"));
+    }
     // Queued calls first: they need the workers (and their connections) to finish.
     for q in queues {
         let left = q.drain(drain_limit).await;
