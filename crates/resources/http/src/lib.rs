@@ -66,16 +66,7 @@ impl ResourceProtocol for Http {
         let timeout = section.duration("timeout", Duration::from_secs(3600)).map(|t| t.value);
         let max_body_size = section.size("max_body_size", MAX_BODY_SIZE_LIMIT).map(|s| s.value).unwrap_or(DEFAULT_MAX_BODY_SIZE);
         let headers = default_headers(section);
-        let extra_roots = match section.string("tls_ca_file") {
-            Some(path) => match read_ca_file(&path.value) {
-                Ok(certs) => Some(certs),
-                Err(e) => {
-                    section.error("tls_ca_file", e);
-                    None
-                }
-            },
-            None => Some(Vec::new()),
-        };
+        let extra_roots = tls_ca_roots(section);
         let Some(url) = url else {
             if !section.has("url") {
                 section.table_error("url is required, e.g. url = \"https://api.example.com/v1\"");
@@ -122,8 +113,23 @@ pub fn make_connector(timeout: Option<Duration>, extra_roots: Vec<CertificateDer
     Ok(builder.https_or_http().enable_http1().enable_http2().wrap_connector(http))
 }
 
+/// The `tls_ca_file` key: the certificates trusted besides the webpki roots (none when the key
+/// is absent); `None` when the file cannot be used, the problem recorded under the key.
+pub fn tls_ca_roots(section: &Section) -> Option<Vec<CertificateDer<'static>>> {
+    match section.string("tls_ca_file") {
+        Some(path) => match read_ca_file(&path.value) {
+            Ok(certs) => Some(certs),
+            Err(e) => {
+                section.error("tls_ca_file", e);
+                None
+            }
+        },
+        None => Some(Vec::new()),
+    }
+}
+
 /// The certificates of a PEM file (one or more `BEGIN CERTIFICATE` blocks).
-pub fn read_ca_file(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_ca_file(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{path} is not a PEM file of certificates: {e}"))?;
     if certs.is_empty() {

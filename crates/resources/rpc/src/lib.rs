@@ -96,16 +96,7 @@ fn configure(section: &Section, kind: Kind) -> Option<Arc<dyn Resource>> {
     let max_body_size = section.size("max_body_size", MAX_BODY_SIZE_LIMIT).map(|s| s.value).unwrap_or(16 << 20);
     let max_elements = if kind == Kind::Xml { section.integer("max_elements", 1, 100_000_000).map(|v| v.value as usize).unwrap_or(100_000) } else { 0 };
     let headers = rustomnic_resource_http::default_headers(section);
-    let roots = match section.string("tls_ca_file") {
-        Some(path) => match rustomnic_resource_http::read_ca_file(&path.value) {
-            Ok(certs) => Some(certs),
-            Err(e) => {
-                section.error("tls_ca_file", e);
-                None
-            }
-        },
-        None => Some(Vec::new()),
-    };
+    let roots = rustomnic_resource_http::tls_ca_roots(section);
     let Some(url) = url else {
         if !section.has("url") {
             section.table_error("url is required, e.g. url = \"https://api.example.com/rpc\"");
