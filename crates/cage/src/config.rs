@@ -4,6 +4,10 @@
 //! name = "web"                     # default: the folder name
 //! request_timeout = "10s"          # default deadline of every request (default 10s, at most 1h)
 //! log_level = "info"               # error, warn, info, debug or trace (default info)
+//! log_format = "text"              # text, or json: one JSON object per line (decision 145)
+//! drain_delay = "3s"               # at a stop, /readyz says 503 this long before the listeners
+//!                                  # close, so balancers stop sending first (default 3s, "0s"
+//!                                  # for none; only once /readyz has been asked; decision 144)
 //!
 //! [interfaces.http]                # an interface named "http"
 //! protocol = "http"                # default: the interface name
@@ -24,6 +28,9 @@
 //!
 //! [cluster]                        # join other processes over NATS, see docs/cluster.md
 //! url = "nats://127.0.0.1:4222"
+//!
+//! [tracing]                        # spans of this cage's requests over OTLP/HTTP (docs/tracing.md)
+//! endpoint = "http://127.0.0.1:4318"
 //!
 //! [lua]                            # what module code may use (docs/decisions/004-lua-sandbox.md)
 //! memory_limit = "1GiB"            # per VM: one cage on one worker thread (default 1 GiB)
@@ -47,6 +54,12 @@ use rustomnic_interface::{Interface, InterfaceSpec};
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+pub const LOG_FORMATS: &[&str] = &["text", "json"];
+/// How long a stop keeps the listeners open after `/readyz` turned 503, unless `drain_delay`
+/// says otherwise.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(3);
+/// The longest `drain_delay` accepted.
+pub const MAX_DRAIN_DELAY: Duration = Duration::from_secs(300);
 
 /// A cage's config, read and checked.
 pub struct CageConfig {
@@ -54,6 +67,11 @@ pub struct CageConfig {
     pub dir: CageDir,
     pub request_timeout: Duration,
     pub log_level: Option<String>,
+    /// `log_format`: "text" or "json" (process-wide: the cages of a process must agree).
+    pub log_format: Option<String>,
+    /// `drain_delay`: how long a stop keeps listening after `/readyz` turned 503 (the process
+    /// takes the longest of its cages').
+    pub drain_delay: Option<Duration>,
     pub interfaces: Vec<Arc<dyn Interface>>,
     pub resources: Vec<rustomnic_resource::ResourceConfig>,
     /// `[cluster]`, with the line of its table (every cage of a process must agree on it).
@@ -66,6 +84,8 @@ pub struct CageConfig {
     pub state_file: std::path::PathBuf,
     /// `[lua]`: the limits of the cage's Lua VMs.
     pub lua: rustomnic_lua::LuaLimits,
+    /// `[tracing]`: where the cage's spans go (read at start; a change needs a restart).
+    pub tracing: Option<rustomnic_telemetry::TracingConfig>,
 }
 
 /// Reads `cage.toml` of `dir`. Every problem is returned, each with file, line and key.
@@ -110,6 +130,26 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
             Some(l.value)
         } else {
             root.error("log_level", format!("{:?} is not one of {}", l.value, LOG_LEVELS.join(", ")));
+            None
+        }
+    });
+    let log_format = root.string("log_format").and_then(|l| {
+        if LOG_FORMATS.contains(&l.value.as_str()) {
+            Some(l.value)
+        } else {
+            root.error("log_format", format!("{:?} is not one of {}", l.value, LOG_FORMATS.join(", ")));
+            None
+        }
+    });
+    // Zero is allowed (no delay), so not Section::duration, which refuses it.
+    let drain_delay = root.string("drain_delay").and_then(|d| match rustomnic_core::parse_duration(&d.value) {
+        Ok(v) if v <= MAX_DRAIN_DELAY => Some(v),
+        Ok(_) => {
+            root.error("drain_delay", format!("{} is longer than the limit {}", d.value, rustomnic_core::format_duration(MAX_DRAIN_DELAY)));
+            None
+        }
+        Err(e) => {
+            root.error("drain_delay", e);
             None
         }
     });
@@ -212,10 +252,26 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     });
     let monitor = root.table("monitor").map(|s| rustomnic_monitor::config::read(&s, &name));
     let queues = root.table("queues").map(|q| rustomnic_queue::read_queues(&q)).unwrap_or_default();
+    let tracing = root.table("tracing").and_then(|s| rustomnic_telemetry::config::read(&s, &name));
     let mut lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
     lua.libraries = dir.library_roots();
-    root.finish_with(&["name", "request_timeout", "log_level", "interfaces", "resources", "cluster", "monitor", "queues", "lua"]);
-    Some(CageConfig { name, dir: dir.clone(), request_timeout, log_level, interfaces, resources, cluster, monitor, queues, state_file, lua })
+    root.finish_with(&["name", "request_timeout", "log_level", "log_format", "drain_delay", "interfaces", "resources", "cluster", "monitor", "queues", "lua", "tracing"]);
+    Some(CageConfig {
+        name,
+        dir: dir.clone(),
+        request_timeout,
+        log_level,
+        log_format,
+        drain_delay,
+        interfaces,
+        resources,
+        cluster,
+        monitor,
+        queues,
+        state_file,
+        lua,
+        tracing,
+    })
 }
 
 /// Smallest VM and request memory limits: the prelude and a few modules need a few MiB.

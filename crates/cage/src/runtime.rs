@@ -302,13 +302,34 @@ impl Workers {
     }
 }
 
+/// How long the end of a run waits for its last spans to be exported.
+const TRACES_FLUSH: Duration = Duration::from_secs(3);
+
+/// Starts the span exporter when some cage has a `[tracing]` table (decision 148).
+fn start_tracing(cages: &[PreparedCage]) -> Result<(), Error> {
+    let traced: Vec<(String, rustomnic_telemetry::TracingConfig)> =
+        cages.iter().filter_map(|c| c.config.tracing.clone().map(|t| (c.config.name.clone(), t))).collect();
+    if traced.is_empty() || rustomnic_telemetry::exporter().is_some() {
+        return Ok(());
+    }
+    for (cage, t) in &traced {
+        tracing::info!(cage = %cage, "tracing: spans go to {} as service {} (sampling {})", t.endpoint, t.service_name, t.sampling);
+    }
+    let exporter = rustomnic_telemetry::Exporter::start(traced).map_err(|e| Error::Runtime(e.to_string()))?;
+    rustomnic_telemetry::install(exporter).map_err(|e| Error::Runtime(e.to_string()))
+}
+
 /// Runs the cages at `path` until SIGINT or SIGTERM, then lets in-flight requests finish
 /// (bounded by their deadlines) and returns.
 pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -> Result<(), Error> {
     // Read before any thread starts (it takes NOTIFY_SOCKET out of the environment).
-    let notifier = crate::notify::Notifier::from_env();
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     let cages = prepare(path, protocols, false)?;
     let drain_limit = drain_limit(&cages);
+    let drain_delay = drain_delay(&cages);
+    // What /healthz, /readyz and the watchdog read (decision 144).
+    let health = Arc::new(rustomnic_monitor::health::Health::new(options.workers.max(1)));
+    rustomnic_monitor::health::set(Some(health.clone()));
     let control =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Runtime(format!("cannot start the control runtime: {e}")))?;
     let interfaces: Vec<Arc<dyn Interface>> = cages.iter().flat_map(|c| c.config.interfaces.iter().cloned()).collect();
@@ -326,8 +347,12 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         Some((c, claim)) => (Some(c), claim),
         None => (None, None),
     };
+    if let Some(c) = &cluster {
+        health.set_cluster_check(cluster_ready_check(c));
+    }
+    start_tracing(&cages)?;
     let resources = Arc::new(ResourceInit::new(&cages, options.workers.max(1)));
-    let (workers, threads) = start_workers(&cages, &options, &resources, &cluster, &shutdown_rx, &shutdown_tx, drain_limit)?;
+    let (workers, threads) = start_workers(&cages, &options, &resources, &cluster, &shutdown_rx, &shutdown_tx, drain_limit, &health)?;
     let monitor = crate::monitor::start(monitor_listener, monitor_config, &cages, &workers)?;
     let queues = start_queues(&cages, &workers)?;
     crate::monitor::register_queue_gauges(&cages);
@@ -356,12 +381,18 @@ pub fn run(path: &std::path::Path, protocols: &Protocols, options: RunOptions) -
         shutdown_tx,
         threads,
         drain_limit,
-        notifier: notifier.as_ref(),
+        drain_delay,
+        health,
+        notifier,
         running,
     }));
     drop(watcher);
     drop(monitor);
     drop(queues);
+    // Spans of the last requests go out before the process ends (bounded).
+    if let Some(exporter) = rustomnic_telemetry::exporter() {
+        exporter.flush(TRACES_FLUSH);
+    }
     if stuck {
         tracing::info!("stopped (without a stuck worker)");
         std::process::exit(1);
@@ -378,6 +409,20 @@ fn drain_limit(cages: &[PreparedCage]) -> Duration {
         .max()
         .unwrap_or(Duration::ZERO)
         + Duration::from_secs(1)
+}
+
+/// How long a stop keeps the listeners open after `/readyz` turned 503: the longest
+/// `drain_delay` the cages set, else the default.
+fn drain_delay(cages: &[PreparedCage]) -> Duration {
+    cages.iter().filter_map(|c| c.config.drain_delay).max().unwrap_or(crate::config::DEFAULT_DRAIN_DELAY)
+}
+
+/// The cluster's part of readiness: the process's own connection to NATS (heartbeats, events)
+/// is up.
+fn cluster_ready_check(cluster: &Arc<rustomnic_cluster::Cluster>) -> rustomnic_monitor::health::ReadyCheck {
+    let (cluster, flock) = (cluster.clone(), cluster.identity.flock.clone());
+    let servers = cluster.config.servers();
+    Arc::new(move || (!cluster.is_connected()).then(|| format!("cluster: not connected to NATS at {servers} (flock {flock}); calls to other processes fail")))
 }
 
 /// Binds the address of every interface that listens.
@@ -463,6 +508,7 @@ fn start_workers(
     shutdown_rx: &watch::Receiver<bool>,
     shutdown_tx: &watch::Sender<bool>,
     drain_limit: Duration,
+    health: &Arc<rustomnic_monitor::health::Health>,
 ) -> Result<(Workers, Vec<std::thread::JoinHandle<()>>), Error> {
     let init: Arc<Vec<(String, rustomnic_lua::LuaLimits, Vec<Module>)>> =
         Arc::new(cages.iter().map(|c| (c.config.name.clone(), c.config.lua.clone(), c.modules.values().cloned().collect())).collect());
@@ -473,9 +519,10 @@ fn start_workers(
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
         let (init, resources, shutdown, ready, cluster) = (init.clone(), resources.clone(), shutdown_rx.clone(), ready_tx.clone(), cluster.clone());
+        let health = health.clone();
         let handle = std::thread::Builder::new()
             .name(format!("pmnc-worker-{n}"))
-            .spawn(move || worker_main(n, init, resources, cluster, rx, shutdown, ready, drain_limit))
+            .spawn(move || worker_main(n, init, resources, cluster, rx, shutdown, ready, drain_limit, health))
             .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
         threads.push(handle);
     }
@@ -504,8 +551,11 @@ struct ServeArgs<'a> {
     shutdown_tx: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     drain_limit: Duration,
+    /// How long a stop keeps listening after `/readyz` turned 503 (when it was ever asked).
+    drain_delay: Duration,
+    health: Arc<rustomnic_monitor::health::Health>,
     /// The service manager, told when the process is ready and when it stops.
-    notifier: Option<&'a crate::notify::Notifier>,
+    notifier: Option<Arc<crate::notify::Notifier>>,
     /// What the process runs, for the manager's status line.
     running: String,
 }
@@ -513,13 +563,18 @@ struct ServeArgs<'a> {
 /// Starts the interfaces, applies changed `[interfaces.X]` tables until SIGINT or SIGTERM, then
 /// shuts down: queued calls, interfaces, workers. True when a worker had to be left behind.
 async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
-    let ServeArgs { interfaces, listeners, mut changes, workers, claim, queues, shutdown_tx, threads, drain_limit, notifier, running } = args;
+    let ServeArgs { interfaces, listeners, mut changes, workers, claim, queues, shutdown_tx, threads, drain_limit, drain_delay, health, notifier, running } =
+        args;
     let mut live = LiveInterfaces::new(workers.clone(), claim);
     live.start(interfaces, listeners);
     // Every listener was bound (and so accepts connections) before the workers started; the
     // state files and queues are open by now, and the acceptors have just been handed out.
-    if let Some(n) = notifier {
+    health.set_listening();
+    if let Some(n) = &notifier {
         n.send(&format!("READY=1\nSTATUS={}", crate::notify::status_line(&running)));
+        if let Some(period) = n.watchdog {
+            tokio::spawn(watchdog(n.clone(), health.clone(), period, running.clone()));
+        }
     }
     loop {
         tokio::select! {
@@ -533,10 +588,24 @@ async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
             },
         }
     }
-    tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
-    if let Some(n) = notifier {
-        n.send(&format!("STOPPING=1\nSTATUS=stopping: waiting for requests in flight (at most {drain_limit:?})"));
+    // A second signal means "now", from here on.
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
+    });
+    health.set_draining();
+    // A balancer that watches /readyz gets time to see the 503 and stop sending before the
+    // listeners close; nobody has asked /readyz, nobody is told, and the stop goes on at once.
+    let delay = if health.watched() { drain_delay } else { Duration::ZERO };
+    if let Some(n) = &notifier {
+        n.send(&format!("STOPPING=1\nSTATUS=stopping: waiting for requests in flight (at most {:?})", delay + drain_limit));
     }
+    if !delay.is_zero() {
+        tracing::info!("draining: /readyz answers 503; the listeners close in {delay:?} (drain_delay)");
+        tokio::time::sleep(delay).await;
+    }
+    tracing::info!("shutting down: no new connections; waiting for requests in flight (at most {:?})", drain_limit);
     // Queued calls first: they need the workers (and their connections) to finish.
     for q in queues {
         let left = q.drain(drain_limit).await;
@@ -554,12 +623,6 @@ async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
         );
     }
     let _ = shutdown_tx.send(true);
-    // A second signal means "now".
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting without waiting");
-        std::process::exit(1);
-    });
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();
@@ -573,6 +636,60 @@ async fn serve_until_signal(args: ServeArgs<'_>) -> bool {
         return true;
     }
     false
+}
+
+/// Pings the service manager's watchdog at half its period while every worker thread answers
+/// the liveness probe; a stuck worker stops the pings, and the manager restarts the process.
+async fn watchdog(notifier: Arc<crate::notify::Notifier>, health: Arc<rustomnic_monitor::health::Health>, period: Duration, running: String) {
+    let mut tick = tokio::time::interval(period / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let reasons = health.liveness();
+        if reasons.is_empty() {
+            if failing {
+                tracing::info!("liveness probe passes again; watchdog pings resume");
+                failing = false;
+                notifier.send(&format!("WATCHDOG=1\nSTATUS={}", crate::notify::status_line(&running)));
+            } else {
+                notifier.send("WATCHDOG=1");
+            }
+        } else if !failing {
+            failing = true;
+            tracing::error!("liveness probe fails ({}); no watchdog ping, the service manager restarts the process after {period:?}", reasons.join("; "));
+            notifier.send(&format!("STATUS={}", crate::notify::status_line(&format!("not alive: {}", reasons.join("; ")))));
+        }
+    }
+}
+
+/// Records that worker `n`'s event loop turns, every [`rustomnic_monitor::health::BEAT`]: this
+/// task runs only when the loop does, so a worker stuck in a call stops beating.
+async fn heartbeat(n: usize, health: Arc<rustomnic_monitor::health::Health>) {
+    #[cfg(debug_assertions)]
+    let stall = test_stall_file(n);
+    let mut tick = tokio::time::interval(rustomnic_monitor::health::BEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        health.beat(n);
+        #[cfg(debug_assertions)]
+        if let Some(file) = &stall {
+            // Blocks the thread as a call stuck in C would: nothing else of this worker runs.
+            while file.exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A test-only way to stall a worker (debug builds only; not compiled into a release build):
+/// `PMNC_TEST_STALL_FILE=path` makes worker 0 block its thread while that file exists.
+#[cfg(debug_assertions)]
+fn test_stall_file(n: usize) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PMNC_TEST_STALL_FILE").filter(|_| n == 0)?;
+    tracing::warn!("test hook: worker 0 blocks while {} exists (PMNC_TEST_STALL_FILE, debug builds only)", std::path::Path::new(&path).display());
+    Some(path.into())
 }
 
 /// How long after the drain limit a worker thread may take to end before the process exits
@@ -651,6 +768,7 @@ fn worker_main(
     mut shutdown: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     drain_limit: Duration,
+    health: Arc<rustomnic_monitor::health::Health>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -686,6 +804,8 @@ fn worker_main(
             }
         }
         tokio::task::spawn_local(rustomnic_lua::metrics::sample_memory(n));
+        health.beat(n);
+        tokio::task::spawn_local(heartbeat(n, health));
         let _ = ready.send(Ok(()));
         drop(ready);
         let connections = Rc::new(std::cell::Cell::new(0usize));

@@ -151,6 +151,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Whether the process's own connection to NATS is up now (false before
+    /// [`join`](Self::join)): the cluster's part of `/readyz` (decision 144).
+    pub fn is_connected(&self) -> bool {
+        self.presence.get().is_some_and(|c| c.is_up())
+    }
+
     /// Flock-wide claims over the presence connection (after [`join`](Self::join)).
     pub fn claims(&self) -> Option<claims::Claims> {
         let conn = self.presence.get()?.clone();

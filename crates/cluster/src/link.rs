@@ -108,7 +108,14 @@ async fn remote_call(inner: &Inner, request: CallRequest) -> Result<Vec<Value>, 
         )));
     }
     let losses = conn.losses();
-    let sent = conn.client.send_request(subject, async_nats::Request::new().payload(payload.into()).timeout(None));
+    let mut outgoing = async_nats::Request::new().payload(payload.into()).timeout(None);
+    // W3C trace context in a NATS header: the callee's span is a child of the caller's.
+    if let Some(traceparent) = rustomnic_lua::request::with_running(|c| c.trace.as_deref().map(|t| t.traceparent())).flatten() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent.as_str());
+        outgoing = outgoing.headers(headers);
+    }
+    let sent = conn.client.send_request(subject, outgoing);
     let deadline = tokio::time::Instant::from_std(request.deadline);
     let message = tokio::select! {
         reply = tokio::time::timeout_at(deadline, sent) => match reply {
@@ -243,7 +250,7 @@ async fn answer(server: Rc<Server>, message: async_nats::Message) {
             instance: identity.instance.clone(),
         }
     } else {
-        run(identity, &message.payload).await
+        run(identity, &message.payload, message.headers.as_ref()).await
     };
     if let Reply::Err { .. } = reply {
         identity.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -262,7 +269,7 @@ fn encode_err(identity: &Identity, failure: Failure, message: String) -> Vec<u8>
     Reply::Err { failure, message, instance: identity.instance.clone() }.encode().unwrap_or_default()
 }
 
-async fn run(identity: &Identity, payload: &[u8]) -> Reply {
+async fn run(identity: &Identity, payload: &[u8], headers: Option<&async_nats::HeaderMap>) -> Reply {
     let err = |failure, message: String| Reply::Err { failure, message, instance: identity.instance.clone() };
     let call = match Call::decode(payload) {
         Ok(c) => c,
@@ -285,11 +292,40 @@ async fn run(identity: &Identity, payload: &[u8]) -> Reply {
     }
     let deadline = Instant::now() + Duration::from_micros(call.timeout_us.min(3_600_000_000));
     let (id, from) = (call.request_id.clone(), call.from_cage.clone());
-    let ctx = RequestCtx::with_deadline(call.request_id, &call.cage, "cluster", deadline, Some(call.from_cage));
-    match vm.call(ctx, &call.module, &call.function, call.args).await {
+    let mut ctx = RequestCtx::with_deadline(call.request_id, &call.cage, "cluster", deadline, Some(call.from_cage));
+    ctx.trace = headers
+        .and_then(|h| h.get("traceparent"))
+        .and_then(|v| rustomnic_lua::trace::TraceContext::from_traceparent(v.as_str().as_bytes()))
+        .map(Box::new);
+    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && rustomnic_lua::trace::traces(&call.cage));
+    let reply = serve_call(&vm, ctx, &call.cage, &call.module, &call.function, call.args, &id, &from, &err).await;
+    if let Some(t) = span {
+        let failed = match &reply {
+            Reply::Err { message, .. } => Some(message.clone()),
+            Reply::Ok(_) => None,
+        };
+        rustomnic_lua::worker::call_span(&t, &call.cage, "cluster", &id, &call.module, &call.function, rustomnic_lua::trace::SpanKind::Server, failed);
+    }
+    reply
+}
+
+/// Runs a call from another process on this worker's VM of its cage.
+#[allow(clippy::too_many_arguments)]
+async fn serve_call(
+    vm: &rustomnic_lua::CageVm,
+    ctx: RequestCtx,
+    cage: &str,
+    module: &str,
+    function: &str,
+    args: Vec<Value>,
+    id: &str,
+    from: &str,
+    err: &dyn Fn(Failure, String) -> Reply,
+) -> Reply {
+    match vm.call(ctx, module, function, args).await {
         Ok(values) => Reply::Ok(values),
         Err(RunError::Deadline) => {
-            tracing::warn!(cage = %call.cage, request = %id, "{}.{} called by cage {from}: deadline exceeded", call.module, call.function);
+            tracing::warn!(cage = %cage, request = %id, "{module}.{function} called by cage {from}: deadline exceeded");
             err(Failure::Deadline, "deadline exceeded".into())
         }
         Err(RunError::NotFound(m)) => err(Failure::NotFound, m),

@@ -13,6 +13,7 @@ pub mod module;
 pub mod pattern;
 pub mod request;
 mod strings;
+pub mod trace;
 pub mod transaction;
 pub mod vm;
 pub mod watchdog;

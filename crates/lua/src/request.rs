@@ -37,6 +37,9 @@ pub struct RequestCtx {
     /// (`pmnc.calls.fail_permanently`): a durable call is then not tried again. Shared, so that
     /// whoever started the request reads it after the request has ended.
     pub no_retry: Arc<std::sync::atomic::AtomicBool>,
+    /// The W3C trace context the request arrived with (an HTTP `traceparent`), which its log
+    /// lines carry; boxed, as most requests have none and parked ones should stay small.
+    pub trace: Option<Box<crate::trace::TraceContext>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -84,12 +87,40 @@ impl RequestCtx {
             parameters: None,
             call_id: None,
             no_retry: Arc::default(),
+            trace: None,
         }
     }
 
     /// Seconds left before the deadline, never negative.
     pub fn remain(&self) -> f64 {
         self.deadline.saturating_duration_since(Instant::now()).as_secs_f64()
+    }
+}
+
+thread_local! {
+    /// The request whose coroutine this thread runs now, whatever its VM: log lines written
+    /// meanwhile carry its id and trace (the binary's log format reads it).
+    static RUNNING: RefCell<Option<Rc<RequestCtx>>> = const { RefCell::new(None) };
+}
+
+/// `f` of the request this thread runs now (`None` outside requests): what a log line written
+/// now belongs to.
+pub fn with_running<R>(f: impl FnOnce(&RequestCtx) -> R) -> Option<R> {
+    RUNNING.with(|r| r.borrow().as_deref().map(f))
+}
+
+/// Marks `ctx` as the request this thread runs until the returned guard is dropped.
+fn enter_running(ctx: &Rc<RequestCtx>) -> RunningGuard {
+    RunningGuard(RUNNING.with(|r| r.replace(Some(ctx.clone()))))
+}
+
+/// Puts back the request that ran before (a call to another cage runs inside its caller's poll).
+struct RunningGuard(Option<Rc<RequestCtx>>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        RUNNING.with(|r| *r.borrow_mut() = previous);
     }
 }
 
@@ -492,10 +523,12 @@ impl RequestFuture {
         };
         let waker = Waker::from(gate.clone());
         let section = crate::watchdog::enter(self.state, now);
+        let running = enter_running(&self.ctx);
         let result = match self.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll(&mut Context::from_waker(&waker)),
             None => Poll::Ready(Err(mlua::Error::runtime("the request's coroutine is gone"))),
         };
+        drop(running);
         drop(section);
         if self.state.is_null() {
             self.state = self.shared.started.replace(std::ptr::null_mut());

@@ -136,12 +136,41 @@ pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
             here.join(", ")
         )));
     };
-    let ctx = RequestCtx::with_deadline(request.request_id, &request.cage, "pmnc", request.deadline, Some(request.from_cage));
-    match vm.call(ctx, &request.module, &request.function, request.args).await {
+    let mut ctx = RequestCtx::with_deadline(request.request_id, &request.cage, "pmnc", request.deadline, Some(request.from_cage));
+    // The callee runs as a span of the caller's trace (its log lines carry it too).
+    ctx.trace = crate::request::with_running(|c| c.trace.as_deref().map(|t| Box::new(t.child()))).flatten();
+    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && crate::trace::traces(&request.cage)).map(|t| (t, ctx.id.clone()));
+    let result = match vm.call(ctx, &request.module, &request.function, request.args).await {
         Ok(values) => Ok(values),
         Err(RunError::Deadline) => Err(CallError::Deadline(format!("calling {target}: deadline exceeded"))),
         Err(RunError::NotFound(m)) => Err(CallError::Failed(format!("calling {target}: {m}"))),
         Err(RunError::Failed { message, .. }) => Err(CallError::Failed(format!("calling {target}: {message}"))),
         Err(RunError::Internal(m)) => Err(CallError::Failed(format!("calling {target}: internal error: {m}"))),
+    };
+    if let Some((t, id)) = span {
+        call_span(&t, &request.cage, "pmnc", &id, &request.module, &request.function, crate::trace::SpanKind::Internal, result.as_ref().err().map(|e| e.to_string()));
     }
+    result
+}
+
+/// Records the span of a call to `cage.module.function` that ended now (an error when `failed`).
+#[allow(clippy::too_many_arguments)]
+pub fn call_span(
+    t: &crate::trace::TraceContext,
+    cage: &str,
+    interface: &str,
+    request_id: &str,
+    module: &str,
+    function: &str,
+    kind: crate::trace::SpanKind,
+    failed: Option<String>,
+) {
+    use crate::trace::{AttrValue, SpanStatus};
+    let name = format!("{module}.{function}");
+    let attributes = vec![("pmnc.function", AttrValue::Str(name.clone()))];
+    let status = match failed {
+        Some(message) => SpanStatus::Error(message),
+        None => SpanStatus::Unset,
+    };
+    crate::trace::record_span(t, cage, interface, request_id, name, kind, attributes, status);
 }

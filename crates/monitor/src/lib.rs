@@ -1,11 +1,13 @@
 //! The monitor of a Rustomnic process: one page with live graphs of every cage of the process,
-//! `/metrics` for Prometheus, `/status` as JSON, the cluster view and alert rules. It runs on a
+//! `/metrics` for Prometheus, `/status` as JSON, `/healthz` and `/readyz` (health.rs), the cluster
+//! view and alert rules. It runs on a
 //! thread of its own (never on a worker thread): a sampler every second, the alert rules after
 //! each sample, and the pages (axum).
 
 pub mod alerts;
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod prometheus;
 pub mod series;
 mod server;
@@ -106,7 +108,7 @@ pub fn start(listener: Option<std::net::TcpListener>, config: MonitorConfig, cag
         Err(_) => return Err("the monitor thread did not start".into()),
     }
     if let Some(a) = addr {
-        tracing::info!("monitor page at {scheme}://{a}/ (also /metrics and /status; a failed request: {scheme}://{a}/#request-<id>)");
+        tracing::info!("monitor page at {scheme}://{a}/ (also /metrics, /status, /healthz and /readyz; a failed request: {scheme}://{a}/#request-<id>)");
     }
     Ok(MonitorHandle { addr, stop: Some(stop_tx), thread: Some(thread) })
 }

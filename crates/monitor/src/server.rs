@@ -27,6 +27,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/api/series", get(series))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(middleware::from_fn_with_state(shared.clone(), access))
         .with_state(shared)
 }
@@ -45,6 +47,23 @@ async fn metrics() -> Response {
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
     json(crate::status::status(&shared))
+}
+
+/// Alive: every worker thread's loop turns (health.rs). Open without credentials, like the
+/// assets: probes of orchestrators and balancers carry none, and it tells only ok or which
+/// worker is stuck.
+async fn healthz() -> Response {
+    probe(crate::health::get().map(|h| h.liveness()).unwrap_or_default())
+}
+
+/// Ready: listening, the cluster joined when there is one, not draining (health.rs).
+async fn readyz() -> Response {
+    probe(crate::health::get().map(|h| h.readiness()).unwrap_or_default())
+}
+
+fn probe(reasons: Vec<String>) -> Response {
+    let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, json(crate::health::body(&reasons))).into_response()
 }
 
 async fn series(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Response {
@@ -113,8 +132,10 @@ pub fn percent_decode(s: &str) -> String {
 }
 
 async fn access(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    // The scripts and styles hold no figures; the page loads them without its token.
-    if request.uri().path().starts_with("/assets/") || allowed(&shared.auth, request.headers(), request.uri().query()) {
+    // The scripts and styles hold no figures; the page loads them without its token. The
+    // probes are asked by orchestrators and balancers, which carry no credentials.
+    let path = request.uri().path();
+    if path.starts_with("/assets/") || path == "/healthz" || path == "/readyz" || allowed(&shared.auth, request.headers(), request.uri().query()) {
         return next.run(request).await;
     }
     let mut response = (StatusCode::UNAUTHORIZED, "the monitor needs a token (Authorization: Bearer ... or ?token=...) or user and password\n").into_response();

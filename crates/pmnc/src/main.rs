@@ -7,6 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use rustomnic_cage::{Error, Protocols, RunOptions};
 
+mod health;
+mod logs;
+
 /// glibc's malloc fragments under bursts of connections and costs more per call; Lua and hyper
 /// allocate on every request (docs/decisions/010-allocator.md).
 #[cfg(feature = "mimalloc")]
@@ -33,6 +36,9 @@ struct Cli {
     /// error, warn, info, debug or trace; wins over RUST_LOG and log_level in cage.toml.
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// text or json (one JSON object per line); wins over log_format in cage.toml.
+    #[arg(long, global = true)]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +85,15 @@ enum Command {
         /// Add a cage of this name to the app at PATH: cages/NAME with a cage.toml and a module.
         #[arg(long, value_name = "NAME")]
         cage: Option<String>,
+    },
+    /// Ask a health endpoint of the monitor; exit 0 when it answers 200 (a container's
+    /// HEALTHCHECK: `pmnc health http://127.0.0.1:9100/healthz`).
+    Health {
+        /// The endpoint: http://HOST:PORT/healthz or /readyz.
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
     },
     /// Bare NATS request/reply, the yardstick of bench/cluster.sh.
     #[command(hide = true)]
@@ -360,8 +375,9 @@ fn protocols() -> Protocols {
     p
 }
 
-/// `level` from --log-level wins, then RUST_LOG, then `fallback` (from the cages' config).
-fn init_logs(flag: Option<&str>, fallback: &str) {
+/// `level` from --log-level wins, then RUST_LOG, then `fallback` (from the cages' config);
+/// `json`: one JSON object per line (logs.rs).
+fn init_logs(flag: Option<&str>, fallback: &str, json: bool) {
     let filter = match flag {
         Some(level) => format!("{level},hyper=warn,notify=warn,async_nats=warn"),
         None => std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{fallback},hyper=warn,notify=warn,async_nats=warn")),
@@ -370,9 +386,23 @@ fn init_logs(flag: Option<&str>, fallback: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
+        .with_ansi(!json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .event_format(logs::Lines::new(json))
         .init();
+}
+
+/// Whether lines are JSON: --log-format wins, else `log_format` of the cages (json when one of
+/// them asks for it).
+fn json_logs(flag: &Option<String>, path: Option<&std::path::Path>) -> Result<bool, String> {
+    if let Some(f) = flag {
+        if !logs::FORMATS.contains(&f.as_str()) {
+            return Err(format!("--log-format {f:?} is not one of {}", logs::FORMATS.join(", ")));
+        }
+        return Ok(f == "json");
+    }
+    let Some(path) = path else { return Ok(false) };
+    let cages = rustomnic_cage::find_cages(path).unwrap_or_default();
+    Ok(cages.iter().filter_map(|c| rustomnic_cage::load_cage(c, &protocols()).ok()).any(|c| c.log_format.as_deref() == Some("json")))
 }
 
 /// The log level: the flag, else the most verbose `log_level` of the cages, else info.
@@ -436,7 +466,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Cluster { command: ClusterCommand::Status { path, cluster, flock, wait, json } } => {
-            init_logs(cli.log_level.as_deref(), "warn");
+            init_logs(cli.log_level.as_deref(), "warn", matches!(json_logs(&cli.log_format, None), Ok(true)));
             match cluster_status(path, cluster, flock, &wait, json) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -446,8 +476,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { path, workers, no_watch, cluster, flock } => {
-            match level_for(&cli.log_level, &path) {
-                Ok(l) => init_logs(cli.log_level.as_deref(), &l),
+            match level_for(&cli.log_level, &path).and_then(|l| Ok((l, json_logs(&cli.log_format, Some(&path))?))) {
+                Ok((l, json)) => init_logs(cli.log_level.as_deref(), &l, json),
                 Err(e) => {
                     eprintln!("pmnc: {e}");
                     return ExitCode::from(2);
@@ -471,7 +501,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { path } => {
-            init_logs(cli.log_level.as_deref(), "warn");
+            init_logs(cli.log_level.as_deref(), "warn", matches!(json_logs(&cli.log_format, None), Ok(true)));
             match rustomnic_cage::check(&path, &protocols()) {
                 Ok(s) => {
                     println!("ok: {} cage(s), {} module(s), {} interface(s)", s.cages, s.modules, s.interfaces);
@@ -484,7 +514,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Test { path, filter } => {
-            init_logs(cli.log_level.as_deref(), "warn");
+            init_logs(cli.log_level.as_deref(), "warn", matches!(json_logs(&cli.log_format, None), Ok(true)));
             let mut out = std::io::stdout();
             match rustomnic_cage::run_tests(&path, &protocols(), filter.as_deref(), &mut out) {
                 Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
@@ -510,6 +540,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health { url, timeout } => {
+            let checked = rustomnic_core::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}")).and_then(|t| health::check(&url, t));
+            match checked {
+                Ok(said) => {
+                    println!("{said}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pmnc health: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::RawNats { url, respond, subject, in_flight, count, payload_bytes } => {
             let result = if respond {
                 rustomnic_cluster::bench::respond(&url, &subject)
@@ -530,7 +573,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Queue { command } => {
-            init_logs(cli.log_level.as_deref(), "warn");
+            init_logs(cli.log_level.as_deref(), "warn", matches!(json_logs(&cli.log_format, None), Ok(true)));
             match queue_command(command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

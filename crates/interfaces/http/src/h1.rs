@@ -254,6 +254,8 @@ struct Req {
     handover: Option<tokio::sync::oneshot::Sender<Prefixed>>,
     /// What the access log (or the debug line) needs, when either is on.
     log: Option<Box<crate::access_log::Entry>>,
+    /// The request's span, when its trace is recorded.
+    span: Option<Box<handler::SpanStart>>,
 }
 
 /// One request on the connection: its body, the handler, the response. Gives the connection
@@ -307,12 +309,14 @@ async fn exchange(
                 other => Box::pin(write_serialized(&mut io, other)).await,
             };
             log_done(iface, &answer, status, bytes, req.log.take(), peer);
+            handler::span_done(iface, req.span.take(), &answer.id, status);
             written
         }
         Err(early) => {
             let status = early.response.status();
             let end = Box::pin(early.run(io, &mut req.keep_alive, &mut answer)).await;
             log_done(iface, &answer, status, None, req.log.take(), peer);
+            handler::span_done(iface, req.span.take(), &answer.id, status);
             match end {
                 // The session runs in the handler; this task waits for its end.
                 EarlyEnd::Upgraded => {
@@ -353,10 +357,12 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
         parts.extensions.insert(info);
     }
     let timeout = if websocket { s.websocket_timeout } else { spec.request_timeout };
-    let ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
+    let mut ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
+    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, handler::trace_context(&parts.headers));
     let id = ctx.id.clone();
     let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(&parts.method, &parts.uri, parts.version, &parts.headers)));
-    let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, log };
+    let span = handler::span_start(&ctx, &parts.method, &parts.uri);
+    let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, log, span };
     let multipart = parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary);
     let mut uploads = None;
     let body = if framing == Framing::None {

@@ -52,7 +52,9 @@ pub(crate) async fn handle(
     busy: crate::Busy,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let spec = &iface.spec;
-    let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
+    let mut ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
+    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, trace_context(req.headers()));
+    let span = span_start(&ctx, req.method(), req.uri());
     let id = ctx.id.clone();
     let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(req.method(), req.uri(), req.version(), req.headers())));
     let (response, counts) = match Box::pin(collect(&iface, req, &ctx)).await {
@@ -76,11 +78,55 @@ pub(crate) async fn handle(
         }
     };
     counts.record(response.status().as_u16());
+    span_done(&iface, span, &id, response.status());
     if let Some(entry) = log {
         let bytes = hyper::body::Body::size_hint(response.body()).exact();
         iface.log_request(&entry, &peer, &id, response.status(), bytes);
     }
     Ok(response)
+}
+
+/// What a traced request's span needs at its end (boxed: most requests are not traced).
+pub(crate) struct SpanStart {
+    trace: rustomnic_lua::trace::TraceContext,
+    method: hyper::Method,
+    path: String,
+}
+
+/// The start of the request's span when its trace is sampled and its cage traces.
+pub(crate) fn span_start(ctx: &RequestCtx, method: &hyper::Method, uri: &hyper::Uri) -> Option<Box<SpanStart>> {
+    let trace = ctx.trace.as_deref()?;
+    if !trace.sampled() || !rustomnic_lua::trace::traces(&ctx.cage) {
+        return None;
+    }
+    Some(Box::new(SpanStart { trace: *trace, method: method.clone(), path: uri.path().chars().take(256).collect() }))
+}
+
+/// Records the request's span (a server span named by the method, as OpenTelemetry's HTTP
+/// conventions name spans without a route); a 5xx answer is an error.
+pub(crate) fn span_done(iface: &HttpInterface, span: Option<Box<SpanStart>>, id: &str, status: hyper::StatusCode) {
+    use rustomnic_lua::trace::{AttrValue, SpanKind, SpanStatus};
+    let Some(span) = span else { return };
+    let SpanStart { trace, method, path } = *span;
+    let attributes = vec![
+        ("http.request.method", AttrValue::from(method.as_str())),
+        ("url.path", AttrValue::Str(path)),
+        ("http.response.status_code", AttrValue::Int(i64::from(status.as_u16()))),
+    ];
+    let outcome = if status.is_server_error() { SpanStatus::Error(format!("{status}")) } else { SpanStatus::Unset };
+    let spec = &iface.spec;
+    rustomnic_lua::trace::record_span(&trace, &spec.cage, &spec.name, id, method.as_str().to_string(), SpanKind::Server, attributes, outcome);
+}
+
+/// The W3C trace context of a request's `traceparent` header, when it has exactly one and it is
+/// valid (otherwise the request runs without one, as the recommendation says).
+pub(crate) fn trace_context(h: &hyper::HeaderMap) -> Option<Box<rustomnic_lua::trace::TraceContext>> {
+    let mut values = h.get_all("traceparent").iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    rustomnic_lua::trace::TraceContext::from_traceparent(value.as_bytes()).map(Box::new)
 }
 
 /// An HTTP/1.1 GET asking for a WebSocket (RFC 6455 4.2.1).

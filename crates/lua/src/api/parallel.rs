@@ -248,6 +248,7 @@ fn with_deadline(ctx: &RequestCtx, deadline: Instant) -> RequestCtx {
     let mut c = RequestCtx::with_deadline(ctx.id.clone(), &ctx.cage, &ctx.interface, deadline, ctx.caller.clone());
     c.parameters = ctx.parameters.clone();
     c.call_id = ctx.call_id.clone();
+    c.trace = ctx.trace.clone();
     c
 }
 
