@@ -255,7 +255,20 @@ fn read(file: &SourceFile, dir: &CageDir, protocols: &Protocols) -> Option<CageC
     let tracing = root.table("tracing").and_then(|s| rustomnic_telemetry::config::read(&s, &name));
     let mut lua = root.table("lua").map(|s| read_lua(&s)).unwrap_or_default();
     lua.libraries = dir.library_roots();
-    root.finish_with(&["name", "request_timeout", "log_level", "log_format", "drain_delay", "interfaces", "resources", "cluster", "monitor", "queues", "lua", "tracing"]);
+    root.finish_with(&[
+        "name",
+        "request_timeout",
+        "log_level",
+        "log_format",
+        "drain_delay",
+        "interfaces",
+        "resources",
+        "cluster",
+        "monitor",
+        "queues",
+        "lua",
+        "tracing",
+    ]);
     Some(CageConfig {
         name,
         dir: dir.clone(),

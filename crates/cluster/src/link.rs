@@ -293,10 +293,8 @@ async fn run(identity: &Identity, payload: &[u8], headers: Option<&async_nats::H
     let deadline = Instant::now() + Duration::from_micros(call.timeout_us.min(3_600_000_000));
     let (id, from) = (call.request_id.clone(), call.from_cage.clone());
     let mut ctx = RequestCtx::with_deadline(call.request_id, &call.cage, "cluster", deadline, Some(call.from_cage));
-    ctx.trace = headers
-        .and_then(|h| h.get("traceparent"))
-        .and_then(|v| rustomnic_lua::trace::TraceContext::from_traceparent(v.as_str().as_bytes()))
-        .map(Box::new);
+    ctx.trace =
+        headers.and_then(|h| h.get("traceparent")).and_then(|v| rustomnic_lua::trace::TraceContext::from_traceparent(v.as_str().as_bytes())).map(Box::new);
     let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && rustomnic_lua::trace::traces(&call.cage));
     let reply = serve_call(&vm, ctx, &call.cage, &call.module, &call.function, call.args, &id, &from, &err).await;
     if let Some(t) = span {

@@ -148,7 +148,16 @@ pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
         Err(RunError::Internal(m)) => Err(CallError::Failed(format!("calling {target}: internal error: {m}"))),
     };
     if let Some((t, id)) = span {
-        call_span(&t, &request.cage, "pmnc", &id, &request.module, &request.function, crate::trace::SpanKind::Internal, result.as_ref().err().map(|e| e.to_string()));
+        call_span(
+            &t,
+            &request.cage,
+            "pmnc",
+            &id,
+            &request.module,
+            &request.function,
+            crate::trace::SpanKind::Internal,
+            result.as_ref().err().map(|e| e.to_string()),
+        );
     }
     result
 }
