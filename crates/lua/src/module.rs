@@ -10,7 +10,7 @@ pub const MAX_MODULE_BYTES: u64 = 8 << 20;
 /// Names that cannot be module names because `pmnc.<name>` is taken by the API, and `_queue`,
 /// the entry point of durable calls forwarded from other cages (crate::durable::ACCEPT_MODULE).
 pub const RESERVED_NAMES: &[&str] =
-    &["log", "sleep", "clock", "json", "request", "cage", "events", "state", "transaction", "calls", "parallel", "test", "_queue"];
+    &["log", "sleep", "clock", "json", "request", "cage", "events", "state", "transaction", "calls", "parallel", "test", "cache", "_queue"];
 
 /// A module compiled and checked once, ready to be handed to every VM of its cage.
 #[derive(Debug)]

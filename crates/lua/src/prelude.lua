@@ -567,7 +567,8 @@ local function run_transaction(list, accept, sync_commit, calls)
     return
   end
   -- queue: `lasting` is true when a participant's effects outlive a rollback (issue 22 #9).
-  local ok, tx, outcomes, lasting = tx_run(list)
+  -- `idle`: nothing to commit or roll back (read cache hits, decision 143).
+  local ok, tx, outcomes, lasting, idle = tx_run(list)
   if not ok then error(tx_error(tx), 2) end
   local commit, failure = true, nil
   for _, o in ipairs(outcomes) do
@@ -595,7 +596,7 @@ local function run_transaction(list, accept, sync_commit, calls)
       error(r, 2)
     end
     ids = r
-  else
+  elseif not idle then
     local fok, ferr = tx_finish(tx, commit, sync_commit)
     if not fok then error(tx_error(ferr), 2) end
   end
@@ -608,19 +609,76 @@ local function run_transaction(list, accept, sync_commit, calls)
   return unpack(values, 1, #outcomes + #ids)
 end
 
-local function new_transaction(opts)
+-- The read cache of resources (docs/decisions/143): RESOURCE.cached{key = ..., ttl = ...} and
+-- RESOURCE.invalidates{key, "prefix:*", ...} check their table here, so that a mistake is
+-- reported at the user's line and names the resource.
+local MAX_CACHE_KEY, MAX_INVALIDATES, MAX_TTL = 1024, 1000, 31536000
+local function cache_key_problem(key)
+  if type(key) ~= "string" then return "must be a string, got " .. type(key) end
+  if key == "" then return "must not be empty" end
+  if #key > MAX_CACHE_KEY then return ("is %d bytes long, over the limit of %d"):format(#key, MAX_CACHE_KEY) end
+  return nil
+end
+-- `where` prefixes messages ("xa.db"); errors point at the caller of the caller (level 3).
+local function check_cached(where, opts, before)
+  local what = where .. ".cached{key = ..., ttl = ...}"
+  if before ~= nil then error(what .. ": cached is given twice", 3) end
+  if type(opts) ~= "table" then error(what .. ": expected a table, got " .. type(opts), 3) end
+  for k in pairs(opts) do
+    if k ~= "key" and k ~= "ttl" then error(what .. ": unknown field " .. c_tostring(k) .. " (known: key, ttl)", 3) end
+  end
+  local key, ttl = opts.key, opts.ttl
+  local problem = cache_key_problem(key)
+  if problem ~= nil then error(what .. ": key " .. problem, 3) end
+  if sub(key, -1) == "*" then
+    error(what .. ": key " .. key .. " ends in *, which only invalidates uses (for a prefix)", 3)
+  end
+  if type(ttl) ~= "number" or ttl ~= ttl or ttl <= 0 or ttl > MAX_TTL then
+    error(what .. ": ttl must be a number of seconds above 0 and at most " .. MAX_TTL .. ", got " .. c_tostring(ttl), 3)
+  end
+  return { key = key, ttl = ttl + 0.0 }
+end
+local function check_invalidates(what, keys, before)
+  if type(keys) == "string" then keys = { keys } end
+  if type(keys) ~= "table" then error(what .. ": expected a key or a list of keys, got " .. type(keys), 3) end
+  local out = {}
+  if before ~= nil then for i = 1, #before do out[i] = before[i] end end
+  local n = rawlen(keys)
+  if n == 0 then error(what .. ": the list of keys is empty", 3) end
+  for i = 1, n do
+    local problem = cache_key_problem(rawget(keys, i))
+    if problem ~= nil then error(what .. ": key " .. i .. " " .. problem, 3) end
+    out[#out + 1] = rawget(keys, i)
+  end
+  if #out > MAX_INVALIDATES then error(what .. ": more than " .. MAX_INVALIDATES .. " keys", 3) end
+  return out
+end
+-- RESOURCE.cached and RESOURCE.invalidates of a view made by `make(resource, cached,
+-- invalidates)`; nil for any other method name.
+local function cache_options(make, where, resource, method, cached, invalidates)
+  if method == "cached" then
+    return function(opts) return make(resource, check_cached(where, opts, cached), invalidates) end
+  elseif method == "invalidates" then
+    return function(keys) return make(resource, cached, check_invalidates(where .. ".invalidates{...}", keys, invalidates)) end
+  end
+  return nil
+end
+
+-- `level`: where option errors point (create calls it as 3: through its own frame).
+local function new_transaction(opts, level)
+  level = level or 2
   if opts ~= nil and type(opts) ~= "table" then
-    error("pmnc.transaction.create(options): options must be a table, got " .. type(opts), 2)
+    error("pmnc.transaction.create(options): options must be a table, got " .. type(opts), level)
   end
   opts = opts or {}
   for k in pairs(opts) do
     if k ~= "accept" and k ~= "sync_commit" then
-      error("pmnc.transaction.create: unknown option " .. c_tostring(k) .. " (known: accept, sync_commit)", 2)
+      error("pmnc.transaction.create: unknown option " .. c_tostring(k) .. " (known: accept, sync_commit)", level)
     end
   end
   local accept = opts.accept
   if accept ~= nil and type(accept) ~= "function" then
-    error("pmnc.transaction.create: accept must be a function, got " .. type(accept), 2)
+    error("pmnc.transaction.create: accept must be a function, got " .. type(accept), level)
   end
   local sync_commit = opts.sync_commit ~= false
   local list, executed = {}, false
@@ -649,38 +707,51 @@ local function new_transaction(opts)
       end,
     })
   end
+  -- Records one participant; `cached` and `invalidates` come from cache_options (or are nil).
+  local function add(resource, method, cached, invalidates, ...)
+    if executed then error("this transaction was executed already; create a new one", 3) end
+    list[#list + 1] = { resource = resource, method = method, args = pack(...), cached = cached, invalidates = invalidates }
+  end
+  -- xa.RESOURCE: its methods record calls; cached{...} and invalidates{...} give the same view
+  -- with read cache options added (docs/decisions/143).
+  local function methods(resource, cached, invalidates)
+    return c_setmetatable({}, {
+      __index = function(_, method)
+        if type(method) ~= "string" then error("method name must be a string", 2) end
+        local more = cache_options(methods, "xa." .. resource, resource, method, cached, invalidates)
+        if more ~= nil then return more end
+        return function(...) add(resource, method, cached, invalidates, ...) end
+      end,
+    })
+  end
   return c_setmetatable(xa, locked({
     __index = function(_, resource)
       if resource == "pmnc" then return xa_pmnc end
       if type(resource) ~= "string" then error("resource name must be a string", 2) end
-      return c_setmetatable({}, {
-        __index = function(_, method)
-          if type(method) ~= "string" then error("method name must be a string", 2) end
-          return function(...)
-            if executed then error("this transaction was executed already; create a new one", 2) end
-            list[#list + 1] = { resource = resource, method = method, args = pack(...) }
-          end
-        end,
-      })
+      return methods(resource)
     end,
     __newindex = function() error("transactions are read-only", 2) end,
-  }))
+  })), add
 end
 
 -- pmnc.transaction.RESOURCE.METHOD(...): a transaction of one participant.
 -- Nothing is cached per name: names come from module code and could be endless.
-local function shortcut(resource)
-  return readonly({}, "pmnc.transaction." .. resource, function(_, method)
+local function shortcut(resource, cached, invalidates, name)
+  name = name or ("pmnc.transaction." .. resource)
+  local function again(r, c, i) return shortcut(r, c, i, name) end
+  return readonly({}, name, function(_, method)
     if type(method) ~= "string" then return nil end
+    local more = cache_options(again, name, resource, method, cached, invalidates)
+    if more ~= nil then return more end
     return function(...)
-      local xa = new_transaction()
-      xa[resource][method](...)
+      local xa, add = new_transaction()
+      add(resource, method, cached, invalidates, ...)
       return xa.execute()
     end
   end)
 end
 
-local transaction_fields = { create = function(opts) return new_transaction(opts) end }
+local transaction_fields = { create = function(opts) return (new_transaction(opts, 3)) end }
 api.transaction = readonly(transaction_fields, "pmnc.transaction", function(_, resource)
   local v = transaction_fields[resource]
   if v ~= nil then return v end
@@ -706,7 +777,20 @@ api.calls = readonly({
 }, "pmnc.calls")
 
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
-api.state = shortcut("state")
+api.state = shortcut("state", nil, nil, "pmnc.state")
+
+-- pmnc.cache.invalidate(resource, keys): drops keys from a resource's read cache at once, for
+-- code outside transactions (docs/decisions/143).
+local cache_invalidate = rust.cache_invalidate
+api.cache = readonly({
+  invalidate = function(resource, keys)
+    if type(resource) ~= "string" or resource == "" then
+      error("pmnc.cache.invalidate(resource, keys): resource must be a resource name, got " .. type(resource), 2)
+    end
+    local list = check_invalidates("pmnc.cache.invalidate(" .. resource .. ", keys)", keys)
+    return check(cache_invalidate(resource, list))
+  end,
+}, "pmnc.cache")
 
 -- pmnc.events: publish to the requests waiting on a topic, on every worker of the cage.
 local events_publish, events_wait, events_stats = rust.events_publish, rust.events_wait, rust.events_stats

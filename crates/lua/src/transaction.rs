@@ -19,7 +19,31 @@ pub struct Participant {
     pub resource: String,
     pub method: String,
     pub args: Vec<Value>,
+    /// `xa.db.cached{key = ..., ttl = ...}.execute(...)`: the result may come from (and goes to)
+    /// the resource's read cache (docs/decisions/143).
+    pub cached: Option<CachedRead>,
+    /// `xa.db.invalidates{...}.execute(...)`: cache keys (a trailing `*` for a prefix) dropped
+    /// from the resource's read cache once this participant commits.
+    pub invalidates: Vec<String>,
 }
+
+impl Participant {
+    /// A plain call: not cached, invalidating nothing.
+    pub fn new(resource: impl Into<String>, method: impl Into<String>, args: Vec<Value>) -> Participant {
+        Participant { resource: resource.into(), method: method.into(), args, cached: None, invalidates: Vec::new() }
+    }
+}
+
+/// The `cached{...}` table of a participant, checked by the prelude.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedRead {
+    pub key: String,
+    /// How long a result stays fresh.
+    pub ttl: std::time::Duration,
+}
+
+/// Longest cache key (bytes) `cached` and `invalidates` accept; the prelude says so too.
+pub const MAX_CACHE_KEY: usize = 1024;
 
 /// Why a participant failed; becomes the Lua error table of `xa.execute()`.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,12 +80,23 @@ pub trait Prepared {
     fn effects_stay(&self) -> bool {
         false
     }
+    /// True when finishing has nothing to do (every participant was answered without a
+    /// connection, e.g. from the read cache, and none invalidates): Lua then skips `finish`.
+    fn idle(&self) -> bool {
+        false
+    }
 }
 
 /// The resources of the cages on this worker thread.
 pub trait Resources {
     /// Runs the calls of a transaction of `cage` in parallel under `deadline`.
     fn run(&self, cage: &str, participants: Vec<Participant>, deadline: Instant) -> LocalBoxFuture<'static, Result<Box<dyn Prepared>, ParticipantError>>;
+
+    /// `pmnc.cache.invalidate(resource, keys)`: drops `keys` (a trailing `*` for a prefix) from
+    /// the read cache of `resource` of `cage` at once. The default knows no cache.
+    fn invalidate(&self, cage: &str, resource: &str, _keys: &[String]) -> Result<(), String> {
+        Err(format!("cage {cage} has no resource {resource} with a read cache"))
+    }
 }
 
 thread_local! {

@@ -8,6 +8,7 @@
 //! request's deadline) → per transaction `begin`, `call`..., `commit` or `rollback` → `is_healthy`
 //! at every checkout of an idle connection → drop (disconnect).
 
+pub mod cache;
 mod pool;
 pub mod testing;
 #[cfg(feature = "test-tls")]
@@ -23,6 +24,7 @@ use std::time::Duration;
 use futures_util::future::LocalBoxFuture;
 use rustomnic_core::{Section, Value};
 
+pub use cache::{all_cache_stats, CacheStats, ReadCache};
 pub use pool::{all_stats, stats_for, Breaker, Cause, Pool, PoolSettings, PoolStats};
 pub use transaction::{install, CageResources};
 
@@ -155,8 +157,14 @@ pub fn read_pool_settings(section: &Section, default_size: usize) -> PoolSetting
         connect_timeout: section.duration("connect_timeout", Duration::from_secs(600)).map(|v| v.value).unwrap_or(d.connect_timeout),
         breaker_failures: section.integer("breaker_failures", 1, 1_000_000).map(|v| v.value as u32).unwrap_or(d.breaker_failures),
         breaker_cooldown: section.duration("breaker_cooldown", Duration::from_secs(3600)).map(|v| v.value).unwrap_or(d.breaker_cooldown),
+        cache_size: section.size("cache_size", MAX_CACHE_SIZE).map(|v| v.value).unwrap_or(d.cache_size),
+        cache_max_value: section.size("cache_max_value", MAX_CACHE_SIZE).map(|v| v.value).unwrap_or(d.cache_max_value),
     }
 }
 
+/// The largest `cache_size` (and `cache_max_value`) accepted: 64 GiB.
+pub const MAX_CACHE_SIZE: u64 = 64 << 30;
+
 /// The pool keys, for "unknown key" messages.
-pub const POOL_KEYS: &[&str] = &["pool_size", "min_idle", "idle_timeout", "max_age", "connect_timeout", "breaker_failures", "breaker_cooldown"];
+pub const POOL_KEYS: &[&str] =
+    &["pool_size", "min_idle", "idle_timeout", "max_age", "connect_timeout", "breaker_failures", "breaker_cooldown", "cache_size", "cache_max_value"];

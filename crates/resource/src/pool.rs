@@ -26,6 +26,11 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
+    /// Bytes (estimated) the read cache of the resource may hold, over every worker of the
+    /// process (`cache_size`, docs/decisions/143).
+    pub cache_size: u64,
+    /// A result bigger than this is not kept in the read cache (`cache_max_value`).
+    pub cache_max_value: u64,
 }
 
 impl Default for PoolSettings {
@@ -38,6 +43,8 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(5),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
+            cache_size: 16 << 20,
+            cache_max_value: 1 << 20,
         }
     }
 }

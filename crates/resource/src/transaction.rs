@@ -1,6 +1,11 @@
 //! Transactions over pooled connections: every participant checks out its own connection,
 //! begins and makes its call, all in parallel under the request's deadline; then every
 //! participant commits, or every one rolls back.
+//!
+//! A participant with `cached{key, ttl}` asks the resource's read cache first (cache.rs): a hit,
+//! or the result of the same key's call running elsewhere, is a participant that is already
+//! done and holds no connection; a miss runs as usual and hands its result to the cache. The keys
+//! of `invalidates{...}` are dropped once the transaction has committed.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -9,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{join_all, LocalBoxFuture};
 use rustomnic_core::Value;
+use rustomnic_lua::transaction::CachedRead;
 use rustomnic_lua::{Participant, ParticipantError, Prepared, Resources};
 
+use crate::cache::{self, Lookup, ReadCache, Waited};
 use crate::pool::{Cause, Pool, PoolStats, Pooled};
 use crate::{Error, ResourceConfig};
 
@@ -21,22 +28,32 @@ const FINISH_GRACE: Duration = Duration::from_secs(2);
 /// The pools of every cage on one worker thread.
 pub struct CageResources {
     pools: std::cell::RefCell<BTreeMap<String, BTreeMap<String, Rc<Pool>>>>,
+    /// The read cache of each resource, shared with the other workers.
+    caches: std::cell::RefCell<BTreeMap<String, BTreeMap<String, Arc<ReadCache>>>>,
     workers: usize,
+}
+
+fn cache_of(cage: &str, r: &ResourceConfig) -> Arc<ReadCache> {
+    cache::cache_for(cage, &r.name, &r.fingerprint, r.pool.cache_size, r.pool.cache_max_value)
 }
 
 /// Builds this worker's pools for `cages` and installs them for Lua transactions. `stats` holds
 /// one shared counter set per (cage, resource), made once for all workers.
 pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &BTreeMap<(String, String), Arc<PoolStats>>) -> Rc<CageResources> {
     let mut pools = BTreeMap::new();
+    let mut caches = BTreeMap::new();
     for (cage, resources) in cages {
         let mut by_name = BTreeMap::new();
+        let mut cache_by_name = BTreeMap::new();
         for r in resources {
             let s = stats.get(&(cage.clone(), r.name.clone())).cloned().unwrap_or_default();
             by_name.insert(r.name.clone(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), workers, s, r.breaker.clone()));
+            cache_by_name.insert(r.name.clone(), cache_of(cage, r));
         }
         pools.insert(cage.clone(), by_name);
+        caches.insert(cage.clone(), cache_by_name);
     }
-    let resources = Rc::new(CageResources { pools: std::cell::RefCell::new(pools), workers });
+    let resources = Rc::new(CageResources { pools: std::cell::RefCell::new(pools), caches: std::cell::RefCell::new(caches), workers });
     rustomnic_lua::transaction::set_resources(resources.clone());
     // Standby connections and idle expiry, once a second.
     let weak = Rc::downgrade(&resources);
@@ -58,18 +75,28 @@ impl CageResources {
         self.pools.borrow().get(cage).and_then(|m| m.get(resource)).cloned()
     }
 
+    /// The read cache of a resource (shared by every worker).
+    pub fn cache(&self, cage: &str, resource: &str) -> Option<Arc<ReadCache>> {
+        self.caches.borrow().get(cage).and_then(|m| m.get(resource)).cloned()
+    }
+
     /// Replaces (or adds, or with `None` removes) the pool of one resource after its config
     /// changed. Transactions running on the old pool finish on it; its connections close when
     /// the last of them is done.
     pub fn replace(&self, cage: &str, name: &str, config: Option<&ResourceConfig>, stats: Arc<PoolStats>) {
         let mut pools = self.pools.borrow_mut();
         let by_name = pools.entry(cage.to_string()).or_default();
+        let mut caches = self.caches.borrow_mut();
+        let cache_by_name = caches.entry(cage.to_string()).or_default();
         match config {
             Some(r) => {
                 by_name.insert(name.to_string(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), self.workers, stats, r.breaker.clone()));
+                // A changed table empties the cache (its values may come from another server).
+                cache_by_name.insert(name.to_string(), cache_of(cage, r));
             }
             None => {
                 by_name.remove(name);
+                cache_by_name.remove(name);
             }
         }
     }
@@ -93,6 +120,19 @@ struct Slot {
     outcome: Result<Value, ParticipantError>,
     /// Its call may have had effects that a rollback does not undo.
     stays: bool,
+    /// Its call ended at the request's deadline (cut, or no connection free until then), not
+    /// with an answer of the resource.
+    cut: bool,
+    /// `invalidates{...}`: keys dropped from `cache` once the transaction commits.
+    invalidates: Vec<String>,
+    cache: Option<Arc<ReadCache>>,
+}
+
+impl Slot {
+    /// A participant answered without a connection (a cache hit, or a running call's result).
+    fn done(resource: &str, outcome: Result<Value, ParticipantError>) -> Slot {
+        Slot { resource: resource.to_string(), conn: None, outcome, stays: false, cut: false, invalidates: Vec::new(), cache: None }
+    }
 }
 
 struct PreparedTx {
@@ -151,6 +191,8 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
         // (the server rolls back what it had begun when the connection closes).
         Err(_) => Err((Error::broken(format!("resource {resource}: deadline passed during {}", p.method)), Cause::Deadline)),
     };
+    // Ended by this request's deadline rather than by an answer of the resource.
+    let cut = matches!(result, Err((_, Cause::Deadline | Cause::PoolTimeout)));
     count.outcome = Some(result.as_ref().err().map(|(_, cause)| *cause));
     drop(count);
     let result = result.map_err(|(e, _)| e);
@@ -160,10 +202,83 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
             conn.mark_broken();
         }
     }
-    Slot { resource: resource.clone(), conn: held, outcome: result.map_err(|e| participant_error(&resource, n, e)), stays }
+    Slot {
+        resource: resource.clone(),
+        conn: held,
+        outcome: result.map_err(|e| participant_error(&resource, n, e)),
+        stays,
+        cut,
+        invalidates: Vec::new(),
+        cache: None,
+    }
+}
+
+/// One participant: through the read cache when it is `cached`, else straight to its pool.
+async fn run_participant(pool: Rc<Pool>, cache: Option<Arc<ReadCache>>, n: usize, mut p: Participant, deadline: Instant) -> Slot {
+    let invalidates = std::mem::take(&mut p.invalidates);
+    let mut slot = match (p.cached.take(), &cache) {
+        (Some(spec), Some(c)) => run_cached(pool, c, spec, n, p, deadline).await,
+        _ => run_one(pool, n, p, deadline).await,
+    };
+    if !invalidates.is_empty() {
+        slot.invalidates = invalidates;
+        slot.cache = cache;
+    }
+    slot
+}
+
+/// A cached participant: a fresh value, the result of the same key's running call (on any
+/// worker), or the call run here for every caller of the key.
+async fn run_cached(pool: Rc<Pool>, cache: &Arc<ReadCache>, spec: CachedRead, n: usize, p: Participant, deadline: Instant) -> Slot {
+    let resource = p.resource.clone();
+    loop {
+        match cache.lookup(&spec.key) {
+            Lookup::Hit(v) => return Slot::done(&resource, Ok((*v).clone())),
+            Lookup::Wait(rx) => match cache::wait(rx, deadline).await {
+                Waited::Done(r) => return Slot::done(&resource, r.map(|v| (*v).clone()).map_err(|e| participant_error(&resource, n, e))),
+                Waited::Again => continue,
+                Waited::Deadline => {
+                    let e = Error::new(format!("resource {resource}: deadline passed while waiting for the running call of cache key {:?}", spec.key));
+                    return Slot::done(&resource, Err(participant_error(&resource, n, e)));
+                }
+            },
+            Lookup::Lead(leader) => {
+                let mut slot = run_one(pool, n, p, deadline).await;
+                if slot.cut {
+                    // Our deadline, not the resource's answer: the waiters, whose deadlines may
+                    // be later, look again (dropping the leader tells them).
+                    drop(leader);
+                    return slot;
+                }
+                slot.outcome = match std::mem::replace(&mut slot.outcome, Ok(Value::Nil)) {
+                    Ok(v) => leader.finish(Ok(v), spec.ttl).map_err(|e| participant_error(&resource, n, e)),
+                    Err(pe) => {
+                        let shared = Error { message: pe.message.clone(), code: pe.code.clone(), broken: false };
+                        let _ = leader.finish(Err(shared), spec.ttl);
+                        Err(pe)
+                    }
+                };
+                return slot;
+            }
+        }
+    }
 }
 
 impl Resources for CageResources {
+    fn invalidate(&self, cage: &str, resource: &str, keys: &[String]) -> Result<(), String> {
+        let Some(cache) = self.cache(cage, resource) else {
+            let known: Vec<String> = self.caches.borrow().get(cage).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            return Err(format!(
+                "cage {cage} has no resource {resource} (resources: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ));
+        };
+        for key in keys {
+            cache.invalidate(key);
+        }
+        Ok(())
+    }
+
     fn run(&self, cage: &str, participants: Vec<Participant>, deadline: Instant) -> LocalBoxFuture<'static, Result<Box<dyn Prepared>, ParticipantError>> {
         // Every participant holds its own connection until the end, so more participants on one
         // resource than this worker's share of its pool could never all run: say so at once
@@ -193,13 +308,25 @@ impl Resources for CageResources {
                 }
             }
         }
+        // A transaction of one cached call whose value is fresh (the common read): answered
+        // here, with no task and no connection.
+        if let [p] = participants.as_slice() {
+            if let (Some(spec), true) = (&p.cached, p.invalidates.is_empty()) {
+                if let Some(value) = self.cache(cage, &p.resource).and_then(|c| c.peek(&spec.key)) {
+                    let slots = vec![Slot::done(&p.resource, Ok((*value).clone()))];
+                    let outcomes = vec![Ok((*value).clone())];
+                    return Box::pin(async move { Ok(Box::new(PreparedTx { slots, outcomes, stays: false }) as Box<dyn Prepared>) });
+                }
+            }
+        }
         let mut work = Vec::with_capacity(participants.len());
         for (i, p) in participants.into_iter().enumerate() {
             let Some(pool) = self.pool(cage, &p.resource) else {
                 let e = self.missing(cage, &p.resource, i + 1);
                 return Box::pin(async move { Err(e) });
             };
-            work.push(run_one(pool, i + 1, p, deadline));
+            let cache = self.cache(cage, &p.resource);
+            work.push(run_participant(pool, cache, i + 1, p, deadline));
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<Vec<Slot>>();
         // The calls run as a task of their own: a request stopped at its deadline leaves its
@@ -245,6 +372,10 @@ impl Prepared for PreparedTx {
         self.stays
     }
 
+    fn idle(&self) -> bool {
+        self.slots.iter().all(|s| s.conn.is_none() && s.invalidates.is_empty())
+    }
+
     fn finish(self: Box<Self>, commit: bool, wait: bool, deadline: Instant) -> LocalBoxFuture<'static, Result<(), ParticipantError>> {
         let limit = deadline.max(Instant::now()) + FINISH_GRACE;
         let work = finish_all(self.slots, commit, self.stays, limit);
@@ -264,6 +395,15 @@ impl Prepared for PreparedTx {
 /// Commits the participants that succeeded (when `commit`) and rolls back all others, in
 /// parallel. A failed commit after another participant has committed is not recoverable.
 async fn finish_all(slots: Vec<Slot>, commit: bool, stays: bool, limit: Instant) -> Result<(), ParticipantError> {
+    // Keys to drop once the ends below are done: of a participant that succeeded and commits,
+    // and of one whose effects stay whatever happens (a Redis write, an HTTP call). A commit
+    // that fails may still have reached the server, so it drops its keys too: dropping too much
+    // costs a query, too little serves stale values.
+    let drops: Vec<(Arc<ReadCache>, Vec<String>)> = slots
+        .iter()
+        .filter(|s| !s.invalidates.is_empty() && ((commit && s.outcome.is_ok()) || s.stays))
+        .filter_map(|s| s.cache.clone().map(|c| (c, s.invalidates.clone())))
+        .collect();
     let ends = slots.into_iter().enumerate().filter_map(|(i, slot)| {
         let Slot { resource, conn, outcome, .. } = slot;
         let mut conn = conn?;
@@ -294,6 +434,11 @@ async fn finish_all(slots: Vec<Slot>, commit: bool, stays: bool, limit: Instant)
         })
     });
     let results = join_all(ends).await;
+    for (cache, keys) in drops {
+        for key in &keys {
+            cache.invalidate(key);
+        }
+    }
     let committed = results.iter().filter(|(_, _, c, r)| *c && r.is_ok()).count();
     for (n, resource, did_commit, r) in results {
         if let Err(e) = r {

@@ -8,7 +8,7 @@ use mlua::{Lua, MultiValue, Table, Value as LuaValue};
 use super::current_ctx;
 use super::{failure, success};
 use crate::convert::{from_lua, to_lua};
-use crate::transaction::{self, Participant, ParticipantError, Prepared};
+use crate::transaction::{self, CachedRead, Participant, ParticipantError, Prepared};
 
 /// A prepared transaction held by Lua between `tx_run` and `tx_finish`. Dropped unfinished (the
 /// request ended), its connections roll back when they go back to their pools.
@@ -29,7 +29,20 @@ fn participants_of(list: &Table) -> Result<Vec<Participant>, ParticipantError> {
             let v: LuaValue = args.raw_get(a).map_err(|e| fail(n, resource.clone(), e.to_string()))?;
             values.push(from_lua(&v).map_err(|e| fail(n, resource.clone(), format!("{method}: argument {a}: {e}")))?);
         }
-        out.push(Participant { resource, method, args: values });
+        let mut participant = Participant::new(resource, method, values);
+        // The prelude checked both tables (with messages at the user's line); this only reads them.
+        if let Some(c) = entry.raw_get::<Option<Table>>("cached").map_err(|e| fail(n, participant.resource.clone(), e.to_string()))? {
+            let key: String = c.raw_get("key").map_err(|e| fail(n, participant.resource.clone(), format!("cached: key: {e}")))?;
+            let ttl: f64 = c.raw_get("ttl").map_err(|e| fail(n, participant.resource.clone(), format!("cached: ttl: {e}")))?;
+            let ttl = Duration::try_from_secs_f64(ttl).map_err(|e| fail(n, participant.resource.clone(), format!("cached: ttl {ttl}: {e}")))?;
+            participant.cached = Some(CachedRead { key, ttl });
+        }
+        if let Some(keys) = entry.raw_get::<Option<Table>>("invalidates").map_err(|e| fail(n, participant.resource.clone(), e.to_string()))? {
+            for key in keys.sequence_values::<String>() {
+                participant.invalidates.push(key.map_err(|e| fail(n, participant.resource.clone(), format!("invalidates: {e}")))?);
+            }
+        }
+        out.push(participant);
     }
     Ok(out)
 }
@@ -55,6 +68,24 @@ fn tx_failure(lua: &Lua, e: &ParticipantError) -> mlua::Result<MultiValue> {
 }
 
 pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    // pmnc.cache.invalidate(resource, keys): the prelude checked the arguments.
+    t.set(
+        "cache_invalidate",
+        lua.create_function(|lua, (resource, keys): (String, Table)| {
+            let Some(shared) = super::shared_of(lua) else { return failure(lua, "pmnc.cache.invalidate: no cage") };
+            let mut list = Vec::new();
+            for k in keys.sequence_values::<String>() {
+                list.push(k?);
+            }
+            let Some(resources) = transaction::resources() else {
+                return failure(lua, format!("pmnc.cache.invalidate: cage {} has no resource {resource}", shared.cage));
+            };
+            match resources.invalidate(&shared.cage, &resource, &list) {
+                Ok(()) => Ok(success([])),
+                Err(e) => failure(lua, format!("pmnc.cache.invalidate: {e}")),
+            }
+        })?,
+    )?;
     t.set(
         "tx_run",
         lua.create_async_function(|lua, list: Table| async move {
@@ -106,8 +137,10 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     }
                     // queue (issue 22 #9): whether a participant's effects outlive a rollback.
                     let lasting = LuaValue::Boolean(prepared.effects_stay());
+                    // Nothing to commit or roll back (read cache hits): Lua skips tx_finish.
+                    let idle = LuaValue::Boolean(prepared.idle());
                     let handle = lua.create_any_userdata(TxHandle(std::cell::RefCell::new(Some(prepared))))?;
-                    Ok(success([LuaValue::UserData(handle), LuaValue::Table(outcomes), lasting]))
+                    Ok(success([LuaValue::UserData(handle), LuaValue::Table(outcomes), lasting, idle]))
                 }
                 Err(e) => tx_failure(&lua, &e),
             }

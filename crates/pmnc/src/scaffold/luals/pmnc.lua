@@ -334,6 +334,13 @@ function pmnc.state.delete(key) end
 ---@return string[]
 function pmnc.state.keys(prefix) end
 
+---The read cache of the cage's resources (docs/lua-api.md#pmnccacheinvalidate).
+pmnc.cache = {}
+---Drops keys (one or a list; "prefix*" for a prefix) from a resource's read cache at once.
+---@param resource string
+---@param keys string|string[]
+function pmnc.cache.invalidate(resource, keys) end
+
 pmnc.calls = {}
 ---@param id string
 ---@param cage? string
