@@ -2,8 +2,9 @@
 # Celery tasks served by a cage's celery interface against Celery's own prefork worker
 # (concurrency = WORKERS), on the same broker, queue, Python producer and result backend, one
 # after the other in one run (bench/celery_bench.py), on Redis and then on RabbitMQ (the
-# machine's, PMNC_BENCH_AMQP_URL). Prints tasks/s of both and the ratio (target >= 20x on each,
-# issue 16). Never fails because of a figure.
+# machine's, PMNC_BENCH_AMQP_URL). The queue is filled before each worker starts, so the Python
+# producer is not measured. Prints tasks/s of both, the CPU per task of each worker and of the
+# broker, and the ratio (target >= 20x on each, issue 16). Never fails because of a figure.
 #
 #   bench/celery.sh                 20,000 no-op tasks each, on each broker
 #   BROKERS=amqp bench/celery.sh    one broker

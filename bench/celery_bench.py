@@ -8,7 +8,9 @@ machine's RabbitMQ is the broker, on a queue named after this process, and Redis
 results, so that both sides are counted the same way). For each worker in turn:
 fills the queue with CALLS tasks `tasks.noop(i)` from a stock Celery client, starts the worker,
 and times from its first stored result to its last (so neither side's start-up counts), polling
-the result db's key count every 10 ms. Every wait is bounded; everything started is stopped."""
+the result db's key count every 10 ms; the CPU time the worker (with its child processes) and
+the broker used in that span is printed per task. Every wait is bounded; everything started is
+stopped."""
 import argparse
 import os
 import socket
@@ -68,8 +70,37 @@ def purge(broker, queue, delete=False):
             pass
 
 
-def drain(r_results, calls, proc, limit=600):
-    """(first, last) result times, or None when the worker died or the limit passed."""
+def cpu_seconds(pids):
+    """CPU time (user + system, all threads) the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid):
+    """The process and its descendants (Celery's pool processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def drain(r_results, calls, proc, broker_pids, limit=600):
+    """(first, last, worker CPU s, broker CPU s) from the first result to the last, or None when
+    the worker died or the limit passed."""
     end = time.time() + limit
     first = None
     while time.time() < end:
@@ -77,8 +108,10 @@ def drain(r_results, calls, proc, limit=600):
         now = time.perf_counter()
         if n > 0 and first is None:
             first = now
+            cpu0 = (cpu_seconds(tree(proc.pid)), cpu_seconds(broker_pids))
         if n >= calls:
-            return first, now
+            cpu1 = (cpu_seconds(tree(proc.pid)), cpu_seconds(broker_pids))
+            return first, now, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         if proc.poll() is not None:
             return None
         time.sleep(0.01)
@@ -107,6 +140,12 @@ def main():
     try:
         procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", a.work],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # The broker's CPU per task is printed beside the worker's: on a small machine the
+        # broker's own cost per message bounds what any worker can drain.
+        broker_pids = [procs[0].pid]
+        if a.broker == "amqp":
+            found = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True).stdout.split()
+            broker_pids = [int(p) for p in found]
         import redis
         r0, r1 = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0"), redis.Redis.from_url(backend)
         for _ in range(100):
@@ -138,7 +177,7 @@ def main():
             log = open(os.path.join(a.work, f"{name}.log"), "w")
             proc = subprocess.Popen(cmd, cwd=a.work, env=env, stdout=log, stderr=log)
             procs.append(proc)
-            span = drain(r1, a.calls, proc)
+            span = drain(r1, a.calls, proc, broker_pids)
             proc.terminate()
             try:
                 proc.wait(timeout=20)
@@ -147,10 +186,11 @@ def main():
             if span is None:
                 print(f"{name}: did not finish; see {log.name}")
                 continue
-            first, last = span
+            first, last, worker_cpu, broker_cpu = span
             rate = (a.calls - 1) / max(last - first, 1e-9)
             rates[name] = rate
-            print(f"{name}: {a.calls} results stored, first to last {last - first:.3f}s = {rate:.0f} tasks/s", flush=True)
+            print(f"{name}: {a.calls} results stored, first to last {last - first:.3f}s = {rate:.0f} tasks/s; CPU per task: worker "
+                  f"{worker_cpu * 1e6 / a.calls:.0f} us, {a.broker} broker {broker_cpu * 1e6 / a.calls:.0f} us", flush=True)
         if "pmnc" in rates and "celery" in rates:
             ratio = rates["pmnc"] / rates["celery"]
             print(f"ratio pmnc/celery on {a.broker}: {ratio:.1f}x (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}")

@@ -203,7 +203,10 @@ impl Interface for CeleryInterface {
 /// The Redis result backend's connection, or no results (a session's start).
 pub(crate) async fn redis_results(iface: &CeleryInterface) -> Result<tasks::Results, String> {
     match &iface.backend {
-        Backend::Redis(url) => Ok(tasks::Results::Redis(rustomnic_resource_celery::redis_connect(url).await.map_err(|e| format!("result backend {e}"))?)),
+        Backend::Redis(url) => {
+            let conn = rustomnic_resource_celery::redis_connect(url).await.map_err(|e| format!("result backend {e}"))?;
+            Ok(tasks::Results::Redis(tasks::RedisResults::start(conn, iface.result_expires)))
+        }
         _ => Ok(tasks::Results::None),
     }
 }

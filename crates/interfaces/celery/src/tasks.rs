@@ -77,20 +77,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
-/// Writes a result document (KEYS[1], ARGV[1]) for ARGV[2] seconds and publishes it for the
-/// clients waiting in `AsyncResult.get()`, unless a SUCCESS is stored already (as Celery's
-/// backend does: a task run twice after a crash keeps its first result); in one round trip.
-/// Returns 1 when written.
+/// Writes result documents (KEYS[i], ARGV[i + 1]) for ARGV[1] seconds and publishes each for the
+/// clients waiting in `AsyncResult.get()`, unless a SUCCESS is stored already under its key (as
+/// Celery's backend does: a task run twice after a crash keeps its first result); the results
+/// of all the tasks that finished together, in one round trip. Returns how many were written.
 const STORE: &str = r#"
-local old = redis.call('GET', KEYS[1])
-if old then
-  local ok, doc = pcall(cjson.decode, old)
-  if ok and type(doc) == 'table' and doc.status == 'SUCCESS' then return 0 end
+local expires, written = tonumber(ARGV[1]), 0
+for i = 1, #KEYS do
+  local doc, keep = ARGV[i + 1], false
+  local old = redis.call('GET', KEYS[i])
+  if old then
+    local ok, prior = pcall(cjson.decode, old)
+    keep = ok and type(prior) == 'table' and prior.status == 'SUCCESS'
+  end
+  if not keep then
+    redis.call('SETEX', KEYS[i], expires, doc)
+    redis.call('PUBLISH', KEYS[i], doc)
+    written = written + 1
+  end
 end
-redis.call('SETEX', KEYS[1], tonumber(ARGV[2]), ARGV[1])
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return written
 "#;
+/// The most results written in one round trip, and about the most bytes (a bigger result goes
+/// alone).
+const STORE_BATCH: usize = 256;
+const STORE_BATCH_BYTES: usize = 4 << 20;
 /// The scripts, each hashed once (a script is called by its SHA-1, which is not free per call).
 static STORE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(STORE));
 static CHORD_PART_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(CHORD_PART));
@@ -106,7 +117,7 @@ const RELEASE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where results go.
 pub(crate) enum Results {
-    Redis(MultiplexedConnection),
+    Redis(RedisResults),
     /// Published to each task's `reply_to` queue (an AMQP broker).
     Rpc(lapin::Channel),
     None,
@@ -122,6 +133,82 @@ pub(crate) struct ResultOf<'a> {
 impl<'a> ResultOf<'a> {
     pub fn task(task: &'a Task) -> ResultOf<'a> {
         ResultOf { id: &task.id, reply_to: &task.reply_to, correlation_id: &task.correlation_id }
+    }
+}
+
+/// The Redis result backend of a session: its connection (chords), and the writer that stores
+/// the results of the tasks that finish together in one round trip (a script per result cost
+/// Redis more than the task itself, on a machine where it shares the cores with the worker).
+pub(crate) struct RedisResults {
+    pub conn: MultiplexedConnection,
+    writes: tokio::sync::mpsc::UnboundedSender<Write>,
+}
+
+/// A result document to store under `key`, and who waits for the outcome.
+struct Write {
+    key: String,
+    doc: String,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+impl RedisResults {
+    /// Starts the writer (on the current runtime), which ends when this is dropped; results are
+    /// kept `expires`.
+    pub fn start(conn: MultiplexedConnection, expires: Duration) -> RedisResults {
+        let (writes, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_results(rx, conn.clone(), expires.as_secs().max(1)));
+        RedisResults { conn, writes }
+    }
+
+    /// Stores `doc` under `key` (not over a stored SUCCESS) and publishes it; Ok once Redis has
+    /// it.
+    async fn store(&self, key: String, doc: String) -> Result<(), String> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.writes.send(Write { key, doc, done }).map_err(|_| "the result writer stopped".to_string())?;
+        outcome.await.unwrap_or_else(|_| Err("the result writer stopped".into()))
+    }
+}
+
+/// Writes what [`RedisResults::store`] is given: whatever is waiting when a write starts goes in
+/// one script call, so that a busy worker makes few round trips and a lone task waits for none.
+async fn write_results(mut rx: tokio::sync::mpsc::UnboundedReceiver<Write>, mut conn: MultiplexedConnection, expires: u64) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut bytes = first.doc.len();
+        let mut batch = vec![first];
+        while batch.len() < STORE_BATCH && bytes < STORE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(w) => {
+                    bytes += w.doc.len();
+                    if bytes > STORE_BATCH_BYTES {
+                        next = Some(w);
+                        break;
+                    }
+                    batch.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut invocation = STORE_SCRIPT.prepare_invoke();
+        for w in &batch {
+            invocation.key(&w.key);
+        }
+        invocation.arg(expires);
+        for w in &batch {
+            invocation.arg(&w.doc);
+        }
+        let r: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
+        let outcome = r.map(|_| ()).map_err(|e| e.to_string());
+        for w in batch {
+            let _ = w.done.send(outcome.clone());
+        }
     }
 }
 
@@ -327,7 +414,7 @@ impl<T: Transport> Worker<T> {
     async fn chord_part(&self, task: &Task, state: &str, result: &Json) -> Result<(), ()> {
         let (Some(body), Some(group), Results::Redis(backend)) = (&task.chord, &task.group, &self.results) else { return Ok(()) };
         let spec = self.host.spec();
-        let mut redis = backend.clone();
+        let mut redis = backend.conn.clone();
         let key = |suffix: &str| format!("celery-taskset-meta-{group}{suffix}");
         let token = uuid::Uuid::new_v4().simple().to_string();
         let score = task.group_index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_string());
@@ -433,13 +520,7 @@ impl<T: Transport> Worker<T> {
         let doc = message::meta(task_id, status, result, traceback, children, Utc::now());
         let outcome = match &self.results {
             Results::None => Ok(()),
-            Results::Redis(backend) => {
-                let mut backend = backend.clone();
-                let key = format!("celery-task-meta-{task_id}");
-                let expires = self.iface.result_expires.as_secs().max(1);
-                let r: redis::RedisResult<i64> = STORE_SCRIPT.key(&key).arg(&doc).arg(expires).invoke_async(&mut backend).await;
-                r.map(|_| ()).map_err(|e| e.to_string())
-            }
+            Results::Redis(backend) => backend.store(format!("celery-task-meta-{task_id}"), doc).await,
             // No reply queue: the client wants no result.
             Results::Rpc(_) if to.reply_to.is_empty() => Ok(()),
             Results::Rpc(channel) => rpc_reply(channel, to, &doc).await,
