@@ -118,6 +118,47 @@ pub fn record_span(
     });
 }
 
+thread_local! {
+    /// The span of the resource call being polled on this thread (set by [`WithCall`]), whose
+    /// `traceparent` an outgoing HTTP call sends.
+    static CALL: std::cell::Cell<Option<TraceContext>> = const { std::cell::Cell::new(None) };
+}
+
+/// The `traceparent` of the resource call running now on this thread, when it is traced.
+pub fn call_traceparent() -> Option<String> {
+    CALL.with(|c| c.get()).map(|t| t.traceparent())
+}
+
+/// Runs `f` as the resource call of span `trace`: while it is polled, [`call_traceparent`]
+/// answers with it.
+pub fn with_call<F: std::future::Future>(trace: Option<TraceContext>, f: F) -> WithCall<F> {
+    WithCall { trace, inner: Box::pin(f) }
+}
+
+/// The future of [`with_call`].
+pub struct WithCall<F> {
+    trace: Option<TraceContext>,
+    inner: std::pin::Pin<Box<F>>,
+}
+
+impl<F: std::future::Future> std::future::Future for WithCall<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let previous = CALL.with(|c| c.replace(self.trace));
+        let out = self.inner.as_mut().poll(cx);
+        CALL.with(|c| c.set(previous));
+        out
+    }
+}
+
+/// What a statement or command is, for a span: its first word in upper case (`SELECT`, `GET`),
+/// never the rest, which may hold values.
+pub fn operation_of(statement: &str) -> Option<String> {
+    let word: String = statement.trim_start().chars().take_while(|c| c.is_ascii_alphabetic() || *c == '_').take(32).collect();
+    (!word.is_empty()).then(|| word.to_ascii_uppercase())
+}
+
 /// Reads a `traceparent` value (`version-traceid-parentid-flags`, lower-case hex): version 00 is
 /// exactly 55 bytes; a later version may carry more after a `-`, which is ignored; version ff,
 /// an all-zero trace id or parent id, and anything else malformed are refused.

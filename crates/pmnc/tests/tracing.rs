@@ -212,3 +212,78 @@ fn a_call_over_nats_continues_the_trace_in_the_other_process() {
     assert_eq!(work["attributes"]["pmnc.interface"]["stringValue"], "cluster");
     assert_eq!(work["resource"]["service.name"]["stringValue"], "worker");
 }
+
+#[test]
+fn resource_calls_are_client_spans_and_http_calls_carry_the_trace() {
+    let Some(r) = Receiver::start("resource_calls_are_client_spans_and_http_calls_carry_the_trace") else { return };
+    let port = spare_port();
+    let tree = Tree::new();
+    tree.write(
+        "web/cage.toml",
+        &format!(
+            "[interfaces.http]\nlisten = \"127.0.0.1:{port}\"\n[resources.loop]\nprotocol = \"http\"\nurl = \"http://127.0.0.1:{port}\"\n{}",
+            r.tracing_table("")
+        ),
+    );
+    tree.write(
+        "web/http.lua",
+        r#"
+local M = {}
+function M.handle(request, response)
+  if request.path == "/echo" then return request.headers["traceparent"] or "none" end
+  local answer = pmnc.transaction.loop.get("/echo")
+  return answer.body
+end
+return M
+"#,
+    );
+    let server = Server::start(&tree.path().join("web"), &[]);
+    let answer = get_with(server.addr("http"), "/out", Some(&format!("00-{TRACE}-{PARENT}-01")));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let seen = answer.text();
+    let spans = r.take(3);
+    let outer = spans.iter().find(|s| s["attributes"]["url.path"]["stringValue"] == "/out").unwrap_or_else(|| panic!("{spans:?}"));
+    let inner = spans.iter().find(|s| s["attributes"]["url.path"]["stringValue"] == "/echo").unwrap_or_else(|| panic!("{spans:?}"));
+    let call = by_name(&spans, "loop get");
+    assert_eq!(call["kind"], "SPAN_KIND_CLIENT");
+    assert_eq!(call["trace_id"], TRACE);
+    assert_eq!(call["parent_span_id"], outer["span_id"], "the resource call is a child of the request");
+    assert_eq!(call["attributes"]["db.system"]["stringValue"], "http");
+    assert_eq!(call["attributes"]["pmnc.resource"]["stringValue"], "loop");
+    // The called service saw the call's span as its parent, and continued the trace.
+    assert_eq!(seen, format!("00-{TRACE}-{}-01", call["span_id"].as_str().unwrap()));
+    assert_eq!(inner["trace_id"], TRACE);
+    assert_eq!(inner["parent_span_id"], call["span_id"]);
+}
+
+#[test]
+fn a_sql_statement_is_named_by_its_first_word_never_its_values() {
+    let Some(r) = Receiver::start("a_sql_statement_is_named_by_its_first_word_never_its_values") else { return };
+    let url = std::env::var("PMNC_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    if std::net::TcpStream::connect_timeout(&"127.0.0.1:5432".parse().unwrap(), Duration::from_secs(2)).is_err() && !url.contains("PMNC") {
+        eprintln!("\n*** SKIPPED a_sql_statement_is_named_by_its_first_word_never_its_values: PostgreSQL is not reachable (service postgresql start) ***\n");
+        return;
+    }
+    let tree = Tree::new();
+    tree.write("web/cage.toml", &format!("{}\n[resources.db]\nprotocol = \"postgresql\"\nurl = \"{url}\"\n{}", http_cage_toml(""), r.tracing_table("")));
+    tree.write(
+        "web/http.lua",
+        r#"
+local M = {}
+function M.handle(request, response)
+  local r = pmnc.transaction.db.execute("select $1::text as secret", "s3cret-value")
+  return r.rows[1].secret
+end
+return M
+"#,
+    );
+    let server = Server::start(&tree.path().join("web"), &[]);
+    let answer = get_with(server.addr("http"), "/", Some(&format!("00-{TRACE}-{PARENT}-01")));
+    assert_eq!(answer.text(), "s3cret-value");
+    let spans = r.take(2);
+    let call = by_name(&spans, "db execute");
+    assert_eq!(call["attributes"]["db.system"]["stringValue"], "postgresql");
+    assert_eq!(call["attributes"]["db.operation.name"]["stringValue"], "SELECT");
+    let all = serde_json::to_string(&spans).unwrap();
+    assert!(!all.contains("s3cret-value") && !all.contains("$1::text"), "a span must not carry the statement or its values: {all}");
+}

@@ -30,6 +30,8 @@ pub struct CageResources {
     pools: std::cell::RefCell<BTreeMap<String, BTreeMap<String, Rc<Pool>>>>,
     /// The read cache of each resource, shared with the other workers.
     caches: std::cell::RefCell<BTreeMap<String, BTreeMap<String, Arc<ReadCache>>>>,
+    /// The protocol of each resource, for the spans of its calls.
+    protocols: std::cell::RefCell<BTreeMap<(String, String), String>>,
     workers: usize,
 }
 
@@ -42,6 +44,7 @@ fn cache_of(cage: &str, r: &ResourceConfig) -> Arc<ReadCache> {
 pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &BTreeMap<(String, String), Arc<PoolStats>>) -> Rc<CageResources> {
     let mut pools = BTreeMap::new();
     let mut caches = BTreeMap::new();
+    let mut protocols = BTreeMap::new();
     for (cage, resources) in cages {
         let mut by_name = BTreeMap::new();
         let mut cache_by_name = BTreeMap::new();
@@ -49,11 +52,17 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
             let s = stats.get(&(cage.clone(), r.name.clone())).cloned().unwrap_or_default();
             by_name.insert(r.name.clone(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), workers, s, r.breaker.clone()));
             cache_by_name.insert(r.name.clone(), cache_of(cage, r));
+            protocols.insert((cage.clone(), r.name.clone()), r.protocol.clone());
         }
         pools.insert(cage.clone(), by_name);
         caches.insert(cage.clone(), cache_by_name);
     }
-    let resources = Rc::new(CageResources { pools: std::cell::RefCell::new(pools), caches: std::cell::RefCell::new(caches), workers });
+    let resources = Rc::new(CageResources {
+        pools: std::cell::RefCell::new(pools),
+        caches: std::cell::RefCell::new(caches),
+        protocols: std::cell::RefCell::new(protocols),
+        workers,
+    });
     rustomnic_lua::transaction::set_resources(resources.clone());
     // Standby connections and idle expiry, once a second.
     let weak = Rc::downgrade(&resources);
@@ -93,6 +102,7 @@ impl CageResources {
                 by_name.insert(name.to_string(), Pool::new(&r.name, r.resource.clone(), r.pool.clone(), self.workers, stats, r.breaker.clone()));
                 // A changed table empties the cache (its values may come from another server).
                 cache_by_name.insert(name.to_string(), cache_of(cage, r));
+                self.protocols.borrow_mut().insert((cage.to_string(), name.to_string()), r.protocol.clone());
             }
             None => {
                 by_name.remove(name);
@@ -160,8 +170,42 @@ impl Drop for CallCount {
     }
 }
 
-async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) -> Slot {
+/// The span a traced participant's call records: a client span, child of the request's
+/// (docs/tracing.md).
+struct CallSpan {
+    trace: rustomnic_lua::trace::TraceContext,
+    cage: String,
+    request_id: String,
+    protocol: String,
+}
+
+impl CallSpan {
+    fn record(self, resource: &str, method: &str, operation: Option<String>, outcome: &Result<Value, Error>) {
+        use rustomnic_lua::trace::{AttrValue, SpanKind, SpanStatus};
+        let mut attributes =
+            vec![("pmnc.resource", AttrValue::from(resource)), ("pmnc.method", AttrValue::from(method)), ("db.system", AttrValue::Str(self.protocol))];
+        if let Some(op) = operation {
+            attributes.push(("db.operation.name", AttrValue::Str(op)));
+        }
+        let status = match outcome {
+            Ok(_) => SpanStatus::Unset,
+            Err(e) => SpanStatus::Error(e.message.clone()),
+        };
+        let name = format!("{resource} {method}");
+        rustomnic_lua::trace::record_span(&self.trace, &self.cage, "resource", &self.request_id, name, SpanKind::Client, attributes, status);
+    }
+}
+
+async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant, span: Option<CallSpan>) -> Slot {
     let resource = p.resource.clone();
+    // The first word of an SQL statement names the span's operation (never the values; other
+    // protocols' first arguments may be values, such as a key).
+    let sql = span.as_ref().is_some_and(|s| matches!(s.protocol.as_str(), "postgresql" | "mysql"));
+    let operation = match p.args.first() {
+        Some(Value::Str(b)) if sql => rustomnic_lua::trace::operation_of(&String::from_utf8_lossy(&b[..b.len().min(64)])),
+        _ => None,
+    };
+    let method = span.as_ref().map(|_| p.method.clone());
     // Timed from the checkout on: waiting for a free connection or for a connect is part of
     // what the call cost the request.
     let mut count = CallCount { stats: pool.stats.clone(), started: Instant::now(), outcome: None };
@@ -185,6 +229,7 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
         let Some(conn) = held.as_mut() else { return Err((Error::broken("no connection"), Cause::Query)) };
         conn.conn().call(&p.method, p.args).await.map_err(|e| (e, Cause::Query))
     };
+    let work = rustomnic_lua::trace::with_call(span.as_ref().map(|s| s.trace), work);
     let result = match tokio::time::timeout_at(deadline.into(), work).await {
         Ok(r) => r,
         // The call was cut mid-flight: the connection's state is unknown, so it is dropped
@@ -196,6 +241,9 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
     count.outcome = Some(result.as_ref().err().map(|(_, cause)| *cause));
     drop(count);
     let result = result.map_err(|(e, _)| e);
+    if let (Some(span), Some(method)) = (span, method) {
+        span.record(&resource, &method, operation, &result);
+    }
     let stays = held.as_mut().is_some_and(|c| c.conn().effects_stay(&p.method, &result));
     if let (Err(e), Some(conn)) = (&result, held.as_mut()) {
         if e.broken {
@@ -214,11 +262,11 @@ async fn run_one(pool: Rc<Pool>, n: usize, p: Participant, deadline: Instant) ->
 }
 
 /// One participant: through the read cache when it is `cached`, else straight to its pool.
-async fn run_participant(pool: Rc<Pool>, cache: Option<Arc<ReadCache>>, n: usize, mut p: Participant, deadline: Instant) -> Slot {
+async fn run_participant(pool: Rc<Pool>, cache: Option<Arc<ReadCache>>, n: usize, mut p: Participant, deadline: Instant, span: Option<CallSpan>) -> Slot {
     let invalidates = std::mem::take(&mut p.invalidates);
     let mut slot = match (p.cached.take(), &cache) {
-        (Some(spec), Some(c)) => run_cached(pool, c, spec, n, p, deadline).await,
-        _ => run_one(pool, n, p, deadline).await,
+        (Some(spec), Some(c)) => run_cached(pool, c, spec, n, p, deadline, span).await,
+        _ => run_one(pool, n, p, deadline, span).await,
     };
     if !invalidates.is_empty() {
         slot.invalidates = invalidates;
@@ -229,7 +277,7 @@ async fn run_participant(pool: Rc<Pool>, cache: Option<Arc<ReadCache>>, n: usize
 
 /// A cached participant: a fresh value, the result of the same key's running call (on any
 /// worker), or the call run here for every caller of the key.
-async fn run_cached(pool: Rc<Pool>, cache: &Arc<ReadCache>, spec: CachedRead, n: usize, p: Participant, deadline: Instant) -> Slot {
+async fn run_cached(pool: Rc<Pool>, cache: &Arc<ReadCache>, spec: CachedRead, n: usize, p: Participant, deadline: Instant, span: Option<CallSpan>) -> Slot {
     let resource = p.resource.clone();
     loop {
         match cache.lookup(&spec.key) {
@@ -243,7 +291,7 @@ async fn run_cached(pool: Rc<Pool>, cache: &Arc<ReadCache>, spec: CachedRead, n:
                 }
             },
             Lookup::Lead(leader) => {
-                let mut slot = run_one(pool, n, p, deadline).await;
+                let mut slot = run_one(pool, n, p, deadline, span).await;
                 if slot.cut {
                     // Our deadline, not the resource's answer: the waiters, whose deadlines may
                     // be later, look again (dropping the leader tells them).
@@ -319,6 +367,10 @@ impl Resources for CageResources {
                 }
             }
         }
+        // Traced requests give each call a client span (read here, in the request's poll).
+        let traced = rustomnic_lua::request::with_running(|c| c.trace.as_deref().copied().filter(|t| t.sampled()).map(|t| (t, c.id.clone())))
+            .flatten()
+            .filter(|_| rustomnic_lua::trace::traces(cage));
         let mut work = Vec::with_capacity(participants.len());
         for (i, p) in participants.into_iter().enumerate() {
             let Some(pool) = self.pool(cage, &p.resource) else {
@@ -326,7 +378,13 @@ impl Resources for CageResources {
                 return Box::pin(async move { Err(e) });
             };
             let cache = self.cache(cage, &p.resource);
-            work.push(run_participant(pool, cache, i + 1, p, deadline));
+            let span = traced.as_ref().map(|(t, id)| CallSpan {
+                trace: t.child(),
+                cage: cage.to_string(),
+                request_id: id.clone(),
+                protocol: self.protocols.borrow().get(&(cage.to_string(), p.resource.clone())).cloned().unwrap_or_default(),
+            });
+            work.push(run_participant(pool, cache, i + 1, p, deadline, span));
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<Vec<Slot>>();
         // The calls run as a task of their own: a request stopped at its deadline leaves its

@@ -232,10 +232,12 @@ impl Connection for HttpConnection {
     }
 
     fn call<'a>(&'a mut self, method: &'a str, args: Vec<Value>) -> LocalBoxFuture<'a, Result<Value, Error>> {
+        // Read now: the call's trace is known while the transaction polls it (docs/tracing.md).
+        let traceparent = rustomnic_lua::trace::call_traceparent();
         Box::pin(async move {
             let call = parse_call(method, args)?;
             self.unsafe_sent = !call.method.is_safe();
-            self.send(call).await
+            self.send(call, traceparent).await
         })
     }
 
@@ -314,7 +316,7 @@ fn parse_call(method: &str, args: Vec<Value>) -> Result<Call, Error> {
 }
 
 impl HttpConnection {
-    async fn send(&self, call: Call) -> Result<Value, Error> {
+    async fn send(&self, call: Call, traceparent: Option<String>) -> Result<Value, Error> {
         let s = &*self.settings;
         let target = self.target(&call)?;
         // Messages name the method and URL without the query, which may carry secrets.
@@ -331,6 +333,13 @@ impl HttpConnection {
         }
         if !headers.contains_key(USER_AGENT) {
             headers.insert(USER_AGENT, HeaderValue::from_static(DEFAULT_USER_AGENT));
+        }
+        // A traced request's call carries its span (unless the call sets its own), so the
+        // service called continues the trace.
+        if let Some(tp) = traceparent.and_then(|t| HeaderValue::from_str(&t).ok()) {
+            if !headers.contains_key("traceparent") {
+                headers.insert("traceparent", tp);
+            }
         }
         let body = match call.body {
             None => Bytes::new(),
