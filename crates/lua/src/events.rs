@@ -80,9 +80,39 @@ impl std::fmt::Display for EventError {
 
 impl std::error::Error for EventError {}
 
+/// Topics that start with this are the runtime's own, carried between processes with the
+/// events (module code cannot publish or wait on them).
+pub const RESERVED_PREFIX: &str = "_pmnc.";
+
+/// The topic on which a process tells the others of its committed read-cache invalidations
+/// (a value `[resource, key, ...]`; docs/decisions/143).
+pub const CACHE_TOPIC: &str = "_pmnc.cache.invalidate";
+
+/// What a process does with a read-cache invalidation from another process: (cage, value).
+pub type CacheHook = fn(&str, &Value);
+
+static CACHE_HOOK: std::sync::OnceLock<CacheHook> = std::sync::OnceLock::new();
+
+/// Installs what reads invalidations from other processes (the resource crate's read cache).
+pub fn set_cache_hook(hook: CacheHook) {
+    let _ = CACHE_HOOK.set(hook);
+}
+
+/// Tells the other processes of the flock (when there is one) `value` on the runtime's own
+/// `topic`, without waking anyone here.
+pub fn tell_flock(cage: &str, topic: &str, value: &Value) {
+    let hook = bus().remote.read().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(hook) = hook {
+        hook(cage, topic, value);
+    }
+}
+
 fn check_topic(what: &str, topic: &str) -> Result<(), EventError> {
     if topic.is_empty() {
         return Err(EventError(format!("{what}: the topic must not be empty")));
+    }
+    if topic.starts_with(RESERVED_PREFIX) {
+        return Err(EventError(format!("{what}: topics starting with {RESERVED_PREFIX:?} are the runtime's own")));
     }
     if topic.len() > MAX_TOPIC_LEN {
         return Err(EventError(format!("{what}: topic of {} bytes is longer than the limit of {MAX_TOPIC_LEN}", topic.len())));
@@ -136,6 +166,14 @@ pub fn publish(cage: &str, topic: &str, value: Value) -> Result<usize, EventErro
 /// Gives a value published elsewhere (another process of the cluster) to the local waiters of
 /// `topic` of `cage`, without telling the remote hook again. Returns how many were woken.
 pub fn deliver(cage: &str, topic: &str, value: Value) -> usize {
+    if topic.starts_with(RESERVED_PREFIX) {
+        if topic == CACHE_TOPIC {
+            if let Some(hook) = CACHE_HOOK.get() {
+                hook(cage, &value);
+            }
+        }
+        return 0;
+    }
     wake(cage, topic, value)
 }
 
@@ -328,6 +366,19 @@ mod tests {
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn the_runtimes_topics_are_not_for_module_code() {
+        for topic in [CACHE_TOPIC, "_pmnc.other"] {
+            let e = publish("reserved-cage", topic, Value::Nil).unwrap_err();
+            assert!(e.to_string().contains("are the runtime's own"), "{e}");
+            assert!(wait("reserved-cage", topic).is_err());
+            assert!(subscribe("reserved-cage", topic).is_err());
+        }
+        // One from elsewhere wakes nobody (it is not an event).
+        assert_eq!(deliver("reserved-cage", "_pmnc.other", Value::Nil), 0);
+        assert!(publish("reserved-cage", "pmnc.fine", Value::Nil).is_ok());
     }
 
     #[test]

@@ -320,3 +320,75 @@ fn cache_keys_are_checked_with_file_line_and_key() {
     }
     assert!(!out.stderr.contains("resources.files"), "the good keys were refused:\n{}", out.stderr);
 }
+
+/// Two processes of one cage in a flock: an invalidation committed in one drops the key in the
+/// other's cache too (the caches themselves stay local).
+#[test]
+fn an_invalidation_reaches_the_other_processes_of_the_flock() {
+    if !postgres_up() {
+        return;
+    }
+    let Some(nats) = common::nats::Nats::start("an_invalidation_reaches_the_other_processes_of_the_flock", "") else { return };
+    let seq = format!("flock_seq_{}", std::process::id());
+    let handler = format!(
+        r#"
+local M = {{}}
+function M.handle(request, response)
+  local db = pmnc.transaction.db
+  if request.path == "/read" then
+    return tostring(db.cached{{key = "k", ttl = 600}}.execute("select nextval('{seq}') as n").rows[1].n)
+  elseif request.path == "/drop" then
+    pmnc.cache.invalidate("db", {{ "k" }})
+    return "dropped"
+  elseif request.path == "/write" then
+    db.invalidates{{ "k" }}.execute("select 1 as one")
+    return "written"
+  elseif request.path == "/setup" then
+    db.execute("create sequence if not exists {seq}")
+    return "ok"
+  end
+end
+return M
+"#
+    );
+    let tree = Tree::new();
+    for copy in ["a", "b"] {
+        tree.write(
+            &format!("web_{copy}/cage.toml"),
+            &format!(
+                "name = \"web\"\n{}\n[resources.db]\nprotocol = \"postgresql\"\nurl = \"{}\"\n\n[cluster]\nurl = \"{}\"\nheartbeat = \"200ms\"\n",
+                http_cage_toml(""),
+                postgres_url(),
+                nats.url()
+            ),
+        );
+        tree.write(&format!("web_{copy}/http.lua"), &handler);
+    }
+    let a = Server::start(&tree.path().join("web_a"), &[]);
+    let b = Server::start(&tree.path().join("web_b"), &[]);
+    let (a, b) = (a.addr("http"), b.addr("http"));
+    assert_eq!(get(a, "/setup").text(), "ok");
+    let first = get(a, "/read").text();
+    assert_eq!(get(a, "/read").text(), first, "a fresh value comes from the cache");
+    let other = get(b, "/read").text();
+    assert_ne!(other, first, "each process has its own cache");
+    // Dropped in b: a's next read runs a query once the word has arrived.
+    assert_eq!(get(b, "/drop").text(), "dropped");
+    let moved = |addr: SocketAddr, from: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = get(addr, "/read").text();
+            if now != from {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "the invalidation never reached the other process (still {from})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let second = moved(a, &first);
+    // A committed invalidates{...} in b does the same.
+    assert_eq!(get(b, "/write").text(), "written");
+    let third = moved(a, &second);
+    assert_ne!(third, second);
+    assert_eq!(get(a, "/read").text(), third, "and the new value is cached again");
+}

@@ -344,6 +344,38 @@ pub fn cache_for(cage: &str, resource: &str, fingerprint: &str, limit: u64, max_
     cache
 }
 
+/// Tells the other processes of the flock that `keys` of this cache were invalidated here (a
+/// committed `invalidates{...}` or `pmnc.cache.invalidate`); without a cluster it does nothing.
+pub fn tell_flock(cache: &Arc<ReadCache>, keys: &[String]) {
+    if keys.is_empty() {
+        return;
+    }
+    let names = {
+        let all = CACHES.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().find(|(_, c)| Arc::ptr_eq(c, cache)).map(|(names, _)| names.clone())
+    };
+    let Some((cage, resource)) = names else { return };
+    let mut items = Vec::with_capacity(keys.len() + 1);
+    items.push(Value::Str(resource.into_bytes()));
+    items.extend(keys.iter().map(|k| Value::Str(k.as_bytes().to_vec())));
+    rustomnic_lua::events::tell_flock(&cage, rustomnic_lua::events::CACHE_TOPIC, &Value::Array(items));
+}
+
+/// An invalidation told by another process: `[resource, key, ...]` of `cage`, dropped here
+/// (never told on again). Anything else is ignored.
+pub fn from_flock(cage: &str, value: &Value) {
+    let Value::Array(items) = value else { return };
+    let Some((Value::Str(resource), keys)) = items.split_first() else { return };
+    let resource = String::from_utf8_lossy(resource).into_owned();
+    let cache = CACHES.lock().unwrap_or_else(|e| e.into_inner()).get(&(cage.to_string(), resource)).cloned();
+    let Some(cache) = cache else { return };
+    for key in keys {
+        if let Value::Str(k) = key {
+            cache.invalidate(&String::from_utf8_lossy(k));
+        }
+    }
+}
+
 /// Every read cache's counters: (cage, resource, counters).
 pub fn all_cache_stats() -> Vec<(String, String, Arc<CacheStats>)> {
     let all = CACHES.lock().unwrap_or_else(|e| e.into_inner());

@@ -64,6 +64,8 @@ pub fn install(cages: &[(String, Vec<ResourceConfig>)], workers: usize, stats: &
         workers,
     });
     rustomnic_lua::transaction::set_resources(resources.clone());
+    // Invalidations committed by other processes of the flock drop their keys here too.
+    rustomnic_lua::events::set_cache_hook(cache::from_flock);
     // Standby connections and idle expiry, once a second.
     let weak = Rc::downgrade(&resources);
     tokio::task::spawn_local(async move {
@@ -324,6 +326,7 @@ impl Resources for CageResources {
         for key in keys {
             cache.invalidate(key);
         }
+        cache::tell_flock(&cache, keys);
         Ok(())
     }
 
@@ -496,6 +499,7 @@ async fn finish_all(slots: Vec<Slot>, commit: bool, stays: bool, limit: Instant)
         for key in &keys {
             cache.invalidate(key);
         }
+        cache::tell_flock(&cache, &keys);
     }
     let committed = results.iter().filter(|(_, _, c, r)| *c && r.is_ok()).count();
     for (n, resource, did_commit, r) in results {
