@@ -100,6 +100,21 @@ fn instance_id() -> String {
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
+/// The cluster this process joined, for the parts that open connections of their own (the
+/// clustered queues, crates/queue/src/jetstream.rs).
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub config: ClusterConfig,
+    pub instance: String,
+}
+
+static JOINED: std::sync::OnceLock<Joined> = std::sync::OnceLock::new();
+
+/// The cluster this process joined ([`Cluster::join`]), if it did.
+pub fn joined() -> Option<Joined> {
+    JOINED.get().cloned()
+}
+
 /// A process's membership of the flock.
 pub struct Cluster {
     pub config: ClusterConfig,
@@ -147,6 +162,7 @@ impl Cluster {
             self.identity.pid
         );
         let _ = self.presence.set(conn.clone());
+        let _ = JOINED.set(Joined { config: self.config.clone(), instance: self.identity.instance.clone() });
         tokio::spawn(presence::run(conn, self.identity.clone(), self.roster.clone(), describe, self.config.heartbeat, shutdown));
         Ok(())
     }

@@ -202,8 +202,11 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
         | QueueCommand::Purge { path, .. } => path.clone(),
     };
     let mut cages = Vec::new();
+    // Queues with store = "cluster" keep their calls in JetStream (rustomnic_queue::jetstream).
+    let mut clustered = Vec::new();
     for dir in rustomnic_cage::find_cages(&path).map_err(|e| e.to_string())? {
         let config = rustomnic_cage::load_cage(&dir, &protocols()).map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+        clustered.push((config.name.clone(), config.queues.clone(), config.cluster.as_ref().map(|c| c.value.clone())));
         cages.push((config.name, config.state_file));
     }
     let mut out = std::io::stdout();
@@ -214,6 +217,9 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
                     rustomnic_queue::admin::ls(cage, file, limit, &mut out)?;
                 } else {
                     println!("cage {cage}: no calls ({} does not exist yet)", file.display());
+                }
+                if let Some((_, queues, cluster)) = clustered.iter().find(|(name, _, _)| name == cage) {
+                    rustomnic_queue::admin::ls_clustered(cage, queues, cluster.as_ref(), &mut out)?;
                 }
             }
             Ok(())

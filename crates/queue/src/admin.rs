@@ -246,3 +246,50 @@ pub fn purge(path: &Path, dead_only: bool, progress: bool) -> Result<u64, String
     let _ = std::io::stderr().flush();
     Ok(deleted)
 }
+
+/// `pmnc queue ls` for the clustered queues of `cage` (store = "cluster"): what their stream and
+/// consumer say, asked of the NATS servers of its `[cluster]` table (at most a few seconds).
+pub fn ls_clustered(
+    cage: &str,
+    queues: &[crate::QueueConfig],
+    cluster: Option<&rustomnic_cluster::ClusterConfig>,
+    out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    let clustered: Vec<&crate::QueueConfig> = queues.iter().filter(|q| matches!(q.store, crate::StoreKind::Cluster { .. })).collect();
+    let (Some(config), false) = (cluster, clustered.is_empty()) else { return Ok(()) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let w = |e: std::io::Error| e.to_string();
+    let read = rt.block_on(async {
+        let conn = tokio::time::timeout(config.connect_timeout, rustomnic_cluster::connect::connect(config, "pmnc queue ls", false))
+            .await
+            .map_err(|_| format!("cannot reach NATS ({}) within {:?}", config.servers(), config.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let js = async_nats::jetstream::new(conn.client.clone());
+        let mut lines = Vec::new();
+        for q in &clustered {
+            let f = tokio::time::timeout(Duration::from_secs(5), crate::jetstream::read_figures(&js, &config.flock, cage, &q.name))
+                .await
+                .unwrap_or_else(|_| Err("no answer within 5s".into()));
+            lines.push((q.name.clone(), f));
+        }
+        Ok::<_, String>(lines)
+    });
+    match read {
+        Ok(lines) => {
+            for (queue, f) in lines {
+                let stream = crate::jetstream::stream_name(&config.flock, cage, &queue);
+                match f {
+                    Ok(f) => writeln!(
+                        out,
+                        "queue {queue} (clustered, stream {stream}): {} waiting, {} held (running, or waiting for a retry or their time), {} redelivered, {} dead letters",
+                        f.waiting, f.held, f.redelivered, f.dead
+                    )
+                    .map_err(w)?,
+                    Err(e) => writeln!(out, "queue {queue} (clustered, stream {stream}): no figures: {e}").map_err(w)?,
+                }
+            }
+        }
+        Err(e) => writeln!(out, "clustered queues of cage {cage}: no figures: {e}").map_err(w)?,
+    }
+    Ok(())
+}

@@ -10,6 +10,10 @@
 //! result_ttl = "1h"         # how long pmnc.calls.result(id) keeps a done call's value
 //! timeout = "30s"           # deadline of one attempt (default: the cage's request_timeout)
 //! max_attempts = 0          # attempts before a failing call goes to dead letters, 0 = no limit
+//! store = "embedded"        # "embedded": the cage's SQLite file; "cluster": a JetStream stream
+//!                           # shared by every copy of the cage (needs [cluster]; docs/queues.md)
+//! replicas = 1              # store = "cluster" only: copies of its stream and results, 1 to 5
+//! ack_wait = "30s"          # store = "cluster" only: how soon a dead copy's call runs elsewhere
 //!
 //! [queues.retry.backoff]
 //! initial = "1s"            # wait before the first retry
@@ -44,7 +48,25 @@ pub struct QueueConfig {
     /// no limit but the expiry.
     pub max_attempts: Option<u32>,
     pub backoff: Backoff,
+    /// Where its calls are kept.
+    pub store: StoreKind,
+    /// store = "cluster": how long a call's delivery waits for its copy's in-progress acks
+    /// before JetStream hands it to another copy.
+    pub ack_wait: Duration,
 }
+
+/// Where a queue keeps its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The cage's own SQLite file (the default).
+    Embedded,
+    /// A JetStream stream of the flock, shared by every copy of the cage, with this many
+    /// replicas (1 to 5).
+    Cluster { replicas: usize },
+}
+
+/// Default `ack_wait` of a clustered queue.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// How long to wait before retry n.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +107,8 @@ impl QueueConfig {
             timeout: None,
             max_attempts: None,
             backoff: Backoff::default(),
+            store: StoreKind::Embedded,
+            ack_wait: ACK_WAIT,
         }
     }
 }
@@ -151,10 +175,45 @@ pub fn read_queues(queues: &Section) -> Vec<QueueConfig> {
             }
             b.finish();
         }
+        read_store(&s, &name, &mut q);
         s.finish();
         out.push(q);
     }
     out
+}
+
+/// `store`, `replicas` and `ack_wait` of `[queues.NAME]`.
+fn read_store(s: &Section, name: &str, q: &mut QueueConfig) {
+    let clustered = match s.string("store") {
+        Some(v) if v.value == "embedded" => false,
+        Some(v) if v.value == "cluster" => true,
+        Some(v) => {
+            s.error("store", format!("{:?} is not a store: \"embedded\" (the cage's SQLite file) or \"cluster\" (JetStream)", v.value));
+            return;
+        }
+        None => false,
+    };
+    let replicas = s.integer("replicas", 1, 5).map(|n| n.value as usize);
+    let ack_wait = s.duration("ack_wait", Duration::from_secs(3600));
+    if !clustered {
+        for key in ["replicas", "ack_wait"] {
+            if s.has(key) {
+                s.error(key, format!("applies to store = \"cluster\" only (queue {name} keeps its calls in the cage's file)"));
+            }
+        }
+        return;
+    }
+    if let Some(d) = ack_wait {
+        if d.value < Duration::from_secs(1) {
+            s.error("ack_wait", "must be at least 1s");
+        } else {
+            q.ack_wait = d.value;
+        }
+    }
+    if !s.file().root().has("cluster") {
+        s.error("store", format!("queue {name} has store = \"cluster\" but this cage.toml has no [cluster] table: add one (docs/cluster.md) or remove store"));
+    }
+    q.store = StoreKind::Cluster { replicas: replicas.unwrap_or(1) };
 }
 
 #[cfg(test)]
@@ -186,5 +245,33 @@ mod tests {
         assert!(errors.iter().any(|e| e.contains("queues.bad.concurrency")), "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("queues.bad.what")), "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("queues.bad.max_attempts")), "{errors:?}");
+    }
+
+    fn read(text: &str) -> (Vec<QueueConfig>, Vec<String>) {
+        let file = rustomnic_core::SourceFile::parse(std::path::Path::new("cage.toml"), text.to_string()).unwrap();
+        let qs = read_queues(&file.root().table("queues").unwrap());
+        (qs, file.take_errors().iter().map(|e| e.to_string()).collect())
+    }
+
+    /// Issue 18: a clustered queue needs [cluster]; its keys are refused on the embedded store,
+    /// and every problem names file, line and key.
+    #[test]
+    fn the_store_of_a_queue_is_read_and_checked() {
+        let (qs, errors) = read("[cluster]\nurl = \"nats://127.0.0.1:4222\"\n[queues.a]\nstore = \"cluster\"\nreplicas = 3\nack_wait = \"5s\"\n[queues.b]\n");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((qs[0].store, qs[0].ack_wait), (StoreKind::Cluster { replicas: 3 }, Duration::from_secs(5)));
+        assert_eq!((qs[1].store, qs[1].ack_wait), (StoreKind::Embedded, ACK_WAIT));
+        let (_, errors) = read("[queues.a]\nstore = \"cluster\"\n");
+        assert!(
+            errors.iter().any(|e| e.contains("cage.toml:2")
+                && e.contains("queues.a.store")
+                && e.contains("queue a has store = \"cluster\" but this cage.toml has no [cluster] table")),
+            "{errors:?}"
+        );
+        let (_, errors) = read("[queues.a]\nstore = \"disk\"\n[queues.b]\nreplicas = 2\n[queues.c]\nstore = \"cluster\"\nreplicas = 7\nack_wait = \"10ms\"\n[cluster]\nurl = \"nats://x:4222\"\n");
+        assert!(errors.iter().any(|e| e.contains("queues.a.store") && e.contains("\"disk\" is not a store")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("queues.b.replicas") && e.contains("applies to store = \"cluster\" only")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("queues.c.replicas")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("queues.c.ack_wait") && e.contains("at least 1s")), "{errors:?}");
     }
 }

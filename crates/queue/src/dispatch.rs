@@ -27,9 +27,27 @@ use crate::{publish_end, store_of, QueueConfig, Spawner, Store, EVENT_VALUES_MAX
 const POLL: Duration = Duration::from_millis(500);
 
 /// A token bucket for `rate_limit`.
-struct Rate {
+pub(crate) struct Rate {
     tokens: f64,
     at: Instant,
+    per_second: u32,
+}
+
+impl Rate {
+    pub(crate) fn new(per_second: u32) -> Rate {
+        Rate { tokens: per_second as f64, at: Instant::now(), per_second }
+    }
+
+    /// Takes up to `want` starts now: (how many, how long until the next one when none).
+    pub(crate) fn take(&mut self, want: usize) -> (usize, Duration) {
+        let rate = self.per_second.max(1) as f64;
+        self.tokens = (self.tokens + self.at.elapsed().as_secs_f64() * rate).min(rate);
+        self.at = Instant::now();
+        let n = (self.tokens.floor() as usize).min(want);
+        self.tokens -= n as f64;
+        let wait = if n == 0 { Duration::from_secs_f64(((1.0 - self.tokens) / rate).max(0.001)) } else { Duration::ZERO };
+        (n, wait)
+    }
 }
 
 pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
@@ -48,6 +66,10 @@ pub(crate) fn run(store: Arc<Store>, conn: Connection, spawn: Spawner) {
         let mut next = now + POLL.as_millis() as i64;
         if !store.paused.load(Ordering::SeqCst) {
             for q in store.queues.values() {
+                if store.clustered(&q.name) {
+                    // Its calls live in JetStream (jetstream.rs).
+                    continue;
+                }
                 match dispatch_queue(&store, &conn, q, now, &mut rates, &spawn, &mut seed) {
                     Ok(Some(at)) => next = next.min(at),
                     Ok(None) => {}
@@ -153,7 +175,7 @@ fn dispatch_queue(
             continue;
         }
         if q.rate_limit > 0 {
-            let r = rates.entry(q.name.clone()).or_insert(Rate { tokens: q.rate_limit as f64, at: Instant::now() });
+            let r = rates.entry(q.name.clone()).or_insert_with(|| Rate::new(q.rate_limit));
             let refill = r.at.elapsed().as_secs_f64() * q.rate_limit as f64;
             r.tokens = (r.tokens + refill).min(q.rate_limit as f64);
             r.at = Instant::now();
@@ -208,18 +230,18 @@ fn expire(store: &Arc<Store>, q: &QueueConfig, row: &Due, random: f64) {
 
 /// Why an attempt failed: the text stored with the call, and the text logged (with the
 /// traceback, on one line).
-struct Failure {
-    stored: String,
-    logged: String,
+pub(crate) struct Failure {
+    pub stored: String,
+    pub logged: String,
     /// The call raised an error with `retry = false` (`pmnc.calls.fail_permanently`).
-    permanent: bool,
+    pub permanent: bool,
 }
 
 /// One attempt of a call on this worker thread: run it with its state writes held, then record
 /// the outcome and those writes in one commit.
 async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
-    let (outcome, writes, values, failure) = match run_call(&store, &q, &row).await {
+    let (outcome, writes, values, failure) = match run_call(&store, &q, &row, None).await {
         Ok((values, writes)) => match encode(&Value::Array(values.clone()), MAX_VALUE) {
             Ok(bytes) => {
                 let now = store::now_ms();
@@ -322,7 +344,7 @@ async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
 /// The outcome of a failed attempt: dead when it failed permanently, when it was the last of
 /// its `max_attempts` (the call's own, else its queue's), or when the next would start after
 /// its expiry; else retried after the backoff.
-fn failed(q: &QueueConfig, row: &Due, error: String, permanent: bool, random: f64) -> Outcome {
+pub(crate) fn failed(q: &QueueConfig, row: &Due, error: String, permanent: bool, random: f64) -> Outcome {
     let attempts = row.attempts + 1;
     if permanent {
         return Outcome::Dead { error: format!("{error} (failed permanently after {attempts} attempt{}: not retried)", if attempts == 1 { "" } else { "s" }) };
@@ -341,7 +363,14 @@ fn failed(q: &QueueConfig, row: &Due, error: String, permanent: bool, random: f6
     }
 }
 
-async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>), Failure> {
+/// Runs one attempt of `row` on this worker thread with its state writes held; `delivery` is
+/// JetStream's delivery count on the clustered store (`pmnc.request.parameters.delivery`).
+pub(crate) async fn run_call(
+    store: &Store,
+    q: &QueueConfig,
+    row: &Due,
+    delivery: Option<i64>,
+) -> Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>), Failure> {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
     let fail = |stored: String| Failure { logged: stored.clone(), stored, permanent: false };
     let args = match decode(&row.args) {
@@ -355,7 +384,11 @@ async fn run_call(store: &Store, q: &QueueConfig, row: &Due) -> Result<(Vec<Valu
     let mut ctx = RequestCtx::new(&store.cage, &format!("queue.{}", q.name), timeout);
     ctx.call_id = Some(row.id.clone());
     let no_retry = ctx.no_retry.clone();
-    ctx.parameters = Some(Value::Map(vec![(Value::str("queue"), Value::str(q.name.clone())), (Value::str("attempt"), Value::Int(row.attempts + 1))]));
+    let mut parameters = vec![(Value::str("queue"), Value::str(q.name.clone())), (Value::str("attempt"), Value::Int(row.attempts + 1))];
+    if let Some(n) = delivery {
+        parameters.push((Value::str("delivery"), Value::Int(n)));
+    }
+    ctx.parameters = Some(Value::Map(parameters));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
     let run = match vm.start(ctx, &row.module, &row.function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()) {

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 mod dispatch;
 mod forward;
+pub mod jetstream;
 mod log;
 pub mod store;
 mod writer;
@@ -26,7 +27,7 @@ use rustomnic_lua::worker::{self, CallError};
 use rustomnic_resource_state::store::Write;
 use rustomnic_resource_state::{decode, encode, held, MAX_VALUE};
 
-pub use config::{read_queues, Backoff, QueueConfig};
+pub use config::{read_queues, Backoff, QueueConfig, StoreKind};
 pub use store::QueueFigures;
 
 /// Work for a worker thread: made on another thread, run there on the worker's `LocalSet`.
@@ -96,6 +97,8 @@ pub struct Store {
     pub(crate) checkpoint: Mutex<()>,
     /// Reads for pmnc.calls.result.
     pub(crate) reader: Mutex<rusqlite::Connection>,
+    /// The clustered queues (store = "cluster") when this process joined a cluster.
+    pub(crate) cluster: std::sync::OnceLock<Arc<jetstream::Cluster>>,
     #[cfg(test)]
     pub(crate) hooks: Hooks,
 }
@@ -294,6 +297,11 @@ impl Store {
         &self.cage
     }
 
+    /// Whether `queue` keeps its calls in JetStream here.
+    pub(crate) fn clustered(&self, queue: &str) -> bool {
+        self.cluster.get().is_some_and(|c| c.has(queue))
+    }
+
     /// Bytes of the state file's WAL now.
     pub fn wal_bytes(&self) -> u64 {
         file_len(&wal_path(&self.path))
@@ -311,6 +319,13 @@ impl Store {
         for q in self.queues.keys() {
             if !f.iter().any(|x| &x.queue == q) {
                 f.push(QueueFigures { queue: q.clone(), ..Default::default() });
+            }
+        }
+        if let Some(cluster) = self.cluster.get() {
+            // A clustered queue's calls are in JetStream: its figures come from there.
+            for x in f.iter_mut().filter(|x| cluster.has(&x.queue)) {
+                let js = cluster.figures(&x.queue).unwrap_or_default();
+                *x = QueueFigures { queue: x.queue.clone(), depth: js.waiting + js.held, retries: js.redelivered, dead: js.dead, ..Default::default() };
             }
         }
         f.sort_by(|a, b| a.queue.cmp(&b.queue));
@@ -338,6 +353,10 @@ impl Store {
         let target = call.target();
         let row = self.new_call(call)?;
         let id = row.id.clone();
+        if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
+            cluster.clone().enqueue(row).await.map_err(|e| format!("calling {target}: {e}"))?;
+            return Ok(id);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(writer::Op::Enqueue(row, tx)).map_err(|e| format!("calling {target}: {e}"))?;
         match rx.await {
@@ -412,6 +431,10 @@ impl Store {
             max_attempts: f.max_attempts,
         };
         let id = row.id.clone();
+        if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
+            cluster.clone().enqueue(row).await.map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
+            return Ok(id);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(writer::Op::Enqueue(row, tx)).map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
         match rx.await {
@@ -461,7 +484,17 @@ impl Store {
         })
         .await
         .unwrap_or_else(|e| Err(format!("the read failed: {e}")))?;
-        let Some(rec) = found else { return Ok(None) };
+        let Some(rec) = found else {
+            let Some(cluster) = self.cluster.get().cloned() else { return Ok(None) };
+            let read_id = id.clone();
+            let known = tokio::task::spawn_blocking(move || cluster.status(&read_id)).await.unwrap_or_else(|e| Err(format!("the read failed: {e}")))?;
+            // Not offered on the clustered store yet (docs/queues.md, "Clustered store").
+            return Ok(known.map(|st| CancelAnswer {
+                cancelled: false,
+                message: format!("call {id} of cage {} is {} in a clustered queue: clustered queues cannot cancel calls yet", self.cage, st.status),
+                status: Some(st.status),
+            }));
+        };
         let window = self.queues.get(&rec.queue).map_or(DEFAULT_DEDUP_MS, |q| q.dedup_window.as_millis() as i64);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(writer::Op::Cancel { id: id.clone(), keep_until_ms: store::now_ms().saturating_add(window), reply: tx })?;
@@ -500,7 +533,12 @@ impl Store {
             let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
             store::find(&conn, &self.path, id)?
         };
-        let Some(rec) = rec else { return Ok(None) };
+        let Some(rec) = rec else {
+            return match self.cluster.get() {
+                Some(cluster) => cluster.status(id),
+                None => Ok(None),
+            };
+        };
         let running = self.inflight.lock().map(|f| f.contains_key(&rec.seq)).unwrap_or(false);
         let status = if running && (rec.status == "pending" || rec.status == "failed") { "running".to_string() } else { rec.status.clone() };
         let value = match &rec.result {
@@ -635,7 +673,12 @@ impl Calls for Service {
                 }
                 for call in calls {
                     check_names(&call)?;
-                    let row = if call.cage == sender.cage {
+                    let row = if call.cage == sender.cage && sender.clustered(&call.options.queue) {
+                        // A clustered queue of this cage: through the outbox (atomic with the
+                        // state writes), which hands it to JetStream once committed.
+                        let expiry = sender.queue(&call.target(), &call.options.queue)?.expires_in;
+                        outgoing_call(call, Some(expiry))?
+                    } else if call.cage == sender.cage {
                         let row = sender.new_call(call)?;
                         ids.push(row.id.clone());
                         direct.push(row);
@@ -791,7 +834,8 @@ impl Running {
         self.store.paused.store(true, Ordering::SeqCst);
         let end = std::time::Instant::now() + limit;
         loop {
-            let running = self.store.inflight.lock().map(|f| f.len()).unwrap_or(0);
+            let clustered = self.store.cluster.get().map_or(0, |c| c.running.lock().map(|r| r.len()).unwrap_or(0));
+            let running = self.store.inflight.lock().map(|f| f.len()).unwrap_or(0) + clustered;
             if running == 0 || std::time::Instant::now() >= end {
                 return running;
             }
@@ -806,6 +850,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.store.stop.store(true, Ordering::SeqCst);
         self.store.wake();
+        if let Some(c) = self.store.cluster.get() {
+            c.stop();
+        }
         if let Ok(mut s) = STORES.write() {
             if s.get(&self.store.cage).is_some_and(|x| Arc::ptr_eq(x, &self.store)) {
                 s.remove(&self.store.cage);
@@ -974,6 +1021,7 @@ fn start_with(
         log: log::Limiter::default(),
         checkpoint: Mutex::new(()),
         reader: Mutex::new(reader),
+        cluster: std::sync::OnceLock::new(),
         #[cfg(test)]
         hooks: Hooks::default(),
     });
@@ -981,6 +1029,9 @@ fn start_with(
         std::thread::Builder::new().name(name).spawn(run).map_err(|e| format!("cage {cage}: cannot start the queue {what}: {e}"))
     };
     let (w, d, c) = (store.clone(), store.clone(), store.clone());
+    if let Some(cluster) = jetstream::Cluster::start(&store, spawn.clone())? {
+        let _ = store.cluster.set(cluster);
+    }
     let threads = vec![
         thread(format!("pmnc-queue-writer-{cage}"), "writer", Box::new(move || writer::run(w, writer_conn, rx)))?,
         thread(format!("pmnc-queue-{cage}"), "dispatcher", Box::new(move || dispatch::run(d, dispatch_conn, spawn)))?,

@@ -48,6 +48,12 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Result<(), String>>,
     },
     OutboxEnd(i64, OutboxEnd, oneshot::Sender<Result<(), String>>),
+    /// The held state writes of an attempt of a clustered queue's call (its end is kept in
+    /// JetStream, not in this file): committed before that end is written there.
+    Writes {
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 impl Op {
@@ -121,7 +127,7 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                         _ => store::Cancel::Unknown,
                     }));
                 }
-                Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) => {
+                Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) | Op::Writes { reply, .. } => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
                 }
             }
@@ -185,6 +191,10 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
             }
             Op::OutboxEnd(seq, end, _) => {
                 store::outbox_end(&tx, path, *seq, end)?;
+                inserted.push(Answer::No);
+            }
+            Op::Writes { writes, .. } => {
+                apply_in(&tx, path, writes).map_err(|e| e.message)?;
                 inserted.push(Answer::No);
             }
         }

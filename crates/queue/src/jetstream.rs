@@ -1,0 +1,852 @@
+//! The clustered store of durable calls (`[queues.NAME] store = "cluster"`, docs/queues.md
+//! "Clustered store", docs/decisions/141): a queue's calls live in a JetStream stream of the
+//! flock shared by every copy of the cage, and every copy consumes them through one durable pull
+//! consumer. An attempt runs exactly as on the embedded store (on a worker thread, its state
+//! writes held and committed with its end, in this copy's state file); then its end goes to the
+//! cage's key-value bucket of results and the message is acked (done, dead) or nak'd with the
+//! queue's backoff. In-progress acks keep a running call from being handed to another copy;
+//! a copy that dies stops sending them, and its calls go to another copy after `ack_wait`.
+//!
+//! All NATS work runs on a runtime of its own (one thread per cage with clustered queues); the
+//! worker threads only run the calls.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream, AckKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rustomnic_core::Value;
+use rustomnic_lua::durable::CallStatus;
+use rustomnic_resource_state::{decode, encode, MAX_VALUE};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::config::{QueueConfig, StoreKind};
+use crate::store::{self, Due, NewCall, Outcome};
+use crate::writer::Op;
+use crate::{publish_end, Spawner, Store};
+
+/// The durable consumer every copy of the cage shares, on each queue's stream.
+pub const CONSUMER: &str = "pmnc";
+/// Calls a queue's consumer hands out and has not seen acked, flock-wide: running ones and ones
+/// waiting for a retry or for their due time (nak'd with a delay).
+pub const MAX_HELD: i64 = 20_000;
+/// A done call's values are kept in the bucket up to this size (a NATS message's limit is
+/// 1 MiB by default); larger ones are noted in its error instead.
+const RESULT_MAX: usize = 512 << 10;
+/// How long `pmnc.calls.result` waits for the bucket.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a pull request waits for calls before the next one.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long dead letters are kept in their stream.
+const DEAD_KEPT: Duration = Duration::from_secs(30 * 86_400);
+
+/// The stream holding the calls of `queue` of `cage`.
+pub fn stream_name(flock: &str, cage: &str, queue: &str) -> String {
+    format!("PMNC_{flock}_Q_{cage}_{queue}")
+}
+
+/// The stream holding its dead letters.
+pub fn dead_stream_name(flock: &str, cage: &str, queue: &str) -> String {
+    format!("{}_DEAD", stream_name(flock, cage, queue))
+}
+
+/// The subject its calls are published on.
+pub fn subject(flock: &str, cage: &str, queue: &str) -> String {
+    format!("pmnc.{flock}.queue.{cage}.{queue}")
+}
+
+/// The subject its dead letters are published on.
+pub fn dead_subject(flock: &str, cage: &str, queue: &str) -> String {
+    format!("{}.dead", subject(flock, cage, queue))
+}
+
+/// The key-value bucket of the results of `cage`'s clustered queues.
+pub fn bucket(flock: &str, cage: &str) -> String {
+    format!("pmnc_{flock}_{cage}_calls")
+}
+
+/// The key of call `id` in the bucket: the id itself when it is a valid key, else its bytes in
+/// hex behind `h.` (ids are free text; keys are not).
+pub fn key_of(id: &str) -> String {
+    let plain = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'=');
+    if plain {
+        id.to_string()
+    } else {
+        let mut k = String::with_capacity(2 + 2 * id.len());
+        k.push_str("h.");
+        for b in id.bytes() {
+            k.push_str(&format!("{b:02x}"));
+        }
+        k
+    }
+}
+
+/// What is made once NATS answers: the JetStream context, the bucket and the streams.
+struct Ready {
+    js: jetstream::Context,
+    kv: kv::Store,
+}
+
+/// The clustered queues of one cage in this process.
+pub(crate) struct Cluster {
+    cage: String,
+    flock: String,
+    config: rustomnic_cluster::ClusterConfig,
+    instance: String,
+    /// The clustered queues, by name.
+    pub(crate) queues: HashMap<String, QueueConfig>,
+    handle: tokio::runtime::Handle,
+    ready: OnceCell<Ready>,
+    /// Calls with an attempt running in this process (their status reads `running` here).
+    pub(crate) running: Mutex<HashSet<String>>,
+    figures: Mutex<HashMap<String, Figures>>,
+    stop: AtomicBool,
+    stop_tx: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A call as it travels in its stream.
+struct Message {
+    id: String,
+    module: String,
+    function: String,
+    /// The arguments as one encoded array (the state codec), as the embedded store keeps them.
+    args: Vec<u8>,
+    from_cage: String,
+    created_ms: i64,
+    due_ms: i64,
+    expires_ms: i64,
+    max_attempts: Option<i64>,
+}
+
+fn field<'a>(m: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
+    m.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v)
+}
+
+impl Message {
+    fn of(call: &NewCall) -> Message {
+        Message {
+            id: call.id.clone(),
+            module: call.module.clone(),
+            function: call.function.clone(),
+            args: call.args.clone(),
+            from_cage: call.from_cage.clone(),
+            created_ms: call.created_ms,
+            due_ms: call.due_ms,
+            expires_ms: call.expires_ms,
+            max_attempts: call.max_attempts,
+        }
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut m = vec![
+            (Value::str("id"), Value::str(self.id.as_str())),
+            (Value::str("module"), Value::str(self.module.as_str())),
+            (Value::str("function"), Value::str(self.function.as_str())),
+            (Value::str("args"), Value::Str(self.args.clone())),
+            (Value::str("from"), Value::str(self.from_cage.as_str())),
+            (Value::str("created"), Value::Int(self.created_ms)),
+            (Value::str("due"), Value::Int(self.due_ms)),
+            (Value::str("expires"), Value::Int(self.expires_ms)),
+        ];
+        if let Some(n) = self.max_attempts {
+            m.push((Value::str("max_attempts"), Value::Int(n)));
+        }
+        encode(&Value::Map(m), MAX_VALUE + 4096)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Message, String> {
+        let Value::Map(m) = decode(bytes)? else { return Err("not a map".into()) };
+        let text = |name: &str| field(&m, name).and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| format!("no {name}"));
+        let int = |name: &str| match field(&m, name) {
+            Some(Value::Int(n)) => Ok(*n),
+            _ => Err(format!("no {name}")),
+        };
+        Ok(Message {
+            id: text("id")?,
+            module: text("module")?,
+            function: text("function")?,
+            args: match field(&m, "args") {
+                Some(Value::Str(b)) => b.clone(),
+                _ => return Err("no args".into()),
+            },
+            from_cage: text("from")?,
+            created_ms: int("created")?,
+            due_ms: int("due")?,
+            expires_ms: int("expires")?,
+            max_attempts: int("max_attempts").ok(),
+        })
+    }
+}
+
+/// A call's record in the bucket: its status as `pmnc.calls.result` shows it, and until when a
+/// done call's values are shown (its queue's result_ttl).
+fn record(id: &str, status: &CallStatus, until_ms: Option<i64>) -> Bytes {
+    let mut v = status.to_value(id, true);
+    if let (Value::Map(m), Some(until)) = (&mut v, until_ms) {
+        m.push((Value::str("until"), Value::Int(until)));
+    }
+    match encode(&v, RESULT_MAX) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            // Too large with its values: kept without them, saying why.
+            let mut s = status.clone();
+            s.value = None;
+            s.error = Some(format!("its result is not kept: {e}"));
+            Bytes::from(encode(&s.to_value(id, false), RESULT_MAX).unwrap_or_default())
+        }
+    }
+}
+
+fn read_record(bytes: &[u8]) -> Option<CallStatus> {
+    let v = decode(bytes).ok()?;
+    let until = match &v {
+        Value::Map(m) => match field(m, "until") {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (_, mut status) = CallStatus::from_value(&v)?;
+    if until.is_some_and(|u| u < store::now_ms()) {
+        status.value = None;
+    }
+    Some(status)
+}
+
+/// A one-line header value (JetStream headers are single lines).
+fn header_text(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1000).collect()
+}
+
+impl Cluster {
+    /// Starts the clustered queues of `store` (those of `queues` with store = "cluster") on the
+    /// cluster this process joined; None when it has none, or joined no cluster (`pmnc test`:
+    /// they then run on the embedded store, said once in the log).
+    pub(crate) fn start(store: &Arc<Store>, spawn: Spawner) -> Result<Option<Arc<Cluster>>, String> {
+        let queues: HashMap<String, QueueConfig> =
+            store.queues.values().filter(|q| matches!(q.store, StoreKind::Cluster { .. })).map(|q| (q.name.clone(), q.clone())).collect();
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let Some(joined) = rustomnic_cluster::joined() else {
+            tracing::info!(cage = %store.cage, "queues {} have store = \"cluster\" but this process joined no cluster: they keep their calls in the cage's file here", queues.keys().cloned().collect::<Vec<_>>().join(", "));
+            return Ok(None);
+        };
+        let cage = store.cage.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cage {cage}: clustered queues: {e}"))?;
+        let handle = rt.handle().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("pmnc-queue-js-{cage}"))
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                rt.shutdown_background();
+            })
+            .map_err(|e| format!("cage {cage}: cannot start the clustered queues' thread: {e}"))?;
+        let cluster = Arc::new(Cluster {
+            cage: cage.clone(),
+            flock: joined.config.flock.clone(),
+            config: joined.config,
+            instance: joined.instance,
+            queues,
+            handle,
+            ready: OnceCell::new(),
+            running: Mutex::new(HashSet::new()),
+            figures: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            stop_tx: Mutex::new(Some(stop_tx)),
+            thread: Mutex::new(Some(thread)),
+        });
+        for q in cluster.queues.values() {
+            let (c, s, q, spawn) = (cluster.clone(), store.clone(), q.clone(), spawn.clone());
+            cluster.handle.spawn(consume(c, s, q, spawn));
+        }
+        cluster.handle.spawn(watch_figures(cluster.clone()));
+        Ok(Some(cluster))
+    }
+
+    pub(crate) fn has(&self, queue: &str) -> bool {
+        self.queues.contains_key(queue)
+    }
+
+    /// Stops consuming; the calls running here are redelivered to other copies after ack_wait.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.stop_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Connects and makes the bucket and the streams, once.
+    async fn ready(&self) -> Result<&Ready, String> {
+        self.ready
+            .get_or_try_init(|| async {
+                let name = format!("pmnc {} {} queue {}", self.flock, self.instance, self.cage);
+                let conn = rustomnic_cluster::connect::connect(&self.config, &name, true).await.map_err(|e| e.to_string())?;
+                if !conn.wait_connected(self.config.connect_timeout).await {
+                    return Err(format!("cannot reach NATS ({}) within {:?}", conn.servers, self.config.connect_timeout));
+                }
+                let js = jetstream::new(conn.client.clone());
+                let replicas = self.queues.values().map(replicas_of).max().unwrap_or(1);
+                let keep = self.queues.values().map(|q| q.dedup_window.max(q.result_ttl).max(q.expires_in)).max().unwrap_or(Duration::from_secs(86_400));
+                let bucket = bucket(&self.flock, &self.cage);
+                let kv = match js.get_key_value(bucket.clone()).await {
+                    Ok(kv) => kv,
+                    Err(_) => {
+                        // The bucket's stream as the key-value layer lays it out, made directly:
+                        // the client's own bucket creation first asks for account details that
+                        // JetStream servers before 2.10 answer in a form it cannot read.
+                        let made = js
+                            .create_stream(stream::Config {
+                                name: format!("KV_{bucket}"),
+                                description: Some(format!("results of the clustered queues of cage {}", self.cage)),
+                                subjects: vec![format!("$KV.{bucket}.>")],
+                                max_messages_per_subject: 1,
+                                max_age: keep,
+                                storage: stream::StorageType::File,
+                                num_replicas: replicas,
+                                allow_rollup: true,
+                                deny_delete: true,
+                                allow_direct: true,
+                                discard: stream::DiscardPolicy::New,
+                                ..Default::default()
+                            })
+                            .await;
+                        // Copies starting together race to make it; the loser uses the winner's.
+                        js.get_key_value(bucket.clone()).await.map_err(|e| match made {
+                            Err(m) => format!("cannot make the JetStream bucket {bucket}: {m}"),
+                            Ok(_) => format!("cannot open the JetStream bucket {bucket}: {e}"),
+                        })?
+                    }
+                };
+                for q in self.queues.values() {
+                    self.streams(&js, q).await?;
+                }
+                Ok(Ready { js, kv })
+            })
+            .await
+    }
+
+    /// Makes the streams of queue `q` (calls and dead letters); existing ones are used as they are.
+    async fn streams(&self, js: &jetstream::Context, q: &QueueConfig) -> Result<(), String> {
+        let (name, dead) = (stream_name(&self.flock, &self.cage, &q.name), dead_stream_name(&self.flock, &self.cage, &q.name));
+        js.get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject(&self.flock, &self.cage, &q.name)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas_of(q),
+            duplicate_window: q.dedup_window,
+            description: Some(format!("durable calls of queue {} of cage {}", q.name, self.cage)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the JetStream stream {name}: {e}"))?;
+        js.get_or_create_stream(stream::Config {
+            name: dead.clone(),
+            subjects: vec![dead_subject(&self.flock, &self.cage, &q.name)],
+            storage: stream::StorageType::File,
+            num_replicas: replicas_of(q),
+            max_age: DEAD_KEPT,
+            duplicate_window: Duration::from_secs(3600),
+            description: Some(format!("dead letters of queue {} of cage {}", q.name, self.cage)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the JetStream stream {dead}: {e}"))?;
+        Ok(())
+    }
+
+    /// Runs `work` on this cage's NATS runtime and waits for it from any thread's runtime.
+    async fn on_runtime<T: Send + 'static>(&self, work: impl std::future::Future<Output = T> + Send + 'static) -> Result<T, String> {
+        self.handle.spawn(work).await.map_err(|e| format!("the clustered queue's runtime stopped: {e}"))
+    }
+
+    /// Publishes call `call` to its stream and returns once JetStream acknowledged it (stored on
+    /// a quorum of its replicas); its id de-duplicates within the queue's dedup_window.
+    pub(crate) async fn enqueue(self: Arc<Self>, call: NewCall) -> Result<(), String> {
+        let queue = call.queue.clone();
+        let me = self.clone();
+        self.on_runtime(async move {
+            let ready = me.ready().await?;
+            let payload = Message::of(&call).encode()?;
+            let publish = jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(call.id.as_str());
+            let ack = ready
+                .js
+                .send_publish(subject(&me.flock, &me.cage, &queue), publish)
+                .await
+                .map_err(|e| format!("queue {queue} of cage {} (JetStream): {e}", me.cage))?
+                .await
+                .map_err(|e| format!("queue {queue} of cage {} (JetStream): the call was not acknowledged: {e}", me.cage))?;
+            if !ack.duplicate {
+                // Only when nothing is there: an attempt that already ended wrote its end first.
+                let pending = CallStatus { status: "pending".into(), cage: me.cage.clone(), attempts: Some(0), value: None, error: None };
+                let _ = ready.kv.create(key_of(&call.id), record(&call.id, &pending, None)).await;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// The record of call `id` in the bucket (waits at most READ_TIMEOUT; called from Lua's
+    /// synchronous `pmnc.calls.result`, so the worker thread waits that long at worst).
+    pub(crate) fn status(self: &Arc<Self>, id: &str) -> Result<Option<CallStatus>, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (me, key) = (self.clone(), key_of(id));
+        self.handle.spawn(async move {
+            let got = async {
+                let ready = me.ready().await?;
+                ready.kv.get(key).await.map_err(|e| e.to_string())
+            };
+            let _ = tx.send(tokio::time::timeout(READ_TIMEOUT, got).await.unwrap_or_else(|_| Err(format!("no answer within {READ_TIMEOUT:?}"))));
+        });
+        let got = rx.recv_timeout(READ_TIMEOUT + Duration::from_millis(100)).unwrap_or_else(|_| Err(format!("no answer within {READ_TIMEOUT:?}")));
+        let bytes = got.map_err(|e| format!("call {id}: the results of cage {} in JetStream cannot be read: {e}", self.cage))?;
+        let Some(bytes) = bytes else { return Ok(None) };
+        let mut status = read_record(&bytes).ok_or_else(|| format!("call {id}: its record in JetStream cannot be read"))?;
+        let here = self.running.lock().map(|r| r.contains(id)).unwrap_or(false);
+        if here && (status.status == "pending" || status.status == "failed") {
+            status.status = "running".into();
+        }
+        Ok(Some(status))
+    }
+
+    /// The latest figures of queue `queue` from its stream and consumer (read every
+    /// FIGURES_EVERY in the background, so that the monitor never waits for NATS).
+    pub(crate) fn figures(&self, queue: &str) -> Option<Figures> {
+        self.figures.lock().ok()?.get(queue).cloned()
+    }
+}
+
+/// How often the figures of the clustered queues are read.
+const FIGURES_EVERY: Duration = Duration::from_secs(2);
+
+/// What the stream and the consumer of a clustered queue say.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// Calls not delivered yet.
+    pub waiting: u64,
+    /// Calls delivered and not acked: running somewhere, or waiting for a retry or their time.
+    pub held: u64,
+    /// Deliveries beyond the first (retries and redeliveries).
+    pub redelivered: u64,
+    /// Dead letters kept.
+    pub dead: u64,
+}
+
+/// The figures of one queue, asked of JetStream now.
+pub async fn read_figures(js: &jetstream::Context, flock: &str, cage: &str, queue: &str) -> Result<Figures, String> {
+    let name = stream_name(flock, cage, queue);
+    let mut c: jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream(CONSUMER, &name).await.map_err(|e| format!("consumer {CONSUMER} of {name}: {e}"))?;
+    let i = c.info().await.map_err(|e| format!("consumer {CONSUMER} of {name}: {e}"))?.clone();
+    let dead_name = dead_stream_name(flock, cage, queue);
+    let dead = match js.get_stream(&dead_name).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    };
+    Ok(Figures { waiting: i.num_pending, held: i.num_ack_pending as u64, redelivered: i.num_redelivered as u64, dead })
+}
+
+/// Keeps [`Cluster::figures`] fresh.
+async fn watch_figures(cluster: Arc<Cluster>) {
+    while !cluster.stop.load(Ordering::SeqCst) {
+        if let Ok(ready) = cluster.ready().await {
+            for q in cluster.queues.keys() {
+                if let Ok(Ok(f)) = tokio::time::timeout(READ_TIMEOUT, read_figures(&ready.js, &cluster.flock, &cluster.cage, q)).await {
+                    if let Ok(mut all) = cluster.figures.lock() {
+                        all.insert(q.clone(), f);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(FIGURES_EVERY).await;
+    }
+}
+
+fn replicas_of(q: &QueueConfig) -> usize {
+    match q.store {
+        StoreKind::Cluster { replicas } => replicas,
+        StoreKind::Embedded => 1,
+    }
+}
+
+/// Consumes queue `q` until the process stops: pulls as many calls as it may start (its
+/// concurrency, one with keep_order) and hands each to [`handle`].
+async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn: Spawner) {
+    let limit = if q.keep_order { 1 } else { q.concurrency };
+    let slots = Arc::new(Semaphore::new(limit));
+    let mut rate = crate::dispatch::Rate::new(q.rate_limit);
+    let mut consumer: Option<jetstream::consumer::PullConsumer> = None;
+    let mut wait = Duration::from_millis(100);
+    while !cluster.stop.load(Ordering::SeqCst) {
+        if store.paused.load(Ordering::SeqCst) {
+            // Shutting down: starts nothing more.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let c = match &consumer {
+            Some(c) => c.clone(),
+            None => match open_consumer(&cluster, &q).await {
+                Ok(c) => {
+                    wait = Duration::from_millis(100);
+                    consumer = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    if let Some(note) = store.log.allow(&format!("cluster:{}", q.name)) {
+                        tracing::warn!(cage = %store.cage, queue = %q.name, "clustered queue not ready: {e}; trying again{note}");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            },
+        };
+        let Ok(first) = slots.clone().acquire_owned().await else { return };
+        let mut want = 1 + slots.available_permits();
+        if q.rate_limit > 0 {
+            let (allowed, delay) = rate.take(want);
+            if allowed == 0 {
+                drop(first);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            want = allowed;
+        }
+        let batch = c.batch().max_messages(want).expires(PULL_EXPIRES).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                drop(first);
+                // Made again at the next turn: the stream or the consumer may have been deleted.
+                consumer = None;
+                if let Some(note) = store.log.allow(&format!("pull:{}", q.name)) {
+                    tracing::warn!(cage = %store.cage, queue = %q.name, "clustered queue: cannot pull calls: {e}{note}");
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut first = Some(first);
+        while let Some(m) = batch.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(cage = %store.cage, queue = %q.name, "clustered queue: pull ended: {e}");
+                    break;
+                }
+            };
+            let slot = match first.take() {
+                Some(s) => s,
+                None => match slots.clone().acquire_owned().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+            };
+            let (c, s, q, spawn) = (cluster.clone(), store.clone(), q.clone(), spawn.clone());
+            tokio::spawn(async move {
+                handle(&c, &s, &q, &spawn, m).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+async fn open_consumer(cluster: &Cluster, q: &QueueConfig) -> Result<jetstream::consumer::PullConsumer, String> {
+    let ready = cluster.ready().await?;
+    let name = stream_name(&cluster.flock, &cluster.cage, &q.name);
+    let stream = ready.js.get_stream(&name).await.map_err(|e| format!("stream {name}: {e}"))?;
+    let config = pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        description: Some(format!("the copies of cage {}", cluster.cage)),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: q.ack_wait,
+        max_deliver: -1,
+        // keep_order: one call at a time in the whole flock, in stream order.
+        max_ack_pending: if q.keep_order { 1 } else { MAX_HELD },
+        num_replicas: replicas_of(q),
+        ..Default::default()
+    };
+    stream.get_or_create_consumer(CONSUMER, config).await.map_err(|e| format!("consumer {CONSUMER} of stream {name}: {e}"))
+}
+
+/// Sends in-progress acks for `m` every third of ack_wait until `work` ends.
+async fn with_progress<T>(m: &jetstream::Message, ack_wait: Duration, work: impl std::future::Future<Output = T>) -> T {
+    let mut work = std::pin::pin!(work);
+    let every = ack_wait / 3;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(every) => {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// One delivery of a call: skipped when the bucket says it ended (a copy died between writing
+/// its end and its ack), held back until due, moved to dead letters when expired, else run.
+async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spawn: &Spawner, m: jetstream::Message) {
+    let delivery = m.info().map(|i| i.delivered).unwrap_or(1);
+    let call = match Message::decode(&m.payload) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(note) = store.log.allow("cluster-unreadable") {
+                tracing::error!(cage = %store.cage, queue = %q.name, "a message in the queue's stream is no call ({e}); moved to dead letters{note}");
+            }
+            let _ = dead_letter(cluster, q, &m, None, &format!("not a call: {e}")).await;
+            let _ = m.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let Ok(ready) = cluster.ready().await else { return };
+    let key = key_of(&call.id);
+    let known = match ready.kv.get(key.clone()).await {
+        Ok(b) => b.and_then(|b| read_record(&b)),
+        Err(e) => {
+            // Without the bucket the call cannot be known to be new: it comes again.
+            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            if let Some(note) = store.log.allow("cluster-kv") {
+                tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot read the call's record ({e}); it is delivered again{note}");
+            }
+            return;
+        }
+    };
+    if known.as_ref().is_some_and(|k| k.is_final()) {
+        let _ = m.ack().await;
+        return;
+    }
+    let mut attempts = known.and_then(|k| k.attempts).unwrap_or(0);
+    loop {
+        let now = store::now_ms();
+        if call.due_ms > now {
+            let wait = Duration::from_millis((call.due_ms - now) as u64);
+            if q.keep_order {
+                // The calls after it wait too: it is held here, its delivery kept alive.
+                with_progress(&m, q.ack_wait, tokio::time::sleep(wait)).await;
+                continue;
+            }
+            let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+        if call.expires_ms <= now {
+            let status = CallStatus {
+                status: "dead".into(),
+                cage: store.cage.clone(),
+                attempts: Some(attempts),
+                value: None,
+                error: Some("expired before it could run".into()),
+            };
+            end(cluster, store, q, &m, &call, status, None, true).await;
+            return;
+        }
+        let row = Due {
+            seq: -1,
+            id: call.id.clone(),
+            from_cage: call.from_cage.clone(),
+            module: call.module.clone(),
+            function: call.function.clone(),
+            args: call.args.clone(),
+            attempts,
+            due_ms: call.due_ms,
+            expires_ms: call.expires_ms,
+            max_attempts: call.max_attempts,
+        };
+        if let Ok(mut r) = cluster.running.lock() {
+            r.insert(call.id.clone());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let (store, q, row) = (store.clone(), q.clone(), row.clone());
+            spawn(Box::new(move || {
+                Box::pin(async move {
+                    let _ = tx.send(run(store, q, row, delivery).await);
+                })
+            }));
+        }
+        let ran = with_progress(&m, q.ack_wait, rx).await.unwrap_or_else(|_| Err(Ran::Unrecorded("the worker thread stopped".into())));
+        if let Ok(mut r) = cluster.running.lock() {
+            r.remove(&call.id);
+        }
+        attempts += 1;
+        match ran {
+            Ok((values, until)) => {
+                let status = CallStatus { status: "done".into(), cage: store.cage.clone(), attempts: Some(attempts), value: Some(values), error: None };
+                end(cluster, store, q, &m, &call, status, Some(until), false).await;
+                return;
+            }
+            Err(Ran::Failed(failure)) => {
+                // Jitter from the clock and the call: copies need no shared generator.
+                let random = (store::now_ms() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(call.id.len() as u64 * 31 + delivery as u64) % 10_000;
+                match crate::dispatch::failed(q, &row, failure.stored.clone(), failure.permanent, random as f64 / 10_000.0) {
+                    Outcome::Dead { error } => {
+                        if let Some(note) = store.log.allow(&format!("dead:{}", q.name)) {
+                            tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "attempt {attempts} failed and the call is not tried again; moved to dead letters: {}{note}", failure.logged);
+                        }
+                        let status = CallStatus { status: "dead".into(), cage: store.cage.clone(), attempts: Some(attempts), value: None, error: Some(error) };
+                        end(cluster, store, q, &m, &call, status, None, true).await;
+                        return;
+                    }
+                    Outcome::Retry { error, due_ms } => {
+                        let wait = Duration::from_millis((due_ms - store::now_ms()).max(0) as u64);
+                        if let Some(note) = store.log.allow(&format!("attempt:{}", q.name)) {
+                            tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "attempt {attempts} failed, retrying in {} ms: {}{note}", wait.as_millis(), failure.logged);
+                        }
+                        let status =
+                            CallStatus { status: "failed".into(), cage: store.cage.clone(), attempts: Some(attempts), value: None, error: Some(error) };
+                        let _ = ready.kv.put(key.clone(), record(&call.id, &status, None)).await;
+                        if q.keep_order {
+                            with_progress(&m, q.ack_wait, tokio::time::sleep(wait)).await;
+                            continue;
+                        }
+                        let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+                        return;
+                    }
+                    Outcome::Done { .. } => return,
+                }
+            }
+            Err(Ran::Unrecorded(e)) => {
+                // The attempt's end could not be written here (full disk): it counts as failed
+                // and the call comes again after the backoff, on whichever copy takes it.
+                let wait = q.backoff.wait(attempts.clamp(1, u32::MAX as i64) as u32, 0.5);
+                if let Some(note) = store.log.allow("record") {
+                    tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "queue: cannot record the end of attempt {attempts} ({e}); the call runs again in {} ms{note}", wait.as_millis());
+                }
+                let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// How an attempt on a worker thread failed.
+enum Ran {
+    Failed(crate::dispatch::Failure),
+    /// Its end could not be written to this copy's file.
+    Unrecorded(String),
+}
+
+/// Returned, with its state writes committed: (values, until when they are shown); or why not.
+type RanResult = Result<(Vec<Value>, i64), Ran>;
+
+/// One attempt, on a worker thread: the call runs as on the embedded store, and its state
+/// writes commit in this copy's file before the call's end is written anywhere else.
+async fn run(store: Arc<Store>, q: QueueConfig, row: Due, delivery: i64) -> RanResult {
+    match crate::dispatch::run_call(&store, &q, &row, Some(delivery)).await {
+        Ok((values, writes)) => {
+            if encode(&Value::Array(values.clone()), MAX_VALUE).is_err() {
+                let stored = format!("{}.{}.{} returned a value that cannot be kept", store.cage, row.module, row.function);
+                return Err(Ran::Failed(crate::dispatch::Failure { logged: stored.clone(), stored, permanent: false }));
+            }
+            if !writes.is_empty() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                store.send(Op::Writes { writes, reply: tx }).map_err(Ran::Unrecorded)?;
+                rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())).map_err(Ran::Unrecorded)?;
+            }
+            Ok((values, store::now_ms() + q.result_ttl.as_millis() as i64))
+        }
+        Err(f) => Err(Ran::Failed(f)),
+    }
+}
+
+/// Ends call `call`: its dead letter first (when `dead`), then its record in the bucket, then
+/// the ack, then the news to waiters. A copy that dies between the record and the ack leaves
+/// the call to be delivered again, and the next copy finds it ended and only acks it.
+#[allow(clippy::too_many_arguments)]
+async fn end(
+    cluster: &Arc<Cluster>,
+    store: &Arc<Store>,
+    q: &QueueConfig,
+    m: &jetstream::Message,
+    call: &Message,
+    status: CallStatus,
+    until: Option<i64>,
+    dead: bool,
+) {
+    let Ok(ready) = cluster.ready().await else { return };
+    if dead {
+        if let Err(e) = dead_letter(cluster, q, m, Some(&call.id), status.error.as_deref().unwrap_or("")).await {
+            // Not acked: it comes again after ack_wait and ends then.
+            if let Some(note) = store.log.allow("cluster-dead") {
+                tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot store the dead letter ({e}); trying again after ack_wait{note}");
+            }
+            return;
+        }
+    }
+    if let Err(e) = ready.kv.put(key_of(&call.id), record(&call.id, &status, until)).await {
+        if let Some(note) = store.log.allow("cluster-kv") {
+            tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
+        }
+        return;
+    }
+    let _ = m.ack().await;
+    publish_end([&store.cage, &call.from_cage], &call.id, &status);
+}
+
+async fn dead_letter(cluster: &Cluster, q: &QueueConfig, m: &jetstream::Message, id: Option<&str>, error: &str) -> Result<(), String> {
+    let ready = cluster.ready().await?;
+    let mut publish = jetstream::message::PublishMessage::build().payload(m.payload.clone()).header("Pmnc-Error", header_text(error).as_str());
+    if let Some(id) = id {
+        publish = publish.message_id(id);
+    }
+    ready
+        .js
+        .send_publish(dead_subject(&cluster.flock, &cluster.cage, &q.name), publish)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_goes_through_its_message_unchanged() {
+        let m = Message {
+            id: "c1".into(),
+            module: "m".into(),
+            function: "f".into(),
+            args: vec![1, 2, 3],
+            from_cage: "web".into(),
+            created_ms: 5,
+            due_ms: 6,
+            expires_ms: 7,
+            max_attempts: Some(3),
+        };
+        let back = Message::decode(&m.encode().unwrap()).unwrap();
+        assert_eq!((back.id, back.module, back.function, back.args, back.from_cage), ("c1".into(), "m".into(), "f".into(), vec![1, 2, 3], "web".into()));
+        assert_eq!((back.created_ms, back.due_ms, back.expires_ms, back.max_attempts), (5, 6, 7, Some(3)));
+        assert!(Message::decode(b"\x01").is_err());
+    }
+
+    #[test]
+    fn ids_become_valid_keys_and_stay_apart() {
+        assert_eq!(key_of("order-17"), "order-17");
+        assert_eq!(key_of("a.b"), "h.612e62");
+        assert_eq!(key_of("a b"), "h.612062");
+        assert_ne!(key_of("h.612062"), key_of("a b"));
+    }
+
+    #[test]
+    fn a_done_records_values_are_hidden_after_its_result_ttl() {
+        let done = CallStatus { status: "done".into(), cage: "w".into(), attempts: Some(1), value: Some(vec![Value::Int(4)]), error: None };
+        let kept = read_record(&record("c", &done, Some(store::now_ms() + 60_000))).unwrap();
+        assert_eq!(kept.value, Some(vec![Value::Int(4)]));
+        let gone = read_record(&record("c", &done, Some(store::now_ms() - 1))).unwrap();
+        assert_eq!((gone.status.as_str(), gone.value), ("done", None));
+    }
+}
