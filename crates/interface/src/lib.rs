@@ -183,7 +183,9 @@ impl Host {
                     Some(vm) => {
                         let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
                         ctx.parameters = request.parameters;
-                        vm.call(ctx, &module, &function, request.args).await
+                        // A cage with [tracing] records a span per message or datagram
+                        // (docs/tracing.md).
+                        worker::run_traced(&vm, ctx, &module, &function, request.args, rustomnic_lua::trace::SpanKind::Consumer).await
                     }
                     None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
                 };

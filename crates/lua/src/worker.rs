@@ -162,6 +162,28 @@ pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
     result
 }
 
+/// Runs `module.function` of `vm` as a request an interface started (a message, a firing, a
+/// datagram): when the cage traces, as a span of `kind` in a new trace (or the one `ctx`
+/// arrived with), recorded when it ends.
+pub async fn run_traced(
+    vm: &crate::CageVm,
+    mut ctx: RequestCtx,
+    module: &str,
+    function: &str,
+    args: Vec<Value>,
+    kind: crate::trace::SpanKind,
+) -> Result<Vec<Value>, RunError> {
+    ctx.trace = crate::trace::for_request(&ctx.cage, ctx.trace.take());
+    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && crate::trace::traces(&ctx.cage));
+    let names = span.map(|t| (t, ctx.cage.clone(), ctx.interface.clone(), ctx.id.clone()));
+    let outcome = vm.call(ctx, module, function, args).await;
+    if let Some((t, cage, interface, id)) = names {
+        let failed = outcome.as_ref().err().map(|e| e.to_string());
+        call_span(&t, &cage, &interface, &id, module, function, kind, failed);
+    }
+    outcome
+}
+
 /// Records the span of a call to `cage.module.function` that ended now (an error when `failed`).
 #[allow(clippy::too_many_arguments)]
 pub fn call_span(

@@ -287,3 +287,21 @@ return M
     let all = serde_json::to_string(&spans).unwrap();
     assert!(!all.contains("s3cret-value") && !all.contains("$1::text"), "a span must not carry the statement or its values: {all}");
 }
+
+#[test]
+fn a_schedule_firing_is_a_consumer_span_of_its_own_trace() {
+    let Some(r) = Receiver::start("a_schedule_firing_is_a_consumer_span_of_its_own_trace") else { return };
+    let tree = Tree::new();
+    tree.write(
+        "jobs/cage.toml",
+        &format!("[interfaces.tick]\nprotocol = \"schedule\"\ncron = \"* * * * * *\"\nhandler = \"jobs.tick\"\n\n{}", r.tracing_table("")),
+    );
+    tree.write("jobs/jobs.lua", "local M = {}\nfunction M.tick(firing) return firing.interface end\nreturn M\n");
+    let _server = Server::start(&tree.path().join("jobs"), &[]);
+    let span = r.take(1).remove(0);
+    assert_eq!(span["name"], "jobs.tick");
+    assert_eq!(span["kind"], "SPAN_KIND_CONSUMER");
+    assert_eq!(span["parent_span_id"], "");
+    assert_eq!(span["attributes"]["pmnc.interface"]["stringValue"], "tick");
+    assert_eq!(span["resource"]["service.name"]["stringValue"], "jobs");
+}

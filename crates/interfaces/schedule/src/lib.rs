@@ -114,7 +114,7 @@ impl Schedule {
                 let mut ctx = RequestCtx::new(&cage, &name, timeout);
                 let firing = Value::Map(vec![(Value::str("interface"), Value::str(name.clone())), (Value::str("scheduled_at"), Value::Float(scheduled))]);
                 ctx.parameters = Some(firing.clone());
-                if let Err(e) = vm.call(ctx, &module, &function, vec![firing]).await {
+                if let Err(e) = worker::run_traced(&vm, ctx, &module, &function, vec![firing], rustomnic_lua::trace::SpanKind::Consumer).await {
                     tracing::error!(cage = %cage, interface = %name, "schedule firing of {scheduled}: {module}.{function} failed: {}", e.log_text());
                 }
             }) as LocalBoxFuture<'static, ()>
