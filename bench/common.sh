@@ -131,13 +131,9 @@ start_raw() {
     PORT="$(grep -Eo 'listening on 127\.0\.0\.1:[0-9]+' "$log" | head -n1 | grep -Eo '[0-9]+$')"
 }
 
-# start_nginx_lua DIR WORKERS LOG: nginx with its Lua module (Debian's nginx and
-# libnginx-mod-http-lua, installed when missing and apt-get is there) answering "Hello, world!"
-# from `content_by_lua_block`, with WORKERS worker processes and `access_log LOG` ("off", or a
-# file and a format); sets BG_PID and PORT. Returns 1, saying why, when nginx or its module is
-# missing.
-start_nginx_lua() {
-    local dir="$1" workers="$2" log="$3"
+# nginx_lua_ready: installs nginx and its Lua module when missing (apt-get); returns 1, saying
+# why, when they are still missing.
+nginx_lua_ready() {
     local module=/usr/lib/nginx/modules/ngx_http_lua_module.so
     if [ ! -f "$module" ] && command -v apt-get >/dev/null; then
         echo "== installing nginx with its Lua module (apt-get install nginx libnginx-mod-http-lua)"
@@ -147,6 +143,17 @@ start_nginx_lua() {
         echo "(nginx with its Lua module is not installed: apt-get install nginx libnginx-mod-http-lua; no nginx run)"
         return 1
     fi
+}
+
+# start_nginx_lua DIR WORKERS LOG: nginx with its Lua module (Debian's nginx and
+# libnginx-mod-http-lua, installed when missing and apt-get is there) answering "Hello, world!"
+# from `content_by_lua_block`, with WORKERS worker processes and `access_log LOG` ("off", or a
+# file and a format); sets BG_PID and PORT. Returns 1, saying why, when nginx or its module is
+# missing.
+start_nginx_lua() {
+    local dir="$1" workers="$2" log="$3"
+    local module=/usr/lib/nginx/modules/ngx_http_lua_module.so
+    nginx_lua_ready || return 1
     PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF

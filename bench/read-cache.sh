@@ -104,14 +104,7 @@ measure() {
 start_nginx_dict() {
     local dir="$1" workers="$2"
     local module=/usr/lib/nginx/modules/ngx_http_lua_module.so
-    if [ ! -f "$module" ] && command -v apt-get >/dev/null; then
-        echo "== installing nginx with its Lua module (apt-get install nginx libnginx-mod-http-lua)"
-        apt-get install -y -q nginx libnginx-mod-http-lua >/dev/null 2>&1 || true
-    fi
-    if [ ! -f "$module" ] || ! command -v nginx >/dev/null; then
-        echo "(nginx with its Lua module is not installed: apt-get install nginx libnginx-mod-http-lua; no nginx run)"
-        return 1
-    fi
+    nginx_lua_ready || return 1
     PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
