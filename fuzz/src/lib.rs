@@ -9,11 +9,7 @@ rustomnic_alloc_count::install!();
 /// Asserts that `f`, decoding `len` bytes, stays within [`budget`].
 pub fn bounded<T>(what: &str, len: usize, f: impl FnOnce() -> T) -> T {
     let (n, out) = asked(f);
-    assert!(
-        n <= budget(len),
-        "{what}: asked for {n} bytes decoding {len} (budget {})",
-        budget(len)
-    );
+    assert!(n <= budget(len), "{what}: asked for {n} bytes decoding {len} (budget {})", budget(len));
     out
 }
 
