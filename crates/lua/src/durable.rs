@@ -55,6 +55,9 @@ pub struct CallOptions {
     pub expires_at: Option<f64>,
     /// Attempts after which a failing call goes to dead letters (wins over the queue's).
     pub max_attempts: Option<i64>,
+    /// The W3C `traceparent` of the request that made the call (not a Lua option): every
+    /// attempt runs as a span of that trace (docs/tracing.md).
+    pub trace: Option<String>,
 }
 
 /// The largest `max_attempts` a call may set.

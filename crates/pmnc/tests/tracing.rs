@@ -305,3 +305,60 @@ fn a_schedule_firing_is_a_consumer_span_of_its_own_trace() {
     assert_eq!(span["attributes"]["pmnc.interface"]["stringValue"], "tick");
     assert_eq!(span["resource"]["service.name"]["stringValue"], "jobs");
 }
+
+#[test]
+fn a_request_calling_over_nats_and_enqueuing_a_durable_call_is_one_trace() {
+    let test = "a_request_calling_over_nats_and_enqueuing_a_durable_call_is_one_trace";
+    let Some(r) = Receiver::start(test) else { return };
+    let Some(nats) = Nats::start(test, "") else { return };
+    let tree = Tree::new();
+    let cluster = format!("[cluster]\nurl = \"{}\"\nheartbeat = \"200ms\"\n", nats.url());
+    tree.write("web/cage.toml", &format!("{}\n{cluster}\n{}", http_cage_toml(""), r.tracing_table("")));
+    tree.write(
+        "web/http.lua",
+        r#"
+local M = {}
+function M.handle(request, response)
+  local doubled = pmnc("worker").work.double(tonumber(request.query.n))
+  local id = pmnc("worker", {queue = "jobs"}).work.later(doubled.n)
+  return { n = doubled.n, call = id }
+end
+return M
+"#,
+    );
+    tree.write("worker/cage.toml", &format!("{cluster}\n{}\n[queues.jobs]\n", r.tracing_table("")));
+    tree.write(
+        "worker/work.lua",
+        "local M = {}\nfunction M.double(n) return { n = n * 2 } end\nfunction M.later(n) pmnc.state.set('later', n) return n end\nreturn M\n",
+    );
+    let _worker = Server::start(&tree.path().join("worker"), &[]);
+    let web = Server::start(&tree.path().join("web"), &[]);
+    let addr = web.addr("http");
+    // Until the worker has joined the flock, calls to it fail; then the traced request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get_with(addr, "/?n=1", None).status != 200 {
+        assert!(std::time::Instant::now() < deadline, "the worker never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = get_with(addr, "/?n=3", Some(&format!("00-{TRACE}-{PARENT}-01")));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let mut mine: Vec<Json> = Vec::new();
+    let wanted = ["GET", "work.double", "work.later", "state set"];
+    while !wanted.iter().all(|w| mine.iter().any(|s| s["name"] == *w)) {
+        let s = r.take(1).remove(0);
+        if s["trace_id"] == TRACE {
+            mine.push(s);
+        }
+    }
+    let request = by_name(&mine, "GET");
+    let call = by_name(&mine, "work.double");
+    let attempt = by_name(&mine, "work.later");
+    let write = by_name(&mine, "state set");
+    assert_eq!(write["parent_span_id"], attempt["span_id"], "the attempt's resource call is its child");
+    assert_eq!(request["parent_span_id"], PARENT);
+    assert_eq!(call["parent_span_id"], request["span_id"]);
+    assert_eq!(attempt["parent_span_id"], request["span_id"], "the durable call's attempt is a child of the request that made it");
+    assert_eq!(attempt["kind"], "SPAN_KIND_CONSUMER");
+    assert_eq!(attempt["attributes"]["pmnc.interface"]["stringValue"], "queue.jobs");
+    assert_eq!(attempt["resource"]["service.name"]["stringValue"], "worker");
+}

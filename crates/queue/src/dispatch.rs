@@ -389,6 +389,12 @@ pub(crate) async fn run_call(
         parameters.push((Value::str("delivery"), Value::Int(n)));
     }
     ctx.parameters = Some(Value::Map(parameters));
+    // The attempt is a span of the request that made the call (each attempt a sibling under
+    // it), or of a new trace when the cage traces (docs/tracing.md).
+    let made_by = row.trace.as_deref().and_then(|t| rustomnic_lua::trace::TraceContext::from_traceparent(t.as_bytes())).map(Box::new);
+    ctx.trace = rustomnic_lua::trace::for_request(&store.cage, made_by);
+    let span =
+        ctx.trace.as_deref().copied().filter(|t| t.sampled() && rustomnic_lua::trace::traces(&store.cage)).map(|t| (t, ctx.id.clone(), ctx.interface.clone()));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
     let run = match vm.start(ctx, &row.module, &row.function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()) {
@@ -396,6 +402,10 @@ pub(crate) async fn run_call(
         Err(e) => return Err(fail(format!("{target}: {e}"))),
     };
     let (result, writes) = held::scope(&store.path, run).await;
+    if let Some((t, id, interface)) = span {
+        let failed = result.as_ref().err().map(|e| e.to_string());
+        rustomnic_lua::worker::call_span(&t, &store.cage, &interface, &id, &row.module, &row.function, rustomnic_lua::trace::SpanKind::Consumer, failed);
+    }
     match result {
         Ok(values) => {
             let values: Result<Vec<Value>, String> = values.iter().map(from_lua).collect();
@@ -476,6 +486,7 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
                 due_ms: call.due_ms,
                 expires_ms: call.expires_given.then_some(call.expires_ms),
                 max_attempts: call.max_attempts,
+                trace: call.trace.clone(),
             };
             deliver(&store, &call.cage, f).await
         }
@@ -554,6 +565,7 @@ mod tests {
             due_ms: 0,
             expires_ms: i64::MAX,
             max_attempts,
+            trace: None,
         }
     }
 

@@ -23,6 +23,14 @@ pub struct Forwarded {
     /// Its own limit of attempts (an optional field: a target of an earlier version ignores
     /// it and applies its queue's limit, if any).
     pub max_attempts: Option<i64>,
+    /// The W3C traceparent of the request that made it (optional: an earlier version ignores
+    /// it; a malformed one is dropped, not refused).
+    pub trace: Option<String>,
+}
+
+/// A traceparent from outside, kept only when it reads as one.
+pub fn checked_trace(t: Option<String>) -> Option<String> {
+    t.filter(|t| rustomnic_lua::trace::parse_traceparent(t.as_bytes()).is_some())
 }
 
 pub fn encode(f: &Forwarded) -> Value {
@@ -41,6 +49,9 @@ pub fn encode(f: &Forwarded) -> Value {
     }
     if let Some(n) = f.max_attempts {
         m.push((Value::str("max_attempts"), Value::Int(n)));
+    }
+    if let Some(t) = &f.trace {
+        m.push((Value::str("trace"), Value::str(t.as_str())));
     }
     Value::Map(m)
 }
@@ -90,6 +101,7 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
             }
             n => n,
         },
+        trace: checked_trace(text("trace").ok()),
     })
 }
 
@@ -121,6 +133,7 @@ fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
         },
         created_ms: now,
         max_attempts: None,
+        trace: None,
     })
 }
 
@@ -140,13 +153,22 @@ mod tests {
             due_ms: 7,
             expires_ms: None,
             max_attempts: None,
+            trace: None,
         };
         assert_eq!(decode(vec![encode(&f)]).unwrap(), f);
-        let with = Forwarded { expires_ms: Some(9), max_attempts: Some(3), ..f.clone() };
+        let with = Forwarded {
+            expires_ms: Some(9),
+            max_attempts: Some(3),
+            trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            ..f.clone()
+        };
         assert_eq!(decode(vec![encode(&with)]).unwrap(), with);
         let Value::Map(mut zero) = encode(&with) else { unreachable!() };
-        zero.last_mut().unwrap().1 = Value::Int(0);
+        zero.iter_mut().find(|(k, _)| k.as_str() == Some("max_attempts")).unwrap().1 = Value::Int(0);
         assert!(decode(vec![Value::Map(zero)]).unwrap_err().contains("max_attempts must be 1"));
+        // A traceparent that does not read as one is dropped, not refused.
+        let odd = Forwarded { trace: Some("00-not-a-trace".into()), ..f.clone() };
+        assert_eq!(decode(vec![encode(&odd)]).unwrap().trace, None);
         assert_eq!(decode(vec![]).unwrap_err(), "a forwarded call is one map of its fields");
         assert_eq!(decode(vec![encode(&f), Value::Nil]).unwrap_err(), "a forwarded call is one map of its fields");
         let Value::Map(mut m) = encode(&f) else { unreachable!() };

@@ -120,6 +120,8 @@ struct Message {
     due_ms: i64,
     expires_ms: i64,
     max_attempts: Option<i64>,
+    /// The W3C traceparent of the request that made the call.
+    trace: Option<String>,
 }
 
 fn field<'a>(m: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
@@ -138,6 +140,7 @@ impl Message {
             due_ms: call.due_ms,
             expires_ms: call.expires_ms,
             max_attempts: call.max_attempts,
+            trace: call.trace.clone(),
         }
     }
 
@@ -154,6 +157,9 @@ impl Message {
         ];
         if let Some(n) = self.max_attempts {
             m.push((Value::str("max_attempts"), Value::Int(n)));
+        }
+        if let Some(t) = &self.trace {
+            m.push((Value::str("trace"), Value::str(t.as_str())));
         }
         encode(&Value::Map(m), MAX_VALUE + 4096)
     }
@@ -178,6 +184,7 @@ impl Message {
             due_ms: int("due")?,
             expires_ms: int("expires")?,
             max_attempts: int("max_attempts").ok(),
+            trace: crate::forward::checked_trace(text("trace").ok()),
         })
     }
 }
@@ -662,6 +669,7 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             due_ms: call.due_ms,
             expires_ms: call.expires_ms,
             max_attempts: call.max_attempts,
+            trace: call.trace.clone(),
         };
         if let Ok(mut r) = cluster.running.lock() {
             r.insert(call.id.clone());
@@ -826,10 +834,12 @@ mod tests {
             due_ms: 6,
             expires_ms: 7,
             max_attempts: Some(3),
+            trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let back = Message::decode(&m.encode().unwrap()).unwrap();
         assert_eq!((back.id, back.module, back.function, back.args, back.from_cage), ("c1".into(), "m".into(), "f".into(), vec![1, 2, 3], "web".into()));
         assert_eq!((back.created_ms, back.due_ms, back.expires_ms, back.max_attempts), (5, 6, 7, Some(3)));
+        assert_eq!(back.trace.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert!(Message::decode(b"\x01").is_err());
     }
 

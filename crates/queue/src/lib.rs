@@ -229,6 +229,7 @@ fn outgoing_call(call: DurableCall, queue_expiry: Option<Duration>) -> Result<st
         expires_ms: expires,
         expires_given: given,
         max_attempts: call.options.max_attempts,
+        trace: call.options.trace,
     })
 }
 
@@ -397,6 +398,7 @@ impl Store {
             expires_ms: expires,
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
             max_attempts: o.max_attempts,
+            trace: o.trace.clone(),
         })
     }
 
@@ -429,6 +431,7 @@ impl Store {
             expires_ms: expires,
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
             max_attempts: f.max_attempts,
+            trace: f.trace,
         };
         let id = row.id.clone();
         if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
@@ -1089,6 +1092,7 @@ mod tests {
             expires_ms: now + 60_000,
             expires_given: true,
             max_attempts: None,
+            trace: None,
         }
     }
 

@@ -34,16 +34,31 @@ pub struct NewCall {
     pub keep_until_ms: i64,
     /// The call's own limit of attempts (None: the queue's).
     pub max_attempts: Option<i64>,
+    /// The W3C traceparent of the request that made the call.
+    pub trace: Option<String>,
 }
 
 /// Inserts a call unless its id is known; true when inserted.
 pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts, trace)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
     )
     .and_then(|mut s| {
-        s.execute(params![c.id, c.queue, c.module, c.function, c.args, c.from_cage, c.created_ms, c.due_ms, c.expires_ms, c.keep_until_ms, c.max_attempts])
+        s.execute(params![
+            c.id,
+            c.queue,
+            c.module,
+            c.function,
+            c.args,
+            c.from_cage,
+            c.created_ms,
+            c.due_ms,
+            c.expires_ms,
+            c.keep_until_ms,
+            c.max_attempts,
+            c.trace
+        ])
     })
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store call", e))
@@ -68,16 +83,18 @@ pub struct OutboxCall {
     pub expires_given: bool,
     /// The call's own limit of attempts, carried to the target.
     pub max_attempts: Option<i64>,
+    /// The W3C traceparent of the request that made the call, carried to the target.
+    pub trace: Option<String>,
 }
 
 /// Stores an outbox call unless its id is known; true when stored.
 pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given, max_attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given, max_attempts, trace)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
     )
     .and_then(|mut s| {
-        s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given, c.max_attempts])
+        s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given, c.max_attempts, c.trace])
     })
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
@@ -87,7 +104,7 @@ pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<boo
 pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts, max_attempts FROM queue_outbox
+            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts, max_attempts, trace FROM queue_outbox
              INDEXED BY queue_outbox_next WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
         )
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
@@ -107,6 +124,7 @@ pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Res
                     expires_ms: r.get(9)?,
                     expires_given: r.get(10)?,
                     max_attempts: r.get(12)?,
+                    trace: r.get(13)?,
                 },
                 r.get(11)?,
             ))
@@ -352,6 +370,8 @@ pub struct Due {
     pub expires_ms: i64,
     /// The call's own limit of attempts (None: the queue's).
     pub max_attempts: Option<i64>,
+    /// The W3C traceparent of the request that made the call.
+    pub trace: Option<String>,
 }
 
 /// Up to `limit` calls of `queue` waiting to run as (seq, due_ms), earliest first (by enqueue
@@ -371,7 +391,7 @@ pub fn waiting(conn: &Connection, path: &Path, queue: &str, in_order: bool, limi
 /// The call `seq` if it still waits.
 pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, String> {
     conn.prepare_cached(
-        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage, max_attempts FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')",
+        "SELECT seq, id, module, function, args, attempts, due_ms, expires_ms, from_cage, max_attempts, trace FROM queue_calls WHERE seq = ?1 AND status IN ('pending', 'failed')",
     )
     .and_then(|mut s| {
         s.query_row([seq], |r| {
@@ -386,6 +406,7 @@ pub fn due(conn: &Connection, path: &Path, seq: i64) -> Result<Option<Due>, Stri
                 due_ms: r.get(6)?,
                 expires_ms: r.get(7)?,
                 max_attempts: r.get(9)?,
+                trace: r.get(10)?,
             })
         })
         .optional()
@@ -533,6 +554,7 @@ mod tests {
             expires_ms: 1_000_000,
             keep_until_ms: 10,
             max_attempts: None,
+            trace: None,
         }
     }
 
@@ -626,9 +648,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.sqlite");
         let c = open(&path, std::time::Duration::from_secs(5)).unwrap();
-        insert(&c, &path, &NewCall { max_attempts: Some(3), ..call("m", 1) }).unwrap();
+        let trace = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string());
+        insert(&c, &path, &NewCall { max_attempts: Some(3), trace: trace.clone(), ..call("m", 1) }).unwrap();
         let seq = find(&c, &path, "m").unwrap().unwrap().seq;
-        assert_eq!(due(&c, &path, seq).unwrap().unwrap().max_attempts, Some(3));
+        let row = due(&c, &path, seq).unwrap().unwrap();
+        assert_eq!((row.max_attempts, row.trace), (Some(3), trace));
         let out = OutboxCall {
             id: "o".into(),
             cage: "w".into(),
@@ -641,6 +665,7 @@ mod tests {
             expires_ms: 1_000_000,
             expires_given: true,
             max_attempts: Some(7),
+            trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         outbox_insert(&c, &path, &out).unwrap();
         let rows = outbox_due(&c, &path, 5, 10).unwrap();

@@ -29,7 +29,8 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     Err(e) => return failure(&lua, format!("calling {target}: argument {}: {e}", i + 1)),
                 }
             }
-            if let Some(options) = durable {
+            if let Some(mut options) = durable {
+                options.trace = ctx.trace.as_deref().map(|t| t.traceparent());
                 let call = crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options };
                 return match crate::durable::enqueue(call).await {
                     Ok(id) => Ok(success([LuaValue::String(lua.create_string(&id)?)])),

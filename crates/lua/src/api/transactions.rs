@@ -190,6 +190,8 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                         Err(e) => return failure(&lua, format!("calling {target}: argument {a}: {e}")),
                     }
                 }
+                let mut options = options;
+                options.trace = ctx.trace.as_deref().map(|t| t.traceparent());
                 calls.push(crate::durable::DurableCall { from_cage: ctx.cage.clone(), cage, module, function, args: values, options });
             }
             let prepared = handle.and_then(|h| h.borrow::<TxHandle>().ok().and_then(|h| h.0.borrow_mut().take()));

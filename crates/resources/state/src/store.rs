@@ -92,6 +92,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE queue_calls ADD COLUMN max_attempts INTEGER;
     ALTER TABLE queue_outbox ADD COLUMN max_attempts INTEGER;
     CREATE INDEX queue_calls_cancelled ON queue_calls (keep_until_ms) WHERE status = 'cancelled';",
+    // 4 -> 5 (queue and tracing, docs/decisions/148): a call keeps the W3C traceparent of the
+    // request that made it, in the queue and in the outbox, so every attempt joins that trace.
+    "ALTER TABLE queue_calls ADD COLUMN trace TEXT;
+    ALTER TABLE queue_outbox ADD COLUMN trace TEXT;",
 ];
 
 /// The schema version this build writes and reads.
