@@ -362,3 +362,22 @@ return M
     assert_eq!(attempt["attributes"]["pmnc.interface"]["stringValue"], "queue.jobs");
     assert_eq!(attempt["resource"]["service.name"]["stringValue"], "worker");
 }
+
+#[test]
+fn a_line_of_the_line_interface_is_a_server_span() {
+    let Some(r) = Receiver::start("a_line_of_the_line_interface_is_a_server_span") else { return };
+    let tree = Tree::new();
+    tree.write("echo/cage.toml", &format!("[interfaces.echo]\nprotocol = \"line\"\nlisten = \"127.0.0.1:0\"\n\n{}", r.tracing_table("")));
+    tree.write("echo/echo.lua", "local M = {}\nfunction M.handle(line, client) return line:upper() end\nreturn M\n");
+    let server = Server::start(&tree.path().join("echo"), &[]);
+    let mut s = std::net::TcpStream::connect(server.addr("echo")).unwrap();
+    use std::io::Write;
+    s.write_all(b"hello\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    assert_eq!(answer, "HELLO\n");
+    let span = r.take(1).remove(0);
+    assert_eq!(span["name"], "echo.handle");
+    assert_eq!(span["kind"], "SPAN_KIND_SERVER");
+    assert_eq!(span["attributes"]["pmnc.interface"]["stringValue"], "echo");
+}

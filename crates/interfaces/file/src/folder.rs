@@ -387,7 +387,11 @@ impl Shared {
                 let out = match worker::cage(&spec.cage) {
                     Some(vm) => {
                         let ctx = RequestCtx::with_deadline(id.clone(), &spec.cage, &spec.name, Instant::now() + spec.request_timeout, None);
-                        let (r, writes) = held::scope(&spec.state_file, vm.call(ctx, &module, &function, vec![file])).await;
+                        let (r, writes) = held::scope(
+                            &spec.state_file,
+                            worker::run_traced(&vm, ctx, &module, &function, vec![file], rustomnic_lua::trace::SpanKind::Consumer),
+                        )
+                        .await;
                         match r {
                             Ok(_) => (id, Ok(()), writes),
                             Err(e) => (id, Err(e.to_string()), Vec::new()),

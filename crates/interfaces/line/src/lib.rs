@@ -139,7 +139,7 @@ impl LineInterface {
         let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
         let id = ctx.id.clone();
         let client = Value::Map(vec![(Value::str("remote_addr"), Value::str(remote.to_string()))]);
-        match vm.call(ctx, module, function, vec![Value::Str(line), client]).await {
+        match worker::run_traced(&vm, ctx, module, function, vec![Value::Str(line), client], rustomnic_lua::trace::SpanKind::Server).await {
             Ok(values) => answer(values.into_iter().next().unwrap_or(Value::Nil)),
             Err(e) => {
                 if !matches!(e, RunError::Failed { .. }) {

@@ -592,7 +592,7 @@ impl Session<'_> {
         let Some(vm) = worker::cage(&spec.cage) else { return "451 4.3.0 The cage is not running, try again later".into() };
         let ctx = RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout);
         let id = ctx.id.clone();
-        match vm.call(ctx, module, function, vec![message]).await {
+        match worker::run_traced(&vm, ctx, module, function, vec![message], rustomnic_lua::trace::SpanKind::Server).await {
             Ok(_) => format!("250 2.0.0 Ok: queued as {id}"),
             Err(e) => {
                 if !matches!(e, RunError::Failed { .. }) {

@@ -148,7 +148,16 @@ impl SmppInterface {
             }
             let (module, function) = &spec.handler.value;
             let outcome = match worker::cage(&spec.cage) {
-                Some(vm) => vm.call(RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout), module, function, vec![m]).await.map_err(|e| e.to_string()),
+                Some(vm) => worker::run_traced(
+                    &vm,
+                    RequestCtx::new(&spec.cage, &spec.name, spec.request_timeout),
+                    module,
+                    function,
+                    vec![m],
+                    rustomnic_lua::trace::SpanKind::Server,
+                )
+                .await
+                .map_err(|e| e.to_string()),
                 None => Err("the cage is not running".to_string()),
             };
             match outcome {
