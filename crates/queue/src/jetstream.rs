@@ -109,6 +109,7 @@ pub(crate) struct Cluster {
 }
 
 /// A call as it travels in its stream.
+#[derive(Debug, PartialEq)]
 struct Message {
     id: String,
     module: String,
@@ -186,6 +187,78 @@ impl Message {
             max_attempts: int("max_attempts").ok(),
             trace: crate::forward::checked_trace(text("trace").ok()),
         })
+    }
+}
+
+/// What the `queue_message` fuzz target reads: the stream's messages and the bucket's records,
+/// which anything that can publish on the flock's subjects could have written.
+pub mod fuzzing {
+    use super::*;
+
+    /// Reads `bytes` as a stream message; when it reads, whether writing it back and reading
+    /// that gives the same message.
+    pub fn message_roundtrip(bytes: &[u8]) -> Option<bool> {
+        let m = Message::decode(bytes).ok()?;
+        let again = m.encode().ok().and_then(|b| Message::decode(&b).ok());
+        Some(again.as_ref() == Some(&m))
+    }
+
+    /// Reads `bytes` as a call's record; when it reads, whether writing it back (with no
+    /// result time to live) and reading that gives the same status.
+    pub fn record_roundtrip(bytes: &[u8]) -> Option<bool> {
+        let (id, _) = CallStatus::from_value(&decode(bytes).ok()?)?;
+        let status = read_record(bytes)?;
+        let again = read_record(&record(&id, &status, None));
+        Some(again.as_ref() == Some(&status))
+    }
+
+    /// A message and a record as this build writes them (the target's seeds).
+    pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let call = NewCall {
+            id: "c1".into(),
+            queue: "jobs".into(),
+            module: "work".into(),
+            function: "later".into(),
+            args: encode(&Value::Array(vec![Value::Int(7), Value::str("x")]), 1024).unwrap_or_default(),
+            from_cage: "web".into(),
+            created_ms: 1,
+            due_ms: 2,
+            expires_ms: 3,
+            keep_until_ms: 4,
+            max_attempts: Some(5),
+            trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        };
+        let done = CallStatus { status: "done".into(), cage: "worker".into(), attempts: Some(1), value: Some(vec![Value::Int(14)]), error: None };
+        let dead = CallStatus { status: "dead".into(), cage: "worker".into(), attempts: Some(3), value: None, error: Some("boom".into()) };
+        vec![
+            ("message", Message::of(&call).encode().unwrap_or_default()),
+            ("record-done", record("c1", &done, Some(i64::MAX)).to_vec()),
+            ("record-dead", record("c2", &dead, None).to_vec()),
+        ]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_seeds_read_back() {
+            for (name, bytes) in seeds() {
+                let ok = if name == "message" { message_roundtrip(&bytes) } else { record_roundtrip(&bytes) };
+                assert_eq!(ok, Some(true), "{name}");
+            }
+        }
+
+        /// `FUZZ_SEEDS=fuzz/corpus/queue_message cargo test -p rustomnic-queue write_fuzz_seeds -- --ignored`
+        #[test]
+        #[ignore]
+        fn write_fuzz_seeds() {
+            let dir = std::env::var("FUZZ_SEEDS").unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in seeds() {
+                std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
+            }
+        }
     }
 }
 
