@@ -295,7 +295,7 @@ async fn run(identity: &Identity, payload: &[u8], headers: Option<&async_nats::H
     let mut ctx = RequestCtx::with_deadline(call.request_id, &call.cage, "cluster", deadline, Some(call.from_cage));
     ctx.trace =
         headers.and_then(|h| h.get("traceparent")).and_then(|v| rustomnic_lua::trace::TraceContext::from_traceparent(v.as_str().as_bytes())).map(Box::new);
-    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && rustomnic_lua::trace::traces(&call.cage));
+    let span = rustomnic_lua::trace::recorded(&ctx);
     let reply = serve_call(&vm, ctx, &call.cage, &call.module, &call.function, call.args, &id, &from, &err).await;
     if let Some(t) = span {
         let failed = match &reply {

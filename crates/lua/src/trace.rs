@@ -72,6 +72,13 @@ pub fn traces(cage: &str) -> bool {
     rustomnic_telemetry::exporter().is_some_and(|e| e.sampling(cage).is_some())
 }
 
+/// The trace context of `ctx` when the request's span is to be recorded: its trace is sampled
+/// and its cage traces. Taken when the request starts, so that what it needs at its end is kept
+/// only for spans that are recorded.
+pub fn recorded(ctx: &RequestCtx) -> Option<TraceContext> {
+    ctx.trace.as_deref().copied().filter(|t| t.sampled() && traces(&ctx.cage))
+}
+
 /// Records the span of a request of `ctx` that ends now, when its trace is sampled and its cage
 /// traces.
 pub fn record(ctx: &RequestCtx, name: String, kind: SpanKind, attributes: Vec<(&'static str, AttrValue)>, status: SpanStatus) {
@@ -96,10 +103,8 @@ pub fn record_span(
     if !t.sampled() {
         return;
     }
+    // The exporter keeps only spans of cages that trace.
     let Some(exporter) = rustomnic_telemetry::exporter() else { return };
-    if exporter.sampling(cage).is_none() {
-        return;
-    }
     attributes.push(("pmnc.cage", AttrValue::from(cage)));
     attributes.push(("pmnc.interface", AttrValue::from(interface)));
     attributes.push(("pmnc.request_id", AttrValue::from(request_id)));
@@ -200,13 +205,7 @@ fn byte(two: &[u8]) -> Option<u8> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
+    rustomnic_stdlib::hex::encode(bytes)
 }
 
 fn new_span_id() -> [u8; 8] {

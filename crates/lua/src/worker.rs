@@ -139,7 +139,7 @@ pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
     let mut ctx = RequestCtx::with_deadline(request.request_id, &request.cage, "pmnc", request.deadline, Some(request.from_cage));
     // The callee runs as a span of the caller's trace (its log lines carry it too).
     ctx.trace = crate::request::with_running(|c| c.trace.as_deref().map(|t| Box::new(t.child()))).flatten();
-    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && crate::trace::traces(&request.cage)).map(|t| (t, ctx.id.clone()));
+    let span = crate::trace::recorded(&ctx).map(|t| (t, ctx.id.clone()));
     let result = match vm.call(ctx, &request.module, &request.function, request.args).await {
         Ok(values) => Ok(values),
         Err(RunError::Deadline) => Err(CallError::Deadline(format!("calling {target}: deadline exceeded"))),
@@ -174,8 +174,7 @@ pub async fn run_traced(
     kind: crate::trace::SpanKind,
 ) -> Result<Vec<Value>, RunError> {
     ctx.trace = crate::trace::for_request(&ctx.cage, ctx.trace.take());
-    let span = ctx.trace.as_deref().copied().filter(|t| t.sampled() && crate::trace::traces(&ctx.cage));
-    let names = span.map(|t| (t, ctx.cage.clone(), ctx.interface.clone(), ctx.id.clone()));
+    let names = crate::trace::recorded(&ctx).map(|t| (t, ctx.cage.clone(), ctx.interface.clone(), ctx.id.clone()));
     let outcome = vm.call(ctx, module, function, args).await;
     if let Some((t, cage, interface, id)) = names {
         let failed = outcome.as_ref().err().map(|e| e.to_string());

@@ -393,8 +393,7 @@ pub(crate) async fn run_call(
     // it), or of a new trace when the cage traces (docs/tracing.md).
     let made_by = row.trace.as_deref().and_then(|t| rustomnic_lua::trace::TraceContext::from_traceparent(t.as_bytes())).map(Box::new);
     ctx.trace = rustomnic_lua::trace::for_request(&store.cage, made_by);
-    let span =
-        ctx.trace.as_deref().copied().filter(|t| t.sampled() && rustomnic_lua::trace::traces(&store.cage)).map(|t| (t, ctx.id.clone(), ctx.interface.clone()));
+    let span = rustomnic_lua::trace::recorded(&ctx).map(|t| (t, ctx.id.clone(), ctx.interface.clone()));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
     let run = match vm.start(ctx, &row.module, &row.function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()) {

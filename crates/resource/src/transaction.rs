@@ -371,9 +371,7 @@ impl Resources for CageResources {
             }
         }
         // Traced requests give each call a client span (read here, in the request's poll).
-        let traced = rustomnic_lua::request::with_running(|c| c.trace.as_deref().copied().filter(|t| t.sampled()).map(|t| (t, c.id.clone())))
-            .flatten()
-            .filter(|_| rustomnic_lua::trace::traces(cage));
+        let traced = rustomnic_lua::request::with_running(|c| rustomnic_lua::trace::recorded(c).map(|t| (t, c.id.clone()))).flatten();
         let mut work = Vec::with_capacity(participants.len());
         for (i, p) in participants.into_iter().enumerate() {
             let Some(pool) = self.pool(cage, &p.resource) else {

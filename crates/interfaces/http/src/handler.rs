@@ -95,11 +95,8 @@ pub(crate) struct SpanStart {
 
 /// The start of the request's span when its trace is sampled and its cage traces.
 pub(crate) fn span_start(ctx: &RequestCtx, method: &hyper::Method, uri: &hyper::Uri) -> Option<Box<SpanStart>> {
-    let trace = ctx.trace.as_deref()?;
-    if !trace.sampled() || !rustomnic_lua::trace::traces(&ctx.cage) {
-        return None;
-    }
-    Some(Box::new(SpanStart { trace: *trace, method: method.clone(), path: uri.path().chars().take(256).collect() }))
+    let trace = rustomnic_lua::trace::recorded(ctx)?;
+    Some(Box::new(SpanStart { trace, method: method.clone(), path: uri.path().chars().take(256).collect() }))
 }
 
 /// Records the request's span (a server span named by the method, as OpenTelemetry's HTTP
