@@ -1,5 +1,6 @@
 //! Durable calls as Lua sees them: `pmnc("<cage>", {queue = ...}).m.f(...)`,
-//! `pmnc.calls.result(id)`, `pmnc.calls.wait(id, timeout)` and `pmnc.calls.cancel(id)`. The Lua host only parses options
+//! `pmnc.calls.result(id)`, `pmnc.calls.wait(id, timeout)` and `pmnc.calls.cancel(id)`, and the
+//! workflows made of them (`pmnc.workflow`, workflow.rs). The Lua host only parses options
 //! and hands the call to the installed [`Calls`] service (the task queue, crates/queue), which it
 //! cannot depend on; the cluster engine reaches the same service through [`accept`] and tells it
 //! which queues the cages of other processes have through [`set_directory`].
@@ -171,8 +172,81 @@ pub enum CommitFailure {
     Calls(String),
 }
 
+/// The most steps a chain, group or chord may have (its body aside): every remaining step
+/// travels with the step that runs before it, so the bound keeps that continuation small.
+pub const MAX_WORKFLOW_STEPS: usize = 1000;
+/// The longest workflow id: step ids (`<id>.<k>`, `<id>.body`, `<id>.on_error`) must stay
+/// within the 256 bytes of a call id.
+pub const MAX_WORKFLOW_ID: usize = 200;
+
+/// The shape of a workflow (`pmnc.workflow.chain`, `group`, `chord`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Chain,
+    Group,
+    Chord,
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Chain => "chain",
+            Shape::Group => "group",
+            Shape::Chord => "chord",
+        }
+    }
+}
+
+/// A workflow to store: its steps are durable calls described but not stored yet (their ids
+/// are derived from the workflow's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    pub from_cage: String,
+    /// The workflow id; a new unique one when absent.
+    pub id: Option<String>,
+    pub shape: Shape,
+    pub steps: Vec<DurableCall>,
+    /// The chord's body.
+    pub body: Option<DurableCall>,
+    /// Enqueued when a step goes to dead letters (Celery's link_error).
+    pub on_error: Option<DurableCall>,
+}
+
+/// What `pmnc.workflow.status(id)` reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowStatus {
+    /// running, done, dead or cancelled.
+    pub status: String,
+    /// (step id, status, error) of every step this process can read, in step order.
+    pub steps: Vec<(String, String, Option<String>)>,
+}
+
 /// The service that stores and delivers durable calls.
 pub trait Calls: Send + Sync {
+    /// Checks a durable call as an enqueue would (names, the target's queue when it is known
+    /// here), storing nothing: a workflow step is refused when it is made.
+    fn check(&self, call: &DurableCall) -> Result<(), String> {
+        let _ = call;
+        Ok(())
+    }
+    /// Stores a workflow: its first step (a chain) or every member (a group, a chord), with
+    /// its record, in one commit of the sending cage. Resolves to the workflow id.
+    fn workflow(&self, workflow: Workflow) -> LocalBoxFuture<'static, Result<String, String>> {
+        let _ = workflow;
+        Box::pin(async { Err("workflows are not available in this process".to_string()) })
+    }
+    /// Cancels every step of workflow `id` not ended in the cages of this process, and keeps
+    /// any later step from being stored.
+    fn cancel_workflow(&self, id: &str) -> LocalBoxFuture<'static, Result<CancelAnswer, String>> {
+        let _ = id;
+        Box::pin(async { Err("workflows are not available in this process".to_string()) })
+    }
+    /// The status of workflow `id` as far as this process can read it; None when it knows
+    /// nothing of it.
+    fn workflow_status(&self, id: &str) -> Result<Option<WorkflowStatus>, String> {
+        let _ = id;
+        Err("workflows are not available in this process".to_string())
+    }
     /// Stores the call durably; resolves to its id once it is on disk.
     fn enqueue(&self, call: DurableCall) -> LocalBoxFuture<'static, Result<String, String>>;
     /// Commits a transaction's participants through `finish` together with its durable calls:
@@ -307,6 +381,39 @@ pub async fn commit_with_calls(from_cage: &str, calls: Vec<DurableCall>, finish:
         return Err(CommitFailure::Calls("durable calls are not available in this process".into()));
     };
     service.commit_with_calls(from_cage, calls, finish).await
+}
+
+/// Checks a workflow step through the installed service (nothing is stored).
+pub fn check_step(call: &DurableCall) -> Result<(), String> {
+    match calls() {
+        Some(c) => c.check(call),
+        None => Err(format!("calling {}: durable calls are not available in this process", call.target())),
+    }
+}
+
+/// Stores a workflow through the installed service.
+pub async fn start_workflow(workflow: Workflow) -> Result<String, String> {
+    let Some(calls) = calls() else {
+        return Err("workflows are not available in this process".into());
+    };
+    calls.workflow(workflow).await
+}
+
+/// Cancels a workflow through the installed service.
+pub async fn cancel_workflow(id: &str) -> Result<CancelAnswer, String> {
+    let Some(calls) = calls() else {
+        return Err("workflows are not available in this process".into());
+    };
+    calls.cancel_workflow(id).await
+}
+
+/// Reads a workflow's status off the worker thread (reads of SQLite files).
+pub async fn workflow_status(id: String) -> Result<Option<WorkflowStatus>, String> {
+    let Some(calls) = calls() else {
+        return Err("workflows are not available in this process".into());
+    };
+    let read = tokio::task::spawn_blocking(move || calls.workflow_status(&id)).await;
+    read.unwrap_or_else(|e| Err(format!("the read failed: {e}")))
 }
 
 /// Answers a call to `_queue.accept` of `cage` (from the cluster link): stores the forwarded

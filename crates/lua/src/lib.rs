@@ -18,6 +18,7 @@ pub mod transaction;
 pub mod vm;
 pub mod watchdog;
 pub mod worker;
+mod workflow;
 
 pub use events_lua::{current_request, seconds as events_seconds, wake_request_at};
 pub use limits::LuaLimits;

@@ -776,6 +776,32 @@ api.calls = readonly({
   end,
 }, "pmnc.calls")
 
+-- pmnc.workflow (crates/lua/src/workflow.rs): step(cage, options).m.f(...) describes a durable
+-- call without storing it; chain, group and chord store a list of them (docs/queues.md).
+local wf_step, wf_start, wf_cancel, wf_status = rust.workflow_step, rust.workflow_start, rust.workflow_cancel, rust.workflow_status
+api.workflow = readonly({
+  step = function(cage, opts)
+    if type(cage) ~= "string" then error("pmnc.workflow.step(cage, options): cage name must be a string, got " .. type(cage), 2) end
+    if type(opts) ~= "table" then error("pmnc.workflow.step(cage, options): options must be a table with a queue, got " .. type(opts), 2) end
+    return c_setmetatable({}, locked({
+      __index = function(_, module)
+        if type(module) ~= "string" then error("module name must be a string", 2) end
+        return c_setmetatable({}, locked({
+          __index = function(_, fn)
+            if type(fn) ~= "string" then error("function name must be a string", 2) end
+            return function(...) return check(wf_step(cage, opts, module, fn, ...)) end
+          end,
+        }))
+      end,
+    }))
+  end,
+  chain = function(steps, opts) return check(wf_start("chain", steps, nil, opts)) end,
+  group = function(steps, opts) return check(wf_start("group", steps, nil, opts)) end,
+  chord = function(steps, body, opts) return check(wf_start("chord", steps, body, opts)) end,
+  cancel = function(id) return check(wf_cancel(id)) end,
+  status = function(id) return check(wf_status(id)) end,
+}, "pmnc.workflow")
+
 -- pmnc.state.get/set/delete/keys: the cage's persistent state, each call its own transaction.
 api.state = shortcut("state", nil, nil, "pmnc.state")
 

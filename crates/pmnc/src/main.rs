@@ -210,6 +210,8 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
         cages.push((config.name, config.state_file));
     }
     let mut out = std::io::stdout();
+    let clustered_of: Vec<rustomnic_queue::admin_cluster::Clustered> =
+        clustered.iter().map(|(cage, queues, cluster)| rustomnic_queue::admin_cluster::Clustered { cage, queues, cluster: cluster.as_ref() }).collect();
     match command {
         QueueCommand::Ls { limit, .. } => {
             for (cage, file) in &cages {
@@ -225,11 +227,21 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
             Ok(())
         }
         QueueCommand::Show { id, .. } => {
+            // A workflow id: its steps in every cage at PATH (docs/queues.md, "Workflows").
+            if rustomnic_queue::admin::show_workflow(&cages, &id, &mut out)? {
+                return Ok(());
+            }
             let mut last = format!("no call {id:?}");
             for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
                 match rustomnic_queue::admin::show(cage, file, &id, &mut out) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = e,
+                }
+            }
+            // Then the clustered queues: their calls are in JetStream.
+            for c in &clustered_of {
+                if rustomnic_queue::admin_cluster::show(*c, &id, &mut out)? {
+                    return Ok(());
                 }
             }
             Err(last)
@@ -245,9 +257,22 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
                     Err(e) => last = e,
                 }
             }
+            for c in &clustered_of {
+                if let Some(said) = rustomnic_queue::admin_cluster::retry(*c, &id, std::time::Duration::from_secs(86_400))? {
+                    println!("{said}");
+                    return Ok(());
+                }
+            }
             Err(last)
         }
         QueueCommand::Cancel { id, .. } => {
+            // A workflow id: cancelled in every cage at PATH.
+            if let Some(lines) = rustomnic_queue::admin::cancel_workflow(&cages, &id, std::time::Duration::from_secs(3 * 86_400))? {
+                for l in lines {
+                    println!("{l}");
+                }
+                return Ok(());
+            }
             // The first cage whose file knows the id answers; a record of a cancelled call is
             // kept for a queue's default de-duplication window.
             let mut last = format!("no call {id:?}");
@@ -261,12 +286,26 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
                     Err(e) => return Err(format!("cage {cage}: {e}")),
                 }
             }
+            for c in &clustered_of {
+                match rustomnic_queue::admin_cluster::cancel(*c, &id) {
+                    Ok(Some(said)) => {
+                        println!("cage {}: {said}", c.cage);
+                        return Ok(());
+                    }
+                    Ok(None) => {}
+                    // Its errors name the cage (and the queues and servers when NATS is away).
+                    Err(e) => return Err(e),
+                }
+            }
             Err(last)
         }
         QueueCommand::Purge { dead, .. } => {
             for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
                 let n = rustomnic_queue::admin::purge(file, dead, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
                 println!("cage {cage}: deleted {n} {}", if dead { "dead letters" } else { "calls" });
+            }
+            for c in &clustered_of {
+                rustomnic_queue::admin_cluster::purge(*c, dead, &mut out)?;
             }
             Ok(())
         }

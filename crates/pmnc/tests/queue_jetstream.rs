@@ -169,7 +169,7 @@ fn a_call_enqueued_in_one_process_runs_in_another_and_its_result_reads_everywher
     assert_eq!(get(b_addr, "/wait?id=x1&timeout=10").text(), "done 42 1 nil");
     assert_eq!(get(b_addr, "/state?key=sent:x1").text(), "true");
     let cancel = get(b_addr, "/cancel?id=r1").text();
-    assert_eq!(cancel, "false done call r1 of cage worker is done in a clustered queue: clustered queues cannot cancel calls yet");
+    assert_eq!(cancel, "false done call r1 of cage worker is done: a call that ended cannot be cancelled");
     // A third process reads the results from the bucket, and the effects from the state.
     let c = copy(&dir);
     let c_addr = c.addr("http");

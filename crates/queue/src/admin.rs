@@ -293,3 +293,75 @@ pub fn ls_clustered(
     }
     Ok(())
 }
+
+/// `pmnc queue show PATH ID` of a workflow id: its record, join and steps as the cage files at
+/// PATH hold them (`cages`: name and file of each). False when none of them knows the workflow.
+pub fn show_workflow(cages: &[(String, std::path::PathBuf)], id: &str, out: &mut dyn std::io::Write) -> Result<bool, String> {
+    let mut views = Vec::new();
+    for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+        let conn = open_to_read(file)?;
+        views.push((cage.clone(), crate::workflow::view(&conn, file, id)?));
+    }
+    let Some(summary) = crate::workflow::summary(id, &views, |_| None) else { return Ok(false) };
+    let w = |e: std::io::Error| e.to_string();
+    writeln!(out, "workflow:  {id}").map_err(w)?;
+    for (cage, v) in &views {
+        if let Some((kind, status, _)) = v.record.as_ref().filter(|r| !r.0.is_empty()) {
+            writeln!(out, "kind:      {kind}, started by cage {cage} (its record says {status})").map_err(w)?;
+        }
+    }
+    writeln!(out, "status:    {}", summary.status).map_err(w)?;
+    for (cage, v) in &views {
+        if let Some((size, status, error, ended)) = &v.join {
+            writeln!(
+                out,
+                "join:      held by cage {cage}: {size} members, {ended} ended, {status}{}",
+                error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            )
+            .map_err(w)?;
+        }
+    }
+    for (cage, v) in &views {
+        for (step, status, error, target, outbox) in &v.steps {
+            let place = if *outbox { format!("in the outbox of cage {cage}, to {target}") } else { format!("cage {cage}, {target}") };
+            writeln!(out, "step       {step:<32} {status:<10} {place}{}", error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()).map_err(w)?;
+        }
+    }
+    Ok(true)
+}
+
+/// `pmnc queue cancel PATH ID` of a workflow id: in every cage file at PATH, its waiting steps
+/// are cancelled, its joins too, and it is marked cancelled so that no later step is stored
+/// there (a step that arrives later is stored cancelled). None when no file knows the workflow
+/// (the id is then taken as a call's). One line per cage, saying what changed.
+pub fn cancel_workflow(cages: &[(String, std::path::PathBuf)], id: &str, keep: Duration) -> Result<Option<Vec<String>>, String> {
+    let files: Vec<&(String, std::path::PathBuf)> = cages.iter().filter(|(_, f)| f.exists()).collect();
+    let mut known = false;
+    for (_, file) in &files {
+        let conn = open_to_read(file)?;
+        known |= !crate::workflow::view(&conn, file, id)?.is_empty();
+    }
+    if !known {
+        return Ok(None);
+    }
+    let mut lines = Vec::new();
+    for (cage, file) in files {
+        let mut conn = open(file)?;
+        let fail = |e| sql_error(file, "queue cancel", e).message;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(fail)?;
+        let done = crate::workflow::cancel(&tx, file, id, store::now_ms().saturating_add(keep.as_millis() as i64))?;
+        tx.commit().map_err(fail)?;
+        let ids: Vec<&str> = done.calls.iter().map(|c| c.0.as_str()).collect();
+        lines.push(if ids.is_empty() {
+            format!("cage {cage}: workflow {id}: no step waiting here; marked cancelled (no later step is stored here)")
+        } else {
+            format!(
+                "cage {cage}: workflow {id}: {} step{} cancelled ({}); no later step is stored here (an attempt running now runs to its end, and its outcome is dropped)",
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" },
+                ids.join(", ")
+            )
+        });
+    }
+    Ok(Some(lines))
+}

@@ -486,6 +486,10 @@ async fn forward(store: Arc<Store>, seq: i64, call: store::OutboxCall, attempts:
                 expires_ms: call.expires_given.then_some(call.expires_ms),
                 max_attempts: call.max_attempts,
                 trace: call.trace.clone(),
+                cont: match call.cont.as_deref().map(decode) {
+                    Some(Ok(v)) => Some(v),
+                    _ => None,
+                },
             };
             deliver(&store, &call.cage, f).await
         }

@@ -26,6 +26,10 @@ pub struct Forwarded {
     /// The W3C traceparent of the request that made it (optional: an earlier version ignores
     /// it; a malformed one is dropped, not refused).
     pub trace: Option<String>,
+    /// The continuation of a workflow step (crate::workflow::Cont as a value: what to store
+    /// when it ends). Optional: a target of an earlier version ignores it, so the step runs
+    /// there but nothing after it is stored (docs/decisions/149).
+    pub cont: Option<Value>,
 }
 
 /// A traceparent from outside, kept only when it reads as one.
@@ -52,6 +56,9 @@ pub fn encode(f: &Forwarded) -> Value {
     }
     if let Some(t) = &f.trace {
         m.push((Value::str("trace"), Value::str(t.as_str())));
+    }
+    if let Some(c) = &f.cont {
+        m.push((Value::str("cont"), c.clone()));
     }
     Value::Map(m)
 }
@@ -102,6 +109,11 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
             n => n,
         },
         trace: checked_trace(text("trace").ok()),
+        cont: match get("cont") {
+            None | Some(Value::Nil) => None,
+            Some(v @ Value::Map(_)) => Some(v.clone()),
+            Some(other) => return Err(format!("field cont must be a map, got {}", other.type_name())),
+        },
     })
 }
 
@@ -134,6 +146,7 @@ fn decode_positional(args: Vec<Value>) -> Result<Forwarded, String> {
         created_ms: now,
         max_attempts: None,
         trace: None,
+        cont: None,
     })
 }
 
@@ -154,15 +167,20 @@ mod tests {
             expires_ms: None,
             max_attempts: None,
             trace: None,
+            cont: None,
         };
         assert_eq!(decode(vec![encode(&f)]).unwrap(), f);
         let with = Forwarded {
             expires_ms: Some(9),
             max_attempts: Some(3),
             trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            cont: Some(Value::Map(vec![(Value::str("wf"), Value::str("w1"))])),
             ..f.clone()
         };
         assert_eq!(decode(vec![encode(&with)]).unwrap(), with);
+        let Value::Map(mut odd_cont) = encode(&with) else { unreachable!() };
+        odd_cont.iter_mut().find(|(k, _)| k.as_str() == Some("cont")).unwrap().1 = Value::Int(1);
+        assert_eq!(decode(vec![Value::Map(odd_cont)]).unwrap_err(), "field cont must be a map, got integer");
         let Value::Map(mut zero) = encode(&with) else { unreachable!() };
         zero.iter_mut().find(|(k, _)| k.as_str() == Some("max_attempts")).unwrap().1 = Value::Int(0);
         assert!(decode(vec![Value::Map(zero)]).unwrap_err().contains("max_attempts must be 1"));

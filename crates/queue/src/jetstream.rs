@@ -2,10 +2,14 @@
 //! "Clustered store", docs/decisions/141): a queue's calls live in a JetStream stream of the
 //! flock shared by every copy of the cage, and every copy consumes them through one durable pull
 //! consumer. An attempt runs exactly as on the embedded store (on a worker thread, its state
-//! writes held and committed with its end, in this copy's state file); then its end goes to the
-//! cage's key-value bucket of results and the message is acked (done, dead) or nak'd with the
-//! queue's backoff. In-progress acks keep a running call from being handed to another copy;
-//! a copy that dies stops sending them, and its calls go to another copy after `ack_wait`.
+//! writes held, then committed in this copy's state file); then its end goes to the cage's
+//! key-value bucket of results and the message is acked (done, dead) or nak'd with the queue's
+//! backoff. In-progress acks keep a running call from being handed to another copy; a copy that
+//! dies stops sending them, and its calls go to another copy after `ack_wait`.
+//!
+//! A call's record in the bucket is the one place its status lives, changed only by
+//! compare-and-set, so that a cancel (from any process, or `pmnc queue cancel`) and an attempt's
+//! end cannot both win (docs/decisions/151).
 //!
 //! All NATS work runs on a runtime of its own (one thread per cage with clustered queues); the
 //! worker threads only run the calls.
@@ -19,7 +23,7 @@ use async_nats::jetstream::{self, consumer::pull, kv, stream, AckKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rustomnic_core::Value;
-use rustomnic_lua::durable::CallStatus;
+use rustomnic_lua::durable::{CallStatus, CancelAnswer};
 use rustomnic_resource_state::{decode, encode, MAX_VALUE};
 use tokio::sync::{OnceCell, Semaphore};
 
@@ -38,8 +42,14 @@ pub const MAX_HELD: i64 = 20_000;
 const RESULT_MAX: usize = 512 << 10;
 /// How long `pmnc.calls.result` waits for the bucket.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `pmnc.calls.cancel` waits for the bucket (a few reads and writes).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a pull request waits for calls before the next one.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long after PULL_EXPIRES a pull that heard nothing, not even the server's timeout, is
+/// given up: it reached no consumer leader (the consumer was being made, or its leader's server
+/// died) and would otherwise hold the copy until the client's own timeout, 5 s later.
+const PULL_GRACE: Duration = Duration::from_millis(500);
 /// How long dead letters are kept in their stream.
 const DEAD_KEPT: Duration = Duration::from_secs(30 * 86_400);
 
@@ -110,19 +120,19 @@ pub(crate) struct Cluster {
 
 /// A call as it travels in its stream.
 #[derive(Debug, PartialEq)]
-struct Message {
-    id: String,
-    module: String,
-    function: String,
+pub(crate) struct Message {
+    pub(crate) id: String,
+    pub(crate) module: String,
+    pub(crate) function: String,
     /// The arguments as one encoded array (the state codec), as the embedded store keeps them.
-    args: Vec<u8>,
-    from_cage: String,
-    created_ms: i64,
-    due_ms: i64,
-    expires_ms: i64,
-    max_attempts: Option<i64>,
+    pub(crate) args: Vec<u8>,
+    pub(crate) from_cage: String,
+    pub(crate) created_ms: i64,
+    pub(crate) due_ms: i64,
+    pub(crate) expires_ms: i64,
+    pub(crate) max_attempts: Option<i64>,
     /// The W3C traceparent of the request that made the call.
-    trace: Option<String>,
+    pub(crate) trace: Option<String>,
 }
 
 fn field<'a>(m: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
@@ -145,7 +155,7 @@ impl Message {
         }
     }
 
-    fn encode(&self) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, String> {
         let mut m = vec![
             (Value::str("id"), Value::str(self.id.as_str())),
             (Value::str("module"), Value::str(self.module.as_str())),
@@ -165,7 +175,7 @@ impl Message {
         encode(&Value::Map(m), MAX_VALUE + 4096)
     }
 
-    fn decode(bytes: &[u8]) -> Result<Message, String> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Message, String> {
         let Value::Map(m) = decode(bytes)? else { return Err("not a map".into()) };
         let text = |name: &str| field(&m, name).and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| format!("no {name}"));
         let int = |name: &str| match field(&m, name) {
@@ -227,6 +237,8 @@ pub mod fuzzing {
             keep_until_ms: 4,
             max_attempts: Some(5),
             trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            workflow: None,
+            cont: None,
         };
         let done = CallStatus { status: "done".into(), cage: "worker".into(), attempts: Some(1), value: Some(vec![Value::Int(14)]), error: None };
         let dead = CallStatus { status: "dead".into(), cage: "worker".into(), attempts: Some(3), value: None, error: Some("boom".into()) };
@@ -262,39 +274,174 @@ pub mod fuzzing {
     }
 }
 
+/// What a call's record carries beside its status (decision 151).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Extras {
+    /// Until when a done call's values are shown (its queue's result_ttl).
+    pub until: Option<i64>,
+    /// The queue that holds the call (records written before decision 151 lack it).
+    pub queue: Option<String>,
+    /// The cage that sent it, which gets its completion event too.
+    pub from: Option<String>,
+    /// The completion event of its cancel was published (by the process that cancelled it, or
+    /// by the copy that met the cancel): published once.
+    pub told: bool,
+    /// Set (Unix ms) while a copy commits the state writes of an attempt that succeeded: a
+    /// cancel then comes too late, so that a cancelled call's writes never land.
+    pub ending: Option<i64>,
+}
+
+/// A call's record as read from the bucket, with the revision every change is made against.
+#[derive(Debug, Clone)]
+pub(crate) struct Rec {
+    pub status: CallStatus,
+    pub extras: Extras,
+    pub revision: u64,
+}
+
 /// A call's record in the bucket: its status as `pmnc.calls.result` shows it, and until when a
 /// done call's values are shown (its queue's result_ttl).
 fn record(id: &str, status: &CallStatus, until_ms: Option<i64>) -> Bytes {
-    let mut v = status.to_value(id, true);
-    if let (Value::Map(m), Some(until)) = (&mut v, until_ms) {
-        m.push((Value::str("until"), Value::Int(until)));
-    }
-    match encode(&v, RESULT_MAX) {
+    record_with(id, status, &Extras { until: until_ms, ..Default::default() })
+}
+
+fn record_with(id: &str, status: &CallStatus, extras: &Extras) -> Bytes {
+    let with = |v: Value| {
+        let mut v = v;
+        if let Value::Map(m) = &mut v {
+            if let Some(until) = extras.until {
+                m.push((Value::str("until"), Value::Int(until)));
+            }
+            if let Some(q) = &extras.queue {
+                m.push((Value::str("queue"), Value::str(q.as_str())));
+            }
+            if let Some(f) = &extras.from {
+                m.push((Value::str("from"), Value::str(f.as_str())));
+            }
+            if extras.told {
+                m.push((Value::str("told"), Value::Bool(true)));
+            }
+            if let Some(at) = extras.ending {
+                m.push((Value::str("ending"), Value::Int(at)));
+            }
+        }
+        v
+    };
+    match encode(&with(status.to_value(id, true)), RESULT_MAX) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
             // Too large with its values: kept without them, saying why.
             let mut s = status.clone();
             s.value = None;
             s.error = Some(format!("its result is not kept: {e}"));
-            Bytes::from(encode(&s.to_value(id, false), RESULT_MAX).unwrap_or_default())
+            Bytes::from(encode(&with(s.to_value(id, false)), RESULT_MAX).unwrap_or_default())
         }
     }
 }
 
-fn read_record(bytes: &[u8]) -> Option<CallStatus> {
+/// A record's status and extras, as written (a done call's values kept whatever its until).
+fn read_full(bytes: &[u8]) -> Option<(CallStatus, Extras)> {
     let v = decode(bytes).ok()?;
-    let until = match &v {
-        Value::Map(m) => match field(m, "until") {
-            Some(Value::Int(n)) => Some(*n),
-            _ => None,
-        },
+    let Value::Map(m) = &v else { return None };
+    let int = |name: &str| match field(m, name) {
+        Some(Value::Int(n)) => Some(*n),
         _ => None,
     };
-    let (_, mut status) = CallStatus::from_value(&v)?;
-    if until.is_some_and(|u| u < store::now_ms()) {
+    let text = |name: &str| field(m, name).and_then(|v| v.as_str()).map(str::to_string);
+    let extras = Extras {
+        until: int("until"),
+        queue: text("queue"),
+        from: text("from"),
+        told: matches!(field(m, "told"), Some(Value::Bool(true))),
+        ending: int("ending"),
+    };
+    let (_, status) = CallStatus::from_value(&v)?;
+    Some((status, extras))
+}
+
+fn read_record(bytes: &[u8]) -> Option<CallStatus> {
+    let (mut status, extras) = read_full(bytes)?;
+    if extras.until.is_some_and(|u| u < store::now_ms()) {
         status.value = None;
     }
     Some(status)
+}
+
+/// The record of call `id`, with its revision; None when there is none (or it was deleted).
+pub(crate) async fn load(kv: &kv::Store, id: &str) -> Result<Option<Rec>, String> {
+    let entry = kv.entry(key_of(id)).await.map_err(|e| format!("call {id}: its record cannot be read: {e}"))?;
+    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else { return Ok(None) };
+    let (mut status, extras) = read_full(&entry.value).ok_or_else(|| format!("call {id}: its record cannot be read (not a record)"))?;
+    if extras.until.is_some_and(|u| u < store::now_ms()) {
+        status.value = None;
+    }
+    Ok(Some(Rec { status, extras, revision: entry.revision }))
+}
+
+/// Whether a compare-and-set write landed.
+pub(crate) enum Cas {
+    Written(u64),
+    /// The record changed since `revision` was read (or, creating, one is there already).
+    Conflict,
+}
+
+/// Writes the record of `id` if it is still at `revision` (0: only if there is none).
+pub(crate) async fn cas(kv: &kv::Store, id: &str, status: &CallStatus, extras: &Extras, revision: u64) -> Result<Cas, String> {
+    let value = record_with(id, status, extras);
+    if revision == 0 {
+        return match kv.create(key_of(id), value).await {
+            Ok(r) => Ok(Cas::Written(r)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Cas::Conflict),
+            Err(e) => Err(format!("call {id}: its record cannot be written: {e}")),
+        };
+    }
+    match kv.update(key_of(id), value, revision).await {
+        Ok(r) => Ok(Cas::Written(r)),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
+        Err(e) => Err(format!("call {id}: its record cannot be written: {e}")),
+    }
+}
+
+/// What a cancel did to a call's record.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cancelled {
+    /// Cancelled now; it was `was` (pending or failed), sent by `from`.
+    Now {
+        was: String,
+        from: Option<String>,
+    },
+    Already,
+    /// Done or dead: not changed.
+    Ended(String),
+    /// A copy is committing the state writes of an attempt that succeeded.
+    Ending,
+    /// No record of the id.
+    Unknown,
+}
+
+/// How many times a write against a record that keeps changing is tried again.
+const CAS_TRIES: usize = 20;
+
+/// Cancels call `id` of `cage` in the bucket: its record becomes `cancelled` by a
+/// compare-and-set on the revision read, read again on a conflict (decision 151). `told`: the
+/// caller publishes the completion event itself.
+pub(crate) async fn cancel_record(kv: &kv::Store, cage: &str, id: &str, told: bool) -> Result<Cancelled, String> {
+    for _ in 0..CAS_TRIES {
+        let Some(rec) = load(kv, id).await? else { return Ok(Cancelled::Unknown) };
+        match rec.status.status.as_str() {
+            "cancelled" => return Ok(Cancelled::Already),
+            "done" | "dead" => return Ok(Cancelled::Ended(rec.status.status)),
+            _ if rec.extras.ending.is_some() => return Ok(Cancelled::Ending),
+            _ => {}
+        }
+        let status =
+            CallStatus { status: "cancelled".into(), cage: cage.to_string(), attempts: rec.status.attempts, value: None, error: Some("cancelled".into()) };
+        let extras = Extras { queue: rec.extras.queue.clone(), from: rec.extras.from.clone(), told, ..Default::default() };
+        if let Cas::Written(_) = cas(kv, id, &status, &extras, rec.revision).await? {
+            return Ok(Cancelled::Now { was: rec.status.status, from: rec.extras.from });
+        }
+    }
+    Err(format!("call {id}: its record kept changing while it was being cancelled; try again"))
 }
 
 /// A one-line header value (JetStream headers are single lines).
@@ -396,7 +543,12 @@ impl Cluster {
                                 num_replicas: replicas,
                                 allow_rollup: true,
                                 deny_delete: true,
-                                allow_direct: true,
+                                // Reads from the leader only: a follower that is catching up
+                                // (a server just restarted) answers direct gets with old
+                                // records, so a copy took a done call for pending and ran it
+                                // again, and compare-and-set writes kept failing on its stale
+                                // revisions (found by bench/cluster-bed.sh).
+                                allow_direct: false,
                                 discard: stream::DiscardPolicy::New,
                                 ..Default::default()
                             })
@@ -469,8 +621,10 @@ impl Cluster {
                 .map_err(|e| format!("queue {queue} of cage {} (JetStream): the call was not acknowledged: {e}", me.cage))?;
             if !ack.duplicate {
                 // Only when nothing is there: an attempt that already ended wrote its end first.
+                // The consumer makes it too when it meets the call first (decision 151).
                 let pending = CallStatus { status: "pending".into(), cage: me.cage.clone(), attempts: Some(0), value: None, error: None };
-                let _ = ready.kv.create(key_of(&call.id), record(&call.id, &pending, None)).await;
+                let extras = Extras { queue: Some(queue.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
+                let _ = cas(&ready.kv, &call.id, &pending, &extras, 0).await;
             }
             Ok(())
         })
@@ -492,12 +646,68 @@ impl Cluster {
         let got = rx.recv_timeout(READ_TIMEOUT + Duration::from_millis(100)).unwrap_or_else(|_| Err(format!("no answer within {READ_TIMEOUT:?}")));
         let bytes = got.map_err(|e| format!("call {id}: the results of cage {} in JetStream cannot be read: {e}", self.cage))?;
         let Some(bytes) = bytes else { return Ok(None) };
-        let mut status = read_record(&bytes).ok_or_else(|| format!("call {id}: its record in JetStream cannot be read"))?;
+        let (mut status, extras) = read_full(&bytes).ok_or_else(|| format!("call {id}: its record in JetStream cannot be read"))?;
+        if extras.until.is_some_and(|u| u < store::now_ms()) {
+            status.value = None;
+        }
         let here = self.running.lock().map(|r| r.contains(id)).unwrap_or(false);
-        if here && (status.status == "pending" || status.status == "failed") {
+        if (here || extras.ending.is_some()) && (status.status == "pending" || status.status == "failed") {
             status.status = "running".into();
         }
         Ok(Some(status))
+    }
+
+    /// `pmnc.calls.cancel(id)` on a clustered queue of this cage: the record becomes
+    /// `cancelled` (compare-and-set), and the completion event is published here at once.
+    /// None when the bucket has no record of the id.
+    pub(crate) async fn cancel(self: Arc<Self>, id: String) -> Result<Option<CancelAnswer>, String> {
+        let me = self.clone();
+        let read_id = id.clone();
+        let done = self
+            .on_runtime(async move {
+                let work = async {
+                    let ready = me.ready().await?;
+                    cancel_record(&ready.kv, &me.cage, &read_id, true).await
+                };
+                tokio::time::timeout(CANCEL_TIMEOUT, work)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("call {read_id}: JetStream did not answer within {CANCEL_TIMEOUT:?}")))
+            })
+            .await?
+            .map_err(|e| format!("cage {}: {e}", self.cage))?;
+        let cage = &self.cage;
+        Ok(Some(match done {
+            Cancelled::Now { was, from } => {
+                let status = CallStatus { status: "cancelled".into(), cage: cage.clone(), attempts: None, value: None, error: Some("cancelled".into()) };
+                publish_end([cage, from.as_deref().unwrap_or(cage)], &id, &status);
+                let here = self.running.lock().map(|r| r.contains(&id)).unwrap_or(false);
+                if here {
+                    let message = format!(
+                        "call {id} of cage {cage} cancelled while an attempt runs: that attempt runs to its end, its outcome is dropped and it is not retried"
+                    );
+                    CancelAnswer { cancelled: true, status: Some("running".into()), message }
+                } else {
+                    let message = format!(
+                        "call {id} of cage {cage} cancelled (it was {was}); it will not run again (an attempt running now on another copy runs to its end, and its outcome is dropped)"
+                    );
+                    CancelAnswer { cancelled: true, status: Some(was), message }
+                }
+            }
+            Cancelled::Already => {
+                CancelAnswer { cancelled: false, status: Some("cancelled".into()), message: format!("call {id} of cage {cage} was already cancelled") }
+            }
+            Cancelled::Ended(st) => {
+                CancelAnswer { message: format!("call {id} of cage {cage} is {st}: a call that ended cannot be cancelled"), cancelled: false, status: Some(st) }
+            }
+            Cancelled::Ending => CancelAnswer {
+                message: format!(
+                    "call {id} of cage {cage} is ending now (an attempt succeeded and its state writes are being committed): too late to cancel it"
+                ),
+                cancelled: false,
+                status: Some("running".into()),
+            },
+            Cancelled::Unknown => return Ok(None),
+        }))
     }
 
     /// The latest figures of queue `queue` from its stream and consumer (read every
@@ -619,7 +829,8 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
             }
         };
         let mut first = Some(first);
-        while let Some(m) = batch.next().await {
+        let give_up = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
+        while let Ok(Some(m)) = tokio::time::timeout_at(give_up, batch.next()).await {
             let m = match m {
                 Ok(m) => m,
                 Err(e) => {
@@ -675,10 +886,41 @@ async fn with_progress<T>(m: &jetstream::Message, ack_wait: Duration, work: impl
     }
 }
 
-/// One delivery of a call: skipped when the bucket says it ended (a copy died between writing
-/// its end and its ack), held back until due, moved to dead letters when expired, else run.
+/// The record of `call`, made `pending` when there is none yet: a call is published before
+/// its record is written (the enqueuing process writes it after JetStream's ack, and may have
+/// died in between), so the first copy to meet it may be first (decision 151).
+async fn opened(kv: &kv::Store, cage: &str, call: &Message, extras: &Extras) -> Result<Rec, String> {
+    for _ in 0..CAS_TRIES {
+        if let Some(rec) = load(kv, &call.id).await? {
+            return Ok(rec);
+        }
+        let pending = CallStatus { status: "pending".into(), cage: cage.to_string(), attempts: Some(0), value: None, error: None };
+        if let Cas::Written(revision) = cas(kv, &call.id, &pending, extras, 0).await? {
+            return Ok(Rec { status: pending, extras: extras.clone(), revision });
+        }
+    }
+    Err(format!("call {}: its record kept changing", call.id))
+}
+
+/// A call whose record says it ended: acked without running. A cancel whose event nobody
+/// published yet (`pmnc queue cancel`) is told now, once.
+async fn over(cluster: &Cluster, store: &Store, m: &jetstream::Message, call: &Message, rec: &Rec) {
+    if rec.status.status == "cancelled" && !rec.extras.told {
+        if let Ok(ready) = cluster.ready().await {
+            let extras = Extras { told: true, ..rec.extras.clone() };
+            if let Ok(Cas::Written(_)) = cas(&ready.kv, &call.id, &rec.status, &extras, rec.revision).await {
+                publish_end([&store.cage, &call.from_cage], &call.id, &rec.status);
+            }
+        }
+    }
+    let _ = m.ack().await;
+}
+
+/// One delivery of a call: skipped when the bucket says it ended (done, dead, or cancelled),
+/// held back until due, moved to dead letters when expired, else run.
 async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spawn: &Spawner, m: jetstream::Message) {
     let delivery = m.info().map(|i| i.delivered).unwrap_or(1);
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
     let call = match Message::decode(&m.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -691,9 +933,9 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
         }
     };
     let Ok(ready) = cluster.ready().await else { return };
-    let key = key_of(&call.id);
-    let known = match ready.kv.get(key.clone()).await {
-        Ok(b) => b.and_then(|b| read_record(&b)),
+    let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
+    let mut rec = match opened(&ready.kv, &store.cage, &call, &extras).await {
+        Ok(r) => r,
         Err(e) => {
             // Without the bucket the call cannot be known to be new: it comes again.
             let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -703,12 +945,20 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             return;
         }
     };
-    if known.as_ref().is_some_and(|k| k.is_final()) {
-        let _ = m.ack().await;
-        return;
-    }
-    let mut attempts = known.and_then(|k| k.attempts).unwrap_or(0);
+    let mut attempts = rec.status.attempts.unwrap_or(0);
+    let mut first = true;
     loop {
+        if !first {
+            // Held in place (keep_order) meanwhile: it may have been cancelled.
+            if let Ok(Some(r)) = load(&ready.kv, &call.id).await {
+                rec = r;
+            }
+        }
+        first = false;
+        if rec.status.is_final() {
+            over(cluster, store, &m, &call, &rec).await;
+            return;
+        }
         let now = store::now_ms();
         if call.due_ms > now {
             let wait = Duration::from_millis((call.due_ms - now) as u64);
@@ -728,7 +978,7 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
                 value: None,
                 error: Some("expired before it could run".into()),
             };
-            end(cluster, store, q, &m, &call, status, None, true).await;
+            died(cluster, store, q, &m, &call, &mut rec, status, seq, "it expired").await;
             return;
         }
         let row = Due {
@@ -757,15 +1007,12 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             }));
         }
         let ran = with_progress(&m, q.ack_wait, rx).await.unwrap_or_else(|_| Err(Ran::Unrecorded("the worker thread stopped".into())));
-        if let Ok(mut r) = cluster.running.lock() {
-            r.remove(&call.id);
-        }
         attempts += 1;
-        match ran {
-            Ok((values, until)) => {
+        let ended = match ran {
+            Ok((values, writes, until)) => {
                 let status = CallStatus { status: "done".into(), cage: store.cage.clone(), attempts: Some(attempts), value: Some(values), error: None };
-                end(cluster, store, q, &m, &call, status, Some(until), false).await;
-                return;
+                succeeded(cluster, store, q, &m, &call, &mut rec, status, writes, until).await;
+                true
             }
             Err(Ran::Failed(failure)) => {
                 // Jitter from the clock and the call: copies need no shared generator.
@@ -776,37 +1023,55 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
                             tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "attempt {attempts} failed and the call is not tried again; moved to dead letters: {}{note}", failure.logged);
                         }
                         let status = CallStatus { status: "dead".into(), cage: store.cage.clone(), attempts: Some(attempts), value: None, error: Some(error) };
-                        end(cluster, store, q, &m, &call, status, None, true).await;
-                        return;
+                        died(cluster, store, q, &m, &call, &mut rec, status, seq, &format!("it failed: {}", failure.stored)).await;
+                        true
                     }
                     Outcome::Retry { error, due_ms } => {
                         let wait = Duration::from_millis((due_ms - store::now_ms()).max(0) as u64);
-                        if let Some(note) = store.log.allow(&format!("attempt:{}", q.name)) {
-                            tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "attempt {attempts} failed, retrying in {} ms: {}{note}", wait.as_millis(), failure.logged);
-                        }
                         let status =
                             CallStatus { status: "failed".into(), cage: store.cage.clone(), attempts: Some(attempts), value: None, error: Some(error) };
-                        let _ = ready.kv.put(key.clone(), record(&call.id, &status, None)).await;
-                        if q.keep_order {
-                            with_progress(&m, q.ack_wait, tokio::time::sleep(wait)).await;
-                            continue;
+                        match settle(cluster, store, &m, &call, &mut rec, status, extras.clone(), &format!("it failed: {}", failure.stored)).await {
+                            Ok(false) => true,
+                            written => {
+                                if let Err(e) = written {
+                                    if let Some(note) = store.log.allow("cluster-kv") {
+                                        tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's failed attempt to JetStream ({e}){note}");
+                                    }
+                                }
+                                if let Some(note) = store.log.allow(&format!("attempt:{}", q.name)) {
+                                    tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "attempt {attempts} failed, retrying in {} ms: {}{note}", wait.as_millis(), failure.logged);
+                                }
+                                if q.keep_order {
+                                    if let Ok(mut r) = cluster.running.lock() {
+                                        r.remove(&call.id);
+                                    }
+                                    with_progress(&m, q.ack_wait, tokio::time::sleep(wait)).await;
+                                    continue;
+                                }
+                                let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+                                true
+                            }
                         }
-                        let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
-                        return;
                     }
-                    Outcome::Done { .. } => return,
+                    Outcome::Done { .. } => true,
                 }
             }
             Err(Ran::Unrecorded(e)) => {
-                // The attempt's end could not be written here (full disk): it counts as failed
-                // and the call comes again after the backoff, on whichever copy takes it.
+                // The attempt's end could not be taken here (its worker stopped): it counts as
+                // failed and the call comes again after the backoff, on whichever copy takes it.
                 let wait = q.backoff.wait(attempts.clamp(1, u32::MAX as i64) as u32, 0.5);
                 if let Some(note) = store.log.allow("record") {
                     tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "queue: cannot record the end of attempt {attempts} ({e}); the call runs again in {} ms{note}", wait.as_millis());
                 }
                 let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
-                return;
+                true
             }
+        };
+        if let Ok(mut r) = cluster.running.lock() {
+            r.remove(&call.id);
+        }
+        if ended {
+            return;
         }
     }
 }
@@ -814,15 +1079,15 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
 /// How an attempt on a worker thread failed.
 enum Ran {
     Failed(crate::dispatch::Failure),
-    /// Its end could not be written to this copy's file.
+    /// Its end could not be taken (the worker thread stopped).
     Unrecorded(String),
 }
 
-/// Returned, with its state writes committed: (values, until when they are shown); or why not.
-type RanResult = Result<(Vec<Value>, i64), Ran>;
+/// Returned: (values, its held state writes, until when the values are shown); or why not.
+type RanResult = Result<(Vec<Value>, Vec<rustomnic_resource_state::store::Write>, i64), Ran>;
 
-/// One attempt, on a worker thread: the call runs as on the embedded store, and its state
-/// writes commit in this copy's file before the call's end is written anywhere else.
+/// One attempt, on a worker thread: the call runs as on the embedded store, its state writes
+/// held; they are committed by [`succeeded`] only once the record allows it.
 async fn run(store: Arc<Store>, q: QueueConfig, row: Due, delivery: i64) -> RanResult {
     match crate::dispatch::run_call(&store, &q, &row, Some(delivery)).await {
         Ok((values, writes)) => {
@@ -830,52 +1095,181 @@ async fn run(store: Arc<Store>, q: QueueConfig, row: Due, delivery: i64) -> RanR
                 let stored = format!("{}.{}.{} returned a value that cannot be kept", store.cage, row.module, row.function);
                 return Err(Ran::Failed(crate::dispatch::Failure { logged: stored.clone(), stored, permanent: false }));
             }
-            if !writes.is_empty() {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                store.send(Op::Writes { writes, reply: tx }).map_err(Ran::Unrecorded)?;
-                rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())).map_err(Ran::Unrecorded)?;
-            }
-            Ok((values, store::now_ms() + q.result_ttl.as_millis() as i64))
+            Ok((values, writes, store::now_ms() + q.result_ttl.as_millis() as i64))
         }
         Err(f) => Err(Ran::Failed(f)),
     }
 }
 
-/// Ends call `call`: its dead letter first (when `dead`), then its record in the bucket, then
-/// the ack, then the news to waiters. A copy that dies between the record and the ack leaves
-/// the call to be delivered again, and the next copy finds it ended and only acks it.
+/// Writes `status` over the record `rec` was read as (compare-and-set). On a conflict the
+/// record is read again: when the call was cancelled meanwhile, the cancel stands (`note`,
+/// what became of this attempt, is added to its error), its event is told if nobody did, the
+/// message is acked, and Ok(false) says that the end was dropped; the same when it ended
+/// otherwise or its record is gone (purged). Ok(true): written, `rec` is the new record.
 #[allow(clippy::too_many_arguments)]
-async fn end(
-    cluster: &Arc<Cluster>,
-    store: &Arc<Store>,
+async fn settle(
+    cluster: &Cluster,
+    store: &Store,
+    m: &jetstream::Message,
+    call: &Message,
+    rec: &mut Rec,
+    status: CallStatus,
+    extras: Extras,
+    note: &str,
+) -> Result<bool, String> {
+    let ready = cluster.ready().await?;
+    for _ in 0..CAS_TRIES {
+        if let Cas::Written(revision) = cas(&ready.kv, &call.id, &status, &extras, rec.revision).await? {
+            *rec = Rec { status, extras, revision };
+            return Ok(true);
+        }
+        let Some(fresh) = load(&ready.kv, &call.id).await? else {
+            let _ = m.ack().await;
+            return Ok(false);
+        };
+        if fresh.status.status == "cancelled" {
+            let noted = fresh.status.error.as_deref() != Some("cancelled");
+            let attempt = status.attempts.unwrap_or(0);
+            let mut cancelled = fresh.status.clone();
+            if !noted {
+                cancelled.error = Some(format!("cancelled while attempt {attempt} ran; {note}"));
+                cancelled.attempts = status.attempts;
+            }
+            let told = Extras { told: true, ..fresh.extras.clone() };
+            if noted && fresh.extras.told {
+                let _ = m.ack().await;
+                return Ok(false);
+            }
+            if let Cas::Written(_) = cas(&ready.kv, &call.id, &cancelled, &told, fresh.revision).await? {
+                if !fresh.extras.told {
+                    publish_end([&store.cage, &call.from_cage], &call.id, &cancelled);
+                }
+                let _ = m.ack().await;
+                return Ok(false);
+            }
+            continue;
+        }
+        if fresh.status.is_final() {
+            // Ended by another copy (one cut from NATS longer than ack_wait ran it too).
+            let _ = m.ack().await;
+            return Ok(false);
+        }
+        *rec = fresh;
+    }
+    Err(format!("call {}: its record kept changing", call.id))
+}
+
+/// An attempt that succeeded: with no state writes, its record becomes `done`. With some, the
+/// record is first marked `ending` (from then on a cancel is too late), then the writes commit
+/// in this copy's file, then the record becomes `done`: a cancel that came first leaves the
+/// writes uncommitted. Then the ack and the news.
+#[allow(clippy::too_many_arguments)]
+async fn succeeded(
+    cluster: &Cluster,
+    store: &Store,
     q: &QueueConfig,
     m: &jetstream::Message,
     call: &Message,
+    rec: &mut Rec,
     status: CallStatus,
-    until: Option<i64>,
-    dead: bool,
+    writes: Vec<rustomnic_resource_state::store::Write>,
+    until: i64,
 ) {
-    let Ok(ready) = cluster.ready().await else { return };
-    if dead {
-        if let Err(e) = dead_letter(cluster, q, m, Some(&call.id), status.error.as_deref().unwrap_or("")).await {
+    let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
+    let dropped = "it succeeded; its result and state writes were dropped";
+    let unwritten = |e: String| {
+        if let Some(note) = store.log.allow("cluster-kv") {
+            tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
+        }
+    };
+    if !writes.is_empty() {
+        let ending = Extras { ending: Some(store::now_ms()), ..extras.clone() };
+        // Counting this attempt already, so that a cancel met here notes it.
+        let marked = CallStatus { attempts: status.attempts, ..rec.status.clone() };
+        match settle(cluster, store, m, call, rec, marked, ending, dropped).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return unwritten(e),
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let committed = match store.send(Op::Writes { writes, reply: tx }) {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            // Not done: the mark goes, and the call comes again after the backoff.
+            let attempts = status.attempts.unwrap_or(1);
+            let wait = q.backoff.wait(attempts.clamp(1, u32::MAX as i64) as u32, 0.5);
+            if let Some(note) = store.log.allow("record") {
+                tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "queue: cannot commit the state writes of attempt {attempts} ({e}); the call runs again in {} ms{note}", wait.as_millis());
+            }
+            let _ = settle(cluster, store, m, call, rec, rec.status.clone(), extras, "its state writes could not be committed").await;
+            let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+    }
+    match settle(cluster, store, m, call, rec, status.clone(), Extras { until: Some(until), ..extras }, dropped).await {
+        Ok(true) => {
+            let _ = m.ack().await;
+            publish_end([&store.cage, &call.from_cage], &call.id, &status);
+        }
+        Ok(false) => {}
+        Err(e) => unwritten(e),
+    }
+}
+
+/// A call that is not tried again: its dead letter first, then its record `dead`, then the
+/// ack and the news. A copy that dies between the record and the ack leaves the call to be
+/// delivered again, and the next copy finds it ended and only acks it. When a cancel came
+/// first, the dead letter is taken back and the call stays cancelled.
+#[allow(clippy::too_many_arguments)]
+async fn died(
+    cluster: &Cluster,
+    store: &Store,
+    q: &QueueConfig,
+    m: &jetstream::Message,
+    call: &Message,
+    rec: &mut Rec,
+    status: CallStatus,
+    seq: u64,
+    note: &str,
+) {
+    // One dead letter per message of the queue's stream: a retried call that dies again gets
+    // a new one, a redelivery of the same message does not.
+    let dead_id = format!("{}@{seq}", call.id);
+    let letter = match dead_letter(cluster, q, m, Some(&dead_id), status.error.as_deref().unwrap_or("")).await {
+        Ok(s) => s,
+        Err(e) => {
             // Not acked: it comes again after ack_wait and ends then.
             if let Some(note) = store.log.allow("cluster-dead") {
                 tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot store the dead letter ({e}); trying again after ack_wait{note}");
             }
             return;
         }
-    }
-    if let Err(e) = ready.kv.put(key_of(&call.id), record(&call.id, &status, until)).await {
-        if let Some(note) = store.log.allow("cluster-kv") {
-            tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
+    };
+    let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
+    match settle(cluster, store, m, call, rec, status.clone(), extras, note).await {
+        Ok(true) => {
+            let _ = m.ack().await;
+            publish_end([&store.cage, &call.from_cage], &call.id, &status);
         }
-        return;
+        Ok(false) => {
+            if let Ok(ready) = cluster.ready().await {
+                if let Ok(s) = ready.js.get_stream(dead_stream_name(&cluster.flock, &cluster.cage, &q.name)).await {
+                    let _ = s.delete_message(letter).await;
+                }
+            }
+        }
+        Err(e) => {
+            if let Some(note) = store.log.allow("cluster-kv") {
+                tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
+            }
+        }
     }
-    let _ = m.ack().await;
-    publish_end([&store.cage, &call.from_cage], &call.id, &status);
 }
 
-async fn dead_letter(cluster: &Cluster, q: &QueueConfig, m: &jetstream::Message, id: Option<&str>, error: &str) -> Result<(), String> {
+/// Stores `m` in the queue's dead letters with `error`; returns its sequence there.
+async fn dead_letter(cluster: &Cluster, q: &QueueConfig, m: &jetstream::Message, id: Option<&str>, error: &str) -> Result<u64, String> {
     let ready = cluster.ready().await?;
     let mut publish = jetstream::message::PublishMessage::build().payload(m.payload.clone()).header("Pmnc-Error", header_text(error).as_str());
     if let Some(id) = id {
@@ -888,7 +1282,7 @@ async fn dead_letter(cluster: &Cluster, q: &QueueConfig, m: &jetstream::Message,
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())
-        .map(|_| ())
+        .map(|ack| ack.sequence)
 }
 
 #[cfg(test)]
@@ -922,6 +1316,16 @@ mod tests {
         assert_eq!(key_of("a.b"), "h.612e62");
         assert_eq!(key_of("a b"), "h.612062");
         assert_ne!(key_of("h.612062"), key_of("a b"));
+    }
+
+    #[test]
+    fn a_records_extras_read_back_and_records_without_them_still_read() {
+        let pending = CallStatus { status: "pending".into(), cage: "w".into(), attempts: Some(2), value: None, error: None };
+        let extras = Extras { until: None, queue: Some("jobs".into()), from: Some("web".into()), told: true, ending: Some(42) };
+        let (status, back) = read_full(&record_with("c", &pending, &extras)).unwrap();
+        assert_eq!((status, back), (pending.clone(), extras));
+        let (_, none) = read_full(&record("c", &pending, None)).unwrap();
+        assert_eq!(none, Extras::default());
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! See docs/queues.md for the guarantees and docs/decisions/030-*.md and 034-039 for the design.
 
 pub mod admin;
+pub mod admin_cluster;
 pub mod config;
 mod dispatch;
 mod forward;
 pub mod jetstream;
 mod log;
 pub mod store;
+mod workflow;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -230,6 +232,8 @@ fn outgoing_call(call: DurableCall, queue_expiry: Option<Duration>) -> Result<st
         expires_given: given,
         max_attempts: call.options.max_attempts,
         trace: call.options.trace,
+        workflow: None,
+        cont: None,
     })
 }
 
@@ -381,6 +385,13 @@ impl Store {
         if let Some(why) = self.refusing() {
             return Err(format!("calling {target}: queue {} of cage {} accepts no new calls: {why}", q.name, self.cage));
         }
+        self.call_row(call, q)
+    }
+
+    /// The row of a call to queue `q` of this cage (a workflow's next step is made by the
+    /// writer itself, which does not ask whether the file takes new calls).
+    fn call_row(&self, call: DurableCall, q: &QueueConfig) -> Result<store::NewCall, String> {
+        let target = call.target();
         let now = store::now_ms();
         let o = &call.options;
         let due = due_of(o, now);
@@ -399,12 +410,17 @@ impl Store {
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
             max_attempts: o.max_attempts,
             trace: o.trace.clone(),
+            workflow: None,
+            cont: None,
         })
     }
 
     /// Stores a call another cage's outbox forwarded, with its sender, creation time and (when
     /// the call has none of its own) this queue's expiry counted from its creation.
     async fn accept(self: Arc<Self>, from_cage: &str, f: forward::Forwarded) -> Result<String, CallError> {
+        if f.module == ACCEPT_MODULE && f.function == workflow::JOIN_FUNCTION {
+            return self.accept_part(f).await;
+        }
         let target = format!("{}.{}.{}", self.cage, f.module, f.function);
         let refused = |e: String| CallError::Refused(format!("calling {target}: {e}"));
         check_function(&f.module, &f.function).map_err(refused)?;
@@ -419,6 +435,18 @@ impl Store {
         let created = f.created_ms.min(now);
         let expires = f.expires_ms.unwrap_or_else(|| f.due_ms.max(created).saturating_add(q.expires_in.as_millis() as i64));
         let args = encode(&Value::Array(f.args), MAX_VALUE).map_err(|e| refused(format!("the arguments: {e}")))?;
+        // A workflow step keeps its continuation (an earlier version of the sender sends none:
+        // the step then runs alone).
+        let (workflow, cont) = match &f.cont {
+            Some(v) => {
+                let c = workflow::Cont::from_value(v).map_err(|e| refused(format!("its workflow continuation: {e}")))?;
+                if self.clustered(&q.name) {
+                    return Err(refused(workflow::clustered(&self.cage, &q.name)));
+                }
+                (Some(c.wf.clone()), Some(c.encode().map_err(refused)?))
+            }
+            None => (None, None),
+        };
         let row = store::NewCall {
             id: f.id,
             queue: q.name.clone(),
@@ -432,6 +460,8 @@ impl Store {
             keep_until_ms: now.saturating_add(q.dedup_window.as_millis() as i64),
             max_attempts: f.max_attempts,
             trace: f.trace,
+            workflow,
+            cont,
         };
         let id = row.id.clone();
         if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
@@ -444,6 +474,19 @@ impl Store {
             Ok(Ok(_)) => Ok(id),
             Ok(Err(e)) => Err(CallError::Failed(format!("calling {target}: {e}"))),
             Err(_) => Err(CallError::Failed(format!("calling {target}: the queue writer of cage {} stopped", self.cage))),
+        }
+    }
+
+    /// Applies a part of a join this cage holds, forwarded by the cage that ran the member
+    /// (`_queue.join`); applied once by (join, index), so a second forward changes nothing.
+    async fn accept_part(self: Arc<Self>, f: forward::Forwarded) -> Result<String, CallError> {
+        let part = workflow::Part::from_args(f.args).map_err(|e| CallError::Refused(format!("cage {}: a part of a join cannot be read: {e}", self.cage)))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(writer::Op::JoinPart { part, reply: tx }).map_err(CallError::Failed)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(f.id),
+            Ok(Err(e)) => Err(CallError::Failed(format!("cage {}: a part of a join: {e}", self.cage))),
+            Err(_) => Err(CallError::Failed(format!("the queue writer of cage {} stopped", self.cage))),
         }
     }
 
@@ -488,15 +531,9 @@ impl Store {
         .await
         .unwrap_or_else(|e| Err(format!("the read failed: {e}")))?;
         let Some(rec) = found else {
+            // A clustered queue's call: its record in the bucket (decision 151).
             let Some(cluster) = self.cluster.get().cloned() else { return Ok(None) };
-            let read_id = id.clone();
-            let known = tokio::task::spawn_blocking(move || cluster.status(&read_id)).await.unwrap_or_else(|e| Err(format!("the read failed: {e}")))?;
-            // Not offered on the clustered store yet (docs/queues.md, "Clustered store").
-            return Ok(known.map(|st| CancelAnswer {
-                cancelled: false,
-                message: format!("call {id} of cage {} is {} in a clustered queue: clustered queues cannot cancel calls yet", self.cage, st.status),
-                status: Some(st.status),
-            }));
+            return cluster.cancel(id).await;
         };
         let window = self.queues.get(&rec.queue).map_or(DEFAULT_DEDUP_MS, |q| q.dedup_window.as_millis() as i64);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -537,6 +574,21 @@ impl Store {
             store::find(&conn, &self.path, id)?
         };
         let Some(rec) = rec else {
+            // A group or chord this cage started: its join (a chord that ended is its body).
+            let join = {
+                let conn = self.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+                workflow::join_status(&conn, self, id)?
+            };
+            if let Some((status, chord_done)) = join {
+                if chord_done {
+                    let body = format!("{id}.body");
+                    return Ok(Some(match Service.result(None, &body)? {
+                        Some(b) => CallStatus { error: b.error.map(|e| format!("its body {body}: {e}")), ..b },
+                        None => CallStatus { status: "pending".into(), value: None, ..status },
+                    }));
+                }
+                return Ok(Some(status));
+            }
             return match self.cluster.get() {
                 Some(cluster) => cluster.status(id),
                 None => Ok(None),
@@ -658,6 +710,36 @@ pub fn file_sizes(cage: &str) -> Option<(u64, u64)> {
 struct Service;
 
 impl Calls for Service {
+    fn check(&self, call: &DurableCall) -> Result<(), String> {
+        workflow::check_step(call)
+    }
+
+    fn workflow(&self, workflow: durable::Workflow) -> LocalBoxFuture<'static, Result<String, String>> {
+        Box::pin(workflow::start(workflow))
+    }
+
+    fn cancel_workflow(&self, id: &str) -> LocalBoxFuture<'static, Result<CancelAnswer, String>> {
+        Box::pin(workflow::cancel_here(id.to_string()))
+    }
+
+    fn workflow_status(&self, id: &str) -> Result<Option<durable::WorkflowStatus>, String> {
+        let mut views = Vec::new();
+        for s in all_stores() {
+            let mut v = {
+                let conn = s.reader.lock().map_err(|_| "queue: reader lock poisoned".to_string())?;
+                workflow::view(&conn, &s.path, id)?
+            };
+            // A step running now reads as such, as in pmnc.calls.result.
+            for step in v.steps.iter_mut().filter(|st| !st.4 && (st.1 == "pending" || st.1 == "failed")) {
+                if s.status(&step.0)?.is_some_and(|c| c.status == "running") {
+                    step.1 = "running".into();
+                }
+            }
+            views.push((s.cage.clone(), v));
+        }
+        Ok(workflow::summary(id, &views, seen_end))
+    }
+
     fn commit_with_calls(&self, from_cage: &str, calls: Vec<DurableCall>, finish: Finish) -> LocalBoxFuture<'static, Result<Vec<String>, CommitFailure>> {
         let sender = store_of(from_cage);
         Box::pin(async move {
@@ -1093,6 +1175,8 @@ mod tests {
             expires_given: true,
             max_attempts: None,
             trace: None,
+            workflow: None,
+            cont: None,
         }
     }
 

@@ -36,13 +36,21 @@ pub struct NewCall {
     pub max_attempts: Option<i64>,
     /// The W3C traceparent of the request that made the call.
     pub trace: Option<String>,
+    /// The workflow the call is a step of.
+    pub workflow: Option<String>,
+    /// Its continuation, encoded (crate::workflow::Cont): what is stored when it ends.
+    pub cont: Option<Vec<u8>>,
 }
 
-/// Inserts a call unless its id is known; true when inserted.
+/// Inserts a call unless its id is known; true when inserted. A step of a workflow cancelled
+/// in this file is stored cancelled: it never runs.
 pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts, trace)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts, trace, workflow, cont, finished_ms, error)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN w.id IS NULL THEN 'pending' ELSE 'cancelled' END, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+                CASE WHEN w.id IS NULL THEN NULL ELSE ?7 END, CASE WHEN w.id IS NULL THEN NULL ELSE 'cancelled with its workflow' END
+         FROM (SELECT 1) LEFT JOIN queue_workflows w ON w.id = ?13 AND w.status = 'cancelled'
+         WHERE true ON CONFLICT (id) DO NOTHING",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -57,7 +65,9 @@ pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String>
             c.expires_ms,
             c.keep_until_ms,
             c.max_attempts,
-            c.trace
+            c.trace,
+            c.workflow,
+            c.cont
         ])
     })
     .map(|n| n == 1)
@@ -85,16 +95,35 @@ pub struct OutboxCall {
     pub max_attempts: Option<i64>,
     /// The W3C traceparent of the request that made the call, carried to the target.
     pub trace: Option<String>,
+    /// The workflow the call is a step of, carried to the target.
+    pub workflow: Option<String>,
+    /// Its continuation, encoded, carried to the target.
+    pub cont: Option<Vec<u8>>,
 }
 
 /// Stores an outbox call unless its id is known; true when stored.
 pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<bool, String> {
     tx.prepare_cached(
-        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given, max_attempts, trace)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms, expires_given, max_attempts, trace, workflow, cont)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT (id) DO NOTHING",
     )
     .and_then(|mut s| {
-        s.execute(params![c.id, c.cage, c.queue, c.module, c.function, c.args, c.created_ms, c.due_ms, c.expires_ms, c.expires_given, c.max_attempts, c.trace])
+        s.execute(params![
+            c.id,
+            c.cage,
+            c.queue,
+            c.module,
+            c.function,
+            c.args,
+            c.created_ms,
+            c.due_ms,
+            c.expires_ms,
+            c.expires_given,
+            c.max_attempts,
+            c.trace,
+            c.workflow,
+            c.cont
+        ])
     })
     .map(|n| n == 1)
     .map_err(|e| fail(path, "queue: cannot store an outgoing call", e))
@@ -104,7 +133,7 @@ pub fn outbox_insert(tx: &Connection, path: &Path, c: &OutboxCall) -> Result<boo
 pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Result<Vec<(i64, OutboxCall, i64)>, String> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts, max_attempts, trace FROM queue_outbox
+            "SELECT seq, id, cage, queue, module, function, args, created_ms, due_ms, expires_ms, expires_given, attempts, max_attempts, trace, workflow, cont FROM queue_outbox
              INDEXED BY queue_outbox_next WHERE status = 'pending' AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
         )
         .map_err(|e| fail(path, "queue: cannot read the outbox", e))?;
@@ -125,6 +154,8 @@ pub fn outbox_due(conn: &Connection, path: &Path, now: i64, limit: usize) -> Res
                     expires_given: r.get(10)?,
                     max_attempts: r.get(12)?,
                     trace: r.get(13)?,
+                    workflow: r.get(14)?,
+                    cont: r.get(15)?,
                 },
                 r.get(11)?,
             ))
@@ -350,6 +381,10 @@ pub fn prune(tx: &Connection, path: &Path, now: i64, limit: usize) -> Result<usi
         "DELETE FROM queue_calls WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_cancelled WHERE status = 'cancelled' AND keep_until_ms < ?1 LIMIT ?2)",
         "UPDATE queue_calls SET result = NULL, result_until_ms = NULL WHERE seq IN (SELECT seq FROM queue_calls INDEXED BY queue_calls_results WHERE result_until_ms IS NOT NULL AND result_until_ms < ?1 LIMIT ?2)",
         "DELETE FROM queue_outbox WHERE seq IN (SELECT seq FROM queue_outbox INDEXED BY queue_outbox_kept WHERE status = 'forwarded' AND keep_until_ms < ?1 LIMIT ?2)",
+        // Workflows: their records past their time, and joins that ended, with their parts.
+        "DELETE FROM queue_workflows WHERE id IN (SELECT id FROM queue_workflows WHERE keep_until_ms < ?1 LIMIT ?2)",
+        "DELETE FROM queue_join_parts WHERE join_id IN (SELECT id FROM queue_joins WHERE status <> 'pending' AND keep_until_ms < ?1 LIMIT ?2)",
+        "DELETE FROM queue_joins WHERE id IN (SELECT id FROM queue_joins WHERE status <> 'pending' AND keep_until_ms < ?1 LIMIT ?2)",
     ] {
         changed = changed.max(tx.prepare_cached(sql).and_then(|mut s| s.execute(params![now, limit as i64])).map_err(|e| fail(path, "queue: cannot prune", e))?);
     }
@@ -555,6 +590,8 @@ mod tests {
             keep_until_ms: 10,
             max_attempts: None,
             trace: None,
+            workflow: None,
+            cont: None,
         }
     }
 
@@ -666,10 +703,33 @@ mod tests {
             expires_given: true,
             max_attempts: Some(7),
             trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            workflow: Some("wf".into()),
+            cont: Some(vec![1, 0]),
         };
         outbox_insert(&c, &path, &out).unwrap();
         let rows = outbox_due(&c, &path, 5, 10).unwrap();
         assert_eq!(rows[0].1, out);
+    }
+
+    /// A step of a workflow cancelled in this file (it arrived after the cancel, from an outbox)
+    /// is stored cancelled and never handed out; a step of another workflow, or no workflow's
+    /// call, is stored pending.
+    #[test]
+    fn a_step_of_a_cancelled_workflow_is_stored_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let c = open(&path, std::time::Duration::from_secs(5)).unwrap();
+        c.execute("INSERT INTO queue_workflows (id, kind, status, created_ms, keep_until_ms) VALUES ('w', '', 'cancelled', 1, 2)", []).unwrap();
+        assert!(insert(&c, &path, &NewCall { workflow: Some("w".into()), ..call("w.2", 1) }).unwrap());
+        assert!(insert(&c, &path, &NewCall { workflow: Some("v".into()), ..call("v.2", 1) }).unwrap());
+        assert!(insert(&c, &path, &call("plain", 1)).unwrap());
+        let w = find(&c, &path, "w.2").unwrap().unwrap();
+        assert_eq!((w.status.as_str(), w.error.as_deref(), w.finished_ms.is_some()), ("cancelled", Some("cancelled with its workflow"), true));
+        assert_eq!(find(&c, &path, "v.2").unwrap().unwrap().status, "pending");
+        assert_eq!(find(&c, &path, "plain").unwrap().unwrap().status, "pending");
+        let waiting: Vec<i64> = waiting(&c, &path, "q", false, 10).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(waiting.len(), 2);
+        assert!(!insert(&c, &path, &NewCall { workflow: Some("w".into()), ..call("w.2", 1) }).unwrap(), "de-duplicated as any id");
     }
 
     /// Pruning deletes in batches, so that a backlog of done calls never goes in one commit.

@@ -12,7 +12,7 @@ use rustomnic_resource_state::store::{apply_in, sql_error, Write};
 use tokio::sync::oneshot;
 
 use crate::store::{self, NewCall, OutboxCall, OutboxEnd, Outcome};
-use crate::Store;
+use crate::{workflow, Store};
 
 /// The most operations committed together.
 const MAX_BATCH: usize = 8192;
@@ -54,6 +54,22 @@ pub(crate) enum Op {
         writes: Vec<Write>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A workflow's record, join and first steps (workflow.rs).
+    Workflow {
+        start: workflow::Start,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Cancels a workflow's waiting steps and joins in this file, and marks it cancelled here.
+    CancelWorkflow {
+        id: String,
+        keep_until_ms: i64,
+        reply: oneshot::Sender<Result<workflow::Cancelled, String>>,
+    },
+    /// A member's end, for a join this cage holds (forwarded by the cage that ran it).
+    JoinPart {
+        part: workflow::Part,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 impl Op {
@@ -61,6 +77,7 @@ impl Op {
     fn touches_outbox(&self) -> bool {
         match self {
             Op::Outbox { outgoing, .. } => !outgoing.is_empty(),
+            Op::Workflow { start, .. } => !start.outgoing.is_empty(),
             Op::OutboxEnd(..) => true,
             _ => false,
         }
@@ -93,6 +110,11 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
         #[cfg(test)]
         crate::run_hook(&store.hooks.before_commit);
         let result = commit(&store, &mut conn, &batch, prune);
+        let mut after = workflow::After::default();
+        let result = result.map(|(answers, pruned, a)| {
+            after = a;
+            (answers, pruned)
+        });
         match &result {
             Ok((_, pruned)) => {
                 if prune {
@@ -127,11 +149,25 @@ pub(crate) fn run(store: Arc<Store>, mut conn: Connection, rx: Receiver<Op>) {
                         _ => store::Cancel::Unknown,
                     }));
                 }
-                Op::Expire(_, reply) | Op::Outbox { reply, .. } | Op::OutboxEnd(_, _, reply) | Op::Writes { reply, .. } => {
+                Op::Expire(_, reply)
+                | Op::Outbox { reply, .. }
+                | Op::OutboxEnd(_, _, reply)
+                | Op::Writes { reply, .. }
+                | Op::Workflow { reply, .. }
+                | Op::JoinPart { reply, .. } => {
                     let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                }
+                Op::CancelWorkflow { reply, .. } => {
+                    let _ = reply.send(answer(&result).map(|a| match a {
+                        Answer::Workflow(c) => c,
+                        _ => workflow::Cancelled::default(),
+                    }));
                 }
             }
         }
+        // Ends of groups and chords that this commit decided, once on disk.
+        after.publish();
+        let outbox = outbox || after.outbox;
         trim.after_commit(&store, &conn);
         // After the commit, never before: a dispatcher pass that read the outbox before this
         // commit sees the count move and reads it again (docs/decisions/034).
@@ -150,12 +186,18 @@ enum Answer {
     Yes,
     No,
     Cancel(store::Cancel),
+    Workflow(workflow::Cancelled),
 }
 
 /// Commits `batch`; for each operation its [`Answer`] (enqueues of a known id insert nothing),
 /// and how many rows a prune changed when it ran.
-fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<(Vec<Answer>, Option<usize>), String> {
+/// What a workflow step's end, or a join part, stores comes in the same transaction (`after`
+/// says what to do once it is on disk).
+type Committed = (Vec<Answer>, Option<usize>, workflow::After);
+
+fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Result<Committed, String> {
     let path = &store.path;
+    let mut after = workflow::After::default();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(path, "queue: cannot start a write", e).message)?;
     let mut inserted = Vec::with_capacity(batch.len());
     for op in batch {
@@ -171,12 +213,17 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
                 } else {
                     apply_in(&tx, path, writes).map_err(|e| e.message)?;
                     store::complete(&tx, path, *seq, outcome)?;
+                    if !matches!(outcome, Outcome::Retry { .. }) {
+                        // A workflow's next step, in the same commit as this step's end.
+                        workflow::after_call_end(&tx, store, *seq, &mut after)?;
+                    }
                     inserted.push(Answer::No);
                 }
             }
             Op::Cancel { id, keep_until_ms, .. } => inserted.push(Answer::Cancel(store::cancel(&tx, path, id, *keep_until_ms)?)),
             Op::Expire(seq, _) => {
                 store::expire(&tx, path, *seq)?;
+                workflow::after_call_end(&tx, store, *seq, &mut after)?;
                 inserted.push(Answer::No);
             }
             Op::Outbox { writes, direct, outgoing, .. } => {
@@ -191,6 +238,18 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
             }
             Op::OutboxEnd(seq, end, _) => {
                 store::outbox_end(&tx, path, *seq, end)?;
+                if let OutboxEnd::Dead { error } = end {
+                    workflow::after_outbox_dead(&tx, store, *seq, error, &mut after)?;
+                }
+                inserted.push(Answer::No);
+            }
+            Op::Workflow { start, .. } => {
+                workflow::write_start(&tx, store, start)?;
+                inserted.push(Answer::No);
+            }
+            Op::CancelWorkflow { id, keep_until_ms, .. } => inserted.push(Answer::Workflow(workflow::cancel(&tx, path, id, *keep_until_ms)?)),
+            Op::JoinPart { part, .. } => {
+                workflow::apply_part(&tx, store, part, &mut after)?;
                 inserted.push(Answer::No);
             }
             Op::Writes { writes, .. } => {
@@ -201,5 +260,5 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
     }
     let pruned = if prune { Some(store::prune(&tx, path, store::now_ms(), PRUNE_BATCH)?) } else { None };
     tx.commit().map_err(|e| sql_error(path, "queue: cannot commit", e).message)?;
-    Ok((inserted, pruned))
+    Ok((inserted, pruned, after))
 }

@@ -58,6 +58,7 @@ pub(crate) fn register(lua: &Lua, cage: &str) -> mlua::Result<Table> {
     calls::register(lua, &t)?;
     parallel::register(lua, &t)?;
     crate::durable::register(lua, &t)?;
+    crate::workflow::register(lua, &t)?;
     crate::events_lua::register(lua, &t)?;
     crate::strings::register(lua, &t)?;
     sandbox::register(lua, &t)?;

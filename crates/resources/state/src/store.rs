@@ -96,6 +96,48 @@ const MIGRATIONS: &[&str] = &[
     // request that made it, in the queue and in the outbox, so every attempt joins that trace.
     "ALTER TABLE queue_calls ADD COLUMN trace TEXT;
     ALTER TABLE queue_outbox ADD COLUMN trace TEXT;",
+    // 5 -> 6 (workflows, docs/decisions/149): a call that is a step of a workflow names it
+    // (`workflow`) and carries its continuation (`cont`: the rest of the chain, the on_error
+    // step, the join it reports to), in the queue and in the outbox, so that the next step is
+    // stored in the same commit as the end of this one. `queue_workflows`: the workflows this
+    // cage made, and the ones cancelled here (no later step is stored once cancelled).
+    // `queue_joins` and `queue_join_parts`: the groups and chords this cage made, one part per
+    // member that ended, written once by (join, index).
+    "ALTER TABLE queue_calls ADD COLUMN workflow TEXT;
+    ALTER TABLE queue_calls ADD COLUMN cont BLOB;
+    ALTER TABLE queue_outbox ADD COLUMN workflow TEXT;
+    ALTER TABLE queue_outbox ADD COLUMN cont BLOB;
+    CREATE INDEX queue_calls_workflow ON queue_calls (workflow) WHERE workflow IS NOT NULL;
+    CREATE INDEX queue_outbox_workflow ON queue_outbox (workflow) WHERE workflow IS NOT NULL;
+    CREATE TABLE queue_workflows (
+        id TEXT PRIMARY KEY NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        last_step TEXT,
+        created_ms INTEGER NOT NULL,
+        keep_until_ms INTEGER NOT NULL
+    );
+    CREATE TABLE queue_joins (
+        id TEXT PRIMARY KEY NOT NULL,
+        workflow TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        body BLOB,
+        result BLOB,
+        error TEXT,
+        created_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        keep_until_ms INTEGER NOT NULL
+    );
+    CREATE TABLE queue_join_parts (
+        join_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        member TEXT NOT NULL,
+        status TEXT NOT NULL,
+        value BLOB,
+        error TEXT,
+        PRIMARY KEY (join_id, idx)
+    );",
 ];
 
 /// The schema version this build writes and reads.
@@ -279,6 +321,49 @@ pub fn apply(conn: &mut Connection, path: &Path, writes: &[Write]) -> Result<(),
 #[cfg(test)]
 mod migration_tests {
     use super::*;
+
+    /// A file of version 5 (before workflows) opens at the current version with its calls and
+    /// outbox rows, which are no workflow's steps; the workflow tables are there and empty.
+    #[test]
+    fn a_version_5_file_is_upgraded_for_workflows_and_keeps_its_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..5] {
+                c.execute_batch(step).unwrap();
+            }
+            c.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+            c.pragma_update(None, "user_version", 5).unwrap();
+            c.execute(
+                "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, trace) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4, 't')",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms) VALUES ('out', 'w', 'q', 'm', 'f', x'00', 1, 1, 1, 9)",
+                [],
+            )
+            .unwrap();
+        }
+        let c = open(&path, Duration::from_secs(5)).unwrap();
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION as i64);
+        const { assert!(SCHEMA_VERSION >= 6) };
+        let (status, trace, wf, cont): (String, String, Option<String>, Option<Vec<u8>>) = c
+            .query_row("SELECT status, trace, workflow, cont FROM queue_calls WHERE id = 'old'", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap();
+        assert_eq!((status.as_str(), trace.as_str(), wf, cont), ("pending", "t", None, None));
+        let (wf, cont): (Option<String>, Option<Vec<u8>>) =
+            c.query_row("SELECT workflow, cont FROM queue_outbox WHERE id = 'out'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((wf, cont), (None, None));
+        for table in ["queue_workflows", "queue_joins", "queue_join_parts"] {
+            let n: i64 = c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap();
+            assert_eq!(n, 0, "{table}");
+        }
+        let index: i64 = c.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'queue_calls_workflow'", [], |r| r.get(0)).unwrap();
+        assert_eq!(index, 1);
+    }
 
     /// A file written by the build before version 4 (its calls and outbox rows without
     /// max_attempts) opens, is brought to the current version in place, and keeps its rows.

@@ -359,6 +359,35 @@ function pmnc.calls.cancel(id, cage) end
 ---@param message string
 function pmnc.calls.fail_permanently(message) end
 
+---Workflows of durable calls: chains, groups and chords (docs/lua-api.md#pmncworkflowchain).
+pmnc.workflow = {}
+---A durable call described, not stored: index it with a module and a function, then call it.
+---@param cage string
+---@param options table queue (required), delay, at, expires_in, expires_at, max_attempts
+---@return table
+function pmnc.workflow.step(cage, options) end
+---@param steps userdata[]
+---@param options? {id?: string, on_error?: userdata}
+---@return string id
+function pmnc.workflow.chain(steps, options) end
+---@param steps userdata[]
+---@param options? {id?: string}
+---@return string id
+function pmnc.workflow.group(steps, options) end
+---@param steps userdata[]
+---@param body userdata
+---@param options? {id?: string, on_error?: userdata}
+---@return string id
+function pmnc.workflow.chord(steps, body, options) end
+---@param id string
+---@return boolean cancelled
+---@return string? status
+---@return string message
+function pmnc.workflow.cancel(id) end
+---@param id string
+---@return {id: string, status: string, steps: {id: string, status: string, error?: string}[]}?
+function pmnc.workflow.status(id) end
+
 pmnc.events = {}
 ---@param topic string
 ---@param value any
