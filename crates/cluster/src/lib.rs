@@ -115,6 +115,14 @@ pub fn joined() -> Option<Joined> {
     JOINED.get().cloned()
 }
 
+static ROSTER: std::sync::OnceLock<Arc<Roster>> = std::sync::OnceLock::new();
+
+/// The roster of the flock this process joined, if it did: the clustered queues count their
+/// live copies in it (rate_limit, docs/decisions/153) and the monitor shows them.
+pub fn roster() -> Option<Arc<Roster>> {
+    ROSTER.get().cloned()
+}
+
 /// A process's membership of the flock.
 pub struct Cluster {
     pub config: ClusterConfig,
@@ -163,6 +171,7 @@ impl Cluster {
         );
         let _ = self.presence.set(conn.clone());
         let _ = JOINED.set(Joined { config: self.config.clone(), instance: self.identity.instance.clone() });
+        let _ = ROSTER.set(self.roster.clone());
         tokio::spawn(presence::run(conn, self.identity.clone(), self.roster.clone(), describe, self.config.heartbeat, shutdown));
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! them readably.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +29,52 @@ pub const MAX_HEARTBEAT: usize = 64 << 10;
 /// What this process says about itself in each heartbeat besides its identity: its cages and
 /// interfaces. Filled by the runtime.
 pub type Describe = Arc<dyn Fn() -> Json + Send + Sync>;
+
+/// The clustered queues this process consumes, by (cage, queue), with the count of their calls
+/// running here now: announced in every heartbeat as `queues_running` (a few bytes a queue), so
+/// that every copy knows how many copies share a queue's `rate_limit` (docs/decisions/153) and
+/// the monitor and `pmnc queue ls` show each copy's running calls.
+static CONSUMED: Mutex<BTreeMap<(String, String), Arc<AtomicUsize>>> = Mutex::new(BTreeMap::new());
+
+/// Says in this process's heartbeats that it consumes clustered queue `queue` of `cage`; the
+/// counter returned is its calls running here (the consumer adds and takes away).
+pub fn consume_queue(cage: &str, queue: &str) -> Arc<AtomicUsize> {
+    let mut all = CONSUMED.lock().unwrap_or_else(|p| p.into_inner());
+    all.entry((cage.to_string(), queue.to_string())).or_default().clone()
+}
+
+/// Stops announcing queue `queue` of `cage` (its consumer stopped).
+pub fn stop_consuming(cage: &str, queue: &str) {
+    CONSUMED.lock().unwrap_or_else(|p| p.into_inner()).remove(&(cage.to_string(), queue.to_string()));
+}
+
+/// `{"cage": {"queue": running}}` of the queues this process consumes; None when it has none.
+fn queues_running() -> Option<Json> {
+    let all = CONSUMED.lock().unwrap_or_else(|p| p.into_inner());
+    if all.is_empty() {
+        return None;
+    }
+    let mut by_cage = serde_json::Map::new();
+    for ((cage, queue), running) in all.iter() {
+        let entry = by_cage.entry(cage.clone()).or_insert_with(|| json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(queue.clone(), json!(running.load(Ordering::Relaxed)));
+        }
+    }
+    Some(Json::Object(by_cage))
+}
+
+/// One copy of a cage consuming a clustered queue, as the roster knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueCopy {
+    pub instance: String,
+    pub host: String,
+    pub pid: u64,
+    /// Calls of the queue running on it, as of its last heartbeat.
+    pub running: u64,
+    /// Heard within its last MISSED_BEATS heartbeat intervals, and not leaving.
+    pub up: bool,
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -126,6 +172,30 @@ impl Roster {
         found
     }
 
+    /// The copies that announce consuming clustered queue `queue` of `cage` (up or down, until
+    /// forgotten), sorted by instance.
+    pub fn queue_copies(&self, cage: &str, queue: &str) -> Vec<QueueCopy> {
+        let now = Instant::now();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .filter_map(|(id, e)| {
+                let running = e.beat.get("queues_running")?.get(cage)?.get(queue)?.as_u64()?;
+                let up = e.down.is_none() && now.duration_since(e.last_seen) <= e.interval * MISSED_BEATS;
+                let host = e.beat.get("host").and_then(Json::as_str).unwrap_or_default().to_string();
+                let pid = e.beat.get("pid").and_then(Json::as_u64).unwrap_or(0);
+                Some(QueueCopy { instance: id.clone(), host, pid, running, up })
+            })
+            .collect()
+    }
+
+    /// How many copies consume clustered queue `queue` of `cage` now: those whose heartbeat
+    /// says so and came within MISSED_BEATS intervals. At least 1 (this process, before its
+    /// first heartbeat is heard).
+    pub fn live_copies(&self, cage: &str, queue: &str) -> usize {
+        self.queue_copies(cage, queue).iter().filter(|c| c.up).count().max(1)
+    }
+
     /// Every known instance: its last heartbeat plus `state` ("up", "down"), `down_reason` and
     /// `last_seen_ms` (milliseconds since its last heartbeat).
     pub fn snapshot(&self) -> Vec<Json> {
@@ -177,6 +247,9 @@ pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, l
     });
     if let (Some(o), Json::Object(more)) = (beat.as_object_mut(), describe()) {
         o.extend(more);
+    }
+    if let (Some(o), Some(running)) = (beat.as_object_mut(), queues_running()) {
+        o.insert("queues_running".into(), running);
     }
     beat
 }
@@ -366,6 +439,40 @@ mod tests {
         let snap = roster.snapshot();
         assert_eq!(state("a", &snap).as_deref(), Some("down"));
         assert_eq!(snap.iter().find(|j| j["instance"] == "a").unwrap()["down_reason"], "silent");
+    }
+
+    #[test]
+    fn copies_of_a_clustered_queue_are_counted_from_their_heartbeats() {
+        let roster = Roster::default();
+        let beat = |id: &str, running: u64, state: &str| {
+            json!({"instance": id, "host": "h", "pid": 7, "heartbeat_ms": 100, "state": state,
+                   "queues_running": {"worker": {"jobs": running}}})
+        };
+        roster.heard(beat("a", 2, "up"));
+        roster.heard(beat("b", 0, "up"));
+        roster.heard(json!({"instance": "c", "heartbeat_ms": 100, "state": "up", "cages": [{"name": "worker"}]}));
+        assert_eq!(roster.live_copies("worker", "jobs"), 2, "c does not consume the queue");
+        let copies = roster.queue_copies("worker", "jobs");
+        assert_eq!(copies.iter().map(|c| (c.instance.as_str(), c.running, c.up)).collect::<Vec<_>>(), [("a", 2, true), ("b", 0, true)]);
+        assert!(roster.queue_copies("worker", "other").is_empty());
+        // b falls silent past its timeout; a leaves: neither counts, and at least 1 is left.
+        roster.entries.lock().unwrap().get_mut("b").unwrap().last_seen -= Duration::from_millis(400);
+        roster.heard(beat("a", 0, "leaving"));
+        assert_eq!(roster.queue_copies("worker", "jobs").iter().filter(|c| c.up).count(), 0);
+        assert_eq!(roster.live_copies("worker", "jobs"), 1);
+    }
+
+    #[test]
+    fn a_heartbeat_announces_the_queues_consumed_and_their_running_calls() {
+        let identity = Identity::new("f", "0.1.0");
+        let describe: Describe = Arc::new(|| json!({}));
+        let running = consume_queue("hb-test", "jobs");
+        running.store(3, Ordering::Relaxed);
+        let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
+        assert_eq!(beat["queues_running"]["hb-test"]["jobs"], 3, "{beat}");
+        stop_consuming("hb-test", "jobs");
+        let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
+        assert!(beat.pointer("/queues_running/hb-test").is_none(), "{beat}");
     }
 
     #[test]

@@ -126,6 +126,24 @@ function showStatus(st) {
       el("td", {}, Math.round(i.uptime_seconds) + " s"), el("td", { class: i.up ? "up" : "down" }, i.up ? "up" : "down"),
       el("td", {}, i.load), el("td", {}, i.monitor_url ? el("a", { href: i.monitor_url }, "page") : ""))));
   }
+  // Clustered queues: the stream's figures once per queue, then a row per copy of the flock.
+  const cq = st.clustered_queues || [];
+  document.getElementById("clustered-section").hidden = cq.length === 0;
+  document.querySelector("#clustered tbody").replaceChildren(...cq.flatMap((q) => {
+    const copies = q.copies.length ? q.copies : [null];
+    return copies.map((c, i) => el("tr", { "data-queue": `${q.cage}/${q.queue}`, "data-copy": c ? c.instance : "" },
+      el("td", {}, i === 0 ? q.cage : ""), el("td", {}, i === 0 ? q.queue : ""),
+      el("td", { class: "waiting" }, i === 0 ? q.waiting : ""), el("td", { class: "held" }, i === 0 ? q.held : ""),
+      el("td", {}, i === 0 && q.oldest_age_seconds != null ? q.oldest_age_seconds + " s" : ""),
+      el("td", {}, i === 0 ? q.redelivered : ""), el("td", {}, i === 0 ? q.dead : ""),
+      el("td", {}, c ? c.instance + (c.this ? " (this)" : "") : ""), el("td", {}, c ? c.host : ""), el("td", {}, c ? c.pid : ""),
+      el("td", { class: c && c.up ? "up" : "down" }, c ? (c.up ? "up" : "down") : ""), el("td", { class: "running" }, c ? c.running : "")));
+  }));
+  const wf = st.workflows || [];
+  document.getElementById("workflows-section").hidden = wf.length === 0;
+  document.querySelector("#workflows tbody").replaceChildren(...wf.map((w) => el("tr", { "data-workflow": w.id },
+    el("td", {}, ago(w.started)), el("td", {}, w.cage), el("td", {}, w.id), el("td", {}, w.kind),
+    el("td", { class: w.status }, w.status), el("td", {}, w.steps_total != null ? `${w.steps_done} / ${w.steps_total}` : w.steps_done))));
   document.querySelector("#alerts tbody").replaceChildren(...st.alerts.map((a) => el("tr", {},
     el("td", {}, a.name), el("td", {}, a.kind), el("td", {}, a.cage || "any"), el("td", {}, a.threshold),
     el("td", { class: a.active ? "firing" : "" }, a.active ? "holding since " + ago(a.since) : "clear"), el("td", {}, a.fired), el("td", {}, a.target))));

@@ -1,6 +1,6 @@
 //! The monitor of a Rustomnic process: one page with live graphs of every cage of the process,
 //! `/metrics` for Prometheus, `/status` as JSON, `/healthz` and `/readyz` (health.rs), the cluster
-//! view and alert rules. It runs on a
+//! view, the clustered queues and workflows (queues.rs) and alert rules. It runs on a
 //! thread of its own (never on a worker thread): a sampler every second, the alert rules after
 //! each sample, and the pages (axum).
 
@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod prometheus;
+mod queues;
 pub mod series;
 mod server;
 /// Entry points for the fuzz targets (`fuzz/`); not an API.
@@ -156,6 +157,7 @@ fn run(
         // its rates are over a whole second.
         tick.tick().await;
         let mut last = Instant::now();
+        let mut queues_read: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -172,6 +174,10 @@ fn run(
                 lock(&shared.alerts).evaluate(now, now_unix, &inputs)
             };
             last = now;
+            if queues_read.is_none_or(|t| now.duration_since(t) >= queues::EVERY) {
+                queues_read = Some(now);
+                queues::refresh();
+            }
             for (rule, alert) in fired {
                 let target = format!("{}.{}.{}", rule.target.0, rule.target.1, rule.target.2);
                 tracing::warn!(cage = %rule.owner, "alert {} fired: {} (sending it to {target})", rule.name, alert.message);

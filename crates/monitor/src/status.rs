@@ -101,6 +101,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
         .map(|e| json!({"time": e.time, "kind": e.kind.as_str(), "cage": e.cage, "subject": e.subject, "message": e.message, "request_id": e.request_id}))
         .collect();
     let cluster = cluster::instances().map(|all| all.iter().map(|i| i.to_json()).collect::<Vec<_>>());
+    let (clustered_queues, workflows, _) = crate::queues::view();
     json!({
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -112,6 +113,8 @@ pub(crate) fn status(shared: &Shared) -> Value {
         "events": events,
         "alerts": lock(&shared.alerts).to_json(),
         "cluster": cluster,
+        "clustered_queues": clustered_queues,
+        "workflows": workflows,
     })
 }
 

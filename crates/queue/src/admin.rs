@@ -272,26 +272,57 @@ pub fn ls_clustered(
                 .unwrap_or_else(|_| Err("no answer within 5s".into()));
             lines.push((q.name.clone(), f));
         }
-        Ok::<_, String>(lines)
+        // The copies consuming each queue, with their running calls, from their heartbeats as
+        // every process's roster holds them (as `pmnc cluster status` asks).
+        let instances = rustomnic_cluster::presence::ask(&conn, &config.flock, Duration::from_secs(1)).await.unwrap_or_default();
+        Ok::<_, String>((lines, instances))
     });
     match read {
-        Ok(lines) => {
+        Ok((lines, instances)) => {
             for (queue, f) in lines {
                 let stream = crate::jetstream::stream_name(&config.flock, cage, &queue);
                 match f {
                     Ok(f) => writeln!(
                         out,
-                        "queue {queue} (clustered, stream {stream}): {} waiting, {} held (running, or waiting for a retry or their time), {} redelivered, {} dead letters",
-                        f.waiting, f.held, f.redelivered, f.dead
+                        "queue {queue} (clustered, stream {stream}): {} waiting, {} held (running, or waiting for a retry or their time), {} redelivered, {} dead letters{}",
+                        f.waiting,
+                        f.held,
+                        f.redelivered,
+                        f.dead,
+                        f.oldest_age.map(|a| format!(", oldest {a:.1} s")).unwrap_or_default()
                     )
                     .map_err(w)?,
                     Err(e) => writeln!(out, "queue {queue} (clustered, stream {stream}): no figures: {e}").map_err(w)?,
+                }
+                for line in copy_lines(&instances, cage, &queue) {
+                    writeln!(out, "  {line}").map_err(w)?;
                 }
             }
         }
         Err(e) => writeln!(out, "clustered queues of cage {cage}: no figures: {e}").map_err(w)?,
     }
     Ok(())
+}
+
+/// A line per copy of `cage` consuming clustered queue `queue` (its instance, host, pid, state
+/// and calls running now), from the flock's answers to a status request.
+fn copy_lines(instances: &[serde_json::Value], cage: &str, queue: &str) -> Vec<String> {
+    // What other processes said, shown and never obeyed by the terminal.
+    let shown = |s: &str| s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect::<String>();
+    let mut lines: Vec<String> = instances
+        .iter()
+        .filter_map(|i| {
+            let running = i.get("queues_running")?.get(cage)?.get(queue)?.as_u64()?;
+            let text = |k: &str| shown(i.get(k).and_then(|v| v.as_str()).unwrap_or("?"));
+            let pid = i.get("pid").and_then(|p| p.as_u64()).unwrap_or(0);
+            Some(format!("copy {} ({} pid {pid}, {}): {running} running", text("instance"), text("host"), text("state")))
+        })
+        .collect();
+    lines.sort();
+    if lines.is_empty() {
+        lines.push(format!("no copy of cage {cage} answered as consuming it (none running, or they run a version that does not say)"));
+    }
+    lines
 }
 
 /// `pmnc queue show PATH ID` of a workflow id: its record, join and steps as the cage files at

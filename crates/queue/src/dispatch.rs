@@ -30,23 +30,11 @@ const POLL: Duration = Duration::from_millis(500);
 pub(crate) struct Rate {
     tokens: f64,
     at: Instant,
-    per_second: u32,
 }
 
 impl Rate {
     pub(crate) fn new(per_second: u32) -> Rate {
-        Rate { tokens: per_second as f64, at: Instant::now(), per_second }
-    }
-
-    /// Takes up to `want` starts now: (how many, how long until the next one when none).
-    pub(crate) fn take(&mut self, want: usize) -> (usize, Duration) {
-        let rate = self.per_second.max(1) as f64;
-        self.tokens = (self.tokens + self.at.elapsed().as_secs_f64() * rate).min(rate);
-        self.at = Instant::now();
-        let n = (self.tokens.floor() as usize).min(want);
-        self.tokens -= n as f64;
-        let wait = if n == 0 { Duration::from_secs_f64(((1.0 - self.tokens) / rate).max(0.001)) } else { Duration::ZERO };
-        (n, wait)
+        Rate { tokens: per_second as f64, at: Instant::now() }
     }
 }
 
@@ -456,6 +444,11 @@ fn forward_outbox(store: &Arc<Store>, conn: &Connection, now: i64, spawn: &Spawn
 /// Hands a forwarded call to its target: straight to its queue when it runs in this process,
 /// else through the cluster to `_queue.accept` of a process that runs it.
 async fn deliver(store: &Store, cage: &str, f: Forwarded) -> Result<(), CallError> {
+    if f.module == ACCEPT_MODULE && f.function == crate::workflow::JOIN_FUNCTION && !f.queue.is_empty() {
+        // A part of a join whose file is named: to the process that holds that file.
+        let holder = f.queue.clone();
+        return crate::holder::deliver(cage, &holder, f).await;
+    }
     if let Some(target) = store_of(cage) {
         return target.accept(&store.cage, f).await.map(|_| ());
     }

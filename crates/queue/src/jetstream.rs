@@ -30,7 +30,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use crate::config::{QueueConfig, StoreKind};
 use crate::store::{self, Due, NewCall, Outcome};
 use crate::writer::Op;
-use crate::{publish_end, Spawner, Store};
+use crate::{publish_end, workflow, Spawner, Store};
 
 /// The durable consumer every copy of the cage shares, on each queue's stream.
 pub const CONSUMER: &str = "pmnc";
@@ -133,6 +133,11 @@ pub(crate) struct Message {
     pub(crate) max_attempts: Option<i64>,
     /// The W3C traceparent of the request that made the call.
     pub(crate) trace: Option<String>,
+    /// The workflow of a step (decision 152): optional fields, ignored by a copy of an earlier
+    /// version, where the step runs and nothing after it is stored.
+    pub(crate) workflow: Option<String>,
+    /// The step's continuation, encoded as the state file keeps it (crate::workflow::Cont).
+    pub(crate) cont: Option<Vec<u8>>,
 }
 
 fn field<'a>(m: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
@@ -152,6 +157,8 @@ impl Message {
             expires_ms: call.expires_ms,
             max_attempts: call.max_attempts,
             trace: call.trace.clone(),
+            workflow: call.workflow.clone(),
+            cont: call.cont.clone(),
         }
     }
 
@@ -172,7 +179,12 @@ impl Message {
         if let Some(t) = &self.trace {
             m.push((Value::str("trace"), Value::str(t.as_str())));
         }
-        encode(&Value::Map(m), MAX_VALUE + 4096)
+        if let (Some(w), Some(c)) = (&self.workflow, &self.cont) {
+            m.push((Value::str("workflow"), Value::str(w.as_str())));
+            m.push((Value::str("cont"), Value::Str(c.clone())));
+        }
+        // A continuation carries the rest of its chain: room for it beside the arguments.
+        encode(&Value::Map(m), 2 * MAX_VALUE + 4096)
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Message, String> {
@@ -181,6 +193,10 @@ impl Message {
         let int = |name: &str| match field(&m, name) {
             Some(Value::Int(n)) => Ok(*n),
             _ => Err(format!("no {name}")),
+        };
+        let step = match (text("workflow"), field(&m, "cont")) {
+            (Ok(w), Some(Value::Str(c))) => Some((w, c.clone())),
+            _ => None,
         };
         Ok(Message {
             id: text("id")?,
@@ -196,6 +212,9 @@ impl Message {
             expires_ms: int("expires")?,
             max_attempts: int("max_attempts").ok(),
             trace: crate::forward::checked_trace(text("trace").ok()),
+            // Both or neither: a step without its continuation runs alone.
+            workflow: step.as_ref().map(|(w, _)| w.clone()),
+            cont: step.map(|(_, c)| c),
         })
     }
 }
@@ -242,8 +261,10 @@ pub mod fuzzing {
         };
         let done = CallStatus { status: "done".into(), cage: "worker".into(), attempts: Some(1), value: Some(vec![Value::Int(14)]), error: None };
         let dead = CallStatus { status: "dead".into(), cage: "worker".into(), attempts: Some(3), value: None, error: Some("boom".into()) };
+        let step = Message { workflow: Some("w".into()), cont: Some(vec![1, 2, 3]), ..Message::of(&call) };
         vec![
             ("message", Message::of(&call).encode().unwrap_or_default()),
+            ("message-step", step.encode().unwrap_or_default()),
             ("record-done", record("c1", &done, Some(i64::MAX)).to_vec()),
             ("record-dead", record("c2", &dead, None).to_vec()),
         ]
@@ -256,7 +277,7 @@ pub mod fuzzing {
         #[test]
         fn the_seeds_read_back() {
             for (name, bytes) in seeds() {
-                let ok = if name == "message" { message_roundtrip(&bytes) } else { record_roundtrip(&bytes) };
+                let ok = if name.starts_with("message") { message_roundtrip(&bytes) } else { record_roundtrip(&bytes) };
                 assert_eq!(ok, Some(true), "{name}");
             }
         }
@@ -444,6 +465,25 @@ pub(crate) async fn cancel_record(kv: &kv::Store, cage: &str, id: &str, told: bo
     Err(format!("call {id}: its record kept changing while it was being cancelled; try again"))
 }
 
+/// Cancels the records of a workflow's steps `ids` of cage `cage` in its bucket `kv`, each by
+/// [`cancel_record`]; a step with no record yet (not stored yet: the step before it still
+/// runs) gets a `cancelled` record now, written only if none is there, so that the copy meeting
+/// it later acks it without running (decision 152).
+pub(crate) async fn cancel_steps_in(kv: &kv::Store, cage: &str, ids: Vec<String>) -> Result<Vec<(String, Cancelled)>, String> {
+    let mut out = Vec::new();
+    for id in ids {
+        let mut done = cancel_record(kv, cage, &id, true).await?;
+        if done == Cancelled::Unknown {
+            let status = CallStatus { status: "cancelled".into(), cage: cage.to_string(), attempts: Some(0), value: None, error: Some("cancelled".into()) };
+            if let Cas::Conflict = cas(kv, &id, &status, &Extras::default(), 0).await? {
+                done = cancel_record(kv, cage, &id, true).await?;
+            }
+        }
+        out.push((id, done));
+    }
+    Ok(out)
+}
+
 /// A one-line header value (JetStream headers are single lines).
 fn header_text(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1000).collect()
@@ -543,12 +583,13 @@ impl Cluster {
                                 num_replicas: replicas,
                                 allow_rollup: true,
                                 deny_delete: true,
-                                // Reads from the leader only: a follower that is catching up
-                                // (a server just restarted) answers direct gets with old
-                                // records, so a copy took a done call for pending and ran it
-                                // again, and compare-and-set writes kept failing on its stale
-                                // revisions (found by bench/cluster-bed.sh).
-                                allow_direct: false,
+                                // Any replica answers reads. A follower catching up (a server
+                                // just restarted) can answer with an old record: the bed
+                                // (bench/cluster-bed.sh) saw compare-and-set writes fail on its
+                                // stale revisions and such calls run again. Reads from the
+                                // leader only (false) stalled enqueues and calls for over 30 s
+                                // after a server was killed, which is worse.
+                                allow_direct: true,
                                 discard: stream::DiscardPolicy::New,
                                 ..Default::default()
                             })
@@ -710,6 +751,31 @@ impl Cluster {
         }))
     }
 
+    /// Cancels the steps `ids` of a workflow, of clustered queues of `cage` (this cage, or
+    /// another of the flock whose bucket this connection reaches), by [`cancel_steps_in`]. A
+    /// cage with no bucket has no clustered queues: nothing is done there.
+    pub(crate) async fn cancel_steps(self: Arc<Self>, cage: String, ids: Vec<String>) -> Result<Vec<(String, Cancelled)>, String> {
+        let me = self.clone();
+        let work = async move {
+            let ready = me.ready().await?;
+            let kv = if cage == me.cage {
+                ready.kv.clone()
+            } else {
+                match ready.js.get_key_value(bucket(&me.flock, &cage)).await {
+                    Ok(kv) => kv,
+                    Err(_) => return Ok(Vec::new()),
+                }
+            };
+            cancel_steps_in(&kv, &cage, ids).await
+        };
+        let cage = self.cage.clone();
+        self.on_runtime(async move {
+            tokio::time::timeout(CANCEL_TIMEOUT, work).await.unwrap_or_else(|_| Err(format!("JetStream did not answer within {CANCEL_TIMEOUT:?}")))
+        })
+        .await?
+        .map_err(|e: String| format!("cage {cage}: cancelling a workflow's clustered steps: {e}"))
+    }
+
     /// The latest figures of queue `queue` from its stream and consumer (read every
     /// FIGURES_EVERY in the background, so that the monitor never waits for NATS).
     pub(crate) fn figures(&self, queue: &str) -> Option<Figures> {
@@ -731,6 +797,9 @@ pub struct Figures {
     pub redelivered: u64,
     /// Dead letters kept.
     pub dead: u64,
+    /// Seconds since the oldest call in the stream (waiting or held) was stored, when there is
+    /// one: a work-queue stream keeps a call until its end is acked, so its first message is it.
+    pub oldest_age: Option<f64>,
 }
 
 /// The figures of one queue, asked of JetStream now.
@@ -739,12 +808,20 @@ pub async fn read_figures(js: &jetstream::Context, flock: &str, cage: &str, queu
     let mut c: jetstream::consumer::PullConsumer =
         js.get_consumer_from_stream(CONSUMER, &name).await.map_err(|e| format!("consumer {CONSUMER} of {name}: {e}"))?;
     let i = c.info().await.map_err(|e| format!("consumer {CONSUMER} of {name}: {e}"))?.clone();
+    // The stream's first message's time (one more request, made every FIGURES_EVERY).
+    let oldest_age = match js.get_stream(&name).await {
+        Ok(mut s) => s.info().await.ok().filter(|i| i.state.messages > 0).map(|i| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            (now - i.state.first_timestamp.unix_timestamp_nanos() as f64 / 1e9).max(0.0)
+        }),
+        Err(_) => None,
+    };
     let dead_name = dead_stream_name(flock, cage, queue);
     let dead = match js.get_stream(&dead_name).await {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
         Err(_) => 0,
     };
-    Ok(Figures { waiting: i.num_pending, held: i.num_ack_pending as u64, redelivered: i.num_redelivered as u64, dead })
+    Ok(Figures { waiting: i.num_pending, held: i.num_ack_pending as u64, redelivered: i.num_redelivered as u64, dead, oldest_age })
 }
 
 /// Keeps [`Cluster::figures`] fresh.
@@ -775,7 +852,10 @@ fn replicas_of(q: &QueueConfig) -> usize {
 async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn: Spawner) {
     let limit = if q.keep_order { 1 } else { q.concurrency };
     let slots = Arc::new(Semaphore::new(limit));
-    let mut rate = crate::dispatch::Rate::new(q.rate_limit);
+    // This copy's share of the queue's rate_limit, and its running calls announced in its
+    // heartbeats (docs/decisions/153).
+    let mut rate = crate::share::FlockRate::new(&store.cage, &q.name, q.rate_limit);
+    let consuming = crate::share::Consuming::new(&store.cage, &q.name);
     let mut consumer: Option<jetstream::consumer::PullConsumer> = None;
     let mut wait = Duration::from_millis(100);
     while !cluster.stop.load(Ordering::SeqCst) {
@@ -805,7 +885,10 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
         let Ok(first) = slots.clone().acquire_owned().await else { return };
         let mut want = 1 + slots.available_permits();
         if q.rate_limit > 0 {
-            let (allowed, delay) = rate.take(want);
+            // Pulls no more than may start now; each start's token is taken when its call
+            // arrives (below), so a pull that waits on an empty stream holds no tokens while
+            // the bucket refills (that doubled the first burst after an idle spell).
+            let (allowed, delay) = rate.available(want);
             if allowed == 0 {
                 drop(first);
                 tokio::time::sleep(delay).await;
@@ -845,9 +928,14 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
                     Err(_) => return,
                 },
             };
+            if q.rate_limit > 0 {
+                rate.start().await;
+            }
             let (c, s, q, spawn) = (cluster.clone(), store.clone(), q.clone(), spawn.clone());
+            let running = crate::share::Running::new(&consuming.running);
             tokio::spawn(async move {
                 handle(&c, &s, &q, &spawn, m).await;
+                drop(running);
                 drop(slot);
             });
         }
@@ -1159,10 +1247,21 @@ async fn settle(
     Err(format!("call {}: its record kept changing", call.id))
 }
 
-/// An attempt that succeeded: with no state writes, its record becomes `done`. With some, the
-/// record is first marked `ending` (from then on a cancel is too late), then the writes commit
-/// in this copy's file, then the record becomes `done`: a cancel that came first leaves the
-/// writes uncommitted. Then the ack and the news.
+/// Commits an attempt's held state writes, and what comes after a workflow step, in one
+/// commit of this copy's file.
+async fn commit_end(store: &Store, writes: Vec<rustomnic_resource_state::store::Write>, step: Option<workflow::StepEnd>) -> Result<(), String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    match store.send(Op::Writes { writes, step, reply: tx }) {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
+        Err(e) => Err(e),
+    }
+}
+
+/// An attempt that succeeded: with no state writes and no continuation, its record becomes
+/// `done`. With either, the record is first marked `ending` (from then on a cancel is too
+/// late), then the writes and the workflow's next step commit in this copy's file, then the
+/// record becomes `done`: a cancel that came first leaves nothing committed. Then the ack and
+/// the news.
 #[allow(clippy::too_many_arguments)]
 async fn succeeded(
     cluster: &Cluster,
@@ -1182,7 +1281,8 @@ async fn succeeded(
             tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
         }
     };
-    if !writes.is_empty() {
+    let step = call.cont.clone().map(|cont| workflow::StepEnd { id: call.id.clone(), cont, end: Ok(status.value.clone().unwrap_or_default()) });
+    if !writes.is_empty() || step.is_some() {
         let ending = Extras { ending: Some(store::now_ms()), ..extras.clone() };
         // Counting this attempt already, so that a cancel met here notes it.
         let marked = CallStatus { attempts: status.attempts, ..rec.status.clone() };
@@ -1191,12 +1291,7 @@ async fn succeeded(
             Ok(false) => return,
             Err(e) => return unwritten(e),
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let committed = match store.send(Op::Writes { writes, reply: tx }) {
-            Ok(()) => rx.await.unwrap_or_else(|_| Err("the queue writer stopped".into())),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = committed {
+        if let Err(e) = commit_end(store, writes, step).await {
             // Not done: the mark goes, and the call comes again after the backoff.
             let attempts = status.attempts.unwrap_or(1);
             let wait = q.backoff.wait(attempts.clamp(1, u32::MAX as i64) as u32, 0.5);
@@ -1248,18 +1343,45 @@ async fn died(
         }
     };
     let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
+    let take_back = || async {
+        if let Ok(ready) = cluster.ready().await {
+            if let Ok(s) = ready.js.get_stream(dead_stream_name(&cluster.flock, &cluster.cage, &q.name)).await {
+                let _ = s.delete_message(letter).await;
+            }
+        }
+    };
+    if let Some(cont) = call.cont.clone() {
+        // A workflow step: its on_error step (or its dead part) is committed in this copy's
+        // file before the record says dead, behind the same `ending` mark as a success's state
+        // writes, so that a cancel either wins before anything is stored or is refused.
+        let ending = Extras { ending: Some(store::now_ms()), ..extras.clone() };
+        let marked = CallStatus { attempts: status.attempts, ..rec.status.clone() };
+        match settle(cluster, store, m, call, rec, marked, ending, note).await {
+            Ok(true) => {}
+            Ok(false) => return take_back().await,
+            Err(e) => {
+                if let Some(note) = store.log.allow("cluster-kv") {
+                    tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
+                }
+                return;
+            }
+        }
+        let error = status.error.clone().unwrap_or_default();
+        if let Err(e) = commit_end(store, Vec::new(), Some(workflow::StepEnd { id: call.id.clone(), cont, end: Err(error) })).await {
+            // Left unacked with its mark: delivered again after ack_wait, it runs again (as
+            // after a copy's death in this window) and ends on that delivery.
+            if let Some(note) = store.log.allow("record") {
+                tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "queue: cannot store what comes after the dead workflow step ({e}); it is delivered again after ack_wait{note}");
+            }
+            return;
+        }
+    }
     match settle(cluster, store, m, call, rec, status.clone(), extras, note).await {
         Ok(true) => {
             let _ = m.ack().await;
             publish_end([&store.cage, &call.from_cage], &call.id, &status);
         }
-        Ok(false) => {
-            if let Ok(ready) = cluster.ready().await {
-                if let Ok(s) = ready.js.get_stream(dead_stream_name(&cluster.flock, &cluster.cage, &q.name)).await {
-                    let _ = s.delete_message(letter).await;
-                }
-            }
-        }
+        Ok(false) => take_back().await,
         Err(e) => {
             if let Some(note) = store.log.allow("cluster-kv") {
                 tracing::error!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot write the call's end to JetStream ({e}); it is delivered again after ack_wait{note}");
@@ -1302,8 +1424,17 @@ mod tests {
             expires_ms: 7,
             max_attempts: Some(3),
             trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            workflow: None,
+            cont: None,
         };
         let back = Message::decode(&m.encode().unwrap()).unwrap();
+        assert_eq!((back.workflow.as_deref(), back.cont.as_deref()), (None, None));
+        // A workflow step carries its workflow and continuation; a message with only one of
+        // them (or of an earlier version, with neither) runs as a plain call.
+        let step = Message { workflow: Some("w".into()), cont: Some(vec![9, 8]), ..Message::decode(&m.encode().unwrap()).unwrap() };
+        assert_eq!(Message::decode(&step.encode().unwrap()).unwrap(), step);
+        let half = Message { cont: None, ..Message::decode(&step.encode().unwrap()).unwrap() };
+        assert_eq!(Message::decode(&half.encode().unwrap()).unwrap().workflow, None);
         assert_eq!((back.id, back.module, back.function, back.args, back.from_cage), ("c1".into(), "m".into(), "f".into(), vec![1, 2, 3], "web".into()));
         assert_eq!((back.created_ms, back.due_ms, back.expires_ms, back.max_attempts), (5, 6, 7, Some(3)));
         assert_eq!(back.trace.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));

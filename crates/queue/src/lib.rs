@@ -10,8 +10,11 @@ pub mod admin_cluster;
 pub mod config;
 mod dispatch;
 mod forward;
+mod holder;
 pub mod jetstream;
 mod log;
+pub mod overview;
+mod share;
 pub mod store;
 mod workflow;
 mod writer;
@@ -330,7 +333,15 @@ impl Store {
             // A clustered queue's calls are in JetStream: its figures come from there.
             for x in f.iter_mut().filter(|x| cluster.has(&x.queue)) {
                 let js = cluster.figures(&x.queue).unwrap_or_default();
-                *x = QueueFigures { queue: x.queue.clone(), depth: js.waiting + js.held, retries: js.redelivered, dead: js.dead, ..Default::default() };
+                let oldest_age = js.oldest_age.unwrap_or(0.0);
+                *x = QueueFigures {
+                    queue: x.queue.clone(),
+                    depth: js.waiting + js.held,
+                    retries: js.redelivered,
+                    dead: js.dead,
+                    oldest_age,
+                    ..Default::default()
+                };
             }
         }
         f.sort_by(|a, b| a.queue.cmp(&b.queue));
@@ -440,9 +451,6 @@ impl Store {
         let (workflow, cont) = match &f.cont {
             Some(v) => {
                 let c = workflow::Cont::from_value(v).map_err(|e| refused(format!("its workflow continuation: {e}")))?;
-                if self.clustered(&q.name) {
-                    return Err(refused(workflow::clustered(&self.cage, &q.name)));
-                }
                 (Some(c.wf.clone()), Some(c.encode().map_err(refused)?))
             }
             None => (None, None),
@@ -733,6 +741,14 @@ impl Calls for Service {
             for step in v.steps.iter_mut().filter(|st| !st.4 && (st.1 == "pending" || st.1 == "failed")) {
                 if s.status(&step.0)?.is_some_and(|c| c.status == "running") {
                     step.1 = "running".into();
+                }
+            }
+            // A step forwarded to a clustered queue of a cage here: its record in the bucket.
+            for step in v.steps.iter_mut().filter(|st| st.4 && st.1 == "forwarded") {
+                let target = step.3.split('.').next().and_then(store_of).filter(|t| t.cluster.get().is_some());
+                if let Some(Ok(Some(c))) = target.map(|t| t.status(&step.0)) {
+                    step.1 = c.status;
+                    step.2 = c.error;
                 }
             }
             views.push((s.cage.clone(), v));
@@ -1125,6 +1141,8 @@ fn start_with(
     if let Ok(mut s) = STORES.write() {
         s.insert(cage.to_string(), store.clone());
     }
+    // Parts of the joins this file holds, from the other processes of the flock (decision 152).
+    holder::serve(&store);
     rustomnic_lua::durable::set_calls(Arc::new(Service));
     Ok(Running { store, threads })
 }

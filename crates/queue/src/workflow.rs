@@ -118,6 +118,10 @@ pub(crate) struct Join {
     pub cage: String,
     pub id: String,
     pub index: i64,
+    /// The holder key of the state file that holds the join (crate::holder), when the cage
+    /// that started it runs in a flock: its parts go to that file's process (decision 152).
+    /// Absent from continuations of earlier versions: parts then go to any copy of the cage.
+    pub holder: Option<String>,
 }
 
 /// What a step carries: what is stored when it ends.
@@ -146,7 +150,12 @@ impl Cont {
             (
                 "join",
                 match &self.join {
-                    Some(j) => map(vec![("cage", Value::str(j.cage.as_str())), ("id", Value::str(j.id.as_str())), ("index", Value::Int(j.index))]),
+                    Some(j) => map(vec![
+                        ("cage", Value::str(j.cage.as_str())),
+                        ("id", Value::str(j.id.as_str())),
+                        ("index", Value::Int(j.index)),
+                        ("holder", opt_str(&j.holder)),
+                    ]),
                     None => Value::Nil,
                 },
             ),
@@ -171,6 +180,7 @@ impl Cont {
                     Some(Value::Int(i)) if (1..=MAX_WORKFLOW_STEPS as i64).contains(i) => *i,
                     _ => return Err("field join.index must be a member index".into()),
                 },
+                holder: opt_text(j, "holder")?,
             }),
             Some(_) => return Err("field join must be a map".into()),
         };
@@ -194,11 +204,6 @@ impl Cont {
     }
 }
 
-/// The message of a step for a clustered queue.
-pub(crate) fn clustered(cage: &str, queue: &str) -> String {
-    format!("workflows run on the embedded store only for now: queue {queue} of cage {cage} is clustered")
-}
-
 /// A step's row, stored by the sending cage: in its own queue, or its outbox.
 pub(crate) enum Row {
     Direct(NewCall),
@@ -215,20 +220,17 @@ pub(crate) fn row(store: &Store, id: &str, mut call: DurableCall, cont: &Cont, o
     let queue = call.options.queue.clone();
     crate::check_names(&call)?;
     let bytes = cont.encode().map_err(|e| format!("calling {target}: {e}"))?;
-    let mut out = if call.cage == store.cage {
+    let mut out = if call.cage == store.cage && !store.clustered(&queue) {
         let q = store.queue(&target, &queue)?;
-        if store.clustered(&queue) {
-            return Err(format!("calling {target}: {}", clustered(&call.cage, &queue)));
-        }
         let mut r = store.call_row(call, q)?;
         r.workflow = Some(cont.wf.clone());
         r.cont = Some(bytes);
         return Ok(Row::Direct(r));
     } else if let Some(t) = store_of(&call.cage) {
+        // A cage of this process, or a clustered queue of this one: through the outbox, whose
+        // forward hands it to the target's accept, which publishes a clustered step to its
+        // stream with the continuation in its message (decision 152).
         let expiry = t.queue(&target, &queue)?.expires_in;
-        if t.clustered(&queue) {
-            return Err(format!("calling {target}: {}", clustered(&call.cage, &queue)));
-        }
         crate::outgoing_call(call, Some(expiry))?
     } else if on_worker {
         if !rustomnic_lua::worker::has_remote() {
@@ -307,6 +309,26 @@ pub(crate) fn after_outbox_dead(tx: &Connection, store: &Store, seq: i64, error:
         .map_err(|e| sql(store, "cannot read the outbox", e))?;
     let Some((id, Some(bytes))) = row else { return Ok(()) };
     fire(tx, store, &id, &bytes, End::Dead(format!("never accepted by its cage: {error}")), after)
+}
+
+/// The end of a step of a clustered queue (its record is in JetStream, not in this file):
+/// what comes next is stored in the file of the copy that ran it, in the commit that also holds
+/// the attempt's state writes, before the record says done or dead (decision 152).
+#[derive(Debug, Clone)]
+pub(crate) struct StepEnd {
+    pub id: String,
+    pub cont: Vec<u8>,
+    /// Its values, or the error it is dead with.
+    pub end: Result<Vec<Value>, String>,
+}
+
+/// Stores what comes after the clustered step `e`, in the writer's transaction.
+pub(crate) fn after_step_end(tx: &Connection, store: &Store, e: &StepEnd, after: &mut After) -> Result<(), String> {
+    let end = match &e.end {
+        Ok(values) => End::Done(values.clone()),
+        Err(error) => End::Dead(error.clone()),
+    };
+    fire(tx, store, &e.id, &e.cont, end, after)
 }
 
 fn fire(tx: &Connection, store: &Store, id: &str, bytes: &[u8], end: End, after: &mut After) -> Result<(), String> {
@@ -441,7 +463,9 @@ impl Part {
 /// the outbox for the cage that does (`_queue.join`, applied once by (join, index)).
 fn part(tx: &Connection, store: &Store, join: &Join, member: &str, end: Result<Value, String>, after: &mut After) -> Result<(), String> {
     let p = Part { join: join.id.clone(), index: join.index, member: member.to_string(), end };
-    if join.cage == store.cage {
+    // Held here: this cage, and this file (a copy of the cage in another process, with a file
+    // of its own, does not hold it).
+    if join.cage == store.cage && join.holder.as_ref().is_none_or(|h| *h == crate::holder::key_of(&store.path)) {
         return apply_part(tx, store, &p, after);
     }
     let now = now_ms();
@@ -455,7 +479,9 @@ fn part(tx: &Connection, store: &Store, join: &Join, member: &str, end: Result<V
     let row = OutboxCall {
         id: format!("{member}:join"),
         cage: join.cage.clone(),
-        queue: String::new(),
+        // A part has no queue: this column names the file that holds its join, when known
+        // (the forward sends it there, crate::holder).
+        queue: join.holder.clone().unwrap_or_default(),
         module: ACCEPT_MODULE.into(),
         function: JOIN_FUNCTION.into(),
         args,
@@ -633,6 +659,7 @@ pub(crate) async fn start(w: Workflow) -> Result<String, String> {
         check_step(c)?;
     }
     let base = Cont { wf: wf.clone(), origin: origin.cage.clone(), next: Vec::new(), on_error: None, join: None, alias: None };
+    let holder = crate::holder::holder_of(&origin);
     let mut rows = Vec::new();
     let (last_step, join) = match w.shape {
         Shape::Chain => {
@@ -646,7 +673,7 @@ pub(crate) async fn start(w: Workflow) -> Result<String, String> {
         }
         Shape::Group | Shape::Chord => {
             for (i, c) in w.steps.iter().enumerate() {
-                let join = Join { cage: origin.cage.clone(), id: wf.clone(), index: i as i64 + 1 };
+                let join = Join { cage: origin.cage.clone(), id: wf.clone(), index: i as i64 + 1, holder: holder.clone() };
                 let cont = Cont { on_error: on_error.clone(), join: Some(join), ..base.clone() };
                 rows.push(row(&origin, &format!("{wf}.{}", i + 1), c.clone(), &cont, true)?);
             }
@@ -676,7 +703,7 @@ pub(crate) async fn start(w: Workflow) -> Result<String, String> {
 }
 
 /// The checks of a step that do not depend on where it is stored from: its names, and its
-/// target's queue when the target runs in this process (known, not clustered).
+/// target's queue when the target runs in this process (known).
 pub(crate) fn check_step(call: &DurableCall) -> Result<(), String> {
     crate::check_names(call)?;
     if call.options.id.is_some() {
@@ -684,9 +711,6 @@ pub(crate) fn check_step(call: &DurableCall) -> Result<(), String> {
     }
     if let Some(t) = store_of(&call.cage) {
         t.queue(&call.target(), &call.options.queue)?;
-        if t.clustered(&call.options.queue) {
-            return Err(format!("calling {}: {}", call.target(), clustered(&call.cage, &call.options.queue)));
-        }
     } else if let Some(queues) = durable::directory_of(&call.cage) {
         if !queues.iter().any(|q| q.name == call.options.queue) {
             let known: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
@@ -757,6 +781,94 @@ pub(crate) fn cancel(tx: &Connection, path: &std::path::Path, id: &str, keep_unt
     Ok(out)
 }
 
+/// The steps of workflow `id` that this file knows of, as (cage, queue, step id): its rows in
+/// the queue and the outbox, the later steps and on_error step their continuations carry, and
+/// a chord's body. What a cancel looks for in the clustered queues' buckets (decision 152).
+pub(crate) fn known_steps(conn: &Connection, path: &std::path::Path, cage: &str, id: &str) -> Result<Vec<(String, String, String)>, String> {
+    let fail = |e| rustomnic_resource_state::store::sql_error(path, "queue: cannot read a workflow", e).message;
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    let mut add = |v: &Value| {
+        if let Ok((sid, call)) = step_from(v) {
+            out.push((call.cage, call.options.queue, sid));
+        }
+    };
+    let mut conts: Vec<Vec<u8>> = Vec::new();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    for sql in [
+        "SELECT NULL, queue, id, cont FROM queue_calls INDEXED BY queue_calls_workflow WHERE workflow = ?1",
+        "SELECT cage, queue, id, cont FROM queue_outbox INDEXED BY queue_outbox_workflow WHERE workflow = ?1",
+    ] {
+        let mut stmt = conn.prepare(sql).map_err(fail)?;
+        // A row of this file's queue is a step of this cage (no cage column).
+        let found = stmt
+            .query_map([id], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?.unwrap_or_else(|| cage.to_string()),
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            })
+            .map_err(fail)?;
+        for r in found {
+            let (c, q, sid, cont) = r.map_err(fail)?;
+            rows.push((c, q, sid));
+            conts.extend(cont);
+        }
+    }
+    for bytes in conts {
+        if let Ok(c) = Cont::decode(&bytes) {
+            c.next.iter().for_each(&mut add);
+            if let Some(e) = &c.on_error {
+                add(e);
+            }
+        }
+    }
+    let body: Option<Option<Vec<u8>>> = conn.query_row("SELECT body FROM queue_joins WHERE id = ?1", [id], |r| r.get(0)).optional().map_err(fail)?;
+    if let Some(Ok(Value::Map(m))) = body.flatten().as_deref().map(decode) {
+        for name in ["body", "on_error"] {
+            if let Some(v) = field(&m, name) {
+                add(v);
+            }
+        }
+    }
+    out.extend(rows);
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The workflow's steps on clustered queues that the files of this process know of, by the
+/// cage whose bucket holds their records.
+fn clustered_steps(id: &str) -> Vec<(String, Vec<String>)> {
+    let mut by_cage: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for s in crate::all_stores() {
+        let Ok(conn) = s.reader.lock() else { continue };
+        let steps = match known_steps(&conn, &s.path, &s.cage, id) {
+            Ok(steps) => steps,
+            Err(e) => {
+                tracing::warn!(cage = %s.cage, workflow = %id, "cancel: {e}");
+                continue;
+            }
+        };
+        for (cage, queue, sid) in steps {
+            // A cage of this process says which of its queues are clustered; of a cage
+            // elsewhere, its bucket is asked (it holds records of clustered calls only).
+            if store_of(&cage).is_none_or(|t| t.clustered(&queue)) {
+                by_cage.entry(cage).or_default().push(sid);
+            }
+        }
+    }
+    by_cage
+        .into_iter()
+        .map(|(c, mut ids)| {
+            ids.sort();
+            ids.dedup();
+            (c, ids)
+        })
+        .collect()
+}
+
 /// `pmnc.workflow.cancel(id)` in every cage of this process.
 pub(crate) async fn cancel_here(id: String) -> Result<CancelAnswer, String> {
     let mut was_running = false;
@@ -782,6 +894,54 @@ pub(crate) async fn cancel_here(id: String) -> Result<CancelAnswer, String> {
             crate::publish_end([&s.cage, &s.cage], j, &status);
         }
     }
+    // Its steps on clustered queues: their records in the buckets, read and changed by
+    // compare-and-set (decision 151); a step not stored yet gets a `cancelled` record now, so
+    // that the copy meeting it later acks it without running it (decision 152).
+    let mut refused = Vec::new();
+    let mut unreached = Vec::new();
+    if rustomnic_cluster::joined().is_some() {
+        for (cage, ids) in clustered_steps(&id) {
+            // The cage's own clustered queues' connection when it runs here, else this
+            // process's connection for joins (which reaches every bucket of the flock).
+            let cancelled = match store_of(&cage).and_then(|s| s.cluster.get().cloned()) {
+                Some(own) => own.cancel_steps(cage.clone(), ids.clone()).await,
+                None => crate::holder::cancel_steps(cage.clone(), ids.clone()).await,
+            };
+            let found = match cancelled {
+                Ok(found) => found,
+                Err(e) => {
+                    // The files are marked already: said, not raised, so the caller knows both.
+                    unreached.push(format!("{} ({e})", ids.join(", ")));
+                    continue;
+                }
+            };
+            for (sid, done) in found {
+                match done {
+                    crate::jetstream::Cancelled::Now { from, .. } => {
+                        let status =
+                            CallStatus { status: "cancelled".into(), cage: cage.clone(), attempts: None, value: None, error: Some("cancelled".into()) };
+                        crate::publish_end([&cage, from.as_deref().unwrap_or(&cage)], &sid, &status);
+                        was_running = true;
+                        known = true;
+                        steps.push(sid);
+                    }
+                    crate::jetstream::Cancelled::Ending => {
+                        known = true;
+                        refused.push(sid);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if !unreached.is_empty() {
+        let message = format!(
+            "workflow {id}: marked cancelled in the files of this process{}, but its steps on clustered queues could not be reached: {}; cancel again",
+            if steps.is_empty() { String::new() } else { format!(" (cancelled: {})", steps.join(", ")) },
+            unreached.join("; ")
+        );
+        return Ok(CancelAnswer { cancelled: !steps.is_empty(), status: Some("running".into()), message });
+    }
     let message = if !known {
         format!("no workflow {id:?} in the cages of this process; it is marked cancelled, so a step of it that arrives here later never runs")
     } else if already && steps.is_empty() {
@@ -794,6 +954,17 @@ pub(crate) async fn cancel_here(id: String) -> Result<CancelAnswer, String> {
             steps.len(),
             if steps.len() == 1 { "" } else { "s" },
             steps.join(", ")
+        )
+    };
+    // A step that is ending stores its next step and ends done: too late for it, but the steps
+    // after it were cancelled above (in advance when not stored yet), so none of them runs.
+    let message = if refused.is_empty() {
+        message
+    } else {
+        format!(
+            "{message}; too late for step{} {} (ending now: it ends done; its later steps on clustered queues do not run)",
+            if refused.len() == 1 { "" } else { "s" },
+            refused.join(", ")
         )
     };
     let status = if !known {
@@ -960,7 +1131,7 @@ mod tests {
             origin: "web".into(),
             next: vec![step_value("w.3", &call())],
             on_error: Some(step_value("w.on_error", &call())),
-            join: Some(Join { cage: "web".into(), id: "w".into(), index: 2 }),
+            join: Some(Join { cage: "web".into(), id: "w".into(), index: 2, holder: Some("00ff".into()) }),
             alias: Some("w".into()),
         };
         assert_eq!(Cont::decode(&c.encode().unwrap()).unwrap(), c);

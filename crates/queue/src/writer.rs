@@ -49,9 +49,11 @@ pub(crate) enum Op {
     },
     OutboxEnd(i64, OutboxEnd, oneshot::Sender<Result<(), String>>),
     /// The held state writes of an attempt of a clustered queue's call (its end is kept in
-    /// JetStream, not in this file): committed before that end is written there.
+    /// JetStream, not in this file): committed before that end is written there, with what
+    /// comes after it when it is a workflow step (decision 152).
     Writes {
         writes: Vec<Write>,
+        step: Option<workflow::StepEnd>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     /// A workflow's record, join and first steps (workflow.rs).
@@ -252,8 +254,11 @@ fn commit(store: &Store, conn: &mut Connection, batch: &[Op], prune: bool) -> Re
                 workflow::apply_part(&tx, store, part, &mut after)?;
                 inserted.push(Answer::No);
             }
-            Op::Writes { writes, .. } => {
+            Op::Writes { writes, step, .. } => {
                 apply_in(&tx, path, writes).map_err(|e| e.message)?;
+                if let Some(step) = step {
+                    workflow::after_step_end(&tx, store, step, &mut after)?;
+                }
                 inserted.push(Answer::No);
             }
         }
