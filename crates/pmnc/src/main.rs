@@ -266,10 +266,22 @@ fn queue_command(command: QueueCommand) -> Result<(), String> {
             Err(last)
         }
         QueueCommand::Cancel { id, .. } => {
-            // A workflow id: cancelled in every cage at PATH.
+            // A workflow id: cancelled in every cage at PATH, then its steps on clustered
+            // queues that those files know of, through the records in their buckets.
             if let Some(lines) = rustomnic_queue::admin::cancel_workflow(&cages, &id, std::time::Duration::from_secs(3 * 86_400))? {
                 for l in lines {
                     println!("{l}");
+                }
+                let steps = rustomnic_queue::admin_cluster::cancel_workflow(&cages, &clustered_of, &id)?;
+                for l in steps.lines {
+                    println!("{l}");
+                }
+                if !steps.unreached.is_empty() {
+                    return Err(format!(
+                        "workflow {id}: marked cancelled in the files at {} (those marks hold), but steps on clustered queues were not reached: {}; run pmnc queue cancel again once NATS answers",
+                        path.display(),
+                        steps.unreached.join("; ")
+                    ));
                 }
                 return Ok(());
             }

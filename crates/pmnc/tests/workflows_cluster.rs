@@ -4,7 +4,8 @@
 //! which share the queue's stream. A chain passes its values along across the processes, a
 //! chord's members on the clustered queue report to web's join, on_error runs after a
 //! permanent failure, a chain survives kill -9 of the copy running its step (each step done
-//! once in the bucket, its state effect committed once), and a cancel reaches the step's record.
+//! once in the bucket, its state effect committed once), and a cancel reaches the step's record,
+//! from Lua and from `pmnc queue cancel`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -47,6 +48,11 @@ function M.handle(request)
     -- Three steps on the clustered queue, the second napping on its first delivery.
     return try(function()
       return wf.chain({ cq().work.mark(1), cq().work.nap(tonumber(q.s) or 0), cq().work.mark() }, { id = q.id })
+    end)
+  elseif p == "/clichain" then
+    -- Three steps on the clustered queue, the second due q.delay seconds after the first ends.
+    return try(function()
+      return wf.chain({ cq().work.mark(1), cq({ queue = "cq", delay = tonumber(q.delay) or 3 }).work.mark(), cq().work.mark() }, { id = q.id })
     end)
   elseif p == "/chord" then
     return try(function()
@@ -372,6 +378,91 @@ fn cancelling_a_workflow_reaches_its_step_on_a_clustered_queue() {
     assert_eq!(state_of(b.copy(0), "ran:s2.2"), "nil", "the cancelled attempt's state write was dropped");
     assert_eq!(state_of(b.copy(0), "ran:s2.3"), "nil");
     assert_eq!(count(&db(&b.worker_dir), "SELECT count(*) FROM queue_outbox WHERE id = 's2.3'"), 0, "step 3 was never stored");
+}
+
+/// The messages stream `name` holds, from the server's monitoring port.
+fn stream_messages(nats: &Nats, name: &str) -> Option<u64> {
+    fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("name").and_then(|n| n.as_str()) == Some(name) {
+                    if let Some(n) = m.get("state").and_then(|s| s.get("messages")).and_then(|n| n.as_u64()) {
+                        return Some(n);
+                    }
+                }
+                m.values().find_map(|x| find(x, name))
+            }
+            serde_json::Value::Array(a) => a.iter().find_map(|x| find(x, name)),
+            _ => None,
+        }
+    }
+    find(&nats.monitoring("/jsz?accounts=true&streams=true"), name)
+}
+
+/// `pmnc queue cancel PATH <workflow id>` from the command line, on the folder of web (which
+/// started the chain and has no clustered queue): besides web's file, the records of the
+/// chain's steps on worker's clustered queue are cancelled, step 2 (waiting for its delay) now
+/// and step 3 (not stored yet) in advance, and the output names each step. No copy runs step 2
+/// at its due time, and step 3 never runs. With NATS away, the files are marked and the command
+/// fails saying which clustered steps it could not reach.
+#[test]
+fn cancelling_a_workflow_from_the_command_line_reaches_its_clustered_steps() {
+    let Some((mut nats, _js)) = nats("cancelling_a_workflow_from_the_command_line_reaches_its_clustered_steps") else { return };
+    let b = Bed::start(&nats.url());
+    assert_eq!(get_prefix(b.web, "/clichain?id=x1&delay=4", "x1", WAIT), "x1");
+    // Step 1 ends at once (its record done once step 2 is stored); step 2 is published with
+    // a 4 s delay.
+    until_text(b.copy(0), "/result?id=x1.2", "pending");
+    until_text(b.copy(0), "/result?id=x1.1", "done");
+    let web_dir = b.web_dir.to_str().unwrap();
+    let o = pmnc_limited(&["queue", "cancel", web_dir, "x1"], Duration::from_secs(60));
+    assert_eq!(o.code, Some(0), "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    eprintln!("pmnc queue cancel {web_dir} x1:\n{}", o.stdout);
+    for line in [
+        "cage web: workflow x1: no step waiting here; marked cancelled",
+        "cage worker: step x1.1 (clustered) is done: it ended before the cancel",
+        "cage worker: step x1.2 (clustered) cancelled (it was pending); it will not run",
+        "cage worker: step x1.3 (clustered) not stored yet: cancelled in advance",
+    ] {
+        assert!(o.stdout.lines().any(|l| l.starts_with(line)), "no line {line:?} in:\n{}", o.stdout);
+    }
+    assert!(get(b.copy(1), "/result?id=x1.2").text().starts_with("cancelled"), "step 2's record says cancelled");
+    assert!(get(b.copy(0), "/result?id=x1.3").text().starts_with("cancelled"), "step 3 has a cancelled record before it exists");
+    // At its due time a copy meets step 2, finds it cancelled and acks it without running:
+    // the queue's stream is then empty.
+    let stream = "PMNC_default_Q_worker_cq";
+    let mut left = None;
+    assert!(
+        until(WAIT, || {
+            left = stream_messages(&nats, stream);
+            left == Some(0)
+        }),
+        "stream {stream} still holds {left:?} messages"
+    );
+    assert!(get(b.copy(1), "/result?id=x1.2").text().starts_with("cancelled"), "still cancelled after its delivery");
+    assert_eq!(state_of(b.copy(0), "ran:x1.2"), "nil", "the cancelled step never ran");
+    assert_eq!(state_of(b.copy(0), "ran:x1.3"), "nil", "the step after it never ran");
+    assert_eq!(count(&db(&b.worker_dir), "SELECT count(*) FROM queue_outbox WHERE id = 'x1.3'"), 0, "step 3 was never stored");
+    // Again: nothing changes, and each step says so.
+    let o = pmnc_limited(&["queue", "cancel", web_dir, "x1"], Duration::from_secs(60));
+    assert_eq!(o.code, Some(0), "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("cage worker: step x1.2 (clustered) was already cancelled"), "{}", o.stdout);
+
+    // NATS away: the file at PATH (worker's folder this time, whose own queue cq is the
+    // clustered one) is marked, and the command fails naming the clustered steps it could not
+    // reach.
+    assert_eq!(get_prefix(b.web, "/clichain?id=x2&delay=60", "x2", WAIT), "x2");
+    until_text(b.copy(0), "/result?id=x2.2", "pending");
+    nats.kill();
+    let o = pmnc_limited(&["queue", "cancel", b.worker_dir.to_str().unwrap(), "x2"], Duration::from_secs(60));
+    assert_eq!(o.code, Some(1), "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    assert!(o.stdout.starts_with("cage worker: workflow x2: "), "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    eprintln!("with NATS away:\n{}{}", o.stdout, o.stderr);
+    for said in ["marked cancelled in the files at", "(those marks hold)", "cannot reach NATS", "x2.2", "x2.3"] {
+        assert!(o.stderr.contains(said), "no {said:?} in: {}", o.stderr);
+    }
+    assert_eq!(count(&db(&b.worker_dir), "SELECT count(*) FROM queue_workflows WHERE id = 'x2' AND status = 'cancelled'"), 1);
+    assert_eq!(count(&db(&b.web_dir), "SELECT count(*) FROM queue_workflows WHERE id = 'x2' AND status = 'running'"), 1, "web's file is not at PATH");
 }
 
 /// Two processes run cage web, each from a folder of its own (so each with its own state file);

@@ -19,7 +19,7 @@ fn open(path: &Path) -> Result<rusqlite::Connection, String> {
 
 /// Opens the file to read it, read-only when it cannot be written (a read-only volume): `ls`
 /// and `show` still work there, as long as the file needs no migration.
-fn open_to_read(path: &Path) -> Result<rusqlite::Connection, String> {
+pub(crate) fn open_to_read(path: &Path) -> Result<rusqlite::Connection, String> {
     let first = match open(path) {
         Ok(c) => return Ok(c),
         Err(e) if !path.exists() => return Err(e),

@@ -53,21 +53,26 @@ impl Clustered<'_> {
     /// Runs `work` with a JetStream context on the cage's cluster; a clear error naming the
     /// cage, its clustered queues and the servers when NATS cannot be reached.
     fn with_js<T>(&self, config: &ClusterConfig, work: impl AsyncFnOnce(&jetstream::Context) -> Result<T, String>) -> Result<T, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        let (cage, names) = (self.cage, self.names());
-        rt.block_on(async {
-            let conn = tokio::time::timeout(config.connect_timeout, rustomnic_cluster::connect::connect(config, "pmnc queue", false))
-                .await
-                .map_err(|_| format!("cage {cage}, clustered queues {names}: cannot reach NATS ({}) within {:?}", config.servers(), config.connect_timeout))?
-                .map_err(|e| match e {
-                    // Already says "cannot reach NATS (servers): why".
-                    rustomnic_cluster::Error::Unreachable(why) => format!("cage {cage}, clustered queues {names}: {}", why.trim_start_matches("cluster: ")),
-                    e => format!("cage {cage}, clustered queues {names}: cannot reach NATS ({}): {e}", config.servers()),
-                })?;
-            let js = jetstream::new(conn.client.clone());
-            work(&js).await.map_err(|e| format!("cage {cage}, clustered queues {names} (NATS {}): {e}", config.servers()))
-        })
+        on_cluster(config, &format!("cage {}, clustered queues {}", self.cage, self.names()), work)
     }
+}
+
+/// Runs `work` with a JetStream context on `config`'s servers; errors begin with `label`, and
+/// name the servers when NATS cannot be reached.
+fn on_cluster<T>(config: &ClusterConfig, label: &str, work: impl AsyncFnOnce(&jetstream::Context) -> Result<T, String>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let conn = tokio::time::timeout(config.connect_timeout, rustomnic_cluster::connect::connect(config, "pmnc queue", false))
+            .await
+            .map_err(|_| format!("{label}: cannot reach NATS ({}) within {:?}", config.servers(), config.connect_timeout))?
+            .map_err(|e| match e {
+                // Already says "cannot reach NATS (servers): why".
+                rustomnic_cluster::Error::Unreachable(why) => format!("{label}: {}", why.trim_start_matches("cluster: ")),
+                e => format!("{label}: cannot reach NATS ({}): {e}", config.servers()),
+            })?;
+        let js = jetstream::new(conn.client.clone());
+        work(&js).await.map_err(|e| format!("{label} (NATS {}): {e}", config.servers()))
+    })
 }
 
 /// The cage's bucket of results; None when none was made yet (nothing was ever stored).
@@ -151,6 +156,118 @@ pub fn cancel(c: Clustered, id: &str) -> Result<Option<String>, String> {
         }
         Cancelled::Unknown => Ok(None),
     }
+}
+
+/// What `pmnc queue cancel PATH ID` of a workflow id did to its steps on clustered queues.
+#[derive(Debug, Default)]
+pub struct WorkflowSteps {
+    /// A line per step: what its record says now.
+    pub lines: Vec<String>,
+    /// Steps whose records could not be reached, each with why (NATS away, no `[cluster]`).
+    pub unreached: Vec<String>,
+}
+
+/// `pmnc queue cancel PATH ID` of a workflow id, after its marks in the files at PATH
+/// (crate::admin::cancel_workflow): the steps on clustered queues that those files know of,
+/// gathered as `pmnc.workflow.cancel` gathers them (crate::workflow::known_steps, their rows
+/// and the later steps their continuations carry), have their records cancelled by
+/// compare-and-set (decision 151); a step with no record yet gets a `cancelled` record, written
+/// only if none is there, so that it never runs when it comes (decision 152). `cages`: name
+/// and state file of each cage at PATH; `clustered`: their queues and `[cluster]` tables. A
+/// step of a cage at PATH counts when its queue has store = "cluster"; of a cage elsewhere,
+/// its bucket is asked (through the `[cluster]` of the cage whose file knew the step). The
+/// completion events are left to the copy that meets each step, as for a cancelled call.
+pub fn cancel_workflow(cages: &[(String, std::path::PathBuf)], clustered: &[Clustered], id: &str) -> Result<WorkflowSteps, String> {
+    let here = |cage: &str| clustered.iter().find(|c| c.cage == cage);
+    let cluster_of = |cage: &str| here(cage).and_then(|c| c.cluster);
+    let is_clustered = |cage: &str, queue: &str| here(cage).map(|c| c.queues.iter().any(|q| q.name == queue && matches!(q.store, StoreKind::Cluster { .. })));
+    let mut out = WorkflowSteps::default();
+    // (the cluster, (the step's cage, its ids)); one connection per cluster.
+    let mut groups: Vec<(&ClusterConfig, std::collections::BTreeMap<String, Vec<String>>)> = Vec::new();
+    for (cage, file) in cages.iter().filter(|(_, f)| f.exists()) {
+        let conn = crate::admin::open_to_read(file)?;
+        let steps = crate::workflow::known_steps(&conn, file, cage, id)?;
+        for (of, ids) in crate::workflow::clustered_by_cage(steps, is_clustered) {
+            let Some(config) = cluster_of(&of).or(cluster_of(cage)).or(clustered.iter().find_map(|c| c.cluster)) else {
+                // A cage elsewhere may have no clustered queue at all; one at PATH does.
+                if here(&of).is_some() {
+                    out.unreached.push(format!("cage {of}, steps {}: its cage.toml has no [cluster] table", ids.join(", ")));
+                }
+                continue;
+            };
+            let at = match groups.iter().position(|(c, _)| c.flock == config.flock && c.urls == config.urls) {
+                Some(at) => at,
+                None => {
+                    groups.push((config, Default::default()));
+                    groups.len() - 1
+                }
+            };
+            let ids_of = groups[at].1.entry(of).or_default();
+            ids_of.extend(ids);
+            ids_of.sort();
+            ids_of.dedup();
+        }
+    }
+    for (config, by_cage) in groups {
+        let label = format!("flock {}", config.flock);
+        let done = on_cluster(config, &label, async |js| {
+            let mut lines = Vec::new();
+            let mut unreached = Vec::new();
+            for (cage, ids) in &by_cage {
+                let kv = match open_bucket(js, &config.flock, cage).await {
+                    Ok(Some(kv)) => kv,
+                    // No bucket: the cage never stored a call on a clustered queue (a cage
+                    // elsewhere may have none); nothing has a record to cancel there.
+                    Ok(None) => {
+                        if here(cage).is_some() {
+                            lines.push(format!("cage {cage}: steps {}: no record to cancel (its clustered queues never ran: no bucket)", ids.join(", ")));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        unreached.push(format!("cage {cage}, steps {}: {e}", ids.join(", ")));
+                        continue;
+                    }
+                };
+                for sid in ids {
+                    match timed("the bucket", crate::jetstream::cancel_steps_in(&kv, cage, vec![sid.clone()], false)).await {
+                        Ok(found) => lines.extend(found.into_iter().map(|(sid, c)| step_line(cage, &sid, c))),
+                        Err(e) => unreached.push(format!("cage {cage}, step {sid}: {e}")),
+                    }
+                }
+            }
+            Ok((lines, unreached))
+        });
+        match done {
+            Ok((lines, unreached)) => {
+                out.lines.extend(lines);
+                out.unreached.extend(unreached);
+            }
+            Err(e) => {
+                let steps: Vec<String> = by_cage.iter().map(|(c, ids)| format!("cage {c}: {}", ids.join(", "))).collect();
+                out.unreached.push(format!("{e} (steps {})", steps.join("; ")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a cancel did to the record of step `sid` of cage `cage`, as a line of output.
+fn step_line(cage: &str, sid: &str, c: Cancelled) -> String {
+    let what = match c {
+        Cancelled::Now { was, .. } => {
+            format!("cancelled (it was {was}); it will not run (an attempt running now runs to its end, and its outcome is dropped)")
+        }
+        Cancelled::Already => "was already cancelled".to_string(),
+        Cancelled::Ended(st) => format!("is {st}: it ended before the cancel"),
+        Cancelled::Ending => {
+            "is ending now (its next step is being stored): too late for it, it ends done; its later steps on clustered queues were cancelled in advance"
+                .to_string()
+        }
+        // cancel_steps_in wrote a `cancelled` record where there was none.
+        Cancelled::Unknown => "not stored yet: cancelled in advance (a cancelled record is written, so it never runs when it comes)".to_string(),
+    };
+    format!("cage {cage}: step {sid} (clustered) {what}")
 }
 
 fn time(ms: i64) -> String {

@@ -203,7 +203,7 @@ pub(crate) async fn cancel_steps(cage: String, ids: Vec<String>) -> Result<Vec<(
             let work = async {
                 let js = async_nats::jetstream::new(l.client().await?.clone());
                 let Ok(kv) = js.get_key_value(crate::jetstream::bucket(&l.flock, &cage)).await else { return Ok(Vec::new()) };
-                crate::jetstream::cancel_steps_in(&kv, &cage, ids).await
+                crate::jetstream::cancel_steps_in(&kv, &cage, ids, true).await
             };
             tokio::time::timeout(ANSWER_WITHIN, work).await.unwrap_or_else(|_| Err(format!("JetStream did not answer within {ANSWER_WITHIN:?}")))
         })

@@ -442,6 +442,35 @@ pub(crate) enum Cancelled {
 
 /// How many times a write against a record that keeps changing is tried again.
 const CAS_TRIES: usize = 20;
+/// How many times a read that is not newer than the revision last written is read again.
+const STALE_READS: usize = 40;
+/// How long a copy keeps trying to write a call's end while the bucket's servers fail (a
+/// server died and its streams elect new leaders, which takes seconds): meanwhile in-progress
+/// acks keep the call with this copy, where giving up would hand it to another copy to run
+/// again after ack_wait.
+const END_RETRY: Duration = Duration::from_secs(60);
+
+/// Runs a bucket operation again while it fails, for up to END_RETRY, with in-progress acks
+/// for `m` between the tries (at least one a second).
+async fn persist<T, F, Fut>(m: &jetstream::Message, mut op: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let give_up = tokio::time::Instant::now() + END_RETRY;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + wait >= give_up => return Err(e),
+            Err(_) => {
+                let _ = m.ack_with(AckKind::Progress).await;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
 
 /// Cancels call `id` of `cage` in the bucket: its record becomes `cancelled` by a
 /// compare-and-set on the revision read, read again on a conflict (decision 151). `told`: the
@@ -468,15 +497,17 @@ pub(crate) async fn cancel_record(kv: &kv::Store, cage: &str, id: &str, told: bo
 /// Cancels the records of a workflow's steps `ids` of cage `cage` in its bucket `kv`, each by
 /// [`cancel_record`]; a step with no record yet (not stored yet: the step before it still
 /// runs) gets a `cancelled` record now, written only if none is there, so that the copy meeting
-/// it later acks it without running (decision 152).
-pub(crate) async fn cancel_steps_in(kv: &kv::Store, cage: &str, ids: Vec<String>) -> Result<Vec<(String, Cancelled)>, String> {
+/// it later acks it without running (decision 152); such a step answers `Unknown`. `told`: the
+/// caller publishes the completion events itself (`pmnc queue cancel`, which has no events,
+/// leaves them to the copy that meets each step).
+pub(crate) async fn cancel_steps_in(kv: &kv::Store, cage: &str, ids: Vec<String>, told: bool) -> Result<Vec<(String, Cancelled)>, String> {
     let mut out = Vec::new();
     for id in ids {
-        let mut done = cancel_record(kv, cage, &id, true).await?;
+        let mut done = cancel_record(kv, cage, &id, told).await?;
         if done == Cancelled::Unknown {
             let status = CallStatus { status: "cancelled".into(), cage: cage.to_string(), attempts: Some(0), value: None, error: Some("cancelled".into()) };
             if let Cas::Conflict = cas(kv, &id, &status, &Extras::default(), 0).await? {
-                done = cancel_record(kv, cage, &id, true).await?;
+                done = cancel_record(kv, cage, &id, told).await?;
             }
         }
         out.push((id, done));
@@ -766,7 +797,7 @@ impl Cluster {
                     Err(_) => return Ok(Vec::new()),
                 }
             };
-            cancel_steps_in(&kv, &cage, ids).await
+            cancel_steps_in(&kv, &cage, ids, true).await
         };
         let cage = self.cage.clone();
         self.on_runtime(async move {
@@ -1207,14 +1238,30 @@ async fn settle(
 ) -> Result<bool, String> {
     let ready = cluster.ready().await?;
     for _ in 0..CAS_TRIES {
-        if let Cas::Written(revision) = cas(&ready.kv, &call.id, &status, &extras, rec.revision).await? {
+        if let Cas::Written(revision) = persist(m, || cas(&ready.kv, &call.id, &status, &extras, rec.revision)).await? {
             *rec = Rec { status, extras, revision };
             return Ok(true);
         }
-        let Some(fresh) = load(&ready.kv, &call.id).await? else {
+        // The write met another revision; a read answered by a replica that lags behind the
+        // stream's leader (direct gets) can be older than the one written last: read again
+        // until it is newer than ours.
+        let mut fresh = persist(m, || load(&ready.kv, &call.id)).await?;
+        for _ in 0..STALE_READS {
+            if fresh.as_ref().is_some_and(|f| f.revision > rec.revision) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fresh = persist(m, || load(&ready.kv, &call.id)).await?;
+        }
+        let Some(fresh) = fresh else {
             let _ = m.ack().await;
             return Ok(false);
         };
+        if fresh.status == status && fresh.extras.ending.is_some() == extras.ending.is_some() {
+            // Our own write landed although its answer was lost (a server died meanwhile).
+            *rec = fresh;
+            return Ok(true);
+        }
         if fresh.status.status == "cancelled" {
             let noted = fresh.status.error.as_deref() != Some("cancelled");
             let attempt = status.attempts.unwrap_or(0);

@@ -838,25 +838,19 @@ pub(crate) fn known_steps(conn: &Connection, path: &std::path::Path, cage: &str,
     Ok(out)
 }
 
-/// The workflow's steps on clustered queues that the files of this process know of, by the
-/// cage whose bucket holds their records.
-fn clustered_steps(id: &str) -> Vec<(String, Vec<String>)> {
+/// Which of `steps` (as [`known_steps`] gives them) are on clustered queues, by the cage whose
+/// bucket holds their records, ids sorted. `clustered(cage, queue)`: whether the queue is
+/// clustered, for a cage whose queues are known where the cancel runs; None for a cage
+/// elsewhere, whose bucket is asked (it holds records of clustered calls only). Shared by
+/// `pmnc.workflow.cancel` and `pmnc queue cancel` (decision 152).
+pub(crate) fn clustered_by_cage(
+    steps: impl IntoIterator<Item = (String, String, String)>,
+    clustered: impl Fn(&str, &str) -> Option<bool>,
+) -> Vec<(String, Vec<String>)> {
     let mut by_cage: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for s in crate::all_stores() {
-        let Ok(conn) = s.reader.lock() else { continue };
-        let steps = match known_steps(&conn, &s.path, &s.cage, id) {
-            Ok(steps) => steps,
-            Err(e) => {
-                tracing::warn!(cage = %s.cage, workflow = %id, "cancel: {e}");
-                continue;
-            }
-        };
-        for (cage, queue, sid) in steps {
-            // A cage of this process says which of its queues are clustered; of a cage
-            // elsewhere, its bucket is asked (it holds records of clustered calls only).
-            if store_of(&cage).is_none_or(|t| t.clustered(&queue)) {
-                by_cage.entry(cage).or_default().push(sid);
-            }
+    for (cage, queue, sid) in steps {
+        if clustered(&cage, &queue).unwrap_or(true) {
+            by_cage.entry(cage).or_default().push(sid);
         }
     }
     by_cage
@@ -867,6 +861,21 @@ fn clustered_steps(id: &str) -> Vec<(String, Vec<String>)> {
             (c, ids)
         })
         .collect()
+}
+
+/// The workflow's steps on clustered queues that the files of this process know of, by the
+/// cage whose bucket holds their records.
+fn clustered_steps(id: &str) -> Vec<(String, Vec<String>)> {
+    let mut all = Vec::new();
+    for s in crate::all_stores() {
+        let Ok(conn) = s.reader.lock() else { continue };
+        match known_steps(&conn, &s.path, &s.cage, id) {
+            Ok(steps) => all.extend(steps),
+            Err(e) => tracing::warn!(cage = %s.cage, workflow = %id, "cancel: {e}"),
+        }
+    }
+    // A cage of this process says which of its queues are clustered.
+    clustered_by_cage(all, |cage, queue| store_of(cage).map(|t| t.clustered(queue)))
 }
 
 /// `pmnc.workflow.cancel(id)` in every cage of this process.
@@ -1155,6 +1164,29 @@ mod tests {
         let Value::Map(mut m) = (Part { join: "g".into(), index: 1, member: "g.1".into(), end: Ok(Value::Nil) }).to_value() else { unreachable!() };
         m.iter_mut().find(|(k, _)| k.as_str() == Some("index")).unwrap().1 = Value::Int(0);
         assert_eq!(Part::from_args(vec![Value::Map(m)]).unwrap_err(), "field index of a part must be a member index");
+    }
+
+    /// What a cancel asks the buckets for: steps of known cages only on their clustered
+    /// queues, of cages elsewhere all of them; by cage, each id once.
+    #[test]
+    fn clustered_steps_are_grouped_by_the_cage_whose_bucket_holds_them() {
+        let steps = [
+            ("worker", "cq", "w.2"),
+            ("worker", "cq", "w.1"),
+            ("web", "own", "w.3"),
+            ("billing", "jobs", "w.4"),
+            ("worker", "cq", "w.2"),
+            ("worker", "local", "w.5"),
+        ]
+        .map(|(c, q, s)| (c.to_string(), q.to_string(), s.to_string()));
+        let known = |cage: &str, queue: &str| match cage {
+            "worker" => Some(queue == "cq"),
+            "web" => Some(false),
+            _ => None,
+        };
+        let got = clustered_by_cage(steps, known);
+        let want = vec![("billing".to_string(), vec!["w.4".to_string()]), ("worker".to_string(), vec!["w.1".to_string(), "w.2".to_string()])];
+        assert_eq!(got, want);
     }
 
     #[test]
