@@ -113,3 +113,33 @@ impl Drop for Nats {
         self.kill();
     }
 }
+
+/// `size` nats-servers with JetStream routed to each other on loopback ports: a JetStream
+/// cluster, each server with its own `server_name` and store folder (under the returned
+/// folder, which must live as long as the servers). Returns once every server sees the others
+/// and agrees on a JetStream meta leader. None, said loudly, without the binary.
+pub fn cluster(test: &str, size: usize) -> Option<(Vec<Nats>, tempfile::TempDir)> {
+    let stores = tempfile::tempdir().expect("temp dir");
+    let routes: Vec<u16> = (0..size).map(|_| super::spare_port()).collect();
+    let mut servers = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        let others: Vec<String> = routes.iter().filter(|p| *p != port).map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        let config = format!(
+            "server_name: n{}\njetstream {{\n  store_dir: \"{}\"\n}}\ncluster {{\n  name: pmnc_test\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+            i + 1,
+            stores.path().join(format!("n{}", i + 1)).display(),
+            others.join(", ")
+        );
+        servers.push(Nats::start(test, &config)?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let formed = |s: &Nats| {
+        let js = s.monitoring("/jsz");
+        s.monitoring("/routez")["num_routes"].as_u64().unwrap_or(0) >= size as u64 - 1 && js["meta_cluster"]["leader"].as_str().is_some_and(|l| !l.is_empty())
+    };
+    while !servers.iter().all(formed) {
+        assert!(Instant::now() < deadline, "the {size} NATS servers did not form a JetStream cluster within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((servers, stores))
+}
