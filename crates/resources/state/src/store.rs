@@ -322,30 +322,34 @@ pub fn apply(conn: &mut Connection, path: &Path, writes: &[Write]) -> Result<(),
 mod migration_tests {
     use super::*;
 
+    /// A state file made by the build of schema `version`, holding the call `insert_call` adds
+    /// (id 'old') and one outbox row (id 'out').
+    fn old_file(version: usize, insert_call: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let c = Connection::open(&path).unwrap();
+        for step in &MIGRATIONS[..version] {
+            c.execute_batch(step).unwrap();
+        }
+        c.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        c.pragma_update(None, "user_version", version as i64).unwrap();
+        c.execute(insert_call, []).unwrap();
+        c.execute(
+            "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms) VALUES ('out', 'w', 'q', 'm', 'f', x'00', 1, 1, 1, 9)",
+            [],
+        )
+        .unwrap();
+        (dir, path)
+    }
+
     /// A file of version 5 (before workflows) opens at the current version with its calls and
     /// outbox rows, which are no workflow's steps; the workflow tables are there and empty.
     #[test]
     fn a_version_5_file_is_upgraded_for_workflows_and_keeps_its_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        {
-            let c = Connection::open(&path).unwrap();
-            for step in &MIGRATIONS[..5] {
-                c.execute_batch(step).unwrap();
-            }
-            c.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
-            c.pragma_update(None, "user_version", 5).unwrap();
-            c.execute(
-                "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, trace) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4, 't')",
-                [],
-            )
-            .unwrap();
-            c.execute(
-                "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms) VALUES ('out', 'w', 'q', 'm', 'f', x'00', 1, 1, 1, 9)",
-                [],
-            )
-            .unwrap();
-        }
+        let (_dir, path) = old_file(
+            5,
+            "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, trace) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4, 't')",
+        );
         let c = open(&path, Duration::from_secs(5)).unwrap();
         let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION as i64);
@@ -369,26 +373,10 @@ mod migration_tests {
     /// max_attempts) opens, is brought to the current version in place, and keeps its rows.
     #[test]
     fn a_version_3_file_is_upgraded_and_keeps_its_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        {
-            let c = Connection::open(&path).unwrap();
-            for step in &MIGRATIONS[..3] {
-                c.execute_batch(step).unwrap();
-            }
-            c.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
-            c.pragma_update(None, "user_version", 3).unwrap();
-            c.execute(
-                "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4)",
-                [],
-            )
-            .unwrap();
-            c.execute(
-                "INSERT INTO queue_outbox (id, cage, queue, module, function, args, created_ms, next_ms, due_ms, expires_ms) VALUES ('out', 'w', 'q', 'm', 'f', x'00', 1, 1, 1, 9)",
-                [],
-            )
-            .unwrap();
-        }
+        let (_dir, path) = old_file(
+            3,
+            "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms) VALUES ('old', 'q', 'm', 'f', x'00', 'web', 'pending', 1, 2, 3, 4)",
+        );
         let c = open(&path, Duration::from_secs(5)).unwrap();
         let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION as i64);
