@@ -1021,6 +1021,37 @@ async fn opened(kv: &kv::Store, cage: &str, call: &Message, extras: &Extras) -> 
     Err(format!("call {}: its record kept changing", call.id))
 }
 
+/// A redelivered call's record as the bucket's leader has it. Records are read from any replica
+/// (direct gets), and one that lags behind after a server died can show a call that ended on
+/// another copy (whose ack was lost when the consumer's leader changed) as still to run, which
+/// would run it twice. Writing the record back unchanged by compare-and-set fails when the
+/// revision read is stale; it is then read again until the write lands. Only redeliveries pay
+/// for this write.
+async fn confirmed(m: &jetstream::Message, kv: &kv::Store, id: &str, mut rec: Rec) -> Result<Rec, String> {
+    for _ in 0..CAS_TRIES {
+        if rec.status.is_final() {
+            return Ok(rec);
+        }
+        if let Cas::Written(revision) = persist(m, || cas(kv, id, &rec.status, &rec.extras, rec.revision)).await? {
+            return Ok(Rec { revision, ..rec });
+        }
+        let mut fresh = persist(m, || load(kv, id)).await?;
+        for _ in 0..STALE_READS {
+            if fresh.as_ref().is_some_and(|f| f.revision > rec.revision) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fresh = persist(m, || load(kv, id)).await?;
+        }
+        match fresh {
+            Some(f) => rec = f,
+            // Gone (aged out of the bucket): nothing newer to learn.
+            None => return Ok(rec),
+        }
+    }
+    Err(format!("call {id}: its record kept changing"))
+}
+
 /// A call whose record says it ended: acked without running. A cancel whose event nobody
 /// published yet (`pmnc queue cancel`) is told now, once.
 async fn over(cluster: &Cluster, store: &Store, m: &jetstream::Message, call: &Message, rec: &Rec) {
@@ -1064,6 +1095,18 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             return;
         }
     };
+    if delivery > 1 {
+        rec = match confirmed(&m, &ready.kv, &call.id, rec).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                if let Some(note) = store.log.allow("cluster-kv") {
+                    tracing::warn!(cage = %store.cage, queue = %q.name, call = %call.id, "cannot confirm the call's record ({e}); it is delivered again{note}");
+                }
+                return;
+            }
+        };
+    }
     let mut attempts = rec.status.attempts.unwrap_or(0);
     let mut first = true;
     loop {
