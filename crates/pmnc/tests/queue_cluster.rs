@@ -200,7 +200,10 @@ fn the_outbox_is_visible_to_pmnc_queue() {
     let dir = web_dir.to_str().unwrap();
     let ls = pmnc_limited(&["queue", "ls", dir], Duration::from_secs(30));
     assert_eq!(ls.code, Some(0), "{}", ls.stderr);
-    let line = |id: &str| ls.stdout.lines().find(|l| l.contains(id)).unwrap_or_else(|| panic!("no line for {id} in:\n{}", ls.stdout)).to_string();
+    // By the id as a word: the header's temporary path can hold "o1" too.
+    let line = |id: &str| {
+        ls.stdout.lines().find(|l| l.split_whitespace().any(|w| w == id)).unwrap_or_else(|| panic!("no line for {id} in:\n{}", ls.stdout)).to_string()
+    };
     assert!(line("o1").contains("outbox") && line("o1").contains("worker.work.count") && line("o1").contains("pending"), "{}", ls.stdout);
     assert!(line("o2").contains("outbox") && line("o2").contains("dead"), "{}", ls.stdout);
     let show = pmnc_limited(&["queue", "show", dir, "o1"], Duration::from_secs(30));
