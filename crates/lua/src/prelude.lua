@@ -474,22 +474,28 @@ local function module_proxy(name)
   return p
 end
 
--- pmnc("<cage>", opts).<module>.<function>(...): a call through the transport.
-local call_cage = rust.call_cage
-local function cage_proxy(cage, opts)
-  if type(cage) ~= "string" then error("pmnc(cage): cage name must be a string, got " .. type(cage), 2) end
-  if opts ~= nil and type(opts) ~= "table" then error("pmnc(cage, options): options must be a table, got " .. type(opts), 2) end
+-- <proxy>.<module>.<function>(...) calling on_call(module, function, ...): the shape of
+-- pmnc("<cage>", opts) and pmnc.workflow.step(cage, opts).
+local function call_proxy(on_call)
   return c_setmetatable({}, locked({
     __index = function(_, module)
       if type(module) ~= "string" then error("module name must be a string", 2) end
       return c_setmetatable({}, locked({
         __index = function(_, fn)
           if type(fn) ~= "string" then error("function name must be a string", 2) end
-          return function(...) return check(call_cage(cage, module, fn, opts, ...)) end
+          return function(...) return on_call(module, fn, ...) end
         end,
       }))
     end,
   }))
+end
+
+-- pmnc("<cage>", opts).<module>.<function>(...): a call through the transport.
+local call_cage = rust.call_cage
+local function cage_proxy(cage, opts)
+  if type(cage) ~= "string" then error("pmnc(cage): cage name must be a string, got " .. type(cage), 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("pmnc(cage, options): options must be a table, got " .. type(opts), 2) end
+  return call_proxy(function(module, fn, ...) return check(call_cage(cage, module, fn, opts, ...)) end)
 end
 
 local api = {}
@@ -783,17 +789,7 @@ api.workflow = readonly({
   step = function(cage, opts)
     if type(cage) ~= "string" then error("pmnc.workflow.step(cage, options): cage name must be a string, got " .. type(cage), 2) end
     if type(opts) ~= "table" then error("pmnc.workflow.step(cage, options): options must be a table with a queue, got " .. type(opts), 2) end
-    return c_setmetatable({}, locked({
-      __index = function(_, module)
-        if type(module) ~= "string" then error("module name must be a string", 2) end
-        return c_setmetatable({}, locked({
-          __index = function(_, fn)
-            if type(fn) ~= "string" then error("function name must be a string", 2) end
-            return function(...) return check(wf_step(cage, opts, module, fn, ...)) end
-          end,
-        }))
-      end,
-    }))
+    return call_proxy(function(module, fn, ...) return check(wf_step(cage, opts, module, fn, ...)) end)
   end,
   chain = function(steps, opts) return check(wf_start("chain", steps, nil, opts)) end,
   group = function(steps, opts) return check(wf_start("group", steps, nil, opts)) end,
