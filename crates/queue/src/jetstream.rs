@@ -1021,6 +1021,21 @@ async fn opened(kv: &kv::Store, cage: &str, call: &Message, extras: &Extras) -> 
     Err(format!("call {}: its record kept changing", call.id))
 }
 
+/// The record of `id` after a compare-and-set against `revision` met another one. A read
+/// answered by a replica that lags behind the stream's leader (direct gets) can be older than
+/// the revision written last: it is read again (for up to 2 s) until it is newer.
+async fn newer(m: &jetstream::Message, kv: &kv::Store, id: &str, revision: u64) -> Result<Option<Rec>, String> {
+    let mut fresh = persist(m, || load(kv, id)).await?;
+    for _ in 0..STALE_READS {
+        if fresh.as_ref().is_some_and(|f| f.revision > revision) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fresh = persist(m, || load(kv, id)).await?;
+    }
+    Ok(fresh)
+}
+
 /// A redelivered call's record as the bucket's leader has it. Records are read from any replica
 /// (direct gets), and one that lags behind after a server died can show a call that ended on
 /// another copy (whose ack was lost when the consumer's leader changed) as still to run, which
@@ -1035,15 +1050,7 @@ async fn confirmed(m: &jetstream::Message, kv: &kv::Store, id: &str, mut rec: Re
         if let Cas::Written(revision) = persist(m, || cas(kv, id, &rec.status, &rec.extras, rec.revision)).await? {
             return Ok(Rec { revision, ..rec });
         }
-        let mut fresh = persist(m, || load(kv, id)).await?;
-        for _ in 0..STALE_READS {
-            if fresh.as_ref().is_some_and(|f| f.revision > rec.revision) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            fresh = persist(m, || load(kv, id)).await?;
-        }
-        match fresh {
+        match newer(m, kv, id, rec.revision).await? {
             Some(f) => rec = f,
             // Gone (aged out of the bucket): nothing newer to learn.
             None => return Ok(rec),
@@ -1285,17 +1292,7 @@ async fn settle(
             *rec = Rec { status, extras, revision };
             return Ok(true);
         }
-        // The write met another revision; a read answered by a replica that lags behind the
-        // stream's leader (direct gets) can be older than the one written last: read again
-        // until it is newer than ours.
-        let mut fresh = persist(m, || load(&ready.kv, &call.id)).await?;
-        for _ in 0..STALE_READS {
-            if fresh.as_ref().is_some_and(|f| f.revision > rec.revision) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            fresh = persist(m, || load(&ready.kv, &call.id)).await?;
-        }
+        let fresh = newer(m, &ready.kv, &call.id, rec.revision).await?;
         let Some(fresh) = fresh else {
             let _ = m.ack().await;
             return Ok(false);
