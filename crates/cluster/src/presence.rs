@@ -5,7 +5,7 @@
 //! Heartbeats are JSON (a few per second per process), so `nats sub 'pmnc.*.heartbeat'` shows
 //! them readably.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -46,6 +46,72 @@ pub fn consume_queue(cage: &str, queue: &str) -> Arc<AtomicUsize> {
 /// Stops announcing queue `queue` of `cage` (its consumer stopped).
 pub fn stop_consuming(cage: &str, queue: &str) {
     CONSUMED.lock().unwrap_or_else(|p| p.into_inner()).remove(&(cage.to_string(), queue.to_string()));
+}
+
+/// The calls of clustered queues whose delivery this process holds now, by (cage, queue): the
+/// [`call_hash`] of each id, announced in every heartbeat as `queues_held`. A copy handed a
+/// call again while the copy that holds it lives (its in-progress acks lost while the
+/// consumer's leader was elected, or its end write waiting for the bucket's) leaves it to that
+/// copy instead of running it a second time (docs/decisions/154).
+static HELD: Mutex<BTreeMap<(String, String), HashSet<u64>>> = Mutex::new(BTreeMap::new());
+
+/// The most held calls one heartbeat announces (~20 bytes each, well under MAX_HEARTBEAT); past
+/// it a copy's further calls are not announced, and a call handed again meanwhile runs as it
+/// would without the announcement.
+pub const MAX_HELD_ANNOUNCED: usize = 2048;
+
+/// A stable 64-bit hash of a call id (FNV-1a): the same in every process and version, so
+/// copies compare what they announce.
+pub fn call_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// This process's hold of one call of a clustered queue, announced while it lives.
+#[derive(Debug)]
+pub struct Held {
+    key: (String, String),
+    hash: u64,
+}
+
+/// Holds call `id` of queue `queue` of `cage` in this process; None when this process holds it
+/// already (the same call delivered to it again while its first delivery still runs here).
+pub fn hold(cage: &str, queue: &str, id: &str) -> Option<Held> {
+    let key = (cage.to_string(), queue.to_string());
+    let hash = call_hash(id);
+    let added = HELD.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().insert(hash);
+    // Made only when added: a Held dropped here would take the first hold's announcement away.
+    added.then(|| Held { key, hash })
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut all = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = all.get_mut(&self.key) {
+            set.remove(&self.hash);
+            if set.is_empty() {
+                all.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// `{"cage": {"queue": ["hash in hex", ...]}}` of the calls held here; None when none are.
+fn queues_held() -> Option<Json> {
+    let all = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    if all.is_empty() {
+        return None;
+    }
+    let mut left = MAX_HELD_ANNOUNCED;
+    let mut by_cage = serde_json::Map::new();
+    for ((cage, queue), set) in all.iter() {
+        let hashes: Vec<Json> = set.iter().take(left).map(|h| json!(format!("{h:016x}"))).collect();
+        left -= hashes.len();
+        let entry = by_cage.entry(cage.clone()).or_insert_with(|| json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(queue.clone(), Json::Array(hashes));
+        }
+    }
+    Some(Json::Object(by_cage))
 }
 
 /// `{"cage": {"queue": running}}` of the queues this process consumes; None when it has none.
@@ -189,6 +255,26 @@ impl Roster {
             .collect()
     }
 
+    /// The live instance other than `me` whose heartbeat says it holds call `id` of queue
+    /// `queue` of `cage`, if any (live: heard within MISSED_BEATS intervals and not leaving).
+    pub fn held_elsewhere(&self, cage: &str, queue: &str, id: &str, me: &str) -> Option<String> {
+        let hash = format!("{:016x}", call_hash(id));
+        let now = Instant::now();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .filter(|(instance, e)| instance.as_str() != me && e.down.is_none() && now.duration_since(e.last_seen) <= e.interval * MISSED_BEATS)
+            .find(|(_, e)| {
+                e.beat
+                    .get("queues_held")
+                    .and_then(|h| h.get(cage))
+                    .and_then(|h| h.get(queue))
+                    .and_then(Json::as_array)
+                    .is_some_and(|held| held.iter().any(|h| h.as_str() == Some(hash.as_str())))
+            })
+            .map(|(instance, _)| instance.clone())
+    }
+
     /// How many copies consume clustered queue `queue` of `cage` now: those whose heartbeat
     /// says so and came within MISSED_BEATS intervals. At least 1 (this process, before its
     /// first heartbeat is heard).
@@ -250,6 +336,9 @@ pub fn heartbeat(identity: &Identity, describe: &Describe, interval: Duration, l
     }
     if let (Some(o), Some(running)) = (beat.as_object_mut(), queues_running()) {
         o.insert("queues_running".into(), running);
+    }
+    if let (Some(o), Some(held)) = (beat.as_object_mut(), queues_held()) {
+        o.insert("queues_held".into(), held);
     }
     beat
 }
@@ -473,6 +562,38 @@ mod tests {
         stop_consuming("hb-test", "jobs");
         let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
         assert!(beat.pointer("/queues_running/hb-test").is_none(), "{beat}");
+    }
+
+    #[test]
+    fn a_held_call_is_announced_until_released_and_found_only_on_live_other_copies() {
+        let identity = Identity::new("f", "0.1.0");
+        let describe: Describe = Arc::new(|| json!({}));
+        let held = hold("held-test", "jobs", "c1").expect("first hold");
+        assert!(hold("held-test", "jobs", "c1").is_none(), "held twice in one process");
+        let other = hold("held-test", "other", "c1").expect("another queue holds its own calls");
+        let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
+        let hash = format!("{:016x}", call_hash("c1"));
+        assert_eq!(beat["queues_held"]["held-test"]["jobs"], json!([hash]), "{beat}");
+        // Another copy hears the beat: the call is held elsewhere, except for the holder
+        // itself and for another call or queue.
+        let roster = Roster::default();
+        let mut theirs = beat.clone();
+        theirs["instance"] = json!("a");
+        theirs["heartbeat_ms"] = json!(100);
+        roster.heard(theirs);
+        assert_eq!(roster.held_elsewhere("held-test", "jobs", "c1", "b").as_deref(), Some("a"));
+        assert_eq!(roster.held_elsewhere("held-test", "jobs", "c1", "a"), None, "its own hold");
+        assert_eq!(roster.held_elsewhere("held-test", "jobs", "c2", "b"), None);
+        assert_eq!(roster.held_elsewhere("held-test", "nope", "c1", "b"), None);
+        // A silent holder is dead to the others: its calls are theirs to run.
+        roster.entries.lock().unwrap().get_mut("a").unwrap().last_seen -= Duration::from_millis(400);
+        assert_eq!(roster.held_elsewhere("held-test", "jobs", "c1", "b"), None);
+        drop(held);
+        drop(other);
+        let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
+        assert!(beat.pointer("/queues_held/held-test").is_none(), "{beat}");
+        assert!(hold("held-test", "jobs", "c1").is_some(), "released");
+        assert_eq!(call_hash("c1"), 0x08a2_7f07_b54a_6859, "the hash is fixed across versions: copies compare it");
     }
 
     #[test]

@@ -97,6 +97,13 @@ function M.slow(i)
   pmnc.sleep(0.005)
   return M.count(i)
 end
+-- Notes each start in effects/ran.log (a side effect outside the queue's bookkeeping, when the
+-- cage has the file resource `effects`), takes s seconds, then counts.
+function M.hold(i, s)
+  pmnc.transaction.effects.append("ran.log", ("S %d %d\n"):format(i, pmnc.request.parameters.delivery))
+  pmnc.sleep(s)
+  return M.count(i)
+end
 function M.fail(i) error("always fails " .. i) end
 function M.never(i) pmnc.calls.fail_permanently("never works " .. i) end
 return M
@@ -225,6 +232,45 @@ fn a_call_whose_copy_dies_while_it_runs_runs_again_on_another_and_a_long_one_kee
     eprintln!("the dead copy's call ran elsewhere {:.1} s after the kill", started.elapsed().as_secs_f64());
     assert_eq!(get(b_addr, "/state?key=n:2").text(), "1", "the first attempt never committed");
     assert_eq!(get(b_addr, "/state?key=d:2").text(), "2", "the second delivery ran it");
+}
+
+#[test]
+fn a_call_handed_again_while_its_copy_still_runs_it_is_left_to_that_copy() {
+    let Some((nats, _js)) = nats("a_call_handed_again_while_its_copy_still_runs_it_is_left_to_that_copy") else { return };
+    let t = Tree::new();
+    let queue = "store = \"cluster\"\nack_wait = \"1s\"\nconcurrency = 8\n\n[resources.effects]\nprotocol = \"file\"\nroot = \"effects\"\n";
+    let dir = worker(&t, &nats.url(), queue);
+    std::fs::create_dir_all(dir.join("effects")).unwrap();
+    // The copies send no in-progress acks (a debug-build hook), as when they cannot reach the
+    // consumer while it elects a leader: JetStream hands a call out again every ack_wait (1 s)
+    // while it runs for 4 s.
+    let env = [("PMNC_TEST_NO_PROGRESS", "1")];
+    let mut a = Server::try_start_env(&dir, 2, &[], &env).unwrap();
+    let addr = a.addr("http");
+    // One copy: every delivery again comes to the process running the call.
+    assert_eq!(get(addr, "/enqueue?id=alone&fn=hold&i=1&s=4").text(), "alone");
+    assert_eq!(get(addr, "/wait?id=alone&timeout=30").text(), "done 2 1 nil");
+    assert!(a.wait_for("call alone delivered again while this process still holds it", Duration::from_secs(5)).is_some(), "{:#?}", a.log);
+    // Two copies (new processes: each logs at most 5 such lines in 10 s): it comes to this copy
+    // or the other, both alive and announcing what they hold.
+    a.terminate(Duration::from_secs(10));
+    let mut a = Server::try_start_env(&dir, 2, &[], &env).unwrap();
+    let addr = a.addr("http");
+    let mut b = Server::try_start_env(&dir, 2, &[], &env).unwrap();
+    assert_eq!(get(addr, "/enqueue?id=pair&fn=hold&i=2&s=4").text(), "pair");
+    assert_eq!(get(addr, "/wait?id=pair&timeout=30").text(), "done 4 1 nil");
+    for i in [1, 2] {
+        assert_eq!(get(addr, &format!("/state?key=n:{i}")).text(), "1", "call {i} ran once");
+        assert_eq!(get(addr, &format!("/state?key=d:{i}")).text(), "1", "call {i}: its first delivery ran it");
+    }
+    // The state alone would not tell: a second run's state writes are dropped when its end
+    // finds the call ended. Its start, outside the state, would be noted.
+    let starts = std::fs::read_to_string(dir.join("effects/ran.log")).unwrap();
+    assert_eq!(starts, "S 1 1\nS 2 1\n", "each started once, by its first delivery");
+    a.drain(Duration::from_millis(200));
+    b.drain(Duration::from_millis(200));
+    let again = a.log.iter().chain(b.log.iter()).filter(|l| l.contains("call pair delivered again while")).count();
+    assert!(again >= 1, "the hook made JetStream hand the call out again: {:#?} {:#?}", a.log, b.log);
 }
 
 /// The messages stream `name` holds, from the server's monitoring port.

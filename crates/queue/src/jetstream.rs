@@ -464,7 +464,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() + wait >= give_up => return Err(e),
             Err(_) => {
-                let _ = m.ack_with(AckKind::Progress).await;
+                in_progress(m).await;
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
@@ -888,6 +888,7 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
     let mut rate = crate::share::FlockRate::new(&store.cage, &q.name, q.rate_limit);
     let consuming = crate::share::Consuming::new(&store.cage, &q.name);
     let mut consumer: Option<jetstream::consumer::PullConsumer> = None;
+    let mut elected: Option<async_nats::Subscriber> = None;
     let mut wait = Duration::from_millis(100);
     while !cluster.stop.load(Ordering::SeqCst) {
         if store.paused.load(Ordering::SeqCst) {
@@ -901,6 +902,7 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
                 Ok(c) => {
                     wait = Duration::from_millis(100);
                     consumer = Some(c.clone());
+                    elected = elections(&cluster, &q).await;
                     c
                 }
                 Err(e) => {
@@ -944,7 +946,18 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
         };
         let mut first = Some(first);
         let give_up = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
-        while let Ok(Some(m)) = tokio::time::timeout_at(give_up, batch.next()).await {
+        loop {
+            let next = tokio::select! {
+                m = tokio::time::timeout_at(give_up, batch.next()) => m,
+                Some(_) = next_election(&mut elected) => {
+                    // A pull sent to a leader that died is never answered; the new leader
+                    // holds the dead copy's calls for redelivery now, so pull from it at once
+                    // rather than after PULL_GRACE.
+                    tracing::debug!(cage = %store.cage, queue = %q.name, "clustered queue: its consumer has a new leader; pulling again");
+                    break;
+                }
+            };
+            let Ok(Some(m)) = next else { break };
             let m = match m {
                 Ok(m) => m,
                 Err(e) => {
@@ -973,6 +986,23 @@ async fn consume(cluster: Arc<Cluster>, store: Arc<Store>, q: QueueConfig, spawn
     }
 }
 
+/// JetStream's announcements of a new leader for queue `q`'s consumer, or None when the
+/// subscription cannot be made (pulls then fall back on PULL_GRACE).
+async fn elections(cluster: &Cluster, q: &QueueConfig) -> Option<async_nats::Subscriber> {
+    let ready = cluster.ready().await.ok()?;
+    let name = stream_name(&cluster.flock, &cluster.cage, &q.name);
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{name}.{CONSUMER}");
+    ready.js.client().subscribe(subject).await.ok()
+}
+
+/// The next announcement of a new leader; never ready without a subscription.
+async fn next_election(elected: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match elected {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn open_consumer(cluster: &Cluster, q: &QueueConfig) -> Result<jetstream::consumer::PullConsumer, String> {
     let ready = cluster.ready().await?;
     let name = stream_name(&cluster.flock, &cluster.cage, &q.name);
@@ -991,6 +1021,35 @@ async fn open_consumer(cluster: &Cluster, q: &QueueConfig) -> Result<jetstream::
     stream.get_or_create_consumer(CONSUMER, config).await.map_err(|e| format!("consumer {CONSUMER} of stream {name}: {e}"))
 }
 
+/// How long a call held by a live copy elsewhere (or by this process) waits before it is looked
+/// at again: short, so that it runs soon after its holder dies, and no longer than ack_wait.
+fn held_recheck(q: &QueueConfig) -> Duration {
+    q.ack_wait.min(Duration::from_secs(1))
+}
+
+/// Tells JetStream that `m` is still being worked on, so it is not handed to another copy.
+async fn in_progress(m: &jetstream::Message) {
+    #[cfg(debug_assertions)]
+    if no_progress_acks() {
+        return;
+    }
+    let _ = m.ack_with(AckKind::Progress).await;
+}
+
+/// A test-only way to lose in-progress acks as a consumer leader's election does (debug builds
+/// only; not compiled into a release build): `PMNC_TEST_NO_PROGRESS=1`.
+#[cfg(debug_assertions)]
+fn no_progress_acks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var_os("PMNC_TEST_NO_PROGRESS").is_some_and(|v| v == "1");
+        if on {
+            tracing::warn!("test hook: clustered queues send no in-progress acks (PMNC_TEST_NO_PROGRESS, debug builds only)");
+        }
+        on
+    })
+}
+
 /// Sends in-progress acks for `m` every third of ack_wait until `work` ends.
 async fn with_progress<T>(m: &jetstream::Message, ack_wait: Duration, work: impl std::future::Future<Output = T>) -> T {
     let mut work = std::pin::pin!(work);
@@ -999,7 +1058,7 @@ async fn with_progress<T>(m: &jetstream::Message, ack_wait: Duration, work: impl
         tokio::select! {
             out = &mut work => return out,
             _ = tokio::time::sleep(every) => {
-                let _ = m.ack_with(AckKind::Progress).await;
+                in_progress(m).await;
             }
         }
     }
@@ -1089,6 +1148,17 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             return;
         }
     };
+    // Announced in this process's heartbeats until the delivery is settled. A second delivery
+    // while the first still runs here (handed again after the consumer's leader moved) is left
+    // to the first, whose acks cover the same message.
+    let Some(_held) = rustomnic_cluster::presence::hold(&store.cage, &q.name, &call.id) else {
+        let again = held_recheck(q);
+        let _ = m.ack_with(AckKind::Nak(Some(again))).await;
+        if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
+            tracing::info!(cage = %store.cage, queue = %q.name, call = %call.id, "call {} delivered again while this process still holds it (its acks did not reach JetStream); left to that attempt, looked at again in {} ms{note}", call.id, again.as_millis());
+        }
+        return;
+    };
     let Ok(ready) = cluster.ready().await else { return };
     let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
     let mut rec = match opened(&ready.kv, &store.cage, &call, &extras).await {
@@ -1103,6 +1173,17 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
         }
     };
     if delivery > 1 {
+        // Handed again while the copy holding it lives (its in-progress acks or its ack lost
+        // while the consumer elected a leader): that copy runs or ends it; this one looks again
+        // later, and runs it only once that copy falls silent (docs/decisions/154).
+        if let Some(holder) = rustomnic_cluster::roster().and_then(|r| r.held_elsewhere(&store.cage, &q.name, &call.id, &cluster.instance)) {
+            let again = held_recheck(q);
+            let _ = m.ack_with(AckKind::Nak(Some(again))).await;
+            if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
+                tracing::info!(cage = %store.cage, queue = %q.name, call = %call.id, "call {} delivered again while copy {holder} still holds it (its acks did not reach JetStream); left to that copy, looked at again in {} ms{note}", call.id, again.as_millis());
+            }
+            return;
+        }
         rec = match confirmed(&m, &ready.kv, &call.id, rec).await {
             Ok(r) => r,
             Err(e) => {
