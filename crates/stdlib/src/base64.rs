@@ -6,7 +6,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::{DecodeError, Engine};
 use mlua::{Lua, Table, Value as LuaValue};
 
-use crate::{bytes_arg, len_of, one_string, opt_flag, reported, run_sized};
+use crate::{opt_flag, reported, string_arg, transform, Out, INLINE_BYTES};
 
 fn engine(url: bool, pad: bool) -> GeneralPurpose {
     let config = GeneralPurposeConfig::new().with_encode_padding(pad).with_decode_padding_mode(DecodePaddingMode::Indifferent);
@@ -37,16 +37,27 @@ static URL_SAFE_PAIRS: Pairs = pairs(URL_SAFE);
 
 /// `encode(data, url, pad)` as the function does it.
 pub fn encode(data: &[u8], url: bool, pad: bool) -> Vec<u8> {
-    let (table, alphabet) = if url { (&URL_SAFE_PAIRS, URL_SAFE) } else { (&STANDARD_PAIRS, STANDARD) };
-    let pair = |n: u64| u64::from(table[(n & 0xfff) as usize]);
-    let whole = data.len() / 3;
-    let rest = data.len() % 3;
-    let tail = match (rest, pad) {
+    let mut out = vec![0u8; encoded_len(data.len(), pad)];
+    encode_to_slice(data, url, &mut out);
+    out
+}
+
+/// How many symbols [`encode`] makes of `len` bytes.
+fn encoded_len(len: usize, pad: bool) -> usize {
+    let tail = match (len % 3, pad) {
         (0, _) => 0,
         (_, true) => 4,
         (r, false) => r + 1,
     };
-    let mut out = vec![0u8; whole * 4 + tail];
+    len / 3 * 4 + tail
+}
+
+/// [`encode`] into `out`, which is [`encoded_len`] bytes long (with padding or without it:
+/// the length says which).
+fn encode_to_slice(data: &[u8], url: bool, out: &mut [u8]) {
+    let (table, alphabet) = if url { (&URL_SAFE_PAIRS, URL_SAFE) } else { (&STANDARD_PAIRS, STANDARD) };
+    let pair = |n: u64| u64::from(table[(n & 0xfff) as usize]);
+    let rest = data.len() % 3;
     // Six bytes at a time (chunks of known length, so no bounds checks in the loop).
     let sixes = data.len() / 6;
     for (c, o) in data.chunks_exact(6).zip(out.chunks_exact_mut(8)) {
@@ -71,19 +82,34 @@ pub fn encode(data: &[u8], url: bool, pad: bool) -> Vec<u8> {
             *b = if k <= rest { symbols[k] } else { b'=' };
         }
     }
-    out
 }
 
 /// `decode(text, url)`: padding is optional either way.
 pub fn decode(text: &[u8], url: bool) -> Result<Vec<u8>, String> {
-    engine(url, true).decode(text).map_err(|e| match e {
+    engine(url, true).decode(text).map_err(decode_error)
+}
+
+/// [`decode`] appended to `out`.
+fn decode_into(text: &[u8], url: bool, out: &mut Out) -> Result<(), String> {
+    let at = out.len();
+    let n = engine(url, true).decode_slice(text, out.grow(base64::decoded_len_estimate(text.len()))).map_err(|e| match e {
+        base64::DecodeSliceError::DecodeError(e) => decode_error(e),
+        // The estimate is an upper bound, so this does not happen.
+        base64::DecodeSliceError::OutputSliceTooSmall => "pmnc.base64.decode: output too small".to_string(),
+    })?;
+    out.truncate(at + n);
+    Ok(())
+}
+
+fn decode_error(e: DecodeError) -> String {
+    match e {
         DecodeError::InvalidByte(at, b) => format!("pmnc.base64.decode: invalid byte {:?} at offset {at}", b as char),
         DecodeError::InvalidLength(n) => format!("pmnc.base64.decode: invalid length ({n} symbols)"),
         DecodeError::InvalidLastSymbol(at, b) => {
             format!("pmnc.base64.decode: invalid last symbol {:?} at offset {at}", b as char)
         }
         DecodeError::InvalidPadding => "pmnc.base64.decode: invalid padding".to_string(),
-    })
+    }
 }
 
 pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
@@ -94,8 +120,11 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let f = "pmnc.base64.encode";
                 let url = opt_flag(&opts, "url", f, false)?;
                 let pad = opt_flag(&opts, "pad", f, true)?;
-                let bytes = bytes_arg(&data, f, "data")?;
-                Ok(run_sized(lua, len_of(&data), move || Ok(encode(&bytes, url, pad)), one_string))
+                let data = string_arg(&data, f, "data")?;
+                Ok(transform(lua, data, [], INLINE_BYTES, move |data, [], out| {
+                    encode_to_slice(data, url, out.grow(encoded_len(data.len(), pad)));
+                    Ok(())
+                }))
             })
         })?,
     )?;
@@ -105,8 +134,8 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
             reported(lua, || {
                 let f = "pmnc.base64.decode";
                 let url = opt_flag(&opts, "url", f, false)?;
-                let bytes = bytes_arg(&text, f, "text")?;
-                Ok(run_sized(lua, len_of(&text), move || decode(&bytes, url), one_string))
+                let text = string_arg(&text, f, "text")?;
+                Ok(transform(lua, text, [], INLINE_BYTES, move |text, [], out| decode_into(text, url, out)))
             })
         })?,
     )?;

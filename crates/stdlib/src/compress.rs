@@ -9,7 +9,7 @@ use flate2::write::{GzEncoder, ZlibEncoder};
 use flate2::Compression;
 use mlua::{Lua, Table, Value as LuaValue};
 
-use crate::{bytes_arg, len_of, one_string, opt_int, reported, run_within, INLINE_BYTES, INLINE_BYTES_SLOW};
+use crate::{one_string, opt_int, reported, run_over, string_arg, INLINE_BYTES, INLINE_BYTES_SLOW};
 
 /// What decompression may produce unless `max_size` says otherwise: 1 MiB, the default request
 /// body limit of the http interface (`max_body_size`).
@@ -87,8 +87,8 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 reported(lua, || {
                     let f = format!("pmnc.compress.{name}");
                     let level = opt_int(&level, &f, "level", default, min, max)?;
-                    let bytes = bytes_arg(&data, &f, "data")?;
-                    Ok(run_within(lua, len_of(&data), inline, move || pack(&bytes, level), one_string))
+                    let data = string_arg(&data, &f, "data")?;
+                    Ok(run_over(lua, data, [], inline, move |data, []| pack(data, level), |lua, _, packed| one_string(lua, packed)))
                 })
             })?,
         )?;
@@ -101,11 +101,12 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 reported(lua, || {
                     let f = format!("pmnc.compress.{name}");
                     let max = opt_int(&max, &f, "max_size", DEFAULT_MAX_SIZE as i64, 0, MAX_SIZE_LIMIT)? as usize;
-                    let bytes = bytes_arg(&data, &f, "data")?;
+                    let data = string_arg(&data, &f, "data")?;
                     // The work grows with the output, so a large allowance goes off the worker
-                    // even for a small input (the default one included).
-                    let size = if max > 4 * INLINE_BYTES { usize::MAX } else { len_of(&data) };
-                    Ok(run_within(lua, size, INLINE_BYTES_SLOW, move || unpack(&bytes, max), one_string))
+                    // even for a small input (the default one included; an empty input stays,
+                    // as it has nothing to unpack).
+                    let inline = if max > 4 * INLINE_BYTES { 0 } else { INLINE_BYTES_SLOW };
+                    Ok(run_over(lua, data, [], inline, move |data, []| unpack(data, max), |lua, _, unpacked| one_string(lua, unpacked)))
                 })
             })?,
         )?;

@@ -10,42 +10,78 @@ use sha1::{Digest, Sha1};
 use sha2::{Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
-use crate::{bytes_arg, len_of, ok, one_string, opt_int, pending, reported, run_sized};
+use crate::{bytes_arg, ok, one_string, opt_int, pending, reported, run_sized, string_arg, transform, Out, INLINE_BYTES};
 
 /// Most bytes one `pmnc.crypto.random` call gives.
 pub const RANDOM_MAX: i64 = 64 << 20;
 
-/// The digest of `data` by `alg` (sha1, sha256, sha512, md5).
-pub fn digest(alg: &str, data: &[u8]) -> Option<Vec<u8>> {
-    Some(match alg {
-        "sha1" => Sha1::digest(data).to_vec(),
-        "sha256" => Sha256::digest(data).to_vec(),
-        "sha512" => Sha512::digest(data).to_vec(),
-        "md5" => Md5::digest(data).to_vec(),
-        _ => return None,
-    })
+/// The digest algorithms, by the names the functions use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Alg {
+    Sha1,
+    Sha256,
+    Sha512,
+    Md5,
 }
 
-fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Vec<u8> {
-    // An HMAC key may have any length, so this cannot fail.
-    match <M as Mac>::new_from_slice(key) {
-        Ok(mut m) => {
-            m.update(data);
-            m.finalize().into_bytes().to_vec()
+impl Alg {
+    const ALL: [Alg; 4] = [Alg::Sha1, Alg::Sha256, Alg::Sha512, Alg::Md5];
+
+    /// The algorithm named `name`.
+    fn named(name: &[u8]) -> Option<Alg> {
+        Alg::ALL.into_iter().find(|a| a.name().as_bytes() == name)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Alg::Sha1 => "sha1",
+            Alg::Sha256 => "sha256",
+            Alg::Sha512 => "sha512",
+            Alg::Md5 => "md5",
         }
-        Err(_) => Vec::new(),
+    }
+}
+
+/// The digest of `data` by `alg` (sha1, sha256, sha512, md5).
+pub fn digest(alg: &str, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Out::default();
+    digest_into(Alg::named(alg.as_bytes())?, data, &mut out);
+    Some(out.into_vec())
+}
+
+/// [`digest`] appended to `out`.
+fn digest_into(alg: Alg, data: &[u8], out: &mut Out) {
+    match alg {
+        Alg::Sha1 => out.extend(&Sha1::digest(data)),
+        Alg::Sha256 => out.extend(&Sha256::digest(data)),
+        Alg::Sha512 => out.extend(&Sha512::digest(data)),
+        Alg::Md5 => out.extend(&Md5::digest(data)),
+    }
+}
+
+fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8], out: &mut Out) {
+    // An HMAC key may have any length, so this cannot fail.
+    if let Ok(mut m) = <M as Mac>::new_from_slice(key) {
+        m.update(data);
+        out.extend(&m.finalize().into_bytes());
     }
 }
 
 /// HMAC of `data` under `key` with `alg`.
 pub fn hmac(alg: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
-    Some(match alg {
-        "sha1" => mac::<Hmac<Sha1>>(key, data),
-        "sha256" => mac::<Hmac<Sha256>>(key, data),
-        "sha512" => mac::<Hmac<Sha512>>(key, data),
-        "md5" => mac::<Hmac<Md5>>(key, data),
-        _ => return None,
-    })
+    let mut out = Out::default();
+    hmac_into(Alg::named(alg.as_bytes())?, key, data, &mut out);
+    Some(out.into_vec())
+}
+
+/// [`hmac`] appended to `out`.
+fn hmac_into(alg: Alg, key: &[u8], data: &[u8], out: &mut Out) {
+    match alg {
+        Alg::Sha1 => mac::<Hmac<Sha1>>(key, data, out),
+        Alg::Sha256 => mac::<Hmac<Sha256>>(key, data, out),
+        Alg::Sha512 => mac::<Hmac<Sha512>>(key, data, out),
+        Alg::Md5 => mac::<Hmac<Md5>>(key, data, out),
+    }
 }
 
 fn hash_password(pw: &[u8]) -> Result<String, String> {
@@ -65,14 +101,17 @@ fn verify_password(pw: &[u8], hash: &str) -> Result<bool, String> {
 }
 
 pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
-    for alg in ["sha1", "sha256", "sha512", "md5"] {
+    for alg in Alg::ALL {
+        let f = format!("pmnc.crypto.{}", alg.name());
         t.set(
-            alg,
+            alg.name(),
             lua.create_function(move |lua, data: LuaValue| {
                 reported(lua, || {
-                    let f = format!("pmnc.crypto.{alg}");
-                    let bytes = bytes_arg(&data, &f, "data")?;
-                    Ok(run_sized(lua, len_of(&data), move || digest(alg, &bytes).ok_or(f), one_string))
+                    let data = string_arg(&data, &f, "data")?;
+                    Ok(transform(lua, data, [], INLINE_BYTES, move |data, [], out| {
+                        digest_into(alg, data, out);
+                        Ok(())
+                    }))
                 })
             })?,
         )?;
@@ -83,18 +122,24 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
             reported(lua, || {
                 let f = "pmnc.crypto.hmac";
                 let alg = match &alg {
-                    LuaValue::String(s) => match &*s.to_string_lossy() {
-                        "sha1" => "sha1",
-                        "sha256" => "sha256",
-                        "sha512" => "sha512",
-                        "md5" => "md5",
-                        other => return Err(format!("{f}: unknown algorithm {other:?} (sha1, sha256, sha512 or md5)")),
-                    },
+                    LuaValue::String(s) => {
+                        let name = s.as_bytes();
+                        match Alg::named(&name) {
+                            Some(alg) => alg,
+                            None => {
+                                let other = String::from_utf8_lossy(&name);
+                                return Err(format!("{f}: unknown algorithm {other:?} (sha1, sha256, sha512 or md5)"));
+                            }
+                        }
+                    }
                     other => return Err(format!("{f}: algorithm must be a string, got {}", other.type_name())),
                 };
-                let key = bytes_arg(&key, f, "key")?;
-                let bytes = bytes_arg(&data, f, "data")?;
-                Ok(run_sized(lua, len_of(&data), move || hmac(alg, &key, &bytes).ok_or_else(|| f.to_string()), one_string))
+                let key = string_arg(&key, f, "key")?;
+                let data = string_arg(&data, f, "data")?;
+                Ok(transform(lua, data, [key], INLINE_BYTES, move |data, [key], out| {
+                    hmac_into(alg, key, data, out);
+                    Ok(())
+                }))
             })
         })?,
     )?;

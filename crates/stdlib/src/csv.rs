@@ -3,7 +3,7 @@
 
 use mlua::{Lua, MultiValue, Table, Value as LuaValue};
 
-use crate::{bytes_arg, len_of, ok_bytes, opt_flag, reported, run_within};
+use crate::{ok_bytes, opt_flag, reported, run_over, string_arg};
 
 /// Most fields one document may hold, so a small text of empty fields cannot make a huge table.
 pub const FIELDS_MAX: usize = 10_000_000;
@@ -152,8 +152,8 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let f = "pmnc.csv.decode";
                 let header = opt_flag(&opts, "header", f, true)?;
                 let sep = separator(&opts, f)?;
-                let bytes = bytes_arg(&text, f, "text")?;
-                Ok(run_within(lua, len_of(&text), crate::INLINE_BYTES_SLOW, move || decode(&bytes, sep), move |lua, rows| rows_to_lua(lua, rows, header)))
+                let text = string_arg(&text, f, "text")?;
+                Ok(run_over(lua, text, [], crate::INLINE_BYTES_SLOW, move |text, []| decode(text, sep), move |lua, _, rows| rows_to_lua(lua, rows, header)))
             })
         })?,
     )?;

@@ -7,10 +7,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mlua::{Function, Lua, MultiValue, Table, Value as LuaValue};
+use mlua::{Function, Lua, LuaString, MultiValue, Table, Value as LuaValue};
 use regex::bytes::{Captures, Regex, RegexBuilder};
 
-use crate::{bytes_arg, fail, len_of, opt_int, reported, run_within, INLINE_BYTES_RE};
+use crate::{fail, opt_int, reported, run_over, string_arg, INLINE_BYTES_RE};
 
 /// Compiled patterns kept per worker thread.
 pub const CACHE_SIZE: usize = 256;
@@ -82,23 +82,30 @@ impl Found {
 }
 
 fn match_table(lua: &Lua, re: &Regex, subject: &[u8], found: &Found) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(found.spans.len(), 0)?;
-    for (i, span) in found.spans.iter().enumerate() {
+    // Groups 1.. go to the array part; the whole match (key 0) and the names to the hash part,
+    // sized for them so that no insertion rehashes the table.
+    let names = re.capture_names().flatten().count();
+    let t = lua.create_table_with_capacity(found.spans.len().saturating_sub(1), 1 + names)?;
+    for ((i, span), name) in found.spans.iter().enumerate().zip(re.capture_names()) {
         let v = match span {
             Some((s, e)) => LuaValue::String(lua.create_string(&subject[*s..*e])?),
             None => LuaValue::Boolean(false),
         };
-        t.raw_set(i, v.clone())?;
-        if let Some(Some(name)) = re.capture_names().nth(i) {
-            t.raw_set(name, v)?;
+        if let Some(name) = name {
+            t.raw_set(name, v.clone())?;
         }
+        t.raw_set(i, v)?;
     }
     Ok(t)
 }
 
-/// Start offset (0-based) of Lua position `init` (1-based, negative from the end).
-fn start_of(init: &LuaValue, len: usize, func: &str) -> Result<usize, String> {
-    let i = opt_int(init, func, "init", 1, i64::MIN, i64::MAX)?;
+/// Lua position `init` (1-based, negative from the end), 1 when absent.
+fn init_arg(init: &LuaValue, func: &str) -> Result<i64, String> {
+    opt_int(init, func, "init", 1, i64::MIN, i64::MAX)
+}
+
+/// Start offset (0-based) of Lua position `i` in a subject of `len` bytes.
+fn start_of(i: i64, len: usize) -> usize {
     let len = len as i64;
     let start = if i > 0 {
         i - 1
@@ -107,11 +114,11 @@ fn start_of(init: &LuaValue, len: usize, func: &str) -> Result<usize, String> {
     } else {
         (len + i).max(0)
     };
-    Ok(start.min(len) as usize)
+    start.min(len) as usize
 }
 
-fn args(subject: &LuaValue, pattern: &LuaValue, func: &str) -> Result<(Vec<u8>, Arc<Regex>), String> {
-    let s = bytes_arg(subject, func, "subject")?;
+fn args<'a>(subject: &'a LuaValue, pattern: &LuaValue, func: &str) -> Result<(&'a LuaString, Arc<Regex>), String> {
+    let s = string_arg(subject, func, "subject")?;
     let LuaValue::String(p) = pattern else {
         return Err(format!("{func}: the pattern must be a string, got {}", pattern.type_name()));
     };
@@ -215,16 +222,17 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
             reported(lua, || {
                 let f = "pmnc.re.match";
                 let (s, re) = args(&subject, &pattern, f)?;
-                let start = start_of(&init, s.len(), f)?;
-                Ok(run_within(
+                let init = init_arg(&init, f)?;
+                Ok(run_over(
                     lua,
-                    len_of(&subject),
+                    s,
+                    [],
                     INLINE_BYTES_RE,
-                    move || {
-                        let found = re.captures_at(&s, start).map(|c| Found::of(&c));
-                        Ok((re, s, found))
+                    move |s, []| {
+                        let found = re.captures_at(s, start_of(init, s.len())).map(|c| Found::of(&c));
+                        Ok((re, found))
                     },
-                    |lua, (re, s, found)| match found {
+                    |lua, s, (re, found)| match found {
                         Some(found) => Ok(MultiValue::from_iter([LuaValue::Table(match_table(lua, &re, &s, &found)?)])),
                         None => Ok(MultiValue::from_iter([LuaValue::Nil])),
                     },
@@ -238,13 +246,14 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
             reported(lua, || {
                 let f = "pmnc.re.find";
                 let (s, re) = args(&subject, &pattern, f)?;
-                let start = start_of(&init, s.len(), f)?;
-                Ok(run_within(
+                let init = init_arg(&init, f)?;
+                Ok(run_over(
                     lua,
-                    len_of(&subject),
+                    s,
+                    [],
                     INLINE_BYTES_RE,
-                    move || Ok(re.find_at(&s, start).map(|m| (m.start(), m.end()))),
-                    |_, found| match found {
+                    move |s, []| Ok(re.find_at(s, start_of(init, s.len())).map(|m| (m.start(), m.end()))),
+                    |_, _, found| match found {
                         Some((s, e)) => Ok(MultiValue::from_iter([LuaValue::Integer(s as i64 + 1), LuaValue::Integer(e as i64)])),
                         None => Ok(MultiValue::from_iter([LuaValue::Nil])),
                     },
@@ -258,18 +267,20 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
             reported(lua, || {
                 let f = "pmnc.re.gmatch";
                 let (s, re) = args(&subject, &pattern, f)?;
-                Ok(run_within(
+                Ok(run_over(
                     lua,
-                    len_of(&subject),
+                    s,
+                    [],
                     INLINE_BYTES_RE,
-                    move || {
-                        let found = all(&re, &s, MATCHES_MAX, f)?;
-                        Ok((re, s, found))
+                    move |s, []| {
+                        let found = all(&re, s, MATCHES_MAX, f)?;
+                        Ok((re, found))
                     },
-                    |lua, (re, s, found)| {
+                    |lua, s, (re, found)| {
+                        let s = s.keep();
                         let mut next = found.into_iter();
                         let iter = lua.create_function_mut(move |lua, ()| match next.next() {
-                            Some(m) => Ok(LuaValue::Table(match_table(lua, &re, &s, &m)?)),
+                            Some(m) => Ok(LuaValue::Table(s.read(|s| match_table(lua, &re, s, &m))?)),
                             None => Ok(LuaValue::Nil),
                         })?;
                         Ok(MultiValue::from_iter([LuaValue::Function(iter)]))
@@ -286,17 +297,15 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let (s, re) = args(&subject, &pattern, f)?;
                 let n = opt_int(&n, f, "n", i64::MAX, 0, i64::MAX)? as usize;
                 match &repl {
-                    LuaValue::String(r) => {
-                        let r = r.as_bytes().to_vec();
-                        Ok(run_within(
-                            lua,
-                            len_of(&subject),
-                            INLINE_BYTES_RE,
-                            move || Ok(replace(&re, &s, &r, n)),
-                            |lua, (out, count)| Ok(MultiValue::from_iter([LuaValue::String(lua.create_string(out)?), LuaValue::Integer(count as i64)])),
-                        ))
-                    }
-                    LuaValue::Function(_) | LuaValue::Table(_) => gsub_lua(lua, &re, &s, &repl, n),
+                    LuaValue::String(r) => Ok(run_over(
+                        lua,
+                        s,
+                        [r],
+                        INLINE_BYTES_RE,
+                        move |s, [r]| Ok(replace(&re, s, r, n)),
+                        |lua, _, (out, count)| Ok(MultiValue::from_iter([LuaValue::String(lua.create_string(out)?), LuaValue::Integer(count as i64)])),
+                    )),
+                    LuaValue::Function(_) | LuaValue::Table(_) => gsub_lua(lua, &re, &s.as_bytes(), &repl, n),
                     other => Err(format!("{f}: the replacement must be a string, function or table, got {}", other.type_name())),
                 }
             })
@@ -309,12 +318,13 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let f = "pmnc.re.split";
                 let (s, re) = args(&subject, &pattern, f)?;
                 let max = opt_int(&max, f, "max", i64::MAX, 1, i64::MAX)? as usize;
-                Ok(run_within(
+                Ok(run_over(
                     lua,
-                    len_of(&subject),
+                    s,
+                    [],
                     INLINE_BYTES_RE,
-                    move || Ok((split(&re, &s, max)?, s)),
-                    |lua, (pieces, s)| {
+                    move |s, []| split(&re, s, max),
+                    |lua, s, pieces| {
                         let t = lua.create_table_with_capacity(pieces.len(), 0)?;
                         for (a, b) in pieces {
                             t.raw_push(lua.create_string(&s[a..b])?)?;

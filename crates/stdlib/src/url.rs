@@ -3,7 +3,7 @@
 
 use mlua::{Lua, Table, Value as LuaValue};
 
-use crate::{bytes_arg, ok, ok_bytes, reported};
+use crate::{ok, ok_bytes, reported, string_arg};
 
 /// `data` with every byte but the unreserved ones (RFC 3986: letters, digits, `-._~`) as `%XX`.
 pub fn encode(data: &[u8]) -> String {
@@ -111,13 +111,16 @@ fn query(t: &Table) -> Result<String, String> {
 }
 
 pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
-    t.set("encode", lua.create_function(|lua, s: LuaValue| reported(lua, || Ok(ok_bytes(lua, encode(&bytes_arg(&s, "pmnc.url.encode", "text")?)))))?)?;
+    t.set(
+        "encode",
+        lua.create_function(|lua, s: LuaValue| reported(lua, || Ok(ok_bytes(lua, encode(&string_arg(&s, "pmnc.url.encode", "text")?.as_bytes())))))?,
+    )?;
     t.set(
         "decode",
         lua.create_function(|lua, (s, opts): (LuaValue, LuaValue)| {
             reported(lua, || {
                 let plus = crate::opt_flag(&opts, "plus", "pmnc.url.decode", false)?;
-                Ok(ok_bytes(lua, decode(&bytes_arg(&s, "pmnc.url.decode", "text")?, plus)?))
+                Ok(ok_bytes(lua, decode(&string_arg(&s, "pmnc.url.decode", "text")?.as_bytes(), plus)?))
             })
         })?,
     )?;
@@ -125,7 +128,7 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "parse",
         lua.create_function(|lua, s: LuaValue| {
             reported(lua, || {
-                let text = bytes_arg(&s, "pmnc.url.parse", "url")?;
+                let text = string_arg(&s, "pmnc.url.parse", "url")?.as_bytes();
                 parse(lua, &String::from_utf8_lossy(&text))
             })
         })?,

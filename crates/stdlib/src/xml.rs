@@ -7,7 +7,7 @@ use mlua::{Lua, MultiValue, Table, Value as LuaValue};
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::{len_of, ok_bytes, opt_flag, reported, run_within};
+use crate::{ok_bytes, opt_flag, reported, run_over, string_arg};
 
 /// Limits of `decode`.
 #[derive(Clone, Copy, Debug)]
@@ -372,13 +372,14 @@ pub(crate) fn install(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "decode",
         lua.create_function(|lua, text: LuaValue| {
             reported(lua, || {
-                let bytes = crate::bytes_arg(&text, "pmnc.xml.decode", "text")?;
-                Ok(run_within(
+                let text = string_arg(&text, "pmnc.xml.decode", "text")?;
+                Ok(run_over(
                     lua,
-                    len_of(&text),
+                    text,
+                    [],
                     crate::INLINE_BYTES_SLOW,
-                    move || decode(&bytes, DEFAULT_LIMITS),
-                    |lua, root| Ok(MultiValue::from_iter([LuaValue::Table(to_lua(lua, root)?)])),
+                    |text, []| decode(text, DEFAULT_LIMITS),
+                    |lua, _, root| Ok(MultiValue::from_iter([LuaValue::Table(to_lua(lua, root)?)])),
                 ))
             })
         })?,
