@@ -133,10 +133,24 @@ pub(crate) fn serve(store: &Store) {
     });
 }
 
+/// Reads a part of a join as it arrives on a holder's subject: the call to `_queue.join` that
+/// the member's outbox forwards, one map (crate::forward), whose one argument the holder's
+/// store reads as the part (crate::workflow::Part::from_args). Anything on the flock's
+/// subjects can publish here: a refusal says what was wrong.
+pub(crate) fn read_part(payload: &[u8]) -> Result<Forwarded, String> {
+    let v = decode(payload).map_err(|e| format!("the message: {e}"))?;
+    forward::decode(vec![v])
+}
+
+/// A part of a join as [`deliver`] sends it to the holder's process.
+pub(crate) fn part_message(f: &Forwarded) -> Result<Vec<u8>, String> {
+    encode(&forward::encode(f), MAX_VALUE)
+}
+
 /// Applies one part that arrived for cage `cage`'s file `key`; the answer: `ok`, or
 /// `refused:`/`failed:` and why.
 async fn take(cage: &str, key: &str, payload: &[u8]) -> Vec<u8> {
-    let f = match decode(payload).map_err(|e| e.to_string()).and_then(|v| forward::decode(vec![v])) {
+    let f = match read_part(payload) {
         Ok(f) => f,
         Err(e) => return format!("refused:cage {cage}: a part of a join cannot be read: {e}").into_bytes(),
     };
@@ -161,7 +175,7 @@ pub(crate) async fn deliver(cage: &str, key: &str, f: Forwarded) -> Result<(), C
     let Some(link) = link() else {
         return Err(CallError::Failed(format!("the join of cage {cage} is held by another process, and this one joined no cluster")));
     };
-    let payload = encode(&forward::encode(&f), MAX_VALUE).map_err(|e| CallError::Refused(format!("a part of a join of cage {cage}: {e}")))?;
+    let payload = part_message(&f).map_err(|e| CallError::Refused(format!("a part of a join of cage {cage}: {e}")))?;
     let subject = subject(&link.flock, cage, key);
     let (l, cage_name) = (link.clone(), cage.to_string());
     let sent = link

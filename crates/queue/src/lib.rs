@@ -16,7 +16,7 @@ mod log;
 pub mod overview;
 mod share;
 pub mod store;
-mod workflow;
+pub mod workflow;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

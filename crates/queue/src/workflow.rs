@@ -173,15 +173,18 @@ impl Cont {
         };
         let join = match field(m, "join") {
             None | Some(Value::Nil) => None,
-            Some(Value::Map(j)) => Some(Join {
-                cage: text(j, "cage")?,
-                id: text(j, "id")?,
-                index: match field(j, "index") {
-                    Some(Value::Int(i)) if (1..=MAX_WORKFLOW_STEPS as i64).contains(i) => *i,
-                    _ => return Err("field join.index must be a member index".into()),
-                },
-                holder: opt_text(j, "holder")?,
-            }),
+            Some(Value::Map(j)) => {
+                let of_join = |e: String| format!("{e} (of field join)");
+                Some(Join {
+                    cage: text(j, "cage").map_err(of_join)?,
+                    id: text(j, "id").map_err(of_join)?,
+                    index: match field(j, "index") {
+                        Some(Value::Int(i)) if (1..=MAX_WORKFLOW_STEPS as i64).contains(i) => *i,
+                        _ => return Err("field join.index must be a member index".into()),
+                    },
+                    holder: opt_text(j, "holder").map_err(of_join)?,
+                })
+            }
             Some(_) => return Err("field join must be a map".into()),
         };
         let wf = text(m, "wf")?;
@@ -443,13 +446,18 @@ impl Part {
     /// Reads a part forwarded by another cage (`_queue.join`).
     pub(crate) fn from_args(args: Vec<Value>) -> Result<Part, String> {
         let mut args = args.into_iter();
-        let (Some(Value::Map(m)), None) = (args.next(), args.next()) else {
+        let (Some(Value::Map(mut m)), None) = (args.next(), args.next()) else {
             return Err("a part of a join is one map of its fields".into());
         };
         let end = match text(&m, "status")?.as_str() {
-            "done" => Ok(field(&m, "value").cloned().unwrap_or(Value::Nil)),
+            // Moved out, not copied: the value is as large as the message that brought it
+            // (decision 060; the first one of that name, as `field` reads).
+            "done" => Ok(match m.iter().position(|(k, _)| k.as_str() == Some("value")) {
+                Some(i) => m.remove(i).1,
+                None => Value::Nil,
+            }),
             "dead" => Err(text(&m, "error")?),
-            other => return Err(format!("a part of a join is done or dead, not {other:?}")),
+            other => return Err(format!("a part of a join is done or dead, not {:?}", shown(other))),
         };
         let index = match field(&m, "index") {
             Some(Value::Int(i)) if (1..=MAX_WORKFLOW_STEPS as i64).contains(i) => *i,
@@ -457,6 +465,30 @@ impl Part {
         };
         Ok(Part { join: text(&m, "join")?, index, member: text(&m, "member")?, end })
     }
+}
+
+/// At most the first 32 characters of `s`, for a refusal that quotes what a peer sent: the
+/// refusal is logged and sent back, and the peer's text could be as long as a message.
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(32) {
+        Some((end, _)) => format!("{}...", &s[..end]),
+        None => s.to_string(),
+    }
+}
+
+/// A chord's body as its join keeps it (queue_joins.body): the body step (a [`step_value`])
+/// and the workflow's on_error step, stored when the last member's part arrives.
+pub(crate) fn body_bytes(step: Value, on_error: Option<Value>) -> Result<Vec<u8>, String> {
+    let v = map(vec![("body", step), ("on_error", on_error.unwrap_or(Value::Nil))]);
+    encode(&v, MAX_VALUE).map_err(|e| format!("the chord's body: {e}"))
+}
+
+/// Reads what [`body_bytes`] made: (body step id, its call, the on_error step). The file could
+/// be damaged, or written by another version.
+pub(crate) fn read_body(bytes: &[u8]) -> Result<(String, DurableCall, Option<Value>), String> {
+    let Value::Map(m) = decode(bytes)? else { return Err("a chord's body is a map of its fields".into()) };
+    let (id, call) = step_from(field(&m, "body").ok_or("field body is missing")?)?;
+    Ok((id, call, field(&m, "on_error").filter(|v| !matches!(v, Value::Nil)).cloned()))
 }
 
 /// Hands a member's end to its join: applied here when this cage holds it, else stored in
@@ -571,14 +603,7 @@ pub(crate) fn apply_part(tx: &Connection, store: &Store, p: &Part, after: &mut A
         return Ok(());
     };
     // A chord: its body, with the results as its first argument.
-    let read = decode(&body).map_err(|e| e.to_string()).and_then(|v| match v {
-        Value::Map(m) => {
-            let (id, call) = step_from(field(&m, "body").ok_or("the body is missing")?)?;
-            Ok((id, call, field(&m, "on_error").filter(|v| !matches!(v, Value::Nil)).cloned()))
-        }
-        _ => Err("the body is a map".into()),
-    });
-    let (id, mut call, on_error) = match read {
+    let (id, mut call, on_error) = match read_body(&body) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(cage = %store.cage, workflow = %wf, "the body of chord {} cannot be read: {e}", p.join);
@@ -680,8 +705,7 @@ pub(crate) async fn start(w: Workflow) -> Result<String, String> {
             let body = match &w.body {
                 Some(b) => {
                     check_step(b)?;
-                    let v = map(vec![("body", step_value(&format!("{wf}.body"), b)), ("on_error", on_error.clone().unwrap_or(Value::Nil))]);
-                    Some(encode(&v, MAX_VALUE).map_err(|e| format!("the chord's body: {e}"))?)
+                    Some(body_bytes(step_value(&format!("{wf}.body"), b), on_error.clone())?)
                 }
                 None => None,
             };
@@ -1111,6 +1135,343 @@ pub(crate) fn join_status(conn: &Connection, store: &Store, id: &str) -> Result<
     };
     let chord_done = status == "done" && body.is_some();
     Ok(Some((CallStatus { status, cage: store.cage.clone(), attempts: None, value, error }, chord_done)))
+}
+
+/// What the `queue_workflow` fuzz target reads: parts of joins as they arrive from the flock
+/// (crate::holder::read_part, then [`Part::from_args`] as the holder's store applies them),
+/// continuations as a state file or a clustered queue's stream message keeps them
+/// ([`Cont::decode`]), the steps they carry ([`step_from`], when they fire), and a chord's body
+/// as its join keeps it ([`read_body`]). Each is the reading the runtime calls, and each
+/// writes back as the runtime writes it.
+pub mod fuzzing {
+    use super::*;
+    use crate::forward::Forwarded;
+    use crate::holder::{part_message, read_part};
+
+    /// What one reading of fuzz bytes (or of a value inside them) gave.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Trip {
+        /// Refused, with the reason the runtime would log or send back.
+        Refused { what: &'static str, why: String },
+        /// Read; written back as the runtime writes it, it read again as the same.
+        Same { what: &'static str },
+        /// Read, but writing it back, or reading that, went wrong: how.
+        Broken { what: &'static str, how: String },
+    }
+
+    /// The stored form of a value, to compare two readings bit for bit (a NaN that a peer
+    /// sent is not equal to itself; its bits are).
+    fn bits(v: &Value) -> Vec<u8> {
+        encode(v, usize::MAX).unwrap_or_else(|e| format!("unencodable: {e}").into_bytes())
+    }
+
+    // Two readings are compared field by field, each value by its bits: not through the
+    // writer (comparing what two readings write would hide a writer that drops or swaps a
+    // field).
+
+    type ForwardedKey<'a> = (&'a str, &'a str, &'a str, &'a str, Vec<Vec<u8>>, [Option<i64>; 4], &'a Option<String>, Option<Vec<u8>>);
+
+    fn forwarded_key(f: &Forwarded) -> ForwardedKey<'_> {
+        (
+            &f.queue,
+            &f.id,
+            &f.module,
+            &f.function,
+            f.args.iter().map(bits).collect(),
+            [Some(f.created_ms), Some(f.due_ms), f.expires_ms, f.max_attempts],
+            &f.trace,
+            f.cont.as_ref().map(bits),
+        )
+    }
+
+    fn part_key(p: &Part) -> (&str, i64, &str, Result<Vec<u8>, &str>) {
+        (&p.join, p.index, &p.member, p.end.as_ref().map(bits).map_err(String::as_str))
+    }
+
+    type ContKey<'a> = (&'a str, &'a str, Vec<Vec<u8>>, Option<Vec<u8>>, &'a Option<Join>, &'a Option<String>);
+
+    fn cont_key(c: &Cont) -> ContKey<'_> {
+        (&c.wf, &c.origin, c.next.iter().map(bits).collect(), c.on_error.as_ref().map(bits), &c.join, &c.alias)
+    }
+
+    /// A step's call; its options hold only finite numbers, so they compare as they are.
+    fn call_key(c: &DurableCall) -> (&str, &str, &str, &str, Vec<Vec<u8>>, &CallOptions) {
+        (&c.from_cage, &c.cage, &c.module, &c.function, c.args.iter().map(bits).collect(), &c.options)
+    }
+
+    /// How the holder's process read a part of a join: the message, then its part. Kept apart
+    /// from the round trip, so that a target can hold the runtime's reading (not the copies
+    /// the round trip makes) to a memory budget.
+    pub struct PartRead(Result<Result<Part, String>, String>);
+
+    /// Reads `bytes` as a part of a join arriving on a holder's subject, as the holder does:
+    /// crate::holder::read_part, then the part from the call's arguments, which the store
+    /// takes by value ([`Part::from_args`]).
+    pub fn read_part_message(bytes: &[u8]) -> PartRead {
+        PartRead(read_part(bytes).map(|f| Part::from_args(f.args)))
+    }
+
+    /// The round trips of what [`read_part_message`] read from `bytes`: the message sent again
+    /// as it is (a holder that answered `failed:` gets it again), the continuation a forwarded
+    /// call may carry (`_queue.accept` reads it; the holder ignores it), and the part as its
+    /// member's cage sends it.
+    pub fn part_trips(bytes: &[u8], read: PartRead) -> Vec<Trip> {
+        let what = "part message";
+        let (part, f) = match (read.0, read_part(bytes)) {
+            (Err(why), _) => return vec![Trip::Refused { what, why }],
+            (Ok(part), Ok(f)) => (part, f),
+            (Ok(_), Err(e)) => return vec![Trip::Broken { what, how: format!("read once, refused the second time: {e}") }],
+        };
+        match part_message(&f).and_then(|b| read_part(&b)) {
+            Ok(again) if forwarded_key(&again) == forwarded_key(&f) => {}
+            Ok(again) => return vec![Trip::Broken { what, how: format!("{f:?} was sent again as {again:?}") }],
+            Err(e) => return vec![Trip::Broken { what, how: format!("{f:?} cannot be sent again: {e}") }],
+        }
+        let mut out = Vec::new();
+        if let Some(v) = &f.cont {
+            out.extend(cont_value(v, "continuation of a forwarded call"));
+        }
+        let what = "part of a join";
+        let p = match part {
+            Ok(p) => p,
+            Err(why) => {
+                out.push(Trip::Refused { what, why });
+                return out;
+            }
+        };
+        // Its one argument, in the same forwarded call.
+        let sent = Forwarded { args: vec![p.to_value()], ..f };
+        let back = part_message(&sent).and_then(|b| read_part(&b)).and_then(|again| Ok((Part::from_args(again.args.clone())?, again)));
+        out.push(match back {
+            Ok((p2, again)) if part_key(&p2) == part_key(&p) && forwarded_key(&again) == forwarded_key(&sent) => Trip::Same { what },
+            Ok((p2, _)) => Trip::Broken { what, how: format!("{p:?} was written back as {p2:?}") },
+            Err(e) => Trip::Broken { what, how: format!("{p:?} does not write back: {e}") },
+        });
+        out
+    }
+
+    /// A continuation as the runtime read it (see [`PartRead`]).
+    pub struct ContRead(Result<Cont, String>);
+
+    /// Reads `bytes` as a stored continuation: the `cont` column of a step's row, or of a
+    /// clustered queue's stream message ([`Cont::decode`]).
+    pub fn read_cont(bytes: &[u8]) -> ContRead {
+        ContRead(Cont::decode(bytes))
+    }
+
+    /// The round trips of what [`read_cont`] read: the continuation stored as the writer
+    /// stores it, then each step it carries, read as when it fires.
+    pub fn cont_trips(read: ContRead) -> Vec<Trip> {
+        let what = "continuation";
+        let c = match read.0 {
+            Ok(c) => c,
+            Err(why) => return vec![Trip::Refused { what, why }],
+        };
+        let mut out = vec![cont_trip(&c, what)];
+        for step in c.next.iter().chain(&c.on_error) {
+            out.push(step_trip(step));
+        }
+        out
+    }
+
+    /// A chord's body as the runtime read it (see [`PartRead`]).
+    pub struct BodyRead(Result<(String, DurableCall, Option<Value>), String>);
+
+    /// Reads `bytes` as a chord's body kept by its join ([`read_body`]).
+    pub fn read_chord_body(bytes: &[u8]) -> BodyRead {
+        BodyRead(read_body(bytes))
+    }
+
+    /// The round trips of what [`read_chord_body`] read: the body kept again, then its
+    /// on_error step.
+    pub fn body_trips(read: BodyRead) -> Vec<Trip> {
+        let what = "chord body";
+        let (id, call, on_error) = match read.0 {
+            Ok(b) => b,
+            Err(why) => return vec![Trip::Refused { what, why }],
+        };
+        let back = body_bytes(step_value(&id, &call), on_error.clone()).and_then(|b| read_body(&b));
+        let mut out = vec![match back {
+            Ok((id2, call2, on_error2)) if id2 == id && call_key(&call2) == call_key(&call) && on_error2.as_ref().map(bits) == on_error.as_ref().map(bits) => {
+                Trip::Same { what }
+            }
+            Ok(again) => Trip::Broken { what, how: format!("{:?} was written back as {again:?}", (&id, &call, &on_error)) },
+            Err(e) => Trip::Broken { what, how: format!("{:?} does not write back: {e}", (&id, &call, &on_error)) },
+        }];
+        if let Some(v) = &on_error {
+            out.push(step_trip(v));
+        }
+        out
+    }
+
+    /// A continuation read from a value (a forwarded call's), then the steps it carries.
+    fn cont_value(v: &Value, what: &'static str) -> Vec<Trip> {
+        let c = match Cont::from_value(v) {
+            Ok(c) => c,
+            Err(why) => return vec![Trip::Refused { what, why }],
+        };
+        let mut out = vec![cont_trip(&c, what)];
+        for step in c.next.iter().chain(&c.on_error) {
+            out.push(step_trip(step));
+        }
+        out
+    }
+
+    /// A continuation that read, stored as the writer stores it and read again.
+    fn cont_trip(c: &Cont, what: &'static str) -> Trip {
+        match c.encode().and_then(|b| Cont::decode(&b)) {
+            Ok(c2) if cont_key(&c2) == cont_key(c) => Trip::Same { what },
+            Ok(c2) => Trip::Broken { what, how: format!("{c:?} was stored as {c2:?}") },
+            Err(e) => Trip::Broken { what, how: format!("{c:?} cannot be stored: {e}") },
+        }
+    }
+
+    /// A step a continuation carries, read as when it fires, then kept again as a step.
+    fn step_trip(v: &Value) -> Trip {
+        let what = "workflow step";
+        let (id, call) = match step_from(v) {
+            Ok(s) => s,
+            Err(why) => return Trip::Refused { what, why },
+        };
+        let kept = step_value(&id, &call);
+        match step_from(&kept) {
+            Ok((id2, call2)) if id2 == id && call_key(&call2) == call_key(&call) => Trip::Same { what },
+            Ok(again) => Trip::Broken { what, how: format!("{:?} was kept as {again:?}", (id, call)) },
+            Err(e) => Trip::Broken { what, how: format!("{:?} does not read back: {e}", (id, call)) },
+        }
+    }
+
+    /// Parts, continuations and chord bodies as this build writes them (the target's seeds):
+    /// a chain's step, a group's and a chord's members (with and without the join's holder),
+    /// a chord's body step, an on_error step, and a forwarded step carrying its continuation.
+    pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let call = |f: &str| DurableCall {
+            from_cage: "web".into(),
+            cage: "worker".into(),
+            module: "work".into(),
+            function: f.into(),
+            args: vec![Value::Int(1), Value::str("x"), Value::Map(vec![(Value::str("k"), Value::Float(2.5))])],
+            options: CallOptions {
+                queue: "jobs".into(),
+                delay: Some(1.5),
+                expires_in: Some(60.0),
+                max_attempts: Some(3),
+                trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                ..Default::default()
+            },
+        };
+        let on_error = step_value("w.on_error", &call("failed"));
+        let base = Cont { wf: "w".into(), origin: "web".into(), next: Vec::new(), on_error: Some(on_error.clone()), join: None, alias: None };
+        let join = |index, holder: Option<&str>| Join { cage: "web".into(), id: "w".into(), index, holder: holder.map(str::to_string) };
+        let conts = [
+            ("cont-chain-step", Cont { next: vec![step_value("w.2", &call("two")), step_value("w.3", &call("three"))], ..base.clone() }),
+            ("cont-group-member", Cont { join: Some(join(2, Some("00ff00ff00ff00ff"))), ..base.clone() }),
+            ("cont-chord-member-no-holder", Cont { join: Some(join(1, None)), on_error: None, ..base.clone() }),
+            ("cont-chord-body", Cont { alias: Some("w".into()), ..base.clone() }),
+            ("cont-on-error", Cont { on_error: None, ..base.clone() }),
+        ];
+        let part = |index: i64, end: Result<Value, String>| {
+            let p = Part { join: "w".into(), index, member: format!("w.{index}"), end };
+            Forwarded {
+                queue: "00ff00ff00ff00ff".into(),
+                id: format!("w.{index}:join"),
+                module: ACCEPT_MODULE.into(),
+                function: JOIN_FUNCTION.into(),
+                args: vec![p.to_value()],
+                created_ms: 1_700_000_000_000,
+                due_ms: 1_700_000_000_000,
+                expires_ms: Some(1_702_592_000_000),
+                max_attempts: None,
+                trace: None,
+                cont: None,
+            }
+        };
+        let step = Forwarded {
+            queue: "jobs".into(),
+            id: "w.2".into(),
+            module: "work".into(),
+            function: "two".into(),
+            args: vec![Value::Int(7)],
+            created_ms: 1_700_000_000_000,
+            due_ms: 1_700_000_001_500,
+            expires_ms: None,
+            max_attempts: Some(3),
+            trace: None,
+            cont: Some(conts[0].1.to_value()),
+        };
+        let messages = [
+            ("part-done", part(2, Ok(Value::Array(vec![Value::Int(14), Value::str("ok")])))),
+            ("part-done-nil", part(1, Ok(Value::Nil))),
+            ("part-dead", part(3, Err("work.add: boom".into()))),
+            ("forwarded-step-with-cont", step),
+        ];
+        let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
+        for (name, c) in conts {
+            out.push((name, c.encode().unwrap_or_default()));
+        }
+        for (name, f) in messages {
+            out.push((name, part_message(&f).unwrap_or_default()));
+        }
+        out.push(("body-chord", body_bytes(step_value("w.body", &call("sum")), Some(on_error)).unwrap_or_default()));
+        out.push(("body-chord-no-on-error", body_bytes(step_value("w.body", &call("sum")), None).unwrap_or_default()));
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Every seed reads, as what it was written as, and so does everything in it.
+        #[test]
+        fn the_seeds_read_back() {
+            for (name, bytes) in seeds() {
+                assert!(!bytes.is_empty(), "{name}");
+                let trips = match name.split('-').next() {
+                    Some("cont") => cont_trips(read_cont(&bytes)),
+                    Some("body") => body_trips(read_chord_body(&bytes)),
+                    _ => part_trips(&bytes, read_part_message(&bytes)),
+                };
+                let refused: Vec<&Trip> = trips.iter().filter(|t| !matches!(t, Trip::Same { .. })).collect();
+                if name == "forwarded-step-with-cont" {
+                    // An ordinary step is no part; its continuation and steps read.
+                    assert!(matches!(refused[..], [Trip::Refused { what: "part of a join", .. }]), "{name}: {trips:?}");
+                    assert!(trips.len() >= 4, "{name}: {trips:?}");
+                } else {
+                    assert!(refused.is_empty(), "{name}: {trips:?}");
+                }
+            }
+        }
+
+        /// `FUZZ_SEEDS=fuzz/corpus/queue_workflow cargo test -p rustomnic-queue write_workflow_fuzz_seeds -- --ignored`
+        #[test]
+        #[ignore]
+        fn write_workflow_fuzz_seeds() {
+            let dir = std::env::var("FUZZ_SEEDS").unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in seeds() {
+                std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
+            }
+        }
+
+        /// Refusals name what was wrong, and quote a peer's text only briefly.
+        #[test]
+        fn refusals_say_why() {
+            let refused = |trips: Vec<Trip>| match &trips[..] {
+                [Trip::Refused { why, .. }] => why.clone(),
+                other => panic!("not refused: {other:?}"),
+            };
+            assert!(refused(part_trips(b"", read_part_message(b""))).contains("the message: the stored value is empty"));
+            assert!(refused(cont_trips(read_cont(&[1, 3, 2]))).contains("a continuation is a map of its fields"));
+            assert!(refused(body_trips(read_chord_body(&[1, 0]))).contains("a chord's body is a map of its fields"));
+            let j = map(vec![("id", Value::str("w")), ("index", Value::Int(1))]);
+            let c = map(vec![("wf", Value::str("w")), ("origin", Value::str("web")), ("join", j)]);
+            assert_eq!(Cont::from_value(&c).unwrap_err(), "field cage is missing (of field join)");
+            let long = "x".repeat(10_000);
+            let p = map(vec![("join", Value::str("w")), ("index", Value::Int(1)), ("member", Value::str("w.1")), ("status", Value::str(long.as_str()))]);
+            let why = Part::from_args(vec![p]).unwrap_err();
+            assert!(why.len() < 100 && why.ends_with("...\""), "{why}");
+        }
+    }
 }
 
 #[cfg(test)]
