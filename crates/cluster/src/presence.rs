@@ -83,6 +83,12 @@ pub fn hold(cage: &str, queue: &str, id: &str) -> Option<Held> {
     added.then(|| Held { key, hash })
 }
 
+/// Whether this process holds call `id` of queue `queue` of `cage` now.
+pub fn holds(cage: &str, queue: &str, id: &str) -> bool {
+    let all = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    all.get(&(cage.to_string(), queue.to_string())).is_some_and(|set| set.contains(&call_hash(id)))
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         let mut all = HELD.lock().unwrap_or_else(|p| p.into_inner());
@@ -570,6 +576,7 @@ mod tests {
         let describe: Describe = Arc::new(|| json!({}));
         let held = hold("held-test", "jobs", "c1").expect("first hold");
         assert!(hold("held-test", "jobs", "c1").is_none(), "held twice in one process");
+        assert!(holds("held-test", "jobs", "c1") && !holds("held-test", "jobs", "c2"));
         let other = hold("held-test", "other", "c1").expect("another queue holds its own calls");
         let beat = heartbeat(&identity, &describe, Duration::from_secs(1), false);
         let hash = format!("{:016x}", call_hash("c1"));

@@ -1021,6 +1021,15 @@ async fn open_consumer(cluster: &Cluster, q: &QueueConfig) -> Result<jetstream::
     stream.get_or_create_consumer(CONSUMER, config).await.map_err(|e| format!("consumer {CONSUMER} of stream {name}: {e}"))
 }
 
+/// Hands back a delivery of a call an attempt in this process holds.
+async fn held_here(store: &Store, q: &QueueConfig, m: &jetstream::Message, id: &str) {
+    let again = held_recheck(q);
+    let _ = m.ack_with(AckKind::Nak(Some(again))).await;
+    if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
+        tracing::info!(cage = %store.cage, queue = %q.name, call = %id, "call {id} delivered again while this process still holds it (its acks did not reach JetStream); left to that attempt, looked at again in {} ms{note}", again.as_millis());
+    }
+}
+
 /// How long a call held by a live copy elsewhere (or by this process) waits before it is looked
 /// at again: short, so that it runs soon after its holder dies, and no longer than ack_wait.
 fn held_recheck(q: &QueueConfig) -> Duration {
@@ -1148,17 +1157,13 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             return;
         }
     };
-    // Announced in this process's heartbeats until the delivery is settled. A second delivery
-    // while the first still runs here (handed again after the consumer's leader moved) is left
-    // to the first, whose acks cover the same message.
-    let Some(_held) = rustomnic_cluster::presence::hold(&store.cage, &q.name, &call.id) else {
-        let again = held_recheck(q);
-        let _ = m.ack_with(AckKind::Nak(Some(again))).await;
-        if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
-            tracing::info!(cage = %store.cage, queue = %q.name, call = %call.id, "call {} delivered again while this process still holds it (its acks did not reach JetStream); left to that attempt, looked at again in {} ms{note}", call.id, again.as_millis());
-        }
+    // A second delivery while an attempt of the call still runs or ends here (handed again
+    // after the consumer's leader moved) is left to that attempt, whose acks cover the same
+    // message.
+    if rustomnic_cluster::presence::holds(&store.cage, &q.name, &call.id) {
+        held_here(store, q, &m, &call.id).await;
         return;
-    };
+    }
     let Ok(ready) = cluster.ready().await else { return };
     let extras = Extras { queue: Some(q.name.clone()), from: Some(call.from_cage.clone()), ..Default::default() };
     let mut rec = match opened(&ready.kv, &store.cage, &call, &extras).await {
@@ -1195,6 +1200,13 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
             }
         };
     }
+    // Announced in this process's heartbeats from here, where nothing waits without an
+    // in-progress ack, until the delivery is settled: a hold taken before the reads above
+    // would keep a call from every copy while one of them hung.
+    let Some(_held) = rustomnic_cluster::presence::hold(&store.cage, &q.name, &call.id) else {
+        held_here(store, q, &m, &call.id).await;
+        return;
+    };
     let mut attempts = rec.status.attempts.unwrap_or(0);
     let mut first = true;
     loop {
