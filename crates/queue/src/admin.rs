@@ -264,7 +264,7 @@ pub fn ls_clustered(
             .await
             .map_err(|_| format!("cannot reach NATS ({}) within {:?}", config.servers(), config.connect_timeout))?
             .map_err(|e| e.to_string())?;
-        let js = async_nats::jetstream::new(conn.client.clone());
+        let js = crate::jetstream::context(&conn.client);
         let mut lines = Vec::new();
         for q in &clustered {
             let f = tokio::time::timeout(Duration::from_secs(5), crate::jetstream::read_figures(&js, &config.flock, cage, &q.name))

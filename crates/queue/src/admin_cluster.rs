@@ -70,7 +70,7 @@ fn on_cluster<T>(config: &ClusterConfig, label: &str, work: impl AsyncFnOnce(&je
                 rustomnic_cluster::Error::Unreachable(why) => format!("{label}: {}", why.trim_start_matches("cluster: ")),
                 e => format!("{label}: cannot reach NATS ({}): {e}", config.servers()),
             })?;
-        let js = jetstream::new(conn.client.clone());
+        let js = crate::jetstream::context(&conn.client);
         work(&js).await.map_err(|e| format!("{label} (NATS {}): {e}", config.servers()))
     })
 }

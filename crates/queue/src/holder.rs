@@ -215,7 +215,7 @@ pub(crate) async fn cancel_steps(cage: String, ids: Vec<String>) -> Result<Vec<(
     link.handle
         .spawn(async move {
             let work = async {
-                let js = async_nats::jetstream::new(l.client().await?.clone());
+                let js = crate::jetstream::context(l.client().await?);
                 let Ok(kv) = js.get_key_value(crate::jetstream::bucket(&l.flock, &cage)).await else { return Ok(Vec::new()) };
                 crate::jetstream::cancel_steps_in(&kv, &cage, ids, true).await
             };

@@ -94,6 +94,19 @@ pub fn key_of(id: &str) -> String {
     }
 }
 
+/// How long one JetStream request (a read or write of a record, a publish's ack, a stream's
+/// info) may wait for its answer. The cluster's connections have no request timeout, so without
+/// this a request answered by a server that was killed meanwhile waited forever: in the bed a
+/// call's delivery hung in its first read and kept one of its copy's `concurrency` slots.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A JetStream context on `client` whose requests give up after [`API_TIMEOUT`].
+pub(crate) fn context(client: &async_nats::Client) -> jetstream::Context {
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(API_TIMEOUT);
+    js
+}
+
 /// What is made once NATS answers: the JetStream context, the bucket and the streams.
 struct Ready {
     js: jetstream::Context,
@@ -593,7 +606,7 @@ impl Cluster {
                 if !conn.wait_connected(self.config.connect_timeout).await {
                     return Err(format!("cannot reach NATS ({}) within {:?}", conn.servers, self.config.connect_timeout));
                 }
-                let js = jetstream::new(conn.client.clone());
+                let js = context(&conn.client);
                 let replicas = self.queues.values().map(replicas_of).max().unwrap_or(1);
                 let keep = self.queues.values().map(|q| q.dedup_window.max(q.result_ttl).max(q.expires_in)).max().unwrap_or(Duration::from_secs(86_400));
                 let bucket = bucket(&self.flock, &self.cage);
