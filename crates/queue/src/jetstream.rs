@@ -1034,12 +1034,17 @@ async fn open_consumer(cluster: &Cluster, q: &QueueConfig) -> Result<jetstream::
     stream.get_or_create_consumer(CONSUMER, config).await.map_err(|e| format!("consumer {CONSUMER} of stream {name}: {e}"))
 }
 
-/// Hands back a delivery of a call an attempt in this process holds.
-async fn held_here(store: &Store, q: &QueueConfig, m: &jetstream::Message, id: &str) {
+/// Hands back a delivery of a call held by copy `holder`, or (None) by an attempt in this
+/// process.
+async fn held_by(store: &Store, q: &QueueConfig, m: &jetstream::Message, id: &str, holder: Option<&str>) {
     let again = held_recheck(q);
     let _ = m.ack_with(AckKind::Nak(Some(again))).await;
     if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
-        tracing::info!(cage = %store.cage, queue = %q.name, call = %id, "call {id} delivered again while this process still holds it (its acks did not reach JetStream); left to that attempt, looked at again in {} ms{note}", again.as_millis());
+        let (who, left_to) = match holder {
+            Some(h) => (format!("copy {h}"), "that copy"),
+            None => ("this process".to_string(), "that attempt"),
+        };
+        tracing::info!(cage = %store.cage, queue = %q.name, call = %id, "call {id} delivered again while {who} still holds it (its acks did not reach JetStream); left to {left_to}, looked at again in {} ms{note}", again.as_millis());
     }
 }
 
@@ -1174,7 +1179,7 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
     // after the consumer's leader moved) is left to that attempt, whose acks cover the same
     // message.
     if rustomnic_cluster::presence::holds(&store.cage, &q.name, &call.id) {
-        held_here(store, q, &m, &call.id).await;
+        held_by(store, q, &m, &call.id, None).await;
         return;
     }
     let Ok(ready) = cluster.ready().await else { return };
@@ -1195,11 +1200,7 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
         // while the consumer elected a leader): that copy runs or ends it; this one looks again
         // later, and runs it only once that copy falls silent (docs/decisions/154).
         if let Some(holder) = rustomnic_cluster::roster().and_then(|r| r.held_elsewhere(&store.cage, &q.name, &call.id, &cluster.instance)) {
-            let again = held_recheck(q);
-            let _ = m.ack_with(AckKind::Nak(Some(again))).await;
-            if let Some(note) = store.log.allow(&format!("held:{}", q.name)) {
-                tracing::info!(cage = %store.cage, queue = %q.name, call = %call.id, "call {} delivered again while copy {holder} still holds it (its acks did not reach JetStream); left to that copy, looked at again in {} ms{note}", call.id, again.as_millis());
-            }
+            held_by(store, q, &m, &call.id, Some(&holder)).await;
             return;
         }
         rec = match confirmed(&m, &ready.kv, &call.id, rec).await {
@@ -1217,7 +1218,7 @@ async fn handle(cluster: &Arc<Cluster>, store: &Arc<Store>, q: &QueueConfig, spa
     // in-progress ack, until the delivery is settled: a hold taken before the reads above
     // would keep a call from every copy while one of them hung.
     let Some(_held) = rustomnic_cluster::presence::hold(&store.cage, &q.name, &call.id) else {
-        held_here(store, q, &m, &call.id).await;
+        held_by(store, q, &m, &call.id, None).await;
         return;
     };
     let mut attempts = rec.status.attempts.unwrap_or(0);
