@@ -1263,15 +1263,10 @@ pub mod fuzzing {
     /// stores it, then each step it carries, read as when it fires.
     pub fn cont_trips(read: ContRead) -> Vec<Trip> {
         let what = "continuation";
-        let c = match read.0 {
-            Ok(c) => c,
-            Err(why) => return vec![Trip::Refused { what, why }],
-        };
-        let mut out = vec![cont_trip(&c, what)];
-        for step in c.next.iter().chain(&c.on_error) {
-            out.push(step_trip(step));
+        match read.0 {
+            Ok(c) => cont_and_steps(&c, what),
+            Err(why) => vec![Trip::Refused { what, why }],
         }
-        out
     }
 
     /// A chord's body as the runtime read it (see [`PartRead`]).
@@ -1306,11 +1301,15 @@ pub mod fuzzing {
 
     /// A continuation read from a value (a forwarded call's), then the steps it carries.
     fn cont_value(v: &Value, what: &'static str) -> Vec<Trip> {
-        let c = match Cont::from_value(v) {
-            Ok(c) => c,
-            Err(why) => return vec![Trip::Refused { what, why }],
-        };
-        let mut out = vec![cont_trip(&c, what)];
+        match Cont::from_value(v) {
+            Ok(c) => cont_and_steps(&c, what),
+            Err(why) => vec![Trip::Refused { what, why }],
+        }
+    }
+
+    /// The round trip of a continuation that read, then of each step it carries.
+    fn cont_and_steps(c: &Cont, what: &'static str) -> Vec<Trip> {
+        let mut out = vec![cont_trip(c, what)];
         for step in c.next.iter().chain(&c.on_error) {
             out.push(step_trip(step));
         }
