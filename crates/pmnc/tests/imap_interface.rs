@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,7 +68,9 @@ impl Dovecot {
     }
 
     fn start(&mut self) {
-        let child = Command::new(DOVECOT).arg("-F").arg("-c").arg(&self.config).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        // A process group of its own: stop() ends the master and every imap process it forked,
+        // so no client connection outlives the server the test stopped.
+        let child = Command::new(DOVECOT).arg("-F").arg("-c").arg(&self.config).process_group(0).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         self.child = Some(child);
         let up = until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok());
         assert!(up, "dovecot did not start: {}", std::fs::read_to_string(self.config.with_file_name("dovecot.log")).unwrap_or_default());
@@ -75,16 +78,31 @@ impl Dovecot {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe_kill(c.id() as i32, 15);
+            let group = c.id();
+            kill_group(group, 15);
             let deadline = Instant::now() + Duration::from_secs(10);
             while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = c.kill();
+            // A child that outlived the master (or a master that did not stop) would keep its
+            // clients connected to a server the test believes stopped.
+            kill_group(group, 9);
             let _ = c.wait();
         }
         // Until the port is free, a new master cannot bind it.
         until(Duration::from_secs(10), || std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok());
+    }
+}
+
+/// Sends `signal` to every process of the group `group` leads.
+fn kill_group(group: u32, signal: i32) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(format!("-{group}")).status();
+}
+
+impl Dovecot {
+    /// Dovecot's own log, for a failure's message.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("dovecot.log")).unwrap_or_default()
     }
 }
 
@@ -305,7 +323,7 @@ mailbox = "Secure"
 
     // Dovecot restarted: the interfaces connect again and go on.
     dovecot.stop();
-    assert!(s.wait_for_new("connecting again with backoff", Duration::from_secs(15)).is_some(), "{}", s.log.join("\n"));
+    assert!(s.wait_for_new("connecting again with backoff", Duration::from_secs(15)).is_some(), "{}\n--- dovecot.log:\n{}", s.log.join("\n"), dovecot.log());
     dovecot.start();
     imap(&script, port, &["append", "INBOX", "after-restart"]);
     assert!(wait_handled(&mut s, "INBOX", "after-restart", 1, Duration::from_secs(15)), "{}", s.log.join("\n"));
