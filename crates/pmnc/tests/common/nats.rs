@@ -35,21 +35,27 @@ impl Nats {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("nats.conf");
         std::fs::write(&conf, config).expect("write nats.conf");
-        let port = super::spare_port();
-        let monitor = super::spare_port();
+        // Ports the server picks itself and reports in its ports file: a port found free here
+        // and bound later could be taken meanwhile by another test's server, whose listener
+        // would then pass for this one's.
         let args = vec![
             bin.display().to_string(),
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
-            port.to_string(),
+            "-1".into(),
             "-m".into(),
-            monitor.to_string(),
+            "-1".into(),
             "-c".into(),
             conf.display().to_string(),
+            "--ports_file_dir".into(),
+            dir.path().display().to_string(),
         ];
-        let mut n = Nats { child: None, port, monitor, args, _dir: dir };
+        let mut n = Nats { child: None, port: 0, monitor: 0, args, _dir: dir };
         n.up();
+        // Started again, it listens where its clients look for it.
+        n.args[4] = n.port.to_string();
+        n.args[6] = n.monitor.to_string();
         Some(n)
     }
 
@@ -59,13 +65,30 @@ impl Nats {
 
     /// Starts the server (again) on the same ports and waits until it accepts connections.
     pub fn up(&mut self) {
-        let child = Command::new(&self.args[0]).args(&self.args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start nats-server");
-        self.child = Some(child);
+        let mut child = Command::new(&self.args[0]).args(&self.args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start nats-server");
+        // The server writes its ports file once it listens on both ports (and removes it when
+        // it stops): that file, of this process, says the listener is this server's.
+        // Named after the binary's file name and the process id.
+        let suffix = format!("_{}.ports", child.id());
+        let file = || std::fs::read_dir(self._dir.path()).ok()?.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(&suffix));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {} within 10 s", self.port);
+        let ports = loop {
+            if let Some(p) = file().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+                break p;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server {:?} exited at start: {status}", self.args);
+            }
+            assert!(Instant::now() < deadline, "nats-server did not write its ports file (*{suffix}) within 10 s");
             std::thread::sleep(Duration::from_millis(10));
-        }
+        };
+        let port_of = |kind: &str| -> u16 {
+            let url = ports[kind][0].as_str().unwrap_or_else(|| panic!("no {kind} port in {ports}"));
+            url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("bad {kind} address {url}"))
+        };
+        (self.port, self.monitor) = (port_of("nats"), port_of("monitoring"));
+        self.child = Some(child);
+        assert!(TcpStream::connect(("127.0.0.1", self.port)).is_ok(), "nats-server reported port {} but does not take connections", self.port);
     }
 
     /// Kills the server at once (as a crash would).
