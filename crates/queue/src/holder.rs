@@ -147,6 +147,23 @@ pub(crate) fn part_message(f: &Forwarded) -> Result<Vec<u8>, String> {
     encode(&forward::encode(f), MAX_VALUE)
 }
 
+/// The message that carries part `f` to its join's holder, at most `max` bytes (the NATS
+/// server's max_payload). A member's value that fit its own row can still fail to travel: the
+/// message wraps it two levels deeper (past the nesting limit) and a server takes less than a
+/// row holds. Such a part goes as a dead part that names why, so the join ends dead with that
+/// error; refused, the part would stay in the outbox and the join would wait forever.
+pub(crate) fn sendable_part(f: Forwarded, max: usize) -> Result<Vec<u8>, String> {
+    let why = match part_message(&f) {
+        Ok(bytes) if bytes.len() <= max => return Ok(bytes),
+        Ok(bytes) => format!("the part takes {} bytes, over the NATS server's max_payload of {max} bytes", bytes.len()),
+        Err(e) => e,
+    };
+    let Forwarded { args, .. } = &f;
+    let part = crate::workflow::Part::from_args(args.clone())?;
+    let dead = crate::workflow::Part { end: Err(format!("the member's value cannot reach the join's process: {why}")), ..part };
+    part_message(&Forwarded { args: vec![dead.to_value()], ..f })
+}
+
 /// Applies one part that arrived for cage `cage`'s file `key`; the answer: `ok`, or
 /// `refused:`/`failed:` and why.
 async fn take(cage: &str, key: &str, payload: &[u8]) -> Vec<u8> {
@@ -175,13 +192,14 @@ pub(crate) async fn deliver(cage: &str, key: &str, f: Forwarded) -> Result<(), C
     let Some(link) = link() else {
         return Err(CallError::Failed(format!("the join of cage {cage} is held by another process, and this one joined no cluster")));
     };
-    let payload = part_message(&f).map_err(|e| CallError::Refused(format!("a part of a join of cage {cage}: {e}")))?;
     let subject = subject(&link.flock, cage, key);
     let (l, cage_name) = (link.clone(), cage.to_string());
     let sent = link
         .handle
         .spawn(async move {
             let client = l.client().await?;
+            let max = Some(client.max_payload()).filter(|m| *m > 0).unwrap_or(usize::MAX);
+            let payload = sendable_part(f, max).map_err(|e| format!("refused:{e}"))?;
             match tokio::time::timeout(ANSWER_WITHIN, client.request(subject, Bytes::from(payload))).await {
                 Ok(Ok(m)) => Ok(m.payload.to_vec()),
                 Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
@@ -193,7 +211,10 @@ pub(crate) async fn deliver(cage: &str, key: &str, f: Forwarded) -> Result<(), C
         })
         .await
         .map_err(|e| CallError::Failed(format!("the thread of join parts stopped: {e}")))?;
-    let answer = sent.map_err(|e| CallError::Failed(format!("a part of a join of cage {cage}: {e}")))?;
+    let answer = sent.map_err(|e| match e.strip_prefix("refused:") {
+        Some(e) => CallError::Refused(format!("a part of a join of cage {cage}: {e}")),
+        None => CallError::Failed(format!("a part of a join of cage {cage}: {e}")),
+    })?;
     let text = String::from_utf8_lossy(&answer);
     if text == "ok" {
         Ok(())
@@ -229,6 +250,7 @@ pub(crate) async fn cancel_steps(cage: String, ids: Vec<String>) -> Result<Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustomnic_core::Value;
 
     #[test]
     fn a_files_key_is_stable_and_apart_from_others() {
@@ -240,5 +262,68 @@ mod tests {
         assert_ne!(key_of(&a), key_of(&b));
         assert_eq!(key_of(&a).len(), 16);
         assert_eq!(subject("f", "web", "00ff"), "pmnc.f.join.web.00ff");
+    }
+
+    /// A part as a member's cage stores it in its outbox (crate::workflow::part).
+    fn forwarded(value: Value) -> Forwarded {
+        let part = crate::workflow::Part { join: "j1".into(), index: 2, member: "j1.2".into(), end: Ok(value) };
+        Forwarded {
+            queue: "00ff".into(),
+            id: "j1.2:join".into(),
+            module: crate::ACCEPT_MODULE.into(),
+            function: crate::workflow::JOIN_FUNCTION.into(),
+            args: vec![part.to_value()],
+            created_ms: 1,
+            due_ms: 1,
+            expires_ms: Some(2),
+            max_attempts: None,
+            trace: None,
+            cont: None,
+        }
+    }
+
+    fn sent(bytes: &[u8]) -> crate::workflow::Part {
+        crate::workflow::Part::from_args(read_part(bytes).unwrap().args).unwrap()
+    }
+
+    #[test]
+    fn a_part_that_cannot_travel_goes_dead_with_the_reason() {
+        // Fits: sent as it is.
+        let ok = sent(&sendable_part(forwarded(Value::Int(7)), 1 << 20).unwrap());
+        assert_eq!((ok.join.as_str(), ok.index, ok.end), ("j1", 2, Ok(Value::Int(7))));
+
+        // Nested so deep that the member's row kept it, but the message cannot.
+        let mut deep = Value::Int(1);
+        let mut levels = 0;
+        // The message wraps the value three levels deep (forward map, args, part map).
+        while encode(&Value::Array(vec![Value::Array(vec![Value::Array(vec![deep.clone()])])]), MAX_VALUE).is_ok() {
+            deep = Value::Array(vec![deep]);
+            levels += 1;
+        }
+        assert!(levels > 100, "{levels}");
+        let row = encode(&Value::Array(vec![forwarded(deep.clone()).args[0].clone()]), MAX_VALUE);
+        assert!(row.is_ok(), "the outbox row takes it");
+        assert!(part_message(&forwarded(deep.clone())).is_err(), "the message alone cannot");
+        let dead = sent(&sendable_part(forwarded(deep), 1 << 20).unwrap());
+        assert_eq!((dead.join.as_str(), dead.index, dead.member.as_str()), ("j1", 2, "j1.2"));
+        let e = dead.end.unwrap_err();
+        assert!(e.contains("cannot reach the join's process") && e.contains("nested"), "{e}");
+
+        // Over the server's max_payload.
+        let big = Value::str("x".repeat(5000).as_str());
+        let dead = sent(&sendable_part(forwarded(big.clone()), 4096).unwrap());
+        let e = dead.end.unwrap_err();
+        assert!(e.contains("over the NATS server's max_payload of 4096 bytes"), "{e}");
+        assert_eq!(sent(&sendable_part(forwarded(big.clone()), 1 << 20).unwrap()).end, Ok(big));
+
+        // Not a part at all: refused, as before.
+        let mut junk = forwarded(Value::Nil);
+        junk.args = vec![Value::Int(1)];
+        let mut deep_junk = Value::Int(1);
+        for _ in 0..200 {
+            deep_junk = Value::Array(vec![deep_junk]);
+        }
+        junk.args.push(deep_junk);
+        assert!(sendable_part(junk, 1 << 20).unwrap_err().contains("one map of its fields"));
     }
 }

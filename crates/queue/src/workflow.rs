@@ -428,7 +428,7 @@ pub(crate) struct Part {
 }
 
 impl Part {
-    fn to_value(&self) -> Value {
+    pub(crate) fn to_value(&self) -> Value {
         let (status, value, error) = match &self.end {
             Ok(v) => ("done", v.clone(), Value::Nil),
             Err(e) => ("dead", Value::Nil, Value::str(e.as_str())),
