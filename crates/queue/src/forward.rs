@@ -69,9 +69,13 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
         return decode_positional(args);
     }
     let mut args = args.into_iter();
-    let (Some(Value::Map(fields)), None) = (args.next(), args.next()) else {
+    let (Some(Value::Map(mut fields)), None) = (args.next(), args.next()) else {
         return Err("a forwarded call is one map of its fields".into());
     };
+    // The arguments and the continuation are moved out, not copied: they are as large as the
+    // message (the first field of each name counts, as for the others).
+    let mut take = |name: &str| fields.iter().position(|(k, _)| k.as_str() == Some(name)).map(|i| fields.remove(i).1);
+    let (call_args, cont) = (take("args"), take("cont"));
     let get = |name: &str| fields.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
     let text = |name: &str| match get(name) {
         Some(Value::Str(b)) => String::from_utf8(b.clone()).map_err(|_| format!("field {name} is not UTF-8")),
@@ -88,8 +92,8 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
         Some(v) => return Err(format!("version {v} of forwarded calls is not known here (this build reads {VERSION})")),
         None => return Err("field v is missing".into()),
     }
-    let args = match get("args") {
-        Some(Value::Array(a)) => a.clone(),
+    let args = match call_args {
+        Some(Value::Array(a)) => a,
         Some(other) => return Err(format!("field args must be an array, got {}", other.type_name())),
         None => return Err("field args is missing".into()),
     };
@@ -109,9 +113,9 @@ pub fn decode(args: Vec<Value>) -> Result<Forwarded, String> {
             n => n,
         },
         trace: checked_trace(text("trace").ok()),
-        cont: match get("cont") {
+        cont: match cont {
             None | Some(Value::Nil) => None,
-            Some(v @ Value::Map(_)) => Some(v.clone()),
+            Some(v @ Value::Map(_)) => Some(v),
             Some(other) => return Err(format!("field cont must be a map, got {}", other.type_name())),
         },
     })
