@@ -431,7 +431,10 @@ pub(crate) async fn cas(kv: &kv::Store, id: &str, status: &CallStatus, extras: &
     }
     match kv.update(key_of(id), value, revision).await {
         Ok(r) => Ok(Cas::Written(r)),
-        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            tracing::debug!(call = %id, "compare-and-set of its record at revision {revision} refused: {e}");
+            Ok(Cas::Conflict)
+        }
         Err(e) => Err(format!("call {id}: its record cannot be written: {e}")),
     }
 }
@@ -451,6 +454,25 @@ pub(crate) enum Cancelled {
     Ending,
     /// No record of the id.
     Unknown,
+}
+
+/// The first nats-server release whose replicated key-value buckets keep their compare-and-set
+/// writes right across leader changes. On 2.9.10 the bed (bench/cluster-bed.sh) saw a new
+/// bucket leader answer "wrong last sequence: 3725" to writes at revision 3917 read from
+/// another replica, the same offset for every record: the replicas numbered the bucket's
+/// writes differently after failed compare-and-sets (fixed through the 2.10 series). 2.12.8
+/// did not do it in the bed.
+const SAFE_SERVER: (u64, u64, u64) = (2, 10, 12);
+
+/// Whether the server version `version` ("2.9.10", "2.12.8-RC.1") is before `safe`; a version
+/// that does not read as one is not (nothing to warn about that can be said for sure).
+fn server_before(version: &str, safe: (u64, u64, u64)) -> bool {
+    let core = version.trim_start_matches('v').split(['-', '+']).next().unwrap_or("");
+    let mut parts = core.split('.').map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => (a, b, c) < safe,
+        _ => false,
+    }
 }
 
 /// How many times a write against a record that keeps changing is tried again.
@@ -608,6 +630,16 @@ impl Cluster {
                 }
                 let js = context(&conn.client);
                 let replicas = self.queues.values().map(replicas_of).max().unwrap_or(1);
+                let info = conn.client.server_info();
+                if replicas > 1 && server_before(&info.version, SAFE_SERVER) {
+                    let (a, b, c) = SAFE_SERVER;
+                    tracing::warn!(
+                        cage = %self.cage,
+                        "clustered queues: nats-server {} (server {:?}): replicas > 1 need nats-server {a}.{b}.{c} or later. After a server dies, the replicas of older servers can number a bucket's writes differently (a JetStream defect fixed in the 2.10 series), and compare-and-set writes of call records are refused for minutes: calls stall and some run twice (docs/queues.md, \"Which nats-server\")",
+                        info.version,
+                        info.server_name
+                    );
+                }
                 let keep = self.queues.values().map(|q| q.dedup_window.max(q.result_ttl).max(q.expires_in)).max().unwrap_or(Duration::from_secs(86_400));
                 let bucket = bucket(&self.flock, &self.cage);
                 let kv = match js.get_key_value(bucket.clone()).await {
@@ -1116,6 +1148,7 @@ async fn newer(m: &jetstream::Message, kv: &kv::Store, id: &str, revision: u64) 
         if fresh.as_ref().is_some_and(|f| f.revision > revision) {
             break;
         }
+        tracing::debug!(call = %id, "its record read at revision {:?} after a refused write at {revision}", fresh.as_ref().map(|f| f.revision));
         tokio::time::sleep(Duration::from_millis(50)).await;
         fresh = persist(m, || load(kv, id)).await?;
     }
@@ -1604,6 +1637,24 @@ async fn dead_letter(cluster: &Cluster, q: &QueueConfig, m: &jetstream::Message,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_before_the_safe_release_are_told_apart() {
+        for (v, before) in [
+            ("2.9.10", true),
+            ("2.10.11", true),
+            ("v2.10.11", true),
+            ("2.10.12", false),
+            ("2.10.12-RC.1", false),
+            ("2.12.8", false),
+            ("3.0.0", false),
+            ("", false),
+            ("2.x", false),
+            ("2.10", false),
+        ] {
+            assert_eq!(server_before(v, SAFE_SERVER), before, "{v}");
+        }
+    }
 
     #[test]
     fn a_call_goes_through_its_message_unchanged() {
