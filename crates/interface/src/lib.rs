@@ -138,6 +138,32 @@ pub struct Request {
     pub parameters: Option<Value>,
 }
 
+fn worker_stopped() -> RunError {
+    RunError::Internal("the worker stopped before the request ended".into())
+}
+
+/// The way back of a [`Host::run_then`] request: its token with the outcome, or, dropped
+/// unsent (the job was dropped with its worker), with an error, so the consumer never waits
+/// for a request that will not end.
+struct Back<T> {
+    token: Option<T>,
+    done: tokio::sync::mpsc::UnboundedSender<(T, Result<Vec<Value>, RunError>)>,
+}
+
+impl<T> Back<T> {
+    fn send(&mut self, outcome: Result<Vec<Value>, RunError>) {
+        if let Some(token) = self.token.take() {
+            let _ = self.done.send((token, outcome));
+        }
+    }
+}
+
+impl<T> Drop for Back<T> {
+    fn drop(&mut self) {
+        self.send(Err(worker_stopped()));
+    }
+}
+
 /// What the runtime gives an interface that consumes: workers to run requests on, the
 /// interface's shutdown, and claims across the flock.
 ///
@@ -175,6 +201,24 @@ impl Host {
     /// counts in the monitor's figures of this interface.
     pub fn run(&self, request: Request) -> impl Future<Output = Result<Vec<Value>, RunError>> + Send + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        self.dispatch(request, move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        async move { rx.await.unwrap_or_else(|_| Err(worker_stopped())) }
+    }
+
+    /// Runs `request` as [`Host::run`] does, and sends its outcome with `token` to `done`. A
+    /// consumer with many requests in flight takes their outcomes from one channel: it is woken
+    /// once for all the outcomes that arrived meanwhile, where a future per request woke it
+    /// (a system call on the worker's side) for each. A request whose worker stops before it
+    /// ends still sends its token, with an error.
+    pub fn run_then<T: Send + 'static>(&self, request: Request, token: T, done: tokio::sync::mpsc::UnboundedSender<(T, Result<Vec<Value>, RunError>)>) {
+        let mut back = Back { token: Some(token), done };
+        self.dispatch(request, move |outcome| back.send(outcome));
+    }
+
+    /// Hands `request` to a worker, which gives its outcome to `finish`.
+    fn dispatch(&self, request: Request, finish: impl FnOnce(Result<Vec<Value>, RunError>) + Send + 'static) {
         let spec = self.spec.clone();
         (self.spawner)(Box::new(move || {
             Box::pin(async move {
@@ -189,10 +233,9 @@ impl Host {
                     }
                     None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
                 };
-                let _ = tx.send(outcome);
+                finish(outcome);
             })
         }));
-        async move { rx.await.unwrap_or_else(|_| Err(RunError::Internal("the worker stopped before the request ended".into()))) }
     }
 
     /// Fires when the interface must stop.
@@ -208,5 +251,60 @@ impl Host {
 
     pub fn spec(&self) -> &InterfaceSpec {
         &self.spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::sync::Mutex;
+
+    fn host(spawner: Spawner) -> Host {
+        let spec = InterfaceSpec {
+            cage: "c".into(),
+            name: "in".into(),
+            protocol: "test".into(),
+            handler: rustomnic_core::config::Located { value: ("m".into(), "f".into()), file: "cage.toml".into(), line: 1, key: "handler".into() },
+            request_timeout: Duration::from_secs(1),
+            state_file: "state.sqlite".into(),
+            fingerprint: String::new(),
+        };
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        Host::new(spec, spawner, shutdown, None)
+    }
+
+    fn request() -> Request {
+        Request { handler: ("m".into(), "f".into()), args: Vec::new(), deadline: std::time::Instant::now() + Duration::from_secs(1), parameters: None }
+    }
+
+    #[test]
+    fn run_then_gives_every_token_back_once_even_when_the_job_is_dropped() {
+        // Jobs kept to be run later, and one spawner that drops its job (a worker that stopped).
+        let kept: Arc<Mutex<Vec<Job>>> = Arc::default();
+        let k = kept.clone();
+        let running = host(Arc::new(move |job| k.lock().unwrap().push(job)));
+        let stopped = host(Arc::new(drop::<Job>));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        stopped.run_then(request(), 1, tx.clone());
+        running.run_then(request(), 2, tx.clone());
+        running.run_then(request(), 3, tx);
+
+        let (token, outcome) = rx.try_recv().unwrap();
+        assert_eq!(token, 1);
+        assert!(matches!(outcome, Err(RunError::Internal(ref m)) if m.contains("worker stopped")), "{outcome:?}");
+        assert!(rx.try_recv().is_err(), "the kept jobs have not run");
+
+        // Run here: no cage runs on this thread, so each ends with that error, once.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for job in kept.lock().unwrap().drain(..) {
+            rt.block_on(job());
+        }
+        let mut back = Vec::new();
+        while let Ok((token, outcome)) = rx.try_recv() {
+            assert!(matches!(outcome, Err(RunError::NotFound(ref m)) if m.contains("cage c")), "{outcome:?}");
+            back.push(token);
+        }
+        assert_eq!(back, [2, 3]);
     }
 }

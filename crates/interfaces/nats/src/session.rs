@@ -247,7 +247,13 @@ async fn jetstream(
     let context = jetstream::new(client.clone());
     let consumer = bind(&context, js, iface.max_ack_pending, display).await?;
     said_connected(iface, outage, &format!("stream {:?} (consumer {:?})", js.stream, js.consumer));
-    let mut tasks = JoinSet::new();
+    // Handlers report to one channel (Host::run_then): this thread is woken once for all the
+    // handlers that ended meanwhile, and acks them together (the client writes acks queued
+    // together in one write). A failed handler's message is settled by a task of its own.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut running = 0usize;
+    let mut failed = JoinSet::new();
+    let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), client: client.clone() };
     let mut shutdown = host.shutdown();
     let mut pulls = 0u32;
     let failure = 'outer: loop {
@@ -282,11 +288,21 @@ async fn jetstream(
                     }
                     break 'outer None;
                 }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                next = messages.next(), if tasks.len() < iface.max_ack_pending => match next {
+                Some(first) = done_rx.recv(), if running > 0 => {
+                    let mut ended = vec![first];
+                    while let Ok(next) = done_rx.try_recv() {
+                        ended.push(next);
+                    }
+                    running -= ended.len();
+                    settle_all(&job, &context, js, &mut failed, ended).await;
+                }
+                Some(_) = failed.join_next(), if !failed.is_empty() => {}
+                next = messages.next(), if running + failed.len() < iface.max_ack_pending => match next {
                     Some(Ok(m)) => {
-                        let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), client: client.clone() };
-                        tasks.spawn(job.jetstream(context.clone(), js.clone(), m));
+                        if let Some(request) = job.prepare(&context, js, &m).await {
+                            job.host.run_then(request, m, done_tx.clone());
+                            running += 1;
+                        }
                     }
                     Some(Err(e)) => {
                         use consumer::pull::MessagesErrorKind as K;
@@ -306,17 +322,56 @@ async fn jetstream(
             }
         }
     };
+    // The handlers still running end on their workers and are settled through the client if it
+    // is still there; what was not acknowledged comes back after ack_wait.
+    let (context, js) = (context.clone(), js.clone());
+    let drain = async move {
+        while running > 0 {
+            let Some(ended) = done_rx.recv().await else { break };
+            running -= 1;
+            settle_all(&job, &context, &js, &mut failed, vec![ended]).await;
+        }
+        while failed.join_next().await.is_some() {}
+    };
     if let Some(e) = failure {
-        // What was not acknowledged comes back after ack_wait; the handlers still running finish
-        // on their workers and settle through the client if it is still there.
-        tasks.detach_all();
+        tokio::spawn(drain);
         return Err(e);
     }
-    finish(iface, tasks).await;
+    let limit = iface.spec.request_timeout + SHUTDOWN_GRACE;
+    if tokio::time::timeout(limit, drain).await.is_err() {
+        tracing::warn!(cage = %iface.spec.cage, interface = %iface.spec.name, "message(s) still in flight after {limit:?}; JetStream delivers them again");
+    }
     Ok(())
 }
 
+/// Settles the messages whose handlers ended: the successes acked together, each failure by a
+/// task in `failed` ([`Settle::failed`]).
+async fn settle_all(
+    job: &Settle,
+    context: &jetstream::Context,
+    js: &JetStream,
+    failed: &mut JoinSet<()>,
+    ended: Vec<(jetstream::Message, Result<Vec<Value>, RunError>)>,
+) {
+    for (m, outcome) in ended {
+        match outcome {
+            Ok(_) => match m.ack().await {
+                Ok(()) => {
+                    job.counts.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(cage = %job.iface.spec.cage, interface = %job.iface.spec.name, "ack of a message on {:?} failed (it will be delivered again): {e}", m.subject.as_str())
+                }
+            },
+            Err(e) => {
+                failed.spawn(job.clone().failed(context.clone(), js.clone(), m, e));
+            }
+        }
+    }
+}
+
 /// What settles one message.
+#[derive(Clone)]
 struct Settle {
     iface: Arc<NatsInterface>,
     host: Host,
@@ -404,8 +459,11 @@ impl Settle {
         }
     }
 
-    async fn jetstream(self, context: jetstream::Context, js: JetStream, m: jetstream::Message) {
-        let (cage, name) = (self.iface.spec.cage.clone(), self.iface.spec.name.clone());
+    /// What the handler of JetStream message `m` is given, counted as received; None when the
+    /// message was settled here instead (no JetStream metadata, or over the size limit: dead
+    /// lettered).
+    async fn prepare(&self, context: &jetstream::Context, js: &JetStream, m: &jetstream::Message) -> Option<Request> {
+        let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
         self.counts.received.fetch_add(1, Ordering::Relaxed);
         let (sequence, delivered) = match m.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1)),
@@ -413,19 +471,19 @@ impl Settle {
                 // Not a JetStream delivery at all: nothing to ack, nothing to keep.
                 tracing::error!(cage = %cage, interface = %name, "a message on {:?} without JetStream metadata was skipped: {e}", m.subject.as_str());
                 self.counts.refused.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
         };
-        let attempt = delivered.min(i64::from(u32::MAX)) as u32;
+        let attempt = attempt_of(delivered);
         if attempt > 1 {
             self.counts.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let describe = format!("message #{sequence} of stream {:?} ({:?})", js.stream, m.subject.as_str());
         if let Some(error) = self.too_big(m.payload.len()) {
+            let describe = describe(js, m, sequence);
             tracing::error!(cage = %cage, interface = %name, "{describe} refused: {error}");
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            self.dead_letter(&context, &js, &m, sequence, attempt, &error, &describe).await;
-            return;
+            Box::pin(self.dead_letter(context, js, m, sequence, attempt, &error, &describe)).await;
+            return None;
         }
         let mut fields = common_fields(&m.message);
         fields.extend([
@@ -435,34 +493,35 @@ impl Settle {
             (Value::str("redelivered"), Value::Bool(delivered > 1)),
             (Value::str("attempt"), Value::Int(i64::from(attempt))),
         ]);
-        let result = self.host.run(self.request(Value::Map(fields))).await;
-        match result {
-            Ok(_) => match m.ack().await {
-                Ok(()) => {
-                    self.counts.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::debug!(cage = %cage, interface = %name, "ack of {describe} failed (it will be delivered again): {e}"),
-            },
+        Some(self.request(Value::Map(fields)))
+    }
+
+    /// Settles JetStream message `m` whose handler failed with `e`: handed back at once when
+    /// the worker stopped under it, else nak'ed with the backoff's delay, or, after its last
+    /// attempt, dead lettered and terminated.
+    async fn failed(self, context: jetstream::Context, js: JetStream, m: jetstream::Message, e: RunError) {
+        let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
+        if self.stopping() {
             // The worker stopped under the handler: not an attempt of the message's.
-            Err(_) if self.stopping() => {
-                let _ = m.ack_with(AckKind::Nak(None)).await;
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+        let (sequence, delivered) = m.info().map(|i| (i.stream_sequence, i.delivered.max(1))).unwrap_or((0, 1));
+        let attempt = attempt_of(delivered);
+        let describe = describe(&js, &m, sequence);
+        let error = error_text(&e);
+        if attempt >= js.max_deliver {
+            tracing::error!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; terminated", js.max_deliver);
+            self.dead_letter(&context, &js, &m, sequence, attempt, &error, &describe).await;
+            return;
+        }
+        let delay = js.delay_before(attempt + 1);
+        tracing::warn!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; retrying in {delay:?}", js.max_deliver);
+        match m.ack_with(AckKind::Nak(Some(delay))).await {
+            Ok(()) => {
+                self.counts.retried.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                let error = error_text(&e);
-                if attempt >= js.max_deliver {
-                    tracing::error!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; terminated", js.max_deliver);
-                    self.dead_letter(&context, &js, &m, sequence, attempt, &error, &describe).await;
-                    return;
-                }
-                let delay = js.delay_before(attempt + 1);
-                tracing::warn!(cage = %cage, interface = %name, "{describe} failed on attempt {attempt} of {}: {error}; retrying in {delay:?}", js.max_deliver);
-                match m.ack_with(AckKind::Nak(Some(delay))).await {
-                    Ok(()) => {
-                        self.counts.retried.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::debug!(cage = %cage, interface = %name, "nak of {describe} failed (it comes back after ack_wait): {e}"),
-                }
-            }
+            Err(e) => tracing::debug!(cage = %cage, interface = %name, "nak of {describe} failed (it comes back after ack_wait): {e}"),
         }
     }
 
@@ -518,6 +577,16 @@ impl Settle {
 }
 
 /// The fields every message has: body, subject, headers.
+/// The attempt a delivery count makes (JetStream counts from 1).
+fn attempt_of(delivered: i64) -> u32 {
+    delivered.clamp(1, i64::from(u32::MAX)) as u32
+}
+
+/// A JetStream message as log lines name it.
+fn describe(js: &JetStream, m: &jetstream::Message, sequence: u64) -> String {
+    format!("message #{sequence} of stream {:?} ({:?})", js.stream, m.subject.as_str())
+}
+
 fn common_fields(m: &async_nats::Message) -> Vec<(Value, Value)> {
     vec![
         (Value::str("body"), Value::Str(m.payload.to_vec())),
