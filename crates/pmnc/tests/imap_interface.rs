@@ -78,25 +78,21 @@ impl Dovecot {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let group = c.id();
-            kill_group(group, 15);
+            // A negative pid: every process of the group the master leads.
+            let group = -(c.id() as i32);
+            unsafe_kill(group, 15);
             let deadline = Instant::now() + Duration::from_secs(10);
             while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             // A child that outlived the master (or a master that did not stop) would keep its
             // clients connected to a server the test believes stopped.
-            kill_group(group, 9);
+            unsafe_kill(group, 9);
             let _ = c.wait();
         }
         // Until the port is free, a new master cannot bind it.
         until(Duration::from_secs(10), || std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok());
     }
-}
-
-/// Sends `signal` to every process of the group `group` leads.
-fn kill_group(group: u32, signal: i32) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(format!("-{group}")).status();
 }
 
 impl Dovecot {

@@ -217,7 +217,8 @@ impl Drop for Server {
 
 /// Sends a signal with the `kill` command (no libc dependency in tests).
 pub fn unsafe_kill(pid: i32, signal: i32) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    // `--`: a negative pid (a process group) is not read as an option.
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(pid.to_string()).status();
 }
 
 /// A parsed HTTP/1.1 response.

@@ -21,7 +21,8 @@ pub struct Nats {
     /// The HTTP monitoring port (/connz, /varz).
     pub monitor: u16,
     args: Vec<String>,
-    _dir: tempfile::TempDir,
+    /// The config file and the ports file the server writes at start.
+    dir: tempfile::TempDir,
 }
 
 impl Nats {
@@ -51,7 +52,7 @@ impl Nats {
             "--ports_file_dir".into(),
             dir.path().display().to_string(),
         ];
-        let mut n = Nats { child: None, port: 0, monitor: 0, args, _dir: dir };
+        let mut n = Nats { child: None, port: 0, monitor: 0, args, dir };
         n.up();
         // Started again, it listens where its clients look for it.
         n.args[4] = n.port.to_string();
@@ -70,7 +71,7 @@ impl Nats {
         // it stops): that file, of this process, says the listener is this server's.
         // Named after the binary's file name and the process id.
         let suffix = format!("_{}.ports", child.id());
-        let file = || std::fs::read_dir(self._dir.path()).ok()?.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(&suffix));
+        let file = || std::fs::read_dir(self.dir.path()).ok()?.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(&suffix));
         let deadline = Instant::now() + Duration::from_secs(10);
         let ports = loop {
             if let Some(p) = file().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
