@@ -152,14 +152,14 @@ pub(crate) fn part_message(f: &Forwarded) -> Result<Vec<u8>, String> {
 /// message wraps it two levels deeper (past the nesting limit) and a server takes less than a
 /// row holds. Such a part goes as a dead part that names why, so the join ends dead with that
 /// error; refused, the part would stay in the outbox and the join would wait forever.
-pub(crate) fn sendable_part(f: Forwarded, max: usize) -> Result<Vec<u8>, String> {
+pub(crate) fn sendable_part(mut f: Forwarded, max: usize) -> Result<Vec<u8>, String> {
     let why = match part_message(&f) {
         Ok(bytes) if bytes.len() <= max => return Ok(bytes),
         Ok(bytes) => format!("the part takes {} bytes, over the NATS server's max_payload of {max} bytes", bytes.len()),
         Err(e) => e,
     };
-    let Forwarded { args, .. } = &f;
-    let part = crate::workflow::Part::from_args(args.clone())?;
+    // Moved out, not copied: the value that did not fit can be as large as a row.
+    let part = crate::workflow::Part::from_args(std::mem::take(&mut f.args))?;
     let dead = crate::workflow::Part { end: Err(format!("the member's value cannot reach the join's process: {why}")), ..part };
     part_message(&Forwarded { args: vec![dead.to_value()], ..f })
 }
