@@ -1,7 +1,7 @@
 //! Conversion between Lua values and the shared value model ([`Value`]), used for JSON and for
 //! every call that leaves a VM (other cages, the wire).
 
-use mlua::{Lua, Table, Value as LuaValue};
+use mlua::{ffi, Lua, Table, Value as LuaValue};
 use rustomnic_core::value::{Value, MAX_DEPTH};
 
 /// Key in the Lua registry of the metatable that marks a table as a JSON/value array, so that an
@@ -114,43 +114,101 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
 
 /// Converts the value model into Lua. Arrays are marked (see [`ARRAY_MT`]); nil inside an array
 /// becomes the `null` light userdata so that positions are kept.
+///
+/// The whole value is built in one protected call through Lua's C API: every message a consumer
+/// hands to a handler and every call between cages comes through here, and a call into mlua per
+/// string and per field (each a protected call and a handle of its own) cost several times
+/// what the values themselves do.
 pub fn to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
-    to_lua_at(lua, value, 0)
-}
-
-fn to_lua_at(lua: &Lua, value: &Value, depth: usize) -> mlua::Result<LuaValue> {
-    if depth > MAX_DEPTH {
+    let too_deep = std::cell::Cell::new(false);
+    // SAFETY: the closure runs in a protected call on the VM's own state; it only pushes values
+    // and sets fields of tables it made, and leaves exactly the one value it built on the stack
+    // (the call has no arguments). It holds only borrows, so an allocation error that leaves it
+    // by longjmp finds nothing of its own to drop.
+    let built = unsafe { lua.exec_raw::<LuaValue>((), |state| push_value(state, value, 0, &too_deep)) }?;
+    if too_deep.get() {
         return Err(mlua::Error::runtime(format!("value nested deeper than {MAX_DEPTH} levels")));
     }
-    Ok(match value {
-        Value::Nil => LuaValue::Nil,
-        Value::Bool(b) => LuaValue::Boolean(*b),
-        Value::Int(i) => LuaValue::Integer(*i),
-        Value::Float(f) => LuaValue::Number(*f),
-        Value::Str(b) => LuaValue::String(lua.create_string(b)?),
+    Ok(built)
+}
+
+/// Pushes `value` onto the stack of `state`; past [`MAX_DEPTH`] (or without room on the stack)
+/// it pushes nil and sets `too_deep`, and the tables around it stop filling.
+///
+/// # Safety
+/// `state` must be a Lua state inside a protected call; only borrows may live across this call.
+unsafe fn push_value(state: *mut ffi::lua_State, value: &Value, depth: usize, too_deep: &std::cell::Cell<bool>) {
+    // Room on the stack: a C function starts with LUA_MINSTACK free slots, and a table makes
+    // room for what it pushes while it is filled (its key, its value, its metatable).
+    let no_room = matches!(value, Value::Array(_) | Value::Map(_)) && ffi::lua_checkstack(state, 4) == 0;
+    if depth > MAX_DEPTH || no_room {
+        too_deep.set(true);
+        ffi::lua_pushnil(state);
+        return;
+    }
+    match value {
+        Value::Nil => ffi::lua_pushnil(state),
+        Value::Bool(b) => ffi::lua_pushboolean(state, std::ffi::c_int::from(*b)),
+        Value::Int(i) => ffi::lua_pushinteger(state, *i),
+        Value::Float(f) => ffi::lua_pushnumber(state, *f),
+        Value::Str(b) => {
+            ffi::lua_pushlstring(state, b.as_ptr() as *const std::ffi::c_char, b.len());
+        }
         Value::Array(items) => {
-            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            ffi::lua_createtable(state, size_hint(items.len()), 0);
             for (i, v) in items.iter().enumerate() {
-                let lv = match v {
-                    Value::Nil => LuaValue::NULL,
-                    other => to_lua_at(lua, other, depth + 1)?,
-                };
-                t.raw_set(i + 1, lv)?;
+                match v {
+                    Value::Nil => ffi::lua_pushlightuserdata(state, std::ptr::null_mut()),
+                    other => push_value(state, other, depth + 1, too_deep),
+                }
+                if too_deep.get() {
+                    ffi::lua_pop(state, 1);
+                    return;
+                }
+                ffi::lua_rawseti(state, -2, i as ffi::lua_Integer + 1);
             }
-            t.set_metatable(Some(array_metatable(lua)?))?;
-            LuaValue::Table(t)
+            push_array_metatable(state);
+            ffi::lua_setmetatable(state, -2);
         }
         Value::Map(entries) => {
-            let t = lua.create_table_with_capacity(0, entries.len())?;
+            ffi::lua_createtable(state, 0, size_hint(entries.len()));
             for (k, v) in entries {
                 if matches!(v, Value::Nil) {
                     continue;
                 }
-                t.raw_set(to_lua_at(lua, k, depth + 1)?, to_lua_at(lua, v, depth + 1)?)?;
+                push_value(state, k, depth + 1, too_deep);
+                push_value(state, v, depth + 1, too_deep);
+                if too_deep.get() {
+                    ffi::lua_pop(state, 2);
+                    return;
+                }
+                ffi::lua_rawset(state, -3);
             }
-            LuaValue::Table(t)
         }
-    })
+    }
+}
+
+/// A table's preallocated size: the count, within what `lua_createtable` takes.
+fn size_hint(n: usize) -> std::ffi::c_int {
+    n.min(1 << 24) as std::ffi::c_int
+}
+
+/// Pushes the array metatable, the one [`array_metatable`] gives (made here when it is missing).
+///
+/// # Safety
+/// As [`push_value`].
+unsafe fn push_array_metatable(state: *mut ffi::lua_State) {
+    ffi::lua_pushlstring(state, ARRAY_MT.as_ptr() as *const std::ffi::c_char, ARRAY_MT.len());
+    if ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX) == ffi::LUA_TTABLE {
+        return;
+    }
+    ffi::lua_pop(state, 1);
+    ffi::lua_createtable(state, 0, 1);
+    ffi::lua_pushboolean(state, 1);
+    ffi::lua_setfield(state, -2, c"__array".as_ptr());
+    ffi::lua_pushlstring(state, ARRAY_MT.as_ptr() as *const std::ffi::c_char, ARRAY_MT.len());
+    ffi::lua_pushvalue(state, -2);
+    ffi::lua_rawset(state, ffi::LUA_REGISTRYINDEX);
 }
 
 /// The shared metatable that marks arrays.
@@ -195,6 +253,55 @@ mod tests {
         assert_eq!(back.get("a"), v.get("a"));
         assert_eq!(back.get("b"), Some(&Value::Array(vec![])));
         assert_eq!(back.get("c"), Some(&Value::Str(vec![0, 255])));
+    }
+
+    /// What the one-call builder makes: nil in an array kept as null, nil map values left
+    /// out, the shared array metatable, keys of every kind, bytes as they are.
+    #[test]
+    fn values_built_through_the_c_api() {
+        let lua = Lua::new();
+        let v = Value::Map(vec![
+            (Value::str("a"), Value::Array(vec![Value::Int(1), Value::Nil, Value::Map(vec![(Value::Int(1), Value::Bool(true))])])),
+            (Value::Int(7), Value::Float(2.5)),
+            (Value::str("skip"), Value::Nil),
+            (Value::str("s"), Value::Str(vec![b'x', 0, 255])),
+            (Value::Bool(false), Value::Array(vec![])),
+        ]);
+        let lv = to_lua(&lua, &v).unwrap();
+        let check: mlua::Function = lua
+            .load(
+                r#"return function(t, null, mt)
+                  assert(t.a[1] == 1 and t.a[2] == null and t.a[3][1] == true and #t.a == 3)
+                  assert(getmetatable(t.a) == mt and getmetatable(t[false]) == mt and getmetatable(t) == nil)
+                  assert(t[7] == 2.5 and math.type(t[7]) == "float" and math.type(t.a[1]) == "integer")
+                  assert(rawget(t, "skip") == nil and t.s == "x\0\255")
+                  return true
+                end"#,
+            )
+            .eval()
+            .unwrap();
+        assert!(check.call::<bool>((lv.clone(), LuaValue::NULL, array_metatable(&lua).unwrap())).unwrap());
+        assert_eq!(from_lua(&lv).unwrap().get("s"), v.get("s"));
+        // Made here first, the array metatable is the one array_metatable gives afterwards.
+        let fresh = Lua::new();
+        let t = to_lua(&fresh, &Value::Array(vec![Value::Int(1)])).unwrap();
+        let LuaValue::Table(t) = t else { panic!("not a table") };
+        assert_eq!(t.metatable().unwrap(), array_metatable(&fresh).unwrap());
+    }
+
+    #[test]
+    fn too_deep_or_too_big_values_are_errors_and_the_vm_goes_on() {
+        let lua = Lua::new();
+        let nest = |levels: usize| (0..levels).fold(Value::Int(1), |inner, _| Value::Array(vec![inner]));
+        assert!(to_lua(&lua, &nest(MAX_DEPTH)).is_ok());
+        let e = to_lua(&lua, &Value::Map(vec![(Value::str("k"), nest(MAX_DEPTH + 5))])).unwrap_err();
+        assert!(e.to_string().contains("nested deeper"), "{e}");
+        let limit = lua.set_memory_limit(lua.used_memory() + (64 << 10)).unwrap();
+        let big = Value::Array(vec![Value::Str(vec![b'x'; 1 << 20])]);
+        assert!(matches!(to_lua(&lua, &big), Err(mlua::Error::MemoryError(_))));
+        lua.set_memory_limit(limit).unwrap();
+        assert!(to_lua(&lua, &big).is_ok());
+        assert_eq!(lua.load("return 1 + 1").eval::<i64>().unwrap(), 2);
     }
 
     #[test]

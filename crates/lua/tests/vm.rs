@@ -56,6 +56,22 @@ fn missing_and_private_functions_are_named() {
             }
         }
         assert!(matches!(call(&vm, "util", "_secret", vec![], Duration::from_secs(1)).await, Err(RunError::NotFound(m)) if m.contains("private")));
+
+        // The lookup an interface makes for its handler, straight from Rust.
+        vm.install(&module("data", "local M = {} M.routes = {} M.off = false function M.go() end return M")).unwrap();
+        let not_found = |r: Result<_, RunError>| match r {
+            Err(RunError::NotFound(m)) => m,
+            other => panic!("{:?}", other.map(|_: mlua::Value| ())),
+        };
+        assert!(matches!(vm.module_field("data", "go"), Ok(mlua::Value::Function(_))));
+        assert!(matches!(vm.module_field("data", "routes"), Ok(mlua::Value::Table(_))));
+        assert!(matches!(vm.module_field("data", "off"), Ok(mlua::Value::Boolean(false))));
+        assert!(not_found(vm.module_field("nope", "go")).contains("cage web has no module nope"));
+        assert!(not_found(vm.module_field("data", "missing")).contains("module data has no function missing"));
+        assert!(not_found(vm.module_field("data", "_go")).contains("data._go is private"));
+        assert!(vm.function("data", "go").is_ok());
+        assert!(matches!(vm.function("data", "routes"), Err(RunError::NotFound(m)) if m.contains("module data has no function routes")));
+        assert!(matches!(vm.function("nope", "go"), Err(RunError::NotFound(m)) if m.contains("has no module nope")));
     });
 }
 
