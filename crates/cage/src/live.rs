@@ -59,7 +59,8 @@ impl LiveInterfaces {
         let acceptor = match listener {
             Some(listener) => Some(tokio::spawn(accept_loop(iface.clone(), listener, self.workers.clone(), rx))),
             None => {
-                let host = Host::new(iface.spec().clone(), self.workers.spawner(), rx, self.claim.clone());
+                let host =
+                    Host::new(iface.spec().clone(), self.workers.spawner(), rx, self.claim.clone()).with_workers(self.workers.count(), self.workers.placer());
                 self.hosts.retain(|h| h.strong_count() > 0);
                 self.hosts.push(host.liveness());
                 iface.clone().start(host);

@@ -925,6 +925,17 @@ impl Workers {
             send_job(&senders, &next, job);
         })
     }
+
+    /// How many worker threads there are.
+    pub(crate) fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Runs a job on the worker named by its index (a consumer that runs on every worker).
+    pub(crate) fn placer(&self) -> rustomnic_interface::Placer {
+        let senders = self.senders.clone();
+        Arc::new(move |i, job| senders.get(i).is_some_and(|tx| tx.send(WorkerCmd::Run(job)).is_ok()))
+    }
 }
 
 /// Hands `job` to the next worker in turn that is still running; false when none is.

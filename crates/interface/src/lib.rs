@@ -36,6 +36,8 @@ pub type Shutdown = tokio::sync::watch::Receiver<bool>;
 pub type Job = Box<dyn FnOnce() -> LocalBoxFuture<'static, ()> + Send>;
 /// Hands a job to some worker thread, in turn.
 pub type Spawner = Arc<dyn Fn(Job) + Send + Sync>;
+/// Hands a job to worker thread `i` (counted from 0); false when that worker has stopped.
+pub type Placer = Arc<dyn Fn(usize, Job) -> bool + Send + Sync>;
 
 /// Decides a claim that only one process of the whole flock may win (a schedule's firing when
 /// copies of a cage run on several hosts): true when this process won. Blocking; call it from the
@@ -138,6 +140,20 @@ pub struct Request {
     pub parameters: Option<Value>,
 }
 
+/// Runs `request` with the cage's VM of this worker thread.
+async fn run_on_worker(spec: Arc<InterfaceSpec>, request: Request) -> Result<Vec<Value>, RunError> {
+    let (module, function) = request.handler;
+    match worker::cage(&spec.cage) {
+        Some(vm) => {
+            let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
+            ctx.parameters = request.parameters;
+            // A cage with [tracing] records a span per message or datagram (docs/tracing.md).
+            worker::run_traced(&vm, ctx, &module, &function, request.args, rustomnic_lua::trace::SpanKind::Consumer).await
+        }
+        None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
+    }
+}
+
 fn worker_stopped() -> RunError {
     RunError::Internal("the worker stopped before the request ended".into())
 }
@@ -174,6 +190,8 @@ impl<T> Drop for Back<T> {
 pub struct Host {
     spec: Arc<InterfaceSpec>,
     spawner: Spawner,
+    /// How many workers there are and how to reach each one, when the runtime gave them.
+    placer: Option<(usize, Placer)>,
     shutdown: Shutdown,
     claim: Option<FlockClaim>,
     alive: Arc<()>,
@@ -182,7 +200,14 @@ pub struct Host {
 impl Host {
     /// Made by the runtime.
     pub fn new(spec: InterfaceSpec, spawner: Spawner, shutdown: Shutdown, claim: Option<FlockClaim>) -> Host {
-        Host { spec: Arc::new(spec), spawner, shutdown, claim, alive: Arc::new(()) }
+        Host { spec: Arc::new(spec), spawner, placer: None, shutdown, claim, alive: Arc::new(()) }
+    }
+
+    /// Made by the runtime: this host can also place a job on each of its `workers` workers
+    /// ([`Host::spawn_on_each`]).
+    pub fn with_workers(mut self, workers: usize, placer: Placer) -> Host {
+        self.placer = Some((workers, placer));
+        self
     }
 
     /// For the runtime: fails to upgrade once this host and all its clones are gone.
@@ -193,6 +218,26 @@ impl Host {
     /// Runs `job` on a worker thread.
     pub fn spawn(&self, job: Job) {
         (self.spawner)(job)
+    }
+
+    /// Runs the job `make(i)` makes on each worker `i`, for a consumer that takes its messages on
+    /// the workers themselves (a message is then handled where it arrived, with no hand-over
+    /// between threads; see [`Host::run_here`]). Without the runtime's workers (a test host),
+    /// one job goes to the spawner. Returns how many jobs were placed.
+    pub fn spawn_on_each(&self, make: impl Fn(usize) -> Job) -> usize {
+        match &self.placer {
+            Some((workers, place)) => (0..*workers).filter(|&i| place(i, make(i))).count(),
+            None => {
+                (self.spawner)(make(0));
+                1
+            }
+        }
+    }
+
+    /// Runs `request` on this thread, which must be a worker's (a job of
+    /// [`Host::spawn_on_each`]), and gives its outcome as [`Host::run`] does.
+    pub fn run_here(&self, request: Request) -> impl Future<Output = Result<Vec<Value>, RunError>> + 'static {
+        run_on_worker(self.spec.clone(), request)
     }
 
     /// Runs `request` on a worker thread and gives its outcome: the handler's results, or its
@@ -222,18 +267,7 @@ impl Host {
         let spec = self.spec.clone();
         (self.spawner)(Box::new(move || {
             Box::pin(async move {
-                let (module, function) = request.handler;
-                let outcome = match worker::cage(&spec.cage) {
-                    Some(vm) => {
-                        let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
-                        ctx.parameters = request.parameters;
-                        // A cage with [tracing] records a span per message or datagram
-                        // (docs/tracing.md).
-                        worker::run_traced(&vm, ctx, &module, &function, request.args, rustomnic_lua::trace::SpanKind::Consumer).await
-                    }
-                    None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
-                };
-                finish(outcome);
+                finish(run_on_worker(spec, request).await);
             })
         }));
     }

@@ -147,6 +147,18 @@ fn jetstream_in_and_out_retries_with_backoff_terms_after_max_deliver_and_acks_no
     let (t, mut s) = start(&js_cage(&server.url()));
     let cage = t.path().join("c");
     let monitor = monitor_addr(&mut s);
+    // Each of the two workers pulls on a connection of its own (decision 156), and the start is
+    // said once.
+    let names = || -> Vec<String> {
+        let connz = server.nats.monitoring("/connz");
+        let mut names: Vec<String> = connz["connections"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str().map(str::to_string)).collect();
+        names.retain(|n| n.starts_with("pmnc c/"));
+        names.sort();
+        names
+    };
+    assert!(until(Duration::from_secs(5), || names().len() == 2), "{:?}", names());
+    assert!(names()[0].ends_with("worker 0") && names()[1].ends_with("worker 1"), "{:?}", names());
+    assert_eq!(s.log.iter().filter(|l| l.contains("consuming stream")).count(), 1, "{:#?}", s.log);
 
     c.js_publish("in.js.a", b"hello", h(&[("Msg-Id", "j1")]));
     let got = c.next(&mut out, Duration::from_secs(10)).expect("the handler's message");

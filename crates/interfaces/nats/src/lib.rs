@@ -294,8 +294,22 @@ impl Interface for NatsInterface {
     }
 
     fn start(self: Arc<Self>, host: Host) {
-        let me = self.clone();
-        rustomnic_interface::consumer::spawn(&self.spec, move || session::run(me, host));
+        let outage = Arc::new(session::Outage::default());
+        match &self.source {
+            // A JetStream consumer is pulled by every worker on a connection of its own, and each
+            // message is handled on the worker that pulled it (decision 156): no thread hands
+            // messages to workers and their ends back.
+            Source::JetStream(_) => {
+                host.spawn_on_each(|worker| {
+                    let (me, host, outage) = (self.clone(), host.clone(), outage.clone());
+                    Box::new(move || Box::pin(session::run(me, host, Some(worker), outage)))
+                });
+            }
+            Source::Core { .. } => {
+                let me = self.clone();
+                rustomnic_interface::consumer::spawn(&self.spec, move || session::run(me, host, None, outage));
+            }
+        }
     }
 }
 

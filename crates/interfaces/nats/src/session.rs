@@ -1,5 +1,6 @@
-//! The consumer loop of a nats interface (on its own thread): connect, subscribe or bind the
-//! JetStream consumer, hand each message to a worker and settle it by the handler's outcome
+//! The consumer loop of a nats interface: connect, subscribe (on the interface's own thread,
+//! handing each message to a worker) or bind the JetStream consumer (on every worker, handling
+//! the messages where they arrive), and settle each message by the handler's outcome
 //! (reply, ack, nak with a delay, term with a dead letter); the client reconnects by itself, and
 //! a session that fails (the server unreachable at start, the stream missing) is started again
 //! with backoff; on shutdown stop taking messages, let those in flight settle, flush, close.
@@ -30,9 +31,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// made again).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// The outage now under way, if any: its start, said once when it starts and once when it ends.
+/// The outage now under way, if any: its start, said once when it starts and once when it ends
+/// (shared by the sessions of one interface on every worker).
 #[derive(Default)]
-struct Outage {
+pub(crate) struct Outage {
     since: Mutex<Option<Instant>>,
 }
 
@@ -54,17 +56,17 @@ impl Outage {
 }
 
 /// Runs the interface until its shutdown: sessions one after another, with backoff between
-/// failed ones.
-pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host) {
+/// failed ones. `worker` is the worker this runs on (a JetStream consumer's session runs on
+/// each), or None on the interface's own thread.
+pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host, worker: Option<usize>, outage: Arc<Outage>) {
     let counts = message_counts(&iface.spec.cage, &iface.spec.name);
-    let outage = Arc::new(Outage::default());
     let mut shutdown = host.shutdown();
     let mut backoff = FIRST_BACKOFF;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match session(&iface, &host, &counts, &outage).await {
+        match session(&iface, &host, &counts, &outage, worker).await {
             Ok(()) => return,
             Err(e) => {
                 if outage.begin() {
@@ -105,11 +107,15 @@ fn on_event(iface: &Arc<NatsInterface>, outage: &Arc<Outage>) -> client::OnEvent
 }
 
 /// One client's life: until the shutdown (Ok) or a failure the client cannot mend (Err).
-async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &Arc<Outage>) -> Result<(), String> {
-    let client = client::connect(&iface.url, &format!("pmnc {}/{}", iface.spec.cage, iface.spec.name), CONNECT_TIMEOUT, Some(on_event(iface, outage))).await?;
+async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &Arc<Outage>, worker: Option<usize>) -> Result<(), String> {
+    let name = match worker {
+        Some(w) => format!("pmnc {}/{} worker {w}", iface.spec.cage, iface.spec.name),
+        None => format!("pmnc {}/{}", iface.spec.cage, iface.spec.name),
+    };
+    let client = client::connect(&iface.url, &name, CONNECT_TIMEOUT, Some(on_event(iface, outage))).await?;
     let result = match &iface.source {
         Source::Core { subjects, queue_group } => core(iface, host, counts, outage, &client, subjects, queue_group.as_deref()).await,
-        Source::JetStream(js) => jetstream(iface, host, counts, outage, &client, js).await,
+        Source::JetStream(js) => jetstream(iface, host, counts, outage, &client, js, worker.unwrap_or(0)).await,
     };
     // Whatever the outcome, acks and replies already handed to the client go out before it is
     // dropped.
@@ -117,12 +123,15 @@ async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCo
     result
 }
 
-fn said_connected(iface: &NatsInterface, outage: &Outage, what: &str) {
+/// Says that a session consumes: once per interface (the first worker's session, when each
+/// worker has one), and once at the end of an outage.
+fn said_connected(iface: &NatsInterface, outage: &Outage, what: &str, first: bool) {
     match outage.end() {
         Some(after) => {
             tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "connected to NATS at {} again after {:.1}s; consuming {what}", iface.url.display, after.as_secs_f64())
         }
-        None => tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {what} on NATS at {}", iface.url.display),
+        None if first => tracing::info!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {what} on NATS at {}", iface.url.display),
+        None => tracing::debug!(cage = %iface.spec.cage, interface = %iface.spec.name, "consuming {what} on NATS at {}", iface.url.display),
     }
 }
 
@@ -151,7 +160,7 @@ async fn core(
         Some(g) => format!("{} (queue group {g})", subjects.join(", ")),
         None => subjects.join(", "),
     };
-    said_connected(iface, outage, &what);
+    said_connected(iface, outage, &what, true);
     let mut messages = select_all(subscribers);
     let mut tasks = JoinSet::new();
     let mut shutdown = host.shutdown();
@@ -242,14 +251,16 @@ async fn jetstream(
     outage: &Outage,
     client: &async_nats::Client,
     js: &JetStream,
+    worker: usize,
 ) -> Result<(), String> {
     let display = &iface.url.display;
     let context = jetstream::new(client.clone());
     let consumer = bind(&context, js, iface.max_ack_pending, display).await?;
-    said_connected(iface, outage, &format!("stream {:?} (consumer {:?})", js.stream, js.consumer));
-    // Handlers report to one channel (Host::run_then): this thread is woken once for all the
-    // handlers that ended meanwhile, and acks them together (the client writes acks queued
-    // together in one write). A failed handler's message is settled by a task of its own.
+    said_connected(iface, outage, &format!("stream {:?} (consumer {:?})", js.stream, js.consumer), worker == 0);
+    // This runs on a worker, and each message's handler runs here too, as a task of its own
+    // that reports to one channel: the session is woken once for all the handlers that ended
+    // meanwhile, and acks them together (the client writes acks queued together in one write).
+    // A failed handler's message is settled by a task of its own.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut running = 0usize;
     let mut failed = JoinSet::new();
@@ -300,7 +311,12 @@ async fn jetstream(
                 next = messages.next(), if running + failed.len() < iface.max_ack_pending => match next {
                     Some(Ok(m)) => {
                         if let Some(request) = job.prepare(&context, js, &m).await {
-                            job.host.run_then(request, m, done_tx.clone());
+                            let (handled, done) = (job.host.run_here(request), done_tx.clone());
+                            // Boxed: a task keeps its future inline and moves it at each change
+                            // of state, and this one is about 2 KiB.
+                            tokio::task::spawn_local(Box::pin(async move {
+                                let _ = done.send((m, handled.await));
+                            }));
                             running += 1;
                         }
                     }
