@@ -250,10 +250,9 @@ impl CageVm {
     pub fn start_function(&self, ctx: RequestCtx, f: Function, build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>) -> Result<RequestFuture, RunError> {
         let internal = |e: mlua::Error| RunError::Internal(e.to_string());
         let args = build(&self.lua).map_err(internal)?;
-        let mut all = MultiValue::with_capacity(args.len() + 1);
-        all.push_back(LuaValue::Function(f));
-        all.extend(args);
-        let inner = self.run.call_async::<MultiValue>(all);
+        // The runner takes the handler, then its arguments: pushed onto the stack one after
+        // another, without a second list of them.
+        let inner = self.run.call_async::<MultiValue>((f, args));
         self.shared.live.set(self.shared.live.get() + 1);
         let recording = crate::metrics::Recording::start(&ctx);
         Ok(RequestFuture {

@@ -34,9 +34,10 @@ pub(crate) struct Route {
 }
 
 /// FNV-1a: segments are short, and the keys come from the route table (the module's author), not
-/// from clients, so a fast hash without a random seed is safe here.
+/// from clients, so a fast hash without a random seed is safe here. Also the hash of the
+/// requests' slots (stream.rs), whose keys are request ids this process made.
 #[derive(Default, Clone, Copy)]
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {
