@@ -142,16 +142,30 @@ pub struct Request {
 
 /// Runs `request` with the cage's VM of this worker thread.
 async fn run_on_worker(spec: Arc<InterfaceSpec>, request: Request) -> Result<Vec<Value>, RunError> {
+    run_on_worker_with(spec, request, |_| Ok(rustomnic_lua::mlua::MultiValue::new())).await
+}
+
+/// Runs `request` with the cage's VM of this worker thread, its arguments followed by what
+/// `build` makes.
+async fn run_on_worker_with(
+    spec: Arc<InterfaceSpec>,
+    request: Request,
+    build: impl FnOnce(&rustomnic_lua::mlua::Lua) -> rustomnic_lua::mlua::Result<rustomnic_lua::mlua::MultiValue>,
+) -> Result<Vec<Value>, RunError> {
     let (module, function) = request.handler;
-    match worker::cage(&spec.cage) {
-        Some(vm) => {
-            let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
-            ctx.parameters = request.parameters;
-            // A cage with [tracing] records a span per message or datagram (docs/tracing.md).
-            worker::run_traced(&vm, ctx, &module, &function, request.args, rustomnic_lua::trace::SpanKind::Consumer).await
-        }
-        None => Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage))),
-    }
+    let Some(vm) = worker::cage(&spec.cage) else {
+        return Err(RunError::NotFound(format!("cage {} does not run on this worker", spec.cage)));
+    };
+    let mut ctx = RequestCtx::with_deadline(rustomnic_lua::new_request_id(), &spec.cage, &spec.name, request.deadline, None);
+    ctx.parameters = request.parameters;
+    let args = request.args;
+    let all = |lua: &rustomnic_lua::mlua::Lua| {
+        let mut values: rustomnic_lua::mlua::MultiValue = args.iter().map(|v| rustomnic_lua::convert::to_lua(lua, v)).collect::<Result<_, _>>()?;
+        values.extend(build(lua)?);
+        Ok(values)
+    };
+    // A cage with [tracing] records a span per message or datagram (docs/tracing.md).
+    worker::run_traced_with(&vm, ctx, &module, &function, all, rustomnic_lua::trace::SpanKind::Consumer).await
 }
 
 fn worker_stopped() -> RunError {
@@ -240,6 +254,17 @@ impl Host {
         run_on_worker(self.spec.clone(), request)
     }
 
+    /// Like [`Host::run_here`], with the handler's arguments made in the VM by `build` after
+    /// `request.args` (usually none): a consumer makes its message's table straight from the
+    /// message, without the value model in between.
+    pub fn run_here_with<'a>(
+        &self,
+        request: Request,
+        build: impl FnOnce(&rustomnic_lua::mlua::Lua) -> rustomnic_lua::mlua::Result<rustomnic_lua::mlua::MultiValue> + 'a,
+    ) -> impl Future<Output = Result<Vec<Value>, RunError>> + 'a {
+        run_on_worker_with(self.spec.clone(), request, build)
+    }
+
     /// Runs `request` on a worker thread and gives its outcome: the handler's results, or its
     /// error (a failed handler's transactions have rolled back by then, a returned handler's
     /// have committed), so a consumer can acknowledge a message only after success. The request
@@ -310,6 +335,43 @@ mod tests {
 
     fn request() -> Request {
         Request { handler: ("m".into(), "f".into()), args: Vec::new(), deadline: std::time::Instant::now() + Duration::from_secs(1), parameters: None }
+    }
+
+    /// A consumer on a worker runs its handler there: the request's arguments first, then
+    /// what `build` made in the VM; without the cage on the thread, a clear error.
+    #[test]
+    fn run_here_with_gives_the_arguments_then_what_build_makes() {
+        use rustomnic_lua::mlua::{MultiValue, Value as LuaValue};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        let host = host(Arc::new(drop::<Job>));
+        local.block_on(&rt, async {
+            let none = host.run_here_with(request(), |_| Ok(MultiValue::new())).await;
+            assert!(matches!(none, Err(RunError::NotFound(ref m)) if m.contains("cage c does not run on this worker")), "{none:?}");
+
+            let vm = rustomnic_lua::CageVm::new("c").unwrap();
+            let source = "return { f = function(...) return table.concat({...}, '+'), select('#', ...) end }";
+            let bytecode = rustomnic_lua::compile("m", std::path::Path::new("m.lua"), "m.lua", source.as_bytes()).unwrap();
+            let module = rustomnic_lua::CompiledModule {
+                name: "m".into(),
+                path: "m.lua".into(),
+                display: "m.lua".into(),
+                bytecode,
+                functions: vec![],
+                version: 1,
+                source_hash: 0,
+            };
+            vm.install(&module).unwrap();
+            worker::install(std::rc::Rc::new(vm));
+            let mut r = request();
+            r.args = vec![Value::str("a"), Value::Int(2)];
+            let built = |lua: &rustomnic_lua::mlua::Lua| Ok(MultiValue::from_iter([LuaValue::String(lua.create_string("made")?)]));
+            let out = host.run_here_with(r, built).await.unwrap();
+            assert_eq!(out, vec![Value::str("a+2+made"), Value::Int(3)]);
+            let out = host.run_here(request()).await.unwrap();
+            assert_eq!(out, vec![Value::str(""), Value::Int(0)]);
+            worker::clear();
+        });
     }
 
     #[test]

@@ -273,7 +273,19 @@ impl CageVm {
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).
     pub async fn call(&self, ctx: RequestCtx, module: &str, function: &str, args: Vec<Value>) -> Result<Vec<Value>, RunError> {
-        let fut = self.start(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect())?;
+        self.call_with(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()).await
+    }
+
+    /// Like [`call`](Self::call), with arguments that `build` makes in the VM: a consumer makes
+    /// its message's table straight from the message, without the value model in between.
+    pub async fn call_with(
+        &self,
+        ctx: RequestCtx,
+        module: &str,
+        function: &str,
+        build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>,
+    ) -> Result<Vec<Value>, RunError> {
+        let fut = self.start(ctx, module, function, build)?;
         let ctx = fut.ctx.clone();
         let result = fut.await;
         if let Err(e @ RunError::Failed { .. }) = &result {

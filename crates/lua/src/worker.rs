@@ -167,15 +167,27 @@ pub async fn call(request: CallRequest) -> Result<Vec<Value>, CallError> {
 /// arrived with), recorded when it ends.
 pub async fn run_traced(
     vm: &crate::CageVm,
-    mut ctx: RequestCtx,
+    ctx: RequestCtx,
     module: &str,
     function: &str,
     args: Vec<Value>,
     kind: crate::trace::SpanKind,
 ) -> Result<Vec<Value>, RunError> {
+    run_traced_with(vm, ctx, module, function, |lua| args.iter().map(|v| crate::convert::to_lua(lua, v)).collect(), kind).await
+}
+
+/// Like [`run_traced`], with the arguments `build` makes in the VM ([`CageVm::call_with`]).
+pub async fn run_traced_with(
+    vm: &crate::CageVm,
+    mut ctx: RequestCtx,
+    module: &str,
+    function: &str,
+    build: impl FnOnce(&mlua::Lua) -> mlua::Result<mlua::MultiValue>,
+    kind: crate::trace::SpanKind,
+) -> Result<Vec<Value>, RunError> {
     ctx.trace = crate::trace::for_request(&ctx.cage, ctx.trace.take());
     let names = crate::trace::recorded(&ctx).map(|t| (t, ctx.cage.clone(), ctx.interface.clone(), ctx.id.clone()));
-    let outcome = vm.call(ctx, module, function, args).await;
+    let outcome = vm.call_with(ctx, module, function, build).await;
     if let Some((t, cage, interface, id)) = names {
         let failed = outcome.as_ref().err().map(|e| e.to_string());
         call_span(&t, &cage, &interface, &id, module, function, kind, failed);

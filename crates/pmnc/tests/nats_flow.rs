@@ -160,9 +160,11 @@ fn jetstream_in_and_out_retries_with_backoff_terms_after_max_deliver_and_acks_no
     assert!(names()[0].ends_with("worker 0") && names()[1].ends_with("worker 1"), "{:?}", names());
     assert_eq!(s.log.iter().filter(|l| l.contains("consuming stream")).count(), 1, "{:#?}", s.log);
 
-    c.js_publish("in.js.a", b"hello", h(&[("Msg-Id", "j1")]));
+    c.js_publish("in.js.a", b"hello", h(&[("Msg-Id", "j1"), ("Multi", "x"), ("Multi", "y")]));
     let got = c.next(&mut out, Duration::from_secs(10)).expect("the handler's message");
     let v = json(&got.payload);
+    assert_eq!(v["headers"]["Msg-Id"], "j1");
+    assert_eq!(v["headers"]["Multi"], serde_json::json!(["x", "y"]), "a header given twice is an array");
     assert_eq!((v["body"].as_str(), v["subject"].as_str(), v["stream"].as_str()), (Some("hello"), Some("in.js.a"), Some("IN")));
     assert_eq!((v["sequence"].as_i64(), v["delivered"].as_i64(), v["attempt"].as_i64(), v["redelivered"].as_bool()), (Some(1), Some(1), Some(1), Some(false)));
     assert_eq!(c.stream_messages("OUT"), 1, "jetstream_publish stored the message in OUT");
@@ -207,9 +209,17 @@ fn jetstream_in_and_out_retries_with_backoff_terms_after_max_deliver_and_acks_no
     assert!(header(&dl, "Nats-Service-Error").unwrap().contains("over max_message_size (1024 bytes)"));
     assert!(state_keys(&cage, "seen:xxxx").is_empty());
 
-    // hello 1 + boom 3 + raise 3 + oversized 1 received; 1 acked; 4 retried; 3 dead; 1 refused.
-    // The dead letter goes out before the term is counted: polled until the counts settle.
-    let want = (8.0, 1.0, 4.0, 4.0, 3.0, 1.0);
+    // A message without headers still has a headers table (an empty one).
+    c.js_publish("in.js.e", b"plain", HeaderMap::new());
+    let got = c.next(&mut out, Duration::from_secs(10)).expect("the handler's message without headers");
+    let v = json(&got.payload);
+    assert_eq!((v["body"].as_str(), v["sequence"].as_i64()), (Some("plain"), Some(5)));
+    assert!(v["headers"].as_object().is_some_and(|h| h.is_empty()) || v["headers"].as_array().is_some_and(|h| h.is_empty()), "{v}");
+
+    // hello 1 + boom 3 + raise 3 + oversized 1 + plain 1 received; 2 acked; 4 retried; 3 dead;
+    // 1 refused. The dead letter goes out before the term is counted: polled until the counts
+    // settle.
+    let want = (9.0, 2.0, 4.0, 4.0, 3.0, 1.0);
     let mut text = String::new();
     let settled = until(Duration::from_secs(5), || {
         text = get(monitor, "/metrics").text();

@@ -13,6 +13,7 @@ use futures_util::stream::{select_all, StreamExt};
 use rustomnic_core::metrics::{message_counts, MessageCounts};
 use rustomnic_core::Value;
 use rustomnic_interface::{Host, Request};
+use rustomnic_lua::mlua::{Lua, MultiValue, Result as LuaResult, Value as LuaValue};
 use rustomnic_lua::RunError;
 use rustomnic_resource_nats::async_nats::jetstream::{self, consumer, AckKind};
 use rustomnic_resource_nats::async_nats::{self, Event, HeaderMap};
@@ -267,6 +268,7 @@ async fn jetstream(
     let job = Settle { iface: iface.clone(), host: host.clone(), counts: counts.clone(), client: client.clone() };
     let mut shutdown = host.shutdown();
     let mut pulls = 0u32;
+    let stream: Arc<str> = js.stream.as_str().into();
     let failure = 'outer: loop {
         // A pull that ended (missed heartbeats across an outage) is made again on the same
         // consumer; the server kept every unacknowledged message for it.
@@ -310,12 +312,13 @@ async fn jetstream(
                 Some(_) = failed.join_next(), if !failed.is_empty() => {}
                 next = messages.next(), if running + failed.len() < iface.max_ack_pending => match next {
                     Some(Ok(m)) => {
-                        if let Some(request) = job.prepare(&context, js, &m).await {
-                            let (handled, done) = (job.host.run_here(request), done_tx.clone());
+                        if let Some(delivery) = job.prepare(&context, js, &m).await {
+                            let (host, request, done, stream) = (job.host.clone(), job.bare_request(), done_tx.clone(), stream.clone());
                             // Boxed: a task keeps its future inline and moves it at each change
                             // of state, and this one is about 2 KiB.
                             tokio::task::spawn_local(Box::pin(async move {
-                                let _ = done.send((m, handled.await));
+                                let outcome = host.run_here_with(request, |lua| jetstream_message(lua, &m, &stream, &delivery)).await;
+                                let _ = done.send((m, outcome));
                             }));
                             running += 1;
                         }
@@ -401,8 +404,15 @@ impl Settle {
     }
 
     fn request(&self, message: Value) -> Request {
+        let mut request = self.bare_request();
+        request.args.push(message);
+        request
+    }
+
+    /// A request to the handler without arguments (the message's table is made in the VM).
+    fn bare_request(&self) -> Request {
         let (module, function) = self.iface.spec.handler.value.clone();
-        Request { handler: (module, function), args: vec![message], deadline: Instant::now() + self.iface.spec.request_timeout, parameters: None }
+        Request { handler: (module, function), args: Vec::new(), deadline: Instant::now() + self.iface.spec.request_timeout, parameters: None }
     }
 
     fn too_big(&self, len: usize) -> Option<String> {
@@ -475,10 +485,9 @@ impl Settle {
         }
     }
 
-    /// What the handler of JetStream message `m` is given, counted as received; None when the
-    /// message was settled here instead (no JetStream metadata, or over the size limit: dead
-    /// lettered).
-    async fn prepare(&self, context: &jetstream::Context, js: &JetStream, m: &jetstream::Message) -> Option<Request> {
+    /// Where JetStream message `m` stands, counted as received; None when the message was settled
+    /// here instead (no JetStream metadata, or over the size limit: dead lettered).
+    async fn prepare(&self, context: &jetstream::Context, js: &JetStream, m: &jetstream::Message) -> Option<Delivery> {
         let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
         self.counts.received.fetch_add(1, Ordering::Relaxed);
         let quick = m.reply.as_ref().and_then(|r| delivery(r.as_str()));
@@ -502,15 +511,7 @@ impl Settle {
             Box::pin(self.dead_letter(context, js, m, sequence, attempt, &error, &describe)).await;
             return None;
         }
-        let mut fields = common_fields(&m.message);
-        fields.extend([
-            (Value::str("stream"), Value::str(js.stream.as_str())),
-            (Value::str("sequence"), Value::Int(sequence.min(i64::MAX as u64) as i64)),
-            (Value::str("delivered"), Value::Int(delivered)),
-            (Value::str("redelivered"), Value::Bool(delivered > 1)),
-            (Value::str("attempt"), Value::Int(i64::from(attempt))),
-        ]);
-        Some(self.request(Value::Map(fields)))
+        Some(Delivery { sequence, delivered, attempt })
     }
 
     /// Settles JetStream message `m` whose handler failed with `e`: handed back at once when
@@ -591,6 +592,65 @@ impl Settle {
         self.client.publish_with_headers(subject.to_string(), headers, payload).await.map_err(|e| e.to_string())?;
         self.client.flush().await.map_err(|e| e.to_string())
     }
+}
+
+/// Where a JetStream message stands: its stream sequence, the server's delivery count and the
+/// attempt that makes.
+struct Delivery {
+    sequence: u64,
+    delivered: i64,
+    attempt: u32,
+}
+
+/// The handler's `message` table of JetStream message `m`: body, subject, headers, stream,
+/// sequence, delivered, redelivered, attempt. Made in one call through Lua's C API, without the
+/// value model's copies in between (a value per field, each key and string its own allocation,
+/// was a tenth of a message's handling); headers, when the message has any, go through
+/// [`wire::headers_to_value`] as before.
+fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delivery) -> LuaResult<MultiValue> {
+    use rustomnic_lua::mlua::ffi;
+    let headers = match m.headers.as_ref().filter(|h| !h.is_empty()) {
+        Some(h) => rustomnic_lua::convert::to_lua(lua, &wire::headers_to_value(Some(h)))?,
+        None => LuaValue::Nil,
+    };
+    let (body, subject) = (&m.payload[..], m.subject.as_str());
+    let sequence = d.sequence.min(i64::MAX as u64) as i64;
+    let (delivered, attempt) = (d.delivered, i64::from(d.attempt));
+    // SAFETY: the closure runs in a protected call with the headers' table (or nil) at stack
+    // slot 1; it pushes values, sets fields of the one table it made (which has no metatable,
+    // so no metamethod runs), and leaves exactly that table. It holds only borrows, so an allocation
+    // error that leaves it by longjmp finds nothing to drop.
+    let table = unsafe {
+        lua.exec_raw::<LuaValue>(headers, |state| {
+            let push = |bytes: &[u8]| {
+                ffi::lua_pushlstring(state, bytes.as_ptr() as *const std::ffi::c_char, bytes.len());
+            };
+            ffi::lua_createtable(state, 0, 8);
+            push(body);
+            ffi::lua_setfield(state, -2, c"body".as_ptr());
+            push(subject.as_bytes());
+            ffi::lua_setfield(state, -2, c"subject".as_ptr());
+            if ffi::lua_type(state, 1) == ffi::LUA_TTABLE {
+                ffi::lua_pushvalue(state, 1);
+            } else {
+                ffi::lua_createtable(state, 0, 0);
+            }
+            ffi::lua_setfield(state, -2, c"headers".as_ptr());
+            push(stream.as_bytes());
+            ffi::lua_setfield(state, -2, c"stream".as_ptr());
+            ffi::lua_pushinteger(state, sequence);
+            ffi::lua_setfield(state, -2, c"sequence".as_ptr());
+            ffi::lua_pushinteger(state, delivered);
+            ffi::lua_setfield(state, -2, c"delivered".as_ptr());
+            ffi::lua_pushboolean(state, std::ffi::c_int::from(delivered > 1));
+            ffi::lua_setfield(state, -2, c"redelivered".as_ptr());
+            ffi::lua_pushinteger(state, attempt);
+            ffi::lua_setfield(state, -2, c"attempt".as_ptr());
+            ffi::lua_replace(state, 1);
+            ffi::lua_settop(state, 1);
+        })
+    }?;
+    Ok(MultiValue::from_iter([table]))
 }
 
 /// The stream sequence and delivery count of a JetStream message, read from its reply subject:
