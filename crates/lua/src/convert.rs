@@ -120,6 +120,15 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
 /// string and per field (each a protected call and a handle of its own) cost several times
 /// what the values themselves do.
 pub fn to_lua(lua: &Lua, value: &Value) -> mlua::Result<LuaValue> {
+    // A value that is not a table takes one call at most (a protected call costs more).
+    match value {
+        Value::Nil => return Ok(LuaValue::Nil),
+        Value::Bool(b) => return Ok(LuaValue::Boolean(*b)),
+        Value::Int(i) => return Ok(LuaValue::Integer(*i)),
+        Value::Float(f) => return Ok(LuaValue::Number(*f)),
+        Value::Str(b) => return Ok(LuaValue::String(lua.create_string(b)?)),
+        Value::Array(_) | Value::Map(_) => {}
+    }
     let too_deep = std::cell::Cell::new(false);
     // SAFETY: the closure runs in a protected call on the VM's own state; it only pushes values
     // and sets fields of tables it made, and leaves exactly the one value it built on the stack
