@@ -20,7 +20,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 "id" => LuaValue::String(lua.create_string(&ctx.id)?),
                 "interface" => LuaValue::String(lua.create_string(&ctx.interface)?),
                 "cage" => LuaValue::String(lua.create_string(&ctx.cage)?),
-                "deadline" => LuaValue::Number(ctx.deadline_unix),
+                "deadline" => LuaValue::Number(ctx.deadline_unix()),
                 "call_id" => match &ctx.call_id {
                     Some(c) => LuaValue::String(lua.create_string(c)?),
                     None => LuaValue::Nil,
