@@ -310,6 +310,11 @@ mod tests {
         assert!(matches!(to_lua(&lua, &big), Err(mlua::Error::MemoryError(_))));
         lua.set_memory_limit(limit).unwrap();
         assert!(to_lua(&lua, &big).is_ok());
+        // Keys Lua cannot take are errors of the call, not of the process.
+        for key in [Value::Nil, Value::Float(f64::NAN)] {
+            let e = to_lua(&lua, &Value::Map(vec![(Value::str("ok"), Value::Int(1)), (key, Value::Int(2))])).unwrap_err();
+            assert!(e.to_string().contains("index is"), "{e}");
+        }
         assert_eq!(lua.load("return 1 + 1").eval::<i64>().unwrap(), 2);
     }
 
