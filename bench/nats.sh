@@ -6,7 +6,9 @@
 # each consumer starts, so only consuming is timed. Figures are printed, never asserted (target:
 # pmnc >= 0.8x bare).
 #
-# COUNT=50000 messages per run, MAX_ACK_PENDING=64, WORKERS=2, BYTES=100; NATS_SERVER (default
+# COUNT=50000 messages per run, MAX_ACK_PENDING=64, WORKERS=2, BYTES=100, ROUNDS=3 (bare then
+# pmnc, each round; the ratio of each round and their median are printed: the bare consumer
+# alone moves by a third from run to run on this shared machine); NATS_SERVER (default
 # nats-server on PATH or /usr/sbin/nats-server).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -15,6 +17,8 @@ COUNT="${COUNT:-50000}"
 PENDING="${MAX_ACK_PENDING:-64}"
 WORKERS="${WORKERS:-2}"
 BYTES="${BYTES:-100}"
+ROUNDS="${ROUNDS:-3}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number above 0, got '$ROUNDS'"; exit 2; }
 NATS="${NATS_SERVER:-$(command -v nats-server || echo /usr/sbin/nats-server)}"
 if [ ! -x "$NATS" ]; then
     echo "SKIPPED: nats-server not found (install it: apt-get install nats-server)"
@@ -36,51 +40,69 @@ trap 'stop_pid "$NATS_PID"; cleanup' EXIT
 
 now() { date +%s.%N; }
 
-echo "== $COUNT messages of $BYTES bytes, max_ack_pending $PENDING, pmnc with $WORKERS workers, built from $(source_state)"
-echo "== bare async-nats JetStream consumer"
-"$BARE" publish "$URL" BARE bare.in "$COUNT" "$BYTES"
-bare_out="$("$BARE" consume "$URL" BARE bare "$COUNT" "$PENDING")"
-echo "$bare_out"
-bare_rate="$(echo "$bare_out" | grep -Eo '[0-9]+ msg/s' | grep -Eo '[0-9]+')"
+echo "== $COUNT messages of $BYTES bytes, max_ack_pending $PENDING, pmnc with $WORKERS workers, $ROUNDS rounds, built from $(source_state)"
 
-echo "== pmnc nats interface, handler: function(m) end"
-"$BARE" publish "$URL" PMNC pmnc.in "$COUNT" "$BYTES"
-dir="$WORK/c"
-mkdir -p "$dir"
-cat >"$dir/cage.toml" <<TOML
+# One round: the bare consumer, then pmnc, each on a stream of its own filled beforehand.
+# Prints "bare_rate pmnc_rate".
+round() {
+    local r="$1"
+    echo "== round $r: bare async-nats JetStream consumer" >&2
+    "$BARE" publish "$URL" "BARE$r" "bare$r.in" "$COUNT" "$BYTES" >&2
+    local bare_out bare_rate
+    bare_out="$("$BARE" consume "$URL" "BARE$r" bare "$COUNT" "$PENDING")"
+    echo "$bare_out" >&2
+    bare_rate="$(echo "$bare_out" | grep -Eo '[0-9]+ msg/s' | grep -Eo '[0-9]+')"
+
+    echo "== round $r: pmnc nats interface, handler: function(m) end" >&2
+    "$BARE" publish "$URL" "PMNC$r" "pmnc$r.in" "$COUNT" "$BYTES" >&2
+    local dir="$WORK/c$r"
+    mkdir -p "$dir"
+    cat >"$dir/cage.toml" <<TOML
 [interfaces.in]
 protocol = "nats"
 url = "$URL"
-stream = "PMNC"
+stream = "PMNC$r"
 consumer = "pmnc"
 declare = true
-subjects = ["pmnc.in"]
+subjects = ["pmnc$r.in"]
 max_ack_pending = $PENDING
 handler = "app.handle"
 TOML
-echo 'return { handle = function(m) end }' >"$dir/app.lua"
-start_bg "$WORK/c.log" "$PMNC" run "$dir" --workers "$WORKERS"
-pid="$BG_PID"
-wait_for_line "$WORK/c.log" 'consuming' "$pid" 30 || exit 1
-started="$(now)"
-monitor="$(grep -Eo 'monitor page at http://[0-9.:]+' "$WORK/c.log" | head -n1 | sed 's#.*http://##')"
-acked=0
-for _ in $(seq 6000); do
-    acked="$(curl -s --max-time 2 "http://$monitor/metrics" | grep -F 'pmnc_messages_total{cage="c",interface="in",event="acked"}' | awk '{print $2}')"
-    [ -n "$acked" ] && [ "${acked%.*}" -ge "$COUNT" ] && break
-    sleep 0.05
-done
-secs="$(echo "$(now) - $started" | bc -l)"
-stop_pid "$pid"
-if [ -z "$acked" ] || [ "${acked%.*}" -lt "$COUNT" ]; then
-    echo "only ${acked:-0} of $COUNT acked in ${secs}s"; tail -20 "$WORK/c.log"; exit 1
-fi
-pmnc_rate="$(echo "$COUNT / $secs" | bc -l | xargs printf '%.0f')"
-echo "consumed $COUNT in $(printf '%.2f' "$secs") s: $pmnc_rate msg/s"
+    echo 'return { handle = function(m) end }' >"$dir/app.lua"
+    start_bg "$WORK/c$r.log" "$PMNC" run "$dir" --workers "$WORKERS"
+    local pid="$BG_PID"
+    wait_for_line "$WORK/c$r.log" 'consuming' "$pid" 30 >&2 || exit 1
+    local started monitor acked=0 secs
+    started="$(now)"
+    monitor="$(grep -Eo 'monitor page at http://[0-9.:]+' "$WORK/c$r.log" | head -n1 | sed 's#.*http://##')"
+    for _ in $(seq 6000); do
+        acked="$(curl -s --max-time 2 "http://$monitor/metrics" | grep -F 'pmnc_messages_total{cage="c'"$r"'",interface="in",event="acked"}' | awk '{print $2}')"
+        [ -n "$acked" ] && [ "${acked%.*}" -ge "$COUNT" ] && break
+        sleep 0.05
+    done
+    secs="$(echo "$(now) - $started" | bc -l)"
+    stop_pid "$pid"
+    if [ -z "$acked" ] || [ "${acked%.*}" -lt "$COUNT" ]; then
+        echo "only ${acked:-0} of $COUNT acked in ${secs}s" >&2; tail -20 "$WORK/c$r.log" >&2; exit 1
+    fi
+    local pmnc_rate
+    pmnc_rate="$(echo "$COUNT / $secs" | bc -l | xargs printf '%.0f')"
+    echo "consumed $COUNT in $(printf '%.2f' "$secs") s: $pmnc_rate msg/s" >&2
+    echo "$bare_rate $pmnc_rate"
+}
 
-ratio="$(echo "$pmnc_rate / $bare_rate" | bc -l | xargs printf '%.2f')"
-verdict="met"
-if [ "$(echo "$ratio < 0.8" | bc -l)" = 1 ]; then verdict="MISSED"; fi
+ratios=()
 echo
-echo "bare async-nats consumer:   $bare_rate msg/s"
-echo "pmnc nats interface:        $pmnc_rate msg/s   ratio $ratio (target >= 0.8: $verdict)"
+printf '%-7s %14s %14s %8s\n' round "bare msg/s" "pmnc msg/s" ratio > "$WORK/table"
+for r in $(seq "$ROUNDS"); do
+    read -r bare_rate pmnc_rate < <(round "$r")
+    ratio="$(echo "$pmnc_rate / $bare_rate" | bc -l | xargs printf '%.2f')"
+    ratios+=("$ratio")
+    printf '%-7s %14s %14s %8s\n' "$r" "$bare_rate" "$pmnc_rate" "$ratio" >> "$WORK/table"
+done
+median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}')"
+verdict="met"
+if [ "$(echo "$median < 0.8" | bc -l)" = 1 ]; then verdict="MISSED"; fi
+echo
+cat "$WORK/table"
+echo "median ratio pmnc/bare: $median (target >= 0.8: $verdict)"
