@@ -301,6 +301,33 @@ fn pipelined_requests_are_answered_in_order_on_one_connection() {
     assert_eq!(c.response().json()["path"], "/quick");
 }
 
+/// A kept connection is read again only when the client sends (the server does not read
+/// after a short read until epoll says more came): requests in pieces with pauses between
+/// them, a request after an idle pause, and two in one write are all answered.
+#[test]
+fn requests_in_pieces_and_after_pauses_are_answered_on_a_kept_connection() {
+    let (_tree, _server, addr) = server("", 1);
+    let mut c = Conn::open(addr);
+    for round in 0..3 {
+        let req = get_req(&format!("/piece/{round}"));
+        let (a, rest) = req.split_at(5);
+        let (b, d) = rest.split_at(rest.len() - 3);
+        for part in [a, b, d] {
+            c.send(part);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let r = c.response();
+        assert_eq!(r.json()["path"], format!("/piece/{round}"), "round {round}");
+        // Idle between requests, then one more, then two in one write.
+        std::thread::sleep(Duration::from_millis(120));
+        c.send(get_req(&format!("/after/{round}")));
+        assert_eq!(c.response().json()["path"], format!("/after/{round}"));
+        c.send(format!("{}{}", get_req("/two/a"), get_req("/two/b")));
+        assert_eq!(c.response().json()["path"], "/two/a");
+        assert_eq!(c.response().json()["path"], "/two/b");
+    }
+}
+
 /// HTTP/1.0 closes after each response unless it asks for keep-alive; HTTP/1.1
 /// `Connection: close` is answered with `connection: close` and then the end.
 #[test]

@@ -472,7 +472,20 @@ impl Conn {
     /// `TcpStream::try_read_buf`): `WouldBlock` when nothing is there, `Ok(0)` at the end.
     pub(crate) fn try_read_buf(&mut self, into: &mut Vec<u8>) -> std::io::Result<usize> {
         match self {
-            Conn::Plain(s) => s.try_read_buf(into),
+            Conn::Plain(s) => {
+                let spare = into.capacity() - into.len();
+                let n = s.try_read_buf(into)?;
+                if n > 0 && n < spare {
+                    // A read shorter than the room it had took everything the socket held, so the
+                    // next read would only find EAGAIN (a system call per request on a kept
+                    // connection). The readiness is cleared instead; epoll (edge-triggered)
+                    // reports every later arrival, and tokio clears only the readiness it saw
+                    // here: nothing ran on this thread since the read, so an event the driver
+                    // takes later is kept.
+                    let _ = s.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+                }
+                Ok(n)
+            }
             Conn::Tls(t) => {
                 let mut chunk = [0u8; 16 * 1024];
                 let want = (into.capacity() - into.len()).min(chunk.len());
