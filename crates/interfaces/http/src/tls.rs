@@ -481,7 +481,8 @@ impl Conn {
                     // connection). The readiness is cleared instead; epoll (edge-triggered)
                     // reports every later arrival, and tokio clears only the readiness it saw
                     // here: nothing ran on this thread since the read, so an event the driver
-                    // takes later is kept.
+                    // takes later is kept (decision 157; this relies on the connection being
+                    // served on a worker's current-thread runtime).
                     let _ = s.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
                 }
                 Ok(n)
