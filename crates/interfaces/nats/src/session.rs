@@ -318,7 +318,7 @@ async fn jetstream(
                             // of state, and this one is about 2 KiB.
                             tokio::task::spawn_local(Box::pin(async move {
                                 let outcome = host.run_here_with(request, |lua| jetstream_message(lua, &m, &stream, &delivery)).await;
-                                let _ = done.send((m, outcome));
+                                let _ = done.send((m, delivery, outcome));
                             }));
                             running += 1;
                         }
@@ -370,9 +370,9 @@ async fn settle_all(
     context: &jetstream::Context,
     js: &JetStream,
     failed: &mut JoinSet<()>,
-    ended: Vec<(jetstream::Message, Result<Vec<Value>, RunError>)>,
+    ended: Vec<(jetstream::Message, Delivery, Result<Vec<Value>, RunError>)>,
 ) {
-    for (m, outcome) in ended {
+    for (m, delivery, outcome) in ended {
         match outcome {
             Ok(_) => match m.ack().await {
                 Ok(()) => {
@@ -383,7 +383,7 @@ async fn settle_all(
                 }
             },
             Err(e) => {
-                failed.spawn(job.clone().failed(context.clone(), js.clone(), m, e));
+                failed.spawn(job.clone().failed(context.clone(), js.clone(), m, delivery, e));
             }
         }
     }
@@ -517,15 +517,16 @@ impl Settle {
     /// Settles JetStream message `m` whose handler failed with `e`: handed back at once when
     /// the worker stopped under it, else nak'ed with the backoff's delay, or, after its last
     /// attempt, dead lettered and terminated.
-    async fn failed(self, context: jetstream::Context, js: JetStream, m: jetstream::Message, e: RunError) {
+    async fn failed(self, context: jetstream::Context, js: JetStream, m: jetstream::Message, delivery: Delivery, e: RunError) {
         let (cage, name) = (&self.iface.spec.cage, &self.iface.spec.name);
         if self.stopping() {
             // The worker stopped under the handler: not an attempt of the message's.
             let _ = m.ack_with(AckKind::Nak(None)).await;
             return;
         }
-        let (sequence, delivered) = m.info().map(|i| (i.stream_sequence, i.delivered.max(1))).unwrap_or((0, 1));
-        let attempt = attempt_of(delivered);
+        // Where the message stood as `prepare` read it (a second reading of the reply subject
+        // could disagree with the first, and a message it failed to read would never end).
+        let Delivery { sequence, attempt, .. } = delivery;
         let describe = describe(&js, &m, sequence);
         let error = error_text(&e);
         if attempt >= js.max_deliver {
