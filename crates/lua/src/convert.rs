@@ -222,15 +222,12 @@ unsafe fn push_array_metatable(state: *mut ffi::lua_State) {
 
 /// The shared metatable that marks arrays.
 pub fn array_metatable(lua: &Lua) -> mlua::Result<Table> {
-    match lua.named_registry_value::<Option<Table>>(ARRAY_MT)? {
-        Some(t) => Ok(t),
-        None => {
-            let t = lua.create_table()?;
-            t.raw_set("__array", true)?;
-            lua.set_named_registry_value(ARRAY_MT, &t)?;
-            Ok(t)
-        }
+    if let Some(t) = lua.named_registry_value::<Option<Table>>(ARRAY_MT)? {
+        return Ok(t);
     }
+    // SAFETY: the closure runs in a protected call without arguments and leaves exactly the
+    // metatable it pushed (see push_array_metatable), holding nothing of its own.
+    unsafe { lua.exec_raw::<Table>((), |state| push_array_metatable(state)) }
 }
 
 #[cfg(test)]
