@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod fnv;
 pub mod metrics;
 pub mod value;
 

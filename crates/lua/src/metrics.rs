@@ -7,15 +7,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustomnic_core::fnv::FnvBuild;
 use rustomnic_core::metrics::{self, InterfaceMetrics};
 
 use crate::request::{RequestCtx, RunError};
 
 thread_local! {
     /// This thread's handles to the shared figures, so a request finds its interface's figures
-    /// without taking the process-wide lock.
-    static CACHE: RefCell<HashMap<String, HashMap<String, Arc<InterfaceMetrics>>>> = RefCell::new(HashMap::new());
+    /// without taking the process-wide lock. FNV, as the names come from the configuration
+    /// (the standard library's SipHash of the two names was ~400 instructions of every request).
+    static CACHE: RefCell<Figures> = RefCell::new(Figures::default());
 }
+
+type Figures = HashMap<Box<str>, HashMap<Box<str>, Arc<InterfaceMetrics>, FnvBuild>, FnvBuild>;
 
 fn figures(cage: &str, interface: &str) -> Arc<InterfaceMetrics> {
     CACHE.with(|c| {
@@ -24,7 +28,7 @@ fn figures(cage: &str, interface: &str) -> Arc<InterfaceMetrics> {
             return m.clone();
         }
         let m = metrics::interface(cage, interface);
-        c.entry(cage.to_string()).or_default().insert(interface.to_string(), m.clone());
+        c.entry(cage.into()).or_default().insert(interface.into(), m.clone());
         m
     })
 }

@@ -50,7 +50,27 @@ pub struct CageVm {
     new_env: Function,
     /// Lua functions of interfaces (see [`CageVm::helper`]), by name.
     helpers: std::cell::RefCell<std::collections::HashMap<&'static str, Function>>,
+    /// The module fields that requests start from, as last found (see [`CageVm::field`]).
+    fields: std::cell::RefCell<Vec<Found>>,
+    /// `modules` in the registry, for the checks of `fields` through the C API.
+    modules_key: mlua::RegistryKey,
 }
+
+/// A module's field as found for an earlier request: its value, kept to be handed out again
+/// while `modules[module][field]` is still that value. The names and the value are also kept in
+/// the registry so that the check needs neither a string made nor a handle taken.
+struct Found {
+    module: Box<str>,
+    field: Box<str>,
+    value: LuaValue,
+    module_key: mlua::RegistryKey,
+    field_key: mlua::RegistryKey,
+    value_key: mlua::RegistryKey,
+}
+
+/// How many fields [`CageVm::field`] keeps: the handlers of a cage's interfaces and the targets
+/// of its calls are few; past this, lookups go the long way.
+const FIELDS_KEPT: usize = 32;
 
 impl CageVm {
     /// A VM for `cage` with the pmnc API installed, no modules and the default limits.
@@ -98,7 +118,8 @@ impl CageVm {
             lua.load(&prelude_bytecode()[..]).set_name("=pmnc").set_mode(mlua::chunk::ChunkMode::Binary).call((rust, modules.clone()))?;
         lua.gc_collect()?;
         shared.collected_at.set(lua.used_memory());
-        Ok(CageVm { lua, shared, modules, run, failure_mt, new_env, helpers: Default::default() })
+        let modules_key = lua.create_registry_value(modules.clone())?;
+        Ok(CageVm { lua, shared, modules, run, failure_mt, new_env, helpers: Default::default(), fields: Default::default(), modules_key })
     }
 
     pub fn cage(&self) -> &str {
@@ -124,6 +145,9 @@ impl CageVm {
     pub fn install(&self, module: &CompiledModule) -> Result<Vec<String>, String> {
         let table = self.load(module)?;
         self.modules.raw_set(module.name.as_str(), &table).map_err(|e| format!("{}: {e}", module.display))?;
+        // Not needed for correctness (a kept field is checked before each use), but the old
+        // version's functions need not stay alive through the kept values.
+        self.fields.borrow_mut().clear();
         Ok(public_functions(&table))
     }
 
@@ -194,6 +218,7 @@ impl CageVm {
     /// Forgets a module (its file was deleted and nothing replaces it).
     pub fn remove(&self, name: &str) {
         let _ = self.modules.raw_set(name, LuaValue::Nil);
+        self.fields.borrow_mut().clear();
     }
 
     pub fn has_module(&self, name: &str) -> bool {
@@ -206,12 +231,11 @@ impl CageVm {
         if function.starts_with('_') {
             return Err(RunError::NotFound(format!("cage {cage}: {module}.{function} is private (names starting with _ cannot be called through pmnc)")));
         }
-        let m: Table = match self.modules.raw_get::<LuaValue>(module) {
-            Ok(LuaValue::Table(t)) => t,
-            _ => return Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{function})"))),
-        };
-        match m.raw_get::<LuaValue>(function) {
-            Ok(LuaValue::Function(f)) => Ok(f),
+        match self.field(module, function) {
+            Some(LuaValue::Function(f)) => Ok(f),
+            Some(LuaValue::Table(_)) | None if !self.has_module(module) => {
+                Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{function})")))
+            }
             _ => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {function}"))),
         }
     }
@@ -223,14 +247,92 @@ impl CageVm {
         if field.starts_with('_') {
             return Err(RunError::NotFound(format!("cage {cage}: {module}.{field} is private (names starting with _ cannot be called through pmnc)")));
         }
-        let m: Table = match self.modules.raw_get::<LuaValue>(module) {
-            Ok(LuaValue::Table(t)) => t,
-            _ => return Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{field})"))),
-        };
-        match m.raw_get::<LuaValue>(field) {
-            Ok(LuaValue::Nil) | Err(_) => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {field}"))),
-            Ok(v) => Ok(v),
+        match self.field(module, field) {
+            Some(v) => Ok(v),
+            None if !self.has_module(module) => Err(RunError::NotFound(format!("cage {cage} has no module {module} (calling {module}.{field})"))),
+            None => Err(RunError::NotFound(format!("cage {cage}: module {module} has no function {field}"))),
         }
+    }
+
+    /// `modules[module][field]` when the module is there and the field is not nil. Every
+    /// request starts by finding its handler, and two lookups through mlua (a string made for
+    /// each name, a handle taken for each result) were about 2,200 instructions of it; a field
+    /// found before is checked to be still the same value through the C API instead (about a
+    /// tenth of that) and handed out again. The check is made on every use, so a module
+    /// reloaded, removed or changing its own table at run time is seen at once.
+    fn field(&self, module: &str, field: &str) -> Option<LuaValue> {
+        {
+            let fields = self.fields.borrow();
+            if let Some(found) = fields.iter().find(|f| &*f.module == module && &*f.field == field) {
+                if self.still(found) {
+                    return Some(found.value.clone());
+                }
+            }
+        }
+        let m = match self.modules.raw_get::<LuaValue>(module) {
+            Ok(LuaValue::Table(t)) => t,
+            _ => return None,
+        };
+        let value = match m.raw_get::<LuaValue>(field) {
+            Ok(LuaValue::Nil) | Err(_) => return None,
+            Ok(v) => v,
+        };
+        if matches!(value, LuaValue::Function(_) | LuaValue::Table(_)) {
+            self.keep(module, field, &value);
+        }
+        Some(value)
+    }
+
+    /// Keeps `value` as `modules[module][field]` (replacing what was kept for those names).
+    fn keep(&self, module: &str, field: &str, value: &LuaValue) {
+        let lua = &self.lua;
+        let made = (|| {
+            Ok::<_, mlua::Error>(Found {
+                module: module.into(),
+                field: field.into(),
+                value: value.clone(),
+                module_key: lua.create_registry_value(lua.create_string(module)?)?,
+                field_key: lua.create_registry_value(lua.create_string(field)?)?,
+                value_key: lua.create_registry_value(value.clone())?,
+            })
+        })();
+        let Ok(found) = made else { return };
+        let mut fields = self.fields.borrow_mut();
+        fields.retain(|f| !(&*f.module == module && &*f.field == field));
+        if fields.len() < FIELDS_KEPT {
+            fields.push(found);
+        }
+    }
+
+    /// Whether `modules[found.module][found.field]` is still `found`'s value.
+    fn still(&self, found: &Found) -> bool {
+        let ids = [self.modules_key.id(), found.module_key.id(), found.field_key.id(), found.value_key.id()];
+        self.lua.exec_raw_lua(|raw| {
+            let state = raw.state();
+            // SAFETY: unprotected calls on the running state, each of which cannot raise an
+            // error or run Lua code: `lua_checkstack` reports a failure instead of raising,
+            // `lua_rawgeti` on the registry and `lua_rawget` on tables read without
+            // metamethods and allocate nothing (the keys are strings already made), and
+            // `lua_rawequal` compares without metamethods. The four registry slots are held by
+            // live keys of this VM. The stack is put back to where it was (nothing pushed here
+            // is to-be-closed), so the running code sees no change.
+            unsafe {
+                if ffi::lua_checkstack(state, 4) == 0 {
+                    return false;
+                }
+                let top = ffi::lua_gettop(state);
+                ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, ffi::lua_Integer::from(ids[0]));
+                ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, ffi::lua_Integer::from(ids[1]));
+                let same = ffi::lua_rawget(state, -2) == ffi::LUA_TTABLE && {
+                    ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, ffi::lua_Integer::from(ids[2]));
+                    ffi::lua_rawget(state, -2);
+                    ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, ffi::lua_Integer::from(ids[3]));
+                    ffi::lua_rawequal(state, -1, -2) != 0
+                };
+                ffi::lua_settop(state, top);
+                same
+            }
+        })
     }
 
     /// Starts a request: `module.function` runs as a new coroutine with the arguments `build`

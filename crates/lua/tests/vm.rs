@@ -39,6 +39,45 @@ fn modules_call_each_other_and_bind_late() {
 }
 
 #[test]
+fn a_handler_found_before_is_found_again_only_while_it_is_still_there() {
+    // Interfaces find their handler on every request and the VM keeps what it found; whatever
+    // changes `modules[module][field]` (a reload, a removal, the module replacing its own
+    // function at run time, another module or table put there) must be seen by the next lookup.
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        let source = "local M = {} function M.handle() return 1 end function M.swap() M.handle = function() return 2 end end function M.drop() M.handle = nil end return M";
+        vm.install(&module("app", source)).unwrap();
+        let run = |f: rustomnic_lua::mlua::Function| f.call::<i64>(()).unwrap();
+        assert_eq!(run(vm.function("app", "handle").unwrap()), 1);
+        assert_eq!(run(vm.function("app", "handle").unwrap()), 1, "found again");
+        call(&vm, "app", "swap", vec![], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(run(vm.function("app", "handle").unwrap()), 2, "the module replaced its function");
+        call(&vm, "app", "drop", vec![], Duration::from_secs(5)).await.unwrap();
+        let gone = vm.function("app", "handle");
+        assert!(matches!(&gone, Err(RunError::NotFound(m)) if m.contains("module app has no function handle")), "{gone:?}");
+        vm.install(&module("app", "local M = {} function M.handle() return 3 end return M")).unwrap();
+        assert_eq!(run(vm.function("app", "handle").unwrap()), 3, "a reload");
+        assert_eq!(run(vm.function("app", "handle").unwrap()), 3);
+        vm.install(&module("app", "local M = {} M.handle = { routes = {} } return M")).unwrap();
+        assert!(matches!(vm.module_field("app", "handle"), Ok(rustomnic_lua::mlua::Value::Table(_))));
+        let table = vm.function("app", "handle");
+        assert!(matches!(&table, Err(RunError::NotFound(m)) if m.contains("has no function handle")), "{table:?}");
+        vm.remove("app");
+        let removed = vm.function("app", "handle");
+        assert!(matches!(&removed, Err(RunError::NotFound(m)) if m.contains("cage web has no module app")), "{removed:?}");
+        // Many names looked up (more than are kept) still resolve, the kept ones and the rest.
+        let many: String = (0..40).map(|i| format!("function M.f{i}() return {i} end ")).collect();
+        vm.install(&module("many", &format!("local M = {{}} {many} return M"))).unwrap();
+        for round in 0..2 {
+            for i in 0..40 {
+                assert_eq!(run(vm.function("many", &format!("f{i}")).unwrap()), i, "round {round}");
+            }
+        }
+    });
+}
+
+#[test]
 fn missing_and_private_functions_are_named() {
     let (rt, local) = rt();
     local.block_on(&rt, async {

@@ -33,27 +33,10 @@ pub(crate) struct Route {
     pub(crate) counts: Arc<StatusCounts>,
 }
 
-/// FNV-1a: segments are short, and the keys come from the route table (the module's author), not
-/// from clients, so a fast hash without a random seed is safe here. Also the hash of the
-/// requests' slots (stream.rs), whose keys are request ids this process made.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
-type Statics = HashMap<Box<[u8]>, Node, std::hash::BuildHasherDefault<Fnv>>;
+// FNV-1a (rustomnic_core::fnv): segments are short, and the keys come from the route table
+// (the module's author), not from clients. Also the hash of the requests' slots (stream.rs),
+// whose keys are request ids this process made.
+type Statics = HashMap<Box<[u8]>, Node, rustomnic_core::fnv::FnvBuild>;
 
 #[derive(Default)]
 struct Node {

@@ -84,7 +84,7 @@ pub(crate) struct Slot {
 thread_local! {
     /// Keyed by request id: ids are made by this process, never by a client, so the map needs no
     /// seeded hash (SipHash was a tenth of the cost of a plain request's bookkeeping here).
-    static SLOTS: RefCell<HashMap<Rc<str>, Rc<Slot>, std::hash::BuildHasherDefault<crate::routes::Fnv>>> = RefCell::new(HashMap::default());
+    static SLOTS: RefCell<HashMap<Rc<str>, Rc<Slot>, rustomnic_core::fnv::FnvBuild>> = RefCell::new(HashMap::default());
 }
 
 impl Slot {
