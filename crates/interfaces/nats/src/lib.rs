@@ -45,6 +45,8 @@
 
 mod session;
 
+pub use session::delivery as reply_delivery;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -269,6 +269,7 @@ async fn jetstream(
     let mut shutdown = host.shutdown();
     let mut pulls = 0u32;
     let stream: Arc<str> = js.stream.as_str().into();
+    let mut taken = 0usize;
     let failure = 'outer: loop {
         // A pull that ended (missed heartbeats across an outage) is made again on the same
         // consumer; the server kept every unacknowledged message for it.
@@ -312,6 +313,9 @@ async fn jetstream(
                 Some(_) = failed.join_next(), if !failed.is_empty() => {}
                 next = messages.next(), if running + failed.len() < iface.max_ack_pending => match next {
                     Some(Ok(m)) => {
+                        // Boxed once here: the message (with its client) is a few hundred
+                        // bytes, moved into the task, through the channel and into `ended`.
+                        let m = Box::new(m);
                         if let Some(delivery) = job.prepare(&context, js, &m).await {
                             let (host, request, done, stream) = (job.host.clone(), job.bare_request(), done_tx.clone(), stream.clone());
                             // Boxed: a task keeps its future inline and moves it at each change
@@ -321,6 +325,12 @@ async fn jetstream(
                                 let _ = done.send((m, delivery, outcome));
                             }));
                             running += 1;
+                            taken += 1;
+                            if taken.is_multiple_of(DISPATCH_CHUNK) {
+                                // Let the handlers taken so far run and their acks go out
+                                // while the rest of the pull is still arriving (decision 158).
+                                tokio::task::yield_now().await;
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -365,13 +375,10 @@ async fn jetstream(
 
 /// Settles the messages whose handlers ended: the successes acked together, each failure by a
 /// task in `failed` ([`Settle::failed`]).
-async fn settle_all(
-    job: &Settle,
-    context: &jetstream::Context,
-    js: &JetStream,
-    failed: &mut JoinSet<()>,
-    ended: Vec<(jetstream::Message, Delivery, Result<Vec<Value>, RunError>)>,
-) {
+/// A message whose handler ended, with where it stood and the handler's outcome.
+type Ended = (Box<jetstream::Message>, Delivery, Result<Vec<Value>, RunError>);
+
+async fn settle_all(job: &Settle, context: &jetstream::Context, js: &JetStream, failed: &mut JoinSet<()>, ended: Vec<Ended>) {
     for (m, delivery, outcome) in ended {
         match outcome {
             Ok(_) => match m.ack().await {
@@ -383,7 +390,7 @@ async fn settle_all(
                 }
             },
             Err(e) => {
-                failed.spawn(job.clone().failed(context.clone(), js.clone(), m, delivery, e));
+                failed.spawn(job.clone().failed(context.clone(), js.clone(), *m, delivery, e));
             }
         }
     }
@@ -595,6 +602,12 @@ impl Settle {
     }
 }
 
+/// How many JetStream messages the session hands to handlers before it lets them run. Taking a
+/// whole pull (up to `max_ack_pending` messages) before any handler ran made the consumer
+/// stop-and-wait: the server waited for acks that came only after the last handler of the batch,
+/// and the worker then waited for the next batch (decision 158).
+const DISPATCH_CHUNK: usize = 4;
+
 /// Where a JetStream message stands: its stream sequence, the server's delivery count and the
 /// attempt that makes.
 struct Delivery {
@@ -607,7 +620,9 @@ struct Delivery {
 /// sequence, delivered, redelivered, attempt. Made in one call through Lua's C API, without the
 /// value model's copies in between (a value per field, each key and string its own allocation,
 /// was a tenth of a message's handling); headers, when the message has any, go through
-/// [`wire::headers_to_value`] as before.
+/// [`wire::headers_to_value`] as before. The table itself is made by [`MESSAGE_TABLE`], a Lua
+/// function whose constructor has the keys as constants: eight `lua_setfield` calls, each
+/// finding its key's string from a C string, cost twice as much.
 fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delivery) -> LuaResult<MultiValue> {
     use rustomnic_lua::mlua::ffi;
     let headers = match m.headers.as_ref().filter(|h| !h.is_empty()) {
@@ -618,35 +633,40 @@ fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delive
     let sequence = d.sequence.min(i64::MAX as u64) as i64;
     let (delivered, attempt) = (d.delivered, i64::from(d.attempt));
     // SAFETY: the closure runs in a protected call with the headers' table (or nil) at stack
-    // slot 1; it pushes values, sets fields of the one table it made (which has no metatable,
-    // so no metamethod runs), and leaves exactly that table. It holds only borrows, so an allocation
+    // slot 1; it pushes values, calls the constructor (plain Lua that builds and returns one
+    // table, or the chunk that makes it, both raising only on a memory error, which the protected
+    // call catches), and leaves exactly the table it returned. It holds only borrows, so an
     // error that leaves it by longjmp finds nothing to drop.
     let table = unsafe {
         lua.exec_raw::<LuaValue>(headers, |state| {
             let push = |bytes: &[u8]| {
                 ffi::lua_pushlstring(state, bytes.as_ptr() as *const std::ffi::c_char, bytes.len());
             };
-            ffi::lua_createtable(state, 0, 8);
-            push(body);
-            ffi::lua_setfield(state, -2, c"body".as_ptr());
-            push(subject.as_bytes());
-            ffi::lua_setfield(state, -2, c"subject".as_ptr());
-            if ffi::lua_type(state, 1) == ffi::LUA_TTABLE {
-                ffi::lua_pushvalue(state, 1);
-            } else {
-                ffi::lua_createtable(state, 0, 0);
+            let key = std::ptr::addr_of!(MESSAGE_TABLE) as *const std::ffi::c_void;
+            if ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key) != ffi::LUA_TFUNCTION {
+                ffi::lua_settop(state, 1);
+                let status = ffi::luaL_loadbufferx(
+                    state,
+                    MESSAGE_TABLE.as_ptr() as *const std::ffi::c_char,
+                    MESSAGE_TABLE.len(),
+                    c"=pmnc/nats_message".as_ptr(),
+                    c"t".as_ptr(),
+                );
+                if status != ffi::LUA_OK {
+                    ffi::lua_error(state);
+                }
+                ffi::lua_call(state, 0, 1);
+                ffi::lua_pushvalue(state, -1);
+                ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, key);
             }
-            ffi::lua_setfield(state, -2, c"headers".as_ptr());
+            push(body);
+            push(subject.as_bytes());
+            ffi::lua_pushvalue(state, 1);
             push(stream.as_bytes());
-            ffi::lua_setfield(state, -2, c"stream".as_ptr());
             ffi::lua_pushinteger(state, sequence);
-            ffi::lua_setfield(state, -2, c"sequence".as_ptr());
             ffi::lua_pushinteger(state, delivered);
-            ffi::lua_setfield(state, -2, c"delivered".as_ptr());
-            ffi::lua_pushboolean(state, std::ffi::c_int::from(delivered > 1));
-            ffi::lua_setfield(state, -2, c"redelivered".as_ptr());
             ffi::lua_pushinteger(state, attempt);
-            ffi::lua_setfield(state, -2, c"attempt".as_ptr());
+            ffi::lua_call(state, 7, 1);
             ffi::lua_replace(state, 1);
             ffi::lua_settop(state, 1);
         })
@@ -654,28 +674,54 @@ fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delive
     Ok(MultiValue::from_iter([table]))
 }
 
+/// The chunk that makes the constructor of JetStream message tables, kept in each VM's registry
+/// under this static's address.
+static MESSAGE_TABLE: &str = "return function(body, subject, headers, stream, sequence, delivered, attempt)
+  return {
+    body = body, subject = subject, headers = headers or {}, stream = stream, sequence = sequence,
+    delivered = delivered, redelivered = delivered > 1, attempt = attempt,
+  }
+end";
+
 /// The stream sequence and delivery count of a JetStream message, read from its reply subject:
 /// `$JS.ACK.` and then 7 tokens (stream, consumer, delivered, stream sequence, ...) or 9 and more
 /// (domain and account hash first). Only the two numbers used per message are parsed (the
 /// client's full reading of the subject cost about 5% of a message's handling); None for any
-/// other subject, which the client's reading then reports.
-fn delivery(reply: &str) -> Option<(u64, i64)> {
+/// other subject, which the client's reading then reports. Public (as `reply_delivery`) for
+/// the fuzz target fuzz/fuzz_targets/nats_reply_subject.rs: the subject comes from the server.
+pub fn delivery(reply: &str) -> Option<(u64, i64)> {
     let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
-    let mut tokens: [&[u8]; 6] = [&[]; 6];
-    let mut count = 0usize;
-    for token in rest.split(|&b| b == b'.') {
-        if let Some(slot) = tokens.get_mut(count) {
-            *slot = token;
+    // One pass over the bytes: where the first six tokens end, and how many dots in all (the
+    // iterator of tokens was ~500 instructions a message).
+    let mut ends = [0usize; 6];
+    let mut dots = 0usize;
+    for (i, &b) in rest.iter().enumerate() {
+        if b == b'.' {
+            if let Some(end) = ends.get_mut(dots) {
+                *end = i;
+            }
+            dots += 1;
         }
-        count += 1;
     }
-    let (delivered, sequence) = match count {
-        7 => (tokens[2], tokens[3]),
-        9.. => (tokens[4], tokens[5]),
+    let token = |k: usize| {
+        let start = if k == 0 { 0 } else { ends[k - 1] + 1 };
+        let end = if k < dots { ends[k] } else { rest.len() };
+        &rest[start..end]
+    };
+    let (delivered, sequence) = match dots + 1 {
+        7 => (token(2), token(3)),
+        9.. => (token(4), token(5)),
         _ => return None,
     };
-    let number = |t: &[u8]| std::str::from_utf8(t).ok()?.parse::<u64>().ok();
     Some((number(sequence)?, i64::try_from(number(delivered)?).ok()?))
+}
+
+/// A token of decimal digits (nothing else, not even a sign) as a number that fits in a u64.
+fn number(token: &[u8]) -> Option<u64> {
+    if token.is_empty() {
+        return None;
+    }
+    token.iter().try_fold(0u64, |n, &b| if b.is_ascii_digit() { n.checked_mul(10)?.checked_add(u64::from(b - b'0')) } else { None })
 }
 
 /// The attempt a delivery count makes (JetStream counts from 1).
@@ -715,7 +761,15 @@ mod tests {
         assert_eq!(delivery("$JS.ACK.hub.ACC.ORDERS.pmnc.2.17.15.1700000000000000000.0.tok"), Some((17, 2)));
         assert_eq!(delivery("$JS.ACK._.ACC.ORDERS.pmnc.1.9.9.1700000000000000000.0"), Some((9, 1)));
         assert_eq!(delivery("$JS.ACK._.ACC.ORDERS.pmnc.1.9.9.1700000000000000000.0.tok.more"), Some((9, 1)));
+        // The largest numbers that fit: a u64 sequence, an i64 delivery count.
+        assert_eq!(delivery("$JS.ACK.S.c.9223372036854775807.18446744073709551615.1.1.0"), Some((u64::MAX, i64::MAX)));
         for bad in [
+            "$JS.ACK.S.c.9223372036854775808.1.1.1.0",
+            "$JS.ACK.S.c.1.18446744073709551616.1.1.0",
+            "$JS.ACK.S.c.+1.1.1.1.0",
+            "$JS.ACK.S.c..1.1.1.0",
+            "$JS.ACK.S.c.1..1.1.0",
+            "$JS.ACK.......",
             "$JS.ACK.ORDERS.pmnc.3.42.40.1700000000000000000",
             "$JS.ACK.ORDERS.pmnc.3.42.40.1700000000000000000.7.8",
             "_INBOX.abc.def",
