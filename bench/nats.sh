@@ -8,7 +8,11 @@
 # first delivery to the ack of the last message). Figures are printed, never asserted (target:
 # pmnc >= 0.8x bare).
 #
-# COUNT=50000 messages per run, MAX_ACK_PENDING=64, WORKERS=2, BYTES=100, ROUNDS=3 (bare then
+# Then publish at commit: every message's handler publishes one message through the nats
+# resource to another stream in a transaction (`jetstream_publish`, the commit waiting for the
+# stream's ack), timed the same way: transactions/s, printed, no target.
+#
+# COUNT=50000 messages per run, TX_COUNT=20000, MAX_ACK_PENDING=64, WORKERS=2, BYTES=100, ROUNDS=3 (bare then
 # pmnc, each round; the ratio of each round and their median are printed: the bare consumer
 # alone moves by a third from run to run on this shared machine); NATS_SERVER (default
 # nats-server on PATH or /usr/sbin/nats-server).
@@ -16,6 +20,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 COUNT="${COUNT:-50000}"
+TX_COUNT="${TX_COUNT:-20000}"
 PENDING="${MAX_ACK_PENDING:-64}"
 WORKERS="${WORKERS:-2}"
 BYTES="${BYTES:-100}"
@@ -103,9 +108,49 @@ for r in $(seq "$ROUNDS"); do
     ratios+=("$ratio")
     printf '%-7s %14s %14s %8s\n' "$r" "$bare_rate" "$pmnc_rate" "$ratio" >> "$WORK/table"
 done
+echo "== publish at commit: each message's handler publishes one through the nats resource (jetstream_publish)" >&2
+"$BARE" publish "$URL" TX tx.in "$TX_COUNT" "$BYTES" >&2
+"$BARE" publish "$URL" OUT tx.out 0 0 >&2
+dir="$WORK/tx"
+mkdir -p "$dir"
+cat >"$dir/cage.toml" <<TOML
+[interfaces.in]
+protocol = "nats"
+url = "$URL"
+stream = "TX"
+consumer = "pmnc"
+declare = true
+subjects = ["tx.in"]
+max_ack_pending = $PENDING
+handler = "app.handle"
+
+[resources.bus]
+protocol = "nats"
+url = "$URL"
+TOML
+cat >"$dir/app.lua" <<'LUA'
+return { handle = function(m)
+  local xa = pmnc.transaction.create()
+  xa.bus.jetstream_publish("tx.out", m.body)
+  xa.execute()
+end }
+LUA
+"$BARE" watch "$URL" TX pmnc "$TX_COUNT" >"$WORK/watch-tx" &
+watcher=$!
+start_bg "$WORK/tx.log" "$PMNC" run "$dir" --workers "$WORKERS"
+pid="$BG_PID"
+wait_for_line "$WORK/tx.log" 'consuming' "$pid" 30 >&2 || { kill "$watcher"; exit 1; }
+wait "$watcher" || { echo "the watcher of the publishing consumer failed" >&2; tail -20 "$WORK/tx.log" >&2; stop_pid "$pid"; exit 1; }
+stop_pid "$pid"
+cat "$WORK/watch-tx" >&2
+tx_rate="$(grep -Eo '[0-9]+ msg/s' "$WORK/watch-tx" | grep -Eo '[0-9]+')"
+stored="$("$BARE" count "$URL" OUT)"
+[ "$stored" = "$TX_COUNT" ] || { echo "stream OUT holds $stored messages, not $TX_COUNT" >&2; exit 1; }
+
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}')"
 verdict="met"
 if [ "$(echo "$median < 0.8" | bc -l)" = 1 ]; then verdict="MISSED"; fi
 echo
 cat "$WORK/table"
 echo "median ratio pmnc/bare: $median (target >= 0.8: $verdict)"
+echo "pmnc publish at commit: $tx_rate transactions/s (each a JetStream publish acked by the stream; stream OUT holds all $stored)"

@@ -7,7 +7,8 @@
 //! rate; `nats_bare_consumer watch URL STREAM CONSUMER COUNT` waits for that consumer to appear and
 //! times it from the server's side, from its first delivery to the ack of the stream's COUNT-th
 //! message, by asking the server for the consumer's state every 5 ms (the same measure for the
-//! bare consumer and the interface, and no process started per look).
+//! bare consumer and the interface, and no process started per look); `nats_bare_consumer count
+//! URL STREAM` prints how many messages the stream holds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
@@ -22,7 +23,8 @@ fn main() {
         Some("publish") => rt.block_on(publish(&args[2], &args[3], &args[4], args[5].parse().unwrap(), args[6].parse().unwrap())),
         Some("consume") => rt.block_on(consume(&args[2], &args[3], &args[4], args[5].parse().unwrap(), args[6].parse().unwrap())),
         Some("watch") => rt.block_on(watch(&args[2], &args[3], &args[4], args[5].parse().unwrap())),
-        _ => panic!("usage: nats_bare_consumer publish URL STREAM SUBJECT COUNT BYTES | consume URL STREAM CONSUMER COUNT MAX_ACK_PENDING | watch URL STREAM CONSUMER COUNT"),
+        Some("count") => rt.block_on(count(&args[2], &args[3])),
+        _ => panic!("usage: nats_bare_consumer publish URL STREAM SUBJECT COUNT BYTES | consume URL STREAM CONSUMER COUNT MAX_ACK_PENDING | watch URL STREAM CONSUMER COUNT | count URL STREAM"),
     }
 }
 
@@ -98,4 +100,11 @@ async fn watch(url: &str, stream: &str, consumer: &str, count: u64) {
     }
     let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
     println!("watched: {count} messages in {secs:.3} s = {:.0} msg/s", count as f64 / secs);
+}
+
+async fn count(url: &str, stream: &str) {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.unwrap();
+    println!("{}", stream.info().await.unwrap().state.messages);
 }
