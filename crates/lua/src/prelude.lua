@@ -827,7 +827,7 @@ api.events = readonly({
 -- Each Rust function answers (true, values...), (false, message) or ("pending", job) for a big
 -- input: the job runs off the worker where the request can wait, inline where nothing can
 -- (docs/decisions/070).
-local stdlib_wait, stdlib_run = rust.stdlib_wait, rust.stdlib_run
+local stdlib_wait, stdlib_run, stdlib_front = rust.stdlib_wait, rust.stdlib_run, rust.stdlib_front
 local function stdlib_result(ok, ...)
   if ok == true then return ... end
   if ok == "pending" then
@@ -839,7 +839,9 @@ end
 for name, family in next, rust.stdlib do
   local wrapped = {}
   for fname, f in next, family do
-    wrapped[fname] = function(...) return stdlib_result(f(...)) end
+    -- The most called helpers get a C function in front that answers plain calls itself and
+    -- hands the rest to this wrapper (crates/stdlib/src/fast.rs).
+    wrapped[fname] = stdlib_front(name, fname, function(...) return stdlib_result(f(...)) end)
   end
   api[name] = readonly(wrapped, "pmnc." .. name)
 end

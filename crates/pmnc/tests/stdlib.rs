@@ -150,6 +150,28 @@ function M.handle(request)
   fails(pmnc.re.gsub, "pmnc.re.gsub: the replacement must give a string, got table", "ab", "a", function() return {} end)
   local ok, e = pcall(function() local v = pmnc.base64.decode("!!"); return v end)
   assert(e:find("http%.lua:%d+: pmnc%.base64%.decode"), "position of the caller: " .. e)
+  -- the helpers with a fast path in front (crates/stdlib/src/fast.rs): what it does not take
+  -- goes to the wrapper, whose errors still carry the caller's position
+  for _, call in ipairs({
+    function() return pmnc.base64.encode({}) end,
+    function() return pmnc.base64.encode(12) end,
+    function() return pmnc.hex.encode(nil) end,
+    function() return pmnc.crypto.sha1() end,
+    function() return pmnc.crypto.hmac("sha3", "k", "d") end,
+    function() return pmnc.crypto.hmac("sha1", "k") end,
+  }) do
+    local ok, e = pcall(call)
+    assert(not ok and type(e) == "string" and e:find("^[^:]*http%.lua:%d+: pmnc%.%w+%.%w+"), "position of the caller: " .. tostring(e))
+  end
+  eq(pmnc.base64.encode("", { pad = false }), "", "empty, with options")
+  eq(pmnc.base64.encode("\251\255", { url = true, pad = false }), "-_8", "options go past the fast path")
+  eq(pmnc.hex.encode(""), "", "empty hex")
+  eq(#pmnc.crypto.sha512(""), 64, "empty digest")
+  eq(pmnc.crypto.hmac("md5", "", ""), pmnc.hex.decode("74e6f7298a9c2d168935f58c001bad88"), "empty hmac")
+  -- results made one after another from the one scratch buffer stay apart
+  local made = {}
+  for i = 1, 200 do made[i] = pmnc.base64.encode(string.rep("y", 3000 + i)) end
+  for i = 1, 200 do eq(pmnc.base64.decode(made[i]), string.rep("y", 3000 + i), "result " .. i) end
   return "ok"
 end
 return M

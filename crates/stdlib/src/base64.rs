@@ -43,7 +43,7 @@ pub fn encode(data: &[u8], url: bool, pad: bool) -> Vec<u8> {
 }
 
 /// How many symbols [`encode`] makes of `len` bytes.
-fn encoded_len(len: usize, pad: bool) -> usize {
+pub(crate) fn encoded_len(len: usize, pad: bool) -> usize {
     let tail = match (len % 3, pad) {
         (0, _) => 0,
         (_, true) => 4,
@@ -54,7 +54,7 @@ fn encoded_len(len: usize, pad: bool) -> usize {
 
 /// [`encode`] into `out`, which is [`encoded_len`] bytes long (with padding or without it:
 /// the length says which).
-fn encode_to_slice(data: &[u8], url: bool, out: &mut [u8]) {
+pub(crate) fn encode_to_slice(data: &[u8], url: bool, out: &mut [u8]) {
     let (table, alphabet) = if url { (&URL_SAFE_PAIRS, URL_SAFE) } else { (&STANDARD_PAIRS, STANDARD) };
     let pair = |n: u64| u64::from(table[(n & 0xfff) as usize]);
     let rest = data.len() % 3;

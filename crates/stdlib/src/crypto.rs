@@ -17,7 +17,7 @@ pub const RANDOM_MAX: i64 = 64 << 20;
 
 /// The digest algorithms, by the names the functions use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Alg {
+pub(crate) enum Alg {
     Sha1,
     Sha256,
     Sha512,
@@ -28,7 +28,7 @@ impl Alg {
     const ALL: [Alg; 4] = [Alg::Sha1, Alg::Sha256, Alg::Sha512, Alg::Md5];
 
     /// The algorithm named `name`.
-    fn named(name: &[u8]) -> Option<Alg> {
+    pub(crate) fn named(name: &[u8]) -> Option<Alg> {
         Alg::ALL.into_iter().find(|a| a.name().as_bytes() == name)
     }
 
@@ -57,6 +57,48 @@ fn digest_into(alg: Alg, data: &[u8], out: &mut Out) {
         Alg::Sha512 => out.extend(&Sha512::digest(data)),
         Alg::Md5 => out.extend(&Md5::digest(data)),
     }
+}
+
+/// The digest of `data` by `alg` in an array, with its length (for the fast paths, which may
+/// own nothing with a destructor).
+pub(crate) fn digest_array(alg: Alg, data: &[u8]) -> ([u8; 64], usize) {
+    let mut out = [0u8; 64];
+    let len = match alg {
+        Alg::Sha1 => copy_into(&mut out, &Sha1::digest(data)),
+        Alg::Sha256 => copy_into(&mut out, &Sha256::digest(data)),
+        Alg::Sha512 => copy_into(&mut out, &Sha512::digest(data)),
+        Alg::Md5 => copy_into(&mut out, &Md5::digest(data)),
+    };
+    (out, len)
+}
+
+/// The HMAC of `data` under `key` by `alg` in an array, with its length.
+pub(crate) fn hmac_array(alg: Alg, key: &[u8], data: &[u8]) -> ([u8; 64], usize) {
+    fn one<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8], out: &mut [u8; 64]) -> usize {
+        // An HMAC key may have any length, so this cannot fail.
+        match <M as Mac>::new_from_slice(key) {
+            Ok(mut m) => {
+                m.update(data);
+                copy_into(out, &m.finalize().into_bytes())
+            }
+            Err(_) => 0,
+        }
+    }
+    let mut out = [0u8; 64];
+    let len = match alg {
+        Alg::Sha1 => one::<Hmac<Sha1>>(key, data, &mut out),
+        Alg::Sha256 => one::<Hmac<Sha256>>(key, data, &mut out),
+        Alg::Sha512 => one::<Hmac<Sha512>>(key, data, &mut out),
+        Alg::Md5 => one::<Hmac<Md5>>(key, data, &mut out),
+    };
+    (out, len)
+}
+
+/// Copies `bytes` (at most 64: the longest digest) to the front of `out`; their length.
+fn copy_into(out: &mut [u8; 64], bytes: &[u8]) -> usize {
+    let len = bytes.len().min(64);
+    out[..len].copy_from_slice(&bytes[..len]);
+    len
 }
 
 fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8], out: &mut Out) {

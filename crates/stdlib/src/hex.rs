@@ -24,7 +24,7 @@ pub fn encode(data: &[u8]) -> String {
 
 /// [`encode`] into `out`, which is twice as long as `data` (a shorter one gets the digits of
 /// the bytes that fit).
-fn encode_to_slice(data: &[u8], out: &mut [u8]) {
+pub(crate) fn encode_to_slice(data: &[u8], out: &mut [u8]) {
     for (b, o) in data.iter().zip(out.chunks_exact_mut(2)) {
         o.copy_from_slice(&PAIRS[usize::from(*b)].to_le_bytes());
     }

@@ -13,12 +13,15 @@ pub mod celery;
 pub mod compress;
 pub mod crypto;
 pub mod csv;
+mod fast;
 pub mod hex;
 pub mod re;
 pub mod time;
 pub mod url;
 mod uuid;
 pub mod xml;
+
+pub use fast::front;
 
 /// Inputs up to this many bytes are handled inline on the worker; larger ones on tokio's
 /// blocking pool while the request waits (decision 070 has the measurements): for the fast
@@ -57,8 +60,9 @@ pub fn install(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// Registers `stdlib_wait(job)` (async: runs the job on the blocking pool) and `stdlib_run(job)`
-/// (the same inline) in the table of Rust functions the prelude receives.
+/// Registers `stdlib_wait(job)` (async: runs the job on the blocking pool), `stdlib_run(job)`
+/// (the same inline) and `stdlib_front(family, name, wrapper)` (the fast path of a helper in
+/// front of its wrapper, see fast.rs) in the table of Rust functions the prelude receives.
 pub fn install_runners(lua: &Lua, rust: &Table) -> mlua::Result<()> {
     rust.set(
         "stdlib_wait",
@@ -73,6 +77,10 @@ pub fn install_runners(lua: &Lua, rust: &Table) -> mlua::Result<()> {
                 Err(e) => fail(&lua, format!("pmnc: a helper failed on the blocking pool: {e}")),
             }
         })?,
+    )?;
+    rust.set(
+        "stdlib_front",
+        lua.create_function(|lua, (family, name, wrapper): (LuaString, LuaString, mlua::Function)| front(lua, &family.to_str()?, &name.to_str()?, wrapper))?,
     )?;
     rust.set(
         "stdlib_run",
@@ -332,6 +340,18 @@ thread_local! {
     /// Where inline results of `transform` are written before their Lua string is made from
     /// them: one buffer per thread, so an encoding or a digest allocates nothing per call.
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Writes `len` bytes with `write` into this thread's scratch buffer, puts the buffer back in its
+/// slot and returns where the bytes are: valid until the next use of the buffer on this thread
+/// (for the fast paths, which make a Lua string of them at once). Their results are at most
+/// the base64 of [`INLINE_BYTES`], within what the slot keeps ([`SCRATCH_KEPT`]).
+pub(crate) fn with_scratch(len: usize, write: impl FnOnce(&mut [u8])) -> (*const u8, usize) {
+    let mut out = Out { buf: SCRATCH.take(), len: 0 };
+    write(out.grow(len));
+    let ptr = out.buf.as_ptr();
+    SCRATCH.set(out.buf);
+    (ptr, len)
 }
 
 /// Like [`run_over`] for helpers that make one string (encodings, digests): `work` writes it
