@@ -47,6 +47,35 @@ trap 'stop_pid "$NATS_PID"; cleanup' EXIT
 
 echo "== $COUNT messages of $BYTES bytes, max_ack_pending $PENDING, pmnc with $WORKERS workers, $ROUNDS rounds, built from $(source_state)"
 
+# run_pmnc DIR STREAM SUBJECT COUNT EXTRA_TOML: runs pmnc on cage DIR (its app.lua written by the
+# caller; cage.toml written here: a nats interface on a JetStream consumer of STREAM, then
+# EXTRA_TOML) until the server has seen COUNT acks; the watcher's line is left in DIR/watch, the
+# log in DIR/log, and pmnc keeps running as PMNC_PID for the caller to stop.
+run_pmnc() {
+    local dir="$1" stream="$2" subject="$3" count="$4" extra="$5"
+    cat >"$dir/cage.toml" <<TOML
+[interfaces.in]
+protocol = "nats"
+url = "$URL"
+stream = "$stream"
+consumer = "pmnc"
+declare = true
+subjects = ["$subject"]
+max_ack_pending = $PENDING
+handler = "app.handle"
+$extra
+TOML
+    "$BARE" watch "$URL" "$stream" pmnc "$count" >"$dir/watch" &
+    local watcher=$!
+    start_bg "$dir/log" "$PMNC" run "$dir" --workers "$WORKERS"
+    PMNC_PID="$BG_PID"
+    wait_for_line "$dir/log" 'consuming' "$PMNC_PID" 30 >&2 || { kill "$watcher"; exit 1; }
+    if ! wait "$watcher"; then
+        echo "the watcher of pmnc's consumer failed" >&2; tail -20 "$dir/log" >&2; stop_pid "$PMNC_PID"; exit 1
+    fi
+    cat "$dir/watch" >&2
+}
+
 # One round: the bare consumer, then pmnc, each on a stream of its own filled beforehand.
 # Prints "bare_rate pmnc_rate".
 round() {
@@ -65,37 +94,18 @@ round() {
     "$BARE" publish "$URL" "PMNC$r" "pmnc$r.in" "$COUNT" "$BYTES" >&2
     local dir="$WORK/c$r"
     mkdir -p "$dir"
-    cat >"$dir/cage.toml" <<TOML
-[interfaces.in]
-protocol = "nats"
-url = "$URL"
-stream = "PMNC$r"
-consumer = "pmnc"
-declare = true
-subjects = ["pmnc$r.in"]
-max_ack_pending = $PENDING
-handler = "app.handle"
-TOML
     echo 'return { handle = function(m) end }' >"$dir/app.lua"
-    "$BARE" watch "$URL" "PMNC$r" pmnc "$COUNT" >"$WORK/watch-pmnc$r" &
-    watcher=$!
-    start_bg "$WORK/c$r.log" "$PMNC" run "$dir" --workers "$WORKERS"
-    local pid="$BG_PID"
-    wait_for_line "$WORK/c$r.log" 'consuming' "$pid" 30 >&2 || { kill "$watcher"; exit 1; }
-    if ! wait "$watcher"; then
-        echo "the watcher of pmnc's consumer failed" >&2; tail -20 "$WORK/c$r.log" >&2; stop_pid "$pid"; exit 1
-    fi
-    cat "$WORK/watch-pmnc$r" >&2
+    run_pmnc "$dir" "PMNC$r" "pmnc$r.in" "$COUNT" ""
     # The interface's own count, checked once at the end (not part of the timing).
     local monitor acked
-    monitor="$(grep -Eo 'monitor page at http://[0-9.:]+' "$WORK/c$r.log" | head -n1 | sed 's#.*http://##')"
+    monitor="$(grep -Eo 'monitor page at http://[0-9.:]+' "$dir/log" | head -n1 | sed 's#.*http://##')"
     acked="$(curl -s --max-time 5 "http://$monitor/metrics" | grep -F 'pmnc_messages_total{cage="c'"$r"'",interface="in",event="acked"}' | awk '{print $2}')"
-    stop_pid "$pid"
+    stop_pid "$PMNC_PID"
     if [ -z "$acked" ] || [ "${acked%.*}" -lt "$COUNT" ]; then
-        echo "the server saw $COUNT acks but the interface counted ${acked:-none}" >&2; tail -20 "$WORK/c$r.log" >&2; exit 1
+        echo "the server saw $COUNT acks but the interface counted ${acked:-none}" >&2; tail -20 "$dir/log" >&2; exit 1
     fi
     local pmnc_rate
-    pmnc_rate="$(grep -Eo '[0-9]+ msg/s' "$WORK/watch-pmnc$r" | grep -Eo '[0-9]+')"
+    pmnc_rate="$(grep -Eo '[0-9]+ msg/s' "$dir/watch" | grep -Eo '[0-9]+')"
     echo "$bare_rate $pmnc_rate"
 }
 
@@ -113,21 +123,6 @@ echo "== publish at commit: each message's handler publishes one through the nat
 "$BARE" publish "$URL" OUT tx.out 0 0 >&2
 dir="$WORK/tx"
 mkdir -p "$dir"
-cat >"$dir/cage.toml" <<TOML
-[interfaces.in]
-protocol = "nats"
-url = "$URL"
-stream = "TX"
-consumer = "pmnc"
-declare = true
-subjects = ["tx.in"]
-max_ack_pending = $PENDING
-handler = "app.handle"
-
-[resources.bus]
-protocol = "nats"
-url = "$URL"
-TOML
 cat >"$dir/app.lua" <<'LUA'
 return { handle = function(m)
   local xa = pmnc.transaction.create()
@@ -135,15 +130,11 @@ return { handle = function(m)
   xa.execute()
 end }
 LUA
-"$BARE" watch "$URL" TX pmnc "$TX_COUNT" >"$WORK/watch-tx" &
-watcher=$!
-start_bg "$WORK/tx.log" "$PMNC" run "$dir" --workers "$WORKERS"
-pid="$BG_PID"
-wait_for_line "$WORK/tx.log" 'consuming' "$pid" 30 >&2 || { kill "$watcher"; exit 1; }
-wait "$watcher" || { echo "the watcher of the publishing consumer failed" >&2; tail -20 "$WORK/tx.log" >&2; stop_pid "$pid"; exit 1; }
-stop_pid "$pid"
-cat "$WORK/watch-tx" >&2
-tx_rate="$(grep -Eo '[0-9]+ msg/s' "$WORK/watch-tx" | grep -Eo '[0-9]+')"
+run_pmnc "$dir" TX tx.in "$TX_COUNT" "[resources.bus]
+protocol = \"nats\"
+url = \"$URL\""
+stop_pid "$PMNC_PID"
+tx_rate="$(grep -Eo '[0-9]+ msg/s' "$dir/watch" | grep -Eo '[0-9]+')"
 stored="$("$BARE" count "$URL" OUT)"
 [ "$stored" = "$TX_COUNT" ] || { echo "stream OUT holds $stored messages, not $TX_COUNT" >&2; exit 1; }
 
