@@ -51,16 +51,12 @@ pub fn digest(alg: &str, data: &[u8]) -> Option<Vec<u8>> {
 
 /// [`digest`] appended to `out`.
 fn digest_into(alg: Alg, data: &[u8], out: &mut Out) {
-    match alg {
-        Alg::Sha1 => out.extend(&Sha1::digest(data)),
-        Alg::Sha256 => out.extend(&Sha256::digest(data)),
-        Alg::Sha512 => out.extend(&Sha512::digest(data)),
-        Alg::Md5 => out.extend(&Md5::digest(data)),
-    }
+    let (bytes, len) = digest_array(alg, data);
+    out.extend(&bytes[..len]);
 }
 
-/// The digest of `data` by `alg` in an array, with its length (for the fast paths, which may
-/// own nothing with a destructor).
+/// The digest of `data` by `alg` in an array, with its length (what the fast paths push, as
+/// they may own nothing with a destructor).
 pub(crate) fn digest_array(alg: Alg, data: &[u8]) -> ([u8; 64], usize) {
     let mut out = [0u8; 64];
     let len = match alg {
@@ -101,14 +97,6 @@ fn copy_into(out: &mut [u8; 64], bytes: &[u8]) -> usize {
     len
 }
 
-fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8], out: &mut Out) {
-    // An HMAC key may have any length, so this cannot fail.
-    if let Ok(mut m) = <M as Mac>::new_from_slice(key) {
-        m.update(data);
-        out.extend(&m.finalize().into_bytes());
-    }
-}
-
 /// HMAC of `data` under `key` with `alg`.
 pub fn hmac(alg: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Out::default();
@@ -118,12 +106,8 @@ pub fn hmac(alg: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
 
 /// [`hmac`] appended to `out`.
 fn hmac_into(alg: Alg, key: &[u8], data: &[u8], out: &mut Out) {
-    match alg {
-        Alg::Sha1 => mac::<Hmac<Sha1>>(key, data, out),
-        Alg::Sha256 => mac::<Hmac<Sha256>>(key, data, out),
-        Alg::Sha512 => mac::<Hmac<Sha512>>(key, data, out),
-        Alg::Md5 => mac::<Hmac<Md5>>(key, data, out),
-    }
+    let (bytes, len) = hmac_array(alg, key, data);
+    out.extend(&bytes[..len]);
 }
 
 fn hash_password(pw: &[u8]) -> Result<String, String> {

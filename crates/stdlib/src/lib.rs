@@ -21,7 +21,7 @@ pub mod url;
 mod uuid;
 pub mod xml;
 
-pub use fast::front;
+use fast::front;
 
 /// Inputs up to this many bytes are handled inline on the worker; larger ones on tokio's
 /// blocking pool while the request waits (decision 070 has the measurements): for the fast
