@@ -620,9 +620,7 @@ struct Delivery {
 /// sequence, delivered, redelivered, attempt. Made in one call through Lua's C API, without the
 /// value model's copies in between (a value per field, each key and string its own allocation,
 /// was a tenth of a message's handling); headers, when the message has any, go through
-/// [`wire::headers_to_value`] as before. The table itself is made by [`MESSAGE_TABLE`], a Lua
-/// function whose constructor has the keys as constants: eight `lua_setfield` calls, each
-/// finding its key's string from a C string, cost twice as much.
+/// [`wire::headers_to_value`] as before.
 fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delivery) -> LuaResult<MultiValue> {
     use rustomnic_lua::mlua::ffi;
     let headers = match m.headers.as_ref().filter(|h| !h.is_empty()) {
@@ -633,55 +631,41 @@ fn jetstream_message(lua: &Lua, m: &jetstream::Message, stream: &str, d: &Delive
     let sequence = d.sequence.min(i64::MAX as u64) as i64;
     let (delivered, attempt) = (d.delivered, i64::from(d.attempt));
     // SAFETY: the closure runs in a protected call with the headers' table (or nil) at stack
-    // slot 1; it pushes values, calls the constructor (plain Lua that builds and returns one
-    // table, or the chunk that makes it, both raising only on a memory error, which the protected
-    // call catches), and leaves exactly the table it returned. It holds only borrows, so an
+    // slot 1; it pushes values, sets fields of the one table it made (which has no metatable,
+    // so no metamethod runs), and leaves exactly that table. It holds only borrows, so an allocation
     // error that leaves it by longjmp finds nothing to drop.
     let table = unsafe {
         lua.exec_raw::<LuaValue>(headers, |state| {
             let push = |bytes: &[u8]| {
                 ffi::lua_pushlstring(state, bytes.as_ptr() as *const std::ffi::c_char, bytes.len());
             };
-            let key = std::ptr::addr_of!(MESSAGE_TABLE) as *const std::ffi::c_void;
-            if ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key) != ffi::LUA_TFUNCTION {
-                ffi::lua_settop(state, 1);
-                let status = ffi::luaL_loadbufferx(
-                    state,
-                    MESSAGE_TABLE.as_ptr() as *const std::ffi::c_char,
-                    MESSAGE_TABLE.len(),
-                    c"=pmnc/nats_message".as_ptr(),
-                    c"t".as_ptr(),
-                );
-                if status != ffi::LUA_OK {
-                    ffi::lua_error(state);
-                }
-                ffi::lua_call(state, 0, 1);
-                ffi::lua_pushvalue(state, -1);
-                ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, key);
-            }
+            ffi::lua_createtable(state, 0, 8);
             push(body);
+            ffi::lua_setfield(state, -2, c"body".as_ptr());
             push(subject.as_bytes());
-            ffi::lua_pushvalue(state, 1);
+            ffi::lua_setfield(state, -2, c"subject".as_ptr());
+            if ffi::lua_type(state, 1) == ffi::LUA_TTABLE {
+                ffi::lua_pushvalue(state, 1);
+            } else {
+                ffi::lua_createtable(state, 0, 0);
+            }
+            ffi::lua_setfield(state, -2, c"headers".as_ptr());
             push(stream.as_bytes());
+            ffi::lua_setfield(state, -2, c"stream".as_ptr());
             ffi::lua_pushinteger(state, sequence);
+            ffi::lua_setfield(state, -2, c"sequence".as_ptr());
             ffi::lua_pushinteger(state, delivered);
+            ffi::lua_setfield(state, -2, c"delivered".as_ptr());
+            ffi::lua_pushboolean(state, std::ffi::c_int::from(delivered > 1));
+            ffi::lua_setfield(state, -2, c"redelivered".as_ptr());
             ffi::lua_pushinteger(state, attempt);
-            ffi::lua_call(state, 7, 1);
+            ffi::lua_setfield(state, -2, c"attempt".as_ptr());
             ffi::lua_replace(state, 1);
             ffi::lua_settop(state, 1);
         })
     }?;
     Ok(MultiValue::from_iter([table]))
 }
-
-/// The chunk that makes the constructor of JetStream message tables, kept in each VM's registry
-/// under this static's address.
-static MESSAGE_TABLE: &str = "return function(body, subject, headers, stream, sequence, delivered, attempt)
-  return {
-    body = body, subject = subject, headers = headers or {}, stream = stream, sequence = sequence,
-    delivered = delivered, redelivered = delivered > 1, attempt = attempt,
-  }
-end";
 
 /// The stream sequence and delivery count of a JetStream message, read from its reply subject:
 /// `$JS.ACK.` and then 7 tokens (stream, consumer, delivered, stream sequence, ...) or 9 and more
