@@ -160,7 +160,7 @@ async fn run_on_worker_with(
     ctx.parameters = request.parameters;
     let args = request.args;
     let all = |lua: &rustomnic_lua::mlua::Lua| {
-        let mut values: rustomnic_lua::mlua::MultiValue = args.iter().map(|v| rustomnic_lua::convert::to_lua(lua, v)).collect::<Result<_, _>>()?;
+        let mut values = rustomnic_lua::convert::to_lua_all(lua, &args)?;
         values.extend(build(lua)?);
         Ok(values)
     };

@@ -220,6 +220,11 @@ unsafe fn push_array_metatable(state: *mut ffi::lua_State) {
     ffi::lua_rawset(state, ffi::LUA_REGISTRYINDEX);
 }
 
+/// The arguments of a call, each as [`to_lua`] makes it.
+pub fn to_lua_all(lua: &Lua, values: &[Value]) -> mlua::Result<mlua::MultiValue> {
+    values.iter().map(|v| to_lua(lua, v)).collect()
+}
+
 /// The shared metatable that marks arrays.
 pub fn array_metatable(lua: &Lua) -> mlua::Result<Table> {
     if let Some(t) = lua.named_registry_value::<Option<Table>>(ARRAY_MT)? {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mlua::{ffi, Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value as LuaValue, VmState};
 use rustomnic_core::Value;
 
-use crate::convert::{from_lua, to_lua};
+use crate::convert::{from_lua, to_lua_all};
 use crate::limits::LuaLimits;
 use crate::module::CompiledModule;
 use crate::request::{error_text, RequestCtx, RequestFuture, RunError, VmShared};
@@ -375,7 +375,7 @@ impl CageVm {
 
     /// Calls `module.function` with values from outside this VM (another cage, the wire).
     pub async fn call(&self, ctx: RequestCtx, module: &str, function: &str, args: Vec<Value>) -> Result<Vec<Value>, RunError> {
-        self.call_with(ctx, module, function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()).await
+        self.call_with(ctx, module, function, |lua| to_lua_all(lua, &args)).await
     }
 
     /// Like [`call`](Self::call), with arguments that `build` makes in the VM: a consumer makes

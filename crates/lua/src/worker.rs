@@ -173,7 +173,7 @@ pub async fn run_traced(
     args: Vec<Value>,
     kind: crate::trace::SpanKind,
 ) -> Result<Vec<Value>, RunError> {
-    run_traced_with(vm, ctx, module, function, |lua| args.iter().map(|v| crate::convert::to_lua(lua, v)).collect(), kind).await
+    run_traced_with(vm, ctx, module, function, |lua| crate::convert::to_lua_all(lua, &args), kind).await
 }
 
 /// Like [`run_traced`], with the arguments `build` makes in the VM ([`CageVm::call_with`]).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use rustomnic_core::Value;
-use rustomnic_lua::convert::{from_lua, to_lua};
+use rustomnic_lua::convert::{from_lua, to_lua_all};
 use rustomnic_lua::durable::{CallStatus, ACCEPT_FUNCTION, ACCEPT_MODULE};
 use rustomnic_lua::worker::{self, CallError};
 use rustomnic_lua::{RequestCtx, RunError};
@@ -384,7 +384,7 @@ pub(crate) async fn run_call(
     let span = rustomnic_lua::trace::recorded(&ctx).map(|t| (t, ctx.id.clone(), ctx.interface.clone()));
     // Started here rather than with CageVm::call, which logs every failure: the queue logs its
     // own failures, rate-limited, since a failing call is tried again and again.
-    let run = match vm.start(ctx, &row.module, &row.function, |lua| args.iter().map(|v| to_lua(lua, v)).collect()) {
+    let run = match vm.start(ctx, &row.module, &row.function, |lua| to_lua_all(lua, &args)) {
         Ok(f) => f,
         Err(e) => return Err(fail(format!("{target}: {e}"))),
     };
