@@ -71,6 +71,9 @@ struct Found {
 /// How many fields [`CageVm::field`] keeps: the handlers of a cage's interfaces and the targets
 /// of its calls are few; past this, lookups go the long way.
 const FIELDS_KEPT: usize = 32;
+/// Finished coroutines a VM keeps for reuse (each about 1 KB; more in flight at once are made
+/// anew and collected as before).
+const COROUTINES_KEPT: usize = 128;
 
 impl CageVm {
     /// A VM for `cage` with the pmnc API installed, no modules and the default limits.
@@ -87,7 +90,11 @@ impl CageVm {
         let libs = StdLib::COROUTINE | StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
         // The debug library is loaded only so the prelude can keep `debug.traceback`; the prelude
         // removes `debug` before any module runs. No C modules or `package` are ever loaded.
-        let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::default()) };
+        // Finished coroutines are kept for the next requests (reset by lua_closethread, which
+        // closes what the last one left open and shrinks its stack): without a pool each request
+        // made a new Lua thread and left the old one to the collector (decision 160).
+        let options = LuaOptions::default().thread_pool_size(COROUTINES_KEPT);
+        let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, options) };
         let shared = Rc::new(VmShared {
             cage: cage.to_string(),
             limits,

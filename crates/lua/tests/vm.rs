@@ -356,3 +356,55 @@ fn a_spinning_coroutine_of_module_code_does_not_starve_the_worker() {
         assert_eq!(vm.live_requests(), 0);
     });
 }
+
+#[test]
+fn a_requests_coroutine_is_reused_and_cannot_be_resumed_or_closed_by_module_code() {
+    // Finished request coroutines are kept for later requests (decision 160): a reference one
+    // request kept to its own coroutine must not let later code resume or close the request
+    // now running on it. Coroutines of module code behave as in plain Lua.
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        let source = r#"
+local M = {}
+local kept
+function M.keep() kept = coroutine.running() return coroutine.status(kept) end
+function M.wait(x) pmnc.sleep(0.05) return x end
+function M.poke()
+  local ok1, e1 = pcall(coroutine.resume, kept)
+  local ok2, e2 = pcall(coroutine.close, kept)
+  return ok1, e1, ok2, e2
+end
+function M.mine()
+  local co = coroutine.create(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
+  local _, x = coroutine.resume(co, 1)
+  local _, y = coroutine.resume(co, 10)
+  local w = coroutine.wrap(function() coroutine.yield(7) end)
+  return x, y, coroutine.close(co), w()
+end
+return M"#;
+        vm.install(&module("app", source)).unwrap();
+        let t = Duration::from_secs(5);
+        assert_eq!(call(&vm, "app", "keep", vec![], t).await.unwrap(), vec![Value::str("running")]);
+        // Requests in flight on reused coroutines while another request pokes the kept one.
+        let waits: Vec<_> = (0..200).map(|i| call(&vm, "app", "wait", vec![Value::Int(i)], t)).collect();
+        let poke = call(&vm, "app", "poke", vec![], t);
+        let (waited, poked) = tokio::join!(futures_util::future::join_all(waits), poke);
+        for (i, r) in waited.into_iter().enumerate() {
+            assert_eq!(r.unwrap(), vec![Value::Int(i as i64)], "request {i} was disturbed");
+        }
+        let poked = poked.unwrap();
+        assert_eq!(poked[0], Value::Bool(false));
+        assert_eq!(poked[2], Value::Bool(false));
+        for (at, verb) in [(1, "resume"), (3, "close")] {
+            let Value::Str(m) = &poked[at] else { panic!("{poked:?}") };
+            let m = String::from_utf8_lossy(m);
+            assert!(m.contains(&format!("bad argument #1 to '{verb}' (a request's own coroutine")), "{m}");
+        }
+        assert_eq!(call(&vm, "app", "mine", vec![], t).await.unwrap(), vec![Value::Int(2), Value::Int(20), Value::Bool(true), Value::Int(7)]);
+        // More requests one after another than the VM keeps coroutines for.
+        for i in 0..300 {
+            assert_eq!(call(&vm, "app", "keep", vec![], t).await.unwrap(), vec![Value::str("running")], "request {i}");
+        }
+    });
+}

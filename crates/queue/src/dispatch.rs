@@ -227,7 +227,7 @@ pub(crate) struct Failure {
 
 /// One attempt of a call on this worker thread: run it with its state writes held, then record
 /// the outcome and those writes in one commit.
-async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
+pub(crate) async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
     let (outcome, writes, values, failure) = match run_call(&store, &q, &row, None).await {
         Ok((values, writes)) => match encode(&Value::Array(values.clone()), MAX_VALUE) {
@@ -447,7 +447,8 @@ async fn deliver(store: &Store, cage: &str, f: Forwarded) -> Result<(), CallErro
     if f.module == ACCEPT_MODULE && f.function == crate::workflow::JOIN_FUNCTION && !f.queue.is_empty() {
         // A part of a join whose file is named: to the process that holds that file.
         let holder = f.queue.clone();
-        return crate::holder::deliver(cage, &holder, f).await;
+        // Boxed: rare, and its future (some 7 KB) would otherwise size every forwarding's.
+        return Box::pin(crate::holder::deliver(cage, &holder, f)).await;
     }
     if let Some(target) = store_of(cage) {
         return target.accept(&store.cage, f).await.map(|_| ());

@@ -370,7 +370,9 @@ impl Store {
         let row = self.new_call(call)?;
         let id = row.id.clone();
         if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
-            cluster.clone().enqueue(row).await.map_err(|e| format!("calling {target}: {e}"))?;
+            // Boxed: the clustered enqueue's future is some 11 KB, and inline it would make every
+            // call to a queue of this file move and allocate that much too.
+            Box::pin(cluster.clone().enqueue(row)).await.map_err(|e| format!("calling {target}: {e}"))?;
             return Ok(id);
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -473,7 +475,8 @@ impl Store {
         };
         let id = row.id.clone();
         if let Some(cluster) = self.cluster.get().filter(|c| c.has(&row.queue)) {
-            cluster.clone().enqueue(row).await.map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
+            // Boxed, as in enqueue: the clustered enqueue's future is some 11 KB.
+            Box::pin(cluster.clone().enqueue(row)).await.map_err(|e| CallError::Failed(format!("calling {target}: {e}")))?;
             return Ok(id);
         }
         let (tx, rx) = tokio::sync::oneshot::channel();

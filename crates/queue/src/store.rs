@@ -45,33 +45,40 @@ pub struct NewCall {
 /// Inserts a call unless its id is known; true when inserted. A step of a workflow cancelled
 /// in this file is stored cancelled: it never runs.
 pub fn insert(tx: &Connection, path: &Path, c: &NewCall) -> Result<bool, String> {
-    tx.prepare_cached(
+    // A call outside a workflow takes the one-row form: an INSERT ... SELECT may write many rows,
+    // so SQLite keeps a statement journal for it, a copy of every page it touches (decision 160).
+    let sql = if c.workflow.is_none() {
+        "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts, trace, workflow, cont)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (id) DO NOTHING"
+    } else {
         "INSERT INTO queue_calls (id, queue, module, function, args, from_cage, status, created_ms, due_ms, expires_ms, keep_until_ms, max_attempts, trace, workflow, cont, finished_ms, error)
          SELECT ?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN w.id IS NULL THEN 'pending' ELSE 'cancelled' END, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
                 CASE WHEN w.id IS NULL THEN NULL ELSE ?7 END, CASE WHEN w.id IS NULL THEN NULL ELSE 'cancelled with its workflow' END
          FROM (SELECT 1) LEFT JOIN queue_workflows w ON w.id = ?13 AND w.status = 'cancelled'
-         WHERE true ON CONFLICT (id) DO NOTHING",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            c.id,
-            c.queue,
-            c.module,
-            c.function,
-            c.args,
-            c.from_cage,
-            c.created_ms,
-            c.due_ms,
-            c.expires_ms,
-            c.keep_until_ms,
-            c.max_attempts,
-            c.trace,
-            c.workflow,
-            c.cont
-        ])
-    })
-    .map(|n| n == 1)
-    .map_err(|e| fail(path, "queue: cannot store call", e))
+         WHERE true ON CONFLICT (id) DO NOTHING"
+    };
+    tx.prepare_cached(sql)
+        .and_then(|mut s| {
+            s.execute(params![
+                c.id,
+                c.queue,
+                c.module,
+                c.function,
+                c.args,
+                c.from_cage,
+                c.created_ms,
+                c.due_ms,
+                c.expires_ms,
+                c.keep_until_ms,
+                c.max_attempts,
+                c.trace,
+                c.workflow,
+                c.cont
+            ])
+        })
+        .map(|n| n == 1)
+        .map_err(|e| fail(path, "queue: cannot store call", e))
 }
 
 /// A call to another cage, kept in the sender's outbox until the target accepted it.
