@@ -50,11 +50,13 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
 
 cage="$WORK/hello"
 mkdir -p "$cage"
+# The access log off on both sides (nginx below: `access_log off`).
 cat >"$cage/cage.toml" <<EOF
 request_timeout = "10s"
 
 [interfaces.http]
 listen = "127.0.0.1:0"
+access_log = "off"
 max_connections = 100000
 tls = { cert = "$tls/cert.pem", key = "$tls/key.pem", max_handshakes = 100000 }
 EOF
