@@ -520,7 +520,6 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string());
     }
     rustomnic_lua::set_release_memory(release_memory);
-    rustomnic_resource_state::store::configure_sqlite();
     let cli = Cli::parse();
     match cli.command {
         Command::Cluster { command: ClusterCommand::Status { path, cluster, flock, wait, json } } => {

@@ -170,19 +170,6 @@ pub fn sql_error(path: &Path, action: &str, e: rusqlite::Error) -> Error {
     }
 }
 
-/// Process-wide SQLite settings, to be called once before any thread uses SQLite (the binary
-/// calls it first thing): SQLite's memory statistics off. With them on, every allocation SQLite
-/// makes takes one process-wide mutex, which the queue's writer, its dispatchers and the state
-/// stores of every cage all contend for; nothing here reads those statistics. Called after
-/// SQLite has started, it changes nothing (SQLite refuses to be configured then).
-pub fn configure_sqlite() {
-    // SAFETY: sqlite3_config must not run while another thread uses SQLite: the binary calls
-    // this before it starts any thread. The option takes one int argument.
-    unsafe {
-        rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int);
-    }
-}
-
 /// Opens (creating it and its folders when missing) and migrates the state file at `path`.
 pub fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, Error> {
     let p = path.display();
