@@ -408,3 +408,42 @@ return M"#;
         }
     });
 }
+
+#[test]
+fn coroutines_stopped_with_hostile_close_handlers_do_not_spoil_the_ones_kept() {
+    // A request stopped at its deadline has its to-be-closed handlers run when its coroutine is
+    // closed; one that spins there is stopped too, and a coroutine that could not be closed is
+    // not kept (decision 160). The requests after them run as usual, on kept coroutines.
+    let (rt, local) = rt();
+    local.block_on(&rt, async {
+        let vm = CageVm::new("web").unwrap();
+        let source = r#"
+local M = {}
+local tidy_closed = 0
+function M.count() return tidy_closed end
+function M.hostile()
+  local guard <close> = setmetatable({}, { __close = function() while true do end end })
+  while true do end
+end
+function M.tidy()
+  local guard <close> = setmetatable({}, { __close = function() tidy_closed = tidy_closed + 1 end })
+  pmnc.sleep(10)
+end
+function M.fast(x) local t = {} for i = 1, 100 do t[i] = i end return x, coroutine.status(coroutine.running()) end
+return M"#;
+        vm.install(&module("app", source)).unwrap();
+        for f in ["hostile", "tidy", "hostile", "tidy"] {
+            let started = Instant::now();
+            let r = call(&vm, "app", f, vec![], Duration::from_millis(200)).await;
+            assert_eq!(r, Err(RunError::Deadline), "{f}");
+            assert!(started.elapsed() < Duration::from_secs(3), "{f} took {:?} to stop", started.elapsed());
+        }
+        assert_eq!(call(&vm, "app", "count", vec![], Duration::from_secs(5)).await.unwrap(), vec![Value::Int(2)], "each tidy handler ran once");
+        let t = Duration::from_secs(5);
+        let many: Vec<_> = (0..300).map(|i| call(&vm, "app", "fast", vec![Value::Int(i)], t)).collect();
+        for (i, r) in futures_util::future::join_all(many).await.into_iter().enumerate() {
+            assert_eq!(r.unwrap(), vec![Value::Int(i as i64), Value::str("running")], "request {i}");
+        }
+        assert_eq!(vm.live_requests(), 0);
+    });
+}
