@@ -227,7 +227,7 @@ pub(crate) struct Failure {
 
 /// One attempt of a call on this worker thread: run it with its state writes held, then record
 /// the outcome and those writes in one commit.
-pub(crate) async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
+async fn attempt(store: Arc<Store>, q: QueueConfig, row: Due, random: f64) {
     let target = format!("{}.{}.{}", store.cage, row.module, row.function);
     let (outcome, writes, values, failure) = match run_call(&store, &q, &row, None).await {
         Ok((values, writes)) => match encode(&Value::Array(values.clone()), MAX_VALUE) {
