@@ -139,13 +139,18 @@ coroutine_lib.create = function(f)
   user_coroutines[co] = true
   return co
 end
--- Only coroutines of module code may be resumed or closed: a request's own coroutine (what
--- coroutine.running() gives in a handler) is the runtime's, and once its request ends it is kept
--- for a later request, which a stale reference must not disturb.
-local NOT_OURS = " (a request's own coroutine: only coroutines made by coroutine.create or coroutine.wrap can be "
+-- The argument check of resume and close, raised at their caller. Only coroutines of module
+-- code may be resumed or closed: a request's own coroutine (what coroutine.running() gives in a
+-- handler) is the runtime's, and once its request ends it is kept for a later request, which a
+-- stale reference must not disturb.
+local function module_coroutine(co, fname, done)
+  if type(co) ~= "thread" then error("bad argument #1 to '" .. fname .. "' (coroutine expected)", 3) end
+  if not user_coroutines[co] then
+    error("bad argument #1 to '" .. fname .. "' (a request's own coroutine: only coroutines made by coroutine.create or coroutine.wrap can be " .. done .. ")", 3)
+  end
+end
 coroutine_lib.resume = function(co, ...)
-  if type(co) ~= "thread" then error("bad argument #1 to 'resume' (coroutine expected)", 2) end
-  if not user_coroutines[co] then error("bad argument #1 to 'resume'" .. NOT_OURS .. "resumed)", 2) end
+  module_coroutine(co, "resume", "resumed")
   local r = resume_through(co, ...)
   return unpack(r, 1, r.n)
 end
@@ -167,8 +172,7 @@ coroutine_lib.wrap = function(f)
   end
 end
 coroutine_lib.close = function(co)
-  if type(co) ~= "thread" then error("bad argument #1 to 'close' (coroutine expected)", 2) end
-  if not user_coroutines[co] then error("bad argument #1 to 'close'" .. NOT_OURS .. "closed)", 2) end
+  module_coroutine(co, "close", "closed")
   local depth = co_enter(co)
   local r = pack(co_close(co))
   co_leave(depth)

@@ -375,6 +375,11 @@ function M.poke()
   local ok2, e2 = pcall(coroutine.close, kept)
   return ok1, e1, ok2, e2
 end
+function M.where()
+  local _, e1 = pcall(function() coroutine.close(kept) end)
+  local _, e2 = pcall(function() coroutine.resume(42) end)
+  return e1, e2
+end
 function M.mine()
   local co = coroutine.create(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
   local _, x = coroutine.resume(co, 1)
@@ -401,6 +406,15 @@ return M"#;
             let m = String::from_utf8_lossy(m);
             assert!(m.contains(&format!("bad argument #1 to '{verb}' (a request's own coroutine")), "{m}");
         }
+        // The errors name the line of the call, as Lua's own argument errors do.
+        let whered = call(&vm, "app", "where", vec![], t).await.unwrap();
+        assert_eq!(
+            whered,
+            vec![
+                Value::str("test/app.lua:12: bad argument #1 to 'close' (a request's own coroutine: only coroutines made by coroutine.create or coroutine.wrap can be closed)"),
+                Value::str("test/app.lua:13: bad argument #1 to 'resume' (coroutine expected)"),
+            ]
+        );
         assert_eq!(call(&vm, "app", "mine", vec![], t).await.unwrap(), vec![Value::Int(2), Value::Int(20), Value::Bool(true), Value::Int(7)]);
         // More requests one after another than the VM keeps coroutines for.
         for i in 0..300 {
