@@ -3,6 +3,7 @@
 //! when it starts and once when it ends, not at every retry.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{Host, InterfaceSpec};
@@ -33,45 +34,116 @@ where
 
 /// The outage under way, if any. A session that has connected calls [`Outage::end`] to learn
 /// whether it ended one (and say so).
+///
+/// Several sessions of one interface (one per worker) share what is said: made with
+/// [`Outage::shared`], an outage is said once by the first session to fail, and its end by the
+/// first to connect again; each session still keeps its own backoff.
 #[derive(Debug, Default)]
 pub struct Outage {
+    /// This session's outage: its backoff starts again at each new one.
     since: Option<Instant>,
+    /// The outage the sessions share, when there are several.
+    shared: Option<Arc<Mutex<Option<Instant>>>>,
 }
 
 impl Outage {
-    /// Ends the outage under way: how long it lasted, or `None` when there was none.
+    /// An outage shared with the sessions that were given clones of `said`.
+    pub fn shared(said: &SharedOutage) -> Outage {
+        Outage { since: None, shared: Some(said.0.clone()) }
+    }
+
+    /// Ends the outage under way: how long it lasted, or `None` when there was none (or another
+    /// session of a shared outage has said its end already).
     pub fn end(&mut self) -> Option<Duration> {
-        self.since.take().map(|s| s.elapsed())
+        let mine = self.since.take();
+        match &self.shared {
+            Some(shared) => shared.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            None => mine,
+        }
+        .map(|s| s.elapsed())
+    }
+
+    /// Records a failure: whether it starts this session's outage, and whether it is to be said
+    /// (it starts the outage the sessions share).
+    fn begin(&mut self) -> (bool, bool) {
+        let new = self.since.is_none();
+        if new {
+            self.since = Some(Instant::now());
+        }
+        let said = match &self.shared {
+            Some(shared) => {
+                let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                let first = s.is_none();
+                if first {
+                    *s = Some(Instant::now());
+                }
+                first
+            }
+            None => new,
+        };
+        (new, said)
     }
 }
+
+/// What several sessions of one interface share of an outage (see [`Outage::shared`]).
+#[derive(Debug, Default, Clone)]
+pub struct SharedOutage(Arc<Mutex<Option<Instant>>>);
 
 /// Runs `session` until the interface's shutdown: `Ok` is a session ended by the shutdown, `Err`
 /// a failure, after which another session starts once the backoff has passed (0.2 s doubling to
 /// 5 s, from 0.2 s again for each new outage). The first failure of an outage is
 /// logged as a warning; the next ones, until a session connects, at debug level.
-pub async fn reconnecting(host: &Host, mut session: impl AsyncFnMut(&mut Outage) -> Result<(), String>) {
+pub async fn reconnecting(host: &Host, session: impl AsyncFnMut(&mut Outage) -> Result<(), String>) {
+    reconnecting_with(host, Outage::default(), session).await
+}
+
+/// [`reconnecting`] with `outage` given, e.g. one shared with other sessions
+/// ([`Outage::shared`]).
+pub async fn reconnecting_with(host: &Host, mut outage: Outage, mut session: impl AsyncFnMut(&mut Outage) -> Result<(), String>) {
     let spec = host.spec();
     let mut shutdown = host.shutdown();
-    let mut outage = Outage::default();
     let mut backoff = FIRST_BACKOFF;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let Err(e) = session(&mut outage).await else { return };
-        match outage.since {
-            // A new outage (the session connected and then failed, or the first never did).
-            None => {
-                tracing::warn!(cage = %spec.cage, interface = %spec.name, "{e}; connecting again with backoff (this is said once until it works)");
-                outage.since = Some(Instant::now());
-                backoff = FIRST_BACKOFF;
-            }
-            Some(_) => tracing::debug!(cage = %spec.cage, interface = %spec.name, "still unavailable: {e}"),
+        // A new outage: the session connected and then failed, or the first never did.
+        let (new, said) = outage.begin();
+        if new {
+            backoff = FIRST_BACKOFF;
+        }
+        if said {
+            tracing::warn!(cage = %spec.cage, interface = %spec.name, "{e}; connecting again with backoff (this is said once until it works)");
+        } else {
+            tracing::debug!(cage = %spec.cage, interface = %spec.name, "still unavailable: {e}");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_outage_is_said_once_and_ended_once() {
+        let said = SharedOutage::default();
+        let (mut a, mut b) = (Outage::shared(&said), Outage::shared(&said));
+        assert_eq!(a.begin(), (true, true), "the first session to fail says the outage");
+        assert_eq!(b.begin(), (true, false), "the second starts its own backoff but says nothing");
+        assert_eq!(a.begin(), (false, false), "a failure again is the same outage");
+        assert!(b.end().is_some(), "the first to connect again says the end");
+        assert!(a.end().is_none(), "the second does not say it again");
+        assert_eq!(a.begin(), (true, true), "a failure after connecting is a new outage");
+        let mut alone = Outage::default();
+        assert_eq!(alone.begin(), (true, true));
+        assert_eq!(alone.begin(), (false, false));
+        assert!(alone.end().is_some());
+        assert!(alone.end().is_none());
     }
 }

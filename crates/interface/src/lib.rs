@@ -234,6 +234,11 @@ impl Host {
         (self.spawner)(job)
     }
 
+    /// How many jobs [`Host::spawn_on_each`] places: the runtime's workers, or 1 for a test host.
+    pub fn workers(&self) -> usize {
+        self.placer.as_ref().map(|(n, _)| *n).unwrap_or(1)
+    }
+
     /// Runs the job `make(i)` makes on each worker `i`, for a consumer that takes its messages on
     /// the workers themselves (a message is then handled where it arrived, with no hand-over
     /// between threads; see [`Host::run_here`]). Without the runtime's workers (a test host),

@@ -22,7 +22,7 @@ fn ready(redis: bool) -> bool {
 }
 
 /// Runs a Python script with the Celery app `app` (the test's RabbitMQ; results by `backend`)
-/// and `q` (the queue) defined, and `count(queue)` / `get(queue)` / `purge(*queues)` helpers;
+/// and `q` (the queue) defined, and `count(queue)` / `consumers(queue)` / `get(queue)` / `purge(*queues)` helpers;
 /// its standard output.
 fn python(queue: &str, backend: &str, script: &str) -> String {
     let prelude = format!(
@@ -34,6 +34,12 @@ def count(name):
     with app.connection_for_write() as c:
         try:
             return c.default_channel.queue_declare(name, passive=True).message_count
+        except Exception:
+            return -1
+def consumers(name):
+    with app.connection_for_write() as c:
+        try:
+            return c.default_channel.queue_declare(name, passive=True).consumer_count
         except Exception:
             return -1
 def get(name):
@@ -78,6 +84,7 @@ for _ in range(100):
         break
     time.sleep(0.1)
 print(json.dumps(["parked", count(q + ".rustomnic.delay"), late.ready()]))
+print(json.dumps(["consumers", consumers(q)]))
 import amqp
 with app.connection_for_write() as c:
     c.default_channel.basic_publish(amqp.Message(b"\xffnot a message"), exchange="", routing_key=q)
@@ -87,6 +94,8 @@ with app.connection_for_write() as c:
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let lines = check_conformance(&out, &lines);
     assert_eq!(lines[0], serde_json::json!(["parked", 1, false]), "a task an hour away waits in the delay queue: {out}");
+    // Two workers, concurrency 1: one worker has the whole share, the other does not consume.
+    assert_eq!(lines[1], serde_json::json!(["consumers", 1]), "one consumer for concurrency 1: {out}");
     server.wait_for("is not a Celery message", Duration::from_secs(10)).expect("garbage kept aside");
 
     // A pickle message and a task this cage does not serve stay in the queue for others.
@@ -227,6 +236,7 @@ import redis as redislib
 r = redislib.Redis.from_url({r:?})
 print(sum(1 for i in ids if r.get("celery-task-meta-" + i) and json.loads(r.get("celery-task-meta-" + i))["status"] == "SUCCESS"))
 print(count(q))
+print(consumers(q))
 "#,
             r = redis_url()
         ),
@@ -248,6 +258,9 @@ print(count(q))
     }
     assert_eq!(values, (0..1000).map(|i| Some(i * 2)).collect::<Vec<_>>());
     assert_eq!(lines.next(), Some("1000"), "every task has its one SUCCESS");
+    lines.next();
+    // Concurrency 8 on two workers: a consumer of the queue on each (decision 162).
+    assert_eq!(lines.next(), Some("2"), "one consumer per worker: {out}");
 }
 
 /// The result backend goes away while tasks run: their results cannot be stored, so their

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::stream::{select_all, StreamExt};
-use rustomnic_interface::consumer::{reconnecting, Outage};
+use rustomnic_interface::consumer::{reconnecting_with, Outage, SharedOutage};
 use rustomnic_interface::Host;
 use rustomnic_resource_amqp::client::{self, AmqpUrl};
 use rustomnic_resource_amqp::lapin;
@@ -44,10 +44,32 @@ const SERIALIZERS: &[&str] =
 /// Where messages that are not Celery messages at all are kept.
 const UNREADABLE: &str = "rustomnic.celery.unreadable";
 
+/// One worker's part of the interface (decision 162): a session runs on each worker thread that
+/// has a share of `concurrency`, on a connection of its own, and its tasks run on that thread.
+pub(crate) struct Part {
+    /// The worker it runs on; worker 0's session says what the interface does and speaks for the
+    /// worker in events.
+    pub worker: usize,
+    /// Its share of the tasks run at once, and of the prefetch.
+    pub concurrency: usize,
+    pub prefetch: u16,
+    /// What the sessions share: the tasks refused lately, the outage under way, the event counts.
+    pub refused: Arc<Mutex<VecDeque<String>>>,
+    pub outage: SharedOutage,
+    pub counters: Arc<crate::events::Counters>,
+}
+
+/// Splits `total` (tasks run at once) over `workers` sessions: as evenly as it goes, the first
+/// ones taking one more; a session with none is not started.
+pub(crate) fn shares(total: usize, workers: usize) -> Vec<usize> {
+    let workers = workers.max(1);
+    (0..workers).map(|i| total / workers + usize::from(i < total % workers)).collect()
+}
+
 /// Consumes until the interface's shutdown, reconnecting with backoff.
-pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host, url: AmqpUrl) {
-    let refused = Arc::new(Mutex::new(VecDeque::new()));
-    reconnecting(&host, async |outage: &mut Outage| session(&iface, &host, &url, &refused, outage).await).await;
+pub(crate) async fn run(iface: Arc<CeleryInterface>, host: Host, url: AmqpUrl, part: Part) {
+    let outage = Outage::shared(&part.outage);
+    reconnecting_with(&host, outage, async |outage: &mut Outage| session(&iface, &host, &url, &part, outage).await).await;
 }
 
 /// The AMQP side of a session.
@@ -212,13 +234,15 @@ async fn requeue(t: &Amqp, taken: &Taken) {
 }
 
 /// One connection's life: until the shutdown (Ok) or the first failure (Err, to be retried).
-async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refused: &Arc<Mutex<VecDeque<String>>>, outage: &mut Outage) -> Result<(), String> {
+async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, part: &Part, outage: &mut Outage) -> Result<(), String> {
     let spec = host.spec();
     let display = url.display.clone();
-    let conn = client::connect(url, &format!("pmnc {}/{} celery", spec.cage, spec.name)).await?;
+    // Made on this worker: lapin's own work for the connection (acknowledgements among it) runs
+    // here too, beside the tasks.
+    let conn = client::connect(url, &format!("pmnc {}/{} celery {}", spec.cage, spec.name, part.worker)).await?;
     let channel = || async { conn.create_channel().await.map_err(|e| format!("{display}: cannot open a channel: {e}")) };
     let consume = channel().await?;
-    consume.basic_qos(iface.prefetch, BasicQosOptions { global: true }).await.map_err(|e| format!("{display}: cannot set the prefetch: {e}"))?;
+    consume.basic_qos(part.prefetch, BasicQosOptions { global: true }).await.map_err(|e| format!("{display}: cannot set the prefetch: {e}"))?;
     let publish = channel().await?;
     publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| format!("{display}: cannot switch on publisher confirms: {e}"))?;
     for queue in &iface.queues {
@@ -231,13 +255,13 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
     let events = match &iface.events {
         Some(name) => {
             let channel = crate::events::declare_amqp(&conn).await.map_err(|e| format!("{display}: {e}"))?;
-            Some(crate::events::Events::new(name.clone(), crate::events::Sink::Amqp(channel)))
+            Some(crate::events::Events::shared(name.clone(), crate::events::Sink::Amqp(channel), part.counters.clone(), part.worker == 0))
         }
         None => None,
     };
     let mut consumers = Vec::with_capacity(iface.queues.len());
     for (i, queue) in iface.queues.iter().enumerate() {
-        let tag = format!("pmnc-{}-{}-{}-{i}", spec.cage, spec.name, std::process::id());
+        let tag = format!("pmnc-{}-{}-{}-{}-{i}", spec.cage, spec.name, std::process::id(), part.worker);
         let consumer = consume
             .basic_consume(amqp::short("the queue name", queue)?, amqp::short("a consumer tag", &tag)?, BasicConsumeOptions::default(), FieldTable::default())
             .await
@@ -249,7 +273,10 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         Some(after) => {
             tracing::info!(cage = %spec.cage, interface = %spec.name, "connected to {at} again after {:.1}s; consuming {queues}", after.as_secs_f64(), at = url.display)
         }
-        None => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues} on {at}", at = url.display),
+        None if part.worker == 0 => tracing::info!(cage = %spec.cage, interface = %spec.name, "consuming Celery tasks from {queues} on {at}", at = url.display),
+        None => {
+            tracing::debug!(cage = %spec.cage, interface = %spec.name, "worker {} consuming Celery tasks from {queues} on {at}", part.worker, at = url.display)
+        }
     }
     let (settled, mut settled_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut open = Open::default();
@@ -258,11 +285,11 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         consume: consume.clone(),
         publish,
         display: display.clone(),
-        prefetch: iface.prefetch,
+        prefetch: part.prefetch,
         waiting: AtomicUsize::new(0),
         qos: tokio::sync::Mutex::new(()),
         declared: Mutex::new(iface.queues.iter().cloned().collect()),
-        refused: refused.clone(),
+        refused: part.refused.clone(),
         settled,
     };
     let shared = Arc::new(Shared {
@@ -270,7 +297,7 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
         host: host.clone(),
         transport,
         results,
-        slots: tokio::sync::Semaphore::new(iface.concurrency),
+        slots: tokio::sync::Semaphore::new(part.concurrency),
         backend_failed: Default::default(),
         events,
     });
@@ -298,7 +325,10 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &AmqpUrl, refus
                     open.tags.insert(delivery.delivery_tag);
                     let shared = shared.clone();
                     let queue = iface.queues[i].clone();
-                    running.spawn(async move { take(&shared, Taken { delivery, queue }).await });
+                    // Run on this worker, as the session: a task stays on one thread from its
+                    // delivery to its acknowledgement. Boxed: a task keeps its future inline and
+                    // copies it whole as it is placed, polled and read, and this one is KiBs.
+                    running.spawn_local(Box::pin(async move { take(&shared, Taken { delivery, queue }).await }));
                 }
                 Some((_, Err(e))) => break Some(format!("{display}: the connection failed: {e}")),
                 None => break Some(format!("{display}: the broker ended the consumers (a queue deleted?)")),
@@ -404,7 +434,7 @@ async fn take(shared: &Shared, taken: Taken) {
             tracing::debug!(cage = %spec.cage, interface = %spec.name, "task {} reached its eta", task.id);
         }
     }
-    shared.run_task(&taken, task).await;
+    shared.run_task(&taken, task, |r| shared.host.run_here(r)).await;
 }
 
 /// A task whose eta is further than a delivery may stay unacknowledged: the message goes to
@@ -481,6 +511,24 @@ async fn keep_aside(shared: &Shared, taken: &Taken, why: &str) {
             tracing::error!(cage = %spec.cage, interface = %spec.name, "a message in queue {} is not a Celery message ({why}) and cannot be kept aside ({e}); put back", taken.queue);
             tokio::time::sleep(Duration::from_secs(1)).await;
             requeue(t, taken).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares;
+
+    #[test]
+    fn concurrency_is_split_exactly_over_the_workers() {
+        assert_eq!(shares(16, 2), vec![8, 8]);
+        assert_eq!(shares(5, 2), vec![3, 2]);
+        assert_eq!(shares(1, 2), vec![1, 0], "a worker without a share does not consume");
+        assert_eq!(shares(3, 4), vec![1, 1, 1, 0]);
+        assert_eq!(shares(7, 1), vec![7]);
+        assert_eq!(shares(7, 0), vec![7], "a host without workers runs one session");
+        for (total, workers) in [(1, 3), (64, 2), (10_000, 7), (9, 4)] {
+            assert_eq!(shares(total, workers).iter().sum::<usize>(), total);
         }
     }
 }

@@ -29,14 +29,24 @@ pub(crate) enum Sink {
     Amqp(lapin::Channel),
 }
 
+/// What the sessions of one worker share of its events (on AMQP a session runs on each worker
+/// thread, and Flower is to see one worker): Celery's Lamport clock, one more per event, and the
+/// task counts its heartbeats carry.
+#[derive(Default)]
+pub(crate) struct Counters {
+    clock: AtomicU64,
+    processed: AtomicU64,
+    active: AtomicI64,
+}
+
 /// A session's events.
 pub(crate) struct Events {
     hostname: String,
     pid: u32,
-    /// Celery's Lamport clock: one more per event.
-    clock: AtomicU64,
-    processed: AtomicU64,
-    active: AtomicI64,
+    counters: std::sync::Arc<Counters>,
+    /// This session says the worker online, beats its heartbeat and says it offline (one of the
+    /// sessions that share `counters`).
+    pub announces: bool,
     sink: Sink,
     /// A failure to send was logged in this session.
     warned: AtomicBool,
@@ -64,16 +74,15 @@ fn loadavg() -> Json {
 }
 
 impl Events {
+    /// The events of a session that is the worker's only one.
     pub fn new(hostname: String, sink: Sink) -> Events {
-        Events {
-            hostname,
-            pid: std::process::id(),
-            clock: AtomicU64::new(0),
-            processed: AtomicU64::new(0),
-            active: AtomicI64::new(0),
-            sink,
-            warned: AtomicBool::new(false),
-        }
+        Events::shared(hostname, sink, Default::default(), true)
+    }
+
+    /// The events of one of the worker's sessions, which share `counters`; the one that
+    /// `announces` speaks for the worker.
+    pub fn shared(hostname: String, sink: Sink, counters: std::sync::Arc<Counters>, announces: bool) -> Events {
+        Events { hostname, pid: std::process::id(), counters, announces, sink, warned: AtomicBool::new(false) }
     }
 
     /// An event of `kind` with the fields every event has.
@@ -82,7 +91,7 @@ impl Events {
         e.insert("hostname".into(), json!(self.hostname));
         e.insert("utcoffset".into(), json!(0.0));
         e.insert("pid".into(), json!(self.pid));
-        e.insert("clock".into(), json!(self.clock.fetch_add(1, Ordering::Relaxed) + 1));
+        e.insert("clock".into(), json!(self.counters.clock.fetch_add(1, Ordering::Relaxed) + 1));
         e.extend(fields);
         e.insert("timestamp".into(), json!(now()));
         e.insert("type".into(), json!(kind));
@@ -91,8 +100,8 @@ impl Events {
 
     fn worker(&self, kind: &str) -> Json {
         let fields = json!({
-            "freq": HEARTBEAT.as_secs_f64(), "active": self.active.load(Ordering::Relaxed).max(0),
-            "processed": self.processed.load(Ordering::Relaxed), "loadavg": loadavg(),
+            "freq": HEARTBEAT.as_secs_f64(), "active": self.counters.active.load(Ordering::Relaxed).max(0),
+            "processed": self.counters.processed.load(Ordering::Relaxed), "loadavg": loadavg(),
             "sw_ident": "rustomnic", "sw_ver": env!("CARGO_PKG_VERSION"), "sw_sys": std::env::consts::OS,
         });
         self.event(kind, fields.as_object().cloned().unwrap_or_default())
@@ -112,7 +121,7 @@ impl Events {
 
     /// A task taken and starting: received and started in one `task.multi`.
     pub async fn started(&self, task: &Task) {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
         let args = Json::Array(task.args.iter().filter_map(|a| a.to_json().ok()).collect()).to_string();
         let kwargs = task.kwargs.to_json().map(|k| k.to_string()).unwrap_or_else(|_| "{}".into());
         let received = self.event(
@@ -132,8 +141,8 @@ impl Events {
     /// A task finished: `state` SUCCESS (with `result`), FAILURE or RETRY (with the exception's
     /// text and the traceback).
     pub async fn finished(&self, task: &Task, state: &str, detail: &str, traceback: Option<&str>, runtime: Duration) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.processed.fetch_add(1, Ordering::Relaxed);
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.counters.processed.fetch_add(1, Ordering::Relaxed);
         let (key, kind, fields) = match state {
             "SUCCESS" => ("task.succeeded", "task-succeeded", json!({"uuid": task.id, "result": detail, "runtime": runtime.as_secs_f64()})),
             "RETRY" => ("task.retried", "task-retried", json!({"uuid": task.id, "exception": detail, "traceback": traceback})),

@@ -17,7 +17,8 @@
 //! concurrency = 16                      # tasks run at once
 //! result_backend = "redis://127.0.0.1:6379/0"  # default: the broker on Redis, "rpc://" on
 //!                                       # AMQP; "none": no results
-//! prefetch = 64                         # AMQP: messages delivered ahead (default 4 x concurrency)
+//! prefetch = 64                         # AMQP: messages delivered ahead (default 4 x concurrency);
+//!                                       # on AMQP both are split over the worker threads
 //! result_expires = "1d"                 # how long results are kept
 //! visibility_timeout = "1h"             # a taken, unacknowledged task goes back after this
 //! max_message_size = "1MiB"             # bigger task bodies fail with a clear error
@@ -195,7 +196,29 @@ impl Interface for CeleryInterface {
         let me = self.clone();
         match self.broker.clone() {
             Broker::Redis(url) => rustomnic_interface::consumer::spawn(&self.spec, move || redis_broker::run(me, host, url)),
-            Broker::Amqp(url) => rustomnic_interface::consumer::spawn(&self.spec, move || amqp_broker::run(me, host, url)),
+            // A session on each worker (decision 162): no thread hands tasks to workers and
+            // their outcomes back.
+            Broker::Amqp(url) => {
+                let shares = amqp_broker::shares(self.concurrency, host.workers());
+                let (refused, outage, counters) = (Arc::new(std::sync::Mutex::new(Default::default())), Default::default(), Arc::new(Default::default()));
+                host.spawn_on_each(|worker| {
+                    let concurrency = shares.get(worker).copied().unwrap_or(0);
+                    if concurrency == 0 {
+                        return Box::new(|| Box::pin(async {}));
+                    }
+                    let prefetch = (usize::from(self.prefetch) * concurrency).div_ceil(self.concurrency).clamp(1, usize::from(u16::MAX)) as u16;
+                    let part = amqp_broker::Part {
+                        worker,
+                        concurrency,
+                        prefetch,
+                        refused: refused.clone(),
+                        outage: Clone::clone(&outage),
+                        counters: Arc::clone(&counters),
+                    };
+                    let (me, host, url) = (me.clone(), host.clone(), url.clone());
+                    Box::new(move || Box::pin(amqp_broker::run(me, host, url, part)))
+                });
+            }
         }
     }
 }

@@ -299,7 +299,8 @@ async fn session(iface: &Arc<CeleryInterface>, host: &Host, url: &str, refused: 
                 idle = FIRST_POLL;
                 for (queue, tag, payload) in messages {
                     let shared = shared.clone();
-                    running.spawn(async move { take(&shared, queue, tag, payload).await });
+                    // Boxed, as the AMQP side's: the future is KiBs, copied whole by the task.
+                    running.spawn(Box::pin(async move { take(&shared, queue, tag, payload).await }));
                 }
             }
             Err(e) => break Err(format!("broker {display}: {e}")),
@@ -391,7 +392,7 @@ async fn take(shared: &Shared, queue: String, tag: String, payload: Vec<u8>) {
             shared.transport.refresh(&env).await;
         }
     }
-    shared.run_task(&env, task).await;
+    shared.run_task(&env, task, |r| shared.host.run(r)).await;
 }
 
 /// Puts a refused message back at the back of its queue, for another worker; when one comes

@@ -231,7 +231,9 @@ impl<T: Transport> Worker<T> {
     /// Announces the worker and sends its heartbeats until the returned task is aborted (see
     /// [`Worker::stop_events`]); nothing when events are off.
     pub fn start_events(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        self.events.as_ref()?;
+        if !self.events.as_ref()?.announces {
+            return None;
+        }
         let me = self.clone();
         Some(tokio::spawn(async move {
             let Some(events) = &me.events else { return };
@@ -248,7 +250,7 @@ impl<T: Transport> Worker<T> {
         if let Some(h) = heartbeat {
             h.abort();
         }
-        if let Some(events) = &self.events {
+        if let Some(events) = self.events.as_ref().filter(|e| e.announces) {
             events.offline().await;
         }
     }
@@ -298,8 +300,13 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// Runs a task on a worker and stores its outcome, then acknowledges it.
-    pub async fn run_task(&self, taken: &T::Taken, task: Task) {
+    /// Runs a task as a request (`run` gives its outcome: [`Host::run`] hands it to a worker,
+    /// [`Host::run_here`] runs it on the worker this session runs on) and stores its outcome,
+    /// then acknowledges it.
+    pub async fn run_task<F>(&self, taken: &T::Taken, task: Task, run: impl FnOnce(Request) -> F)
+    where
+        F: Future<Output = Result<Vec<Value>, RunError>>,
+    {
         let spec = self.host.spec();
         let Some(handler) = self.iface.handler(&task.name).cloned() else { return };
         let Ok(_permit) = self.slots.acquire().await else { return };
@@ -319,7 +326,7 @@ impl<T: Transport> Worker<T> {
         if let Some(events) = &self.events {
             events.started(&task).await;
         }
-        let running = self.host.run(request);
+        let running = run(request);
         // A task that runs longer than half the visibility timeout keeps its message taken.
         let every = self.iface.visibility_timeout / 2;
         tokio::pin!(running);
