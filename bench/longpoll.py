@@ -15,6 +15,13 @@ For each count N (default: 10000, then the most the open-file hard limit allows)
 Any server that offers /wait, /send and /ws with the chat's meaning can be measured with the
 same run (SERVER="CMD ... {port} ..."; {port} is replaced by the port to listen on).
 
+In MODE=longpoll each count is then measured again with nginx and its Lua module as the peer
+(Debian's nginx and libnginx-mod-http-lua, the same number of worker processes, access log
+off): /wait parks on an `ngx.semaphore` of its worker, /send stores the message in a shared
+dictionary and wakes its own worker's waiters at once and the other workers' through a 1 ms
+timer each worker runs. RSS and CPU are of nginx's master and workers together; the ratio
+pmnc/nginx+Lua is printed. NGINX=0 skips the peer.
+
 Python standard library only. Never fails because of a figure.
 
     bench/longpoll.py                        # MODE=longpoll, N = 10000 and the limit
@@ -22,6 +29,7 @@ Python standard library only. Never fails because of a figure.
     MODE=websocket DEFLATE=1 bench/longpoll.py   # sessions that agreed permessage-deflate
     COUNTS=2000 WORKERS=1 bench/longpoll.py
     SERVER="node peer.js {port}" bench/longpoll.py
+    NGINX=0 bench/longpoll.py                # without the nginx + Lua peer
 """
 
 import base64
@@ -65,12 +73,32 @@ def free_port():
     return port
 
 
+def tree(pid):
+    """The process and its descendants (nginx's master and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """RSS of the process and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def request(port, method, path, body=b"", timeout=10):
@@ -89,9 +117,110 @@ def request(port, method, path, body=b"", timeout=10):
     return status, body
 
 
-def start_server(port, tmp):
+NGINX_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so", "/usr/lib/nginx/modules/ngx_http_lua_module.so")
+
+# The peer's handlers. A worker keeps, per room, a semaphore its parked requests wait on and the
+# version of the room's last message it has woken them for; the message and its version live in
+# a shared dictionary, so that a publish reaches the waiters of every worker.
+NGINX_LUA_INIT = r"""
+local semaphore = require "ngx.semaphore"
+local dict = ngx.shared.rooms
+ROOMS = {}
+function ROOM(name)
+  local r = ROOMS[name]
+  if not r then
+    r = { sema = semaphore.new(0), seen = dict:get(name .. ":v") or 0 }
+    ROOMS[name] = r
+  end
+  return r
+end
+-- A whole answer with its length (the bench's client reads /stats and /send without chunking).
+function ANSWER(text, status)
+  ngx.status = status or 200
+  ngx.header["content-type"] = "application/json"
+  ngx.header["content-length"] = #text
+  ngx.print(text)
+end
+function WAKE(name, r)
+  local v = dict:get(name .. ":v") or 0
+  if v == r.seen then return end
+  r.seen = v
+  r.message = dict:get(name .. ":m")
+  local waiting = -r.sema:count()
+  if waiting > 0 then r.sema:post(waiting) end
+end
+ngx.timer.every(0.001, function(premature)
+  if premature then return end
+  for name, r in pairs(ROOMS) do WAKE(name, r) end
+end)
+"""
+NGINX_WAIT = r"""
+local name = ngx.var.arg_room or "main"
+local r = ROOM(name)
+local dict = ngx.shared.rooms
+dict:incr(name .. ":w", 1, 0)
+local ok = r.sema:wait(math.min(tonumber(ngx.var.arg_timeout) or 25, 55))
+dict:incr(name .. ":w", -1, 0)
+if not ok then return ngx.exit(204) end
+ANSWER(r.message)
+"""
+NGINX_SEND = r"""
+local name = ngx.var.arg_room or "main"
+ngx.req.read_body()
+local body = ngx.req.get_body_data()
+if not body or #body > 4000 then return ANSWER('"send a JSON object {name, text}"', 400) end
+local dict = ngx.shared.rooms
+dict:set(name .. ":m", body)
+dict:incr(name .. ":v", 1, 0)
+WAKE(name, ROOM(name))
+ANSWER('{"delivered":' .. (dict:get(name .. ":w") or 0) .. '}')
+"""
+NGINX_STATS = r"""
+ANSWER('{"waiting":' .. (ngx.shared.rooms:get((ngx.var.arg_room or "main") .. ":w") or 0) .. '}')
+"""
+
+
+def nginx_ready():
+    return os.environ.get("NGINX", "1") == "1" and MODE == "longpoll" and not os.environ.get("SERVER") \
+        and shutil.which("nginx") is not None and all(os.path.exists(m) for m in NGINX_MODULES)
+
+
+def nginx_argv(port, tmp):
+    """Writes the peer's nginx.conf in a folder of its own; the command that runs it."""
+    d = tempfile.mkdtemp(prefix="nginx-", dir=tmp)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    block = lambda code: "{" + code + "}"
+    conf = f"""load_module {NGINX_MODULES[0]};
+load_module {NGINX_MODULES[1]};
+worker_processes {WORKERS};
+worker_rlimit_nofile {hard};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections {hard}; }}
+http {{
+    access_log off;
+    client_body_temp_path {d};
+    lua_shared_dict rooms 1m;
+    init_worker_by_lua_block {block(NGINX_LUA_INIT)}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /wait {{ content_by_lua_block {block(NGINX_WAIT)} }}
+        location = /send {{ content_by_lua_block {block(NGINX_SEND)} }}
+        location = /stats {{ content_by_lua_block {block(NGINX_STATS)} }}
+    }}
+}}
+"""
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(conf)
+    return ["nginx", "-c", os.path.join(d, "nginx.conf"), "-p", d]
+
+
+def start_server(port, tmp, peer=None):
     command = os.environ.get("SERVER")
-    if command:
+    if peer == "nginx":
+        argv = nginx_argv(port, tmp)
+    elif command:
         argv = shlex.split(command.replace("{port}", str(port)))
     else:
         if not os.path.exists(PMNC) or os.environ.get("BUILD", "1") == "1":
@@ -103,7 +232,9 @@ def start_server(port, tmp):
         with open(toml) as f:
             text = f.read()
         with open(toml, "w") as f:
-            f.write(re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text))
+            # The access log off, as the nginx peer runs (`access_log off`): 10,000 answers are
+            # otherwise 10,000 log lines written during the fan-out.
+            f.write(re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"\naccess_log = "off"', text))
         argv = [PMNC, "run", cage, "--workers", WORKERS, "--no-watch"]
     log = open(os.path.join(tmp, f"server-{port}.log"), "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -198,10 +329,16 @@ def settled_rss(pid):
 
 
 def cpu_ms(pid):
-    """User + system CPU time of a process so far, in ms."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its descendants so far, in ms."""
+    ticks = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def fan_out(port, socks, marker):
@@ -241,9 +378,10 @@ def verdict(value, target, goal):
     return "goal met" if value <= goal else ("target met" if value <= target else "MISSED")
 
 
-def measure(n, tmp):
+def measure(n, tmp, peer=None):
+    """Prints and returns (KB per parked client, ms to the last client) of one server."""
     port = free_port()
-    proc = start_server(port, tmp)
+    proc = start_server(port, tmp, peer)
     try:
         for _ in range(20):
             request(port, "GET", "/stats?room=warmup")
@@ -254,7 +392,7 @@ def measure(n, tmp):
         opened_s = time.time() - started
         after = settled_rss(proc.pid)
         per = (after - before) / n
-        print(f"\n{MODE}, N = {n}: {'all parked' if parked else 'NOT all parked'} after {opened_s:.1f} s")
+        print(f"\n{MODE}, N = {n}, {peer or 'pmnc'}: {'all parked' if parked else 'NOT all parked'} after {opened_s:.1f} s")
         print(f"  server RSS: {before} kB before, {after} kB with the clients parked")
         print(f"  per parked client: {per:.2f} kB   (target {RSS_TARGET_KB} kB, goal {RSS_GOAL_KB} kB: {verdict(per, RSS_TARGET_KB, RSS_GOAL_KB)})")
         cpu_before = cpu_ms(proc.pid)
@@ -266,6 +404,7 @@ def measure(n, tmp):
             print(f"  WARNING: {n - got} clients did not get the message")
         for s in socks:
             s.close()
+        return per, ms
     finally:
         proc.terminate()
         try:
@@ -287,7 +426,13 @@ def main():
             if n > most:
                 print(f"skipping N = {n}: over what the open-file limit allows ({most})")
                 continue
-            measure(n, tmp)
+            ours = measure(n, tmp)
+            if nginx_ready():
+                theirs = measure(n, tmp, "nginx")
+                print(f"\nN = {n}: pmnc/nginx+Lua: memory per parked client {ours[0] / max(theirs[0], 1e-9):.2f}x, "
+                      f"time to the last client {ours[1] / max(theirs[1], 1e-9):.2f}x (lower is better for both)")
+            elif MODE == "longpoll" and not os.environ.get("SERVER") and os.environ.get("NGINX", "1") == "1":
+                print("(no nginx + Lua peer: apt-get install nginx libnginx-mod-http-lua)")
 
 
 if __name__ == "__main__":
