@@ -27,7 +27,7 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// Response bodies up to this size are copied behind the head and sent in one write.
 const COALESCE: usize = 16 * 1024;
 /// The first read of a request head reserves this much; a larger head grows the buffer.
-const FIRST_READ: usize = 2048;
+pub(crate) const FIRST_READ: usize = 2048;
 /// After refusing a request, how long (and how much) the client's unread bytes are drained so
 /// that closing does not reset the connection before the client has read the refusal.
 const LINGER: Duration = Duration::from_secs(2);
@@ -67,7 +67,10 @@ fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
 /// The connection is boxed so that handing it from one step to the next moves a pointer: a
 /// moved value keeps its room in the task that moved it.
 pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Box<Prefixed>, peer: Rc<str>, mut shutdown: Shutdown) {
-    let mut buf = std::mem::take(&mut io.head).to_vec();
+    // The bytes read to tell HTTP/2 from HTTP/1 are the start of the first head, in a buffer
+    // with room for the rest (`first_bytes`).
+    let mut buf = Vec::from(std::mem::take(&mut io.head));
+    buf.reserve(FIRST_READ.saturating_sub(buf.len()));
     let mut first = true;
     loop {
         let head = match read_head(&iface, &mut io, &mut buf, first, &mut shutdown).await {
@@ -79,12 +82,16 @@ pub(crate) async fn serve(iface: Arc<HttpInterface>, mut io: Box<Prefixed>, peer
             }
         };
         first = false;
+        if buf.is_empty() {
+            // A request being served (a parked long-poll) or an idle connection keeps no read
+            // buffer; reading a body or the next head makes one.
+            buf = Vec::new();
+        }
         match exchange(&iface, io, &mut buf, head, &peer, &shutdown).await {
             Some(back) => io = back,
             None => return,
         }
         if buf.is_empty() {
-            // An idle connection keeps no read buffer.
             buf = Vec::new();
         }
     }

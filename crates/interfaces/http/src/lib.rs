@@ -298,11 +298,11 @@ impl Interface for HttpInterface {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: no request within header_read_timeout ({:?})", self.settings.header_read_timeout);
                 return;
             };
-            if !self.settings.http2 && head[..] == *H2_PREFACE {
+            if !self.settings.http2 && head.starts_with(H2_PREFACE) {
                 tracing::debug!(cage = %self.spec.cage, interface = %self.spec.name, "closing {remote}: HTTP/2 is off (http2 = false)");
                 return;
             }
-            let h2 = head[..] == *H2_PREFACE;
+            let h2 = head.starts_with(H2_PREFACE);
             let peer: std::rc::Rc<str> = remote.to_string().into();
             let io = Box::new(Prefixed { head, stream, conn: conn.clone(), write_timer: None });
             if !h2 {
@@ -360,24 +360,24 @@ impl Interface for HttpInterface {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads the first bytes of a connection, as many as it takes to tell HTTP/1 from the HTTP/2
-/// preface, within `timeout`. `None` when the client sends nothing in time, closes, or the
-/// process shuts down meanwhile. For HTTP/1 this returns at the first byte, so hyper's own
-/// header_read_timeout then bounds the rest of the request head.
+/// preface (and whatever else the same reads bring), within `timeout`. `None` when the client
+/// sends nothing in time, closes, or the process shuts down meanwhile. For HTTP/1 this returns
+/// at the first read, so the head's own header_read_timeout then bounds the rest of it.
 async fn first_bytes(stream: &mut tls::Conn, timeout: Duration, shutdown: &mut Shutdown) -> Option<Bytes> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut head = Vec::with_capacity(H2_PREFACE.len());
-    let mut chunk = [0u8; 24];
+    // Room for a usual request head: an HTTP/1 connection's first read takes its first head
+    // whole, and h1::serve goes on in this buffer (24 bytes at a time, a head took four reads).
+    let mut head = Vec::with_capacity(h1::FIRST_READ);
     loop {
-        let want = H2_PREFACE.len() - head.len();
         let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])) => r,
+            r = tokio::time::timeout_at(deadline, stream.read_buf(&mut head)) => r,
             _ = shutdown.changed() => return None,
         };
         match read {
-            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) if n > 0 => {}
             _ => return None,
         }
-        if head.len() == H2_PREFACE.len() || !H2_PREFACE.starts_with(&head) {
+        if head.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&head) {
             return Some(Bytes::from(head));
         }
     }
