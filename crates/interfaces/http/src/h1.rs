@@ -121,11 +121,9 @@ async fn read_head(iface: &HttpInterface, io: &mut Prefixed, buf: &mut Vec<u8>, 
         if *shutdown.borrow() && !started {
             return Ok(None);
         }
-        if buf.capacity() == buf.len() {
-            buf.reserve(if buf.is_empty() { FIRST_READ } else { buf.len().min(s.max_header_size) });
-        }
+        let more = if buf.is_empty() { FIRST_READ } else { buf.len().min(s.max_header_size) };
         tokio::select! {
-            r = tokio::time::timeout_at(deadline, fill(io, buf)) => match r {
+            r = tokio::time::timeout_at(deadline, fill_growing(io, buf, more)) => match r {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Ok(None),
                 Err(_) if started => return Err(refusal(StatusCode::REQUEST_TIMEOUT, format!("the request head did not arrive within header_read_timeout ({:?})", s.header_read_timeout))),
@@ -608,6 +606,27 @@ pub(crate) enum ChunkError {
 async fn fill(io: &mut Prefixed, into: &mut Vec<u8>) -> Result<(), ChunkError> {
     loop {
         io.stream.readable().await.map_err(|_| ChunkError::Gone)?;
+        match io.stream.try_read_buf(into) {
+            Ok(0) => return Err(ChunkError::Gone),
+            Ok(_) => {
+                io.touch();
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(ChunkError::Gone),
+        }
+    }
+}
+
+/// [`fill`] into a buffer that grows by `more` when it is full, once bytes have arrived: a
+/// keep-alive connection waiting for its next request (thousands of them, after a fan-out to
+/// parked long-polls) holds no read buffer meanwhile.
+async fn fill_growing(io: &mut Prefixed, into: &mut Vec<u8>, more: usize) -> Result<(), ChunkError> {
+    loop {
+        io.stream.readable().await.map_err(|_| ChunkError::Gone)?;
+        if into.capacity() == into.len() {
+            into.reserve(more);
+        }
         match io.stream.try_read_buf(into) {
             Ok(0) => return Err(ChunkError::Gone),
             Ok(_) => {
