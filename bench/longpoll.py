@@ -329,16 +329,29 @@ def settled_rss(pid):
 
 
 def cpu_ms(pid):
-    """User + system CPU time of a process and its descendants so far, in ms."""
-    ticks = 0
+    """(user, system) CPU time of a process and its descendants so far, in ms."""
+    user = system = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
+            user, system = user + int(fields[11]), system + int(fields[12])
         except OSError:
             pass
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    return user * tick, system * tick
+
+
+def faults(pid):
+    """Minor page faults of a process and its descendants so far (fresh memory touched)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                total += int(f.read().rsplit(")", 1)[1].split()[7])
+        except OSError:
+            pass
+    return total
 
 
 def fan_out(port, socks, marker):
@@ -395,11 +408,15 @@ def measure(n, tmp, peer=None):
         print(f"\n{MODE}, N = {n}, {peer or 'pmnc'}: {'all parked' if parked else 'NOT all parked'} after {opened_s:.1f} s")
         print(f"  server RSS: {before} kB before, {after} kB with the clients parked")
         print(f"  per parked client: {per:.2f} kB   (target {RSS_TARGET_KB} kB, goal {RSS_GOAL_KB} kB: {verdict(per, RSS_TARGET_KB, RSS_GOAL_KB)})")
-        cpu_before = cpu_ms(proc.pid)
+        cpu_before, faults_before = cpu_ms(proc.pid), faults(proc.pid)
         ms, got = fan_out(port, socks, f"fan-out-{n}")
-        cpu = cpu_ms(proc.pid) - cpu_before
+        cpu_after, faulted = cpu_ms(proc.pid), faults(proc.pid) - faults_before
+        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        cpu = user + system
         print(f"  one publish to {n}: the last of {got} clients had it after {ms:.1f} ms   (target {FANOUT_TARGET_MS} ms, goal {FANOUT_GOAL_MS} ms: {verdict(ms, FANOUT_TARGET_MS, FANOUT_GOAL_MS)})")
-        print(f"  server CPU for that publish and its {n} answers: {cpu:.0f} ms (this client shares the cores and reads the answers one by one in Python)")
+        print(f"  server CPU for that publish and its {n} answers: {cpu:.0f} ms (this client shares the cores and reads the answers one by one in Python): user {user:.0f} ms, kernel {system:.0f} ms; {faulted} page faults")
+        idle = settled_rss(proc.pid)
+        print(f"  server RSS with the {n} clients answered and idle on their kept connections: {idle} kB ({(idle - before) / n:.2f} kB per client)")
         if got != n:
             print(f"  WARNING: {n - got} clients did not get the message")
         for s in socks:
