@@ -1,7 +1,7 @@
 //! JSON request bodies and `pmnc.json.decode` input through the value model. Properties: the
 //! decoder agrees with serde_json's own tree wherever serde_json's depth limit allows, refuses
 //! only by depth beyond it, never asks for far more memory than the input, and whatever it
-//! decodes encodes and decodes back to the same value.
+//! decodes encodes and decodes back to the same value, and both JSON writers print it alike.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,4 +30,6 @@ fuzz_target!(|data: &[u8]| {
     let again = Value::parse_json(json.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("our own JSON does not read back: {e}"));
     assert_eq!(again, v);
+    // The direct writer (response bodies, pmnc.json.encode) prints the same text.
+    assert_eq!(v.to_json_text().as_deref(), Ok(json.to_string().as_str()), "the two JSON writers disagree");
 });

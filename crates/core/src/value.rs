@@ -61,9 +61,8 @@ impl Value {
             Value::Str(b) => Ok((b.clone(), None)),
             Value::Nil => Ok((Vec::new(), None)),
             other => {
-                let json = other.to_json().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-                let text = serde_json::to_vec(&json).map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
-                Ok((text, Some("application/json")))
+                let text = other.to_json_text().map_err(|e| format!("the body cannot be sent as JSON: {e}"))?;
+                Ok((text.into_bytes(), Some("application/json")))
             }
         }
     }
@@ -104,6 +103,76 @@ impl Value {
         })
     }
 
+    /// The JSON text [`to_json`](Self::to_json) would print (compact, object keys sorted, a
+    /// repeated key's last value kept, the same refusals), written straight from the value: a
+    /// handler's returned table and `pmnc.json.encode` skip the `serde_json::Value` in between
+    /// (a map of its own per table, a string per key, then printing).
+    pub fn to_json_text(&self) -> Result<String, String> {
+        let mut out = Vec::with_capacity(64);
+        self.write_json_at(&mut out, 0)?;
+        // Only UTF-8 strings and ASCII were written.
+        String::from_utf8(out).map_err(|_| "a string that is not UTF-8 cannot be written as JSON".to_string())
+    }
+
+    fn write_json_at(&self, out: &mut Vec<u8>, depth: usize) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("value nested deeper than {MAX_DEPTH} levels (a cycle?)"));
+        }
+        match self {
+            Value::Nil => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => leaf(out, i)?,
+            Value::Float(f) if !f.is_finite() => return Err(format!("{f} cannot be written as JSON")),
+            Value::Float(f) => leaf(out, f)?,
+            Value::Str(b) => {
+                let s = std::str::from_utf8(b).map_err(|_| "a string that is not UTF-8 cannot be written as JSON".to_string())?;
+                leaf(out, s)?;
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    v.write_json_at(out, depth + 1)?;
+                }
+                out.push(b']');
+            }
+            Value::Map(entries) => {
+                let mut keyed: Vec<(std::borrow::Cow<'_, str>, &Value)> = Vec::with_capacity(entries.len());
+                for (k, v) in entries {
+                    let key = match k {
+                        Value::Str(_) => std::borrow::Cow::Borrowed(k.as_str().ok_or("a map key that is not UTF-8 cannot be written as JSON")?),
+                        Value::Int(i) => std::borrow::Cow::Owned(i.to_string()),
+                        Value::Float(f) => std::borrow::Cow::Owned(f.to_string()),
+                        Value::Bool(b) => std::borrow::Cow::Owned(b.to_string()),
+                        other => return Err(format!("a map key of type {} cannot be written as JSON", other.type_name())),
+                    };
+                    keyed.push((key, v));
+                }
+                // As a B-tree map prints them: sorted by key, the last of equal keys kept (a
+                // stable sort leaves equal keys in their order).
+                keyed.sort_by(|a, b| a.0.cmp(&b.0));
+                out.push(b'{');
+                let mut first = true;
+                for (i, (k, v)) in keyed.iter().enumerate() {
+                    if keyed.get(i + 1).is_some_and(|next| next.0 == *k) {
+                        continue;
+                    }
+                    if !first {
+                        out.push(b',');
+                    }
+                    first = false;
+                    leaf(out, &**k)?;
+                    out.push(b':');
+                    v.write_json_at(out, depth + 1)?;
+                }
+                out.push(b'}');
+            }
+        }
+        Ok(())
+    }
+
     /// Converts from JSON; numbers that fit i64 become integers.
     pub fn from_json(json: &serde_json::Value) -> Value {
         match json {
@@ -132,6 +201,12 @@ impl Value {
         de.end().map_err(|e| format!("invalid JSON: {e}"))?;
         Ok(v)
     }
+}
+
+/// A scalar of [`Value::to_json_text`], printed by serde_json's own writer, so that numbers and
+/// escapes come out exactly as `serde_json::Value` prints them.
+fn leaf<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<(), String> {
+    serde_json::to_writer(out, v).map_err(|e| e.to_string())
 }
 
 /// Reading JSON straight into the value model with a depth count.
@@ -240,6 +315,60 @@ mod tests {
         assert_eq!(v.get("a"), Some(&Value::Array(vec![Value::Int(1), Value::Float(2.5), Value::str("x"), Value::Nil, Value::Bool(true)])));
         let back = v.to_json().unwrap();
         assert_eq!(back, serde_json::json!({"a": [1, 2.5, "x", null, true], "b": {}}));
+    }
+
+    /// The direct writer prints what `to_json` then `to_string` print, refusals included.
+    #[test]
+    fn json_text_is_what_serde_json_prints() {
+        let s = |t: &str| Value::str(t);
+        let values = vec![
+            Value::Nil,
+            Value::Bool(false),
+            Value::Int(i64::MIN),
+            Value::Float(1.0),
+            Value::Float(-0.0),
+            Value::Float(3.33e34),
+            Value::Float(1e-300),
+            Value::Float(0.1),
+            s("quote \" back \\ nl \n tab \t ctl \u{1} ü 😀 \u{2028}"),
+            Value::Array(vec![]),
+            Value::Map(vec![]),
+            Value::Array(vec![Value::Nil, Value::Int(2), Value::Array(vec![s("x")])]),
+            // Keys sorted by their bytes; non-string keys as their text; the last of equal keys.
+            Value::Map(vec![
+                (s("b"), Value::Int(1)),
+                (s("a"), Value::Int(2)),
+                (Value::Int(10), s("ten")),
+                (Value::Int(9), s("nine")),
+                (Value::Float(1.5), s("f")),
+                (Value::Bool(true), s("t")),
+                (s("1.5"), s("again")),
+                (s("a"), Value::Int(3)),
+                (s("é"), Value::Map(vec![(s("z"), Value::Nil), (s("Z"), Value::Nil)])),
+            ]),
+        ];
+        for v in values {
+            assert_eq!(v.to_json_text().unwrap(), v.to_json().unwrap().to_string(), "{v:?}");
+        }
+        let refused = [
+            Value::Float(f64::NAN),
+            Value::Float(f64::INFINITY),
+            Value::Str(vec![0xff]),
+            Value::Map(vec![(Value::Str(vec![0xfe]), Value::Nil)]),
+            Value::Map(vec![(Value::Nil, Value::Nil)]),
+            Value::Map(vec![(Value::Array(vec![]), Value::Nil)]),
+            Value::Array(vec![Value::Int(1), Value::Float(f64::NEG_INFINITY)]),
+        ];
+        for v in refused {
+            assert_eq!(v.to_json_text().unwrap_err(), v.to_json().unwrap_err(), "{v:?}");
+        }
+        let mut deep = Value::Nil;
+        for _ in 0..MAX_DEPTH {
+            deep = Value::Array(vec![deep]);
+        }
+        assert_eq!(deep.to_json_text().unwrap(), deep.to_json().unwrap().to_string());
+        let deeper = Value::Map(vec![(s("k"), Value::Array(vec![deep]))]);
+        assert_eq!(deeper.to_json_text().unwrap_err(), deeper.to_json().unwrap_err());
     }
 
     #[test]

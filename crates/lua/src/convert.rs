@@ -1,6 +1,8 @@
 //! Conversion between Lua values and the shared value model ([`Value`]), used for JSON and for
 //! every call that leaves a VM (other cages, the wire).
 
+use std::fmt::Write as _;
+
 use mlua::{ffi, Lua, Table, Value as LuaValue};
 use rustomnic_core::value::{Value, MAX_DEPTH};
 
@@ -61,12 +63,16 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
     let marked = is_marked_array(t);
     let mut count = 0usize;
     let mut sequence = true;
-    for pair in t.clone().pairs::<LuaValue, LuaValue>() {
-        let (k, _) = pair.map_err(|e| format!("{path}: {e}"))?;
-        count += 1;
-        match k {
-            LuaValue::Integer(i) if i >= 1 && (i as usize) <= len => {}
-            _ => sequence = false,
+    // A table without a border at 1 is a map unless marked: no pass to count its keys (most
+    // returned tables, messages and results are records).
+    if len > 0 || marked {
+        for pair in t.clone().pairs::<LuaValue, LuaValue>() {
+            let (k, _) = pair.map_err(|e| format!("{path}: {e}"))?;
+            count += 1;
+            match k {
+                LuaValue::Integer(i) if i >= 1 && (i as usize) <= len => {}
+                _ => sequence = false,
+            }
         }
     }
     let base_len = path.len();
@@ -74,7 +80,7 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
         let mut items = Vec::with_capacity(len);
         for i in 1..=len {
             let v: LuaValue = t.raw_get(i).map_err(|e| format!("{path}: {e}"))?;
-            path.push_str(&format!("[{i}]"));
+            let _ = write!(path, "[{i}]");
             items.push(from_lua_at(&v, depth + 1, path, left)?);
             path.truncate(base_len);
         }
@@ -86,19 +92,21 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
         let key = match &k {
             LuaValue::String(s) => {
                 path.push('.');
-                path.push_str(&s.to_string_lossy());
+                // Borrowed when the key is UTF-8: no string made per key for a path that is
+                // only read in an error.
+                path.push_str(&String::from_utf8_lossy(&s.as_bytes()));
                 Value::Str(s.as_bytes().to_vec())
             }
             LuaValue::Integer(i) => {
-                path.push_str(&format!("[{i}]"));
+                let _ = write!(path, "[{i}]");
                 Value::Int(*i)
             }
             LuaValue::Number(n) => {
-                path.push_str(&format!("[{n}]"));
+                let _ = write!(path, "[{n}]");
                 Value::Float(*n)
             }
             LuaValue::Boolean(b) => {
-                path.push_str(&format!("[{b}]"));
+                let _ = write!(path, "[{b}]");
                 Value::Bool(*b)
             }
             other => return Err(format!("{path}: a table key of type {} cannot be converted", other.type_name())),

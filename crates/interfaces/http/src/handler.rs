@@ -909,8 +909,8 @@ fn body_bytes(value: LuaValue, json: &mut bool) -> Result<Bytes, String> {
         v @ LuaValue::Table(_) => {
             *json = true;
             let value = from_lua(&v).map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
-            let text = value.to_json().map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
-            Bytes::from(text.to_string())
+            let text = value.to_json_text().map_err(|e| format!("the returned table cannot be sent as JSON: {e}"))?;
+            Bytes::from(text)
         }
         other => return Err(format!("the body must be a string or a table, got {}", other.type_name())),
     })

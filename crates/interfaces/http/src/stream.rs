@@ -257,7 +257,7 @@ pub(crate) fn sse_frame(event: &Table) -> Result<Bytes, String> {
         v @ (LuaValue::Integer(_) | LuaValue::Number(_) | LuaValue::Boolean(_)) => Some(v.to_string().map_err(|e| e.to_string())?),
         v @ LuaValue::Table(_) => {
             let value = rustomnic_lua::convert::from_lua(&v).map_err(|e| format!("event.data {e}"))?;
-            Some(value.to_json().map_err(|e| format!("event.data cannot be sent as JSON: {e}"))?.to_string())
+            Some(value.to_json_text().map_err(|e| format!("event.data cannot be sent as JSON: {e}"))?)
         }
         other => return Err(format!("event.data must be a string or a table, got {}", other.type_name())),
     };

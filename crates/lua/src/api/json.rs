@@ -159,7 +159,7 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 Ok(Pending(v)) => v,
                 Err(e) => return fail(&lua, format!("pmnc.json.encode: {e}")),
             };
-            let printed = tokio::task::spawn_blocking(move || value.to_json().map(|j| j.to_string())).await;
+            let printed = tokio::task::spawn_blocking(move || value.to_json_text()).await;
             match printed {
                 Ok(Ok(text)) => {
                     let s = lua.create_string(text)?;
@@ -184,8 +184,8 @@ pub(crate) fn encode(lua: &Lua, v: &LuaValue, can_wait: bool) -> mlua::Result<Mu
         let ud = lua.create_userdata(Pending(value))?;
         return Ok(MultiValue::from_iter([LuaValue::String(lua.create_string("pending")?), LuaValue::UserData(ud)]));
     }
-    match value.to_json() {
-        Ok(j) => ok(LuaValue::String(lua.create_string(j.to_string())?)),
+    match value.to_json_text() {
+        Ok(j) => ok(LuaValue::String(lua.create_string(j)?)),
         Err(e) => fail(lua, format!("pmnc.json.encode: {e}")),
     }
 }
