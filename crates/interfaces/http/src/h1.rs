@@ -604,18 +604,7 @@ pub(crate) enum ChunkError {
 /// Bytes are taken only once the socket is readable, so a read dropped while it waits loses
 /// nothing.
 async fn fill(io: &mut Prefixed, into: &mut Vec<u8>) -> Result<(), ChunkError> {
-    loop {
-        io.stream.readable().await.map_err(|_| ChunkError::Gone)?;
-        match io.stream.try_read_buf(into) {
-            Ok(0) => return Err(ChunkError::Gone),
-            Ok(_) => {
-                io.touch();
-                return Ok(());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(ChunkError::Gone),
-        }
-    }
+    fill_growing(io, into, 0).await
 }
 
 /// [`fill`] into a buffer that grows by `more` when it is full, once bytes have arrived: a
