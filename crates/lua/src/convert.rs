@@ -64,16 +64,18 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
     let mut count = 0usize;
     let mut sequence = true;
     // A table without a border at 1 is a map unless marked: no pass to count its keys (most
-    // returned tables, messages and results are records).
+    // returned tables, messages and results are records). The passes walk the table in one
+    // protected call each (`for_each`), where an iterator made a protected `next` per key.
     if len > 0 || marked {
-        for pair in t.clone().pairs::<LuaValue, LuaValue>() {
-            let (k, _) = pair.map_err(|e| format!("{path}: {e}"))?;
+        t.for_each::<LuaValue, LuaValue>(|k, _| {
             count += 1;
             match k {
                 LuaValue::Integer(i) if i >= 1 && (i as usize) <= len => {}
                 _ => sequence = false,
             }
-        }
+            Ok(())
+        })
+        .map_err(|e| format!("{path}: {e}"))?;
     }
     let base_len = path.len();
     if marked || (sequence && count == len && len > 0) {
@@ -87,37 +89,55 @@ fn table_to_value(t: &Table, depth: usize, path: &mut String, left: &mut usize) 
         return Ok(Value::Array(items));
     }
     let mut entries = Vec::with_capacity(count);
-    for pair in t.clone().pairs::<LuaValue, LuaValue>() {
-        let (k, v) = pair.map_err(|e| format!("{path}: {e}"))?;
-        let key = match &k {
-            LuaValue::String(s) => {
-                path.push('.');
-                // Borrowed when the key is UTF-8: no string made per key for a path that is
-                // only read in an error.
-                path.push_str(&String::from_utf8_lossy(&s.as_bytes()));
-                Value::Str(s.as_bytes().to_vec())
-            }
-            LuaValue::Integer(i) => {
-                let _ = write!(path, "[{i}]");
-                Value::Int(*i)
-            }
-            LuaValue::Number(n) => {
-                let _ = write!(path, "[{n}]");
-                Value::Float(*n)
-            }
-            LuaValue::Boolean(b) => {
-                let _ = write!(path, "[{b}]");
-                Value::Bool(*b)
-            }
-            other => return Err(format!("{path}: a table key of type {} cannot be converted", other.type_name())),
-        };
-        if let Value::Str(k) = &key {
-            charge(left, k.len(), path)?;
+    // The first entry that cannot be converted stops the walk; its error is this one.
+    let mut failed = None;
+    let walked = t.for_each::<LuaValue, LuaValue>(|k, v| match entry(&k, &v, depth, path, left, base_len) {
+        Ok(e) => {
+            entries.push(e);
+            Ok(())
         }
-        entries.push((key, from_lua_at(&v, depth + 1, path, left)?));
-        path.truncate(base_len);
+        Err(e) => {
+            failed = Some(e);
+            Err(mlua::Error::runtime("stopped"))
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    walked.map_err(|e| format!("{path}: {e}"))?;
     Ok(Value::Map(entries))
+}
+
+/// One entry of a map: its key and converted value; `path` is the map's, and is left so.
+fn entry(k: &LuaValue, v: &LuaValue, depth: usize, path: &mut String, left: &mut usize, base_len: usize) -> Result<(Value, Value), String> {
+    let key = match k {
+        LuaValue::String(s) => {
+            path.push('.');
+            // Borrowed when the key is UTF-8: no string made per key for a path that is only
+            // read in an error.
+            path.push_str(&String::from_utf8_lossy(&s.as_bytes()));
+            Value::Str(s.as_bytes().to_vec())
+        }
+        LuaValue::Integer(i) => {
+            let _ = write!(path, "[{i}]");
+            Value::Int(*i)
+        }
+        LuaValue::Number(n) => {
+            let _ = write!(path, "[{n}]");
+            Value::Float(*n)
+        }
+        LuaValue::Boolean(b) => {
+            let _ = write!(path, "[{b}]");
+            Value::Bool(*b)
+        }
+        other => return Err(format!("{path}: a table key of type {} cannot be converted", other.type_name())),
+    };
+    if let Value::Str(k) = &key {
+        charge(left, k.len(), path)?;
+    }
+    let value = from_lua_at(v, depth + 1, path, left)?;
+    path.truncate(base_len);
+    Ok((key, value))
 }
 
 /// Converts the value model into Lua. Arrays are marked (see [`ARRAY_MT`]); nil inside an array
@@ -306,6 +326,37 @@ mod tests {
         let t = to_lua(&fresh, &Value::Array(vec![Value::Int(1)])).unwrap();
         let LuaValue::Table(t) = t else { panic!("not a table") };
         assert_eq!(t.metatable().unwrap(), array_metatable(&fresh).unwrap());
+    }
+
+    /// Maps are walked in one protected call per table: an entry that cannot be converted stops
+    /// the walk with its own error and path, a cycle stops at the depth limit, and the deepest
+    /// allowed value converts even from Lua code inside a coroutine (each level's walk is a C
+    /// call that counts towards Lua's limit of nested C calls).
+    #[test]
+    fn maps_are_walked_with_errors_that_name_their_entry() {
+        let lua = Lua::new();
+        let eval = |code: &str| lua.load(code).eval::<LuaValue>().unwrap();
+        let e = from_lua(&eval("return {a = {b = {ok = 1, c = function() end}}}")).unwrap_err();
+        assert_eq!(e, "value.a.b.c: a function cannot be converted to a value");
+        let e = from_lua(&eval("return {x = {[{}] = 1}}")).unwrap_err();
+        assert_eq!(e, "value.x: a table key of type table cannot be converted");
+        let e = from_lua(&eval("local t = {} t.me = t return t")).unwrap_err();
+        assert!(e.contains("nested deeper than 128 levels"), "{e}");
+        let deepest = eval("local t = 1 for i = 1, 128 do t = {k = t} end return t");
+        assert!(from_lua(&deepest).is_ok());
+        let convert = lua.create_function(|_, v: LuaValue| Ok(from_lua(&v).map(|_| true).unwrap_or_else(|e| panic!("{e}")))).unwrap();
+        lua.globals().set("convert", convert).unwrap();
+        let ok: bool = lua
+            .load("local t = 1 for i = 1, 128 do t = {k = t, [i] = i} end return coroutine.wrap(function() return coroutine.wrap(function() return convert(t) end)() end)()")
+            .eval()
+            .unwrap();
+        assert!(ok);
+        let v = from_lua(&eval("return {b = 2, a = {1, 2}, [3] = 'x', [true] = false}")).unwrap();
+        assert_eq!(v.get("a"), Some(&Value::Array(vec![Value::Int(1), Value::Int(2)])));
+        assert_eq!(v.get("b"), Some(&Value::Int(2)));
+        let Value::Map(entries) = &v else { panic!("not a map: {v:?}") };
+        assert_eq!(entries.len(), 4);
+        assert!(entries.contains(&(Value::Int(3), Value::str("x"))) && entries.contains(&(Value::Bool(true), Value::Bool(false))));
     }
 
     #[test]
