@@ -89,17 +89,21 @@ impl Value {
             Value::Map(entries) => {
                 let mut map = serde_json::Map::with_capacity(entries.len());
                 for (k, v) in entries {
-                    let key = match k {
-                        Value::Str(_) => k.as_str().ok_or("a map key that is not UTF-8 cannot be written as JSON")?.to_string(),
-                        Value::Int(i) => i.to_string(),
-                        Value::Float(f) => f.to_string(),
-                        Value::Bool(b) => b.to_string(),
-                        other => return Err(format!("a map key of type {} cannot be written as JSON", other.type_name())),
-                    };
-                    map.insert(key, v.to_json_at(depth + 1)?);
+                    map.insert(k.json_key()?.into_owned(), v.to_json_at(depth + 1)?);
                 }
                 serde_json::Value::Object(map)
             }
+        })
+    }
+
+    /// This value as a JSON object's key: a string as it is, other scalars as their text.
+    fn json_key(&self) -> Result<std::borrow::Cow<'_, str>, String> {
+        Ok(match self {
+            Value::Str(_) => std::borrow::Cow::Borrowed(self.as_str().ok_or("a map key that is not UTF-8 cannot be written as JSON")?),
+            Value::Int(i) => std::borrow::Cow::Owned(i.to_string()),
+            Value::Float(f) => std::borrow::Cow::Owned(f.to_string()),
+            Value::Bool(b) => std::borrow::Cow::Owned(b.to_string()),
+            other => return Err(format!("a map key of type {} cannot be written as JSON", other.type_name())),
         })
     }
 
@@ -139,16 +143,9 @@ impl Value {
                 out.push(b']');
             }
             Value::Map(entries) => {
-                let mut keyed: Vec<(std::borrow::Cow<'_, str>, &Value)> = Vec::with_capacity(entries.len());
+                let mut keyed = Vec::with_capacity(entries.len());
                 for (k, v) in entries {
-                    let key = match k {
-                        Value::Str(_) => std::borrow::Cow::Borrowed(k.as_str().ok_or("a map key that is not UTF-8 cannot be written as JSON")?),
-                        Value::Int(i) => std::borrow::Cow::Owned(i.to_string()),
-                        Value::Float(f) => std::borrow::Cow::Owned(f.to_string()),
-                        Value::Bool(b) => std::borrow::Cow::Owned(b.to_string()),
-                        other => return Err(format!("a map key of type {} cannot be written as JSON", other.type_name())),
-                    };
-                    keyed.push((key, v));
+                    keyed.push((k.json_key()?, v));
                 }
                 // As a B-tree map prints them: sorted by key, the last of equal keys kept (a
                 // stable sort leaves equal keys in their order).
