@@ -43,24 +43,23 @@ pub struct Outage {
     /// This session's outage: its backoff starts again at each new one.
     since: Option<Instant>,
     /// The outage the sessions share, when there are several.
-    shared: Option<Arc<Mutex<Option<Instant>>>>,
+    shared: Option<SharedOutage>,
 }
 
 impl Outage {
     /// An outage shared with the sessions that were given clones of `said`.
     pub fn shared(said: &SharedOutage) -> Outage {
-        Outage { since: None, shared: Some(said.0.clone()) }
+        Outage { since: None, shared: Some(said.clone()) }
     }
 
     /// Ends the outage under way: how long it lasted, or `None` when there was none (or another
     /// session of a shared outage has said its end already).
     pub fn end(&mut self) -> Option<Duration> {
-        let mine = self.since.take();
+        let mine = self.since.take().map(|s| s.elapsed());
         match &self.shared {
-            Some(shared) => shared.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            Some(shared) => shared.end(),
             None => mine,
         }
-        .map(|s| s.elapsed())
     }
 
     /// Records a failure: whether it starts this session's outage, and whether it is to be said
@@ -71,23 +70,36 @@ impl Outage {
             self.since = Some(Instant::now());
         }
         let said = match &self.shared {
-            Some(shared) => {
-                let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
-                let first = s.is_none();
-                if first {
-                    *s = Some(Instant::now());
-                }
-                first
-            }
+            Some(shared) => shared.begin(),
             None => new,
         };
         (new, said)
     }
 }
 
-/// What several sessions of one interface share of an outage (see [`Outage::shared`]).
+/// The outage under way as several sessions of one interface see it (one per worker; see
+/// [`Outage::shared`]): its start, said once when it starts and once when it ends. Clones share
+/// it.
 #[derive(Debug, Default, Clone)]
 pub struct SharedOutage(Arc<Mutex<Option<Instant>>>);
+
+impl SharedOutage {
+    /// Records the start of an outage; true when it is new (to be said).
+    pub fn begin(&self) -> bool {
+        let mut since = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let new = since.is_none();
+        if new {
+            *since = Some(Instant::now());
+        }
+        new
+    }
+
+    /// Ends the outage: how long it lasted, or `None` when none was under way (or its end was
+    /// said already).
+    pub fn end(&self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take().map(|t| t.elapsed())
+    }
+}
 
 /// Runs `session` until the interface's shutdown: `Ok` is a session ended by the shutdown, `Err`
 /// a failure, after which another session starts once the backoff has passed (0.2 s doubling to

@@ -296,7 +296,7 @@ impl Interface for NatsInterface {
     }
 
     fn start(self: Arc<Self>, host: Host) {
-        let outage = Arc::new(session::Outage::default());
+        let outage = session::Outage::default();
         match &self.source {
             // A JetStream consumer is pulled by every worker on a connection of its own, and each
             // message is handled on the worker that pulled it (decision 156): no thread hands

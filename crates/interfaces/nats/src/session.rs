@@ -6,7 +6,7 @@
 //! with backoff; on shutdown stop taking messages, let those in flight settle, flush, close.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{select_all, StreamExt};
@@ -32,34 +32,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// made again).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// The outage now under way, if any: its start, said once when it starts and once when it ends
-/// (shared by the sessions of one interface on every worker).
-#[derive(Default)]
-pub(crate) struct Outage {
-    since: Mutex<Option<Instant>>,
-}
-
-impl Outage {
-    /// Records the start of an outage; true when it is new (to be said).
-    fn begin(&self) -> bool {
-        let mut s = self.since.lock().unwrap_or_else(|p| p.into_inner());
-        if s.is_some() {
-            return false;
-        }
-        *s = Some(Instant::now());
-        true
-    }
-
-    /// Ends the outage, giving its length.
-    fn end(&self) -> Option<Duration> {
-        self.since.lock().unwrap_or_else(|p| p.into_inner()).take().map(|t| t.elapsed())
-    }
-}
+/// The outage now under way, shared by the sessions of one interface on every worker.
+pub(crate) use rustomnic_interface::consumer::SharedOutage as Outage;
 
 /// Runs the interface until its shutdown: sessions one after another, with backoff between
 /// failed ones. `worker` is the worker this runs on (a JetStream consumer's session runs on
 /// each), or None on the interface's own thread.
-pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host, worker: Option<usize>, outage: Arc<Outage>) {
+pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host, worker: Option<usize>, outage: Outage) {
     let counts = message_counts(&iface.spec.cage, &iface.spec.name);
     let mut shutdown = host.shutdown();
     let mut backoff = FIRST_BACKOFF;
@@ -86,7 +65,7 @@ pub(crate) async fn run(iface: Arc<NatsInterface>, host: Host, worker: Option<us
 }
 
 /// Logs the client's own reconnects: one line when the link is lost, one when it is back.
-fn on_event(iface: &Arc<NatsInterface>, outage: &Arc<Outage>) -> client::OnEvent {
+fn on_event(iface: &Arc<NatsInterface>, outage: &Outage) -> client::OnEvent {
     let (cage, name, at) = (iface.spec.cage.clone(), iface.spec.name.clone(), iface.url.display.clone());
     let outage = outage.clone();
     Box::new(move |event: &Event| match event {
@@ -108,7 +87,7 @@ fn on_event(iface: &Arc<NatsInterface>, outage: &Arc<Outage>) -> client::OnEvent
 }
 
 /// One client's life: until the shutdown (Ok) or a failure the client cannot mend (Err).
-async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &Arc<Outage>, worker: Option<usize>) -> Result<(), String> {
+async fn session(iface: &Arc<NatsInterface>, host: &Host, counts: &Arc<MessageCounts>, outage: &Outage, worker: Option<usize>) -> Result<(), String> {
     let name = match worker {
         Some(w) => format!("pmnc {}/{} worker {w}", iface.spec.cage, iface.spec.name),
         None => format!("pmnc {}/{}", iface.spec.cage, iface.spec.name),
