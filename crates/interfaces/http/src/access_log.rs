@@ -318,7 +318,7 @@ fn milliseconds(out: &mut Vec<u8>, elapsed: Duration) {
 }
 
 /// Appends `n` in decimal.
-fn decimal(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {

@@ -874,7 +874,10 @@ fn serialize(response: Response<Body>, version: Version, head_only: bool, keep_a
         Body::Full(b) => {
             let b = b.unwrap_or_default();
             if !bodiless {
-                let _ = write!(out, "content-length: {}\r\n", b.len());
+                // By hand: `write!` through fmt cost ~350 instructions per response.
+                out.extend_from_slice(b"content-length: ");
+                crate::access_log::decimal(&mut out, b.len() as u64);
+                out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(b"\r\n");
             if bodiless || head_only || b.is_empty() {
