@@ -48,6 +48,44 @@ struct Head {
     keep_alive: bool,
     expect_continue: bool,
     websocket: bool,
+    /// Whether the head has a `traceparent` or a `content-type` header: without one, the
+    /// lookups that would find nothing are skipped.
+    traceparent: bool,
+    content_type: bool,
+}
+
+/// Which of the headers the connection itself reads a head carries, noted while the header map
+/// is built: a lookup in the map hashes the name (~100-200 instructions each), and most requests
+/// have none of these but the ones a client always sends.
+#[derive(Default)]
+struct Present {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+    expect: bool,
+    upgrade: bool,
+    traceparent: bool,
+    content_type: bool,
+}
+
+impl Present {
+    fn note(&mut self, name: &HeaderName) {
+        if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == CONTENT_LENGTH {
+            self.content_length = true;
+        } else if name == CONNECTION {
+            self.connection = true;
+        } else if name == EXPECT {
+            self.expect = true;
+        } else if name == hyper::header::UPGRADE {
+            self.upgrade = true;
+        } else if name == hyper::header::CONTENT_TYPE {
+            self.content_type = true;
+        } else if name.as_str() == "traceparent" {
+            self.traceparent = true;
+        }
+    }
 }
 
 /// A request answered without running the handler (malformed, too large, too slow).
@@ -175,17 +213,25 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
     let uri = target.parse::<Uri>().map_err(|_| bad(format!("malformed request target {:?}", truncate(target))))?;
     let version = if req.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
     let mut map = HeaderMap::with_capacity(req.headers.len());
+    let mut present = Present::default();
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad(format!("malformed header name {:?}", truncate(h.name))))?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| bad(format!("header {name} has a value that is not allowed in HTTP")))?;
+        present.note(&name);
         map.append(name, value);
     }
-    let framing = framing(&map, version)?;
+    // Each lookup below is skipped only where it would have found no header.
+    let framing = if present.transfer_encoding || present.content_length { framing(&map, version)? } else { Framing::None };
     let tokens =
         |name: HeaderName, token: &str| map.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))));
-    let keep_alive = if version == Version::HTTP_11 { !tokens(CONNECTION, "close") } else { tokens(CONNECTION, "keep-alive") };
-    let expect_continue = version == Version::HTTP_11 && tokens(EXPECT, "100-continue");
-    let websocket = handler::is_websocket(&method, version, &map);
+    let keep_alive = match (version == Version::HTTP_11, present.connection) {
+        (true, false) => true,
+        (false, false) => false,
+        (true, true) => !tokens(CONNECTION, "close"),
+        (false, true) => tokens(CONNECTION, "keep-alive"),
+    };
+    let expect_continue = version == Version::HTTP_11 && present.expect && tokens(EXPECT, "100-continue");
+    let websocket = present.upgrade && handler::is_websocket(&method, version, &map);
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -193,7 +239,8 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
     *request.headers_mut() = map;
     let (parts, ()) = request.into_parts();
     // A body framed in a way we cannot trust makes the rest of the connection unreadable.
-    Ok(Some((Box::new(Head { parts, framing, keep_alive, expect_continue, websocket }), used)))
+    let (traceparent, content_type) = (present.traceparent, present.content_type);
+    Ok(Some((Box::new(Head { parts, framing, keep_alive, expect_continue, websocket, traceparent, content_type }), used)))
 }
 
 fn truncate(s: &str) -> String {
@@ -355,7 +402,7 @@ async fn exchange(
 async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>) -> Option<Box<(handler::Answer, Req)>> {
     let spec = &iface.spec;
     let s = &iface.settings;
-    let Head { parts, framing, keep_alive, expect_continue, websocket } = *head;
+    let Head { parts, framing, keep_alive, expect_continue, websocket, traceparent, content_type } = *head;
     // TLS: what the handler sees as request.tls (tls.rs).
     let mut parts = parts;
     if let Some(info) = io.stream.tls_info() {
@@ -363,12 +410,13 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     }
     let timeout = if websocket { s.websocket_timeout } else { spec.request_timeout };
     let mut ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
-    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, handler::trace_context(&parts.headers));
+    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, if traceparent { handler::trace_context(&parts.headers) } else { None });
     let id = ctx.id.clone();
     let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(&parts.method, &parts.uri, parts.version, &parts.headers)));
     let span = handler::span_start(&ctx, &parts.method, &parts.uri);
     let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, log, span };
-    let multipart = parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary);
+    let multipart =
+        if content_type { parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary) } else { None };
     let mut uploads = None;
     let body = if framing == Framing::None {
         Bytes::new()
@@ -1263,6 +1311,27 @@ mod tests {
         assert_eq!(status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(400));
         assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap().0.framing, Framing::Length(5));
         assert_eq!(head("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap().unwrap().0.framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn the_headers_noted_while_parsing_are_the_ones_the_lookups_would_find() {
+        // Any case of the name, among other headers, repeated or not.
+        let h = head("POST / HTTP/1.1\r\nX-A: 1\r\nCONTENT-length: 3\r\nTraceParent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nContent-Type: text/plain\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(h.framing, Framing::Length(3));
+        assert!(h.traceparent && h.content_type && h.expect_continue && h.keep_alive && !h.websocket);
+        let h = head("GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap().unwrap().0;
+        assert!(!h.traceparent && !h.content_type && !h.expect_continue && h.keep_alive && !h.websocket);
+        assert_eq!(h.framing, Framing::None);
+        let ws = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert!(head(ws).unwrap().unwrap().0.websocket);
+        assert!(!head(&ws.replace("Upgrade: WebSocket\r\n", "")).unwrap().unwrap().0.websocket);
+        let chunked = head("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n").unwrap().unwrap().0;
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(!head("GET / HTTP/1.1\r\nconnection: close\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\nexpect: 100-continue\r\n\r\n").unwrap().unwrap().0.expect_continue);
     }
 
     #[test]
