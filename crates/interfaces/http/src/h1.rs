@@ -48,10 +48,9 @@ struct Head {
     keep_alive: bool,
     expect_continue: bool,
     websocket: bool,
-    /// Whether the head has a `traceparent` or a `content-type` header: without one, the
-    /// lookups that would find nothing are skipped.
-    traceparent: bool,
-    content_type: bool,
+    /// The headers it carries of those the connection reads: `begin` skips the lookups of
+    /// `traceparent` and `content-type` when they would find nothing.
+    present: Present,
 }
 
 /// Which of the headers the connection itself reads a head carries, noted while the header map
@@ -224,12 +223,8 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
     let framing = if present.transfer_encoding || present.content_length { framing(&map, version)? } else { Framing::None };
     let tokens =
         |name: HeaderName, token: &str| map.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))));
-    let keep_alive = match (version == Version::HTTP_11, present.connection) {
-        (true, false) => true,
-        (false, false) => false,
-        (true, true) => !tokens(CONNECTION, "close"),
-        (false, true) => tokens(CONNECTION, "keep-alive"),
-    };
+    let keep_alive =
+        if version == Version::HTTP_11 { !(present.connection && tokens(CONNECTION, "close")) } else { present.connection && tokens(CONNECTION, "keep-alive") };
     let expect_continue = version == Version::HTTP_11 && present.expect && tokens(EXPECT, "100-continue");
     let websocket = present.upgrade && handler::is_websocket(&method, version, &map);
     let mut request = Request::new(());
@@ -239,8 +234,7 @@ fn parse(buf: &[u8], max_header_size: usize) -> Result<Option<(Box<Head>, usize)
     *request.headers_mut() = map;
     let (parts, ()) = request.into_parts();
     // A body framed in a way we cannot trust makes the rest of the connection unreadable.
-    let (traceparent, content_type) = (present.traceparent, present.content_type);
-    Ok(Some((Box::new(Head { parts, framing, keep_alive, expect_continue, websocket, traceparent, content_type }), used)))
+    Ok(Some((Box::new(Head { parts, framing, keep_alive, expect_continue, websocket, present }), used)))
 }
 
 fn truncate(s: &str) -> String {
@@ -402,7 +396,7 @@ async fn exchange(
 async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>, head: Box<Head>, peer: &Rc<str>) -> Option<Box<(handler::Answer, Req)>> {
     let spec = &iface.spec;
     let s = &iface.settings;
-    let Head { parts, framing, keep_alive, expect_continue, websocket, traceparent, content_type } = *head;
+    let Head { parts, framing, keep_alive, expect_continue, websocket, present } = *head;
     // TLS: what the handler sees as request.tls (tls.rs).
     let mut parts = parts;
     if let Some(info) = io.stream.tls_info() {
@@ -410,13 +404,16 @@ async fn begin(iface: &Arc<HttpInterface>, io: &mut Prefixed, buf: &mut Vec<u8>,
     }
     let timeout = if websocket { s.websocket_timeout } else { spec.request_timeout };
     let mut ctx = RequestCtx::new(&spec.cage, &spec.name, timeout);
-    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, if traceparent { handler::trace_context(&parts.headers) } else { None });
+    ctx.trace = rustomnic_lua::trace::for_request(&spec.cage, if present.traceparent { handler::trace_context(&parts.headers) } else { None });
     let id = ctx.id.clone();
     let log = iface.wants_log().then(|| Box::new(crate::access_log::Entry::new(&parts.method, &parts.uri, parts.version, &parts.headers)));
     let span = handler::span_start(&ctx, &parts.method, &parts.uri);
     let mut req = Req { busy: Busy::new(&io.conn), version: parts.version, head_only: parts.method == Method::HEAD, keep_alive, handover: None, log, span };
-    let multipart =
-        if content_type { parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary) } else { None };
+    let multipart = if present.content_type {
+        parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).and_then(crate::multipart::boundary)
+    } else {
+        None
+    };
     let mut uploads = None;
     let body = if framing == Framing::None {
         Bytes::new()
@@ -1321,9 +1318,9 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(h.framing, Framing::Length(3));
-        assert!(h.traceparent && h.content_type && h.expect_continue && h.keep_alive && !h.websocket);
+        assert!(h.present.traceparent && h.present.content_type && h.expect_continue && h.keep_alive && !h.websocket);
         let h = head("GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap().unwrap().0;
-        assert!(!h.traceparent && !h.content_type && !h.expect_continue && h.keep_alive && !h.websocket);
+        assert!(!h.present.traceparent && !h.present.content_type && !h.expect_continue && h.keep_alive && !h.websocket);
         assert_eq!(h.framing, Framing::None);
         let ws = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
         assert!(head(ws).unwrap().unwrap().0.websocket);
