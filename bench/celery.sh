@@ -4,7 +4,10 @@
 # after the other in one run (bench/celery_bench.py), on Redis and then on RabbitMQ (the
 # machine's, PMNC_BENCH_AMQP_URL). The queue is filled before each worker starts, so the Python
 # producer is not measured. Prints tasks/s of both, the CPU per task of each worker and of the
-# broker, and the ratio (target >= 20x on each, issue 16). Never fails because of a figure.
+# broker, and the ratio (target >= 20x on each, issue 16). On RabbitMQ it also drains the same
+# filled queue with a bare lapin consumer that only acknowledges, 64 messages per `basic.ack`
+# (amqp_bare_consumer): the broker's own ceiling on this machine for any worker that
+# acknowledges after its task. Never fails because of a figure.
 #
 #   bench/celery.sh                 20,000 no-op tasks each, on each broker
 #   BROKERS=amqp bench/celery.sh    one broker
@@ -18,7 +21,10 @@ if ! command -v redis-server >/dev/null 2>&1 || ! python3 -c "import celery, red
     exit 0
 fi
 build
+echo "== cargo build --release -p rustomnic-amqp --example amqp_bare_consumer"
+(cd "$ROOT" && cargo build --release -p rustomnic-amqp --example amqp_bare_consumer) || { echo "build failed"; exit 1; }
+BARE="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/amqp_bare_consumer"
 for broker in ${BROKERS:-redis amqp}; do
-    python3 "$ROOT/bench/celery_bench.py" --work "$WORK/celery-$broker" --pmnc "$PMNC" --calls "${CALLS:-20000}" --workers "${WORKERS:-2}" --broker "$broker"
+    python3 "$ROOT/bench/celery_bench.py" --work "$WORK/celery-$broker" --pmnc "$PMNC" --calls "${CALLS:-20000}" --workers "${WORKERS:-2}" --broker "$broker" --bare "$BARE"
 done
 exit 0

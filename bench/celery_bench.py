@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--no-celery", action="store_true", help="only the pmnc run (comparing builds)")
     ap.add_argument("--broker", choices=["redis", "amqp"], default="redis")
     ap.add_argument("--amqp-url", default=os.environ.get("PMNC_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+    ap.add_argument("--bare", help="with --broker amqp: the amqp_bare_consumer example, run on the same filled queue as the "
+                                   "ceiling of any worker that acknowledges after its task (no task run, no result stored)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     port = free_port()
@@ -191,9 +193,30 @@ def main():
             rates[name] = rate
             print(f"{name}: {a.calls} results stored, first to last {last - first:.3f}s = {rate:.0f} tasks/s; CPU per task: worker "
                   f"{worker_cpu * 1e6 / a.calls:.0f} us, {a.broker} broker {broker_cpu * 1e6 / a.calls:.0f} us", flush=True)
+        if a.bare and a.broker == "amqp":
+            # The broker's own ceiling: a consumer that takes each task message and does nothing
+            # else, on one connection with a per-consumer prefetch, acknowledging every 64th
+            # with `multiple` (the least work RabbitMQ can be asked for per message). No worker
+            # that acknowledges after its task drains faster than this.
+            purge(broker, queue)
+            took = fill(broker, backend, a.calls, queue)
+            print(f"== bare consumer on amqp: {a.calls} tasks queued in {took:.1f}s", flush=True)
+            before = cpu_seconds(broker_pids)
+            out = subprocess.run([a.bare, "consume", broker, queue, str(a.calls), str(min(4 * a.concurrency, 65535)), "64"],
+                                 capture_output=True, text=True, timeout=600)
+            broker_cpu = cpu_seconds(broker_pids) - before
+            print(out.stdout.strip() or out.stderr.strip(), flush=True)
+            try:
+                rates["bare"] = float(out.stdout.split(":")[-1].split()[0])
+                print(f"bare consumer: {rates['bare']:.0f} tasks/s; CPU per task: {a.broker} broker {broker_cpu * 1e6 / a.calls:.0f} us "
+                      f"(from the consumer's start, its connecting included)", flush=True)
+            except (ValueError, IndexError):
+                print("bare consumer: no rate printed")
         if "pmnc" in rates and "celery" in rates:
             ratio = rates["pmnc"] / rates["celery"]
             print(f"ratio pmnc/celery on {a.broker}: {ratio:.1f}x (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}")
+        if "bare" in rates and "celery" in rates:
+            print(f"ceiling bare/celery on {a.broker}: {rates['bare'] / rates['celery']:.1f}x; pmnc/bare: {rates.get('pmnc', 0) / rates['bare']:.2f}")
         return 0
     finally:
         if a.broker == "amqp":

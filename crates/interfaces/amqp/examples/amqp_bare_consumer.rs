@@ -4,7 +4,8 @@
 //!
 //! `amqp_bare_consumer publish URL QUEUE COUNT [BYTES]`: declares QUEUE durable, publishes COUNT
 //! persistent messages of BYTES (default 100) with confirms.
-//! `amqp_bare_consumer consume URL QUEUE COUNT PREFETCH`: consumes COUNT messages, acking each, and
+//! `amqp_bare_consumer consume URL QUEUE COUNT PREFETCH [RUN]`: consumes COUNT messages, acking each
+//! (or, with RUN > 1, every RUN-th with `multiple`, the least work a broker can be asked for), and
 //! prints `consumed COUNT in SECONDS s: RATE msg/s` (timed from the first delivery).
 //! `amqp_bare_consumer delete URL QUEUE 0`: deletes QUEUE.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -20,7 +21,7 @@ use rustomnic_resource_amqp::lapin::BasicProperties;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: amqp_bare_consumer publish URL QUEUE COUNT [BYTES] | consume URL QUEUE COUNT PREFETCH";
+    let usage = "usage: amqp_bare_consumer publish URL QUEUE COUNT [BYTES] | consume URL QUEUE COUNT PREFETCH [RUN]";
     if args.len() < 5 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -55,7 +56,8 @@ fn main() {
             }
             "consume" => {
                 let prefetch = args.get(5).map(|p| p.parse::<u16>().expect("PREFETCH")).unwrap_or(16);
-                channel.basic_qos(prefetch, BasicQosOptions::default()).await.unwrap();
+                let run = args.get(6).map(|r| r.parse::<usize>().expect("RUN")).unwrap_or(1).max(1);
+                channel.basic_qos(prefetch, BasicQosOptions { global: std::env::var_os("BARE_GLOBAL").is_some() }).await.unwrap();
                 let mut consumer = channel
                     .basic_consume(ShortString::from(queue), ShortString::from("bare"), BasicConsumeOptions::default(), FieldTable::default())
                     .await
@@ -65,8 +67,12 @@ fn main() {
                 while let Some(d) = consumer.next().await {
                     let d = d.expect("delivery");
                     started.get_or_insert_with(Instant::now);
-                    d.acker.ack(BasicAckOptions::default()).await.expect("ack");
                     n += 1;
+                    if run == 1 {
+                        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                    } else if n % run == 0 || n == count {
+                        d.acker.ack(BasicAckOptions { multiple: true }).await.expect("ack");
+                    }
                     if n == count {
                         break;
                     }
