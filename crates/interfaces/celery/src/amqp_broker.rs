@@ -446,7 +446,7 @@ async fn take(shared: &Shared, taken: Taken) {
     let p = &d.properties;
     let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
     let headers = match p.headers() {
-        Some(t) => amqp::table_json(t, 0),
+        Some(t) => amqp::table_json_only(t, message::TASK_HEADERS),
         None => Ok(Map::new()),
     };
     let Ok(headers) = headers else {

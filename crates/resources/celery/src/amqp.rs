@@ -34,6 +34,19 @@ pub fn table_json(t: &FieldTable, depth: usize) -> Result<Map<String, Json>, Str
     Ok(out)
 }
 
+/// Only the headers named in `keys` of a field table, as JSON: what a consumer converts of each
+/// message when it reads only a few of its headers (the rest, `argsrepr` and the like, stay
+/// as the broker gave them).
+pub fn table_json_only(t: &FieldTable, keys: &[&str]) -> Result<Map<String, Json>, String> {
+    let mut out = Map::new();
+    for key in keys {
+        if let Some(v) = t.inner().get(*key) {
+            out.insert((*key).to_string(), value_json(v, 1)?);
+        }
+    }
+    Ok(out)
+}
+
 fn value_json(v: &AMQPValue, depth: usize) -> Result<Json, String> {
     let float = |f: f64| Number::from_f64(f).map(Json::Number).unwrap_or(Json::Null);
     Ok(match v {
