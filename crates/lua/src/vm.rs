@@ -356,7 +356,15 @@ impl CageVm {
     }
 
     /// Like [`start`](Self::start) with a function value (a test, a callback).
-    pub fn start_function(&self, ctx: RequestCtx, f: Function, build: impl FnOnce(&Lua) -> mlua::Result<MultiValue>) -> Result<RequestFuture, RunError> {
+    ///
+    /// `build` may make its arguments as a tuple (`(request, response)`): a tuple is pushed onto
+    /// the coroutine's stack as it is, where a `MultiValue` is a list allocated first.
+    pub fn start_function<A: mlua::IntoLuaMulti>(
+        &self,
+        ctx: RequestCtx,
+        f: Function,
+        build: impl FnOnce(&Lua) -> mlua::Result<A>,
+    ) -> Result<RequestFuture, RunError> {
         let internal = |e: mlua::Error| RunError::Internal(e.to_string());
         let args = build(&self.lua).map_err(internal)?;
         // The runner takes the handler, then its arguments: pushed onto the stack one after

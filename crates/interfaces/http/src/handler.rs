@@ -246,7 +246,7 @@ pub(crate) fn start(
         if let Some(info) = parts.extensions.get::<Arc<crate::tls::TlsInfo>>() {
             request.raw_set("tls", crate::tls::lua_table(lua, info).map_err(internal)?).map_err(internal)?;
         }
-        let fut = vm.start_function(ctx, handler, |_| Ok(MultiValue::from_iter([LuaValue::Table(request), LuaValue::Table(response.clone())])))?;
+        let fut = vm.start_function(ctx, handler, |_| Ok((request, response.clone())))?;
         Ok((fut, response))
     });
     (Ok((started, slot)), counts)
