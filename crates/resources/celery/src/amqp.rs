@@ -314,6 +314,27 @@ mod tests {
     }
 
     #[test]
+    fn only_the_named_headers_are_converted_and_a_deep_one_among_them_is_refused() {
+        let h = json!({"task": "tasks.add", "id": "x", "retries": 2, "argsrepr": "(1,)", "stamps": {"a": true}});
+        let Json::Object(m) = h else { panic!() };
+        let mut t = headers_table(&m).unwrap();
+        let only = table_json_only(&t, &["task", "retries", "eta"]).unwrap();
+        assert_eq!(Json::Object(only), json!({"task": "tasks.add", "retries": 2}));
+        // A header nested past MAX_DEPTH (as a broker may deliver it) is refused when it is read,
+        // named in the error, and left alone when it is not.
+        let mut deep = AMQPValue::LongLongInt(1);
+        for _ in 0..(MAX_DEPTH + 2) {
+            let mut a = FieldArray::default();
+            a.push(deep);
+            deep = AMQPValue::FieldArray(a);
+        }
+        t.insert(ShortString::from("deep"), deep);
+        assert!(table_json_only(&t, &["task", "id"]).is_ok());
+        assert!(table_json_only(&t, &["task", "deep"]).unwrap_err().contains("nested deeper"));
+        assert!(table_json(&t, 0).is_err());
+    }
+
+    #[test]
     fn replies_keep_the_latest_state_until_ready() {
         let r = Replies::default();
         r.record("a", json!({"status": "STARTED"}));
