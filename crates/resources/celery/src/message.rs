@@ -273,6 +273,10 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|t| t.and_utc())
 }
 
+/// How Celery writes `date_done`, as a chrono pattern: [`format_time`]'s fallback, and what its
+/// digit-by-digit writing is checked against.
+const DATE_DONE: &str = "%Y-%m-%dT%H:%M:%S%.6f+00:00";
+
 /// A time as Celery writes `date_done` (`2026-11-22T03:07:55.583864+00:00`). Written digit by
 /// digit: every result document has one, and chrono's formatter (which parses its pattern each
 /// time) was a sixth of the result document's cost; a year outside 0..=9999 or a leap second
@@ -281,7 +285,7 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     use chrono::{Datelike, Timelike};
     let (year, nanos) = (t.year(), t.nanosecond());
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        return t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string();
+        return t.format(DATE_DONE).to_string();
     }
     let mut out = [0u8; 32];
     let mut put = |at: usize, value: u32, digits: usize| {
@@ -699,7 +703,7 @@ mod tests {
         let mut at = parse_time("0001-01-01T00:00:00Z").unwrap();
         let step = chrono::Duration::seconds(7_777_777) + chrono::Duration::nanoseconds(123_456_789);
         for _ in 0..5000 {
-            assert_eq!(format_time(at), at.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string());
+            assert_eq!(format_time(at), at.format(DATE_DONE).to_string());
             at += step;
         }
         assert_eq!(format_time(parse_time("2026-01-02T03:04:05Z").unwrap()), "2026-01-02T03:04:05.000000+00:00");
