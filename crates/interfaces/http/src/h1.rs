@@ -151,6 +151,7 @@ impl Waits {
     fn new(shutdown: &Shutdown) -> Waits {
         let mut watch = shutdown.clone();
         Waits {
+            // A placeholder deadline: read_head sets the real one before it first waits.
             timer: Box::pin(tokio::time::sleep_until(Instant::now() + Duration::from_secs(3600))),
             stopping: Box::pin(async move {
                 let _ = watch.wait_for(|stopping| *stopping).await;
