@@ -113,20 +113,18 @@ local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (we
 -- hook at any instruction), and a mark would be consumed by that first suspension, leaving the
 -- second yield looking like the module's own.
 local PASS_UP = setmetatable({}, { __name = "pmnc.pass_up" })
-local co_enter, co_leave = rust.co_enter, rust.co_leave
+-- chained(f, co, ...): f(co, ...) (coroutine.resume or close) with `co` among the coroutines the
+-- watchdog's signal arms while the call runs; one C call, so no slice can end in between.
+local chained = rust.chained
 local user_coroutines = c_setmetatable({}, { __mode = "k" })
 
 local function resume_through(co, ...)
   hook_yields[co] = nil
-  local depth = co_enter(co)
-  local r = pack(co_resume(co, ...))
-  co_leave(depth)
+  local r = pack(chained(co_resume, co, ...))
   while r[1] and ((r.n == 1 and hook_yields[co]) or (r.n == 2 and r[2] == PASS_UP)) do
     hook_yields[co] = nil
     if isyieldable() then co_yield(PASS_UP) end
-    depth = co_enter(co)
-    r = pack(co_resume(co))
-    co_leave(depth)
+    r = pack(chained(co_resume, co))
   end
   if not r[1] and stopping() then error(r[2], 0) end
   return r
@@ -164,7 +162,7 @@ coroutine_lib.wrap = function(f)
     if r[1] then return unpack(r, 2, r.n) end
     local e = r[2]
     if co_status(co) == "dead" then
-      local closed, close_error = co_close(co)
+      local closed, close_error = chained(co_close, co)
       if not closed then e = close_error end
     end
     if type(e) == "string" and e ~= "not enough memory" then error(e, 2) end
@@ -173,9 +171,9 @@ coroutine_lib.wrap = function(f)
 end
 coroutine_lib.close = function(co)
   module_coroutine(co, "close", "closed")
-  local depth = co_enter(co)
-  local r = pack(co_close(co))
-  co_leave(depth)
+  -- Closing a running or normal coroutine is an error, raised without chaining.
+  local status = co_status(co)
+  local r = (status == "suspended" or status == "dead") and pack(chained(co_close, co)) or pack(co_close(co))
   if not r[1] and stopping() then error(r[2], 0) end
   return unpack(r, 1, r.n)
 end

@@ -163,9 +163,6 @@ pub(crate) struct VmShared {
     /// The coroutine of the request that has just started, set by the prelude's `run` so the
     /// request's future learns it (the watchdog's signal needs it).
     pub started: Cell<*mut mlua::ffi::lua_State>,
-    /// Coroutines of module code resumed inside the running request, innermost last, each with
-    /// the Lua thread that ran before it; holding them keeps them alive for the watchdog.
-    pub nested: RefCell<Vec<(mlua::Thread, *mut mlua::ffi::lua_State)>>,
     /// Bytes in use after the last full collection; a request that leaves far more behind
     /// triggers another.
     pub collected_at: Cell<usize>,
@@ -197,9 +194,10 @@ impl std::fmt::Debug for VmShared {
 ///
 /// mlua's memory limit is off while the code is far from its limits: with a limit on, mlua wraps
 /// every value it makes from Rust in a protected call (measured: a quarter more instructions per
-/// hello-world request). The hook, which runs at least every 4000 instructions or 2 ms (the
-/// watchdog), turns the limit on once the code comes within [`BUDGET_MARGIN`] of either limit;
-/// from then on the allocation that crosses it fails as "not enough memory".
+/// hello-world request). The hook, which the watchdog arms once a slice has run about a
+/// millisecond and which then runs every 4000 instructions, turns the limit on once the code
+/// comes within [`BUDGET_MARGIN`] of either limit; from then on the allocation that crosses it
+/// fails as "not enough memory".
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Budget {
     /// Bytes in use when the code started running.
@@ -426,9 +424,14 @@ impl Drop for RequestFuture {
                 let previous_closing = shared.closing.replace(true);
                 let previous_stopping = shared.stopping.replace(true);
                 let section = crate::watchdog::enter(self.state, Instant::now());
+                if !self.state.is_null() {
+                    // The hook is off while code runs briefly; here it must come (the handlers'
+                    // first HOOK_EVERY instructions may finish their work).
+                    // SAFETY: the request's coroutine, suspended, on this thread.
+                    unsafe { crate::watchdog::arm(self.state, crate::vm::HOOK_EVERY) };
+                }
                 drop(inner);
                 drop(section);
-                shared.nested.borrow_mut().clear();
                 shared.stopping.set(previous_stopping);
                 shared.closing.set(previous_closing);
                 *shared.current.borrow_mut() = previous;
@@ -553,9 +556,6 @@ impl RequestFuture {
         }
         if let (Some(lua), Some(previous)) = (&lua, previous_budget) {
             self.grown += self.shared.end_budget(lua, previous);
-        }
-        if !self.shared.nested.borrow().is_empty() {
-            self.shared.nested.borrow_mut().clear();
         }
         let woken = gate.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
         let wake_at = self.shared.wake_at.replace(previous_wake);

@@ -14,10 +14,11 @@ use crate::module::CompiledModule;
 use crate::request::{error_text, RequestCtx, RequestFuture, RunError, VmShared};
 use crate::strings::Running;
 
-/// Instructions between two hook calls. The hook reads the clock, so this bounds both the
-/// overhead (one clock read per this many instructions) and how late a slice or deadline is seen
-/// in ordinary code; the watchdog (watchdog.rs) catches code whose instructions are slow.
-const HOOK_EVERY: i32 = 4000;
+/// Instructions between two hook calls once the watchdog has armed a coroutine's hook (its code
+/// ran past the watchdog's first look). The hook reads the clock, so this bounds both the
+/// overhead (one clock read per this many instructions) and how late the slice's end or the
+/// deadline is seen; the watchdog signals again for code whose instructions are slow.
+pub(crate) const HOOK_EVERY: i32 = 4000;
 /// How long a module's top-level code may run when it is loaded: every worker runs it too, and
 /// nothing can yield meanwhile.
 pub const LOAD_TIMEOUT: Duration = Duration::from_millis(500);
@@ -105,7 +106,6 @@ impl CageVm {
             stopping: Cell::new(false),
             closing: Cell::new(false),
             started: Cell::new(std::ptr::null_mut()),
-            nested: Default::default(),
             collected_at: Cell::new(0),
             budget: Cell::new(Default::default()),
             loading: Default::default(),
@@ -118,7 +118,6 @@ impl CageVm {
         lua.gc_set_mode(mlua::state::GcMode::Generational(mlua::state::GcGenParams::default()));
         lua.set_app_data(shared.clone());
         install_hook(&lua, shared.clone())?;
-        crate::watchdog::calibrate(&lua);
         let modules = lua.create_table()?;
         let rust = crate::api::register(&lua, cage)?;
         let (_pmnc, run, _resolve, failure_mt, new_env): (Table, Function, Function, Table, Function) =
@@ -451,17 +450,37 @@ fn public_functions(t: &Table) -> Vec<String> {
     names
 }
 
-/// The hook behind preemption and deadlines, called every [`HOOK_EVERY`] instructions in every
-/// coroutine of the VM, and at the next instruction after the watchdog's signal or a library
-/// call that asked for a yield armed it.
+/// The hook behind preemption and deadlines. No thread runs it until the watchdog's signal (or a
+/// stop of the request) arms it on the coroutine running Lua (watchdog.rs); from then it runs
+/// every [`HOOK_EVERY`] instructions of that coroutine until the slice ends, where it takes
+/// itself off and yields.
 fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
-    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY as u32), move |lua, debug| {
+    let callback = move |lua: &Lua, debug: &mlua::debug::Debug| {
         let state = lua.exec_raw_lua(|raw| raw.state());
+        if !crate::watchdog::armed_here() {
+            // Armed in an earlier section of this coroutine, which then waited for a Rust call:
+            // a fresh slice runs unhooked.
+            // SAFETY: `state` is the thread running this hook.
+            unsafe { crate::watchdog::disarm(state) };
+            return Ok(VmState::Continue);
+        }
+        // Keeps the hook coming back every HOOK_EVERY instructions while this slice lasts.
+        // SAFETY: `state` is the thread running this hook.
+        let keep = || unsafe {
+            if ffi::lua_gethookcount(state) != HOOK_EVERY {
+                crate::watchdog::arm(state, HOOK_EVERY);
+            }
+        };
         shared.check_budget(lua);
         let now = Instant::now();
         match shared.check_running(now) {
-            Running::Go => Ok(VmState::Continue),
+            Running::Go => {
+                keep();
+                Ok(VmState::Continue)
+            }
             Running::Stop(m) => {
+                // Every later hook call raises it again (to-be-closed handlers, pcall in a loop).
+                keep();
                 shared.stopping.set(true);
                 Err(mlua::Error::runtime(m))
             }
@@ -474,7 +493,7 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
                         // while nothing listens for it, and the request would never be polled
                         // again. Try again at the next instruction, which is soon outside.
                         // SAFETY: as above.
-                        unsafe { crate::watchdog::arm(state) };
+                        unsafe { crate::watchdog::arm(state, 1) };
                         return Ok(VmState::Continue);
                     }
                     // In a coroutine that module code created, the yield reaches the prelude's
@@ -482,8 +501,13 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
                     if let Ok(marks) = lua.named_registry_value::<Table>(HOOK_YIELDS) {
                         let _ = marks.raw_set(lua.current_thread(), true);
                     }
+                    // Off before the yield, so the next slice starts unhooked (mlua then tells
+                    // this yield from a coroutine's own by its frames).
+                    // SAFETY: as above.
+                    unsafe { crate::watchdog::disarm(state) };
                     return Ok(VmState::Yield);
                 }
+                keep();
                 // Here nothing can yield (Lua called by C code): stop at the deadline, and stop
                 // code that keeps the worker from its other tasks for too long.
                 if past_deadline {
@@ -496,7 +520,15 @@ fn install_hook(lua: &Lua, shared: Rc<VmShared>) -> mlua::Result<()> {
                 Ok(VmState::Continue)
             }
         }
-    })
+    };
+    // mlua's C hook function is one for all VMs and not public: installed once with a count
+    // trigger, read back for the watchdog, then replaced by no trigger at all, so no thread
+    // (the main one, or any mlua makes later) runs a hook until armed.
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY as u32), callback.clone())?;
+    let main = lua.exec_raw_lua(|raw| raw.state());
+    // SAFETY: reads the hook of the VM's main thread, which is not running.
+    crate::watchdog::set_hook_function(unsafe { ffi::lua_gethook(main) });
+    lua.set_global_hook(HookTriggers::new(), callback)
 }
 
 /// Is the hook running in mlua's Lua wrapper of an async Rust function?

@@ -1,29 +1,33 @@
-//! Time-based preemption. The instruction hook counts VM instructions, and a few instructions
-//! can each take milliseconds (comparing or joining strings of many megabytes): counting alone
-//! would let such a loop hold its worker for seconds. Every thread that runs Lua marks when it
-//! entered Lua; a watchdog thread that sees one stay in Lua past its time slice sends that thread
-//! a signal, whose handler makes the running coroutine's hook fire at its very next instruction.
+//! Time-based preemption. No Lua thread runs a hook while it is fresh: a count hook traps every VM
+//! instruction of every frame (Lua 5.4 calls `luaG_traceexec` before each one while a count hook
+//! is set), which made Lua code 1.4x slower for a check that matters only to code that runs long.
+//! Instead, every thread that runs Lua marks when it entered Lua; a watchdog thread that sees one
+//! stay in Lua past [`SIGNAL_AFTER`] sends it a signal, whose handler sets a count hook of 1 on the
+//! coroutines that may be running there: the request's and those of module code it resumed
+//! (`lua_sethook`, which Lua allows in a signal handler: the standalone `lua` interpreter stops
+//! a script on Ctrl-C this way). All of them, not just the one thought to run: a slice can end
+//! between the prelude noting a resume and making it, and a hook on the wrong one would let the
+//! right one loop unhooked. From then until its slice ends, that
+//! coroutine's hook runs every [`crate::vm`]'s `HOOK_EVERY` instructions, checks the slice and the
+//! deadline, and takes the hook off again when it yields (docs/decisions/164).
 //!
-//! The handler does not call `lua_sethook` (Lua calls it signal-safe, but it walks the list of
-//! call frames, and a signal that lands while a frame is being pushed makes it write into a C
-//! frame: that was seen here to lose wake-ups). Since every VM runs a count hook, every Lua frame
-//! already traps on each instruction and counts down `hookcount`; the handler only sets that
-//! counter to 1, one aligned int store on the interrupted thread itself. The counter's place in
-//! `lua_State` is not public, so it is found once per process by setting a distinctive count on
-//! a fresh thread and looking for it (see [`calibrate`]); if that fails, arming is off and the
-//! count hook alone slices.
+//! A signal that lands while Lua pushes a call frame or clears a frame's trap can leave the new
+//! hook unnoticed by the running frame (the frame's `trap` written back as 0 after the handler set
+//! it); the watchdog signals a thread again every [`TICK`] while it stays in Lua, so such a miss
+//! costs one tick. Arming from the signal handler writes only the interrupted thread's own
+//! `lua_State` and two thread-local cells.
 //!
 //! The watchdog also reports a thread that stays in one Lua section for a second or more: that
 //! is a long C call (a built-in over a huge input) that no hook can interrupt.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mlua::ffi;
 
-/// A thread in Lua this long past its entry is signalled (the hook normally yields at 1 ms).
+/// A thread in Lua this long past its entry is signalled (its slice ends at 1 ms).
 const SIGNAL_AFTER: Duration = Duration::from_micros(50);
 /// How often the watchdog looks while some thread has been in Lua past [`SIGNAL_AFTER`]: it
 /// signals that thread again at each look until the hook has ended its slice.
@@ -33,7 +37,9 @@ const TICK: Duration = Duration::from_micros(100);
 /// tenth of its CPU in wake-ups (10,000 a second) to catch what a look per millisecond (the
 /// length of a time slice) catches as well, one slice later at worst.
 const BUSY_TICK: Duration = Duration::from_millis(1);
-/// How often it looks when every thread has been idle for a while.
+/// How often it looks when every thread has been idle for a while. A thread that enters Lua
+/// while the watchdog waits this long wakes it (see [`enter`]), so the first slice after a quiet
+/// spell is not 20 ms long.
 const IDLE_TICK: Duration = Duration::from_millis(20);
 /// A thread in one Lua section this long is reported in the log.
 const REPORT_AFTER: Duration = Duration::from_secs(1);
@@ -61,11 +67,39 @@ static SLOTS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
 
 thread_local! {
     static SLOT: std::cell::OnceCell<Registration> = const { std::cell::OnceCell::new() };
-    /// The coroutine running Lua on this thread, read by the signal handler (a plain
-    /// thread-local cell with a constant initialiser: no lazy set-up, safe in a handler).
-    static RUNNING: Cell<*mut ffi::lua_State> = const { Cell::new(std::ptr::null_mut()) };
+    /// The coroutines that may be running Lua on this thread: each section's own (a request's
+    /// coroutine) and the coroutines of module code it resumed, outermost first. The signal
+    /// handler arms them all, so it reaches the one running whatever the bookkeeping missed
+    /// (plain thread-local cells with constant initialisers: no lazy set-up, safe in a handler).
+    static CHAIN: [Cell<*mut ffi::lua_State>; CHAIN_MAX] = const { [const { Cell::new(std::ptr::null_mut()) }; CHAIN_MAX] };
+    static CHAIN_LEN: Cell<usize> = const { Cell::new(0) };
     /// Nesting of Lua sections on this thread (Lua calling Rust calling Lua).
     static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Counts this thread's outermost Lua sections; [`ARMED_IN`] holds its value when a hook was
+    /// last armed here, so the hook can tell an arming of this section from one left over on a
+    /// coroutine that waited in an earlier section.
+    static SECTION: Cell<u64> = const { Cell::new(0) };
+    static ARMED_IN: Cell<u64> = const { Cell::new(u64::MAX) };
+}
+
+/// Coroutines kept in [`CHAIN`]: more than Lua's own limit of nested C calls (200), which each
+/// resume counts towards.
+const CHAIN_MAX: usize = 256;
+
+/// Whether the watchdog waits [`IDLE_TICK`] (and must be woken when a thread enters Lua).
+static WATCHDOG_IDLE: AtomicBool = AtomicBool::new(false);
+static WATCHDOG: OnceLock<std::thread::Thread> = OnceLock::new();
+/// Times a thread entering Lua woke the idle watchdog (read by tests).
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the watchdog waits its long idle tick now.
+pub fn idle() -> bool {
+    WATCHDOG_IDLE.load(Ordering::SeqCst)
+}
+
+/// How many times a thread entering Lua has woken the idle watchdog.
+pub fn wakeups() -> u64 {
+    WAKEUPS.load(Ordering::Relaxed)
 }
 
 /// A thread's slot in [`SLOTS`], given up when the thread ends (so no signal is ever sent to a
@@ -103,7 +137,7 @@ fn with_slot<R>(f: impl FnOnce(&Slot) -> R) -> R {
 
 /// While alive, this thread counts as running Lua in `state` (see the module docs).
 pub struct Section {
-    previous: *mut ffi::lua_State,
+    chain: usize,
     outermost: bool,
 }
 
@@ -115,18 +149,27 @@ pub fn enter(state: *mut ffi::lua_State, now: Instant) -> Section {
         v
     });
     if depth == 0 {
+        SECTION.with(|s| s.set(s.get().wrapping_add(1)));
         with_slot(|slot| {
-            slot.since.store(nanos(now), Ordering::Relaxed);
+            // SeqCst with the watchdog's store of WATCHDOG_IDLE and its reads of `since`: either
+            // it sees this section before it waits long, or this thread sees it idle and wakes it.
+            slot.since.store(nanos(now), Ordering::SeqCst);
             slot.reported.store(false, Ordering::Relaxed);
         });
+        if WATCHDOG_IDLE.load(Ordering::SeqCst) && WATCHDOG_IDLE.swap(false, Ordering::SeqCst) {
+            WAKEUPS.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = WATCHDOG.get() {
+                t.unpark();
+            }
+        }
     }
-    let previous = RUNNING.with(|r| r.replace(state));
-    Section { previous, outermost: depth == 0 }
+    let chain = push(state);
+    Section { chain, outermost: depth == 0 }
 }
 
 impl Drop for Section {
     fn drop(&mut self) {
-        RUNNING.with(|r| r.set(self.previous));
+        truncate(self.chain);
         DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
         if self.outermost {
             with_slot(|slot| slot.since.store(0, Ordering::Relaxed));
@@ -134,96 +177,93 @@ impl Drop for Section {
     }
 }
 
-/// The coroutine now running Lua on this thread changes to `state` (module code resumed one of
-/// its own coroutines); returns the one before, to be given back to [`switch`] afterwards.
-pub fn switch(state: *mut ffi::lua_State) -> *mut ffi::lua_State {
-    RUNNING.with(|r| r.replace(state))
+/// Adds `state` (a coroutine this thread is about to run Lua in) to the ones the signal arms;
+/// returns how many there were before, for [`truncate`]. A null `state` adds nothing.
+pub fn push(state: *mut ffi::lua_State) -> usize {
+    let len = CHAIN_LEN.with(|l| l.get());
+    if state.is_null() || len >= CHAIN_MAX {
+        return len;
+    }
+    CHAIN.with(|c| c[len].set(state));
+    CHAIN_LEN.with(|l| l.set(len + 1));
+    len
 }
 
-/// Byte offset of `hookcount` in `lua_State`: 0 while unknown, `usize::MAX` if not found.
-static HOOKCOUNT_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// How far into a `lua_State` the search looks (the struct is about 200 bytes on 64-bit).
-const SEARCH_BYTES: usize = 240;
+/// Forgets the coroutines added after the first `len`.
+pub fn truncate(len: usize) {
+    CHAIN_LEN.with(|l| {
+        if len < l.get() {
+            l.set(len)
+        }
+    });
+}
 
-/// Finds where `lua_State` keeps `hookcount`, on a fresh thread of `lua` that has never run.
-pub fn calibrate(lua: &mlua::Lua) {
-    if HOOKCOUNT_AT.load(Ordering::Relaxed) != 0 {
-        return;
-    }
-    let found = (|| {
-        let f = lua.create_function(|_, ()| Ok(())).ok()?;
-        let thread = lua.create_thread(f).ok()?;
-        let state = thread.state();
-        // SAFETY: the thread is new and never runs while we look; lua_sethook on a thread that is
-        // not running walks only its base frame. Reads stay within the struct: they stop at the
-        // first match, which lies inside it.
-        unsafe {
-            let hook = ffi::lua_gethook(state);
-            let mask = ffi::lua_gethookmask(state);
-            let count = ffi::lua_gethookcount(state);
-            let probe = |value: i32| -> Option<usize> {
-                ffi::lua_sethook(state, hook.or(Some(noop_hook)), ffi::LUA_MASKCOUNT, value);
-                let base = state as *const u8;
-                (0..SEARCH_BYTES / 4).map(|i| i * 4).find(|&at| {
-                    let a = std::ptr::read_unaligned(base.add(at) as *const i32);
-                    let b = std::ptr::read_unaligned(base.add(at + 4) as *const i32);
-                    a == value && b == value
-                })
-            };
-            let first = probe(0x5EED_1234);
-            let second = probe(0x2BAD_C0DE);
-            ffi::lua_sethook(state, hook, mask, count);
-            // basehookcount, then hookcount right after it.
-            match (first, second) {
-                (Some(a), Some(b)) if a == b => Some(a + 4),
-                _ => None,
-            }
-        }
-    })();
-    match found {
-        Some(at) => HOOKCOUNT_AT.store(at, Ordering::Relaxed),
-        None => {
-            HOOKCOUNT_AT.store(usize::MAX, Ordering::Relaxed);
-            tracing::warn!("cannot find the hook counter in this Lua build; slow single instructions are sliced by the count hook only");
-        }
+/// mlua's C hook function (the same for every VM): what [`arm`] installs. Null until the first
+/// VM is made.
+static HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Notes mlua's C hook function, read back from a thread where mlua installed it.
+pub fn set_hook_function(hook: Option<ffi::lua_Hook>) {
+    if let Some(f) = hook {
+        HOOK.store(f as *mut (), Ordering::Relaxed);
     }
 }
 
-unsafe extern "C-unwind" fn noop_hook(_: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {}
-
-/// Whether [`arm`] works in this build (the hook counter was found).
+/// Whether [`arm`] works (the first VM has been made).
 pub fn can_arm() -> bool {
-    !matches!(HOOKCOUNT_AT.load(Ordering::Relaxed), 0 | usize::MAX)
+    !HOOK.load(Ordering::Relaxed).is_null()
 }
 
-/// Makes the count hook of `state` fire at its next instruction.
+/// Sets `state`'s count hook to run after `count` instructions, as armed in this thread's current
+/// Lua section.
 ///
 /// # Safety
-/// `state` must be a live Lua thread of a VM that has the count hook installed, on this thread.
-pub unsafe fn arm(state: *mut ffi::lua_State) {
-    let at = HOOKCOUNT_AT.load(Ordering::Relaxed);
-    if at == 0 || at == usize::MAX {
+/// `state` must be a live Lua thread of a VM made by [`crate::vm::CageVm::new`], on this thread:
+/// the one running, or one suspended.
+pub unsafe fn arm(state: *mut ffi::lua_State, count: i32) {
+    let hook = HOOK.load(Ordering::Relaxed);
+    if hook.is_null() {
         return;
     }
-    if ffi::lua_gethookmask(state) & ffi::LUA_MASKCOUNT != 0 {
-        std::ptr::write_volatile((state as *mut u8).add(at) as *mut i32, 1);
-    }
+    ARMED_IN.with(|a| a.set(SECTION.with(|s| s.get())));
+    // SAFETY: HOOK holds only a function of the lua_Hook type (set_hook_function).
+    let hook = std::mem::transmute::<*mut (), unsafe extern "C-unwind" fn(*mut ffi::lua_State, *mut ffi::lua_Debug)>(hook);
+    ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, count);
+}
+
+/// Takes `state`'s hook off (its frames' traps clear themselves at their next instruction).
+///
+/// # Safety
+/// As for [`arm`].
+pub unsafe fn disarm(state: *mut ffi::lua_State) {
+    ffi::lua_sethook(state, None, 0, 0);
+}
+
+/// Whether a hook running now was armed in this thread's current Lua section: false for one
+/// left over on a coroutine that was armed, then waited (a Rust call) and is resumed now.
+pub fn armed_here() -> bool {
+    DEPTH.with(|d| d.get()) > 0 && ARMED_IN.with(|a| a.get()) == SECTION.with(|s| s.get())
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
-    let state = RUNNING.with(|r| r.get());
-    if !state.is_null() {
-        // SAFETY: RUNNING is set only while its thread runs Lua in that state, and the handler
-        // runs on that same thread.
-        unsafe { arm(state) }
-    }
+    let len = CHAIN_LEN.with(|l| l.get()).min(CHAIN_MAX);
+    CHAIN.with(|c| {
+        for cell in &c[..len] {
+            let state = cell.get();
+            // SAFETY: a coroutine is in CHAIN only while this thread runs Lua inside it or inside
+            // one it resumed (and holds a reference to it meanwhile); the handler runs on that
+            // same thread, and lua_sethook touches only that state's hook fields and the traps
+            // of its call frames. One that is not running notices its hook when it runs again.
+            unsafe { arm(state, 1) }
+        }
+    });
 }
 
 /// Starts the watchdog thread and installs the signal handler, once per process.
 fn start() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
-        // SAFETY: a plain handler that only reads a thread-local cell and calls lua_sethook.
+        // SAFETY: a plain handler that only reads thread-local cells and calls lua_sethook.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_signal as *const () as usize;
@@ -231,7 +271,9 @@ fn start() {
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGURG, &action, std::ptr::null_mut());
         }
-        let _ = std::thread::Builder::new().name("pmnc-watchdog".into()).spawn(watch);
+        if let Ok(handle) = std::thread::Builder::new().name("pmnc-watchdog".into()).spawn(watch) {
+            let _ = WATCHDOG.set(handle.thread().clone());
+        }
     });
 }
 
@@ -246,7 +288,22 @@ fn watch() {
         } else {
             IDLE_TICK
         };
-        std::thread::sleep(pause);
+        if pause == IDLE_TICK {
+            WATCHDOG_IDLE.store(true, Ordering::SeqCst);
+            // A thread that entered Lua before the store above is seen here; one after it sees
+            // the store and wakes this thread.
+            let any_in_lua = SLOTS.lock().map(|slots| slots.iter().any(|s| s.since.load(Ordering::SeqCst) != 0)).unwrap_or(false);
+            if !any_in_lua {
+                std::thread::park_timeout(pause);
+            }
+            // Cleared already: a thread entered Lua and woke us. Busy looks for the next second,
+            // so a busy process with short sections wakes the watchdog once a second at most.
+            if !WATCHDOG_IDLE.swap(false, Ordering::SeqCst) {
+                idle_since = Instant::now();
+            }
+        } else {
+            std::thread::sleep(pause);
+        }
         long_section = false;
         let now = Instant::now();
         let now_ns = nanos(now);

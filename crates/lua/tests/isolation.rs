@@ -98,6 +98,16 @@ function M.slow_instructions_in_a_coroutine()
   local a, b = ("x"):rep(2e7), ("x"):rep(2e7)
   coroutine.wrap(function() while true do local _ = a == b end end)()
 end
+function M.spin() while true do end end
+-- Runs past a slice (the watchdog arms this coroutine's hook), makes a coroutine while armed (it
+-- inherits the hook), waits in a Rust call (the arming is left over), then loops in it forever.
+function M.loop_after_an_armed_slice()
+  local t = os.clock()
+  while os.clock() - t < 0.01 do end
+  local co = coroutine.wrap(function() while true do end end)
+  pmnc.sleep(0)
+  co()
+end
 function M.memory_bomb()
   local t = {}
   for i = 1, 1e9 do t[i] = string.rep("x", 1000) .. i end
@@ -217,6 +227,21 @@ fn slow_single_instructions_are_preempted_by_the_watchdog() {
             let (order, r) = race(vm.clone(), hostile, Duration::from_secs(3)).await;
             assert_eq!(order, ["quick", "hostile"], "{hostile}: the quick request waited for the deadline");
             assert_eq!(r, Err(RunError::Deadline), "{hostile}");
+        }
+    });
+}
+
+#[test]
+fn a_loop_after_an_armed_slice_and_a_wait_is_still_preempted() {
+    // The hook is armed only while a slice runs long and takes itself off at a yield; one left
+    // on a coroutine that then waited is taken off at its first call, and the loop after it must
+    // be armed again by the watchdog.
+    on_one_thread(async {
+        let vm = hostile_vm(LuaLimits::default());
+        for _ in 0..5 {
+            let (order, r) = race(vm.clone(), "loop_after_an_armed_slice", Duration::from_millis(300)).await;
+            assert_eq!(order, ["quick", "hostile"], "the quick request waited for the deadline");
+            assert_eq!(r, Err(RunError::Deadline));
         }
     });
 }

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use mlua::{Lua, Table, Value as LuaValue};
+use mlua::{ffi, Lua, Table, Value as LuaValue};
 
 use super::{failure, shared_of, success};
 
@@ -42,42 +42,14 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
             if let Some(shared) = weak.upgrade() {
                 let state = lua.exec_raw_lua(|raw| raw.state());
                 shared.started.set(state);
-                crate::watchdog::switch(state);
+                crate::watchdog::push(state);
             }
             Ok(())
         })?,
     )?;
-    // co_enter(co) -> depth, co_leave(depth): module code resumes one of its coroutines.
-    t.set(
-        "co_enter",
-        lua.create_function(|lua, co: mlua::Thread| {
-            let Some(shared) = shared_of(lua) else {
-                return Ok(0);
-            };
-            let previous = crate::watchdog::switch(co.state());
-            let mut nested = shared.nested.borrow_mut();
-            nested.push((co, previous));
-            Ok(nested.len())
-        })?,
-    )?;
-    t.set(
-        "co_leave",
-        lua.create_function(|lua, depth: usize| {
-            let Some(shared) = shared_of(lua) else {
-                return Ok(());
-            };
-            let mut nested = shared.nested.borrow_mut();
-            while nested.len() >= depth.max(1) {
-                match nested.pop() {
-                    Some((_, previous)) => {
-                        crate::watchdog::switch(previous);
-                    }
-                    None => break,
-                }
-            }
-            Ok(())
-        })?,
-    )?;
+    // chained(f, co, ...): module code resumes or closes one of its coroutines (prelude.lua).
+    // SAFETY: `chained` follows Lua's C function protocol and touches only its own stack.
+    t.set("chained", unsafe { lua.create_c_function(chained)? })?;
     // find_library(name, env) -> true, chunk, file | false, message: `require` (libraries.rs).
     t.set(
         "find_library",
@@ -139,4 +111,25 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
         })?,
     )?;
     Ok(())
+}
+
+/// `f(co, ...)` for the prelude's `coroutine.resume` and `coroutine.close`, with `co` among the
+/// coroutines the watchdog's signal arms while it runs. In one C function, so the coroutine is
+/// added right before Lua runs it and taken off right after: a slice cannot end in between
+/// (no hook runs between C calls), and `co`, an argument on the stack, is alive throughout.
+unsafe extern "C-unwind" fn chained(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    let co = ffi::lua_tothread(state, 2);
+    if ffi::lua_type(state, 1) != ffi::LUA_TFUNCTION || co.is_null() {
+        return ffi::luaL_error(state, c"chained: a function and a coroutine expected".as_ptr());
+    }
+    let args = ffi::lua_gettop(state) - 1;
+    let chain = crate::watchdog::push(co);
+    // Protected, so `co` leaves the chain even if the call raises (resume and close report their
+    // coroutine's errors as results; this is for what is left, such as a memory error).
+    let status = ffi::lua_pcall(state, args, ffi::LUA_MULTRET, 0);
+    crate::watchdog::truncate(chain);
+    if status != ffi::LUA_OK {
+        ffi::lua_error(state);
+    }
+    ffi::lua_gettop(state)
 }
