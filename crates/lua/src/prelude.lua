@@ -113,18 +113,19 @@ local hook_yields = rust.hook_yields   -- coroutine -> true, set by the hook (we
 -- hook at any instruction), and a mark would be consumed by that first suspension, leaving the
 -- second yield looking like the module's own.
 local PASS_UP = setmetatable({}, { __name = "pmnc.pass_up" })
--- chained(f, co, ...): f(co, ...) (coroutine.resume or close) with `co` among the coroutines the
--- watchdog's signal arms while the call runs; one C call, so no slice can end in between.
-local chained = rust.chained
+-- chained(f, co, ...): f(co, ...) (coroutine.close) with `co` among the coroutines the watchdog's
+-- signal arms while the call runs; one C call, so no slice can end in between. chained_resume(co,
+-- ...) is coroutine.resume made the same way.
+local chained, chained_resume = rust.chained, rust.chained_resume
 local user_coroutines = c_setmetatable({}, { __mode = "k" })
 
 local function resume_through(co, ...)
   hook_yields[co] = nil
-  local r = pack(chained(co_resume, co, ...))
+  local r = pack(chained_resume(co, ...))
   while r[1] and ((r.n == 1 and hook_yields[co]) or (r.n == 2 and r[2] == PASS_UP)) do
     hook_yields[co] = nil
     if isyieldable() then co_yield(PASS_UP) end
-    r = pack(chained(co_resume, co))
+    r = pack(chained_resume(co))
   end
   if not r[1] and stopping() then error(r[2], 0) end
   return r

@@ -50,6 +50,8 @@ pub(crate) fn register(lua: &Lua, t: &Table) -> mlua::Result<()> {
     // chained(f, co, ...): module code resumes or closes one of its coroutines (prelude.lua).
     // SAFETY: `chained` follows Lua's C function protocol and touches only its own stack.
     t.set("chained", unsafe { lua.create_c_function(chained)? })?;
+    // SAFETY: as above.
+    t.set("chained_resume", unsafe { lua.create_c_function(chained_resume)? })?;
     // find_library(name, env) -> true, chunk, file | false, message: `require` (libraries.rs).
     t.set(
         "find_library",
@@ -132,4 +134,47 @@ unsafe extern "C-unwind" fn chained(state: *mut ffi::lua_State) -> std::ffi::c_i
         ffi::lua_error(state);
     }
     ffi::lua_gettop(state)
+}
+
+/// `coroutine.resume(co, ...)` as Lua's own (same results and messages), with `co` among the
+/// coroutines the watchdog's signal arms while it runs. Made here rather than by calling Lua's
+/// through [`chained`], whose protected call would count a second C level per resume towards
+/// Lua's limit of 200 (nested coroutines would overflow at half the depth).
+unsafe extern "C-unwind" fn chained_resume(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    let co = ffi::lua_tothread(state, 1);
+    if co.is_null() {
+        return ffi::luaL_error(state, c"bad argument #1 to 'resume' (coroutine expected)".as_ptr());
+    }
+    let args = ffi::lua_gettop(state) - 1;
+    if ffi::lua_checkstack(co, args) == 0 {
+        ffi::lua_pushboolean(state, 0);
+        ffi::lua_pushstring(state, c"too many arguments to resume".as_ptr());
+        return 2;
+    }
+    ffi::lua_xmove(state, co, args);
+    let mut results: std::ffi::c_int = 0;
+    // Nothing between these two raises: `co` is in the chain exactly while it runs.
+    let chain = crate::watchdog::push(co);
+    let status = ffi::lua_resume(co, state, args, &mut results);
+    crate::watchdog::truncate(chain);
+    if status == ffi::LUA_OK || status == ffi::LUA_YIELD {
+        if ffi::lua_checkstack(state, results + 1) == 0 {
+            ffi::lua_pop(co, results);
+            ffi::lua_pushboolean(state, 0);
+            ffi::lua_pushstring(state, c"too many results to resume".as_ptr());
+            return 2;
+        }
+        // As Lua's: the values first, then the flag put below them (`co` may be this very
+        // thread, for which the moves do nothing).
+        ffi::lua_xmove(co, state, results);
+        ffi::lua_pushboolean(state, 1);
+        ffi::lua_rotate(state, -(results + 1), 1);
+        results + 1
+    } else {
+        // The error value.
+        ffi::lua_xmove(co, state, 1);
+        ffi::lua_pushboolean(state, 0);
+        ffi::lua_rotate(state, -2, 1);
+        2
+    }
 }
