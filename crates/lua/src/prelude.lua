@@ -18,7 +18,7 @@ local c_sort = table.sort
 local sub, byte = string.sub, string.byte
 local math_type = math.type
 local traceback, raw_getmetatable = debug.traceback, debug.getmetatable
-local co_create, co_resume, co_close, co_status = coroutine.create, coroutine.resume, coroutine.close, coroutine.status
+local co_create, co_close, co_status = coroutine.create, coroutine.close, coroutine.status
 local co_yield, co_running, isyieldable = coroutine.yield, coroutine.running, coroutine.isyieldable
 local cage_name = rust.cage
 

@@ -5,11 +5,11 @@
 //! stay in Lua past [`SIGNAL_AFTER`] sends it a signal, whose handler sets a count hook of 1 on the
 //! coroutines that may be running there: the request's and those of module code it resumed
 //! (`lua_sethook`, which Lua allows in a signal handler: the standalone `lua` interpreter stops
-//! a script on Ctrl-C this way). All of them, not just the one thought to run: a slice can end
-//! between the prelude noting a resume and making it, and a hook on the wrong one would let the
-//! right one loop unhooked. From then until its slice ends, that
-//! coroutine's hook runs every [`crate::vm`]'s `HOOK_EVERY` instructions, checks the slice and the
-//! deadline, and takes the hook off again when it yields (docs/decisions/164).
+//! a script on Ctrl-C this way). A coroutine is in the chain exactly while Lua can run in it (the
+//! prelude's resume adds it inside one C function); the innermost runs, and the others, armed
+//! too, stop at once if it returns to them. From then until its slice ends, the running
+//! coroutine's hook runs every [`crate::vm`]'s `HOOK_EVERY` instructions, checks the slice and
+//! the deadline, and takes the hook off again when it yields (docs/decisions/164).
 //!
 //! A signal that lands while Lua pushes a call frame or clears a frame's trap can leave the new
 //! hook unnoticed by the running frame (the frame's `trap` written back as 0 after the handler set
